@@ -15,9 +15,29 @@ import numpy as np
 from absl import app
 
 import models
+from experiments import cli
 from jaxinterp import tasks
 
 TOY = "toy"
+COMPILATION_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jaxinterp", "xla")
+cli.define("string", "compilation_cache", COMPILATION_CACHE,
+           "Directory of JAX's persistent compilation cache: a later run with the same model shape "
+           "and batch shapes reuses the compiled kernels instead of recompiling. Empty disables it.")
+
+
+def enable_compilation_cache() -> Optional[str]:
+  """Turn on JAX's persistent compilation cache at `--compilation_cache` (if not empty)."""
+  path = cli.value("compilation_cache", COMPILATION_CACHE)
+  if not path:
+    return None
+  path = os.path.expanduser(path)
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise app.UsageError(f"--compilation_cache={path}: {e}") from None
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  return path
 
 
 def resolve_model_path(name: str) -> str:
@@ -29,7 +49,11 @@ def resolve_model_path(name: str) -> str:
 
 
 def load_model(name: str, dtype=None) -> models.Model:
-  """Load `--model` (HF dir, orbax conversion, or `toy`), turning checkpoint errors into usage errors."""
+  """Load `--model` (HF dir, orbax conversion, or `toy`), turning checkpoint errors into usage errors.
+
+  Also turns on the persistent compilation cache (`--compilation_cache`).
+  """
+  enable_compilation_cache()
   path = resolve_model_path(name)
   try:
     kw = {} if dtype is None else {"dtype": dtype}

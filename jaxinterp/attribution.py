@@ -385,17 +385,19 @@ def attribute(cfg: ModelConfig, params, dataset: Dataset, *, method: str = "EAP-
     if batch_fn is not None:
       batch = batch_fn(batch)
     n_real = int(np.sum(np.asarray(batch.valid)))
-    c_total, c_values, clean_logits = _clean_metric(cfg, task, params, batch)
-    _check_finite(np.asarray(c_values)[np.asarray(batch.valid)], i, "the clean metric")
-    if method in ("EAP", "EAP-IG-inputs", "clean-corrupted"):
-      s, values = receiver_grads.ig_inputs_batch(cfg, task, params, batch, ablation, alphas,
-                                                 remat=remat)
-    elif method == "EAP-IG-activations":
-      s, values = _ig_activations_batch(cfg, task, params, batch, ablation, alphas, remat=remat)
+    if method in ("EAP", "EAP-IG-inputs", "clean-corrupted"):  # the kernel runs the clean model too
+      s, values, c_values = receiver_grads.ig_inputs_batch(cfg, task, params, batch, ablation,
+                                                           alphas, remat=remat)
+      c_total = jnp.sum(jnp.where(batch.valid, c_values, 0.0))
     else:
-      s = _exact_batch(cfg, task, ablation, params, batch, valid, float(c_total), clean_logits,
-                       exact_chunk, quiet or n_batches > 1)
-      values = c_values
+      c_total, c_values, clean_logits = _clean_metric(cfg, task, params, batch)
+      if method == "EAP-IG-activations":
+        s, values = _ig_activations_batch(cfg, task, params, batch, ablation, alphas, remat=remat)
+      else:
+        s = _exact_batch(cfg, task, ablation, params, batch, valid, float(c_total), clean_logits,
+                         exact_chunk, quiet or n_batches > 1)
+        values = c_values
+    _check_finite(np.asarray(c_values)[np.asarray(batch.valid)], i, "the clean metric")
     s = np.asarray(s, np.float64)
     _check_finite(np.asarray(values)[np.asarray(batch.valid)], i, "the metric")
     _check_finite(s[valid], i, "an edge score")

@@ -27,16 +27,19 @@ weight-gradient kernel also keeps.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxinterp.attribution import metric_sum, sender_outputs
 from jaxinterp.tasks import Batch
 from models import edges as E
 from models.config import ModelConfig
-from models.transformer import embed_inputs, forward
+from models.transformer import (Norm, embed_inputs, forward, layers_uniform, scan_blocks,
+                                stack_blocks, ungroup_kv)
 
 Array = jax.Array
 
@@ -135,6 +138,74 @@ def _metric_at_last(cfg, task, params, batch: Batch, x: Array, clean_logits):
   return metric_sum(task, logits, batch.replace(last=jnp.zeros_like(batch.last)), clean_logits)
 
 
+def _norms(cfg: ModelConfig, stacked_norm, method: str, *args):
+  """A `Norm` method applied layer by layer: stacked params and args with a leading layer axis."""
+  def one(p, *a):
+    return Norm(cfg).apply({"params": p}, *a, method=getattr(Norm, method))
+  return jax.vmap(one)(stacked_norm, *args)
+
+
+def _ig_steps(cfg: ModelConfig, task, params, stacked, batch: Batch, alphas: Array,
+              e_clean: Array, e_corrupt: Array, diff: Array, clean_logits: Optional[Array]):
+  """The per-step part of `ig_inputs_batch`: one plain forward + backward per IG step.
+
+  Returns ((P_sum [L, batch, pos, 3H, d_head]: the head gradients scaled by 1/sigma, summed over
+  steps; mlp_sum [L, batch, pos, d_model]: the MLP-input gradients; log_sum [batch, pos, d_model]:
+  the logits-input gradient; t3 [L, sender, 3H]: the x_hat term of the norm correction), the metric
+  values [steps, batch]).
+  """
+  L, H, d, dh = cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_head
+  b, p = batch.clean.shape
+  dt = e_clean.dtype
+  x_mlp = "hook_resid_pre" if cfg.parallel_attn_mlp else "hook_resid_mid"
+  collect = tuple(dict.fromkeys(("hook_resid_pre", x_mlp, "attn.hook_q", "attn.hook_k",
+                                 "attn.hook_v")))
+  eps0 = {f"attn.hook_{c}": jnp.zeros((L, b, p, H, dh), dt) for c in "qkv"}
+  eps0["ln2.hook_normalized"] = jnp.zeros((L, b, p, d), dt)
+  eps0["final"] = jnp.zeros((b, p, d), dt)
+  W_qkv = jnp.concatenate([stacked["attn"][f"W_{c}"] for c in "QKV"], 1).astype(jnp.float32)
+  # The norm bias's and the projection bias's share of q/k/v: q - offset = (gamma x_hat) W_Q.
+  offsets = jnp.zeros((L, 3 * H, dh), jnp.float32)
+  if cfg.attn_bias:
+    offsets += jnp.concatenate([stacked["attn"][f"b_{c}"] for c in "QKV"], 1).astype(jnp.float32)
+  if "b" in stacked["ln1"]:
+    offsets += jnp.einsum("ld,lhde->lhe", stacked["ln1"]["b"].astype(jnp.float32), W_qkv)
+
+  def f(eps, alpha):
+    emb = e_corrupt + alpha.astype(dt) * (e_clean - e_corrupt)
+    iv = {n: _AddEps(e) for n, e in eps.items() if n != "final"}
+    resid, ys = scan_blocks(cfg, stacked, emb, batch.mask, iv, collect)
+    resid = resid + eps["final"]
+    x = Norm(cfg).apply({"params": params["ln_final"]}, resid)
+    total, values = _metric_at_last(cfg, task, params, batch, x, clean_logits)
+    return total, (values, ys)
+
+  def step(carry, alpha):
+    P_sum, mlp_sum, log_sum, t3 = carry
+    g, (values, ys) = jax.grad(f, has_aux=True)(eps0, alpha)
+    xhat, inv = _norms(cfg, stacked["ln1"], "standardize", ys["hook_resid_pre"])  # [L,b,p,d|1]
+    P = jnp.concatenate([g[f"attn.hook_{c}"] for c in "qkv"], 3).astype(jnp.float32)
+    P = P * inv[..., None]  # [L, b, p, 3H, dh]
+    qkv = jnp.concatenate([ys[f"attn.hook_{c}"] for c in "qkv"], 3).astype(jnp.float32)
+    coef = jnp.sum((qkv - offsets[:, None, None]) * P, -1) / d  # [L, b, p, 3H]
+    # (D_s . x_hat_l) for every sender and layer: one [S, d] x [d, L] matmul per position.
+    e = jnp.einsum("bpsd,lbpd->lbps", diff, xhat)
+    t3 = t3 + jnp.einsum("lbps,lbpr->lsr", e, coef)
+
+    def mlp_grad(p_ln2, x, gy):
+      _, vjp = jax.vjp(lambda x: Norm(cfg).apply({"params": p_ln2}, x), x)
+      return vjp(gy)[0]
+
+    g_mlp = jax.vmap(mlp_grad)(stacked["ln2"], ys[x_mlp], g["ln2.hook_normalized"])
+    carry = (P_sum + P, mlp_sum + g_mlp.astype(jnp.float32),
+             log_sum + g["final"].astype(jnp.float32), t3)
+    return carry, values
+
+  zero = (jnp.zeros((L, b, p, 3 * H, dh), jnp.float32), jnp.zeros((L, b, p, d), jnp.float32),
+          jnp.zeros((b, p, d), jnp.float32), jnp.zeros((L, diff.shape[2], 3 * H), jnp.float32))
+  return jax.lax.scan(step, zero, alphas)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "task", "remat"))
 def ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alphas: Array,
                     remat: bool = False):
@@ -142,17 +213,90 @@ def ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alph
 
   Same contract as the weight-gradient reference `attribution._ig_inputs_batch(cfg, task, params,
   batch, ablation, alphas, remat)`: returns (Float[Array, "sender receiver"] sum over the batch's
-  valid rows of the scores, Float[Array, "batch"] metric values at the last alpha). With
-  `alphas = [1.0]` this is EAP (the gradient at the clean input), with `[0.0, 1.0]` clean-corrupted.
-  `ablation` (an `attribution.Ablation`) gives the ablated sender values.
+  valid rows of the scores, Float[Array, "batch"] metric values at the last alpha), plus the clean
+  metric values Float[Array, "batch"]. With `alphas = [1.0]` this is EAP (the gradient at the clean
+  input), with `[0.0, 1.0]` clean-corrupted. `ablation` (an `attribution.Ablation`) gives the
+  ablated sender values.
+
+  Each IG step is one plain (fused-head) forward and backward, the blocks run as one `lax.scan`
+  (compiled once). The receiver gradient of head h's q input is `J^T (W_Q[h] dq_h)`, with dq_h the
+  gradient at `attn.hook_q` and J the Jacobian of ln1 at the layer input x. For LayerNorm,
+  `J^T u = (1/sigma) (gamma u - mean(gamma u) - x_hat mean(gamma u x_hat))` (RMSNorm: without the
+  mean term), so with D_s the sender difference and P = dq_h / sigma,
+
+      D_s . J^T W dq = D_s . (gamma W P) - sum(D_s) mean(gamma W P) - (D_s . x_hat) (P . (gamma x_hat W)) / d
+
+  and `gamma x_hat W = q - b_Q - beta W`. The first two terms are linear in P with step-independent
+  factors, so P is summed over the steps ([batch, pos, 3H, d_head], d_model/d_head times smaller than
+  the receiver gradients) and expanded once per batch; the third is contracted per step through
+  [batch, pos, sender] and [batch, pos, receiver] factors. No [batch, pos, receiver, d_model] array
+  is formed per step. GQA models are ungrouped first (`models.transformer.ungroup_kv`).
+
+  With `remat` (or a config whose blocks differ, e.g. alternating sliding-window layers) the older
+  per-head-input kernel runs instead (same scores).
+  """
+  if remat or not layers_uniform(cfg):
+    return _split_ig_inputs_batch(cfg, task, params, batch, ablation, alphas, remat=remat)
+  cfg, params = ungroup_kv(cfg, params)
+  L, H, d = cfg.n_layers, cfg.n_heads, cfg.d_model
+  S = E.n_senders(cfg)
+  b, p = batch.clean.shape
+  ablated = ablation.values(cfg, params, batch)
+  _, c = forward(cfg, params, batch.clean, attention_mask=batch.mask, edges=E.EdgePatch(None, None),
+                 collect=("hook_senders", "ln_final.hook_normalized"))
+  clean = c["hook_senders"]
+  clean_logits = last_token_logits(cfg, params, c["ln_final.hook_normalized"], batch.last)
+  clean_values = task.metric(clean_logits, batch.replace(last=jnp.zeros_like(batch.last)),
+                             clean_logits)
+  diff = (ablated - clean).astype(jnp.float32)  # [b, p, S, d]
+  e_corrupt = embed_inputs(cfg, params, batch.corrupted, batch.mask)
+  stacked = stack_blocks(cfg, params)
+  (P_sum, mlp_sum, log_sum, t3), values = _ig_steps(
+      cfg, task, params, stacked, batch, alphas, clean[:, :, 0], e_corrupt, diff,
+      clean_logits if task.needs_clean_logits else None)
+
+  W_qkv = jnp.concatenate([stacked["attn"][f"W_{c}"] for c in "QKV"], 1).astype(jnp.float32)
+  gamma = _norms(cfg, stacked["ln1"], "gain")  # [L, d]
+  dT = jnp.moveaxis(diff, 2, 0).reshape(S, b * p * d)
+  sum_d = diff.sum(-1)  # [b, p, S]
+  attn = []
+  for l in range(L):  # one layer's [3H, b, p, d] expansion at a time (receiver chunks)
+    A = jnp.einsum("bphe,hde->hbpd", P_sum[l], W_qkv[l] * gamma[l, None, :, None])
+    n = E.n_upstream_of_attn(cfg, l)
+    a = dT[:n] @ A.reshape(3 * H, b * p * d).T  # [upstream senders, 3H]
+    if cfg.normalization != "rmsnorm":
+      a = a - jnp.einsum("bps,hbp->sh", sum_d[:, :, :n], A.mean(-1))
+    attn.append(jnp.pad(a, ((0, S - n), (0, 0))))
+  attn = jnp.stack(attn) - t3  # [L, S, 3H]
+  mlp = (dT @ mlp_sum.reshape(L, b * p * d).T).T  # [L, S]
+  n_attn = np.array([E.n_upstream_of_attn(cfg, l) for l in range(L)])
+  n_mlp = np.array([E.n_upstream_of_mlp(cfg, l) for l in range(L)])
+  senders = np.arange(S)
+  attn = jnp.where((senders[None, :] < n_attn[:, None])[..., None], attn, 0.0)
+  mlp = jnp.where(senders[None, :] < n_mlp[:, None], mlp, 0.0)
+  blocks = jnp.concatenate([attn, mlp[..., None]], 2)  # [L, S, 3H + 1]: the receiver layout
+  scores = jnp.concatenate([jnp.moveaxis(blocks, 0, 1).reshape(S, L * (3 * H + 1)),
+                            (dT @ log_sum.reshape(b * p * d))[:, None]], 1)
+  return scores / alphas.shape[0], values[-1], clean_values
+
+
+def _split_ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alphas: Array,
+                    remat: bool = False):
+  """The per-head-input form of `ig_inputs_batch` (used under remat, where sites can't be collected).
+
+  Same contract as `ig_inputs_batch`. Each step differentiates w.r.t. zero perturbations of the
+  per-head inputs `blocks.{l}.hook_{q,k,v}_input` (and residual sites for the MLP and logits
+  inputs), sums those receiver gradients over the steps and contracts them with the sender
+  differences once per batch.
   """
   ablated = ablation.values(cfg, params, batch)
-  clean = sender_outputs(cfg, params, batch.clean, batch.mask)
-  clean_logits = None
-  if task.needs_clean_logits:
-    _, c = forward(cfg, params, batch.clean, attention_mask=batch.mask,
-                   collect=("ln_final.hook_normalized",))
-    clean_logits = last_token_logits(cfg, params, c["ln_final.hook_normalized"], batch.last)
+  _, c = forward(cfg, params, batch.clean, attention_mask=batch.mask, edges=E.EdgePatch(None, None),
+                 collect=("hook_senders", "ln_final.hook_normalized"))
+  clean = c["hook_senders"]
+  last_logits = last_token_logits(cfg, params, c["ln_final.hook_normalized"], batch.last)
+  clean_values = task.metric(last_logits, batch.replace(last=jnp.zeros_like(batch.last)),
+                             last_logits)
+  clean_logits = last_logits if task.needs_clean_logits else None
   e_clean = clean[:, :, 0]
   e_corrupt = embed_inputs(cfg, params, batch.corrupted, batch.mask)
   eps0 = _eps_sites(cfg, batch.clean.shape, e_clean.dtype)
@@ -180,4 +324,4 @@ def ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alph
   total, values = jax.lax.scan(step, eps0, alphas)
   grads = _receiver_grads(cfg, total)
   scores = contract(cfg, ablated - clean, grads)
-  return scores / alphas.shape[0], values[-1]
+  return scores / alphas.shape[0], values[-1], clean_values

@@ -9,7 +9,7 @@ inserts the all-reduces after W_O and W_out and the reductions of the edge score
 
     mesh = make_mesh(n_data=2, n_model=4)
     params = shard_params(params, mesh)
-    scores = receiver_grads.attribute_ig_inputs(cfg, params, ds, batch_fn=lambda b: shard_batch(b, mesh))
+    scores = attribute(cfg, params, ds, batch_fn=lambda b: shard_batch(b, mesh)).scores
 
 A leaf whose sharded axis is not divisible by the mesh's "model" size (e.g. 8 KV heads on 16-way
 model parallelism) is replicated instead; the batch size must be a multiple of the "data" size.

@@ -11,6 +11,7 @@ d_model]`, `W_in: [d_model, d_mlp]`, ...).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Iterable, Mapping, Optional
 
@@ -59,14 +60,24 @@ class Norm(nn.Module):
       self.w = self.param("w", nn.initializers.ones, (d,))
       self.b = self.param("b", nn.initializers.zeros, (d,))
 
-  def scale(self, x: Array) -> Array:
-    """Multiplier m such that norm(x) = (x - mean) * m (+ bias)."""
+  def gain(self) -> Array:
+    """The elementwise gain gamma: `norm(x) = gamma * standardize(x)[0] + beta`."""
+    w = _wide(self.w)
+    return w + 1.0 if self.cfg.normalization == "rmsnorm" and self.cfg.rmsnorm_plus_one else w
+
+  def standardize(self, x: Array) -> tuple[Array, Array]:
+    """(x_hat, 1/sigma) with `norm(x) = gamma * x_hat + beta`, x_hat = (x - mean) / sigma (LayerNorm)
+    or x / rms (RMSNorm); 1/sigma has shape `[..., 1]`. Float32 or wider."""
     x = _wide(x)
     if self.cfg.normalization == "rmsnorm":
-      w = self.w.astype(x.dtype) + (1.0 if self.cfg.rmsnorm_plus_one else 0.0)
-      return w * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + self.cfg.norm_eps)
-    var = jnp.var(x, -1, keepdims=True)
-    return self.w.astype(x.dtype) * jax.lax.rsqrt(var + self.cfg.norm_eps)
+      inv = jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + self.cfg.norm_eps)
+      return x * inv, inv
+    inv = jax.lax.rsqrt(jnp.var(x, -1, keepdims=True) + self.cfg.norm_eps)
+    return (x - jnp.mean(x, -1, keepdims=True)) * inv, inv
+
+  def scale(self, x: Array) -> Array:
+    """Multiplier m such that norm(x) = (x - mean) * m (+ bias)."""
+    return self.gain() * self.standardize(x)[1]
 
   def __call__(self, x: Array) -> Array:
     dtype = x.dtype
@@ -238,11 +249,13 @@ class Block(nn.Module):
     p = f"blocks.{l}."
     resid_pre = sites(p + "hook_resid_pre", resid)
 
-    # Attention inputs: per head (split) when a per-head input site or the edge graph asks for it.
-    split = graph is not None or any(sites.wants(p + f"hook_{x}_input") for x in "qkv")
+    # Attention inputs: per head (split) when a per-head input site or the edge weights ask for it
+    # (a graph that only records the senders needs no per-head inputs).
+    weighted = graph is not None and graph.patch.weights is not None
+    split = weighted or any(sites.wants(p + f"hook_{x}_input") for x in "qkv")
     if split:
       H = c.n_heads
-      if graph is not None:
+      if weighted:
         corr = graph.correction(E.n_upstream_of_attn(c, l), E.head_receiver(c, l, 0, "q"), 3 * H)
         if corr.ndim == 0:
           corr = jnp.broadcast_to(corr, resid_pre.shape[:2] + (3 * H, c.d_model))
@@ -513,3 +526,74 @@ def site_names(cfg: ModelConfig) -> list[str]:
       names += [p + "mlp.hook_pre_linear"]
     names += [p + "mlp.hook_post", p + "hook_mlp_out", p + "hook_resid_post"]
   return names + ["ln_final.hook_normalized"]
+
+
+def ungroup_kv(cfg: ModelConfig, params: Mapping[str, Any]) -> tuple[ModelConfig, dict[str, Any]]:
+  """The same model with one key/value head per query head (GQA weights repeated, MHA unchanged).
+
+  The logits are unchanged; every query head then has its own `hook_k`/`hook_v` (as TransformerLens's
+  `ungroup_grouped_query_attention`), which is how the edge graph treats GQA models.
+  """
+  rep = cfg.n_heads // cfg.kv_heads
+  if rep == 1:
+    return cfg, params
+  params = dict(params)
+  for l in range(cfg.n_layers):
+    blk = dict(params[f"blocks_{l}"])
+    attn = dict(blk["attn"])
+    for name in ("W_K", "W_V", "b_K", "b_V"):
+      if name in attn:
+        attn[name] = jnp.repeat(attn[name], rep, 0)
+    blk["attn"] = attn
+    params[f"blocks_{l}"] = blk
+  return dataclasses.replace(cfg, n_kv_heads=None), params
+
+
+def layers_uniform(cfg: ModelConfig) -> bool:
+  """Whether every block has the same static structure (so the blocks can run as one `lax.scan`)."""
+  return not cfg.sliding_layers or set(cfg.sliding_layers) == set(range(cfg.n_layers))
+
+
+def stack_blocks(cfg: ModelConfig, params: Mapping[str, Any]) -> dict[str, Any]:
+  """The blocks' params stacked on a leading layer axis (a copy), for `scan_blocks`."""
+  blocks = [params[f"blocks_{l}"] for l in range(cfg.n_layers)]
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+
+
+def positions_of(attention_mask: Array) -> Array:
+  """Position ids of right-padded rows: Int[Array, "batch pos"] (0 at padding's left edge)."""
+  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), -1) - 1, 0)
+
+
+def scan_blocks(cfg: ModelConfig, stacked: Mapping[str, Any], resid: Array, attention_mask: Array,
+                interventions: Optional[Mapping[str, Any]] = None, collect: Iterable[str] = ()):
+  """Run every block as one `lax.scan` over the layer axis (compiled once, not once per layer).
+
+  Args:
+    stacked: `stack_blocks(cfg, params)`.
+    resid: Float[Array, "batch pos d_model"], the residual stream entering block 0.
+    attention_mask: Bool[Array, "batch pos"].
+    interventions: site name *within a block* (e.g. `"attn.hook_q"`, `"hook_resid_post"`) -> an
+      intervention pytree whose array leaves have a leading `[n_layers]` axis (layer l applies
+      slice l).
+    collect: site names within a block to return, stacked over layers.
+
+  Returns:
+    (Float[Array, "batch pos d_model"] residual after the last block, {name: [n_layers, ...]}).
+  """
+  if not layers_uniform(cfg):
+    raise ValueError("scan_blocks needs blocks of one structure; this config's sliding-window "
+                     "layers differ from its other layers")
+  key_mask = attention_mask.astype(bool)
+  positions = positions_of(key_mask)
+  collect = tuple(collect)
+  block = Block(cfg, 0)
+
+  def body(x, xs):
+    p_l, iv_l = xs
+    sites = Sites({"blocks.0." + k: v for k, v in iv_l.items()}, ["blocks.0." + k for k in collect])
+    x = block.apply({"params": p_l}, x, positions, key_mask, sites, None)
+    sites.check_all_visited()
+    return x, {k: sites.cache["blocks.0." + k] for k in collect}
+
+  return jax.lax.scan(body, resid, (stacked, dict(interventions or {})))

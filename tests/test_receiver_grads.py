@@ -20,6 +20,15 @@ CONFIGS = {
                                 positional="rotary", rotary_dim=8, gated_mlp=True, mlp_bias=False,
                                 act_fn="silu", attn_bias=False, attn_out_bias=False,
                                 tied_embeddings=False, **_COMMON),
+    # Post-norms, softcaps, (1 + w) RMSNorm, GQA, and a sliding window on every layer (still one
+    # block structure, so the scanned kernel runs).
+    "gemma2": models.ModelConfig(family="gemma2", n_kv_heads=2, normalization="rmsnorm",
+                                 rmsnorm_plus_one=True, post_norms=True, positional="rotary",
+                                 rotary_dim=8, gated_mlp=True, mlp_bias=False,
+                                 act_fn="gelu_pytorch_tanh", attn_bias=False, attn_out_bias=False,
+                                 attn_logit_softcap=50.0, final_logit_softcap=30.0,
+                                 sliding_window=3, sliding_layers=(0, 1), embed_scale=5.0,
+                                 **_COMMON),
 }
 
 
@@ -31,7 +40,8 @@ def _params(cfg, scale=8.0):
 
 
 @pytest.mark.parametrize("family,method", [("gpt2", "EAP-IG-inputs"), ("gpt2", "EAP"),
-                                           ("gpt_neox", "EAP-IG-inputs"), ("llama", "EAP-IG-inputs")])
+                                           ("gpt_neox", "EAP-IG-inputs"), ("llama", "EAP-IG-inputs"),
+                                           ("gemma2", "EAP-IG-inputs")])
 def test_matches_weight_gradient_kernels(family, method):
   cfg = CONFIGS[family]
   params = _params(cfg)
@@ -40,9 +50,54 @@ def test_matches_weight_gradient_kernels(family, method):
   abl = A.Ablation("patching")
   alphas = jnp.asarray([1.0] if method == "EAP" else A.ig_alphas(3), jnp.float32)
   ref, ref_vals = A._ig_inputs_batch(cfg, ds.task, params, batch, abl, alphas)
-  got, vals = RG.ig_inputs_batch(cfg, ds.task, params, batch, abl, alphas)
+  got, vals, clean_vals = RG.ig_inputs_batch(cfg, ds.task, params, batch, abl, alphas)
   valid = A.valid_edges(cfg)
+  assert np.all(np.asarray(got)[~valid] == 0)
   ref, got = np.asarray(ref)[valid], np.asarray(got)[valid]
   assert np.abs(ref).max() > 1e-2  # a real signal
   np.testing.assert_allclose(got, ref, atol=2e-4 * np.abs(ref).max(), rtol=1e-3)
   np.testing.assert_allclose(np.asarray(vals), np.asarray(ref_vals), rtol=1e-5, atol=1e-5)
+  _, ref_clean, _ = A._clean_metric(cfg, ds.task, params, batch)
+  np.testing.assert_allclose(np.asarray(clean_vals), np.asarray(ref_clean), rtol=1e-5, atol=1e-5)
+  # The per-head-input kernel (used under remat and for non-uniform layers) agrees too.
+  split, split_vals, split_clean = RG._split_ig_inputs_batch(cfg, ds.task, params, batch, abl,
+                                                             alphas)
+  np.testing.assert_allclose(np.asarray(split)[valid], ref, atol=2e-4 * np.abs(ref).max(),
+                             rtol=1e-3)
+  np.testing.assert_allclose(np.asarray(split_clean), np.asarray(ref_clean), rtol=1e-5, atol=1e-5)
+
+
+def test_scan_blocks_equals_forward():
+  """The scanned blocks give the unrolled forward's activations and logits."""
+  cfg = CONFIGS["gpt_neox"]
+  params = _params(cfg, scale=2.0)
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (3, 7), 0, cfg.d_vocab)
+  mask = jnp.arange(7)[None, :] < jnp.asarray([7, 5, 6])[:, None]
+  names = ("attn.hook_q", "hook_resid_post")
+  logits, cache = models.forward(cfg, params, tokens, attention_mask=mask,
+                                 collect=[f"blocks.{l}.{n}" for l in range(2) for n in names])
+  from models.transformer import Norm, scan_blocks, stack_blocks
+  emb = models.embed_inputs(cfg, params, tokens, mask)
+  resid, ys = scan_blocks(cfg, stack_blocks(cfg, params), emb, mask, collect=names)
+  for l in range(2):
+    for n in names:
+      np.testing.assert_allclose(np.asarray(ys[n][l]), np.asarray(cache[f"blocks.{l}.{n}"]),
+                                 rtol=1e-5, atol=1e-5)
+  x = Norm(cfg).apply({"params": params["ln_final"]}, resid)
+  np.testing.assert_allclose(np.asarray(x @ params["W_U"]), np.asarray(logits), rtol=1e-4,
+                             atol=1e-4)
+
+
+def test_non_uniform_layers_use_the_split_kernel():
+  """Alternating sliding-window layers can't be scanned: the per-head-input kernel runs."""
+  cfg = models.ModelConfig(**{**CONFIGS["gemma2"].to_dict(), "sliding_layers": (0,)})
+  assert not models.transformer.layers_uniform(cfg)
+  params = _params(cfg)
+  ds = tasks.make_induction(4, 4, cfg.d_vocab, seed=0, bos_id=0)
+  batch = next(ds.batches(4))
+  alphas = jnp.asarray(A.ig_alphas(2), jnp.float32)
+  ref, _ = A._ig_inputs_batch(cfg, ds.task, params, batch, A.Ablation("patching"), alphas)
+  got, _, _ = RG.ig_inputs_batch(cfg, ds.task, params, batch, A.Ablation("patching"), alphas)
+  valid = A.valid_edges(cfg)
+  ref = np.asarray(ref)[valid]
+  np.testing.assert_allclose(np.asarray(got)[valid], ref, atol=2e-4 * np.abs(ref).max(), rtol=1e-3)
