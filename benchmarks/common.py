@@ -30,6 +30,8 @@ SHAPES = {
                        d_vocab=50257, n_ctx=1024),
     "gpt2-medium": dict(family="gpt2", d_model=1024, n_layers=24, n_heads=16, d_mlp=4096,
                         d_vocab=50257, n_ctx=1024),
+    "gpt2-large": dict(family="gpt2", d_model=1280, n_layers=36, n_heads=20, d_mlp=5120,
+                       d_vocab=50257, n_ctx=1024),
     "gpt2-xl": dict(family="gpt2", d_model=1600, n_layers=48, n_heads=25, d_mlp=6400,
                     d_vocab=50257, n_ctx=1024),
     "pythia-1b": dict(family="gpt_neox", d_model=2048, n_layers=16, n_heads=8, d_mlp=8192,

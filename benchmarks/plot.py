@@ -1,7 +1,8 @@
 """Plot benchmark results: `python -m benchmarks.plot results.json [more.json ...] --out=benchmarks/cpu.png`.
 
 Panels (those with data): whole-process wall time per implementation (phases stacked), attribution
-time per method/kernel, and time against #examples (the `scaling` suite).
+time per method/kernel, time against #examples (the `scaling` suite), and time against model size
+(the attribution suite's EAP-IG-inputs rows when it ran more than one shape).
 """
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ def main(paths, out):
   whole = [r for r in rows if r["suite"] == "whole_process"]
   attr = [r for r in rows if r["suite"] == "attribution"]
   scal = [r for r in rows if r["suite"] == "scaling"]
-  panels = [x for x in (whole, attr, scal) if x]
+  # Time against model size: EAP-IG-inputs over the shapes of the attribution suite.
+  size = [r for r in attr if r["method"] == "EAP-IG-inputs"]
+  if len({r["shape"] for r in size}) < 2:
+    size = []
+  attr = [r for r in attr if r["shape"] == attr[0]["shape"]] if attr else attr
+  panels = [x for x in (whole, attr, scal, size) if x]
   if not panels:
     sys.exit("no plottable rows")
   fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
@@ -54,6 +60,20 @@ def main(paths, out):
     ax.set_xlabel("#examples")
     ax.set_ylabel("seconds after compile")
     ax.set_title(f"EAP-IG m=5 time vs #examples ({scal[0]['shape']})")
+    ax.legend()
+  if size:
+    ax = axes.pop(0)
+    for k in sorted({r["kernel"] for r in size}):
+      pts = sorted((r["n_params"], r["best_s"], r["shape"]) for r in size if r["kernel"] == k)
+      ax.plot([p[0] / 1e6 for p in pts], [p[1] for p in pts], "o-", label=k)
+      for p in pts:
+        ax.annotate(p[2], (p[0] / 1e6, p[1]), fontsize=7, textcoords="offset points",
+                    xytext=(3, 3))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters (millions)")
+    ax.set_ylabel("seconds after compile")
+    ax.set_title(f"EAP-IG m=5 time vs model size ({size[0]['n_examples']} examples)")
     ax.legend()
   fig.tight_layout()
   fig.savefig(out, dpi=110)

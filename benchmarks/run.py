@@ -15,7 +15,10 @@ Suites (comma separated, or "all"):
   precision      bf16 params vs fp32: Pearson correlation of EAP-IG scores, and the time of each.
   scaling        time against the number of examples (attribute and the torch baseline).
   whole_process  EAP-IG (m = --steps) on --n IOI examples, each implementation in a fresh Python
-                 process (imports, model load, tokenisation, compile and run all counted).
+                 process (imports, model load, tokenisation, compile and run all counted): jaxinterp,
+                 the eager-torch baseline (answer logits only, and full logits as the `eap` package
+                 computes them) and, when TransformerLens 3.x is installed, the reference algorithm
+                 on HookedTransformer hooks (`benchmarks.tl_baseline`).
 
 Every timing is taken after a warm-up call with the same shapes (the compile), with
 `block_until_ready` (or a host transfer) at the end, repeated --repeats times; the warm-up time is
@@ -297,6 +300,8 @@ def suite_whole_process(ctx: Ctx, shape: str, n: int, batch: int, steps: int, re
   rows = []
   env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
   runs = [("jax", "attribute")] + ([("torch", ""), ("torch-full-logits", "")] if _TORCH.value else [])
+  if _TORCH.value and _have_hooked_transformer_lens():
+    runs.append(("transformer-lens", ""))
   for rep in range(max(1, repeats // 2) if not ctx.quick else 1):
     for impl, kernel in runs:
       log(f"[whole_process] {shape} {impl} {kernel} (fresh process)")
@@ -319,12 +324,24 @@ def suite_whole_process(ctx: Ctx, shape: str, n: int, batch: int, steps: int, re
     rs = [r for r in rows if r["repeat"] == rep]
     torch_rows = [r for r in rs if r["impl"] == "torch"]
     full_rows = [r for r in rs if r["impl"] == "torch-full-logits"]
+    tl_rows = [r for r in rs if r["impl"] == "transformer-lens"]
     for r in rs:
+      if tl_rows and r["impl"] == "jax":
+        r["speedup_vs_transformer_lens"] = tl_rows[0]["subprocess_wall_s"] / r["subprocess_wall_s"]
       if torch_rows and r["impl"] == "jax":
         r["speedup_vs_torch"] = torch_rows[0]["subprocess_wall_s"] / r["subprocess_wall_s"]
       if full_rows and r["impl"] == "jax":
         r["speedup_vs_torch_full_logits"] = full_rows[0]["subprocess_wall_s"] / r["subprocess_wall_s"]
   return rows
+
+
+def _have_hooked_transformer_lens() -> bool:
+  """Whether a TransformerLens with `HookedTransformer` (< 4.0) is installed."""
+  import importlib.util
+  if importlib.util.find_spec("transformer_lens") is None:
+    return False
+  import transformer_lens
+  return hasattr(transformer_lens, "HookedTransformer")
 
 
 def _on_gpu() -> bool:

@@ -2,12 +2,14 @@
 
     python -m benchmarks.whole_process --impl=jax --checkpoint=DIR --n=32 [--steps=5]
     python -m benchmarks.whole_process --impl=torch --checkpoint=DIR --n=32
+    python -m benchmarks.whole_process --impl=transformer-lens --checkpoint=DIR --n=32
 
 Run each in its own subprocess (`benchmarks.run --suite=whole_process` does that) so that imports,
 model loading, tokenisation, compilation and the attribution itself are all counted. Prints one JSON
 line with the phase times (seconds since the process started, and per phase). The checkpoint is a HF
-GPT-2 directory written beforehand by `common.gpt2_checkpoint` (its creation is not timed: both
-implementations read the same files).
+GPT-2 directory written beforehand by `common.gpt2_checkpoint` (its creation is not timed: all
+implementations read the same files). `transformer-lens` is the `eap` package's algorithm on
+TransformerLens hooks (`benchmarks/tl_baseline.py`; needs `pip install transformer-lens==3.9.0`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import sys  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.DEFINE_string("impl", "jax", "jax | torch | torch-full-logits (the eap package's way: "
-                            "full-vocabulary logits at every position)")
+                            "full-vocabulary logits at every position) | transformer-lens (the eap "
+                            "package's algorithm on TransformerLens hooks)")
 _CKPT = flags.DEFINE_string("checkpoint", None, "HF GPT-2 checkpoint directory")
 _N = flags.DEFINE_integer("n", 32, "number of IOI examples")
 _STEPS = flags.DEFINE_integer("steps", 5, "integrated-gradient steps m")
@@ -80,14 +83,46 @@ def run_torch(ckpt: str, n: int, steps: int, batch_size: int, seq: int,
               scores_abs_sum=float(scores.abs().sum()), torch_threads=torch.get_num_threads())
 
 
+def run_transformer_lens(ckpt: str, n: int, steps: int, batch_size: int, seq: int) -> dict:
+  phases = {}
+  t = time.perf_counter()
+  import torch
+  import transformers
+  import transformer_lens  # noqa: F401  (timed here, not on first use)
+  from benchmarks import common
+  from benchmarks.tl_baseline import hooked_from_hf, tl_eap_ig_inputs
+  t = _phase(phases, "import", t)
+  hf_model = transformers.GPT2LMHeadModel.from_pretrained(ckpt).eval()
+  model = hooked_from_hf(hf_model)  # HF weights converted into a HookedTransformer
+  del hf_model
+  t = _phase(phases, "load_model", t)
+  ds, source = common.ioi_or_random(n, model.cfg.d_vocab, seq)
+  tensors = common.torch_batch(ds)
+  t = _phase(phases, "load_data", t)
+  scores = tl_eap_ig_inputs(model, *tensors, steps=steps, batch_size=batch_size)
+  t = _phase(phases, "attribute", t)
+  return dict(phases=phases, data=source, n_examples=len(ds),
+              scores_abs_sum=float(scores.abs().sum()), torch_threads=torch.get_num_threads(),
+              transformer_lens_version=_version("transformer-lens"))
+
+
+def _version(dist: str) -> str:
+  from importlib import metadata
+  try:
+    return metadata.version(dist)
+  except metadata.PackageNotFoundError:
+    return "?"
+
+
 def main(argv):
   del argv
   if not _CKPT.value:
     sys.exit("--checkpoint is required")
   fn = {"jax": run_jax, "torch": run_torch,
-        "torch-full-logits": lambda *a: run_torch(*a, full_logits=True)}.get(FLAGS.value)
+        "torch-full-logits": lambda *a: run_torch(*a, full_logits=True),
+        "transformer-lens": run_transformer_lens}.get(FLAGS.value)
   if fn is None:
-    sys.exit(f"--impl must be jax or torch, got {FLAGS.value!r}")
+    sys.exit(f"--impl must be jax, torch, torch-full-logits or transformer-lens, got {FLAGS.value!r}")
   out = fn(_CKPT.value, _N.value, _STEPS.value, _BATCH.value, _SEQ.value)
   out["impl"] = FLAGS.value
   out["python_start_to_end_s"] = time.perf_counter() - T_START

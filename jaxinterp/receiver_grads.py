@@ -189,8 +189,8 @@ def _ig_steps(cfg: ModelConfig, task, params, stacked, batch: Batch, alphas: Arr
     qkv = jnp.concatenate([ys[f"attn.hook_{c}"] for c in "qkv"], 3).astype(jnp.float32)
     coef = jnp.sum((qkv - offsets[:, None, None]) * P, -1) / d  # [L, b, p, 3H]
     # (D_s . x_hat_l) for every sender and layer: one [S, d] x [d, L] matmul per position.
-    e = jnp.einsum("bpsd,lbpd->lbps", diff, xhat)
-    t3 = t3 + jnp.einsum("lbps,lbpr->lsr", e, coef)
+    e = jnp.einsum("bpsd,bpld->bpsl", diff, jnp.moveaxis(xhat, 0, 2))
+    t3 = t3 + jnp.einsum("bpsl,lbpr->lsr", e, coef)
 
     def mlp_grad(p_ln2, x, gy):
       _, vjp = jax.vjp(lambda x: Norm(cfg).apply({"params": p_ln2}, x), x)
@@ -204,6 +204,85 @@ def _ig_steps(cfg: ModelConfig, task, params, stacked, batch: Batch, alphas: Arr
   zero = (jnp.zeros((L, b, p, 3 * H, dh), jnp.float32), jnp.zeros((L, b, p, d), jnp.float32),
           jnp.zeros((b, p, d), jnp.float32), jnp.zeros((L, diff.shape[2], 3 * H), jnp.float32))
   return jax.lax.scan(step, zero, alphas)
+
+
+def _senders(cfg: ModelConfig, stacked, emb: Array, mask: Array) -> tuple[Array, Array]:
+  """Every sender's output ([batch, pos, sender, d_model], the input node first) and the residual
+  stream after the last block, from one scanned forward."""
+  final, ys = scan_blocks(cfg, stacked, emb, mask, record_senders=True)
+  per_layer = jnp.moveaxis(ys["hook_senders"], 0, 2)  # [b, p, L, H + 1, d]
+  b, p = mask.shape
+  return jnp.concatenate([emb[:, :, None], per_layer.reshape(b, p, -1, cfg.d_model)], 2), final
+
+
+def _patching_diff(cfg: ModelConfig, stacked, e_clean: Array, e_corrupt: Array,
+                   mask: Array) -> tuple[Array, Array]:
+  """Corrupted minus clean sender outputs, Float[Array, "batch pos sender d_model"] (float32),
+  and the clean residual stream after the last block.
+
+  Clean and corrupted rows run as one scanned forward that keeps only `hook_z` and `hook_mlp_out`;
+  a head's output is linear in its z (`z_h W_O[h]`), so the heads' differences are projected once,
+  from the z differences, instead of both runs' per-head results. (Not for post-norm models, whose
+  head outputs are rescaled per run.)
+  """
+  b, p, d = e_clean.shape
+  L, H = cfg.n_layers, cfg.n_heads
+  final, ys = scan_blocks(cfg, stacked, jnp.concatenate([e_clean, e_corrupt]),
+                          jnp.concatenate([mask, mask]), collect=("attn.hook_z", "hook_mlp_out"))
+  z, mlp = ys["attn.hook_z"].astype(jnp.float32), ys["hook_mlp_out"].astype(jnp.float32)
+  heads = jnp.einsum("lbphe,lhed->bplhd", z[:, b:] - z[:, :b],
+                     stacked["attn"]["W_O"].astype(jnp.float32))  # [b, p, L, H, d]
+  per_layer = jnp.concatenate([heads, jnp.moveaxis(mlp[:, b:] - mlp[:, :b], 0, 2)[:, :, :, None]], 3)
+  diff = jnp.concatenate([(e_corrupt - e_clean).astype(jnp.float32)[:, :, None],
+                          per_layer.reshape(b, p, L * (H + 1), d)], 2)
+  return diff, final[:b]
+
+
+def _contract(diff: Array, P_sum: Array, mlp_sum: Array, log_sum: Array, W_scaled: Array,
+              layernorm: bool, chunk_bytes: float = 32e6) -> Array:
+  """Per-batch contraction of the sender differences with every receiver's summed gradient.
+
+  Args:
+    diff: Float[Array, "batch pos sender d_model"], ablated minus clean sender outputs.
+    P_sum: Float[Array, "layer batch pos 3H d_head"], head gradients / sigma summed over steps.
+    mlp_sum, log_sum: Float[Array, "layer batch pos d_model"] and Float[Array, "batch pos d_model"],
+      the MLP-input and logits-input gradients summed over steps.
+    W_scaled: Float[Array, "layer*3H d_model d_head"], gamma * W_{Q,K,V} per layer and head.
+    layernorm: subtract the mean over d_model of the expanded head gradients (LayerNorm's mean
+      term: D . (A - mean A) = D . A - sum(D) mean(A)).
+
+  Returns:
+    Float[Array, "sender layer*3H + layer + 1"]: the first two terms for every (sender, head
+    input) pair, then D . grad for every MLP input and the logits (all senders; the caller masks
+    those not upstream).
+
+  Positions are processed in chunks small enough that a chunk's expanded gradients
+  ([chunk, receivers, d_model]) stay in cache, in one `lax.scan`: no [batch, pos, receiver, d_model]
+  array is formed.
+  """
+  b, p, S, d = diff.shape
+  L = mlp_sum.shape[0]
+  n_pos = b * p
+  per_pos = (W_scaled.shape[0] + L + 1) * d * 4
+  size = max(1, min(n_pos, int(chunk_bytes // per_pos)))
+  while n_pos % size:
+    size -= 1
+  chunks = n_pos // size
+  Dc = diff.reshape(chunks, size, S, d)
+  Pc = jnp.moveaxis(P_sum, 0, 2).reshape(chunks, size, -1, P_sum.shape[-1])
+  Mc = jnp.concatenate([jnp.moveaxis(mlp_sum, 0, 2), log_sum[:, :, None]], 2)
+  Mc = Mc.reshape(chunks, size, L + 1, d)
+
+  def body(acc, xs):
+    Dn, Pn, Mn = xs
+    A = jnp.einsum("nre,rde->nrd", Pn, W_scaled)  # [size, L*3H, d]
+    if layernorm:
+      A = A - A.mean(-1, keepdims=True)
+    G = jnp.concatenate([A, Mn], 1)
+    return acc + jnp.einsum("nsd,nrd->sr", Dn, G), None
+
+  acc = jnp.zeros((S, W_scaled.shape[0] + L + 1), jnp.float32)
+  return jax.lax.scan(body, acc, (Dc, Pc, Mc))[0]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "task", "remat"))
@@ -240,35 +319,30 @@ def ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alph
   cfg, params = ungroup_kv(cfg, params)
   L, H, d = cfg.n_layers, cfg.n_heads, cfg.d_model
   S = E.n_senders(cfg)
+  stacked = stack_blocks(cfg, params)
+  e_corrupt = embed_inputs(cfg, params, batch.corrupted, batch.mask)
+  e_clean = embed_inputs(cfg, params, batch.clean, batch.mask)
   b, p = batch.clean.shape
-  ablated = ablation.values(cfg, params, batch)
-  _, c = forward(cfg, params, batch.clean, attention_mask=batch.mask, edges=E.EdgePatch(None, None),
-                 collect=("hook_senders", "ln_final.hook_normalized"))
-  clean = c["hook_senders"]
-  clean_logits = last_token_logits(cfg, params, c["ln_final.hook_normalized"], batch.last)
+  if ablation.kind == "patching" and not cfg.post_norms:  # clean and corrupted in one forward
+    diff, final = _patching_diff(cfg, stacked, e_clean, e_corrupt, batch.mask)
+  else:
+    clean, final = _senders(cfg, stacked, e_clean, batch.mask)
+    ablated = ablation.values(cfg, params, batch)
+    diff = (ablated - clean).astype(jnp.float32)  # [b, p, S, d]
+  x = Norm(cfg).apply({"params": params["ln_final"]}, final)
+  clean_logits = last_token_logits(cfg, params, x, batch.last)
   clean_values = task.metric(clean_logits, batch.replace(last=jnp.zeros_like(batch.last)),
                              clean_logits)
-  diff = (ablated - clean).astype(jnp.float32)  # [b, p, S, d]
-  e_corrupt = embed_inputs(cfg, params, batch.corrupted, batch.mask)
-  stacked = stack_blocks(cfg, params)
   (P_sum, mlp_sum, log_sum, t3), values = _ig_steps(
-      cfg, task, params, stacked, batch, alphas, clean[:, :, 0], e_corrupt, diff,
+      cfg, task, params, stacked, batch, alphas, e_clean, e_corrupt, diff,
       clean_logits if task.needs_clean_logits else None)
 
   W_qkv = jnp.concatenate([stacked["attn"][f"W_{c}"] for c in "QKV"], 1).astype(jnp.float32)
   gamma = _norms(cfg, stacked["ln1"], "gain")  # [L, d]
-  dT = jnp.moveaxis(diff, 2, 0).reshape(S, b * p * d)
-  sum_d = diff.sum(-1)  # [b, p, S]
-  attn = []
-  for l in range(L):  # one layer's [3H, b, p, d] expansion at a time (receiver chunks)
-    A = jnp.einsum("bphe,hde->hbpd", P_sum[l], W_qkv[l] * gamma[l, None, :, None])
-    n = E.n_upstream_of_attn(cfg, l)
-    a = dT[:n] @ A.reshape(3 * H, b * p * d).T  # [upstream senders, 3H]
-    if cfg.normalization != "rmsnorm":
-      a = a - jnp.einsum("bps,hbp->sh", sum_d[:, :, :n], A.mean(-1))
-    attn.append(jnp.pad(a, ((0, S - n), (0, 0))))
-  attn = jnp.stack(attn) - t3  # [L, S, 3H]
-  mlp = (dT @ mlp_sum.reshape(L, b * p * d).T).T  # [L, S]
+  W_scaled = (W_qkv * gamma[:, None, :, None]).reshape(L * 3 * H, d, cfg.d_head)
+  totals = _contract(diff, P_sum, mlp_sum, log_sum, W_scaled, cfg.normalization != "rmsnorm")
+  attn = jnp.moveaxis(totals[:, :L * 3 * H].reshape(S, L, 3 * H), 1, 0) - t3  # [L, S, 3H]
+  mlp = totals[:, L * 3 * H:L * 3 * H + L].T  # [L, S]
   n_attn = np.array([E.n_upstream_of_attn(cfg, l) for l in range(L)])
   n_mlp = np.array([E.n_upstream_of_mlp(cfg, l) for l in range(L)])
   senders = np.arange(S)
@@ -276,7 +350,7 @@ def ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alph
   mlp = jnp.where(senders[None, :] < n_mlp[:, None], mlp, 0.0)
   blocks = jnp.concatenate([attn, mlp[..., None]], 2)  # [L, S, 3H + 1]: the receiver layout
   scores = jnp.concatenate([jnp.moveaxis(blocks, 0, 1).reshape(S, L * (3 * H + 1)),
-                            (dT @ log_sum.reshape(b * p * d))[:, None]], 1)
+                            totals[:, -1:]], 1)
   return scores / alphas.shape[0], values[-1], clean_values
 
 

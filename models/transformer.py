@@ -282,9 +282,9 @@ class Block(nn.Module):
       mlp_resid = resid_pre
     else:
       mlp_resid = sites(p + "hook_resid_mid", resid_pre + attn_out)
-    if graph is not None:
+    if weighted:
       corr = graph.correction(E.n_upstream_of_mlp(c, l), E.mlp_receiver(c, l), 1)
-      mlp_in = mlp_resid - (corr if corr.ndim == 0 else corr[:, :, 0])
+      mlp_in = mlp_resid - corr[:, :, 0]
     else:
       mlp_in = mlp_resid
     mlp_in = sites(p + "ln2.hook_normalized", self.ln2(mlp_in))
@@ -566,7 +566,8 @@ def positions_of(attention_mask: Array) -> Array:
 
 
 def scan_blocks(cfg: ModelConfig, stacked: Mapping[str, Any], resid: Array, attention_mask: Array,
-                interventions: Optional[Mapping[str, Any]] = None, collect: Iterable[str] = ()):
+                interventions: Optional[Mapping[str, Any]] = None, collect: Iterable[str] = (),
+                record_senders: bool = False):
   """Run every block as one `lax.scan` over the layer axis (compiled once, not once per layer).
 
   Args:
@@ -577,6 +578,8 @@ def scan_blocks(cfg: ModelConfig, stacked: Mapping[str, Any], resid: Array, atte
       intervention pytree whose array leaves have a leading `[n_layers]` axis (layer l applies
       slice l).
     collect: site names within a block to return, stacked over layers.
+    record_senders: also return "hook_senders", each block's sender outputs as the graph form
+      records them ([n_layers, batch, pos, n_heads + 1, d_model]: the heads' results, then the MLP).
 
   Returns:
     (Float[Array, "batch pos d_model"] residual after the last block, {name: [n_layers, ...]}).
@@ -592,8 +595,12 @@ def scan_blocks(cfg: ModelConfig, stacked: Mapping[str, Any], resid: Array, atte
   def body(x, xs):
     p_l, iv_l = xs
     sites = Sites({"blocks.0." + k: v for k, v in iv_l.items()}, ["blocks.0." + k for k in collect])
-    x = block.apply({"params": p_l}, x, positions, key_mask, sites, None)
+    graph = _GraphState(E.EdgePatch(None, None)) if record_senders else None
+    x = block.apply({"params": p_l}, x, positions, key_mask, sites, graph)
     sites.check_all_visited()
-    return x, {k: sites.cache["blocks.0." + k] for k in collect}
+    ys = {k: sites.cache["blocks.0." + k] for k in collect}
+    if record_senders:
+      ys["hook_senders"] = jnp.concatenate(graph.outputs, 2)
+    return x, ys
 
   return jax.lax.scan(body, resid, (stacked, dict(interventions or {})))
