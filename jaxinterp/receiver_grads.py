@@ -38,8 +38,12 @@ from jaxinterp.attribution import metric_sum, sender_outputs
 from jaxinterp.tasks import Batch
 from models import edges as E
 from models.config import ModelConfig
-from models.transformer import (Norm, embed_inputs, forward, layers_uniform, scan_blocks,
+from models.transformer import (Norm, embed_inputs, forward, layers_uniform, run_blocks,
                                 stack_blocks, ungroup_kv)
+
+# Blocks run as one lax.scan (fast compiles) when their weights take at most this many bytes: the
+# scan needs a stacked copy of them, which an 8B model can't spare on one accelerator.
+SCAN_MAX_BYTES = 2 << 30
 
 Array = jax.Array
 
@@ -145,6 +149,20 @@ def _norms(cfg: ModelConfig, stacked_norm, method: str, *args):
   return jax.vmap(one)(stacked_norm, *args)
 
 
+def _stack(cfg: ModelConfig, params, *path: str) -> Array:
+  """One block parameter stacked over layers, e.g. `_stack(cfg, params, "ln1", "w")`: [L, ...]."""
+  def get(l):
+    x = params[f"blocks_{l}"]
+    for k in path:
+      x = x[k]
+    return x
+  return jnp.stack([get(l) for l in range(cfg.n_layers)])
+
+
+def _norm_params(cfg: ModelConfig, params, name: str) -> dict:
+  return {k: _stack(cfg, params, name, k) for k in params["blocks_0"][name]}
+
+
 def _ig_steps(cfg: ModelConfig, task, params, stacked, batch: Batch, alphas: Array,
               e_clean: Array, e_corrupt: Array, diff: Array, clean_logits: Optional[Array]):
   """The per-step part of `ig_inputs_batch`: one plain forward + backward per IG step.
@@ -163,18 +181,23 @@ def _ig_steps(cfg: ModelConfig, task, params, stacked, batch: Batch, alphas: Arr
   eps0 = {f"attn.hook_{c}": jnp.zeros((L, b, p, H, dh), dt) for c in "qkv"}
   eps0["ln2.hook_normalized"] = jnp.zeros((L, b, p, d), dt)
   eps0["final"] = jnp.zeros((b, p, d), dt)
-  W_qkv = jnp.concatenate([stacked["attn"][f"W_{c}"] for c in "QKV"], 1).astype(jnp.float32)
+  ln1, ln2 = _norm_params(cfg, params, "ln1"), _norm_params(cfg, params, "ln2")
   # The norm bias's and the projection bias's share of q/k/v: q - offset = (gamma x_hat) W_Q.
   offsets = jnp.zeros((L, 3 * H, dh), jnp.float32)
-  if cfg.attn_bias:
-    offsets += jnp.concatenate([stacked["attn"][f"b_{c}"] for c in "QKV"], 1).astype(jnp.float32)
-  if "b" in stacked["ln1"]:
-    offsets += jnp.einsum("ld,lhde->lhe", stacked["ln1"]["b"].astype(jnp.float32), W_qkv)
+  for l in range(L):
+    attn = params[f"blocks_{l}"]["attn"]
+    if cfg.attn_bias:
+      offsets = offsets.at[l].add(
+          jnp.concatenate([attn[f"b_{c}"] for c in "QKV"]).astype(jnp.float32))
+    if "b" in ln1:
+      for i, c in enumerate("QKV"):
+        offsets = offsets.at[l, i * H:(i + 1) * H].add(jnp.einsum(
+            "d,hde->he", ln1["b"][l], attn[f"W_{c}"], preferred_element_type=jnp.float32))
 
   def f(eps, alpha):
     emb = e_corrupt + alpha.astype(dt) * (e_clean - e_corrupt)
     iv = {n: _AddEps(e) for n, e in eps.items() if n != "final"}
-    resid, ys = scan_blocks(cfg, stacked, emb, batch.mask, iv, collect)
+    resid, ys = run_blocks(cfg, params, emb, batch.mask, iv, collect, stacked=stacked)
     resid = resid + eps["final"]
     x = Norm(cfg).apply({"params": params["ln_final"]}, resid)
     total, values = _metric_at_last(cfg, task, params, batch, x, clean_logits)
@@ -183,7 +206,7 @@ def _ig_steps(cfg: ModelConfig, task, params, stacked, batch: Batch, alphas: Arr
   def step(carry, alpha):
     P_sum, mlp_sum, log_sum, t3 = carry
     g, (values, ys) = jax.grad(f, has_aux=True)(eps0, alpha)
-    xhat, inv = _norms(cfg, stacked["ln1"], "standardize", ys["hook_resid_pre"])  # [L,b,p,d|1]
+    xhat, inv = _norms(cfg, ln1, "standardize", ys["hook_resid_pre"])  # [L, b, p, d | 1]
     P = jnp.concatenate([g[f"attn.hook_{c}"] for c in "qkv"], 3).astype(jnp.float32)
     P = P * inv[..., None]  # [L, b, p, 3H, dh]
     qkv = jnp.concatenate([ys[f"attn.hook_{c}"] for c in "qkv"], 3).astype(jnp.float32)
@@ -196,7 +219,7 @@ def _ig_steps(cfg: ModelConfig, task, params, stacked, batch: Batch, alphas: Arr
       _, vjp = jax.vjp(lambda x: Norm(cfg).apply({"params": p_ln2}, x), x)
       return vjp(gy)[0]
 
-    g_mlp = jax.vmap(mlp_grad)(stacked["ln2"], ys[x_mlp], g["ln2.hook_normalized"])
+    g_mlp = jax.vmap(mlp_grad)(ln2, ys[x_mlp], g["ln2.hook_normalized"])
     carry = (P_sum + P, mlp_sum + g_mlp.astype(jnp.float32),
              log_sum + g["final"].astype(jnp.float32), t3)
     return carry, values
@@ -206,16 +229,16 @@ def _ig_steps(cfg: ModelConfig, task, params, stacked, batch: Batch, alphas: Arr
   return jax.lax.scan(step, zero, alphas)
 
 
-def _senders(cfg: ModelConfig, stacked, emb: Array, mask: Array) -> tuple[Array, Array]:
+def _senders(cfg: ModelConfig, params, stacked, emb: Array, mask: Array) -> tuple[Array, Array]:
   """Every sender's output ([batch, pos, sender, d_model], the input node first) and the residual
   stream after the last block, from one scanned forward."""
-  final, ys = scan_blocks(cfg, stacked, emb, mask, record_senders=True)
+  final, ys = run_blocks(cfg, params, emb, mask, record_senders=True, stacked=stacked)
   per_layer = jnp.moveaxis(ys["hook_senders"], 0, 2)  # [b, p, L, H + 1, d]
   b, p = mask.shape
   return jnp.concatenate([emb[:, :, None], per_layer.reshape(b, p, -1, cfg.d_model)], 2), final
 
 
-def _patching_diff(cfg: ModelConfig, stacked, e_clean: Array, e_corrupt: Array,
+def _patching_diff(cfg: ModelConfig, params, stacked, e_clean: Array, e_corrupt: Array,
                    mask: Array) -> tuple[Array, Array]:
   """Corrupted minus clean sender outputs, Float[Array, "batch pos sender d_model"] (float32),
   and the clean residual stream after the last block.
@@ -227,11 +250,14 @@ def _patching_diff(cfg: ModelConfig, stacked, e_clean: Array, e_corrupt: Array,
   """
   b, p, d = e_clean.shape
   L, H = cfg.n_layers, cfg.n_heads
-  final, ys = scan_blocks(cfg, stacked, jnp.concatenate([e_clean, e_corrupt]),
-                          jnp.concatenate([mask, mask]), collect=("attn.hook_z", "hook_mlp_out"))
+  final, ys = run_blocks(cfg, params, jnp.concatenate([e_clean, e_corrupt]),
+                         jnp.concatenate([mask, mask]), collect=("attn.hook_z", "hook_mlp_out"),
+                         stacked=stacked)
   z, mlp = ys["attn.hook_z"].astype(jnp.float32), ys["hook_mlp_out"].astype(jnp.float32)
-  heads = jnp.einsum("lbphe,lhed->bplhd", z[:, b:] - z[:, :b],
-                     stacked["attn"]["W_O"].astype(jnp.float32))  # [b, p, L, H, d]
+  dz = z[:, b:] - z[:, :b]
+  heads = jnp.stack([jnp.einsum("bphe,hed->bphd", dz[l], params[f"blocks_{l}"]["attn"]["W_O"],
+                                preferred_element_type=jnp.float32)
+                     for l in range(L)], 2)  # [b, p, L, H, d]
   per_layer = jnp.concatenate([heads, jnp.moveaxis(mlp[:, b:] - mlp[:, :b], 0, 2)[:, :, :, None]], 3)
   diff = jnp.concatenate([(e_corrupt - e_clean).astype(jnp.float32)[:, :, None],
                           per_layer.reshape(b, p, L * (H + 1), d)], 2)
@@ -275,7 +301,8 @@ def _contract(diff: Array, P_sum: Array, mlp_sum: Array, log_sum: Array, W_scale
 
   def body(acc, xs):
     Dn, Pn, Mn = xs
-    A = jnp.einsum("nre,rde->nrd", Pn, W_scaled)  # [size, L*3H, d]
+    A = jnp.einsum("nre,rde->nrd", Pn.astype(W_scaled.dtype), W_scaled,
+                   preferred_element_type=jnp.float32)  # [size, L*3H, d]
     if layernorm:
       A = A - A.mean(-1, keepdims=True)
     G = jnp.concatenate([A, Mn], 1)
@@ -314,19 +341,21 @@ def ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alph
   With `remat` (or a config whose blocks differ, e.g. alternating sliding-window layers) the older
   per-head-input kernel runs instead (same scores).
   """
-  if remat or not layers_uniform(cfg):
+  if remat:
     return _split_ig_inputs_batch(cfg, task, params, batch, ablation, alphas, remat=remat)
   cfg, params = ungroup_kv(cfg, params)
   L, H, d = cfg.n_layers, cfg.n_heads, cfg.d_model
   S = E.n_senders(cfg)
-  stacked = stack_blocks(cfg, params)
+  block_bytes = sum(x.nbytes for l in range(L) for x in jax.tree.leaves(params[f"blocks_{l}"]))
+  scan = layers_uniform(cfg) and block_bytes <= SCAN_MAX_BYTES
+  stacked = stack_blocks(cfg, params) if scan else None
   e_corrupt = embed_inputs(cfg, params, batch.corrupted, batch.mask)
   e_clean = embed_inputs(cfg, params, batch.clean, batch.mask)
   b, p = batch.clean.shape
   if ablation.kind == "patching" and not cfg.post_norms:  # clean and corrupted in one forward
-    diff, final = _patching_diff(cfg, stacked, e_clean, e_corrupt, batch.mask)
+    diff, final = _patching_diff(cfg, params, stacked, e_clean, e_corrupt, batch.mask)
   else:
-    clean, final = _senders(cfg, stacked, e_clean, batch.mask)
+    clean, final = _senders(cfg, params, stacked, e_clean, batch.mask)
     ablated = ablation.values(cfg, params, batch)
     diff = (ablated - clean).astype(jnp.float32)  # [b, p, S, d]
   x = Norm(cfg).apply({"params": params["ln_final"]}, final)
@@ -337,9 +366,9 @@ def ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alph
       cfg, task, params, stacked, batch, alphas, e_clean, e_corrupt, diff,
       clean_logits if task.needs_clean_logits else None)
 
-  W_qkv = jnp.concatenate([stacked["attn"][f"W_{c}"] for c in "QKV"], 1).astype(jnp.float32)
-  gamma = _norms(cfg, stacked["ln1"], "gain")  # [L, d]
-  W_scaled = (W_qkv * gamma[:, None, :, None]).reshape(L * 3 * H, d, cfg.d_head)
+  W_qkv = jnp.concatenate([_stack(cfg, params, "attn", f"W_{c}") for c in "QKV"], 1)
+  gamma = _norms(cfg, _norm_params(cfg, params, "ln1"), "gain")  # [L, d]
+  W_scaled = (W_qkv * gamma[:, None, :, None].astype(W_qkv.dtype)).reshape(L * 3 * H, d, -1)
   totals = _contract(diff, P_sum, mlp_sum, log_sum, W_scaled, cfg.normalization != "rmsnorm")
   attn = jnp.moveaxis(totals[:, :L * 3 * H].reshape(S, L, 3 * H), 1, 0) - t3  # [L, S, 3H]
   mlp = totals[:, L * 3 * H:L * 3 * H + L].T  # [L, S]

@@ -550,12 +550,15 @@ def ungroup_kv(cfg: ModelConfig, params: Mapping[str, Any]) -> tuple[ModelConfig
 
 
 def layers_uniform(cfg: ModelConfig) -> bool:
-  """Whether every block has the same static structure (so the blocks can run as one `lax.scan`)."""
+  """Whether every block has the same static structure (so the blocks can run as one `lax.scan`).
+
+  Gemma-2's alternating sliding-window layers are the exception.
+  """
   return not cfg.sliding_layers or set(cfg.sliding_layers) == set(range(cfg.n_layers))
 
 
 def stack_blocks(cfg: ModelConfig, params: Mapping[str, Any]) -> dict[str, Any]:
-  """The blocks' params stacked on a leading layer axis (a copy), for `scan_blocks`."""
+  """The blocks' params stacked on a leading layer axis (a copy), for `run_blocks`."""
   blocks = [params[f"blocks_{l}"] for l in range(cfg.n_layers)]
   return jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
 
@@ -565,13 +568,16 @@ def positions_of(attention_mask: Array) -> Array:
   return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), -1) - 1, 0)
 
 
-def scan_blocks(cfg: ModelConfig, stacked: Mapping[str, Any], resid: Array, attention_mask: Array,
-                interventions: Optional[Mapping[str, Any]] = None, collect: Iterable[str] = (),
-                record_senders: bool = False):
-  """Run every block as one `lax.scan` over the layer axis (compiled once, not once per layer).
+def run_blocks(cfg: ModelConfig, params: Mapping[str, Any], resid: Array, attention_mask: Array,
+               interventions: Optional[Mapping[str, Any]] = None, collect: Iterable[str] = (),
+               record_senders: bool = False, stacked: Optional[Mapping[str, Any]] = None):
+  """Run every block on a residual stream, with per-layer interventions given as stacked pytrees.
+
+  With `stacked` (`stack_blocks(cfg, params)`, for configs whose blocks share one structure) the
+  blocks run as one `lax.scan`, compiled once instead of once per layer (much faster compiles; costs
+  a copy of the block weights). Without it they run one after the other from `params`.
 
   Args:
-    stacked: `stack_blocks(cfg, params)`.
     resid: Float[Array, "batch pos d_model"], the residual stream entering block 0.
     attention_mask: Bool[Array, "batch pos"].
     interventions: site name *within a block* (e.g. `"attn.hook_q"`, `"hook_resid_post"`) -> an
@@ -584,23 +590,29 @@ def scan_blocks(cfg: ModelConfig, stacked: Mapping[str, Any], resid: Array, atte
   Returns:
     (Float[Array, "batch pos d_model"] residual after the last block, {name: [n_layers, ...]}).
   """
-  if not layers_uniform(cfg):
-    raise ValueError("scan_blocks needs blocks of one structure; this config's sliding-window "
-                     "layers differ from its other layers")
   key_mask = attention_mask.astype(bool)
   positions = positions_of(key_mask)
   collect = tuple(collect)
-  block = Block(cfg, 0)
+  interventions = dict(interventions or {})
 
-  def body(x, xs):
-    p_l, iv_l = xs
-    sites = Sites({"blocks.0." + k: v for k, v in iv_l.items()}, ["blocks.0." + k for k in collect])
+  def one(layer, p_l, x, iv_l):
+    prefix = f"blocks.{layer}."
+    sites = Sites({prefix + k: v for k, v in iv_l.items()}, [prefix + k for k in collect])
     graph = _GraphState(E.EdgePatch(None, None)) if record_senders else None
-    x = block.apply({"params": p_l}, x, positions, key_mask, sites, graph)
+    x = Block(cfg, layer).apply({"params": p_l}, x, positions, key_mask, sites, graph)
     sites.check_all_visited()
-    ys = {k: sites.cache["blocks.0." + k] for k in collect}
+    ys = {k: sites.cache[prefix + k] for k in collect}
     if record_senders:
       ys["hook_senders"] = jnp.concatenate(graph.outputs, 2)
     return x, ys
 
-  return jax.lax.scan(body, resid, (stacked, dict(interventions or {})))
+  if stacked is not None:
+    if not layers_uniform(cfg):
+      raise ValueError("scanned blocks need one block structure; this config's sliding-window "
+                       "layers differ from its other layers (pass stacked=None)")
+    return jax.lax.scan(lambda x, xs: one(0, xs[0], x, xs[1]), resid, (stacked, interventions))
+  per_layer = []
+  for l in range(cfg.n_layers):
+    resid, ys = one(l, params[f"blocks_{l}"], resid, jax.tree.map(lambda a: a[l], interventions))
+    per_layer.append(ys)
+  return resid, jax.tree.map(lambda *a: jnp.stack(a), *per_layer) if per_layer[0] else {}

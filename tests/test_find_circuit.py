@@ -81,7 +81,9 @@ def test_bad_input_gives_clear_error_and_no_output(tiny_model, tmp_path):
 def test_sigkill_and_resume_is_bitwise_identical(tiny_model, tmp_path):
   """Kill an exact-patching run at a random point after its first checkpoint; resume; compare."""
   ref_out, out = str(tmp_path / "ref"), str(tmp_path / "killed")
-  args = dict(method="exact", n_examples=24, batch_size=2)
+  # No persistent compilation cache here: with the reference run's kernels cached, the killed run
+  # could finish inside the kill window.
+  args = dict(method="exact", n_examples=24, batch_size=2, compilation_cache="")
   ref = _run(_flags(tiny_model, ref_out, **args))
   assert ref.returncode == 0, ref.stderr[-3000:]
 
@@ -103,7 +105,7 @@ def test_sigkill_and_resume_is_bitwise_identical(tiny_model, tmp_path):
 
   # A different method must refuse to resume from this checkpoint.
   r = _run(_flags(tiny_model, out, method="EAP", n_examples=24, batch_size=2,
-                  checkpoint_batches=1))
+                  checkpoint_batches=1, compilation_cache=""))
   assert r.returncode != 0 and "different run" in r.stderr and "--method" in r.stderr
 
   r = _run(_flags(tiny_model, out, **args))
@@ -129,3 +131,19 @@ def test_mesh_flag_gives_the_same_scores(tiny_model, tmp_path):
                              atol=1e-5 * np.abs(a["scores"]).max())
   bad = _run(_flags(tiny_model, mesh) + ["--mesh=3x3"])
   assert bad.returncode != 0 and "--mesh=3x3" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_compilation_cache_is_written_and_reused(tiny_model, tmp_path):
+  """--compilation_cache stores the compiled kernels; a second run reads them and gives the same
+  scores."""
+  cache = tmp_path / "xla"
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  r = _run(_flags(tiny_model, a, compilation_cache=str(cache)))
+  assert r.returncode == 0, r.stderr[-3000:]
+  entries = os.listdir(cache)
+  assert entries, "nothing was cached"
+  r = _run(_flags(tiny_model, b, compilation_cache=str(cache)))
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert set(os.listdir(cache)) == set(entries)  # every kernel came from the cache
+  sa, sb = np.load(os.path.join(a, "scores.npz")), np.load(os.path.join(b, "scores.npz"))
+  np.testing.assert_array_equal(sa["scores"], sb["scores"])

@@ -41,13 +41,17 @@ def _params(cfg, scale=8.0):
 
 @pytest.mark.parametrize("family,method", [("gpt2", "EAP-IG-inputs"), ("gpt2", "EAP"),
                                            ("gpt_neox", "EAP-IG-inputs"), ("llama", "EAP-IG-inputs"),
-                                           ("gemma2", "EAP-IG-inputs")])
+                                           ("gemma2", "EAP-IG-inputs"),
+                                           ("gpt2", "EAP-IG-inputs/mean"),
+                                           ("llama", "EAP-IG-inputs/mean")])
 def test_matches_weight_gradient_kernels(family, method):
   cfg = CONFIGS[family]
   params = _params(cfg)
   ds = tasks.make_induction(6, 4, cfg.d_vocab, seed=0, bos_id=0)
   batch = next(ds.batches(8))  # 2 filler rows: they must not count
   abl = A.Ablation("patching")
+  if method.endswith("/mean"):  # mean ablation: the clean senders come from their own forward
+    abl = A.Ablation("mean", A.compute_means(cfg, params, ds, 4))
   alphas = jnp.asarray([1.0] if method == "EAP" else A.ig_alphas(3), jnp.float32)
   ref, ref_vals = A._ig_inputs_batch(cfg, ds.task, params, batch, abl, alphas)
   got, vals, clean_vals = RG.ig_inputs_batch(cfg, ds.task, params, batch, abl, alphas)
@@ -67,8 +71,8 @@ def test_matches_weight_gradient_kernels(family, method):
   np.testing.assert_allclose(np.asarray(split_clean), np.asarray(ref_clean), rtol=1e-5, atol=1e-5)
 
 
-def test_scan_blocks_equals_forward():
-  """The scanned blocks give the unrolled forward's activations and logits."""
+def test_scanned_blocks_equal_forward():
+  """The scanned and the layer-by-layer blocks give the unrolled forward's activations."""
   cfg = CONFIGS["gpt_neox"]
   params = _params(cfg, scale=2.0)
   tokens = jax.random.randint(jax.random.PRNGKey(0), (3, 7), 0, cfg.d_vocab)
@@ -76,28 +80,36 @@ def test_scan_blocks_equals_forward():
   names = ("attn.hook_q", "hook_resid_post")
   logits, cache = models.forward(cfg, params, tokens, attention_mask=mask,
                                  collect=[f"blocks.{l}.{n}" for l in range(2) for n in names])
-  from models.transformer import Norm, scan_blocks, stack_blocks
+  from models.transformer import Norm, run_blocks, stack_blocks
   emb = models.embed_inputs(cfg, params, tokens, mask)
-  resid, ys = scan_blocks(cfg, stack_blocks(cfg, params), emb, mask, collect=names)
-  for l in range(2):
-    for n in names:
-      np.testing.assert_allclose(np.asarray(ys[n][l]), np.asarray(cache[f"blocks.{l}.{n}"]),
-                                 rtol=1e-5, atol=1e-5)
-  x = Norm(cfg).apply({"params": params["ln_final"]}, resid)
-  np.testing.assert_allclose(np.asarray(x @ params["W_U"]), np.asarray(logits), rtol=1e-4,
-                             atol=1e-4)
+  for stacked in (stack_blocks(cfg, params), None):
+    resid, ys = run_blocks(cfg, params, emb, mask, collect=names, stacked=stacked)
+    for l in range(2):
+      for n in names:
+        np.testing.assert_allclose(np.asarray(ys[n][l]), np.asarray(cache[f"blocks.{l}.{n}"]),
+                                   rtol=1e-5, atol=1e-5)
+    x = Norm(cfg).apply({"params": params["ln_final"]}, resid)
+    np.testing.assert_allclose(np.asarray(x @ params["W_U"]), np.asarray(logits), rtol=1e-4,
+                               atol=1e-4)
 
 
-def test_non_uniform_layers_use_the_split_kernel():
-  """Alternating sliding-window layers can't be scanned: the per-head-input kernel runs."""
-  cfg = models.ModelConfig(**{**CONFIGS["gemma2"].to_dict(), "sliding_layers": (0,)})
-  assert not models.transformer.layers_uniform(cfg)
+@pytest.mark.parametrize("case", ["alternating sliding window", "blocks too big to stack"])
+def test_unscanned_blocks(case, monkeypatch):
+  """Alternating sliding-window layers can't be scanned, and big models aren't (the stacked copy
+  would not fit): the blocks then run one by one, with the same scores."""
+  cfg = CONFIGS["gemma2"]
+  if case == "alternating sliding window":
+    cfg = models.ModelConfig(**{**cfg.to_dict(), "sliding_layers": (0,)})
+    assert not models.transformer.layers_uniform(cfg)
+  else:
+    monkeypatch.setattr(RG, "SCAN_MAX_BYTES", 0)
   params = _params(cfg)
   ds = tasks.make_induction(4, 4, cfg.d_vocab, seed=0, bos_id=0)
   batch = next(ds.batches(4))
   alphas = jnp.asarray(A.ig_alphas(2), jnp.float32)
   ref, _ = A._ig_inputs_batch(cfg, ds.task, params, batch, A.Ablation("patching"), alphas)
-  got, _, _ = RG.ig_inputs_batch(cfg, ds.task, params, batch, A.Ablation("patching"), alphas)
+  fn = RG.ig_inputs_batch.__wrapped__  # unjitted: SCAN_MAX_BYTES is read at trace time
+  got, _, _ = fn(cfg, ds.task, params, batch, A.Ablation("patching"), alphas)
   valid = A.valid_edges(cfg)
   ref = np.asarray(ref)[valid]
   np.testing.assert_allclose(np.asarray(got)[valid], ref, atol=2e-4 * np.abs(ref).max(), rtol=1e-3)
