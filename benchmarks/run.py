@@ -14,6 +14,10 @@ Suites (comma separated, or "all"):
   evaluation     circuit evaluation, circuits/s with `vmap` over --circuits masks.
   precision      bf16 params vs fp32: Pearson correlation of EAP-IG scores, and the time of each.
   scaling        time against the number of examples (attribute and the torch baseline).
+  memory         the EAP-IG kernel's memory at --batch_size x --seq (bf16 weights), from XLA's
+                 compile-time buffer assignment (`Compiled.memory_analysis()`) on abstract
+                 arguments: nothing is allocated, so an 8B shape can be checked on a laptop. The
+                 figures are the compiling backend's (XLA:CPU here); a GPU's differ somewhat.
   whole_process  EAP-IG (m = --steps) on --n IOI examples, each implementation in a fresh Python
                  process (imports, model load, tokenisation, compile and run all counted): jaxinterp,
                  the eager-torch baseline (answer logits only, and full logits as the `eap` package
@@ -45,7 +49,7 @@ from absl import app, flags
 
 from benchmarks import common
 
-SUITES = ("attribution", "exact", "evaluation", "precision", "scaling", "whole_process")
+SUITES = ("attribution", "exact", "evaluation", "precision", "scaling", "whole_process", "memory")
 
 _SUITE = flags.DEFINE_string("suite", "attribution", f"comma-separated suites from {SUITES}, or all")
 _QUICK = flags.DEFINE_boolean("quick", False, "tiny shapes and few examples (CI smoke run, < 60 s)")
@@ -68,6 +72,7 @@ _CHUNK = flags.DEFINE_integer("chunk", 8, "circuits per vmapped call")
 _TORCH = flags.DEFINE_boolean("torch", True, "measure the eager-torch baseline")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where random-init checkpoints are written (default: "
                                "a temporary directory)")
+_SEQ = flags.DEFINE_integer("seq", 16, "prompt length of the memory suite")
 _SCALING_N = flags.DEFINE_string("scaling_n", "16,32,64", "example counts of the scaling suite")
 
 
@@ -293,6 +298,45 @@ def suite_scaling(ctx: Ctx, shape: str, batch: int, steps: int, repeats: int) ->
   return rows
 
 
+def suite_memory(ctx: Ctx, shape: str, batch: int, steps: int) -> list:
+  """Compile the EAP-IG kernel for a shape on abstract (shape-only) arguments; report its memory.
+
+  float32 and bfloat16 weights. On XLA:CPU bf16 dots are computed in f32 with converted copies of
+  the weights, so the CPU's bf16 figure overstates what a GPU (native bf16 matmuls) needs.
+  """
+  import jax
+  import jax.numpy as jnp
+  from jaxinterp import receiver_grads as RG
+  from jaxinterp.attribution import Ablation
+  from jaxinterp.tasks import Batch
+  from models import init_params
+  cfg = common.model_config(shape)
+  seq = _SEQ.value
+  sd = jax.ShapeDtypeStruct
+  proto = common.random_pairs(2, 100, 4)  # the logit-difference task; only shapes are used
+  task = proto.task
+  labels = {k: sd((batch,) + v.shape[1:], v.dtype) for k, v in proto.labels.items()}
+  b = Batch(clean=sd((batch, seq), jnp.int32), corrupted=sd((batch, seq), jnp.int32),
+            mask=sd((batch, seq), jnp.bool_), last=sd((batch,), jnp.int32), labels=labels,
+            valid=sd((batch,), jnp.bool_))
+  rows = []
+  for dtype in ("float32", "bfloat16"):
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0), getattr(jnp, dtype)))
+    log(f"[memory] {shape}: compiling the EAP-IG kernel for batch {batch} x {seq} ({dtype})")
+    t0 = time.perf_counter()
+    compiled = RG.ig_inputs_batch.lower(cfg, task, params, b, Ablation("patching"),
+                                        sd((steps,), jnp.float32)).compile()
+    m = compiled.memory_analysis()
+    gib = lambda x: x / 2**30
+    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+    rows.append(dict(suite="memory", shape=shape, backend=jax.default_backend(), dtype=dtype,
+                     batch_size=batch, seq_len=seq, ig_steps=steps, n_params=common.n_params(cfg),
+                     compile_s=time.perf_counter() - t0, argument_gib=gib(m.argument_size_in_bytes),
+                     temp_gib=gib(m.temp_size_in_bytes), output_gib=gib(m.output_size_in_bytes),
+                     total_gib=gib(total), fits_80gb=total < 80e9))
+  return rows
+
+
 def suite_whole_process(ctx: Ctx, shape: str, n: int, batch: int, steps: int, repeats: int) -> list:
   if common.SHAPES[shape]["family"] != "gpt2":
     return []
@@ -390,6 +434,8 @@ def main(argv):
         rows = suite_precision(ctx, shape, n, batch, steps, repeats)
       elif suite == "scaling":
         rows = suite_scaling(ctx, shape, batch, steps, repeats)
+      elif suite == "memory":
+        rows = suite_memory(ctx, shape, batch, steps)
       else:
         rows = suite_whole_process(ctx, shape, n, batch, steps, repeats)
       results["results"].extend(rows)

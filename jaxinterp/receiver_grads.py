@@ -264,8 +264,8 @@ def _patching_diff(cfg: ModelConfig, params, stacked, e_clean: Array, e_corrupt:
   return diff, final[:b]
 
 
-def _contract(diff: Array, P_sum: Array, mlp_sum: Array, log_sum: Array, W_scaled: Array,
-              layernorm: bool, chunk_bytes: float = 32e6) -> Array:
+def _contract(cfg: ModelConfig, params, diff: Array, P_sum: Array, mlp_sum: Array,
+              log_sum: Array, chunk_bytes: float = 32e6) -> Array:
   """Per-batch contraction of the sender differences with every receiver's summed gradient.
 
   Args:
@@ -273,42 +273,49 @@ def _contract(diff: Array, P_sum: Array, mlp_sum: Array, log_sum: Array, W_scale
     P_sum: Float[Array, "layer batch pos 3H d_head"], head gradients / sigma summed over steps.
     mlp_sum, log_sum: Float[Array, "layer batch pos d_model"] and Float[Array, "batch pos d_model"],
       the MLP-input and logits-input gradients summed over steps.
-    W_scaled: Float[Array, "layer*3H d_model d_head"], gamma * W_{Q,K,V} per layer and head.
-    layernorm: subtract the mean over d_model of the expanded head gradients (LayerNorm's mean
-      term: D . (A - mean A) = D . A - sum(D) mean(A)).
 
   Returns:
-    Float[Array, "sender layer*3H + layer + 1"]: the first two terms for every (sender, head
-    input) pair, then D . grad for every MLP input and the logits (all senders; the caller masks
-    those not upstream).
+    Float[Array, "sender layer*3H + layer + 1"]: `D . (A - mean A)` for every (sender, head input)
+    pair, with `A = gamma * (W P)` the expanded head gradient (the mean over d_model only for
+    LayerNorm: `D . (A - mean A) = D . A - sum(D) mean(A)`), then `D . grad` for every MLP input and
+    the logits (all senders; the caller masks those not upstream).
 
   Positions are processed in chunks small enough that a chunk's expanded gradients
-  ([chunk, receivers, d_model]) stay in cache, in one `lax.scan`: no [batch, pos, receiver, d_model]
-  array is formed.
+  ([chunk, receivers, d_model]) stay in cache, in one `lax.scan`; the weights are read in place
+  (no stacked or rescaled copy), and no [batch, pos, receiver, d_model] array is formed.
   """
   b, p, S, d = diff.shape
-  L = mlp_sum.shape[0]
+  L, H = cfg.n_layers, cfg.n_heads
+  layernorm = cfg.normalization != "rmsnorm"
   n_pos = b * p
-  per_pos = (W_scaled.shape[0] + L + 1) * d * 4
+  per_pos = (L * (3 * H + 1) + 1) * d * 4
   size = max(1, min(n_pos, int(chunk_bytes // per_pos)))
   while n_pos % size:
     size -= 1
   chunks = n_pos // size
   Dc = diff.reshape(chunks, size, S, d)
-  Pc = jnp.moveaxis(P_sum, 0, 2).reshape(chunks, size, -1, P_sum.shape[-1])
+  Pc = jnp.moveaxis(P_sum, 0, 2).reshape(chunks, size, L, 3 * H, P_sum.shape[-1])
   Mc = jnp.concatenate([jnp.moveaxis(mlp_sum, 0, 2), log_sum[:, :, None]], 2)
   Mc = Mc.reshape(chunks, size, L + 1, d)
+  gammas = [Norm(cfg).apply({"params": params[f"blocks_{l}"]["ln1"]}, method=Norm.gain)
+            for l in range(L)]
 
   def body(acc, xs):
     Dn, Pn, Mn = xs
-    A = jnp.einsum("nre,rde->nrd", Pn.astype(W_scaled.dtype), W_scaled,
-                   preferred_element_type=jnp.float32)  # [size, L*3H, d]
+    A = []
+    for l in range(L):
+      attn = params[f"blocks_{l}"]["attn"]
+      for i, c in enumerate("QKV"):
+        W = attn[f"W_{c}"]  # [H, d, d_head]
+        A.append(jnp.einsum("nhe,hde->nhd", Pn[:, l, i * H:(i + 1) * H].astype(W.dtype), W,
+                            preferred_element_type=jnp.float32) * gammas[l])
+    A = jnp.concatenate(A, 1)  # [size, L*3H, d]
     if layernorm:
       A = A - A.mean(-1, keepdims=True)
     G = jnp.concatenate([A, Mn], 1)
     return acc + jnp.einsum("nsd,nrd->sr", Dn, G), None
 
-  acc = jnp.zeros((S, W_scaled.shape[0] + L + 1), jnp.float32)
+  acc = jnp.zeros((S, L * (3 * H + 1) + 1), jnp.float32)
   return jax.lax.scan(body, acc, (Dc, Pc, Mc))[0]
 
 
@@ -366,10 +373,7 @@ def ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alph
       cfg, task, params, stacked, batch, alphas, e_clean, e_corrupt, diff,
       clean_logits if task.needs_clean_logits else None)
 
-  W_qkv = jnp.concatenate([_stack(cfg, params, "attn", f"W_{c}") for c in "QKV"], 1)
-  gamma = _norms(cfg, _norm_params(cfg, params, "ln1"), "gain")  # [L, d]
-  W_scaled = (W_qkv * gamma[:, None, :, None].astype(W_qkv.dtype)).reshape(L * 3 * H, d, -1)
-  totals = _contract(diff, P_sum, mlp_sum, log_sum, W_scaled, cfg.normalization != "rmsnorm")
+  totals = _contract(cfg, params, diff, P_sum, mlp_sum, log_sum)
   attn = jnp.moveaxis(totals[:, :L * 3 * H].reshape(S, L, 3 * H), 1, 0) - t3  # [L, S, 3H]
   mlp = totals[:, L * 3 * H:L * 3 * H + L].T  # [L, S]
   n_attn = np.array([E.n_upstream_of_attn(cfg, l) for l in range(L)])

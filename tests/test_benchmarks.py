@@ -12,7 +12,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def test_quick_harness_writes_results(tmp_path):
   out = tmp_path / "results.json"
   env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--suite=attribution,exact,evaluation",
+  cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--suite=attribution,exact,evaluation,memory",
          "--methods=EAP-IG-inputs", f"--out={out}", f"--workdir={tmp_path}"]
   p = subprocess.run(cmd, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-4000:]
@@ -21,7 +21,10 @@ def test_quick_harness_writes_results(tmp_path):
   assert env_info["backend"] and env_info["jax_version"]
   assert res["config"]["quick"] is True
   rows = res["results"]
-  assert {r["suite"] for r in rows} == {"attribution", "exact", "evaluation"}
+  assert {r["suite"] for r in rows} == {"attribution", "exact", "evaluation", "memory"}
+  mem = [r for r in rows if r["suite"] == "memory"]
+  assert {r["dtype"] for r in mem} == {"float32", "bfloat16"}
+  assert all(r["argument_gib"] > 0 and r["temp_gib"] >= 0 and r["fits_80gb"] for r in mem)
   kernels = {r["kernel"] for r in rows if r["suite"] == "attribution"}
   assert {"attribute", "torch-eager-baseline"} <= kernels
   for r in rows:
