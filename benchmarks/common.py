@@ -82,27 +82,31 @@ def n_params(cfg) -> int:
   return L * (attn + mlp) + emb
 
 
-def forward_flops_per_token(cfg, seq: int) -> float:
-  """Matmul FLOPs of one plain forward per token (2 per multiply-add), attention included.
-
-  The metric reads the logits at one position only, but our forward (and the HF model's) computes
-  all positions' logits, so the unembedding is counted at every position.
-  """
-  d, L, H, dh, m, V = cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_head, cfg.d_mlp, cfg.d_vocab
+def block_flops_per_token(cfg, seq: int) -> float:
+  """Matmul FLOPs of all blocks of one plain forward, per token (2 per multiply-add), attention
+  included (full square; causal masking would halve that part)."""
+  d, L, H, dh, m = cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_head, cfg.d_mlp
   kv = getattr(cfg, "kv_heads", H)
   per_layer = 2 * d * dh * (2 * H + 2 * kv) + 2 * d * m * (3 if cfg.gated_mlp else 2)
-  per_layer += 2 * 2 * seq * H * dh  # scores and pattern @ v (full square; causal halves it)
-  return L * per_layer + 2 * d * V
+  per_layer += 2 * 2 * seq * H * dh  # scores and pattern @ v
+  return L * per_layer
 
 
 def eap_ig_flops(cfg, n_examples: int, seq: int, steps: int) -> float:
-  """Useful FLOPs of EAP-IG-inputs: two plain forwards plus `steps` forward+backward (3x forward).
+  """FLOPs EAP-IG-inputs needs with `steps` IG steps (`steps=1`: EAP), for MFU-style figures.
 
-  This is the issue's "about 15 forward-equivalents" for m = 5 (2 + 3 * 5 = 17 here, counting the
-  clean and corrupted sender forwards). The per-head receiver inputs and the sender x receiver
-  contraction are overhead on top and are not counted.
+  Two plain forwards (the clean and corrupted sender outputs) and per step a forward plus a backward
+  w.r.t. activations only (no weight gradients: about one more forward), i.e. 2 + 2m forwards of
+  the blocks (12 for m = 5; the issue's "about 15 forward-equivalents" counts the backward as two);
+  the unembedding at the metric's position only; and the sender x receiver contraction, 2 d_model
+  FLOPs per valid edge per token.
   """
-  return (2 + 3 * steps) * forward_flops_per_token(cfg, seq) * n_examples * seq
+  import numpy as np
+  from jaxinterp.attribution import valid_edges
+  n_edges = int(np.sum(valid_edges(cfg)))
+  forwards = 2 + 2 * steps
+  per_example = forwards * (block_flops_per_token(cfg, seq) * seq + 2 * cfg.d_model * cfg.d_vocab)
+  return n_examples * (per_example + 2 * n_edges * cfg.d_model * seq)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -236,6 +240,21 @@ def environment() -> dict:
   except (OSError, subprocess.SubprocessError):
     pass
   return env
+
+
+def matmul_peak_gflop_s(m: int = 1536, k: int = 768, n: int = 2304, repeats: int = 5) -> float:
+  """What a plain float32 XLA matmul reaches on this device now (the MFU reference)."""
+  import jax
+  import jax.numpy as jnp
+  a, b = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
+  f = jax.jit(lambda a, b: a @ b)
+  jax.block_until_ready(f(a, b))
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(f(a, b))
+    best = min(best, time.perf_counter() - t)
+  return 2 * m * k * n / best / 1e9
 
 
 def write_json(obj, path: str) -> None:

@@ -142,7 +142,9 @@ def suite_attribution(ctx: Ctx, shape: str, n: int, batch: int, steps: int, repe
                examples_per_s=len(ds) / t.best_s)
     if method in ("EAP", "EAP-IG-inputs"):
       flops = common.eap_ig_flops(cfg, len(ds), ds.max_len, steps if method != "EAP" else 1)
-      row.update(useful_tflop=flops / 1e12, achieved_gflop_s=flops / t.best_s / 1e9)
+      peak = common.matmul_peak_gflop_s()
+      row.update(required_tflop=flops / 1e12, achieved_gflop_s=flops / t.best_s / 1e9,
+                 matmul_peak_gflop_s=peak, fraction_of_matmul_peak=flops / t.best_s / 1e9 / peak)
     rows.append(row)
   if _TORCH.value and hf_dir is not None:
     import torch
@@ -417,6 +419,7 @@ def main(argv):
   steps = _STEPS.value
   repeats = 1 if quick else _REPEATS.value
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="jaxinterp-bench-")
+  os.makedirs(workdir, exist_ok=True)
   ctx = Ctx(workdir, quick)
   results = dict(environment=common.environment(), config=dict(
       suites=list(suites), shapes=shapes, n_examples=n, batch_size=batch, ig_steps=steps,

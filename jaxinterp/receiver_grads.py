@@ -2,31 +2,35 @@
 
 `attribution._ig_inputs_batch` differentiates the graph-form forward w.r.t. the edge weights `w`.
 That runs the correction `einsum("bpsd,sr->bprd", delta, 1 - w)` in every forward (it is zero at
-`w = 1`) and its transpose `einsum("bpsd,bprd->sr")` in every backward, once per IG step. On XLA:CPU
-these contractions have the sender axis in the middle of the operand layouts and run at ~1/9 of the
-plain matmul rate; they cost more than the transformer itself (see benchmarks/RESULTS.md).
+`w = 1`) and its transpose in every backward, once per IG step; on XLA:CPU those cost more than the
+transformer itself (see benchmarks/RESULTS.md). Here the same scores come from the linearity of the
+score in the receiver gradients:
 
-Here the same scores come from the linearity of the score in the receiver gradients:
+    score[s, r] = (1/m) sum_k sum_{b,pos} (ablated_s - clean_s) . dm/dx_r (alpha_k)
 
-    score[s, r] = (1/m) sum_k sum_{b,pos} (ablated_s - live_s) . dm/dx_r (alpha_k)
-                = sum_{b,pos} (ablated_s - live_s) . [(1/m) sum_k dm/dx_r (alpha_k)]
+`ig_inputs_batch` (the kernel `attribute` uses):
+  * each IG step is one plain forward and backward with fused heads (no per-head copies of the
+    residual stream); the per-head q/k/v receiver gradients are never formed per step: the
+    LayerNorm/RMSNorm Jacobian is folded into the contraction (see its docstring), so a step keeps
+    only `[batch, pos, 3H, d_head]` head gradients;
+  * the blocks run as one `lax.scan` (one compiled block instead of n_layers) when the model is
+    small enough to keep a stacked copy of its block weights;
+  * the clean and corrupted runs share one forward, and the heads' sender differences are projected
+    once from their `hook_z` differences;
+  * the contraction with the sender differences happens once per batch, in position chunks that
+    stay in cache.
 
-The forward is the plain one (at `w = 1` it equals the graph form) with additive zero perturbations
-at the per-head receiver sites `blocks.{l}.hook_{q,k,v}_input` and at the residual sites; their
-gradients are the receiver gradients (the MLP input's is the difference of two residual-site
-gradients, see `_receiver_grads`). The gradients are summed over the IG steps in the scan carry and
-contracted with the sender differences once per batch, as one `[S, b*pos*d] x [b*pos*d, R_l]`
-matmul per layer. Results equal `_ig_inputs_batch` / `_eap_batch` up to float rounding (tested in
-tests/test_receiver_grads.py).
-
-Memory: the carry holds `[batch, pos, n_receivers, d_model]` floats (GPT-2 small, batch 16,
-24 positions: 0.5 GB), on top of the sender differences `[batch, pos, n_senders, d_model]` that the
-weight-gradient kernel also keeps.
+`_split_ig_inputs_batch` is the direct form: zero perturbations at the per-head inputs
+`blocks.{l}.hook_{q,k,v}_input` and at residual sites, receiver gradients `[batch, pos, receivers,
+d_model]` summed over the steps, one contraction per layer. It runs under `remat` (where sites can't
+be collected). Every kernel equals `attribution._ig_inputs_batch` up to float rounding
+(tests/test_receiver_grads.py).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import flax.struct
@@ -34,16 +38,35 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinterp.attribution import metric_sum, sender_outputs
+from jaxinterp.attribution import metric_sum
 from jaxinterp.tasks import Batch
 from models import edges as E
 from models.config import ModelConfig
 from models.transformer import (Norm, embed_inputs, forward, layers_uniform, run_blocks,
                                 stack_blocks, ungroup_kv)
 
-# Blocks run as one lax.scan (fast compiles) when their weights take at most this many bytes: the
-# scan needs a stacked copy of them, which an 8B model can't spare on one accelerator.
-SCAN_MAX_BYTES = 2 << 30
+# Blocks run as one lax.scan (fast compiles) when their weights take at most this fraction of the
+# device's memory: the scan needs a stacked copy of them, which an 8B model can't spare on one GPU.
+SCAN_MAX_FRACTION = 0.15
+
+
+def _device_memory_bytes() -> int:
+  """Memory of the default device (host RAM for the CPU backend)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  try:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  except (ValueError, OSError, AttributeError):
+    return 16 << 30
+
+
+def scan_blocks_fits(cfg: ModelConfig, params) -> bool:
+  """Whether `ig_inputs_batch` runs the blocks as one scan (uniform blocks, and a stacked copy of
+  their weights within SCAN_MAX_FRACTION of the device memory) rather than layer by layer."""
+  block_bytes = sum(x.size * x.dtype.itemsize for l in range(cfg.n_layers)
+                    for x in jax.tree.leaves(params[f"blocks_{l}"]))
+  return layers_uniform(cfg) and block_bytes <= SCAN_MAX_FRACTION * _device_memory_bytes()
 
 Array = jax.Array
 
@@ -353,9 +376,7 @@ def ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alph
   cfg, params = ungroup_kv(cfg, params)
   L, H, d = cfg.n_layers, cfg.n_heads, cfg.d_model
   S = E.n_senders(cfg)
-  block_bytes = sum(x.nbytes for l in range(L) for x in jax.tree.leaves(params[f"blocks_{l}"]))
-  scan = layers_uniform(cfg) and block_bytes <= SCAN_MAX_BYTES
-  stacked = stack_blocks(cfg, params) if scan else None
+  stacked = stack_blocks(cfg, params) if scan_blocks_fits(cfg, params) else None
   e_corrupt = embed_inputs(cfg, params, batch.corrupted, batch.mask)
   e_clean = embed_inputs(cfg, params, batch.clean, batch.mask)
   b, p = batch.clean.shape

@@ -102,13 +102,14 @@ def test_unscanned_blocks(case, monkeypatch):
     cfg = models.ModelConfig(**{**cfg.to_dict(), "sliding_layers": (0,)})
     assert not models.transformer.layers_uniform(cfg)
   else:
-    monkeypatch.setattr(RG, "SCAN_MAX_BYTES", 0)
+    monkeypatch.setattr(RG, "SCAN_MAX_FRACTION", 0.0)
+    assert not RG.scan_blocks_fits(cfg, _params(cfg))
   params = _params(cfg)
   ds = tasks.make_induction(4, 4, cfg.d_vocab, seed=0, bos_id=0)
   batch = next(ds.batches(4))
   alphas = jnp.asarray(A.ig_alphas(2), jnp.float32)
   ref, _ = A._ig_inputs_batch(cfg, ds.task, params, batch, A.Ablation("patching"), alphas)
-  fn = RG.ig_inputs_batch.__wrapped__  # unjitted: SCAN_MAX_BYTES is read at trace time
+  fn = RG.ig_inputs_batch.__wrapped__  # unjitted: SCAN_MAX_FRACTION is read at trace time
   got, _, _ = fn(cfg, ds.task, params, batch, A.Ablation("patching"), alphas)
   valid = A.valid_edges(cfg)
   ref = np.asarray(ref)[valid]
