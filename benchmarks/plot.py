@@ -32,8 +32,10 @@ def main(paths, out):
   panels = [x for x in (whole, attr, scal, size) if x]
   if not panels:
     sys.exit("no plottable rows")
-  fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
-  axes = list(axes[0])
+  cols = min(2, len(panels))
+  rows_ = -(-len(panels) // cols)
+  fig, axes = plt.subplots(rows_, cols, figsize=(7 * cols, 4.6 * rows_), squeeze=False)
+  axes = list(axes.ravel())
   if whole:
     ax = axes.pop(0)
     labels = [f"{r['impl']}\n{r['kernel']}\n(rep {r['repeat']})" for r in whole]
@@ -64,7 +66,8 @@ def main(paths, out):
   if size:
     ax = axes.pop(0)
     for k in sorted({r["kernel"] for r in size}):
-      pts = sorted((r["n_params"], r["best_s"], r["shape"]) for r in size if r["kernel"] == k)
+      pts = sorted((r["n_params"], r["best_s"] / r["n_examples"], r["shape"])
+                   for r in size if r["kernel"] == k)
       ax.plot([p[0] / 1e6 for p in pts], [p[1] for p in pts], "o-", label=k)
       for p in pts:
         ax.annotate(p[2], (p[0] / 1e6, p[1]), fontsize=7, textcoords="offset points",
@@ -72,8 +75,8 @@ def main(paths, out):
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("parameters (millions)")
-    ax.set_ylabel("seconds after compile")
-    ax.set_title(f"EAP-IG m=5 time vs model size ({size[0]['n_examples']} examples)")
+    ax.set_ylabel("seconds per example, after compile")
+    ax.set_title("EAP-IG m=5 time vs model size")
     ax.legend()
   fig.tight_layout()
   fig.savefig(out, dpi=110)
