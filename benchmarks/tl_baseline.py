@@ -41,6 +41,8 @@ import warnings
 
 import torch
 
+from benchmarks.torch_baseline import BaselineInputError, check_inputs
+
 Tensor = torch.Tensor
 
 
@@ -88,18 +90,11 @@ def hooked_from_hf(hf_model, device=None):
 
 
 def _check(model, clean, corrupted, mask, last, correct, incorrect, steps, batch_size):
-  if clean.ndim != 2 or clean.shape != corrupted.shape or clean.shape != mask.shape:
-    raise TLBaselineError(
-        f"clean {tuple(clean.shape)}, corrupted {tuple(corrupted.shape)} and mask "
-        f"{tuple(mask.shape)} must be equal [batch, pos] shapes (equal token lengths)")
-  n = clean.shape[0]
-  for name, t in (("last", last), ("correct", correct), ("incorrect", incorrect)):
-    if tuple(t.shape) != (n,):
-      raise TLBaselineError(f"{name} has shape {tuple(t.shape)}, expected ({n},)")
-  if clean.shape[1] > model.cfg.n_ctx:
-    raise TLBaselineError(f"sequence length {clean.shape[1]} exceeds n_ctx {model.cfg.n_ctx}")
-  if steps < 1 or batch_size < 1:
-    raise TLBaselineError(f"steps ({steps}) and batch_size ({batch_size}) must be >= 1")
+  try:  # the same input contract as the torch baseline
+    check_inputs(clean, corrupted, mask, last, correct, incorrect, model.cfg.n_ctx, steps,
+                 batch_size)
+  except BaselineInputError as e:
+    raise TLBaselineError(str(e)) from None
   for flag in ("use_split_qkv_input", "use_attn_result", "use_hook_mlp_in"):
     if not getattr(model.cfg, flag):
       raise TLBaselineError(f"the HookedTransformer needs cfg.{flag}=True")

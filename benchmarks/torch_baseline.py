@@ -123,8 +123,9 @@ def _receiver_grads(W: dict, x0: Tensor, allowed: Tensor, last, correct, incorre
   return list(torch.autograd.grad(m, recv))
 
 
-def _check(clean, corrupted, mask, last, correct, incorrect, n_ctx: int, steps: int,
-           batch_size: int):
+def check_inputs(clean, corrupted, mask, last, correct, incorrect, n_ctx: int, steps: int,
+                 batch_size: int) -> None:
+  """Raise `BaselineInputError` unless the baseline's tensors have consistent shapes and sizes."""
   if clean.ndim != 2 or clean.shape != corrupted.shape or clean.shape != mask.shape:
     raise BaselineInputError(
         f"clean {tuple(clean.shape)}, corrupted {tuple(corrupted.shape)} and mask "
@@ -162,7 +163,8 @@ def torch_eap_ig_inputs(hf_model, clean: Tensor, corrupted: Tensor, mask: Tensor
   if hf_model.training:
     raise BaselineInputError("put the model in eval mode (hf_model.eval()): dropout is active")
   W = _weights(hf_model)
-  _check(clean, corrupted, mask, last, correct, incorrect, W["wpe"].shape[0], steps, batch_size)
+  check_inputs(clean, corrupted, mask, last, correct, incorrect, W["wpe"].shape[0], steps,
+               batch_size)
   dev = W["wte"].device
   L, H = W["n_layers"], W["n_heads"]
   S, R = 1 + L * (H + 1), L * (3 * H + 1) + 1

@@ -13,6 +13,17 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(scope="module")
+def torch_one_thread():
+  """Run a module's torch code on one thread (the test machine's cores are shared; tiny ops are
+  much faster single-threaded)."""
+  import torch
+  n = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(n)
+
+
 def hf_config(kind: str):
   """A tiny transformers config of each supported family."""
   import transformers as T

@@ -22,12 +22,7 @@ from benchmarks.torch_baseline import torch_eap_ig_inputs  # noqa: E402
 V, P = 100, 12
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-  n = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["plain", "inverse-layer-scale"])
@@ -85,3 +80,13 @@ def test_accepts_hf_model(models):
   args = _batch()
   torch.testing.assert_close(tl_eap_ig_inputs(hf, *args, steps=2, batch_size=4),
                              tl_eap_ig_inputs(tl, *args, steps=2, batch_size=4), atol=0, rtol=0)
+
+
+def test_bad_input_raises(models):
+  from benchmarks.tl_baseline import TLBaselineError
+  _, tl = models
+  clean, corrupted, mask, last, correct, incorrect = _batch()
+  with pytest.raises(TLBaselineError, match="equal"):
+    tl_eap_ig_inputs(tl, clean, corrupted[:, :5], mask, last, correct, incorrect)
+  with pytest.raises(TLBaselineError, match="steps"):
+    tl_eap_ig_inputs(tl, clean, corrupted, mask, last, correct, incorrect, steps=0)

@@ -25,13 +25,7 @@ TOKENIZER = SHARED / "models" / "gpt2-tokenizer" / "tokenizer.json"
 HAVE_SHARED = IOI_CSV.exists() and TOKENIZER.exists()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-  # The test machine's cores are shared; tiny ops are much faster single-threaded.
-  n = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")
