@@ -191,15 +191,17 @@ def suite_exact(ctx: Ctx, shape: str, n: int, batch: int, repeats: int) -> list:
   layer_of = np.minimum(r_idx // (3 * cfg.n_heads + 1), L)
   chunk = _EXACT_CHUNK.value or A.exact_chunk_size(cfg, *b.clean.shape)
   _, _, clean_logits = A._clean_metric(cfg, ds.task, params, b)
-  resids, delta, ablated = A._upstream_cache(cfg, params, b, abl)
+  resids, mlp_inputs, delta = A._upstream_cache(cfg, params, b, abl)
+  if clean_logits is not None:
+    clean_logits = jnp.take_along_axis(clean_logits, b.last[:, None, None], axis=1)
   sample = sorted({0, L // 2, L}) if L > 2 else list(range(L + 1))
   per_layer = {}
   rows = []
   for l in sample:
     edges = np.flatnonzero(layer_of == l)
     sel = np.resize(edges, chunk)
-    n_up = E.n_upstream_of_attn(cfg, l) if l < L else E.n_senders(cfg)
-    args = (cfg, ds.task, l, params, b, ablated, resids[l], delta[:, :, :n_up],
+    n_up = E.n_upstream_of_mlp(cfg, l) if l < L else E.n_senders(cfg)
+    args = (cfg, ds.task, l, params, b, resids[l], mlp_inputs[min(l, L - 1)], delta[:, :, :n_up],
             jnp.asarray(s_idx[sel], jnp.int32), jnp.asarray(r_idx[sel], jnp.int32), clean_logits)
     log(f"[exact] {shape}: receiver layer {l}, {chunk} edges x {batch} examples")
     t = common.time_calls(lambda: _ready(A._exact_chunk(*args)), repeats)

@@ -32,7 +32,7 @@ from jaxinterp.tasks import Batch, Dataset, Task
 from models import edges as E
 from models.config import ModelConfig
 from models.edges import EdgePatch
-from models.transformer import LayerStart, embed_inputs, forward
+from models.transformer import LayerStart, embed_inputs, forward, last_token_logits
 
 Array = jax.Array
 
@@ -59,6 +59,25 @@ def metric_sum(task: Task, logits: Array, batch: Batch, clean_logits: Optional[A
   """Sum of the per-example metric over the batch's real (valid) rows, and the per-example values."""
   values = task.metric(logits, batch, clean_logits)
   return jnp.sum(jnp.where(batch.valid, values, 0.0)), values
+
+
+def metric_at_last(cfg: ModelConfig, task: Task, params, batch: Batch, x: Array,
+                   clean_logits: Optional[Array]):
+  """`metric_sum` from the final-norm output x, unembedding only each example's last real position
+  (`clean_logits`, if the task reads them, are last-position logits too: [batch, 1, vocab])."""
+  logits = last_token_logits(cfg, params, x, batch.last)
+  return metric_sum(task, logits, batch.replace(last=jnp.zeros_like(batch.last)), clean_logits)
+
+
+@flax.struct.dataclass
+class Shift:
+  """x -> x + delta: the additive side input the fused-head kernels put at a site (delta may be
+  zero when only its gradient is wanted)."""
+
+  delta: Array
+
+  def __call__(self, x):
+    return x + self.delta.astype(x.dtype)
 
 
 def ig_alphas(steps: int, convention: str = "eap", method: str = "EAP-IG-inputs") -> np.ndarray:
@@ -235,36 +254,69 @@ def _ig_activations_batch(cfg, task, params, batch, ablation, alphas, remat=Fals
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _upstream_cache(cfg, params, batch, ablation):
-  """Clean residual entering each block (and the final norm), and sender (clean - ablated) deltas.
+  """The clean run's inputs of every layer's receivers, and the sender (clean - ablated) deltas.
 
-  Returns (resids Float[Array, "layer+1 batch pos d_model"], delta Float[Array, "batch pos sender
-  d_model"], ablated): with one edge into layer l ablated, everything before block l is the clean run.
+  Returns (resids Float[Array, "layer+1 batch pos d_model"]: the residual stream entering each block
+  and the final norm; mlp_inputs Float[Array, "layer batch pos d_model"]: each MLP's input before
+  its norm; delta Float[Array, "batch pos sender d_model"]). With one edge into layer l ablated,
+  everything before that receiver is the clean run.
   """
   L = cfg.n_layers
+  mid = "hook_resid_pre" if cfg.parallel_attn_mlp else "hook_resid_mid"
   names = [f"blocks.{l}.hook_resid_pre" for l in range(L)] + [f"blocks.{L - 1}.hook_resid_post"]
+  mlp_names = [f"blocks.{l}.{mid}" for l in range(L)]
   ablated = ablation.values(cfg, params, batch)
   _, cache = forward(cfg, params, batch.clean, attention_mask=batch.mask, edges=EdgePatch(None, None),
-                     collect=tuple(names) + ("hook_senders",))
+                     collect=tuple(dict.fromkeys(names + mlp_names)) + ("hook_senders",))
   resids = jnp.stack([cache[n] for n in names])
-  return resids, cache["hook_senders"] - ablated, ablated
+  mlp_inputs = jnp.stack([cache[n] for n in mlp_names])
+  return resids, mlp_inputs, cache["hook_senders"] - ablated
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "task", "layer"))
-def _exact_chunk(cfg, task, layer, params, batch, ablated, resid, delta_prefix, senders, receivers,
-                 clean_logits):
+def _exact_chunk(cfg, task, layer, params, batch, resid, mlp_input, delta_prefix, senders,
+                 receivers, clean_logits):
   """Metric sums with one edge (senders[i] -> receivers[i], all into `layer`) ablated at a time.
 
-  Runs only the blocks from `layer` on, starting from the clean run's cached residual stream.
+  Each copy (`vmap` over the edges) is the plain fused-head forward from `layer` on, started from
+  the clean run's residual stream, with the one receiver's input x_r moved to x_r - delta_s:
+  a head's q/k/v input changes that head's q/k/v by `(norm(x - delta) - norm(x)) W[h]` (added at
+  `attn.hook_q/k/v`), an MLP input changes its normalised input by `norm(x - delta) - norm(x)`
+  (at `ln2.hook_normalized`), and the logits input is the final residual minus delta. Nothing
+  else is recomputed before `layer`, no per-head inputs are formed, and the metric reads only the
+  last position's logits. `clean_logits` are last-position logits [batch, 1, vocab] (or None).
   Returns Float[Array, "chunk"].
   """
-  ones = _ones(cfg)
-  start = LayerStart(layer, resid, delta_prefix)
+  from models.transformer import Norm, ungroup_kv
+  cfg, params = ungroup_kv(cfg, params)  # a query head's k/v input is its own
+  L, H = cfg.n_layers, cfg.n_heads
+  norm = lambda p, x: Norm(cfg).apply({"params": p}, x)
+
+  if layer == L:  # the logits receiver: only the final norm runs
+    def one(s, r):
+      x = norm(params["ln_final"], resid - delta_prefix[:, :, s])
+      return metric_at_last(cfg, task, params, batch, x, clean_logits)[0]
+    return jax.vmap(one)(senders, receivers)
+
+  blk = params[f"blocks_{layer}"]
+  W = jnp.concatenate([blk["attn"][f"W_{c}"] for c in "QKV"])  # [3H, d, d_head]
+  y_attn, y_mlp = norm(blk["ln1"], resid), norm(blk["ln2"], mlp_input)
+  start = LayerStart(layer, resid)
+  p = f"blocks.{layer}."
 
   def one(s, r):
-    w = ones.at[s, r].set(0.0)
-    logits = forward(cfg, params, batch.clean, attention_mask=batch.mask,
-                     edges=EdgePatch(w, ablated), start=start)
-    return metric_sum(task, logits, batch, clean_logits)[0]
+    local = r - E.head_receiver(cfg, layer, 0, "q")  # 0..3H-1: q/k/v of a head; 3H: the MLP
+    delta = delta_prefix[:, :, s]
+    is_head = local < 3 * H
+    d_attn = (norm(blk["ln1"], resid - delta) - y_attn) @ W[jnp.minimum(local, 3 * H - 1)]
+    d_qkv = jnp.where((jnp.arange(3 * H) == local)[None, None, :, None], d_attn[:, :, None], 0.0)
+    d_mlp = jnp.where(is_head, 0.0, norm(blk["ln2"], mlp_input - delta) - y_mlp)
+    iv = {p + f"attn.hook_{c}": Shift(d_qkv[:, :, i * H:(i + 1) * H]) for i, c in enumerate("qkv")}
+    iv[p + "ln2.hook_normalized"] = Shift(d_mlp)
+    _, cache = forward(cfg, params, batch.clean, attention_mask=batch.mask, interventions=iv,
+                       start=start, collect=("ln_final.hook_normalized",))
+    return metric_at_last(cfg, task, params, batch, cache["ln_final.hook_normalized"],
+                          clean_logits)[0]
 
   return jax.vmap(one)(senders, receivers)
 
@@ -418,15 +470,16 @@ def exact_chunk_size(cfg: ModelConfig, batch_size: int, n_pos: int,
                      budget_bytes: Optional[float] = None) -> int:
   """Edges per vmapped exact-patching call so that the copies' activations fit in `budget_bytes`.
 
-  Each copy holds about one forward's activations of the blocks it reruns (per-head q/k/v inputs,
-  MLP activations, its own sender differences) and its logits, in float32. The default budget is a
-  quarter of the accelerator's memory, or 4 GB where the device does not report it (CPU).
+  Each copy holds about one plain forward's activations of the blocks it reruns (residual stream,
+  norms, q/k/v, attention pattern, MLP activations) and the last position's logits, in float32. The
+  default budget is a quarter of the accelerator's memory, or 4 GB where the device does not report
+  it (CPU).
   """
   if budget_bytes is None:
     stats = jax.devices()[0].memory_stats() or {}
     budget_bytes = stats.get("bytes_limit", 16e9) / 4
-  per_layer = 3 * cfg.n_heads * cfg.d_model * 2 + 2 * cfg.d_mlp + (cfg.n_heads + 1) * cfg.d_model
-  per_copy = 4.0 * batch_size * n_pos * (per_layer * cfg.n_layers + cfg.d_vocab)
+  per_layer = 10 * cfg.d_model + 3 * cfg.d_mlp + 2 * cfg.n_heads * n_pos
+  per_copy = 4.0 * batch_size * (n_pos * per_layer * cfg.n_layers + cfg.d_vocab)
   return int(max(1, min(256, budget_bytes // per_copy)))
 
 
@@ -436,7 +489,9 @@ def _exact_batch(cfg, task, ablation, params, batch, valid, clean_total, clean_l
   Edges are grouped by their receiver's layer; each group reruns only the blocks from that layer on,
   from the clean run's cached upstream activations, `chunk` edges per vmapped call.
   """
-  resids, delta, ablated = _upstream_cache(cfg, params, batch, ablation)
+  resids, mlp_inputs, delta = _upstream_cache(cfg, params, batch, ablation)
+  if clean_logits is not None:  # the kernel reads last-position logits only
+    clean_logits = jnp.take_along_axis(clean_logits, batch.last[:, None, None], axis=1)
   if chunk is None:
     chunk = exact_chunk_size(cfg, *batch.clean.shape)
   s_idx, r_idx = np.nonzero(valid)
@@ -448,13 +503,14 @@ def _exact_batch(cfg, task, ablation, params, batch, valid, clean_total, clean_l
   for l, edges in work:
     if not len(edges):
       continue
-    n_up = E.n_upstream_of_attn(cfg, l) if l < cfg.n_layers else E.n_senders(cfg)
+    n_up = E.n_upstream_of_mlp(cfg, l) if l < cfg.n_layers else E.n_senders(cfg)
     pad = (-len(edges)) % chunk
     idx = np.concatenate([edges, np.repeat(edges[-1:], pad)])
     for start in range(0, idx.size, chunk):
       sel = idx[start:start + chunk]
-      vals = np.asarray(_exact_chunk(cfg, task, l, params, batch, ablated, resids[l],
-                                     delta[:, :, :n_up], jnp.asarray(s_idx[sel], jnp.int32),
+      vals = np.asarray(_exact_chunk(cfg, task, l, params, batch, resids[l],
+                                     mlp_inputs[min(l, cfg.n_layers - 1)], delta[:, :, :n_up],
+                                     jnp.asarray(s_idx[sel], jnp.int32),
                                      jnp.asarray(r_idx[sel], jnp.int32), clean_logits), np.float64)
       keep = sel[:max(0, min(chunk, len(edges) - start))]
       out[s_idx[keep], r_idx[keep]] = vals[:len(keep)] - clean_total

@@ -33,17 +33,16 @@ import functools
 import os
 from typing import Optional
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinterp.attribution import metric_sum
+from jaxinterp.attribution import Shift, metric_at_last, metric_sum
 from jaxinterp.tasks import Batch
 from models import edges as E
 from models.config import ModelConfig
-from models.transformer import (Norm, embed_inputs, forward, layers_uniform, run_blocks,
-                                stack_blocks, ungroup_kv)
+from models.transformer import (Norm, embed_inputs, forward, last_token_logits, layers_uniform,
+                                run_blocks, stack_blocks, ungroup_kv)
 
 # Blocks run as one lax.scan (fast compiles) when their weights take at most this fraction of the
 # device's memory: the scan needs a stacked copy of them, which an 8B model can't spare on one GPU.
@@ -69,16 +68,6 @@ def scan_blocks_fits(cfg: ModelConfig, params) -> bool:
   return layers_uniform(cfg) and block_bytes <= SCAN_MAX_FRACTION * _device_memory_bytes()
 
 Array = jax.Array
-
-
-@flax.struct.dataclass
-class _AddEps:
-  """x -> x + eps (eps is zero; only its gradient is used)."""
-
-  eps: Array
-
-  def __call__(self, x):
-    return x + self.eps.astype(x.dtype)
 
 
 def _eps_sites(cfg: ModelConfig, batch_shape: tuple, dtype) -> dict[str, Array]:
@@ -142,29 +131,6 @@ def contract(cfg: ModelConfig, diff: Array, grads: list[Array]) -> Array:
   return scores.at[:, E.logits_receiver(cfg)].set(dT @ g_log)
 
 
-def last_token_logits(cfg: ModelConfig, params, x: Array, last: Array) -> Array:
-  """Unembed only each example's last real position: Float[Array, "batch 1 vocab"] (float32).
-
-  x is `ln_final.hook_normalized` [batch, pos, d_model]. Every task metric reads the logits at
-  `batch.last` only, so the metric can be applied to these with `last = 0`. This skips the
-  [batch*pos, d_model] x [d_model, vocab] unembedding (and its transpose in the backward pass), which
-  for GPT-2 small at 24 positions is ~30% of a forward's FLOPs.
-  """
-  xl = jnp.take_along_axis(x, last[:, None, None].astype(jnp.int32), axis=1)  # [b, 1, d]
-  W_U = params["W_E"].T if cfg.tied_embeddings else params["W_U"]
-  logits = (xl @ W_U).astype(jnp.promote_types(xl.dtype, jnp.float32))
-  if cfg.unembed_bias:
-    logits = logits + params["b_U"]
-  if cfg.final_logit_softcap:
-    logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
-  return logits
-
-
-def _metric_at_last(cfg, task, params, batch: Batch, x: Array, clean_logits):
-  logits = last_token_logits(cfg, params, x, batch.last)
-  return metric_sum(task, logits, batch.replace(last=jnp.zeros_like(batch.last)), clean_logits)
-
-
 def _norms(cfg: ModelConfig, stacked_norm, method: str, *args):
   """A `Norm` method applied layer by layer: stacked params and args with a leading layer axis."""
   def one(p, *a):
@@ -219,11 +185,11 @@ def _ig_steps(cfg: ModelConfig, task, params, stacked, batch: Batch, alphas: Arr
 
   def f(eps, alpha):
     emb = e_corrupt + alpha.astype(dt) * (e_clean - e_corrupt)
-    iv = {n: _AddEps(e) for n, e in eps.items() if n != "final"}
+    iv = {n: Shift(e) for n, e in eps.items() if n != "final"}
     resid, ys = run_blocks(cfg, params, emb, batch.mask, iv, collect, stacked=stacked)
     resid = resid + eps["final"]
     x = Norm(cfg).apply({"params": params["ln_final"]}, resid)
-    total, values = _metric_at_last(cfg, task, params, batch, x, clean_logits)
+    total, values = metric_at_last(cfg, task, params, batch, x, clean_logits)
     return total, (values, ys)
 
   def step(carry, alpha):
@@ -431,7 +397,7 @@ def _split_ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablatio
 
   def f(eps, alpha):
     emb = e_corrupt + alpha.astype(e_clean.dtype) * (e_clean - e_corrupt)
-    iv = {n: _AddEps(e) for n, e in eps.items()}
+    iv = {n: Shift(e) for n, e in eps.items()}
     if remat:  # forward() refuses collect under remat: use the full logits there
       logits = forward(cfg, params, batch.clean, attention_mask=batch.mask, input_embeds=emb,
                        interventions=iv, remat=True)
@@ -442,7 +408,7 @@ def _split_ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablatio
     _, cache = forward(cfg, params, batch.clean, attention_mask=batch.mask, input_embeds=emb,
                        interventions=iv, collect=("ln_final.hook_normalized",))
     # The full logits are dead code (XLA removes them): the metric reads the last position only.
-    return _metric_at_last(cfg, task, params, batch, cache["ln_final.hook_normalized"],
+    return metric_at_last(cfg, task, params, batch, cache["ln_final.hook_normalized"],
                            clean_logits)
 
   def step(total, alpha):

@@ -79,21 +79,38 @@ def test_matches_independent_torch_oracle_on_ioi(torch_setup, method):
 # ------------------------------------------------------------------------------- internal checks
 
 
-def test_exact_scores_equal_evaluating_all_but_e():
-  ex = A.attribute(CFG, PARAMS, DATA, method="exact", batch_size=4, quiet=True)
-  g = Graph.from_config(CFG)
-  m_full, _ = V.baselines(CFG, PARAMS, DATA, batch_size=4)
+def _families():
+  from tests.test_receiver_grads import CONFIGS, _params
+  return {f: (CONFIGS[f], _params(CONFIGS[f], scale=3.0)) for f in ("gpt_neox", "llama", "gemma2")}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama", "gemma2"])
+def test_exact_scores_equal_evaluating_all_but_e(family):
+  """Exact patching (fused-head reruns from the receiver's layer) equals evaluating the graph-form
+  forward with that one edge removed, for every family (parallel blocks, GQA, post-norms)."""
+  cfg, params = (CFG, PARAMS) if family == "gpt2" else _families()[family]
+  data = DATA if family == "gpt2" else tasks.make_induction(6, 4, cfg.d_vocab, seed=0, bos_id=0)
+  ex = A.attribute(cfg, params, data, method="exact", batch_size=4, quiet=True)
+  g = Graph.from_config(cfg)
+  m_full, _ = V.baselines(cfg, params, data, batch_size=4)
   np.testing.assert_allclose(ex.clean_metric, m_full, rtol=1e-5)
   s_idx, r_idx = np.nonzero(g.valid)
-  pick = np.random.RandomState(0).choice(s_idx.size, 12, replace=False)
+  rng = np.random.RandomState(0)
+  # Some edges of every receiver kind: q/k/v of heads, MLPs and the logits.
+  logits = np.flatnonzero(r_idx == r_idx.max())
+  mlp = np.flatnonzero((r_idx % (3 * cfg.n_heads + 1)) == 3 * cfg.n_heads)
+  pick = np.concatenate([rng.choice(s_idx.size, 12, replace=False), rng.choice(logits, 2),
+                         rng.choice(mlp, 3)])
   weights = []
   for k in pick:
     w = g.full().edge_weights()
     w[s_idx[k], r_idx[k]] = 0
     weights.append(w)
-  metric = V.evaluate_circuits(CFG, PARAMS, DATA, np.stack(weights), batch_size=4, chunk=5,
+  metric = V.evaluate_circuits(cfg, params, data, np.stack(weights), batch_size=4, chunk=6,
                                quiet=True)
-  np.testing.assert_allclose(ex.scores[s_idx[pick], r_idx[pick]], metric - m_full, atol=2e-5)
+  got, want = ex.scores[s_idx[pick], r_idx[pick]], metric - m_full
+  assert np.abs(want).max() > 1e-3  # a real signal
+  np.testing.assert_allclose(got, want, atol=2e-5 * max(1.0, np.abs(want).max()), rtol=1e-4)
 
 
 @pytest.mark.parametrize("intervention", ["zero", "mean", "mean-positional"])
