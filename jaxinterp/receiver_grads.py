@@ -340,12 +340,11 @@ def ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alph
   if remat:
     return _split_ig_inputs_batch(cfg, task, params, batch, ablation, alphas, remat=remat)
   cfg, params = ungroup_kv(cfg, params)
-  L, H, d = cfg.n_layers, cfg.n_heads, cfg.d_model
+  L, H = cfg.n_layers, cfg.n_heads
   S = E.n_senders(cfg)
   stacked = stack_blocks(cfg, params) if scan_blocks_fits(cfg, params) else None
   e_corrupt = embed_inputs(cfg, params, batch.corrupted, batch.mask)
   e_clean = embed_inputs(cfg, params, batch.clean, batch.mask)
-  b, p = batch.clean.shape
   if ablation.kind == "patching" and not cfg.post_norms:  # clean and corrupted in one forward
     diff, final = _patching_diff(cfg, params, stacked, e_clean, e_corrupt, batch.mask)
   else:
