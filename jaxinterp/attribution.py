@@ -32,7 +32,8 @@ from jaxinterp.tasks import Batch, Dataset, Task
 from models import edges as E
 from models.config import ModelConfig
 from models.edges import EdgePatch
-from models.transformer import LayerStart, embed_inputs, forward, last_token_logits
+from models.transformer import (LayerStart, Norm, embed_inputs, forward, last_token_logits,
+                                ungroup_kv)
 
 Array = jax.Array
 
@@ -287,7 +288,6 @@ def _exact_chunk(cfg, task, layer, params, batch, resid, mlp_input, delta_prefix
   last position's logits. `clean_logits` are last-position logits [batch, 1, vocab] (or None).
   Returns Float[Array, "chunk"].
   """
-  from models.transformer import Norm, ungroup_kv
   cfg, params = ungroup_kv(cfg, params)  # a query head's k/v input is its own
   L, H = cfg.n_layers, cfg.n_heads
   norm = lambda p, x: Norm(cfg).apply({"params": p}, x)

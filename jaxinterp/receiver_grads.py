@@ -172,16 +172,17 @@ def _ig_steps(cfg: ModelConfig, task, params, stacked, batch: Batch, alphas: Arr
   eps0["final"] = jnp.zeros((b, p, d), dt)
   ln1, ln2 = _norm_params(cfg, params, "ln1"), _norm_params(cfg, params, "ln2")
   # The norm bias's and the projection bias's share of q/k/v: q - offset = (gamma x_hat) W_Q.
-  offsets = jnp.zeros((L, 3 * H, dh), jnp.float32)
-  for l in range(L):
+  def offset(l: int, c: str) -> Array:  # [H, d_head]
     attn = params[f"blocks_{l}"]["attn"]
+    o = jnp.zeros((H, dh), jnp.float32)
     if cfg.attn_bias:
-      offsets = offsets.at[l].add(
-          jnp.concatenate([attn[f"b_{c}"] for c in "QKV"]).astype(jnp.float32))
+      o = o + attn[f"b_{c}"].astype(jnp.float32)
     if "b" in ln1:
-      for i, c in enumerate("QKV"):
-        offsets = offsets.at[l, i * H:(i + 1) * H].add(jnp.einsum(
-            "d,hde->he", ln1["b"][l], attn[f"W_{c}"], preferred_element_type=jnp.float32))
+      o = o + jnp.einsum("d,hde->he", ln1["b"][l], attn[f"W_{c}"],
+                         preferred_element_type=jnp.float32)
+    return o
+
+  offsets = jnp.stack([jnp.concatenate([offset(l, c) for c in "QKV"]) for l in range(L)])
 
   def f(eps, alpha):
     emb = e_corrupt + alpha.astype(dt) * (e_clean - e_corrupt)
@@ -220,7 +221,7 @@ def _ig_steps(cfg: ModelConfig, task, params, stacked, batch: Batch, alphas: Arr
 
 def _senders(cfg: ModelConfig, params, stacked, emb: Array, mask: Array) -> tuple[Array, Array]:
   """Every sender's output ([batch, pos, sender, d_model], the input node first) and the residual
-  stream after the last block, from one scanned forward."""
+  stream after the last block, from one forward of the blocks."""
   final, ys = run_blocks(cfg, params, emb, mask, record_senders=True, stacked=stacked)
   per_layer = jnp.moveaxis(ys["hook_senders"], 0, 2)  # [b, p, L, H + 1, d]
   b, p = mask.shape
@@ -320,8 +321,8 @@ def ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alph
   input), with `[0.0, 1.0]` clean-corrupted. `ablation` (an `attribution.Ablation`) gives the
   ablated sender values.
 
-  Each IG step is one plain (fused-head) forward and backward, the blocks run as one `lax.scan`
-  (compiled once). The receiver gradient of head h's q input is `J^T (W_Q[h] dq_h)`, with dq_h the
+  Each IG step is one plain (fused-head) forward and backward; the blocks run as one `lax.scan`
+  (compiled once) when `scan_blocks_fits`, else layer by layer. The receiver gradient of head h's q input is `J^T (W_Q[h] dq_h)`, with dq_h the
   gradient at `attn.hook_q` and J the Jacobian of ln1 at the layer input x. For LayerNorm,
   `J^T u = (1/sigma) (gamma u - mean(gamma u) - x_hat mean(gamma u x_hat))` (RMSNorm: without the
   mean term), so with D_s the sender difference and P = dq_h / sigma,
@@ -334,8 +335,7 @@ def ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alph
   [batch, pos, sender] and [batch, pos, receiver] factors. No [batch, pos, receiver, d_model] array
   is formed per step. GQA models are ungrouped first (`models.transformer.ungroup_kv`).
 
-  With `remat` (or a config whose blocks differ, e.g. alternating sliding-window layers) the older
-  per-head-input kernel runs instead (same scores).
+  With `remat` the older per-head-input kernel runs instead (same scores).
   """
   if remat:
     return _split_ig_inputs_batch(cfg, task, params, batch, ablation, alphas, remat=remat)
@@ -374,7 +374,7 @@ def ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alph
 
 
 def _split_ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alphas: Array,
-                    remat: bool = False):
+                           remat: bool = False):
   """The per-head-input form of `ig_inputs_batch` (used under remat, where sites can't be collected).
 
   Same contract as `ig_inputs_batch`. Each step differentiates w.r.t. zero perturbations of the

@@ -257,8 +257,6 @@ class Block(nn.Module):
       H = c.n_heads
       if weighted:
         corr = graph.correction(E.n_upstream_of_attn(c, l), E.head_receiver(c, l, 0, "q"), 3 * H)
-        if corr.ndim == 0:
-          corr = jnp.broadcast_to(corr, resid_pre.shape[:2] + (3 * H, c.d_model))
         ins = [resid_pre[:, :, None, :] - corr[:, :, i * H:(i + 1) * H] for i in range(3)]
       else:
         ins = [jnp.broadcast_to(resid_pre[:, :, None, :], resid_pre.shape[:2] + (H, c.d_model))] * 3
@@ -350,8 +348,6 @@ class _GraphState:
   def correction(self, n_up: int, r0: int, nr: int) -> Array:
     """sum_s (1 - w[s, r]) (live_s - ablated_s) over upstream s, receivers r0..r0+nr: [b, p, nr, d]."""
     assert n_up <= self.n, (n_up, self.n)  # parallel blocks: a layer's heads are not upstream of its MLP
-    if self.patch.weights is None:  # only recording the senders
-      return jnp.zeros((), self.outputs[0].dtype if self.outputs else jnp.float32)
     coef = 1.0 - self.patch.weights[:, r0:r0 + nr]
     out = 0.0
     n0 = 0
@@ -395,7 +391,7 @@ class Transformer(nn.Module):
     if attention_mask is None:
       attention_mask = jnp.ones(tokens.shape, bool)
     key_mask = attention_mask.astype(bool)
-    positions = jnp.maximum(jnp.cumsum(key_mask.astype(jnp.int32), -1) - 1, 0)
+    positions = positions_of(key_mask)
     graph = _GraphState(edges) if edges is not None else None
     first = 0
     if start is not None:  # continue a run whose layers before start.layer are known
@@ -412,8 +408,8 @@ class Transformer(nn.Module):
     for block in self.blocks[first:]:
       resid = block(resid, positions, key_mask, sites, graph)
     if graph is not None:
-      corr = graph.correction(E.n_senders(c), E.logits_receiver(c), 1)
-      resid = resid - (corr if corr.ndim == 0 else corr[:, :, 0])
+      if edges.weights is not None:
+        resid = resid - graph.correction(E.n_senders(c), E.logits_receiver(c), 1)[:, :, 0]
       if sites.wants("hook_senders"):  # every sender's output in this run: [batch, pos, sender, d]
         sites("hook_senders", jnp.concatenate(graph.outputs, 2))
     x = sites("ln_final.hook_normalized", self.ln_final(resid))
@@ -432,7 +428,7 @@ class Transformer(nn.Module):
     sites = sites if sites is not None else Sites()
     if attention_mask is None:
       attention_mask = jnp.ones(tokens.shape, bool)
-    positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), -1) - 1, 0)
+    positions = positions_of(attention_mask)
     x = self.W_E[tokens]
     if c.embed_scale != 1.0:
       x = x * jnp.asarray(c.embed_scale, x.dtype)
