@@ -190,8 +190,8 @@ def suite_exact(ctx: Ctx, shape: str, n: int, batch: int, repeats: int) -> list:
   L = cfg.n_layers
   layer_of = np.minimum(r_idx // (3 * cfg.n_heads + 1), L)
   chunk = _EXACT_CHUNK.value or A.exact_chunk_size(cfg, *b.clean.shape)
-  _, _, clean_logits = A._clean_metric(cfg, ds.task, params, b)
-  resids, mlp_inputs, delta = A._upstream_cache(cfg, params, b, abl)
+  _, _, clean_logits = A.clean_metric(cfg, ds.task, params, b)
+  resids, mlp_inputs, delta = A.exact.upstream_cache(cfg, params, b, abl)
   if clean_logits is not None:
     clean_logits = jnp.take_along_axis(clean_logits, b.last[:, None, None], axis=1)
   sample = sorted({0, L // 2, L}) if L > 2 else list(range(L + 1))
@@ -204,7 +204,7 @@ def suite_exact(ctx: Ctx, shape: str, n: int, batch: int, repeats: int) -> list:
     args = (cfg, ds.task, l, params, b, resids[l], mlp_inputs[min(l, L - 1)], delta[:, :, :n_up],
             jnp.asarray(s_idx[sel], jnp.int32), jnp.asarray(r_idx[sel], jnp.int32), clean_logits)
     log(f"[exact] {shape}: receiver layer {l}, {chunk} edges x {batch} examples")
-    t = common.time_calls(lambda: _ready(A._exact_chunk(*args)), repeats)
+    t = common.time_calls(lambda: _ready(A.exact.edge_chunk(*args)), repeats)
     per_layer[l] = t.best_s
     rows.append(dict(suite="exact", shape=shape, receiver_layer=l, chunk_edges=chunk,
                      n_examples=batch, **t.as_dict()))
@@ -215,7 +215,7 @@ def suite_exact(ctx: Ctx, shape: str, n: int, batch: int, repeats: int) -> list:
     est += math.ceil(n_l / chunk) * float(np.interp(l, ls, [per_layer[x] for x in ls]))
   n_edges = int(valid.sum())
   rate = n_edges * batch / est
-  rows.append(dict(suite="exact", shape=shape, summary=True, kernel="attribution._exact_chunk",
+  rows.append(dict(suite="exact", shape=shape, summary=True, kernel="attribution.exact.edge_chunk",
                    n_examples=batch, batch_size=batch, seq_len=ds.max_len, data=source,
                    dtype="float32", edges_total=n_edges, exact_chunk=chunk, layers_timed=sample,
                    estimated_all_edges_one_batch_s=est, edges_examples_per_s=rate,

@@ -37,7 +37,9 @@ _DATA = flags.DEFINE_string("data", None, "CSV of clean/corrupted prompt pairs (
 _METRIC = flags.DEFINE_enum("metric", "task", list(tasks.METRICS),
                             "Per-example metric: the task's own, KL to the clean run, or "
                             "cross-entropy of the answer.")
-_METHOD = flags.DEFINE_enum("method", "EAP-IG-inputs", list(A.METHODS), "Attribution method.")
+_METHOD = flags.DEFINE_enum("method", "EAP-IG-inputs", list(A.METHODS), "Attribution method: " +
+                            "; ".join(f"{m.name}: {m.description}" for m in A.METHODS.values()) +
+                            ".")
 _IG_STEPS = flags.DEFINE_integer("ig_steps", 5, "Integrated-gradient steps m.")
 _IG_CONVENTION = flags.DEFINE_enum("ig_convention", "eap", ["eap", "paper"],
                                    "eap: alpha = k/m, k=0..m-1; paper: k=1..m.")

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxinterp import graph as G
-from jaxinterp.attribution import (Ablation, AttributionError, _check_finite, make_ablation,
-                                   metric_sum)
+from jaxinterp import circuits as G
+from jaxinterp.attribution.ablation import Ablation, make_ablation
+from jaxinterp.attribution.base import AttributionError, check_finite, metric_sum
 from jaxinterp.tasks import Dataset
 from models.config import ModelConfig
 from models.edges import EdgePatch
@@ -70,7 +70,7 @@ def evaluate_circuits(cfg: ModelConfig, params, dataset: Dataset, weights: np.nd
     for start in range(0, weights.shape[0], chunk):
       out = np.asarray(_circuits_batch(cfg, dataset.task, params, batch, ablation,
                                        jnp.asarray(weights[start:start + chunk])), np.float64)
-      _check_finite(out, i, "the circuit metric")
+      check_finite(out, i, "the circuit metric")
       totals[start:start + chunk] += out
       bar.update(1)
   bar.close()

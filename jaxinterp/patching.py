@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxinterp.attribution import metric_sum
+from jaxinterp.attribution.base import metric_sum
 from jaxinterp.tasks import Batch, Dataset, Task
 from models.config import ModelConfig
 from models.transformer import forward

@@ -21,7 +21,7 @@ from matplotlib import colors as mcolors  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import FancyArrowPatch  # noqa: E402
 
-from jaxinterp.graph import Graph  # noqa: E402
+from jaxinterp.circuits import Graph  # noqa: E402
 
 POSITIVE_COLOR = "#1f5fb4"
 NEGATIVE_COLOR = "#c4302b"

@@ -53,7 +53,7 @@ def test_matches_weight_gradient_kernels(family, method):
   if method.endswith("/mean"):  # mean ablation: the clean senders come from their own forward
     abl = A.Ablation("mean", A.compute_means(cfg, params, ds, 4))
   alphas = jnp.asarray([1.0] if method == "EAP" else A.ig_alphas(3), jnp.float32)
-  ref, ref_vals = A._ig_inputs_batch(cfg, ds.task, params, batch, abl, alphas)
+  ref, ref_vals = A.eap.weight_gradient_batch(cfg, ds.task, params, batch, abl, alphas)
   got, vals, clean_vals = RG.ig_inputs_batch(cfg, ds.task, params, batch, abl, alphas)
   valid = A.valid_edges(cfg)
   assert np.all(np.asarray(got)[~valid] == 0)
@@ -61,7 +61,7 @@ def test_matches_weight_gradient_kernels(family, method):
   assert np.abs(ref).max() > 1e-2  # a real signal
   np.testing.assert_allclose(got, ref, atol=2e-4 * np.abs(ref).max(), rtol=1e-3)
   np.testing.assert_allclose(np.asarray(vals), np.asarray(ref_vals), rtol=1e-5, atol=1e-5)
-  _, ref_clean, _ = A._clean_metric(cfg, ds.task, params, batch)
+  _, ref_clean, _ = A.clean_metric(cfg, ds.task, params, batch)
   np.testing.assert_allclose(np.asarray(clean_vals), np.asarray(ref_clean), rtol=1e-5, atol=1e-5)
   # The per-head-input kernel (used under remat and for non-uniform layers) agrees too.
   split, split_vals, split_clean = RG._split_ig_inputs_batch(cfg, ds.task, params, batch, abl,
@@ -108,7 +108,7 @@ def test_unscanned_blocks(case, monkeypatch):
   ds = tasks.make_induction(4, 4, cfg.d_vocab, seed=0, bos_id=0)
   batch = next(ds.batches(4))
   alphas = jnp.asarray(A.ig_alphas(2), jnp.float32)
-  ref, _ = A._ig_inputs_batch(cfg, ds.task, params, batch, A.Ablation("patching"), alphas)
+  ref, _ = A.eap.weight_gradient_batch(cfg, ds.task, params, batch, A.Ablation("patching"), alphas)
   fn = RG.ig_inputs_batch.__wrapped__  # unjitted: SCAN_MAX_FRACTION is read at trace time
   got, _, _ = fn(cfg, ds.task, params, batch, A.Ablation("patching"), alphas)
   valid = A.valid_edges(cfg)

@@ -1,0 +1,191 @@
+"""What every attribution method shares: the `Method` record, its options and per-batch result,
+and the helpers below every method (the metric at the last real token, sender outputs, `Shift`).
+
+A method is data: `Method(name, description, score_batch, Options, interventions)`. Its
+`score_batch(cfg, task, params, batch, ablation, options) -> BatchScores` scores one batch;
+`attribution.attribute` does the rest (batching, resuming, progress, averaging, finite checks) once
+for every method. This module imports nothing else from `jaxinterp.attribution`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinterp.circuits import Graph
+from jaxinterp.tasks import Batch, Task
+from models import edges as E
+from models.config import ModelConfig
+from models.edges import EdgePatch
+from models.transformer import forward, last_token_logits
+
+Array = jax.Array
+
+
+class AttributionError(ValueError):
+  """Bad attribution arguments, or a metric that became NaN/inf (the batch is named)."""
+
+
+# ------------------------------------------------------------------------------ method interface
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """Options every method takes. Methods extend this with their own frozen dataclass; each field
+  is filled from the `attribute()` keyword of the same name, and `__post_init__` validates it.
+
+  Attributes:
+    remat: rematerialise blocks in the backward pass (less memory, same scores).
+    progress: show the method's own inner progress bar (the driver sets it for one-batch runs).
+  """
+
+  remat: bool = False
+  progress: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchScores:
+  """One batch's contribution, as `score_batch` returns it.
+
+  Attributes:
+    scores: Float[Array, "sender receiver"], the SUM over the batch's real rows of
+      m(edge ablated) - m(clean) (or its estimate), zero on invalid edges.
+    metric: Float[Array, "batch"], the per-example metric of the method's last run (checked finite).
+    clean: Float[Array, "batch"], the per-example metric of the clean model.
+    clean_total: scalar, the sum of `clean` over the real rows.
+  """
+
+  scores: Array
+  metric: Array
+  clean: Array
+  clean_total: Array
+
+
+ScoreBatch = Callable[[ModelConfig, Task, dict, Batch, "ablation.Ablation", Options], BatchScores]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """An attribution method: a name, a one-line description and a per-batch scorer.
+
+  Attributes:
+    name: the `--method` name.
+    description: one line for `--help` and the README's method table.
+    score_batch: `(cfg, task, params, batch, ablation, options) -> BatchScores`.
+    options: the method's `Options` subclass.
+    interventions: the ablations it supports (None: all of `ablation.INTERVENTIONS`).
+  """
+
+  name: str
+  description: str
+  score_batch: ScoreBatch
+  options: type = Options
+  interventions: Optional[tuple[str, ...]] = None
+
+  def make_options(self, **kwargs) -> Options:
+    """The method's options from `attribute()`'s keywords (those it has no field for are ignored)."""
+    names = {f.name for f in dataclasses.fields(self.options)}
+    return self.options(**{k: v for k, v in kwargs.items() if k in names})
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def ig_alphas(steps: int, convention: str = "eap", method: str = "EAP-IG-inputs") -> np.ndarray:
+  """Interpolation points alpha_k for integrated gradients.
+
+  "eap" follows the `eap` package: k/m for k = 0..m-1 for inputs, k = 1..m for activations.
+  "paper" uses k = 1..m (ending at the clean input) for both.
+  """
+  if not isinstance(steps, int) or steps < 1:
+    raise AttributionError(f"ig_steps must be a positive integer, got {steps!r}")
+  if convention not in ("eap", "paper"):
+    raise AttributionError(f"ig_convention must be 'eap' or 'paper', got {convention!r}")
+  k = np.arange(steps) + (0 if convention == "eap" and method == "EAP-IG-inputs" else 1)
+  return (k / steps).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class IGOptions(Options):
+  """Options of the integrated-gradient methods.
+
+  Attributes:
+    ig_steps: m, the number of interpolation steps.
+    ig_convention: "eap" (inputs: alpha = k/m, k = 0..m-1) or "paper" (k = 1..m).
+  """
+
+  ig_steps: int = 5
+  ig_convention: str = "eap"
+
+  def __post_init__(self):
+    ig_alphas(self.ig_steps, self.ig_convention)  # validates
+
+
+def sender_outputs(cfg: ModelConfig, params, tokens: Array, mask: Optional[Array] = None,
+                   **kw) -> Array:
+  """Every sender's output (input node, heads, MLPs): Float[Array, "batch pos sender d_model"]."""
+  _, cache = forward(cfg, params, tokens, attention_mask=mask, edges=EdgePatch(None, None),
+                     collect=("hook_senders",), **kw)
+  return cache["hook_senders"]
+
+
+def metric_sum(task: Task, logits: Array, batch: Batch, clean_logits: Optional[Array]) -> Array:
+  """Sum of the per-example metric over the batch's real (valid) rows, and the per-example values."""
+  values = task.metric(logits, batch, clean_logits)
+  return jnp.sum(jnp.where(batch.valid, values, 0.0)), values
+
+
+def metric_at_last(cfg: ModelConfig, task: Task, params, batch: Batch, x: Array,
+                   clean_logits: Optional[Array]):
+  """`metric_sum` from the final-norm output x, unembedding only each example's last real position
+  (`clean_logits`, if the task reads them, are last-position logits too: [batch, 1, vocab])."""
+  logits = last_token_logits(cfg, params, x, batch.last)
+  return metric_sum(task, logits, batch.replace(last=jnp.zeros_like(batch.last)), clean_logits)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "task"))
+def clean_metric(cfg: ModelConfig, task: Task, params, batch: Batch):
+  """The clean model on a batch: (sum over real rows, Float[Array, "batch"] values, logits)."""
+  logits = forward(cfg, params, batch.clean, attention_mask=batch.mask)
+  total, values = metric_sum(task, logits, batch, logits)
+  return total, values, logits
+
+
+@flax.struct.dataclass
+class Shift:
+  """x -> x + delta: the additive side input the fused-head kernels put at a site (delta may be
+  zero when only its gradient is wanted)."""
+
+  delta: Array
+
+  def __call__(self, x):
+    return x + self.delta.astype(x.dtype)
+
+
+def ones(cfg: ModelConfig, dtype=jnp.float32) -> Array:
+  """All-ones edge weights, Float[Array, "sender receiver"]: the clean model in graph form."""
+  return jnp.ones((E.n_senders(cfg), E.n_receivers(cfg)), dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _valid_edges(cfg: ModelConfig) -> np.ndarray:
+  return Graph.from_config(cfg).valid
+
+
+def valid_edges(cfg: ModelConfig) -> np.ndarray:
+  """Bool [n_senders, n_receivers]: which sender->receiver pairs are real edges."""
+  return _valid_edges(cfg).copy()
+
+
+def check_finite(values: np.ndarray, batch_index: int, what: str) -> None:
+  """Raise AttributionError naming the batch and rows if `values` has a NaN or inf."""
+  if not np.all(np.isfinite(values)):
+    bad = np.flatnonzero(~np.isfinite(values)).tolist()
+    raise AttributionError(f"{what} is NaN/inf in batch {batch_index} (rows {bad[:10]}); check the "
+                           f"labels and the model for these examples")

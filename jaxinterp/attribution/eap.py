@@ -1,0 +1,98 @@
+"""EAP, EAP-IG-inputs and clean-corrupted: one receiver-gradient estimate at different alphas.
+
+In graph form a receiver reads `x_r = resid_r - sum_s (1 - w[s,r]) (live_s - ablated_s)`, so at
+`w = 1`
+
+    dm/dw[s, r] = sum_pos (live_s - ablated_s) . dm/dx_r
+
+and the attribution-patching score `(a_s^ablated - a_s^clean) . dm/dx_r` is `-dm/dw`: the
+first-order estimate of m(edge ablated) - m(clean), in the metric's units (negative: the edge
+helps the metric). The three methods differ only in where `dm/dx_r` is taken, as the average over
+input embeddings interpolated from corrupted to clean at points alpha:
+
+- EAP (Nanda 2023; Syed et al. 2023): alpha = 1, the clean input.
+- EAP-IG-inputs (Hanna et al. 2024, "Have Faith in Faithfulness"): alpha_k = k/m, k = 0..m-1 (the
+  `eap` package's convention; `ig_convention="paper"` gives k = 1..m).
+- clean-corrupted: alpha in {0, 1}, the mean of the corrupted- and clean-input gradients.
+
+All three run on the receiver-gradient kernel (`receiver_grads.ig_inputs_batch`).
+`weight_gradient_batch` is the definition above taken literally (gradients of the edge weights),
+kept as the reference the kernel is tested against.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxinterp.attribution import base, receiver_grads
+from models.edges import EdgePatch
+from models.transformer import embed_inputs, forward
+
+
+def _kernel_scores(alphas, cfg, task, params, batch, ablation, options) -> base.BatchScores:
+  s, values, c_values = receiver_grads.ig_inputs_batch(cfg, task, params, batch, ablation, alphas,
+                                                       remat=options.remat)
+  c_total = jnp.sum(jnp.where(batch.valid, c_values, 0.0))
+  return base.BatchScores(s, values, c_values, c_total)
+
+
+def score_eap(cfg, task, params, batch, ablation, options: base.Options) -> base.BatchScores:
+  """EAP: the receiver gradients at the clean input."""
+  return _kernel_scores(jnp.asarray([1.0], jnp.float32), cfg, task, params, batch, ablation,
+                        options)
+
+
+def score_eap_ig_inputs(cfg, task, params, batch, ablation,
+                        options: base.IGOptions) -> base.BatchScores:
+  """EAP-IG-inputs: the receiver gradients averaged over interpolated input embeddings."""
+  alphas = jnp.asarray(base.ig_alphas(options.ig_steps, options.ig_convention, "EAP-IG-inputs"))
+  return _kernel_scores(alphas, cfg, task, params, batch, ablation, options)
+
+
+def score_clean_corrupted(cfg, task, params, batch, ablation,
+                          options: base.Options) -> base.BatchScores:
+  """clean-corrupted: the mean of the receiver gradients at the corrupted and the clean input."""
+  return _kernel_scores(jnp.asarray([0.0, 1.0], jnp.float32), cfg, task, params, batch, ablation,
+                        options)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "task", "remat"))
+def weight_gradient_batch(cfg, task, params, batch, ablation, alphas, remat=False):
+  """Reference EAP-IG-inputs kernel: gradients of the edge weights `w` at w = 1.
+
+  `attribute` uses the equivalent, faster `receiver_grads.ig_inputs_batch`; this direct form of the
+  definition is kept as the cross-check the tests compare it with. Returns (Float[Array, "sender
+  receiver"] score sums over the batch's real rows, Float[Array, "batch"] metric at the last alpha).
+  """
+  ablated = ablation.values(cfg, params, batch)
+  clean_logits = forward(cfg, params, batch.clean, attention_mask=batch.mask)
+  clean = base.sender_outputs(cfg, params, batch.clean, batch.mask)
+  e_clean = clean[:, :, 0]
+  e_corrupt = embed_inputs(cfg, params, batch.corrupted, batch.mask)
+
+  def f(w, alpha):
+    emb = e_corrupt + alpha.astype(e_clean.dtype) * (e_clean - e_corrupt)
+    logits = forward(cfg, params, batch.clean, attention_mask=batch.mask, input_embeds=emb,
+                     edges=EdgePatch(w, ablated, live=clean), remat=remat)
+    return base.metric_sum(task, logits, batch, clean_logits)
+
+  def step(total, alpha):
+    g, values = jax.grad(f, has_aux=True)(base.ones(cfg), alpha)
+    return total + g, values
+
+  total, values = jax.lax.scan(step, jnp.zeros_like(base.ones(cfg)), alphas)
+  return -total / alphas.shape[0], values[-1]
+
+
+EAP = base.Method(
+    "EAP", "attribution patching: (a_ablated - a_clean) . dm/dx_r at the clean input",
+    score_eap)
+EAP_IG_INPUTS = base.Method(
+    "EAP-IG-inputs", "EAP with dm/dx_r averaged over m input embeddings interpolated corrupted -> "
+    "clean (integrated gradients)", score_eap_ig_inputs, base.IGOptions, ("patching",))
+CLEAN_CORRUPTED = base.Method(
+    "clean-corrupted", "EAP with the mean of the gradients at the clean and at the corrupted input",
+    score_clean_corrupted)

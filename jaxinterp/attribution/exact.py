@@ -1,0 +1,177 @@
+"""Exact activation patching of every edge: m(edge ablated) - m(clean), one edge at a time.
+
+No approximation: for each valid edge s -> r the model is rerun with only that receiver's input
+moved to `x_r - (clean_s - ablated_s)`. The rerun starts at the receiver's layer from the cached
+clean run, unembeds only the last position, and many edges run in one compiled call (`vmap` over
+edges, in memory-sized chunks). Scores are in the metric's units.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxinterp.attribution import base
+from models import edges as E
+from models.config import ModelConfig
+from models.edges import EdgePatch
+from models.transformer import LayerStart, Norm, forward, ungroup_kv
+
+
+@dataclasses.dataclass(frozen=True)
+class ExactOptions(base.Options):
+  """Options of exact patching.
+
+  Attributes:
+    exact_chunk: edges per compiled call (`vmap`); None: as many as fit, see `exact_chunk_size`.
+  """
+
+  exact_chunk: Optional[int] = None
+
+  def __post_init__(self):
+    if self.exact_chunk is not None and (not isinstance(self.exact_chunk, int)
+                                         or self.exact_chunk < 1):
+      raise base.AttributionError(f"exact_chunk must be a positive integer, got "
+                                  f"{self.exact_chunk!r}")
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def upstream_cache(cfg, params, batch, ablation):
+  """The clean run's inputs of every layer's receivers, and the sender (clean - ablated) deltas.
+
+  Returns (resids Float[Array, "layer+1 batch pos d_model"]: the residual stream entering each block
+  and the final norm; mlp_inputs Float[Array, "layer batch pos d_model"]: each MLP's input before
+  its norm; delta Float[Array, "batch pos sender d_model"]). With one edge into layer l ablated,
+  everything before that receiver is the clean run.
+  """
+  L = cfg.n_layers
+  mid = "hook_resid_pre" if cfg.parallel_attn_mlp else "hook_resid_mid"
+  names = [f"blocks.{l}.hook_resid_pre" for l in range(L)] + [f"blocks.{L - 1}.hook_resid_post"]
+  mlp_names = [f"blocks.{l}.{mid}" for l in range(L)]
+  ablated = ablation.values(cfg, params, batch)
+  _, cache = forward(cfg, params, batch.clean, attention_mask=batch.mask, edges=EdgePatch(None, None),
+                     collect=tuple(dict.fromkeys(names + mlp_names)) + ("hook_senders",))
+  resids = jnp.stack([cache[n] for n in names])
+  mlp_inputs = jnp.stack([cache[n] for n in mlp_names])
+  return resids, mlp_inputs, cache["hook_senders"] - ablated
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "task", "layer"))
+def edge_chunk(cfg, task, layer, params, batch, resid, mlp_input, delta_prefix, senders,
+               receivers, clean_logits):
+  """Metric sums with one edge (senders[i] -> receivers[i], all into `layer`) ablated at a time.
+
+  Each copy (`vmap` over the edges) is the plain fused-head forward from `layer` on, started from
+  the clean run's residual stream, with the one receiver's input x_r moved to x_r - delta_s:
+  a head's q/k/v input changes that head's q/k/v by `(norm(x - delta) - norm(x)) W[h]` (added at
+  `attn.hook_q/k/v`), an MLP input changes its normalised input by `norm(x - delta) - norm(x)`
+  (at `ln2.hook_normalized`), and the logits input is the final residual minus delta. Nothing
+  else is recomputed before `layer`, no per-head inputs are formed, and the metric reads only the
+  last position's logits. `clean_logits` are last-position logits [batch, 1, vocab] (or None).
+  Returns Float[Array, "chunk"].
+  """
+  cfg, params = ungroup_kv(cfg, params)  # a query head's k/v input is its own
+  L, H = cfg.n_layers, cfg.n_heads
+  norm = lambda p, x: Norm(cfg).apply({"params": p}, x)
+
+  if layer == L:  # the logits receiver: only the final norm runs
+    def one(s, r):
+      x = norm(params["ln_final"], resid - delta_prefix[:, :, s])
+      return base.metric_at_last(cfg, task, params, batch, x, clean_logits)[0]
+    return jax.vmap(one)(senders, receivers)
+
+  blk = params[f"blocks_{layer}"]
+  W = jnp.concatenate([blk["attn"][f"W_{c}"] for c in "QKV"])  # [3H, d, d_head]
+  y_attn, y_mlp = norm(blk["ln1"], resid), norm(blk["ln2"], mlp_input)
+  start = LayerStart(layer, resid)
+  p = f"blocks.{layer}."
+
+  def one(s, r):
+    local = r - E.head_receiver(cfg, layer, 0, "q")  # 0..3H-1: q/k/v of a head; 3H: the MLP
+    delta = delta_prefix[:, :, s]
+    is_head = local < 3 * H
+    d_attn = (norm(blk["ln1"], resid - delta) - y_attn) @ W[jnp.minimum(local, 3 * H - 1)]
+    d_qkv = jnp.where((jnp.arange(3 * H) == local)[None, None, :, None], d_attn[:, :, None], 0.0)
+    d_mlp = jnp.where(is_head, 0.0, norm(blk["ln2"], mlp_input - delta) - y_mlp)
+    iv = {p + f"attn.hook_{c}": base.Shift(d_qkv[:, :, i * H:(i + 1) * H])
+          for i, c in enumerate("qkv")}
+    iv[p + "ln2.hook_normalized"] = base.Shift(d_mlp)
+    _, cache = forward(cfg, params, batch.clean, attention_mask=batch.mask, interventions=iv,
+                       start=start, collect=("ln_final.hook_normalized",))
+    return base.metric_at_last(cfg, task, params, batch, cache["ln_final.hook_normalized"],
+                               clean_logits)[0]
+
+  return jax.vmap(one)(senders, receivers)
+
+
+def exact_chunk_size(cfg: ModelConfig, batch_size: int, n_pos: int,
+                     budget_bytes: Optional[float] = None) -> int:
+  """Edges per vmapped exact-patching call so that the copies' activations fit in `budget_bytes`.
+
+  Each copy holds about one plain forward's activations of the blocks it reruns (residual stream,
+  norms, q/k/v, attention pattern, MLP activations) and the last position's logits, in float32. The
+  default budget is a quarter of the accelerator's memory, or 4 GB where the device does not report
+  it (CPU).
+  """
+  if budget_bytes is None:
+    stats = jax.devices()[0].memory_stats() or {}
+    budget_bytes = stats.get("bytes_limit", 16e9) / 4
+  per_layer = 10 * cfg.d_model + 3 * cfg.d_mlp + 2 * cfg.n_heads * n_pos
+  per_copy = 4.0 * batch_size * (n_pos * per_layer * cfg.n_layers + cfg.d_vocab)
+  return int(max(1, min(256, budget_bytes // per_copy)))
+
+
+def _exact_batch(cfg, task, ablation, params, batch, valid, clean_total, clean_logits, chunk,
+                 quiet):
+  """Sum over the batch of m(edge ablated) - m(clean), for every valid edge: [n_senders, n_receivers].
+
+  Edges are grouped by their receiver's layer; each group reruns only the blocks from that layer on,
+  from the clean run's cached upstream activations, `chunk` edges per vmapped call.
+  """
+  resids, mlp_inputs, delta = upstream_cache(cfg, params, batch, ablation)
+  if clean_logits is not None:  # the kernel reads last-position logits only
+    clean_logits = jnp.take_along_axis(clean_logits, batch.last[:, None, None], axis=1)
+  if chunk is None:
+    chunk = exact_chunk_size(cfg, *batch.clean.shape)
+  s_idx, r_idx = np.nonzero(valid)
+  layer_of = np.minimum(r_idx // (3 * cfg.n_heads + 1), cfg.n_layers)
+  out = np.zeros(valid.shape, np.float64)
+  work = [(l, np.flatnonzero(layer_of == l)) for l in range(cfg.n_layers + 1)]
+  bar = tqdm(total=sum(-(-len(e) // chunk) for _, e in work), desc="exact: edge chunks",
+             disable=quiet, leave=False)
+  for l, edges in work:
+    if not len(edges):
+      continue
+    n_up = E.n_upstream_of_mlp(cfg, l) if l < cfg.n_layers else E.n_senders(cfg)
+    pad = (-len(edges)) % chunk
+    idx = np.concatenate([edges, np.repeat(edges[-1:], pad)])
+    for start in range(0, idx.size, chunk):
+      sel = idx[start:start + chunk]
+      vals = np.asarray(edge_chunk(cfg, task, l, params, batch, resids[l],
+                                   mlp_inputs[min(l, cfg.n_layers - 1)], delta[:, :, :n_up],
+                                   jnp.asarray(s_idx[sel], jnp.int32),
+                                   jnp.asarray(r_idx[sel], jnp.int32), clean_logits), np.float64)
+      keep = sel[:max(0, min(chunk, len(edges) - start))]
+      out[s_idx[keep], r_idx[keep]] = vals[:len(keep)] - clean_total
+      bar.update(1)
+  bar.close()
+  return out
+
+
+def score_batch(cfg, task, params, batch, ablation, options: ExactOptions) -> base.BatchScores:
+  """Exact scores of one batch (the metric checked is the clean one: each rerun is one edge's)."""
+  c_total, c_values, clean_logits = base.clean_metric(cfg, task, params, batch)
+  s = _exact_batch(cfg, task, ablation, params, batch, base.valid_edges(cfg), float(c_total),
+                   clean_logits, options.exact_chunk, not options.progress)
+  return base.BatchScores(s, c_values, c_values, c_total)
+
+
+EXACT = base.Method(
+    "exact", "activation patching of each edge in turn: the mean metric with that edge ablated "
+    "minus the clean one (no approximation)", score_batch, ExactOptions)

@@ -1,0 +1,420 @@
+"""Fast EAP / EAP-IG-inputs kernels: gradients w.r.t. receiver inputs, contracted once per batch.
+
+`eap.weight_gradient_batch` differentiates the graph-form forward w.r.t. the edge weights `w`.
+That runs the correction `einsum("bpsd,sr->bprd", delta, 1 - w)` in every forward (it is zero at
+`w = 1`) and its transpose in every backward, once per IG step; on XLA:CPU those cost more than the
+transformer itself (see benchmarks/RESULTS.md). Here the same scores come from the linearity of the
+score in the receiver gradients:
+
+    score[s, r] = (1/m) sum_k sum_{b,pos} (ablated_s - clean_s) . dm/dx_r (alpha_k)
+
+`ig_inputs_batch` (the kernel `attribute` uses):
+  * each IG step is one plain forward and backward with fused heads (no per-head copies of the
+    residual stream); the per-head q/k/v receiver gradients are never formed per step: the
+    LayerNorm/RMSNorm Jacobian is folded into the contraction (see its docstring), so a step keeps
+    only `[batch, pos, 3H, d_head]` head gradients;
+  * the blocks run as one `lax.scan` (one compiled block instead of n_layers) when the model is
+    small enough to keep a stacked copy of its block weights;
+  * the clean and corrupted runs share one forward, and the heads' sender differences are projected
+    once from their `hook_z` differences;
+  * the contraction with the sender differences happens once per batch, in position chunks that
+    stay in cache.
+
+`_split_ig_inputs_batch` is the direct form: zero perturbations at the per-head inputs
+`blocks.{l}.hook_{q,k,v}_input` and at residual sites, receiver gradients `[batch, pos, receivers,
+d_model]` summed over the steps, one contraction per layer. It runs under `remat` (where sites can't
+be collected). Every kernel equals `eap.weight_gradient_batch` up to float rounding
+(tests/test_receiver_grads.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinterp.attribution.base import Shift, metric_at_last, metric_sum
+from jaxinterp.tasks import Batch
+from models import edges as E
+from models.config import ModelConfig
+from models.transformer import (Norm, embed_inputs, forward, last_token_logits, layers_uniform,
+                                run_blocks, stack_blocks, ungroup_kv)
+
+# Blocks run as one lax.scan (fast compiles) when their weights take at most this fraction of the
+# device's memory: the scan needs a stacked copy of them, which an 8B model can't spare on one GPU.
+SCAN_MAX_FRACTION = 0.15
+
+
+def _device_memory_bytes() -> int:
+  """Memory of the default device (host RAM for the CPU backend)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  try:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  except (ValueError, OSError, AttributeError):
+    return 16 << 30
+
+
+def scan_blocks_fits(cfg: ModelConfig, params) -> bool:
+  """Whether `ig_inputs_batch` runs the blocks as one scan (uniform blocks, and a stacked copy of
+  their weights within SCAN_MAX_FRACTION of the device memory) rather than layer by layer."""
+  block_bytes = sum(x.size * x.dtype.itemsize for l in range(cfg.n_layers)
+                    for x in jax.tree.leaves(params[f"blocks_{l}"]))
+  return layers_uniform(cfg) and block_bytes <= SCAN_MAX_FRACTION * _device_memory_bytes()
+
+Array = jax.Array
+
+
+def _eps_sites(cfg: ModelConfig, batch_shape: tuple, dtype) -> dict[str, Array]:
+  """Zero perturbations for every site whose gradient the receiver gradients are built from."""
+  b, p = batch_shape
+  H, d = cfg.n_heads, cfg.d_model
+  eps = {}
+  for l in range(cfg.n_layers):
+    for x in "qkv":
+      eps[f"blocks.{l}.hook_{x}_input"] = jnp.zeros((b, p, H, d), dtype)
+    mid = "hook_resid_pre" if cfg.parallel_attn_mlp else "hook_resid_mid"
+    eps[f"blocks.{l}.{mid}"] = jnp.zeros((b, p, d), dtype)
+    eps[f"blocks.{l}.hook_resid_post"] = jnp.zeros((b, p, d), dtype)
+  return eps
+
+
+def _receiver_grads(cfg: ModelConfig, g: dict[str, Array]) -> list[Array]:
+  """Per-layer receiver gradients from the site gradients.
+
+  Returns [G_0, ..., G_{L-1}, g_logits] with G_l: Float[Array, "batch pos 3H+1 d_model"] (q heads,
+  k heads, v heads, MLP input: the receiver order of `models.edges`) and g_logits [batch, pos, d].
+  The MLP input is not a site of its own: for a sequential block the residual after attention
+  feeds the MLP and the residual stream, so dm/dx_mlp = G(resid_mid) - G(resid_post); for a parallel
+  block the pre-residual also feeds the per-head attention inputs, which are subtracted too.
+  """
+  out = []
+  for l in range(cfg.n_layers):
+    q, k, v = (g[f"blocks.{l}.hook_{x}_input"] for x in "qkv")
+    post = g[f"blocks.{l}.hook_resid_post"]
+    if cfg.parallel_attn_mlp:
+      mlp = g[f"blocks.{l}.hook_resid_pre"] - post - (q + k + v).sum(2)
+    else:
+      mlp = g[f"blocks.{l}.hook_resid_mid"] - post
+    out.append(jnp.concatenate([q, k, v, mlp[:, :, None]], 2))
+  out.append(g[f"blocks.{cfg.n_layers - 1}.hook_resid_post"])
+  return out
+
+
+def contract(cfg: ModelConfig, diff: Array, grads: list[Array]) -> Array:
+  """Scores from sender differences and receiver gradients.
+
+  Args:
+    diff: Float[Array, "batch pos sender d_model"], ablated minus live sender outputs.
+    grads: as returned by `_receiver_grads` (summed or averaged over steps as wanted).
+
+  Returns:
+    Float[Array, "sender receiver"] (float32), zero on invalid edges.
+  """
+  S, R, H = E.n_senders(cfg), E.n_receivers(cfg), cfg.n_heads
+  b, p, _, d = diff.shape
+  dT = jnp.moveaxis(diff, 2, 0).reshape(S, b * p * d).astype(jnp.float32)  # one transpose per batch
+  scores = jnp.zeros((S, R), jnp.float32)
+  for l in range(cfg.n_layers):
+    G = grads[l].astype(jnp.float32)
+    GT = jnp.moveaxis(G, 2, 0).reshape(3 * H + 1, b * p * d)
+    n_attn, n_mlp = E.n_upstream_of_attn(cfg, l), E.n_upstream_of_mlp(cfg, l)
+    r0 = E.head_receiver(cfg, l, 0, "q")
+    scores = scores.at[:n_attn, r0:r0 + 3 * H].set(dT[:n_attn] @ GT[:3 * H].T)
+    scores = scores.at[:n_mlp, r0 + 3 * H].set(dT[:n_mlp] @ GT[3 * H])
+  g_log = grads[-1].astype(jnp.float32).reshape(b * p * d)
+  return scores.at[:, E.logits_receiver(cfg)].set(dT @ g_log)
+
+
+def _norms(cfg: ModelConfig, stacked_norm, method: str, *args):
+  """A `Norm` method applied layer by layer: stacked params and args with a leading layer axis."""
+  def one(p, *a):
+    return Norm(cfg).apply({"params": p}, *a, method=getattr(Norm, method))
+  return jax.vmap(one)(stacked_norm, *args)
+
+
+def _stack(cfg: ModelConfig, params, *path: str) -> Array:
+  """One block parameter stacked over layers, e.g. `_stack(cfg, params, "ln1", "w")`: [L, ...]."""
+  def get(l):
+    x = params[f"blocks_{l}"]
+    for k in path:
+      x = x[k]
+    return x
+  return jnp.stack([get(l) for l in range(cfg.n_layers)])
+
+
+def _norm_params(cfg: ModelConfig, params, name: str) -> dict:
+  return {k: _stack(cfg, params, name, k) for k in params["blocks_0"][name]}
+
+
+def _ig_steps(cfg: ModelConfig, task, params, stacked, batch: Batch, alphas: Array,
+              e_clean: Array, e_corrupt: Array, diff: Array, clean_logits: Optional[Array]):
+  """The per-step part of `ig_inputs_batch`: one plain forward + backward per IG step.
+
+  Returns ((P_sum [L, batch, pos, 3H, d_head]: the head gradients scaled by 1/sigma, summed over
+  steps; mlp_sum [L, batch, pos, d_model]: the MLP-input gradients; log_sum [batch, pos, d_model]:
+  the logits-input gradient; t3 [L, sender, 3H]: the x_hat term of the norm correction), the metric
+  values [steps, batch]).
+  """
+  L, H, d, dh = cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_head
+  b, p = batch.clean.shape
+  dt = e_clean.dtype
+  x_mlp = "hook_resid_pre" if cfg.parallel_attn_mlp else "hook_resid_mid"
+  collect = tuple(dict.fromkeys(("hook_resid_pre", x_mlp, "attn.hook_q", "attn.hook_k",
+                                 "attn.hook_v")))
+  eps0 = {f"attn.hook_{c}": jnp.zeros((L, b, p, H, dh), dt) for c in "qkv"}
+  eps0["ln2.hook_normalized"] = jnp.zeros((L, b, p, d), dt)
+  eps0["final"] = jnp.zeros((b, p, d), dt)
+  ln1, ln2 = _norm_params(cfg, params, "ln1"), _norm_params(cfg, params, "ln2")
+  # The norm bias's and the projection bias's share of q/k/v: q - offset = (gamma x_hat) W_Q.
+  def offset(l: int, c: str) -> Array:  # [H, d_head]
+    attn = params[f"blocks_{l}"]["attn"]
+    o = jnp.zeros((H, dh), jnp.float32)
+    if cfg.attn_bias:
+      o = o + attn[f"b_{c}"].astype(jnp.float32)
+    if "b" in ln1:
+      o = o + jnp.einsum("d,hde->he", ln1["b"][l], attn[f"W_{c}"],
+                         preferred_element_type=jnp.float32)
+    return o
+
+  offsets = jnp.stack([jnp.concatenate([offset(l, c) for c in "QKV"]) for l in range(L)])
+
+  def f(eps, alpha):
+    emb = e_corrupt + alpha.astype(dt) * (e_clean - e_corrupt)
+    iv = {n: Shift(e) for n, e in eps.items() if n != "final"}
+    resid, ys = run_blocks(cfg, params, emb, batch.mask, iv, collect, stacked=stacked)
+    resid = resid + eps["final"]
+    x = Norm(cfg).apply({"params": params["ln_final"]}, resid)
+    total, values = metric_at_last(cfg, task, params, batch, x, clean_logits)
+    return total, (values, ys)
+
+  def step(carry, alpha):
+    P_sum, mlp_sum, log_sum, t3 = carry
+    g, (values, ys) = jax.grad(f, has_aux=True)(eps0, alpha)
+    xhat, inv = _norms(cfg, ln1, "standardize", ys["hook_resid_pre"])  # [L, b, p, d | 1]
+    P = jnp.concatenate([g[f"attn.hook_{c}"] for c in "qkv"], 3).astype(jnp.float32)
+    P = P * inv[..., None]  # [L, b, p, 3H, dh]
+    qkv = jnp.concatenate([ys[f"attn.hook_{c}"] for c in "qkv"], 3).astype(jnp.float32)
+    coef = jnp.sum((qkv - offsets[:, None, None]) * P, -1) / d  # [L, b, p, 3H]
+    # (D_s . x_hat_l) for every sender and layer: one [S, d] x [d, L] matmul per position.
+    e = jnp.einsum("bpsd,bpld->bpsl", diff, jnp.moveaxis(xhat, 0, 2))
+    t3 = t3 + jnp.einsum("bpsl,lbpr->lsr", e, coef)
+
+    def mlp_grad(p_ln2, x, gy):
+      _, vjp = jax.vjp(lambda x: Norm(cfg).apply({"params": p_ln2}, x), x)
+      return vjp(gy)[0]
+
+    g_mlp = jax.vmap(mlp_grad)(ln2, ys[x_mlp], g["ln2.hook_normalized"])
+    carry = (P_sum + P, mlp_sum + g_mlp.astype(jnp.float32),
+             log_sum + g["final"].astype(jnp.float32), t3)
+    return carry, values
+
+  zero = (jnp.zeros((L, b, p, 3 * H, dh), jnp.float32), jnp.zeros((L, b, p, d), jnp.float32),
+          jnp.zeros((b, p, d), jnp.float32), jnp.zeros((L, diff.shape[2], 3 * H), jnp.float32))
+  return jax.lax.scan(step, zero, alphas)
+
+
+def _senders(cfg: ModelConfig, params, stacked, emb: Array, mask: Array) -> tuple[Array, Array]:
+  """Every sender's output ([batch, pos, sender, d_model], the input node first) and the residual
+  stream after the last block, from one forward of the blocks."""
+  final, ys = run_blocks(cfg, params, emb, mask, record_senders=True, stacked=stacked)
+  per_layer = jnp.moveaxis(ys["hook_senders"], 0, 2)  # [b, p, L, H + 1, d]
+  b, p = mask.shape
+  return jnp.concatenate([emb[:, :, None], per_layer.reshape(b, p, -1, cfg.d_model)], 2), final
+
+
+def _patching_diff(cfg: ModelConfig, params, stacked, e_clean: Array, e_corrupt: Array,
+                   mask: Array) -> tuple[Array, Array]:
+  """Corrupted minus clean sender outputs, Float[Array, "batch pos sender d_model"] (float32),
+  and the clean residual stream after the last block.
+
+  Clean and corrupted rows run as one scanned forward that keeps only `hook_z` and `hook_mlp_out`;
+  a head's output is linear in its z (`z_h W_O[h]`), so the heads' differences are projected once,
+  from the z differences, instead of both runs' per-head results. (Not for post-norm models, whose
+  head outputs are rescaled per run.)
+  """
+  b, p, d = e_clean.shape
+  L, H = cfg.n_layers, cfg.n_heads
+  final, ys = run_blocks(cfg, params, jnp.concatenate([e_clean, e_corrupt]),
+                         jnp.concatenate([mask, mask]), collect=("attn.hook_z", "hook_mlp_out"),
+                         stacked=stacked)
+  z, mlp = ys["attn.hook_z"].astype(jnp.float32), ys["hook_mlp_out"].astype(jnp.float32)
+  dz = z[:, b:] - z[:, :b]
+  heads = jnp.stack([jnp.einsum("bphe,hed->bphd", dz[l], params[f"blocks_{l}"]["attn"]["W_O"],
+                                preferred_element_type=jnp.float32)
+                     for l in range(L)], 2)  # [b, p, L, H, d]
+  per_layer = jnp.concatenate([heads, jnp.moveaxis(mlp[:, b:] - mlp[:, :b], 0, 2)[:, :, :, None]], 3)
+  diff = jnp.concatenate([(e_corrupt - e_clean).astype(jnp.float32)[:, :, None],
+                          per_layer.reshape(b, p, L * (H + 1), d)], 2)
+  return diff, final[:b]
+
+
+def _contract(cfg: ModelConfig, params, diff: Array, P_sum: Array, mlp_sum: Array,
+              log_sum: Array, chunk_bytes: float = 32e6) -> Array:
+  """Per-batch contraction of the sender differences with every receiver's summed gradient.
+
+  Args:
+    diff: Float[Array, "batch pos sender d_model"], ablated minus clean sender outputs.
+    P_sum: Float[Array, "layer batch pos 3H d_head"], head gradients / sigma summed over steps.
+    mlp_sum, log_sum: Float[Array, "layer batch pos d_model"] and Float[Array, "batch pos d_model"],
+      the MLP-input and logits-input gradients summed over steps.
+
+  Returns:
+    Float[Array, "sender layer*3H + layer + 1"]: `D . (A - mean A)` for every (sender, head input)
+    pair, with `A = gamma * (W P)` the expanded head gradient (the mean over d_model only for
+    LayerNorm: `D . (A - mean A) = D . A - sum(D) mean(A)`), then `D . grad` for every MLP input and
+    the logits (all senders; the caller masks those not upstream).
+
+  Positions are processed in chunks small enough that a chunk's expanded gradients
+  ([chunk, receivers, d_model]) stay in cache, in one `lax.scan`; the weights are read in place
+  (no stacked or rescaled copy), and no [batch, pos, receiver, d_model] array is formed.
+  """
+  b, p, S, d = diff.shape
+  L, H = cfg.n_layers, cfg.n_heads
+  layernorm = cfg.normalization != "rmsnorm"
+  n_pos = b * p
+  per_pos = (L * (3 * H + 1) + 1) * d * 4
+  size = max(1, min(n_pos, int(chunk_bytes // per_pos)))
+  while n_pos % size:
+    size -= 1
+  chunks = n_pos // size
+  Dc = diff.reshape(chunks, size, S, d)
+  Pc = jnp.moveaxis(P_sum, 0, 2).reshape(chunks, size, L, 3 * H, P_sum.shape[-1])
+  Mc = jnp.concatenate([jnp.moveaxis(mlp_sum, 0, 2), log_sum[:, :, None]], 2)
+  Mc = Mc.reshape(chunks, size, L + 1, d)
+  gammas = [Norm(cfg).apply({"params": params[f"blocks_{l}"]["ln1"]}, method=Norm.gain)
+            for l in range(L)]
+
+  def body(acc, xs):
+    Dn, Pn, Mn = xs
+    A = []
+    for l in range(L):
+      attn = params[f"blocks_{l}"]["attn"]
+      for i, c in enumerate("QKV"):
+        W = attn[f"W_{c}"]  # [H, d, d_head]
+        A.append(jnp.einsum("nhe,hde->nhd", Pn[:, l, i * H:(i + 1) * H].astype(W.dtype), W,
+                            preferred_element_type=jnp.float32) * gammas[l])
+    A = jnp.concatenate(A, 1)  # [size, L*3H, d]
+    if layernorm:
+      A = A - A.mean(-1, keepdims=True)
+    G = jnp.concatenate([A, Mn], 1)
+    return acc + jnp.einsum("nsd,nrd->sr", Dn, G), None
+
+  acc = jnp.zeros((S, L * (3 * H + 1) + 1), jnp.float32)
+  return jax.lax.scan(body, acc, (Dc, Pc, Mc))[0]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "task", "remat"))
+def ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alphas: Array,
+                    remat: bool = False):
+  """EAP / EAP-IG-inputs / clean-corrupted scores of one batch.
+
+  Same contract as the weight-gradient reference `eap.weight_gradient_batch(cfg, task, params,
+  batch, ablation, alphas, remat)`: returns (Float[Array, "sender receiver"] sum over the batch's
+  valid rows of the scores, Float[Array, "batch"] metric values at the last alpha), plus the clean
+  metric values Float[Array, "batch"]. With `alphas = [1.0]` this is EAP (the gradient at the clean
+  input), with `[0.0, 1.0]` clean-corrupted. `ablation` (an `ablation.Ablation`) gives the
+  ablated sender values.
+
+  Each IG step is one plain (fused-head) forward and backward; the blocks run as one `lax.scan`
+  (compiled once) when `scan_blocks_fits`, else layer by layer. The receiver gradient of head h's q input is `J^T (W_Q[h] dq_h)`, with dq_h the
+  gradient at `attn.hook_q` and J the Jacobian of ln1 at the layer input x. For LayerNorm,
+  `J^T u = (1/sigma) (gamma u - mean(gamma u) - x_hat mean(gamma u x_hat))` (RMSNorm: without the
+  mean term), so with D_s the sender difference and P = dq_h / sigma,
+
+      D_s . J^T W dq = D_s . (gamma W P) - sum(D_s) mean(gamma W P) - (D_s . x_hat) (P . (gamma x_hat W)) / d
+
+  and `gamma x_hat W = q - b_Q - beta W`. The first two terms are linear in P with step-independent
+  factors, so P is summed over the steps ([batch, pos, 3H, d_head], d_model/d_head times smaller than
+  the receiver gradients) and expanded once per batch; the third is contracted per step through
+  [batch, pos, sender] and [batch, pos, receiver] factors. No [batch, pos, receiver, d_model] array
+  is formed per step. GQA models are ungrouped first (`models.transformer.ungroup_kv`).
+
+  With `remat` the older per-head-input kernel runs instead (same scores).
+  """
+  if remat:
+    return _split_ig_inputs_batch(cfg, task, params, batch, ablation, alphas, remat=remat)
+  cfg, params = ungroup_kv(cfg, params)
+  L, H = cfg.n_layers, cfg.n_heads
+  S = E.n_senders(cfg)
+  stacked = stack_blocks(cfg, params) if scan_blocks_fits(cfg, params) else None
+  e_corrupt = embed_inputs(cfg, params, batch.corrupted, batch.mask)
+  e_clean = embed_inputs(cfg, params, batch.clean, batch.mask)
+  if ablation.kind == "patching" and not cfg.post_norms:  # clean and corrupted in one forward
+    diff, final = _patching_diff(cfg, params, stacked, e_clean, e_corrupt, batch.mask)
+  else:
+    clean, final = _senders(cfg, params, stacked, e_clean, batch.mask)
+    ablated = ablation.values(cfg, params, batch)
+    diff = (ablated - clean).astype(jnp.float32)  # [b, p, S, d]
+  x = Norm(cfg).apply({"params": params["ln_final"]}, final)
+  clean_logits = last_token_logits(cfg, params, x, batch.last)
+  clean_values = task.metric(clean_logits, batch.replace(last=jnp.zeros_like(batch.last)),
+                             clean_logits)
+  (P_sum, mlp_sum, log_sum, t3), values = _ig_steps(
+      cfg, task, params, stacked, batch, alphas, e_clean, e_corrupt, diff,
+      clean_logits if task.needs_clean_logits else None)
+
+  totals = _contract(cfg, params, diff, P_sum, mlp_sum, log_sum)
+  attn = jnp.moveaxis(totals[:, :L * 3 * H].reshape(S, L, 3 * H), 1, 0) - t3  # [L, S, 3H]
+  mlp = totals[:, L * 3 * H:L * 3 * H + L].T  # [L, S]
+  n_attn = np.array([E.n_upstream_of_attn(cfg, l) for l in range(L)])
+  n_mlp = np.array([E.n_upstream_of_mlp(cfg, l) for l in range(L)])
+  senders = np.arange(S)
+  attn = jnp.where((senders[None, :] < n_attn[:, None])[..., None], attn, 0.0)
+  mlp = jnp.where(senders[None, :] < n_mlp[:, None], mlp, 0.0)
+  blocks = jnp.concatenate([attn, mlp[..., None]], 2)  # [L, S, 3H + 1]: the receiver layout
+  scores = jnp.concatenate([jnp.moveaxis(blocks, 0, 1).reshape(S, L * (3 * H + 1)),
+                            totals[:, -1:]], 1)
+  return scores / alphas.shape[0], values[-1], clean_values
+
+
+def _split_ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alphas: Array,
+                           remat: bool = False):
+  """The per-head-input form of `ig_inputs_batch` (used under remat, where sites can't be collected).
+
+  Same contract as `ig_inputs_batch`. Each step differentiates w.r.t. zero perturbations of the
+  per-head inputs `blocks.{l}.hook_{q,k,v}_input` (and residual sites for the MLP and logits
+  inputs), sums those receiver gradients over the steps and contracts them with the sender
+  differences once per batch.
+  """
+  ablated = ablation.values(cfg, params, batch)
+  _, c = forward(cfg, params, batch.clean, attention_mask=batch.mask, edges=E.EdgePatch(None, None),
+                 collect=("hook_senders", "ln_final.hook_normalized"))
+  clean = c["hook_senders"]
+  last_logits = last_token_logits(cfg, params, c["ln_final.hook_normalized"], batch.last)
+  clean_values = task.metric(last_logits, batch.replace(last=jnp.zeros_like(batch.last)),
+                             last_logits)
+  clean_logits = last_logits if task.needs_clean_logits else None
+  e_clean = clean[:, :, 0]
+  e_corrupt = embed_inputs(cfg, params, batch.corrupted, batch.mask)
+  eps0 = _eps_sites(cfg, batch.clean.shape, e_clean.dtype)
+
+  def f(eps, alpha):
+    emb = e_corrupt + alpha.astype(e_clean.dtype) * (e_clean - e_corrupt)
+    iv = {n: Shift(e) for n, e in eps.items()}
+    if remat:  # forward() refuses collect under remat: use the full logits there
+      logits = forward(cfg, params, batch.clean, attention_mask=batch.mask, input_embeds=emb,
+                       interventions=iv, remat=True)
+      if clean_logits is not None:
+        full_clean = forward(cfg, params, batch.clean, attention_mask=batch.mask)
+        return metric_sum(task, logits, batch, full_clean)
+      return metric_sum(task, logits, batch, None)
+    _, cache = forward(cfg, params, batch.clean, attention_mask=batch.mask, input_embeds=emb,
+                       interventions=iv, collect=("ln_final.hook_normalized",))
+    # The full logits are dead code (XLA removes them): the metric reads the last position only.
+    return metric_at_last(cfg, task, params, batch, cache["ln_final.hook_normalized"],
+                           clean_logits)
+
+  def step(total, alpha):
+    g, values = jax.grad(f, has_aux=True)(eps0, alpha)
+    return jax.tree.map(jnp.add, total, g), values
+
+  total, values = jax.lax.scan(step, eps0, alphas)
+  grads = _receiver_grads(cfg, total)
+  scores = contract(cfg, ablated - clean, grads)
+  return scores / alphas.shape[0], values[-1], clean_values

@@ -1,0 +1,149 @@
+"""Task data: `Batch` (one padded, jit-ready batch of prompt pairs), `Task` (a name and its
+per-example metric), `Dataset` (tokenised prompt pairs that batch themselves with right padding,
+length buckets and filler rows) and `TaskError`, the error every bad task input raises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Dict, Iterator, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+class TaskError(ValueError):
+  """Bad task input: unknown task, unreadable or malformed CSV, labels outside the vocabulary."""
+
+
+@flax.struct.dataclass
+class Batch:
+  """One padded batch of prompt pairs (a pytree; every field is an array with leading axis batch).
+
+  Attributes:
+    clean: Int[Array, "batch pos"] clean prompt ids, right padded.
+    corrupted: Int[Array, "batch pos"] corrupted prompt ids (same lengths as clean).
+    mask: Bool[Array, "batch pos"] True at real tokens (clean and corrupted share it).
+    last: Int[Array, "batch"] index of each example's last real token.
+    labels: dict str -> Array, task-specific answer ids, leading axis batch.
+    valid: Bool[Array, "batch"] False for filler rows that pad the final batch.
+  """
+
+  clean: Array
+  corrupted: Array
+  mask: Array
+  last: Array
+  labels: dict
+  valid: Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """A task: a name and its per-example metric.
+
+  Attributes:
+    name: registry name.
+    metric_fn: `(logits, batch, clean_logits) -> Float[Array, "batch"]`; larger means more of the
+      task behaviour. `clean_logits` is only used by metrics that compare with the clean run.
+    needs_clean_logits: whether `metric_fn` reads `clean_logits`.
+    description: one line for help texts.
+  """
+
+  name: str
+  metric_fn: Callable
+  needs_clean_logits: bool = False
+  description: str = ""
+
+  def metric(self, logits: Array, batch: Batch, clean_logits: Optional[Array] = None) -> Array:
+    """Per-example metric `Float[Array, "batch"]` of `logits` (`[batch, pos, vocab]`) on `batch`."""
+    if self.needs_clean_logits and clean_logits is None:
+      raise TaskError(f"task {self.name!r}'s metric needs clean_logits")
+    return self.metric_fn(logits, batch, clean_logits)
+
+
+@dataclasses.dataclass
+class Dataset:
+  """Tokenised prompt pairs of one task (host numpy arrays).
+
+  Attributes:
+    task: the `Task` whose metric these labels feed.
+    clean, corrupted: int32 [N, P] token ids, right padded with `pad_id`, P = the longest example.
+    lengths: int32 [N] real lengths, BOS included.
+    labels: str -> np.ndarray with leading axis N (see the `jaxinterp.tasks` table for each task's keys).
+    pad_id: the id used for padding (only ever seen at masked positions).
+    bos_id: the BOS id prepended to every prompt, or None if none was.
+    source: where the data came from (a CSV path or a generator name), for messages and metadata.
+  """
+
+  task: Task
+  clean: np.ndarray
+  corrupted: np.ndarray
+  lengths: np.ndarray
+  labels: Dict[str, np.ndarray]
+  pad_id: int = 0
+  bos_id: Optional[int] = None
+  source: str = ""
+
+  def __len__(self) -> int:
+    return int(self.clean.shape[0])
+
+  @property
+  def max_len(self) -> int:
+    """The longest example's length (BOS included)."""
+    return int(self.lengths.max()) if len(self) else 0
+
+  def batches(self, batch_size: int, bucket: Optional[int] = 8) -> Iterator[Batch]:
+    """Yield `Batch`es of exactly `batch_size` rows, in dataset order.
+
+    Args:
+      batch_size: rows per batch. The final batch is filled up with copies of its last real row
+        marked `valid=False`, so every batch has the same leading size.
+      bucket: the position axis of each batch is its longest example rounded up to a multiple of
+        `bucket`, so that batch shapes repeat and jitted functions compile only a few times. None
+        pads every batch to the dataset's longest example (a single shape).
+    """
+    if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+      raise TaskError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if bucket is not None and (not isinstance(bucket, (int, np.integer)) or bucket <= 0):
+      raise TaskError(f"bucket must be a positive integer or None, got {bucket!r}")
+    n = len(self)
+    for start in range(0, n, batch_size):
+      idx = np.arange(start, min(start + batch_size, n))
+      n_real = idx.size
+      if n_real < batch_size:
+        idx = np.concatenate([idx, np.full(batch_size - n_real, idx[-1])])
+      if bucket is None:
+        width = self.clean.shape[1]
+      else:
+        width = int(math.ceil(int(self.lengths[idx].max()) / bucket) * bucket)
+      yield self._batch(idx, width, n_real)
+
+  def _batch(self, idx: np.ndarray, width: int, n_real: int) -> Batch:
+    def fit(a):
+      a = a[idx]
+      if a.shape[1] >= width:
+        return a[:, :width]
+      pad = np.full((a.shape[0], width - a.shape[1]), self.pad_id, a.dtype)
+      return np.concatenate([a, pad], axis=1)
+
+    lengths = self.lengths[idx]
+    mask = np.arange(width)[None, :] < lengths[:, None]
+    valid = np.arange(idx.size) < n_real
+    return Batch(clean=jnp.asarray(fit(self.clean)), corrupted=jnp.asarray(fit(self.corrupted)),
+                 mask=jnp.asarray(mask), last=jnp.asarray(lengths - 1, jnp.int32),
+                 labels={k: jnp.asarray(v[idx]) for k, v in self.labels.items()},
+                 valid=jnp.asarray(valid))
+
+  def subset(self, n: int) -> "Dataset":
+    """The first `n` examples (all of them if `n >= len(self)`), trimmed to their own longest length."""
+    if not isinstance(n, (int, np.integer)) or n <= 0:
+      raise TaskError(f"subset size must be a positive integer, got {n!r}")
+    n = min(int(n), len(self))
+    width = int(self.lengths[:n].max())
+    return dataclasses.replace(self, clean=self.clean[:n, :width], corrupted=self.corrupted[:n, :width],
+                               lengths=self.lengths[:n], labels={k: v[:n] for k, v in self.labels.items()})
