@@ -255,3 +255,62 @@ def test_kl_and_cross_entropy_metrics():
   np.testing.assert_allclose(ce.scores, -lp.scores, atol=1e-6)
   with pytest.raises(tasks.TaskError, match="unknown metric"):
     tasks.with_metric(DATA.task, "accuracy")
+
+
+# ------------------------------------------------------------- the contract every method keeps
+
+
+@pytest.mark.parametrize("name", list(A.METHODS))
+def test_every_registered_method_keeps_the_contract(name):
+  """Over the registry (a new method is checked without touching this test): shape and dtype,
+  zeros on invalid edges, finite and non-trivial scores, batch-size invariance, a resumed run
+  bitwise equal to an uninterrupted one, refused interventions, and the per-batch result."""
+  method = A.get_method(name)
+  kw = dict(method=name, ig_steps=2, quiet=True)
+  valid = A.valid_edges(CFG)
+  full = A.attribute(CFG, PARAMS, DATA, batch_size=3, **kw)  # 8 examples: batches of 3, 3, 2(+1)
+  assert full.scores.shape == valid.shape and full.scores.dtype == np.float32
+  assert np.all(full.scores[~valid] == 0) and np.all(np.isfinite(full.scores))
+  scale = np.abs(full.scores[valid]).max()
+  assert scale > 1e-3
+  assert full.method == name and full.n_examples == len(DATA)
+
+  one_batch = A.attribute(CFG, PARAMS, DATA, batch_size=8, **kw)
+  # Exact scores are differences of float32 metrics: their rounding scales with the metric.
+  tol = 1e-5 * max(scale, abs(full.clean_metric), 1.0)
+  np.testing.assert_allclose(one_batch.scores, full.scores, atol=tol, rtol=1e-4)
+  np.testing.assert_allclose(one_batch.clean_metric, full.clean_metric, rtol=1e-5)
+
+  states = []
+  A.attribute(CFG, PARAMS, DATA, batch_size=3, on_batch=states.append, **kw)
+  assert [s.next_batch for s in states] == [1, 2, 3] and states[-1].seen == len(DATA)
+  resumed = A.attribute(CFG, PARAMS, DATA, batch_size=3, resume=states[0], **kw)
+  np.testing.assert_array_equal(resumed.scores, full.scores)
+  assert resumed.clean_metric == full.clean_metric
+
+  for intervention in A.INTERVENTIONS:
+    if method.interventions is not None and intervention not in method.interventions:
+      with pytest.raises(A.AttributionError, match="supports only"):
+        A.attribute(CFG, PARAMS, DATA, intervention=intervention, **kw)
+
+  batch = next(DATA.batches(4))
+  out = method.score_batch(CFG, DATA.task, PARAMS, batch, A.Ablation("patching"),
+                           method.make_options(ig_steps=2))
+  assert isinstance(out, A.BatchScores)
+  assert out.scores.shape == valid.shape
+  assert out.metric.shape == out.clean.shape == (4,)
+  np.testing.assert_allclose(float(out.clean_total), float(np.sum(np.asarray(out.clean))),
+                             rtol=1e-5)
+
+
+def test_options_are_validated_by_their_method():
+  with pytest.raises(A.AttributionError, match="ig_convention"):
+    A.attribute(CFG, PARAMS, DATA, method="EAP-IG-activations", ig_convention="x", quiet=True)
+  with pytest.raises(A.AttributionError, match="exact_chunk"):
+    A.attribute(CFG, PARAMS, DATA, method="exact", exact_chunk=0, quiet=True)
+  # Options a method has no field for are ignored, so EAP takes ig_steps=0 as before.
+  assert A.get_method("EAP").make_options(ig_steps=0) == A.Options()
+  opts = A.IGOptions(ig_steps=3)
+  a = A.attribute(CFG, PARAMS, DATA, method="EAP-IG-inputs", options=opts, batch_size=8, quiet=True)
+  b = A.attribute(CFG, PARAMS, DATA, method="EAP-IG-inputs", ig_steps=3, batch_size=8, quiet=True)
+  np.testing.assert_array_equal(a.scores, b.scores)

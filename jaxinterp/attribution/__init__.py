@@ -180,8 +180,8 @@ def attribute(cfg: ModelConfig, params, dataset: Dataset, *, method: str = "EAP-
       on_batch(state)
   bar.close()
   scores = np.where(valid, state.score_sum / len(dataset), 0.0).astype(np.float32)
-  return Attribution(scores, method, intervention, ig_steps, len(dataset),
-                     state.clean_sum / max(state.seen, 1))
+  return Attribution(scores, method, intervention, getattr(options, "ig_steps", ig_steps),
+                     len(dataset), state.clean_sum / max(state.seen, 1))
 
 
 def node_scores(cfg: ModelConfig, scores: np.ndarray) -> np.ndarray:
