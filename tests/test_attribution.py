@@ -314,3 +314,21 @@ def test_options_are_validated_by_their_method():
   a = A.attribute(CFG, PARAMS, DATA, method="EAP-IG-inputs", options=opts, batch_size=8, quiet=True)
   b = A.attribute(CFG, PARAMS, DATA, method="EAP-IG-inputs", ig_steps=3, batch_size=8, quiet=True)
   np.testing.assert_array_equal(a.scores, b.scores)
+
+
+def test_whole_dataset_methods_run_through_fit(monkeypatch):
+  """A method with `fit` (mask training, greedy search) is called once with the whole dataset; the
+  driver checks and masks its scores and keeps its extras."""
+  calls = []
+
+  def fit(cfg, params, dataset, ablation, options):
+    calls.append((len(dataset), ablation.kind, options.remat))
+    return A.FitResult(np.ones(A.valid_edges(cfg).shape), clean_metric=1.5, extras={"steps": 3})
+
+  monkeypatch.setitem(A.METHODS, "fake-fit", A.Method("fake-fit", "test", None, fit=fit))
+  res = A.attribute(CFG, PARAMS, DATA, method="fake-fit", intervention="zero", remat=True,
+                    quiet=True)
+  assert calls == [(len(DATA), "zero", True)]
+  valid = A.valid_edges(CFG)
+  assert np.all(res.scores[valid] == 1) and np.all(res.scores[~valid] == 0)
+  assert res.clean_metric == 1.5 and res.extras == {"steps": 3}

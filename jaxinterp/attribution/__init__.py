@@ -27,16 +27,16 @@ from tqdm.auto import tqdm
 
 from jaxinterp.attribution import ablation, base, eap, exact, ig_activations, receiver_grads
 from jaxinterp.attribution.ablation import INTERVENTIONS, Ablation, compute_means, make_ablation
-from jaxinterp.attribution.base import (AttributionError, BatchScores, IGOptions, Method, Options,
-                                        Shift, clean_metric, ig_alphas, metric_at_last, metric_sum,
-                                        sender_outputs, valid_edges)
+from jaxinterp.attribution.base import (AttributionError, BatchScores, FitResult, IGOptions, Method,
+                                        Options, Shift, clean_metric, ig_alphas, metric_at_last,
+                                        metric_sum, sender_outputs, valid_edges)
 from jaxinterp.attribution.exact import ExactOptions, exact_chunk_size
 from jaxinterp.tasks import Batch, Dataset
 from models.config import ModelConfig
 
 __all__ = [
     "METHODS", "INTERVENTIONS", "Ablation", "Attribution", "AttributionError", "BatchScores",
-    "ExactOptions", "IGOptions", "Method", "Options", "Progress", "Shift", "attribute",
+    "FitResult", "ExactOptions", "IGOptions", "Method", "Options", "Progress", "Shift", "attribute",
     "clean_metric", "compute_means", "exact_chunk_size", "get_method", "ig_alphas",
     "make_ablation", "metric_at_last", "metric_sum", "node_scores", "sender_outputs",
     "valid_edges", "ablation", "base", "eap", "exact", "ig_activations", "receiver_grads",
@@ -64,9 +64,11 @@ class Attribution:
   """Edge scores and how they were computed.
 
   Attributes:
-    scores: float32 [n_senders, n_receivers], in the metric's units (0 on invalid edges).
+    scores: float32 [n_senders, n_receivers] (or the method's level's shape), in the metric's
+      units (0 on invalid edges).
     method, intervention, ig_steps, n_examples: provenance.
     clean_metric: mean metric of the clean model over the examples.
+    extras: what a whole-dataset method returns besides scores (learned masks, loss curves).
   """
 
   scores: np.ndarray
@@ -75,6 +77,7 @@ class Attribution:
   ig_steps: int
   n_examples: int
   clean_metric: float
+  extras: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +157,14 @@ def attribute(cfg: ModelConfig, params, dataset: Dataset, *, method: str = "EAP-
   options = dataclasses.replace(options, progress=not quiet and n_batches == 1)
   abl = make_ablation(cfg, params, dataset, intervention, batch_size, mean_dataset)
   task = dataset.task
-  valid = valid_edges(cfg)
+  valid = m.valid_mask(cfg, options)
+  if m.fit is not None:  # whole-dataset methods: one call, no batches to resume
+    result = m.fit(cfg, params, dataset, abl, options)
+    scores = np.asarray(result.scores, np.float64)
+    base.check_finite(scores[valid], 0, "a score")
+    return Attribution(np.where(valid, scores, 0.0).astype(np.float32), method, intervention,
+                       getattr(options, "ig_steps", ig_steps), len(dataset),
+                       float(result.clean_metric), dict(result.extras))
   state = resume if resume is not None else Progress()
   if state.score_sum is None:
     state = dataclasses.replace(state, score_sum=np.zeros(valid.shape, np.float64))

@@ -71,27 +71,59 @@ ScoreBatch = Callable[[ModelConfig, Task, dict, Batch, "ablation.Ablation", Opti
 
 
 @dataclasses.dataclass(frozen=True)
+class FitResult:
+  """What a whole-dataset method (`Method.fit`) returns.
+
+  Attributes:
+    scores: float [n_senders, n_receivers] (or the method's `valid` shape), higher |score| = more
+      important; the method's description says their units.
+    clean_metric: mean metric of the clean model over the examples.
+    extras: anything else worth keeping (learned masks, loss curves), saved by the caller as it likes.
+  """
+
+  scores: np.ndarray
+  clean_metric: float
+  extras: dict = dataclasses.field(default_factory=dict)
+
+
+Fit = Callable[[ModelConfig, dict, "Dataset", "ablation.Ablation", Options], FitResult]
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
-  """An attribution method: a name, a one-line description and a per-batch scorer.
+  """An attribution method: a name, a one-line description, and how it scores.
+
+  Most methods score one batch at a time (`score_batch`); `attribute` sums the batches and averages.
+  Methods that need the whole dataset at once (mask training, greedy search) give `fit` instead,
+  which extends the interface without widening it: `attribute` then calls `fit` once.
 
   Attributes:
     name: the `--method` name.
     description: one line for `--help` and the README's method table.
-    score_batch: `(cfg, task, params, batch, ablation, options) -> BatchScores`.
+    score_batch: `(cfg, task, params, batch, ablation, options) -> BatchScores`, or None with `fit`.
     options: the method's `Options` subclass.
     interventions: the ablations it supports (None: all of `ablation.INTERVENTIONS`).
+    fit: `(cfg, params, dataset, ablation, options) -> FitResult` for whole-dataset methods.
+    valid: `(cfg, options) -> bool array`, the shape and validity of its scores (default: the
+      edges, `valid_edges`); node- or neuron-level scoring returns its own.
   """
 
   name: str
   description: str
-  score_batch: ScoreBatch
+  score_batch: Optional[ScoreBatch]
   options: type = Options
   interventions: Optional[tuple[str, ...]] = None
+  fit: Optional[Fit] = None
+  valid: Optional[Callable[[ModelConfig, Options], np.ndarray]] = None
 
   def make_options(self, **kwargs) -> Options:
     """The method's options from `attribute()`'s keywords (those it has no field for are ignored)."""
     names = {f.name for f in dataclasses.fields(self.options)}
     return self.options(**{k: v for k, v in kwargs.items() if k in names})
+
+  def valid_mask(self, cfg: ModelConfig, options: Options) -> np.ndarray:
+    """Bool array: which entries of this method's scores are real (edges, unless `valid` says)."""
+    return valid_edges(cfg) if self.valid is None else self.valid(cfg, options)
 
 
 # ----------------------------------------------------------------------------------- helpers
