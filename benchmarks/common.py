@@ -47,7 +47,7 @@ class BenchmarkError(ValueError):
 
 def model_config(shape: str):
   """A `ModelConfig` for a named shape (see SHAPES)."""
-  from models.config import ModelConfig
+  from jaxinterp.models.config import ModelConfig
   if shape not in SHAPES:
     raise BenchmarkError(f"unknown model shape {shape!r}; choose from {sorted(SHAPES)}")
   s = dict(SHAPES[shape])

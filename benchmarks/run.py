@@ -18,11 +18,16 @@ Suites (comma separated, or "all"):
                  compile-time buffer assignment (`Compiled.memory_analysis()`) on abstract
                  arguments: nothing is allocated, so an 8B shape can be checked on a laptop. The
                  figures are the compiling backend's (XLA:CPU here); a GPU's differ somewhat.
+  methods        every registered method (and its node/neuron levels, an ensemble, a bootstrap)
+                 through `attribute`, cold and warm: `benchmarks/methods.py` (rows: its CASES).
   whole_process  EAP-IG (m = --steps) on --n IOI examples, each implementation in a fresh Python
                  process (imports, model load, tokenisation, compile and run all counted): jaxinterp,
                  the eager-torch baseline (answer logits only, and full logits as the `eap` package
                  computes them) and, when TransformerLens 3.x is installed, the reference algorithm
                  on HookedTransformer hooks (`benchmarks.tl_baseline`).
+  das            DAS training on a toy model trained on the spot (`benchmarks/das.py`; once, not per
+                 shape): per-step time and IIA at 500 steps at site widths 64 and 256, against
+                 pyvene when `import pyvene` works (its rows are left out otherwise).
 
 Every timing is taken after a warm-up call with the same shapes (the compile), with
 `block_until_ready` (or a host transfer) at the end, repeated --repeats times; the warm-up time is
@@ -49,7 +54,8 @@ from absl import app, flags
 
 from benchmarks import common
 
-SUITES = ("attribution", "exact", "evaluation", "precision", "scaling", "whole_process", "memory")
+SUITES = ("attribution", "exact", "evaluation", "precision", "scaling", "whole_process", "memory",
+          "methods", "das")
 
 _SUITE = flags.DEFINE_string("suite", "attribution", f"comma-separated suites from {SUITES}, or all")
 _QUICK = flags.DEFINE_boolean("quick", False, "tiny shapes and few examples (CI smoke run, < 60 s)")
@@ -92,8 +98,8 @@ class Ctx:
     """(cfg, params, hf_dir or None) of a shape; GPT-2 shapes go through a HF checkpoint."""
     import jax
     import jax.numpy as jnp
-    from models import init_params
-    from models.pretrained import from_pretrained
+    from jaxinterp.models import init_params
+    from jaxinterp.models.pretrained import from_pretrained
     key = (shape, str(dtype))
     if key not in self._models:
       if common.SHAPES[shape]["family"] == "gpt2":
@@ -179,7 +185,7 @@ def suite_exact(ctx: Ctx, shape: str, n: int, batch: int, repeats: int) -> list:
   import jax.numpy as jnp
   import numpy as np
   from jaxinterp import attribution as A
-  from models import edges as E
+  from jaxinterp.models import edges as E
   cfg, params, _ = ctx.model(shape)
   batch = _EXACT_BATCH.value
   ds, source = ctx.data(cfg, batch)
@@ -313,7 +319,7 @@ def suite_memory(ctx: Ctx, shape: str, batch: int, steps: int) -> list:
   from jaxinterp import receiver_grads as RG
   from jaxinterp.attribution import Ablation
   from jaxinterp.tasks import Batch
-  from models import init_params
+  from jaxinterp.models import init_params
   cfg = common.model_config(shape)
   seq = _SEQ.value
   sd = jax.ShapeDtypeStruct
@@ -441,6 +447,12 @@ def main(argv):
         rows = suite_scaling(ctx, shape, batch, steps, repeats)
       elif suite == "memory":
         rows = suite_memory(ctx, shape, batch, steps)
+      elif suite == "methods":
+        from benchmarks import methods
+        rows = methods.suite_methods(ctx, shape, n, batch, steps, repeats)
+      elif suite == "das":
+        from benchmarks import das
+        rows = das.suite_das(workdir, quick, log=log) if shape == shapes[0] else []
       else:
         rows = suite_whole_process(ctx, shape, n, batch, steps, repeats)
       results["results"].extend(rows)

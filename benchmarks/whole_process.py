@@ -46,7 +46,7 @@ def run_jax(ckpt: str, n: int, steps: int, batch_size: int, seq: int) -> dict:
   import jax
   import numpy as np
   from jaxinterp.attribution import attribute
-  from models.pretrained import from_pretrained
+  from jaxinterp.models.pretrained import from_pretrained
   from benchmarks import common
   t = _phase(phases, "import", t)
   model = from_pretrained(ckpt)

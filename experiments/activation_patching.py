@@ -10,7 +10,9 @@ layer x head; head q/k/v/pattern by layer x head), every cell is patched in turn
 one corrupted activation; `denoising` the reverse (TransformerLens' default).
 
 Writes `{sweep}.png` and `{sweep}.npz` (arrays `normalized`, `metric`, `m_clean`, `m_corrupted`,
-`axis_labels`, ...) under `--out`, and `patching.json` with the baselines.
+`axis_labels`, ...) under `--out`, `patching.json` with the baselines, and `DONE` last. Heatmaps show
+the change each patch makes, centred on zero (white: no effect); positions are labelled with the
+first prompt's tokens, decoded when the model has a tokenizer.
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ import numpy as np
 from absl import app, flags, logging
 from tqdm.auto import tqdm
 
-from experiments import cli, common
+from jaxinterp.experiments import cli, common
 from jaxinterp import files
 from jaxinterp import patching, plots
 
 DEFAULTS = dict(model="toy", task="induction", data=None, n_examples=16, batch_size=16,
                 out="runs/activation_patching", seed=0, sweeps=",".join(patching.DEFAULT_SWEEPS),
-                direction="noising", patch_chunk=32)
+                direction="noising", patch_chunk=32, skip_bad_rows=False)
 
 cli.define("string", "model", DEFAULTS["model"],
            "Model: 'toy' (the bundled induction model), an HF checkpoint dir or an orbax conversion.")
@@ -43,6 +45,7 @@ cli.define("string", "direction", DEFAULTS["direction"],
            "noising (clean run, corrupted activation) or denoising (corrupted run, clean activation).")
 cli.define("integer", "patch_chunk", DEFAULTS["patch_chunk"],
            "Patched forwards per compiled vmap call (lower it to save memory).")
+cli.define("bool", "skip_bad_rows", DEFAULTS["skip_bad_rows"], common.SKIP_BAD_ROWS_HELP)
 
 FLAGS = flags.FLAGS
 
@@ -51,12 +54,23 @@ def _flag(name):
   return cli.value(name, DEFAULTS[name])
 
 
-def _position_labels(dataset) -> list[str]:
-  """Position labels: index, plus the first example's token when all prompts share one length."""
+def _position_labels(dataset, tokenizer=None) -> list[str]:
+  """Position labels: index, plus the first example's token (decoded with `tokenizer` if there is
+  one, else its id) when all prompts share one length."""
   labels = [str(i) for i in range(dataset.clean.shape[1])]
-  if len(set(dataset.lengths.tolist())) == 1:
-    labels = [f"{i}:{int(t)}" for i, t in enumerate(dataset.clean[0])]
-  return labels
+  if len(set(dataset.lengths.tolist())) != 1:
+    return labels
+  out = []
+  for i, t in enumerate(dataset.clean[0]):
+    text = str(int(t))
+    if tokenizer is not None:
+      try:
+        decoded = tokenizer.decode([int(t)], skip_special_tokens=False)
+        text = (decoded if decoded.strip() else tokenizer.id_to_token(int(t))) or text
+      except Exception:  # noqa: BLE001 - an undecodable id keeps its number
+        pass
+    out.append(f"{i}:{text[:12]}")
+  return out
 
 
 def main(argv):
@@ -71,35 +85,38 @@ def main(argv):
   direction = _flag("direction")
   if direction not in patching.DIRECTIONS:
     raise app.UsageError(f"--direction={direction}: choose from {', '.join(patching.DIRECTIONS)}")
-  batch_size, chunk, out = _flag("batch_size"), _flag("patch_chunk"), _flag("out")
-  if batch_size < 1 or chunk < 1:
-    raise app.UsageError("--batch_size and --patch_chunk must be positive")
+  batch_size = common.positive("batch_size", _flag("batch_size"))
+  chunk, out = common.positive("patch_chunk", _flag("patch_chunk")), _flag("out")
+  common.positive("n_examples", _flag("n_examples"))
 
-  model_name = _flag("model")
-  model = common.load_model(model_name)
-  dataset = common.load_dataset(model, model_name, _flag("task"), _flag("data"), _flag("n_examples"),
-                                seed=_flag("seed"))
-  results = {}
-  try:
-    for name in tqdm(sweeps, desc="sweeps"):
-      results[name] = patching.run_sweep(model.cfg, model.params, dataset, name, direction=direction,
-                                         batch_size=batch_size, chunk=chunk)
-  except patching.PatchingError as e:
-    raise app.UsageError(str(e)) from None
+  with common.run_dir(out) as held:
+    model_name = _flag("model")
+    model = common.load_model(model_name)
+    dataset = common.load_dataset(model, model_name, _flag("task"), _flag("data"),
+                                  _flag("n_examples"), seed=_flag("seed"),
+                                  skip_bad_rows=_flag("skip_bad_rows"))
+    results = {}
+    try:
+      for name in tqdm(sweeps, desc="sweeps"):
+        results[name] = patching.run_sweep(model.cfg, model.params, dataset, name,
+                                           direction=direction, batch_size=batch_size, chunk=chunk)
+    except patching.PatchingError as e:
+      raise app.UsageError(str(e)) from None
 
-  os.makedirs(out, exist_ok=True)
-  pos_labels = _position_labels(dataset)
-  for name, r in results.items():
-    files.atomic_savez(os.path.join(out, f"{name}.npz"), **r.to_npz_dict())
-    plots.plot_patching(r, os.path.join(out, f"{name}.png"), title=dataset.task.name,
-                        position_labels=pos_labels)
-  first = next(iter(results.values()))
-  files.atomic_write_json(os.path.join(out, "patching.json"), {
-      "model": model.path, "task": dataset.task.name, "data": dataset.source,
-      "n_examples": len(dataset), "direction": direction, "m_clean": first.m_clean,
-      "m_corrupted": first.m_corrupted,
-      "sweeps": {n: {"site": r.sweep.site, "axes": list(r.axis_labels),
-                     "shape": list(r.normalized.shape)} for n, r in results.items()}})
+    pos_labels = _position_labels(dataset, model.tokenizer)
+    outputs = [f"{n}.{ext}" for n in results for ext in ("npz", "png")] + ["patching.json"]
+    with held.writing(outputs):
+      for name, r in results.items():
+        files.atomic_savez(os.path.join(out, f"{name}.npz"), **r.to_npz_dict())
+        plots.plot_patching(r, os.path.join(out, f"{name}.png"), title=dataset.task.name,
+                            position_labels=pos_labels)
+      first = next(iter(results.values()))
+      files.atomic_write_json(os.path.join(out, "patching.json"), {
+          "model": model.path, "task": dataset.task.name, "data": dataset.source,
+          "n_examples": len(dataset), "direction": direction, "m_clean": first.m_clean,
+          "m_corrupted": first.m_corrupted, "positions": pos_labels,
+          "sweeps": {n: {"site": r.sweep.site, "axes": list(r.axis_labels),
+                         "shape": list(r.normalized.shape)} for n, r in results.items()}})
 
   print(f"{dataset.task.name} on {len(dataset)} examples ({direction}): clean metric "
         f"{first.m_clean:.4f}, corrupted {first.m_corrupted:.4f}")
@@ -117,4 +134,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -1,28 +1,43 @@
-"""What the experiment binaries share: resolving `--model`, loading `--task`/`--data`, and errors.
+"""What the experiment binaries share: resolving `--model`, loading `--task`/`--data`, holding `--out`,
+reading a circuit's provenance, and errors.
 
-Every user-facing failure is raised as `app.UsageError` with one clear line, so a binary never ends in
-a stack trace from deep inside jit.
+Every user-facing failure is raised as `app.UsageError` with one clear line naming the flag, file or
+row, so a binary never ends in a stack trace from deep inside jit (`cli.run` prints it as one line).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
+import json
 import os
-from typing import Optional
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
 from absl import app
 
-import models
-from experiments import cli
-from jaxinterp import tasks
+from jaxinterp import evaluation, files, models, tasks, toy
+from jaxinterp.experiments import cli
 
 TOY = "toy"
 COMPILATION_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jaxinterp", "xla")
 cli.define("string", "compilation_cache", COMPILATION_CACHE,
            "Directory of JAX's persistent compilation cache: a later run with the same model shape "
            "and batch shapes reuses the compiled kernels instead of recompiling. Empty disables it.")
+cli.define("string", "mib_split", "train",
+           "The split read when --data is a directory holding a local copy of an MIB dataset.")
+SKIP_BAD_ROWS_HELP = ("Leave out --data rows that cannot be used (prompts of unequal token lengths, "
+                      "bad labels) and report them, instead of stopping at them.")
+ANSWER_TOP_K = 50  # an answer in no prompt's top-k next tokens is worth a warning
+
+
+def positive(name: str, value: int, minimum: int = 1) -> int:
+  """`value`, or a usage error naming `--name` if it is below `minimum`."""
+  if value is None or value < minimum:
+    raise app.UsageError(f"--{name}={value}: must be at least {minimum}")
+  return value
 
 
 def enable_compilation_cache() -> Optional[str]:
@@ -40,12 +55,34 @@ def enable_compilation_cache() -> Optional[str]:
   return path
 
 
+# ------------------------------------------------------------------------------------------ --out
+
+
+@contextlib.contextmanager
+def run_dir(out: str, flag: str = "out") -> Iterator[files.RunDir]:
+  """Hold `--out` for this run (`files.RunDir`): refused if it is a file or another run holds it;
+  removed again if the run fails before writing anything into it."""
+  if not out:
+    raise app.UsageError(f"--{flag} is required (an output directory)")
+  held = files.RunDir(out)
+  try:
+    held.acquire()
+  except files.OutputDirError as e:
+    raise app.UsageError(f"--{flag}: {e}") from None
+  try:
+    yield held
+  except BaseException:
+    held.release(failed=True)
+    raise
+  held.release()
+
+
+# ----------------------------------------------------------------------------------------- models
+
+
 def resolve_model_path(name: str) -> str:
   """`toy` -> the bundled model's directory; anything else is used as given (a path)."""
-  if name == TOY:
-    from jaxinterp.toy import TOY_MODEL_DIR
-    return TOY_MODEL_DIR
-  return name
+  return toy.TOY_MODEL_DIR if name == TOY else name
 
 
 def load_model(name: str, dtype=None) -> models.Model:
@@ -63,15 +100,36 @@ def load_model(name: str, dtype=None) -> models.Model:
 
 
 def model_hash(model: models.Model) -> str:
-  """sha256 over the config and every parameter's bytes (identifies the exact weights)."""
-  h = hashlib.sha256(repr(sorted(model.cfg.to_dict().items())).encode())
+  """sha256 over the config and every parameter's bytes (identifies the exact weights).
+
+  Only config fields that differ from their defaults count, so a field added to `ModelConfig` later
+  (with a default) leaves every existing model's hash, and the graphs that record it, valid.
+  """
+  cfg = model.cfg
+  changed = [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+             if f.default is dataclasses.MISSING or getattr(cfg, f.name) != f.default]
+  h = hashlib.sha256(repr(sorted(changed)).encode())
   for path, leaf in jax.tree_util.tree_flatten_with_path(model.params)[0]:
     h.update(jax.tree_util.keystr(path).encode())
     h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
   return h.hexdigest()
 
 
+def is_toy_model(model: models.Model) -> bool:
+  """Whether `model` holds the bundled toy's weights, whatever the spelling of its path (`toy`, a
+  relative or absolute path, a copy): decided by the config and the weights' hash."""
+  if model.path and os.path.realpath(model.path) == os.path.realpath(toy.TOY_MODEL_DIR):
+    return True
+  try:
+    with open(os.path.join(toy.TOY_MODEL_DIR, models.pretrained.CONVERTED_CONFIG)) as f:
+      toy_cfg = models.ModelConfig.from_dict(json.load(f))
+  except (OSError, ValueError, models.ConfigError):
+    return False
+  return model.cfg == toy_cfg and model_hash(model) == model_hash(toy.load_toy())
+
+
 def bos_id(model: models.Model) -> int:
+  """The id prepended as BOS: the config's BOS, else its EOS (GPT-2), else 0."""
   c = model.cfg
   if c.bos_token_id is not None:
     return int(c.bos_token_id)
@@ -80,16 +138,56 @@ def bos_id(model: models.Model) -> int:
   return 0
 
 
+# ------------------------------------------------------------------------------------------- data
+
+
+def dataset_hash(dataset: tasks.Dataset) -> str:
+  """sha256 over the token ids, lengths and labels (identifies the exact examples)."""
+  h = hashlib.sha256()
+  for a in (dataset.clean, dataset.corrupted, dataset.lengths):
+    h.update(np.ascontiguousarray(a).tobytes())
+  for k in sorted(dataset.labels):
+    h.update(k.encode())
+    h.update(np.ascontiguousarray(dataset.labels[k]).tobytes())
+  return h.hexdigest()
+
+
+def _token_text(model: models.Model, i: int) -> str:
+  try:
+    return repr(model.tokenizer.decode([i]))
+  except Exception:  # noqa: BLE001 - any tokenizer failure just loses the text
+    return "?"
+
+
+def warn_rare_answers(model: models.Model, dataset: tasks.Dataset, data: str) -> list:
+  """Warn (one line) about answers the model ranks in no prompt's top-50 next tokens."""
+  rare = evaluation.rarely_predicted_answers(model.cfg, model.params, dataset, k=ANSWER_TOP_K)
+  if rare:
+    n = len(evaluation.answer_sets(dataset))
+    shown = ", ".join(f"{_token_text(model, a[0])} (id {a[0]}{', ...' if len(a) > 1 else ''})"
+                      for a in rare[:5])
+    more = f" and {len(rare) - 5} more" if len(rare) > 5 else ""
+    cli.warn(f"--data={data}: {len(rare)} of {n} answers are in no prompt's top-{ANSWER_TOP_K} "
+             f"next tokens: {shown}{more}; the model may predict them tokenised differently (e.g. "
+             f"with a leading space), so the metric may measure noise")
+  return rare
+
+
 def load_dataset(model: models.Model, model_name: str, task: str, data: Optional[str],
-                 n_examples: int, prepend_bos: bool = True, seed: int = 0) -> tasks.Dataset:
-  """The task's prompt pairs: generated for `induction` (no CSV needed), else read from `--data`."""
-  if n_examples < 1:
-    raise app.UsageError(f"--n_examples must be positive, got {n_examples}")
-  if data and not os.path.isfile(data):
+                 n_examples: int, prepend_bos: bool = True, seed: int = 0,
+                 skip_bad_rows: bool = False) -> tasks.Dataset:
+  """The task's prompt pairs: generated for `induction` (no CSV needed), else read from `--data` (a
+  task CSV, or a local copy of an MIB dataset: `tasks.load_mib_task`, split `--mib_split`).
+
+  Generated induction data depend on the model's weights, not on how `--model` was spelled: the
+  bundled toy (however reached) gets `toy.induction_task_dataset`, any other model `make_induction`.
+  A CSV's skipped rows (`skip_bad_rows`) and answers the model never predicts are warned about.
+  """
+  positive("n_examples", n_examples)
+  if data and not os.path.isfile(data) and not (os.path.isdir(data) and tasks.is_mib_source(data)):
     raise app.UsageError(f"--data={data}: no such file")
   if task == "induction" and not data:
-    if model_name == TOY:
-      from jaxinterp import toy
+    if is_toy_model(model):
       try:
         return toy.induction_task_dataset(n_examples, seed=seed)
       except toy.ToyDataError as e:
@@ -101,17 +199,88 @@ def load_dataset(model: models.Model, model_name: str, task: str, data: Optional
   if model.tokenizer is None:
     raise app.UsageError(f"--model={model_name} has no tokenizer.json; it cannot read text CSVs")
   try:
-    return tasks.load_task(task, data, model.tokenizer, n_examples=n_examples,
-                           prepend_bos=prepend_bos,
-                           bos_id=bos_id(model) if prepend_bos else None,
-                           vocab_size=model.cfg.d_vocab)
+    if tasks.is_mib_source(data):  # a local copy of MIB's data (a directory, JSON(L) or parquet)
+      dataset = tasks.load_mib_task(task, data, model.tokenizer, n_examples=n_examples,
+                                    split=cli.value("mib_split", "train"), prepend_bos=prepend_bos,
+                                    bos_id=bos_id(model) if prepend_bos else None,
+                                    vocab_size=model.cfg.d_vocab, skip_bad_rows=skip_bad_rows)
+    else:
+      dataset = tasks.load_task(task, data, model.tokenizer, n_examples=n_examples,
+                                prepend_bos=prepend_bos,
+                                bos_id=bos_id(model) if prepend_bos else None,
+                                vocab_size=model.cfg.d_vocab, skip_bad_rows=skip_bad_rows)
   except tasks.TaskError as e:
-    raise app.UsageError(str(e)) from None
+    raise app.UsageError(str(e).replace("skip_bad_rows=True (--skip_bad_rows)",
+                                        "--skip_bad_rows")) from None
+  if dataset.skipped:
+    cli.warn(f"--skip_bad_rows: left out {dataset.skipped_summary}")
+  warn_rare_answers(model, dataset, data)
+  return dataset
 
 
-def ensure_out_dir(out: str) -> str:
+# ------------------------------------------------------------------------- a circuit's provenance
+
+
+def read_meta(path: str) -> dict:
+  """The `meta` section of a graph.json ({} when absent or unreadable: loading the graph itself
+  reports a broken file)."""
   try:
-    os.makedirs(out, exist_ok=True)
-  except OSError as e:
-    raise app.UsageError(f"--out={out}: cannot create directory: {e}") from None
+    with open(path) as f:
+      meta = json.load(f).get("meta")
+  except (OSError, ValueError, AttributeError):
+    return {}
+  return meta if isinstance(meta, dict) else {}
+
+
+def _usable(meta: Mapping[str, Any]) -> dict:
+  """meta with `model` and `data` replaced by the absolute paths recorded beside them, if present."""
+  view = dict(meta)
+  if isinstance(meta.get("model_path"), str) and os.path.isdir(meta["model_path"]):
+    view["model"] = meta["model_path"]
+  if isinstance(meta.get("data_path"), str) and os.path.isfile(meta["data_path"]):
+    view["data"] = meta["data_path"]
+  return view
+
+
+def _same(name: str, a: Any, b: Any) -> bool:
+  if name in ("model", "data") and isinstance(a, str) and isinstance(b, str):
+    resolve = resolve_model_path if name == "model" else (lambda x: x)
+    return os.path.realpath(resolve(a)) == os.path.realpath(resolve(b))
+  return a == b
+
+
+def settings_from_meta(meta: Mapping[str, Any], defaults: Mapping[str, Any], source: str,
+                       unwarned: Sequence[str] = ()) -> dict:
+  """The value of each flag in `defaults`: as given on the command line, else as recorded in `meta`
+  (how the circuit was found), else the binary's default. Flags given with a value other than
+  meta's are listed in one warning line, except those in `unwarned` (checked otherwise, as the
+  model is by its hash)."""
+  view = _usable(meta)
+  out, overrides = {}, []
+  for name, default in defaults.items():
+    if cli.given(name):
+      out[name] = cli.FLAGS[name].value
+      if name in view and name not in unwarned and not _same(name, out[name], view[name]):
+        overrides.append(f"--{name}={out[name]} (meta: {view[name]})")
+    else:
+      out[name] = view.get(name, default)
+  if overrides:
+    cli.warn(f"{', '.join(overrides)} override{'s' if len(overrides) == 1 else ''} how {source} "
+             f"was found, as its meta records it")
   return out
+
+
+def check_model_hash(model: models.Model, model_name: str, meta: Mapping[str, Any], source: str,
+                     force: bool) -> None:
+  """Refuse a model whose weights differ from those `meta` records (warn instead with `force`)."""
+  expected = meta.get("model_hash")
+  if not expected:
+    return
+  got = model_hash(model)
+  if got == expected:
+    return
+  message = (f"--model={model_name}: its weights (sha256 {got[:12]}) differ from those {source} "
+             f"was found with ({expected[:12]}, in its meta)")
+  if not force:
+    raise app.UsageError(f"{message}; pass --force to evaluate it anyway")
+  cli.warn(f"{message}; evaluating anyway (--force)")

@@ -13,7 +13,7 @@ after layer 0; before it they hold a single operand) and at the embeddings.
 
 The script (1) trains the tiny model with optax on all p^2 inputs (or loads it from --model_dir if
 it is already there), shipping it via `models.save_converted`; (2) trains a DAS rotation
-(`RotatedSpace`, Cayley parametrisation, k rotated dims) at each residual-stream layer x position,
+(`RotatedSpace`, QR parametrisation, k rotated dims) at each residual-stream layer x position,
 evaluates IIA on held-out pairs and writes a heatmap PNG plus JSON/CSV; (3) runs the subspace-illusion
 diagnostic for a 1-d direction learned at the layer-0 MLP neurons.
 
@@ -23,7 +23,6 @@ diagnostic for a 1-d direction learned at the layer-0 MLP neurons.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import time
@@ -35,8 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import models
+from jaxinterp import models
 from jaxinterp import files, illusion
+from jaxinterp.experiments import cli, common
 from jaxinterp.interventions import Where
 from jaxinterp.training import (CausalModel, init_low_rank, init_rotated_space, iia,
                                 save_interventions, train_interventions)
@@ -178,27 +178,45 @@ def heatmap(grid: np.ndarray, sites: list[str], positions: list[str], chance: fl
               color="black" if grid[i, j] > 0.5 else "white", fontsize=9)
   ax.set_xlabel("position")
   ax.set_title(f"DAS IIA for S = (a+b) mod p (chance {chance:.2f})", fontsize=9)
-  fig.colorbar(im, ax=ax, fraction=0.046)
+  fig.colorbar(im, ax=ax, fraction=0.046).set_label("interchange-intervention accuracy", fontsize=8)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   files.atomic_with(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
   plt.close(fig)
 
 
+def _check_flags() -> None:
+  """Usage errors naming the flag, before anything is trained."""
+  common.positive("p", FLAGS.p, 2)
+  for name in ("model_steps", "das_steps", "n_train", "n_eval"):
+    common.positive(name, FLAGS[name].value)
+  d_model = toy_config(FLAGS.p).d_model
+  if not 1 <= FLAGS.k <= d_model:
+    raise app.UsageError(f"--k={FLAGS.k}: must be between 1 and the model width {d_model}")
+  if FLAGS.model_lr <= 0:
+    raise app.UsageError(f"--model_lr={FLAGS.model_lr}: must be positive")
+
+
 def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  _check_flags()
+  with common.run_dir(FLAGS.out) as out_dir:
+    _run(out_dir)
+
+
+def _run(out_dir):
   t0 = time.time()
+  common.enable_compilation_cache()
   p = FLAGS.p
   md = FLAGS.model_dir
   if FLAGS.retrain_model or not os.path.exists(os.path.join(md, models.pretrained.CONVERTED_CONFIG)):
     cfg, params, acc = train_toy_model(p, FLAGS.model_steps, FLAGS.seed, FLAGS.model_lr)
     models.save_converted(models.Model(cfg, params), md)
-    with open(os.path.join(md, METADATA_FILE), "w") as f:
-      json.dump({"task": "(a + b) mod p at '='", "p": p, "accuracy": acc, "tokens": "a b =",
-                 "eq_token": p, "model_steps": FLAGS.model_steps, "model_lr": FLAGS.model_lr,
-                 "seed": FLAGS.seed, "layer1_attention": "cut (W_O held at zero)",
-                 "known_site": ["blocks.1.hook_resid_pre", 2]}, f, indent=1)
+    files.atomic_write_json(os.path.join(md, METADATA_FILE), {
+        "task": "(a + b) mod p at '='", "p": p, "accuracy": acc, "tokens": "a b =", "eq_token": p,
+        "model_steps": FLAGS.model_steps, "model_lr": FLAGS.model_lr, "seed": FLAGS.seed,
+        "layer1_attention": "cut (W_O held at zero)", "known_site": ["blocks.1.hook_resid_pre", 2]})
   model, meta = load_das_toy(md)
   cfg, params = model.cfg, model.params
   if meta["p"] != p:
@@ -211,45 +229,46 @@ def main(argv):
   positions = [0, 1, 2]
   grid = np.zeros((len(sites), len(positions)))
   rows = []
-  os.makedirs(FLAGS.out, exist_ok=True)
-  for i, site in enumerate(sites):
-    for j, pos in enumerate(positions):
-      trained = das_at(cfg, params, site, pos, train, k=FLAGS.k, steps=FLAGS.das_steps, seed=FLAGS.seed)
-      grid[i, j] = iia(cfg, params, trained, held)
-      rows.append({"site": site, "position": pos, "k": FLAGS.k, "iia": grid[i, j]})
-      print(f"{site} pos {pos}: IIA {grid[i, j]:.3f} ({time.time() - t0:.1f}s)", flush=True)
-      save_interventions(os.path.join(FLAGS.out, f"das_{site}_pos{pos}"), trained,
-                         metadata={"iia": grid[i, j], "variable": "S", "p": p})
-  chance = 1.0 / p
-  labels = ["a", "b", "="]
-  heatmap(grid, sites, [f"{q} ({lab})" for q, lab in zip(positions, labels)], chance,
-          FLAGS.png or os.path.join(FLAGS.out, "das_iia.png"))
-  with open(os.path.join(FLAGS.out, "iia.csv"), "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=["site", "position", "k", "iia"])
-    w.writeheader()
-    w.writerows(rows)
+  png = FLAGS.png or os.path.join(FLAGS.out, "das_iia.png")
+  outputs = ["iia.json", "iia.csv"] + [f"das_{s}_pos{q}" for s in sites for q in positions]
+  if not FLAGS.png:
+    outputs.append("das_iia.png")
+  with out_dir.writing(outputs):  # DONE, listing them, last
+    for i, site in enumerate(sites):
+      for j, pos in enumerate(positions):
+        trained = das_at(cfg, params, site, pos, train, k=FLAGS.k, steps=FLAGS.das_steps,
+                         seed=FLAGS.seed)
+        grid[i, j] = iia(cfg, params, trained, held)
+        rows.append({"site": site, "position": pos, "k": FLAGS.k, "iia": grid[i, j]})
+        print(f"{site} pos {pos}: IIA {grid[i, j]:.3f} ({time.time() - t0:.1f}s)", flush=True)
+        save_interventions(os.path.join(FLAGS.out, f"das_{site}_pos{pos}"), trained,
+                           metadata={"iia": grid[i, j], "variable": "S", "p": p})
+    chance = 1.0 / p
+    labels = ["a", "b", "="]
+    heatmap(grid, sites, [f"{q} ({lab})" for q, lab in zip(positions, labels)], chance, png)
+    files.atomic_write_csv(os.path.join(FLAGS.out, "iia.csv"), rows)
 
-  # Subspace-illusion diagnostic: a 1-d direction among the layer-0 MLP neurons at '='.
-  site = "blocks.0.mlp.hook_post"
-  key = jax.random.PRNGKey(FLAGS.seed)
-  tmpl = {site: init_low_rank(key, cfg.d_mlp, 1, where=Where.of(positions=2))}
-  trained, _ = train_interventions(cfg, params, tmpl, train, steps=FLAGS.das_steps, batch_size=128,
-                                   learning_rate=1e-2, seed=FLAGS.seed)
-  v = trained[site].matrix()[:, 0]
-  lab_cf, lab_base = jnp.asarray(held["label"]), (held["base"][:, 0] + held["base"][:, 1]) % p
-  metric = lambda lg: (lg[jnp.arange(lg.shape[0]), -1, lab_cf] - lg[jnp.arange(lg.shape[0]), -1, lab_base])
-  rep = illusion.illusion_report(cfg, params, site, v, held["base"], held["source"], metric,
-                                 where=Where.of(positions=2))
-  rep["iia_1d"] = iia(cfg, params, trained, held)
-  print(f"illusion diagnostic at {site}: {rep}", flush=True)
+    # Subspace-illusion diagnostic: a 1-d direction among the layer-0 MLP neurons at '='.
+    site = "blocks.0.mlp.hook_post"
+    key = jax.random.PRNGKey(FLAGS.seed)
+    tmpl = {site: init_low_rank(key, cfg.d_mlp, 1, where=Where.of(positions=2))}
+    trained, _ = train_interventions(cfg, params, tmpl, train, steps=FLAGS.das_steps, batch_size=128,
+                                     learning_rate=1e-2, seed=FLAGS.seed)
+    v = trained[site].matrix()[:, 0]
+    lab_cf, lab_base = jnp.asarray(held["label"]), (held["base"][:, 0] + held["base"][:, 1]) % p
+    rows_ = jnp.arange(lab_cf.shape[0])
+    metric = lambda lg: lg[rows_, -1, lab_cf] - lg[rows_, -1, lab_base]
+    rep = illusion.illusion_report(cfg, params, site, v, held["base"], held["source"], metric,
+                                   where=Where.of(positions=2))
+    rep["iia_1d"] = iia(cfg, params, trained, held)
+    print(f"illusion diagnostic at {site}: {rep}", flush=True)
 
-  result = {"p": p, "chance": chance, "k": FLAGS.k, "sites": sites, "positions": positions,
-            "iia": grid.tolist(), "model_accuracy": meta["accuracy"],
-            "illusion": {"site": site, "position": 2, **rep}, "seconds": time.time() - t0}
-  with open(os.path.join(FLAGS.out, "iia.json"), "w") as f:
-    json.dump(result, f, indent=1)
+    result = {"p": p, "chance": chance, "k": FLAGS.k, "sites": sites, "positions": positions,
+              "iia": grid.tolist(), "model_accuracy": meta["accuracy"],
+              "illusion": {"site": site, "position": 2, **rep}, "seconds": time.time() - t0}
+    files.atomic_write_json(os.path.join(FLAGS.out, "iia.json"), result)
   print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -14,14 +14,16 @@ After training, the script finds the previous-token head (layer 0, attention to 
 the induction head (layer 1, attention to the token after the previous occurrence of the current
 token); where several heads do the same job, it records the one whose zero-ablation raises the
 induction loss most. It writes the checkpoint (`models.save_converted`) and `toy_metadata.json`
-(flags, final loss/accuracy, per-head scores, the two head indices) to --out:
+(flags, final loss/accuracy, per-head scores, the two head indices) to --out, then `DONE`:
 
-  python -m experiments.train_toy_model --out jaxinterp/assets/toy
+  python -m experiments.train_toy_model --out=runs/toy_model
+  python -m experiments.find_circuit --model=runs/toy_model   # then use it like the bundled one
+
+The bundled model (`jaxinterp/assets/toy/`) is only overwritten with `--overwrite_bundled`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -33,12 +35,15 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-import models
-from jaxinterp import toy
+from jaxinterp import files, models, toy
+from jaxinterp.experiments import cli, common
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("out", "/tmp/jaxinterp_toy", "Output directory for the checkpoint and metadata.")
+flags.DEFINE_string("out", "runs/toy_model", "Output directory for the checkpoint and metadata "
+                    "(not the bundled model's directory, unless --overwrite_bundled).")
+flags.DEFINE_bool("overwrite_bundled", False, "Allow --out to be the bundled model's directory "
+                  "(jaxinterp/assets/toy), replacing the model the README's numbers come from.")
 flags.DEFINE_integer("steps", 2000, "Optimizer steps.")
 flags.DEFINE_integer("seed", 0, "Seed for the initialisation and the data.")
 flags.DEFINE_integer("seq_len", 20, "Longest repeated block n; rows are 1 + 2*seq_len tokens.")
@@ -246,10 +251,26 @@ def evaluate(cfg, params, max_block: int, min_block: int, seed: int, n_batches: 
   return float(np.mean([o[0] for o in out])), float(np.mean([o[1] for o in out]))
 
 
+OUTPUTS = (models.pretrained.CONVERTED_CONFIG, models.pretrained.CONVERTED_PARAMS, toy.METADATA_FILE)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cfg = make_config()
+  try:
+    cfg = make_config()
+  except TrainError as e:
+    raise app.UsageError(str(e)) from None
+  if (os.path.realpath(FLAGS.out) == os.path.realpath(toy.TOY_MODEL_DIR)
+      and not FLAGS.overwrite_bundled):
+    raise app.UsageError(f"--out={FLAGS.out} is the bundled model's directory; choose another "
+                         f"(e.g. runs/toy_model), or pass --overwrite_bundled to replace it")
+  with common.run_dir(FLAGS.out) as out_dir:
+    _train_and_save(cfg, out_dir)
+
+
+def _train_and_save(cfg, out_dir) -> None:
+  common.enable_compilation_cache()
   logging.info("config: %s", cfg)
   t0 = time.time()
   params, history = train(cfg, FLAGS.steps, FLAGS.seed, FLAGS.batch_size, FLAGS.seq_len,
@@ -263,8 +284,6 @@ def main(argv):
   prev_head = [0, pick_head(scores["prev"][0], effects[0])]
   ind_head = [ind_layer, pick_head(scores["induction"][ind_layer], effects[ind_layer])]
 
-  os.makedirs(FLAGS.out, exist_ok=True)
-  models.save_converted(models.Model(cfg, jax.tree.map(np.asarray, params), None, None), FLAGS.out)
   meta = {
       "description": "attention-only induction model trained by experiments/train_toy_model.py on "
                      "rows of distinct random tokens in which a block r_1..r_n repeats (random "
@@ -288,8 +307,10 @@ def main(argv):
       "ablation_loss_increase": np.round(effects, 4).tolist(),
       "history": [[s, round(l, 4), round(a, 4)] for s, l, a in history],
   }
-  with open(os.path.join(FLAGS.out, toy.METADATA_FILE), "w") as f:
-    json.dump(meta, f, indent=1)
+  with out_dir.writing(OUTPUTS):
+    models.save_converted(models.Model(cfg, jax.tree.map(np.asarray, params), None, None),
+                          FLAGS.out)
+    files.atomic_write_json(os.path.join(FLAGS.out, toy.METADATA_FILE), meta)
   print(f"trained {FLAGS.steps} steps in {train_s:.1f}s: held-out loss {loss:.4f}, accuracy "
         f"{acc:.4f}")
   print(f"previous-token head L{prev_head[0]}H{prev_head[1]} "
@@ -299,4 +320,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

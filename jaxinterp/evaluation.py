@@ -20,9 +20,9 @@ from jaxinterp import circuits as G
 from jaxinterp.attribution.ablation import Ablation, make_ablation
 from jaxinterp.attribution.base import AttributionError, check_finite, metric_sum
 from jaxinterp.tasks import Dataset
-from models.config import ModelConfig
-from models.edges import EdgePatch
-from models.transformer import forward
+from jaxinterp.models.config import ModelConfig
+from jaxinterp.models.edges import EdgePatch
+from jaxinterp.models.transformer import forward
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "task"))
@@ -118,14 +118,20 @@ def faithfulness_curve(cfg: ModelConfig, params, dataset: Dataset, scores: np.nd
                        n_edges: Optional[Sequence[int]] = None,
                        percentages: Optional[Sequence[float]] = None, absolute: bool = True,
                        intervention: str = "patching", batch_size: int = 16, chunk: int = 8,
-                       quiet: bool = False) -> FaithfulnessCurve:
+                       quiet: bool = False,
+                       ablation: Optional[Ablation] = None,
+                       score_convention: Optional[str] = None) -> FaithfulnessCurve:
   """Evaluate top-n circuits (pruned) for several n, in vmapped chunks.
 
   Give circuit sizes either as edge counts (`n_edges`) or as percentages of all edges (default:
-  `graph.MIB_PERCENTAGES`). `absolute=False` ranks by signed score (MIB's CPR), True by |score|
-  (CMD and the usual EAP-IG circuits).
+  `graph.MIB_PERCENTAGES`). `scores` are in `score_convention` (default: that of
+  `attribution.attribute`'s scores for `dataset.task`'s metric, `circuits.convention.for_task`).
+  `absolute=False` ranks by signed importance (MIB's CPR; `circuits.convention`), True by |score|
+  (CMD and the usual EAP-IG circuits). `ablation` (e.g. learned optimal-ablation values, built once
+  with `make_ablation`) replaces the one `intervention` would build.
   """
-  g = G.Graph.from_config(cfg, scores)
+  g = G.Graph.from_config(cfg, scores, score_convention=score_convention or
+                          G.convention.for_task(dataset.task))
   if n_edges is None:
     percentages = list(G.MIB_PERCENTAGES if percentages is None else percentages)
     n_edges = [G.n_edges_at_percentage(p, g.n_edges) for p in percentages]
@@ -134,7 +140,7 @@ def faithfulness_curve(cfg: ModelConfig, params, dataset: Dataset, scores: np.nd
     percentages = [100.0 * n / g.n_edges for n in n_edges]
   circuits = [g.top_n(n, absolute=absolute) for n in n_edges]
   weights = np.stack([c.edge_weights() for c in circuits])
-  ablation = make_ablation(cfg, params, dataset, intervention, batch_size)
+  ablation = ablation or make_ablation(cfg, params, dataset, intervention, batch_size)
   m_full, m_empty = baselines(cfg, params, dataset, intervention=intervention,
                               batch_size=batch_size, ablation=ablation)
   metric = np.atleast_1d(evaluate_circuits(cfg, params, dataset, weights, batch_size=batch_size,
@@ -148,11 +154,82 @@ def faithfulness_curve(cfg: ModelConfig, params, dataset: Dataset, scores: np.nd
 
 
 def mib_scores(cfg: ModelConfig, params, dataset: Dataset, scores: np.ndarray, *,
-               intervention: str = "patching", batch_size: int = 16) -> dict[str, float]:
-  """MIB's CPR (area under f, signed ranking) and CMD (area under |1 - f|, absolute ranking)."""
+               intervention: str = "patching", batch_size: int = 16,
+               score_convention: Optional[str] = None) -> dict[str, float]:
+  """MIB's CPR (area under f, signed ranking) and CMD (area under |1 - f|, absolute ranking).
+
+  `scores` are in `score_convention` (default: attribution scores of `dataset.task`'s metric; pass
+  "loss" for the scores of a graph file, `Graph.from_json(...).scores`).
+  """
   pcts = list(G.MIB_PERCENTAGES)
   signed = faithfulness_curve(cfg, params, dataset, scores, percentages=pcts, absolute=False,
-                              intervention=intervention, batch_size=batch_size, quiet=True)
+                              intervention=intervention, batch_size=batch_size, quiet=True,
+                              score_convention=score_convention)
   absolute = faithfulness_curve(cfg, params, dataset, scores, percentages=pcts, absolute=True,
                                 intervention=intervention, batch_size=batch_size, quiet=True)
   return {"CPR": G.cpr(pcts, signed.faithfulness), "CMD": G.cmd(pcts, absolute.faithfulness)}
+
+
+def answer_sets(dataset: Dataset) -> list[tuple[int, ...]]:
+  """The distinct answers of a dataset, each the tuple of ids that count as it (one id, or a set's
+  members), from its `correct` or `target` labels; empty for tasks without answer tokens
+  (greater-than)."""
+  for key in ("correct", "target"):
+    if key in dataset.labels:
+      ids = np.asarray(dataset.labels[key]).reshape(len(dataset), -1)
+      return sorted({tuple(int(i) for i in row if i >= 0) for row in ids} - {()})
+  return []
+
+
+def rarely_predicted_answers(cfg: ModelConfig, params, dataset: Dataset, *, k: int = 50,
+                             max_examples: int = 64, batch_size: int = 16) -> list[tuple[int, ...]]:
+  """Answers (see `answer_sets`) none of whose ids is in any prompt's top-k next tokens, over the
+  first `max_examples` prompts.
+
+  A cheap check of the data against the model: an answer the model never ranks highly (e.g. `A`
+  where the model predicts `A` with a space) usually means the labels were tokenised differently from
+  the model's own predictions, and the metric then measures noise.
+  """
+  answers = answer_sets(dataset)
+  if not answers:
+    return []
+  data = dataset.subset(min(len(dataset), max_examples))
+  k = max(1, min(k, cfg.d_vocab))
+  top = jax.jit(lambda p, b: jax.lax.top_k(
+      jnp.take_along_axis(forward(cfg, p, b.clean, attention_mask=b.mask),
+                          b.last[:, None, None].astype(jnp.int32), axis=1)[:, 0], k)[1])
+  seen = set()
+  for batch in data.batches(batch_size):  # filler rows repeat a real one: harmless here
+    seen.update(np.asarray(top(params, batch)).ravel().tolist())
+  return [a for a in answers if not seen.intersection(a)]
+
+
+def mib_protocol(cfg: ModelConfig, params, dataset: Dataset, graph: G.Graph, *,
+                 level: str = "edge", absolute: bool = False, log_scale: bool = False,
+                 intervention: str = "patching", batch_size: int = 16,
+                 ablation: Optional[Ablation] = None) -> dict:
+  """MIB's `evaluate_area_under_curve` on a scored graph: circuits of `circuits.MIB_FRACTIONS` of
+  the scored items (edges, or scored nodes with `level="node"`), each pruned; faithfulness
+  `(m(C) - m(empty)) / (m(full) - m(empty))`; CPR (`area_under`) and CMD (`area_from_1`) by the
+  trapezoid rule over the fractions (their logs with `log_scale`). `absolute=False` (MIB's default)
+  ranks by signed importance. All circuits are evaluated in one `evaluate_circuits` call.
+
+  Returns:
+    `circuits.mib_summary`'s dict (weighted_edge_counts, area_under, area_from_1, average,
+    faithfulnesses, fractions) plus n_items, metric_full and metric_empty.
+  """
+  chosen = G.mib_circuits(graph, level=level, absolute=absolute)
+  weights = np.stack([graph.full().edge_weights(), graph.empty().edge_weights()] +
+                     [c.edge_weights() for _, c, _ in chosen])
+  ablation = ablation or make_ablation(cfg, params, dataset, intervention, batch_size)
+  metric = np.atleast_1d(evaluate_circuits(cfg, params, dataset, weights, batch_size=batch_size,
+                                           ablation=ablation, quiet=True))
+  m_full, m_empty = float(metric[0]), float(metric[1])
+  if m_full == m_empty:
+    raise AttributionError("the full model and the empty circuit give the same metric; "
+                           "faithfulness is undefined for this data and intervention")
+  faith = (metric[2:] - m_empty) / (m_full - m_empty)
+  out = G.mib_summary(faith, [w for _, _, w in chosen], log_scale=log_scale)
+  out.update(n_items=[n for n, _, _ in chosen], metric_full=m_full, metric_empty=m_empty,
+             level=level, absolute=absolute)
+  return out

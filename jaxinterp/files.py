@@ -1,16 +1,25 @@
-"""Atomic output files: written to a temp name beside the target, fsynced, then renamed.
+"""Output files and directories that others can trust.
 
-A crash never leaves a truncated `graph.json`, `scores.npz`, CSV or PNG behind.
+* Atomic files: written to a temp name beside the target, fsynced, then renamed, so a crash never
+  leaves a truncated `graph.json`, `scores.npz`, CSV or PNG behind. They get the mode `open()` would
+  give them (0666 less the umask), not `mkstemp`'s 0600, so collaborators can read them.
+* `RunDir`: an output directory held by one run. An exclusive lock (`.lock`, naming the holder's PID)
+  refuses a second concurrent run; a `DONE` file listing the outputs is written last, so a run killed
+  while writing them shows as unfinished; a failed run removes the directories it created while they
+  are still empty.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
+import fcntl
 import io
 import json
 import os
 import tempfile
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -49,6 +58,7 @@ def atomic_with(path: PathLike, writer: Callable[[str], None], suffix: str = "")
   os.close(fd)
   try:
     writer(tmp)
+    os.chmod(tmp, default_mode())
     os.replace(tmp, path)
   except BaseException:
     try:
@@ -56,6 +66,13 @@ def atomic_with(path: PathLike, writer: Callable[[str], None], suffix: str = "")
     except OSError:
       pass
     raise
+
+
+def default_mode() -> int:
+  """The mode `open()` gives a new file: 0o666 less the process's umask."""
+  umask = os.umask(0)
+  os.umask(umask)
+  return 0o666 & ~umask
 
 
 def atomic_write_json(path: PathLike, obj: Any) -> None:
@@ -70,3 +87,120 @@ def atomic_write_csv(path: PathLike, rows: Sequence[dict]) -> None:
     w.writeheader()
     w.writerows(rows)
   atomic_write_text(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------------------------- run directories
+
+LOCK_FILE = ".lock"
+DONE_FILE = "DONE"
+
+
+class OutputDirError(ValueError):
+  """An output directory that cannot be used: a file is in the way, or another run holds it."""
+
+
+def is_done(path: PathLike) -> bool:
+  """Whether the run that wrote `path` finished writing all its outputs (its `DONE` file exists)."""
+  return os.path.isfile(os.path.join(os.fspath(path), DONE_FILE))
+
+
+class RunDir:
+  """An output directory held by one run, as a context manager.
+
+  On entry: refuses a path that exists and is not a directory, creates the directory (and missing
+  parents), and takes an exclusive `fcntl.flock` on `.lock` inside it, which holds the PID; a second
+  run on the same directory gets `OutputDirError` naming that PID. On exit the lock is released and
+  removed; if the body raised, the directories this run created are removed again while they are
+  empty (a failed run leaves no empty output directory behind).
+
+  Outputs are written inside `writing(names)`, which removes a previous `DONE` first and writes `DONE`
+  (listing `names`) last: a directory without `DONE` holds an unfinished run, and rerunning completes
+  it.
+  """
+
+  def __init__(self, path: PathLike):
+    self.path = os.fspath(path)
+    self._fd: Optional[int] = None
+    self._created: list[str] = []
+
+  def __enter__(self) -> "RunDir":
+    self.acquire()
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    self.release(failed=exc_type is not None)
+
+  def acquire(self) -> None:
+    """Create the directory if needed and lock it (see the class docstring)."""
+    path = self.path
+    if os.path.exists(path) and not os.path.isdir(path):
+      raise OutputDirError(f"{path} exists and is not a directory; choose another output directory")
+    missing, p = [], os.path.abspath(path)
+    while not os.path.exists(p):
+      missing.append(p)
+      p = os.path.dirname(p)
+    try:
+      os.makedirs(path, exist_ok=True)
+    except OSError as e:
+      raise OutputDirError(f"{path}: cannot create the directory: {e.strerror or e}") from None
+    self._created = missing  # deepest first
+    lock = os.path.join(path, LOCK_FILE)
+    while True:
+      try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+      except OSError as e:
+        self._remove_created()
+        raise OutputDirError(f"{path}: cannot create the lock file: {e.strerror or e}") from None
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except OSError as e:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+          raise OutputDirError(f"{path}: cannot lock {LOCK_FILE}: {e.strerror or e}") from None
+        raise OutputDirError(f"{path} is in use by another run (PID {holder}); wait for it to "
+                             f"finish or choose another output directory") from None
+      try:  # the holder before us may have removed the file we locked: lock the current one
+        same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+      except FileNotFoundError:
+        same = False
+      if same:
+        break
+      os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    self._fd = fd
+
+  @contextlib.contextmanager
+  def writing(self, names: Sequence[str]) -> Iterator[None]:
+    """Bracket the writing of the outputs `names` (paths relative to the directory): the old `DONE`
+    goes first, and `DONE` listing `names` is written when the body completes."""
+    done = os.path.join(self.path, DONE_FILE)
+    if os.path.exists(done):
+      os.unlink(done)
+    yield
+    missing = [n for n in names if not os.path.exists(os.path.join(self.path, n))]
+    if missing:
+      raise OutputDirError(f"{self.path}: outputs {missing} were not written")
+    atomic_write_text(done, "".join(f"{n}\n" for n in names))
+
+  def release(self, failed: bool = False) -> None:
+    """Unlock (and remove the lock file); after a failure, remove the created, empty directories."""
+    if self._fd is None:
+      return
+    try:
+      os.unlink(os.path.join(self.path, LOCK_FILE))
+    except OSError:
+      pass
+    os.close(self._fd)  # closing releases the flock
+    self._fd = None
+    if failed:
+      self._remove_created()
+
+  def _remove_created(self) -> None:
+    for d in self._created:
+      try:
+        os.rmdir(d)  # only if empty
+      except OSError:
+        break
+    self._created = []

@@ -63,7 +63,7 @@ def split_row_null(v: Array, W: Array, rtol: float = 1e-6) -> tuple[Array, Array
 
 
 def _effect(cfg, params, base, src_act, site, direction, where, metric, base_mask):
-  from models import forward
+  from jaxinterp.models import forward
   n = jnp.linalg.norm(direction)
   basis = (direction / jnp.where(n > 0, n, 1.0))[:, None]
   iv = LowRankRotatedSpace(basis, source=src_act, where=where)
@@ -92,7 +92,7 @@ def illusion_report(cfg, params: Mapping[str, Any], site: str, v: Array, base: A
     against the unpatched base run), "surviving": effect_row / effect_full}. A surviving fraction far
     below 1 with a large effect_full points to the dormant-pathway illusion.
   """
-  from models import forward
+  from jaxinterp.models import forward
   if W is None:
     W = downstream_weights(cfg, params, site, head)
   v = jnp.asarray(v, jnp.float32).reshape(-1)

@@ -371,6 +371,8 @@ class RotatedSpace:
   Attributes:
     rotation: Float[Array, "d d"].
     k: number of interchanged rotated coordinates (static), 0 <= k <= d.
+    subspace: the rotated coordinates interchanged instead of the first k (static indices; pyvene's
+      `subspaces`): e.g. one variable in coordinates 0..7 and another in 8..15 of one rotation.
   """
 
   rotation: Array
@@ -378,6 +380,7 @@ class RotatedSpace:
   source: Array = None
   param: str = flax.struct.field(pytree_node=False, default="none")
   where: Where = ALL
+  subspace: tuple = flax.struct.field(pytree_node=False, default=None)
 
   trainable = ("rotation",)
 
@@ -393,6 +396,9 @@ class RotatedSpace:
     src = _source(self.source, x, "RotatedSpace")
     R = self.matrix()
     rb, rs = x.astype(R.dtype) @ R, src @ R
+    if self.subspace is not None:
+      idx = _dims_index(self.subspace, d, "RotatedSpace subspace")
+      return self.where.apply(x, rb.at[..., idx].set(rs[..., idx]) @ R.T)
     rot = jnp.concatenate([rs[..., :self.k], rb[..., self.k:]], -1)
     return self.where.apply(x, rot @ R.T)
 
@@ -481,12 +487,15 @@ class LowRankRotatedSpace:
 
   Attributes:
     basis: Float[Array, "d k"].
+    subspace: the basis columns used (static indices; None = all k), e.g. one variable per group of
+      columns of one shared basis.
   """
 
   basis: Array
   source: Array = None
   param: str = flax.struct.field(pytree_node=False, default="none")
   where: Where = ALL
+  subspace: tuple = flax.struct.field(pytree_node=False, default=None)
 
   trainable = ("basis",)
 
@@ -503,6 +512,8 @@ class LowRankRotatedSpace:
       raise InterventionError("LowRankRotatedSpace: the Cayley map needs a square matrix; use 'qr'")
     src = _source(self.source, x, "LowRankRotatedSpace")
     B = self.matrix()
+    if self.subspace is not None:
+      B = B[:, _dims_index(self.subspace, B.shape[1], "LowRankRotatedSpace subspace")]
     xf = x.astype(B.dtype)
     return self.where.apply(x, xf + ((src - xf) @ B) @ B.T)
 
@@ -653,7 +664,7 @@ def collect_sources(cfg, params, sources, sites, *, attention_mask=None) -> dict
   Returns:
     {site: activation} with each site's own source activation.
   """
-  from models import forward
+  from jaxinterp.models import forward
   sites = list(sites)
   if not isinstance(sources, dict):
     sources = {s: sources for s in sites}
@@ -676,11 +687,18 @@ def collect_sources(cfg, params, sources, sites, *, attention_mask=None) -> dict
   return out
 
 
+def _waits(iv) -> bool:
+  """An interchange intervention without its source activation yet."""
+  return hasattr(iv, "source") and iv.source is None and not isinstance(iv, Autoencoder)
+
+
 def with_sources(interventions: dict, sources: dict) -> dict:
   """Fill the `source` field of each interchange intervention from {site: source activation}."""
   out = {}
   for site, iv in interventions.items():
-    if site in sources:
+    if site in sources and isinstance(iv, Chain):  # every item still without a source
+      iv = Chain(tuple(it.replace(source=sources[site]) if _waits(it) else it for it in iv.items))
+    elif site in sources:
       if not hasattr(iv, "source"):
         raise InterventionError(f"{type(iv).__name__} at {site!r} takes no source activation")
       iv = iv.replace(source=sources[site])
@@ -699,13 +717,13 @@ def run(cfg, params, tokens, interventions: dict, *, sources=None, source_mask=N
   Returns:
     (logits Float[Array, "batch pos vocab"], {site: collected values}).
   """
-  from models import forward
+  from jaxinterp.models import forward
   for site, iv in interventions.items():
     _check_callable(site, iv)
   collects = {s: iv for s, iv in interventions.items() if isinstance(iv, Collect)}
   active = {s: iv for s, iv in interventions.items() if not isinstance(iv, Collect)}
-  need = [s for s, iv in active.items() if hasattr(iv, "source") and iv.source is None
-          and not isinstance(iv, Autoencoder)]
+  need = [s for s, iv in active.items()
+          if any(_waits(it) for it in (iv.items if isinstance(iv, Chain) else (iv,)))]
   if need:
     if sources is None:
       raise InterventionError(f"interchange intervention(s) at {need} have no source activation; pass "

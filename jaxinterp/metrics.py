@@ -17,7 +17,13 @@ the behaviour):
   100 token ids of "00".."99": `sum(p[year_ids[YY+1:]]) - sum(p[year_ids[:YY+1]])`, YY = `threshold`.
 * `set_prob_diff`: `sum(p[correct set]) - sum(p[incorrect set])` (the reference's hypernymy metric).
 * `kl_divergence`: `KL(clean || patched) = sum_v p_clean (log p_clean - log p)`. The reference divides
-  this sum by the vocabulary size (it uses `kl_div(...).mean(-1)`); ours is the true KL in nats.
+  this sum by the vocabulary size (it uses `kl_div(...).mean(-1)`); `vocab_mean=True` does the same.
+* `js_divergence`: `JS = (KL(p || m) + KL(p_clean || m)) / 2` with `m = (p + p_clean) / 2`;
+  `vocab_mean=True` averages each KL over the vocabulary, as the reference's `js_div` does.
+* `year_logit_diff`: greater-than with logits: mean logit of the years > YY minus the mean logit of
+  the years <= YY (the reference's `prob=False` branch).
+* `set_logit_sum_diff`: `sum(logit[correct set]) - sum(logit[incorrect set])` (the reference's
+  hypernymy `prob=False` branch sums logits).
 * `cross_entropy`: `-log p[target]`; `log_prob` is its negation.
 """
 
@@ -135,20 +141,80 @@ def cross_entropy(logits: Array, last: Array, target: Array) -> Array:
   return -log_prob(logits, last, target)
 
 
-def kl_divergence(logits: Array, clean_logits: Array, last: Array) -> Array:
+def kl_divergence(logits: Array, clean_logits: Array, last: Array, vocab_mean: bool = False) -> Array:
   """KL(clean || patched) at the last real token, in nats.
 
   Args:
     logits: Float[Array, "batch pos vocab"], the patched (or circuit) run.
     clean_logits: Float[Array, "batch pos vocab"], the clean run (treated as the target distribution).
     last: Int[Array, "batch"].
+    vocab_mean: divide by the vocabulary size, as the EAP-IG reference (`kl_div(...).mean(-1)`) does.
 
   Returns:
-    Float[Array, "batch"], `sum_v p_clean (log p_clean - log p)` >= 0.
+    Float[Array, "batch"], `sum_v p_clean (log p_clean - log p)` >= 0 (over |V| with `vocab_mean`).
   """
   lp = jax.nn.log_softmax(last_logits(logits, last), axis=-1)
   lq = jax.nn.log_softmax(last_logits(clean_logits, last), axis=-1)
-  return jnp.sum(jnp.exp(lq) * (lq - lp), axis=-1)
+  terms = jnp.exp(lq) * (lq - lp)
+  return jnp.mean(terms, axis=-1) if vocab_mean else jnp.sum(terms, axis=-1)
+
+
+def js_divergence(logits: Array, clean_logits: Array, last: Array, vocab_mean: bool = False) -> Array:
+  """Jensen-Shannon divergence between the patched and the clean next-token distributions.
+
+  Args:
+    logits: Float[Array, "batch pos vocab"], the patched (or circuit) run.
+    clean_logits: Float[Array, "batch pos vocab"], the clean run.
+    last: Int[Array, "batch"].
+    vocab_mean: average each KL term over the vocabulary, as the reference's `js_div` does.
+
+  Returns:
+    Float[Array, "batch"], `(KL(p || m) + KL(p_clean || m)) / 2` with `m = (p + p_clean) / 2`.
+  """
+  lp = jax.nn.log_softmax(last_logits(logits, last), axis=-1)
+  lq = jax.nn.log_softmax(last_logits(clean_logits, last), axis=-1)
+  lm = jnp.logaddexp(lp, lq) - jnp.log(2.0)
+  reduce = jnp.mean if vocab_mean else jnp.sum
+  return 0.5 * (reduce(jnp.exp(lp) * (lp - lm), axis=-1) + reduce(jnp.exp(lq) * (lq - lm), axis=-1))
+
+
+def year_logit_diff(logits: Array, last: Array, year_ids: Array, threshold: Array) -> Array:
+  """Greater-than with logits: mean logit of the years > YY minus mean logit of the years <= YY.
+
+  Args:
+    logits: Float[Array, "batch pos vocab"].
+    last: Int[Array, "batch"].
+    year_ids: Int[Array, "100"] (or "batch 100"), the token ids of "00".."99".
+    threshold: Int[Array, "batch"], YY.
+
+  Returns:
+    Float[Array, "batch"]. An empty side (YY = 99) contributes 0 (the reference's mean of nothing is
+    NaN).
+  """
+  lg = last_logits(logits, last)
+  year_ids = jnp.asarray(year_ids, jnp.int32)
+  ly = lg[:, year_ids] if year_ids.ndim == 1 else jnp.take_along_axis(lg, year_ids, axis=-1)
+  above = jnp.arange(ly.shape[-1])[None, :] > jnp.asarray(threshold)[:, None]
+  n_above = above.sum(-1)
+  n_below = ly.shape[-1] - n_above
+  mean_above = jnp.where(above, ly, 0.0).sum(-1) / jnp.maximum(n_above, 1)
+  mean_below = jnp.where(above, 0.0, ly).sum(-1) / jnp.maximum(n_below, 1)
+  return mean_above - mean_below
+
+
+def set_logit_sum_diff(logits: Array, last: Array, correct: Array, incorrect: Array) -> Array:
+  """Summed-logit difference between two answer sets: `sum logit[correct] - sum logit[incorrect]`.
+
+  Args:
+    logits: Float[Array, "batch pos vocab"].
+    last: Int[Array, "batch"].
+    correct, incorrect: Int[Array, "batch"] or Int[Array, "batch k"] padded with -1.
+
+  Returns:
+    Float[Array, "batch"] (the reference's hypernymy metric with `prob=False`).
+  """
+  lg = last_logits(logits, last)
+  return _set_sum(lg, correct) - _set_sum(lg, incorrect)
 
 
 def masked_mean(values: Array, valid: Optional[Array] = None) -> Array:

@@ -57,8 +57,8 @@ from tqdm.auto import tqdm
 
 from jaxinterp.attribution.base import metric_sum
 from jaxinterp.tasks import Batch, Dataset, Task
-from models.config import ModelConfig
-from models.transformer import forward
+from jaxinterp.models.config import ModelConfig
+from jaxinterp.models.transformer import forward
 
 Array = jax.Array
 
@@ -151,7 +151,8 @@ class PatchingResult:
     metric: float64 [n_layers, *sizes], mean patched metric per cell.
     normalized: (metric - m_corrupted) / (m_clean - m_corrupted).
     m_clean, m_corrupted: mean metric of the unpatched clean and corrupted runs.
-    axis_labels: ("layer", *labels of the swept axes).
+    axis_labels: ("layer", *labels of the swept axes): "position", "head", or "kv_head" for the
+      key/value heads of a GQA model.
     n_examples: examples averaged over.
   """
 
@@ -307,10 +308,12 @@ def run_sweep(cfg: ModelConfig, params, dataset: Dataset, sweep: str | Sweep, *,
   metric = (totals / n).reshape((cfg.n_layers,) + sizes)
   if not np.all(np.isfinite(metric)):
     raise PatchingError(f"the metric became NaN or infinite during the {sw.name} sweep")
+  # Key/value sweeps of a GQA model enumerate its key/value heads, not its query heads.
+  labels = tuple("kv_head" if l == "head" and size != cfg.n_heads else l
+                 for (_, l), size in zip(sw.axes, sizes))
   return PatchingResult(sweep=sw, direction=direction, metric=metric,
                         normalized=(metric - m_corrupt) / denom, m_clean=m_clean,
-                        m_corrupted=m_corrupt, axis_labels=("layer",) + tuple(l for _, l in sw.axes),
-                        n_examples=n)
+                        m_corrupted=m_corrupt, axis_labels=("layer",) + labels, n_examples=n)
 
 
 def run_sweeps(cfg: ModelConfig, params, dataset: Dataset, sweeps: Sequence[str] = DEFAULT_SWEEPS,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
+import textwrap
 from typing import Any, Optional, Sequence
 
 import matplotlib
@@ -18,9 +18,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after selecting the backend)
 import numpy as np  # noqa: E402
 from matplotlib import colors as mcolors  # noqa: E402
+from matplotlib import ticker as mticker  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import FancyArrowPatch  # noqa: E402
 
+from jaxinterp import files  # noqa: E402
 from jaxinterp.circuits import Graph  # noqa: E402
 
 POSITIVE_COLOR = "#1f5fb4"
@@ -35,22 +37,14 @@ class PlotError(ValueError):
 
 
 def _save(fig, path: str) -> None:
-  """Save `fig` as a PNG at `path` via a temp file and `os.replace`; always closes the figure."""
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  tmp = None
+  """Save `fig` as a PNG at `path` atomically (`files.atomic_with`); always closes the figure."""
   try:
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".png")
-    with os.fdopen(fd, "wb") as f:
-      fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
-    tmp = None
+    files.atomic_with(os.fspath(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120,
+                                                               bbox_inches="tight"), suffix=".png")
   except OSError as e:
     raise PlotError(f"cannot write {path}: {e}") from None
   finally:
     plt.close(fig)
-    if tmp is not None and os.path.exists(tmp):
-      os.unlink(tmp)
 
 
 # ------------------------------------------------------------------------------------------ circuit
@@ -186,18 +180,28 @@ def plot_faithfulness(curve: Any, path: str, title: str = "") -> None:
   ax.axhline(0.0, color="grey", linestyle=":", lw=1, label=f"empty circuit (m={curve.m_empty:.3g})")
   if np.all(n > 0):
     ax.set_xscale("log")
-  else:
+    ax.set_xlim(n.min() / 1.4, n.max() * 1.4)
+  else:  # 0 edges on a log-like axis: linear up to 1, and nothing left of 0 (no negative counts)
     ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlim(-0.15, max(n.max(), 1.0) * 1.4)
+  ax.xaxis.set_major_formatter(mticker.FuncFormatter(
+      lambda x, _: f"{x:,.0f}" if x >= 0 and abs(x - round(x)) < 1e-6 else ""))
   ax.set_xlabel("edges in circuit")
   ax.set_ylabel("normalised faithfulness")
   ax.grid(True, which="major", alpha=0.3)
   ax.legend(fontsize=8, loc="best")
   if title:
-    ax.set_title(title)
+    ax.set_title(_wrap(title, 6.4, 12))
   _save(fig, path)
 
 
 # ------------------------------------------------------------------------------------------ heatmap
+
+
+def _wrap(text: str, width_in: float, fontsize: float) -> str:
+  """`text` broken into lines that fit `width_in` inches at `fontsize` points."""
+  chars = max(20, int(width_in * 72 / (0.6 * fontsize)))
+  return "\n".join(textwrap.fill(part, chars) for part in text.split("\n"))
 
 
 def _ticks(labels: Optional[Sequence[Any]], n: int, what: str) -> tuple[list[int], list[str]]:
@@ -235,8 +239,8 @@ def plot_heatmap(values: np.ndarray, path: str, *, xlabel: str, ylabel: str, tit
   finite = v[np.isfinite(v)]
   vmax = float(np.max(np.abs(finite))) if finite.size else 1.0
   vmax = vmax if vmax > 0 else 1.0
-  fig, ax = plt.subplots(figsize=(min(20.0, max(4.5, 0.35 * cols + 2.5)),
-                                  min(16.0, max(3.0, 0.4 * rows + 1.8))))
+  fig, ax = plt.subplots(figsize=(min(20.0, max(5.0, 0.35 * cols + 2.5)),
+                                  min(16.0, max(3.4, 0.4 * rows + 1.8))))
   im = ax.imshow(np.ma.masked_invalid(v), cmap="RdBu", aspect="auto",
                  norm=mcolors.TwoSlopeNorm(vcenter=0.0, vmin=-vmax, vmax=vmax),
                  interpolation="nearest")
@@ -252,36 +256,49 @@ def plot_heatmap(values: np.ndarray, path: str, *, xlabel: str, ylabel: str, tit
   ax.set_yticklabels(yl, fontsize=8)
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
-  ax.set_title(title)
+  fig_w, fig_h = fig.get_size_inches()
+  ax.set_title(_wrap(title, 0.75 * fig_w, 10), fontsize=10)  # the axes' width: clear of the bar
   cb = fig.colorbar(im, ax=ax)
-  if colorbar_label:
-    cb.set_label(colorbar_label)
+  if colorbar_label:  # fits the bar's height, so it never reaches the title
+    cb.set_label(_wrap(colorbar_label, 0.7 * fig_h, 8), fontsize=8)
   _save(fig, path)
+
+
+AXIS_NAMES = {"position": "position", "head": "head", "kv_head": "key/value head",
+              "layer": "layer"}
 
 
 def plot_patching(result: Any, path: str, title: str = "",
                   position_labels: Optional[Sequence[Any]] = None) -> None:
-  """Heatmap of a `patching.PatchingResult` (its normalised metric).
+  """Heatmap of a `patching.PatchingResult`: the change each patch makes, centred on zero.
 
-  2-D sweeps are drawn as layer x position/head; `head_out_by_pos` ([layer, pos, head]) is drawn with
-  one row per (layer, head) and positions as columns.
+  Denoising shows the normalised metric (m - m_corrupted) / (m_clean - m_corrupted), which is 0 when
+  the patch restores nothing; noising shows (m - m_clean) / (m_clean - m_corrupted), which is 0 when
+  the patch changes nothing and -1 when it destroys the clean behaviour. Either way white is "no
+  effect" and strong colours are the cells that matter. 2-D sweeps are drawn as layer x
+  position/head (key/value heads for a GQA model's k/v sweeps); `head_out_by_pos` ([layer, pos,
+  head]) with one row per (layer, head) and positions as columns.
 
   Args:
     result: a `PatchingResult`.
     path: the PNG to write.
     title: title prefix (the sweep, direction and baselines are appended).
-    position_labels: labels of the positions (e.g. the first prompt's tokens).
+    position_labels: labels of the positions (e.g. the first prompt's decoded tokens).
   """
   v = np.asarray(result.normalized, np.float64)
   labels = tuple(result.axis_labels)
   name = result.sweep.name
-  full = (f"{title + ': ' if title else ''}{name} ({result.direction}), "
+  full = (f"{title + ': ' if title else ''}{name} ({result.direction})\n"
           f"clean={result.m_clean:.3g}, corrupted={result.m_corrupted:.3g}")
-  cbar = "(m - m_corrupted) / (m_clean - m_corrupted)"
+  if result.direction == "noising":
+    v = v - 1.0
+    cbar = "effect of the patch (0: none)\n(m - m_clean) / (m_clean - m_corr)"
+  else:
+    cbar = "effect of the patch (0: none)\n(m - m_corr) / (m_clean - m_corr)"
   if v.ndim == 2:
     xt = position_labels if labels[1] == "position" else None
-    plot_heatmap(v, path, xlabel=labels[1], ylabel="layer", title=full, xticklabels=xt,
-                 colorbar_label=cbar)
+    plot_heatmap(v, path, xlabel=AXIS_NAMES.get(labels[1], labels[1]), ylabel="layer", title=full,
+                 xticklabels=xt, colorbar_label=cbar)
   elif v.ndim == 3 and labels[1:] == ("position", "head"):
     Lr, P, Hh = v.shape
     rows = np.transpose(v, (0, 2, 1)).reshape(Lr * Hh, P)

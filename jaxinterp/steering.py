@@ -43,7 +43,7 @@ def mean_difference(cfg, params: Mapping[str, Any], positive: Array, negative: A
     Float[Array, "..."]: the site's trailing shape (`[d_model]` for residual sites,
     `[head, d_head]` for per-head sites).
   """
-  from models import forward
+  from jaxinterp.models import forward
   _, cp = forward(cfg, params, positive, attention_mask=positive_mask, collect=(site,))
   _, cn = forward(cfg, params, negative, attention_mask=negative_mask, collect=(site,))
   return (_at_positions(cp[site], positive_pos).mean(0)
@@ -78,7 +78,7 @@ def cross_model_patch(cfg, params_from: Mapping[str, Any], params_into: Mapping[
   Returns:
     B's logits Float[Array, "batch pos vocab"] (and a cache if `collect` is given).
   """
-  from models import forward
+  from jaxinterp.models import forward
   same_architecture(params_from, params_into)
   sites = [sites] if isinstance(sites, str) else list(sites)
   _, acts = forward(cfg, params_from, tokens_from, attention_mask=mask_from, collect=tuple(sites))

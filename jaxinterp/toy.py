@@ -37,7 +37,7 @@ def load_toy(path: Optional[str] = None):
   Returns:
     a `models.Model` (no tokenizer).
   """
-  from models import from_pretrained
+  from jaxinterp.models import from_pretrained
   return from_pretrained(path or TOY_MODEL_DIR)
 
 

@@ -1,12 +1,15 @@
-"""Decoder-only transformers as pure Flax functions, and porting from HuggingFace checkpoints."""
+"""Decoder-only transformers as pure Flax functions, and porting from HuggingFace checkpoints and
+from tracr-compiled models (`from_tracr`)."""
 
-from models.config import ConfigError, ModelConfig
-from models.edges import EdgePatch
-from models.sites import SiteError, Sites
-from models.transformer import embed_inputs, forward, init_params, site_names
-from models.pretrained import CheckpointError, Model, from_pretrained, save_converted
+from .config import ConfigError, ModelConfig
+from .edges import EdgePatch
+from .sites import SiteError, Sites
+from .transformer import embed_inputs, forward, init_params, site_names
+from .pretrained import CheckpointError, Model, from_pretrained, save_converted
+from .tracr import TracrEncoding, TracrError, TracrModel, from_tracr
 
 __all__ = [
     "CheckpointError", "ConfigError", "EdgePatch", "Model", "ModelConfig", "SiteError", "Sites",
-    "embed_inputs", "forward", "from_pretrained", "init_params", "save_converted", "site_names",
+    "TracrEncoding", "TracrError", "TracrModel", "embed_inputs", "forward", "from_pretrained",
+    "from_tracr", "init_params", "save_converted", "site_names",
 ]

@@ -1,6 +1,8 @@
 """One configuration for every decoder family.
 
-GPT-2, GPT-NeoX/Pythia, Llama-3, Qwen2.5 and Gemma-2 are the same decoder with different switches.
+GPT-2, GPT-NeoX/Pythia, Llama-3, Qwen2.5 and Gemma-2 are the same decoder with different switches;
+so are tracr-compiled models (`models.tracr`: no normalisation, non-causal attention if compiled so,
+ReLU MLPs, an unembedding onto the output SOp's vocabulary).
 `ModelConfig` is frozen and hashable, so it can be a static argument of `jax.jit`.
 """
 
@@ -21,7 +23,7 @@ class ModelConfig:
   Attributes mirror TransformerLens's `HookedTransformerConfig` where one exists.
   """
 
-  family: str  # "gpt2" | "gpt_neox" | "llama" | "qwen2" | "gemma2"
+  family: str  # "gpt2" | "gpt_neox" | "llama" | "qwen2" | "gemma2" | "tracr"
   d_model: int
   n_layers: int
   n_heads: int
@@ -31,7 +33,7 @@ class ModelConfig:
   n_ctx: int = 2048
   n_kv_heads: Optional[int] = None  # GQA; None means n_heads
   # Normalisation.
-  normalization: str = "layernorm"  # "layernorm" | "rmsnorm"
+  normalization: str = "layernorm"  # "layernorm" | "rmsnorm" | "none" (identity, no params)
   norm_eps: float = 1e-5
   rmsnorm_plus_one: bool = False  # Gemma scales by (1 + w)
   post_norms: bool = False  # Gemma-2: norm after attention and after MLP too
@@ -49,10 +51,12 @@ class ModelConfig:
   mlp_bias: bool = True
   # Embedding / unembedding.
   tied_embeddings: bool = True
+  d_vocab_out: Optional[int] = None  # unembedding width if not d_vocab (untied only; tracr)
   embed_scale: float = 1.0  # Gemma: sqrt(d_model)
   unembed_bias: bool = False
   # Attention extras.
   attn_scale: Optional[float] = None  # multiplier on q.k; default 1/sqrt(d_head)
+  causal: bool = True  # False: every query sees every (unpadded) key, as tracr's default
   attn_logit_softcap: Optional[float] = None
   final_logit_softcap: Optional[float] = None
   sliding_window: Optional[int] = None
@@ -65,12 +69,15 @@ class ModelConfig:
   def __post_init__(self):
     if self.family not in FAMILIES:
       raise ConfigError(f"unknown model family {self.family!r}; supported: {sorted(FAMILIES)}")
-    if self.normalization not in ("layernorm", "rmsnorm"):
+    if self.normalization not in ("layernorm", "rmsnorm", "none"):
       raise ConfigError(f"unknown normalization {self.normalization!r}")
     if self.positional not in ("learned", "rotary"):
       raise ConfigError(f"unknown positional embedding {self.positional!r}")
     if self.act_fn not in ACTIVATIONS:
       raise ConfigError(f"unknown activation {self.act_fn!r}; supported: {sorted(ACTIVATIONS)}")
+    if self.d_vocab_out is not None and self.tied_embeddings:
+      raise ConfigError(f"d_vocab_out={self.d_vocab_out} needs untied embeddings "
+                        f"(tied_embeddings=False)")
     if self.n_heads % self.kv_heads:
       raise ConfigError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.kv_heads}")
     if self.positional == "rotary" and (self.rotary_dim <= 0 or self.rotary_dim > self.d_head
@@ -80,6 +87,11 @@ class ModelConfig:
   @property
   def kv_heads(self) -> int:
     return self.n_kv_heads or self.n_heads
+
+  @property
+  def vocab_out(self) -> int:
+    """Width of the logits: `d_vocab_out` if set, else `d_vocab`."""
+    return self.d_vocab if self.d_vocab_out is None else self.d_vocab_out
 
   @property
   def rope_scaling_dict(self) -> dict[str, Any]:
@@ -105,5 +117,5 @@ class ModelConfig:
     return cls(**d)
 
 
-FAMILIES = ("gpt2", "gpt_neox", "llama", "qwen2", "gemma2")
+FAMILIES = ("gpt2", "gpt_neox", "llama", "qwen2", "gemma2", "tracr")
 ACTIVATIONS = ("gelu_new", "gelu", "silu", "gelu_pytorch_tanh", "relu")

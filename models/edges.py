@@ -24,7 +24,7 @@ from typing import Optional
 import flax.struct
 import jax
 
-from models.config import ModelConfig
+from .config import ModelConfig
 
 
 def n_senders(cfg: ModelConfig) -> int:

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.config import ModelConfig
-from models.transformer import embed_inputs, forward, init_params
+from .config import ModelConfig
+from .transformer import embed_inputs, forward, init_params
 
 CONVERTED_CONFIG = "jaxinterp_config.json"
 CONVERTED_PARAMS = "params"

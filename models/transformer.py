@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import edges as E
-from models.config import ModelConfig
-from models.sites import Sites
+from . import edges as E
+from .config import ModelConfig
+from .sites import Sites
 
 Array = jax.Array
 _init = nn.initializers.normal(0.02)
@@ -47,12 +47,15 @@ def activation(name: str, x: Array) -> Array:
 
 
 class Norm(nn.Module):
-  """LayerNorm or RMSNorm over the last axis, computed in float32."""
+  """LayerNorm or RMSNorm over the last axis, computed in float32; or the identity, without params
+  (`normalization="none"`, tracr), for which `standardize(x) = (x, 1)` and the gain is 1."""
 
   cfg: ModelConfig
 
   def setup(self):
     d = self.cfg.d_model
+    if self.cfg.normalization == "none":
+      return
     if self.cfg.normalization == "rmsnorm":
       init = nn.initializers.zeros if self.cfg.rmsnorm_plus_one else nn.initializers.ones
       self.w = self.param("w", init, (d,))
@@ -62,6 +65,8 @@ class Norm(nn.Module):
 
   def gain(self) -> Array:
     """The elementwise gain gamma: `norm(x) = gamma * standardize(x)[0] + beta`."""
+    if self.cfg.normalization == "none":
+      return jnp.ones((self.cfg.d_model,), jnp.float32)
     w = _wide(self.w)
     return w + 1.0 if self.cfg.normalization == "rmsnorm" and self.cfg.rmsnorm_plus_one else w
 
@@ -69,6 +74,8 @@ class Norm(nn.Module):
     """(x_hat, 1/sigma) with `norm(x) = gamma * x_hat + beta`, x_hat = (x - mean) / sigma (LayerNorm)
     or x / rms (RMSNorm); 1/sigma has shape `[..., 1]`. Float32 or wider."""
     x = _wide(x)
+    if self.cfg.normalization == "none":
+      return x, jnp.ones(x.shape[:-1] + (1,), x.dtype)
     if self.cfg.normalization == "rmsnorm":
       inv = jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + self.cfg.norm_eps)
       return x * inv, inv
@@ -80,6 +87,8 @@ class Norm(nn.Module):
     return self.gain() * self.standardize(x)[1]
 
   def __call__(self, x: Array) -> Array:
+    if self.cfg.normalization == "none":
+      return x
     dtype = x.dtype
     xf = _wide(x)
     if self.cfg.normalization == "rmsnorm":
@@ -128,7 +137,8 @@ def apply_rotary(x: Array, positions: Array, cfg: ModelConfig) -> Array:
 
 
 class Attention(nn.Module):
-  """Multi-head (or grouped-query) causal self-attention with TransformerLens sites."""
+  """Multi-head (or grouped-query) self-attention with TransformerLens sites; causal unless
+  `cfg.causal` is False (then only padded keys are masked)."""
 
   cfg: ModelConfig
   layer: int
@@ -186,7 +196,7 @@ class Attention(nn.Module):
       scores = jnp.tanh(scores / c.attn_logit_softcap) * c.attn_logit_softcap
     P = q.shape[1]
     qi, ki = jnp.arange(P)[:, None], jnp.arange(P)[None, :]
-    allowed = ki <= qi
+    allowed = ki <= qi if c.causal else jnp.ones((P, P), bool)
     if c.sliding_window and l in c.sliding_layers:
       allowed = allowed & (qi - ki < c.sliding_window)
     allowed = allowed[None, None] & key_mask[:, None, None, :]
@@ -380,9 +390,9 @@ class Transformer(nn.Module):
     self.blocks = [block_cls(c, l, name=f"blocks_{l}") for l in range(c.n_layers)]
     self.ln_final = Norm(c)
     if not c.tied_embeddings:
-      self.W_U = self.param("W_U", _init, (c.d_model, c.d_vocab))
+      self.W_U = self.param("W_U", _init, (c.d_model, c.vocab_out))
     if c.unembed_bias:
-      self.b_U = self.param("b_U", nn.initializers.zeros, (c.d_vocab,))
+      self.b_U = self.param("b_U", nn.initializers.zeros, (c.vocab_out,))
 
   def __call__(self, tokens: Array, attention_mask: Optional[Array], sites: Sites,
                edges: Optional[E.EdgePatch] = None, embed_override: Optional[Array] = None,

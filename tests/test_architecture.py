@@ -1,14 +1,20 @@
-"""The package layout: no import cycles, modules of a readable size, one registry of methods."""
+"""The package layout: no import cycles, modules of a readable size, one registry of methods, and
+an installation that cannot collide with a user's own `models` or `experiments` package."""
 
 from __future__ import annotations
 
 import ast
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PACKAGES = ("jaxinterp", "models", "experiments", "benchmarks")
+# Directory -> the package it is imported (and installed) as; benchmarks/ is not installed.
+PACKAGES = {"jaxinterp": "jaxinterp", "models": "jaxinterp.models",
+            "experiments": "jaxinterp.experiments", "benchmarks": "benchmarks"}
 MAX_LINES = 750  # hard limit; ~450 is the aim, see SOFT_EXCEPTIONS
 # Modules over ~450 lines that read best whole: one algorithm each.
 SOFT_EXCEPTIONS = {"models/transformer.py", "jaxinterp/interventions.py", "models/pretrained.py"}
@@ -16,12 +22,12 @@ SOFT_EXCEPTIONS = {"models/transformer.py", "jaxinterp/interventions.py", "model
 
 def _modules() -> dict[str, pathlib.Path]:
   out = {}
-  for pkg in PACKAGES:
-    for path in (ROOT / pkg).rglob("*.py"):
-      parts = list(path.relative_to(ROOT).with_suffix("").parts)
-      if parts[-1] == "__init__":
+  for directory, pkg in PACKAGES.items():
+    for path in (ROOT / directory).rglob("*.py"):
+      parts = list(path.relative_to(ROOT / directory).with_suffix("").parts)
+      if parts and parts[-1] == "__init__":
         parts = parts[:-1]
-      out[".".join(parts)] = path
+      out[".".join([pkg] + parts)] = path
   return out
 
 
@@ -100,8 +106,8 @@ def test_cycle_detector_finds_a_cycle():
 
 def test_models_know_nothing_of_jaxinterp():
   graph = _graph()
-  bad = {m: sorted(d for d in deps if d.startswith("jaxinterp")) for m, deps in graph.items()
-         if m.startswith("models")}
+  bad = {m: sorted(d for d in deps if not d.startswith("jaxinterp.models"))
+         for m, deps in graph.items() if m.startswith("jaxinterp.models")}
   assert not {m: d for m, d in bad.items() if d}
 
 
@@ -127,3 +133,45 @@ def test_registry_holds_every_method_module():
     assert A.get_method(name) is m
   with pytest.raises(A.AttributionError, match="unknown method 'nope'.*EAP-IG-inputs"):
     A.get_method("nope")
+
+
+def test_installed_packages_match_the_directories():
+  """pyproject lists every package under its installed name, and maps models/ and experiments/ into
+  jaxinterp (so no generic top-level name is installed)."""
+  import tomllib
+  conf = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+  dirs = {ROOT / "jaxinterp": "jaxinterp", **{ROOT / d: p for d, p in PACKAGES.items()
+                                               if d != "benchmarks"}}
+  expected = set()
+  for directory, pkg in dirs.items():
+    for init in directory.rglob("__init__.py"):
+      rel = init.parent.relative_to(directory).parts
+      expected.add(".".join((pkg,) + rel))
+  assert set(conf["packages"]) == expected
+  assert all(p.startswith("jaxinterp") for p in conf["packages"])
+  assert conf["package-dir"] == {"jaxinterp.models": "models",
+                                 "jaxinterp.experiments": "experiments"}
+
+
+def test_a_users_own_models_package_does_not_break_jaxinterp(tmp_path):
+  """The issue's scenario: a project with its own `models` and `experiments` packages first on
+  sys.path (its working directory) still loads the bundled model; the console scripts are installed."""
+  for name in ("models", "experiments"):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "__init__.py").write_text("WHO = 'user'\n")
+  code = ("import models, experiments\n"
+          "from jaxinterp import toy\n"
+          "m = toy.load_toy()\n"
+          "from jaxinterp.experiments import scripts\n"
+          "print(models.WHO, experiments.WHO, m.cfg.n_layers, len(scripts.SCRIPTS))\n")
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                     env=dict(env, JAX_PLATFORMS="cpu"), timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.split()[:3] == ["user", "user", "2"] and r.stderr.strip() == ""
+  from importlib import metadata
+  scripts = {e.name: e.value for e in metadata.entry_points(group="console_scripts")
+             if e.name.startswith("jaxinterp-")}
+  assert scripts["jaxinterp-find-circuit"] == "jaxinterp.experiments.scripts:find_circuit"
+  from jaxinterp.experiments import scripts as installed
+  assert set(scripts) == set(installed.SCRIPTS)

@@ -10,8 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-import models
-from experiments import train_das as T
+from jaxinterp import models
+from jaxinterp.experiments import train_das as T
 from jaxinterp import illusion
 from jaxinterp import interventions as I
 from jaxinterp import training as tr

@@ -8,8 +8,8 @@ import pytest
 from absl import app, flags
 from absl.testing import flagsaver
 
-import models
-from experiments import activation_patching, cli, evaluate_circuit
+from jaxinterp import models
+from jaxinterp.experiments import activation_patching, cli, evaluate_circuit
 from jaxinterp import evaluation, patching, tasks
 from jaxinterp.graph import Graph
 
@@ -198,7 +198,7 @@ def test_evaluate_circuit_binary(model_dir, tmp_path, capsys):
   assert 0.0 <= rep["compare"]["edge_iou"] <= 1.0 and 0.0 <= rep["compare"]["node_iou"] <= 1.0
   assert len(rep["curve"]) == 10 and rep["curve"][-1]["faithfulness"] == pytest.approx(1.0, abs=1e-4)
   mib = evaluation.mib_scores(CFG, models.from_pretrained(model_dir).params, data4(), g_in(ours),
-                              batch_size=4)
+                              batch_size=4, score_convention="loss")  # a file's scores
   assert rep["CPR"] == pytest.approx(mib["CPR"], rel=1e-5, abs=1e-6)
   assert rep["CMD"] == pytest.approx(mib["CMD"], rel=1e-5, abs=1e-6)
   rows = (out / "faithfulness.csv").read_text().strip().splitlines()

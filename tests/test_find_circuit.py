@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-import models
+from jaxinterp import models
 from jaxinterp.graph import Graph
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

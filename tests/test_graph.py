@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from jaxinterp import graph as G
 from jaxinterp.graph import Graph, GraphError, GraphShape
-from models import edges as E
-from models.config import ModelConfig
+from jaxinterp.models import edges as E
+from jaxinterp.models.config import ModelConfig
 
 
 def gpt2_small_cfg():
@@ -184,9 +184,15 @@ def test_reads_eap_ig_formats(tmp_path):
   assert np.array_equal(h.in_graph, g.in_graph)
   with pytest.raises(GraphError, match="missing"):
     Graph.from_json(path, cfg, require_all_edges=True)
-  # Neuron-level circuits are refused rather than read as whole-node circuits.
+  # Neuron-level circuits are read as such (`neurons_in_graph`), not as whole-node circuits.
   new["nodes"]["m0"]["neurons"][3] = False
   path = tmp_path / "neurons.json"
+  path.write_text(json.dumps(new))
+  h = Graph.from_json(path, cfg)
+  m0 = h.node_index("m0")
+  assert h.neurons_in_graph.shape == (h.n_senders, 12) and not h.neurons_in_graph[m0, 3]
+  assert h.neurons_in_graph.sum() == h.n_senders * 12 - 1 and np.all(h.neuron_scores == 0)
+  new["nodes"]["m0"]["neurons"].append(True)  # lists of different lengths are refused
   path.write_text(json.dumps(new))
   with pytest.raises(GraphError, match="neuron"):
     Graph.from_json(path, cfg)

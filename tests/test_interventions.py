@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import models
+from jaxinterp import models
 from jaxinterp import interventions as I
 from jaxinterp.interventions import InterventionError, Where, WhereEach
 from jaxinterp.steering import cross_model_patch, mean_difference, same_architecture, steer

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models
+from jaxinterp import models
 from tests.conftest import FAMILIES, SHARED, build_hf_model, random_tokens, requires_shared, save_hf
 
 

@@ -9,7 +9,7 @@ import pytest
 from jaxinterp import patching, plots
 from jaxinterp.evaluation import FaithfulnessCurve
 from jaxinterp.graph import Graph
-from models import ModelConfig
+from jaxinterp.models import ModelConfig
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CFG = ModelConfig(family="gpt2", d_model=16, n_layers=2, n_heads=3, d_head=4, d_mlp=32, d_vocab=20,

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import models
+from jaxinterp import models
 from jaxinterp import attribution as A
 from jaxinterp import tasks
 

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import models
+from jaxinterp import models
 from jaxinterp import evaluation as V
 from jaxinterp import tasks
 from jaxinterp.graph import Graph

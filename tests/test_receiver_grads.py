@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models
+from jaxinterp import models
 from jaxinterp import attribution as A
 from jaxinterp import receiver_grads as RG
 from jaxinterp import tasks
@@ -80,7 +80,7 @@ def test_scanned_blocks_equal_forward():
   names = ("attn.hook_q", "hook_resid_post")
   logits, cache = models.forward(cfg, params, tokens, attention_mask=mask,
                                  collect=[f"blocks.{l}.{n}" for l in range(2) for n in names])
-  from models.transformer import Norm, run_blocks, stack_blocks
+  from jaxinterp.models.transformer import Norm, run_blocks, stack_blocks
   emb = models.embed_inputs(cfg, params, tokens, mask)
   for stacked in (stack_blocks(cfg, params), None):
     resid, ys = run_blocks(cfg, params, emb, mask, collect=names, stacked=stacked)

@@ -16,7 +16,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 _CHECK = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     assert jax.device_count() == 8, jax.devices()
-    import models
+    from jaxinterp import models
     from jaxinterp import attribution as A, sharding as SH, tasks
 
     cfg = models.ModelConfig(family="llama", d_model=32, n_layers=2, n_heads=4, d_head=8, d_mlp=64,

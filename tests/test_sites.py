@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models
+from jaxinterp import models
 from jaxinterp.interventions import Add, MeanAblate, Patch, Where, Zero
 from tests.conftest import random_tokens
 
@@ -142,7 +142,7 @@ GEMMA = models.ModelConfig(family="gemma2", d_model=32, n_layers=2, n_heads=4, n
 @pytest.mark.parametrize("cfg", [CFG, NEOX, GEMMA], ids=["gpt2", "neox-parallel", "gemma2-postnorm"])
 def test_edge_form_identity_and_full_ablation(cfg):
   """w = 1 is the clean model; w = 0 with corrupted senders is the corrupted run."""
-  from models import edges as E
+  from jaxinterp.models import edges as E
   params = PARAMS if cfg is CFG else models.init_params(cfg, jax.random.PRNGKey(5))
 
   def fwd(tokens, **kw):

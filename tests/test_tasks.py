@@ -222,10 +222,16 @@ def test_sva_with_verb_sets(tmp_path, wtok):
             [["the cats", "the cat", 1, sing, plur], ["the dog", "the dogs", 0, sing, plur]])
   ds = tasks.load_task("sva", p, wtok)
   b, lg, at = _logits_for(ds)
-  got = np.asarray(ds.task.metric(jnp.asarray(lg), b))
+  got = np.asarray(tasks.with_metric(ds.task, "logit_diff").metric(jnp.asarray(lg), b))
   want0 = at[0, W("are")] - (at[0, W("is")] + at[0, W("sat")]) / 2  # plural subject
   want1 = (at[1, W("is")] + at[1, W("sat")]) / 2 - at[1, W("are")]  # singular subject
   np.testing.assert_allclose(got, [want0, want1], rtol=1e-5)
+  # The default is the paper's: summed probabilities.
+  p_ = np.exp(at - at.max(-1, keepdims=True))
+  p_ /= p_.sum(-1, keepdims=True)
+  want = [p_[0, W("are")] - p_[0, W("is")] - p_[0, W("sat")],
+          p_[1, W("is")] + p_[1, W("sat")] - p_[1, W("are")]]
+  np.testing.assert_allclose(np.asarray(ds.task.metric(jnp.asarray(lg), b)), want, rtol=1e-5)
 
 
 @needs_shared
@@ -289,7 +295,7 @@ def test_logit_diff_generic_ids_and_sets(tmp_path, wtok):
 
 def test_error_missing_columns(tmp_path, wtok):
   p = write(tmp_path, ["clean", "label"], [["the cat", 1]])
-  with pytest.raises(TaskError, match="corrupted, correct_idx, incorrect_idx"):
+  with pytest.raises(TaskError, match="column.s. correct_idx, incorrect_idx"):  # corrupted: optional
     tasks.load_task("ioi", p, wtok)
   with pytest.raises(TaskError, match="clean_answer_idx"):
     tasks.load_task("gender-bias", p, wtok)

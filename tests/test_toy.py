@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models
+from jaxinterp import models
 from jaxinterp import toy
 
 ROOT = Path(__file__).resolve().parents[1]

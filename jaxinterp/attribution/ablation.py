@@ -1,4 +1,5 @@
-"""What an ablated edge carries: the corrupted run (patching), zero, or the mean sender output.
+"""What an ablated edge carries: the corrupted run (patching), zero, the mean sender output, or the
+learned optimal-ablation constant (`optimal`, trained by `attribution.optimal`).
 
 An edge s -> r outside the circuit (or under attribution) makes its receiver read the sender's
 ablated value instead of its clean one. `Ablation.values` gives those values for a batch; the
@@ -7,28 +8,36 @@ graph-form forward (`models.EdgePatch`) and every method take them as an explici
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+from typing import Optional, Union
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxinterp.attribution import base
+from jaxinterp.attribution import base, optimal
 from jaxinterp.tasks import Batch, Dataset
-from models import edges as E
-from models.config import ModelConfig
+from jaxinterp.models import edges as E
+from jaxinterp.models.config import ModelConfig
+from jaxinterp.models.transformer import positions_of
 
 Array = jax.Array
 
-INTERVENTIONS = ("patching", "zero", "mean", "mean-positional")
+INTERVENTIONS = ("patching", "zero", "mean", "mean-positional", "optimal", "zero-all")
 
 
 @flax.struct.dataclass
 class Ablation:
   """Counterfactual sender values: `kind` in INTERVENTIONS, and `means` for the mean ablations.
 
+  "zero" follows EAP-IG: every sender is zeroed except the input node's position embedding (EAP-IG's
+  input node is `hook_embed`, the token embedding alone), so only the token embedding is ablated.
+  "zero-all" zeroes the position embedding too (the whole input node, as jaxinterp's "zero" did).
+  The means are ours, not EAP-IG's `compute_mean_activations` (see README: mean ablations).
+
   means: Float[Array, "sender d_model"] (mean) or Float[Array, "pos sender d_model"]
-  (mean-positional), averaged over real tokens of a reference dataset.
+  (mean-positional), averaged over real tokens of a reference dataset; for "optimal", the learned
+  constants c_s, Float[Array, "sender d_model"] (`optimal.learn_optimal_values`).
   """
 
   kind: str = flax.struct.field(pytree_node=False, default="patching")
@@ -41,9 +50,16 @@ class Ablation:
       return base.sender_outputs(cfg, params, batch.corrupted, batch.mask)
     dtype = jax.tree.leaves(params)[0].dtype
     shape = (B, P, E.n_senders(cfg), cfg.d_model)
-    if self.kind == "zero":
+    if self.kind == "zero-all":  # the position embedding too
       return jnp.zeros(shape, dtype)
-    if self.kind == "mean":
+    if self.kind == "zero":
+      # As EAP-IG: the input node is the token embedding only (TransformerLens' `hook_embed`), so a
+      # zero-ablated input edge still carries the position embedding, which is never ablated.
+      zeros = jnp.zeros(shape, dtype)
+      if cfg.positional != "learned":
+        return zeros
+      return zeros.at[:, :, 0].set(params["W_pos"][positions_of(batch.mask)].astype(dtype))
+    if self.kind in ("mean", "optimal"):
       return jnp.broadcast_to(self.means.astype(dtype), shape)
     means = self.means[:P]
     if means.shape[0] < P:
@@ -74,11 +90,30 @@ def compute_means(cfg: ModelConfig, params, dataset: Dataset, batch_size: int,
 
 
 def make_ablation(cfg: ModelConfig, params, dataset: Dataset, intervention: str, batch_size: int,
-                  mean_dataset: Optional[Dataset] = None) -> Ablation:
-  """Build the `Ablation` for an intervention name (means from `mean_dataset`, default `dataset`)."""
+                  mean_dataset: Optional[Dataset] = None,
+                  optimal_values: Union[None, str, "optimal.OptimalOptions"] = None) -> Ablation:
+  """Build the `Ablation` for an intervention name (means from `mean_dataset`, default `dataset`).
+
+  For "optimal", `optimal_values` is a directory written by `optimal.save_values` (loaded), or
+  `OptimalOptions` / None (default options): the constants are then trained on the clean prompts of
+  `mean_dataset` (default `dataset`), starting from the means. Training takes time; build the
+  ablation once and pass it to `attribute(..., ablation=)` and the evaluation functions.
+  """
   if intervention not in INTERVENTIONS:
     raise base.AttributionError(f"unknown intervention {intervention!r}; choose from "
                                 f"{INTERVENTIONS}")
+  if intervention == "patching" and not getattr(dataset, "has_corrupted", True):
+    raise base.AttributionError(f"intervention='patching' ablates to the corrupted prompts, but the "
+                                f"dataset {dataset.source or ''} has none; use 'zero', 'mean' or "
+                                f"'mean-positional'")
+  if intervention == "optimal":
+    if isinstance(optimal_values, (str, os.PathLike)):
+      return Ablation("optimal", jnp.asarray(optimal.load_values(optimal_values, cfg)[0]))
+    data = mean_dataset or dataset
+    means = compute_means(cfg, params, data, batch_size)
+    values, _ = optimal.learn_optimal_values(cfg, params, data, means,
+                                             optimal_values or optimal.OptimalOptions())
+    return Ablation("optimal", jnp.asarray(values))
   if intervention.startswith("mean"):
     means = compute_means(cfg, params, mean_dataset or dataset, batch_size,
                           positional=intervention == "mean-positional")

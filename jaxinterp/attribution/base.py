@@ -18,12 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinterp.circuits import Graph
+from jaxinterp.circuits import Graph, convention
 from jaxinterp.tasks import Batch, Task
-from models import edges as E
-from models.config import ModelConfig
-from models.edges import EdgePatch
-from models.transformer import forward, last_token_logits
+from jaxinterp.models import edges as E
+from jaxinterp.models.config import ModelConfig
+from jaxinterp.models.edges import EdgePatch
+from jaxinterp.models.transformer import forward, last_token_logits
 
 Array = jax.Array
 
@@ -106,6 +106,18 @@ class Method:
     fit: `(cfg, params, dataset, ablation, options) -> FitResult` for whole-dataset methods.
     valid: `(cfg, options) -> bool array`, the shape and validity of its scores (default: the
       edges, `valid_edges`); node- or neuron-level scoring returns its own.
+    needs_corrupted: it reads the corrupted prompts whatever the intervention (EAP-IG-inputs and
+      clean-corrupted interpolate from them); with `intervention="patching"` every method that
+      `ablates` needs them too. `attribute` refuses a dataset without corrupted prompts then.
+    ablates: whether its scores use the ablation at all (information-flow routes does not: it
+      ignores `intervention`, and `attribute` builds no ablation for it).
+    finalize: `(cfg, task, options, mean_scores) -> scores`, applied by `attribute` after
+      averaging the batches (and to every bootstrap resample): ensembles rank-normalise their
+      members' scores here. The result has the shape of `valid_edges` (or of the level's scores).
+    convention: what the sign of its scores means (`circuits.convention`): None for the task
+      metric's (`convention.for_task`: "metric" for higher-is-better metrics, whose important
+      edges are negative); "loss" (higher = more important, whatever the task) for proportions
+      such as IFR's and for ensembles.
   """
 
   name: str
@@ -115,6 +127,14 @@ class Method:
   interventions: Optional[tuple[str, ...]] = None
   fit: Optional[Fit] = None
   valid: Optional[Callable[[ModelConfig, Options], np.ndarray]] = None
+  needs_corrupted: bool = False
+  ablates: bool = True
+  finalize: Optional[Callable[[ModelConfig, Task, Options, np.ndarray], np.ndarray]] = None
+  convention: Optional[str] = None
+
+  def score_convention(self, task: Task) -> str:
+    """The sign convention of this method's scores on `task` ("metric" or "loss")."""
+    return self.convention or convention.for_task(task)
 
   def make_options(self, **kwargs) -> Options:
     """The method's options from `attribute()`'s keywords (those it has no field for are ignored)."""
@@ -124,6 +144,11 @@ class Method:
   def valid_mask(self, cfg: ModelConfig, options: Options) -> np.ndarray:
     """Bool array: which entries of this method's scores are real (edges, unless `valid` says)."""
     return valid_edges(cfg) if self.valid is None else self.valid(cfg, options)
+
+  def output_mask(self, cfg: ModelConfig, options: Options) -> np.ndarray:
+    """Bool array of the final scores (after `finalize`); `valid_mask` unless a subclass (an
+    ensemble, whose members' sums are stacked) says otherwise."""
+    return self.valid_mask(cfg, options)
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -157,6 +182,37 @@ class IGOptions(Options):
 
   def __post_init__(self):
     ig_alphas(self.ig_steps, self.ig_convention)  # validates
+
+
+LEVELS = ("edge", "node", "neuron")
+
+
+@dataclasses.dataclass(frozen=True)
+class LevelOptions(Options):
+  """Options of methods that score edges, nodes or neurons (EAP, EAP-IG-inputs, exact, ...).
+
+  Attributes:
+    level: "edge" (Float [n_senders, n_receivers]), "node" (Float [n_senders]: the effect of
+      ablating a node's output into every receiver, as the `eap` package's `attribute_node`) or
+      "neuron" (Float [n_senders, d_model]: the same per dimension of each node's output).
+  """
+
+  level: str = "edge"
+
+  def __post_init__(self):
+    if self.level not in LEVELS:
+      raise AttributionError(f"level must be one of {LEVELS}, got {self.level!r}")
+
+
+def level_valid(cfg: ModelConfig, options: Options) -> np.ndarray:
+  """Bool array of a level's score shape: the valid edges, every node [n_senders], or every
+  neuron [n_senders, d_model] (a `Method.valid` for methods with `LevelOptions`)."""
+  level = getattr(options, "level", "edge")
+  if level == "node":
+    return np.ones(E.n_senders(cfg), bool)
+  if level == "neuron":
+    return np.ones((E.n_senders(cfg), cfg.d_model), bool)
+  return valid_edges(cfg)
 
 
 def sender_outputs(cfg: ModelConfig, params, tokens: Array, mask: Optional[Array] = None,

@@ -18,23 +18,31 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxinterp.attribution import base
-from models import edges as E
-from models.config import ModelConfig
-from models.edges import EdgePatch
-from models.transformer import LayerStart, Norm, forward, ungroup_kv
+from jaxinterp.models import edges as E
+from jaxinterp.models.config import ModelConfig
+from jaxinterp.models.edges import EdgePatch
+from jaxinterp.models.transformer import LayerStart, Norm, forward, ungroup_kv
 
 
 @dataclasses.dataclass(frozen=True)
-class ExactOptions(base.Options):
+class ExactOptions(base.LevelOptions):
   """Options of exact patching.
 
   Attributes:
-    exact_chunk: edges per compiled call (`vmap`); None: as many as fit, see `exact_chunk_size`.
+    exact_chunk: edges (or nodes) per compiled call (`vmap`); None: as many as fit, see
+      `exact_chunk_size`.
+    level: "edge", or "node" (exact node patching: every outgoing edge of the node ablated at
+      once, as `eap`'s `attribute_node`); "neuron" is refused (d_model reruns per node).
   """
 
   exact_chunk: Optional[int] = None
 
   def __post_init__(self):
+    base.LevelOptions.__post_init__(self)
+    if self.level == "neuron":
+      raise base.AttributionError("exact patching has no neuron level (it would rerun the model "
+                                  "once per output dimension of every node); use level='node', or "
+                                  "EAP / EAP-IG-inputs at level='neuron'")
     if self.exact_chunk is not None and (not isinstance(self.exact_chunk, int)
                                          or self.exact_chunk < 1):
       raise base.AttributionError(f"exact_chunk must be a positive integer, got "
@@ -82,13 +90,14 @@ def edge_chunk(cfg, task, layer, params, batch, resid, mlp_input, delta_prefix, 
 
   if layer == L:  # the logits receiver: only the final norm runs
     def one(s, r):
-      x = norm(params["ln_final"], resid - delta_prefix[:, :, s])
+      x = norm(params.get("ln_final", {}), resid - delta_prefix[:, :, s])
       return base.metric_at_last(cfg, task, params, batch, x, clean_logits)[0]
     return jax.vmap(one)(senders, receivers)
 
   blk = params[f"blocks_{layer}"]
+  ln1, ln2 = blk.get("ln1", {}), blk.get("ln2", {})  # {}: the param-free identity norm
   W = jnp.concatenate([blk["attn"][f"W_{c}"] for c in "QKV"])  # [3H, d, d_head]
-  y_attn, y_mlp = norm(blk["ln1"], resid), norm(blk["ln2"], mlp_input)
+  y_attn, y_mlp = norm(ln1, resid), norm(ln2, mlp_input)
   start = LayerStart(layer, resid)
   p = f"blocks.{layer}."
 
@@ -96,9 +105,9 @@ def edge_chunk(cfg, task, layer, params, batch, resid, mlp_input, delta_prefix, 
     local = r - E.head_receiver(cfg, layer, 0, "q")  # 0..3H-1: q/k/v of a head; 3H: the MLP
     delta = delta_prefix[:, :, s]
     is_head = local < 3 * H
-    d_attn = (norm(blk["ln1"], resid - delta) - y_attn) @ W[jnp.minimum(local, 3 * H - 1)]
+    d_attn = (norm(ln1, resid - delta) - y_attn) @ W[jnp.minimum(local, 3 * H - 1)]
     d_qkv = jnp.where((jnp.arange(3 * H) == local)[None, None, :, None], d_attn[:, :, None], 0.0)
-    d_mlp = jnp.where(is_head, 0.0, norm(blk["ln2"], mlp_input - delta) - y_mlp)
+    d_mlp = jnp.where(is_head, 0.0, norm(ln2, mlp_input - delta) - y_mlp)
     iv = {p + f"attn.hook_{c}": base.Shift(d_qkv[:, :, i * H:(i + 1) * H])
           for i, c in enumerate("qkv")}
     iv[p + "ln2.hook_normalized"] = base.Shift(d_mlp)
@@ -164,9 +173,65 @@ def _exact_batch(cfg, task, ablation, params, batch, valid, clean_total, clean_l
   return out
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "task", "layer"))
+def node_chunk(cfg, task, layer, params, batch, resid, shifts, clean_logits):
+  """Metric sums with one node of `layer` ablated at a time (every outgoing edge at once).
+
+  Ablating a node s makes every receiver read x_r - (clean_s - ablated_s): the residual stream is
+  shifted by (ablated_s - clean_s) where s writes (its own output is the clean one, since nothing
+  upstream of it changes). Each copy (`vmap`) reruns the blocks from `layer` on, from the clean
+  residual `resid` entering it, with `shifts[i]` ([3, batch, pos, d_model]) added at
+  `blocks.{layer}.hook_resid_pre` (the input node), `hook_attn_out` (a head) and `hook_mlp_out`
+  (an MLP). `clean_logits` are last-position logits (or None). Returns Float[Array, "chunk"].
+  """
+  start = LayerStart(layer, resid)
+  p = f"blocks.{layer}."
+
+  def one(sh):
+    iv = {p + "hook_resid_pre": base.Shift(sh[0]), p + "hook_attn_out": base.Shift(sh[1]),
+          p + "hook_mlp_out": base.Shift(sh[2])}
+    _, cache = forward(cfg, params, batch.clean, attention_mask=batch.mask, interventions=iv,
+                       start=start, collect=("ln_final.hook_normalized",))
+    return base.metric_at_last(cfg, task, params, batch, cache["ln_final.hook_normalized"],
+                               clean_logits)[0]
+
+  return jax.vmap(one)(shifts)
+
+
+def _exact_nodes_batch(cfg, task, ablation, params, batch, clean_total, clean_logits, chunk,
+                       quiet):
+  """Sum over the batch of m(node ablated) - m(clean) for every node: Float64 [n_senders]."""
+  resids, _, delta = upstream_cache(cfg, params, batch, ablation)
+  if clean_logits is not None:
+    clean_logits = jnp.take_along_axis(clean_logits, batch.last[:, None, None], axis=1)
+  if chunk is None:
+    chunk = exact_chunk_size(cfg, *batch.clean.shape)
+  H = cfg.n_heads
+  out = np.zeros(E.n_senders(cfg), np.float64)
+  for l in tqdm(range(cfg.n_layers), desc="exact: node layers", disable=quiet, leave=False):
+    nodes = ([0] if l == 0 else []) + [E.head_sender(cfg, l, h) for h in range(H)]
+    nodes.append(E.mlp_sender(cfg, l))
+    slot = [0 if s == 0 else (2 if s == E.mlp_sender(cfg, l) else 1) for s in nodes]
+    size = -(-len(nodes) // -(-len(nodes) // chunk))  # balanced chunks of one shape per layer
+    pad = (-len(nodes)) % size
+    nodes, slot = nodes + nodes[-1:] * pad, slot + slot[-1:] * pad
+    for i in range(0, len(nodes), size):
+      sel, where = np.asarray(nodes[i:i + size]), np.asarray(slot[i:i + size])
+      onehot = jnp.asarray(where[:, None] == np.arange(3)[None, :], delta.dtype)  # [n, 3]
+      shifts = -onehot[:, :, None, None, None] * jnp.moveaxis(delta[:, :, sel], 2, 0)[:, None]
+      vals = np.asarray(node_chunk(cfg, task, l, params, batch, resids[l], shifts, clean_logits),
+                        np.float64)
+      out[sel] = vals - clean_total  # padding repeats the last node: the same value again
+  return out
+
+
 def score_batch(cfg, task, params, batch, ablation, options: ExactOptions) -> base.BatchScores:
   """Exact scores of one batch (the metric checked is the clean one: each rerun is one edge's)."""
   c_total, c_values, clean_logits = base.clean_metric(cfg, task, params, batch)
+  if getattr(options, "level", "edge") == "node":
+    s = _exact_nodes_batch(cfg, task, ablation, params, batch, float(c_total), clean_logits,
+                           options.exact_chunk, not options.progress)
+    return base.BatchScores(s, c_values, c_values, c_total)
   s = _exact_batch(cfg, task, ablation, params, batch, base.valid_edges(cfg), float(c_total),
                    clean_logits, options.exact_chunk, not options.progress)
   return base.BatchScores(s, c_values, c_values, c_total)
@@ -174,4 +239,5 @@ def score_batch(cfg, task, params, batch, ablation, options: ExactOptions) -> ba
 
 EXACT = base.Method(
     "exact", "activation patching of each edge in turn: the mean metric with that edge ablated "
-    "minus the clean one (no approximation)", score_batch, ExactOptions)
+    "minus the clean one (no approximation; --level=node: every outgoing edge of a node at once)",
+    score_batch, ExactOptions, valid=base.level_valid)

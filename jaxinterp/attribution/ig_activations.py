@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxinterp.attribution import base
-from models.config import ModelConfig
-from models.edges import EdgePatch
-from models.transformer import embed_inputs, forward
+from jaxinterp.models.config import ModelConfig
+from jaxinterp.models.edges import EdgePatch
+from jaxinterp.models.transformer import embed_inputs, forward
 
 Array = jax.Array
 

@@ -39,9 +39,9 @@ import numpy as np
 
 from jaxinterp.attribution.base import Shift, metric_at_last, metric_sum
 from jaxinterp.tasks import Batch
-from models import edges as E
-from models.config import ModelConfig
-from models.transformer import (Norm, embed_inputs, forward, last_token_logits, layers_uniform,
+from jaxinterp.models import edges as E
+from jaxinterp.models.config import ModelConfig
+from jaxinterp.models.transformer import (Norm, embed_inputs, forward, last_token_logits, layers_uniform,
                                 run_blocks, stack_blocks, ungroup_kv)
 
 # Blocks run as one lax.scan (fast compiles) when their weights take at most this fraction of the
@@ -149,7 +149,8 @@ def _stack(cfg: ModelConfig, params, *path: str) -> Array:
 
 
 def _norm_params(cfg: ModelConfig, params, name: str) -> dict:
-  return {k: _stack(cfg, params, name, k) for k in params["blocks_0"][name]}
+  """A block norm's params stacked over layers ({} for the param-free identity norm)."""
+  return {k: _stack(cfg, params, name, k) for k in params["blocks_0"].get(name, {})}
 
 
 def _ig_steps(cfg: ModelConfig, task, params, stacked, batch: Batch, alphas: Array,
@@ -189,7 +190,7 @@ def _ig_steps(cfg: ModelConfig, task, params, stacked, batch: Batch, alphas: Arr
     iv = {n: Shift(e) for n, e in eps.items() if n != "final"}
     resid, ys = run_blocks(cfg, params, emb, batch.mask, iv, collect, stacked=stacked)
     resid = resid + eps["final"]
-    x = Norm(cfg).apply({"params": params["ln_final"]}, resid)
+    x = Norm(cfg).apply({"params": params.get("ln_final", {})}, resid)
     total, values = metric_at_last(cfg, task, params, batch, x, clean_logits)
     return total, (values, ys)
 
@@ -200,10 +201,11 @@ def _ig_steps(cfg: ModelConfig, task, params, stacked, batch: Batch, alphas: Arr
     P = jnp.concatenate([g[f"attn.hook_{c}"] for c in "qkv"], 3).astype(jnp.float32)
     P = P * inv[..., None]  # [L, b, p, 3H, dh]
     qkv = jnp.concatenate([ys[f"attn.hook_{c}"] for c in "qkv"], 3).astype(jnp.float32)
-    coef = jnp.sum((qkv - offsets[:, None, None]) * P, -1) / d  # [L, b, p, 3H]
-    # (D_s . x_hat_l) for every sender and layer: one [S, d] x [d, L] matmul per position.
-    e = jnp.einsum("bpsd,bpld->bpsl", diff, jnp.moveaxis(xhat, 0, 2))
-    t3 = t3 + jnp.einsum("bpsl,lbpr->lsr", e, coef)
+    if cfg.normalization != "none":  # the identity norm's Jacobian has no x_hat term
+      coef = jnp.sum((qkv - offsets[:, None, None]) * P, -1) / d  # [L, b, p, 3H]
+      # (D_s . x_hat_l) for every sender and layer: one [S, d] x [d, L] matmul per position.
+      e = jnp.einsum("bpsd,bpld->bpsl", diff, jnp.moveaxis(xhat, 0, 2))
+      t3 = t3 + jnp.einsum("bpsl,lbpr->lsr", e, coef)
 
     def mlp_grad(p_ln2, x, gy):
       _, vjp = jax.vjp(lambda x: Norm(cfg).apply({"params": p_ln2}, x), x)
@@ -276,7 +278,7 @@ def _contract(cfg: ModelConfig, params, diff: Array, P_sum: Array, mlp_sum: Arra
   """
   b, p, S, d = diff.shape
   L, H = cfg.n_layers, cfg.n_heads
-  layernorm = cfg.normalization != "rmsnorm"
+  layernorm = cfg.normalization == "layernorm"
   n_pos = b * p
   per_pos = (L * (3 * H + 1) + 1) * d * 4
   size = max(1, min(n_pos, int(chunk_bytes // per_pos)))
@@ -287,7 +289,7 @@ def _contract(cfg: ModelConfig, params, diff: Array, P_sum: Array, mlp_sum: Arra
   Pc = jnp.moveaxis(P_sum, 0, 2).reshape(chunks, size, L, 3 * H, P_sum.shape[-1])
   Mc = jnp.concatenate([jnp.moveaxis(mlp_sum, 0, 2), log_sum[:, :, None]], 2)
   Mc = Mc.reshape(chunks, size, L + 1, d)
-  gammas = [Norm(cfg).apply({"params": params[f"blocks_{l}"]["ln1"]}, method=Norm.gain)
+  gammas = [Norm(cfg).apply({"params": params[f"blocks_{l}"].get("ln1", {})}, method=Norm.gain)
             for l in range(L)]
 
   def body(acc, xs):
@@ -351,7 +353,7 @@ def ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alph
     clean, final = _senders(cfg, params, stacked, e_clean, batch.mask)
     ablated = ablation.values(cfg, params, batch)
     diff = (ablated - clean).astype(jnp.float32)  # [b, p, S, d]
-  x = Norm(cfg).apply({"params": params["ln_final"]}, final)
+  x = Norm(cfg).apply({"params": params.get("ln_final", {})}, final)
   clean_logits = last_token_logits(cfg, params, x, batch.last)
   clean_values = task.metric(clean_logits, batch.replace(last=jnp.zeros_like(batch.last)),
                              clean_logits)

@@ -5,21 +5,28 @@
 - `graph`: the `Graph` (edge scores and a circuit's edge and node masks);
 - `selection`: `top_n`, `threshold`, `greedy`, `prune`, `top_n_nodes` (each `Graph -> Graph`);
 - `io`: EAP-IG `graph.json` and `.npz` files;
-- `mib`: MIB evaluation arithmetic (faithfulness, CPR, CMD, IoU), pure numpy.
+- `mib`: MIB evaluation arithmetic (faithfulness, CPR, CMD, IoU, the circuits of MIB's protocol)
+  and leaderboard submissions, pure numpy;
+- `convention`: what the sign of a score means (`metric` in memory for jaxinterp's attribution,
+  `loss` in files, EAP-IG's and MIB's); signed selection ranks by importance in both.
 
-Imports run one way: `layout` <- `selection`, `io`, `mib` <- `graph`; `selection` and `io` take
-a graph (or, to read one, its class) and never import `graph`.
+Imports run one way: `layout`, `convention` <- `selection`, `io` <- `mib`, and `graph` imports
+`selection` and `io`; `selection`, `io` and `mib` take a graph (or, to read one, its class) and
+never import `graph`.
 """
 
-from jaxinterp.circuits import graph, io, layout, mib, selection
+from jaxinterp.circuits import convention, graph, io, layout, mib, selection
 from jaxinterp.circuits.graph import Graph
 from jaxinterp.circuits.layout import GraphError, GraphShape
-from jaxinterp.circuits.mib import (MIB_PERCENTAGES, cmd, cpr, edge_iou, n_edges_at_percentage,
-                                    node_iou, normalized_faithfulness)
+from jaxinterp.circuits.mib import (MIB_FRACTIONS, MIB_PERCENTAGES, SUBMISSION_PERCENTAGES,
+                                    area_from_1, area_under, cmd, cpr, edge_iou, mib_circuits,
+                                    mib_summary, n_edges_at_percentage, node_iou,
+                                    normalized_faithfulness, write_submission)
 from jaxinterp.circuits.selection import greedy, prune, threshold, top_n, top_n_nodes
 
 __all__ = [
-    "Graph", "GraphError", "GraphShape", "MIB_PERCENTAGES", "cmd", "cpr", "edge_iou", "greedy",
-    "n_edges_at_percentage", "node_iou", "normalized_faithfulness", "prune", "threshold", "top_n",
-    "top_n_nodes",
+    "Graph", "GraphError", "GraphShape", "MIB_FRACTIONS", "MIB_PERCENTAGES", "SUBMISSION_PERCENTAGES",
+    "area_from_1", "area_under", "cmd", "convention", "cpr", "edge_iou", "greedy", "mib_circuits",
+    "mib_summary", "n_edges_at_percentage", "node_iou", "normalized_faithfulness", "prune",
+    "threshold", "top_n", "top_n_nodes", "write_submission",
 ]

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 
-from jaxinterp.circuits import io, layout, selection
+from jaxinterp.circuits import convention, io, layout, selection
 from jaxinterp.circuits.layout import GraphError, GraphShape
 
 # "Float[ndarray, 'sender receiver']" style shape comments below refer to numpy arrays.
@@ -36,13 +36,22 @@ class Graph:
       always in the graph and has no entry).
     node_attribution: optional Float[ndarray, "sender"]; node scores from a node-level attribution
       (NaN for unscored nodes), written as the nodes' "score" in JSON as EAP-IG does.
-    meta: dict of run metadata, written as the JSON's "meta" section.
+    meta: dict of run metadata, written as the JSON's "meta" section. Its `score_convention` says
+      what the sign of a score means (`circuits.convention`: `metric` for jaxinterp's attribution
+      scores, where important edges are negative; `loss`, the default, for EAP-IG's and MIB's).
+    neuron_scores: optional Float[ndarray, "sender d_model"]; neuron-level attribution scores (one
+      per dimension of a node's output, as EAP-IG's; NaN = unscored), written as the nodes'
+      "neurons_scores" in JSON.
+    neurons_in_graph: optional Bool[ndarray, "sender d_model"]; a neuron circuit's mask (EAP-IG's
+      "neurons"): the output dimensions kept live (`levels.evaluate_neuron_circuits`).
   """
 
   def __init__(self, cfg: Any, scores: Optional[np.ndarray] = None,
                in_graph: Optional[np.ndarray] = None, nodes_in_graph: Optional[np.ndarray] = None,
                node_attribution: Optional[np.ndarray] = None,
-               meta: Optional[Mapping[str, Any]] = None):
+               meta: Optional[Mapping[str, Any]] = None,
+               neuron_scores: Optional[np.ndarray] = None,
+               neurons_in_graph: Optional[np.ndarray] = None):
     self.cfg = cfg
     self._layout = layout.layout_for(layout.shape_key(cfg))
     L = self._layout
@@ -90,29 +99,48 @@ class Graph:
       node_attribution = node_attribution.copy()
     self.node_attribution = node_attribution
     self.meta: dict[str, Any] = dict(meta or {})
+    self.neuron_scores = self.neurons_in_graph = None
+    for name, x, dtype in (("neuron_scores", neuron_scores, np.float32),
+                           ("neurons_in_graph", neurons_in_graph, bool)):
+      if x is not None:
+        x = np.array(x, dtype)
+        if x.ndim != 2 or x.shape[0] != L.n_senders:
+          raise GraphError(f"{name} must have shape ({L.n_senders}, d_model), got {x.shape}")
+        if dtype is np.float32 and np.isinf(x).any():
+          raise GraphError(f"{name} contains infinite values")
+        setattr(self, name, x)
 
   # -- construction ---------------------------------------------------------------------------------
 
   @classmethod
-  def from_config(cls, cfg: Any, scores: Optional[np.ndarray] = None) -> "Graph":
-    """An empty circuit over `cfg`'s graph, optionally with edge scores `[n_senders, n_receivers]`."""
-    return cls(cfg, scores=scores)
+  def from_config(cls, cfg: Any, scores: Optional[np.ndarray] = None,
+                  score_convention: Optional[str] = None) -> "Graph":
+    """An empty circuit over `cfg`'s graph, optionally with edge scores `[n_senders, n_receivers]`.
+
+    `score_convention` (recorded in `meta`) says what the scores' sign means: `metric` for
+    `attribution.attribute` scores of a higher-is-better metric (`convention.for_task(task)`),
+    `loss` (the default) for EAP-IG's and MIB's.
+    """
+    meta = None if score_convention is None else {convention.KEY: convention.check(score_convention)}
+    return cls(cfg, scores=scores, meta=meta)
 
   def copy(self) -> "Graph":
     return Graph(self.cfg, self.scores, self.in_graph, self.nodes_in_graph, self.node_attribution,
-                 self.meta)
+                 self.meta, self.neuron_scores, self.neurons_in_graph)
 
   def replace(self, **changes: Any) -> "Graph":
     """A new graph with some constructor fields changed, the others as in this graph.
 
-    Fields: `cfg`, `scores`, `in_graph`, `nodes_in_graph`, `node_attribution`, `meta`. The new graph
+    Fields: `cfg`, `scores`, `in_graph`, `nodes_in_graph`, `node_attribution`, `meta`,
+    `neuron_scores`, `neurons_in_graph`. The new graph
     is validated and copies its arrays, as the constructor does. Changing `in_graph` keeps this
     graph's `nodes_in_graph` unless that is given too (`nodes_in_graph=None` derives the nodes from
     the new edges).
     """
     fields = {"cfg": self.cfg, "scores": self.scores, "in_graph": self.in_graph,
               "nodes_in_graph": self.nodes_in_graph, "node_attribution": self.node_attribution,
-              "meta": self.meta}
+              "meta": self.meta, "neuron_scores": self.neuron_scores,
+              "neurons_in_graph": self.neurons_in_graph}
     unknown = sorted(set(changes) - set(fields))
     if unknown:
       raise GraphError(f"replace: {unknown} are not Graph fields; fields are {list(fields)}")
@@ -124,7 +152,8 @@ class Graph:
     mask = np.asarray(mask, bool)
     if mask.shape != self.valid.shape:
       raise GraphError(f"edge mask has shape {mask.shape}, expected {self.valid.shape}")
-    g = Graph(self.cfg, self.scores, mask & self.valid, None, self.node_attribution, self.meta)
+    g = Graph(self.cfg, self.scores, mask & self.valid, None, self.node_attribution, self.meta,
+              self.neuron_scores, self.neurons_in_graph)
     return g.prune() if prune else g
 
   def full(self) -> "Graph":
@@ -235,6 +264,16 @@ class Graph:
     return self._layout.nodes_from_edges(mask)
 
   # -- node scores -----------------------------------------------------------------------------------
+
+  @property
+  def score_convention(self) -> str:
+    """`metric` or `loss`: what the sign of the scores means (`circuits.convention`)."""
+    return convention.of(self.meta)
+
+  def importance(self) -> np.ndarray:
+    """Float[ndarray, "sender receiver"]: the signed scores oriented so that higher means more
+    important (scores negated in the `metric` convention); signed selection ranks by this."""
+    return self.scores * np.float32(convention.importance_sign(self.score_convention))
 
   def _key(self, absolute: bool) -> np.ndarray:
     return selection.ranking_key(self, absolute)

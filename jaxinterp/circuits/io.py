@@ -2,8 +2,14 @@
 
 The JSON is EAP-IG's: `cfg`, `nodes` and every valid edge with its `score` and `in_graph`, plus an
 optional `meta` section that EAP-IG readers ignore. Nodes are read in both of EAP-IG's formats:
-`{name: {"in_graph": bool, "score"?: float, "neurons"?: [...]}}` (2024 on) and `{name: bool}`
-(older). The `.npz` holds the dense matrices. Files are written atomically; files are read
+`{name: {"in_graph": bool, "score"?: float, "neurons"?: [bool] * d_model,
+"neurons_scores"?: [float] * d_model}}` (2024 on; the neuron lists are neuron-level circuits and
+scores, `Graph.neurons_in_graph` / `neuron_scores`, NaN written as null) and `{name: bool}`
+(older). JSON scores are written in EAP-IG's and MIB's sign (`convention.LOSS`: higher = more
+important; a `metric`-convention graph's scores are negated and `meta.score_convention` says
+`loss`), so their `apply_topn(absolute=False)` selects what our signed selection does; files are
+read in the convention their meta records (`convention.of`). The `.npz` holds the dense matrices
+as they are in memory, with the convention in its meta. Files are written atomically; files are read
 defensively (a hostile or malformed file raises `GraphError` naming what is wrong, and its shape
 fields cannot make us allocate more than `_MAX_ENTRIES_FROM_FILE` matrix entries).
 
@@ -23,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
 import numpy as np
 
-from jaxinterp.circuits import layout
+from jaxinterp.circuits import convention, layout
 from jaxinterp.circuits.layout import GraphError, GraphShape
 from jaxinterp.files import atomic_write
 
@@ -107,9 +113,15 @@ def _check_file_shape(shape: GraphShape) -> None:
 def to_dict(graph: Graph, meta: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
   """The EAP-IG JSON structure, every valid edge with its score, plus `meta` if any.
 
-  `meta` is merged over `graph.meta`; the "meta" section is written only when non-empty.
+  `meta` is merged over `graph.meta`; the "meta" section is written only when non-empty. Scores
+  (edges and nodes) are in the `loss` convention: negated if the graph's is `metric`, and then
+  `meta.score_convention` is "loss".
   """
   L = graph.layout
+  merged = {**graph.meta, **(meta or {})}
+  sign = convention.importance_sign(convention.of(merged))
+  if sign < 0 or convention.KEY in merged:
+    merged[convention.KEY] = convention.LOSS
   cfg = {"n_layers": L.n_layers, "n_heads": L.n_heads, "parallel_attn_mlp": L.parallel}
   d_model = getattr(graph.cfg, "d_model", None)
   if d_model is not None:
@@ -119,17 +131,21 @@ def to_dict(graph: Graph, meta: Optional[Mapping[str, Any]] = None) -> dict[str,
     entry: dict[str, Any] = {"in_graph": bool(graph.nodes_in_graph[i])}
     if graph.node_attribution is not None and not math.isnan(graph.node_attribution[i]):
       # Unscored (NaN) nodes get no "score" key: EAP-IG's reader keeps them unscored that way.
-      entry["score"] = float(graph.node_attribution[i])
+      entry["score"] = float(sign * graph.node_attribution[i])
+    if graph.neurons_in_graph is not None:
+      entry["neurons"] = graph.neurons_in_graph[i].tolist()
+    if graph.neuron_scores is not None:
+      entry["neurons_scores"] = [None if math.isnan(v) else v for v in
+                                 (graph.neuron_scores[i] * np.float32(sign) + np.float32(0)).tolist()]
     nodes[name] = entry
   nodes["logits"] = {"in_graph": True}
   ss, rs = L.eap_order
   sn, rn = L.sender_names, L.receiver_names
-  scores = graph.scores[ss, rs].tolist()
+  scores = (graph.scores[ss, rs] * np.float32(sign) + np.float32(0)).tolist()  # + 0: no -0.0
   flags = graph.in_graph[ss, rs].tolist()
   edges = {f"{sn[s]}->{rn[r]}": {"score": sc, "in_graph": f}
            for s, r, sc, f in zip(ss.tolist(), rs.tolist(), scores, flags)}
   d: dict[str, Any] = {"cfg": cfg, "nodes": nodes, "edges": edges}
-  merged = {**graph.meta, **(meta or {})}
   if merged:
     d["meta"] = merged
   return d
@@ -226,7 +242,7 @@ def _from_dict(cls: type[Graph], d: Any, cfg: Any, require_all_edges: bool) -> G
     if not isinstance(info, dict):
       malformed.append(name)
       continue
-    score = _as_score(info.get("score"))
+    score = _as_score(info.get("score", 0.0))  # MIB's binary circuits have no scores
     flag = _as_flag(info.get("in_graph", False))
     if score is None or flag is None:
       malformed.append(name)
@@ -256,6 +272,7 @@ def _from_dict(cls: type[Graph], d: Any, cfg: Any, require_all_edges: bool) -> G
   nodes_seen = np.zeros(L.n_senders, bool)
   attribution = np.full(L.n_senders, np.nan, np.float32)
   any_node_score = False
+  neuron_rows: dict[int, tuple] = {}
   bad_nodes, bad_entries = [], []
   for name, info in jnodes.items():
     if name == "logits":
@@ -273,14 +290,11 @@ def _from_dict(cls: type[Graph], d: Any, cfg: Any, require_all_edges: bool) -> G
           continue
         attribution[i] = v
         any_node_score = True
-      neurons = info.get("neurons")
-      if neurons is not None:
-        if not isinstance(neurons, list) or not all(_as_flag(x) is not None for x in neurons):
-          bad_entries.append(name)
-          continue
-        if not all(neurons):
-          raise GraphError(f"node {name!r} has a neuron-level mask; neuron circuits are not "
-                           "supported")
+      rows = _neuron_rows(info)
+      if rows is None:
+        bad_entries.append(name)
+        continue
+      neuron_rows[i] = rows
     else:  # older EAP-IG: {name: bool}
       flag = _as_flag(info)
     if flag is None:
@@ -297,8 +311,55 @@ def _from_dict(cls: type[Graph], d: Any, cfg: Any, require_all_edges: bool) -> G
   derived = L.nodes_from_edges(in_graph)
   nodes = np.where(nodes_seen, nodes, derived)
   meta = d.get("meta")
+  masks, neuron_scores = _neuron_arrays(neuron_rows, L.n_senders, getattr(cfg, "d_model", None))
   return cls(cfg, scores, in_graph, nodes, attribution if any_node_score else None,
-             meta if isinstance(meta, dict) else None)
+             meta if isinstance(meta, dict) else None, neuron_scores, masks)
+
+
+_MAX_NEURONS = 1 << 16  # per node: a file cannot make us allocate more
+
+
+def _neuron_rows(info: dict) -> Optional[tuple]:
+  """A node entry's (`neurons` flags, `neurons_scores`) as arrays (either None if absent), or None
+  if they are malformed (not lists, wrong types, infinite scores, different lengths)."""
+  flags, values = info.get("neurons"), info.get("neurons_scores")
+  out = []
+  for x, conv in ((flags, _as_flag), (values, lambda v: math.nan if v is None else _as_score(v))):
+    if x is None:
+      out.append(None)
+      continue
+    if not isinstance(x, list) or len(x) > _MAX_NEURONS:
+      return None
+    row = [conv(v) for v in x]
+    if any(v is None for v in row) or any(isinstance(v, float) and math.isinf(v) for v in row):
+      return None
+    out.append(np.asarray(row, bool if conv is _as_flag else np.float32))
+  if out[0] is not None and out[1] is not None and out[0].size != out[1].size:
+    return None
+  return tuple(out)
+
+
+def _neuron_arrays(rows: dict, n_senders: int, d_model: Optional[int]):
+  """[n_senders, d_model] neuron masks and scores from the nodes' rows (EAP-IG: nodes without a
+  `neurons` list are out of a neuron circuit; unscored neurons are NaN), or None each if absent."""
+  widths = {r.size for pair in rows.values() for r in pair if r is not None}
+  if not widths:
+    return None, None
+  if len(widths) > 1 or (d_model is not None and widths != {d_model}):
+    raise GraphError(f"nodes' neuron lists have length(s) {sorted(widths)}; expected one length"
+                     + (f", d_model={d_model}" if d_model is not None else ""))
+  width = widths.pop()
+  out = []
+  for k, fill, dtype in ((0, False, bool), (1, np.nan, np.float32)):
+    if all(pair[k] is None for pair in rows.values()):
+      out.append(None)
+      continue
+    a = np.full((n_senders, width), fill, dtype)
+    for i, pair in rows.items():
+      if pair[k] is not None:
+        a[i] = pair[k]
+    out.append(a)
+  return out[0], out[1]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -311,8 +372,11 @@ def to_npz(graph: Graph, path: Union[str, os.PathLike],
            meta: Optional[Mapping[str, Any]] = None) -> None:
   """Write the matrices (scores, in_graph, nodes_in_graph, valid, ...) as an `.npz`, atomically."""
   L = graph.layout
+  merged = {**graph.meta, **(meta or {})}
+  if convention.of(merged) == convention.METRIC:  # explicit, as the npz keeps in-memory scores
+    merged[convention.KEY] = convention.METRIC
   try:
-    meta_json = json.dumps({**graph.meta, **(meta or {})}, allow_nan=False)
+    meta_json = json.dumps(merged, allow_nan=False)
   except (TypeError, ValueError) as e:
     raise GraphError(f"meta is not JSON-serialisable: {e}") from e
   arrays = {
@@ -323,6 +387,9 @@ def to_npz(graph: Graph, path: Union[str, os.PathLike],
   }
   if graph.node_attribution is not None:
     arrays["node_attribution"] = graph.node_attribution
+  for name in ("neuron_scores", "neurons_in_graph"):
+    if getattr(graph, name, None) is not None:
+      arrays[name] = getattr(graph, name)
   buf = BytesIO()
   np.savez(buf, **arrays)
   _atomic_write(path, buf.getvalue())
@@ -358,7 +425,8 @@ def from_npz(cls: type[Graph], path: Union[str, os.PathLike], cfg: Any = None) -
       meta = None
   try:
     g = cls(cfg, arrays["scores"], arrays["in_graph"], arrays["nodes_in_graph"],
-            arrays.get("node_attribution"), meta if isinstance(meta, dict) else None)
+            arrays.get("node_attribution"), meta if isinstance(meta, dict) else None,
+            arrays.get("neuron_scores"), arrays.get("neurons_in_graph"))
   except GraphError as e:
     raise GraphError(f"{path}: {e}") from None
   if "valid" in arrays and not np.array_equal(arrays["valid"], g.valid):

@@ -29,7 +29,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from models import edges as E
+from jaxinterp.models import edges as E
 
 # "Float[ndarray, 'sender receiver']" style shape comments below refer to numpy arrays.
 

@@ -9,15 +9,18 @@ All bad input raises `GraphError` (a `ValueError`) with a message that names wha
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
+import os
 from fractions import Fraction
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Sequence, Union
 
 import numpy as np
 
-from jaxinterp.circuits import layout
+from jaxinterp.circuits import convention, io, layout
 from jaxinterp.circuits.layout import GraphError
+from jaxinterp.files import atomic_write
 
 if TYPE_CHECKING:
   from jaxinterp.circuits.graph import Graph
@@ -59,29 +62,25 @@ def _curve(percentages: Sequence[float], faithfulness: Sequence[float]) -> tuple
   return p / 100.0, f
 
 
-def _trapezoid(x: np.ndarray, y: np.ndarray) -> float:
-  return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2.0))
-
-
-def cpr(percentages: Sequence[float], faithfulness: Sequence[float]) -> float:
+def cpr(percentages: Sequence[float], faithfulness: Sequence[float], log_scale: bool = False) -> float:
   """MIB's CPR: trapezoidal area under the faithfulness curve (higher is better).
 
   `percentages` are circuit sizes in percent of the model's edges (e.g. `MIB_PERCENTAGES`); the x
-  axis is their fraction (percent / 100) on a linear scale, as in MIB's `evaluate_area_under_curve`
-  (`log_scale=False`), so the area spans [x_first, x_last] and a constant curve f = 1 over
+  axis is their fraction (percent / 100), on a linear scale as in MIB's `evaluate_area_under_curve`
+  (or its log with `log_scale`), so the area spans [x_first, x_last] and a constant curve f = 1 over
   `MIB_PERCENTAGES` gives 0.999. MIB computes CPR on circuits ranked by signed scores.
   """
   x, f = _curve(percentages, faithfulness)
-  return _trapezoid(x, f)
+  return area_under(x, f, log_scale)
 
 
-def cmd(percentages: Sequence[float], faithfulness: Sequence[float]) -> float:
+def cmd(percentages: Sequence[float], faithfulness: Sequence[float], log_scale: bool = False) -> float:
   """MIB's CMD: trapezoidal area under |1 - faithfulness| (lower is better); x axis as in `cpr`.
 
   MIB computes CMD on circuits ranked by absolute scores.
   """
   x, f = _curve(percentages, faithfulness)
-  return _trapezoid(x, np.abs(1.0 - f))
+  return area_from_1(x, f, log_scale)
 
 
 def n_edges_at_percentage(percentage: float, n_total: int) -> int:
@@ -125,3 +124,155 @@ def node_iou(g1: Graph, g2: Graph) -> float:
   """
   _same_layout(g1, g2)
   return _iou(g1.nodes_in_graph, g2.nodes_in_graph)
+
+
+# --------------------------------------------------------------------------------------------------
+# MIB's evaluation protocol (`MIB_circuit_track/evaluation.py: evaluate_area_under_curve`)
+# --------------------------------------------------------------------------------------------------
+
+MIB_FRACTIONS: tuple[float, ...] = (.001, .002, .005, .01, .02, .05, .1, .2, .5, 1)
+"""The fractions of scored items (edges, or scored nodes) MIB evaluates circuits at."""
+
+SUBMISSION_PERCENTAGES: tuple[float, ...] = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50)
+"""Edge percentages of the nine binary circuits of an MIB leaderboard submission."""
+
+
+def _areas(fractions: Sequence[float], faithfulness: Sequence[float], log_scale: bool):
+  x = [float(v) for v in fractions]
+  f = [float(v) for v in faithfulness]
+  if len(x) != len(f) or len(x) < 2:
+    raise GraphError(f"need two sequences of equal length >= 2, got {len(x)} and {len(f)}")
+  if not all(math.isfinite(v) for v in x + f) or (log_scale and min(x) <= 0):
+    raise GraphError("fractions and faithfulness must be finite (and fractions > 0 with log_scale)")
+  under = from_1 = 0.0
+  for i in range(len(f) - 1):  # MIB's loop: the trapezoid rule, summed in order
+    x1, x2 = (math.log(x[i]), math.log(x[i + 1])) if log_scale else (x[i], x[i + 1])
+    from_1 += (x2 - x1) * ((abs(1.0 - f[i]) + abs(1.0 - f[i + 1])) / 2)
+    under += (x2 - x1) * ((f[i] + f[i + 1]) / 2)
+  return under, from_1
+
+
+def area_under(fractions: Sequence[float], faithfulness: Sequence[float],
+               log_scale: bool = False) -> float:
+  """MIB's `area_under` (CPR): the trapezoidal area under faithfulness over the fractions of
+  items (x = log(fraction) with `log_scale`), exactly as MIB sums it."""
+  return _areas(fractions, faithfulness, log_scale)[0]
+
+
+def area_from_1(fractions: Sequence[float], faithfulness: Sequence[float],
+                log_scale: bool = False) -> float:
+  """MIB's `area_from_1` (CMD): the trapezoidal area under |1 - faithfulness|, as `area_under`."""
+  return _areas(fractions, faithfulness, log_scale)[1]
+
+
+def _eap_node_circuit(graph: Graph, n: int, absolute: bool) -> tuple[np.ndarray, int]:
+  """EAP-IG's `apply_topn(n, level='node', prune=True)`: (the circuit's real edges, MIB's weighted
+  edge count). As there, every edge out of a kept node starts in the graph (real or not: the count
+  includes edges a receiver cannot read), and pruning looks at all of them."""
+  L = graph.layout
+  scores = np.asarray(graph.node_attribution, np.float64)
+  scored = ~np.isnan(scores)
+  key = np.abs(scores) if absolute else scores * convention.importance_sign(graph.score_convention)
+  key = np.where(scored, key, -np.inf)
+  order = np.lexsort((np.arange(key.size), -key))
+  nodes = np.zeros(L.n_senders, bool)
+  nodes[order[:n]] = True
+  nodes |= ~scored
+  edges = np.repeat(nodes[:, None], L.n_receivers, axis=1)
+  while True:
+    incoming = np.zeros(L.n_senders + 1, bool)
+    np.logical_or.at(incoming, L.receiver_node, edges.any(axis=0))
+    nodes = edges.any(axis=1) & np.concatenate([[True], incoming[1:L.n_senders]])
+    new = edges & nodes[:, None] & np.append(nodes, True)[L.receiver_node][None, :]
+    if np.array_equal(new, edges):
+      break
+    edges = new
+  return edges & L.valid, int(edges.sum())
+
+
+def mib_circuits(graph: Graph, *, level: str = "edge", absolute: bool = False,
+                 fractions: Sequence[float] = MIB_FRACTIONS) -> list[tuple[int, Graph, float]]:
+  """The circuits MIB evaluates: for each fraction, (items kept, circuit, weighted edge count).
+
+  `level="edge"`: the top `int(fraction * n_edges)` edges, pruned (EAP-IG's `apply_topn`);
+  `level="node"`: the top `int(fraction * n_scored_nodes)` nodes by `graph.node_attribution` (NaN =
+  unscored, always kept), as EAP-IG's node-level `apply_topn` selects and prunes them. `absolute`
+  ranks by |score|, else by signed importance (MIB's default, `--absolute` unset).
+  """
+  if level == "node":
+    if graph.node_attribution is None:
+      raise GraphError("node-level MIB evaluation needs node scores (node_attribution)")
+    n_items = int((~np.isnan(graph.node_attribution)).sum())
+  elif level == "edge":
+    n_items = graph.n_edges
+  else:
+    raise GraphError(f"level must be 'edge' or 'node' (neuron circuits are not supported), got "
+                     f"{level!r}")
+  out = []
+  for frac in fractions:
+    n = int(frac * n_items)  # MIB's rounding, in floating point
+    if level == "edge":
+      c = graph.top_n(n, absolute=absolute, prune=True)
+      out.append((n, c, float(c.count_edges())))
+    else:
+      mask, weighted = _eap_node_circuit(graph, n, absolute)
+      out.append((n, graph.with_edges(mask, prune=False), float(weighted)))
+  return out
+
+
+def mib_summary(faithfulness: Sequence[float], weighted_edge_counts: Sequence[float], *,
+                fractions: Sequence[float] = MIB_FRACTIONS, log_scale: bool = False) -> dict:
+  """MIB's result dict: weighted_edge_counts, area_under (CPR), area_from_1 (CMD), average,
+  faithfulnesses (plus the fractions)."""
+  f = [float(v) for v in faithfulness]
+  return {"fractions": list(map(float, fractions)), "weighted_edge_counts": list(
+      map(float, weighted_edge_counts)), "area_under": area_under(fractions, f, log_scale),
+          "area_from_1": area_from_1(fractions, f, log_scale), "average": sum(f) / len(f),
+          "faithfulnesses": f, "log_scale": log_scale}
+
+
+# --------------------------------------------------------------------------------------------------
+# MIB leaderboard submissions
+# --------------------------------------------------------------------------------------------------
+
+
+def _binary(d: dict) -> dict:
+  """A graph JSON without scores: MIB's binary-circuit format."""
+  return {"cfg": d["cfg"], "nodes": {k: {"in_graph": v["in_graph"]} for k, v in d["nodes"].items()},
+          "edges": {k: {"in_graph": v["in_graph"]} for k, v in d["edges"].items()}}
+
+
+def write_submission(graph: Graph, out_dir: Union[str, os.PathLike], task: str, model: str, *,
+                     kind: str = "importances", absolute: bool = True) -> str:
+  """Write one run in the layout of MIB's leaderboard: `out_dir/{task}_{model}/` holding either
+  `importances.json` (every edge's score, MIB's `circuits/*.json` format, EAP-IG's sign) or, with
+  `kind="circuits"`, nine binary circuits `circuit_{p}.json` of at most p% of the edges (p in
+  `SUBMISSION_PERCENTAGES`; the top `floor(p% of edges)` by |score|, or by signed importance unless
+  `absolute`, then pruned). Files of the other kind in the folder are removed. Returns the folder.
+  """
+  if kind not in ("importances", "circuits"):
+    raise GraphError(f"kind must be 'importances' or 'circuits', got {kind!r}")
+  for name, value in (("task", task), ("model", model)):
+    if not value or os.sep in value or value in (".", ".."):
+      raise GraphError(f"MIB submission: {name} must be a plain name, got {value!r}")
+  folder = os.path.join(os.fspath(out_dir), f"{task.replace('_', '-')}_{model}")
+  try:
+    os.makedirs(folder, exist_ok=True)
+    for f in os.listdir(folder):
+      if f == "importances.json" or (f.startswith("circuit_") and f.endswith(".json")):
+        os.remove(os.path.join(folder, f))
+  except OSError as e:
+    raise GraphError(f"cannot write the MIB submission folder {folder}: {e}") from e
+  try:
+    if kind == "importances":
+      d = io.to_dict(graph)
+      d.pop("meta", None)
+      atomic_write(os.path.join(folder, "importances.json"), json.dumps(d).encode())
+      return folder
+    for p in SUBMISSION_PERCENTAGES:
+      c = graph.top_n(n_edges_at_percentage(p, graph.n_edges), absolute=absolute, prune=True)
+      atomic_write(os.path.join(folder, f"circuit_{p:g}.json"),
+                   json.dumps(_binary(io.to_dict(c))).encode())
+  except OSError as e:
+    raise GraphError(f"cannot write the MIB submission in {folder}: {e}") from e
+  return folder

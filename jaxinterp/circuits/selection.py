@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
-from jaxinterp.circuits import layout
+from jaxinterp.circuits import convention, layout
 from jaxinterp.circuits.layout import GraphError
 
 if TYPE_CHECKING:
@@ -28,12 +28,14 @@ if TYPE_CHECKING:
 
 
 def ranking_key(graph: Graph, absolute: bool) -> np.ndarray:
-  """Float[ndarray, "sender receiver"]: what edges are ranked by, |score| or the signed score."""
-  return np.abs(graph.scores) if absolute else graph.scores
+  """Float[ndarray, "sender receiver"]: what edges are ranked by, |score| or the signed importance
+  (`graph.importance()`: higher = more important in either score convention, as EAP-IG and MIB
+  rank signed scores)."""
+  return np.abs(graph.scores) if absolute else graph.importance()
 
 
 def top_n(graph: Graph, n: int, *, absolute: bool = True, prune: bool = True) -> Graph:
-  """The `n` best-scoring valid edges (by |score| or signed score), then optionally pruned.
+  """The `n` best-scoring valid edges (by |score| or signed importance), then optionally pruned.
 
   Ties are broken by edge index (sender-major), so the selection is deterministic and nested:
   `top_n(n)` is a subset of `top_n(n + 1)`. As in EAP-IG, `n` counts edges before pruning.
@@ -48,7 +50,7 @@ def top_n(graph: Graph, n: int, *, absolute: bool = True, prune: bool = True) ->
 
 
 def threshold(graph: Graph, t: float, *, absolute: bool = True, prune: bool = True) -> Graph:
-  """Every valid edge whose (absolute) score is `>= t`, then optionally pruned."""
+  """Every valid edge whose |score| (or signed importance) is `>= t`, then optionally pruned."""
   if isinstance(t, bool) or not isinstance(t, numbers.Real) or math.isnan(t):
     raise GraphError(f"threshold must be a real number, got {t!r}")
   return graph.with_edges(graph.valid & (ranking_key(graph, absolute) >= t), prune=prune)
@@ -116,7 +118,7 @@ def top_n_nodes(graph: Graph, n: int, *, absolute: bool = True,
   Node scores are `scores` (Float[ndarray, "sender"]) if given, else `node_attribution` if set (NaN
   entries are treated as unscored and always kept, as in EAP-IG), else `node_scores(absolute)`. The
   input node is always kept and does not count toward `n`; `logits` is always kept. Ties are broken
-  by node index.
+  by node index. Signed node scores are in the graph's score convention and ranked by importance.
   """
   L = graph.layout
   n = layout.check_count(n, L.n_senders - 1, "top_n_nodes: n")
@@ -132,7 +134,7 @@ def top_n_nodes(graph: Graph, n: int, *, absolute: bool = True,
   if np.isinf(scores).any():
     raise GraphError("node scores contain infinite values")
   unscored = np.isnan(scores)
-  key = np.abs(scores) if absolute else scores
+  key = np.abs(scores) if absolute else scores * convention.importance_sign(graph.score_convention)
   cand = np.flatnonzero(~unscored[1:]) + 1
   if n > cand.size:
     raise GraphError(f"top_n_nodes: n={n} exceeds the {cand.size} scored nodes")

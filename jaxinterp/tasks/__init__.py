@@ -6,12 +6,27 @@ One CSV format serves every task. It is the EAP-IG data format (`hannamw/EAP-IG`
 index column, `corrupted_hard`, `label`, ...). Token-id columns hold GPT-2 (or your model's) token ids;
 "set" columns hold a JSON list of ids such as `[16840, 23685]` (a bare id is a one-element set).
 
+Every task of the EAP-IG faithfulness paper runs by its own name on its own files; each offers the
+paper's `logit_diff` and `prob_diff` (and `kl`, `js` for any task; `with_metric`), with the
+paper's choice as its default:
+
+| task | label columns | default | alternative |
+|---|---|---|---|
+| `ioi` | `correct_idx`, `incorrect_idx` | `logit_diff` | `prob_diff` |
+| `greater-than`, `greater-than-price`, `greater-than-sequence` | `correct_idx` = YY | `prob_diff`: p(years > YY) - p(years <= YY) | `logit_diff`: mean logits |
+| `gender-bias` | `clean_answer_idx`, `corrupted_answer_idx` | `logit_diff` | `prob_diff` |
+| `hypernymy-comma` | sets `answers_idx`, `corrupted_answers_idx` | `logit_diff`: summed logits | `prob_diff`: summed p |
+| `fact-retrieval-comma` | `country_idx`, `corrupted_country_idx` | `prob_diff` | `logit_diff` |
+| `sva` | `plural` (0/1); optional sets `singular_idx`, `plural_idx` | `prob_diff`: summed p of the verb sets | `logit_diff`: mean logits |
+
+SVA's verb sets are the paper's (`tokenization.sva_verb_sets`, from `combined_verb_list.csv`
+beside the CSV or `load_task(..., sva_verbs=path)`), else the CSV's own sets, else 50 built-in verb
+pairs. MIB's tasks (`mcqa`, `arithmetic-addition`, `arithmetic-subtraction`, `arc-easy`,
+`arc-challenge`, and `ioi`) load from a local copy of MIB's data (`load_mib_task`) or from a CSV with
+`correct_idx`, `incorrect_idx`. The project's own tasks:
+
 | task              | label columns                                     | metric (per example)                      |
 |-------------------|---------------------------------------------------|-------------------------------------------|
-| `ioi`             | `correct_idx`, `incorrect_idx`                    | logit[correct] - logit[incorrect]         |
-| `greater-than`    | `correct_idx` = YY, the start year's last 2 digits | p(years > YY) - p(years <= YY)           |
-| `gender-bias`     | `clean_answer_idx`, `corrupted_answer_idx`        | logit[clean answer] - logit[corrupted]    |
-| `sva`             | `plural` (0/1); optional sets `singular_idx`, `plural_idx` | mean logit of right-number verbs - mean logit of wrong-number verbs |
 | `country-capital` | `country_idx`; optional `corrupted_country_idx`   | logit diff, or log p(country) when the corrupted id is absent / -1 |
 | `hypernymy`       | sets `answers_idx`, `corrupted_answers_idx`       | sum p(answers) - sum p(corrupted answers) |
 | `logit-diff`      | `correct_idx`, `incorrect_idx` (ids or sets)      | mean logit of correct - of incorrect set  |
@@ -22,23 +37,28 @@ special tokens, BOS is prepended (GPT-2's `<|endoftext|>` = 50256), prompts are 
 every metric is read at each example's last real token. Clean and corrupted prompts of a row must
 tokenise to the same length (their positions are aligned for patching).
 
-Every bad input raises `TaskError` (a `ValueError`) with the file, row and column at fault.
+Every bad input raises `TaskError` (a `ValueError`) with the file, row and column at fault; an
+unknown task lists the known ones, and a CSV whose columns fit another task says which.
 
 Modules, each importing only those listed before it: `data` (`Batch`, `Task`, `Dataset`,
-`TaskError`), `registry` (the task metrics, `get_task`, `with_metric`), `tokenization` (BOS,
-encoding, year and verb ids), `csv_io` (`load_task`, `from_rows`, `write_csv`) and `generate`
-(`make_ioi`, `make_greater_than`, `make_induction`).
+`TaskError`), `registry` (the tasks, their metrics, `get_task`, `with_metric`), `tokenization`
+(BOS, encoding, year and verb ids), `labels` (each task's label columns), `csv_io` (`load_task`,
+`from_rows`, `write_csv`), `mib` (`load_mib_task`) and `generate` (`make_ioi`,
+`make_greater_than`, `make_induction`).
 """
 
 from jaxinterp.tasks.data import Batch, Dataset, Task, TaskError
-from jaxinterp.tasks.registry import METRICS, get_task, task_names, with_metric
-from jaxinterp.tasks.tokenization import find_bos_id, sva_verb_ids, year_token_ids
+from jaxinterp.tasks.registry import (METRICS, TaskSpec, get_task, metric_names, task_names,
+                                      task_spec, with_metric)
+from jaxinterp.tasks.tokenization import find_bos_id, sva_verb_ids, sva_verb_sets, year_token_ids
 from jaxinterp.tasks.csv_io import from_rows, load_task, write_csv
+from jaxinterp.tasks.mib import MIB_TASKS, is_mib_source, load_mib_task
 from jaxinterp.tasks.generate import (greater_than_rows, ioi_rows, make_greater_than, make_induction,
                                       make_ioi)
 
 __all__ = [
-    "METRICS", "Batch", "Dataset", "Task", "TaskError", "find_bos_id", "from_rows", "get_task",
-    "greater_than_rows", "ioi_rows", "load_task", "make_greater_than", "make_induction", "make_ioi",
-    "sva_verb_ids", "task_names", "with_metric", "write_csv", "year_token_ids",
+    "METRICS", "MIB_TASKS", "Batch", "Dataset", "Task", "TaskError", "TaskSpec", "find_bos_id",
+    "from_rows", "get_task", "greater_than_rows", "ioi_rows", "is_mib_source", "load_mib_task",
+    "load_task", "make_greater_than", "make_induction", "make_ioi", "metric_names", "sva_verb_ids",
+    "sva_verb_sets", "task_names", "task_spec", "with_metric", "write_csv", "year_token_ids",
 ]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import flax.struct
 import jax
@@ -29,7 +29,8 @@ class Batch:
     clean: Int[Array, "batch pos"] clean prompt ids, right padded.
     corrupted: Int[Array, "batch pos"] corrupted prompt ids (same lengths as clean).
     mask: Bool[Array, "batch pos"] True at real tokens (clean and corrupted share it).
-    last: Int[Array, "batch"] index of each example's last real token.
+    last: Int[Array, "batch"] index of the token whose logits the metric reads: each example's last
+      real token, unless the dataset sets `read_at`.
     labels: dict str -> Array, task-specific answer ids, leading axis batch.
     valid: Bool[Array, "batch"] False for filler rows that pad the final batch.
   """
@@ -48,16 +49,21 @@ class Task:
 
   Attributes:
     name: registry name.
-    metric_fn: `(logits, batch, clean_logits) -> Float[Array, "batch"]`; larger means more of the
-      task behaviour. `clean_logits` is only used by metrics that compare with the clean run.
+    metric_fn: `(logits, batch, clean_logits) -> Float[Array, "batch"]`, in the metric's own units
+      (see `higher_is_better`). `clean_logits` is only used by metrics that compare with the clean
+      run.
     needs_clean_logits: whether `metric_fn` reads `clean_logits`.
     description: one line for help texts.
+    higher_is_better: True when a larger metric means more of the behaviour (logit and probability
+      differences); False for losses (KL, JS divergence, cross-entropy), which are 0 or small for
+      the clean model. It fixes the sign of an edge's importance (`circuits` score conventions).
   """
 
   name: str
   metric_fn: Callable
   needs_clean_logits: bool = False
   description: str = ""
+  higher_is_better: bool = True
 
   def metric(self, logits: Array, batch: Batch, clean_logits: Optional[Array] = None) -> Array:
     """Per-example metric `Float[Array, "batch"]` of `logits` (`[batch, pos, vocab]`) on `batch`."""
@@ -78,6 +84,14 @@ class Dataset:
     pad_id: the id used for padding (only ever seen at masked positions).
     bos_id: the BOS id prepended to every prompt, or None if none was.
     source: where the data came from (a CSV path or a generator name), for messages and metadata.
+    skipped: one line per source row left out as unusable (`load_task(..., skip_bad_rows=True)`).
+    skipped_summary: those rows in one line (counts by problem, their lines), empty if none.
+    read_at: optional int32 [N], the position whose logits the metric reads (`Batch.last`);
+      None reads each example's last real token (`lengths - 1`). Non-causal models (tracr) are
+      read at any position this way.
+    has_corrupted: False when the data has no corrupted prompts (a CSV without a `corrupted`
+      column): `corrupted` then repeats `clean`, and methods that need a corrupted run (patching,
+      EAP-IG-inputs) refuse the dataset (`attribution.attribute` says so).
   """
 
   task: Task
@@ -88,6 +102,10 @@ class Dataset:
   pad_id: int = 0
   bos_id: Optional[int] = None
   source: str = ""
+  skipped: Tuple[str, ...] = ()
+  skipped_summary: str = ""
+  read_at: Optional[np.ndarray] = None
+  has_corrupted: bool = True
 
   def __len__(self) -> int:
     return int(self.clean.shape[0])
@@ -135,7 +153,9 @@ class Dataset:
     mask = np.arange(width)[None, :] < lengths[:, None]
     valid = np.arange(idx.size) < n_real
     return Batch(clean=jnp.asarray(fit(self.clean)), corrupted=jnp.asarray(fit(self.corrupted)),
-                 mask=jnp.asarray(mask), last=jnp.asarray(lengths - 1, jnp.int32),
+                 mask=jnp.asarray(mask),
+                 last=jnp.asarray(lengths - 1 if self.read_at is None else self.read_at[idx],
+                                  jnp.int32),
                  labels={k: jnp.asarray(v[idx]) for k, v in self.labels.items()},
                  valid=jnp.asarray(valid))
 
@@ -146,4 +166,5 @@ class Dataset:
     n = min(int(n), len(self))
     width = int(self.lengths[:n].max())
     return dataclasses.replace(self, clean=self.clean[:n, :width], corrupted=self.corrupted[:n, :width],
-                               lengths=self.lengths[:n], labels={k: v[:n] for k, v in self.labels.items()})
+                               lengths=self.lengths[:n], labels={k: v[:n] for k, v in self.labels.items()},
+                               read_at=None if self.read_at is None else self.read_at[:n])

@@ -126,3 +126,88 @@ def sva_verb_ids(tokenizer) -> Tuple[np.ndarray, np.ndarray]:
     raise TaskError("sva: none of the built-in verbs is a single token for this tokenizer; add "
                     "'singular_idx' and 'plural_idx' columns (JSON lists of verb token ids)")
   return (np.asarray([s for s, _ in keep], np.int32), np.asarray([p for _, p in keep], np.int32))
+
+
+VERB_LIST = "combined_verb_list.csv"
+"""The EAP-IG paper's SVA verb list (`data/sva/combined_verb_list.csv`: columns `sing`, `plur`)."""
+
+
+def _id_to_token(tokenizer, i: int) -> Optional[str]:
+  if hasattr(tokenizer, "id_to_token"):
+    return tokenizer.id_to_token(i)
+  return tokenizer.convert_ids_to_tokens(i)  # a transformers tokenizer
+
+
+def _unk_id(tokenizer) -> Optional[int]:
+  unk = getattr(tokenizer, "unk_token_id", None)
+  if isinstance(unk, (int, np.integer)):
+    return int(unk)
+  token = getattr(getattr(tokenizer, "model", None), "unk_token", None)
+  return tokenizer.token_to_id(token) if isinstance(token, str) else None
+
+
+def sva_verb_sets(path, tokenizer, vocab_size: Optional[int] = None,
+                  strict: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+  """The EAP-IG paper's SVA answer sets from its verb list: (singular ids, plural ids).
+
+  As the paper's `get_singular_and_plural` computes them: every vocabulary token `Ġw` (a word with
+  a leading space, byte-level BPE) whose `w` is in the list's `sing` column is a singular verb; one
+  in the `plur` column is a plural verb, but with `strict` (the paper's metric uses it) only when
+  ` s` for its singular form `s` (the first row listing `w`) is itself a single known token.
+
+  Args:
+    path: the verb list CSV (`idx,sing,plur,freq`, as `data/sva/combined_verb_list.csv`).
+    tokenizer: a `tokenizers.Tokenizer` (or path), or a transformers tokenizer.
+    vocab_size: ids `0 .. vocab_size - 1` are scanned (the model's output vocabulary); default the
+      tokenizer's size.
+    strict: the paper's flag (see above).
+
+  Returns:
+    int32 arrays of singular and plural verb ids, in id order (about 938 and 935 for GPT-2).
+
+  Raises:
+    TaskError: unreadable file, missing columns, a verb in both columns, or no verb in the vocabulary.
+  """
+  import csv
+  tokenizer = as_tokenizer(tokenizer)
+  path = os.fspath(path)
+  try:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+      rows = list(csv.DictReader(f))
+  except (OSError, UnicodeDecodeError, csv.Error) as e:
+    raise TaskError(f"cannot read the SVA verb list {path}: {e}") from None
+  if not rows or not {"sing", "plur"} <= set(rows[0]):
+    raise TaskError(f"{path}: an SVA verb list needs the columns 'sing' and 'plur' (as the paper's "
+                    f"{VERB_LIST})")
+  singular = [r["sing"] for r in rows if r.get("sing") is not None]
+  plural = [r["plur"] for r in rows if r.get("plur") is not None]
+  both = set(singular) & set(plural)
+  if both:
+    raise TaskError(f"{path}: {len(both)} verb(s) are listed as both singular and plural: "
+                    f"{sorted(both)[:5]}")
+  sing_set, plur_set = set(singular), set(plural)
+  first_singular = {}
+  for s, p in zip(singular, plural):
+    first_singular.setdefault(p, s)
+  n = vocab_size if vocab_size is not None else vocab_size_of(tokenizer)
+  if n is None:
+    raise TaskError("sva_verb_sets: the tokenizer does not say its vocabulary size; pass vocab_size")
+  sing_ids, plur_ids, candidates = [], [], []
+  for i in range(int(n)):
+    token = _id_to_token(tokenizer, i)
+    if not token or token[0] != "\u0120":
+      continue
+    word = token[1:]
+    if word in sing_set:
+      sing_ids.append(i)
+    elif word in plur_set:
+      candidates.append((i, first_singular[word]))
+  unk = _unk_id(tokenizer)
+  forms = encode(tokenizer, [" " + s for _, s in candidates]) if candidates else []
+  for (i, _), ids in zip(candidates, forms):
+    if (len(ids) == 1 and ids[0] != unk) or not strict:
+      plur_ids.append(i)
+  if not sing_ids or not plur_ids:
+    raise TaskError(f"{path}: no singular or no plural verb of the list is a token of this "
+                    f"tokenizer (as 'Ġverb'); add 'singular_idx' and 'plural_idx' columns instead")
+  return np.asarray(sing_ids, np.int32), np.asarray(plur_ids, np.int32)

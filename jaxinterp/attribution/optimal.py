@@ -1,0 +1,233 @@
+"""Optimal ablation (OA; Li & Janson 2024, "Optimal ablation for interpretability"; MIB's `oa.py`):
+for every node, the constant value that minimises the expected loss when that node is ablated to it.
+
+For every sender s (the input embedding, each head's output, each MLP's output) OA learns
+c_s in R^d_model solving
+
+    c_s* = argmin_c  E_x [ L(M_{s <- c}(x)) ]
+
+where M_{s <- c} is the model with s's output replaced by c at every position (in the graph form,
+every receiver reads c instead of s: row s of the `EdgePatch` weights is 0) and L is
+
+- "lm": the next-token cross-entropy at every real position of the clean prompts, in nats per token
+  (what MIB's `oa.py` minimises), or
+- "kl": KL(clean model || ablated model) at every real position, in nats per token (Li & Janson's
+  ablation loss, which needs no labels).
+
+The c_s start at the mean sender output (`ablation.compute_means`), so step 0 is mean ablation, and
+are trained with Adam (optax) on the clean prompts of the dataset. Each c_s enters only its own
+loss, so one Adam over the stacked [n_senders, d_model] values is n_senders independent
+optimisations, as MIB runs them (one optimizer per component). Training stops after `steps`, or
+when the mean loss of `check_every` steps has not improved `patience` times in a row (MIB's early
+stop, on a less noisy loss).
+
+`--intervention=optimal` then ablates a sender (or an edge) to c_s (`ablation.Ablation("optimal",
+values)`), in attribution and in circuit evaluation alike. This module imports only `base`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from jaxinterp.attribution import base
+from jaxinterp.tasks import Batch, Dataset
+from jaxinterp.models import edges as E
+from jaxinterp.models.config import ModelConfig
+from jaxinterp.models.edges import EdgePatch
+from jaxinterp.models.transformer import forward
+
+OBJECTIVES = ("lm", "kl")
+VALUES_DIR = "values"
+META_FILE = "optimal_ablation.json"
+FORMAT = "jaxinterp-optimal-ablation-1"
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimalOptions(base.Options):
+  """How the optimal-ablation constants are trained.
+
+  Attributes:
+    oa_steps: at most this many Adam steps (one batch each, cycling through the dataset).
+    oa_lr: Adam's learning rate (MIB: 1e-3).
+    oa_objective: "lm" (next-token cross-entropy, MIB) or "kl" (KL to the clean model).
+    oa_batch: examples per step.
+    oa_check_every, oa_patience: stop when the mean loss over `oa_check_every` steps has not
+      improved for `oa_patience` checks in a row (0 disables early stopping).
+    oa_chunk: senders per vmapped forward (None: all of them at once).
+  """
+
+  oa_steps: int = 1000
+  oa_lr: float = 1e-3
+  oa_objective: str = "lm"
+  oa_batch: int = 16
+  oa_check_every: int = 10
+  oa_patience: int = 3
+  oa_chunk: Optional[int] = None
+
+  def __post_init__(self):
+    for name in ("oa_steps", "oa_batch", "oa_check_every"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise base.AttributionError(f"{name} must be a positive integer, got {v!r}")
+    if isinstance(self.oa_patience, bool) or not isinstance(self.oa_patience, int) \
+        or self.oa_patience < 0:
+      raise base.AttributionError(f"oa_patience must be a non-negative integer, got "
+                                  f"{self.oa_patience!r}")
+    if self.oa_chunk is not None and (not isinstance(self.oa_chunk, int) or self.oa_chunk < 1):
+      raise base.AttributionError(f"oa_chunk must be a positive integer, got {self.oa_chunk!r}")
+    if not (isinstance(self.oa_lr, (int, float)) and self.oa_lr > 0):
+      raise base.AttributionError(f"oa_lr must be positive, got {self.oa_lr!r}")
+    if self.oa_objective not in OBJECTIVES:
+      raise base.AttributionError(f"oa_objective must be one of {OBJECTIVES}, got "
+                                  f"{self.oa_objective!r}")
+
+
+def _token_losses(objective: str, logits, clean_logits, batch: Batch):
+  """Sum over real next-token positions of the per-token loss, and their count (scalars)."""
+  lp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
+  w = (batch.mask[:, 1:] & batch.mask[:, :-1] & batch.valid[:, None]).astype(jnp.float32)
+  if objective == "lm":
+    tok = -jnp.take_along_axis(lp, batch.clean[:, 1:, None], -1)[..., 0]
+  else:
+    lq = jax.nn.log_softmax(clean_logits[:, :-1].astype(jnp.float32), -1)
+    tok = jnp.sum(jnp.exp(lq) * (lq - lp), -1)
+  return jnp.sum(tok * w), jnp.sum(w)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "objective", "chunk"))
+def sender_losses(cfg: ModelConfig, objective: str, chunk: int, params, batch: Batch, values):
+  """Mean per-token loss with each sender alone ablated to its constant: Float[Array, "sender"].
+
+  values: Float[Array, "sender d_model"]. One graph-form forward per sender (`vmap`, `chunk` at a
+  time), each with row s of the edge weights at 0 and every ablated value the constant c.
+  """
+  B, P = batch.clean.shape
+  S, R = E.n_senders(cfg), E.n_receivers(cfg)
+  dtype = jax.tree.leaves(params)[0].dtype
+  ablated = jnp.broadcast_to(values.astype(dtype)[None, None], (B, P, S, cfg.d_model))
+  clean_logits = None
+  if objective == "kl":
+    clean_logits = jax.lax.stop_gradient(
+        forward(cfg, params, batch.clean, attention_mask=batch.mask))
+
+  def one(s):
+    w = jnp.where((jnp.arange(S) == s)[:, None], 0.0, jnp.ones((S, R), jnp.float32))
+    logits = forward(cfg, params, batch.clean, attention_mask=batch.mask,
+                     edges=EdgePatch(w, ablated))
+    total, count = _token_losses(objective, logits, clean_logits, batch)
+    return total / jnp.maximum(count, 1.0)
+
+  return jax.lax.map(one, jnp.arange(S), batch_size=chunk)
+
+
+def _cycle(dataset: Dataset, batch_size: int) -> Iterator[Batch]:
+  while True:
+    yield from dataset.batches(batch_size, bucket=None)
+
+
+def ablation_losses(cfg: ModelConfig, params, dataset: Dataset, values, *, objective: str = "lm",
+                    batch_size: int = 16, chunk: Optional[int] = None) -> np.ndarray:
+  """Mean over the dataset's batches of each sender's ablation loss with its constant in `values`
+  (`[n_senders, d_model]`): float64 [n_senders], in nats per token. Mean ablation's loss is this
+  with `values = compute_means(...)`."""
+  chunk = chunk or E.n_senders(cfg)
+  out = [np.asarray(sender_losses(cfg, objective, chunk, params, b, jnp.asarray(values)),
+                    np.float64) for b in dataset.batches(batch_size, bucket=None)]
+  return np.mean(out, 0)
+
+
+def learn_optimal_values(cfg: ModelConfig, params, dataset: Dataset, init,
+                         options: OptimalOptions = OptimalOptions()) -> tuple[np.ndarray, dict]:
+  """Train the constants c_s from `init` (Float [n_senders, d_model], usually the means).
+
+  Returns:
+    (values float32 [n_senders, d_model], info) with info = {"steps": steps run, "losses": the mean
+    over senders of the ablation loss at each step, "objective": ...}.
+  """
+  if len(dataset) == 0:
+    raise base.AttributionError("the dataset is empty")
+  chunk = options.oa_chunk or E.n_senders(cfg)
+  opt = optax.adam(options.oa_lr)
+  values = jnp.asarray(init, jnp.float32)
+  state = opt.init(values)
+
+  @jax.jit
+  def step(values, state, batch):
+    def total(v):
+      per = sender_losses(cfg, options.oa_objective, chunk, params, batch, v)
+      return jnp.sum(per), per
+    (_, per), g = jax.value_and_grad(total, has_aux=True)(values)
+    updates, state = opt.update(g, state, values)
+    return optax.apply_updates(values, updates), state, jnp.mean(per)
+
+  losses, best, stale = [], np.inf, 0
+  batches = _cycle(dataset, min(options.oa_batch, len(dataset)))
+  bar = tqdm(total=options.oa_steps, desc="optimal ablation", disable=not options.progress,
+             leave=False)
+  for i in range(options.oa_steps):
+    values, state, loss = step(values, state, next(batches))
+    losses.append(float(loss))
+    base.check_finite(np.asarray(losses[-1:]), i, "the optimal-ablation loss")
+    bar.update(1)
+    if options.oa_patience and (i + 1) % options.oa_check_every == 0:
+      recent = float(np.mean(losses[-options.oa_check_every:]))
+      best, stale = (recent, 0) if recent < best else (best, stale + 1)
+      if stale >= options.oa_patience:
+        break
+  bar.close()
+  return (np.asarray(values, np.float32),
+          {"steps": len(losses), "losses": losses, "objective": options.oa_objective})
+
+
+# ----------------------------------------------------------------------------------------- files
+
+
+def save_values(path: str, values: np.ndarray, meta: Optional[dict] = None) -> None:
+  """Save learned constants: the array with orbax (`path/values`) and a JSON record
+  (`path/optimal_ablation.json`: format, shape and `meta`, e.g. the model hash and options)."""
+  import orbax.checkpoint as ocp
+  path = os.path.abspath(path)
+  os.makedirs(path, exist_ok=True)
+  ocp.PyTreeCheckpointer().save(os.path.join(path, VALUES_DIR),
+                                {"values": np.asarray(values, np.float32)}, force=True)
+  record = {"format": FORMAT, "shape": list(np.shape(values)), "meta": meta or {}}
+  tmp = os.path.join(path, META_FILE + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(record, f, indent=1)
+  os.replace(tmp, os.path.join(path, META_FILE))
+
+
+def load_values(path: str, cfg: Optional[ModelConfig] = None) -> tuple[np.ndarray, dict]:
+  """Load what `save_values` wrote: (values float32 [n_senders, d_model], meta). With `cfg`, the
+  shape is checked against the model's senders."""
+  import orbax.checkpoint as ocp
+  path = os.path.abspath(path)
+  record_path = os.path.join(path, META_FILE)
+  try:
+    with open(record_path) as f:
+      record = json.load(f)
+  except FileNotFoundError:
+    raise base.AttributionError(
+        f"{record_path} not found: not a directory of optimal-ablation values (find_circuit "
+        f"writes one to --out/optimal_ablation)") from None
+  except ValueError as e:
+    raise base.AttributionError(f"cannot parse {record_path}: {e}") from None
+  if record.get("format") != FORMAT:
+    raise base.AttributionError(f"{record_path} has format {record.get('format')!r}, expected "
+                                f"{FORMAT!r}")
+  values = np.asarray(ocp.PyTreeCheckpointer().restore(os.path.join(path, VALUES_DIR))["values"],
+                      np.float32)
+  if cfg is not None and values.shape != (E.n_senders(cfg), cfg.d_model):
+    raise base.AttributionError(f"{path} holds optimal-ablation values of shape {values.shape}; "
+                                f"this model needs {(E.n_senders(cfg), cfg.d_model)}")
+  return values, record.get("meta", {})
