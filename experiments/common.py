@@ -22,10 +22,14 @@ from jaxinterp import evaluation, files, models, tasks, toy
 from jaxinterp.experiments import cli
 
 TOY = "toy"
-COMPILATION_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jaxinterp", "xla")
+# $JAXINTERP_COMPILATION_CACHE overrides the default (the test suite sets it empty: processes that
+# write one cache concurrently must not share it).
+COMPILATION_CACHE = os.environ.get(
+    "JAXINTERP_COMPILATION_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxinterp", "xla"))
 cli.define("string", "compilation_cache", COMPILATION_CACHE,
            "Directory of JAX's persistent compilation cache: a later run with the same model shape "
-           "and batch shapes reuses the compiled kernels instead of recompiling. Empty disables it.")
+           "and batch shapes reuses the compiled kernels instead of recompiling. Empty disables it. "
+           "The default comes from $JAXINTERP_COMPILATION_CACHE when set.")
 cli.define("string", "mib_split", "train",
            "The split read when --data is a directory holding a local copy of an MIB dataset.")
 SKIP_BAD_ROWS_HELP = ("Leave out --data rows that cannot be used (prompts of unequal token lengths, "

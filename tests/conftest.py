@@ -11,6 +11,10 @@ requires_shared = pytest.mark.skipif(not SHARED.exists(), reason="../shared is a
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# No persistent compilation cache in the tests (binaries run in-process and as subprocesses, some at
+# once: a cache shared between concurrent writers can hand a reader a half-written executable). The
+# test of --compilation_cache passes its own directory.
+os.environ["JAXINTERP_COMPILATION_CACHE"] = ""
 
 
 @pytest.fixture(scope="module")

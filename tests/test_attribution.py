@@ -114,6 +114,7 @@ def test_exact_scores_equal_evaluating_all_but_e(family):
 
 
 @pytest.mark.parametrize("intervention", ["zero", "mean", "mean-positional"])
+@pytest.mark.slow
 def test_other_ablations_eap_is_the_derivative_and_exact_is_exact(intervention):
   """EAP = -dm/dw at w = 1 (checked in float64) and exact = m(all but e) - m(full), per ablation."""
   eap = A.attribute(CFG, PARAMS, DATA, method="EAP", intervention=intervention, batch_size=8,

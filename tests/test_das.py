@@ -200,6 +200,7 @@ def test_illusion_report_null_direction_has_no_effect():
     illusion.downstream_weights(CFG, params, "blocks.0.hook_resid_pre")
 
 
+@pytest.mark.slow
 def test_train_das_binary_end_to_end(tmp_path):
   """`python -m experiments.train_das` on the shipped toy, with a small budget: outputs parse."""
   import json

@@ -21,6 +21,10 @@ from jaxinterp import models
 from jaxinterp import training as tr
 from jaxinterp.interventions import InterventionError, Where, WhereEach
 
+# CPU-heavy (DAS training runs):
+# left out of the default run, run by CI (-m slow).
+pytestmark = pytest.mark.slow
+
 CFG = models.ModelConfig(family="gpt2", d_model=8, n_layers=1, n_heads=2, d_head=4, d_mlp=16,
                          d_vocab=7, n_ctx=4)
 RESID = "blocks.0.hook_resid_post"

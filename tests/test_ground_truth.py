@@ -23,6 +23,10 @@ from jaxinterp.circuits import Graph
 from jaxinterp.models import ModelConfig
 from jaxinterp.models import edges as E
 
+# CPU-heavy (tracr ports, truth graphs and the ground-truth binary):
+# left out of the default run, run by CI (-m slow).
+pytestmark = pytest.mark.slow
+
 HAS_TRACR = all(importlib.util.find_spec(m) is not None for m in ("tracr", "haiku"))
 needs_tracr = pytest.mark.skipif(not HAS_TRACR, reason='tracr not installed: pip install '
                                  '"jaxinterp[tracr]"')

@@ -22,6 +22,10 @@ from jaxinterp.attribution import bootstrap, ensemble
 from jaxinterp.graph import Graph
 from tests.test_attribution import CFG, DATA, PARAMS, _corr, _torch_inputs, torch_setup  # noqa: F401
 
+# CPU-heavy (the torch oracles and the toy-model checks of IFR, node and neuron attribution):
+# left out of the default run, run by CI (-m slow).
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 S = models.edges.n_senders(CFG)
 

@@ -8,6 +8,8 @@ from jaxinterp import models
 from jaxinterp import attribution as A
 from jaxinterp import tasks
 
+import pytest
+
 CFG = models.ModelConfig(family="gpt2", d_model=32, n_layers=2, n_heads=4, d_head=8, d_mlp=64,
                          d_vocab=50, n_ctx=32)
 # Weights scaled up from the 0.02 init so that the scores carry signal well above rounding noise.
@@ -28,6 +30,7 @@ def test_bf16_scores_correlate_with_fp32():
   assert np.corrcoef(a, b)[0, 1] >= 0.99
 
 
+@pytest.mark.slow
 def test_remat_does_not_change_scores():
   for method in ("EAP-IG-inputs", "EAP-IG-activations"):
     a = A.attribute(CFG, PARAMS, DATA, method=method, batch_size=8, quiet=True).scores

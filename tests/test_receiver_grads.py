@@ -94,6 +94,7 @@ def test_scanned_blocks_equal_forward():
 
 
 @pytest.mark.parametrize("case", ["alternating sliding window", "blocks too big to stack"])
+@pytest.mark.slow
 def test_unscanned_blocks(case, monkeypatch):
   """Alternating sliding-window layers can't be scanned, and big models aren't (the stacked copy
   would not fit): the blocks then run one by one, with the same scores."""

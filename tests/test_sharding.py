@@ -61,6 +61,7 @@ _CHECK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sharded_scores_equal_single_device():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")

@@ -183,6 +183,7 @@ def test_induction_task_dataset(model):
   assert float(clean.mean()) > float(corrupted.mean()) + 5.0
 
 
+@pytest.mark.slow
 def test_train_binary_end_to_end(tmp_path):
   out = tmp_path / "toy"
   cmd = [sys.executable, "-m", "experiments.train_toy_model", f"--out={out}", "--steps=4",
