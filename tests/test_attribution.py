@@ -85,6 +85,7 @@ def _families():
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama", "gemma2"])
+@pytest.mark.slow
 def test_exact_scores_equal_evaluating_all_but_e(family):
   """Exact patching (fused-head reruns from the receiver's layer) equals evaluating the graph-form
   forward with that one edge removed, for every family (parallel blocks, GQA, post-norms)."""
@@ -163,6 +164,7 @@ def test_mean_ablation_uses_masked_means():
   np.testing.assert_allclose(pos[6:], 0.0)
 
 
+@pytest.mark.slow
 def test_ig_with_many_steps_is_closer_to_exact_than_eap():
   ex = A.attribute(CFG, PARAMS, DATA, method="exact", batch_size=8, quiet=True).scores
   eap = A.attribute(CFG, PARAMS, DATA, method="EAP", batch_size=8, quiet=True).scores

@@ -78,6 +78,7 @@ def test_bad_input_gives_clear_error_and_no_output(tiny_model, tmp_path):
   assert not os.path.exists(os.path.join(out, "graph.json"))
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_is_bitwise_identical(tiny_model, tmp_path):
   """Kill an exact-patching run at a random point after its first checkpoint; resume; compare."""
   ref_out, out = str(tmp_path / "ref"), str(tmp_path / "killed")
@@ -117,6 +118,7 @@ def test_sigkill_and_resume_is_bitwise_identical(tiny_model, tmp_path):
       json.load(open(os.path.join(out, "graph.json")))["edges"]
 
 
+@pytest.mark.slow
 def test_mesh_flag_gives_the_same_scores(tiny_model, tmp_path):
   """--mesh=2x2 on 4 simulated CPU devices: data- and tensor-parallel scores equal one device's."""
   one, mesh = str(tmp_path / "one"), str(tmp_path / "mesh")
@@ -133,6 +135,7 @@ def test_mesh_flag_gives_the_same_scores(tiny_model, tmp_path):
   assert bad.returncode != 0 and "--mesh=3x3" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_compilation_cache_is_written_and_reused(tiny_model, tmp_path):
   """--compilation_cache stores the compiled kernels; a second run reads them and gives the same
   scores."""

@@ -361,6 +361,7 @@ def test_mib_mcqa_arc_and_arithmetic(gpt2_tok):
 # The binaries
 
 
+@pytest.mark.slow
 def test_find_circuit_mib_out_and_evaluate_circuit_protocol_mib(gpt2_tok, tmp_path):
   import shutil
   import subprocess

@@ -164,6 +164,7 @@ def test_usage_errors_are_one_line_and_leave_no_output(tiny, tmp_path):
 # ------------------------------------------------- items 1, 7, 10: a circuit found, then evaluated
 
 
+@pytest.mark.slow
 def test_evaluate_circuit_follows_how_the_circuit_was_found(tiny, tmp_path):
   found = tmp_path / "found"
   r = _run_all([_cmd("find_circuit", f"--model={tiny[0]}", "--noprepend_bos", "--n_examples=8",

@@ -18,6 +18,7 @@ PARAMS = jax.tree.map(lambda x: x * 5 if x.ndim >= 2 else x,
 DATA = tasks.make_induction(8, 5, 50, seed=1, bos_id=0)
 
 
+@pytest.mark.slow
 def test_bf16_scores_correlate_with_fp32():
   valid = A.valid_edges(CFG)
   f32 = A.attribute(CFG, PARAMS, DATA, method="EAP-IG-inputs", batch_size=8, quiet=True).scores

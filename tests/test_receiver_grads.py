@@ -44,6 +44,7 @@ def _params(cfg, scale=8.0):
                                            ("gemma2", "EAP-IG-inputs"),
                                            ("gpt2", "EAP-IG-inputs/mean"),
                                            ("llama", "EAP-IG-inputs/mean")])
+@pytest.mark.slow
 def test_matches_weight_gradient_kernels(family, method):
   cfg = CONFIGS[family]
   params = _params(cfg)

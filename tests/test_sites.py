@@ -72,6 +72,7 @@ def test_vmap_over_patches_equals_loop():
     np.testing.assert_allclose(np.asarray(batched[k]), np.asarray(f(patches[k])), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_grad_of_zero_additive_intervention_matches_finite_differences():
   site = "blocks.1.hook_resid_mid"
   with jax.enable_x64(True):  # float64 so central differences are accurate
