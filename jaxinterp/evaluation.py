@@ -57,25 +57,32 @@ def evaluate_circuits(cfg: ModelConfig, params, dataset: Dataset, weights: np.nd
     weights = weights[None]
   if ablation is None:
     ablation = make_ablation(cfg, params, dataset, intervention, batch_size)
-  C = weights.shape[0]
+  means = mean_over_batches(dataset, batch_size, weights, chunk, quiet, "evaluating circuits",
+                            lambda batch, w: _circuits_batch(cfg, dataset.task, params, batch,
+                                                             ablation, w))
+  return float(means[0]) if single else means
+
+
+def mean_over_batches(dataset: Dataset, batch_size: int, masks: np.ndarray, chunk: int,
+                      quiet: bool, desc: str, batch_fn) -> np.ndarray:
+  """Mean over `dataset` of `batch_fn(batch, masks[chunk])` (metric sums over a batch, one per
+  mask), for every mask: `chunk` masks per compiled call, the last chunk padded. Returns
+  float64 [len(masks)]; a NaN/inf metric names its batch."""
+  C = masks.shape[0]
   chunk = max(1, min(chunk, C))
-  pad = (-C) % chunk
-  if pad:
-    weights = np.concatenate([weights, np.repeat(weights[-1:], pad, 0)])
-  totals = np.zeros(weights.shape[0], np.float64)
+  masks = np.concatenate([masks, np.repeat(masks[-1:], (-C) % chunk, 0)])
+  totals = np.zeros(masks.shape[0], np.float64)
   n_batches = math.ceil(len(dataset) / batch_size)
-  bar = tqdm(total=n_batches * (weights.shape[0] // chunk), desc="evaluating circuits",
-             disable=quiet or n_batches * weights.shape[0] // chunk < 4, leave=False)
+  steps = n_batches * (masks.shape[0] // chunk)
+  bar = tqdm(total=steps, desc=desc, disable=quiet or steps < 4, leave=False)
   for i, batch in enumerate(dataset.batches(batch_size)):
-    for start in range(0, weights.shape[0], chunk):
-      out = np.asarray(_circuits_batch(cfg, dataset.task, params, batch, ablation,
-                                       jnp.asarray(weights[start:start + chunk])), np.float64)
+    for start in range(0, masks.shape[0], chunk):
+      out = np.asarray(batch_fn(batch, jnp.asarray(masks[start:start + chunk])), np.float64)
       check_finite(out, i, "the circuit metric")
       totals[start:start + chunk] += out
       bar.update(1)
   bar.close()
-  means = totals[:C] / len(dataset)
-  return float(means[0]) if single else means
+  return totals[:C] / len(dataset)
 
 
 def baselines(cfg: ModelConfig, params, dataset: Dataset, *, intervention: str = "patching",

@@ -24,19 +24,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Optional, Sequence
 
 import flax.struct
 import jax
-import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from jaxinterp import circuits as G
 from jaxinterp import evaluation as V
 from jaxinterp.attribution.ablation import Ablation, make_ablation
-from jaxinterp.attribution.base import AttributionError, check_finite, metric_sum
+from jaxinterp.attribution.base import AttributionError, metric_sum
 from jaxinterp.circuits import convention
 from jaxinterp.models import edges as E
 from jaxinterp.models.config import ModelConfig
@@ -174,22 +171,10 @@ def evaluate_neuron_circuits(cfg: ModelConfig, params, dataset: Dataset, keeps: 
   keeps = keeps[None] if single else keeps
   if ablation is None:
     ablation = make_ablation(cfg, params, dataset, intervention, batch_size)
-  C = keeps.shape[0]
-  chunk = max(1, min(chunk, C))
-  keeps = np.concatenate([keeps, np.repeat(keeps[-1:], (-C) % chunk, 0)])
-  totals = np.zeros(keeps.shape[0], np.float64)
-  n_batches = math.ceil(len(dataset) / batch_size)
-  bar = tqdm(total=n_batches * keeps.shape[0] // chunk, desc="evaluating neuron circuits",
-             disable=quiet, leave=False)
-  for i, batch in enumerate(dataset.batches(batch_size)):
-    for start in range(0, keeps.shape[0], chunk):
-      out = np.asarray(_neuron_circuits_batch(cfg, dataset.task, params, batch, ablation,
-                                              jnp.asarray(keeps[start:start + chunk])), np.float64)
-      check_finite(out, i, "the circuit metric")
-      totals[start:start + chunk] += out
-      bar.update(1)
-  bar.close()
-  means = totals[:C] / len(dataset)
+  means = V.mean_over_batches(dataset, batch_size, keeps, chunk, quiet,
+                              "evaluating neuron circuits",
+                              lambda batch, k: _neuron_circuits_batch(cfg, dataset.task, params,
+                                                                      batch, ablation, k))
   return float(means[0]) if single else means
 
 
