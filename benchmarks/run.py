@@ -25,6 +25,9 @@ Suites (comma separated, or "all"):
                  the eager-torch baseline (answer logits only, and full logits as the `eap` package
                  computes them) and, when TransformerLens 3.x is installed, the reference algorithm
                  on HookedTransformer hooks (`benchmarks.tl_baseline`).
+  pipeline       find_circuit (EAP-IG, a 10-point MIB curve, outputs written) against `attribute`
+                 alone and the `eap` package when installed, each a fresh process, no compile cache
+                 (`benchmarks/pipeline.py`): wall times, find_circuit's phases, the ratio.
   das            DAS training on a toy model trained on the spot (`benchmarks/das.py`; once, not per
                  shape): per-step time and IIA at 500 steps at site widths 64 and 256, against
                  pyvene when `import pyvene` works (its rows are left out otherwise).
@@ -55,7 +58,7 @@ from absl import app, flags
 from benchmarks import common
 
 SUITES = ("attribution", "exact", "evaluation", "precision", "scaling", "whole_process", "memory",
-          "methods", "das")
+          "methods", "das", "pipeline")
 
 _SUITE = flags.DEFINE_string("suite", "attribution", f"comma-separated suites from {SUITES}, or all")
 _QUICK = flags.DEFINE_boolean("quick", False, "tiny shapes and few examples (CI smoke run, < 60 s)")
@@ -450,6 +453,9 @@ def main(argv):
       elif suite == "methods":
         from benchmarks import methods
         rows = methods.suite_methods(ctx, shape, n, batch, steps, repeats)
+      elif suite == "pipeline":
+        from benchmarks import pipeline
+        rows = pipeline.suite_pipeline(ctx, shape, n, batch, steps, repeats)
       elif suite == "das":
         from benchmarks import das
         rows = das.suite_das(workdir, quick, log=log) if shape == shapes[0] else []

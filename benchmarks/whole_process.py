@@ -32,6 +32,10 @@ _N = flags.DEFINE_integer("n", 32, "number of IOI examples")
 _STEPS = flags.DEFINE_integer("steps", 5, "integrated-gradient steps m")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "examples per batch")
 _SEQ = flags.DEFINE_integer("seq", 16, "prompt length of the random fallback data")
+_TASK = flags.DEFINE_enum("task", "ioi", ["ioi", "induction"], "ioi: the first --n IOI examples "
+                          "(random pairs without ../shared or a GPT-2 vocabulary); induction "
+                          "(--impl=jax): generated as find_circuit generates them for any model "
+                          "but the bundled toy (length 8, seed 0, the config's BOS)")
 
 
 def _phase(phases: dict, name: str, t0: float) -> float:
@@ -40,11 +44,12 @@ def _phase(phases: dict, name: str, t0: float) -> float:
   return t
 
 
-def run_jax(ckpt: str, n: int, steps: int, batch_size: int, seq: int) -> dict:
+def run_jax(ckpt: str, n: int, steps: int, batch_size: int, seq: int, task: str = "ioi") -> dict:
   phases = {}
   t = time.perf_counter()
   import jax
   import numpy as np
+  from jaxinterp import tasks
   from jaxinterp.attribution import attribute
   from jaxinterp.models.pretrained import from_pretrained
   from benchmarks import common
@@ -52,7 +57,14 @@ def run_jax(ckpt: str, n: int, steps: int, batch_size: int, seq: int) -> dict:
   model = from_pretrained(ckpt)
   jax.block_until_ready(model.params)
   t = _phase(phases, "load_model", t)
-  ds, source = common.ioi_or_random(n, model.cfg.d_vocab, seq)
+  if task == "induction":
+    c = model.cfg  # find_circuit's BOS (experiments.common.bos_id): BOS, else EOS, else 0
+    bos = c.bos_token_id if c.bos_token_id is not None else (
+        c.eos_token_id if c.eos_token_id is not None else 0)
+    ds = tasks.make_induction(n, 8, model.cfg.d_vocab, seed=0, bos_id=bos)
+    source = "induction (generated: length 8, seed 0)"
+  else:
+    ds, source = common.ioi_or_random(n, model.cfg.d_vocab, seq)
   t = _phase(phases, "load_data", t)
   scores = attribute(model.cfg, model.params, ds, method="EAP-IG-inputs", ig_steps=steps,
                      batch_size=batch_size, quiet=True).scores
@@ -118,7 +130,9 @@ def main(argv):
   del argv
   if not _CKPT.value:
     sys.exit("--checkpoint is required")
-  fn = {"jax": run_jax, "torch": run_torch,
+  if _TASK.value != "ioi" and FLAGS.value != "jax":
+    sys.exit(f"--task={_TASK.value} needs --impl=jax")
+  fn = {"jax": lambda *a: run_jax(*a, task=_TASK.value), "torch": run_torch,
         "torch-full-logits": lambda *a: run_torch(*a, full_logits=True),
         "transformer-lens": run_transformer_lens}.get(FLAGS.value)
   if fn is None:

@@ -1,7 +1,9 @@
 """Circuit evaluation: the metric under a circuit, baselines, faithfulness curves, CPR/CMD.
 
 A circuit is an edge mask; edges outside it are ablated (their receivers read the ablated value of
-the sender). Many circuits are evaluated in one compiled call by `vmap` over their weight matrices.
+the sender). Circuits run through `circuit_forward`, which computes only the nodes a circuit reads;
+`reference=True` runs the graph-form forward instead (every node, `vmap` over chunks of circuits),
+which the tests hold the fast path to.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxinterp import circuit_forward as CF
 from jaxinterp import circuits as G
 from jaxinterp.attribution.ablation import Ablation, make_ablation
-from jaxinterp.attribution.base import AttributionError, check_finite, metric_sum
+from jaxinterp.attribution.base import AttributionError, check_finite, metric_sum, valid_edges
 from jaxinterp.tasks import Dataset
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.edges import EdgePatch
@@ -40,13 +43,16 @@ def _circuits_batch(cfg, task, params, batch, ablation, weights):
 
 def evaluate_circuits(cfg: ModelConfig, params, dataset: Dataset, weights: np.ndarray, *,
                       intervention: str = "patching", batch_size: int = 16, chunk: int = 8,
-                      ablation: Optional[Ablation] = None, quiet: bool = False) -> np.ndarray:
+                      ablation: Optional[Ablation] = None, quiet: bool = False,
+                      reference: bool = False) -> np.ndarray:
   """Mean metric over `dataset` for each circuit.
 
   Args:
     weights: Float [C, n_senders, n_receivers] (or a single [S, R]); 1 = edge in the circuit.
     intervention: how edges outside the circuit are ablated (see `attribution.INTERVENTIONS`).
-    chunk: circuits per compiled call (`vmap`).
+    chunk: circuits per compiled call of the reference path (`vmap`).
+    reference: run the graph-form forward (every node, every head's own input) instead of
+      `circuit_forward`; slower, the definition the fast path is tested against.
 
   Returns:
     float64 [C] (or a scalar for a single circuit): mean over examples of the metric.
@@ -57,10 +63,34 @@ def evaluate_circuits(cfg: ModelConfig, params, dataset: Dataset, weights: np.nd
     weights = weights[None]
   if ablation is None:
     ablation = make_ablation(cfg, params, dataset, intervention, batch_size)
-  means = mean_over_batches(dataset, batch_size, weights, chunk, quiet, "evaluating circuits",
-                            lambda batch, w: _circuits_batch(cfg, dataset.task, params, batch,
-                                                             ablation, w))
+  if reference or not CF.supported(cfg):
+    means = mean_over_batches(dataset, batch_size, weights, chunk, quiet, "evaluating circuits",
+                              lambda batch, w: _circuits_batch(cfg, dataset.task, params, batch,
+                                                               ablation, w))
+  else:
+    means = _circuit_forward_means(cfg, params, dataset, weights, batch_size, ablation, quiet)
   return float(means[0]) if single else means
+
+
+def _circuit_forward_means(cfg: ModelConfig, params, dataset: Dataset, weights: np.ndarray,
+                           batch_size: int, ablation: Ablation, quiet: bool) -> np.ndarray:
+  """`evaluate_circuits` through `circuit_forward`: each batch prepared once, then every circuit."""
+  fwd = CF.CircuitForward(cfg, params, dataset.task, valid_edges(cfg))
+  C = weights.shape[0]
+  totals = np.zeros(C, np.float64)
+  steps = math.ceil(len(dataset) / batch_size) * C
+  bar = tqdm(total=steps, desc="evaluating circuits", disable=quiet or steps < 4, leave=False)
+  for i, batch in enumerate(dataset.batches(batch_size)):
+    prep = fwd.prepare(batch, ablation)
+    out = []
+    for w in weights:
+      out.append(fwd.metric(batch, prep, w))
+      bar.update(1)
+    out = np.asarray(jnp.stack(out), np.float64)
+    check_finite(out, i, "the circuit metric")
+    totals += out
+  bar.close()
+  return totals / len(dataset)
 
 
 def mean_over_batches(dataset: Dataset, batch_size: int, masks: np.ndarray, chunk: int,

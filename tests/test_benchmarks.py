@@ -45,3 +45,35 @@ def test_unknown_suite_is_refused(tmp_path):
                       f"--out={tmp_path / 'r.json'}"], cwd=str(REPO), capture_output=True,
                      text=True, timeout=120)
   assert p.returncode != 0 and "unknown suite" in p.stderr
+
+
+@pytest.mark.slow
+def test_quick_pipeline_suite_times_whole_processes(tmp_path):
+  """find_circuit, attribute alone and the eap row, each a fresh process; find_circuit's phases."""
+  out = tmp_path / "results.json"
+  env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--suite=pipeline", "--shapes=tiny",
+         f"--out={out}", f"--workdir={tmp_path}"]
+  p = subprocess.run(cmd, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-4000:]
+  rows = json.loads(out.read_text())["results"]
+  by = {r.get("impl", "summary"): r for r in rows}
+  assert set(by) == {"find_circuit", "attribute", "eap", "summary"}
+  assert all(r["suite"] == "pipeline" and r["times"] for r in rows)
+  fc, attr = by["find_circuit"], by["attribute"]
+  phases = fc["phase_seconds"]
+  assert list(phases) == ["load", "compile", "attribute", "curve", "write", "total"]
+  assert sum(v for k, v in phases.items() if k != "total") <= phases["total"]
+  assert phases["total"] < fc["subprocess_wall_s"]
+  assert "--compilation_cache=" in fc["command"] and "--curve_sizes=mib" in fc["command"]
+  assert fc["curve_points"] >= 1 and attr["subprocess_wall_s"] > 0
+  assert by["eap"].get("status")  # ran, not installed, or skipped (tiny has no GPT-2 vocabulary)
+  assert by["summary"]["find_circuit_over_attribute"] == pytest.approx(
+      fc["subprocess_wall_s"] / attr["subprocess_wall_s"])
+
+
+def test_pipeline_reports_a_missing_eap_package(monkeypatch):
+  from benchmarks import pipeline
+  monkeypatch.setattr(pipeline, "have_eap", lambda: False)
+  row = pipeline.run_eap("ckpt", "gpt2-small", 8, 4, 5, "out")
+  assert row["impl"] == "eap" and row["status"].startswith("not installed")

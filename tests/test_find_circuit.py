@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from jaxinterp import models
+from jaxinterp import graph as G
 from jaxinterp.graph import Graph
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,14 +59,27 @@ def test_outputs_and_determinism(tiny_model, tmp_path):
             "seed"):
     assert k in meta
   assert meta["method"] == "EAP-IG-inputs" and meta["n_examples"] == 8
+  phases = meta["phase_seconds"]  # jaxinterp.timing: compile taken out of the other phases
+  assert list(phases) == ["load", "compile", "attribute", "curve", "write", "total"]
+  assert all(isinstance(v, float) and v >= 0 for v in phases.values())
+  assert phases["compile"] > 0
+  assert sum(v for k, v in phases.items() if k != "total") <= phases["total"]
+  assert set(meta["compile_seconds"]) == {"trace", "lower", "backend"}
+  last = r.stdout.strip().splitlines()[-1]
+  assert re.fullmatch(r"phases: load [\d.]+ s, compile [\d.]+ s, attribute [\d.]+ s, "
+                      r"curve [\d.]+ s, write [\d.]+ s \(total [\d.]+ s\)", last), last
   with open(os.path.join(a, "faithfulness.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   rows = open(os.path.join(a, "faithfulness.csv")).read().splitlines()
   assert rows[0].startswith("n_edges") and len(rows) > 3
-  r = _run(_flags(tiny_model, b))
+  r = _run(_flags(tiny_model, b, curve_sizes="mib"))  # another curve, the same scores
   assert r.returncode == 0
   sa, sb = np.load(os.path.join(a, "scores.npz")), np.load(os.path.join(b, "scores.npz"))
   np.testing.assert_array_equal(sa["scores"], sb["scores"])
+  rows = open(os.path.join(b, "faithfulness.csv")).read().splitlines()[1:]
+  sizes = [int(row.split(",")[0]) for row in rows]
+  mib = {G.n_edges_at_percentage(p, g.n_edges) for p in G.MIB_PERCENTAGES}
+  assert sizes == sorted(mib | {10})  # MIB's sizes (some equal on 46 edges) and --top_n's
   assert not os.path.exists(os.path.join(a, ".resume"))
 
 

@@ -1,0 +1,237 @@
+"""The circuit forward: a circuit's metric, computing only the nodes the circuit reads.
+
+The graph-form forward (`models.edges`) runs every node and gives each head its own q/k/v input.
+Evaluating a circuit needs much less. A receiver r reads
+
+    x_r = A_r + sum_s w[s, r] * delta_s,        delta_s = live_s - ablated_s,
+
+where A_r (the "ablated residual") is the sum of the ablated outputs of every sender upstream of r,
+plus the constant biases. A_r does not depend on the circuit, so it is computed once per batch
+(`prepare`). A node none of whose outgoing edges is in the circuit is never read live, so it is not
+computed at all; the heads a layer does need are gathered into the smallest of a few static sizes
+(`head_buckets`), chosen per circuit with `lax.switch`, so small circuits cost a fraction of a
+forward. Only each example's last position is unembedded. The all-ones circuit (the full model) is
+the plain forward.
+
+It agrees with the graph-form reference (`evaluation.evaluate_circuits(..., reference=True)`) to
+float32 rounding for every supported config; `supported` names the one exception (post-norms whose
+bias depends on the run), which keeps the reference path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinterp.attribution.ablation import Ablation
+from jaxinterp.attribution.base import metric_sum
+from jaxinterp.models import edges as E
+from jaxinterp.models.config import ModelConfig
+from jaxinterp.models.sites import Sites
+from jaxinterp.models.transformer import (MLP, Attention, Norm, embed_inputs, forward,
+                                          last_token_logits, positions_of, ungroup_kv)
+from jaxinterp.tasks import Batch, Task
+
+Array = jax.Array
+
+
+def supported(cfg: ModelConfig) -> bool:
+  """Whether the circuit forward applies: everything except post-norms that are LayerNorms or carry
+  an attention-output bias (there a head's share of the layer's output is not its sender value plus
+  a run-independent constant). Gemma-2 (RMSNorm post-norms, no bias) is supported."""
+  return not cfg.post_norms or (cfg.normalization == "rmsnorm" and not cfg.attn_out_bias)
+
+
+def head_buckets(cfg: ModelConfig) -> tuple[int, ...]:
+  """The static head counts a layer is computed with: 0, a quarter of the heads, or all of them
+  (each is a compiled branch per layer: more sizes cost compile time for little run time).
+
+  With post-norms a layer is all or nothing: the norm's scale depends on every head's output."""
+  H = cfg.n_heads
+  if cfg.post_norms:
+    return (0, H)
+  return tuple(sorted({0, max(1, H // 4), H}))
+
+
+@flax.struct.dataclass
+class Prepared:
+  """What every circuit of one batch shares.
+
+  Attributes:
+    ablated: the senders' ablated outputs in sender order, one array per group: the input node
+      Float[Array, "1 batch pos d_model"], then per layer its heads [n_heads, batch, pos, d_model]
+      and its MLP [1, batch, pos, d_model].
+    delta_input: Float[Array, "1 batch pos d_model"], the input node's live - ablated output.
+    resid_attn: Float[Array, "layer batch pos d_model"], A_r of each layer's q/k/v receivers.
+    resid_mlp: Float[Array, "layer batch pos d_model"], A_r of each layer's MLP receiver.
+    resid_final: Float[Array, "batch pos d_model"], A_r of the logits receiver.
+    clean_logits: Float[Array, "batch 1 vocab"], the clean model's logits at each last position.
+    clean_total: Float[Array, ""], the clean model's metric summed over the batch's real rows.
+  """
+
+  ablated: tuple
+  delta_input: Array
+  resid_attn: Array
+  resid_mlp: Array
+  resid_final: Array
+  clean_logits: Array
+  clean_total: Array
+
+
+def _at_last(batch: Batch) -> Batch:
+  return batch.replace(last=jnp.zeros_like(batch.last))
+
+
+def _groups(cfg: ModelConfig) -> list[tuple[int, int]]:
+  """(first sender, count) of each sender group: input, then per layer heads and MLP."""
+  out = [(0, 1)]
+  for l in range(cfg.n_layers):
+    out += [(E.head_sender(cfg, l, 0), cfg.n_heads), (E.mlp_sender(cfg, l), 1)]
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "task"))
+def prepare(cfg: ModelConfig, task: Task, params, batch: Batch, ablation: Ablation) -> Prepared:
+  """The per-batch arrays every circuit reuses: ablated senders, A_r, the clean run's metric."""
+  values = ablation.values(cfg, params, batch)  # [batch, pos, sender, d_model]
+  ablated = tuple(jnp.moveaxis(values[:, :, s0:s0 + n], 2, 0) for s0, n in _groups(cfg))
+  live_input = embed_inputs(cfg, params, batch.clean, batch.mask)
+  sums = [g.sum(0) for g in ablated]  # per group
+  b_O = [params[f"blocks_{l}"]["attn"]["b_O"] if cfg.attn_out_bias else 0.0
+         for l in range(cfg.n_layers)]
+  attn, mlp, acc = [], [], sums[0]
+  for l in range(cfg.n_layers):
+    attn.append(acc)
+    heads = sums[1 + 2 * l] + b_O[l]
+    mlp.append(acc if cfg.parallel_attn_mlp else acc + heads)
+    acc = acc + heads + sums[2 + 2 * l]
+  _, cache = forward(cfg, params, batch.clean, attention_mask=batch.mask,
+                     collect=("ln_final.hook_normalized",))
+  clean_logits = last_token_logits(cfg, params, cache["ln_final.hook_normalized"], batch.last)
+  total, _ = metric_sum(task, clean_logits, _at_last(batch), clean_logits)
+  return Prepared(ablated, live_input[None] - ablated[0], jnp.stack(attn), jnp.stack(mlp), acc,
+                  clean_logits, total)
+
+
+def _norm(cfg: ModelConfig, p, x: Array, method=None) -> Array:
+  return Norm(cfg).apply({"params": p or {}}, x, method=method)
+
+
+def _read(cfg: ModelConfig, delta: Array, w: Array, n_up: int, cols: Array) -> Array:
+  """sum_s w[s, r] delta_s over the first n_up senders, for receivers `cols`: [r, batch, pos, d]."""
+  return jnp.einsum("sbpd,sk->kbpd", delta[:n_up], w[:n_up][:, cols].astype(delta.dtype))
+
+
+def _heads(cfg: ModelConfig, l: int, K: int, params, prep: Prepared, batch: Batch, read: Array,
+           needed: Array) -> Array:
+  """Layer l's heads' live - ablated outputs, [n_heads, batch, pos, d_model], computing (up to) K
+  of the needed heads (the others are left zero: nothing reads them). `read` is `_read` of the
+  layer's q, k, v receivers (and its MLP's, unused here)."""
+  H, blk = cfg.n_heads, params[f"blocks_{l}"]
+  zeros = jnp.zeros_like(prep.ablated[1 + 2 * l])
+  if K == 0:
+    return zeros
+  idx = jnp.argsort(jnp.where(needed, 0, 1), stable=True)[:K]  # the needed heads first
+  rows = jnp.concatenate([idx, H + idx, 2 * H + idx])
+  x = prep.resid_attn[l][:, :, None, :] + jnp.moveaxis(read[rows], 0, 2)
+  x = _norm(cfg, blk.get("ln1"), x)  # [batch, pos, 3K, d_model]
+  gathered = {k: (v[idx] if k != "b_O" else v) for k, v in blk["attn"].items()}
+  cfg_k = dataclasses.replace(cfg, n_heads=K, n_kv_heads=None)
+  _, result = Attention(cfg_k, l).apply(
+      {"params": gathered}, x[:, :, :K], x[:, :, K:2 * K], x[:, :, 2 * K:],
+      positions=positions_of(batch.mask), key_mask=batch.mask.astype(bool), sites=Sites(),
+      split=True, want_result=True)  # result: [batch, pos, K, d_model]
+  if cfg.post_norms:  # K == H: the norm's scale is that of the whole layer's output
+    result = result * _norm(cfg, blk["ln1_post"], result.sum(2), Norm.scale)[:, :, None, :]
+  new = jnp.moveaxis(result, 2, 0).astype(zeros.dtype) - prep.ablated[1 + 2 * l][idx]
+  return zeros.at[idx].set(jnp.where(needed[idx][:, None, None, None], new, 0.0))
+
+
+def _mlp(cfg: ModelConfig, l: int, params, prep: Prepared, w: Array, delta: Array,
+         read: Array) -> Array:
+  """Layer l's MLP's live - ablated output, [1, batch, pos, d_model]. `read` covers the senders
+  before the layer; the layer's own heads (upstream unless the blocks are parallel) are added."""
+  blk = params[f"blocks_{l}"]
+  x = prep.resid_mlp[l] + read[3 * cfg.n_heads]
+  if not cfg.parallel_attn_mlp:
+    s0, r = E.head_sender(cfg, l, 0), E.mlp_receiver(cfg, l)
+    heads = delta[s0:s0 + cfg.n_heads]
+    x = x + jnp.einsum("sbpd,s->bpd", heads, w[s0:s0 + cfg.n_heads, r].astype(heads.dtype))
+  out = MLP(cfg, l).apply({"params": blk["mlp"]}, _norm(cfg, blk.get("ln2"), x), Sites())
+  if cfg.post_norms:
+    out = _norm(cfg, blk["ln2_post"], out)
+  return out[None].astype(prep.ablated[0].dtype) - prep.ablated[2 + 2 * l]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "task"))
+def circuit_metric(cfg: ModelConfig, task: Task, params, batch: Batch, prep: Prepared,
+                   w: Array) -> Array:
+  """The metric summed over the batch's real rows under one circuit.
+
+  Args:
+    cfg, params: the model with key/value heads ungrouped (`ungroup_kv`).
+    w: Float[Array, "sender receiver"], the circuit's edge weights, zero on invalid edges.
+
+  Returns:
+    Float[Array, ""].
+  """
+  H = cfg.n_heads
+  buckets = head_buckets(cfg)
+  shape = prep.delta_input.shape[1:]
+  # live - ablated of every sender, [sender, batch, pos, d_model]; rows of senders nothing reads stay 0
+  delta = jnp.zeros((E.n_senders(cfg),) + shape, prep.delta_input.dtype).at[0].set(
+      prep.delta_input[0])
+  for l in range(cfg.n_layers):
+    s0, s_mlp = E.head_sender(cfg, l, 0), E.mlp_sender(cfg, l)
+    needed = jnp.any(w[s0:s0 + H] != 0, axis=1)  # heads some in-circuit edge reads
+    mlp_needed = jnp.any(w[s_mlp] != 0)
+    # One pass over the upstream senders for the layer's q, k, v and MLP receivers (contiguous).
+    cols = jnp.arange(3 * H + 1) + E.head_receiver(cfg, l, 0, "q")
+    n_up = E.n_upstream_of_attn(cfg, l)
+    read = jax.lax.cond(needed.any() | mlp_needed, lambda d: _read(cfg, d, w, n_up, cols),
+                        lambda d: jnp.zeros((3 * H + 1,) + shape, d.dtype), delta)
+    branch = jnp.searchsorted(jnp.asarray(buckets), needed.sum())
+    heads = jax.lax.switch(
+        branch, [functools.partial(_heads, cfg, l, K, params, prep, batch) for K in buckets],
+        read, needed)
+    delta = jax.lax.dynamic_update_slice_in_dim(delta, heads, s0, 0)
+    mlp = jax.lax.cond(mlp_needed, lambda d, r: _mlp(cfg, l, params, prep, w, d, r),
+                       lambda d, r: jnp.zeros_like(prep.ablated[2 + 2 * l]), delta, read)
+    delta = jax.lax.dynamic_update_slice_in_dim(delta, mlp, s_mlp, 0)
+  col = jnp.asarray([E.logits_receiver(cfg)])
+  x = prep.resid_final + _read(cfg, delta, w, E.n_senders(cfg), col)[0]
+  logits = last_token_logits(cfg, params, _norm(cfg, params.get("ln_final"), x), batch.last)
+  return metric_sum(task, logits, _at_last(batch), prep.clean_logits)[0]
+
+
+class CircuitForward:
+  """Evaluate many circuits on one model: `prepare` once per batch, then `metric` per circuit.
+
+  Circuits are run one after another (each skips different nodes, which `vmap` cannot); every call
+  is asynchronous, so the host queues the next circuit while the device runs the last.
+  """
+
+  def __init__(self, cfg: ModelConfig, params, task: Task, valid: np.ndarray):
+    self.cfg, self.params = ungroup_kv(cfg, params)  # the graph's heads: GQA ungrouped
+    self.task = task
+    self.valid = np.asarray(valid, bool)
+
+  def is_full(self, w: np.ndarray) -> bool:
+    """Whether `w` keeps every valid edge live (the plain model)."""
+    return bool(np.all(w[self.valid] == 1))
+
+  def prepare(self, batch: Batch, ablation: Ablation) -> Prepared:
+    return prepare(self.cfg, self.task, self.params, batch, ablation)
+
+  def metric(self, batch: Batch, prep: Prepared, w: np.ndarray) -> Array:
+    """Metric sum over the batch for circuit `w` (Float [sender, receiver]); a device scalar."""
+    if self.is_full(w):
+      return prep.clean_total
+    w = np.where(self.valid, w, 0).astype(np.float32)
+    return circuit_metric(self.cfg, self.task, self.params, batch, prep, jnp.asarray(w))

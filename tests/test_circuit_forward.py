@@ -1,0 +1,118 @@
+"""The circuit forward (only the nodes a circuit reads) equals the graph-form reference evaluation.
+
+Faithfulness is compared to 1e-5 (relative when |f| > 1) for GPT-2, NeoX (parallel blocks), Llama (GQA) and Gemma-2
+(post-norms, softcaps, sliding window), with every ablation, on circuits of every kind: empty, full,
+single heads, sparse and dense random ones, pruned top-n ones and fractional weights.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxinterp import attribution as A
+from jaxinterp import circuit_forward as CF
+from jaxinterp import circuits as G
+from jaxinterp import evaluation as V
+from jaxinterp import models, tasks
+from jaxinterp.models import edges as E
+from tests.test_receiver_grads import CONFIGS, _params
+
+
+def _circuits(cfg, seed=0):
+  """A [C, S, R] stack: full, empty, one head read by the logits, the input read by one MLP,
+  random circuits from 1% to 80% dense, fractional weights and pruned top-n circuits."""
+  g = G.Graph.from_config(cfg)
+  rng = np.random.default_rng(seed)
+  out = [g.full().edge_weights(), g.empty().edge_weights()]
+  w = g.empty().edge_weights()
+  w[E.head_sender(cfg, 1, 2), E.logits_receiver(cfg)] = 1
+  out.append(w)
+  w = g.empty().edge_weights()
+  w[0, E.mlp_receiver(cfg, 0)] = 1
+  w[E.mlp_sender(cfg, 0), E.logits_receiver(cfg)] = 1
+  out.append(w)
+  out += [((rng.random(g.valid.shape) < d) & g.valid).astype(np.float32)
+          for d in (0.01, 0.05, 0.2, 0.5, 0.8)]
+  out.append(rng.random(g.valid.shape).astype(np.float32) * g.valid)  # fractional weights
+  scored = G.Graph.from_config(cfg, rng.standard_normal(g.valid.shape) * g.valid)
+  out += [scored.top_n(n).edge_weights() for n in (3, 12, 40)]
+  return np.stack(out).astype(np.float32)
+
+
+def _ablation(cfg, params, data, kind):
+  if kind == "optimal":  # learned constants: any [sender, d_model] values exercise the path
+    key = jax.random.PRNGKey(3)
+    return A.Ablation("optimal", jax.random.normal(key, (E.n_senders(cfg), cfg.d_model)))
+  return A.make_ablation(cfg, params, data, kind, 4)
+
+
+def _faithfulness(metric):
+  return (metric - metric[1]) / (metric[0] - metric[1])
+
+
+def _check(family, kind, x64=False):
+  cfg = CONFIGS[family]
+  assert CF.supported(cfg)
+  params = _params(cfg)
+  data = tasks.make_induction(10, 4, cfg.d_vocab, seed=0, bos_id=0)  # 10 = 2 batches + 2 fillers
+  weights = _circuits(cfg)
+  with jax.enable_x64(x64):
+    if x64:
+      params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params)
+    ablation = _ablation(cfg, params, data, kind)
+    if x64:
+      ablation = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), ablation)
+    ref = V.evaluate_circuits(cfg, params, data, weights, batch_size=4, ablation=ablation,
+                              quiet=True, reference=True)
+    fast = V.evaluate_circuits(cfg, params, data, weights, batch_size=4, ablation=ablation,
+                               quiet=True)
+  assert np.abs(ref[0] - ref[1]) > 1e-3  # the full model and the empty circuit differ
+  assert np.std(ref[2:]) > 1e-3  # and the circuits differ from each other
+  f_fast, f_ref = _faithfulness(fast), _faithfulness(ref)
+  # 1e-5, relative where a circuit overshoots (|f| > 1: float32 rounding scales with the metric).
+  assert np.all(np.abs(f_fast - f_ref) <= 1e-5 * np.maximum(1.0, np.abs(f_ref))), (f_fast, f_ref)
+  np.testing.assert_allclose(fast, ref, atol=1e-5 * max(1.0, np.abs(ref).max()), rtol=0)
+
+
+@pytest.mark.parametrize("family,kind", [("gpt2", "patching"), ("llama", "mean"),
+                                         ("gemma2", "patching")])
+def test_circuit_forward_equals_the_graph_form(family, kind):
+  _check(family, kind)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", A.INTERVENTIONS)
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama", "gemma2"])
+def test_circuit_forward_equals_the_graph_form_everywhere(family, kind):
+  """Every family x every ablation, in float64 (the two paths then agree to ~1e-8).
+
+  In float32 some of these are ill-conditioned rather than wrong: with these random weights
+  m(full) - m(empty) can be 0.005, which scales float32 rounding up to ~1e-4 of faithfulness; and
+  for Gemma-2 with zero ablations (no bias, no learned positions) every ablated residual is exactly
+  0, so the reference's RMSNorm scales its rounding residue (resid - sum of senders, ~1e-7) by
+  1/sqrt(eps), while the circuit forward reads the exact 0. The float32 cases above are
+  well-conditioned."""
+  _check(family, kind, x64=True)
+
+
+def test_unsupported_post_norms_use_the_reference():
+  """LayerNorm post-norms (a head's share of the normed output is not its sender value plus a
+  constant) are evaluated by the reference path, with the same results."""
+  cfg = dataclasses.replace(CONFIGS["gemma2"], normalization="layernorm", rmsnorm_plus_one=False)
+  assert not CF.supported(cfg)
+  params = _params(cfg, scale=3.0)
+  data = tasks.make_induction(4, 4, cfg.d_vocab, seed=0, bos_id=0)
+  weights = _circuits(cfg)[:4]
+  fast = V.evaluate_circuits(cfg, params, data, weights, batch_size=4, quiet=True)
+  ref = V.evaluate_circuits(cfg, params, data, weights, batch_size=4, quiet=True, reference=True)
+  np.testing.assert_array_equal(fast, ref)
+
+
+def test_head_buckets():
+  cfg = CONFIGS["gpt2"]
+  assert CF.head_buckets(cfg) == (0, 1, 4)
+  assert CF.head_buckets(dataclasses.replace(cfg, n_heads=12)) == (0, 3, 12)
+  assert CF.head_buckets(CONFIGS["gemma2"]) == (0, 4)  # post-norms: all heads or none
