@@ -11,7 +11,8 @@ Suites (comma separated, or "all"):
                  (GPT-2 shapes only) and the speedup ratio.
   exact          exact patching (one graph-form forward per edge, `vmap` over --exact_chunk edges per
                  call) timed on --exact_edges edges and extrapolated to all edges: edges*examples/s.
-  evaluation     circuit evaluation, circuits/s with `vmap` over --circuits masks.
+  evaluation     circuit evaluation, circuits/s: the circuit forward against the graph-form
+                 reference on the MIB curve and --circuits random masks: `benchmarks/evaluation.py`.
   precision      bf16 params vs fp32: Pearson correlation of EAP-IG scores, and the time of each.
   scaling        time against the number of examples (attribute and the torch baseline).
   memory         the EAP-IG kernel's memory at --batch_size x --seq (bf16 weights), from XLA's
@@ -77,7 +78,7 @@ _EXACT_CHUNK = flags.DEFINE_integer("exact_chunk", None, "edges per compiled exa
                                     "(default: attribution.exact_chunk_size, memory-bounded)")
 _EXACT_BATCH = flags.DEFINE_integer("exact_batch", 4, "examples per exact-patching call")
 _CIRCUITS = flags.DEFINE_integer("circuits", 16, "circuits evaluated in the evaluation suite")
-_CHUNK = flags.DEFINE_integer("chunk", 8, "circuits per vmapped call")
+_CHUNK = flags.DEFINE_integer("chunk", 8, "circuits per vmapped call of the reference evaluation")
 _TORCH = flags.DEFINE_boolean("torch", True, "measure the eager-torch baseline")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where random-init checkpoints are written (default: "
                                "a temporary directory)")
@@ -234,27 +235,6 @@ def suite_exact(ctx: Ctx, shape: str, n: int, batch: int, repeats: int) -> list:
   return rows
 
 
-def suite_evaluation(ctx: Ctx, shape: str, n: int, batch: int, repeats: int) -> list:
-  import numpy as np
-  from jaxinterp import attribution as A
-  from jaxinterp.evaluation import evaluate_circuits
-  cfg, params, _ = ctx.model(shape)
-  ds, source = ctx.data(cfg, n)
-  valid = A.valid_edges(cfg)
-  rng = np.random.default_rng(0)
-  C = _CIRCUITS.value
-  weights = (rng.random((C,) + valid.shape) < np.linspace(0.01, 1.0, C)[:, None, None]) & valid
-  weights = weights.astype(np.float32)
-  log(f"[evaluation] {shape}: {C} circuits x {len(ds)} examples")
-  fn = lambda: evaluate_circuits(cfg, params, ds, weights, batch_size=batch, chunk=_CHUNK.value,
-                                 quiet=True)
-  t = common.time_calls(fn, repeats)
-  return [dict(suite="evaluation", shape=shape, kernel="evaluation.evaluate_circuits", n_examples=len(ds),
-               batch_size=batch, seq_len=ds.max_len, data=source, dtype="float32", n_circuits=C,
-               chunk=_CHUNK.value, **t.as_dict(), circuits_per_s=C / t.best_s,
-               circuit_examples_per_s=C * len(ds) / t.best_s)]
-
-
 def suite_precision(ctx: Ctx, shape: str, n: int, batch: int, steps: int, repeats: int) -> list:
   import jax.numpy as jnp
   import numpy as np
@@ -356,14 +336,18 @@ def suite_whole_process(ctx: Ctx, shape: str, n: int, batch: int, steps: int, re
   d = common.gpt2_checkpoint(os.path.join(ctx.workdir, shape), shape)
   rows = []
   env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
-  runs = [("jax", "attribute")] + ([("torch", ""), ("torch-full-logits", "")] if _TORCH.value else [])
+  runs = [("jax", "attribute"), ("jax", "attribute, warm compilation cache")]
+  runs += [("torch", ""), ("torch-full-logits", "")] if _TORCH.value else []
   if _TORCH.value and _have_hooked_transformer_lens():
     runs.append(("transformer-lens", ""))
   for rep in range(max(1, repeats // 2) if not ctx.quick else 1):
+    cache = tempfile.mkdtemp(prefix="xla-cache-", dir=ctx.workdir)  # fresh: the first jax run fills it
     for impl, kernel in runs:
       log(f"[whole_process] {shape} {impl} {kernel} (fresh process)")
       cmd = [sys.executable, "-m", "benchmarks.whole_process", f"--impl={impl}",
              f"--checkpoint={d}", f"--n={n}", f"--steps={steps}", f"--batch_size={batch}"]
+      if impl == "jax":  # both jax runs write/read the cache; the first (cold) finds it empty
+        cmd.append(f"--compilation_cache={cache}")
       load = common.load_average()
       t0 = time.perf_counter()
       p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(common.REPO))
@@ -443,7 +427,9 @@ def main(argv):
       elif suite == "exact":
         rows = suite_exact(ctx, shape, n, batch, repeats)
       elif suite == "evaluation":
-        rows = suite_evaluation(ctx, shape, n, batch, repeats)
+        from benchmarks import evaluation
+        rows = evaluation.suite_evaluation(ctx, shape, n, batch, repeats, _CIRCUITS.value,
+                                           _CHUNK.value)
       elif suite == "precision":
         rows = suite_precision(ctx, shape, n, batch, steps, repeats)
       elif suite == "scaling":

@@ -32,6 +32,9 @@ _N = flags.DEFINE_integer("n", 32, "number of IOI examples")
 _STEPS = flags.DEFINE_integer("steps", 5, "integrated-gradient steps m")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "examples per batch")
 _SEQ = flags.DEFINE_integer("seq", 16, "prompt length of the random fallback data")
+_CACHE = flags.DEFINE_string("compilation_cache", "", "--impl=jax: turn on JAX's persistent "
+                             "compilation cache in this directory (`jaxinterp.compilation_cache`, "
+                             "timed with the imports); empty: off, every kernel compiled")
 _TASK = flags.DEFINE_enum("task", "ioi", ["ioi", "induction"], "ioi: the first --n IOI examples "
                           "(random pairs without ../shared or a GPT-2 vocabulary); induction "
                           "(--impl=jax): generated as find_circuit generates them for any model "
@@ -53,6 +56,9 @@ def run_jax(ckpt: str, n: int, steps: int, batch_size: int, seq: int, task: str 
   from jaxinterp.attribution import attribute
   from jaxinterp.models.pretrained import from_pretrained
   from benchmarks import common
+  if _CACHE.value:
+    from jaxinterp import compilation_cache
+    compilation_cache.enable(_CACHE.value)
   t = _phase(phases, "import", t)
   model = from_pretrained(ckpt)
   jax.block_until_ready(model.params)
@@ -70,7 +76,8 @@ def run_jax(ckpt: str, n: int, steps: int, batch_size: int, seq: int, task: str 
                      batch_size=batch_size, quiet=True).scores
   t = _phase(phases, "attribute", t)
   return dict(phases=phases, data=source, n_examples=len(ds),
-              scores_abs_sum=float(np.abs(scores).sum()))
+              scores_abs_sum=float(np.abs(scores).sum()),
+              compilation_cache="on" if _CACHE.value else "off")
 
 
 def run_torch(ckpt: str, n: int, steps: int, batch_size: int, seq: int,

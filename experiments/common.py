@@ -18,14 +18,13 @@ import jax
 import numpy as np
 from absl import app
 
-from jaxinterp import evaluation, files, models, tasks, toy
+from jaxinterp import compilation_cache, evaluation, files, models, tasks, toy
 from jaxinterp.experiments import cli
 
 TOY = "toy"
 # $JAXINTERP_COMPILATION_CACHE overrides the default (the test suite sets it empty: processes that
 # write one cache concurrently must not share it).
-COMPILATION_CACHE = os.environ.get(
-    "JAXINTERP_COMPILATION_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxinterp", "xla"))
+COMPILATION_CACHE = compilation_cache.default_dir()
 cli.define("string", "compilation_cache", COMPILATION_CACHE,
            "Directory of JAX's persistent compilation cache: a later run with the same model shape "
            "and batch shapes reuses the compiled kernels instead of recompiling. Empty disables it. "
@@ -47,16 +46,10 @@ def positive(name: str, value: int, minimum: int = 1) -> int:
 def enable_compilation_cache() -> Optional[str]:
   """Turn on JAX's persistent compilation cache at `--compilation_cache` (if not empty)."""
   path = cli.value("compilation_cache", COMPILATION_CACHE)
-  if not path:
-    return None
-  path = os.path.expanduser(path)
   try:
-    os.makedirs(path, exist_ok=True)
+    return compilation_cache.enable(path)
   except OSError as e:
     raise app.UsageError(f"--compilation_cache={path}: {e}") from None
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  return path
 
 
 # ------------------------------------------------------------------------------------------ --out

@@ -123,9 +123,23 @@ def _norm(cfg: ModelConfig, p, x: Array, method=None) -> Array:
   return Norm(cfg).apply({"params": p or {}}, x, method=method)
 
 
+SPARSE_ROWS = 16  # a layer whose receivers read at most this many senders gathers just those
+
+
 def _read(cfg: ModelConfig, delta: Array, w: Array, n_up: int, cols: Array) -> Array:
-  """sum_s w[s, r] delta_s over the first n_up senders, for receivers `cols`: [r, batch, pos, d]."""
-  return jnp.einsum("sbpd,sk->kbpd", delta[:n_up], w[:n_up][:, cols].astype(delta.dtype))
+  """sum_s w[s, r] delta_s over the first n_up senders, for receivers `cols`: [r, batch, pos, d].
+
+  When few senders are read (small circuits), only their rows of delta are gathered: the dense
+  product would stream every upstream sender's [batch, pos, d_model] for a handful of nonzeros."""
+  coef = w[:n_up][:, cols].astype(delta.dtype)  # [n_up, r]
+  dense = lambda: jnp.einsum("sbpd,sk->kbpd", delta[:n_up], coef)
+  if n_up <= 2 * SPARSE_ROWS:
+    return dense()
+  read = jnp.any(coef != 0, axis=1)
+  rows = jnp.argsort(jnp.where(read, 0, 1), stable=True)[:SPARSE_ROWS]  # the read senders first
+  sparse = lambda: jnp.einsum("sbpd,sk->kbpd", delta[rows],
+                              jnp.where(read[rows][:, None], coef[rows], 0.0))
+  return jax.lax.cond(read.sum() <= SPARSE_ROWS, sparse, dense)
 
 
 def _heads(cfg: ModelConfig, l: int, K: int, params, prep: Prepared, batch: Batch, read: Array,
@@ -139,12 +153,12 @@ def _heads(cfg: ModelConfig, l: int, K: int, params, prep: Prepared, batch: Batc
     return zeros
   idx = jnp.argsort(jnp.where(needed, 0, 1), stable=True)[:K]  # the needed heads first
   rows = jnp.concatenate([idx, H + idx, 2 * H + idx])
-  x = prep.resid_attn[l][:, :, None, :] + jnp.moveaxis(read[rows], 0, 2)
-  x = _norm(cfg, blk.get("ln1"), x)  # [batch, pos, 3K, d_model]
+  x = _norm(cfg, blk.get("ln1"), prep.resid_attn[l] + read[rows])  # [3K, batch, pos, d_model]
+  q_in, k_in, v_in = (jnp.moveaxis(x[i * K:(i + 1) * K], 0, 2) for i in range(3))
   gathered = {k: (v[idx] if k != "b_O" else v) for k, v in blk["attn"].items()}
   cfg_k = dataclasses.replace(cfg, n_heads=K, n_kv_heads=None)
   _, result = Attention(cfg_k, l).apply(
-      {"params": gathered}, x[:, :, :K], x[:, :, K:2 * K], x[:, :, 2 * K:],
+      {"params": gathered}, q_in, k_in, v_in,
       positions=positions_of(batch.mask), key_mask=batch.mask.astype(bool), sites=Sites(),
       split=True, want_result=True)  # result: [batch, pos, K, d_model]
   if cfg.post_norms:  # K == H: the norm's scale is that of the whole layer's output
@@ -162,7 +176,8 @@ def _mlp(cfg: ModelConfig, l: int, params, prep: Prepared, w: Array, delta: Arra
   if not cfg.parallel_attn_mlp:
     s0, r = E.head_sender(cfg, l, 0), E.mlp_receiver(cfg, l)
     heads = delta[s0:s0 + cfg.n_heads]
-    x = x + jnp.einsum("sbpd,s->bpd", heads, w[s0:s0 + cfg.n_heads, r].astype(heads.dtype))
+    coef = w[s0:s0 + cfg.n_heads, r].astype(heads.dtype)
+    x = x + jnp.sum(heads * coef[:, None, None, None], 0)
   out = MLP(cfg, l).apply({"params": blk["mlp"]}, _norm(cfg, blk.get("ln2"), x), Sites())
   if cfg.post_norms:
     out = _norm(cfg, blk["ln2_post"], out)

@@ -151,22 +151,10 @@ class FaithfulnessCurve:
                                      self.faithfulness)]
 
 
-def faithfulness_curve(cfg: ModelConfig, params, dataset: Dataset, scores: np.ndarray, *,
-                       n_edges: Optional[Sequence[int]] = None,
-                       percentages: Optional[Sequence[float]] = None, absolute: bool = True,
-                       intervention: str = "patching", batch_size: int = 16, chunk: int = 8,
-                       quiet: bool = False,
-                       ablation: Optional[Ablation] = None,
-                       score_convention: Optional[str] = None) -> FaithfulnessCurve:
-  """Evaluate top-n circuits (pruned) for several n, in vmapped chunks.
-
-  Give circuit sizes either as edge counts (`n_edges`) or as percentages of all edges (default:
-  `graph.MIB_PERCENTAGES`). `scores` are in `score_convention` (default: that of
-  `attribution.attribute`'s scores for `dataset.task`'s metric, `circuits.convention.for_task`).
-  `absolute=False` ranks by signed importance (MIB's CPR; `circuits.convention`), True by |score|
-  (CMD and the usual EAP-IG circuits). `ablation` (e.g. learned optimal-ablation values, built once
-  with `make_ablation`) replaces the one `intervention` would build.
-  """
+def _curve_circuits(cfg: ModelConfig, dataset: Dataset, scores: np.ndarray,
+                    n_edges: Optional[Sequence[int]], percentages: Optional[Sequence[float]],
+                    absolute: bool, score_convention: Optional[str]):
+  """(n_edges, percentages, pruned top-n circuits) of a faithfulness curve."""
   g = G.Graph.from_config(cfg, scores, score_convention=score_convention or
                           G.convention.for_task(dataset.task))
   if n_edges is None:
@@ -175,16 +163,48 @@ def faithfulness_curve(cfg: ModelConfig, params, dataset: Dataset, scores: np.nd
   else:
     n_edges = [int(n) for n in n_edges]
     percentages = [100.0 * n / g.n_edges for n in n_edges]
-  circuits = [g.top_n(n, absolute=absolute) for n in n_edges]
-  weights = np.stack([c.edge_weights() for c in circuits])
+  return n_edges, percentages, [g.top_n(n, absolute=absolute) for n in n_edges]
+
+
+def _with_baselines(cfg: ModelConfig, params, dataset: Dataset, weights: np.ndarray, *,
+                    intervention: str, batch_size: int, chunk: int, ablation: Optional[Ablation],
+                    quiet: bool) -> tuple[float, float, np.ndarray]:
+  """(m(full), m(empty), metric of each circuit), all from one `evaluate_circuits` call (so each
+  batch's clean and ablated runs are shared by the baselines and the circuits)."""
+  g = G.Graph.from_config(cfg)
+  both = np.concatenate([np.stack([g.full().edge_weights(), g.empty().edge_weights()]), weights])
   ablation = ablation or make_ablation(cfg, params, dataset, intervention, batch_size)
-  m_full, m_empty = baselines(cfg, params, dataset, intervention=intervention,
-                              batch_size=batch_size, ablation=ablation)
-  metric = np.atleast_1d(evaluate_circuits(cfg, params, dataset, weights, batch_size=batch_size,
+  metric = np.atleast_1d(evaluate_circuits(cfg, params, dataset, both, batch_size=batch_size,
                                            chunk=chunk, ablation=ablation, quiet=quiet))
+  m_full, m_empty = float(metric[0]), float(metric[1])
   if m_full == m_empty:
     raise AttributionError("the full model and the empty circuit give the same metric; "
                            "faithfulness is undefined for this data and intervention")
+  return m_full, m_empty, metric[2:]
+
+
+def faithfulness_curve(cfg: ModelConfig, params, dataset: Dataset, scores: np.ndarray, *,
+                       n_edges: Optional[Sequence[int]] = None,
+                       percentages: Optional[Sequence[float]] = None, absolute: bool = True,
+                       intervention: str = "patching", batch_size: int = 16, chunk: int = 8,
+                       quiet: bool = False,
+                       ablation: Optional[Ablation] = None,
+                       score_convention: Optional[str] = None) -> FaithfulnessCurve:
+  """Evaluate top-n circuits (pruned) for several n, and the two baselines, in one pass.
+
+  Give circuit sizes either as edge counts (`n_edges`) or as percentages of all edges (default:
+  `graph.MIB_PERCENTAGES`). `scores` are in `score_convention` (default: that of
+  `attribution.attribute`'s scores for `dataset.task`'s metric, `circuits.convention.for_task`).
+  `absolute=False` ranks by signed importance (MIB's CPR; `circuits.convention`), True by |score|
+  (CMD and the usual EAP-IG circuits). `ablation` (e.g. learned optimal-ablation values, built once
+  with `make_ablation`) replaces the one `intervention` would build.
+  """
+  n_edges, percentages, circuits = _curve_circuits(cfg, dataset, scores, n_edges, percentages,
+                                                   absolute, score_convention)
+  weights = np.stack([c.edge_weights() for c in circuits])
+  m_full, m_empty, metric = _with_baselines(cfg, params, dataset, weights,
+                                            intervention=intervention, batch_size=batch_size,
+                                            chunk=chunk, ablation=ablation, quiet=quiet)
   faith = (metric - m_empty) / (m_full - m_empty)
   return FaithfulnessCurve(np.asarray(n_edges), np.asarray([c.count_edges() for c in circuits]),
                            np.asarray(percentages, np.float64), metric, faith, m_full, m_empty)
@@ -196,15 +216,18 @@ def mib_scores(cfg: ModelConfig, params, dataset: Dataset, scores: np.ndarray, *
   """MIB's CPR (area under f, signed ranking) and CMD (area under |1 - f|, absolute ranking).
 
   `scores` are in `score_convention` (default: attribution scores of `dataset.task`'s metric; pass
-  "loss" for the scores of a graph file, `Graph.from_json(...).scores`).
+  "loss" for the scores of a graph file, `Graph.from_json(...).scores`). Both rankings' circuits
+  are evaluated in one pass.
   """
   pcts = list(G.MIB_PERCENTAGES)
-  signed = faithfulness_curve(cfg, params, dataset, scores, percentages=pcts, absolute=False,
-                              intervention=intervention, batch_size=batch_size, quiet=True,
-                              score_convention=score_convention)
-  absolute = faithfulness_curve(cfg, params, dataset, scores, percentages=pcts, absolute=True,
-                                intervention=intervention, batch_size=batch_size, quiet=True)
-  return {"CPR": G.cpr(pcts, signed.faithfulness), "CMD": G.cmd(pcts, absolute.faithfulness)}
+  _, _, signed = _curve_circuits(cfg, dataset, scores, None, pcts, False, score_convention)
+  _, _, absolute = _curve_circuits(cfg, dataset, scores, None, pcts, True, score_convention)
+  weights = np.stack([c.edge_weights() for c in signed + absolute])
+  m_full, m_empty, metric = _with_baselines(cfg, params, dataset, weights,
+                                            intervention=intervention, batch_size=batch_size,
+                                            chunk=8, ablation=None, quiet=True)
+  faith = (metric - m_empty) / (m_full - m_empty)
+  return {"CPR": G.cpr(pcts, faith[:len(pcts)]), "CMD": G.cmd(pcts, faith[len(pcts):])}
 
 
 def answer_sets(dataset: Dataset) -> list[tuple[int, ...]]:

@@ -37,7 +37,14 @@ def test_quick_harness_writes_results(tmp_path):
   assert ig and all(r["speedup_vs_torch"] > 0 and r["examples_per_s"] > 0 for r in ig)
   summary = [r for r in rows if r["suite"] == "exact" and r.get("summary")]
   assert summary and summary[0]["edges_total"] > 0 and summary[0]["edges_examples_per_s"] > 0
-  assert [r for r in rows if r["suite"] == "evaluation"][0]["circuits_per_s"] > 0
+  ev = [r for r in rows if r["suite"] == "evaluation"]
+  assert {(r["circuits"], r["path"]) for r in ev if "path" in r} == {
+      (c, p) for c in ("mib-curve", "random") for p in ("circuit-forward", "reference")}
+  assert all(r["circuits_per_s"] > 0 for r in ev if "path" in r)
+  curve = [r for r in ev if r.get("summary") and r["circuits"] == "mib-curve"][0]
+  assert curve["speedup_over_reference"] > 0 and curve["max_abs_faithfulness_difference"] < 1e-4
+  memory = [r for r in ev if r.get("kind") == "memory"][0]
+  assert memory["circuit_total_gib"] > 0 and memory["total_ratio"] > 0
 
 
 def test_unknown_suite_is_refused(tmp_path):

@@ -116,3 +116,17 @@ def test_head_buckets():
   assert CF.head_buckets(cfg) == (0, 1, 4)
   assert CF.head_buckets(dataclasses.replace(cfg, n_heads=12)) == (0, 3, 12)
   assert CF.head_buckets(CONFIGS["gemma2"]) == (0, 4)  # post-norms: all heads or none
+
+
+def test_sparse_and_dense_reads_agree_with_the_reference():
+  """A wide config (16 heads, 3 layers) where layers read more than `SPARSE_ROWS` upstream senders:
+  small circuits take the gathered-rows read, dense ones the full product."""
+  cfg = models.ModelConfig(family="gpt2", d_model=32, n_layers=3, n_heads=16, d_head=4, d_mlp=64,
+                           d_vocab=50, n_ctx=32)
+  assert E.n_upstream_of_attn(cfg, 2) > 2 * CF.SPARSE_ROWS
+  params = _params(cfg)
+  data = tasks.make_induction(8, 4, cfg.d_vocab, seed=0, bos_id=0)
+  weights = _circuits(cfg)
+  ref = V.evaluate_circuits(cfg, params, data, weights, batch_size=4, quiet=True, reference=True)
+  fast = V.evaluate_circuits(cfg, params, data, weights, batch_size=4, quiet=True)
+  np.testing.assert_allclose(fast, ref, atol=1e-5 * max(1.0, np.abs(ref).max()), rtol=0)
