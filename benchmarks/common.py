@@ -41,6 +41,15 @@ SHAPES = {
 }
 
 
+def dist_version(dist: str) -> str:
+  """The installed version of a distribution, or "?"."""
+  from importlib import metadata
+  try:
+    return metadata.version(dist)
+  except metadata.PackageNotFoundError:
+    return "?"
+
+
 class BenchmarkError(ValueError):
   """Bad benchmark arguments (unknown suite or shape, ...)."""
 

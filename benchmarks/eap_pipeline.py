@@ -79,6 +79,7 @@ def run(ckpt: str, data: str, n: int, steps: int, batch_size: int, out: str) -> 
   from eap.attribute import attribute
   from eap.evaluate import evaluate_baseline, evaluate_graph
   from eap.graph import Graph
+  from benchmarks import common
   from benchmarks.tl_baseline import hooked_from_hf
   _cpu_for_cuda_allocations(torch)
   phase("import")
@@ -121,15 +122,8 @@ def run(ckpt: str, data: str, n: int, steps: int, batch_size: int, out: str) -> 
   graph.to_json(os.path.join(out, "graph.json"))
   phase("write")
   return dict(phases=phases, n_examples=len(rows), n_edges=n_edges, curve=curve, m_full=m_full,
-              m_empty=m_empty, torch_threads=torch.get_num_threads(), eap_version=_version("eap"))
-
-
-def _version(dist: str) -> str:
-  from importlib import metadata
-  try:
-    return metadata.version(dist)
-  except metadata.PackageNotFoundError:
-    return "?"
+              m_empty=m_empty, torch_threads=torch.get_num_threads(),
+              eap_version=common.dist_version("eap"))
 
 
 def main(argv):

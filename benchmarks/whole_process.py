@@ -122,15 +122,7 @@ def run_transformer_lens(ckpt: str, n: int, steps: int, batch_size: int, seq: in
   t = _phase(phases, "attribute", t)
   return dict(phases=phases, data=source, n_examples=len(ds),
               scores_abs_sum=float(scores.abs().sum()), torch_threads=torch.get_num_threads(),
-              transformer_lens_version=_version("transformer-lens"))
-
-
-def _version(dist: str) -> str:
-  from importlib import metadata
-  try:
-    return metadata.version(dist)
-  except metadata.PackageNotFoundError:
-    return "?"
+              transformer_lens_version=common.dist_version("transformer-lens"))
 
 
 def main(argv):

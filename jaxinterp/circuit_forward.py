@@ -49,14 +49,15 @@ def supported(cfg: ModelConfig) -> bool:
 
 
 def head_buckets(cfg: ModelConfig) -> tuple[int, ...]:
-  """The static head counts a layer is computed with: 0, a quarter of the heads, or all of them
-  (each is a compiled branch per layer: more sizes cost compile time for little run time).
+  """The static head counts a layer is computed with: 0, a quarter of the heads (from 8 heads on),
+  or all of them (each is a compiled branch per layer: more sizes cost compile time for little run
+  time).
 
   With post-norms a layer is all or nothing: the norm's scale depends on every head's output."""
   H = cfg.n_heads
   if cfg.post_norms:
     return (0, H)
-  return tuple(sorted({0, max(1, H // 4), H}))
+  return tuple(sorted({0, H} | ({H // 4} if H // 4 >= 2 else set())))
 
 
 @flax.struct.dataclass

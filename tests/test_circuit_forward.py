@@ -77,9 +77,12 @@ def _check(family, kind, x64=False):
   np.testing.assert_allclose(fast, ref, atol=1e-5 * max(1.0, np.abs(ref).max()), rtol=0)
 
 
-@pytest.mark.parametrize("family,kind", [("gpt2", "patching"), ("llama", "mean"),
-                                         ("gemma2", "patching")])
+@pytest.mark.parametrize("family,kind", [
+    ("gpt2", "patching"),
+    pytest.param("llama", "mean", marks=pytest.mark.slow),
+    pytest.param("gemma2", "patching", marks=pytest.mark.slow)])
 def test_circuit_forward_equals_the_graph_form(family, kind):
+  """float32, on well-conditioned cases (the default run keeps one; CI's slow run the others)."""
   _check(family, kind)
 
 
@@ -113,11 +116,13 @@ def test_unsupported_post_norms_use_the_reference():
 
 def test_head_buckets():
   cfg = CONFIGS["gpt2"]
-  assert CF.head_buckets(cfg) == (0, 1, 4)
+  assert CF.head_buckets(cfg) == (0, 4)
   assert CF.head_buckets(dataclasses.replace(cfg, n_heads=12)) == (0, 3, 12)
+  assert CF.head_buckets(dataclasses.replace(cfg, n_heads=16)) == (0, 4, 16)
   assert CF.head_buckets(CONFIGS["gemma2"]) == (0, 4)  # post-norms: all heads or none
 
 
+@pytest.mark.slow
 def test_sparse_and_dense_reads_agree_with_the_reference():
   """A wide config (16 heads, 3 layers) where layers read more than `SPARSE_ROWS` upstream senders:
   small circuits take the gathered-rows read, dense ones the full product."""

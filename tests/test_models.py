@@ -68,6 +68,7 @@ def test_right_padding_keeps_real_positions(kind, tmp_path):
   np.testing.assert_allclose(out[:, :6], hf_logits(hf, padded, mask)[:, :6], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_converted_orbax_round_trip(tmp_path):
   hf = build_hf_model("llama")
   m = models.from_pretrained(save_hf(hf, tmp_path / "hf"))
