@@ -10,8 +10,9 @@ plus the constant biases. A_r does not depend on the circuit, so it is computed 
 (`prepare`). A node none of whose outgoing edges is in the circuit is never read live, so it is not
 computed at all; the heads a layer does need are gathered into the smallest of a few static sizes
 (`head_buckets`), chosen per circuit with `lax.switch`, so small circuits cost a fraction of a
-forward. Only each example's last position is unembedded. The all-ones circuit (the full model) is
-the plain forward.
+forward; a layer whose receivers read few senders gathers just those rows of delta (`_read`). Only
+each example's last position is unembedded. The all-ones circuit (the full model) is the plain
+forward.
 
 It agrees with the graph-form reference (`evaluation.evaluate_circuits(..., reference=True)`) to
 float32 rounding for every supported config; `supported` names the one exception (post-norms whose
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
 
 import flax.struct
 import jax
