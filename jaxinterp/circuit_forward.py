@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinterp.attribution.ablation import Ablation
-from jaxinterp.attribution.base import metric_sum
+from jaxinterp.attribution.base import metric_at_last
 from jaxinterp.models import edges as E
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.sites import Sites
@@ -85,10 +85,6 @@ class Prepared:
   clean_total: Array
 
 
-def _at_last(batch: Batch) -> Batch:
-  return batch.replace(last=jnp.zeros_like(batch.last))
-
-
 def _groups(cfg: ModelConfig) -> list[tuple[int, int]]:
   """(first sender, count) of each sender group: input, then per layer heads and MLP."""
   out = [(0, 1)]
@@ -114,8 +110,9 @@ def prepare(cfg: ModelConfig, task: Task, params, batch: Batch, ablation: Ablati
     acc = acc + heads + sums[2 + 2 * l]
   _, cache = forward(cfg, params, batch.clean, attention_mask=batch.mask,
                      collect=("ln_final.hook_normalized",))
-  clean_logits = last_token_logits(cfg, params, cache["ln_final.hook_normalized"], batch.last)
-  total, _ = metric_sum(task, clean_logits, _at_last(batch), clean_logits)
+  x = cache["ln_final.hook_normalized"]
+  clean_logits = last_token_logits(cfg, params, x, batch.last)
+  total, _ = metric_at_last(cfg, task, params, batch, x, clean_logits)
   return Prepared(ablated, live_input[None] - ablated[0], jnp.stack(attn), jnp.stack(mlp), acc,
                   clean_logits, total)
 
@@ -127,7 +124,7 @@ def _norm(cfg: ModelConfig, p, x: Array, method=None) -> Array:
 SPARSE_ROWS = 16  # a layer whose receivers read at most this many senders gathers just those
 
 
-def _read(cfg: ModelConfig, delta: Array, w: Array, n_up: int, cols: Array) -> Array:
+def _read(delta: Array, w: Array, n_up: int, cols: Array) -> Array:
   """sum_s w[s, r] delta_s over the first n_up senders, for receivers `cols`: [r, batch, pos, d].
 
   When few senders are read (small circuits), only their rows of delta are gathered: the dense
@@ -210,7 +207,7 @@ def circuit_metric(cfg: ModelConfig, task: Task, params, batch: Batch, prep: Pre
     # One pass over the upstream senders for the layer's q, k, v and MLP receivers (contiguous).
     cols = jnp.arange(3 * H + 1) + E.head_receiver(cfg, l, 0, "q")
     n_up = E.n_upstream_of_attn(cfg, l)
-    read = jax.lax.cond(needed.any() | mlp_needed, lambda d: _read(cfg, d, w, n_up, cols),
+    read = jax.lax.cond(needed.any() | mlp_needed, lambda d: _read(d, w, n_up, cols),
                         lambda d: jnp.zeros((3 * H + 1,) + shape, d.dtype), delta)
     branch = jnp.searchsorted(jnp.asarray(buckets), needed.sum())
     heads = jax.lax.switch(
@@ -221,9 +218,9 @@ def circuit_metric(cfg: ModelConfig, task: Task, params, batch: Batch, prep: Pre
                        lambda d, r: jnp.zeros_like(prep.ablated[2 + 2 * l]), delta, read)
     delta = jax.lax.dynamic_update_slice_in_dim(delta, mlp, s_mlp, 0)
   col = jnp.asarray([E.logits_receiver(cfg)])
-  x = prep.resid_final + _read(cfg, delta, w, E.n_senders(cfg), col)[0]
-  logits = last_token_logits(cfg, params, _norm(cfg, params.get("ln_final"), x), batch.last)
-  return metric_sum(task, logits, _at_last(batch), prep.clean_logits)[0]
+  x = prep.resid_final + _read(delta, w, E.n_senders(cfg), col)[0]
+  return metric_at_last(cfg, task, params, batch, _norm(cfg, params.get("ln_final"), x),
+                        prep.clean_logits)[0]
 
 
 class CircuitForward:

@@ -74,30 +74,23 @@ def evaluate_circuits(cfg: ModelConfig, params, dataset: Dataset, weights: np.nd
 
 def _circuit_forward_means(cfg: ModelConfig, params, dataset: Dataset, weights: np.ndarray,
                            batch_size: int, ablation: Ablation, quiet: bool) -> np.ndarray:
-  """`evaluate_circuits` through `circuit_forward`: each batch prepared once, then every circuit."""
+  """`evaluate_circuits` through `circuit_forward`: each batch prepared once, then every circuit
+  (one chunk of all of them, so the preparation is not repeated)."""
   fwd = CF.CircuitForward(cfg, params, dataset.task, valid_edges(cfg))
-  C = weights.shape[0]
-  totals = np.zeros(C, np.float64)
-  steps = math.ceil(len(dataset) / batch_size) * C
-  bar = tqdm(total=steps, desc="evaluating circuits", disable=quiet or steps < 4, leave=False)
-  for i, batch in enumerate(dataset.batches(batch_size)):
+
+  def batch_fn(batch, ws):
     prep = fwd.prepare(batch, ablation)
-    out = []
-    for w in weights:
-      out.append(fwd.metric(batch, prep, w))
-      bar.update(1)
-    out = np.asarray(jnp.stack(out), np.float64)
-    check_finite(out, i, "the circuit metric")
-    totals += out
-  bar.close()
-  return totals / len(dataset)
+    return jnp.stack([fwd.metric(batch, prep, w) for w in ws])
+
+  return mean_over_batches(dataset, batch_size, weights, len(weights), quiet,
+                           "evaluating circuits", batch_fn)
 
 
 def mean_over_batches(dataset: Dataset, batch_size: int, masks: np.ndarray, chunk: int,
                       quiet: bool, desc: str, batch_fn) -> np.ndarray:
   """Mean over `dataset` of `batch_fn(batch, masks[chunk])` (metric sums over a batch, one per
-  mask), for every mask: `chunk` masks per compiled call, the last chunk padded. Returns
-  float64 [len(masks)]; a NaN/inf metric names its batch."""
+  mask; the masks a numpy slice), for every mask: `chunk` masks per call, the last chunk padded.
+  Returns float64 [len(masks)]; a NaN/inf metric names its batch."""
   C = masks.shape[0]
   chunk = max(1, min(chunk, C))
   masks = np.concatenate([masks, np.repeat(masks[-1:], (-C) % chunk, 0)])
@@ -107,7 +100,7 @@ def mean_over_batches(dataset: Dataset, batch_size: int, masks: np.ndarray, chun
   bar = tqdm(total=steps, desc=desc, disable=quiet or steps < 4, leave=False)
   for i, batch in enumerate(dataset.batches(batch_size)):
     for start in range(0, masks.shape[0], chunk):
-      out = np.asarray(batch_fn(batch, jnp.asarray(masks[start:start + chunk])), np.float64)
+      out = np.asarray(batch_fn(batch, masks[start:start + chunk]), np.float64)
       check_finite(out, i, "the circuit metric")
       totals[start:start + chunk] += out
       bar.update(1)
@@ -168,9 +161,9 @@ def _curve_circuits(cfg: ModelConfig, dataset: Dataset, scores: np.ndarray,
 
 def _with_baselines(cfg: ModelConfig, params, dataset: Dataset, weights: np.ndarray, *,
                     intervention: str, batch_size: int, chunk: int, ablation: Optional[Ablation],
-                    quiet: bool) -> tuple[float, float, np.ndarray]:
-  """(m(full), m(empty), metric of each circuit), all from one `evaluate_circuits` call (so each
-  batch's clean and ablated runs are shared by the baselines and the circuits)."""
+                    quiet: bool) -> tuple[float, float, np.ndarray, np.ndarray]:
+  """(m(full), m(empty), metric and faithfulness of each circuit), all from one `evaluate_circuits`
+  call (so each batch's clean and ablated runs are shared by the baselines and the circuits)."""
   g = G.Graph.from_config(cfg)
   both = np.concatenate([np.stack([g.full().edge_weights(), g.empty().edge_weights()]), weights])
   ablation = ablation or make_ablation(cfg, params, dataset, intervention, batch_size)
@@ -180,7 +173,8 @@ def _with_baselines(cfg: ModelConfig, params, dataset: Dataset, weights: np.ndar
   if m_full == m_empty:
     raise AttributionError("the full model and the empty circuit give the same metric; "
                            "faithfulness is undefined for this data and intervention")
-  return m_full, m_empty, metric[2:]
+  metric = metric[2:]
+  return m_full, m_empty, metric, (metric - m_empty) / (m_full - m_empty)
 
 
 def faithfulness_curve(cfg: ModelConfig, params, dataset: Dataset, scores: np.ndarray, *,
@@ -202,10 +196,10 @@ def faithfulness_curve(cfg: ModelConfig, params, dataset: Dataset, scores: np.nd
   n_edges, percentages, circuits = _curve_circuits(cfg, dataset, scores, n_edges, percentages,
                                                    absolute, score_convention)
   weights = np.stack([c.edge_weights() for c in circuits])
-  m_full, m_empty, metric = _with_baselines(cfg, params, dataset, weights,
-                                            intervention=intervention, batch_size=batch_size,
-                                            chunk=chunk, ablation=ablation, quiet=quiet)
-  faith = (metric - m_empty) / (m_full - m_empty)
+  m_full, m_empty, metric, faith = _with_baselines(cfg, params, dataset, weights,
+                                                   intervention=intervention,
+                                                   batch_size=batch_size, chunk=chunk,
+                                                   ablation=ablation, quiet=quiet)
   return FaithfulnessCurve(np.asarray(n_edges), np.asarray([c.count_edges() for c in circuits]),
                            np.asarray(percentages, np.float64), metric, faith, m_full, m_empty)
 
@@ -223,10 +217,8 @@ def mib_scores(cfg: ModelConfig, params, dataset: Dataset, scores: np.ndarray, *
   _, _, signed = _curve_circuits(cfg, dataset, scores, None, pcts, False, score_convention)
   _, _, absolute = _curve_circuits(cfg, dataset, scores, None, pcts, True, score_convention)
   weights = np.stack([c.edge_weights() for c in signed + absolute])
-  m_full, m_empty, metric = _with_baselines(cfg, params, dataset, weights,
-                                            intervention=intervention, batch_size=batch_size,
-                                            chunk=8, ablation=None, quiet=True)
-  faith = (metric - m_empty) / (m_full - m_empty)
+  _, _, _, faith = _with_baselines(cfg, params, dataset, weights, intervention=intervention,
+                                   batch_size=batch_size, chunk=8, ablation=None, quiet=True)
   return {"CPR": G.cpr(pcts, faith[:len(pcts)]), "CMD": G.cmd(pcts, faith[len(pcts):])}
 
 
@@ -279,16 +271,10 @@ def mib_protocol(cfg: ModelConfig, params, dataset: Dataset, graph: G.Graph, *,
     faithfulnesses, fractions) plus n_items, metric_full and metric_empty.
   """
   chosen = G.mib_circuits(graph, level=level, absolute=absolute)
-  weights = np.stack([graph.full().edge_weights(), graph.empty().edge_weights()] +
-                     [c.edge_weights() for _, c, _ in chosen])
-  ablation = ablation or make_ablation(cfg, params, dataset, intervention, batch_size)
-  metric = np.atleast_1d(evaluate_circuits(cfg, params, dataset, weights, batch_size=batch_size,
-                                           ablation=ablation, quiet=True))
-  m_full, m_empty = float(metric[0]), float(metric[1])
-  if m_full == m_empty:
-    raise AttributionError("the full model and the empty circuit give the same metric; "
-                           "faithfulness is undefined for this data and intervention")
-  faith = (metric[2:] - m_empty) / (m_full - m_empty)
+  weights = np.stack([c.edge_weights() for _, c, _ in chosen])
+  m_full, m_empty, _, faith = _with_baselines(cfg, params, dataset, weights,
+                                              intervention=intervention, batch_size=batch_size,
+                                              chunk=8, ablation=ablation, quiet=True)
   out = G.mib_summary(faith, [w for _, _, w in chosen], log_scale=log_scale)
   out.update(n_items=[n for n, _, _ in chosen], metric_full=m_full, metric_empty=m_empty,
              level=level, absolute=absolute)
