@@ -60,6 +60,18 @@ def given(name: str) -> bool:
   return not FLAGS[name].using_default_value
 
 
+def input_file(flag: str, path: Optional[str], required: Optional[str] = None) -> Optional[str]:
+  """`path` if it names a file, else a usage error naming `--flag`. An empty path is an error when
+  `required` is given (the text after "--flag is required"), and is returned otherwise."""
+  if not path:
+    if required is not None:
+      raise app.UsageError(f"--{flag} is required{required}")
+    return path
+  if not os.path.isfile(path):
+    raise app.UsageError(f"--{flag}={path}: no such file")
+  return path
+
+
 def warn(message: str) -> None:
   """One line on stderr: `warning: message`."""
   print(f"warning: {' '.join(message.split())}", file=sys.stderr, flush=True)

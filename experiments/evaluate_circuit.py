@@ -91,10 +91,7 @@ def _flag(name):
 
 
 def _load_graph(path: str, cfg, what: str) -> G.Graph:
-  if not path:
-    raise app.UsageError(f"{what} is required")
-  if not os.path.isfile(path):
-    raise app.UsageError(f"{what}={path}: no such file")
+  """The graph file `main` has checked exists; a usage error naming `what` if it cannot be read."""
   try:
     return G.Graph.from_json(path, cfg=cfg)
   except G.GraphError as e:
@@ -167,12 +164,9 @@ def main(argv):
   if top_n is not None:
     common.positive("top_n", top_n, 0)
   graph_path, compare_path, out = _flag("graph"), _flag("compare"), _flag("out")
-  if not graph_path:
-    raise app.UsageError("--graph is required (a graph.json from find_circuit or the PyTorch EAP-IG)")
-  if not os.path.isfile(graph_path):
-    raise app.UsageError(f"--graph={graph_path}: no such file")
-  if compare_path and not os.path.isfile(compare_path):
-    raise app.UsageError(f"--compare={compare_path}: no such file")
+  cli.input_file("graph", graph_path,
+                 required=" (a graph.json from find_circuit or the PyTorch EAP-IG)")
+  cli.input_file("compare", compare_path)
   name = os.path.basename(graph_path)
   meta = common.read_meta(graph_path)
   run = common.settings_from_meta(meta, {k: DEFAULTS[k] for k in FROM_META}, name,

@@ -46,12 +46,8 @@ def build(graph_path, curve_path=None, out=None, title=None, n=None,
   Everything is checked and rendered before the file is written; `app.UsageError` names the bad flag
   or file (`cli.run` prints it as one line on stderr and exits with status 2).
   """
-  if not graph_path:
-    raise app.UsageError("--graph is required: an EAP-IG-format graph JSON")
-  if not os.path.isfile(graph_path):
-    raise app.UsageError(f"--graph={graph_path}: no such file")
-  if curve_path and not os.path.isfile(curve_path):
-    raise app.UsageError(f"--curve={curve_path}: no such file")
+  cli.input_file("graph", graph_path, required=": an EAP-IG-format graph JSON")
+  cli.input_file("curve", curve_path)
   out = out or os.path.join(os.path.dirname(os.path.abspath(graph_path)), "circuit.html")
   if os.path.isdir(out):
     raise app.UsageError(f"--out={out} is a directory; give the HTML file to write")
