@@ -10,6 +10,7 @@ from typing import Any, Mapping, Optional
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinterp import files
 from jaxinterp.interventions import INTERVENTION_TYPES, Chain, InterventionError, Where, WhereEach
 
 SPEC_FILE = "interventions.json"
@@ -88,10 +89,7 @@ def save_interventions(path: str, interventions: Mapping[str, Any], metadata: Op
   # orbax keys must be simple: flatten "iv0.rotation" -> "iv0__rotation"
   flat = {k.replace(".", "__"): v for k, v in arrays.items()}
   ocp.PyTreeCheckpointer().save(os.path.join(path, ARRAYS_DIR), flat, force=True)
-  tmp = os.path.join(path, SPEC_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(spec, f, indent=1)
-  os.replace(tmp, os.path.join(path, SPEC_FILE))
+  files.atomic_write_json(os.path.join(path, SPEC_FILE), spec)
 
 
 def load_interventions(path: str) -> tuple[dict, dict]:

@@ -39,6 +39,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from jaxinterp import files
 from jaxinterp.attribution import base
 from jaxinterp.tasks import Batch, Dataset
 from jaxinterp.models import edges as E
@@ -201,10 +202,7 @@ def save_values(path: str, values: np.ndarray, meta: Optional[dict] = None) -> N
   ocp.PyTreeCheckpointer().save(os.path.join(path, VALUES_DIR),
                                 {"values": np.asarray(values, np.float32)}, force=True)
   record = {"format": FORMAT, "shape": list(np.shape(values)), "meta": meta or {}}
-  tmp = os.path.join(path, META_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(record, f, indent=1)
-  os.replace(tmp, os.path.join(path, META_FILE))
+  files.atomic_write_json(os.path.join(path, META_FILE), record)
 
 
 def load_values(path: str, cfg: Optional[ModelConfig] = None) -> tuple[np.ndarray, dict]:
