@@ -12,7 +12,7 @@ computed at all; the heads a layer does need are gathered into the smallest of a
 (`head_buckets`), chosen per circuit with `lax.switch`, so small circuits cost a fraction of a
 forward; a layer whose receivers read few senders gathers just those rows of delta (`_read`). Only
 each example's last position is unembedded. The all-ones circuit (the full model) is the plain
-forward.
+forward, and the empty circuit's metric comes with `prepare`.
 
 It agrees with the graph-form reference (`evaluation.evaluate_circuits(..., reference=True)`) to
 float32 rounding for every supported config; `supported` names the one exception (post-norms whose
@@ -74,6 +74,7 @@ class Prepared:
     resid_final: Float[Array, "batch pos d_model"], A_r of the logits receiver.
     clean_logits: Float[Array, "batch 1 vocab"], the clean model's logits at each last position.
     clean_total: Float[Array, ""], the clean model's metric summed over the batch's real rows.
+    empty_total: Float[Array, ""], the same under the empty circuit (every edge ablated).
   """
 
   ablated: tuple
@@ -83,6 +84,7 @@ class Prepared:
   resid_final: Array
   clean_logits: Array
   clean_total: Array
+  empty_total: Array
 
 
 def _groups(cfg: ModelConfig) -> list[tuple[int, int]]:
@@ -93,11 +95,42 @@ def _groups(cfg: ModelConfig) -> list[tuple[int, int]]:
   return out
 
 
+def _patching_run(cfg: ModelConfig, params, batch: Batch) -> tuple[tuple, Array]:
+  """The corrupted run's sender outputs grouped as `Prepared.ablated`, and the clean run's final-norm
+  output, from one plain forward of the clean and corrupted rows together. A head's output is its
+  `hook_z` times its slice of W_O, so the graph form's per-head forward is not needed."""
+  B, L = batch.clean.shape[0], cfg.n_layers
+  names = (["ln_final.hook_normalized"] + [f"blocks.{l}.attn.hook_z" for l in range(L)] +
+           [f"blocks.{l}.hook_mlp_out" for l in range(L)])
+  _, cache = forward(cfg, params, jnp.concatenate([batch.clean, batch.corrupted]),
+                     attention_mask=jnp.concatenate([batch.mask, batch.mask]), collect=names)
+  dtype = cache["ln_final.hook_normalized"].dtype
+  groups = [embed_inputs(cfg, params, batch.corrupted, batch.mask)[None].astype(dtype)]
+  for l in range(L):
+    blk = params[f"blocks_{l}"]
+    z = cache[f"blocks.{l}.attn.hook_z"][B:]  # [batch, pos, head, d_head]
+    heads = jnp.einsum("bphe,hed->hbpd", z, blk["attn"]["W_O"])
+    if cfg.post_norms:  # as the graph form: the layer's post-norm scale, shared by its heads
+      b_O = blk["attn"]["b_O"] if cfg.attn_out_bias else 0.0
+      heads = heads * _norm(cfg, blk["ln1_post"], heads.sum(0) + b_O, Norm.scale)[None]
+    groups += [heads.astype(dtype), cache[f"blocks.{l}.hook_mlp_out"][B:][None].astype(dtype)]
+  return tuple(groups), cache["ln_final.hook_normalized"][:B]
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "task"))
 def prepare(cfg: ModelConfig, task: Task, params, batch: Batch, ablation: Ablation) -> Prepared:
-  """The per-batch arrays every circuit reuses: ablated senders, A_r, the clean run's metric."""
-  values = ablation.values(cfg, params, batch)  # [batch, pos, sender, d_model]
-  ablated = tuple(jnp.moveaxis(values[:, :, s0:s0 + n], 2, 0) for s0, n in _groups(cfg))
+  """The per-batch arrays every circuit reuses: ablated senders, A_r, the clean run's metric.
+
+  With patching, one plain forward of the clean and corrupted rows gives both runs; the other
+  ablations take their sender values from `Ablation.values`."""
+  if ablation.kind == "patching":
+    ablated, x = _patching_run(cfg, params, batch)
+  else:
+    values = ablation.values(cfg, params, batch)  # [batch, pos, sender, d_model]
+    ablated = tuple(jnp.moveaxis(values[:, :, s0:s0 + n], 2, 0) for s0, n in _groups(cfg))
+    _, cache = forward(cfg, params, batch.clean, attention_mask=batch.mask,
+                       collect=("ln_final.hook_normalized",))
+    x = cache["ln_final.hook_normalized"]
   live_input = embed_inputs(cfg, params, batch.clean, batch.mask)
   sums = [g.sum(0) for g in ablated]  # per group
   b_O = [params[f"blocks_{l}"]["attn"]["b_O"] if cfg.attn_out_bias else 0.0
@@ -108,13 +141,12 @@ def prepare(cfg: ModelConfig, task: Task, params, batch: Batch, ablation: Ablati
     heads = sums[1 + 2 * l] + b_O[l]
     mlp.append(acc if cfg.parallel_attn_mlp else acc + heads)
     acc = acc + heads + sums[2 + 2 * l]
-  _, cache = forward(cfg, params, batch.clean, attention_mask=batch.mask,
-                     collect=("ln_final.hook_normalized",))
-  x = cache["ln_final.hook_normalized"]
   clean_logits = last_token_logits(cfg, params, x, batch.last)
   total, _ = metric_at_last(cfg, task, params, batch, x, clean_logits)
+  empty, _ = metric_at_last(cfg, task, params, batch, _norm(cfg, params.get("ln_final"), acc),
+                            clean_logits)
   return Prepared(ablated, live_input[None] - ablated[0], jnp.stack(attn), jnp.stack(mlp), acc,
-                  clean_logits, total)
+                  clean_logits, total, empty)
 
 
 def _norm(cfg: ModelConfig, p, x: Array, method=None) -> Array:
@@ -247,4 +279,6 @@ class CircuitForward:
     if self.is_full(w):
       return prep.clean_total
     w = np.where(self.valid, w, 0).astype(np.float32)
+    if not w.any():  # the empty circuit: every receiver reads its ablated residual
+      return prep.empty_total
     return circuit_metric(self.cfg, self.task, self.params, batch, prep, jnp.asarray(w))
