@@ -58,10 +58,12 @@ def _memory_row(shape, cfg, params, ds, batch: int) -> dict:
   prep = jax.eval_shape(lambda: fwd.prepare(b, A.Ablation("patching")))
   w = jax.ShapeDtypeStruct(A.valid_edges(cfg).shape, jnp.float32)
 
-  def total(m):
-    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+  def total(m):  # an output aliased to a (donated) argument is counted once
+    return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes +
+            m.temp_size_in_bytes)
 
-  circuit = CF.circuit_metric.lower(fwd.cfg, fwd.task, fwd.params, b, prep, w).compile()
+  scratch = jax.eval_shape(lambda: CF.scratch_like(fwd.cfg, prep))
+  circuit = CF.circuit_metric.lower(fwd.cfg, fwd.task, fwd.params, b, prep, w, scratch).compile()
   plain = jax.jit(lambda p, t, mk: forward(cfg, p, t, attention_mask=mk)).lower(
       params, b.clean, b.mask).compile()
   mc, mp = circuit.memory_analysis(), plain.memory_analysis()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Iterable
 
 import flax.struct
 import jax
@@ -181,20 +182,26 @@ def _heads(cfg: ModelConfig, l: int, K: int, params, prep: Prepared, batch: Batc
   zeros = jnp.zeros_like(prep.ablated[1 + 2 * l])
   if K == 0:
     return zeros
-  idx = jnp.argsort(jnp.where(needed, 0, 1), stable=True)[:K]  # the needed heads first
-  rows = jnp.concatenate([idx, H + idx, 2 * H + idx])
-  x = _norm(cfg, blk.get("ln1"), prep.resid_attn[l] + read[rows])  # [3K, batch, pos, d_model]
-  q_in, k_in, v_in = (jnp.moveaxis(x[i * K:(i + 1) * K], 0, 2) for i in range(3))
-  gathered = {k: (v[idx] if k != "b_O" else v) for k, v in blk["attn"].items()}
-  cfg_k = dataclasses.replace(cfg, n_heads=K, n_kv_heads=None)
-  _, result = Attention(cfg_k, l).apply(
-      {"params": gathered}, q_in, k_in, v_in,
-      positions=positions_of(batch.mask), key_mask=batch.mask.astype(bool), sites=Sites(),
-      split=True, want_result=True)  # result: [batch, pos, K, d_model]
+  if K == H:  # every head, in place: no gathers
+    idx, x, gathered = slice(None), read[:3 * H], blk["attn"]
+  else:
+    idx = jnp.argsort(jnp.where(needed, 0, 1), stable=True)[:K]  # the needed heads first
+    x = read[jnp.concatenate([idx, H + idx, 2 * H + idx])]
+    gathered = {k: (v[idx] if k != "b_O" else v) for k, v in blk["attn"].items()}
+  x = _norm(cfg, blk.get("ln1"), prep.resid_attn[l] + x)  # [3K, batch, pos, d_model]
+  # Head-major throughout: each head's input is projected where it lies (no transposes of the
+  # [K, batch, pos, d_model] inputs), and each head's output comes out as its sender row.
+  q, k, v = (jnp.einsum("hbpd,hde->bphe", x[i * K:(i + 1) * K], gathered[f"W_{n}"]) +
+             gathered.get(f"b_{n}", 0.0) for i, n in enumerate("QKV"))
+  z = Attention(dataclasses.replace(cfg, n_heads=K, n_kv_heads=None), l).apply(
+      {"params": gathered}, q, k, v, positions=positions_of(batch.mask),
+      key_mask=batch.mask.astype(bool), sites=Sites(), method=Attention.attend)
+  result = jnp.einsum("bphe,hed->hbpd", z, gathered["W_O"])  # [K, batch, pos, d_model]
   if cfg.post_norms:  # K == H: the norm's scale is that of the whole layer's output
-    result = result * _norm(cfg, blk["ln1_post"], result.sum(2), Norm.scale)[:, :, None, :]
-  new = jnp.moveaxis(result, 2, 0).astype(zeros.dtype) - prep.ablated[1 + 2 * l][idx]
-  return zeros.at[idx].set(jnp.where(needed[idx][:, None, None, None], new, 0.0))
+    result = result * _norm(cfg, blk["ln1_post"], result.sum(0), Norm.scale)[None]
+  new = result.astype(zeros.dtype) - prep.ablated[1 + 2 * l][idx]
+  new = jnp.where(needed[idx][:, None, None, None], new, 0.0)
+  return new if K == H else zeros.at[idx].set(new)
 
 
 def _mlp(cfg: ModelConfig, l: int, params, prep: Prepared, w: Array, delta: Array,
@@ -214,24 +221,32 @@ def _mlp(cfg: ModelConfig, l: int, params, prep: Prepared, w: Array, delta: Arra
   return out[None].astype(prep.ablated[0].dtype) - prep.ablated[2 + 2 * l]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "task"))
+def scratch_like(cfg: ModelConfig, prep: Prepared) -> Array:
+  """A buffer for `circuit_metric`'s sender differences: Float[Array, "sender batch pos d_model"]."""
+  return jnp.zeros((E.n_senders(cfg),) + prep.delta_input.shape[1:], prep.delta_input.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "task"), donate_argnames=("scratch",))
 def circuit_metric(cfg: ModelConfig, task: Task, params, batch: Batch, prep: Prepared,
-                   w: Array) -> Array:
+                   w: Array, scratch: Array) -> tuple[Array, Array]:
   """The metric summed over the batch's real rows under one circuit.
 
   Args:
     cfg, params: the model with key/value heads ungrouped (`ungroup_kv`).
     w: Float[Array, "sender receiver"], the circuit's edge weights, zero on invalid edges.
+    scratch: `scratch_like(cfg, prep)` or the previous call's returned buffer (donated; its
+      contents do not matter: every row is written before it is read). Reusing it spares each call
+      allocating, and the memory system faulting in, a [sender, batch, pos, d_model] buffer.
 
   Returns:
-    Float[Array, ""].
+    (Float[Array, ""], the buffer to pass to the next call).
   """
   H = cfg.n_heads
   buckets = head_buckets(cfg)
   shape = prep.delta_input.shape[1:]
-  # live - ablated of every sender, [sender, batch, pos, d_model]; rows of senders nothing reads stay 0
-  delta = jnp.zeros((E.n_senders(cfg),) + shape, prep.delta_input.dtype).at[0].set(
-      prep.delta_input[0])
+  # live - ablated of every sender, [sender, batch, pos, d_model]. Each layer writes all its rows
+  # (zero for the senders nothing reads) before any later layer reads them.
+  delta = scratch.at[0].set(prep.delta_input[0])
   for l in range(cfg.n_layers):
     s0, s_mlp = E.head_sender(cfg, l, 0), E.mlp_sender(cfg, l)
     needed = jnp.any(w[s0:s0 + H] != 0, axis=1)  # heads some in-circuit edge reads
@@ -251,8 +266,9 @@ def circuit_metric(cfg: ModelConfig, task: Task, params, batch: Batch, prep: Pre
     delta = jax.lax.dynamic_update_slice_in_dim(delta, mlp, s_mlp, 0)
   col = jnp.asarray([E.logits_receiver(cfg)])
   x = prep.resid_final + _read(delta, w, E.n_senders(cfg), col)[0]
-  return metric_at_last(cfg, task, params, batch, _norm(cfg, params.get("ln_final"), x),
-                        prep.clean_logits)[0]
+  total, _ = metric_at_last(cfg, task, params, batch, _norm(cfg, params.get("ln_final"), x),
+                            prep.clean_logits)
+  return total, delta
 
 
 class CircuitForward:
@@ -266,6 +282,7 @@ class CircuitForward:
     self.cfg, self.params = ungroup_kv(cfg, params)  # the graph's heads: GQA ungrouped
     self.task = task
     self.valid = np.asarray(valid, bool)
+    self._scratch: dict[tuple, Array] = {}  # circuit_metric's buffer per batch shape, reused
 
   def is_full(self, w: np.ndarray) -> bool:
     """Whether `w` keeps every valid edge live (the plain model)."""
@@ -274,6 +291,25 @@ class CircuitForward:
   def prepare(self, batch: Batch, ablation: Ablation) -> Prepared:
     return prepare(self.cfg, self.task, self.params, batch, ablation)
 
+  def compile(self, batches: Iterable[Batch], ablation: Ablation) -> None:
+    """Compile `prepare` and the circuit metric for the shape of every batch, running nothing.
+
+    Run from a thread while something else computes (as `find_circuit` does during attribution),
+    this takes the compiles off the critical path: later calls with these shapes find them compiled.
+    """
+    seen = set()
+    for batch in batches:
+      if batch.clean.shape in seen:
+        continue
+      seen.add(batch.clean.shape)
+      args = (self.cfg, self.task, self.params, batch, ablation)
+      prepare.lower(*args).compile()
+      prep = jax.eval_shape(lambda p, b, a: prepare(self.cfg, self.task, p, b, a), *args[2:])
+      w = jax.ShapeDtypeStruct(self.valid.shape, jnp.float32)
+      scratch = jax.ShapeDtypeStruct((E.n_senders(self.cfg),) + prep.delta_input.shape[1:],
+                                     prep.delta_input.dtype)
+      circuit_metric.lower(self.cfg, self.task, self.params, batch, prep, w, scratch).compile()
+
   def metric(self, batch: Batch, prep: Prepared, w: np.ndarray) -> Array:
     """Metric sum over the batch for circuit `w` (Float [sender, receiver]); a device scalar."""
     if self.is_full(w):
@@ -281,4 +317,9 @@ class CircuitForward:
     w = np.where(self.valid, w, 0).astype(np.float32)
     if not w.any():  # the empty circuit: every receiver reads its ablated residual
       return prep.empty_total
-    return circuit_metric(self.cfg, self.task, self.params, batch, prep, jnp.asarray(w))
+    scratch = self._scratch.pop(batch.clean.shape, None)
+    if scratch is None:
+      scratch = scratch_like(self.cfg, prep)
+    total, self._scratch[batch.clean.shape] = circuit_metric(
+        self.cfg, self.task, self.params, batch, prep, jnp.asarray(w), scratch)
+    return total

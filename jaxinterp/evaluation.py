@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
+import threading
 from typing import Optional, Sequence
 
 import jax
@@ -20,6 +22,7 @@ from tqdm.auto import tqdm
 
 from jaxinterp import circuit_forward as CF
 from jaxinterp import circuits as G
+from jaxinterp import timing
 from jaxinterp.attribution.ablation import Ablation, make_ablation
 from jaxinterp.attribution.base import AttributionError, check_finite, metric_sum, valid_edges
 from jaxinterp.tasks import Dataset
@@ -84,6 +87,33 @@ def _circuit_forward_means(cfg: ModelConfig, params, dataset: Dataset, weights: 
 
   return mean_over_batches(dataset, batch_size, weights, len(weights), quiet,
                            "evaluating circuits", batch_fn)
+
+
+def compile_ahead(cfg: ModelConfig, params, dataset: Dataset, *, intervention: str = "patching",
+                  batch_size: int = 16) -> Optional[threading.Thread]:
+  """Start compiling what `evaluate_circuits` will run on `dataset`, in a daemon thread, and return
+  it (join it before evaluating); None where there is nothing to do ahead: the reference path, or an
+  ablation whose values need a pass over the data.
+
+  `find_circuit` runs it alongside attribution. The thread's compiles are off the caller's critical
+  path, so `timing`'s timers do not count them; a failure is logged, and the evaluation then
+  compiles for itself.
+  """
+  if not CF.supported(cfg) or intervention not in ("patching", "zero", "zero-all"):
+    return None
+
+  def work():
+    with timing.in_background():
+      try:
+        ablation = make_ablation(cfg, params, dataset, intervention, batch_size)
+        CF.CircuitForward(cfg, params, dataset.task, valid_edges(cfg)).compile(
+            dataset.batches(batch_size), ablation)
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("compiling the circuit forward ahead failed: %s", e)
+
+  thread = threading.Thread(target=work, name="compile-ahead", daemon=True)
+  thread.start()
+  return thread
 
 
 def mean_over_batches(dataset: Dataset, batch_size: int, masks: np.ndarray, chunk: int,

@@ -15,8 +15,9 @@ backend compile (which includes reading an executable back from the persistent c
 The small kernels JAX compiles for eager, op-by-op calls count too. The compile time that falls
 inside a phase is taken out of that phase and added to "compile", so a phase's figure is its wall
 time less its compiles, and the phases add up to at most the total. Compile events are summed over
-every thread of the process; a phase gives up at most its own wall time to "compile". Compiles while
-no phase runs are not counted.
+every thread of the process, except threads inside `in_background()` (compiles overlapped with the
+run's own work, off its critical path); a phase gives up at most its own wall time to "compile".
+Compiles while no phase runs are not counted.
 
 `CompileTimer` alone sums the compile events while it is open (`with CompileTimer() as c: ...;
 c.seconds`), by kind in `c.by_kind`.
@@ -24,6 +25,7 @@ c.seconds`), by kind in `c.by_kind`.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import Callable, Optional, Sequence
@@ -35,6 +37,20 @@ COMPILE_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace",
                   "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
                   "/jax/core/compile/backend_compile_duration": "backend"}
 COMPILE = "compile"
+_background = threading.local()
+
+
+@contextlib.contextmanager
+def in_background():
+  """On this thread, compiles inside the block are not counted (by `CompileTimer` or `Phases`).
+
+  For work that overlaps the run's own, such as compiling ahead in a thread: it is off the critical
+  path, and the time a phase waits for it is that phase's wall time."""
+  _background.on = True
+  try:
+    yield
+  finally:
+    _background.on = False
 
 
 class CompileTimer:
@@ -57,7 +73,7 @@ class CompileTimer:
 
   def _listen(self, event: str, duration_secs: float, **_) -> None:
     kind = COMPILE_EVENTS.get(event)
-    if kind is not None and self._open:
+    if kind is not None and self._open and not getattr(_background, "on", False):
       with self._lock:
         self.by_kind[kind] += float(duration_secs)
 

@@ -185,10 +185,25 @@ class Attention(nn.Module):
     q = sites(p + "hook_q", self.project(q_in, self.W_Q, self.b_Q if c.attn_bias else None, split))
     k = sites(p + "hook_k", self.project(k_in, W_K, b_K, split))
     v = sites(p + "hook_v", self.project(v_in, W_V, b_V, split))
+    z = self.attend(q, k, v, positions=positions, key_mask=key_mask, sites=sites)
+    b_O = self.b_O if c.attn_out_bias else 0.0
+    if want_result or sites.wants(p + "hook_result"):
+      result = sites(p + "hook_result", jnp.einsum("bphe,hed->bphd", z, self.W_O))
+      return result.sum(2) + b_O, result
+    return jnp.einsum("bphe,hed->bpd", z, self.W_O) + b_O, None
+
+  def attend(self, q: Array, k: Array, v: Array, *, positions: Array, key_mask: Array,
+             sites: Sites) -> Array:
+    """The heads' mixed values `hook_z` from projected q, k, v (`[batch, pos, head, d_head]`; k and
+    v may have the key/value heads of GQA): rotary, scaled (soft-capped) scores, the causal,
+    sliding-window and padding masks, softmax."""
+    c, l = self.cfg, self.layer
+    p = f"blocks.{l}.attn."
     if c.positional == "rotary":
       q = sites(p + "hook_rot_q", apply_rotary(q, positions, c))
       k = sites(p + "hook_rot_k", apply_rotary(k, positions, c))
-    if k.shape[2] != c.n_heads:
+    if k.shape[2] != q.shape[2]:
+      rep = q.shape[2] // k.shape[2]
       k, v = jnp.repeat(k, rep, 2), jnp.repeat(v, rep, 2)
     scale = c.attn_scale if c.attn_scale is not None else 1.0 / math.sqrt(c.d_head)
     scores = jnp.einsum("bqhe,bkhe->bhqk", _wide(q), _wide(k)) * scale
@@ -203,12 +218,7 @@ class Attention(nn.Module):
     scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
     scores = sites(p + "hook_attn_scores", scores)
     pattern = sites(p + "hook_pattern", jax.nn.softmax(scores, -1)).astype(v.dtype)
-    z = sites(p + "hook_z", jnp.einsum("bhqk,bkhe->bqhe", pattern, v))
-    b_O = self.b_O if c.attn_out_bias else 0.0
-    if want_result or sites.wants(p + "hook_result"):
-      result = sites(p + "hook_result", jnp.einsum("bphe,hed->bphd", z, self.W_O))
-      return result.sum(2) + b_O, result
-    return jnp.einsum("bphe,hed->bpd", z, self.W_O) + b_O, None
+    return sites(p + "hook_z", jnp.einsum("bhqk,bkhe->bqhe", pattern, v))
 
 
 class MLP(nn.Module):

@@ -99,7 +99,7 @@ def test_sigkill_and_resume_is_bitwise_identical(tiny_model, tmp_path):
   ref_out, out = str(tmp_path / "ref"), str(tmp_path / "killed")
   # No persistent compilation cache here: with the reference run's kernels cached, the killed run
   # could finish inside the kill window.
-  args = dict(method="exact", n_examples=24, batch_size=2, compilation_cache="")
+  args = dict(method="exact", n_examples=48, batch_size=2, compilation_cache="")
   ref = _run(_flags(tiny_model, ref_out, **args))
   assert ref.returncode == 0, ref.stderr[-3000:]
 

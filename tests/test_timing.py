@@ -61,3 +61,31 @@ def test_a_real_compile_is_counted():
 def test_compile_is_not_a_phase_to_start():
   with pytest.raises(ValueError, match="measured"):
     timing.Phases().start("compile")
+
+
+def test_compiles_in_background_are_not_counted():
+  """A thread compiling ahead inside `in_background` is off the critical path: neither a timer nor
+  the phases count it, while the main thread's compiles still count."""
+  import threading
+  clock = FakeClock()
+  phases = timing.Phases(("attribute",), clock=clock)
+  with phases, timing.CompileTimer() as timer:
+    phases.start("attribute")
+    clock.t += 4.0
+
+    def ahead():
+      with timing.in_background():
+        jax.monitoring.record_event_duration_secs(BACKEND, 3.0)
+
+    thread = threading.Thread(target=ahead)
+    thread.start()
+    thread.join()
+    jax.monitoring.record_event_duration_secs(BACKEND, 1.0)  # this thread's own compile
+    phases.stop()
+  assert timer.seconds == pytest.approx(1.0)
+  assert phases.seconds() == pytest.approx({"attribute": 3.0, "compile": 1.0})
+  with timing.CompileTimer() as timer:  # the block's flag is this thread's, and only inside it
+    with timing.in_background():
+      jax.monitoring.record_event_duration_secs(BACKEND, 2.0)
+    jax.monitoring.record_event_duration_secs(BACKEND, 0.5)
+  assert timer.seconds == pytest.approx(0.5)
