@@ -289,6 +289,7 @@ class CircuitForward:
     return bool(np.all(w[self.valid] == 1))
 
   def prepare(self, batch: Batch, ablation: Ablation) -> Prepared:
+    """What every circuit of `batch` shares (module-level `prepare`)."""
     return prepare(self.cfg, self.task, self.params, batch, ablation)
 
   def compile(self, batches: Iterable[Batch], ablation: Ablation) -> None:
