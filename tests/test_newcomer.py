@@ -85,6 +85,7 @@ def tiny(tmp_path_factory):
 # ------------------------------------------------------------------------------ items 3, 4: flags
 
 
+@pytest.mark.slow  # a dozen fresh processes; CI runs it with -m slow
 def test_help_lists_each_binarys_flags_and_the_shared_ones_with_status_0(tmp_path):
   binaries = BINARIES
   runs = _run_all([_cmd(b, "--help") for b in binaries] + [_cmd("find_circuit", "--helpfull")] +
@@ -114,6 +115,7 @@ def test_help_lists_each_binarys_flags_and_the_shared_ones_with_status_0(tmp_pat
 # --------------------------------------------------------------- items 5, 6, 7, 9: usage errors
 
 
+@pytest.mark.slow  # a dozen fresh processes; CI runs it with -m slow
 def test_usage_errors_are_one_line_and_leave_no_output(tiny, tmp_path):
   a_file = tmp_path / "a_file"
   a_file.write_text("not a directory")
@@ -210,6 +212,7 @@ def test_evaluate_circuit_follows_how_the_circuit_was_found(tiny, tmp_path):
 # ---------------------------------------------------------------- item 2: weights, not spelling
 
 
+@pytest.mark.slow  # a dozen fresh processes; CI runs it with -m slow
 def test_induction_data_depend_on_the_weights_not_on_the_spelling(tmp_path):
   copy = tmp_path / "my_toy"
   shutil.copytree(toy.TOY_MODEL_DIR, copy)
