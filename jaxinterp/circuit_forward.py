@@ -178,10 +178,9 @@ def _heads(cfg: ModelConfig, l: int, K: int, params, prep: Prepared, batch: Batc
   """Layer l's heads' live - ablated outputs, [n_heads, batch, pos, d_model], computing (up to) K
   of the needed heads (the others are left zero: nothing reads them). `read` is `_read` of the
   layer's q, k, v receivers (and its MLP's, unused here)."""
-  H, blk = cfg.n_heads, params[f"blocks_{l}"]
-  zeros = jnp.zeros_like(prep.ablated[1 + 2 * l])
+  H, blk, ablated = cfg.n_heads, params[f"blocks_{l}"], prep.ablated[1 + 2 * l]
   if K == 0:
-    return zeros
+    return jnp.zeros_like(ablated)
   if K == H:  # every head, in place: no gathers
     idx, x, gathered = slice(None), read[:3 * H], blk["attn"]
   else:
@@ -199,9 +198,9 @@ def _heads(cfg: ModelConfig, l: int, K: int, params, prep: Prepared, batch: Batc
   result = jnp.einsum("bphe,hed->hbpd", z, gathered["W_O"])  # [K, batch, pos, d_model]
   if cfg.post_norms:  # K == H: the norm's scale is that of the whole layer's output
     result = result * _norm(cfg, blk["ln1_post"], result.sum(0), Norm.scale)[None]
-  new = result.astype(zeros.dtype) - prep.ablated[1 + 2 * l][idx]
+  new = result.astype(ablated.dtype) - ablated[idx]
   new = jnp.where(needed[idx][:, None, None, None], new, 0.0)
-  return new if K == H else zeros.at[idx].set(new)
+  return new if K == H else jnp.zeros_like(ablated).at[idx].set(new)
 
 
 def _mlp(cfg: ModelConfig, l: int, params, prep: Prepared, w: Array, delta: Array,
@@ -307,8 +306,7 @@ class CircuitForward:
       prepare.lower(*args).compile()
       prep = jax.eval_shape(lambda p, b, a: prepare(self.cfg, self.task, p, b, a), *args[2:])
       w = jax.ShapeDtypeStruct(self.valid.shape, jnp.float32)
-      scratch = jax.ShapeDtypeStruct((E.n_senders(self.cfg),) + prep.delta_input.shape[1:],
-                                     prep.delta_input.dtype)
+      scratch = jax.eval_shape(lambda: scratch_like(self.cfg, prep))
       circuit_metric.lower(self.cfg, self.task, self.params, batch, prep, w, scratch).compile()
 
   def metric(self, batch: Batch, prep: Prepared, w: np.ndarray) -> Array:
