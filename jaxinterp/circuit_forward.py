@@ -12,7 +12,10 @@ computed at all; the heads a layer does need are gathered into the smallest of a
 (`head_buckets`), chosen per circuit with `lax.switch`, so small circuits cost a fraction of a
 forward; a layer whose receivers read few senders gathers just those rows of delta (`_read`). Only
 each example's last position is unembedded. The all-ones circuit (the full model) is the plain
-forward, and the empty circuit's metric comes with `prepare`.
+forward, and the empty circuit's metric comes with `prepare`. With patching, the positions that
+clean and corrupted prompts share are not run again: every circuit runs only each row's suffix
+from its first differing token, attending to the clean run's keys and values before it
+(`shared_prefix`).
 
 It agrees with the graph-form reference (`evaluation.evaluate_circuits(..., reference=True)`) to
 float32 rounding for every supported config; `supported` names the one exception (post-norms whose
@@ -30,13 +33,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinterp import shared_prefix
 from jaxinterp.attribution.ablation import Ablation
 from jaxinterp.attribution.base import metric_at_last
 from jaxinterp.models import edges as E
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.sites import Sites
-from jaxinterp.models.transformer import (MLP, Attention, Norm, embed_inputs, forward,
-                                          last_token_logits, positions_of, ungroup_kv)
+from jaxinterp.models.transformer import (MLP, Attention, KVPrefix, Norm, embed_inputs, forward,
+                                          last_token_logits, positions_of, run_blocks, ungroup_kv)
 from jaxinterp.tasks import Batch, Task
 
 Array = jax.Array
@@ -63,7 +67,8 @@ def head_buckets(cfg: ModelConfig) -> tuple[int, ...]:
 
 @flax.struct.dataclass
 class Prepared:
-  """What every circuit of one batch shares.
+  """What every circuit of one batch shares. Its position axis ("pos") is each row's suffix when
+  `prefix` is set, else the batch's.
 
   Attributes:
     ablated: the senders' ablated outputs in sender order, one array per group: the input node
@@ -76,6 +81,11 @@ class Prepared:
     clean_logits: Float[Array, "batch 1 vocab"], the clean model's logits at each last position.
     clean_total: Float[Array, ""], the clean model's metric summed over the batch's real rows.
     empty_total: Float[Array, ""], the same under the empty circuit (every edge ablated).
+    positions: Int[Array, "batch pos"], the position ids of the computed positions.
+    key_mask: Bool[Array, "batch pos"], which of them are real (and read).
+    last: Int[Array, "batch"], each row's metric position among them.
+    prefix: None, or the clean run's keys and values before each row's suffix (`KVPrefix` with a
+      leading [layer] axis; heads ungrouped).
   """
 
   ablated: tuple
@@ -86,6 +96,10 @@ class Prepared:
   clean_logits: Array
   clean_total: Array
   empty_total: Array
+  positions: Array
+  key_mask: Array
+  last: Array
+  prefix: KVPrefix | None
 
 
 def _groups(cfg: ModelConfig) -> list[tuple[int, int]]:
@@ -96,36 +110,63 @@ def _groups(cfg: ModelConfig) -> list[tuple[int, int]]:
   return out
 
 
-def _patching_run(cfg: ModelConfig, params, batch: Batch) -> tuple[tuple, Array]:
-  """The corrupted run's sender outputs grouped as `Prepared.ablated`, and the clean run's final-norm
-  output, from one plain forward of the clean and corrupted rows together. A head's output is its
-  `hook_z` times its slice of W_O, so the graph form's per-head forward is not needed."""
+def _corrupted_suffix(cfg: ModelConfig, params, batch: Batch, sfx: shared_prefix.Suffix):
+  """The clean run of the whole batch and the corrupted run of each row's suffix after it: the
+  clean final-norm output [batch, pos, d_model], the clean keys and values before each suffix, and
+  the corrupted run's `hook_z` [layer, batch, width, head, d_head] and `hook_mlp_out`."""
+  e_clean = embed_inputs(cfg, params, batch.clean, batch.mask)
+  final, ys = run_blocks(cfg, params, e_clean, batch.mask, collect=("attn.hook_k", "attn.hook_v"))
+  x = _norm(cfg, params.get("ln_final"), final)
+  prefix = sfx.prefix(ys["attn.hook_k"], ys["attn.hook_v"])
+  e_corrupt = sfx.take(embed_inputs(cfg, params, batch.corrupted, batch.mask))
+  _, yc = run_blocks(cfg, params, e_corrupt, sfx.mask, collect=("attn.hook_z", "hook_mlp_out"),
+                     positions=sfx.positions, prefix=prefix)
+  return x, prefix, e_corrupt, yc["attn.hook_z"], yc["hook_mlp_out"]
+
+
+def _patching_run(cfg: ModelConfig, params, batch: Batch,
+                  sfx: shared_prefix.Suffix | None) -> tuple[tuple, Array, KVPrefix | None]:
+  """The corrupted run's sender outputs grouped as `Prepared.ablated`, the clean run's final-norm
+  output and (with a suffix) the clean prefix's keys and values. Without a suffix, one plain
+  forward of the clean and corrupted rows together; with one, `_corrupted_suffix`. A head's output
+  is its `hook_z` times its slice of W_O, so the graph form's per-head forward is not needed."""
   B, L = batch.clean.shape[0], cfg.n_layers
-  names = (["ln_final.hook_normalized"] + [f"blocks.{l}.attn.hook_z" for l in range(L)] +
-           [f"blocks.{l}.hook_mlp_out" for l in range(L)])
-  _, cache = forward(cfg, params, jnp.concatenate([batch.clean, batch.corrupted]),
-                     attention_mask=jnp.concatenate([batch.mask, batch.mask]), collect=names)
-  dtype = cache["ln_final.hook_normalized"].dtype
-  groups = [embed_inputs(cfg, params, batch.corrupted, batch.mask)[None].astype(dtype)]
+  if sfx is None:
+    names = (["ln_final.hook_normalized"] + [f"blocks.{l}.attn.hook_z" for l in range(L)] +
+             [f"blocks.{l}.hook_mlp_out" for l in range(L)])
+    _, cache = forward(cfg, params, jnp.concatenate([batch.clean, batch.corrupted]),
+                       attention_mask=jnp.concatenate([batch.mask, batch.mask]), collect=names)
+    x, prefix = cache["ln_final.hook_normalized"][:B], None
+    e_corrupt = embed_inputs(cfg, params, batch.corrupted, batch.mask)
+    zs = [cache[f"blocks.{l}.attn.hook_z"][B:] for l in range(L)]
+    mlps = [cache[f"blocks.{l}.hook_mlp_out"][B:] for l in range(L)]
+  else:
+    x, prefix, e_corrupt, zs, mlps = _corrupted_suffix(cfg, params, batch, sfx)
+  dtype = x.dtype
+  groups = [e_corrupt[None].astype(dtype)]
   for l in range(L):
     blk = params[f"blocks_{l}"]
-    z = cache[f"blocks.{l}.attn.hook_z"][B:]  # [batch, pos, head, d_head]
+    z = zs[l]  # [batch, pos, head, d_head]
     heads = jnp.einsum("bphe,hed->hbpd", z, blk["attn"]["W_O"])
     if cfg.post_norms:  # as the graph form: the layer's post-norm scale, shared by its heads
       b_O = blk["attn"]["b_O"] if cfg.attn_out_bias else 0.0
       heads = heads * _norm(cfg, blk["ln1_post"], heads.sum(0) + b_O, Norm.scale)[None]
-    groups += [heads.astype(dtype), cache[f"blocks.{l}.hook_mlp_out"][B:][None].astype(dtype)]
-  return tuple(groups), cache["ln_final.hook_normalized"][:B]
+    groups += [heads.astype(dtype), mlps[l][None].astype(dtype)]
+  return tuple(groups), x, prefix
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "task"))
-def prepare(cfg: ModelConfig, task: Task, params, batch: Batch, ablation: Ablation) -> Prepared:
+@functools.partial(jax.jit, static_argnames=("cfg", "task", "suffix"))
+def prepare(cfg: ModelConfig, task: Task, params, batch: Batch, ablation: Ablation,
+            suffix: int | None = None) -> Prepared:
   """The per-batch arrays every circuit reuses: ablated senders, A_r, the clean run's metric.
 
-  With patching, one plain forward of the clean and corrupted rows gives both runs; the other
-  ablations take their sender values from `Ablation.values`."""
+  With patching, one plain forward of the clean and corrupted rows gives both runs, or, with a
+  `suffix` width (`shared_prefix.plan`), the clean run of the batch and the corrupted run of each
+  row's suffix; the other ablations take their sender values from `Ablation.values`."""
+  sfx = None if suffix is None else shared_prefix.Suffix.of(batch, suffix)
+  prefix = None
   if ablation.kind == "patching":
-    ablated, x = _patching_run(cfg, params, batch)
+    ablated, x, prefix = _patching_run(cfg, params, batch, sfx)
   else:
     values = ablation.values(cfg, params, batch)  # [batch, pos, sender, d_model]
     ablated = tuple(jnp.moveaxis(values[:, :, s0:s0 + n], 2, 0) for s0, n in _groups(cfg))
@@ -133,6 +174,10 @@ def prepare(cfg: ModelConfig, task: Task, params, batch: Batch, ablation: Ablati
                        collect=("ln_final.hook_normalized",))
     x = cache["ln_final.hook_normalized"]
   live_input = embed_inputs(cfg, params, batch.clean, batch.mask)
+  clean_logits = last_token_logits(cfg, params, x, batch.last)
+  total, _ = metric_at_last(cfg, task, params, batch, x, clean_logits)
+  if sfx is not None:  # from here on, only each row's suffix
+    live_input, batch = sfx.take(live_input), sfx.batch(batch)
   sums = [g.sum(0) for g in ablated]  # per group
   b_O = [params[f"blocks_{l}"]["attn"]["b_O"] if cfg.attn_out_bias else 0.0
          for l in range(cfg.n_layers)]
@@ -142,12 +187,12 @@ def prepare(cfg: ModelConfig, task: Task, params, batch: Batch, ablation: Ablati
     heads = sums[1 + 2 * l] + b_O[l]
     mlp.append(acc if cfg.parallel_attn_mlp else acc + heads)
     acc = acc + heads + sums[2 + 2 * l]
-  clean_logits = last_token_logits(cfg, params, x, batch.last)
-  total, _ = metric_at_last(cfg, task, params, batch, x, clean_logits)
   empty, _ = metric_at_last(cfg, task, params, batch, _norm(cfg, params.get("ln_final"), acc),
                             clean_logits)
+  positions = positions_of(batch.mask) if sfx is None else sfx.positions
   return Prepared(ablated, live_input[None] - ablated[0], jnp.stack(attn), jnp.stack(mlp), acc,
-                  clean_logits, total, empty)
+                  clean_logits, total, empty, positions, batch.mask.astype(bool), batch.last,
+                  prefix)
 
 
 def _norm(cfg: ModelConfig, p, x: Array, method=None) -> Array:
@@ -192,9 +237,13 @@ def _heads(cfg: ModelConfig, l: int, K: int, params, prep: Prepared, batch: Batc
   # [K, batch, pos, d_model] inputs), and each head's output comes out as its sender row.
   q, k, v = (jnp.einsum("hbpd,hde->bphe", x[i * K:(i + 1) * K], gathered[f"W_{n}"]) +
              gathered.get(f"b_{n}", 0.0) for i, n in enumerate("QKV"))
+  prefix = None
+  if prep.prefix is not None:  # this layer's clean keys and values before the suffix, K heads
+    pk, pv = prep.prefix.k[l][:, :, idx], prep.prefix.v[l][:, :, idx]
+    prefix = KVPrefix(pk, pv, prep.prefix.positions[l], prep.prefix.mask[l])
   z = Attention(dataclasses.replace(cfg, n_heads=K, n_kv_heads=None), l).apply(
-      {"params": gathered}, q, k, v, positions=positions_of(batch.mask),
-      key_mask=batch.mask.astype(bool), sites=Sites(), method=Attention.attend)
+      {"params": gathered}, q, k, v, positions=prep.positions, key_mask=prep.key_mask,
+      sites=Sites(), prefix=prefix, method=Attention.attend)
   result = jnp.einsum("bphe,hed->hbpd", z, gathered["W_O"])  # [K, batch, pos, d_model]
   if cfg.post_norms:  # K == H: the norm's scale is that of the whole layer's output
     result = result * _norm(cfg, blk["ln1_post"], result.sum(0), Norm.scale)[None]
@@ -265,8 +314,8 @@ def circuit_metric(cfg: ModelConfig, task: Task, params, batch: Batch, prep: Pre
     delta = jax.lax.dynamic_update_slice_in_dim(delta, mlp, s_mlp, 0)
   col = jnp.asarray([E.logits_receiver(cfg)])
   x = prep.resid_final + _read(delta, w, E.n_senders(cfg), col)[0]
-  total, _ = metric_at_last(cfg, task, params, batch, _norm(cfg, params.get("ln_final"), x),
-                            prep.clean_logits)
+  total, _ = metric_at_last(cfg, task, params, batch.replace(last=prep.last),
+                            _norm(cfg, params.get("ln_final"), x), prep.clean_logits)
   return total, delta
 
 
@@ -288,8 +337,10 @@ class CircuitForward:
     return bool(np.all(w[self.valid] == 1))
 
   def prepare(self, batch: Batch, ablation: Ablation) -> Prepared:
-    """What every circuit of `batch` shares (module-level `prepare`)."""
-    return prepare(self.cfg, self.task, self.params, batch, ablation)
+    """What every circuit of `batch` shares (module-level `prepare`; with patching, only the rows'
+    suffixes after their shared prefix are run per circuit, `shared_prefix.plan`)."""
+    return prepare(self.cfg, self.task, self.params, batch, ablation,
+                   shared_prefix.plan(self.cfg, batch, ablation.kind))
 
   def compile(self, batches: Iterable[Batch], ablation: Ablation) -> None:
     """Compile `prepare` and the circuit metric for the shape of every batch, running nothing.
@@ -299,12 +350,14 @@ class CircuitForward:
     """
     seen = set()
     for batch in batches:
-      if batch.clean.shape in seen:
+      suffix = shared_prefix.plan(self.cfg, batch, ablation.kind)
+      if (batch.clean.shape, suffix) in seen:
         continue
-      seen.add(batch.clean.shape)
+      seen.add((batch.clean.shape, suffix))
       args = (self.cfg, self.task, self.params, batch, ablation)
-      prepare.lower(*args).compile()
-      prep = jax.eval_shape(lambda p, b, a: prepare(self.cfg, self.task, p, b, a), *args[2:])
+      prepare.lower(*args, suffix).compile()
+      prep = jax.eval_shape(lambda p, b, a: prepare(self.cfg, self.task, p, b, a, suffix),
+                            *args[2:])
       w = jax.ShapeDtypeStruct(self.valid.shape, jnp.float32)
       scratch = jax.eval_shape(lambda: scratch_like(self.cfg, prep))
       circuit_metric.lower(self.cfg, self.task, self.params, batch, prep, w, scratch).compile()
@@ -316,9 +369,10 @@ class CircuitForward:
     w = np.where(self.valid, w, 0).astype(np.float32)
     if not w.any():  # the empty circuit: every receiver reads its ablated residual
       return prep.empty_total
-    scratch = self._scratch.pop(batch.clean.shape, None)
+    shape = prep.delta_input.shape
+    scratch = self._scratch.pop(shape, None)
     if scratch is None:
       scratch = scratch_like(self.cfg, prep)
-    total, self._scratch[batch.clean.shape] = circuit_metric(
+    total, self._scratch[shape] = circuit_metric(
         self.cfg, self.task, self.params, batch, prep, jnp.asarray(w), scratch)
     return total

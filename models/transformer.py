@@ -136,6 +136,25 @@ def apply_rotary(x: Array, positions: Array, cfg: ModelConfig) -> Array:
   return jnp.concatenate([out, rest], -1)
 
 
+@flax.struct.dataclass
+class KVPrefix:
+  """Keys and values of earlier positions, computed by another run, that the queries also attend to
+  (as a KV cache does): a forward can then run only the positions after them.
+
+  Attributes:
+    k, v: Float[Array, "batch prefix kv_head d_head"], `hook_k` / `hook_v` of those positions
+      (keys before rotary). With a leading [n_layers] axis where every block gets one (`run_blocks`).
+    positions: Int[Array, "batch prefix"], their position ids.
+    mask: Bool[Array, "batch prefix"], which of them a query may attend to. They all precede every
+      query, so no causal mask applies to them.
+  """
+
+  k: Array
+  v: Array
+  positions: Array
+  mask: Array
+
+
 class Attention(nn.Module):
   """Multi-head (or grouped-query) self-attention with TransformerLens sites; causal unless
   `cfg.causal` is False (then only padded keys are masked)."""
@@ -165,12 +184,13 @@ class Attention(nn.Module):
     return y if b is None else y + b
 
   def __call__(self, q_in: Array, k_in: Array, v_in: Array, *, positions: Array, key_mask: Array,
-               sites: Sites, split: bool, want_result: bool) -> tuple[Array, Optional[Array]]:
+               sites: Sites, split: bool, want_result: bool,
+               prefix: Optional[KVPrefix] = None) -> tuple[Array, Optional[Array]]:
     """Returns (attn_out without post-norm, per-head result or None).
 
     With `split`, q_in/k_in/v_in are normalised per-head inputs `[batch, pos, head, d_model]`, one per
     query head (GQA key/value weights are repeated, i.e. ungrouped); otherwise all three are the same
-    normalised `[batch, pos, d_model]`.
+    normalised `[batch, pos, d_model]`. `prefix`: keys and values of earlier positions (`attend`).
     """
     c, l = self.cfg, self.layer
     p = f"blocks.{l}.attn."
@@ -185,7 +205,7 @@ class Attention(nn.Module):
     q = sites(p + "hook_q", self.project(q_in, self.W_Q, self.b_Q if c.attn_bias else None, split))
     k = sites(p + "hook_k", self.project(k_in, W_K, b_K, split))
     v = sites(p + "hook_v", self.project(v_in, W_V, b_V, split))
-    z = self.attend(q, k, v, positions=positions, key_mask=key_mask, sites=sites)
+    z = self.attend(q, k, v, positions=positions, key_mask=key_mask, sites=sites, prefix=prefix)
     b_O = self.b_O if c.attn_out_bias else 0.0
     if want_result or sites.wants(p + "hook_result"):
       result = sites(p + "hook_result", jnp.einsum("bphe,hed->bphd", z, self.W_O))
@@ -193,15 +213,36 @@ class Attention(nn.Module):
     return jnp.einsum("bphe,hed->bpd", z, self.W_O) + b_O, None
 
   def attend(self, q: Array, k: Array, v: Array, *, positions: Array, key_mask: Array,
-             sites: Sites) -> Array:
+             sites: Sites, prefix: Optional[KVPrefix] = None) -> Array:
     """The heads' mixed values `hook_z` from projected q, k, v (`[batch, pos, head, d_head]`; k and
     v may have the key/value heads of GQA): rotary, scaled (soft-capped) scores, the causal,
-    sliding-window and padding masks, softmax."""
+    sliding-window and padding masks, softmax.
+
+    With `prefix`, the queries also attend to the prefix's keys and values, placed before the
+    positions of q (`positions` are then the queries' own ids, contiguous per row), and the score
+    and pattern sites have the prefix's keys first."""
     c, l = self.cfg, self.layer
     p = f"blocks.{l}.attn."
     if c.positional == "rotary":
       q = sites(p + "hook_rot_q", apply_rotary(q, positions, c))
       k = sites(p + "hook_rot_k", apply_rotary(k, positions, c))
+    P = q.shape[1]
+    qi, ki = jnp.arange(P)[:, None], jnp.arange(P)[None, :]
+    allowed = ki <= qi if c.causal else jnp.ones((P, P), bool)
+    sliding = bool(c.sliding_window) and l in c.sliding_layers
+    if sliding:
+      allowed = allowed & (qi - ki < c.sliding_window)
+    allowed = allowed[None] & key_mask[:, None, :]  # [batch, query, key]
+    if prefix is not None:
+      kp = prefix.k
+      if c.positional == "rotary":
+        kp = apply_rotary(kp, prefix.positions, c)
+      k = jnp.concatenate([kp.astype(k.dtype), k], 1)
+      v = jnp.concatenate([prefix.v.astype(v.dtype), v], 1)
+      before = jnp.broadcast_to(prefix.mask[:, None, :], (q.shape[0], P, kp.shape[1]))
+      if sliding:
+        before = before & (positions[:, :, None] - prefix.positions[:, None, :] < c.sliding_window)
+      allowed = jnp.concatenate([before, allowed], -1)
     if k.shape[2] != q.shape[2]:
       rep = q.shape[2] // k.shape[2]
       k, v = jnp.repeat(k, rep, 2), jnp.repeat(v, rep, 2)
@@ -209,13 +250,7 @@ class Attention(nn.Module):
     scores = jnp.einsum("bqhe,bkhe->bhqk", _wide(q), _wide(k)) * scale
     if c.attn_logit_softcap:
       scores = jnp.tanh(scores / c.attn_logit_softcap) * c.attn_logit_softcap
-    P = q.shape[1]
-    qi, ki = jnp.arange(P)[:, None], jnp.arange(P)[None, :]
-    allowed = ki <= qi if c.causal else jnp.ones((P, P), bool)
-    if c.sliding_window and l in c.sliding_layers:
-      allowed = allowed & (qi - ki < c.sliding_window)
-    allowed = allowed[None, None] & key_mask[:, None, None, :]
-    scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
+    scores = jnp.where(allowed[:, None], scores, jnp.finfo(scores.dtype).min)
     scores = sites(p + "hook_attn_scores", scores)
     pattern = sites(p + "hook_pattern", jax.nn.softmax(scores, -1)).astype(v.dtype)
     return sites(p + "hook_z", jnp.einsum("bhqk,bkhe->bqhe", pattern, v))
@@ -264,7 +299,7 @@ class Block(nn.Module):
     self.mlp = MLP(c, self.layer)
 
   def __call__(self, resid: Array, positions: Array, key_mask: Array, sites: Sites,
-               graph: Optional["_GraphState"]) -> Array:
+               graph: Optional["_GraphState"], prefix: Optional[KVPrefix] = None) -> Array:
     c, l = self.cfg, self.layer
     p = f"blocks.{l}."
     resid_pre = sites(p + "hook_resid_pre", resid)
@@ -287,7 +322,7 @@ class Block(nn.Module):
 
     want_result = graph is not None
     attn_out, result = self.attn(q_in, k_in, v_in, positions=positions, key_mask=key_mask,
-                                 sites=sites, split=split, want_result=want_result)
+                                 sites=sites, split=split, want_result=want_result, prefix=prefix)
     if c.post_norms:
       if result is not None:  # post-norm is linear given its scale: split it over the heads
         result = result * self.ln1_post.scale(attn_out)[:, :, None, :].astype(result.dtype)
@@ -604,7 +639,8 @@ def positions_of(attention_mask: Array) -> Array:
 
 def run_blocks(cfg: ModelConfig, params: Mapping[str, Any], resid: Array, attention_mask: Array,
                interventions: Optional[Mapping[str, Any]] = None, collect: Iterable[str] = (),
-               record_senders: bool = False, stacked: Optional[Mapping[str, Any]] = None):
+               record_senders: bool = False, stacked: Optional[Mapping[str, Any]] = None,
+               positions: Optional[Array] = None, prefix: Optional[KVPrefix] = None):
   """Run every block on a residual stream, with per-layer interventions given as stacked pytrees.
 
   With `stacked` (`stack_blocks(cfg, params)`, for configs whose blocks share one structure) the
@@ -620,22 +656,27 @@ def run_blocks(cfg: ModelConfig, params: Mapping[str, Any], resid: Array, attent
     collect: site names within a block to return, stacked over layers.
     record_senders: also return "hook_senders", each block's sender outputs as the graph form
       records them ([n_layers, batch, pos, n_heads + 1, d_model]: the heads' results, then the MLP).
+    positions: Int[Array, "batch pos"] position ids of resid's positions (default: those of right
+      padding from 0); with `prefix`, where each row's positions start after its prefix.
+    prefix: a `KVPrefix` whose arrays have a leading [n_layers] axis: every block's queries also
+      attend to that layer's keys and values of earlier positions, so resid may hold only the
+      positions after them.
 
   Returns:
     (Float[Array, "batch pos d_model"] residual after the last block, {name: [n_layers, ...]}).
   """
   key_mask = attention_mask.astype(bool)
-  positions = positions_of(key_mask)
+  positions = positions_of(key_mask) if positions is None else positions
   collect = tuple(collect)
   interventions = dict(interventions or {})
 
-  def one(layer, p_l, x, iv_l):
-    prefix = f"blocks.{layer}."
-    sites = Sites({prefix + k: v for k, v in iv_l.items()}, [prefix + k for k in collect])
+  def one(layer, p_l, x, iv_l, kv_l):
+    name = f"blocks.{layer}."
+    sites = Sites({name + k: v for k, v in iv_l.items()}, [name + k for k in collect])
     graph = _GraphState(E.EdgePatch(None, None)) if record_senders else None
-    x = Block(cfg, layer).apply({"params": p_l}, x, positions, key_mask, sites, graph)
+    x = Block(cfg, layer).apply({"params": p_l}, x, positions, key_mask, sites, graph, kv_l)
     sites.check_all_visited()
-    ys = {k: sites.cache[prefix + k] for k in collect}
+    ys = {k: sites.cache[name + k] for k in collect}
     if record_senders:
       ys["hook_senders"] = jnp.concatenate(graph.outputs, 2)
     return x, ys
@@ -644,9 +685,11 @@ def run_blocks(cfg: ModelConfig, params: Mapping[str, Any], resid: Array, attent
     if not layers_uniform(cfg):
       raise ValueError("scanned blocks need one block structure; this config's sliding-window "
                        "layers differ from its other layers (pass stacked=None)")
-    return jax.lax.scan(lambda x, xs: one(0, xs[0], x, xs[1]), resid, (stacked, interventions))
+    return jax.lax.scan(lambda x, xs: one(0, xs[0], x, xs[1], xs[2]), resid,
+                        (stacked, interventions, prefix))
   per_layer = []
   for l in range(cfg.n_layers):
-    resid, ys = one(l, params[f"blocks_{l}"], resid, jax.tree.map(lambda a: a[l], interventions))
+    at = lambda tree: jax.tree.map(lambda a: a[l], tree)
+    resid, ys = one(l, params[f"blocks_{l}"], resid, at(interventions), at(prefix))
     per_layer.append(ys)
   return resid, jax.tree.map(lambda *a: jnp.stack(a), *per_layer) if per_layer[0] else {}

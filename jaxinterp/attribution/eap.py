@@ -30,6 +30,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxinterp import shared_prefix
 from jaxinterp.attribution import base, nodes, receiver_grads
 from jaxinterp.models.edges import EdgePatch
 from jaxinterp.models.transformer import embed_inputs, forward
@@ -47,8 +48,9 @@ class IGLevelOptions(base.IGOptions, base.LevelOptions):
 def _kernel_scores(alphas, cfg, task, params, batch, ablation, options) -> base.BatchScores:
   if getattr(options, "level", "edge") != "edge":
     return nodes.score_batch(alphas, cfg, task, params, batch, ablation, options)
+  suffix = None if options.remat else shared_prefix.plan(cfg, batch, ablation.kind)
   s, values, c_values = receiver_grads.ig_inputs_batch(cfg, task, params, batch, ablation, alphas,
-                                                       remat=options.remat)
+                                                       remat=options.remat, suffix=suffix)
   c_total = jnp.sum(jnp.where(batch.valid, c_values, 0.0))
   return base.BatchScores(s, values, c_values, c_total)
 

@@ -37,12 +37,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinterp import shared_prefix
 from jaxinterp.attribution.base import Shift, metric_at_last, metric_sum
 from jaxinterp.tasks import Batch
 from jaxinterp.models import edges as E
 from jaxinterp.models.config import ModelConfig
-from jaxinterp.models.transformer import (Norm, embed_inputs, forward, last_token_logits, layers_uniform,
-                                run_blocks, stack_blocks, ungroup_kv)
+from jaxinterp.models.transformer import (KVPrefix, Norm, embed_inputs, forward, last_token_logits,
+                                          layers_uniform, run_blocks, stack_blocks, ungroup_kv)
 
 # Blocks run as one lax.scan (fast compiles) when their weights take at most this fraction of the
 # device's memory: the scan needs a stacked copy of them, which an 8B model can't spare on one GPU.
@@ -154,8 +155,10 @@ def _norm_params(cfg: ModelConfig, params, name: str) -> dict:
 
 
 def _ig_steps(cfg: ModelConfig, task, params, stacked, batch: Batch, alphas: Array,
-              e_clean: Array, e_corrupt: Array, diff: Array, clean_logits: Optional[Array]):
-  """The per-step part of `ig_inputs_batch`: one plain forward + backward per IG step.
+              e_clean: Array, e_corrupt: Array, diff: Array, clean_logits: Optional[Array],
+              positions: Optional[Array] = None, prefix: Optional[KVPrefix] = None):
+  """The per-step part of `ig_inputs_batch`: one plain forward + backward per IG step (over the
+  suffix positions only, given their `positions` and the clean `prefix`: `shared_prefix`).
 
   Returns ((P_sum [L, batch, pos, 3H, d_head]: the head gradients scaled by 1/sigma, summed over
   steps; mlp_sum [L, batch, pos, d_model]: the MLP-input gradients; log_sum [batch, pos, d_model]:
@@ -188,7 +191,8 @@ def _ig_steps(cfg: ModelConfig, task, params, stacked, batch: Batch, alphas: Arr
   def f(eps, alpha):
     emb = e_corrupt + alpha.astype(dt) * (e_clean - e_corrupt)
     iv = {n: Shift(e) for n, e in eps.items() if n != "final"}
-    resid, ys = run_blocks(cfg, params, emb, batch.mask, iv, collect, stacked=stacked)
+    resid, ys = run_blocks(cfg, params, emb, batch.mask, iv, collect, stacked=stacked,
+                           positions=positions, prefix=prefix)
     resid = resid + eps["final"]
     x = Norm(cfg).apply({"params": params.get("ln_final", {})}, resid)
     total, values = metric_at_last(cfg, task, params, batch, x, clean_logits)
@@ -221,39 +225,61 @@ def _ig_steps(cfg: ModelConfig, task, params, stacked, batch: Batch, alphas: Arr
   return jax.lax.scan(step, zero, alphas)
 
 
-def _senders(cfg: ModelConfig, params, stacked, emb: Array, mask: Array) -> tuple[Array, Array]:
-  """Every sender's output ([batch, pos, sender, d_model], the input node first) and the residual
-  stream after the last block, from one forward of the blocks."""
-  final, ys = run_blocks(cfg, params, emb, mask, record_senders=True, stacked=stacked)
+_KV = ("attn.hook_k", "attn.hook_v")
+
+
+def _senders(cfg: ModelConfig, params, stacked, emb: Array, mask: Array):
+  """Every sender's output ([batch, pos, sender, d_model], the input node first), the residual
+  stream after the last block and every layer's keys and values ([layer, batch, pos, head, d_head]
+  each), from one forward of the blocks."""
+  final, ys = run_blocks(cfg, params, emb, mask, collect=_KV, record_senders=True, stacked=stacked)
   per_layer = jnp.moveaxis(ys["hook_senders"], 0, 2)  # [b, p, L, H + 1, d]
   b, p = mask.shape
-  return jnp.concatenate([emb[:, :, None], per_layer.reshape(b, p, -1, cfg.d_model)], 2), final
+  senders = jnp.concatenate([emb[:, :, None], per_layer.reshape(b, p, -1, cfg.d_model)], 2)
+  return senders, final, (ys["attn.hook_k"], ys["attn.hook_v"])
 
 
 def _patching_diff(cfg: ModelConfig, params, stacked, e_clean: Array, e_corrupt: Array,
-                   mask: Array) -> tuple[Array, Array]:
+                   mask: Array, sfx: Optional[shared_prefix.Suffix] = None):
   """Corrupted minus clean sender outputs, Float[Array, "batch pos sender d_model"] (float32),
-  and the clean residual stream after the last block.
+  the clean residual stream after the last block, and the clean run's keys and values of every
+  layer ([layer, batch, pos, head, d_head] each).
 
   Clean and corrupted rows run as one scanned forward that keeps only `hook_z` and `hook_mlp_out`;
   a head's output is linear in its z (`z_h W_O[h]`), so the heads' differences are projected once,
   from the z differences, instead of both runs' per-head results. (Not for post-norm models, whose
-  head outputs are rescaled per run.)
+  head outputs are rescaled per run.) With a suffix `sfx`, the corrupted rows run only their suffix,
+  after the clean run's prefix, and the differences are the suffix's: [batch, width, sender, d].
   """
-  b, p, d = e_clean.shape
   L, H = cfg.n_layers, cfg.n_heads
-  final, ys = run_blocks(cfg, params, jnp.concatenate([e_clean, e_corrupt]),
-                         jnp.concatenate([mask, mask]), collect=("attn.hook_z", "hook_mlp_out"),
-                         stacked=stacked)
-  z, mlp = ys["attn.hook_z"].astype(jnp.float32), ys["hook_mlp_out"].astype(jnp.float32)
-  dz = z[:, b:] - z[:, :b]
+  names = ("attn.hook_z", "hook_mlp_out") + _KV
+  if sfx is None:
+    b = e_clean.shape[0]
+    final, ys = run_blocks(cfg, params, jnp.concatenate([e_clean, e_corrupt]),
+                           jnp.concatenate([mask, mask]), collect=names, stacked=stacked)
+    kv = (ys["attn.hook_k"][:, :b], ys["attn.hook_v"][:, :b])
+    clean = {k: ys[k][:, :b] for k in names[:2]}
+    corrupt = {k: ys[k][:, b:] for k in names[:2]}
+    final = final[:b]
+  else:
+    final, ys = run_blocks(cfg, params, e_clean, mask, collect=names, stacked=stacked)
+    kv = (ys["attn.hook_k"], ys["attn.hook_v"])
+    clean = {k: sfx.take(ys[k], axis=2) for k in names[:2]}
+    _, corrupt = run_blocks(cfg, params, sfx.take(e_corrupt), sfx.mask, collect=names[:2],
+                            stacked=stacked, positions=sfx.positions, prefix=sfx.prefix(*kv))
+    e_clean, e_corrupt = sfx.take(e_clean), sfx.take(e_corrupt)
+  b, p, d = e_clean.shape
+  f32 = lambda y: {k: v.astype(jnp.float32) for k, v in y.items()}
+  clean, corrupt = f32(clean), f32(corrupt)
+  dz = corrupt["attn.hook_z"] - clean["attn.hook_z"]
+  mlp_diff = corrupt["hook_mlp_out"] - clean["hook_mlp_out"]
   heads = jnp.stack([jnp.einsum("bphe,hed->bphd", dz[l], params[f"blocks_{l}"]["attn"]["W_O"],
                                 preferred_element_type=jnp.float32)
                      for l in range(L)], 2)  # [b, p, L, H, d]
-  per_layer = jnp.concatenate([heads, jnp.moveaxis(mlp[:, b:] - mlp[:, :b], 0, 2)[:, :, :, None]], 3)
+  per_layer = jnp.concatenate([heads, jnp.moveaxis(mlp_diff, 0, 2)[:, :, :, None]], 3)
   diff = jnp.concatenate([(e_corrupt - e_clean).astype(jnp.float32)[:, :, None],
                           per_layer.reshape(b, p, L * (H + 1), d)], 2)
-  return diff, final[:b]
+  return diff, final, kv
 
 
 def _contract(cfg: ModelConfig, params, diff: Array, P_sum: Array, mlp_sum: Array,
@@ -311,9 +337,9 @@ def _contract(cfg: ModelConfig, params, diff: Array, P_sum: Array, mlp_sum: Arra
   return jax.lax.scan(body, acc, (Dc, Pc, Mc))[0]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "task", "remat"))
+@functools.partial(jax.jit, static_argnames=("cfg", "task", "remat", "suffix"))
 def ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alphas: Array,
-                    remat: bool = False):
+                    remat: bool = False, suffix: Optional[int] = None):
   """EAP / EAP-IG-inputs / clean-corrupted scores of one batch.
 
   Same contract as the weight-gradient reference `eap.weight_gradient_batch(cfg, task, params,
@@ -337,6 +363,11 @@ def ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alph
   [batch, pos, sender] and [batch, pos, receiver] factors. No [batch, pos, receiver, d_model] array
   is formed per step. GQA models are ungrouped first (`models.transformer.ungroup_kv`).
 
+  `suffix` (`shared_prefix.plan`, patching only): after the whole clean run, the steps run only
+  each row's positions from its first clean/corrupted difference on, that many of them, attending to
+  the clean run's keys and values before it (the scores get nothing from the shared prefix, where
+  every sender difference is zero).
+
   With `remat` the older per-head-input kernel runs instead (same scores).
   """
   if remat:
@@ -347,19 +378,25 @@ def ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alph
   stacked = stack_blocks(cfg, params) if scan_blocks_fits(cfg, params) else None
   e_corrupt = embed_inputs(cfg, params, batch.corrupted, batch.mask)
   e_clean = embed_inputs(cfg, params, batch.clean, batch.mask)
+  sfx = None if suffix is None else shared_prefix.Suffix.of(batch, suffix)
   if ablation.kind == "patching" and not cfg.post_norms:  # clean and corrupted in one forward
-    diff, final = _patching_diff(cfg, params, stacked, e_clean, e_corrupt, batch.mask)
+    diff, final, kv = _patching_diff(cfg, params, stacked, e_clean, e_corrupt, batch.mask, sfx)
   else:
-    clean, final = _senders(cfg, params, stacked, e_clean, batch.mask)
+    clean, final, kv = _senders(cfg, params, stacked, e_clean, batch.mask)
     ablated = ablation.values(cfg, params, batch)
     diff = (ablated - clean).astype(jnp.float32)  # [b, p, S, d]
+    diff = diff if sfx is None else sfx.take(diff)
   x = Norm(cfg).apply({"params": params.get("ln_final", {})}, final)
   clean_logits = last_token_logits(cfg, params, x, batch.last)
   clean_values = task.metric(clean_logits, batch.replace(last=jnp.zeros_like(batch.last)),
                              clean_logits)
+  positions = prefix = None
+  if sfx is not None:  # from here on, only each row's suffix
+    prefix, positions = sfx.prefix(*kv), sfx.positions
+    e_clean, e_corrupt, batch = sfx.take(e_clean), sfx.take(e_corrupt), sfx.batch(batch)
   (P_sum, mlp_sum, log_sum, t3), values = _ig_steps(
       cfg, task, params, stacked, batch, alphas, e_clean, e_corrupt, diff,
-      clean_logits if task.needs_clean_logits else None)
+      clean_logits if task.needs_clean_logits else None, positions, prefix)
 
   totals = _contract(cfg, params, diff, P_sum, mlp_sum, log_sum)
   attn = jnp.moveaxis(totals[:, :L * 3 * H].reshape(S, L, 3 * H), 1, 0) - t3  # [L, S, 3H]
