@@ -263,10 +263,10 @@ def test_kl_and_cross_entropy_metrics():
 # ------------------------------------------------------------- the contract every method keeps
 
 
-# EAP-IG-activations' contract run is the slowest; test_ig_activations_runs_and_tracks_exact keeps
-# the method in the fast suite.
+# EAP-IG-activations' and exact's contract runs are the slowest; test_ig_activations_runs_and_tracks_exact
+# and test_matches_independent_torch_oracle_on_ioi[exact] keep those methods in the fast suite.
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow)
-                                  if n == "EAP-IG-activations" else n for n in A.METHODS])
+                                  if n in ("EAP-IG-activations", "exact") else n for n in A.METHODS])
 def test_every_registered_method_keeps_the_contract(name):
   """Over the registry (a new method is checked without touching this test): shape and dtype,
   zeros on invalid edges, finite and non-trivial scores, batch-size invariance, a resumed run
