@@ -40,7 +40,7 @@ from jaxinterp.models import edges as E
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.sites import Sites
 from jaxinterp.models.transformer import (MLP, Attention, KVPrefix, Norm, embed_inputs, forward,
-                                          last_token_logits, positions_of, run_blocks, ungroup_kv)
+                                          last_token_logits, positions_of, ungroup_kv)
 from jaxinterp.tasks import Batch, Task
 
 Array = jax.Array
@@ -110,38 +110,29 @@ def _groups(cfg: ModelConfig) -> list[tuple[int, int]]:
   return out
 
 
-def _corrupted_suffix(cfg: ModelConfig, params, batch: Batch, sfx: shared_prefix.Suffix):
-  """The clean run of the whole batch and the corrupted run of each row's suffix after it: the
-  clean final-norm output [batch, pos, d_model], the clean keys and values before each suffix, and
-  the corrupted run's `hook_z` [layer, batch, width, head, d_head] and `hook_mlp_out`."""
-  e_clean = embed_inputs(cfg, params, batch.clean, batch.mask)
-  final, ys = run_blocks(cfg, params, e_clean, batch.mask, collect=("attn.hook_k", "attn.hook_v"))
-  x = _norm(cfg, params.get("ln_final"), final)
-  prefix = sfx.prefix(ys["attn.hook_k"], ys["attn.hook_v"])
-  e_corrupt = sfx.take(embed_inputs(cfg, params, batch.corrupted, batch.mask))
-  _, yc = run_blocks(cfg, params, e_corrupt, sfx.mask, collect=("attn.hook_z", "hook_mlp_out"),
-                     positions=sfx.positions, prefix=prefix)
-  return x, prefix, e_corrupt, yc["attn.hook_z"], yc["hook_mlp_out"]
-
-
 def _patching_run(cfg: ModelConfig, params, batch: Batch,
                   sfx: shared_prefix.Suffix | None) -> tuple[tuple, Array, KVPrefix | None]:
   """The corrupted run's sender outputs grouped as `Prepared.ablated`, the clean run's final-norm
   output and (with a suffix) the clean prefix's keys and values. Without a suffix, one plain
-  forward of the clean and corrupted rows together; with one, `_corrupted_suffix`. A head's output
-  is its `hook_z` times its slice of W_O, so the graph form's per-head forward is not needed."""
+  forward of the clean and corrupted rows together; with one, `shared_prefix.run_pair`. A head's
+  output is its `hook_z` times its slice of W_O, so the graph form's per-head forward is not
+  needed."""
   B, L = batch.clean.shape[0], cfg.n_layers
+  e_corrupt = embed_inputs(cfg, params, batch.corrupted, batch.mask)
   if sfx is None:
     names = (["ln_final.hook_normalized"] + [f"blocks.{l}.attn.hook_z" for l in range(L)] +
              [f"blocks.{l}.hook_mlp_out" for l in range(L)])
     _, cache = forward(cfg, params, jnp.concatenate([batch.clean, batch.corrupted]),
                        attention_mask=jnp.concatenate([batch.mask, batch.mask]), collect=names)
     x, prefix = cache["ln_final.hook_normalized"][:B], None
-    e_corrupt = embed_inputs(cfg, params, batch.corrupted, batch.mask)
     zs = [cache[f"blocks.{l}.attn.hook_z"][B:] for l in range(L)]
     mlps = [cache[f"blocks.{l}.hook_mlp_out"][B:] for l in range(L)]
-  else:
-    x, prefix, e_corrupt, zs, mlps = _corrupted_suffix(cfg, params, batch, sfx)
+  else:  # the clean batch, then the corrupted suffixes after its prefix
+    final, _, ys, prefix = shared_prefix.run_pair(
+        cfg, params, embed_inputs(cfg, params, batch.clean, batch.mask), e_corrupt, batch.mask,
+        sfx, corrupt_collect=("attn.hook_z", "hook_mlp_out"))
+    x, e_corrupt = _norm(cfg, params.get("ln_final"), final), sfx.take(e_corrupt)
+    zs, mlps = ys["attn.hook_z"], ys["hook_mlp_out"]
   dtype = x.dtype
   groups = [e_corrupt[None].astype(dtype)]
   for l in range(L):

@@ -21,13 +21,13 @@ positions.
 
 `plan` says whether a batch gains (patching with a corrupted prompt, a causal model, a suffix
 narrower than the batch) and how wide the suffix is. `Suffix` then gathers the suffix positions and
-builds the prefix's keys and values.
+builds the prefix's keys and values, and `run_pair` runs the clean batch and the corrupted suffixes.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Iterable, Mapping, Optional
 
 import flax.struct
 import jax
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinterp.models.config import ModelConfig
-from jaxinterp.models.transformer import KVPrefix
+from jaxinterp.models.transformer import KVPrefix, run_blocks
 from jaxinterp.tasks import Batch
 
 Array = jax.Array
@@ -118,3 +118,30 @@ class Suffix:
     lead = k.shape[:-4]
     bcast = lambda a: jnp.broadcast_to(a, lead + a.shape)
     return KVPrefix(k, v, bcast(positions), bcast(mask))
+
+
+_KV = ("attn.hook_k", "attn.hook_v")
+
+
+def run_pair(cfg: ModelConfig, params, e_clean: Array, e_corrupt: Array, mask: Array, sfx: Suffix,
+             clean_collect: Iterable[str] = (), corrupt_collect: Iterable[str] = (),
+             stacked: Optional[Mapping] = None):
+  """The clean run of every position, then the corrupted run of each row's suffix only, after the
+  clean run's keys and values (`run_blocks`, scanned with `stacked`).
+
+  Args:
+    e_clean, e_corrupt: Float[Array, "batch pos d_model"], the input node's outputs of both prompts.
+    mask: Bool[Array, "batch pos"], the batch's real tokens.
+    clean_collect, corrupt_collect: block sites (e.g. "attn.hook_z") to return from each run.
+
+  Returns:
+    (Float[Array, "batch pos d_model"] the clean residual after the last block, the clean sites
+    {name: [layer, batch, pos, ...]} (with "attn.hook_k" and "attn.hook_v"), the corrupted sites
+    {name: [layer, batch, width, ...]}, the clean prefix's `KVPrefix` with a leading layer axis).
+  """
+  names = tuple(dict.fromkeys(tuple(clean_collect) + _KV))
+  final, clean = run_blocks(cfg, params, e_clean, mask, collect=names, stacked=stacked)
+  prefix = sfx.prefix(clean["attn.hook_k"], clean["attn.hook_v"])
+  _, corrupt = run_blocks(cfg, params, sfx.take(e_corrupt), sfx.mask, collect=corrupt_collect,
+                          stacked=stacked, positions=sfx.positions, prefix=prefix)
+  return final, clean, corrupt, prefix

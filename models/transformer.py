@@ -143,7 +143,8 @@ class KVPrefix:
 
   Attributes:
     k, v: Float[Array, "batch prefix kv_head d_head"], `hook_k` / `hook_v` of those positions
-      (keys before rotary). With a leading [n_layers] axis where every block gets one (`run_blocks`).
+      (keys before rotary). With a leading [n_layers] axis where every block gets one
+      (`run_blocks`).
     positions: Int[Array, "batch prefix"], their position ids.
     mask: Bool[Array, "batch prefix"], which of them a query may attend to. They all precede every
       query, so no causal mask applies to them.

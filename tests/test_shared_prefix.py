@@ -27,7 +27,8 @@ def late_corruption(cfg, n=10, width=16, seed=0, metric="task"):
     corrupted[i, s:s + 2] = rng.integers(1, cfg.d_vocab, 2)
   real = np.arange(width)[None] < lengths[:, None]
   labels = {"target": rng.integers(1, cfg.d_vocab, n).astype(np.int32)}
-  return tasks.Dataset(task=tasks.with_metric(tasks.get_task("induction"), metric), clean=np.where(real, clean, 0),
+  task = tasks.with_metric(tasks.get_task("induction"), metric)
+  return tasks.Dataset(task=task, clean=np.where(real, clean, 0),
                        corrupted=np.where(real, corrupted, 0), lengths=lengths, labels=labels,
                        pad_id=0, bos_id=0)
 

@@ -261,12 +261,11 @@ def _patching_diff(cfg: ModelConfig, params, stacked, e_clean: Array, e_corrupt:
     clean = {k: ys[k][:, :b] for k in names[:2]}
     corrupt = {k: ys[k][:, b:] for k in names[:2]}
     final = final[:b]
-  else:
-    final, ys = run_blocks(cfg, params, e_clean, mask, collect=names, stacked=stacked)
+  else:  # the clean batch, then the corrupted suffixes after its prefix
+    final, ys, corrupt, _ = shared_prefix.run_pair(cfg, params, e_clean, e_corrupt, mask, sfx,
+                                                   names[:2], names[:2], stacked)
     kv = (ys["attn.hook_k"], ys["attn.hook_v"])
     clean = {k: sfx.take(ys[k], axis=2) for k in names[:2]}
-    _, corrupt = run_blocks(cfg, params, sfx.take(e_corrupt), sfx.mask, collect=names[:2],
-                            stacked=stacked, positions=sfx.positions, prefix=sfx.prefix(*kv))
     e_clean, e_corrupt = sfx.take(e_clean), sfx.take(e_corrupt)
   b, p, d = e_clean.shape
   f32 = lambda y: {k: v.astype(jnp.float32) for k, v in y.items()}
