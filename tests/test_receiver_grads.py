@@ -1,5 +1,7 @@
 """The receiver-gradient kernels give the same scores as the weight-gradient kernels."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,11 +34,16 @@ CONFIGS = {
 }
 
 
-def _params(cfg, scale=8.0):
-  """Random params with weights scaled up so that the scores are far from rounding noise."""
+@functools.lru_cache(maxsize=None)
+def _scaled_params(cfg, scale):
   p = models.init_params(cfg, jax.random.PRNGKey(1))
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: x * scale if x.ndim >= 2 else x, p)
+  return jax.tree_util.tree_map_with_path(lambda path, x: x * scale if x.ndim >= 2 else x, p)
+
+
+def _params(cfg, scale=8.0):
+  """Random params with weights scaled up so that the scores are far from rounding noise (made
+  once per config and scale; each call gets its own containers, so a test may edit them)."""
+  return jax.tree.map(lambda x: x, _scaled_params(cfg, scale))
 
 
 @pytest.mark.parametrize("family,method", [("gpt2", "EAP-IG-inputs"), ("gpt2", "EAP"),
@@ -72,6 +79,7 @@ def test_matches_weight_gradient_kernels(family, method):
   np.testing.assert_allclose(np.asarray(split_clean), np.asarray(ref_clean), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # every attribution test in the fast suite runs the scanned blocks
 def test_scanned_blocks_equal_forward():
   """The scanned and the layer-by-layer blocks give the unrolled forward's activations."""
   cfg = CONFIGS["gpt_neox"]

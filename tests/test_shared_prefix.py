@@ -77,7 +77,7 @@ def test_blocks_after_a_prefix_equal_the_whole_run(family):
   """run_blocks on each row's suffix, attending to the whole run's keys and values before it
   (rotary, GQA, sliding windows, softcaps), gives the whole run's activations at those positions."""
   cfg = CONFIGS[family]
-  params = _params(cfg, scale=2.0)
+  params = _params(cfg)
   batch = list(late_corruption(cfg).batches(4))[1]
   sfx = shared_prefix.Suffix.of(batch, 8)
   names = ("attn.hook_k", "attn.hook_v", "hook_resid_post")
