@@ -176,7 +176,6 @@ def test_ig_with_many_steps_is_closer_to_exact_than_eap():
   assert _corr(ig[v], ex[v]) > _corr(eap[v], ex[v])
 
 
-@pytest.mark.slow
 def test_ig_completeness_on_the_input_node():
   """With many steps, the input row of EAP-IG-inputs sums to m(corrupted input) - m(clean)."""
   ig = A.attribute(CFG, PARAMS, DATA, method="EAP-IG-inputs", ig_steps=64, batch_size=8,
@@ -186,7 +185,6 @@ def test_ig_completeness_on_the_input_node():
   np.testing.assert_allclose(total, m_empty - m_full, rtol=0.03)
 
 
-@pytest.mark.slow  # clean-corrupted's contract run keeps the method in the fast suite
 def test_ig_conventions_and_clean_corrupted():
   np.testing.assert_allclose(A.ig_alphas(4), [0, 0.25, 0.5, 0.75])
   np.testing.assert_allclose(A.ig_alphas(4, "paper"), [0.25, 0.5, 0.75, 1.0])
@@ -218,7 +216,6 @@ def test_node_scores_are_row_sums_and_match_node_ablation_to_first_order():
   assert ns.shape == (models.edges.n_senders(CFG),)
 
 
-@pytest.mark.slow
 def test_batch_size_does_not_change_scores():
   a = A.attribute(CFG, PARAMS, DATA, method="EAP-IG-inputs", batch_size=3, quiet=True).scores
   b = A.attribute(CFG, PARAMS, DATA, method="EAP-IG-inputs", batch_size=8, quiet=True).scores
@@ -249,7 +246,6 @@ def test_errors_are_clear():
     A.attribute(CFG, nan_params, DATA, method="EAP", batch_size=4, quiet=True)
 
 
-@pytest.mark.slow
 def test_kl_and_cross_entropy_metrics():
   kl_data = dataclasses.replace(DATA, task=tasks.with_metric(DATA.task, "kl"))
   res = A.attribute(CFG, PARAMS, kl_data, method="EAP-IG-inputs", batch_size=8, quiet=True)
@@ -267,12 +263,10 @@ def test_kl_and_cross_entropy_metrics():
 # ------------------------------------------------------------- the contract every method keeps
 
 
-# The contract runs of EAP-IG-activations, exact and EAP are in the slow suite;
-# test_ig_activations_runs_and_tracks_exact and test_matches_independent_torch_oracle_on_ioi[exact]
-# and [EAP] keep those methods in the fast one.
+# EAP-IG-activations' contract run is the slowest; test_ig_activations_runs_and_tracks_exact keeps
+# the method in the fast suite.
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow)
-                                  if n in ("EAP-IG-activations", "exact", "EAP") else n
-                                  for n in A.METHODS])
+                                  if n == "EAP-IG-activations" else n for n in A.METHODS])
 def test_every_registered_method_keeps_the_contract(name):
   """Over the registry (a new method is checked without touching this test): shape and dtype,
   zeros on invalid edges, finite and non-trivial scores, batch-size invariance, a resumed run

@@ -105,7 +105,6 @@ def test_circuit_forward_equals_the_graph_form_everywhere(family, kind):
   _check(family, kind, x64=True)
 
 
-@pytest.mark.slow
 def test_unsupported_post_norms_use_the_reference():
   """LayerNorm post-norms (a head's share of the normed output is not its sender value plus a
   constant) are evaluated by the reference path, with the same results."""

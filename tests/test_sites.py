@@ -140,10 +140,7 @@ GEMMA = models.ModelConfig(family="gemma2", d_model=32, n_layers=2, n_heads=4, n
                            sliding_window=3, sliding_layers=(0,))
 
 
-# The GPT-2 and Gemma-2 cases run in the slow suite; the NeoX case covers the same code in the fast one.
-@pytest.mark.parametrize("cfg", [pytest.param(CFG, marks=pytest.mark.slow), NEOX,
-                                 pytest.param(GEMMA, marks=pytest.mark.slow)],
-                         ids=["gpt2", "neox-parallel", "gemma2-postnorm"])
+@pytest.mark.parametrize("cfg", [CFG, NEOX, GEMMA], ids=["gpt2", "neox-parallel", "gemma2-postnorm"])
 def test_edge_form_identity_and_full_ablation(cfg):
   """w = 1 is the clean model; w = 0 with corrupted senders is the corrupted run."""
   from jaxinterp.models import edges as E
