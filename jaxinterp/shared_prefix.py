@@ -120,7 +120,7 @@ class Suffix:
     return KVPrefix(k, v, bcast(positions), bcast(mask))
 
 
-_KV = ("attn.hook_k", "attn.hook_v")
+KV_SITES = ("attn.hook_k", "attn.hook_v")  # the block sites `Suffix.prefix` is built from
 
 
 def run_pair(cfg: ModelConfig, params, e_clean: Array, e_corrupt: Array, mask: Array, sfx: Suffix,
@@ -139,7 +139,7 @@ def run_pair(cfg: ModelConfig, params, e_clean: Array, e_corrupt: Array, mask: A
     {name: [layer, batch, pos, ...]} (with "attn.hook_k" and "attn.hook_v"), the corrupted sites
     {name: [layer, batch, width, ...]}, the clean prefix's `KVPrefix` with a leading layer axis).
   """
-  names = tuple(dict.fromkeys(tuple(clean_collect) + _KV))
+  names = tuple(dict.fromkeys(tuple(clean_collect) + KV_SITES))
   final, clean = run_blocks(cfg, params, e_clean, mask, collect=names, stacked=stacked)
   prefix = sfx.prefix(clean["attn.hook_k"], clean["attn.hook_v"])
   _, corrupt = run_blocks(cfg, params, sfx.take(e_corrupt), sfx.mask, collect=corrupt_collect,

@@ -225,25 +225,25 @@ def _ig_steps(cfg: ModelConfig, task, params, stacked, batch: Batch, alphas: Arr
   return jax.lax.scan(step, zero, alphas)
 
 
-_KV = ("attn.hook_k", "attn.hook_v")
-
-
-def _senders(cfg: ModelConfig, params, stacked, emb: Array, mask: Array):
+def _senders(cfg: ModelConfig, params, stacked, emb: Array, mask: Array,
+             sfx: Optional[shared_prefix.Suffix] = None):
   """Every sender's output ([batch, pos, sender, d_model], the input node first), the residual
-  stream after the last block and every layer's keys and values ([layer, batch, pos, head, d_head]
-  each), from one forward of the blocks."""
-  final, ys = run_blocks(cfg, params, emb, mask, collect=_KV, record_senders=True, stacked=stacked)
+  stream after the last block and, with a suffix `sfx`, the run's keys and values before it
+  (`KVPrefix`, else None), from one forward of the blocks."""
+  kv = shared_prefix.KV_SITES if sfx is not None else ()
+  final, ys = run_blocks(cfg, params, emb, mask, collect=kv, record_senders=True, stacked=stacked)
   per_layer = jnp.moveaxis(ys["hook_senders"], 0, 2)  # [b, p, L, H + 1, d]
   b, p = mask.shape
   senders = jnp.concatenate([emb[:, :, None], per_layer.reshape(b, p, -1, cfg.d_model)], 2)
-  return senders, final, (ys["attn.hook_k"], ys["attn.hook_v"])
+  prefix = None if sfx is None else sfx.prefix(*(ys[k] for k in kv))
+  return senders, final, prefix
 
 
 def _patching_diff(cfg: ModelConfig, params, stacked, e_clean: Array, e_corrupt: Array,
                    mask: Array, sfx: Optional[shared_prefix.Suffix] = None):
   """Corrupted minus clean sender outputs, Float[Array, "batch pos sender d_model"] (float32),
-  the clean residual stream after the last block, and the clean run's keys and values of every
-  layer ([layer, batch, pos, head, d_head] each).
+  the clean residual stream after the last block, and (with a suffix `sfx`) the clean run's keys
+  and values before it (`KVPrefix`, else None).
 
   Clean and corrupted rows run as one scanned forward that keeps only `hook_z` and `hook_mlp_out`;
   a head's output is linear in its z (`z_h W_O[h]`), so the heads' differences are projected once,
@@ -252,20 +252,18 @@ def _patching_diff(cfg: ModelConfig, params, stacked, e_clean: Array, e_corrupt:
   after the clean run's prefix, and the differences are the suffix's: [batch, width, sender, d].
   """
   L, H = cfg.n_layers, cfg.n_heads
-  names = ("attn.hook_z", "hook_mlp_out") + _KV
+  names = ("attn.hook_z", "hook_mlp_out")
   if sfx is None:
     b = e_clean.shape[0]
     final, ys = run_blocks(cfg, params, jnp.concatenate([e_clean, e_corrupt]),
                            jnp.concatenate([mask, mask]), collect=names, stacked=stacked)
-    kv = (ys["attn.hook_k"][:, :b], ys["attn.hook_v"][:, :b])
-    clean = {k: ys[k][:, :b] for k in names[:2]}
-    corrupt = {k: ys[k][:, b:] for k in names[:2]}
-    final = final[:b]
+    clean = {k: ys[k][:, :b] for k in names}
+    corrupt = {k: ys[k][:, b:] for k in names}
+    final, prefix = final[:b], None
   else:  # the clean batch, then the corrupted suffixes after its prefix
-    final, ys, corrupt, _ = shared_prefix.run_pair(cfg, params, e_clean, e_corrupt, mask, sfx,
-                                                   names[:2], names[:2], stacked)
-    kv = (ys["attn.hook_k"], ys["attn.hook_v"])
-    clean = {k: sfx.take(ys[k], axis=2) for k in names[:2]}
+    final, ys, corrupt, prefix = shared_prefix.run_pair(cfg, params, e_clean, e_corrupt, mask, sfx,
+                                                        names, names, stacked)
+    clean = {k: sfx.take(ys[k], axis=2) for k in names}
     e_clean, e_corrupt = sfx.take(e_clean), sfx.take(e_corrupt)
   b, p, d = e_clean.shape
   f32 = lambda y: {k: v.astype(jnp.float32) for k, v in y.items()}
@@ -278,7 +276,7 @@ def _patching_diff(cfg: ModelConfig, params, stacked, e_clean: Array, e_corrupt:
   per_layer = jnp.concatenate([heads, jnp.moveaxis(mlp_diff, 0, 2)[:, :, :, None]], 3)
   diff = jnp.concatenate([(e_corrupt - e_clean).astype(jnp.float32)[:, :, None],
                           per_layer.reshape(b, p, L * (H + 1), d)], 2)
-  return diff, final, kv
+  return diff, final, prefix
 
 
 def _contract(cfg: ModelConfig, params, diff: Array, P_sum: Array, mlp_sum: Array,
@@ -379,9 +377,9 @@ def ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alph
   e_clean = embed_inputs(cfg, params, batch.clean, batch.mask)
   sfx = None if suffix is None else shared_prefix.Suffix.of(batch, suffix)
   if ablation.kind == "patching" and not cfg.post_norms:  # clean and corrupted in one forward
-    diff, final, kv = _patching_diff(cfg, params, stacked, e_clean, e_corrupt, batch.mask, sfx)
+    diff, final, prefix = _patching_diff(cfg, params, stacked, e_clean, e_corrupt, batch.mask, sfx)
   else:
-    clean, final, kv = _senders(cfg, params, stacked, e_clean, batch.mask)
+    clean, final, prefix = _senders(cfg, params, stacked, e_clean, batch.mask, sfx)
     ablated = ablation.values(cfg, params, batch)
     diff = (ablated - clean).astype(jnp.float32)  # [b, p, S, d]
     diff = diff if sfx is None else sfx.take(diff)
@@ -389,9 +387,9 @@ def ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alph
   clean_logits = last_token_logits(cfg, params, x, batch.last)
   clean_values = task.metric(clean_logits, batch.replace(last=jnp.zeros_like(batch.last)),
                              clean_logits)
-  positions = prefix = None
+  positions = None
   if sfx is not None:  # from here on, only each row's suffix
-    prefix, positions = sfx.prefix(*kv), sfx.positions
+    positions = sfx.positions
     e_clean, e_corrupt, batch = sfx.take(e_clean), sfx.take(e_corrupt), sfx.batch(batch)
   (P_sum, mlp_sum, log_sum, t3), values = _ig_steps(
       cfg, task, params, stacked, batch, alphas, e_clean, e_corrupt, diff,
