@@ -182,8 +182,9 @@ def suite_attribution(ctx: Ctx, shape: str, n: int, batch: int, steps: int, repe
 
 def suite_exact(ctx: Ctx, shape: str, n: int, batch: int, repeats: int) -> list:
   """Exact patching as `attribute(method="exact")` runs it: edges grouped by receiver layer, each
-  group rerunning only the blocks from that layer on (cached upstream), `--exact_chunk` edges per
-  vmapped call. One chunk is timed at a few receiver layers; the total is extrapolated over all
+  group rerunning only the blocks from that layer on (cached upstream) over each row's suffix after
+  the clean/corrupted shared prefix (`rerun_positions`), `--exact_chunk` edges per vmapped call.
+  One chunk is timed at a few receiver layers; the total is extrapolated over all
   edges with the per-chunk time interpolated linearly in the layer (the work is ~ L - l blocks).
   """
   import jax.numpy as jnp
@@ -199,11 +200,12 @@ def suite_exact(ctx: Ctx, shape: str, n: int, batch: int, repeats: int) -> list:
   s_idx, r_idx = np.nonzero(valid)
   L = cfg.n_layers
   layer_of = np.minimum(r_idx // (3 * cfg.n_heads + 1), L)
-  chunk = _EXACT_CHUNK.value or A.exact_chunk_size(cfg, *b.clean.shape)
   _, _, clean_logits = A.clean_metric(cfg, ds.task, params, b)
-  resids, mlp_inputs, delta = A.exact.upstream_cache(cfg, params, b, abl)
   if clean_logits is not None:
     clean_logits = jnp.take_along_axis(clean_logits, b.last[:, None, None], axis=1)
+  width, run, positions = A.exact.suffix(cfg, b, abl)  # the shared prefix is not rerun
+  chunk = _EXACT_CHUNK.value or A.exact_chunk_size(cfg, *run.clean.shape)
+  resids, mlp_inputs, delta, kv_prefix = A.exact.upstream_cache(cfg, params, b, abl, width)
   sample = sorted({0, L // 2, L}) if L > 2 else list(range(L + 1))
   per_layer = {}
   rows = []
@@ -211,8 +213,9 @@ def suite_exact(ctx: Ctx, shape: str, n: int, batch: int, repeats: int) -> list:
     edges = np.flatnonzero(layer_of == l)
     sel = np.resize(edges, chunk)
     n_up = E.n_upstream_of_mlp(cfg, l) if l < L else E.n_senders(cfg)
-    args = (cfg, ds.task, l, params, b, resids[l], mlp_inputs[min(l, L - 1)], delta[:, :, :n_up],
-            jnp.asarray(s_idx[sel], jnp.int32), jnp.asarray(r_idx[sel], jnp.int32), clean_logits)
+    args = (cfg, ds.task, l, params, run, resids[l], mlp_inputs[min(l, L - 1)], delta[:, :, :n_up],
+            jnp.asarray(s_idx[sel], jnp.int32), jnp.asarray(r_idx[sel], jnp.int32), clean_logits,
+            positions, kv_prefix)
     log(f"[exact] {shape}: receiver layer {l}, {chunk} edges x {batch} examples")
     t = common.time_calls(lambda: _ready(A.exact.edge_chunk(*args)), repeats)
     per_layer[l] = t.best_s
@@ -227,6 +230,7 @@ def suite_exact(ctx: Ctx, shape: str, n: int, batch: int, repeats: int) -> list:
   rate = n_edges * batch / est
   rows.append(dict(suite="exact", shape=shape, summary=True, kernel="attribution.exact.edge_chunk",
                    n_examples=batch, batch_size=batch, seq_len=ds.max_len, data=source,
+                   rerun_positions=int(run.clean.shape[1]),
                    dtype="float32", edges_total=n_edges, exact_chunk=chunk, layers_timed=sample,
                    estimated_all_edges_one_batch_s=est, edges_examples_per_s=rate,
                    extrapolated_all_edges_100_examples_s=n_edges * 100 / rate,

@@ -7,7 +7,8 @@ difference `delta_s = corrupted_s - clean_s` is exactly zero. Two quantities are
 times per batch from such differences:
 
 - the EAP / EAP-IG-inputs scores `sum_pos delta_s . dm/dx_r`, one forward and backward per IG step;
-- a circuit's metric, one forward per circuit.
+- a circuit's metric, one forward per circuit;
+- exact patching's metric with one edge (or node) ablated, one rerun per edge.
 
 Neither needs the prefix again after one clean run:
 - at prefix positions `delta_s = 0`, so the scores get nothing there;

@@ -362,11 +362,17 @@ class LayerStart:
     resid: Float[Array, "batch pos d_model"], the residual stream entering that block.
     delta_prefix: in the graph form, Float[Array, "batch pos n_up d_model"]: (live - ablated) of the
       senders before that block, n_up = `edges.n_upstream_of_attn(cfg, layer)`.
+    positions: None, or Int[Array, "batch pos"], the position ids of resid's positions (with
+      `kv_prefix`: each row's positions after its prefix).
+    kv_prefix: None, or a `KVPrefix` with a leading [n_layers] axis: every block from `layer` on
+      also attends to its layer's keys and values of earlier positions (as `run_blocks(prefix=)`).
   """
 
   layer: int = flax.struct.field(pytree_node=False)
   resid: Array
   delta_prefix: Optional[Array] = None
+  positions: Optional[Array] = None
+  kv_prefix: Optional[KVPrefix] = None
 
 
 class _GraphState:
@@ -449,9 +455,11 @@ class Transformer(nn.Module):
     key_mask = attention_mask.astype(bool)
     positions = positions_of(key_mask)
     graph = _GraphState(edges) if edges is not None else None
-    first = 0
+    first, kv_prefix = 0, None
     if start is not None:  # continue a run whose layers before start.layer are known
-      first, resid = start.layer, start.resid
+      first, resid, kv_prefix = start.layer, start.resid, start.kv_prefix
+      if start.positions is not None:
+        positions = start.positions
       if graph is not None:
         graph.set_prefix(start.delta_prefix)
     else:
@@ -461,8 +469,9 @@ class Transformer(nn.Module):
         resid = self.embed(tokens, attention_mask, sites)
       if graph is not None:
         graph.add_senders(resid[:, :, None, :])
-    for block in self.blocks[first:]:
-      resid = block(resid, positions, key_mask, sites, graph)
+    for l in range(first, c.n_layers):
+      kv = None if kv_prefix is None else jax.tree.map(lambda a: a[l], kv_prefix)
+      resid = self.blocks[l](resid, positions, key_mask, sites, graph, kv)
     if graph is not None:
       if edges.weights is not None:
         resid = resid - graph.correction(E.n_senders(c), E.logits_receiver(c), 1)[:, :, 0]

@@ -141,3 +141,29 @@ def test_attribute_uses_the_suffix_and_matches_the_reference():
   assert np.abs(ref[valid]).max() > 1e-3
   np.testing.assert_allclose(got[valid], ref[valid], atol=2e-4 * np.abs(ref[valid]).max(),
                              rtol=1e-3)
+
+
+@pytest.mark.parametrize("family,level", [
+    ("llama", "edge"), pytest.param("gpt2", "node", marks=pytest.mark.slow),
+    pytest.param("gpt_neox", "edge", marks=pytest.mark.slow),
+    pytest.param("gemma2", "edge", marks=pytest.mark.slow),
+    pytest.param("gemma2", "node", marks=pytest.mark.slow)])
+def test_exact_patching_on_suffixes_equals_the_whole_run(family, level, monkeypatch):
+  """Exact patching reruns each row's suffix only, after the clean keys and values (GQA's
+  ungrouped, Gemma-2's sliding windows), and its scores equal the reruns of every position."""
+  cfg = CONFIGS[family]
+  params = _params(cfg)
+  data = late_corruption(cfg, n=8)
+  batches = list(data.batches(4))
+  assert [A.exact.suffix(cfg, b, A.Ablation("patching"))[1].clean.shape[1]
+          for b in batches] == [16, 8]  # the first batch runs every position, the second a suffix
+  run = lambda: A.attribute(cfg, params, data, method="exact", batch_size=4, level=level,
+                            quiet=True)
+  got = run()
+  monkeypatch.setattr(shared_prefix, "plan", lambda *a: None)
+  ref = run()
+  scored = A.valid_edges(cfg) if level == "edge" else np.ones(ref.scores.shape, bool)
+  assert np.abs(ref.scores[scored]).max() > 1e-2
+  np.testing.assert_allclose(got.scores[scored], ref.scores[scored],
+                             atol=1e-5 * np.abs(ref.scores[scored]).max(), rtol=1e-4)
+  np.testing.assert_allclose(got.clean_metric, ref.clean_metric, rtol=1e-6)

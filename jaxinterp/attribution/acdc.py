@@ -81,7 +81,7 @@ class ACDCOptions(base.Options):
 def _prepare(cfg, params, batch, ablation):
   """Per batch: the clean residual stream entering each layer, (clean - ablated) senders, the
   ablated senders and the clean last-position logits."""
-  resids, _, delta = exact.upstream_cache(cfg, params, batch, ablation)
+  resids, _, delta, _ = exact.upstream_cache(cfg, params, batch, ablation)
   ablated = ablation.values(cfg, params, batch)
   logits = forward(cfg, params, batch.clean, attention_mask=batch.mask)
   clean_last = jnp.take_along_axis(logits, batch.last[:, None, None], axis=1)

@@ -3,7 +3,10 @@
 No approximation: for each valid edge s -> r the model is rerun with only that receiver's input
 moved to `x_r - (clean_s - ablated_s)`. The rerun starts at the receiver's layer from the cached
 clean run, unembeds only the last position, and many edges run in one compiled call (`vmap` over
-edges, in memory-sized chunks). Scores are in the metric's units.
+edges, in memory-sized chunks). With patching, the positions before a row's first clean/corrupted
+difference are not rerun: no edge changes anything there, so each rerun covers only the row's
+suffix, attending to the clean run's keys and values before it (`shared_prefix`). Scores are in
+the metric's units.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxinterp import shared_prefix
 from jaxinterp.attribution import base
 from jaxinterp.models import edges as E
 from jaxinterp.models.config import ModelConfig
@@ -49,30 +53,52 @@ class ExactOptions(base.LevelOptions):
                                   f"{self.exact_chunk!r}")
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def upstream_cache(cfg, params, batch, ablation):
+@functools.partial(jax.jit, static_argnames=("cfg", "suffix"))
+def upstream_cache(cfg, params, batch, ablation, suffix: Optional[int] = None):
   """The clean run's inputs of every layer's receivers, and the sender (clean - ablated) deltas.
 
   Returns (resids Float[Array, "layer+1 batch pos d_model"]: the residual stream entering each block
   and the final norm; mlp_inputs Float[Array, "layer batch pos d_model"]: each MLP's input before
-  its norm; delta Float[Array, "batch pos sender d_model"]). With one edge into layer l ablated,
-  everything before that receiver is the clean run.
+  its norm; delta Float[Array, "batch pos sender d_model"]; kv_prefix). With one edge into layer l
+  ablated, everything before that receiver is the clean run.
+
+  With a `suffix` width (`shared_prefix.plan`, patching), "pos" is each row's suffix from its first
+  clean/corrupted difference on, and kv_prefix is the clean run's keys and values before it
+  (`KVPrefix` with a leading layer axis, heads as in `cfg`): delta is zero on the shared prefix, so
+  no rerun changes anything there. Without one, kv_prefix is None.
   """
   L = cfg.n_layers
   mid = "hook_resid_pre" if cfg.parallel_attn_mlp else "hook_resid_mid"
   names = [f"blocks.{l}.hook_resid_pre" for l in range(L)] + [f"blocks.{L - 1}.hook_resid_post"]
   mlp_names = [f"blocks.{l}.{mid}" for l in range(L)]
+  kv_names = ([f"blocks.{l}.{n}" for l in range(L) for n in shared_prefix.KV_SITES]
+              if suffix is not None else [])
   ablated = ablation.values(cfg, params, batch)
   _, cache = forward(cfg, params, batch.clean, attention_mask=batch.mask, edges=EdgePatch(None, None),
-                     collect=tuple(dict.fromkeys(names + mlp_names)) + ("hook_senders",))
+                     collect=tuple(dict.fromkeys(names + mlp_names + kv_names)) + ("hook_senders",))
   resids = jnp.stack([cache[n] for n in names])
   mlp_inputs = jnp.stack([cache[n] for n in mlp_names])
-  return resids, mlp_inputs, cache["hook_senders"] - ablated
+  delta = cache["hook_senders"] - ablated
+  if suffix is None:
+    return resids, mlp_inputs, delta, None
+  sfx = shared_prefix.Suffix.of(batch, suffix)
+  kv = [jnp.stack([cache[f"blocks.{l}.{n}"] for l in range(L)]) for n in shared_prefix.KV_SITES]
+  return sfx.take(resids, 2), sfx.take(mlp_inputs, 2), sfx.take(delta), sfx.prefix(*kv)
+
+
+def suffix(cfg, batch, ablation):
+  """(suffix width or None, the batch the reruns see, their position ids or None): with a shared
+  clean/corrupted prefix (`shared_prefix.plan`), the reruns run each row's suffix only."""
+  width = shared_prefix.plan(cfg, batch, ablation.kind)
+  if width is None:
+    return None, batch, None
+  sfx = shared_prefix.Suffix.of(batch, width)
+  return width, sfx.batch(batch), sfx.positions
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "task", "layer"))
 def edge_chunk(cfg, task, layer, params, batch, resid, mlp_input, delta_prefix, senders,
-               receivers, clean_logits):
+               receivers, clean_logits, positions=None, kv_prefix=None):
   """Metric sums with one edge (senders[i] -> receivers[i], all into `layer`) ablated at a time.
 
   Each copy (`vmap` over the edges) is the plain fused-head forward from `layer` on, started from
@@ -82,9 +108,15 @@ def edge_chunk(cfg, task, layer, params, batch, resid, mlp_input, delta_prefix, 
   (at `ln2.hook_normalized`), and the logits input is the final residual minus delta. Nothing
   else is recomputed before `layer`, no per-head inputs are formed, and the metric reads only the
   last position's logits. `clean_logits` are last-position logits [batch, 1, vocab] (or None).
+  With `positions` and `kv_prefix` (`upstream_cache` with a suffix), the arrays and `batch` hold
+  each row's suffix only, which attends to the clean run's keys and values before it.
   Returns Float[Array, "chunk"].
   """
+  rep = cfg.n_heads // cfg.kv_heads
   cfg, params = ungroup_kv(cfg, params)  # a query head's k/v input is its own
+  if kv_prefix is not None and rep > 1:  # and so are its clean keys and values
+    kv_prefix = kv_prefix.replace(k=jnp.repeat(kv_prefix.k, rep, -2),
+                                  v=jnp.repeat(kv_prefix.v, rep, -2))
   L, H = cfg.n_layers, cfg.n_heads
   norm = lambda p, x: Norm(cfg).apply({"params": p}, x)
 
@@ -98,7 +130,7 @@ def edge_chunk(cfg, task, layer, params, batch, resid, mlp_input, delta_prefix, 
   ln1, ln2 = blk.get("ln1", {}), blk.get("ln2", {})  # {}: the param-free identity norm
   W = jnp.concatenate([blk["attn"][f"W_{c}"] for c in "QKV"])  # [3H, d, d_head]
   y_attn, y_mlp = norm(ln1, resid), norm(ln2, mlp_input)
-  start = LayerStart(layer, resid)
+  start = LayerStart(layer, resid, positions=positions, kv_prefix=kv_prefix)
   p = f"blocks.{layer}."
 
   def one(s, r):
@@ -143,11 +175,12 @@ def _exact_batch(cfg, task, ablation, params, batch, valid, clean_total, clean_l
   Edges are grouped by their receiver's layer; each group reruns only the blocks from that layer on,
   from the clean run's cached upstream activations, `chunk` edges per vmapped call.
   """
-  resids, mlp_inputs, delta = upstream_cache(cfg, params, batch, ablation)
   if clean_logits is not None:  # the kernel reads last-position logits only
     clean_logits = jnp.take_along_axis(clean_logits, batch.last[:, None, None], axis=1)
+  width, run, positions = suffix(cfg, batch, ablation)
+  resids, mlp_inputs, delta, kv_prefix = upstream_cache(cfg, params, batch, ablation, width)
   if chunk is None:
-    chunk = exact_chunk_size(cfg, *batch.clean.shape)
+    chunk = exact_chunk_size(cfg, *run.clean.shape)
   s_idx, r_idx = np.nonzero(valid)
   layer_of = np.minimum(r_idx // (3 * cfg.n_heads + 1), cfg.n_layers)
   out = np.zeros(valid.shape, np.float64)
@@ -162,10 +195,11 @@ def _exact_batch(cfg, task, ablation, params, batch, valid, clean_total, clean_l
     idx = np.concatenate([edges, np.repeat(edges[-1:], pad)])
     for start in range(0, idx.size, chunk):
       sel = idx[start:start + chunk]
-      vals = np.asarray(edge_chunk(cfg, task, l, params, batch, resids[l],
+      vals = np.asarray(edge_chunk(cfg, task, l, params, run, resids[l],
                                    mlp_inputs[min(l, cfg.n_layers - 1)], delta[:, :, :n_up],
                                    jnp.asarray(s_idx[sel], jnp.int32),
-                                   jnp.asarray(r_idx[sel], jnp.int32), clean_logits), np.float64)
+                                   jnp.asarray(r_idx[sel], jnp.int32), clean_logits, positions,
+                                   kv_prefix), np.float64)
       keep = sel[:max(0, min(chunk, len(edges) - start))]
       out[s_idx[keep], r_idx[keep]] = vals[:len(keep)] - clean_total
       bar.update(1)
@@ -174,7 +208,8 @@ def _exact_batch(cfg, task, ablation, params, batch, valid, clean_total, clean_l
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "task", "layer"))
-def node_chunk(cfg, task, layer, params, batch, resid, shifts, clean_logits):
+def node_chunk(cfg, task, layer, params, batch, resid, shifts, clean_logits, positions=None,
+               kv_prefix=None):
   """Metric sums with one node of `layer` ablated at a time (every outgoing edge at once).
 
   Ablating a node s makes every receiver read x_r - (clean_s - ablated_s): the residual stream is
@@ -182,9 +217,10 @@ def node_chunk(cfg, task, layer, params, batch, resid, shifts, clean_logits):
   upstream of it changes). Each copy (`vmap`) reruns the blocks from `layer` on, from the clean
   residual `resid` entering it, with `shifts[i]` ([3, batch, pos, d_model]) added at
   `blocks.{layer}.hook_resid_pre` (the input node), `hook_attn_out` (a head) and `hook_mlp_out`
-  (an MLP). `clean_logits` are last-position logits (or None). Returns Float[Array, "chunk"].
+  (an MLP). `clean_logits` are last-position logits (or None). `positions` and `kv_prefix`: as
+  `edge_chunk`'s (the model's own heads here). Returns Float[Array, "chunk"].
   """
-  start = LayerStart(layer, resid)
+  start = LayerStart(layer, resid, positions=positions, kv_prefix=kv_prefix)
   p = f"blocks.{layer}."
 
   def one(sh):
@@ -201,11 +237,12 @@ def node_chunk(cfg, task, layer, params, batch, resid, shifts, clean_logits):
 def _exact_nodes_batch(cfg, task, ablation, params, batch, clean_total, clean_logits, chunk,
                        quiet):
   """Sum over the batch of m(node ablated) - m(clean) for every node: Float64 [n_senders]."""
-  resids, _, delta = upstream_cache(cfg, params, batch, ablation)
   if clean_logits is not None:
     clean_logits = jnp.take_along_axis(clean_logits, batch.last[:, None, None], axis=1)
+  width, run, positions = suffix(cfg, batch, ablation)
+  resids, _, delta, kv_prefix = upstream_cache(cfg, params, batch, ablation, width)
   if chunk is None:
-    chunk = exact_chunk_size(cfg, *batch.clean.shape)
+    chunk = exact_chunk_size(cfg, *run.clean.shape)
   H = cfg.n_heads
   out = np.zeros(E.n_senders(cfg), np.float64)
   for l in tqdm(range(cfg.n_layers), desc="exact: node layers", disable=quiet, leave=False):
@@ -219,8 +256,8 @@ def _exact_nodes_batch(cfg, task, ablation, params, batch, clean_total, clean_lo
       sel, where = np.asarray(nodes[i:i + size]), np.asarray(slot[i:i + size])
       onehot = jnp.asarray(where[:, None] == np.arange(3)[None, :], delta.dtype)  # [n, 3]
       shifts = -onehot[:, :, None, None, None] * jnp.moveaxis(delta[:, :, sel], 2, 0)[:, None]
-      vals = np.asarray(node_chunk(cfg, task, l, params, batch, resids[l], shifts, clean_logits),
-                        np.float64)
+      vals = np.asarray(node_chunk(cfg, task, l, params, run, resids[l], shifts, clean_logits,
+                                   positions, kv_prefix), np.float64)
       out[sel] = vals - clean_total  # padding repeats the last node: the same value again
   return out
 
