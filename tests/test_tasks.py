@@ -391,6 +391,14 @@ def test_fuzz_csv_loads_or_raises_task_error(tmp_path, wtok, header, rows, name)
   assert len(ds) >= 1 and np.all(ds.clean < len(WORDS)) and np.all(ds.lengths >= 2)
 
 
+def test_csv_whose_every_row_is_bad_raises_task_error(tmp_path, wtok):
+  """A case the fuzz test found: no row survives the prompt checks, so no labels are built."""
+  p = tmp_path / "bad.csv"
+  p.write_text("correct_idx,clean,incorrect_idx\nthe cat\n")
+  with pytest.raises(TaskError, match="row"):
+    tasks.load_task("logit-diff", p, wtok)
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.binary(max_size=200))
 def test_fuzz_raw_bytes(tmp_path, wtok, data):

@@ -112,7 +112,8 @@ def _build(name: str, rows: List[_Row], header: Sequence[str], tokenizer, *, sou
     except _RowError as e:
       bad.append((r, e))
   try:
-    build_labels(ctx, [r for r, _, _ in good], header)
+    if good:  # (no rows left: the error below says why)
+      build_labels(ctx, [r for r, _, _ in good], header)
   except _RowError:  # find every row at fault, not only the first
     still = []
     for g in good:
