@@ -167,33 +167,3 @@ def test_exact_patching_on_suffixes_equals_the_whole_run(family, level, monkeypa
   np.testing.assert_allclose(got.scores[scored], ref.scores[scored],
                              atol=1e-5 * np.abs(ref.scores[scored]).max(), rtol=1e-4)
   np.testing.assert_allclose(got.clean_metric, ref.clean_metric, rtol=1e-6)
-
-
-@pytest.mark.parametrize("family", [
-    pytest.param("gpt2", marks=pytest.mark.slow), "llama",
-    pytest.param("gpt_neox", marks=pytest.mark.slow), pytest.param("gemma2", marks=pytest.mark.slow)])
-def test_acdc_trials_on_suffixes_equal_the_whole_run(family):
-  """ACDC's trial circuits (graph-form reruns from a receiver layer, every head its own k/v input,
-  GQA's clean keys and values ungrouped) give the same KL and task sums on the suffixes as on every
-  position."""
-  from jaxinterp.attribution import acdc
-  cfg = CONFIGS[family]
-  params = _params(cfg)
-  data = late_corruption(cfg, n=8)
-  batch = list(data.batches(4))[1]
-  abl = A.Ablation("patching")
-  width, run, positions = A.exact.suffix(cfg, batch, abl)
-  assert width == 8
-  ref, got = acdc._prepare(cfg, params, batch, abl), acdc._prepare(cfg, params, batch, abl, width)
-  valid = A.valid_edges(cfg)
-  layer_of = np.minimum(np.arange(valid.shape[1]) // (3 * cfg.n_heads + 1), cfg.n_layers)
-  rng = np.random.default_rng(0)
-  for layer in (0, 1, cfg.n_layers):
-    w = ((rng.random((3,) + valid.shape) < 0.6) & valid).astype(np.float32)
-    w[:, :, layer_of < layer] = valid[:, layer_of < layer]  # edges before `layer` all present
-    for metric in ("kl", "task"):
-      want = acdc.circuit_sums(cfg, data.task, layer, metric, params, batch, ref[0][layer], *ref[1:4],
-                               jnp.asarray(w))
-      have = acdc.circuit_sums(cfg, data.task, layer, metric, params, run, got[0][layer], *got[1:4],
-                               jnp.asarray(w), positions, got[4])
-      np.testing.assert_allclose(np.asarray(have), np.asarray(want), rtol=1e-5, atol=1e-5)

@@ -17,8 +17,7 @@ any edge of the circuit loses all its incoming edges without a trial (ACDC's
 Built on the exact-patching machinery (`exact.upstream_cache`): while the receivers of layer l are
 visited, every edge into an earlier layer is still present, so everything upstream of layer l is the
 clean run. Each trial reruns the graph-form forward from layer l only, started from the cached clean
-residual stream and sender differences (`LayerStart`; with patching, over each row's suffix after
-the prompts' shared prefix only, as exact patching), and unembeds only the last position. The
+residual stream and sender differences (`LayerStart`), and unembeds only the last position. The
 trials into one receiver run in one vectorised call (`vmap` over `acdc_chunk` masks) as a chain:
 mask j removes the receiver's first j+1 candidate edges (each after the previous removals), which is
 exactly the sequential greedy as long as the edges are removed; at the first kept edge the rest of
@@ -41,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxinterp import metrics, shared_prefix
+from jaxinterp import metrics
 from jaxinterp.attribution import base, exact, masks
 from jaxinterp.circuits import Graph
 from jaxinterp.models import edges as E
@@ -78,33 +77,25 @@ class ACDCOptions(base.Options):
     masks.positive_int("acdc_chunk", self.acdc_chunk)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "suffix"))
-def _prepare(cfg, params, batch, ablation, suffix=None):
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _prepare(cfg, params, batch, ablation):
   """Per batch: the clean residual stream entering each layer, (clean - ablated) senders, the
-  ablated senders, the clean last-position logits and the clean keys and values before each row's
-  suffix. With a `suffix` width (`shared_prefix.plan`), the arrays hold each row's suffix only
-  (`exact.upstream_cache`)."""
-  resids, _, delta, kv_prefix = exact.upstream_cache(cfg, params, batch, ablation, suffix)
+  ablated senders and the clean last-position logits."""
+  resids, _, delta, _ = exact.upstream_cache(cfg, params, batch, ablation)
   ablated = ablation.values(cfg, params, batch)
-  if suffix is not None:
-    ablated = shared_prefix.Suffix.of(batch, suffix).take(ablated)
   logits = forward(cfg, params, batch.clean, attention_mask=batch.mask)
   clean_last = jnp.take_along_axis(logits, batch.last[:, None, None], axis=1)
-  return resids, delta, ablated, clean_last, kv_prefix
+  return resids, delta, ablated, clean_last
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "task", "layer", "metric"))
 def circuit_sums(cfg, task, layer, metric, params, batch, resid, delta, ablated, clean_last,
-                 weights, positions=None, kv_prefix=None):
+                 weights):
   """Sum over the batch's real rows of the metric ("kl": KL to clean; "task": the task metric) for
   each circuit in weights [C, S, R] whose edges into layers < `layer` are all present: the forward
-  reruns from `layer` only. With `positions` and `kv_prefix` (`_prepare` with a suffix), `batch`
-  and the arrays hold each row's suffix only, after the clean keys and values.
-  Returns Float[Array, "C"]."""
+  reruns from `layer` only. Returns Float[Array, "C"]."""
   n_up = E.n_upstream_of_attn(cfg, layer) if layer < cfg.n_layers else E.n_senders(cfg)
-  # The graph form gives every head its own k/v input: GQA's clean keys and values are ungrouped.
-  start = LayerStart(layer, resid, delta[:, :, :n_up], positions,
-                     exact.ungroup_prefix(cfg, kv_prefix))
+  start = LayerStart(layer, resid, delta[:, :, :n_up])
   zero = jnp.zeros_like(batch.last)
   at_last = batch.replace(last=zero)
 
@@ -128,10 +119,8 @@ class _Evaluator:
   def __init__(self, cfg, params, dataset, ablation, options: ACDCOptions):
     self.cfg, self.params, self.task, self.options = cfg, params, dataset.task, options
     bs = min(options.acdc_batch or 64, len(dataset))
-    self.batches = []
-    for b in dataset.batches(bs, bucket=None):  # each row's suffix after a shared prefix
-      width, run, positions = exact.suffix(cfg, b, ablation)
-      self.batches.append((run, positions, _prepare(cfg, params, b, ablation, width)))
+    self.batches = [(b, _prepare(cfg, params, b, ablation))
+                    for b in dataset.batches(bs, bucket=None)]
     self.n = len(dataset)
     self.calls = 0
     self.m_full = None
@@ -141,11 +130,10 @@ class _Evaluator:
 
   def _means(self, layer, weights):
     total = 0.0
-    for batch, positions, (resids, delta, ablated, clean_last, kv) in self.batches:
+    for batch, (resids, delta, ablated, clean_last) in self.batches:
       total = total + np.asarray(circuit_sums(self.cfg, self.task, layer, self.options.acdc_metric,
                                               self.params, batch, resids[layer], delta, ablated,
-                                              clean_last, jnp.asarray(weights), positions, kv),
-                                 np.float64)
+                                              clean_last, jnp.asarray(weights)), np.float64)
     self.calls += 1
     return total / self.n
 

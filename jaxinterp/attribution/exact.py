@@ -96,15 +96,6 @@ def suffix(cfg, batch, ablation):
   return width, sfx.batch(batch), sfx.positions
 
 
-def ungroup_prefix(cfg: ModelConfig, kv_prefix):
-  """`upstream_cache`'s kv_prefix with one key/value head per query head (as `ungroup_kv`), for
-  forwards that give each head its own k/v input; None stays None."""
-  rep = cfg.n_heads // cfg.kv_heads
-  if kv_prefix is None or rep == 1:
-    return kv_prefix
-  return kv_prefix.replace(k=jnp.repeat(kv_prefix.k, rep, -2), v=jnp.repeat(kv_prefix.v, rep, -2))
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "task", "layer"))
 def edge_chunk(cfg, task, layer, params, batch, resid, mlp_input, delta_prefix, senders,
                receivers, clean_logits, positions=None, kv_prefix=None):
@@ -121,8 +112,11 @@ def edge_chunk(cfg, task, layer, params, batch, resid, mlp_input, delta_prefix, 
   each row's suffix only, which attends to the clean run's keys and values before it.
   Returns Float[Array, "chunk"].
   """
-  kv_prefix = ungroup_prefix(cfg, kv_prefix)  # a query head's clean keys and values are its own
-  cfg, params = ungroup_kv(cfg, params)  # and so is its k/v input
+  rep = cfg.n_heads // cfg.kv_heads
+  cfg, params = ungroup_kv(cfg, params)  # a query head's k/v input is its own
+  if kv_prefix is not None and rep > 1:  # and so are its clean keys and values
+    kv_prefix = kv_prefix.replace(k=jnp.repeat(kv_prefix.k, rep, -2),
+                                  v=jnp.repeat(kv_prefix.v, rep, -2))
   L, H = cfg.n_layers, cfg.n_heads
   norm = lambda p, x: Norm(cfg).apply({"params": p}, x)
 
