@@ -111,7 +111,7 @@ def eap_ig_flops(cfg, n_examples: int, seq: int, steps: int) -> float:
   FLOPs per valid edge per token.
   """
   import numpy as np
-  from jaxinterp.attribution import valid_edges
+  from jaxinterp.circuits.layout import valid_edges
   n_edges = int(np.sum(valid_edges(cfg)))
   forwards = 2 + 2 * steps
   per_example = forwards * (block_flops_per_token(cfg, seq) * seq + 2 * cfg.d_model * cfg.d_vocab)

@@ -105,7 +105,7 @@ def jax_das(model_dir: str, width: int, train: dict, held: dict, steps: int, bat
             seed: int) -> dict:
   """DAS with jaxinterp's defaults; per-step time of a warm run, IIA after `steps`."""
   import jax
-  from jaxinterp import training as tr
+  from jaxinterp.interventions import training as tr
   from jaxinterp.interventions import Where
   from jaxinterp.models.pretrained import from_pretrained
   m = from_pretrained(model_dir)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import sys
 
 from benchmarks import common
+from jaxinterp.circuits.layout import valid_edges
 
 
 def log(*a):
@@ -40,8 +41,7 @@ def _curve_weights(cfg, params, ds, batch: int):
 
 def _random_weights(cfg, n_circuits: int):
   import numpy as np
-  from jaxinterp import attribution as A
-  valid = A.valid_edges(cfg)
+  valid = valid_edges(cfg)
   rng = np.random.default_rng(0)
   density = np.linspace(0.01, 1.0, n_circuits)[:, None, None]
   return ((rng.random((n_circuits,) + valid.shape) < density) & valid).astype(np.float32)
@@ -51,12 +51,12 @@ def _memory_row(shape, cfg, params, ds, batch: int) -> dict:
   import jax
   import jax.numpy as jnp
   from jaxinterp import attribution as A
-  from jaxinterp import circuit_forward as CF
+  from jaxinterp.evaluation import circuit_forward as CF
   from jaxinterp.models.transformer import forward
   b = next(iter(ds.batches(batch)))
-  fwd = CF.CircuitForward(cfg, params, ds.task, A.valid_edges(cfg))
+  fwd = CF.CircuitForward(cfg, params, ds.task, valid_edges(cfg))
   prep = jax.eval_shape(lambda: fwd.prepare(b, A.Ablation("patching")))
-  w = jax.ShapeDtypeStruct(A.valid_edges(cfg).shape, jnp.float32)
+  w = jax.ShapeDtypeStruct(valid_edges(cfg).shape, jnp.float32)
 
   def total(m):  # an output aliased to a (donated) argument is counted once
     return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes +
@@ -83,7 +83,7 @@ def suite_evaluation(ctx, shape: str, n: int, batch: int, repeats: int, n_circui
                      chunk: int) -> list[dict]:
   """Rows of the `evaluation` suite for one shape (see the module docstring)."""
   import numpy as np
-  from jaxinterp.evaluation import evaluate_circuits
+  from jaxinterp.evaluation.faithfulness import evaluate_circuits
   cfg, params, _ = ctx.model(shape)
   ds, source = ctx.data(cfg, n)
   sets = [("mib-curve", _curve_weights(cfg, params, ds, batch)),

@@ -3,9 +3,9 @@ and the bundled toy model.
 
     python -m benchmarks.ground_truth --out=benchmarks/results_cpu_ground_truth.json
 
-Runs `jaxinterp.recovery.benchmark` on every case of `--cases` (tracr's library programs as
-`jaxinterp.tracr_tasks.LIBRARY` compiles them, and `toy`), every registered method, under patching
-and zero ablation of every sender (`zero-all`; the treatment of edges an ablation cannot see is jaxinterp/ground_truth.py's),
+Runs `jaxinterp.groundtruth.recovery.benchmark` on every case of `--cases` (tracr's library programs as
+`jaxinterp.groundtruth.tracr_tasks.LIBRARY` compiles them, and `toy`), every registered method, under patching
+and zero ablation of every sender (`zero-all`; the treatment of edges an ablation cannot see is jaxinterp/groundtruth/truth.py's),
 plus EAP-IG-inputs with `--more_ig_steps` steps to show whether more interpolation steps help.
 Writes the JSON (environment, settings, every figure) and prints the Markdown table that the README
 shows. Times are wall seconds of `attribution.attribute`, compilation included (each call compiles:
@@ -33,7 +33,8 @@ _TABLE = flags.DEFINE_string("table", None, "also write the Markdown table here"
 def main(argv):
   del argv
   import jax
-  from jaxinterp import attribution, recovery
+  from jaxinterp import attribution
+  from jaxinterp.groundtruth import recovery
   methods = list(attribution.METHODS)
   entries = {}
   for name in [c.strip() for c in _CASES.value.split(",") if c.strip()]:

@@ -127,7 +127,7 @@ def step_rows(ctx, shape: str, n: int, repeats: int, only: list[str] | None = No
 def acdc_toy_row() -> dict:
   """ACDC through `attribute` on the bundled induction model, 64 examples (its default tau, KL)."""
   from jaxinterp import attribution as A
-  from jaxinterp import toy
+  from jaxinterp.groundtruth import toy
   model = toy.load_toy()
   ds = toy.induction_task_dataset(64)
   log("[methods] toy ACDC")

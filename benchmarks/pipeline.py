@@ -112,7 +112,7 @@ def _result_line(p: subprocess.CompletedProcess) -> dict:
 
 
 def _n_edges(shape: str) -> int:
-  from jaxinterp.attribution import valid_edges
+  from jaxinterp.circuits.layout import valid_edges
   return int(valid_edges(common.model_config(shape)).sum())
 
 

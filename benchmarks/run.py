@@ -57,6 +57,8 @@ import time
 from absl import app, flags
 
 from benchmarks import common
+from jaxinterp.circuits.layout import valid_edges
+from jaxinterp.tasks import metrics as task_metrics
 
 SUITES = ("attribution", "exact", "evaluation", "precision", "scaling", "whole_process", "memory",
           "methods", "das", "pipeline")
@@ -196,11 +198,11 @@ def suite_exact(ctx: Ctx, shape: str, n: int, batch: int, repeats: int) -> list:
   ds, source = ctx.data(cfg, batch)
   b = next(ds.batches(batch))
   abl = A.Ablation("patching")
-  valid = A.valid_edges(cfg)
+  valid = valid_edges(cfg)
   s_idx, r_idx = np.nonzero(valid)
   L = cfg.n_layers
   layer_of = np.minimum(r_idx // (3 * cfg.n_heads + 1), L)
-  _, _, clean_logits = A.clean_metric(cfg, ds.task, params, b)
+  _, _, clean_logits = task_metrics.clean_metric(cfg, ds.task, params, b)
   if clean_logits is not None:
     clean_logits = jnp.take_along_axis(clean_logits, b.last[:, None, None], axis=1)
   width, run, positions = A.exact.suffix(cfg, b, abl)  # the shared prefix is not rerun
@@ -242,7 +244,8 @@ def suite_exact(ctx: Ctx, shape: str, n: int, batch: int, repeats: int) -> list:
 def suite_precision(ctx: Ctx, shape: str, n: int, batch: int, steps: int, repeats: int) -> list:
   import jax.numpy as jnp
   import numpy as np
-  from jaxinterp.attribution import attribute, valid_edges
+  from jaxinterp.attribution import attribute
+  from jaxinterp.circuits.layout import valid_edges
   rows = []
   cfg, p32, _ = ctx.model(shape)
   _, p16, _ = ctx.model(shape, jnp.bfloat16)
@@ -303,7 +306,7 @@ def suite_memory(ctx: Ctx, shape: str, batch: int, steps: int) -> list:
   """
   import jax
   import jax.numpy as jnp
-  from jaxinterp import receiver_grads as RG
+  from jaxinterp.attribution import receiver_grads as RG
   from jaxinterp.attribution import Ablation
   from jaxinterp.tasks import Batch
   from jaxinterp.models import init_params

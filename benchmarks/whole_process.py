@@ -33,7 +33,7 @@ _STEPS = flags.DEFINE_integer("steps", 5, "integrated-gradient steps m")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "examples per batch")
 _SEQ = flags.DEFINE_integer("seq", 16, "prompt length of the random fallback data")
 _CACHE = flags.DEFINE_string("compilation_cache", "", "--impl=jax: turn on JAX's persistent "
-                             "compilation cache in this directory (`jaxinterp.compilation_cache`, "
+                             "compilation cache in this directory (`jaxinterp.runtime.compilation_cache`, "
                              "timed with the imports); empty: off, every kernel compiled")
 _TASK = flags.DEFINE_enum("task", "ioi", ["ioi", "induction"], "ioi: the first --n IOI examples "
                           "(random pairs without ../shared or a GPT-2 vocabulary); induction "
@@ -57,14 +57,14 @@ def run_jax(ckpt: str, n: int, steps: int, batch_size: int, seq: int, task: str 
   from jaxinterp.models.pretrained import from_pretrained
   from benchmarks import common
   if _CACHE.value:
-    from jaxinterp import compilation_cache
+    from jaxinterp.runtime import compilation_cache
     compilation_cache.enable(_CACHE.value)
   t = _phase(phases, "import", t)
   model = from_pretrained(ckpt)
   jax.block_until_ready(model.params)
   t = _phase(phases, "load_model", t)
   if task == "induction":
-    c = model.cfg  # find_circuit's BOS (experiments.common.bos_id): BOS, else EOS, else 0
+    c = model.cfg  # find_circuit's BOS (jaxinterp.runtime.inputs.bos_id): BOS, else EOS, else 0
     bos = c.bos_token_id if c.bos_token_id is not None else (
         c.eos_token_id if c.eos_token_id is not None else 0)
     ds = tasks.make_induction(n, 8, model.cfg.d_vocab, seed=0, bos_id=bos)

@@ -24,8 +24,9 @@ from absl import app, flags, logging
 from tqdm.auto import tqdm
 
 from jaxinterp.experiments import cli, common
-from jaxinterp import files
-from jaxinterp import patching, plots
+from jaxinterp.runtime import files
+from jaxinterp import patching
+from jaxinterp.viz import plots
 
 DEFAULTS = dict(model="toy", task="induction", data=None, n_examples=16, batch_size=16,
                 out="runs/activation_patching", seed=0, sweeps=",".join(patching.DEFAULT_SWEEPS),

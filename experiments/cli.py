@@ -24,6 +24,8 @@ from typing import Any, Callable, Optional, Sequence
 
 from absl import app, flags, logging
 
+from jaxinterp.runtime import inputs
+
 FLAGS = flags.FLAGS
 
 _DEFINERS = {"string": flags.DEFINE_string, "integer": flags.DEFINE_integer,
@@ -72,9 +74,7 @@ def input_file(flag: str, path: Optional[str], required: Optional[str] = None) -
   return path
 
 
-def warn(message: str) -> None:
-  """One line on stderr: `warning: message`."""
-  print(f"warning: {' '.join(message.split())}", file=sys.stderr, flush=True)
+warn = inputs.warn  # one line on stderr: `warning: message`
 
 
 def prog_name() -> str:
@@ -171,7 +171,7 @@ def run(main: Callable[[list[str]], Any], module: Optional[str] = None) -> None:
   def guarded(argv):
     try:
       return main(argv)
-    except app.UsageError as e:
+    except (app.UsageError, inputs.InputError) as e:
       fail(str(e))
     except ValueError as e:  # the project's own input errors (TaskError, GraphError, ...) read
       if not type(e).__module__.startswith(("jaxinterp", "__main__")):  # as one line too

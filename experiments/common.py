@@ -1,27 +1,24 @@
-"""What the experiment binaries share: resolving `--model`, loading `--task`/`--data`, holding `--out`,
-reading a circuit's provenance, and errors.
+"""What the experiment binaries share: the shared flags, holding `--out`, and the flag-bound wrappers of
+`jaxinterp.runtime.inputs` (loading `--model` and `--task`/`--data`, reading a circuit's provenance).
 
-Every user-facing failure is raised as `app.UsageError` with one clear line naming the flag, file or
-row, so a binary never ends in a stack trace from deep inside jit (`cli.run` prints it as one line).
+Every user-facing failure is an `app.UsageError` or an `inputs.InputError` with one clear line
+naming the flag, file or row, so a binary never ends in a stack trace from deep inside jit
+(`cli.run` prints it as one line).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
-import json
 import os
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
-import jax
-import numpy as np
 from absl import app
 
-from jaxinterp import compilation_cache, evaluation, files, models, tasks, toy
+from jaxinterp import models, tasks
 from jaxinterp.experiments import cli
+from jaxinterp.runtime import compilation_cache, files, inputs
 
-TOY = "toy"
+TOY = inputs.TOY
 # $JAXINTERP_COMPILATION_CACHE overrides the default (the test suite sets it empty: processes that
 # write one cache concurrently must not share it).
 COMPILATION_CACHE = compilation_cache.default_dir()
@@ -33,7 +30,6 @@ cli.define("string", "mib_split", "train",
            "The split read when --data is a directory holding a local copy of an MIB dataset.")
 SKIP_BAD_ROWS_HELP = ("Leave out --data rows that cannot be used (prompts of unequal token lengths, "
                       "bad labels) and report them, instead of stopping at them.")
-ANSWER_TOP_K = 50  # an answer in no prompt's top-k next tokens is worth a warning
 
 
 def positive(name: str, value: int, minimum: int = 1) -> int:
@@ -74,159 +70,24 @@ def run_dir(out: str, flag: str = "out") -> Iterator[files.RunDir]:
   held.release()
 
 
-# ----------------------------------------------------------------------------------------- models
-
-
-def resolve_model_path(name: str) -> str:
-  """`toy` -> the bundled model's directory; anything else is used as given (a path)."""
-  return toy.TOY_MODEL_DIR if name == TOY else name
+# ------------------------------------------------------------------------------- models and data
 
 
 def load_model(name: str, dtype=None) -> models.Model:
-  """Load `--model` (HF dir, orbax conversion, or `toy`), turning checkpoint errors into usage errors.
-
-  Also turns on the persistent compilation cache (`--compilation_cache`).
-  """
+  """`inputs.load_model`, after turning on the persistent compilation cache (`--compilation_cache`)."""
   enable_compilation_cache()
-  path = resolve_model_path(name)
-  try:
-    kw = {} if dtype is None else {"dtype": dtype}
-    return models.from_pretrained(path, **kw)
-  except (models.CheckpointError, models.ConfigError) as e:
-    raise app.UsageError(f"--model={name}: {e}") from None
-
-
-def model_hash(model: models.Model) -> str:
-  """sha256 over the config and every parameter's bytes (identifies the exact weights).
-
-  Only config fields that differ from their defaults count, so a field added to `ModelConfig` later
-  (with a default) leaves every existing model's hash, and the graphs that record it, valid.
-  """
-  cfg = model.cfg
-  changed = [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
-             if f.default is dataclasses.MISSING or getattr(cfg, f.name) != f.default]
-  h = hashlib.sha256(repr(sorted(changed)).encode())
-  for path, leaf in jax.tree_util.tree_flatten_with_path(model.params)[0]:
-    h.update(jax.tree_util.keystr(path).encode())
-    h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
-  return h.hexdigest()
-
-
-def is_toy_model(model: models.Model) -> bool:
-  """Whether `model` holds the bundled toy's weights, whatever the spelling of its path (`toy`, a
-  relative or absolute path, a copy): decided by the config and the weights' hash."""
-  if model.path and os.path.realpath(model.path) == os.path.realpath(toy.TOY_MODEL_DIR):
-    return True
-  try:
-    with open(os.path.join(toy.TOY_MODEL_DIR, models.pretrained.CONVERTED_CONFIG)) as f:
-      toy_cfg = models.ModelConfig.from_dict(json.load(f))
-  except (OSError, ValueError, models.ConfigError):
-    return False
-  return model.cfg == toy_cfg and model_hash(model) == model_hash(toy.load_toy())
-
-
-def bos_id(model: models.Model) -> int:
-  """The id prepended as BOS: the config's BOS, else its EOS (GPT-2), else 0."""
-  c = model.cfg
-  if c.bos_token_id is not None:
-    return int(c.bos_token_id)
-  if c.eos_token_id is not None:
-    return int(c.eos_token_id)
-  return 0
-
-
-# ------------------------------------------------------------------------------------------- data
-
-
-def dataset_hash(dataset: tasks.Dataset) -> str:
-  """sha256 over the token ids, lengths and labels (identifies the exact examples)."""
-  h = hashlib.sha256()
-  for a in (dataset.clean, dataset.corrupted, dataset.lengths):
-    h.update(np.ascontiguousarray(a).tobytes())
-  for k in sorted(dataset.labels):
-    h.update(k.encode())
-    h.update(np.ascontiguousarray(dataset.labels[k]).tobytes())
-  return h.hexdigest()
-
-
-def _token_text(model: models.Model, i: int) -> str:
-  try:
-    return repr(model.tokenizer.decode([i]))
-  except Exception:  # noqa: BLE001 - any tokenizer failure just loses the text
-    return "?"
-
-
-def warn_rare_answers(model: models.Model, dataset: tasks.Dataset, data: str) -> list:
-  """Warn (one line) about answers the model ranks in no prompt's top-50 next tokens."""
-  rare = evaluation.rarely_predicted_answers(model.cfg, model.params, dataset, k=ANSWER_TOP_K)
-  if rare:
-    n = len(evaluation.answer_sets(dataset))
-    shown = ", ".join(f"{_token_text(model, a[0])} (id {a[0]}{', ...' if len(a) > 1 else ''})"
-                      for a in rare[:5])
-    more = f" and {len(rare) - 5} more" if len(rare) > 5 else ""
-    cli.warn(f"--data={data}: {len(rare)} of {n} answers are in no prompt's top-{ANSWER_TOP_K} "
-             f"next tokens: {shown}{more}; the model may predict them tokenised differently (e.g. "
-             f"with a leading space), so the metric may measure noise")
-  return rare
+  return inputs.load_model(name, dtype)
 
 
 def load_dataset(model: models.Model, model_name: str, task: str, data: Optional[str],
                  n_examples: int, prepend_bos: bool = True, seed: int = 0,
                  skip_bad_rows: bool = False) -> tasks.Dataset:
-  """The task's prompt pairs: generated for `induction` (no CSV needed), else read from `--data` (a
-  task CSV, or a local copy of an MIB dataset: `tasks.load_mib_task`, split `--mib_split`).
-
-  Generated induction data depend on the model's weights, not on how `--model` was spelled: the
-  bundled toy (however reached) gets `toy.induction_task_dataset`, any other model `make_induction`.
-  A CSV's skipped rows (`skip_bad_rows`) and answers the model never predicts are warned about.
-  """
-  positive("n_examples", n_examples)
-  if data and not os.path.isfile(data) and not (os.path.isdir(data) and tasks.is_mib_source(data)):
-    raise app.UsageError(f"--data={data}: no such file")
-  if task == "induction" and not data:
-    if is_toy_model(model):
-      try:
-        return toy.induction_task_dataset(n_examples, seed=seed)
-      except toy.ToyDataError as e:
-        raise app.UsageError(str(e)) from None
-    return tasks.make_induction(n_examples, 8, model.cfg.d_vocab, seed=seed,
-                                bos_id=bos_id(model) if prepend_bos else None)
-  if not data:
-    raise app.UsageError(f"--data (a CSV of prompt pairs) is required for --task={task}")
-  if model.tokenizer is None:
-    raise app.UsageError(f"--model={model_name} has no tokenizer.json; it cannot read text CSVs")
-  try:
-    if tasks.is_mib_source(data):  # a local copy of MIB's data (a directory, JSON(L) or parquet)
-      dataset = tasks.load_mib_task(task, data, model.tokenizer, n_examples=n_examples,
-                                    split=cli.value("mib_split", "train"), prepend_bos=prepend_bos,
-                                    bos_id=bos_id(model) if prepend_bos else None,
-                                    vocab_size=model.cfg.d_vocab, skip_bad_rows=skip_bad_rows)
-    else:
-      dataset = tasks.load_task(task, data, model.tokenizer, n_examples=n_examples,
-                                prepend_bos=prepend_bos,
-                                bos_id=bos_id(model) if prepend_bos else None,
-                                vocab_size=model.cfg.d_vocab, skip_bad_rows=skip_bad_rows)
-  except tasks.TaskError as e:
-    raise app.UsageError(str(e).replace("skip_bad_rows=True (--skip_bad_rows)",
-                                        "--skip_bad_rows")) from None
-  if dataset.skipped:
-    cli.warn(f"--skip_bad_rows: left out {dataset.skipped_summary}")
-  warn_rare_answers(model, dataset, data)
-  return dataset
+  """`inputs.load_dataset`, reading an MIB copy's `--mib_split`."""
+  return inputs.load_dataset(model, model_name, task, data, n_examples, prepend_bos, seed,
+                             skip_bad_rows, mib_split=cli.value("mib_split", "train"))
 
 
 # ------------------------------------------------------------------------- a circuit's provenance
-
-
-def read_meta(path: str) -> dict:
-  """The `meta` section of a graph.json ({} when absent or unreadable: loading the graph itself
-  reports a broken file)."""
-  try:
-    with open(path) as f:
-      meta = json.load(f).get("meta")
-  except (OSError, ValueError, AttributeError):
-    return {}
-  return meta if isinstance(meta, dict) else {}
 
 
 def _usable(meta: Mapping[str, Any]) -> dict:
@@ -241,7 +102,7 @@ def _usable(meta: Mapping[str, Any]) -> dict:
 
 def _same(name: str, a: Any, b: Any) -> bool:
   if name in ("model", "data") and isinstance(a, str) and isinstance(b, str):
-    resolve = resolve_model_path if name == "model" else (lambda x: x)
+    resolve = inputs.resolve_model_path if name == "model" else (lambda x: x)
     return os.path.realpath(resolve(a)) == os.path.realpath(resolve(b))
   return a == b
 
@@ -265,19 +126,3 @@ def settings_from_meta(meta: Mapping[str, Any], defaults: Mapping[str, Any], sou
     cli.warn(f"{', '.join(overrides)} override{'s' if len(overrides) == 1 else ''} how {source} "
              f"was found, as its meta records it")
   return out
-
-
-def check_model_hash(model: models.Model, model_name: str, meta: Mapping[str, Any], source: str,
-                     force: bool) -> None:
-  """Refuse a model whose weights differ from those `meta` records (warn instead with `force`)."""
-  expected = meta.get("model_hash")
-  if not expected:
-    return
-  got = model_hash(model)
-  if got == expected:
-    return
-  message = (f"--model={model_name}: its weights (sha256 {got[:12]}) differ from those {source} "
-             f"was found with ({expected[:12]}, in its meta)")
-  if not force:
-    raise app.UsageError(f"{message}; pass --force to evaluate it anyway")
-  cli.warn(f"{message}; evaluating anyway (--force)")

@@ -35,8 +35,13 @@ import numpy as np
 from absl import app, flags, logging
 
 from jaxinterp.experiments import cli, common
-from jaxinterp import files
-from jaxinterp import evaluation, graph as G, plots, tasks, viewer
+from jaxinterp.runtime import inputs
+from jaxinterp.runtime import files
+from jaxinterp import tasks
+from jaxinterp.evaluation import faithfulness as evaluation
+from jaxinterp import circuits as G
+from jaxinterp.viz import plots
+from jaxinterp.viz import viewer
 from jaxinterp.attribution import INTERVENTIONS, AttributionError, make_ablation
 
 DEFAULTS = dict(model="toy", graph=None, task="induction", data=None, n_examples=64, batch_size=16,
@@ -168,7 +173,7 @@ def main(argv):
                  required=" (a graph.json from find_circuit or the PyTorch EAP-IG)")
   cli.input_file("compare", compare_path)
   name = os.path.basename(graph_path)
-  meta = common.read_meta(graph_path)
+  meta = inputs.read_meta(graph_path)
   run = common.settings_from_meta(meta, {k: DEFAULTS[k] for k in FROM_META}, name,
                                   unwarned=("model",) if meta.get("model_hash") else ())
   intervention = run["intervention"]
@@ -182,11 +187,11 @@ def main(argv):
     model = common.load_model(run["model"])
     graph = _load_graph(graph_path, model.cfg, "--graph")
     compare = _load_graph(compare_path, model.cfg, "--compare") if compare_path else None
-    common.check_model_hash(model, run["model"], meta, name, _flag("force"))
+    inputs.check_model_hash(model, run["model"], meta, name, _flag("force"))
     dataset = common.load_dataset(model, run["model"], run["task"], run["data"], run["n_examples"],
                                   run["prepend_bos"], run["seed"], run["skip_bad_rows"])
     if meta.get("data_hash") and not any(cli.given(k) for k in DATA_FLAGS) and \
-        common.dataset_hash(dataset) != meta["data_hash"]:
+        inputs.dataset_hash(dataset) != meta["data_hash"]:
       cli.warn(f"the examples differ from those {name} was found with (its meta's data_hash); "
                f"has --data={run['data']} changed since?")
     dataset = dataclasses.replace(dataset, task=tasks.with_metric(dataset.task, run["metric"]))

@@ -11,7 +11,7 @@ method, or more than --checkpoint_batches batches) checkpoint their partial scor
 --out/.resume with orbax and resume from there when rerun with the same flags.
 
 Ends with the phase times, `phases: load 1.2 s, compile 8.0 s, attribute 10.1 s, curve 3.0 s,
-write 0.1 s (total 22.4 s)`, also in graph.json's `meta["phase_seconds"]` (`jaxinterp.timing`):
+write 0.1 s (total 22.4 s)`, also in graph.json's `meta["phase_seconds"]` (`jaxinterp.runtime.timing`):
 "compile" is JAX's tracing, lowering and XLA compiling wherever it happened, taken out of the other
 phases. meta's "write" counts every output but graph.json itself (written last, holding the times).
 """
@@ -28,18 +28,19 @@ from absl import app, flags, logging
 import numpy as np
 
 from jaxinterp.experiments import cli, common
+from jaxinterp.runtime import inputs
 import jaxinterp
 from jaxinterp import attribution as A
-from jaxinterp import evaluation as V
-from jaxinterp import files
-from jaxinterp import graph as G
-from jaxinterp import levels
+from jaxinterp.evaluation import faithfulness as V
+from jaxinterp.runtime import files
+from jaxinterp import circuits as G
+from jaxinterp.evaluation import levels
 from jaxinterp.attribution import bootstrap
 from jaxinterp.circuits import convention
-from jaxinterp import plots
+from jaxinterp.viz import plots
 from jaxinterp import tasks
-from jaxinterp import timing
-from jaxinterp import viewer
+from jaxinterp.runtime import timing
+from jaxinterp.viz import viewer
 
 _MODEL = flags.DEFINE_string("model", common.TOY, "HF checkpoint dir, orbax conversion dir, or 'toy'.")
 _TASK = flags.DEFINE_string("task", "induction", f"Task: one of {tasks.task_names()}.")
@@ -106,7 +107,7 @@ _REMAT = flags.DEFINE_bool("remat", False, "Rematerialise blocks in the backward
 _MESH = flags.DEFINE_string("mesh", None, "Device mesh DATAxMODEL, e.g. 2x4: batches split over DATA "
                             "devices, heads and MLP columns over MODEL devices (jax.sharding). "
                             "Multi-host: call jax.distributed.initialize() first (see "
-                            "jaxinterp/sharding.py).")
+                            "jaxinterp/runtime/sharding.py).")
 
 cli.define("bool", "skip_bad_rows", False, common.SKIP_BAD_ROWS_HELP)
 _MIB_OUT = flags.DEFINE_string("mib_out", None, "Also write the edge scores as an MIB leaderboard "
@@ -133,7 +134,7 @@ PHASES = ("load", "compile", "attribute", "curve", "write")  # the order they ar
 def fingerprint(model_hash: str, dataset: tasks.Dataset) -> dict:
   """What must match for a checkpoint to be resumed (the weights, not the spelling of --model)."""
   return {"model_hash": model_hash, "task": _TASK.value, "data": _DATA.value,
-          "data_hash": common.dataset_hash(dataset), "metric": _METRIC.value,
+          "data_hash": inputs.dataset_hash(dataset), "metric": _METRIC.value,
           "method": _METHOD.value, "ig_steps": _IG_STEPS.value,
           "ig_convention": _IG_CONVENTION.value, "intervention": _INTERVENTION.value,
           "n_examples": _N_EXAMPLES.value, "batch_size": _BATCH_SIZE.value,
@@ -245,7 +246,7 @@ def _run(held, phases: timing.Phases) -> dict:
                                 _PREPEND_BOS.value, _SEED.value,
                                 skip_bad_rows=cli.value("skip_bad_rows", False))
   dataset = dataclasses.replace(dataset, task=tasks.with_metric(dataset.task, _METRIC.value))
-  mhash = common.model_hash(model)
+  mhash = inputs.model_hash(model)
   fp = fingerprint(mhash, dataset)
   n_batches = -(-len(dataset) // _BATCH_SIZE.value)
   ckpt = None
@@ -257,7 +258,7 @@ def _run(held, phases: timing.Phases) -> dict:
     print(f"resuming from checkpoint: batch {resume.next_batch} of {n_batches}")
   params, batch_fn = model.params, None
   if _MESH.value:
-    from jaxinterp import sharding
+    from jaxinterp.runtime import sharding
     try:
       n_data, n_model = (int(x) for x in _MESH.value.lower().split("x"))
       mesh = sharding.make_mesh(n_data, n_model)
@@ -344,7 +345,7 @@ def _run(held, phases: timing.Phases) -> dict:
         result.scores, arrays["bootstrap_std"], arrays["bootstrap_sign_fraction"], valid, chosen))
 
   meta = {"jaxinterp_version": jaxinterp.__version__, "model": _MODEL.value,
-          "model_path": os.path.abspath(common.resolve_model_path(_MODEL.value)),
+          "model_path": os.path.abspath(inputs.resolve_model_path(_MODEL.value)),
           "model_hash": mhash, "task": _TASK.value, "data": _DATA.value,
           "data_path": os.path.abspath(_DATA.value) if _DATA.value else None,
           "data_hash": fp["data_hash"], "metric": _METRIC.value, "method": _METHOD.value, "ig_steps": _IG_STEPS.value,
@@ -383,7 +384,7 @@ def _run(held, phases: timing.Phases) -> dict:
     ckpt.clear()
   if _MIB_OUT.value:
     model_name = _MIB_MODEL.value or os.path.basename(
-        os.path.normpath(common.resolve_model_path(_MODEL.value)))
+        os.path.normpath(inputs.resolve_model_path(_MODEL.value)))
     try:
       folder = G.write_submission(g, _MIB_OUT.value, _TASK.value, model_name,
                                   kind=_MIB_FORMAT.value, absolute=_ABSOLUTE.value)
@@ -452,7 +453,7 @@ def _optimal_ablation(model, dataset: tasks.Dataset, out: str) -> A.Ablation:
   ablation = A.make_ablation(model.cfg, model.params, dataset, "optimal", _BATCH_SIZE.value,
                              optimal_values=opts)
   A.optimal.save_values(os.path.join(out, OPTIMAL_DIR), np.asarray(ablation.means),
-                        {"model_hash": common.model_hash(model), "task": _TASK.value,
+                        {"model_hash": inputs.model_hash(model), "task": _TASK.value,
                          "n_examples": len(dataset), **dataclasses.asdict(opts)})
   print(f"optimal ablation: learned constants saved to {os.path.join(out, OPTIMAL_DIR)}")
   return ablation

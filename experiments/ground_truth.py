@@ -8,7 +8,7 @@
 program's output). It is compiled with tracr (`compiler_bos="BOS"`, `--causal` for a causal model;
 tracr's default is non-causal) for the vocabulary `--vocab` (comma-separated; integers are read as
 ints) and inputs of up to `--max_seq_len` values, ported to jaxinterp's decoder, and its true
-circuit is derived from the weights (jaxinterp/ground_truth.py: an edge is true iff its sender
+circuit is derived from the weights (jaxinterp/groundtruth/truth.py: an edge is true iff its sender
 writes a residual direction its receiver reads). Clean and corrupted inputs are sampled uniformly;
 the metric is the output-space value of the clean output at `--position` (default: every position).
 Each `--methods` entry runs under each `--interventions` ablation it supports.
@@ -23,7 +23,7 @@ the other ablations; the top edges by |score|, as many as there are true ones, a
 `auroc.json` in `--out`: edge- and node-level AUROC by |score| for every method and ablation, the
 time each took, and how many true edges the ablation can see. True edges that only carry what is
 the same in the clean and the ablated run (positions, BOS, a constant length) are left out of that
-ablation's AUROC (see jaxinterp/ground_truth.py). tracr is optional: pip install "jaxinterp[tracr]".
+ablation's AUROC (see jaxinterp/groundtruth/truth.py). tracr is optional: pip install "jaxinterp[tracr]".
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ import os
 
 from absl import app
 
-from jaxinterp import attribution, files, recovery, tracr_tasks
+from jaxinterp import attribution
+from jaxinterp.runtime import files
+from jaxinterp.groundtruth import recovery
+from jaxinterp.groundtruth import tracr_tasks
 from jaxinterp.experiments import cli, common
 
 BUILTIN = tuple(tracr_tasks.LIBRARY) + ("toy",)

@@ -35,11 +35,14 @@ import numpy as np
 import optax
 
 from jaxinterp import models
-from jaxinterp import files, illusion
+from jaxinterp.runtime import files
+from jaxinterp.interventions import illusion
 from jaxinterp.experiments import cli, common
 from jaxinterp.interventions import Where
-from jaxinterp.training import (CausalModel, init_low_rank, init_rotated_space, iia,
-                                save_interventions, train_interventions)
+from jaxinterp.interventions.causal_model import CausalModel
+from jaxinterp.interventions.saving import save_interventions
+from jaxinterp.interventions.training import (init_low_rank, init_rotated_space, iia,
+                                              train_interventions)
 
 ASSET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jaxinterp",
                          "assets", "das_toy")

@@ -35,7 +35,9 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from jaxinterp import files, models, toy
+from jaxinterp import models
+from jaxinterp.runtime import files
+from jaxinterp.groundtruth import toy
 from jaxinterp.experiments import cli, common
 
 FLAGS = flags.FLAGS
@@ -49,7 +51,7 @@ flags.DEFINE_integer("seed", 0, "Seed for the initialisation and the data.")
 flags.DEFINE_integer("seq_len", 20, "Longest repeated block n; rows are 1 + 2*seq_len tokens.")
 flags.DEFINE_integer("min_seq_len", 4, "Shortest repeated block n.")
 flags.DEFINE_integer("eval_block_len", toy.DEFAULT_BLOCK_LEN,
-                     "Block length recorded as the default of `jaxinterp.toy.induction_dataset`.")
+                     "Block length recorded as the default of `jaxinterp.groundtruth.toy.induction_dataset`.")
 flags.DEFINE_integer("batch_size", 32, "Rows per step.")
 flags.DEFINE_float("lr", 3e-3, "Peak learning rate (linear warmup, cosine decay).")
 flags.DEFINE_float("weight_decay", 0.01, "AdamW weight decay.")

@@ -5,7 +5,7 @@
 
 Reads any EAP-IG-format graph JSON (ours, the PyTorch EAP-IG's, MIB's); the model shape comes from the
 file's `cfg`. The page draws the top-n circuit by |score| (pruned, as `Graph.top_n`) for any n set
-with its slider, number inputs or MIB's percentages; see `jaxinterp/viewer.py`. Open the file in a
+with its slider, number inputs or MIB's percentages; see `jaxinterp/viz/viewer.py`. Open the file in a
 browser: it makes no network request. Bad input ends with one line on stderr naming the flag or
 file, a non-zero exit status and no output file.
 """
@@ -16,7 +16,8 @@ import os
 
 from absl import app
 
-from jaxinterp import files, viewer
+from jaxinterp.runtime import files
+from jaxinterp.viz import viewer
 from jaxinterp.circuits import Graph, GraphError
 from jaxinterp.experiments import cli
 

@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxinterp.attribution.base import metric_sum
+from jaxinterp.tasks.metrics import metric_sum
 from jaxinterp.tasks import Batch, Dataset, Task
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.transformer import forward

@@ -703,3 +703,11 @@ def run_blocks(cfg: ModelConfig, params: Mapping[str, Any], resid: Array, attent
     resid, ys = one(l, params[f"blocks_{l}"], resid, at(interventions), at(prefix))
     per_layer.append(ys)
   return resid, jax.tree.map(lambda *a: jnp.stack(a), *per_layer) if per_layer[0] else {}
+
+
+def sender_outputs(cfg: ModelConfig, params, tokens: Array, mask: Optional[Array] = None,
+                   **kw) -> Array:
+  """Every sender's output (input node, heads, MLPs): Float[Array, "batch pos sender d_model"]."""
+  _, cache = forward(cfg, params, tokens, attention_mask=mask, edges=E.EdgePatch(None, None),
+                     collect=("hook_senders",), **kw)
+  return cache["hook_senders"]

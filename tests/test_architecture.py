@@ -17,7 +17,7 @@ PACKAGES = {"jaxinterp": "jaxinterp", "models": "jaxinterp.models",
             "experiments": "jaxinterp.experiments", "benchmarks": "benchmarks"}
 MAX_LINES = 750  # hard limit; ~450 is the aim, see SOFT_EXCEPTIONS
 # Modules over ~450 lines that read best whole: one algorithm each.
-SOFT_EXCEPTIONS = {"models/transformer.py", "jaxinterp/interventions.py", "models/pretrained.py"}
+SOFT_EXCEPTIONS = {"models/transformer.py", "models/pretrained.py"}
 
 
 def _modules() -> dict[str, pathlib.Path]:
@@ -160,7 +160,7 @@ def test_a_users_own_models_package_does_not_break_jaxinterp(tmp_path):
     (tmp_path / name).mkdir()
     (tmp_path / name / "__init__.py").write_text("WHO = 'user'\n")
   code = ("import models, experiments\n"
-          "from jaxinterp import toy\n"
+          "from jaxinterp.groundtruth import toy\n"
           "m = toy.load_toy()\n"
           "from jaxinterp.experiments import scripts\n"
           "print(models.WHO, experiments.WHO, m.cfg.n_layers, len(scripts.SCRIPTS))\n")

@@ -9,10 +9,12 @@ import pytest
 
 from jaxinterp import models
 from jaxinterp import attribution as A
-from jaxinterp import evaluation as V
+from jaxinterp.evaluation import faithfulness as V
 from jaxinterp import tasks
-from jaxinterp.graph import Graph
+from jaxinterp.circuits import Graph
 from tests.conftest import SHARED
+from jaxinterp.circuits.layout import valid_edges
+from jaxinterp.models.transformer import sender_outputs
 
 IOI_CSV = SHARED / "data" / "eap-ig" / "ioi" / "gpt2.csv"
 TOKENIZER = SHARED / "models" / "gpt2-tokenizer" / "tokenizer.json"
@@ -67,7 +69,7 @@ def test_matches_independent_torch_oracle_on_ioi(torch_setup, method):
          "exact": oracle.exact_scores}[method](*args)
   ours = A.attribute(model.cfg, model.params, data, method=method, ig_steps=5, batch_size=8,
                      exact_chunk=128, quiet=True).scores
-  valid = A.valid_edges(model.cfg)
+  valid = valid_edges(model.cfg)
   assert valid.sum() == np.asarray(oracle.valid_edges()).sum()
   r = _corr(ours[valid], ref[valid])
   rel = np.abs(ours - ref).max() / np.abs(ref).max()
@@ -157,7 +159,7 @@ def test_other_ablations_eap_is_the_derivative_and_exact_is_exact(intervention):
 def test_mean_ablation_uses_masked_means():
   ds = dataclasses.replace(DATA, lengths=np.full(len(DATA), 6, np.int32))
   means = A.compute_means(CFG, PARAMS, ds, 4)
-  senders = A.sender_outputs(CFG, PARAMS, jnp.asarray(ds.clean))
+  senders = sender_outputs(CFG, PARAMS, jnp.asarray(ds.clean))
   np.testing.assert_allclose(means, np.asarray(senders)[:, :6].mean((0, 1)), atol=1e-5)
   pos = A.compute_means(CFG, PARAMS, ds, 4, positional=True)
   np.testing.assert_allclose(pos[:6], np.asarray(senders)[:, :6].mean(0), atol=1e-5)
@@ -170,7 +172,7 @@ def test_ig_with_many_steps_is_closer_to_exact_than_eap():
   eap = A.attribute(CFG, PARAMS, DATA, method="EAP", batch_size=8, quiet=True).scores
   ig = A.attribute(CFG, PARAMS, DATA, method="EAP-IG-inputs", ig_steps=32, batch_size=8,
                    quiet=True).scores
-  v = A.valid_edges(CFG)
+  v = valid_edges(CFG)
   err = lambda s: np.abs(s[v] - ex[v]).sum()
   assert err(ig) < err(eap)
   assert _corr(ig[v], ex[v]) > _corr(eap[v], ex[v])
@@ -204,7 +206,7 @@ def test_ig_activations_runs_and_tracks_exact():
   act = A.attribute(CFG, PARAMS, DATA, method="EAP-IG-activations", ig_steps=8, batch_size=8,
                     quiet=True).scores
   eap = A.attribute(CFG, PARAMS, DATA, method="EAP", batch_size=8, quiet=True).scores
-  v = A.valid_edges(CFG)
+  v = valid_edges(CFG)
   assert _corr(act[v], ex[v]) > 0.9
   assert _corr(act[v], ex[v]) >= _corr(eap[v], ex[v])
 
@@ -277,7 +279,7 @@ def test_every_registered_method_keeps_the_contract(name):
     # task metric here (this random model's KL changes are ~1e-5)
     kw["options"] = method.make_options(mask_steps=4, mask_batch=4, ugs_samples=2,
                                         acdc_metric="task")
-  valid = A.valid_edges(CFG)
+  valid = valid_edges(CFG)
   full = A.attribute(CFG, PARAMS, DATA, batch_size=3, **kw)  # 8 examples: batches of 3, 3, 2(+1)
   assert full.scores.shape == valid.shape and full.scores.dtype == np.float32
   assert np.all(full.scores[~valid] == 0) and np.all(np.isfinite(full.scores))
@@ -342,12 +344,12 @@ def test_whole_dataset_methods_run_through_fit(monkeypatch):
 
   def fit(cfg, params, dataset, ablation, options):
     calls.append((len(dataset), ablation.kind, options.remat))
-    return A.FitResult(np.ones(A.valid_edges(cfg).shape), clean_metric=1.5, extras={"steps": 3})
+    return A.FitResult(np.ones(valid_edges(cfg).shape), clean_metric=1.5, extras={"steps": 3})
 
   monkeypatch.setitem(A.METHODS, "fake-fit", A.Method("fake-fit", "test", None, fit=fit))
   res = A.attribute(CFG, PARAMS, DATA, method="fake-fit", intervention="zero", remat=True,
                     quiet=True)
   assert calls == [(len(DATA), "zero", True)]
-  valid = A.valid_edges(CFG)
+  valid = valid_edges(CFG)
   assert np.all(res.scores[valid] == 1) and np.all(res.scores[~valid] == 0)
   assert res.clean_metric == 1.5 and res.extras == {"steps": 3}

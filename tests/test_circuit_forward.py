@@ -13,13 +13,15 @@ import numpy as np
 import pytest
 
 from jaxinterp import attribution as A
-from jaxinterp import circuit_forward as CF
+from jaxinterp.evaluation import circuit_forward as CF
 from jaxinterp import circuits as G
-from jaxinterp import evaluation as V
-from jaxinterp import models, shared_prefix, tasks
+from jaxinterp.evaluation import faithfulness as V
+from jaxinterp import models, tasks
+from jaxinterp.runtime import shared_prefix
 from jaxinterp.models import edges as E
 from tests.test_receiver_grads import CONFIGS, _params
 from tests.test_shared_prefix import late_corruption
+from jaxinterp.circuits.layout import valid_edges
 
 
 def _circuits(cfg, seed=0):
@@ -146,7 +148,7 @@ def test_compile_ahead_leaves_nothing_to_compile():
   circuit metric for every batch shape in a thread, so the evaluation that follows compiles neither;
   the circuit metric's reused buffer leaves repeated evaluations unchanged. Ablations that need a
   pass over the data are not compiled ahead."""
-  from jaxinterp.timing import CompileTimer
+  from jaxinterp.runtime.timing import CompileTimer
   cfg = CONFIGS["gpt2"]
   params = _params(cfg)
   data = late_corruption(cfg)  # batches with and without a shared prefix: both are compiled
@@ -154,7 +156,7 @@ def test_compile_ahead_leaves_nothing_to_compile():
   ablation = A.make_ablation(cfg, params, data, "patching", 4)
   assert V.compile_ahead(cfg, params, data, intervention="mean", batch_size=4) is None
   V.compile_ahead(cfg, params, data, intervention="patching", batch_size=4).join()
-  fwd = CF.CircuitForward(cfg, params, data.task, A.valid_edges(cfg))
+  fwd = CF.CircuitForward(cfg, params, data.task, valid_edges(cfg))
   for batch in list(data.batches(4))[:2]:
     with CompileTimer() as timer:
       prep = fwd.prepare(batch, ablation)

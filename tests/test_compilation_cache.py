@@ -1,10 +1,10 @@
-"""`jaxinterp.compilation_cache.enable` turns on JAX's persistent cache for library calls."""
+"""`jaxinterp.runtime.compilation_cache.enable` turns on JAX's persistent cache for library calls."""
 
 import os
 import subprocess
 import sys
 
-from jaxinterp import compilation_cache
+from jaxinterp.runtime import compilation_cache
 
 
 def _run(code, env):
@@ -15,7 +15,7 @@ def _run(code, env):
 
 
 def test_enable_sets_the_cache_dir_and_an_empty_path_leaves_it_off(tmp_path):
-  code = ("import jax; from jaxinterp import compilation_cache as c; "
+  code = ("import jax; from jaxinterp.runtime import compilation_cache as c; "
           "print(c.enable({arg})); print(jax.config.jax_compilation_cache_dir)")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("JAX_COMPILATION_CACHE_DIR", None)

@@ -12,9 +12,11 @@ import pytest
 
 from jaxinterp import models
 from jaxinterp.experiments import train_das as T
-from jaxinterp import illusion
+from jaxinterp.interventions import illusion
 from jaxinterp import interventions as I
-from jaxinterp import training as tr
+from jaxinterp.interventions import saving
+from jaxinterp.interventions.causal_model import CausalModel
+from jaxinterp.interventions import training as tr
 from jaxinterp.interventions import InterventionError, Where
 
 HAS_TOY = os.path.exists(os.path.join(T.ASSET_DIR, "jaxinterp_config.json"))
@@ -108,7 +110,7 @@ def test_causal_model():
   want = (d["source"][:, 0] + d["source"][:, 1]) % p
   np.testing.assert_array_equal(d["label"], want)
   with pytest.raises(InterventionError, match="cycle"):
-    tr.CausalModel(["a"], {"X": (lambda y: y, ["Y"]), "Y": (lambda x: x, ["X"])}, "X")
+    CausalModel(["a"], {"X": (lambda y: y, ["Y"]), "Y": (lambda x: x, ["X"])}, "X")
   with pytest.raises(InterventionError, match="unknown causal"):
     cm.run({"a": 1, "b": 1}, {"Q": 1})
 
@@ -144,11 +146,11 @@ def test_save_load_round_trip(tmp_path):
           We, np.zeros(5), We.T, np.zeros(8), np.full(5, 0.1), latent_scale=np.float32(0.5),
           keep_error=True))),
   }
-  tr.save_interventions(str(tmp_path / "ivs"), ivs, metadata={"note": "round trip"})
-  spec = json.load(open(tmp_path / "ivs" / tr.SPEC_FILE))
+  saving.save_interventions(str(tmp_path / "ivs"), ivs, metadata={"note": "round trip"})
+  spec = json.load(open(tmp_path / "ivs" / saving.SPEC_FILE))
   assert spec["sites"]["blocks.0.hook_resid_post"]["type"] == "RotatedSpace"
   assert spec["sites"]["blocks.0.hook_resid_post"]["static"]["k"] == 3
-  loaded, meta = tr.load_interventions(str(tmp_path / "ivs"))
+  loaded, meta = saving.load_interventions(str(tmp_path / "ivs"))
   assert meta == {"note": "round trip"}
   assert list(loaded) == list(ivs)
   for site in ivs:
@@ -164,7 +166,7 @@ def test_save_load_round_trip(tmp_path):
   out2, _ = I.run(CFG, params, base, loaded, sources=sources)
   np.testing.assert_allclose(out1, out2, atol=1e-6)
   with pytest.raises(InterventionError, match="not found"):
-    tr.load_interventions(str(tmp_path / "nothing"))
+    saving.load_interventions(str(tmp_path / "nothing"))
 
 
 def test_split_row_null():

@@ -15,10 +15,11 @@ import numpy as np
 import optax
 import pytest
 
-from jaxinterp import interchange
+from jaxinterp.interventions import interchange
 from jaxinterp import interventions as I
 from jaxinterp import models
-from jaxinterp import training as tr
+from jaxinterp.interventions import saving
+from jaxinterp.interventions import training as tr
 from jaxinterp.interventions import InterventionError, Where, WhereEach
 
 # CPU-heavy (DAS training runs):
@@ -282,8 +283,8 @@ def test_two_positions_of_one_site_and_inference_with_run(params, tmp_path):
   logits, _ = I.run(CFG, params, d["base"], trained, sources=d["source"])  # Chain sources filled
   np.testing.assert_allclose(logits[:, -1], interchange.intervened_logits(CFG, params, trained, d),
                              atol=1e-5)
-  tr.save_interventions(str(tmp_path / "ivs"), trained)
-  loaded, _ = tr.load_interventions(str(tmp_path / "ivs"))
+  saving.save_interventions(str(tmp_path / "ivs"), trained)
+  loaded, _ = saving.load_interventions(str(tmp_path / "ivs"))
   np.testing.assert_allclose(tr.iia(CFG, params, loaded, d), tr.iia(CFG, params, trained, d))
   with pytest.raises(InterventionError, match="none of the Chain's items"):
     tr.trainable_params({RESID: [I.Zero(), I.Zero()]})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from jaxinterp.circuits.layout import valid_edges
 
 torch = pytest.importorskip("torch")
 transformer_lens = pytest.importorskip("transformer_lens")
@@ -83,7 +84,7 @@ def test_zero_ablation_eap_matches_eap_ig(hf_gpt2_dir):
                      quiet=True).scores
   tl = hooked_from_hf(hf)
   eap = eap_zero_scores(tl, b.clean, b.mask, b.last, b.correct, b.incorrect)
-  valid = A.valid_edges(model.cfg)
+  valid = valid_edges(model.cfg)
   assert np.array_equal(eap != 0, valid & (eap != 0))  # eap fills only upstream senders
   # eap's score is -ours / batch size: its loss is the negated metric, its batch sums per-batch means.
   want = -ours * 1.0 / len(ds)

@@ -10,8 +10,9 @@ from absl.testing import flagsaver
 
 from jaxinterp import models
 from jaxinterp.experiments import activation_patching, cli, evaluate_circuit
-from jaxinterp import evaluation, patching, tasks
-from jaxinterp.graph import Graph
+from jaxinterp import patching, tasks
+from jaxinterp.evaluation import faithfulness as evaluation
+from jaxinterp.circuits import Graph
 
 FLAGS = flags.FLAGS
 CFG = models.ModelConfig(family="gpt2", d_model=16, n_layers=2, n_heads=2, d_head=8, d_mlp=32,

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from jaxinterp import models
-from jaxinterp import graph as G
-from jaxinterp.graph import Graph
+from jaxinterp import circuits as G
+from jaxinterp.circuits import Graph
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,7 +59,7 @@ def test_outputs_and_determinism(tiny_model, tmp_path):
             "seed"):
     assert k in meta
   assert meta["method"] == "EAP-IG-inputs" and meta["n_examples"] == 8
-  phases = meta["phase_seconds"]  # jaxinterp.timing: compile taken out of the other phases
+  phases = meta["phase_seconds"]  # jaxinterp.runtime.timing: compile taken out of the other phases
   assert list(phases) == ["load", "compile", "attribute", "curve", "write", "total"]
   assert all(isinstance(v, float) and v >= 0 for v in phases.values())
   assert phases["compile"] > 0

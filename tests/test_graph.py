@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jaxinterp import graph as G
-from jaxinterp.graph import Graph, GraphError, GraphShape
+from jaxinterp import circuits as G
+from jaxinterp.circuits import Graph, GraphError, GraphShape
 from jaxinterp.models import edges as E
 from jaxinterp.models.config import ModelConfig
 

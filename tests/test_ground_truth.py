@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinterp import ground_truth as GT
-from jaxinterp import tracr_tasks as TT
+from jaxinterp.groundtruth import truth as GT
+from jaxinterp.groundtruth import tracr_tasks as TT
 from jaxinterp.circuits import Graph
 from jaxinterp.models import ModelConfig
 from jaxinterp.models import edges as E
@@ -115,8 +115,8 @@ def test_parse_vocab():
 
 
 def test_core_imports_neither_tracr_nor_haiku():
-  code = ("import sys, jaxinterp, jaxinterp.models, jaxinterp.ground_truth, jaxinterp.recovery, "
-          "jaxinterp.tracr_tasks, jaxinterp.experiments.ground_truth\n"
+  code = ("import sys, jaxinterp, jaxinterp.models, jaxinterp.groundtruth.truth, jaxinterp.groundtruth.recovery, "
+          "jaxinterp.groundtruth.tracr_tasks, jaxinterp.experiments.ground_truth\n"
           "print(sorted(m for m in ('tracr', 'haiku') if m in sys.modules))")
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV,
                      timeout=300)
@@ -244,7 +244,7 @@ def test_dataset_and_visibility_under_patching(compiled):
 def test_exact_recovers_the_circuit(compiled, name):
   """The issue's target for exact patching (>= 0.95 edge AUROC under patching); EAP-IG-inputs meets
   it on frac_prevs but not on hist, whose selector-width MLP is a step function (README)."""
-  from jaxinterp import recovery
+  from jaxinterp.groundtruth import recovery
   assembled, program, _ = compiled[name]
   case = recovery.tracr_case(name, assembled, program, n_examples=4)
   methods = ["exact", "EAP-IG-inputs"] if name == "frac_prevs" else ["exact"]

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from jaxinterp import models
 from jaxinterp import interventions as I
 from jaxinterp.interventions import InterventionError, Where, WhereEach
-from jaxinterp.steering import cross_model_patch, mean_difference, same_architecture, steer
+from jaxinterp.interventions.steering import (cross_model_patch, mean_difference, same_architecture,
+    steer)
 
 RNG = np.random.RandomState(0)
 B, P, D = 2, 3, 4

@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 
 from jaxinterp import attribution as A
-from jaxinterp import evaluation as V
-from jaxinterp import toy
+from jaxinterp.evaluation import faithfulness as V
+from jaxinterp.groundtruth import toy
 from jaxinterp.attribution import acdc, edge_pruning, masks, optimal, ugs
 from jaxinterp.circuits import Graph
 from jaxinterp.models.edges import EdgePatch
 from jaxinterp.models.transformer import forward
+from jaxinterp.circuits.layout import valid_edges
 
 # CPU-heavy (mask training (UGS, Edge Pruning), optimal ablation and ACDC):
 # left out of the default run, run by CI (-m slow).
@@ -97,7 +98,7 @@ def test_mask_at_one_is_the_clean_model_and_at_zero_the_ablated_one(setup):
   cfg, params = model.cfg, model.params
   batch = next(data.batches(8, bucket=None))
   clean_last, ablated = masks.clean_and_ablated(cfg, params, batch, abl)
-  shape = A.valid_edges(cfg).shape
+  shape = valid_edges(cfg).shape
   key = jax.random.PRNGKey(0)
   on = {"UGS": ugs.sample_masks(key, jnp.full(shape, 30.0), 8),
         "edge-pruning": edge_pruning.sample_z(key, jnp.full(shape, 30.0))}
@@ -132,7 +133,7 @@ def test_sparsity_schedule(setup):
   # The target each training step used: linear from start_sparsity to sparsity, then flat.
   np.testing.assert_allclose(res.extras["target"], np.minimum(0.1 + 0.5 * np.arange(24) / 20, 0.6),
                              atol=1e-6)
-  assert res.extras["circuit"].sum() == round(0.4 * A.valid_edges(model.cfg).sum())
+  assert res.extras["circuit"].sum() == round(0.4 * valid_edges(model.cfg).sum())
   assert np.all((res.scores >= 0) & (res.scores <= 1))
   assert len(res.extras["lambda_1"]) == 24 and np.all(res.extras["lambda_2"] >= 0)
 

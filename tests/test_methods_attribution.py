@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 
 from jaxinterp import attribution as A
-from jaxinterp import evaluation as V
-from jaxinterp import levels
+from jaxinterp.evaluation import faithfulness as V
+from jaxinterp.evaluation import levels
 from jaxinterp import models
 from jaxinterp import tasks
-from jaxinterp import toy
+from jaxinterp.groundtruth import toy
 from jaxinterp.attribution import bootstrap, ensemble
-from jaxinterp.graph import Graph
+from jaxinterp.circuits import Graph
 from tests.test_attribution import CFG, DATA, PARAMS, _corr, _torch_inputs, torch_setup  # noqa: F401
+from jaxinterp.circuits.layout import valid_edges
 
 # CPU-heavy (the torch oracles and the toy-model checks of IFR, node and neuron attribution):
 # left out of the default run, run by CI (-m slow).
@@ -41,7 +42,7 @@ def test_ifr_matches_torch_oracle(torch_setup, ifr_input):
   ref = N.ifr_scores(oracle, clean, mask, token_input=ifr_input == "token")
   ours = A.attribute(model.cfg, model.params, data, method="information-flow-routes", batch_size=8,
                      quiet=True, options=A.ifr.IFROptions(ifr_input=ifr_input)).scores
-  valid = A.valid_edges(model.cfg)
+  valid = valid_edges(model.cfg)
   r = _corr(ours[valid], ref[valid])
   err = np.abs(ours - ref).max()
   print(f"IFR ({ifr_input}): pearson={r:.7f} max abs err={err:.2e}")
@@ -130,7 +131,7 @@ def test_ifr_shares_and_no_ablation():
   """IFR: each receiver's column is a distribution over its upstream senders (1 per receiver),
   the intervention is ignored, and it runs on data without corrupted prompts."""
   ifr = A.attribute(CFG, PARAMS, DATA, method="information-flow-routes", batch_size=3, quiet=True)
-  valid = A.valid_edges(CFG)
+  valid = valid_edges(CFG)
   assert np.all(ifr.scores[valid] >= 0) and np.all(ifr.scores[~valid] == 0)
   np.testing.assert_allclose(ifr.scores.sum(0), 1.0, atol=1e-5)
   clean_only = dataclasses.replace(DATA, corrupted=DATA.clean, has_corrupted=False)
@@ -184,7 +185,7 @@ def test_rank_normalisation_and_ensembles():
   eap = A.attribute(CFG, PARAMS, DATA, method="EAP", batch_size=8, quiet=True).scores
   ig = A.attribute(CFG, PARAMS, DATA, method="EAP-IG-inputs", ig_steps=2, batch_size=8,
                    quiet=True).scores
-  valid = A.valid_edges(CFG)
+  valid = valid_edges(CFG)
   want = (ensemble.rank_normalise(-eap, valid) + ensemble.rank_normalise(-ig, valid)) / 2
   np.testing.assert_allclose(ens.scores, want, atol=1e-6)
   mixed = A.attribute(CFG, PARAMS, DATA, method="EAP+information-flow-routes", batch_size=8,
@@ -201,7 +202,7 @@ def test_bootstrap_std_and_sign_stability():
   per_example = np.stack(states[-1].batch_sums)  # batches of one example
   assert per_example.shape == (len(DATA),) + res.scores.shape
   np.testing.assert_allclose(per_example.mean(0), res.scores, atol=1e-6)
-  valid = A.valid_edges(CFG)
+  valid = valid_edges(CFG)
   se = per_example.std(0) / np.sqrt(len(DATA))
   big = valid & (se > 1e-4)
   ratio = res.extras["bootstrap_std"][big] / se[big]

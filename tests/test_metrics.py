@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinterp import metrics
+from jaxinterp.tasks import metrics
 
 B, P, V = 4, 6, 11
 

@@ -17,8 +17,9 @@ import pytest
 
 from jaxinterp import attribution as A
 from jaxinterp import circuits as C
-from jaxinterp import evaluation as V
-from jaxinterp import models, tasks, toy
+from jaxinterp.evaluation import faithfulness as V
+from jaxinterp import models, tasks
+from jaxinterp.groundtruth import toy
 from jaxinterp.circuits import Graph, convention
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "mib"

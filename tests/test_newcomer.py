@@ -19,8 +19,12 @@ import jax
 import numpy as np
 import pytest
 
-from jaxinterp import files, models, plots, tasks, toy
+from jaxinterp import models, tasks
+from jaxinterp.runtime import files
+from jaxinterp.viz import plots
+from jaxinterp.groundtruth import toy
 from jaxinterp.experiments import common, scripts
+from jaxinterp.runtime import inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINYSTORIES = os.path.join(os.path.dirname(ROOT), "shared", "models", "tinystories-656k")
@@ -221,14 +225,14 @@ def test_induction_data_depend_on_the_weights_not_on_the_spelling(tmp_path):
                      "--top_n=10", f"--out={out}")])[0]
   assert r.returncode == 0, r.stderr[-3000:]
   meta = json.loads((out / "graph.json").read_text())["meta"]
-  expected = common.dataset_hash(toy.induction_task_dataset(8))
+  expected = inputs.dataset_hash(toy.induction_task_dataset(8))
   assert meta["data_hash"] == expected
   for spelling in ("toy", "jaxinterp/assets/toy", toy.TOY_MODEL_DIR + "/"):
-    m = models.from_pretrained(os.path.join(ROOT, common.resolve_model_path(spelling)))
-    assert common.is_toy_model(m)
-    assert common.dataset_hash(common.load_dataset(m, spelling, "induction", None, 8)) == expected
+    m = models.from_pretrained(os.path.join(ROOT, inputs.resolve_model_path(spelling)))
+    assert inputs.is_toy_model(m)
+    assert inputs.dataset_hash(common.load_dataset(m, spelling, "induction", None, 8)) == expected
   other = models.Model(toy.load_toy().cfg, jax.tree.map(lambda x: x * 1.01, toy.load_toy().params))
-  assert not common.is_toy_model(other)
+  assert not inputs.is_toy_model(other)
 
 
 # ------------------------------------------ items 8, 9: a GQA model with a tokenizer, bad rows
@@ -337,7 +341,7 @@ def _capture(monkeypatch) -> list:
 
 def test_plots_read_as_a_reader_expects(monkeypatch):
   figs = _capture(monkeypatch)
-  from jaxinterp.evaluation import FaithfulnessCurve
+  from jaxinterp.evaluation.faithfulness import FaithfulnessCurve
   n = np.asarray([0, 1, 2, 5, 10, 20, 110])
   plots.plot_faithfulness(FaithfulnessCurve(n_edges=n, n_edges_kept=n, percentages=n / 110.0,
                                             metric=n * 0.1, faithfulness=n / 110.0, m_full=1.0,
@@ -372,7 +376,7 @@ def test_plots_read_as_a_reader_expects(monkeypatch):
 def test_rarely_predicted_answers():
   """An answer set counts as predicted when any of its ids is in some prompt's top-k."""
   import dataclasses
-  from jaxinterp import evaluation
+  from jaxinterp.evaluation import faithfulness as evaluation
   m, d = toy.load_toy(), toy.induction_task_dataset(8)
   check = lambda data: evaluation.rarely_predicted_answers(m.cfg, m.params, data, k=1)
   assert check(d) == []  # the toy predicts its induction targets

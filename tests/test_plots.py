@@ -6,9 +6,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from jaxinterp import patching, plots
-from jaxinterp.evaluation import FaithfulnessCurve
-from jaxinterp.graph import Graph
+from jaxinterp import patching
+from jaxinterp.viz import plots
+from jaxinterp.evaluation.faithfulness import FaithfulnessCurve
+from jaxinterp.circuits import Graph
 from jaxinterp.models import ModelConfig
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -9,6 +9,7 @@ from jaxinterp import attribution as A
 from jaxinterp import tasks
 
 import pytest
+from jaxinterp.circuits.layout import valid_edges
 
 CFG = models.ModelConfig(family="gpt2", d_model=32, n_layers=2, n_heads=4, d_head=8, d_mlp=64,
                          d_vocab=50, n_ctx=32)
@@ -20,7 +21,7 @@ DATA = tasks.make_induction(8, 5, 50, seed=1, bos_id=0)
 
 @pytest.mark.slow
 def test_bf16_scores_correlate_with_fp32():
-  valid = A.valid_edges(CFG)
+  valid = valid_edges(CFG)
   f32 = A.attribute(CFG, PARAMS, DATA, method="EAP-IG-inputs", batch_size=8, quiet=True).scores
   p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), PARAMS)
   assert jax.tree.leaves(p16)[0].dtype == jnp.bfloat16

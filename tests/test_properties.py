@@ -6,9 +6,9 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from jaxinterp import models
-from jaxinterp import evaluation as V
+from jaxinterp.evaluation import faithfulness as V
 from jaxinterp import tasks
-from jaxinterp.graph import Graph
+from jaxinterp.circuits import Graph
 
 CFG = models.ModelConfig(family="gpt2", d_model=16, n_layers=2, n_heads=2, d_head=8, d_mlp=32,
                          d_vocab=40, n_ctx=32)

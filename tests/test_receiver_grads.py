@@ -9,8 +9,10 @@ import pytest
 
 from jaxinterp import models
 from jaxinterp import attribution as A
-from jaxinterp import receiver_grads as RG
+from jaxinterp.attribution import receiver_grads as RG
 from jaxinterp import tasks
+from jaxinterp.circuits.layout import valid_edges
+from jaxinterp.tasks import metrics as task_metrics
 
 _COMMON = dict(d_model=32, n_layers=2, n_heads=4, d_head=8, d_mlp=64, d_vocab=50, n_ctx=32)
 CONFIGS = {
@@ -63,13 +65,13 @@ def test_matches_weight_gradient_kernels(family, method):
   alphas = jnp.asarray([1.0] if method == "EAP" else A.ig_alphas(3), jnp.float32)
   ref, ref_vals = A.eap.weight_gradient_batch(cfg, ds.task, params, batch, abl, alphas)
   got, vals, clean_vals = RG.ig_inputs_batch(cfg, ds.task, params, batch, abl, alphas)
-  valid = A.valid_edges(cfg)
+  valid = valid_edges(cfg)
   assert np.all(np.asarray(got)[~valid] == 0)
   ref, got = np.asarray(ref)[valid], np.asarray(got)[valid]
   assert np.abs(ref).max() > 1e-2  # a real signal
   np.testing.assert_allclose(got, ref, atol=2e-4 * np.abs(ref).max(), rtol=1e-3)
   np.testing.assert_allclose(np.asarray(vals), np.asarray(ref_vals), rtol=1e-5, atol=1e-5)
-  _, ref_clean, _ = A.clean_metric(cfg, ds.task, params, batch)
+  _, ref_clean, _ = task_metrics.clean_metric(cfg, ds.task, params, batch)
   np.testing.assert_allclose(np.asarray(clean_vals), np.asarray(ref_clean), rtol=1e-5, atol=1e-5)
   # The per-head-input kernel (used under remat and for non-uniform layers) agrees too.
   split, split_vals, split_clean = RG._split_ig_inputs_batch(cfg, ds.task, params, batch, abl,
@@ -120,6 +122,6 @@ def test_unscanned_blocks(case, monkeypatch):
   ref, _ = A.eap.weight_gradient_batch(cfg, ds.task, params, batch, A.Ablation("patching"), alphas)
   fn = RG.ig_inputs_batch.__wrapped__  # unjitted: SCAN_MAX_FRACTION is read at trace time
   got, _, _ = fn(cfg, ds.task, params, batch, A.Ablation("patching"), alphas)
-  valid = A.valid_edges(cfg)
+  valid = valid_edges(cfg)
   ref = np.asarray(ref)[valid]
   np.testing.assert_allclose(np.asarray(got)[valid], ref, atol=2e-4 * np.abs(ref).max(), rtol=1e-3)

@@ -71,6 +71,6 @@ def test_sharded_scores_equal_single_device():
 
 
 def test_make_mesh_refuses_too_many_devices():
-  from jaxinterp import sharding as SH
+  from jaxinterp.runtime import sharding as SH
   with pytest.raises(SH.ShardingError, match="devices"):
     SH.make_mesh(64, 64)

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 from jaxinterp import attribution as A
-from jaxinterp import receiver_grads as RG
-from jaxinterp import shared_prefix, tasks
+from jaxinterp.attribution import receiver_grads as RG
+from jaxinterp import tasks
+from jaxinterp.runtime import shared_prefix
 from jaxinterp.models.transformer import run_blocks, embed_inputs
 from tests.test_receiver_grads import CONFIGS, _params
+from jaxinterp.circuits.layout import valid_edges
 
 
 def late_corruption(cfg, n=10, width=16, seed=0, metric="task"):
@@ -117,7 +119,7 @@ def test_attribution_kernel_on_suffixes_equals_the_whole_run(family, method):
   abl = A.Ablation("patching")
   ref = RG.ig_inputs_batch(cfg, data.task, params, batch, abl, alphas)
   got = RG.ig_inputs_batch(cfg, data.task, params, batch, abl, alphas, suffix=width)
-  valid = A.valid_edges(cfg)
+  valid = valid_edges(cfg)
   s_ref, s_got = np.asarray(ref[0])[valid], np.asarray(got[0])[valid]
   assert np.abs(s_ref).max() > 1e-2
   np.testing.assert_allclose(s_got, s_ref, atol=1e-5 * np.abs(s_ref).max(), rtol=1e-4)
@@ -137,7 +139,7 @@ def test_attribute_uses_the_suffix_and_matches_the_reference():
   ref = sum(np.asarray(A.eap.weight_gradient_batch(cfg, data.task, params, b,
                                                    A.Ablation("patching"), alphas)[0], np.float64)
             for b in data.batches(4)) / len(data)
-  valid = A.valid_edges(cfg)
+  valid = valid_edges(cfg)
   assert np.abs(ref[valid]).max() > 1e-3
   np.testing.assert_allclose(got[valid], ref[valid], atol=2e-4 * np.abs(ref[valid]).max(),
                              rtol=1e-3)
@@ -162,7 +164,7 @@ def test_exact_patching_on_suffixes_equals_the_whole_run(family, level, monkeypa
   got = run()
   monkeypatch.setattr(shared_prefix, "plan", lambda *a: None)
   ref = run()
-  scored = A.valid_edges(cfg) if level == "edge" else np.ones(ref.scores.shape, bool)
+  scored = valid_edges(cfg) if level == "edge" else np.ones(ref.scores.shape, bool)
   assert np.abs(ref.scores[scored]).max() > 1e-2
   np.testing.assert_allclose(got.scores[scored], ref.scores[scored],
                              atol=1e-5 * np.abs(ref.scores[scored]).max(), rtol=1e-4)

@@ -1,10 +1,10 @@
-"""jaxinterp.timing: phases on the wall clock, with JAX's compile time moved into its own phase."""
+"""jaxinterp.runtime.timing: phases on the wall clock, with JAX's compile time moved into its own phase."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxinterp import timing
+from jaxinterp.runtime import timing
 
 BACKEND = "/jax/core/compile/backend_compile_duration"
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxinterp import models
-from jaxinterp import toy
+from jaxinterp.groundtruth import toy
 
 ROOT = Path(__file__).resolve().parents[1]
 

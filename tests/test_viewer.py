@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-from jaxinterp import viewer
+from jaxinterp.viz import viewer
 from jaxinterp.circuits import Graph, GraphShape, MIB_PERCENTAGES, n_edges_at_percentage
 from jaxinterp.models import ModelConfig
 

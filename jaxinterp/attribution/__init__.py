@@ -38,19 +38,17 @@ from jaxinterp.attribution import (ablation, base, bootstrap as bootstrap_, eap,
 from jaxinterp.attribution import acdc, edge_pruning, masks, optimal, ugs
 from jaxinterp.attribution.ablation import INTERVENTIONS, Ablation, compute_means, make_ablation
 from jaxinterp.attribution.base import (LEVELS, AttributionError, BatchScores, FitResult, IGOptions,
-                                        LevelOptions, Method, Options, Shift, clean_metric,
-                                        ig_alphas, metric_at_last, metric_sum, sender_outputs,
-                                        valid_edges)
+                                        LevelOptions, Method, Options, Shift, ig_alphas)
 from jaxinterp.attribution.exact import ExactOptions, exact_chunk_size
+from jaxinterp.circuits.layout import valid_edges
 from jaxinterp.tasks import Batch, Dataset
 from jaxinterp.models.config import ModelConfig
 
 __all__ = [
     "METHODS", "INTERVENTIONS", "Ablation", "Attribution", "AttributionError", "BatchScores",
     "FitResult", "ExactOptions", "IGOptions", "Method", "Options", "Progress", "Shift", "attribute",
-    "clean_metric", "compute_means", "exact_chunk_size", "get_method", "ig_alphas",
-    "make_ablation", "metric_at_last", "metric_sum", "node_scores", "sender_outputs",
-    "valid_edges", "ablation", "base", "eap", "exact", "ig_activations", "receiver_grads",
+    "compute_means", "exact_chunk_size", "get_method", "ig_alphas",
+    "make_ablation", "node_scores", "ablation", "base", "eap", "exact", "ig_activations", "receiver_grads",
     "LEVELS", "LevelOptions", "bootstrap", "ifr", "nodes", "ensemble",
     "acdc", "edge_pruning", "masks", "optimal", "ugs",
 ]

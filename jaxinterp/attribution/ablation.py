@@ -20,6 +20,7 @@ from jaxinterp.tasks import Batch, Dataset
 from jaxinterp.models import edges as E
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.transformer import positions_of
+from jaxinterp.models.transformer import sender_outputs
 
 Array = jax.Array
 
@@ -47,7 +48,7 @@ class Ablation:
     """The ablated sender outputs for a batch: Float[Array, "batch pos sender d_model"]."""
     B, P = batch.clean.shape
     if self.kind == "patching":
-      return base.sender_outputs(cfg, params, batch.corrupted, batch.mask)
+      return sender_outputs(cfg, params, batch.corrupted, batch.mask)
     dtype = jax.tree.leaves(params)[0].dtype
     shape = (B, P, E.n_senders(cfg), cfg.d_model)
     if self.kind == "zero-all":  # the position embedding too
@@ -73,7 +74,7 @@ def compute_means(cfg: ModelConfig, params, dataset: Dataset, batch_size: int,
 
   Returns Float[Array, "sender d_model"], or Float[Array, "pos sender d_model"] if `positional`.
   """
-  fn = jax.jit(lambda p, t, m: base.sender_outputs(cfg, p, t, m))
+  fn = jax.jit(lambda p, t, m: sender_outputs(cfg, p, t, m))
   total, count = None, None
   for batch in dataset.batches(batch_size, bucket=None):
     acts = fn(params, batch.clean, batch.mask).astype(jnp.float32)

@@ -40,13 +40,14 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxinterp import metrics
+from jaxinterp.tasks import metrics
 from jaxinterp.attribution import base, exact, masks
 from jaxinterp.circuits import Graph
 from jaxinterp.models import edges as E
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.edges import EdgePatch
 from jaxinterp.models.transformer import LayerStart, forward, last_token_logits
+from jaxinterp.circuits.layout import valid_edges
 
 METRICS = ("kl", "task")
 
@@ -125,7 +126,7 @@ class _Evaluator:
     self.calls = 0
     self.m_full = None
     if options.acdc_metric == "task":
-      full = np.ones(base.valid_edges(cfg).shape, np.float32)
+      full = np.ones(valid_edges(cfg).shape, np.float32)
       self.m_full = float(self._means(self.cfg.n_layers, full[None])[0])
 
   def _means(self, layer, weights):
@@ -147,7 +148,7 @@ def fit(cfg: ModelConfig, params, dataset, ablation, options: ACDCOptions) -> ba
   """Run ACDC on `dataset`; scores are the Delta measured when each edge was tried."""
   if len(dataset) == 0:
     raise base.AttributionError("the dataset is empty")
-  valid = base.valid_edges(cfg)
+  valid = valid_edges(cfg)
   S, R = valid.shape
   owner = Graph.from_config(cfg).receiver_node
   ev = _Evaluator(cfg, params, dataset, ablation, options)

@@ -10,7 +10,6 @@ for every method. This module imports nothing else from `jaxinterp.attribution`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Callable, Optional
 
 import flax.struct
@@ -18,12 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinterp.circuits import Graph, convention
+from jaxinterp.circuits import convention
+from jaxinterp.circuits.layout import valid_edges
 from jaxinterp.tasks import Batch, Task
 from jaxinterp.models import edges as E
 from jaxinterp.models.config import ModelConfig
-from jaxinterp.models.edges import EdgePatch
-from jaxinterp.models.transformer import forward, last_token_logits
 
 Array = jax.Array
 
@@ -215,36 +213,6 @@ def level_valid(cfg: ModelConfig, options: Options) -> np.ndarray:
   return valid_edges(cfg)
 
 
-def sender_outputs(cfg: ModelConfig, params, tokens: Array, mask: Optional[Array] = None,
-                   **kw) -> Array:
-  """Every sender's output (input node, heads, MLPs): Float[Array, "batch pos sender d_model"]."""
-  _, cache = forward(cfg, params, tokens, attention_mask=mask, edges=EdgePatch(None, None),
-                     collect=("hook_senders",), **kw)
-  return cache["hook_senders"]
-
-
-def metric_sum(task: Task, logits: Array, batch: Batch, clean_logits: Optional[Array]) -> Array:
-  """Sum of the per-example metric over the batch's real (valid) rows, and the per-example values."""
-  values = task.metric(logits, batch, clean_logits)
-  return jnp.sum(jnp.where(batch.valid, values, 0.0)), values
-
-
-def metric_at_last(cfg: ModelConfig, task: Task, params, batch: Batch, x: Array,
-                   clean_logits: Optional[Array]):
-  """`metric_sum` from the final-norm output x, unembedding only each example's last real position
-  (`clean_logits`, if the task reads them, are last-position logits too: [batch, 1, vocab])."""
-  logits = last_token_logits(cfg, params, x, batch.last)
-  return metric_sum(task, logits, batch.replace(last=jnp.zeros_like(batch.last)), clean_logits)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "task"))
-def clean_metric(cfg: ModelConfig, task: Task, params, batch: Batch):
-  """The clean model on a batch: (sum over real rows, Float[Array, "batch"] values, logits)."""
-  logits = forward(cfg, params, batch.clean, attention_mask=batch.mask)
-  total, values = metric_sum(task, logits, batch, logits)
-  return total, values, logits
-
-
 @flax.struct.dataclass
 class Shift:
   """x -> x + delta: the additive side input the fused-head kernels put at a site (delta may be
@@ -259,16 +227,6 @@ class Shift:
 def ones(cfg: ModelConfig, dtype=jnp.float32) -> Array:
   """All-ones edge weights, Float[Array, "sender receiver"]: the clean model in graph form."""
   return jnp.ones((E.n_senders(cfg), E.n_receivers(cfg)), dtype)
-
-
-@functools.lru_cache(maxsize=32)
-def _valid_edges(cfg: ModelConfig) -> np.ndarray:
-  return Graph.from_config(cfg).valid
-
-
-def valid_edges(cfg: ModelConfig) -> np.ndarray:
-  """Bool [n_senders, n_receivers]: which sender->receiver pairs are real edges."""
-  return _valid_edges(cfg).copy()
 
 
 def check_finite(values: np.ndarray, batch_index: int, what: str) -> None:

@@ -30,10 +30,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxinterp import shared_prefix
+from jaxinterp.runtime import shared_prefix
 from jaxinterp.attribution import base, nodes, receiver_grads
 from jaxinterp.models.edges import EdgePatch
 from jaxinterp.models.transformer import embed_inputs, forward
+from jaxinterp.tasks import metrics as task_metrics
+from jaxinterp.models.transformer import sender_outputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +88,7 @@ def weight_gradient_batch(cfg, task, params, batch, ablation, alphas, remat=Fals
   """
   ablated = ablation.values(cfg, params, batch)
   clean_logits = forward(cfg, params, batch.clean, attention_mask=batch.mask)
-  clean = base.sender_outputs(cfg, params, batch.clean, batch.mask)
+  clean = sender_outputs(cfg, params, batch.clean, batch.mask)
   e_clean = clean[:, :, 0]
   e_corrupt = embed_inputs(cfg, params, batch.corrupted, batch.mask)
 
@@ -94,7 +96,7 @@ def weight_gradient_batch(cfg, task, params, batch, ablation, alphas, remat=Fals
     emb = e_corrupt + alpha.astype(e_clean.dtype) * (e_clean - e_corrupt)
     logits = forward(cfg, params, batch.clean, attention_mask=batch.mask, input_embeds=emb,
                      edges=EdgePatch(w, ablated, live=clean), remat=remat)
-    return base.metric_sum(task, logits, batch, clean_logits)
+    return task_metrics.metric_sum(task, logits, batch, clean_logits)
 
   def step(total, alpha):
     g, values = jax.grad(f, has_aux=True)(base.ones(cfg), alpha)

@@ -43,6 +43,7 @@ import optax
 
 from jaxinterp.attribution import base, masks
 from jaxinterp.models.config import ModelConfig
+from jaxinterp.circuits.layout import valid_edges
 
 LEFT, RIGHT, BETA, EPS = -0.1, 1.1, 2 / 3, 1e-6
 WARMUP_FRACTION = 2500 / 3000  # target-sparsity warmup, of the steps
@@ -125,7 +126,7 @@ def keep_probability(log_alpha):
 
 def initial_log_alpha(cfg: ModelConfig, options: EdgePruningOptions) -> np.ndarray:
   """init_logit everywhere, or linear in the rank of |score| of `init_from` (0 .. init_logit)."""
-  valid = base.valid_edges(cfg)
+  valid = valid_edges(cfg)
   if options.init_from is None:
     return np.full(valid.shape, options.init_logit, np.float32)
   return (options.init_logit * masks.warm_start_ranks(cfg, options.init_from)).astype(np.float32)
@@ -158,7 +159,7 @@ def optimizer(options: EdgePruningOptions) -> optax.GradientTransformation:
 
 def _loss(cfg, task, options: EdgePruningOptions, params, theta, batch, clean_last, ablated, key,
           target):
-  valid = jnp.asarray(base.valid_edges(cfg))
+  valid = jnp.asarray(valid_edges(cfg))
   n_s = options.ep_samples
   if n_s == 1:
     z = sample_z(key, theta["log_alpha"])
@@ -170,7 +171,7 @@ def _loss(cfg, task, options: EdgePruningOptions, params, theta, batch, clean_la
   kl = masks.mean_real(masks.circuit_loss(cfg, task, options.mask_objective, params, batch,
                                           clean_last, ablated, w), batch)
   kept = jnp.mean(jnp.sum(jnp.where(valid, z, 0.0), (-2, -1)))
-  sparsity = 1.0 - kept / float(np.sum(base.valid_edges(cfg)))
+  sparsity = 1.0 - kept / float(np.sum(valid_edges(cfg)))
   gap = sparsity - target
   return kl + theta["lambda_1"] * gap + theta["lambda_2"] * gap ** 2, (kl, sparsity)
 
@@ -201,7 +202,7 @@ def init_state(cfg: ModelConfig, options: EdgePruningOptions):
 
 def fit(cfg: ModelConfig, params, dataset, ablation, options: EdgePruningOptions) -> base.FitResult:
   """Train the hard-concrete masks; scores = P(z > 0), extras["circuit"] at the target sparsity."""
-  valid = base.valid_edges(cfg)
+  valid = valid_edges(cfg)
   static = dataclasses.replace(options, progress=False, seed=0, init_from=None)
   step = functools.partial(train_step, cfg, dataset.task, static, params, ablation)
   (theta, _), history = masks.train(step, init_state(cfg, options), dataset, options,

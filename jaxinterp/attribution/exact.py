@@ -20,12 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxinterp import shared_prefix
+from jaxinterp.runtime import shared_prefix
 from jaxinterp.attribution import base
 from jaxinterp.models import edges as E
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.edges import EdgePatch
 from jaxinterp.models.transformer import LayerStart, Norm, forward, ungroup_kv
+from jaxinterp.circuits.layout import valid_edges
+from jaxinterp.tasks import metrics as task_metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +125,7 @@ def edge_chunk(cfg, task, layer, params, batch, resid, mlp_input, delta_prefix, 
   if layer == L:  # the logits receiver: only the final norm runs
     def one(s, r):
       x = norm(params.get("ln_final", {}), resid - delta_prefix[:, :, s])
-      return base.metric_at_last(cfg, task, params, batch, x, clean_logits)[0]
+      return task_metrics.metric_at_last(cfg, task, params, batch, x, clean_logits)[0]
     return jax.vmap(one)(senders, receivers)
 
   blk = params[f"blocks_{layer}"]
@@ -145,7 +147,7 @@ def edge_chunk(cfg, task, layer, params, batch, resid, mlp_input, delta_prefix, 
     iv[p + "ln2.hook_normalized"] = base.Shift(d_mlp)
     _, cache = forward(cfg, params, batch.clean, attention_mask=batch.mask, interventions=iv,
                        start=start, collect=("ln_final.hook_normalized",))
-    return base.metric_at_last(cfg, task, params, batch, cache["ln_final.hook_normalized"],
+    return task_metrics.metric_at_last(cfg, task, params, batch, cache["ln_final.hook_normalized"],
                                clean_logits)[0]
 
   return jax.vmap(one)(senders, receivers)
@@ -228,7 +230,7 @@ def node_chunk(cfg, task, layer, params, batch, resid, shifts, clean_logits, pos
           p + "hook_mlp_out": base.Shift(sh[2])}
     _, cache = forward(cfg, params, batch.clean, attention_mask=batch.mask, interventions=iv,
                        start=start, collect=("ln_final.hook_normalized",))
-    return base.metric_at_last(cfg, task, params, batch, cache["ln_final.hook_normalized"],
+    return task_metrics.metric_at_last(cfg, task, params, batch, cache["ln_final.hook_normalized"],
                                clean_logits)[0]
 
   return jax.vmap(one)(shifts)
@@ -264,12 +266,12 @@ def _exact_nodes_batch(cfg, task, ablation, params, batch, clean_total, clean_lo
 
 def score_batch(cfg, task, params, batch, ablation, options: ExactOptions) -> base.BatchScores:
   """Exact scores of one batch (the metric checked is the clean one: each rerun is one edge's)."""
-  c_total, c_values, clean_logits = base.clean_metric(cfg, task, params, batch)
+  c_total, c_values, clean_logits = task_metrics.clean_metric(cfg, task, params, batch)
   if getattr(options, "level", "edge") == "node":
     s = _exact_nodes_batch(cfg, task, ablation, params, batch, float(c_total), clean_logits,
                            options.exact_chunk, not options.progress)
     return base.BatchScores(s, c_values, c_values, c_total)
-  s = _exact_batch(cfg, task, ablation, params, batch, base.valid_edges(cfg), float(c_total),
+  s = _exact_batch(cfg, task, ablation, params, batch, valid_edges(cfg), float(c_total),
                    clean_logits, options.exact_chunk, not options.progress)
   return base.BatchScores(s, c_values, c_values, c_total)
 

@@ -19,6 +19,8 @@ from jaxinterp.attribution import base
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.edges import EdgePatch
 from jaxinterp.models.transformer import embed_inputs, forward
+from jaxinterp.tasks import metrics as task_metrics
+from jaxinterp.models.transformer import sender_outputs
 
 Array = jax.Array
 
@@ -53,7 +55,7 @@ def _ig_activations_batch(cfg, task, params, batch, ablation, alphas, remat=Fals
   clean_logits, clean_cache = forward(cfg, params, batch.clean, attention_mask=batch.mask,
                                       collect=names)
   _, corrupt_cache = forward(cfg, params, batch.corrupted, attention_mask=batch.mask, collect=names)
-  clean = base.sender_outputs(cfg, params, batch.clean, batch.mask)
+  clean = sender_outputs(cfg, params, batch.clean, batch.mask)
   e_clean = clean[:, :, 0]
   e_corrupt = embed_inputs(cfg, params, batch.corrupted, batch.mask)
   G = len(groups)
@@ -64,7 +66,7 @@ def _ig_activations_batch(cfg, task, params, batch, ablation, alphas, remat=Fals
     iv = {n: _Blend(clean_cache[n], corrupt_cache[n], s[i + 1], alpha) for i, n in enumerate(names)}
     logits = forward(cfg, params, batch.clean, attention_mask=batch.mask, input_embeds=emb,
                      interventions=iv, edges=EdgePatch(w, ablated, live=clean), remat=remat)
-    return base.metric_sum(task, logits, batch, clean_logits)
+    return task_metrics.metric_sum(task, logits, batch, clean_logits)
 
   gs = jnp.repeat(jnp.arange(G), alphas.shape[0])
   als = jnp.tile(alphas, G)
@@ -80,7 +82,7 @@ def _ig_activations_batch(cfg, task, params, batch, ablation, alphas, remat=Fals
 
 def score_batch(cfg, task, params, batch, ablation, options: base.IGOptions) -> base.BatchScores:
   """EAP-IG-activations scores of one batch."""
-  c_total, c_values, _ = base.clean_metric(cfg, task, params, batch)
+  c_total, c_values, _ = task_metrics.clean_metric(cfg, task, params, batch)
   alphas = jnp.asarray(base.ig_alphas(options.ig_steps, options.ig_convention,
                                       "EAP-IG-activations"))
   s, values = _ig_activations_batch(cfg, task, params, batch, ablation, alphas,

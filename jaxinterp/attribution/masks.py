@@ -23,13 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxinterp import metrics
+from jaxinterp.tasks import metrics
 from jaxinterp.attribution import base
 from jaxinterp.circuits import Graph
 from jaxinterp.tasks import Batch, Dataset
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.edges import EdgePatch
 from jaxinterp.models.transformer import forward, last_token_logits
+from jaxinterp.circuits.layout import valid_edges
+from jaxinterp.tasks import metrics as task_metrics
 
 
 OBJECTIVES = ("kl", "task")
@@ -128,7 +130,7 @@ def clean_mean(cfg: ModelConfig, params, dataset: Dataset, batch_size: int = 16)
   """Mean task metric of the clean model over the dataset (`FitResult.clean_metric`)."""
   total = 0.0
   for batch in dataset.batches(batch_size):
-    total += float(base.clean_metric(cfg, dataset.task, params, batch)[0])
+    total += float(task_metrics.clean_metric(cfg, dataset.task, params, batch)[0])
   return total / len(dataset)
 
 
@@ -179,7 +181,7 @@ def warm_start_ranks(cfg: ModelConfig, path: str) -> np.ndarray:
     g = Graph.from_json(path, cfg)
   except (ValueError, OSError) as e:
     raise base.AttributionError(f"init_from={path!r}: {e}") from None
-  valid = base.valid_edges(cfg)
+  valid = valid_edges(cfg)
   s = np.abs(np.asarray(g.scores, np.float64))[valid]
   ranks = np.empty(s.size)
   ranks[np.argsort(s, kind="stable")] = np.arange(s.size) / max(s.size - 1, 1)

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from jaxinterp.attribution import base, receiver_grads
 from jaxinterp.models.transformer import (Norm, embed_inputs, last_token_logits, run_blocks,
                                           stack_blocks)
+from jaxinterp.tasks import metrics as task_metrics
 
 
 def _senders(cfg, params, stacked, emb, mask):
@@ -93,7 +94,7 @@ def node_batch(cfg, task, params, batch, ablation, alphas, neuron: bool = False)
     emb = e_corrupt + alpha.astype(dt) * (e_clean - e_corrupt) + shift_in
     iv = {k: base.Shift(v) for k, v in shifts.items()}
     resid, _ = run_blocks(cfg, params, emb, batch.mask, iv, stacked=stacked)
-    return base.metric_at_last(cfg, task, params, batch, norm(resid), read_clean)
+    return task_metrics.metric_at_last(cfg, task, params, batch, norm(resid), read_clean)
 
   def step(total, alpha):
     g, values = jax.grad(f, has_aux=True)(eps0, alpha)

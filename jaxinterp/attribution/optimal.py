@@ -39,7 +39,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jaxinterp import files
+from jaxinterp.runtime import files
 from jaxinterp.attribution import base
 from jaxinterp.tasks import Batch, Dataset
 from jaxinterp.models import edges as E

@@ -37,8 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinterp import shared_prefix
-from jaxinterp.attribution.base import Shift, metric_at_last, metric_sum
+from jaxinterp.runtime import shared_prefix
+from jaxinterp.attribution.base import Shift
+from jaxinterp.tasks.metrics import metric_at_last, metric_sum
 from jaxinterp.tasks import Batch
 from jaxinterp.models import edges as E
 from jaxinterp.models.config import ModelConfig

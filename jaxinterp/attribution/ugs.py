@@ -43,6 +43,7 @@ import optax
 from jaxinterp.attribution import base, masks
 from jaxinterp.circuits import Graph
 from jaxinterp.models.config import ModelConfig
+from jaxinterp.circuits.layout import valid_edges
 
 INIT_THETA = 1.0
 CLIP_NORM = 5.0
@@ -114,7 +115,7 @@ def optimizer(lr: float) -> optax.GradientTransformation:
 
 
 def _loss(cfg, task, options: UGSOptions, params, theta, batch, clean_last, ablated, key):
-  valid = jnp.asarray(base.valid_edges(cfg))
+  valid = jnp.asarray(valid_edges(cfg))
   n_s = options.ugs_samples
   m = sample_masks(key, theta, n_s * batch.clean.shape[0])  # rows sample-major, as the reference
   if options.prune_dangling:
@@ -150,13 +151,13 @@ def train_step(cfg, task, options: UGSOptions, lr: float, params, ablation, stat
 
 def init_state(cfg: ModelConfig, lr: float):
   """(theta, opt_state) at the start: theta = 1 on every edge."""
-  theta = jnp.full(base.valid_edges(cfg).shape, INIT_THETA, jnp.float32)
+  theta = jnp.full(valid_edges(cfg).shape, INIT_THETA, jnp.float32)
   return theta, optimizer(lr).init(theta)
 
 
 def fit(cfg: ModelConfig, params, dataset, ablation, options: UGSOptions) -> base.FitResult:
   """Train the UGS masks on `dataset`; scores are alpha = sigmoid(theta) per edge."""
-  valid = base.valid_edges(cfg)
+  valid = valid_edges(cfg)
   lr = float(options.mask_lr or default_lr(options.reg_lamb, ablation.kind))
   static = dataclasses.replace(options, progress=False, mask_steps=1, seed=0, mask_lr=None)
   step = functools.partial(train_step, cfg, dataset.task, static, lr, params, ablation)

@@ -31,7 +31,7 @@ import numpy as np
 
 from jaxinterp.circuits import convention, layout
 from jaxinterp.circuits.layout import GraphError, GraphShape
-from jaxinterp.files import atomic_write
+from jaxinterp.runtime.files import atomic_write
 
 if TYPE_CHECKING:
   from jaxinterp.circuits.graph import Graph

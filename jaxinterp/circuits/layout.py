@@ -201,6 +201,12 @@ def layout_for(key: tuple[int, int, bool]) -> Layout:
   return Layout(*key)
 
 
+def valid_edges(cfg: Any) -> np.ndarray:
+  """Bool [n_senders, n_receivers]: which sender->receiver pairs of `cfg`'s graph are real edges (a
+  fresh copy the caller may write to)."""
+  return layout_for(shape_key(cfg)).valid.copy()
+
+
 # --------------------------------------------------------------------------------------------------
 # Argument checks and error formatting shared by the package
 # --------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Circuit evaluation arithmetic (MIB conventions), as pure numpy.
 
 Normalised faithfulness, CPR and CMD areas over `MIB_PERCENTAGES`, circuit sizes in percent of the
-model's edges, and node/edge IoU between circuits. No model code: `jaxinterp.evaluation` runs the
+model's edges, and node/edge IoU between circuits. No model code: `jaxinterp.evaluation.faithfulness` runs the
 model and uses these to summarise the results.
 
 All bad input raises `GraphError` (a `ValueError`) with a message that names what is wrong.
@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxinterp.circuits import convention, io, layout
 from jaxinterp.circuits.layout import GraphError
-from jaxinterp.files import atomic_write
+from jaxinterp.runtime.files import atomic_write
 
 if TYPE_CHECKING:
   from jaxinterp.circuits.graph import Graph

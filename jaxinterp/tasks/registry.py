@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Tuple
 
 import jax.numpy as jnp
 
-from jaxinterp import metrics
+from jaxinterp.tasks import metrics
 from jaxinterp.tasks.data import Task, TaskError
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Known-circuit recovery: how well each attribution method finds a circuit that is known exactly.
 
 A `Case` is a model, its true circuit, clean/corrupted data with a metric, and which true edges each
-ablation can see (`jaxinterp.ground_truth` defines all three). Cases:
+ablation can see (`jaxinterp.groundtruth.truth` defines all three). Cases:
 
 - `tracr_case`: a tracr-compiled RASP program (ported with `models.from_tracr`), its weight-derived
   circuit, `tracr_tasks.make_dataset` data; `library_case` for tracr's library programs;
@@ -22,7 +22,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from jaxinterp import attribution, ground_truth, toy, tracr_tasks
+from jaxinterp import attribution
+from jaxinterp.groundtruth import truth as ground_truth
+from jaxinterp.groundtruth import toy
+from jaxinterp.groundtruth import tracr_tasks
 from jaxinterp.circuits import Graph
 from jaxinterp.models import tracr as T
 from jaxinterp.models.config import ModelConfig

@@ -22,7 +22,7 @@ from matplotlib import ticker as mticker  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import FancyArrowPatch  # noqa: E402
 
-from jaxinterp import files  # noqa: E402
+from jaxinterp.runtime import files  # noqa: E402
 from jaxinterp.circuits import Graph  # noqa: E402
 
 POSITIVE_COLOR = "#1f5fb4"
@@ -88,7 +88,7 @@ def plot_circuit(graph: Graph, path: str, title: str = "", max_edges: int = 200)
     max_edges: draw at most this many in-graph edges, the largest |score| first.
   """
   if not isinstance(graph, Graph):
-    raise PlotError(f"plot_circuit needs a jaxinterp.graph.Graph, got {type(graph).__name__}")
+    raise PlotError(f"plot_circuit needs a jaxinterp.circuits.Graph, got {type(graph).__name__}")
   if not isinstance(max_edges, int) or max_edges < 1:
     raise PlotError(f"max_edges must be a positive integer, got {max_edges!r}")
   L, H = graph.cfg.n_layers, graph.cfg.n_heads

@@ -20,7 +20,9 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 import jax.numpy as jnp
 
-from jaxinterp.interventions import ALL, InterventionError, LowRankRotatedSpace, collect_sources
+from jaxinterp.interventions.basic import ALL, InterventionError
+from jaxinterp.interventions.das import LowRankRotatedSpace
+from jaxinterp.interventions.run import collect_sources
 
 Array = jax.Array
 

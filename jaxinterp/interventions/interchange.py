@@ -35,7 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinterp.interventions import (Autoencoder, Chain, InterventionError, Where, WhereEach)
+from jaxinterp.interventions.autoencoder import Autoencoder
+from jaxinterp.interventions.basic import InterventionError, Where, WhereEach
+from jaxinterp.interventions.run import Chain
 
 Array = jax.Array
 MODES = ("parallel", "serial")

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinterp import metrics
+from jaxinterp.tasks import metrics
 from jaxinterp.models import tracr as T
 from jaxinterp.tasks import Dataset, Task
 

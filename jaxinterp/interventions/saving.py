@@ -10,8 +10,9 @@ from typing import Any, Mapping, Optional
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinterp import files
-from jaxinterp.interventions import INTERVENTION_TYPES, Chain, InterventionError, Where, WhereEach
+from jaxinterp.runtime import files
+from jaxinterp.interventions.basic import InterventionError, Where, WhereEach
+from jaxinterp.interventions.run import Chain, INTERVENTION_TYPES
 
 SPEC_FILE = "interventions.json"
 ARRAYS_DIR = "arrays"

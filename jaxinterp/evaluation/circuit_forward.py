@@ -33,9 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinterp import shared_prefix
+from jaxinterp.runtime import shared_prefix
 from jaxinterp.attribution.ablation import Ablation
-from jaxinterp.attribution.base import metric_at_last
+from jaxinterp.tasks.metrics import metric_at_last
 from jaxinterp.models import edges as E
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.sites import Sites

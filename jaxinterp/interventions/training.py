@@ -5,7 +5,7 @@ Only the *trainable fields* of each intervention (`type(iv).trainable`, e.g. the
 `RotatedSpace`) are optimised. Orthogonality is kept by parametrisation (`param="qr"` by default,
 `"cayley"` for square rotations): the raw parameter is unconstrained and `orthogonalize` maps it to
 an orthogonal matrix inside every forward, so plain optax optimisers apply. Sources, positions,
-several interventions per site and the serial mode are described in `jaxinterp.interchange`.
+several interventions per site and the serial mode are described in `jaxinterp.interventions.interchange`.
 
 Interchange training data are (base, source, counterfactual label) triples: the source input is run
 through the frozen model inside the step to get the source activation at each trained site, the
@@ -27,12 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxinterp import interchange
-from jaxinterp.causal_model import CausalModel  # noqa: F401  (re-exported)
-from jaxinterp.intervention_io import (ARRAYS_DIR, SPEC_FILE, SPEC_FORMAT,  # noqa: F401
-                                       load_interventions, save_interventions)
-from jaxinterp.interventions import (ALL, BoundlessRotatedSpace, Chain, InterventionError,
-                                     LowRankRotatedSpace, RotatedSpace, SigmoidMask)
+from jaxinterp.interventions import interchange
+from jaxinterp.interventions.basic import ALL, InterventionError
+from jaxinterp.interventions.basis import SigmoidMask
+from jaxinterp.interventions.das import BoundlessRotatedSpace, LowRankRotatedSpace, RotatedSpace
+from jaxinterp.interventions.run import Chain
 
 Array = jax.Array
 
@@ -344,7 +343,7 @@ def train_interventions(cfg, model_params, template: Mapping[str, Any], data: Ma
     template: {site: intervention, or a Chain / list of them} with trainable fields (e.g. from
       `init_rotated_space`). A `WhereEach` with one row of positions per example of `data` is
       sliced with the examples of each batch.
-    data: interchange pairs (see `jaxinterp.interchange`): "base", "source", "label", optional
+    data: interchange pairs (see `jaxinterp.interventions.interchange`): "base", "source", "label", optional
       "pos", "base_mask", "source_mask", "positions", "source_positions".
     steps, batch_size, seed: optimisation (Adam unless `optimizer` is given).
     learning_rate: a float, or per parameter (see `learning_rates`), e.g. {"rotation": 1e-3,
@@ -355,7 +354,7 @@ def train_interventions(cfg, model_params, template: Mapping[str, Any], data: Ma
       same function object to reuse the compiled step.
     tie: parameters shared between sites or Chain items (see `tie_groups`).
     mode: "parallel", or "serial" (sources run through the model as intervened by the previous
-      site; see `jaxinterp.interchange`).
+      site; see `jaxinterp.interventions.interchange`).
 
   Returns:
     (trained {site: intervention}, history {"loss": [...], "acc": [...], "iia": float or None}).

@@ -20,11 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxinterp import circuit_forward as CF
+from jaxinterp.evaluation import circuit_forward as CF
 from jaxinterp import circuits as G
-from jaxinterp import timing
+from jaxinterp.runtime import timing
 from jaxinterp.attribution.ablation import Ablation, make_ablation
-from jaxinterp.attribution.base import AttributionError, check_finite, metric_sum, valid_edges
+from jaxinterp.attribution.base import AttributionError, check_finite
+from jaxinterp.circuits.layout import valid_edges
+from jaxinterp.tasks.metrics import metric_sum
 from jaxinterp.tasks import Dataset
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.edges import EdgePatch

@@ -18,7 +18,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-TOY_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy")
+TOY_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
+                             "toy")
 METADATA_FILE = "toy_metadata.json"
 
 # Defaults of the shipped model; `toy_metadata()` holds the values it was actually trained with.

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinterp.interventions import ALL, Add, InterventionError, Patch, Where
+from jaxinterp.interventions.basic import ALL, Add, InterventionError, Patch, Where
 
 Array = jax.Array
 

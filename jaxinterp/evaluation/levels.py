@@ -31,9 +31,10 @@ import jax
 import numpy as np
 
 from jaxinterp import circuits as G
-from jaxinterp import evaluation as V
+from jaxinterp.evaluation import faithfulness as V
 from jaxinterp.attribution.ablation import Ablation, make_ablation
-from jaxinterp.attribution.base import AttributionError, metric_sum
+from jaxinterp.attribution.base import AttributionError
+from jaxinterp.tasks.metrics import metric_sum
 from jaxinterp.circuits import convention
 from jaxinterp.models import edges as E
 from jaxinterp.models.config import ModelConfig

@@ -7,7 +7,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from jaxinterp.interventions import InterventionError
+from jaxinterp.interventions.basic import InterventionError
 
 
 class CausalModel:

@@ -14,7 +14,7 @@ are nested and pruning is monotone, so each edge has a smallest n from which it 
 circuit (`entry_sizes`), and the circuit at n is the edges whose entry size is <= n. The page ships
 the edges sorted by that size and draws a prefix, so any n is exact with no pruning in JavaScript.
 
-The page is plain JavaScript and SVG (`jaxinterp/assets/viewer/`), inlined with the data into one
+The page is plain JavaScript and SVG (`jaxinterp/viz/assets/`), inlined with the data into one
 file: no library, no CDN, no network request. Bad input raises `ViewerError` (a `GraphError`).
 """
 
@@ -30,10 +30,10 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from jaxinterp import files
+from jaxinterp.runtime import files
 from jaxinterp.circuits import Graph, GraphError, MIB_PERCENTAGES, n_edges_at_percentage
 
-ASSET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "viewer")
+ASSET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 MAX_DRAWN = 3000
 """Default cap on drawn edges: larger circuits draw their strongest edges and say so."""
 

@@ -63,7 +63,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinterp import attribution, toy
+from jaxinterp import attribution
+from jaxinterp.groundtruth import toy
 from jaxinterp.circuits import Graph
 from jaxinterp.models import edges as E
 from jaxinterp.models import tracr as T
@@ -129,7 +130,7 @@ def subspace_circuit(cfg: ModelConfig, params, labels: Optional[tuple[str, ...]]
   g = Graph.from_config(cfg)
   g = g.with_edges(overlap & g.valid)
   g.meta["definition"] = ("true edge: a valid edge whose sender writes a residual direction its "
-                          "receiver reads (jaxinterp.ground_truth)")
+                          "receiver reads (jaxinterp.groundtruth.truth)")
   if labels is not None:
     sops = {}
     for s, r in zip(*np.nonzero(g.in_graph)):

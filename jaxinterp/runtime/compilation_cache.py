@@ -5,8 +5,8 @@ or the circuit forward of a GPT-2-sized model). With the persistent cache on, a 
 the same model and batch shapes reads the compiled executable back instead. The binaries turn it on
 (`--compilation_cache`); a script or notebook calls `enable()` once, before its first jitted call:
 
-    import jaxinterp.compilation_cache
-    jaxinterp.compilation_cache.enable()          # ~/.cache/jaxinterp/xla, or $JAXINTERP_COMPILATION_CACHE
+    import jaxinterp.runtime.compilation_cache
+    jaxinterp.runtime.compilation_cache.enable()          # ~/.cache/jaxinterp/xla, or $JAXINTERP_COMPILATION_CACHE
 
 It is not turned on by importing jaxinterp: it is process-wide JAX state, and processes that write
 one cache directory at the same moment should not share it (the test suite sets

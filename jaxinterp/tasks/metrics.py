@@ -29,10 +29,15 @@ the behaviour):
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+
+from jaxinterp.models.config import ModelConfig
+from jaxinterp.models.transformer import forward, last_token_logits
+from jaxinterp.tasks.data import Batch, Task
 
 Array = jax.Array
 
@@ -223,3 +228,29 @@ def masked_mean(values: Array, valid: Optional[Array] = None) -> Array:
     return jnp.mean(values)
   w = jnp.asarray(valid, values.dtype)
   return jnp.sum(values * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# The task's metric on a batch
+
+
+def metric_sum(task: Task, logits: Array, batch: Batch, clean_logits: Optional[Array]) -> Array:
+  """Sum of the per-example metric over the batch's real (valid) rows, and the per-example values."""
+  values = task.metric(logits, batch, clean_logits)
+  return jnp.sum(jnp.where(batch.valid, values, 0.0)), values
+
+
+def metric_at_last(cfg: ModelConfig, task: Task, params, batch: Batch, x: Array,
+                   clean_logits: Optional[Array]):
+  """`metric_sum` from the final-norm output x, unembedding only each example's last real position
+  (`clean_logits`, if the task reads them, are last-position logits too: [batch, 1, vocab])."""
+  logits = last_token_logits(cfg, params, x, batch.last)
+  return metric_sum(task, logits, batch.replace(last=jnp.zeros_like(batch.last)), clean_logits)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "task"))
+def clean_metric(cfg: ModelConfig, task: Task, params, batch: Batch):
+  """The clean model on a batch: (sum over real rows, Float[Array, "batch"] values, logits)."""
+  logits = forward(cfg, params, batch.clean, attention_mask=batch.mask)
+  total, values = metric_sum(task, logits, batch, logits)
+  return total, values, logits

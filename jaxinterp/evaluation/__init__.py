@@ -1,0 +1,20 @@
+"""Evaluating circuits: how much of the model's behaviour a circuit keeps.
+
+Modules:
+- `faithfulness`: evaluate circuits of edges (the metric with every edge outside the circuit
+  ablated), faithfulness curves, MIB's CPR/CMD scores and protocol;
+- `circuit_forward`: the fast forward that evaluates many edge circuits per compiled call;
+- `levels`: node and neuron circuits (selection counts, the neuron-circuit forward, their curves).
+"""
+
+from jaxinterp.evaluation import circuit_forward, faithfulness, levels
+from jaxinterp.evaluation.faithfulness import (FaithfulnessCurve, answer_sets, baselines,
+                                               compile_ahead, evaluate_circuits,
+                                               faithfulness_curve, mean_over_batches, mib_protocol,
+                                               mib_scores, rarely_predicted_answers)
+
+__all__ = [
+    "FaithfulnessCurve", "answer_sets", "baselines", "compile_ahead", "evaluate_circuits",
+    "faithfulness_curve", "mean_over_batches", "mib_protocol", "mib_scores",
+    "rarely_predicted_answers", "circuit_forward", "faithfulness", "levels",
+]

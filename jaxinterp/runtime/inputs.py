@@ -1,0 +1,210 @@
+"""Loading a run's inputs: `--model` (an HF directory, an orbax conversion or the bundled `toy`), the
+task's prompt pairs, and a saved circuit's provenance (`meta`), with the hashes that identify the
+exact weights and examples.
+
+Every failure a user can cause is an `InputError` whose message is one line naming the flag, file or
+row (the binaries print it as `prog: error: ...`); `warn` prints a one-line warning on stderr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+from typing import Any, Mapping, Optional
+
+import jax
+import numpy as np
+
+from jaxinterp import models, tasks
+from jaxinterp.evaluation import faithfulness as evaluation
+from jaxinterp.groundtruth import toy
+
+TOY = "toy"
+ANSWER_TOP_K = 50  # an answer in no prompt's top-k next tokens is worth a warning
+
+
+class InputError(ValueError):
+  """A bad input (flag value, file or row), with a one-line message that names it."""
+
+
+def warn(message: str) -> None:
+  """One line on stderr: `warning: message`."""
+  print(f"warning: {' '.join(message.split())}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------- models
+
+
+def resolve_model_path(name: str) -> str:
+  """`toy` -> the bundled model's directory; anything else is used as given (a path)."""
+  return toy.TOY_MODEL_DIR if name == TOY else name
+
+
+def load_model(name: str, dtype=None) -> models.Model:
+  """Load `--model` (HF dir, orbax conversion, or `toy`), turning checkpoint errors into usage errors.
+
+  """
+  path = resolve_model_path(name)
+  try:
+    kw = {} if dtype is None else {"dtype": dtype}
+    return models.from_pretrained(path, **kw)
+  except (models.CheckpointError, models.ConfigError) as e:
+    raise InputError(f"--model={name}: {e}") from None
+
+
+def model_hash(model: models.Model) -> str:
+  """sha256 over the config and every parameter's bytes (identifies the exact weights).
+
+  Only config fields that differ from their defaults count, so a field added to `ModelConfig` later
+  (with a default) leaves every existing model's hash, and the graphs that record it, valid.
+  """
+  cfg = model.cfg
+  changed = [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+             if f.default is dataclasses.MISSING or getattr(cfg, f.name) != f.default]
+  h = hashlib.sha256(repr(sorted(changed)).encode())
+  for path, leaf in jax.tree_util.tree_flatten_with_path(model.params)[0]:
+    h.update(jax.tree_util.keystr(path).encode())
+    h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+  return h.hexdigest()
+
+
+def is_toy_model(model: models.Model) -> bool:
+  """Whether `model` holds the bundled toy's weights, whatever the spelling of its path (`toy`, a
+  relative or absolute path, a copy): decided by the config and the weights' hash."""
+  if model.path and os.path.realpath(model.path) == os.path.realpath(toy.TOY_MODEL_DIR):
+    return True
+  try:
+    with open(os.path.join(toy.TOY_MODEL_DIR, models.pretrained.CONVERTED_CONFIG)) as f:
+      toy_cfg = models.ModelConfig.from_dict(json.load(f))
+  except (OSError, ValueError, models.ConfigError):
+    return False
+  return model.cfg == toy_cfg and model_hash(model) == model_hash(toy.load_toy())
+
+
+def bos_id(model: models.Model) -> int:
+  """The id prepended as BOS: the config's BOS, else its EOS (GPT-2), else 0."""
+  c = model.cfg
+  if c.bos_token_id is not None:
+    return int(c.bos_token_id)
+  if c.eos_token_id is not None:
+    return int(c.eos_token_id)
+  return 0
+
+
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def dataset_hash(dataset: tasks.Dataset) -> str:
+  """sha256 over the token ids, lengths and labels (identifies the exact examples)."""
+  h = hashlib.sha256()
+  for a in (dataset.clean, dataset.corrupted, dataset.lengths):
+    h.update(np.ascontiguousarray(a).tobytes())
+  for k in sorted(dataset.labels):
+    h.update(k.encode())
+    h.update(np.ascontiguousarray(dataset.labels[k]).tobytes())
+  return h.hexdigest()
+
+
+def _token_text(model: models.Model, i: int) -> str:
+  try:
+    return repr(model.tokenizer.decode([i]))
+  except Exception:  # noqa: BLE001 - any tokenizer failure just loses the text
+    return "?"
+
+
+def warn_rare_answers(model: models.Model, dataset: tasks.Dataset, data: str) -> list:
+  """Warn (one line) about answers the model ranks in no prompt's top-50 next tokens."""
+  rare = evaluation.rarely_predicted_answers(model.cfg, model.params, dataset, k=ANSWER_TOP_K)
+  if rare:
+    n = len(evaluation.answer_sets(dataset))
+    shown = ", ".join(f"{_token_text(model, a[0])} (id {a[0]}{', ...' if len(a) > 1 else ''})"
+                      for a in rare[:5])
+    more = f" and {len(rare) - 5} more" if len(rare) > 5 else ""
+    warn(f"--data={data}: {len(rare)} of {n} answers are in no prompt's top-{ANSWER_TOP_K} "
+             f"next tokens: {shown}{more}; the model may predict them tokenised differently (e.g. "
+             f"with a leading space), so the metric may measure noise")
+  return rare
+
+
+def load_dataset(model: models.Model, model_name: str, task: str, data: Optional[str],
+                 n_examples: int, prepend_bos: bool = True, seed: int = 0,
+                 skip_bad_rows: bool = False, mib_split: str = "train") -> tasks.Dataset:
+  """The task's prompt pairs: generated for `induction` (no CSV needed), else read from `--data` (a
+  task CSV, or a local copy of an MIB dataset: `tasks.load_mib_task`, split `--mib_split`).
+
+  Generated induction data depend on the model's weights, not on how `--model` was spelled: the
+  bundled toy (however reached) gets `toy.induction_task_dataset`, any other model `make_induction`.
+  A CSV's skipped rows (`skip_bad_rows`) and answers the model never predicts are warned about.
+  """
+  if n_examples is None or n_examples < 1:
+    raise InputError(f"--n_examples={n_examples}: must be at least 1")
+  if data and not os.path.isfile(data) and not (os.path.isdir(data) and tasks.is_mib_source(data)):
+    raise InputError(f"--data={data}: no such file")
+  if task == "induction" and not data:
+    if is_toy_model(model):
+      try:
+        return toy.induction_task_dataset(n_examples, seed=seed)
+      except toy.ToyDataError as e:
+        raise InputError(str(e)) from None
+    return tasks.make_induction(n_examples, 8, model.cfg.d_vocab, seed=seed,
+                                bos_id=bos_id(model) if prepend_bos else None)
+  if not data:
+    raise InputError(f"--data (a CSV of prompt pairs) is required for --task={task}")
+  if model.tokenizer is None:
+    raise InputError(f"--model={model_name} has no tokenizer.json; it cannot read text CSVs")
+  try:
+    if tasks.is_mib_source(data):  # a local copy of MIB's data (a directory, JSON(L) or parquet)
+      dataset = tasks.load_mib_task(task, data, model.tokenizer, n_examples=n_examples,
+                                    split=mib_split, prepend_bos=prepend_bos,
+                                    bos_id=bos_id(model) if prepend_bos else None,
+                                    vocab_size=model.cfg.d_vocab, skip_bad_rows=skip_bad_rows)
+    else:
+      dataset = tasks.load_task(task, data, model.tokenizer, n_examples=n_examples,
+                                prepend_bos=prepend_bos,
+                                bos_id=bos_id(model) if prepend_bos else None,
+                                vocab_size=model.cfg.d_vocab, skip_bad_rows=skip_bad_rows)
+  except tasks.TaskError as e:
+    raise InputError(str(e).replace("skip_bad_rows=True (--skip_bad_rows)",
+                                        "--skip_bad_rows")) from None
+  if dataset.skipped:
+    warn(f"--skip_bad_rows: left out {dataset.skipped_summary}")
+  warn_rare_answers(model, dataset, data)
+  return dataset
+
+
+
+
+# ------------------------------------------------------------------------- a circuit's provenance
+
+
+def read_meta(path: str) -> dict:
+  """The `meta` section of a graph.json ({} when absent or unreadable: loading the graph itself
+  reports a broken file)."""
+  try:
+    with open(path) as f:
+      meta = json.load(f).get("meta")
+  except (OSError, ValueError, AttributeError):
+    return {}
+  return meta if isinstance(meta, dict) else {}
+
+
+def check_model_hash(model: models.Model, model_name: str, meta: Mapping[str, Any], source: str,
+                     force: bool) -> None:
+  """Refuse a model whose weights differ from those `meta` records (warn instead with `force`)."""
+  expected = meta.get("model_hash")
+  if not expected:
+    return
+  got = model_hash(model)
+  if got == expected:
+    return
+  message = (f"--model={model_name}: its weights (sha256 {got[:12]}) differ from those {source} "
+             f"was found with ({expected[:12]}, in its meta)")
+  if not force:
+    raise InputError(f"{message}; pass --force to evaluate it anyway")
+  warn(f"{message}; evaluating anyway (--force)")
+
