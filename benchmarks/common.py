@@ -1,12 +1,13 @@
 """Shared pieces of the benchmarks: model shapes, data, the torch baseline's inputs, timing.
 
-Everything here is light to import (no jax/torch at module import) so that the whole-process
-benchmark can time imports too.
+Importing this module imports jax and jaxinterp (its data loaders), never torch: the whole-process
+benchmark's torch processes tokenise with it too, so every implementation pays the same import.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -15,7 +16,15 @@ import statistics
 import subprocess
 import tempfile
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinterp import tasks
+from jaxinterp.circuits.layout import valid_edges
+from jaxinterp.models.config import ModelConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -25,7 +34,8 @@ GPT2_TOKENIZER = SHARED / "models" / "gpt2-tokenizer" / "tokenizer.json"
 # Published architecture shapes (from the models' config.json), random-init only: there are no real
 # weights here. `tiny` is the --quick shape.
 SHAPES = {
-    "tiny": dict(family="gpt2", d_model=64, n_layers=2, n_heads=4, d_mlp=256, d_vocab=512, n_ctx=128),
+    "tiny": dict(family="gpt2", d_model=64, n_layers=2, n_heads=4, d_mlp=256, d_vocab=512,
+                 n_ctx=128),
     "gpt2-small": dict(family="gpt2", d_model=768, n_layers=12, n_heads=12, d_mlp=3072,
                        d_vocab=50257, n_ctx=1024),
     "gpt2-medium": dict(family="gpt2", d_model=1024, n_layers=24, n_heads=16, d_mlp=4096,
@@ -43,10 +53,9 @@ SHAPES = {
 
 def dist_version(dist: str) -> str:
   """The installed version of a distribution, or "?"."""
-  from importlib import metadata
   try:
-    return metadata.version(dist)
-  except metadata.PackageNotFoundError:
+    return importlib.metadata.version(dist)
+  except importlib.metadata.PackageNotFoundError:
     return "?"
 
 
@@ -56,7 +65,6 @@ class BenchmarkError(ValueError):
 
 def model_config(shape: str):
   """A `ModelConfig` for a named shape (see SHAPES)."""
-  from jaxinterp.models.config import ModelConfig
   if shape not in SHAPES:
     raise BenchmarkError(f"unknown model shape {shape!r}; choose from {sorted(SHAPES)}")
   s = dict(SHAPES[shape])
@@ -110,8 +118,6 @@ def eap_ig_flops(cfg, n_examples: int, seq: int, steps: int) -> float:
   the unembedding at the metric's position only; and the sender x receiver contraction, 2 d_model
   FLOPs per valid edge per token.
   """
-  import numpy as np
-  from jaxinterp.circuits.layout import valid_edges
   n_edges = int(np.sum(valid_edges(cfg)))
   forwards = 2 + 2 * steps
   per_example = forwards * (block_flops_per_token(cfg, seq) * seq + 2 * cfg.d_model * cfg.d_vocab)
@@ -147,7 +153,6 @@ def ioi_or_random(n: int, vocab_size: int, seq: int = 16, seed: int = 0):
 
   Returns (Dataset, source description).
   """
-  from jaxinterp import tasks
   if IOI_CSV.exists() and GPT2_TOKENIZER.exists() and vocab_size >= 50257:
     ds = tasks.load_task("ioi", IOI_CSV, GPT2_TOKENIZER, n_examples=n, vocab_size=vocab_size)
     return ds, f"IOI ({IOI_CSV.name}, first {len(ds)} rows, max length {ds.max_len})"
@@ -156,8 +161,6 @@ def ioi_or_random(n: int, vocab_size: int, seq: int = 16, seed: int = 0):
 
 def random_pairs(n: int, vocab_size: int, seq: int, seed: int = 0):
   """Random clean/corrupted pairs of equal length `seq` (BOS 0 first), metric logit-diff."""
-  import numpy as np
-  from jaxinterp import tasks
   rng = np.random.default_rng(seed)
   clean = rng.integers(1, vocab_size, (n, seq), dtype=np.int32)
   clean[:, 0] = 0
@@ -171,15 +174,18 @@ def random_pairs(n: int, vocab_size: int, seq: int, seed: int = 0):
 
 
 def torch_batch(ds):
-  """The dataset as the torch baseline's tensors (clean, corrupted, mask, last, correct, incorrect)."""
-  import numpy as np
-  import torch
+  """The dataset as the torch baseline's tensors: (clean, corrupted, mask, last, correct,
+  incorrect)."""
+  import torch  # optional: the torch baselines
   mask = np.arange(ds.clean.shape[1])[None, :] < ds.lengths[:, None]
   correct = ds.labels["correct"]
   incorrect = ds.labels["incorrect"]
   if correct.ndim != 1 or incorrect.ndim != 1:
     raise BenchmarkError("the torch baseline takes single-token answers (a logit-diff task)")
-  t = lambda a: torch.as_tensor(np.asarray(a, np.int64))
+
+  def t(a):
+    return torch.as_tensor(np.asarray(a, np.int64))
+
   return (t(ds.clean), t(ds.corrupted), t(mask.astype(np.int64)), t(ds.lengths - 1), t(correct),
           t(incorrect))
 
@@ -222,7 +228,7 @@ def time_calls(fn: Callable[[], object], repeats: int = 3, warmup: bool = True) 
   return Timing(first, times)
 
 
-def load_average() -> Optional[list]:
+def load_average() -> list | None:
   """The 1/5/15-minute load averages (the CPU is shared: numbers are noisy when this is high)."""
   try:
     return [round(x, 2) for x in os.getloadavg()]
@@ -232,11 +238,11 @@ def load_average() -> Optional[list]:
 
 def environment() -> dict:
   """Device, versions and load, for the results file."""
-  import jax
   dev = jax.devices()[0]
   env = dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), jax_version=jax.__version__,
-             backend=jax.default_backend(), device=str(dev.device_kind), n_devices=jax.device_count(),
-             cpu_count=os.cpu_count(), platform=platform.platform(), python=platform.python_version(),
+             backend=jax.default_backend(), device=str(dev.device_kind),
+             n_devices=jax.device_count(), cpu_count=os.cpu_count(),
+             platform=platform.platform(), python=platform.python_version(),
              load_average=load_average())
   try:
     import torch
@@ -245,7 +251,8 @@ def environment() -> dict:
   except ImportError:
     pass
   try:
-    env["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    env["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True,
+                                   timeout=5).stdout.strip()
   except (OSError, subprocess.SubprocessError):
     pass
   return env
@@ -253,8 +260,6 @@ def environment() -> dict:
 
 def matmul_peak_gflop_s(m: int = 1536, k: int = 768, n: int = 2304, repeats: int = 5) -> float:
   """What a plain float32 XLA matmul reaches on this device now (the MFU reference)."""
-  import jax
-  import jax.numpy as jnp
   a, b = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
   f = jax.jit(lambda a, b: a @ b)
   jax.block_until_ready(f(a, b))

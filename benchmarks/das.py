@@ -30,7 +30,12 @@ from __future__ import annotations
 import os
 import time
 
+import jax
 import numpy as np
+
+from jaxinterp.interventions import Where
+from jaxinterp.interventions import training as tr
+from jaxinterp.models.pretrained import from_pretrained
 
 P = 17  # modulus; token P is `=`
 WIDTHS = {64: ("blocks.0.hook_resid_post", "block_output", 16),
@@ -104,10 +109,6 @@ def batches(n: int, batch: int, steps: int, seed: int) -> list:
 def jax_das(model_dir: str, width: int, train: dict, held: dict, steps: int, batch: int,
             seed: int) -> dict:
   """DAS with jaxinterp's defaults; per-step time of a warm run, IIA after `steps`."""
-  import jax
-  from jaxinterp.interventions import training as tr
-  from jaxinterp.interventions import Where
-  from jaxinterp.models.pretrained import from_pretrained
   m = from_pretrained(model_dir)
   site, _, k = WIDTHS[width]
   d = m.cfg.d_mlp if "mlp" in site else m.cfg.d_model
@@ -150,7 +151,9 @@ def pyvene_das(model_dir: str, width: int, train: dict, held: dict, steps: int, 
   iv = iv[0] if isinstance(iv, tuple) else iv
   iv.set_interchange_dim(k)
   opt = torch.optim.Adam(iv.rotate_layer.parameters(), lr=1e-3)
-  t = lambda a: torch.as_tensor(np.asarray(a, np.int64))
+
+  def t(a):
+    return torch.as_tensor(np.asarray(a, np.int64))
 
   def run(b, s):
     loc = {"sources->base": ([[[POSITION]] * len(b)], [[[POSITION]] * len(b)])}

@@ -20,8 +20,17 @@ from __future__ import annotations
 
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from benchmarks import common
+from jaxinterp import attribution as A
+from jaxinterp import circuits as G
 from jaxinterp.circuits.layout import valid_edges
+from jaxinterp.evaluation import circuit_forward as CF
+from jaxinterp.evaluation.faithfulness import evaluate_circuits
+from jaxinterp.models.transformer import forward
 
 
 def log(*a):
@@ -29,9 +38,6 @@ def log(*a):
 
 
 def _curve_weights(cfg, params, ds, batch: int):
-  import numpy as np
-  from jaxinterp import attribution as A
-  from jaxinterp import circuits as G
   scores = A.attribute(cfg, params, ds, method="EAP", batch_size=batch, quiet=True).scores
   g = G.Graph.from_config(cfg, scores, score_convention=G.convention.for_task(ds.task))
   circuits = [g.top_n(G.n_edges_at_percentage(p, g.n_edges)) for p in G.MIB_PERCENTAGES]
@@ -40,7 +46,6 @@ def _curve_weights(cfg, params, ds, batch: int):
 
 
 def _random_weights(cfg, n_circuits: int):
-  import numpy as np
   valid = valid_edges(cfg)
   rng = np.random.default_rng(0)
   density = np.linspace(0.01, 1.0, n_circuits)[:, None, None]
@@ -48,11 +53,6 @@ def _random_weights(cfg, n_circuits: int):
 
 
 def _memory_row(shape, cfg, params, ds, batch: int) -> dict:
-  import jax
-  import jax.numpy as jnp
-  from jaxinterp import attribution as A
-  from jaxinterp.evaluation import circuit_forward as CF
-  from jaxinterp.models.transformer import forward
   b = next(iter(ds.batches(batch)))
   fwd = CF.CircuitForward(cfg, params, ds.task, valid_edges(cfg))
   prep = jax.eval_shape(lambda: fwd.prepare(b, A.Ablation("patching")))
@@ -72,7 +72,8 @@ def _memory_row(shape, cfg, params, ds, batch: int) -> dict:
               seq_len=int(b.clean.shape[1]),
               circuit_total_gib=total(mc) / gib, circuit_temp_gib=mc.temp_size_in_bytes / gib,
               circuit_argument_gib=mc.argument_size_in_bytes / gib,
-              plain_forward_total_gib=total(mp) / gib, plain_forward_temp_gib=mp.temp_size_in_bytes / gib,
+              plain_forward_total_gib=total(mp) / gib,
+              plain_forward_temp_gib=mp.temp_size_in_bytes / gib,
               total_ratio=total(mc) / total(mp),
               note="XLA memory_analysis of one compiled call: the circuit forward's arguments "
                    "include the batch's prepared arrays (ablated senders, ablated residuals); the "
@@ -82,8 +83,6 @@ def _memory_row(shape, cfg, params, ds, batch: int) -> dict:
 def suite_evaluation(ctx, shape: str, n: int, batch: int, repeats: int, n_circuits: int,
                      chunk: int) -> list[dict]:
   """Rows of the `evaluation` suite for one shape (see the module docstring)."""
-  import numpy as np
-  from jaxinterp.evaluation.faithfulness import evaluate_circuits
   cfg, params, _ = ctx.model(shape)
   ds, source = ctx.data(cfg, n)
   sets = [("mib-curve", _curve_weights(cfg, params, ds, batch)),
@@ -94,8 +93,11 @@ def suite_evaluation(ctx, shape: str, n: int, batch: int, repeats: int, n_circui
     out = {}
     for path, reference in (("circuit-forward", False), ("reference", True)):
       log(f"[evaluation] {shape}: {name}, {C} circuits x {len(ds)} examples, {path}")
-      fn = lambda: evaluate_circuits(cfg, params, ds, weights, batch_size=batch, chunk=chunk,
-                                     quiet=True, reference=reference)
+
+      def fn(weights=weights, reference=reference):
+        return evaluate_circuits(cfg, params, ds, weights, batch_size=batch, chunk=chunk,
+                                 quiet=True, reference=reference)
+
       t = common.time_calls(fn, repeats)
       out[path] = (t, fn())
       rows.append(dict(suite="evaluation", shape=shape, circuits=name, path=path,
@@ -112,7 +114,10 @@ def suite_evaluation(ctx, shape: str, n: int, batch: int, repeats: int, n_circui
                    speedup_over_reference=ref[0].best_s / fast[0].best_s,
                    max_abs_metric_difference=float(np.abs(fast[1] - ref[1]).max()))
     if name == "mib-curve":
-      f = lambda m: (m[2:] - m[1]) / (m[0] - m[1])
+
+      def f(m):
+        return (m[2:] - m[1]) / (m[0] - m[1])
+
       summary["max_abs_faithfulness_difference"] = float(np.abs(f(fast[1]) - f(ref[1])).max())
     rows.append(summary)
   rows.append(_memory_row(shape, cfg, params, ds, batch))

@@ -21,7 +21,12 @@ from __future__ import annotations
 
 import sys
 
+import jax
+
 from benchmarks import common
+from jaxinterp import attribution as A
+from jaxinterp.attribution import edge_pruning, ugs
+from jaxinterp.groundtruth import toy
 
 # (label, attribute() keywords). One row per timed call; `ig_steps` defaults to the suite's --steps.
 CASES: list[tuple[str, dict]] = [
@@ -54,7 +59,6 @@ def log(*a):
 def suite_methods(ctx, shape: str, n: int, batch: int, steps: int, repeats: int,
                   only: list[str] | None = None) -> list[dict]:
   """Rows of the `methods` suite for one shape: one per case of CASES (or of `only`, labels)."""
-  from jaxinterp.attribution import attribute
   cfg, params, _ = ctx.model(shape)
   ds, source = ctx.data(cfg, n)
   base = dict(suite="methods", shape=shape, n_params=common.n_params(cfg), n_examples=len(ds),
@@ -63,9 +67,12 @@ def suite_methods(ctx, shape: str, n: int, batch: int, steps: int, repeats: int,
   for label, kw in CASES:
     if only and label not in only:
       continue
-    kw = dict(dict(ig_steps=steps), **kw)
+    kw = dict(A.get_method(kw["method"]).options_among({"ig_steps": steps}), **kw)
     log(f"[methods] {shape} {label}")
-    fn = lambda: attribute(cfg, params, ds, batch_size=batch, quiet=True, **kw)
+
+    def fn(kw=kw):
+      return A.attribute(cfg, params, ds, batch_size=batch, quiet=True, **kw)
+
     t = common.time_calls(fn, repeats)
     rows.append(dict(base, case=label, **{k: v for k, v in kw.items() if k != "ig_steps"},
                      kernel="attribute", **t.as_dict(), examples_per_s=len(ds) / t.best_s))
@@ -88,10 +95,6 @@ def suite_methods(ctx, shape: str, n: int, batch: int, steps: int, repeats: int,
 
 def step_rows(ctx, shape: str, n: int, repeats: int, only: list[str] | None = None) -> list[dict]:
   """One EAP batch, one UGS step and one Edge-Pruning step, each on the same batch of n examples."""
-  import functools
-  import jax
-  from jaxinterp import attribution as A
-  from jaxinterp.attribution import edge_pruning, ugs
   cfg, params, _ = ctx.model(shape)
   ds, source = ctx.data(cfg, n)
   batch = next(ds.batches(len(ds)))
@@ -126,8 +129,6 @@ def step_rows(ctx, shape: str, n: int, repeats: int, only: list[str] | None = No
 
 def acdc_toy_row() -> dict:
   """ACDC through `attribute` on the bundled induction model, 64 examples (its default tau, KL)."""
-  from jaxinterp import attribution as A
-  from jaxinterp.groundtruth import toy
   model = toy.load_toy()
   ds = toy.induction_task_dataset(64)
   log("[methods] toy ACDC")

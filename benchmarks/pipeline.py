@@ -39,6 +39,8 @@ import tempfile
 import time
 
 from benchmarks import common
+from jaxinterp import circuits
+from jaxinterp.circuits.layout import valid_edges
 
 TARGET_RATIO = 1.5  # find_circuit's whole process at most 1.5x attribute alone (issue 15)
 COLD = "no persistent compilation cache (every kernel compiled in the process)"
@@ -105,14 +107,13 @@ def _process(cmd: list[str]) -> tuple[float, subprocess.CompletedProcess]:
 
 
 def _result_line(p: subprocess.CompletedProcess) -> dict:
-  lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+  lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
   if not lines:
     raise RuntimeError(f"no RESULT line in:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
   return json.loads(lines[-1][len("RESULT "):])
 
 
 def _n_edges(shape: str) -> int:
-  from jaxinterp.circuits.layout import valid_edges
   return int(valid_edges(common.model_config(shape)).sum())
 
 
@@ -120,7 +121,6 @@ def run_find_circuit(d: str, shape: str, n: int, batch: int, steps: int, out: st
                      cache: str = "") -> dict:
   """find_circuit as a fresh process; its wall time and the phase times its graph.json records.
   `cache`: its --compilation_cache (empty: none)."""
-  from jaxinterp import circuits
   top_n = circuits.n_edges_at_percentage(circuits.MIB_PERCENTAGES[0], _n_edges(shape))
   data = ["--task=ioi", f"--data={common.IOI_CSV}"] if uses_ioi(shape) else ["--task=induction"]
   cmd = [sys.executable, "-m", "experiments.find_circuit", f"--model={d}", *data,

@@ -1,4 +1,6 @@
-"""Plot benchmark results: `python -m benchmarks.plot results.json [more.json ...] --out=benchmarks/cpu.png`.
+"""Plot benchmark results.
+
+    python -m benchmarks.plot results.json [more.json ...] --out=benchmarks/results/cpu.png
 
 Panels (those with data): whole-process wall time per implementation (phases stacked), attribution
 time per method/kernel, time against #examples (the `scaling` suite), and time against model size
@@ -43,7 +45,7 @@ def main(paths, out):
     for ph in ("import", "load_model", "load_data", "attribute"):
       vals = [r["phases"].get(ph, 0.0) for r in whole]
       ax.bar(labels, vals, bottom=bottom, label=ph)
-      bottom = [b + v for b, v in zip(bottom, vals)]
+      bottom = [b + v for b, v in zip(bottom, vals, strict=False)]
     ax.set_ylabel("seconds (fresh process, compile included)")
     ax.set_title(f"EAP-IG m=5, {whole[0]['shape']}, {whole[0]['n_examples']} examples")
     ax.legend()

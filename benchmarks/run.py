@@ -6,11 +6,12 @@
 
 Suites (comma separated, or "all"):
   attribution    examples/s of EAP, EAP-IG-inputs (m = --steps) and EAP-IG-activations through
-                 `jaxinterp.attribution.attribute`; beside them, the eager-torch
-                 baseline `benchmarks.torch_baseline.torch_eap_ig_inputs` on the same data and device
+                 `jaxinterp.attribution.attribute`; beside them, the eager-torch baseline
+                 `benchmarks.torch_baseline.torch_eap_ig_inputs` on the same data and device
                  (GPT-2 shapes only) and the speedup ratio.
-  exact          exact patching (one graph-form forward per edge, `vmap` over --exact_chunk edges per
-                 call) timed on --exact_edges edges and extrapolated to all edges: edges*examples/s.
+  exact          exact patching as `attribute(method="exact")` runs it (each edge reruns the blocks
+                 from its receiver's layer on, `vmap` over --exact_chunk edges per call), one chunk
+                 timed at a few receiver layers and extrapolated to all edges: edges*examples/s.
   evaluation     circuit evaluation, circuits/s: the circuit forward against the graph-form
                  reference on the MIB curve and --circuits random masks: `benchmarks/evaluation.py`.
   precision      bf16 params vs fp32: Pearson correlation of EAP-IG scores, and the time of each.
@@ -22,10 +23,10 @@ Suites (comma separated, or "all"):
   methods        every registered method (and its node/neuron levels, an ensemble, a bootstrap)
                  through `attribute`, cold and warm: `benchmarks/methods.py` (rows: its CASES).
   whole_process  EAP-IG (m = --steps) on --n IOI examples, each implementation in a fresh Python
-                 process (imports, model load, tokenisation, compile and run all counted): jaxinterp,
-                 the eager-torch baseline (answer logits only, and full logits as the `eap` package
-                 computes them) and, when TransformerLens 3.x is installed, the reference algorithm
-                 on HookedTransformer hooks (`benchmarks.tl_baseline`).
+                 process (imports, model load, tokenisation, compile and run all counted):
+                 jaxinterp, the eager-torch baseline (answer logits only, and full logits as the
+                 `eap` package computes them) and, when TransformerLens 3.x is installed, the
+                 reference algorithm on HookedTransformer hooks (`benchmarks.tl_baseline`).
   pipeline       find_circuit (EAP-IG, a 10-point MIB curve, outputs written) against `attribute`
                  alone and the `eap` package when installed, each a fresh process, no compile cache
                  (`benchmarks/pipeline.py`): wall times, find_circuit's phases, the ratio.
@@ -54,22 +55,33 @@ import sys
 import tempfile
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
 
-from benchmarks import common
+from benchmarks import common, das, evaluation, methods, pipeline
+from jaxinterp import attribution as A
+from jaxinterp.attribution import receiver_grads as RG
 from jaxinterp.circuits.layout import valid_edges
+from jaxinterp.models import edges as E
+from jaxinterp.models import init_params
+from jaxinterp.models.pretrained import from_pretrained
+from jaxinterp.tasks import Batch
 from jaxinterp.tasks import metrics as task_metrics
 
 SUITES = ("attribution", "exact", "evaluation", "precision", "scaling", "whole_process", "memory",
           "methods", "das", "pipeline")
 
-_SUITE = flags.DEFINE_string("suite", "attribution", f"comma-separated suites from {SUITES}, or all")
+_SUITE = flags.DEFINE_string("suite", "attribution",
+                             f"comma-separated suites from {SUITES}, or all")
 _QUICK = flags.DEFINE_boolean("quick", False, "tiny shapes and few examples (CI smoke run, < 60 s)")
 _OUT = flags.DEFINE_string("out", "results.json", "where to write the JSON results")
-_SHAPES = flags.DEFINE_string("shapes", None, "comma-separated model shapes (default: gpt2-small on "
-                              "CPU, GPT-2 small/medium/XL, Pythia-1B and Llama-3.1-8B on GPU)")
+_SHAPES = flags.DEFINE_string("shapes", None, "comma-separated model shapes (default: gpt2-small "
+                              "on CPU, GPT-2 small/medium/XL, Pythia-1B and Llama-3.1-8B on GPU)")
 _N = flags.DEFINE_integer("n", None, "examples (default 32; 8 with --quick)")
-_BATCH = flags.DEFINE_integer("batch_size", None, "examples per compiled call (default 16; 4 quick)")
+_BATCH = flags.DEFINE_integer("batch_size", None,
+                              "examples per compiled call (default 16; 4 quick)")
 _STEPS = flags.DEFINE_integer("steps", 5, "integrated-gradient steps m")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "timed repetitions after the warm-up")
 _METHODS = flags.DEFINE_string("methods", None, "attribution methods (default: EAP, EAP-IG-inputs, "
@@ -82,8 +94,8 @@ _EXACT_BATCH = flags.DEFINE_integer("exact_batch", 4, "examples per exact-patchi
 _CIRCUITS = flags.DEFINE_integer("circuits", 16, "circuits evaluated in the evaluation suite")
 _CHUNK = flags.DEFINE_integer("chunk", 8, "circuits per vmapped call of the reference evaluation")
 _TORCH = flags.DEFINE_boolean("torch", True, "measure the eager-torch baseline")
-_WORKDIR = flags.DEFINE_string("workdir", None, "where random-init checkpoints are written (default: "
-                               "a temporary directory)")
+_WORKDIR = flags.DEFINE_string("workdir", None, "where random-init checkpoints are written "
+                               "(default: a temporary directory)")
 _SEQ = flags.DEFINE_integer("seq", 16, "prompt length of the memory suite")
 _SCALING_N = flags.DEFINE_string("scaling_n", "16,32,64", "example counts of the scaling suite")
 
@@ -102,10 +114,6 @@ class Ctx:
 
   def model(self, shape: str, dtype=None):
     """(cfg, params, hf_dir or None) of a shape; GPT-2 shapes go through a HF checkpoint."""
-    import jax
-    import jax.numpy as jnp
-    from jaxinterp.models import init_params
-    from jaxinterp.models.pretrained import from_pretrained
     key = (shape, str(dtype))
     if key not in self._models:
       if common.SHAPES[shape]["family"] == "gpt2":
@@ -123,7 +131,6 @@ class Ctx:
 
 
 def _ready(x):
-  import jax
   return jax.block_until_ready(x)
 
 
@@ -137,7 +144,6 @@ def _torch_model(hf_dir: str):
 
 
 def suite_attribution(ctx: Ctx, shape: str, n: int, batch: int, steps: int, repeats: int) -> list:
-  from jaxinterp.attribution import attribute
   cfg, params, hf_dir = ctx.model(shape)
   ds, source = ctx.data(cfg, n)
   methods = _METHODS.value.split(",") if _METHODS.value else ["EAP", "EAP-IG-inputs"] + (
@@ -147,8 +153,9 @@ def suite_attribution(ctx: Ctx, shape: str, n: int, batch: int, steps: int, repe
               batch_size=batch, seq_len=ds.max_len, data=source, dtype="float32", ig_steps=steps)
   for method in methods:
     log(f"[attribution] {shape} {method}")
-    fn = lambda: attribute(cfg, params, ds, method=method, ig_steps=steps, batch_size=batch,
-                           quiet=True)
+    def fn(method=method):
+      return A.attribute(cfg, params, ds, method=method, batch_size=batch, quiet=True,
+                         **A.get_method(method).options_among({"ig_steps": steps}))
     t = common.time_calls(fn, repeats)
     row = dict(base, method=method, kernel="attribute", **t.as_dict(),
                examples_per_s=len(ds) / t.best_s)
@@ -159,7 +166,8 @@ def suite_attribution(ctx: Ctx, shape: str, n: int, batch: int, steps: int, repe
                  matmul_peak_gflop_s=peak, fraction_of_matmul_peak=flops / t.best_s / 1e9 / peak)
     rows.append(row)
   if _TORCH.value and hf_dir is not None:
-    import torch
+    import torch  # optional: the torch baseline
+
     from benchmarks.torch_baseline import torch_eap_ig_inputs
     log(f"[attribution] {shape} torch baseline")
     tm = _torch_model(hf_dir)
@@ -189,10 +197,6 @@ def suite_exact(ctx: Ctx, shape: str, n: int, batch: int, repeats: int) -> list:
   One chunk is timed at a few receiver layers; the total is extrapolated over all
   edges with the per-chunk time interpolated linearly in the layer (the work is ~ L - l blocks).
   """
-  import jax.numpy as jnp
-  import numpy as np
-  from jaxinterp import attribution as A
-  from jaxinterp.models import edges as E
   cfg, params, _ = ctx.model(shape)
   batch = _EXACT_BATCH.value
   ds, source = ctx.data(cfg, batch)
@@ -211,23 +215,24 @@ def suite_exact(ctx: Ctx, shape: str, n: int, batch: int, repeats: int) -> list:
   sample = sorted({0, L // 2, L}) if L > 2 else list(range(L + 1))
   per_layer = {}
   rows = []
-  for l in sample:
-    edges = np.flatnonzero(layer_of == l)
+  for layer in sample:
+    edges = np.flatnonzero(layer_of == layer)
     sel = np.resize(edges, chunk)
-    n_up = E.n_upstream_of_mlp(cfg, l) if l < L else E.n_senders(cfg)
-    args = (cfg, ds.task, l, params, run, resids[l], mlp_inputs[min(l, L - 1)], delta[:, :, :n_up],
-            jnp.asarray(s_idx[sel], jnp.int32), jnp.asarray(r_idx[sel], jnp.int32), clean_logits,
-            positions, kv_prefix)
-    log(f"[exact] {shape}: receiver layer {l}, {chunk} edges x {batch} examples")
-    t = common.time_calls(lambda: _ready(A.exact.edge_chunk(*args)), repeats)
-    per_layer[l] = t.best_s
-    rows.append(dict(suite="exact", shape=shape, receiver_layer=l, chunk_edges=chunk,
+    n_up = E.n_upstream_of_mlp(cfg, layer) if layer < L else E.n_senders(cfg)
+    args = (cfg, ds.task, layer, params, run, resids[layer], mlp_inputs[min(layer, L - 1)],
+            delta[:, :, :n_up], jnp.asarray(s_idx[sel], jnp.int32),
+            jnp.asarray(r_idx[sel], jnp.int32), clean_logits, positions, kv_prefix)
+    log(f"[exact] {shape}: receiver layer {layer}, {chunk} edges x {batch} examples")
+    t = common.time_calls(lambda args=args: _ready(A.exact.edge_chunk(*args)), repeats)
+    per_layer[layer] = t.best_s
+    rows.append(dict(suite="exact", shape=shape, receiver_layer=layer, chunk_edges=chunk,
                      n_examples=batch, **t.as_dict()))
-  ls = np.array(sorted(per_layer))
+  timed = np.array(sorted(per_layer))
   est = 0.0
-  for l in range(L + 1):
-    n_l = int((layer_of == l).sum())
-    est += math.ceil(n_l / chunk) * float(np.interp(l, ls, [per_layer[x] for x in ls]))
+  for layer in range(L + 1):
+    n_layer = int((layer_of == layer).sum())
+    est += math.ceil(n_layer / chunk) * float(np.interp(layer, timed,
+                                                        [per_layer[x] for x in timed]))
   n_edges = int(valid.sum())
   rate = n_edges * batch / est
   rows.append(dict(suite="exact", shape=shape, summary=True, kernel="attribution.exact.edge_chunk",
@@ -237,15 +242,12 @@ def suite_exact(ctx: Ctx, shape: str, n: int, batch: int, repeats: int) -> list:
                    estimated_all_edges_one_batch_s=est, edges_examples_per_s=rate,
                    extrapolated_all_edges_100_examples_s=n_edges * 100 / rate,
                    note="one chunk timed per sampled receiver layer (after its compile), "
-                        "extrapolated to all edges; compile of the other layers' kernels not counted"))
+                        "extrapolated to all edges; compile of the other layers' kernels not "
+                        "counted"))
   return rows
 
 
 def suite_precision(ctx: Ctx, shape: str, n: int, batch: int, steps: int, repeats: int) -> list:
-  import jax.numpy as jnp
-  import numpy as np
-  from jaxinterp.attribution import attribute
-  from jaxinterp.circuits.layout import valid_edges
   rows = []
   cfg, p32, _ = ctx.model(shape)
   _, p16, _ = ctx.model(shape, jnp.bfloat16)
@@ -256,9 +258,9 @@ def suite_precision(ctx: Ctx, shape: str, n: int, batch: int, steps: int, repeat
     log(f"[precision] {shape} {name}")
     box = {}
 
-    def fn():
-      box["s"] = attribute(cfg, params, ds, method="EAP-IG-inputs", ig_steps=steps,
-                           batch_size=batch, quiet=True).scores
+    def fn(params=params, box=box):
+      box["s"] = A.attribute(cfg, params, ds, method="EAP-IG-inputs", ig_steps=steps,
+                             batch_size=batch, quiet=True).scores
     t = common.time_calls(fn, repeats)
     out[name] = box["s"][valid]
     rows.append(dict(suite="precision", shape=shape, dtype=name, n_examples=len(ds),
@@ -274,8 +276,6 @@ def suite_precision(ctx: Ctx, shape: str, n: int, batch: int, steps: int, repeat
 
 
 def suite_scaling(ctx: Ctx, shape: str, batch: int, steps: int, repeats: int) -> list:
-  from benchmarks.torch_baseline import torch_eap_ig_inputs
-  from jaxinterp.attribution import attribute
   cfg, params, hf_dir = ctx.model(shape)
   ns = [int(x) for x in _SCALING_N.value.split(",")]
   if ctx.quick:
@@ -285,14 +285,15 @@ def suite_scaling(ctx: Ctx, shape: str, batch: int, steps: int, repeats: int) ->
   for n in ns:
     ds, source = ctx.data(cfg, n)
     log(f"[scaling] {shape} n={n}")
-    t = common.time_calls(lambda: attribute(cfg, params, ds, ig_steps=steps, batch_size=batch,
-                                            quiet=True), repeats)
+    t = common.time_calls(lambda ds=ds: A.attribute(cfg, params, ds, ig_steps=steps,
+                                                    batch_size=batch, quiet=True), repeats)
     rows.append(dict(suite="scaling", shape=shape, kernel="attribute", n_examples=len(ds),
                      batch_size=batch, data=source, **t.as_dict()))
     if tm is not None:
+      from benchmarks.torch_baseline import torch_eap_ig_inputs  # optional: imports torch
       tensors = common.torch_batch(ds)
-      t = common.time_calls(lambda: torch_eap_ig_inputs(tm, *tensors, steps=steps,
-                                                        batch_size=batch), 1, warmup=False)
+      t = common.time_calls(lambda tensors=tensors: torch_eap_ig_inputs(
+          tm, *tensors, steps=steps, batch_size=batch), 1, warmup=False)
       rows.append(dict(suite="scaling", shape=shape, kernel="torch-eager-baseline",
                        n_examples=len(ds), batch_size=batch, data=source, **t.as_dict()))
   return rows
@@ -304,12 +305,6 @@ def suite_memory(ctx: Ctx, shape: str, batch: int, steps: int) -> list:
   float32 and bfloat16 weights. On XLA:CPU bf16 dots are computed in f32 with converted copies of
   the weights, so the CPU's bf16 figure overstates what a GPU (native bf16 matmuls) needs.
   """
-  import jax
-  import jax.numpy as jnp
-  from jaxinterp.attribution import receiver_grads as RG
-  from jaxinterp.attribution import Ablation
-  from jaxinterp.tasks import Batch
-  from jaxinterp.models import init_params
   cfg = common.model_config(shape)
   seq = _SEQ.value
   sd = jax.ShapeDtypeStruct
@@ -320,14 +315,18 @@ def suite_memory(ctx: Ctx, shape: str, batch: int, steps: int) -> list:
             mask=sd((batch, seq), jnp.bool_), last=sd((batch,), jnp.int32), labels=labels,
             valid=sd((batch,), jnp.bool_))
   rows = []
+
+  def gib(x):
+    return x / 2**30
+
   for dtype in ("float32", "bfloat16"):
-    params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0), getattr(jnp, dtype)))
+    params = jax.eval_shape(lambda dtype=dtype: init_params(cfg, jax.random.PRNGKey(0),
+                                                            getattr(jnp, dtype)))
     log(f"[memory] {shape}: compiling the EAP-IG kernel for batch {batch} x {seq} ({dtype})")
     t0 = time.perf_counter()
-    compiled = RG.ig_inputs_batch.lower(cfg, task, params, b, Ablation("patching"),
+    compiled = RG.ig_inputs_batch.lower(cfg, task, params, b, A.Ablation("patching"),
                                         sd((steps,), jnp.float32)).compile()
     m = compiled.memory_analysis()
-    gib = lambda x: x / 2**30
     total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
     rows.append(dict(suite="memory", shape=shape, backend=jax.default_backend(), dtype=dtype,
                      batch_size=batch, seq_len=seq, ig_steps=steps, n_params=common.n_params(cfg),
@@ -348,7 +347,8 @@ def suite_whole_process(ctx: Ctx, shape: str, n: int, batch: int, steps: int, re
   if _TORCH.value and _have_hooked_transformer_lens():
     runs.append(("transformer-lens", ""))
   for rep in range(max(1, repeats // 2) if not ctx.quick else 1):
-    cache = tempfile.mkdtemp(prefix="xla-cache-", dir=ctx.workdir)  # fresh: the first jax run fills it
+    # fresh: the first jax run fills it
+    cache = tempfile.mkdtemp(prefix="xla-cache-", dir=ctx.workdir)
     for impl, kernel in runs:
       log(f"[whole_process] {shape} {impl} {kernel} (fresh process)")
       cmd = [sys.executable, "-m", "benchmarks.whole_process", f"--impl={impl}",
@@ -359,7 +359,7 @@ def suite_whole_process(ctx: Ctx, shape: str, n: int, batch: int, steps: int, re
       t0 = time.perf_counter()
       p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(common.REPO))
       wall = time.perf_counter() - t0
-      lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+      lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
       if p.returncode or not lines:
         raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
       r = json.loads(lines[-1][len("RESULT "):])
@@ -379,7 +379,8 @@ def suite_whole_process(ctx: Ctx, shape: str, n: int, batch: int, steps: int, re
       if torch_rows and r["impl"] == "jax":
         r["speedup_vs_torch"] = torch_rows[0]["subprocess_wall_s"] / r["subprocess_wall_s"]
       if full_rows and r["impl"] == "jax":
-        r["speedup_vs_torch_full_logits"] = full_rows[0]["subprocess_wall_s"] / r["subprocess_wall_s"]
+        r["speedup_vs_torch_full_logits"] = (full_rows[0]["subprocess_wall_s"]
+                                             / r["subprocess_wall_s"])
   return rows
 
 
@@ -393,13 +394,11 @@ def _have_hooked_transformer_lens() -> bool:
 
 
 def _on_gpu() -> bool:
-  import jax
   return jax.default_backend() == "gpu"
 
 
 def main(argv):
   del argv
-  import jax
   suites = SUITES if _SUITE.value == "all" else tuple(s.strip() for s in _SUITE.value.split(","))
   bad = [s for s in suites if s not in SUITES]
   if bad:
@@ -434,7 +433,6 @@ def main(argv):
       elif suite == "exact":
         rows = suite_exact(ctx, shape, n, batch, repeats)
       elif suite == "evaluation":
-        from benchmarks import evaluation
         rows = evaluation.suite_evaluation(ctx, shape, n, batch, repeats, _CIRCUITS.value,
                                            _CHUNK.value)
       elif suite == "precision":
@@ -444,13 +442,10 @@ def main(argv):
       elif suite == "memory":
         rows = suite_memory(ctx, shape, batch, steps)
       elif suite == "methods":
-        from benchmarks import methods
         rows = methods.suite_methods(ctx, shape, n, batch, steps, repeats)
       elif suite == "pipeline":
-        from benchmarks import pipeline
         rows = pipeline.suite_pipeline(ctx, shape, n, batch, steps, repeats)
       elif suite == "das":
-        from benchmarks import das
         rows = das.suite_das(workdir, quick, log=log) if shape == shapes[0] else []
       else:
         rows = suite_whole_process(ctx, shape, n, batch, steps, repeats)
@@ -460,7 +455,6 @@ def main(argv):
   results["environment"]["load_average_end"] = common.load_average()
   common.write_json(results, _OUT.value)
   log(f"wrote {_OUT.value} ({len(results['results'])} rows, {results['total_s']:.1f} s)")
-  del jax
 
 
 if __name__ == "__main__":

@@ -25,11 +25,11 @@ equal those of `benchmarks/torch_baseline.py`'s `torch_eap_ig_inputs` (same argu
 layout: senders 0 = input, head (l, h) at 1 + l(H+1) + h, MLP l at 1 + l(H+1) + H; receivers q/k/v
 of head (l, h) at l(3H+1) + {0, H, 2H} + h, MLP l at l(3H+1) + 3H, logits last).
 
-The model is built from a Hugging Face `GPT2LMHeadModel` without the hub: a `HookedTransformerConfig`
-written from its `GPT2Config`, TL's own GPT-2 weight converter, and `load_and_process_state_dict`
-with every folding/centering option off, so the numerics are the HF model's. Right-padded batches
-pass the attention mask to the model (as the `eap` package does); each batch is trimmed to its
-longest example.
+The model is built from a Hugging Face `GPT2LMHeadModel` without the hub: a
+`HookedTransformerConfig` written from its `GPT2Config`, TL's own GPT-2 weight converter, and
+`load_and_process_state_dict` with every folding/centering option off, so the numerics are the HF
+model's. Right-padded batches pass the attention mask to the model (as the `eap` package does);
+each batch is trimmed to its longest example.
 
 Needs a TransformerLens that still has `HookedTransformer` and installs beside torch 2.13 and
 transformers 5.x: `pip install "transformer-lens==3.9.0"` (4.x removed `HookedTransformer`).
@@ -111,7 +111,8 @@ def tl_eap_ig_inputs(model, clean: Tensor, corrupted: Tensor, mask: Tensor, last
     clean, corrupted: Long[Tensor, "batch pos"] token ids, BOS first, right padded, equal lengths.
     mask: Int[Tensor, "batch pos"] 1 on real tokens (passed to the model as its attention mask).
     last: Long[Tensor, "batch"] index of each example's last real token (where the metric is read).
-    correct, incorrect: Long[Tensor, "batch"] answer token ids; the metric is their logit difference.
+    correct, incorrect: Long[Tensor, "batch"] answer token ids; the metric is their logit
+      difference.
     steps: number of interpolation steps m; alpha_k = k/m for k = 0..m-1.
     batch_size: examples per forward/backward.
 
@@ -143,7 +144,7 @@ def tl_eap_ig_inputs(model, clean: Tensor, corrupted: Tensor, mask: Tensor, last
     diff = torch.zeros(b, p, S, d, device=dev, dtype=cfg.dtype)  # corrupted - clean outputs
     rows = torch.arange(b, device=dev)
 
-    def store(index, sign):
+    def store(index, sign, diff=diff):
       def hook(act, hook):
         a = act.detach()
         if sign > 0:
@@ -154,13 +155,13 @@ def tl_eap_ig_inputs(model, clean: Tensor, corrupted: Tensor, mask: Tensor, last
 
     def fwd_hooks(sign):
       hooks = [("blocks.0.hook_resid_pre", store(0, sign))]
-      for l in range(L):
-        base = 1 + l * (H + 1)
-        hooks.append((f"blocks.{l}.attn.hook_result", store(slice(base, base + H), sign)))
-        hooks.append((f"blocks.{l}.hook_mlp_out", store(base + H, sign)))
+      for layer in range(L):
+        base = 1 + layer * (H + 1)
+        hooks.append((f"blocks.{layer}.attn.hook_result", store(slice(base, base + H), sign)))
+        hooks.append((f"blocks.{layer}.hook_mlp_out", store(base + H, sign)))
       return hooks
 
-    def accumulate(n_up, cols):
+    def accumulate(n_up, cols, diff=diff):
       """Backward hook: scores[senders before the receiver, receiver cols] += diff . grad."""
       def hook(grad, hook):
         g = grad.detach()
@@ -171,13 +172,13 @@ def tl_eap_ig_inputs(model, clean: Tensor, corrupted: Tensor, mask: Tensor, last
       return hook
 
     bwd_hooks = []
-    for l in range(L):
-      up_attn = 1 + l * (H + 1)
-      r0 = l * (3 * H + 1)
+    for layer in range(L):
+      up_attn = 1 + layer * (H + 1)
+      r0 = layer * (3 * H + 1)
       for j, letter in enumerate("qkv"):
-        bwd_hooks.append((f"blocks.{l}.hook_{letter}_input",
+        bwd_hooks.append((f"blocks.{layer}.hook_{letter}_input",
                           accumulate(up_attn, slice(r0 + j * H, r0 + (j + 1) * H))))
-      bwd_hooks.append((f"blocks.{l}.hook_mlp_in", accumulate(up_attn + H, r0 + 3 * H)))
+      bwd_hooks.append((f"blocks.{layer}.hook_mlp_in", accumulate(up_attn + H, r0 + 3 * H)))
     bwd_hooks.append((f"blocks.{L - 1}.hook_resid_post", accumulate(S, R - 1)))
 
     with torch.no_grad():
@@ -189,7 +190,7 @@ def tl_eap_ig_inputs(model, clean: Tensor, corrupted: Tensor, mask: Tensor, last
       x_clean = x_corr - diff[:, :, 0]
 
     for k in range(steps):
-      def interpolate(act, hook, alpha=k / steps):
+      def interpolate(act, hook, alpha=k / steps, x_corr=x_corr, x_clean=x_clean):
         x = (x_corr + alpha * (x_clean - x_corr)).detach()
         return x.requires_grad_(True)
 

@@ -1,4 +1,5 @@
-"""Eager-PyTorch EAP-IG-inputs for a Hugging Face GPT-2: the baseline the benchmarks time JAX against.
+"""Eager-PyTorch EAP-IG-inputs for a Hugging Face GPT-2: the baseline the benchmarks time JAX
+against.
 
 It computes the same scores as the `eap` package's `EAP-IG-inputs` (and as `tests/torch_oracle.py`),
 in the metric's units: for the mean logit difference m at each example's last real token,
@@ -39,11 +40,11 @@ def _weights(hf_model) -> dict:
   d, H = cfg.n_embd, cfg.n_head
   dh = d // H
   layers = []
-  for l, blk in enumerate(t.h):
+  for layer, blk in enumerate(t.h):
     w, b = blk.attn.c_attn.weight, blk.attn.c_attn.bias  # [d, 3d], [3d]
     scale = dh ** -0.5 if cfg.scale_attn_weights else 1.0
     if cfg.scale_attn_by_inverse_layer_idx:
-      scale /= float(l + 1)
+      scale /= float(layer + 1)
     layers.append(dict(
         ln1=blk.ln_1, ln2=blk.ln_2,
         W_qkv=w.view(d, 3, H, dh).permute(1, 2, 0, 3),  # [3, H, d, dh]
@@ -66,12 +67,12 @@ def _senders(W: dict, x0: Tensor, allowed: Tensor) -> Tensor:
   out = x0.new_empty(b, p, 1 + L * (H + 1), d)
   out[:, :, 0] = x0
   resid = x0
-  for l, lw in enumerate(W["layers"]):
+  for layer, lw in enumerate(W["layers"]):
     qkv = (_ln(resid, lw["ln1"]) @ lw["W_attn"] + lw["b_attn"]).view(b, p, 3, H, dh)
     q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [b, H, p, dh]
     z = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=lw["scale"])
     result = torch.einsum("bhpe,hed->bphd", z, lw["W_O"])  # [b, p, H, d]
-    base = 1 + l * (H + 1)
+    base = 1 + layer * (H + 1)
     out[:, :, base:base + H] = result
     resid = resid + result.sum(2) + lw["b_O"]
     mlp = lw["mlp"](_ln(resid, lw["ln2"]))
@@ -150,7 +151,8 @@ def torch_eap_ig_inputs(hf_model, clean: Tensor, corrupted: Tensor, mask: Tensor
     clean, corrupted: Long[Tensor, "batch pos"] token ids, BOS first, right padded, equal lengths.
     mask: Int[Tensor, "batch pos"] 1 on real tokens (padded keys are masked in attention).
     last: Long[Tensor, "batch"] index of each example's last real token (where the metric is read).
-    correct, incorrect: Long[Tensor, "batch"] answer token ids; the metric is their logit difference.
+    correct, incorrect: Long[Tensor, "batch"] answer token ids; the metric is their logit
+      difference.
     steps: number of interpolation steps m; alpha_k = k/m for k = 0..m-1.
     batch_size: examples per forward/backward.
     full_logits: compute the full [batch, pos, vocab] logits as the `eap` package does, instead of
@@ -177,7 +179,8 @@ def torch_eap_ig_inputs(hf_model, clean: Tensor, corrupted: Tensor, mask: Tensor
     bl = last[sl]
     p = int(bl.max()) + 1  # later positions are padding: zero gradient, so trim them
     bm = mask[sl, :p].bool()
-    allowed = (torch.ones(p, p, dtype=torch.bool, device=dev).tril()[None] & bm[:, None, :])[:, None]
+    causal = torch.ones(p, p, dtype=torch.bool, device=dev).tril()
+    allowed = (causal[None] & bm[:, None, :])[:, None]
     with torch.no_grad():
       pos = W["wpe"][:p][None]
       e_clean = W["wte"][clean[sl, :p]] + pos
@@ -190,15 +193,15 @@ def torch_eap_ig_inputs(hf_model, clean: Tensor, corrupted: Tensor, mask: Tensor
       if total is None:
         total = g
       else:
-        for t, gi in zip(total, g):
+        for t, gi in zip(total, g, strict=True):
           t.add_(gi)
     with torch.no_grad():
-      for l in range(L):
-        up_attn = 1 + l * (H + 1)
-        r0 = l * (3 * H + 1)
+      for layer in range(L):
+        up_attn = 1 + layer * (H + 1)
+        r0 = layer * (3 * H + 1)
         scores[:up_attn, r0:r0 + 3 * H] += torch.einsum(
-            "bpsd,bprd->sr", diff[:, :, :up_attn], total[2 * l]).float()
+            "bpsd,bprd->sr", diff[:, :, :up_attn], total[2 * layer]).float()
         scores[:up_attn + H, r0 + 3 * H] += torch.einsum(
-            "bpsd,bpd->s", diff[:, :, :up_attn + H], total[2 * l + 1]).float()
+            "bpsd,bpd->s", diff[:, :, :up_attn + H], total[2 * layer + 1]).float()
       scores[:, R - 1] += torch.einsum("bpsd,bpd->s", diff, total[-1]).float()
   return scores / steps

@@ -10,6 +10,12 @@ line with the phase times (seconds since the process started, and per phase). Th
 GPT-2 directory written beforehand by `common.gpt2_checkpoint` (its creation is not timed: all
 implementations read the same files). `transformer-lens` is the `eap` package's algorithm on
 TransformerLens hooks (`benchmarks/tl_baseline.py`; needs `pip install transformer-lens==3.9.0`).
+
+Each implementation's imports (jax and jaxinterp, or torch, transformers and TransformerLens) are
+made inside its `run_*` function on purpose: they are the "import" phase this benchmark times, and
+no implementation's process imports another's libraries. `benchmarks.common` imports jax and
+jaxinterp's data loaders, so every implementation's import phase includes those (the torch
+processes tokenise the same examples with them).
 """
 
 from __future__ import annotations
@@ -24,17 +30,18 @@ import sys  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 
-FLAGS = flags.DEFINE_string("impl", "jax", "jax | torch | torch-full-logits (the eap package's way: "
-                            "full-vocabulary logits at every position) | transformer-lens (the eap "
-                            "package's algorithm on TransformerLens hooks)")
+FLAGS = flags.DEFINE_string("impl", "jax", "jax | torch | torch-full-logits (the eap package's "
+                            "way: full-vocabulary logits at every position) | transformer-lens "
+                            "(the eap package's algorithm on TransformerLens hooks)")
 _CKPT = flags.DEFINE_string("checkpoint", None, "HF GPT-2 checkpoint directory")
 _N = flags.DEFINE_integer("n", 32, "number of IOI examples")
 _STEPS = flags.DEFINE_integer("steps", 5, "integrated-gradient steps m")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "examples per batch")
 _SEQ = flags.DEFINE_integer("seq", 16, "prompt length of the random fallback data")
 _CACHE = flags.DEFINE_string("compilation_cache", "", "--impl=jax: turn on JAX's persistent "
-                             "compilation cache in this directory (`jaxinterp.runtime.compilation_cache`, "
-                             "timed with the imports); empty: off, every kernel compiled")
+                             "compilation cache in this directory "
+                             "(`jaxinterp.runtime.compilation_cache`, timed with the imports); "
+                             "empty: off, every kernel compiled")
 _TASK = flags.DEFINE_enum("task", "ioi", ["ioi", "induction"], "ioi: the first --n IOI examples "
                           "(random pairs without ../shared or a GPT-2 vocabulary); induction "
                           "(--impl=jax): generated as find_circuit generates them for any model "
@@ -52,10 +59,11 @@ def run_jax(ckpt: str, n: int, steps: int, batch_size: int, seq: int, task: str 
   t = time.perf_counter()
   import jax
   import numpy as np
+
+  from benchmarks import common
   from jaxinterp import tasks
   from jaxinterp.attribution import attribute
   from jaxinterp.models.pretrained import from_pretrained
-  from benchmarks import common
   if _CACHE.value:
     from jaxinterp.runtime import compilation_cache
     compilation_cache.enable(_CACHE.value)
@@ -86,6 +94,7 @@ def run_torch(ckpt: str, n: int, steps: int, batch_size: int, seq: int,
   t = time.perf_counter()
   import torch
   import transformers
+
   from benchmarks import common
   from benchmarks.torch_baseline import torch_eap_ig_inputs
   t = _phase(phases, "import", t)
@@ -106,8 +115,9 @@ def run_transformer_lens(ckpt: str, n: int, steps: int, batch_size: int, seq: in
   phases = {}
   t = time.perf_counter()
   import torch
-  import transformers
   import transformer_lens  # noqa: F401  (timed here, not on first use)
+  import transformers
+
   from benchmarks import common
   from benchmarks.tl_baseline import hooked_from_hf, tl_eap_ig_inputs
   t = _phase(phases, "import", t)
@@ -135,7 +145,8 @@ def main(argv):
         "torch-full-logits": lambda *a: run_torch(*a, full_logits=True),
         "transformer-lens": run_transformer_lens}.get(FLAGS.value)
   if fn is None:
-    sys.exit(f"--impl must be jax, torch, torch-full-logits or transformer-lens, got {FLAGS.value!r}")
+    sys.exit(f"--impl must be jax, torch, torch-full-logits or transformer-lens, "
+             f"got {FLAGS.value!r}")
   out = fn(_CKPT.value, _N.value, _STEPS.value, _BATCH.value, _SEQ.value)
   out["impl"] = FLAGS.value
   out["python_start_to_end_s"] = time.perf_counter() - T_START

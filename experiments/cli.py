@@ -1,26 +1,23 @@
-"""Process plumbing for the absl binaries: shared flags defined once, `--help`, one-line errors.
+"""Process plumbing for the absl binaries: shared flags defined once, configs read from flags,
+`--help`, one-line errors.
 
-(Model and data loading live in `experiments.common`.)
-
-* `define` defines a flag only if no other module has (absl flags are process-global, and several
-  binaries share `--model`, `--task`, `--out`, ...; importing two of them, as the tests do, would
-  otherwise raise `DuplicateFlagError`). `value` reads it, falling back to the calling binary's own
-  default when the flag was not given (another binary may have registered it with another default).
-* `run(main)` replaces `app.run(main)`. `--help` (`-h`, `--helpshort`) prints the binary's docstring,
-  its own flags and the shared ones (`--compilation_cache`, `--verbosity`, ...) and exits 0;
-  `--helpfull` adds every library's flags. A flag parsing error, an `app.UsageError` or one of the
-  project's own `ValueError`s (`TaskError`, `GraphError`, ...) is one line on stderr
-  (`prog: error: ...`), exit status 2, with no help page and no traceback. Library logging (orbax,
-  absl) is quiet unless `--verbosity` is given.
-* `warn` prints a one-line warning on stderr.
+* `define` defines a flag unless another module has (absl flags are process-global and binaries
+  share `--model`, `--out`, ...); `value` reads it, else the calling binary's own default;
+  `config(Config)` builds a pipeline's frozen config, each field from the flag of its name.
+* `run(main)` replaces `app.run(main)`: `--help` lists the binary's own and the shared flags (exit
+  0; `--helpfull` adds every library's); a bad flag, an `app.UsageError`, an `inputs.InputError` or
+  one of the project's own `ValueError`s is one line on stderr (`prog: error: ...`), exit status 2,
+  no traceback; library logging (orbax, absl) is quiet unless `--verbosity` is given.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import textwrap
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from absl import app, flags, logging
 
@@ -29,32 +26,23 @@ from jaxinterp.runtime import inputs
 FLAGS = flags.FLAGS
 
 _DEFINERS = {"string": flags.DEFINE_string, "integer": flags.DEFINE_integer,
-             "float": flags.DEFINE_float, "bool": flags.DEFINE_bool}
-_USED: dict[str, list[str]] = {}  # module name -> flags it defined or uses through `define`
+             "float": flags.DEFINE_float, "bool": flags.DEFINE_bool, "enum": flags.DEFINE_enum}
+_USED: dict[str, dict[str, None]] = {}  # module -> the flags it defined or uses by `define`
 SHARED_MODULES = ("jaxinterp.experiments.common",)  # their flags are listed as shared in --help
-USAGE_EXIT = 2
 HELP_ARGS = ("--help", "-h", "-?", "--helpshort")
 
 
 def define(kind: str, name: str, default: Any, help_text: str, **kw) -> None:
   """Define flag `--name` of `kind` ("string", "integer", "float", "bool", "enum" with
   `enum_values=`) unless it exists, and list it in the calling module's `--help`."""
-  module = sys._getframe(1).f_globals.get("__name__", "")
-  _USED.setdefault(module, [])
-  if name not in _USED[module]:
-    _USED[module].append(name)
-  if name in FLAGS:
-    return
-  if kind == "enum":
-    flags.DEFINE_enum(name, default, kw.pop("enum_values"), help_text, allow_override=True, **kw)
-  else:
-    _DEFINERS[kind](name, default, help_text, allow_override=True, **kw)
+  _USED.setdefault(sys._getframe(1).f_globals.get("__name__", ""), {})[name] = None
+  if name not in FLAGS:
+    _DEFINERS[kind](name, default, help=help_text, allow_override=True, **kw)
 
 
 def value(name: str, default: Any) -> Any:
   """The flag's value if it was set (command line or assignment), else this binary's `default`."""
-  flag = FLAGS[name]
-  return default if flag.using_default_value else flag.value
+  return default if FLAGS[name].using_default_value else FLAGS[name].value
 
 
 def given(name: str) -> bool:
@@ -62,18 +50,20 @@ def given(name: str) -> bool:
   return not FLAGS[name].using_default_value
 
 
-def input_file(flag: str, path: Optional[str], required: Optional[str] = None) -> Optional[str]:
-  """`path` if it names a file, else a usage error naming `--flag`. An empty path is an error when
-  `required` is given (the text after "--flag is required"), and is returned otherwise."""
-  if not path:
-    if required is not None:
-      raise app.UsageError(f"--{flag} is required{required}")
-    return path
-  if not os.path.isfile(path):
-    raise app.UsageError(f"--{flag}={path}: no such file")
-  return path
+def defaults(cls) -> dict[str, Any]:
+  """{field: default} of a config dataclass: the defaults of the flags of the same names."""
+  return {f.name: f.default for f in dataclasses.fields(cls)}
 
 
+def config(cls, **fixed):
+  """`cls(...)`, each field from the flag of its name (`value`, with the field's default), apart
+  from the fields in `fixed` and those without a flag (left at their defaults)."""
+  kw = {name: value(name, default) for name, default in defaults(cls).items()
+        if name in FLAGS and name not in fixed}
+  return cls(**kw, **fixed)
+
+
+input_file = inputs.input_file  # `--flag=path: no such file`
 warn = inputs.warn  # one line on stderr: `warning: message`
 
 
@@ -85,15 +75,7 @@ def prog_name() -> str:
 def fail(message: str) -> None:
   """Exit with status 2 after one line on stderr: `prog: error: message`."""
   print(f"{prog_name()}: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
-  sys.exit(USAGE_EXIT)
-
-
-# ------------------------------------------------------------------------------------------- help
-
-
-def _absl_module_name(module: str) -> str:
-  """absl files the flags of `__main__` under the script's path."""
-  return sys.argv[0] if module == "__main__" else module
+  sys.exit(2)
 
 
 VERBOSITY_HELP = ("Logging of the libraries (orbax, absl, jax): unset shows only warnings and "
@@ -101,43 +83,32 @@ VERBOSITY_HELP = ("Logging of the libraries (orbax, absl, jax): unset shows only
 
 
 def _describe(flag) -> str:
-  name = f"--[no]{flag.name}" if flag.boolean else f"--{flag.name}"
-  if flag.short_name:
-    name += f" (-{flag.short_name})"
-  default = flag.default_as_str
-  about = VERBOSITY_HELP if flag.name == "verbosity" else flag.help
-  text = f"{name}: {' '.join(str(about).split())}"
-  if flag.name == "verbosity":
-    default = None
-  if default not in (None, "", "None"):
-    text += f" (default: {default})"
+  name = (f"--[no]{flag.name}" if flag.boolean else f"--{flag.name}") + \
+      (f" (-{flag.short_name})" if flag.short_name else "")
+  verbosity = flag.name == "verbosity"
+  text = f"{name}: {' '.join(str(VERBOSITY_HELP if verbosity else flag.help).split())}"
+  if not verbosity and flag.default_as_str not in (None, "", "None"):
+    text += f" (default: {flag.default_as_str})"
   return textwrap.fill(text, width=100, initial_indent="  ", subsequent_indent="      ")
 
 
 def _flags_of(module: str) -> list:
-  """The flags `module` defined itself or through `define`, in definition order."""
-  seen, out = set(), []
-  for f in FLAGS.get_flags_for_module(_absl_module_name(module)) + \
-      [FLAGS[n] for n in _USED.get(module, []) if n in FLAGS]:
-    if f.name not in seen:
-      seen.add(f.name)
-      out.append(f)
-  return out
+  """The flags `module` defined itself (absl files `__main__`'s under its path) or by `define`."""
+  found = list(FLAGS.get_flags_for_module(sys.argv[0] if module == "__main__" else module))
+  found += [FLAGS[n] for n in _USED.get(module, {}) if n in FLAGS]
+  return list({f.name: f for f in found}.values())
 
 
 def help_text(module: str, full: bool = False) -> str:
   """The `--help` page of the binary defined in `module`: docstring, own flags, shared flags."""
   doc = (sys.modules[module].__doc__ or "").strip() if module in sys.modules else ""
   own = _flags_of(module)
-  names = {f.name for f in own}
-  shared = [f for m in SHARED_MODULES for f in _flags_of(m) if f.name not in names]
+  shared = [f for m in SHARED_MODULES for f in _flags_of(m) if f.name not in {g.name for g in own}]
   shared += [FLAGS[n] for n in ("verbosity",) if n in FLAGS]
   lines = [doc, "", f"flags of {prog_name()}:"] + [_describe(f) for f in own]
-  lines += ["", "shared flags:"] + [_describe(f) for f in shared]
-  if full:
-    lines += ["", "all flags, by module:", FLAGS.get_help()]
-  else:
-    lines += ["", "--helpfull lists every flag, the libraries' too."]
+  lines += ["", "shared flags:"] + [_describe(f) for f in shared] + [""]
+  lines += ["all flags, by module:", FLAGS.get_help()] if full else \
+      ["--helpfull lists every flag, the libraries' too."]
   return "\n".join(lines).lstrip("\n") + "\n"
 
 
@@ -158,14 +129,9 @@ def _parse(module: str, argv: Sequence[str]) -> list[str]:
   return rest
 
 
-def run(main: Callable[[list[str]], Any], module: Optional[str] = None) -> None:
-  """`app.run(main)` with `--help` that lists this binary's and the shared flags (exit 0), one-line
-  errors (exit 2) for bad flags and `app.UsageError`, and quiet library logging.
-
-  Args:
-    main: the binary's `main(argv)`.
-    module: the module defining the binary's flags (default: `main`'s module).
-  """
+def run(main: Callable[[list[str]], Any], module: str | None = None) -> None:
+  """`app.run(main)` with our `--help`, one-line errors and quiet logging (see the module's
+  docstring). `module` defines the binary's flags (default: `main`'s module)."""
   module = module or main.__module__
 
   def guarded(argv):

@@ -4,7 +4,10 @@
 
 Later `models.from_pretrained(out)` (and every experiment's `--model=out`) restores the params with
 orbax directly, skipping the name mapping. `--out` gets `DONE` once the conversion is complete.
+The library calls are `models.from_pretrained` and `models.save_converted`.
 """
+
+from __future__ import annotations
 
 import os
 
@@ -13,35 +16,28 @@ from absl import app, flags, logging
 from jaxinterp import models
 from jaxinterp.experiments import cli, common
 
-FLAGS = flags.DEFINE_string("model", None, "HF checkpoint directory (config.json + weights).")
+_MODEL = flags.DEFINE_string("model", None, "HF checkpoint directory (config.json + weights).")
 _OUT = flags.DEFINE_string("out", None, "Output directory for the orbax conversion.")
 OUTPUTS = (models.pretrained.CONVERTED_CONFIG, models.pretrained.CONVERTED_PARAMS)
-
-
-def convert(model_dir: str, out: str) -> models.Model:
-  """Load `model_dir` and write its orbax conversion to `out`."""
-  m = models.from_pretrained(model_dir)
-  models.save_converted(m, out)
-  return m
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not FLAGS.value or not _OUT.value:
+  model_dir, out = _MODEL.value, _OUT.value
+  if not model_dir or not out:
     raise app.UsageError("--model and --out are required")
-  if os.path.realpath(FLAGS.value) == os.path.realpath(_OUT.value):
-    raise app.UsageError(f"--out={_OUT.value} is --model's own directory; choose another")
-  with common.run_dir(_OUT.value) as held:
+  if os.path.realpath(model_dir) == os.path.realpath(out):
+    raise app.UsageError(f"--out={out} is --model's own directory; choose another")
+  with common.run_dir(out) as held:
     try:
-      m = models.from_pretrained(FLAGS.value)
+      m = models.from_pretrained(model_dir)
     except (models.CheckpointError, models.ConfigError) as e:
-      raise app.UsageError(f"--model={FLAGS.value}: {e}") from None
+      raise app.UsageError(f"--model={model_dir}: {e}") from None
     with held.writing(OUTPUTS):
-      models.save_converted(m, _OUT.value)
-  logging.info("converted %s (%s, %d layers) to %s", FLAGS.value, m.cfg.family, m.cfg.n_layers,
-               _OUT.value)
-  print(f"wrote {_OUT.value}")
+      models.save_converted(m, out)
+  logging.info("converted %s (%s, %d layers) to %s", model_dir, m.cfg.family, m.cfg.n_layers, out)
+  print(f"wrote {out}")
 
 
 if __name__ == "__main__":

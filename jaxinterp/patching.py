@@ -1,45 +1,49 @@
 """Activation-patching sweeps (TransformerLens `patching` style), vectorised with `jax.vmap`.
 
 A sweep patches one component at a time, e.g. the residual stream before layer l at position p, with
-its value from the other run, and records the task metric. Every (layer, index) cell of a sweep is one
-patched forward; the cells are evaluated by `jax.vmap` over a one-hot index inside one compiled call
-(in chunks of `chunk` cells to bound memory), never by a Python loop of forwards.
+its value from the other run, and records the task metric. Every (layer, index) cell of a sweep is
+one patched forward; the cells are evaluated by `jax.vmap` over a one-hot index inside one compiled
+call (in chunks of `chunk` cells to bound memory), never by a Python loop of forwards.
 
 Direction:
 
-* `"noising"` (default): run the *clean* prompt and patch in the *corrupted* run's activation. A cell
-  near 0 means the component carries the clean behaviour (knocking it out destroys it).
-* `"denoising"` (TransformerLens' `get_act_patch_*` default): run the *corrupted* prompt and patch in
-  the *clean* activation. A cell near 1 means the component alone restores the behaviour.
+* `"noising"` (default): run the *clean* prompt and patch in the *corrupted* run's activation. A
+  cell near 0 means the component carries the clean behaviour (knocking it out destroys it).
+* `"denoising"` (TransformerLens' `get_act_patch_*` default): run the *corrupted* prompt and patch
+  in the *clean* activation. A cell near 1 means the component alone restores the behaviour.
 
 Both are normalised like TransformerLens' patching demos:
 
     normalized = (m_patched - m_corrupted) / (m_clean - m_corrupted)
 
-where each m is the mean of the task's per-example metric over the dataset (the task's labels are the
-clean answers in both directions). So 1 is the clean model's behaviour and 0 the corrupted run's. For
-example, noising `resid_pre` of layer 0 at every position gives exactly the corrupted run (0).
+where each m is the mean of the task's per-example metric over the dataset (the task's labels are
+the clean answers in both directions). So 1 is the clean model's behaviour and 0 the corrupted
+run's. For example, noising `resid_pre` of layer 0 at every position gives exactly the corrupted run
+(0).
 
 Sweeps (`SWEEPS`), each a grid `[n_layers, ...]`:
 
-| name               | site                         | grid                      |
-|--------------------|------------------------------|---------------------------|
-| `resid_pre`        | `blocks.{l}.hook_resid_pre`  | layer x position          |
-| `attn_out`         | `blocks.{l}.hook_attn_out`   | layer x position          |
-| `mlp_out`          | `blocks.{l}.hook_mlp_out`    | layer x position          |
-| `head_out`         | `blocks.{l}.attn.hook_z`     | layer x head (all positions) |
-| `head_out_by_pos`  | `blocks.{l}.attn.hook_z`     | layer x position x head   |
-| `head_q`           | `blocks.{l}.attn.hook_q`     | layer x head              |
-| `head_k`, `head_v` | `blocks.{l}.attn.hook_k/v`   | layer x key/value head (GQA models have fewer) |
-| `head_pattern`     | `blocks.{l}.attn.hook_pattern` | layer x head            |
+| name               | site                           | grid                           |
+|--------------------|--------------------------------|--------------------------------|
+| `resid_pre`        | `blocks.{l}.hook_resid_pre`    | layer x position               |
+| `attn_out`         | `blocks.{l}.hook_attn_out`     | layer x position               |
+| `mlp_out`          | `blocks.{l}.hook_mlp_out`      | layer x position               |
+| `head_out`         | `blocks.{l}.attn.hook_z`       | layer x head (all positions)   |
+| `head_out_by_pos`  | `blocks.{l}.attn.hook_z`       | layer x position x head        |
+| `head_q`           | `blocks.{l}.attn.hook_q`       | layer x head                   |
+| `head_k`, `head_v` | `blocks.{l}.attn.hook_k/v`     | layer x kv head (GQA: fewer)   |
+| `head_pattern`     | `blocks.{l}.attn.hook_pattern` | layer x head                   |
 
 Positions: batches are built with `Dataset.batches(batch_size, bucket=None)`, so every batch has the
 dataset's full width P and a position sweep has P columns. Rows are aligned at their positions
-(position p is token p of every prompt, BOS included, as the clean and corrupted prompts of a row have
-equal lengths). For a row shorter than P, patching a position past its last real token cannot change
-its metric (attention is causal and the metric is read at the last real token), so such cells
-measure only the longer rows. Use prompts of one length (e.g. a template task) for clean per-position
-maps.
+(position p is token p of every prompt, BOS included, as the clean and corrupted prompts of a row
+have equal lengths). For a row shorter than P, patching a position past its last real token cannot
+change its metric (attention is causal and the metric is read at the last real token), so such cells
+measure only the longer rows. Use prompts of one length (e.g. a template task) for clean
+per-position maps.
+
+`activation_patching(PatchingConfig(...), out)` is `experiments/activation_patching.py`'s pipeline:
+it loads the model and data, runs the sweeps and writes their heatmaps and arrays.
 """
 
 from __future__ import annotations
@@ -47,7 +51,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Optional, Sequence
+import os
+from collections.abc import Sequence
 
 import flax.struct
 import jax
@@ -55,10 +60,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxinterp.tasks.metrics import metric_sum
-from jaxinterp.tasks import Batch, Dataset, Task
+from jaxinterp.interventions.basic import Patch, Where
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.transformer import forward
+from jaxinterp.runtime import files, inputs
+from jaxinterp.tasks import Batch, Dataset, Task
+from jaxinterp.tasks.metrics import metric_sum
+from jaxinterp.viz import plots
 
 Array = jax.Array
 
@@ -137,7 +145,7 @@ class OneHotPatch:
 
   def __call__(self, x: Array) -> Array:
     shape = [1] * x.ndim
-    for a, n in zip(self.axes, self.mask.shape):
+    for a, n in zip(self.axes, self.mask.shape, strict=True):
       shape[a] = n
     return jnp.where(self.mask.reshape(shape), self.value.astype(x.dtype), x)
 
@@ -194,7 +202,8 @@ def _collect(cfg: ModelConfig, sites: tuple[str, ...], params, tokens, mask):
 @functools.partial(jax.jit, static_argnames=("cfg", "task", "sweep", "direction"))
 def _sweep_chunk(cfg: ModelConfig, task: Task, sweep: Sweep, direction: str, params, batch: Batch,
                  sources: tuple, clean_logits: Array, cells: Array) -> Array:
-  """Metric sums with one cell patched at a time: `cells` Int[Array, "chunk"] -> Float[Array, "chunk"].
+  """Metric sums with one cell patched at a time: `cells` Int[Array, "chunk"] ->
+  Float[Array, "chunk"].
 
   `sources[l]` is layer l's activation from the other run; cell c is the flat index into the grid
   `[n_layers, *sizes]`.
@@ -207,7 +216,8 @@ def _sweep_chunk(cfg: ModelConfig, task: Task, sweep: Sweep, direction: str, par
 
   def one(cell):
     onehot = (jnp.arange(n_cells) == cell).reshape(grid)
-    ivs = {sweep.site_of(l): OneHotPatch(sources[l], onehot[l], axes) for l in range(cfg.n_layers)}
+    ivs = {sweep.site_of(li): OneHotPatch(sources[li], onehot[li], axes)
+           for li in range(cfg.n_layers)}
     logits = forward(cfg, params, base, attention_mask=batch.mask, interventions=ivs)
     return metric_sum(task, logits, batch, clean_logits)[0]
 
@@ -221,8 +231,8 @@ def _check_dataset(cfg: ModelConfig, dataset: Dataset) -> None:
   if len(dataset) == 0:
     raise PatchingError("the dataset is empty")
   if dataset.clean.shape != dataset.corrupted.shape:
-    raise PatchingError(f"clean and corrupted prompts have different shapes {dataset.clean.shape} vs "
-                        f"{dataset.corrupted.shape}; patching needs aligned positions")
+    raise PatchingError(f"clean and corrupted prompts have different shapes {dataset.clean.shape} "
+                        f"vs {dataset.corrupted.shape}; patching needs aligned positions")
   if dataset.clean.shape[1] > cfg.n_ctx:
     raise PatchingError(f"prompts of {dataset.clean.shape[1]} tokens exceed the model's context of "
                         f"{cfg.n_ctx}")
@@ -272,16 +282,16 @@ def run_sweep(cfg: ModelConfig, params, dataset: Dataset, sweep: str | Sweep, *,
     raise PatchingError(f"batch_size must be a positive integer, got {batch_size!r}")
   _check_dataset(cfg, dataset)
   task = dataset.task
-  sites = tuple(sw.site_of(l) for l in range(cfg.n_layers))
+  sites = tuple(sw.site_of(li) for li in range(cfg.n_layers))
   m_clean, m_corrupt = baselines(cfg, params, dataset, batch_size=batch_size)
   if not math.isfinite(m_clean) or not math.isfinite(m_corrupt):
     raise PatchingError(f"the clean or corrupted metric is not finite ({m_clean}, {m_corrupt})")
   denom = m_clean - m_corrupt
   if abs(denom) <= 1e-9 * max(1.0, abs(m_clean)):
-    raise PatchingError(f"the clean and corrupted runs give the same mean metric ({m_clean:.6g}); the "
-                        f"normalised patching effect is undefined for this data")
+    raise PatchingError(f"the clean and corrupted runs give the same mean metric ({m_clean:.6g}); "
+                        f"the normalised patching effect is undefined for this data")
   n_batches = math.ceil(len(dataset) / batch_size)
-  totals: Optional[np.ndarray] = None
+  totals: np.ndarray | None = None
   bar = tqdm(total=n_batches, desc=f"patching {sw.name}", disable=quiet, leave=False)
   for batch in dataset.batches(batch_size, bucket=None):
     clean_logits = _baselines(cfg, task, params, batch)[2]
@@ -309,30 +319,22 @@ def run_sweep(cfg: ModelConfig, params, dataset: Dataset, sweep: str | Sweep, *,
   if not np.all(np.isfinite(metric)):
     raise PatchingError(f"the metric became NaN or infinite during the {sw.name} sweep")
   # Key/value sweeps of a GQA model enumerate its key/value heads, not its query heads.
-  labels = tuple("kv_head" if l == "head" and size != cfg.n_heads else l
-                 for (_, l), size in zip(sw.axes, sizes))
+  labels = tuple("kv_head" if label == "head" and size != cfg.n_heads else label
+                 for (_, label), size in zip(sw.axes, sizes, strict=True))
   return PatchingResult(sweep=sw, direction=direction, metric=metric,
                         normalized=(metric - m_corrupt) / denom, m_clean=m_clean,
                         m_corrupted=m_corrupt, axis_labels=("layer",) + labels, n_examples=n)
 
 
-def run_sweeps(cfg: ModelConfig, params, dataset: Dataset, sweeps: Sequence[str] = DEFAULT_SWEEPS,
-               **kw) -> dict[str, PatchingResult]:
-  """`run_sweep` for each name in `sweeps` (keyword arguments are passed on)."""
-  for s in sweeps:
-    get_sweep(s)
-  return {s: run_sweep(cfg, params, dataset, s, **kw) for s in sweeps}
-
-
 def patched_metric(cfg: ModelConfig, params, dataset: Dataset, sweep: str | Sweep, layer: int,
-                   index: Sequence[int], *, direction: str = "noising", batch_size: int = 16) -> float:
+                   index: Sequence[int], *, direction: str = "noising",
+                   batch_size: int = 16) -> float:
   """The mean metric with a single cell patched, by one plain forward per batch (no `vmap`).
 
   A reference implementation with `interventions.Patch` and a static `Where`, for checking sweeps.
   `index` gives the cell's position and/or head along the sweep's axes; an entry may also be a
   sequence of indices, patched together (e.g. every position at once).
   """
-  from jaxinterp.interventions import Patch, Where
   sw = sweep if isinstance(sweep, Sweep) else get_sweep(sweep)
   index = tuple(index)
   if len(index) != len(sw.axes):
@@ -345,9 +347,114 @@ def patched_metric(cfg: ModelConfig, params, dataset: Dataset, sweep: str | Swee
     value = forward(cfg, params, src, attention_mask=batch.mask, collect=(site,))[1][site]
     # `Where` names axis 1 "positions" and axis 2 "heads" (for hook_pattern [batch, head, q, k] the
     # head axis is 1, so it is selected as "positions").
-    where = Where.of(**{{1: "positions", 2: "heads"}[axis]: i for (axis, _), i in zip(sw.axes, index)})
+    axes = {1: "positions", 2: "heads"}
+    where = Where.of(**{axes[axis]: i for (axis, _), i in zip(sw.axes, index, strict=True)})
     clean_logits = forward(cfg, params, batch.clean, attention_mask=batch.mask)
     logits = forward(cfg, params, base, attention_mask=batch.mask,
                      interventions={site: Patch(value, where)})
     total += float(metric_sum(dataset.task, logits, batch, clean_logits)[0])
   return total / len(dataset)
+
+
+# ----------------------------------------------------------------------------------- the pipeline
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchingConfig:
+  """What `activation_patching` sweeps, on which model and data. Fields named as the binary's
+  flags."""
+
+  model: str = "toy"  # 'toy', an HF checkpoint dir or an orbax conversion
+  task: str = "induction"
+  data: str | None = None  # task CSV (or MIB copy); optional for induction (generated)
+  n_examples: int = 16  # examples to average over
+  batch_size: int = 16
+  seed: int = 0  # seed of generated data
+  sweeps: str = ",".join(DEFAULT_SWEEPS)  # comma-separated names in `SWEEPS`
+  direction: str = "noising"  # or "denoising"
+  patch_chunk: int = 32  # patched forwards per compiled vmap call
+  skip_bad_rows: bool = False  # leave out unusable --data rows (reported) instead of stopping
+  mib_split: str = "train"  # the split of a local copy of an MIB dataset (`data`)
+
+
+def position_labels(dataset: Dataset, tokenizer=None) -> list[str]:
+  """Position labels: index, plus the first example's token (decoded with `tokenizer` if there is
+  one, else its id) when all prompts share one length."""
+  labels = [str(i) for i in range(dataset.clean.shape[1])]
+  if len(set(dataset.lengths.tolist())) != 1:
+    return labels
+  out = []
+  for i, t in enumerate(dataset.clean[0]):
+    text = str(int(t))
+    if tokenizer is not None:
+      try:
+        decoded = tokenizer.decode([int(t)], skip_special_tokens=False)
+        text = (decoded if decoded.strip() else tokenizer.id_to_token(int(t))) or text
+      except Exception:  # noqa: BLE001 - an undecodable id keeps its number
+        pass
+    out.append(f"{i}:{text[:12]}")
+  return out
+
+
+def _print(dataset: Dataset, direction: str, results: dict[str, PatchingResult], out: str) -> None:
+  first = next(iter(results.values()))
+  print(f"{dataset.task.name} on {len(dataset)} examples ({direction}): clean metric "
+        f"{first.m_clean:.4f}, corrupted {first.m_corrupted:.4f}")
+  neutral = 1.0 if direction == "noising" else 0.0  # the value of a cell that does not matter
+  for name, r in results.items():
+    v = r.normalized
+    idx = np.unravel_index(int(np.argmax(np.abs(v - neutral))), v.shape)
+    cell = ", ".join(f"{lab} {int(i)}" for lab, i in zip(r.axis_labels, idx, strict=True))
+    if abs(v[idx] - neutral) < 1e-3:
+      print(f"  {name:16s} {str(v.shape):14s} no cell has an effect")
+    else:
+      print(f"  {name:16s} {str(v.shape):14s} strongest cell: {cell} -> {v[idx]:+.3f}")
+  print(f"wrote {len(results)} heatmaps and .npz files to {out}")
+
+
+def activation_patching(config: PatchingConfig, out: str) -> dict[str, PatchingResult]:
+  """Run `config.sweeps` and write `{sweep}.png`, `{sweep}.npz` and `patching.json` (baselines,
+  position labels, each sweep's site, axes and shape) under `out`, then `DONE`; prints a summary
+  (each sweep's strongest cell). Bad input raises `inputs.InputError`."""
+  sweeps = [s.strip() for s in config.sweeps.split(",") if s.strip()]
+  if not sweeps:
+    raise inputs.InputError("--sweeps is empty")
+  unknown = [s for s in sweeps if s not in SWEEPS]
+  if unknown:
+    raise inputs.InputError(f"unknown sweep(s) {unknown}; choose from {', '.join(SWEEPS)}")
+  direction = config.direction
+  if direction not in DIRECTIONS:
+    raise inputs.InputError(f"--direction={direction}: choose from {', '.join(DIRECTIONS)}")
+  batch_size = inputs.positive("batch_size", config.batch_size)
+  chunk = inputs.positive("patch_chunk", config.patch_chunk)
+  inputs.positive("n_examples", config.n_examples)
+
+  with inputs.run_dir(out) as held:
+    model = inputs.load_model(config.model)
+    dataset = inputs.load_dataset(model, config.model, config.task, config.data,
+                                  config.n_examples, seed=config.seed,
+                                  skip_bad_rows=config.skip_bad_rows, mib_split=config.mib_split)
+    results = {}
+    try:
+      for name in tqdm(sweeps, desc="sweeps"):
+        results[name] = run_sweep(model.cfg, model.params, dataset, name, direction=direction,
+                                  batch_size=batch_size, chunk=chunk)
+    except PatchingError as e:
+      raise inputs.InputError(str(e)) from None
+
+    labels = position_labels(dataset, model.tokenizer)
+    outputs = [f"{n}.{ext}" for n in results for ext in ("npz", "png")] + ["patching.json"]
+    with held.writing(outputs):
+      for name, r in results.items():
+        files.atomic_savez(os.path.join(out, f"{name}.npz"), **r.to_npz_dict())
+        plots.plot_patching(r, os.path.join(out, f"{name}.png"), title=dataset.task.name,
+                            position_labels=labels)
+      first = next(iter(results.values()))
+      files.atomic_write_json(os.path.join(out, "patching.json"), {
+          "model": model.path, "task": dataset.task.name, "data": dataset.source,
+          "n_examples": len(dataset), "direction": direction, "m_clean": first.m_clean,
+          "m_corrupted": first.m_corrupted, "positions": labels,
+          "sweeps": {n: {"site": r.sweep.site, "axes": list(r.axis_labels),
+                         "shape": list(r.normalized.shape)} for n, r in results.items()}})
+  _print(dataset, direction, results, out)
+  return results

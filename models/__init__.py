@@ -2,11 +2,12 @@
 from tracr-compiled models (`from_tracr`)."""
 
 from .config import ConfigError, ModelConfig
+from .convert import CheckpointError
 from .edges import EdgePatch
+from .pretrained import Model, from_pretrained, save_converted
 from .sites import SiteError, Sites
-from .transformer import embed_inputs, forward, init_params, site_names
-from .pretrained import CheckpointError, Model, from_pretrained, save_converted
 from .tracr import TracrEncoding, TracrError, TracrModel, from_tracr
+from .transformer import embed_inputs, forward, init_params, site_names
 
 __all__ = [
     "CheckpointError", "ConfigError", "EdgePatch", "Model", "ModelConfig", "SiteError", "Sites",

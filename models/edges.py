@@ -19,12 +19,14 @@ Index layout (the EAP-IG `graph.py` layout):
 
 from __future__ import annotations
 
-from typing import Optional
-
 import flax.struct
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from .config import ModelConfig
+
+Array = jax.Array
 
 
 def n_senders(cfg: ModelConfig) -> int:
@@ -79,6 +81,58 @@ class EdgePatch:
       of `weights` against a fixed (clean - corrupted) difference at interpolated inputs.
   """
 
-  weights: Optional[jax.Array]
-  ablated: Optional[jax.Array]
-  live: Optional[jax.Array] = None
+  weights: jax.Array | None
+  ablated: jax.Array | None
+  live: jax.Array | None = None
+
+
+class GraphState:
+  """Running state of one graph-form forward: the senders' (live - ablated) differences.
+
+  Kept sender-major (`[sender, batch, pos, d_model]`) in two parts: a `prefix` that is the same for
+  every vmapped copy of the forward (the fixed differences when `EdgePatch.live` is given, as in
+  attribution, or those of the senders before a `LayerStart`), and the per-layer differences this
+  run computes itself. Under `vmap` over edge weights only the second part is per copy, and under
+  `grad` the backward pass keeps a single copy of the prefix.
+  """
+
+  def __init__(self, patch: EdgePatch):
+    self.patch = patch
+    self.outputs: list[Array] = []  # this run's own sender outputs
+    self.n = 0
+    self.prefix = None
+    self.new: list[Array] = []
+    if patch.weights is not None and patch.live is not None:
+      self.prefix = jnp.moveaxis(patch.live - patch.ablated, 2, 0)
+
+  def set_prefix(self, delta_prefix: Array) -> None:
+    """Senders before a `LayerStart`: their (live - ablated) values are given."""
+    if self.patch.weights is not None and self.patch.live is None:
+      self.prefix = jnp.moveaxis(delta_prefix, 2, 0)
+    self.n = delta_prefix.shape[2]
+
+  def add_senders(self, live: Array) -> None:
+    n = live.shape[2]
+    self.outputs.append(live)
+    if self.patch.weights is not None and self.patch.live is None:
+      self.new.append(jnp.moveaxis(live - self.patch.ablated[:, :, self.n:self.n + n], 2, 0))
+    self.n += n
+
+  def correction(self, n_up: int, r0: int, nr: int) -> Array:
+    """sum_s (1 - w[s, r]) (live_s - ablated_s) over upstream s, receivers r0..r0+nr: [b, p, nr, d].
+    """
+    # parallel blocks: a layer's heads are not upstream of its MLP
+    assert n_up <= self.n, (n_up, self.n)
+    coef = 1.0 - self.patch.weights[:, r0:r0 + nr]
+    out = 0.0
+    n0 = 0
+    if self.prefix is not None:
+      n0 = self.prefix.shape[0]
+      upstream = (np.arange(n0) < n_up)[:, None]
+      c = jnp.where(upstream, coef[:n0], 0.0).astype(self.prefix.dtype)
+      out = jnp.einsum("sbpd,sr->bprd", self.prefix, c)
+    if n_up > n0:
+      new = jnp.concatenate(self.new, 0) if len(self.new) > 1 else self.new[0]
+      out = out + jnp.einsum("sbpd,sr->bprd", new[:n_up - n0],
+                             coef[n0:n_up].astype(new.dtype))
+    return out

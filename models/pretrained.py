@@ -2,241 +2,28 @@
 
 `from_pretrained(path)` reads a HF directory (`config.json` plus `model.safetensors`, a sharded
 `model.safetensors.index.json`, or `pytorch_model.bin`) or a directory written by
-`experiments/convert_checkpoint.py` (orbax params plus `jaxinterp_config.json`), and returns a `Model`.
+`experiments/convert_checkpoint.py` (orbax params plus `jaxinterp_config.json`), and returns a
+`Model`. The per-family translation of configs and tensor names is `models.convert`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-from typing import Any, Callable, Iterable, Mapping, Optional
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .config import ModelConfig
+from .convert import CheckpointError, config_from_hf, tensor_rules
 from .transformer import embed_inputs, forward, init_params
 
 CONVERTED_CONFIG = "jaxinterp_config.json"
 CONVERTED_PARAMS = "params"
-
-
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be loaded; the message names the file, tensor or key at fault."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# Config translation
-
-
-def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
-  """Translate a HF `config.json` dict into a `ModelConfig`."""
-  mt = hf.get("model_type")
-  get = hf.get
-  try:
-    rope = dict(get("rope_parameters") or {})
-    if get("rope_scaling"):
-      rope.update(get("rope_scaling"))
-    theta = float(rope.get("rope_theta", get("rope_theta", get("rotary_emb_base", 10000.0))))
-    scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
-    if scaling.get("rope_type", scaling.get("type")) in (None, "default"):
-      scaling = {}
-    scaling = tuple(sorted(scaling.items())) or None
-    common = dict(bos_token_id=get("bos_token_id"), eos_token_id=_first(get("eos_token_id")),
-                  pad_token_id=get("pad_token_id"))
-    if mt == "gpt2":
-      d = hf["n_embd"]
-      return ModelConfig(
-          family="gpt2", d_model=d, n_layers=hf["n_layer"], n_heads=hf["n_head"],
-          d_head=d // hf["n_head"], d_mlp=get("n_inner") or 4 * d, d_vocab=hf["vocab_size"],
-          n_ctx=hf["n_positions"], normalization="layernorm", norm_eps=get("layer_norm_epsilon", 1e-5),
-          positional="learned", act_fn=_act(get("activation_function", "gelu_new")),
-          tied_embeddings=True, **common)
-    if mt == "gpt_neox":
-      d, H = hf["hidden_size"], hf["num_attention_heads"]
-      pct = rope.get("partial_rotary_factor", get("rotary_pct", 1.0))
-      return ModelConfig(
-          family="gpt_neox", d_model=d, n_layers=hf["num_hidden_layers"], n_heads=H, d_head=d // H,
-          d_mlp=hf["intermediate_size"], d_vocab=hf["vocab_size"],
-          n_ctx=get("max_position_embeddings", 2048), normalization="layernorm",
-          norm_eps=get("layer_norm_eps", 1e-5), positional="rotary", rotary_dim=int(d // H * pct),
-          rope_theta=theta, rope_scaling=scaling,
-          parallel_attn_mlp=get("use_parallel_residual", True), act_fn=_act(get("hidden_act", "gelu")),
-          attn_bias=get("attention_bias", True), attn_out_bias=get("attention_bias", True),
-          tied_embeddings=get("tie_word_embeddings", False), **common)
-    if mt in ("llama", "qwen2", "gemma2"):
-      d, H = hf["hidden_size"], hf["num_attention_heads"]
-      dh = get("head_dim") or d // H
-      L = hf["num_hidden_layers"]
-      kw = dict(
-          family=mt, d_model=d, n_layers=L, n_heads=H, d_head=dh,
-          n_kv_heads=get("num_key_value_heads") or H, d_mlp=hf["intermediate_size"],
-          d_vocab=hf["vocab_size"], n_ctx=get("max_position_embeddings", 2048),
-          normalization="rmsnorm", norm_eps=get("rms_norm_eps", 1e-6), positional="rotary",
-          rotary_dim=int(dh * rope.get("partial_rotary_factor", 1.0)), rope_theta=theta,
-          rope_scaling=scaling, gated_mlp=True, mlp_bias=bool(get("mlp_bias", False)),
-          tied_embeddings=bool(get("tie_word_embeddings", mt == "gemma2")), **common)
-      if mt == "llama":
-        kw.update(act_fn=_act(get("hidden_act", "silu")), attn_bias=bool(get("attention_bias", False)),
-                  attn_out_bias=bool(get("attention_bias", False)))
-      elif mt == "qwen2":
-        window = get("sliding_window") if get("use_sliding_window") else None
-        types = get("layer_types") or []
-        kw.update(act_fn=_act(get("hidden_act", "silu")), attn_bias=True, attn_out_bias=False,
-                  sliding_window=window,
-                  sliding_layers=tuple(i for i, t in enumerate(types) if t == "sliding_attention")
-                  if window else ())
-      else:
-        types = get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention"
-                                       for i in range(L)]
-        kw.update(act_fn=_act(get("hidden_activation") or get("hidden_act") or "gelu_pytorch_tanh"),
-                  attn_bias=bool(get("attention_bias", False)),
-                  attn_out_bias=bool(get("attention_bias", False)),
-                  rmsnorm_plus_one=True, post_norms=True, embed_scale=math.sqrt(d),
-                  attn_scale=get("query_pre_attn_scalar", dh) ** -0.5,
-                  attn_logit_softcap=get("attn_logit_softcapping"),
-                  final_logit_softcap=get("final_logit_softcapping"),
-                  sliding_window=get("sliding_window"),
-                  sliding_layers=tuple(i for i, t in enumerate(types) if t == "sliding_attention"))
-      return ModelConfig(**kw)
-  except KeyError as e:
-    raise CheckpointError(f"config.json for model_type {mt!r} lacks the key {e.args[0]!r}") from None
-  raise CheckpointError(f"unknown model_type {mt!r} in config.json; supported: gpt2, gpt_neox, llama, "
-                        f"qwen2, gemma2")
-
-
-def _first(x):
-  return x[0] if isinstance(x, (list, tuple)) else x
-
-
-def _act(name: str) -> str:
-  return {"gelu_fast": "gelu_new", "gelu_new": "gelu_new", "gelu": "gelu", "silu": "silu",
-          "swish": "silu", "gelu_pytorch_tanh": "gelu_pytorch_tanh", "relu": "relu"}.get(name, name)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Tensor mapping: HF name -> function of the tensor returning {param path: array}
-
-Rule = Callable[[np.ndarray], dict[tuple[str, ...], np.ndarray]]
-
-
-def _heads_in(H: int, dh: int) -> Callable[[np.ndarray], np.ndarray]:
-  """torch Linear weight [H*dh, D] -> [H, D, dh]."""
-  return lambda w: w.reshape(H, dh, -1).transpose(0, 2, 1)
-
-
-def _heads_out(H: int, dh: int) -> Callable[[np.ndarray], np.ndarray]:
-  """torch Linear weight [D, H*dh] -> [H, dh, D]."""
-  return lambda w: w.T.reshape(H, dh, -1)
-
-
-def _one(path: tuple[str, ...], fn: Callable[[np.ndarray], np.ndarray] = lambda x: x) -> Rule:
-  return lambda t: {path: fn(t)}
-
-
-def tensor_rules(cfg: ModelConfig) -> dict[str, Rule]:
-  """Map every HF tensor name of the family to our parameter paths."""
-  c = cfg
-  H, K, dh, D = c.n_heads, c.kv_heads, c.d_head, c.d_model
-  r: dict[str, Rule] = {}
-  T = lambda x: x.T
-  if c.family == "gpt2":
-    r["wte.weight"] = _one(("W_E",))
-    r["wpe.weight"] = _one(("W_pos",))
-    r["ln_f.weight"], r["ln_f.bias"] = _one(("ln_final", "w")), _one(("ln_final", "b"))
-    for l in range(c.n_layers):
-      b, h = f"blocks_{l}", f"h.{l}."
-
-      def c_attn_w(w, b=b):
-        q, k, v = np.split(w, 3, axis=1)  # Conv1D: [in, out]
-        f = lambda m: m.reshape(D, H, dh).transpose(1, 0, 2)
-        return {(b, "attn", "W_Q"): f(q), (b, "attn", "W_K"): f(k), (b, "attn", "W_V"): f(v)}
-
-      def c_attn_b(x, b=b):
-        q, k, v = np.split(x, 3)
-        return {(b, "attn", "b_Q"): q.reshape(H, dh), (b, "attn", "b_K"): k.reshape(H, dh),
-                (b, "attn", "b_V"): v.reshape(H, dh)}
-
-      r[h + "attn.c_attn.weight"], r[h + "attn.c_attn.bias"] = c_attn_w, c_attn_b
-      r[h + "attn.c_proj.weight"] = _one((b, "attn", "W_O"), lambda w: w.reshape(H, dh, D))
-      r[h + "attn.c_proj.bias"] = _one((b, "attn", "b_O"))
-      for ln, ours in (("ln_1", "ln1"), ("ln_2", "ln2")):
-        r[h + ln + ".weight"], r[h + ln + ".bias"] = _one((b, ours, "w")), _one((b, ours, "b"))
-      r[h + "mlp.c_fc.weight"], r[h + "mlp.c_fc.bias"] = _one((b, "mlp", "W_in")), _one((b, "mlp", "b_in"))
-      r[h + "mlp.c_proj.weight"] = _one((b, "mlp", "W_out"))
-      r[h + "mlp.c_proj.bias"] = _one((b, "mlp", "b_out"))
-    return r
-  if c.family == "gpt_neox":
-    r["embed_in.weight"] = _one(("W_E",))
-    r["final_layer_norm.weight"] = _one(("ln_final", "w"))
-    r["final_layer_norm.bias"] = _one(("ln_final", "b"))
-    if not c.tied_embeddings:
-      r["embed_out.weight"] = _one(("W_U",), T)
-    for l in range(c.n_layers):
-      b, h = f"blocks_{l}", f"layers.{l}."
-
-      def qkv_w(w, b=b):
-        w = w.reshape(H, 3, dh, D)
-        return {(b, "attn", n): w[:, i].transpose(0, 2, 1) for i, n in enumerate(("W_Q", "W_K", "W_V"))}
-
-      def qkv_b(x, b=b):
-        x = x.reshape(H, 3, dh)
-        return {(b, "attn", n): x[:, i] for i, n in enumerate(("b_Q", "b_K", "b_V"))}
-
-      r[h + "attention.query_key_value.weight"] = qkv_w
-      if c.attn_bias:
-        r[h + "attention.query_key_value.bias"] = qkv_b
-      r[h + "attention.dense.weight"] = _one((b, "attn", "W_O"), _heads_out(H, dh))
-      if c.attn_out_bias:
-        r[h + "attention.dense.bias"] = _one((b, "attn", "b_O"))
-      for ln, ours in (("input_layernorm", "ln1"), ("post_attention_layernorm", "ln2")):
-        r[h + ln + ".weight"], r[h + ln + ".bias"] = _one((b, ours, "w")), _one((b, ours, "b"))
-      r[h + "mlp.dense_h_to_4h.weight"] = _one((b, "mlp", "W_in"), T)
-      r[h + "mlp.dense_h_to_4h.bias"] = _one((b, "mlp", "b_in"))
-      r[h + "mlp.dense_4h_to_h.weight"] = _one((b, "mlp", "W_out"), T)
-      r[h + "mlp.dense_4h_to_h.bias"] = _one((b, "mlp", "b_out"))
-    return r
-  # llama, qwen2, gemma2
-  r["embed_tokens.weight"] = _one(("W_E",))
-  r["norm.weight"] = _one(("ln_final", "w"))
-  if not c.tied_embeddings:
-    r["lm_head.weight"] = _one(("W_U",), T)
-  norms = {"input_layernorm": "ln1"}
-  if c.post_norms:
-    norms.update(post_attention_layernorm="ln1_post", pre_feedforward_layernorm="ln2",
-                 post_feedforward_layernorm="ln2_post")
-  else:
-    norms.update(post_attention_layernorm="ln2")
-  for l in range(c.n_layers):
-    b, h = f"blocks_{l}", f"layers.{l}."
-    a = h + "self_attn."
-    r[a + "q_proj.weight"] = _one((b, "attn", "W_Q"), _heads_in(H, dh))
-    r[a + "k_proj.weight"] = _one((b, "attn", "W_K"), _heads_in(K, dh))
-    r[a + "v_proj.weight"] = _one((b, "attn", "W_V"), _heads_in(K, dh))
-    r[a + "o_proj.weight"] = _one((b, "attn", "W_O"), _heads_out(H, dh))
-    if c.attn_bias:
-      r[a + "q_proj.bias"] = _one((b, "attn", "b_Q"), lambda x: x.reshape(H, dh))
-      r[a + "k_proj.bias"] = _one((b, "attn", "b_K"), lambda x: x.reshape(K, dh))
-      r[a + "v_proj.bias"] = _one((b, "attn", "b_V"), lambda x: x.reshape(K, dh))
-    if c.attn_out_bias:
-      r[a + "o_proj.bias"] = _one((b, "attn", "b_O"))
-    for ln, ours in norms.items():
-      r[h + ln + ".weight"] = _one((b, ours, "w"))
-    r[h + "mlp.gate_proj.weight"] = _one((b, "mlp", "W_gate"), T)
-    r[h + "mlp.up_proj.weight"] = _one((b, "mlp", "W_in"), T)
-    r[h + "mlp.down_proj.weight"] = _one((b, "mlp", "W_out"), T)
-    if c.mlp_bias:
-      r[h + "mlp.up_proj.bias"] = _one((b, "mlp", "b_in"))
-      r[h + "mlp.down_proj.bias"] = _one((b, "mlp", "b_out"))
-      r[h + "mlp.gate_proj.bias"] = _bias_unsupported
-  return r
-
-
-def _bias_unsupported(x):
-  raise CheckpointError("gate_proj.bias is not supported (mlp_bias on a gated MLP)")
 
 
 _PREFIXES = ("transformer.", "gpt_neox.", "model.language_model.", "model.")
@@ -275,8 +62,8 @@ def convert_state_dict(cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
       msg.append(f"missing tensors: {_fmt(missing)}")
     if unexpected:
       msg.append(f"unexpected tensors: {_fmt([stripped[u][0] for u in unexpected])}")
-    raise CheckpointError(f"checkpoint does not match a {cfg.family} model with this config.json; " +
-                          "; ".join(msg))
+    raise CheckpointError(f"checkpoint does not match a {cfg.family} model with this "
+                          "config.json; " + "; ".join(msg))
   expected = _param_shapes(cfg)
   flat: dict[tuple[str, ...], np.ndarray] = {}
   for short, rule in rules.items():
@@ -318,7 +105,7 @@ def _param_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
   return out
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Reading files
 
 
@@ -340,12 +127,14 @@ def _read_bin(path: str) -> dict[str, np.ndarray]:
     import torch
   except ImportError:
     raise CheckpointError(f"{path} is a PyTorch pickle; install the 'torch' extra "
-                          f"(pip install 'jaxinterp[torch]') or convert it to safetensors") from None
+                          f"(pip install 'jaxinterp[torch]') or convert it to "
+                          f"safetensors") from None
   try:
     sd = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:
     raise CheckpointError(f"refusing or unable to load {path} with torch.load(weights_only=True): "
-                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+                          f"{type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}") from None
   if not isinstance(sd, Mapping):
     raise CheckpointError(f"{path} does not hold a state dict (got {type(sd).__name__})")
   return {k: v.detach().float().numpy() if v.dtype == torch.bfloat16 else v.detach().numpy()
@@ -373,7 +162,8 @@ def read_hf_tensors(path: str) -> dict[str, np.ndarray]:
       out.update(_read_safetensors(sp))
     missing = sorted(set(weight_map) - set(out))
     if missing:
-      raise CheckpointError(f"tensors listed in {index} are absent from their shards: {_fmt(missing)}")
+      raise CheckpointError(f"tensors listed in {index} are absent from their shards: "
+                            f"{_fmt(missing)}")
     return out
   if os.path.exists(binf):
     return _read_bin(binf)
@@ -403,7 +193,7 @@ def load_tokenizer(path: str):
     raise CheckpointError(f"cannot read tokenizer {tp}: {e}") from None
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The model object
 
 
@@ -418,7 +208,7 @@ class Model:
   cfg: ModelConfig
   params: dict[str, Any]
   tokenizer: Any = None
-  path: Optional[str] = None
+  path: str | None = None
 
   def forward(self, params, tokens, **kw):
     """Pure forward: see `models.transformer.forward` for the keyword arguments."""
@@ -463,7 +253,8 @@ class Model:
       bos = self.cfg.bos_token_id if self.cfg.bos_token_id is not None else self.cfg.eos_token_id
       rows = [[bos] + r for r in rows]
     if len({len(r) for r in rows}) != 1:
-      raise ValueError("texts tokenise to different lengths; use jaxinterp.tasks for padded batches")
+      raise ValueError("texts tokenise to different lengths; "
+                       "use jaxinterp.tasks for padded batches")
     return np.asarray(rows, np.int32)
 
 

@@ -1,17 +1,18 @@
 """Named sites: the only thing `models/` knows about interpretability.
 
 Every layer passes its intermediate activations through `sites(name, x)`. A `Sites` object is an
-explicit side input to one forward call: it holds the interventions to apply (a mapping from site name
-to a callable `x -> x'`, usually a pytree from `jaxinterp.interventions`) and the names to collect.
-It is created fresh inside every (traced) call, so nothing is mutable across calls.
+explicit side input to one forward call: it holds the interventions to apply (a mapping from site
+name to a callable `x -> x'`, usually a pytree from `jaxinterp.interventions`) and the names to
+collect. It is created fresh inside every (traced) call, so nothing is mutable across calls.
 
-Site names follow TransformerLens: `hook_embed`, `blocks.3.attn.hook_z`, `blocks.3.hook_mlp_out`, ...
+Site names follow TransformerLens: `hook_embed`, `blocks.3.attn.hook_z`, `blocks.3.hook_mlp_out`,
+...
 """
 
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Iterable, Mapping, Optional
+from collections.abc import Callable, Iterable, Mapping
 
 import jax
 
@@ -26,7 +27,7 @@ class SiteError(KeyError):
 class Sites:
   """Interventions to apply and activations to collect during one forward pass."""
 
-  def __init__(self, interventions: Optional[Mapping[str, Callable[[jax.Array], jax.Array]]] = None,
+  def __init__(self, interventions: Mapping[str, Callable[[jax.Array], jax.Array]] | None = None,
                collect: Iterable[str] = ()):
     self.interventions = dict(interventions or {})
     self.collect = frozenset(collect)
@@ -34,7 +35,8 @@ class Sites:
     self.visited: list[str] = []
 
   def wants(self, name: str) -> bool:
-    """Whether the caller intervenes on or collects `name` (so an optional site must be computed)."""
+    """Whether the caller intervenes on or collects `name` (so an optional site must be computed).
+    """
     return name in self.interventions or name in self.collect
 
   def __call__(self, name: str, x: jax.Array) -> jax.Array:
@@ -58,8 +60,9 @@ class Sites:
       hints = []
       for m in missing:
         close = difflib.get_close_matches(m, sorted(seen), n=3)
-        hints.append(f"{m!r}" + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""))
+        hints.append(f"{m!r}"
+                     + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""))
       raise SiteError("unknown site(s): " + "; ".join(hints) +
-                      ". Optional sites such as hook_result and hook_q_input are computed only when "
-                      "requested; list every site with models.site_names(cfg).")
+                      ". Optional sites such as hook_result and hook_q_input are computed only "
+                      "when requested; list every site with models.site_names(cfg).")
 

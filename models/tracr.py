@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -60,7 +61,7 @@ class TracrEncoding:
   input_values: tuple
   bos: Any
   pad: Any
-  output_values: Optional[tuple]
+  output_values: tuple | None
   residual_labels: tuple[str, ...]
   output_labels: tuple[str, ...]
   max_seq_len: int
@@ -115,7 +116,7 @@ class TracrEncoding:
 class TracrModel(Model):
   """A `models.Model` ported from tracr, with its `TracrEncoding` (`m.encoding.encode(...)`)."""
 
-  encoding: Optional[TracrEncoding] = None
+  encoding: TracrEncoding | None = None
 
   def apply(self, values: Sequence) -> list:
     """Decoded outputs for one input (as tracr's `assembled.apply(...).decoded`, BOS first)."""
@@ -175,9 +176,9 @@ def from_tracr(assembled) -> TracrModel:
   Returns:
     The model: `m(ids)` gives logits `[batch, pos, d_vocab_out]`, tracr's output-space values
     (`assembled.forward(...).transformer_output.output @ unembedding(assembled)`, equal within
-    float32 rounding); `m.apply(values)` the decoded outputs; `m.encoding` the token and output maps.
-    Token ids are tracr's (`m.encoding.encode(values)`), BOS first; pad with `encoding.pad_id` and
-    mask it out with `attention_mask`, as tracr masks its pad token.
+    float32 rounding); `m.apply(values)` the decoded outputs; `m.encoding` the token and output
+    maps. Token ids are tracr's (`m.encoding.encode(values)`), BOS first; pad with `encoding.pad_id`
+    and mask it out with `attention_mask`, as tracr masks its pad token.
   """
   mc = assembled.model_config
   if getattr(mc, "layer_norm", False):
@@ -198,8 +199,8 @@ def from_tracr(assembled) -> TracrModel:
       act_fn="relu", tied_embeddings=False, attn_scale=1.0 / math.sqrt(dh),
       causal=bool(mc.causal), bos_token_id=encoding.bos_id, pad_token_id=encoding.pad_id)
   params: dict[str, Any] = {"W_E": W_E, "W_pos": W_pos, "W_U": W_U}
-  for l in range(L):
-    t = f"transformer/layer_{l}/"
+  for layer in range(L):
+    t = f"transformer/layer_{layer}/"
     attn = {}
     for c, name in (("Q", "query"), ("K", "key"), ("V", "value")):
       attn[f"W_{c}"] = _np(p[t + f"attn/{name}"]["w"]).reshape(D, H, dh).transpose(1, 0, 2)
@@ -208,7 +209,7 @@ def from_tracr(assembled) -> TracrModel:
     attn["b_O"] = _np(p[t + "attn/linear"]["b"])
     mlp = {"W_in": _np(p[t + "mlp/linear_1"]["w"]), "b_in": _np(p[t + "mlp/linear_1"]["b"]),
            "W_out": _np(p[t + "mlp/linear_2"]["w"]), "b_out": _np(p[t + "mlp/linear_2"]["b"])}
-    params[f"blocks_{l}"] = {"attn": attn, "mlp": mlp}
+    params[f"blocks_{layer}"] = {"attn": attn, "mlp": mlp}
   params = {k: ({kk: {n: jnp.asarray(a) for n, a in vv.items()} for kk, vv in v.items()}
                 if isinstance(v, dict) else jnp.asarray(v)) for k, v in params.items()}
   return TracrModel(cfg, params, None, None, encoding)

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random-init HF checkpoints built with transformers, and the shared data dir."""
+"""Shared fixtures: tiny random-init HF checkpoints built with transformers, and the shared data
+dir."""
 
 import os
 import pathlib
@@ -79,7 +80,8 @@ FAMILIES = ("gpt2", "gpt_neox", "llama", "qwen2", "gemma2")
 
 
 def build_hf_model(kind: str, seed: int = 0):
-  """Random-init HF causal LM with non-trivial norms and biases (so the mapping is really tested)."""
+  """Random-init HF causal LM with non-trivial norms and biases (so the mapping is really tested).
+  """
   import torch
   import transformers as T
   torch.manual_seed(seed)
@@ -87,7 +89,7 @@ def build_hf_model(kind: str, seed: int = 0):
          "qwen2": T.Qwen2ForCausalLM, "gemma2": T.Gemma2ForCausalLM}[kind]
   model = cls(hf_config(kind)).eval()
   with torch.no_grad():
-    for name, p in model.named_parameters():
+    for _, p in model.named_parameters():
       if p.ndim == 1:  # norms and biases
         p.add_(0.1 * torch.randn_like(p))
   return model

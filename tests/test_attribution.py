@@ -1,20 +1,23 @@
-"""Attribution and evaluation: independent PyTorch cross-check, exact = all-but-e, IG vs EAP, errors."""
+"""Attribution and evaluation: independent PyTorch cross-check, exact = all-but-e, IG vs EAP,
+errors, the method contract over the registry, Progress and its checkpoints."""
 
 import dataclasses
+import importlib
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinterp import models
 from jaxinterp import attribution as A
-from jaxinterp.evaluation import faithfulness as V
-from jaxinterp import tasks
+from jaxinterp import models, tasks
+from jaxinterp.attribution import base
 from jaxinterp.circuits import Graph
-from tests.conftest import SHARED
 from jaxinterp.circuits.layout import valid_edges
+from jaxinterp.evaluation import faithfulness as V
 from jaxinterp.models.transformer import sender_outputs
+from tests.conftest import SHARED
 
 IOI_CSV = SHARED / "data" / "eap-ig" / "ioi" / "gpt2.csv"
 TOKENIZER = SHARED / "models" / "gpt2-tokenizer" / "tokenizer.json"
@@ -65,10 +68,12 @@ def _torch_inputs(data):
 def test_matches_independent_torch_oracle_on_ioi(torch_setup, method):
   oracle, model, data = torch_setup
   args = _torch_inputs(data)
-  ref = {"EAP": oracle.eap_scores, "EAP-IG-inputs": lambda *a: oracle.eap_ig_inputs_scores(*a, steps=5),
+  ref = {"EAP": oracle.eap_scores,
+         "EAP-IG-inputs": lambda *a: oracle.eap_ig_inputs_scores(*a, steps=5),
          "exact": oracle.exact_scores}[method](*args)
-  ours = A.attribute(model.cfg, model.params, data, method=method, ig_steps=5, batch_size=8,
-                     exact_chunk=128, quiet=True).scores
+  own = {"EAP": {}, "EAP-IG-inputs": {"ig_steps": 5}, "exact": {"exact_chunk": 128}}[method]
+  ours = A.attribute(model.cfg, model.params, data, method=method, batch_size=8, quiet=True,
+                     **own).scores
   valid = valid_edges(model.cfg)
   assert valid.sum() == np.asarray(oracle.valid_edges()).sum()
   r = _corr(ours[valid], ref[valid])
@@ -134,7 +139,8 @@ def test_other_ablations_eap_is_the_derivative_and_exact_is_exact(intervention):
     w[s_idx[k], r_idx[k]] = 0
     weights.append(w)
   m_full, _ = V.baselines(CFG, PARAMS, DATA, batch_size=8, ablation=ablation)
-  metric = V.evaluate_circuits(CFG, PARAMS, DATA, np.stack(weights), batch_size=8, ablation=ablation,
+  metric = V.evaluate_circuits(CFG, PARAMS, DATA, np.stack(weights), batch_size=8,
+                               ablation=ablation,
                                quiet=True)
   np.testing.assert_allclose(ex[s_idx[pick], r_idx[pick]], metric - m_full, atol=2e-5)
   batch = next(DATA.batches(8))
@@ -173,7 +179,10 @@ def test_ig_with_many_steps_is_closer_to_exact_than_eap():
   ig = A.attribute(CFG, PARAMS, DATA, method="EAP-IG-inputs", ig_steps=32, batch_size=8,
                    quiet=True).scores
   v = valid_edges(CFG)
-  err = lambda s: np.abs(s[v] - ex[v]).sum()
+
+  def err(s):
+    return np.abs(s[v] - ex[v]).sum()
+
   assert err(ig) < err(eap)
   assert _corr(ig[v], ex[v]) > _corr(eap[v], ex[v])
 
@@ -190,7 +199,10 @@ def test_ig_completeness_on_the_input_node():
 def test_ig_conventions_and_clean_corrupted():
   np.testing.assert_allclose(A.ig_alphas(4), [0, 0.25, 0.5, 0.75])
   np.testing.assert_allclose(A.ig_alphas(4, "paper"), [0.25, 0.5, 0.75, 1.0])
-  np.testing.assert_allclose(A.ig_alphas(2, "eap", "EAP-IG-activations"), [0.5, 1.0])
+  np.testing.assert_allclose(A.ig_alphas(2, "eap", eap_start=1), [0.5, 1.0])  # activations
+  assert A.IGOptions(ig_steps=2).alphas(eap_start=1).tolist() == [0.5, 1.0]
+  with pytest.raises(A.AttributionError, match="eap_start"):
+    A.ig_alphas(2, "eap", "EAP-IG-activations")
   eap = A.attribute(CFG, PARAMS, DATA, method="EAP", batch_size=8, quiet=True).scores
   cc = A.attribute(CFG, PARAMS, DATA, method="clean-corrupted", batch_size=8, quiet=True).scores
   ig1 = A.attribute(CFG, PARAMS, DATA, method="EAP-IG-inputs", ig_steps=1, batch_size=8,
@@ -265,6 +277,9 @@ def test_kl_and_cross_entropy_metrics():
 # ------------------------------------------------------------- the contract every method keeps
 
 
+SMALL_OPTIONS = dict(ig_steps=2, mask_steps=4, mask_batch=4, ugs_samples=2, acdc_metric="task")
+
+
 # EAP-IG-activations' contract run is the slowest; test_ig_activations_runs_and_tracks_exact keeps
 # the method in the fast suite.
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow)
@@ -274,11 +289,11 @@ def test_every_registered_method_keeps_the_contract(name):
   zeros on invalid edges, finite and non-trivial scores, batch-size invariance, a resumed run
   bitwise equal to an uninterrupted one, refused interventions, and the per-batch result."""
   method = A.get_method(name)
-  kw = dict(method=name, ig_steps=2, quiet=True)
-  if method.fit is not None:  # a few training steps keep mask methods cheap; ACDC scores by the
-    # task metric here (this random model's KL changes are ~1e-5)
-    kw["options"] = method.make_options(mask_steps=4, mask_batch=4, ugs_samples=2,
-                                        acdc_metric="task")
+  # Each method gets the small settings among these that it has (a keyword it has not is an
+  # error): two IG steps, a few training steps for mask methods, and ACDC scoring by the task
+  # metric (this random model's KL changes are ~1e-5).
+  small = method.options_among(SMALL_OPTIONS)
+  kw = dict(method=name, quiet=True, **small)
   valid = valid_edges(CFG)
   full = A.attribute(CFG, PARAMS, DATA, batch_size=3, **kw)  # 8 examples: batches of 3, 3, 2(+1)
   assert full.scores.shape == valid.shape and full.scores.dtype == np.float32
@@ -316,7 +331,7 @@ def test_every_registered_method_keeps_the_contract(name):
 
   batch = next(DATA.batches(4))
   out = method.score_batch(CFG, DATA.task, PARAMS, batch, A.Ablation("patching"),
-                           method.make_options(ig_steps=2))
+                           method.make_options(**small))
   assert isinstance(out, A.BatchScores)
   assert out.scores.shape == valid.shape
   assert out.metric.shape == out.clean.shape == (4,)
@@ -329,8 +344,20 @@ def test_options_are_validated_by_their_method():
     A.attribute(CFG, PARAMS, DATA, method="EAP-IG-activations", ig_convention="x", quiet=True)
   with pytest.raises(A.AttributionError, match="exact_chunk"):
     A.attribute(CFG, PARAMS, DATA, method="exact", exact_chunk=0, quiet=True)
-  # Options a method has no field for are ignored, so EAP takes ig_steps=0 as before.
-  assert A.get_method("EAP").make_options(ig_steps=0) == A.LevelOptions()  # EAP's: level only
+  # An option a method has no field for is an error naming the method's options, never dropped.
+  with pytest.raises(A.AttributionError, match="EAP has no option 'ig_steps'; its options are "
+                                               "level, progress, remat"):
+    A.get_method("EAP").make_options(ig_steps=0)
+  with pytest.raises(A.AttributionError, match="EAP has no option 'ig_steps'"):
+    A.attribute(CFG, PARAMS, DATA, method="EAP", ig_steps=5, quiet=True)
+  with pytest.raises(A.AttributionError, match="either options or option keywords"):
+    A.attribute(CFG, PARAMS, DATA, method="EAP", options=A.Options(), remat=True, quiet=True)
+  assert A.get_method("EAP").options_among({"ig_steps": 5, "level": "node"}) == {"level": "node"}
+  ens = A.get_method("EAP+EAP-IG-inputs")  # an ensemble's options: its members' and its own
+  assert ens.options_among({"ig_steps": 5, "tau": 1.0}) == {"ig_steps": 5}
+  assert ens.make_options(ig_steps=2).members[1].ig_steps == 2
+  with pytest.raises(A.AttributionError, match="EAP\\+EAP-IG-inputs has no option 'tau'"):
+    ens.make_options(tau=0.1)
   opts = A.IGOptions(ig_steps=3)
   a = A.attribute(CFG, PARAMS, DATA, method="EAP-IG-inputs", options=opts, batch_size=8, quiet=True)
   b = A.attribute(CFG, PARAMS, DATA, method="EAP-IG-inputs", ig_steps=3, batch_size=8, quiet=True)
@@ -353,3 +380,88 @@ def test_whole_dataset_methods_run_through_fit(monkeypatch):
   valid = valid_edges(CFG)
   assert np.all(res.scores[valid] == 1) and np.all(res.scores[~valid] == 0)
   assert res.clean_metric == 1.5 and res.extras == {"steps": 3}
+
+
+# ---------------------------------------------------------------------- the registry and Progress
+
+
+def test_every_module_level_method_is_registered():
+  """Scan the method modules: a module-level `Method` missing from METHODS (or registered under
+  another object) fails, so a new method cannot be forgotten in the registry."""
+  folder = pathlib.Path(A.__file__).parent
+  found = {}
+  for path in sorted(folder.glob("*.py")):
+    module = importlib.import_module(f"jaxinterp.attribution.{path.stem}")
+    for attr, obj in vars(module).items():
+      if isinstance(obj, base.Method) and not isinstance(obj, A.ensemble.Ensemble):
+        found[f"{path.stem}.{attr}"] = obj
+  assert found, "no Method found: the scan is broken"
+  unregistered = {k: m.name for k, m in found.items() if A.METHODS.get(m.name) is not m}
+  assert not unregistered, f"module-level Methods not in attribution.METHODS: {unregistered}"
+  assert set(A.METHODS) == {m.name for m in found.values()}
+
+
+def _rows(dataset, sl):
+  return dataclasses.replace(dataset, clean=dataset.clean[sl], corrupted=dataset.corrupted[sl],
+                             lengths=dataset.lengths[sl],
+                             labels={k: v[sl] for k, v in dataset.labels.items()})
+
+
+@pytest.mark.parametrize("method,batch_size", [("EAP-IG-inputs", 4), ("EAP", 3)])
+def test_progress_of_two_halves_merges_into_the_whole(method, batch_size):
+  """`Progress` is a clu-style accumulator: the states of two halves of the dataset, attributed
+  separately, merge into the state of the whole. With batches that line up (4 + 4 rows, batches of
+  4) the sums add in the same order and equal the one-pass run bitwise; with batches that do not
+  (3: batches 3+1 and 3+1 against 3+3+2) they agree to float32 rounding (rtol 1e-6)."""
+  def final_state(data):
+    states = []
+    A.attribute(CFG, PARAMS, data, method, batch_size=batch_size, bootstrap=2, quiet=True,
+                on_batch=states.append)
+    return states[-1]
+
+  first, second = final_state(_rows(DATA, slice(0, 4))), final_state(_rows(DATA, slice(4, 8)))
+  whole = final_state(DATA)
+  merged = first.merge(second)
+  assert merged.seen == whole.seen == len(DATA)
+  assert merged.next_batch == first.next_batch + second.next_batch
+  assert len(merged.batch_sums) == merged.next_batch
+  assert merged.batch_counts == first.batch_counts + second.batch_counts
+  scores, clean = merged.compute()
+  want_scores, want_clean = whole.compute()
+  if batch_size == 4:
+    np.testing.assert_array_equal(scores, want_scores)
+    assert clean == want_clean
+  else:
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-6, atol=1e-7)
+    assert clean == pytest.approx(want_clean, rel=1e-6)
+  one_pass = A.attribute(CFG, PARAMS, DATA, method, batch_size=batch_size, quiet=True).scores
+  np.testing.assert_allclose(np.where(valid_edges(CFG), scores, 0), one_pass, rtol=1e-5,
+                             atol=1e-6)
+  empty = A.Progress.empty(scores.shape, keep_batches=True)  # merge's identity
+  for state in (empty.merge(first), first.merge(empty)):
+    assert (state.next_batch, state.seen, state.batch_counts) == (first.next_batch, first.seen,
+                                                                   first.batch_counts)
+    np.testing.assert_array_equal(state.score_sum, first.score_sum)
+
+
+def test_checkpointer_round_trip_and_refusal(tmp_path):
+  """A saved Progress loads back equal; a checkpoint of other settings is refused, naming them."""
+  states = []
+  A.attribute(CFG, PARAMS, DATA, "EAP", batch_size=3, bootstrap=2, quiet=True,
+              on_batch=states.append)
+  ckpt = A.Checkpointer(str(tmp_path / ".resume"), {"method": "EAP", "sizes": (1, 2)})
+  assert ckpt.load() is None
+  ckpt.save(states[0])
+  ckpt.save(states[1])
+  back = ckpt.load()
+  assert back.next_batch == 2 and back.seen == states[1].seen
+  np.testing.assert_array_equal(back.score_sum, states[1].score_sum)
+  assert back.batch_counts == states[1].batch_counts
+  assert sorted(p.name for p in (tmp_path / ".resume").iterdir()) == ["fingerprint.json",
+                                                                      "step_000002"]
+  other = A.Checkpointer(str(tmp_path / ".resume"), {"method": "exact", "sizes": (1, 2)})
+  with pytest.raises(A.AttributionError, match="different run.*--method: checkpoint has 'EAP', "
+                                               "now 'exact'"):
+    other.load()
+  ckpt.clear()
+  assert not (tmp_path / ".resume").exists()

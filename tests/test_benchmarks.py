@@ -1,8 +1,10 @@
-"""The benchmark harness runs in --quick mode and writes a parseable results file (no timing checks)."""
+"""The benchmark harness runs in --quick mode and writes a parseable results file (no timing
+checks), and the recorded results that the docs cite are where the docs say."""
 
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -15,8 +17,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def test_quick_harness_writes_results(tmp_path):
   out = tmp_path / "results.json"
   env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--suite=attribution,exact,evaluation,memory",
-         "--methods=EAP-IG-inputs", f"--out={out}", f"--workdir={tmp_path}"]
+  cmd = [sys.executable, "-m", "benchmarks.run", "--quick",
+         "--suite=attribution,exact,evaluation,memory", "--methods=EAP-IG-inputs", f"--out={out}",
+         f"--workdir={tmp_path}"]
   p = subprocess.run(cmd, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-4000:]
   res = json.loads(out.read_text())
@@ -84,3 +87,21 @@ def test_pipeline_reports_a_missing_eap_package(monkeypatch):
   monkeypatch.setattr(pipeline, "have_eap", lambda: False)
   row = pipeline.run_eap("ckpt", "gpt2-small", 8, 4, 5, "out")
   assert row["impl"] == "eap" and row["status"].startswith("not installed")
+
+
+def test_recorded_results_are_indexed_and_cited_files_exist():
+  """Every file in benchmarks/results/ parses and has a row (its command) in benchmarks/RESULTS.md;
+  every results file the docs or the benchmarks name exists there."""
+  results = REPO / "benchmarks" / "results"
+  files = sorted(p.name for p in results.iterdir())
+  assert files and not list((REPO / "benchmarks").glob("results_*.json"))
+  index = (REPO / "benchmarks" / "RESULTS.md").read_text()
+  for name in files:
+    assert f"`{name}`" in index, f"{name} has no row in benchmarks/RESULTS.md"
+    if name.endswith(".json"):
+      json.loads((results / name).read_text())
+  pages = [*(REPO / "docs").glob("*.md"), *(REPO / "benchmarks").glob("*.md"),
+           *(REPO / "benchmarks").glob("*.py")]
+  texts = [p.read_text() for p in pages]
+  cited = {m for t in texts for m in re.findall(r"results_cpu_[\w\-]+\.json", t)}
+  assert cited and not sorted(cited - set(files))

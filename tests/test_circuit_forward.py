@@ -1,8 +1,9 @@
 """The circuit forward (only the nodes a circuit reads) equals the graph-form reference evaluation.
 
-Faithfulness is compared to 1e-5 (relative when |f| > 1) for GPT-2, NeoX (parallel blocks), Llama (GQA) and Gemma-2
-(post-norms, softcaps, sliding window), with every ablation, on circuits of every kind: empty, full,
-single heads, sparse and dense random ones, pruned top-n ones and fractional weights.
+Faithfulness is compared to 1e-5 (relative when |f| > 1) for GPT-2, NeoX (parallel blocks), Llama
+(GQA) and Gemma-2 (post-norms, softcaps, sliding window), with every ablation, on circuits of every
+kind: empty, full, single heads, sparse and dense random ones, pruned top-n ones and fractional
+weights.
 """
 
 import dataclasses
@@ -13,15 +14,15 @@ import numpy as np
 import pytest
 
 from jaxinterp import attribution as A
-from jaxinterp.evaluation import circuit_forward as CF
 from jaxinterp import circuits as G
-from jaxinterp.evaluation import faithfulness as V
 from jaxinterp import models, tasks
-from jaxinterp.runtime import shared_prefix
+from jaxinterp.circuits.layout import valid_edges
+from jaxinterp.evaluation import circuit_forward as CF
+from jaxinterp.evaluation import faithfulness as V
 from jaxinterp.models import edges as E
+from jaxinterp.runtime import shared_prefix
 from tests.test_receiver_grads import CONFIGS, _params
 from tests.test_shared_prefix import late_corruption
-from jaxinterp.circuits.layout import valid_edges
 
 
 def _circuits(cfg, seed=0):

@@ -1,4 +1,5 @@
-"""`jaxinterp.runtime.compilation_cache.enable` turns on JAX's persistent cache for library calls."""
+"""`jaxinterp.runtime.compilation_cache.enable` turns on JAX's persistent cache for library calls.
+"""
 
 import os
 import subprocess

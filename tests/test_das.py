@@ -10,14 +10,13 @@ import numpy as np
 import optax
 import pytest
 
-from jaxinterp import models
-from jaxinterp.experiments import train_das as T
-from jaxinterp.interventions import illusion
 from jaxinterp import interventions as I
-from jaxinterp.interventions import saving
-from jaxinterp.interventions.causal_model import CausalModel
+from jaxinterp import models
+from jaxinterp.interventions import InterventionError, Where, illusion, saving
+from jaxinterp.interventions import toy_task as T
 from jaxinterp.interventions import training as tr
-from jaxinterp.interventions import InterventionError, Where
+from jaxinterp.interventions.causal_model import CausalModel
+from jaxinterp.runtime import inputs
 
 HAS_TOY = os.path.exists(os.path.join(T.ASSET_DIR, "jaxinterp_config.json"))
 needs_toy = pytest.mark.skipif(not HAS_TOY, reason="jaxinterp/assets/das_toy not built "
@@ -28,7 +27,8 @@ needs_toy = pytest.mark.skipif(not HAS_TOY, reason="jaxinterp/assets/das_toy not
 def toy():
   model, meta = T.load_das_toy()
   p = meta["p"]
-  return model.cfg, model.params, p, T.interchange_data(p, 2048, seed=1), T.interchange_data(p, 512, seed=2)
+  return (model.cfg, model.params, p, T.interchange_data(p, 2048, seed=1),
+          T.interchange_data(p, 512, seed=2))
 
 
 CFG = models.ModelConfig(family="gpt2", d_model=8, n_layers=1, n_heads=2, d_head=4, d_mlp=16,
@@ -92,7 +92,8 @@ def test_batch_errors():
   params = models.init_params(CFG, jax.random.PRNGKey(0))
   tmpl = {"blocks.0.hook_resid_post": tr.init_rotated_space(jax.random.PRNGKey(0), 8, 2)}
   with pytest.raises(InterventionError, match="missing 'label'"):
-    tr.iia(CFG, params, tmpl, {"base": np.zeros((2, 3), np.int32), "source": np.zeros((2, 3), np.int32)})
+    tr.iia(CFG, params, tmpl, {"base": np.zeros((2, 3), np.int32),
+                               "source": np.zeros((2, 3), np.int32)})
   with pytest.raises(InterventionError, match="no source tokens"):
     tr.iia(CFG, params, tmpl, {"base": np.zeros((2, 3), np.int32), "label": np.zeros(2, np.int32),
                                "source": {"other": np.zeros((2, 3), np.int32)}})
@@ -137,9 +138,11 @@ def test_save_load_round_trip(tmp_path):
   key = jax.random.PRNGKey(3)
   We = np.asarray(jax.random.normal(key, (8, 5)))
   ivs = {
-      "blocks.0.hook_resid_post": tr.init_rotated_space(key, 8, 3, where=Where.of(positions=(1, 2))),
+      "blocks.0.hook_resid_post": tr.init_rotated_space(key, 8, 3,
+                                                        where=Where.of(positions=(1, 2))),
       "blocks.0.hook_resid_pre": tr.init_boundless(key, 8, boundary=0.3, temperature=2.0),
-      "blocks.0.mlp.hook_post": tr.init_low_rank(key, 16, 2, where=I.WhereEach(jnp.array([0, 1, 2, 1]))),
+      "blocks.0.mlp.hook_post": tr.init_low_rank(key, 16, 2,
+                                                 where=I.WhereEach(jnp.array([0, 1, 2, 1]))),
       "blocks.0.attn.hook_z": I.SigmoidMask(jnp.arange(4.0), temperature=jnp.float32(0.5),
                                             where=Where.of(heads=1)),
       "blocks.0.hook_attn_out": I.Chain((I.Add(jnp.ones(8), 2.0), I.Autoencoder.jumprelu(
@@ -158,7 +161,7 @@ def test_save_load_round_trip(tmp_path):
     a = jax.tree_util.tree_flatten_with_path(ivs[site])
     b = jax.tree_util.tree_flatten_with_path(loaded[site])
     assert a[1] == b[1]  # same structure, including static fields such as k, param, where
-    for x, y in zip(a[0], b[0]):
+    for x, y in zip(a[0], b[0], strict=True):
       np.testing.assert_array_equal(np.asarray(x[1], np.float32), np.asarray(y[1], np.float32))
   base, src = small_data(4)["base"], small_data(4, 1)["source"]
   sources = {s: src for s in ivs}
@@ -186,7 +189,10 @@ def test_illusion_report_null_direction_has_no_effect():
   W = np.asarray(illusion.downstream_weights(CFG, params, site))
   assert W.shape == (16, 8)
   d = small_data(16)
-  metric = lambda lg: lg[:, -1, 0] - lg[:, -1, 1]
+
+  def metric(lg):
+    return lg[:, -1, 0] - lg[:, -1, 1]
+
   r = np.random.RandomState(1)
   vr, vn = illusion.split_row_null(r.randn(16).astype(np.float32), W)
   rep_null = illusion.illusion_report(CFG, params, site, vn, d["base"], d["source"], metric,
@@ -203,21 +209,25 @@ def test_illusion_report_null_direction_has_no_effect():
 
 
 @pytest.mark.slow
-def test_train_das_binary_end_to_end(tmp_path):
-  """`python -m experiments.train_das` on the shipped toy, with a small budget: outputs parse."""
-  import json
-  import os
-  import subprocess
-  import sys
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def test_train_das_end_to_end(tmp_path, capsys):
+  """`toy_task.train_das` (the train_das binary's pipeline) on the shipped toy, with a small budget:
+  the outputs parse."""
   out = tmp_path / "das"
-  r = subprocess.run([sys.executable, "-m", "experiments.train_das", f"--out={out}",
-                      "--das_steps=30", "--n_train=256", "--n_eval=128"], cwd=root,
-                     capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  assert r.returncode == 0, r.stderr[-3000:]
-  res = json.load(open(out / "iia.json"))
+  res = T.train_das(T.DASConfig(das_steps=30, n_train=256, n_eval=128), str(out))
+  assert json.load(open(out / "iia.json")) == json.loads(json.dumps(res))
   assert "illusion" in res and res["model_accuracy"] > 0.99
   rows = open(out / "iia.csv").read().splitlines()
   assert rows[0] == "site,position,k,iia" and len(rows) == 10
   with open(out / "das_iia.png", "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert "blocks.1.hook_resid_pre pos 2: IIA" in capsys.readouterr().out
+
+
+def test_train_das_checks_its_config_before_training(tmp_path):
+  for config, message in [(T.DASConfig(das_steps=0), "--das_steps=0: must be at least 1"),
+                          (T.DASConfig(k=33), "--k=33: must be between 1 and the model width 32"),
+                          (T.DASConfig(model_lr=0.0), "--model_lr=0.0: must be positive"),
+                          (T.DASConfig(p=1), "--p=1: must be at least 2")]:
+    with pytest.raises(inputs.InputError, match=message):
+      T.train_das(config, str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()

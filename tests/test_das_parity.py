@@ -1,7 +1,7 @@
-"""Interventions at pyvene parity (issue 16): defaults that learn fast at wide sites, one compile per
-shape, a regulariser and per-parameter learning rates, source positions apart from base positions,
-per-example positions, several trainable interventions per site, subspaces of one shared rotation,
-the serial mode, and the README's two-variable example."""
+"""Interventions at pyvene parity (issue 16): defaults that learn fast at wide sites, one compile
+per shape, a regulariser and per-parameter learning rates, source positions apart from base
+positions, per-example positions, several trainable interventions per site, subspaces of one shared
+rotation, the serial mode, and the docs' two-variable example (docs/interventions.md)."""
 
 import contextlib
 import dataclasses
@@ -15,12 +15,10 @@ import numpy as np
 import optax
 import pytest
 
-from jaxinterp.interventions import interchange
 from jaxinterp import interventions as I
 from jaxinterp import models
-from jaxinterp.interventions import saving
+from jaxinterp.interventions import InterventionError, Where, WhereEach, interchange, saving
 from jaxinterp.interventions import training as tr
-from jaxinterp.interventions import InterventionError, Where, WhereEach
 
 # CPU-heavy (DAS training runs):
 # left out of the default run, run by CI (-m slow).
@@ -57,7 +55,7 @@ def orthogonal(seed, d):
   return jnp.asarray(q, jnp.float32)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 1. Defaults that learn fast at wide sites
 
 
@@ -70,7 +68,9 @@ def _planted_iia(iv, d, steps, seed=0):
   Q = np.linalg.qr(r.normal(size=(d, d)))[0].astype(np.float32)
   S, T = Q[:, :k], Q[:, k:2 * k]
   A, B = r.normal(size=(k, C)).astype(np.float32) * 2, r.normal(size=(k, C)).astype(np.float32) * 2
-  out = lambda x: jnp.tanh(x @ S * 2) @ A + jnp.tanh(x @ T * 2) @ B
+
+  def out(x):
+    return jnp.tanh(x @ S * 2) @ A + jnp.tanh(x @ T * 2) @ B
 
   def pairs(n, s):
     g = np.random.default_rng(s)
@@ -117,7 +117,7 @@ def test_defaults_learn_faster_than_the_old_defaults_at_width_256(kind):
   assert iia_new >= 0.42 and iia_new >= iia_old + 0.08, (iia_new, iia_old)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 2. One compile per shape
 
 
@@ -126,7 +126,10 @@ def test_train_and_iia_compile_once_per_shape(params):
   p = models.init_params(cfg, jax.random.PRNGKey(0))
   tmpl = {RESID: tr.init_boundless(jax.random.PRNGKey(1), 8, where=Where.of(positions=2))}
   before = dict(tr.TRACES)
-  anneal = lambda i: 5.0 - 0.5 * i  # annealing changes a traced value, not the signature
+
+  def anneal(i):  # annealing changes a traced value, not the signature
+    return 5.0 - 0.5 * i
+
   tr.train_interventions(cfg, p, tmpl, data(40), steps=3, batch_size=16, temperature=anneal)
   tr.train_interventions(cfg, p, tmpl, data(40, seed=1), steps=3, batch_size=16,
                          learning_rate=3e-2, seed=5, temperature=anneal)
@@ -140,7 +143,7 @@ def test_train_and_iia_compile_once_per_shape(params):
   assert a == pytest.approx(float((np.argmax(lg, -1) == held["label"]).mean()))
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 3. A regulariser and per-parameter learning rates
 
 
@@ -149,7 +152,10 @@ def test_regularizer_drives_the_boundary_down(params):
                                    where=Where.of(positions=2))}
   kw = dict(steps=8, batch_size=32, learning_rate={"rotation": 1e-2, "boundary": 5e-2})
   free, _ = tr.train_interventions(CFG, params, tmpl, data(), **kw)
-  penalty = lambda ivs: 10.0 * jnp.sum(ivs[RESID].boundary)  # pyvene's tutorial's boundary loss
+
+  def penalty(ivs):  # pyvene's tutorial's boundary loss
+    return 10.0 * jnp.sum(ivs[RESID].boundary)
+
   pushed, _ = tr.train_interventions(CFG, params, tmpl, data(), regularizer=penalty, **kw)
   assert float(pushed[RESID].boundary) < 0.4
   assert float(pushed[RESID].boundary) < float(free[RESID].boundary) - 0.05
@@ -160,7 +166,8 @@ def test_per_parameter_learning_rates(params):
                                    where=Where.of(positions=2))}
   trained, _ = tr.train_interventions(CFG, params, tmpl, data(), steps=5, batch_size=32,
                                       learning_rate={"rotation": 0.0, "boundary": 5e-2})
-  np.testing.assert_array_equal(np.asarray(trained[RESID].rotation), np.asarray(tmpl[RESID].rotation))
+  np.testing.assert_array_equal(np.asarray(trained[RESID].rotation),
+                                np.asarray(tmpl[RESID].rotation))
   assert float(trained[RESID].boundary) != pytest.approx(0.5)
   with pytest.raises(InterventionError, match="no learning rate for 'boundary'"):
     tr.train_interventions(CFG, params, tmpl, data(), steps=1, learning_rate={"rotation": 1e-2})
@@ -172,7 +179,7 @@ def test_per_parameter_learning_rates(params):
                            learning_rate={"default": 1e-2})
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 4. Source positions apart from base positions
 
 
@@ -182,13 +189,15 @@ def test_source_positions_differ_from_base_positions(params):
   iv = I.RotatedSpace(R, k=3, where=Where.of(positions=2))
   src = collect(params, d["source"], RESID)
   # the same source position for all examples
-  got = interchange.intervened_logits(CFG, params, {RESID: iv}, dict(d, source_positions=np.zeros(16, np.int32)))
+  got = interchange.intervened_logits(CFG, params, {RESID: iv},
+                                      dict(d, source_positions=np.zeros(16, np.int32)))
   want = manual_logits(params, {RESID: iv.replace(source=src[:, [0]])}, d["base"])
   np.testing.assert_allclose(got, want, atol=1e-5)
   # a different one per example, against manual slicing
   sp = np.random.RandomState(1).randint(0, 3, 16).astype(np.int32)
   got = interchange.intervened_logits(CFG, params, {RESID: iv}, dict(d, source_positions=sp))
-  want = manual_logits(params, {RESID: iv.replace(source=src[np.arange(16), sp][:, None])}, d["base"])
+  want = manual_logits(params, {RESID: iv.replace(source=src[np.arange(16), sp][:, None])},
+                       d["base"])
   np.testing.assert_allclose(got, want, atol=1e-5)
   # source sequences of another length than the base
   long_src = np.concatenate([d["source"], d["source"][:, :1]], 1)
@@ -207,7 +216,7 @@ def test_source_positions_differ_from_base_positions(params):
                                   dict(d, source_positions=sp))
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 5. Per-example positions
 
 
@@ -235,7 +244,8 @@ def test_per_example_positions_are_trained_and_honoured(params):
   assert not np.allclose(via_key, interchange.intervened_logits(CFG, params, static,
                                                                 interchange.take(d, idx)))
   # training and IIA take the dataset-length template, and the loss matches the manual one
-  tmpl0 = {RESID: tr.init_rotated_space(jax.random.PRNGKey(0), 8, 4, where=WhereEach(jnp.asarray(pos)))}
+  tmpl0 = {RESID: tr.init_rotated_space(jax.random.PRNGKey(0), 8, 4,
+                                        where=WhereEach(jnp.asarray(pos)))}
   trained, hist = tr.train_interventions(CFG, params, tmpl0, d, steps=3, batch_size=16,
                                          eval_data=d)
   assert trained[RESID].where.positions.shape == (n,) and 0 <= hist["iia"] <= 1
@@ -248,7 +258,7 @@ def test_per_example_positions_are_trained_and_honoured(params):
     interchange.intervened_logits(CFG, params, static, dict(d, positions={"nope": pos}))
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 6. Several trainable interventions per site
 
 
@@ -275,7 +285,8 @@ def test_two_heads_of_one_layer_get_separate_rotations(params):
 
 
 def test_two_positions_of_one_site_and_inference_with_run(params, tmp_path):
-  tmpl = {RESID: I.Chain((tr.init_low_rank(jax.random.PRNGKey(0), 8, 2, where=Where.of(positions=1)),
+  tmpl = {RESID: I.Chain((tr.init_low_rank(jax.random.PRNGKey(0), 8, 2,
+                                           where=Where.of(positions=1)),
                           tr.init_rotated_space(jax.random.PRNGKey(1), 8, 3,
                                                 where=Where.of(positions=2))))}
   d = data()
@@ -290,7 +301,7 @@ def test_two_positions_of_one_site_and_inference_with_run(params, tmp_path):
     tr.trainable_params({RESID: [I.Zero(), I.Zero()]})
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 7. Subspaces of one rotation, and one rotation shared across sites
 
 
@@ -366,7 +377,7 @@ def test_one_rotation_shared_across_sites(params):
     tr.trainable_params(tmpl, [[(sites[0], "rotation"), (sites[1], "basis")]])
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 8. Serial mode
 
 
@@ -395,19 +406,19 @@ def test_serial_mode_runs_sources_through_the_intervened_model(params):
     interchange.intervened_logits(CFG, params, ivs, batch, mode="sequential")
 
 
-# ---------------------------------------------------------------------------------------------------
-# README
+# --------------------------------------------------------------------------------------------------
+# The docs' example (docs/interventions.md)
 
 
-def test_readme_das_example_runs():
+def test_docs_das_example_runs():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  with open(os.path.join(root, "README.md")) as f:
-    readme = f.read()
-  section = readme[readme.index("## Interventions and DAS"):]
+  with open(os.path.join(root, "docs", "interventions.md")) as f:
+    doc = f.read()
+  section = doc[doc.index("## Training interventions"):]
   block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
   scope = {}
   with contextlib.redirect_stdout(io.StringIO()):
-    exec(compile(block, "README.md", "exec"), scope)  # the project's own example code
+    exec(compile(block, "docs/interventions.md", "exec"), scope)  # the project's own example code
   trained = scope["trained"]
   site = next(iter(trained))
   a, b = trained[site].items

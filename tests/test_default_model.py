@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from jaxinterp import attribution as A
+from jaxinterp.circuits import Graph
 from jaxinterp.evaluation import faithfulness as V
 from jaxinterp.groundtruth import toy
-from jaxinterp.circuits import Graph
 
 
 @pytest.fixture(scope="module")

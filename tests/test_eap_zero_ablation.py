@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from jaxinterp.circuits.layout import valid_edges
 
 torch = pytest.importorskip("torch")
@@ -52,15 +53,15 @@ def eap_zero_scores(tl, clean, mask, last, correct, incorrect) -> np.ndarray:
 
   fwd = [("hook_embed", sender(0))]
   bwd = []
-  for l in range(L):
-    first = 1 + l * (H + 1)
-    fwd += [(f"blocks.{l}.attn.hook_result", sender(slice(first, first + H))),
-            (f"blocks.{l}.hook_mlp_out", sender(first + H))]
+  for li in range(L):
+    first = 1 + li * (H + 1)
+    fwd += [(f"blocks.{li}.attn.hook_result", sender(slice(first, first + H))),
+            (f"blocks.{li}.hook_mlp_out", sender(first + H))]
     for j, x in enumerate("qkv"):
-      cols = slice(l * (3 * H + 1) + j * H, l * (3 * H + 1) + (j + 1) * H)
-      bwd.append((f"blocks.{l}.hook_{x}_input", receiver(first, cols)))
-    mlp = l * (3 * H + 1) + 3 * H
-    bwd.append((f"blocks.{l}.hook_mlp_in", receiver(first + H, slice(mlp, mlp + 1))))
+      cols = slice(li * (3 * H + 1) + j * H, li * (3 * H + 1) + (j + 1) * H)
+      bwd.append((f"blocks.{li}.hook_{x}_input", receiver(first, cols)))
+    mlp = li * (3 * H + 1) + 3 * H
+    bwd.append((f"blocks.{li}.hook_mlp_in", receiver(first + H, slice(mlp, mlp + 1))))
   bwd.append((f"blocks.{L - 1}.hook_resid_post", receiver(n_fwd, slice(n_bwd - 1, n_bwd))))
   with tl.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
     logits = tl(clean, attention_mask=mask)
@@ -86,7 +87,8 @@ def test_zero_ablation_eap_matches_eap_ig(hf_gpt2_dir):
   eap = eap_zero_scores(tl, b.clean, b.mask, b.last, b.correct, b.incorrect)
   valid = valid_edges(model.cfg)
   assert np.array_equal(eap != 0, valid & (eap != 0))  # eap fills only upstream senders
-  # eap's score is -ours / batch size: its loss is the negated metric, its batch sums per-batch means.
+  # eap's score is -ours / batch size: its loss is the negated metric, its batch sums per-batch
+  # means.
   want = -ours * 1.0 / len(ds)
   r_all = np.corrcoef(eap[valid], want[valid])[0, 1]
   r_input = np.corrcoef(eap[0][valid[0]], want[0][valid[0]])[0, 1]

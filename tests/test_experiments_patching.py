@@ -1,18 +1,21 @@
-"""Activation-patching sweeps (vmapped) and the evaluate_circuit / activation_patching binaries."""
+"""Activation-patching sweeps (vmapped), and the pipelines of the evaluate_circuit and
+activation_patching binaries (`report.evaluate_circuit`, `patching.activation_patching`)."""
 
+import dataclasses
 import json
 
 import jax
 import numpy as np
 import pytest
-from absl import app, flags
+from absl import flags
 from absl.testing import flagsaver
 
-from jaxinterp import models
-from jaxinterp.experiments import activation_patching, cli, evaluate_circuit
-from jaxinterp import patching, tasks
-from jaxinterp.evaluation import faithfulness as evaluation
+from jaxinterp import models, patching, tasks
 from jaxinterp.circuits import Graph
+from jaxinterp.evaluation import faithfulness as evaluation
+from jaxinterp.evaluation import report
+from jaxinterp.experiments import cli
+from jaxinterp.runtime import inputs
 
 FLAGS = flags.FLAGS
 CFG = models.ModelConfig(family="gpt2", d_model=16, n_layers=2, n_heads=2, d_head=8, d_mlp=32,
@@ -40,7 +43,7 @@ def model(model_dir):
   return models.from_pretrained(model_dir)
 
 
-HALF = 8  # the binaries generate make_induction(n, 8, ...): same shapes, so compiled sweeps are reused
+HALF = 8  # the pipelines generate make_induction(n, 8, ...): same shapes, compiled sweeps reused
 BATCH = 4
 
 
@@ -79,11 +82,12 @@ def test_sweep_matches_single_patches(model, data, sweeps, sweep, cells):
     want = patching.patched_metric(model.cfg, model.params, data, sweep, layer, idx,
                                    batch_size=BATCH)
     np.testing.assert_allclose(r.metric[(layer,) + idx], want, rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(r.normalized, (r.metric - m_corrupt) / (m_clean - m_corrupt), rtol=1e-6)
+  np.testing.assert_allclose(r.normalized, (r.metric - m_corrupt) / (m_clean - m_corrupt),
+                             rtol=1e-6)
   if sweep == "resid_pre":
-    # Where every row's clean and corrupted tokens agree (BOS, and the uncorrupted half), the layer-0
-    # residual is the same in both runs, so patching it changes nothing (normalised 1). BOS stays
-    # equal in every layer (attention is causal).
+    # Where every row's clean and corrupted tokens agree (BOS, and the uncorrupted half), the
+    # layer-0 residual is the same in both runs, so patching it changes nothing (normalised 1). BOS
+    # stays equal in every layer (attention is causal).
     same = np.all(data.clean == data.corrupted, axis=0)
     assert same[0] and 1 < same.sum() < same.size
     np.testing.assert_allclose(r.normalized[0, same], 1.0, atol=1e-4)
@@ -129,20 +133,21 @@ def test_sweep_errors(model, data):
     patching.run_sweep(model.cfg, model.params, same, "mlp_out", batch_size=BATCH, quiet=True)
 
 
-# ---------------------------------------------------------------------------------------- binaries
+# ---------------------------------------------------------------------------------------- pipelines
 
 
-def test_activation_patching_binary(model_dir, tmp_path, capsys):
+def test_activation_patching(model_dir, tmp_path, capsys):
   out = tmp_path / "patching"
-  with flagsaver.flagsaver(model=model_dir, n_examples=BATCH, batch_size=BATCH, out=str(out),
-                           sweeps="resid_pre,head_out"):
-    activation_patching.main(["prog"])
+  config = patching.PatchingConfig(model=model_dir, n_examples=BATCH, batch_size=BATCH,
+                                   sweeps="resid_pre,head_out")
+  results = patching.activation_patching(config, str(out))
   for name in ("resid_pre", "head_out"):
     with open(out / f"{name}.png", "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     z = np.load(out / f"{name}.npz")
     assert z["normalized"].shape[0] == CFG.n_layers and np.isfinite(z["normalized"]).all()
     assert str(z["sweep"]) == name
+    np.testing.assert_array_equal(z["normalized"], results[name].normalized)
   meta = json.loads((out / "patching.json").read_text())
   assert meta["n_examples"] == 4 and set(meta["sweeps"]) == {"resid_pre", "head_out"}
   assert "strongest cell" in capsys.readouterr().out
@@ -150,15 +155,15 @@ def test_activation_patching_binary(model_dir, tmp_path, capsys):
 
 def test_activation_patching_errors(model_dir, tmp_path):
   out = tmp_path / "bad"
-  with flagsaver.flagsaver(model=model_dir, out=str(out), sweeps="resid_pre,nope"):
-    with pytest.raises(app.UsageError, match="nope"):
-      activation_patching.main(["prog"])
-  with flagsaver.flagsaver(model=str(tmp_path / "no_such_model"), out=str(out)):
-    with pytest.raises(app.UsageError, match="not a directory"):
-      activation_patching.main(["prog"])
-  with flagsaver.flagsaver(model=model_dir, out=str(out), task="ioi"):
-    with pytest.raises(app.UsageError, match="--data"):
-      activation_patching.main(["prog"])
+  cases = [(dict(model=model_dir, sweeps="resid_pre,nope"), "nope"),
+           (dict(model=model_dir, sweeps=" , "), "--sweeps is empty"),
+           (dict(model=model_dir, direction="both"), "--direction=both: choose from"),
+           (dict(model=model_dir, patch_chunk=0), "--patch_chunk=0: must be at least 1"),
+           (dict(model=str(tmp_path / "no_such_model")), "not a directory"),
+           (dict(model=model_dir, task="ioi"), "--data")]
+  for kw, message in cases:
+    with pytest.raises(inputs.InputError, match=message):
+      patching.activation_patching(patching.PatchingConfig(**kw), str(out))
   assert not out.exists()
 
 
@@ -185,36 +190,35 @@ def g_in(path):
   return Graph.from_json(str(path), cfg=CFG).scores
 
 
-def test_evaluate_circuit_binary(model_dir, tmp_path, capsys):
+def test_evaluate_circuit(model_dir, tmp_path, capsys):
   ours, other, _, g = _graph_files(tmp_path)
   out = tmp_path / "eval"
-  with flagsaver.flagsaver(model=model_dir, graph=str(ours), compare=str(other), n_examples=4,
-                           batch_size=4, out=str(out)):
-    evaluate_circuit.main(["prog"])
+  config = report.EvaluateConfig(model=model_dir, graph=str(ours), compare=str(other),
+                                 n_examples=4, batch_size=4)
+  summary = report.evaluate_circuit(config, str(out))
   rep = json.loads((out / "evaluation.json").read_text())
+  assert rep == json.loads(json.dumps(summary))
   assert rep["n_edges"] == Graph.from_json(str(ours), cfg=CFG).count_edges()
   assert rep["n_edges_total"] == g.n_edges
   f = (rep["metric_circuit"] - rep["metric_empty"]) / (rep["metric_full"] - rep["metric_empty"])
   assert rep["faithfulness"] == pytest.approx(f)
   assert 0.0 <= rep["compare"]["edge_iou"] <= 1.0 and 0.0 <= rep["compare"]["node_iou"] <= 1.0
-  assert len(rep["curve"]) == 10 and rep["curve"][-1]["faithfulness"] == pytest.approx(1.0, abs=1e-4)
+  assert len(rep["curve"]) == 10
+  assert rep["curve"][-1]["faithfulness"] == pytest.approx(1.0, abs=1e-4)
   mib = evaluation.mib_scores(CFG, models.from_pretrained(model_dir).params, data4(), g_in(ours),
                               batch_size=4, score_convention="loss")  # a file's scores
-  assert rep["CPR"] == pytest.approx(mib["CPR"], rel=1e-5, abs=1e-6)
-  assert rep["CMD"] == pytest.approx(mib["CMD"], rel=1e-5, abs=1e-6)
+  assert rep["CPR"] == mib["CPR"] and rep["CMD"] == mib["CMD"]
   rows = (out / "faithfulness.csv").read_text().strip().splitlines()
   assert rows[0].split(",")[:2] == ["n_edges", "n_edges_kept"] and len(rows) == 11
   for png in ("faithfulness.png", "circuit.png"):
     assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert "faithfulness" in capsys.readouterr().out
 
-  # --top_n re-selects: the whole graph is the full model (faithfulness 1); a graph equal to itself
+  # top_n re-selects: the whole graph is the full model (faithfulness 1); a graph equal to itself
   # overlaps completely.
   out2 = tmp_path / "eval2"
-  with flagsaver.flagsaver(model=model_dir, graph=str(ours), compare=str(ours), n_examples=4,
-                           batch_size=4, out=str(out2), top_n=g.n_edges):
-    evaluate_circuit.main(["prog"])
-  rep2 = json.loads((out2 / "evaluation.json").read_text())
+  config = dataclasses.replace(config, compare=str(ours), top_n=g.n_edges)
+  rep2 = report.evaluate_circuit(config, str(out2))
   assert rep2["n_edges"] == g.n_edges and rep2["faithfulness"] == pytest.approx(1.0, abs=1e-4)
   assert rep2["compare"]["edge_iou"] == 1.0
 
@@ -229,26 +233,32 @@ def test_evaluate_circuit_errors(model_dir, tmp_path):
       (dict(graph=str(wrong)), "does not match the model"),
       (dict(graph=str(bad_json)), "not valid JSON"),
       (dict(graph=str(ours), compare=str(wrong)), "--compare"),
-      (dict(graph=str(ours), data=str(tmp_path / "none.csv"), task="ioi"), "none.csv: no such file"),
+      (dict(graph=str(ours), data=str(tmp_path / "none.csv"), task="ioi"),
+       "none.csv: no such file"),
+      (dict(graph=str(ours), n_examples=0), "--n_examples=0: must be at least 1"),
+      (dict(graph=str(ours), batch_size=0), "--batch_size=0: must be at least 1"),
+      (dict(graph=str(ours), top_n=-1), "--top_n=-1: must be at least 0"),
+      (dict(graph=str(ours), intervention="nope"), "--intervention=nope: choose from patching"),
+      (dict(graph=str(ours), metric="nope"), "--metric=nope: choose from"),
+      (dict(), "--graph is required"),
   ]
   for kw, msg in cases:
-    with flagsaver.flagsaver(model=model_dir, out=str(out), n_examples=2, batch_size=2, **kw):
-      with pytest.raises(app.UsageError, match=msg):
-        evaluate_circuit.main(["prog"])
-  with flagsaver.flagsaver(model=model_dir, out=str(out), n_examples=0, graph=str(ours)):
-    with pytest.raises(app.UsageError, match="n_examples"):
-      evaluate_circuit.main(["prog"])
-  with flagsaver.flagsaver(model=model_dir, out=str(out)):
-    FLAGS["graph"].value, FLAGS["graph"].using_default_value = None, True
-    with pytest.raises(app.UsageError, match="--graph is required"):
-      evaluate_circuit.main(["prog"])
+    config = report.EvaluateConfig(**{"model": model_dir, "n_examples": 2, "batch_size": 2, **kw})
+    with pytest.raises(inputs.InputError, match=msg):
+      report.evaluate_circuit(config, str(out))
   assert not out.exists()
 
 
 def test_flag_helpers():
   cli.define("string", "model", "something-else", "redefinition is a no-op")
+  cli.define("integer", "patch_chunk", 32, "a flag of the activation_patching binary")
   with flagsaver.flagsaver():
     FLAGS["model"].value, FLAGS["model"].using_default_value = "x", True
     assert cli.value("model", "toy") == "toy"  # unset: the binary's own default
-  with flagsaver.flagsaver(model="given"):
+    # A config takes each field from the flag of its name, else the field's default.
+    assert cli.config(patching.PatchingConfig) == patching.PatchingConfig()
+  with flagsaver.flagsaver(model="given", patch_chunk=8):
     assert cli.value("model", "toy") == "given"
+    assert cli.config(patching.PatchingConfig, seed=3) == patching.PatchingConfig(
+        model="given", patch_chunk=8, seed=3)
+  assert cli.defaults(patching.PatchingConfig)["patch_chunk"] == 32

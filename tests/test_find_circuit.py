@@ -1,4 +1,5 @@
-"""find_circuit end to end: outputs, determinism, refusal of mismatched checkpoints, SIGKILL + resume."""
+"""find_circuit end to end: the library pipeline's outputs, determinism and errors; the binary's
+flags, exit codes and one-line errors; refusal of mismatched checkpoints, SIGKILL + resume."""
 
 import json
 import os
@@ -13,9 +14,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxinterp import models
 from jaxinterp import circuits as G
+from jaxinterp import models
 from jaxinterp.circuits import Graph
+from jaxinterp.discovery import FindCircuitConfig, find_circuit
+from jaxinterp.runtime import inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,11 +46,18 @@ def _flags(model, out, method="EAP-IG-inputs", **extra):
   return [f"--{k}={v}" for k, v in flags.items()]
 
 
-def test_outputs_and_determinism(tiny_model, tmp_path):
+def _config(model, method="EAP-IG-inputs", **extra):
+  """A small run of the library pipeline, as flax's train_test.py shrinks its config."""
+  return FindCircuitConfig(**dict(dict(model=model, method=method, n_examples=8, batch_size=4,
+                                       top_n=10), **extra))
+
+
+def test_outputs_and_determinism(tiny_model, tmp_path, capsys):
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
-  r = _run(_flags(tiny_model, a))
-  assert r.returncode == 0, r.stderr[-3000:]
-  assert "top edges" in r.stdout and "faithfulness" in r.stdout
+  summary = find_circuit(_config(tiny_model), a)
+  stdout = capsys.readouterr().out
+  assert "top edges" in stdout and "faithfulness" in stdout
+  assert summary["n_edges"] == 10 and summary["out"] == a and summary["level"] == "edge"
   for f in ("graph.json", "scores.npz", "faithfulness.csv", "circuit.png", "faithfulness.png"):
     assert os.path.exists(os.path.join(a, f)), f
   cfg = models.from_pretrained(tiny_model).cfg
@@ -56,31 +66,75 @@ def test_outputs_and_determinism(tiny_model, tmp_path):
   assert len(doc["edges"]) == g.n_edges
   meta = doc["meta"]
   for k in ("jaxinterp_version", "model_path", "model_hash", "method", "ig_steps", "n_examples",
-            "seed"):
+            "seed", "level", "remat", "ig_convention"):
     assert k in meta
-  assert meta["method"] == "EAP-IG-inputs" and meta["n_examples"] == 8
+  assert meta["method"] == "EAP-IG-inputs" and meta["n_examples"] == 8 and meta["ig_steps"] == 5
+  assert "tau" not in meta and "mask_steps" not in meta  # only the method's own options
   phases = meta["phase_seconds"]  # jaxinterp.runtime.timing: compile taken out of the other phases
   assert list(phases) == ["load", "compile", "attribute", "curve", "write", "total"]
   assert all(isinstance(v, float) and v >= 0 for v in phases.values())
   assert phases["compile"] > 0
   assert sum(v for k, v in phases.items() if k != "total") <= phases["total"]
   assert set(meta["compile_seconds"]) == {"trace", "lower", "backend"}
-  last = r.stdout.strip().splitlines()[-1]
+  last = stdout.strip().splitlines()[-1]
   assert re.fullmatch(r"phases: load [\d.]+ s, compile [\d.]+ s, attribute [\d.]+ s, "
                       r"curve [\d.]+ s, write [\d.]+ s \(total [\d.]+ s\)", last), last
   with open(os.path.join(a, "faithfulness.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   rows = open(os.path.join(a, "faithfulness.csv")).read().splitlines()
   assert rows[0].startswith("n_edges") and len(rows) > 3
-  r = _run(_flags(tiny_model, b, curve_sizes="mib"))  # another curve, the same scores
-  assert r.returncode == 0
+  find_circuit(_config(tiny_model, curve_sizes="mib"), b)  # another curve, the same scores
   sa, sb = np.load(os.path.join(a, "scores.npz")), np.load(os.path.join(b, "scores.npz"))
   np.testing.assert_array_equal(sa["scores"], sb["scores"])
   rows = open(os.path.join(b, "faithfulness.csv")).read().splitlines()[1:]
   sizes = [int(row.split(",")[0]) for row in rows]
   mib = {G.n_edges_at_percentage(p, g.n_edges) for p in G.MIB_PERCENTAGES}
-  assert sizes == sorted(mib | {10})  # MIB's sizes (some equal on 46 edges) and --top_n's
+  assert sizes == sorted(mib | {10})  # MIB's sizes (some equal on 46 edges) and top_n's
   assert not os.path.exists(os.path.join(a, ".resume"))
+
+
+def test_the_binary_runs_the_library_pipeline(tiny_model, tmp_path):
+  """The binary's flags become the config: the same scores as the library call, and --help lists
+  the generated method flags."""
+  lib, cli_out = str(tmp_path / "lib"), str(tmp_path / "cli")
+  find_circuit(_config(tiny_model, method="EAP", options={"level": "node"}), lib)
+  r = _run(_flags(tiny_model, cli_out, method="EAP", level="node"))
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "top nodes" in r.stdout
+  a, b = np.load(os.path.join(lib, "scores.npz")), np.load(os.path.join(cli_out, "scores.npz"))
+  np.testing.assert_array_equal(a["scores"], b["scores"])
+  meta = json.load(open(os.path.join(cli_out, "graph.json")))["meta"]
+  assert meta["level"] == "node" and "ig_steps" not in meta
+  r = _run(["--help"])
+  assert r.returncode == 0
+  for flag in ("--ig_steps", "--ig_convention", "--level", "--[no]remat", "--tau", "--sparsity",
+               "--init_from", "--mask_steps", "--mask_lr", "--oa_steps", "--oa_lr",
+               "--optimal_values", "--top_n", "--mib_out"):
+    assert f"  {flag}:" in r.stdout, flag
+
+
+def test_library_errors_are_one_line_input_errors(tiny_model, tmp_path):
+  """Bad settings raise `InputError` with the binary's one-line messages, before any output."""
+  out = str(tmp_path / "x")
+  for config, message in [
+      (_config(tiny_model, method="EAP", options={"tau": 0.1}), "--tau does not apply to "
+                                                                "--method=EAP"),
+      (_config(tiny_model, method="EAP", options={"ig_steps": 5}), "--ig_steps does not apply"),
+      (_config(tiny_model, n_examples=0), "--n_examples=0: must be at least 1"),
+      (_config(tiny_model, method="ACDC", options={"tau": -1.0}), "--tau must be positive"),
+      (_config(tiny_model, method="edge-pruning", options={"sparsity": 2.0}),
+       "--sparsity is the fraction of edges removed: it must be below 1, got 2.0"),
+      (_config(tiny_model, method="nope"), "--method=nope: unknown method 'nope'"),
+      (_config(tiny_model, options={"level": "node"}, mib_out=out), "--mib_out writes edge "
+                                                                    "scores"),
+      (_config(tiny_model, method="EAP-IG-activations", options={"level": "node"}),
+       "EAP-IG-activations scores edges only"),
+      (_config(tiny_model, method="ACDC", options={"acdc_metric": "x"}), "acdc_metric must be"),
+  ]:
+    with pytest.raises(inputs.InputError) as e:
+      find_circuit(config, out)
+    assert message in str(e.value) and "\n" not in str(e.value), (message, str(e.value))
+    assert not os.path.exists(out)
 
 
 def test_bad_input_gives_clear_error_and_no_output(tiny_model, tmp_path):
@@ -100,7 +154,8 @@ def test_sigkill_and_resume_is_bitwise_identical(tiny_model, tmp_path):
   # No persistent compilation cache here: with the reference run's kernels cached, the killed run
   # could finish inside the kill window.
   # 48 batches: the run is still attributing when the kill lands (its curve compiles during
-  # attribution, so little is left after it: ~3.6 s after the first checkpoint here, against <= 1 s).
+  # attribution, so little is left after it: ~3.6 s after the first checkpoint here, against
+  # <= 1 s).
   args = dict(method="exact", n_examples=96, batch_size=2, compilation_cache="")
   ref = _run(_flags(tiny_model, ref_out, **args))
   assert ref.returncode == 0, ref.stderr[-3000:]

@@ -20,21 +20,22 @@ def gpt2_small_cfg():
 
 
 def tiny_cfg(n_layers=2, n_heads=3, parallel=False, family="gpt2"):
-  return ModelConfig(family=family, d_model=12, n_layers=n_layers, n_heads=n_heads, d_head=4, d_mlp=16,
-                     d_vocab=11, parallel_attn_mlp=parallel)
+  return ModelConfig(family=family, d_model=12, n_layers=n_layers, n_heads=n_heads, d_head=4,
+                     d_mlp=16, d_vocab=11, parallel_attn_mlp=parallel)
 
 
 def random_graph(cfg, seed=0):
   g = Graph.from_config(cfg)
   rng = np.random.default_rng(seed)
-  return Graph.from_config(cfg, rng.standard_normal((g.n_senders, g.n_receivers)).astype(np.float32))
+  return Graph.from_config(cfg,
+                           rng.standard_normal((g.n_senders, g.n_receivers)).astype(np.float32))
 
 
 def edge_count_formula(n_layers, n_heads, parallel):
   """Closed-form edge count, independent of the matrices: q/k/v + MLP + logits receivers."""
   total = 0
-  for l in range(n_layers):
-    upstream = 1 + l * (n_heads + 1)
+  for li in range(n_layers):
+    upstream = 1 + li * (n_heads + 1)
     total += 3 * n_heads * upstream
     total += upstream + (0 if parallel else n_heads)
   return total + 1 + n_layers * (n_heads + 1)
@@ -73,15 +74,16 @@ def test_neox_counts_follow_formula(n_layers, n_heads):
   assert g.n_edges == edge_count_formula(n_layers, n_heads, True)
   seq = Graph.from_config(tiny_cfg(n_layers, n_heads, parallel=False))
   assert seq.n_edges - g.n_edges == n_layers * n_heads  # heads no longer feed their own MLP
-  for l in range(n_layers):
+  for li in range(n_layers):
     for h in range(n_heads):
-      assert not g.valid[E.head_sender(cfg, l, h), E.mlp_receiver(cfg, l)]
-      assert seq.valid[E.head_sender(cfg, l, h), E.mlp_receiver(cfg, l)]
+      assert not g.valid[E.head_sender(cfg, li, h), E.mlp_receiver(cfg, li)]
+      assert seq.valid[E.head_sender(cfg, li, h), E.mlp_receiver(cfg, li)]
 
 
 def test_gqa_is_ungrouped():
-  cfg = ModelConfig(family="llama", d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, d_head=4, d_mlp=8,
-                    d_vocab=11, normalization="rmsnorm", positional="rotary", rotary_dim=4)
+  cfg = ModelConfig(family="llama", d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, d_head=4,
+                    d_mlp=8, d_vocab=11, normalization="rmsnorm", positional="rotary",
+                    rotary_dim=4)
   g = Graph.from_config(cfg)
   assert g.n_edges == edge_count_formula(2, 4, False)
   assert "input->a1.h3<k>" in json.dumps(g.to_dict())
@@ -95,7 +97,7 @@ def test_names_and_indices_round_trip():
   assert g.edge_name(E.mlp_sender(cfg, 2), E.logits_receiver(cfg)) == "m2->logits"
   assert g.edge_name(E.head_sender(cfg, 1, 0), E.mlp_receiver(cfg, 1)) == "a1.h0->m1"
   names = set()
-  for s, r in zip(*np.nonzero(g.valid)):
+  for s, r in zip(*np.nonzero(g.valid), strict=True):
     name = g.edge_name(int(s), int(r))
     assert g.edge_index(name) == (s, r)
     names.add(name)
@@ -173,7 +175,8 @@ def test_reads_eap_ig_formats(tmp_path):
   path = tmp_path / "old.json"
   path.write_text(json.dumps(old))
   h = Graph.from_json(path, cfg)
-  assert np.array_equal(h.in_graph, g.in_graph) and np.array_equal(h.nodes_in_graph, g.nodes_in_graph)
+  assert np.array_equal(h.in_graph, g.in_graph)
+  assert np.array_equal(h.nodes_in_graph, g.nodes_in_graph)
   assert h.node_attribution is None
   # A partial file (only circuit edges) reads as in EAP-IG, unless all edges are required.
   part = {"cfg": d["cfg"], "nodes": d["nodes"],
@@ -327,7 +330,7 @@ def test_threshold():
 def test_prune_removes_dangling_and_is_idempotent():
   cfg = tiny_cfg(3, 2)
   g = Graph.from_config(cfg)
-  s = lambda name: g.edge_index(name)
+  s = g.edge_index
   mask = np.zeros_like(g.valid)
   keep = ["input->a0.h0<q>", "a0.h0->m1", "m1->logits"]  # a full path
   dangling = ["a0.h1->a2.h0<k>",  # a0.h1 has no input, a2.h0 no output
@@ -336,11 +339,13 @@ def test_prune_removes_dangling_and_is_idempotent():
   for name in keep + dangling:
     mask[s(name)] = True
   p = g.with_edges(mask).prune()
-  assert {p.edge_name(int(a), int(b)) for a, b in zip(*np.nonzero(p.in_graph))} == set(keep)
+  assert {p.edge_name(int(a), int(b))
+          for a, b in zip(*np.nonzero(p.in_graph), strict=True)} == set(keep)
   assert [p.node_names[i] for i in np.flatnonzero(p.nodes_in_graph)] == ["input", "a0.h0", "m1"]
   assert_no_dangling(p)
   q = p.prune()
-  assert np.array_equal(q.in_graph, p.in_graph) and np.array_equal(q.nodes_in_graph, p.nodes_in_graph)
+  assert np.array_equal(q.in_graph, p.in_graph)
+  assert np.array_equal(q.nodes_in_graph, p.nodes_in_graph)
   # Receiver-side node membership and the EdgePatch weights of the circuit.
   rin = p.receivers_in_graph()
   assert rin[E.head_receiver(cfg, 0, 0, "k")] and rin[E.mlp_receiver(cfg, 1)] and rin[-1]
@@ -380,7 +385,7 @@ def test_greedy_grows_from_logits():
   assert not h.in_graph[h.edge_index("input->a0.h0<q>")]
 
 
-def test_node_scores_and_top_n_nodes():
+def test_node_scores_and_node_level_top_n():
   cfg = tiny_cfg(2, 2)
   g = random_graph(cfg, seed=8)
   ns = g.node_scores()
@@ -388,20 +393,37 @@ def test_node_scores_and_top_n_nodes():
   np.testing.assert_allclose(g.node_scores(absolute=False), np.where(g.valid, g.scores, 0).sum(1),
                              rtol=1e-5, atol=1e-6)
   custom = np.zeros(g.n_senders)
-  chosen = [E.head_sender(cfg, 0, 1), E.mlp_sender(cfg, 1)]
-  custom[chosen] = [3.0, 2.0]
-  c = g.top_n_nodes(2, scores=custom, prune=False)
-  kept = {0, *chosen}
+  chosen = [0, E.head_sender(cfg, 0, 1), E.mlp_sender(cfg, 1)]
+  custom[chosen] = [1.0, 3.0, 2.0]
+  scored = g.replace(node_attribution=custom)
+  c = scored.top_n(3, level="node", prune=False)
+  kept = set(chosen)
   s, r = np.nonzero(c.in_graph)
   assert set(s.tolist()) <= kept
   assert set(g.receiver_node[r].tolist()) <= kept | {g.n_senders}
-  # Every valid edge between kept nodes is in: input->a0.h1 (qkv), input/a0.h1->m1, all three->logits.
+  # Every valid edge between kept nodes is in: input->a0.h1 (qkv), input/a0.h1->m1, all three
+  # ->logits.
   assert c.count_edges() == 3 + 2 + 3
-  pruned = g.top_n_nodes(2, scores=custom)
+  pruned = scored.top_n(3, level="node")
   assert_no_dangling(pruned)
-  assert [g.node_names[i] for i in np.flatnonzero(pruned.nodes_in_graph)] == ["input", "a0.h1", "m1"]
+  kept_names = [g.node_names[i] for i in np.flatnonzero(pruned.nodes_in_graph)]
+  assert kept_names == ["input", "a0.h1", "m1"]
+  # The input node is ranked like the others (EAP-IG's rule): left out, nothing reaches the logits.
+  # a0.h1->m1, a0.h1->logits, m1->logits
+  assert scored.top_n(2, level="node", prune=False).count_edges() == 1 + 1 + 1
+  assert scored.top_n(2, level="node").count_edges() == 0
+  # NaN = unscored, always kept; the signed ranking follows the score convention.
+  partly = g.replace(node_attribution=np.where(np.arange(g.n_senders) == 0, np.nan, custom))
+  assert partly.top_n(2, level="node").nodes_in_graph[0]
+  metric = Graph(cfg, meta={"score_convention": "metric"}, node_attribution=-custom)
+  np.testing.assert_array_equal(metric.top_n(3, level="node", absolute=False).in_graph,
+                                pruned.in_graph)
+  with pytest.raises(GraphError, match="node scores"):
+    g.top_n(1, level="node")
   with pytest.raises(GraphError):
-    g.top_n_nodes(g.n_senders)
+    scored.top_n(g.n_senders + 1, level="node")
+  with pytest.raises(GraphError, match="level"):
+    scored.top_n(1, level="head")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -476,9 +498,10 @@ def test_iou_hand_made():
 
 
 def on_input_logits_path(g: Graph) -> np.ndarray:
-  """Brute force: circuit edges (s, r) with s reachable from the input and r's node reaching logits."""
+  """Brute force: circuit edges (s, r) with s reachable from the input and r's node reaching
+  logits."""
   adj = np.zeros((g.n_nodes, g.n_nodes), bool)  # node -> node through circuit edges
-  for s, r in zip(*np.nonzero(g.in_graph)):
+  for s, r in zip(*np.nonzero(g.in_graph), strict=True):
     adj[s, g.receiver_node[r]] = True
   from_input = np.zeros(g.n_nodes, bool)
   from_input[0] = True
@@ -512,7 +535,8 @@ def test_prop_prune_idempotent(g):
   assert np.array_equal(p.in_graph, on_input_logits_path(g))
   assert not (p.in_graph & ~g.in_graph).any()
   q = p.prune()
-  assert np.array_equal(q.in_graph, p.in_graph) and np.array_equal(q.nodes_in_graph, p.nodes_in_graph)
+  assert np.array_equal(q.in_graph, p.in_graph)
+  assert np.array_equal(q.nodes_in_graph, p.nodes_in_graph)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -530,8 +554,8 @@ def test_prop_top_n_monotone(g, data):
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats(allow_nan=True) |
     st.text(max_size=12),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children,
-                                                                      max_size=4),
+    lambda children: (st.lists(children, max_size=4)
+                      | st.dictionaries(st.text(max_size=12), children, max_size=4)),
     max_leaves=20)
 
 

@@ -1,5 +1,6 @@
 """Ground truth from tracr: the port equals tracr's forward, the true circuit is complete and sound,
-AUROC is right on hand cases, and the binary runs a program end to end (and fails cleanly).
+AUROC is right on hand cases, and the ground_truth pipeline runs a program end to end (and fails
+cleanly).
 
 Tests that need tracr skip without it (`pip install "jaxinterp[tracr]"`).
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -17,11 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinterp.groundtruth import truth as GT
-from jaxinterp.groundtruth import tracr_tasks as TT
+from jaxinterp import attribution
 from jaxinterp.circuits import Graph
-from jaxinterp.models import ModelConfig
+from jaxinterp.groundtruth import recovery, runner
+from jaxinterp.groundtruth import tracr_tasks as TT
+from jaxinterp.groundtruth import truth as GT
+from jaxinterp.models import ModelConfig, from_tracr
 from jaxinterp.models import edges as E
+from jaxinterp.runtime import inputs
 
 # CPU-heavy (tracr ports, truth graphs and the ground-truth binary):
 # left out of the default run, run by CI (-m slow).
@@ -90,10 +95,11 @@ def test_zero_floor_and_invisible_edges_left_out():
 
 def test_toy_circuit_is_the_documented_one():
   truth = GT.toy_circuit()
-  names = {truth.edge_name(int(s), int(r)) for s, r in zip(*np.nonzero(truth.in_graph))}
+  names = {truth.edge_name(int(s), int(r))
+           for s, r in zip(*np.nonzero(truth.in_graph), strict=True)}
   assert {"a0.h3->a1.h0<k>", "a1.h0->logits", "input->a0.h3<v>"} <= names and len(names) == 7
   hidden = GT.toy_invisible(truth)
-  assert {truth.edge_name(int(s), int(r)) for s, r in zip(*np.nonzero(hidden))} == {
+  assert {truth.edge_name(int(s), int(r)) for s, r in zip(*np.nonzero(hidden), strict=True)} == {
       "input->a0.h3<q>", "input->a0.h3<k>", "input->a1.h0<q>"}
 
 
@@ -115,7 +121,8 @@ def test_parse_vocab():
 
 
 def test_core_imports_neither_tracr_nor_haiku():
-  code = ("import sys, jaxinterp, jaxinterp.models, jaxinterp.groundtruth.truth, jaxinterp.groundtruth.recovery, "
+  code = ("import sys, jaxinterp, jaxinterp.models, jaxinterp.groundtruth.truth, "
+          "jaxinterp.groundtruth.recovery, jaxinterp.groundtruth.runner, "
           "jaxinterp.groundtruth.tracr_tasks, jaxinterp.experiments.ground_truth\n"
           "print(sorted(m for m in ('tracr', 'haiku') if m in sys.modules))")
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV,
@@ -133,7 +140,6 @@ def compiled():
   several layers, and a causal model."""
   if not HAS_TRACR:
     pytest.skip("tracr not installed")
-  from jaxinterp.models import from_tracr
   out = {}
   for name, causal in (("reverse", False), ("frac_prevs", True), ("hist", False)):
     spec = TT.LIBRARY[name]
@@ -189,7 +195,8 @@ def test_encoding_names_values_outside_it(compiled):
 @needs_tracr
 def test_true_circuit_of_reverse(compiled):
   truth = GT.tracr_circuit(compiled["reverse"][0])
-  names = {truth.edge_name(int(s), int(r)) for s, r in zip(*np.nonzero(truth.in_graph))}
+  names = {truth.edge_name(int(s), int(r))
+           for s, r in zip(*np.nonzero(truth.in_graph), strict=True)}
   # the copy: the reversing head reads the tokens through v and its target index through q
   assert {"input->a3.h0<v>", "m2->a3.h0<q>", "a3.h0->logits", "input->a3.h0<k>"} <= names
   assert [x.split("_")[0] for x in truth.meta["sops"]["a3.h0->logits"]] == ["reverse"]
@@ -228,12 +235,12 @@ def test_dataset_and_visibility_under_patching(compiled):
   truth = GT.tracr_circuit(m)
   visible = GT.visible_edges(m.cfg, m.params, truth, data, "patching")
   # the index arithmetic reads only positions and the length, equal in both prompts
-  assert {truth.edge_name(int(s), int(r)) for s, r in zip(*np.nonzero(visible))} == {
+  assert {truth.edge_name(int(s), int(r)) for s, r in zip(*np.nonzero(visible), strict=True)} == {
       "input->a3.h0<v>", "a3.h0->logits"}
   # zeroing the whole input node ("zero-all"; "zero" keeps positions, as EAP-IG does) sees more:
   # the positions the reversing head's keys read, and the length and index arithmetic
   zero = GT.visible_edges(m.cfg, m.params, truth, data, "zero-all")
-  names = {truth.edge_name(int(s), int(r)) for s, r in zip(*np.nonzero(zero))}
+  names = {truth.edge_name(int(s), int(r)) for s, r in zip(*np.nonzero(zero), strict=True)}
   assert (visible <= zero).all() and {"input->a3.h0<k>", "m0->m1", "m2->a3.h0<q>"} <= names
   # but not the length head's q and k: its selector selects every key whatever they read
   assert not names & {"input->a0.h0<q>", "input->a0.h0<k>"}
@@ -244,7 +251,6 @@ def test_dataset_and_visibility_under_patching(compiled):
 def test_exact_recovers_the_circuit(compiled, name):
   """The issue's target for exact patching (>= 0.95 edge AUROC under patching); EAP-IG-inputs meets
   it on frac_prevs but not on hist, whose selector-width MLP is a step function (README)."""
-  from jaxinterp.groundtruth import recovery
   assembled, program, _ = compiled[name]
   case = recovery.tracr_case(name, assembled, program, n_examples=4)
   methods = ["exact", "EAP-IG-inputs"] if name == "frac_prevs" else ["exact"]
@@ -257,7 +263,6 @@ def test_exact_recovers_the_circuit(compiled, name):
 def test_fused_kernel_matches_the_direct_form_without_norm(compiled):
   """The fused EAP-IG kernel (EAP's too) folds the norm's Jacobian into its contraction; with the
   identity norm of a tracr model it must equal the direct per-head-input form (its `remat` path)."""
-  from jaxinterp import attribution
   m = compiled["reverse"][2]
   data = TT.make_dataset(m, 2, seed=0)
   fused = attribution.attribute(m.cfg, m.params, data, method="EAP-IG-inputs", quiet=True)
@@ -267,12 +272,7 @@ def test_fused_kernel_matches_the_direct_form_without_norm(compiled):
   assert np.abs(fused.scores).max() > 0.1
 
 
-# ----------------------------------------------------------------------------------- the binary
-
-
-def _run(args):
-  return subprocess.run([sys.executable, "-m", "experiments.ground_truth", *args], cwd=ROOT,
-                        capture_output=True, text=True, env=ENV, timeout=600)
+# --------------------------------------------------------------------------------- the pipeline
 
 
 PROGRAMS = """
@@ -292,22 +292,25 @@ def partial():  # not defined for every vocabulary value
 
 
 @needs_tracr
-def test_binary_end_to_end(tmp_path):
+def test_pipeline_end_to_end(tmp_path, capsys):
+  """`runner.ground_truth` (the ground_truth binary's pipeline) on a user's program."""
   prog = tmp_path / "prog.py"
   prog.write_text(PROGRAMS)
   out = tmp_path / "out"
-  r = _run([f"--program={prog}:reverse", "--vocab=1,2,3", "--max_seq_len=3", "--methods=EAP,exact",
-            "--interventions=patching", "--n_examples=2", f"--out={out}"])
-  assert r.returncode == 0, r.stderr[-3000:]
+  config = runner.GroundTruthConfig(program=f"{prog}:reverse", vocab="1,2,3", max_seq_len=3,
+                                    methods="EAP,exact", interventions="patching", n_examples=2)
+  doc = runner.ground_truth(config, str(out))
   names = {"truth.json", "auroc.json", "DONE", "EAP", "exact"}
   assert names <= set(os.listdir(out))
   truth = json.loads((out / "truth.json").read_text())
   assert sum(e["in_graph"] for e in truth["edges"].values()) == 13
   for method in ("EAP", "exact"):
     assert json.loads((out / method / "graph.json").read_text())["meta"]["method"] == method
-  results = json.loads((out / "auroc.json").read_text())["programs"][f"{prog}:reverse"]["results"]
+  assert json.loads((out / "auroc.json").read_text()) == json.loads(json.dumps(doc))
+  results = doc["programs"][f"{prog}:reverse"]["results"]
   assert {r["method"] for r in results} == {"EAP", "exact"}
   assert all(0.0 <= r["edge_auroc"] <= 1.0 and r["seconds"] > 0 for r in results)
+  assert f"wrote {out}/auroc.json" in capsys.readouterr().out
 
 
 @needs_tracr
@@ -315,13 +318,24 @@ def test_binary_end_to_end(tmp_path):
     ("unsupported", "1,2", "tracr cannot compile the program: Unsupported RASP expressions"),
     ("partial", "a,b,c", "vocabulary value 'c' is outside the program's encoding"),
 ])
-def test_binary_bad_program_one_line_and_no_output(tmp_path, function, vocab, expected):
+def test_bad_program_one_input_error_and_no_output(tmp_path, function, vocab, expected):
   prog = tmp_path / "prog.py"
   prog.write_text(PROGRAMS)
   out = tmp_path / "out"
-  r = _run([f"--program={prog}:{function}", f"--vocab={vocab}", "--max_seq_len=3",
-            f"--out={out}"])
-  assert r.returncode == 2
-  lines = r.stderr.strip().splitlines()
-  assert len(lines) == 1 and expected in lines[0], r.stderr
+  config = runner.GroundTruthConfig(program=f"{prog}:{function}", vocab=vocab, max_seq_len=3)
+  with pytest.raises(inputs.InputError, match=re.escape(expected)):
+    runner.ground_truth(config, str(out))
+  assert not out.exists()
+
+
+def test_bad_settings_name_their_flag(tmp_path):
+  out = tmp_path / "out"
+  for config, expected in [
+      (runner.GroundTruthConfig(methods="EAP,nope"), "--methods=EAP,nope: unknown nope; choose"),
+      (runner.GroundTruthConfig(interventions="optimal"), "--interventions=optimal: unknown"),
+      (runner.GroundTruthConfig(builtin=""), "--builtin=: empty; choose from"),
+      (runner.GroundTruthConfig(position="last"), "--position=last: expected an integer or 'all'"),
+      (runner.GroundTruthConfig(ig_steps=0), "--ig_steps=0: must be at least 1")]:
+    with pytest.raises(inputs.InputError, match=re.escape(expected)):
+      runner.ground_truth(config, str(out))
   assert not out.exists()

@@ -1,5 +1,5 @@
-"""Intervention types against hand-computed numpy results, spec errors, pyvene agreement, steering and
-cross-model patching."""
+"""Intervention types against hand-computed numpy results, spec errors, pyvene agreement, steering
+and cross-model patching."""
 
 import jax
 import jax.numpy as jnp
@@ -8,11 +8,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jaxinterp import models
 from jaxinterp import interventions as I
+from jaxinterp import models
 from jaxinterp.interventions import InterventionError, Where, WhereEach
-from jaxinterp.interventions.steering import (cross_model_patch, mean_difference, same_architecture,
-    steer)
+from jaxinterp.interventions.steering import (
+  cross_model_patch,
+  mean_difference,
+  same_architecture,
+  steer,
+)
 
 RNG = np.random.RandomState(0)
 B, P, D = 2, 3, 4
@@ -29,7 +33,7 @@ def close(a, b, tol=1e-5):
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Hand-computed results
 
 
@@ -92,7 +96,10 @@ def test_rotated_space_identity_k_d_is_full_interchange():
 def test_boundless_rotated_space():
   R, b, T = rand_orth(D), 0.5, 0.7
   i = np.arange(D)
-  sig = lambda z: 1 / (1 + np.exp(-z))
+
+  def sig(z):
+    return 1 / (1 + np.exp(-z))
+
   mask = sig(i / T) * sig((b * D - i) / T)
   want = ((1 - mask) * (X @ R) + mask * (S @ R)) @ R.T
   close(I.BoundlessRotatedSpace(R, jnp.float32(b), jnp.float32(T), source=S)(X), want)
@@ -115,7 +122,10 @@ def _sae(n=6, seed=2):
 
 def test_autoencoder_relu_swap_latents():
   We, be, Wd, bd, _ = _sae()
-  enc = lambda x: np.maximum((x - bd) @ We + be, 0)
+
+  def enc(x):
+    return np.maximum((x - bd) @ We + be, 0)
+
   f, fs = enc(X), enc(S)
   f[..., [1, 4]] = fs[..., [1, 4]]
   close(I.Autoencoder(We, be, Wd, bd, source=S, latents=(1, 4))(X), f @ Wd + bd, 1e-4)
@@ -171,7 +181,7 @@ def test_orthogonalize_maps():
   close(Q.T @ Q, np.eye(2))
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Errors
 
 
@@ -245,7 +255,7 @@ def test_random_specs_apply_or_raise_intervention_error(spec):
   assert np.all(np.isfinite(np.asarray(y)))
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # In the model: several sites, multi-source, collect, steering, cross-model
 
 
@@ -255,7 +265,8 @@ CFG = models.ModelConfig(family="gpt2", d_model=16, n_layers=2, n_heads=2, d_hea
 
 @pytest.fixture(scope="module")
 def two_models():
-  return models.init_params(CFG, jax.random.PRNGKey(0)), models.init_params(CFG, jax.random.PRNGKey(1))
+  return (models.init_params(CFG, jax.random.PRNGKey(0)),
+          models.init_params(CFG, jax.random.PRNGKey(1)))
 
 
 def toks(seed, b=3, p=5):
@@ -297,7 +308,8 @@ def test_mean_difference_and_steer(two_models):
   params, _ = two_models
   pos, neg = toks(3), toks(4, b=4)
   site = "blocks.1.hook_resid_pre"
-  v = mean_difference(CFG, params, pos, neg, site, positive_pos=2, negative_pos=np.array([1, 2, 3, 4]))
+  v = mean_difference(CFG, params, pos, neg, site, positive_pos=2,
+                      negative_pos=np.array([1, 2, 3, 4]))
   _, cp = models.forward(CFG, params, pos, collect=(site,))
   _, cn = models.forward(CFG, params, neg, collect=(site,))
   want = cp[site][:, 2].mean(0) - cn[site][np.arange(4), [1, 2, 3, 4]].mean(0)
@@ -316,15 +328,17 @@ def test_cross_model_patch(two_models):
   _, ca = models.forward(CFG, pa, ta, collect=(site,))
   want = models.forward(CFG, pb, tb, interventions={site: I.Patch(ca[site], Where.of(positions=3))})
   close(out, want, 1e-6)
-  # patching everything at the final residual from A into B on the same tokens gives A's logits there
+  # patching everything at the final residual from A into B on the same tokens gives A's logits
+  # there
   out = cross_model_patch(CFG, pa, pb, ta, ta, "ln_final.hook_normalized")
   assert np.argmax(out, -1).tolist() != []
-  other = models.init_params(models.ModelConfig(**{**CFG.to_dict(), "d_mlp": 16}), jax.random.PRNGKey(0))
+  other = models.init_params(models.ModelConfig(**{**CFG.to_dict(), "d_mlp": 16}),
+                             jax.random.PRNGKey(0))
   with pytest.raises(InterventionError, match="same architecture"):
     same_architecture(pa, other)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # pyvene 0.1.8 agreement (optional: skipped when pyvene is absent)
 
 

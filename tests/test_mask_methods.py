@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 
 from jaxinterp import attribution as A
-from jaxinterp.evaluation import faithfulness as V
-from jaxinterp.groundtruth import toy
 from jaxinterp.attribution import acdc, edge_pruning, masks, optimal, ugs
 from jaxinterp.circuits import Graph
+from jaxinterp.circuits.layout import valid_edges
+from jaxinterp.evaluation import faithfulness as V
+from jaxinterp.groundtruth import toy
 from jaxinterp.models.edges import EdgePatch
 from jaxinterp.models.transformer import forward
-from jaxinterp.circuits.layout import valid_edges
 
 # CPU-heavy (mask training (UGS, Edge Pruning), optimal ablation and ACDC):
 # left out of the default run, run by CI (-m slow).
@@ -170,7 +170,7 @@ def test_acdc_finds_the_induction_circuit(setup):
   res = A.attribute(model.cfg, model.params, data, method="ACDC", ablation=abl, quiet=True,
                     options=acdc.ACDCOptions(tau=0.01))
   circuit = Graph.from_config(model.cfg).with_edges(res.extras["circuit"])
-  names = {circuit.edge_name(s, r) for s, r in zip(*np.nonzero(circuit.in_graph))}
+  names = {circuit.edge_name(s, r) for s, r in zip(*np.nonzero(circuit.in_graph), strict=True)}
   assert set(KNOWN) <= names, sorted(names)
   assert max(_ranks(model.cfg, res.scores)) < 5
   # The kept edges are exactly those whose removal raised KL by tau or more.

@@ -8,30 +8,30 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
 from jaxinterp import attribution as A
-from jaxinterp.evaluation import faithfulness as V
-from jaxinterp.evaluation import levels
-from jaxinterp import models
-from jaxinterp import tasks
-from jaxinterp.groundtruth import toy
+from jaxinterp import models, tasks
 from jaxinterp.attribution import bootstrap, ensemble
 from jaxinterp.circuits import Graph
-from tests.test_attribution import CFG, DATA, PARAMS, _corr, _torch_inputs, torch_setup  # noqa: F401
 from jaxinterp.circuits.layout import valid_edges
+from jaxinterp.evaluation import faithfulness as V
+from jaxinterp.evaluation import levels
+from jaxinterp.groundtruth import toy
+from tests import test_attribution
+from tests.test_attribution import CFG, DATA, PARAMS, _corr, _torch_inputs
 
 # CPU-heavy (the torch oracles and the toy-model checks of IFR, node and neuron attribution):
 # left out of the default run, run by CI (-m slow).
 pytestmark = pytest.mark.slow
+torch_setup = test_attribution.torch_setup  # the fixture, shared
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 S = models.edges.n_senders(CFG)
 
 
-# ------------------------------------------------------------------ the torch oracles (eap's definitions)
+# ------------------------------------------------------------ the torch oracles (eap's definitions)
 
 
 @pytest.mark.parametrize("ifr_input", ["token", "token+position"])
@@ -61,8 +61,9 @@ def test_node_and_neuron_scores_match_torch_oracle(torch_setup, method):
   else:
     ref = N.node_scores(oracle, *args, steps=5 if method == "EAP-IG-inputs" else None,
                         neuron=True)
-  ours = A.attribute(model.cfg, model.params, data, method=method, level=level, ig_steps=5,
-                     batch_size=8, quiet=True).scores
+  steps = {"ig_steps": 5} if method == "EAP-IG-inputs" else {}  # the option only it has
+  ours = A.attribute(model.cfg, model.params, data, method=method, level=level, batch_size=8,
+                     quiet=True, **steps).scores
   assert ours.shape == ref.shape
   for what, a, b in ((level, ours, ref), ("node", ours.reshape(len(ours), -1).sum(1),
                                           ref.reshape(len(ref), -1).sum(1))):
@@ -115,9 +116,10 @@ def test_neuron_circuits_agree_with_edge_circuits():
                                           pytest.param("exact", "node", marks=pytest.mark.slow)])
 def test_levels_keep_the_driver_contract(method, level):
   """Shape, finiteness, batch-size invariance and a bitwise resumed run at node/neuron level."""
-  kw = dict(method=method, level=level, ig_steps=2, quiet=True)
+  m = A.get_method(method)
+  kw = dict(method=method, level=level, quiet=True, **m.options_among({"ig_steps": 2}))
   full = A.attribute(CFG, PARAMS, DATA, batch_size=3, **kw)
-  assert full.scores.shape == A.get_method(method).valid_mask(CFG, A.LevelOptions(level=level)).shape
+  assert full.scores.shape == m.valid_mask(CFG, A.Options(level=level)).shape
   assert np.all(np.isfinite(full.scores)) and np.abs(full.scores).max() > 1e-4
   one = A.attribute(CFG, PARAMS, DATA, batch_size=8, **kw)
   np.testing.assert_allclose(one.scores, full.scores, atol=1e-5 * max(1, abs(full.clean_metric)))
@@ -142,7 +144,8 @@ def test_ifr_shares_and_no_ablation():
 
 def test_methods_that_need_corrupted_prompts_say_so(tmp_path):
   clean_only = dataclasses.replace(DATA, has_corrupted=False, source="clean.csv")
-  for method, kw in (("EAP", {}), ("EAP-IG-inputs", {}), ("clean-corrupted", {"intervention": "zero"}),
+  for method, kw in (("EAP", {}), ("EAP-IG-inputs", {}),
+                     ("clean-corrupted", {"intervention": "zero"}),
                      ("EAP+information-flow-routes", {})):
     with pytest.raises(A.AttributionError, match="needs corrupted prompts.*clean.csv"):
       A.attribute(CFG, PARAMS, clean_only, method=method, quiet=True, **kw)
@@ -150,18 +153,27 @@ def test_methods_that_need_corrupted_prompts_say_so(tmp_path):
   with pytest.raises(A.AttributionError, match="patching.*has none"):
     V.baselines(CFG, PARAMS, clean_only)
   # A CSV without a `corrupted` column loads as such data.
+  from tokenizers import Tokenizer, pre_tokenizers
+  from tokenizers import models as tm
+
   from tests.test_tasks import WORDS, W, write
-  from tokenizers import Tokenizer, models as tm, pre_tokenizers
   tok = Tokenizer(tm.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  p = write(tmp_path, ["clean", "correct_idx", "incorrect_idx"], [["the cat sat", W("is"), W("are")]])
+  p = write(tmp_path, ["clean", "correct_idx", "incorrect_idx"],
+            [["the cat sat", W("is"), W("are")]])
   ds = tasks.load_task("ioi", p, tok, bos_id=1)
   assert not ds.has_corrupted and np.array_equal(ds.clean, ds.corrupted)
 
 
 def test_bad_levels_and_bootstrap_counts_are_refused():
-  with pytest.raises(A.AttributionError, match="EAP-IG-activations scores edges only"):
+  with pytest.raises(A.AttributionError, match="EAP-IG-activations scores edges only; "
+                                               "level='node' works with .*'exact'"):
     A.attribute(CFG, PARAMS, DATA, method="EAP-IG-activations", level="node", quiet=True)
+  with pytest.raises(A.AttributionError, match="scores edges only"):  # prebuilt options too
+    A.attribute(CFG, PARAMS, DATA, "EAP-IG-activations", A.IGOptions(level="node"), quiet=True)
+  with pytest.raises(A.AttributionError, match="ensemble member information-flow-routes has no "
+                                               "node level"):
+    A.attribute(CFG, PARAMS, DATA, method="EAP+information-flow-routes", level="node", quiet=True)
   with pytest.raises(A.AttributionError, match="no neuron level"):
     A.attribute(CFG, PARAMS, DATA, method="exact", level="neuron", quiet=True)
   with pytest.raises(A.AttributionError, match="level must be one of"):

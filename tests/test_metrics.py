@@ -32,7 +32,8 @@ def test_last_logits_picks_each_examples_last_token(logits, last):
 
 def test_logit_diff_single_ids(logits, last):
   correct, incorrect = np.array([1, 2, 3, 4]), np.array([0, 5, 6, 10])
-  want = np.array([logits[b, last[b], correct[b]] - logits[b, last[b], incorrect[b]] for b in range(B)])
+  want = np.array([logits[b, last[b], correct[b]] - logits[b, last[b], incorrect[b]]
+                   for b in range(B)])
   got = metrics.logit_diff(logits, last, correct, incorrect)
   assert got.shape == (B,)
   np.testing.assert_allclose(got, want, rtol=1e-6)
@@ -73,8 +74,10 @@ def test_prob_diff_all_mass_on_one_year():
   lg = np.full((1, 1, 5), -1e9, np.float32)
   lg[0, 0, 4] = 0.0  # all probability on token 4 = year 2 of year_ids [0, 2, 4, 1, 3]
   year_ids = np.array([0, 2, 4, 1, 3])
-  assert float(metrics.prob_diff(lg, np.array([0]), year_ids, np.array([1]))[0]) == pytest.approx(1.0)
-  assert float(metrics.prob_diff(lg, np.array([0]), year_ids, np.array([2]))[0]) == pytest.approx(-1.0)
+  assert float(metrics.prob_diff(lg, np.array([0]), year_ids, np.array([1]))[0]) == pytest.approx(
+      1.0)
+  assert float(metrics.prob_diff(lg, np.array([0]), year_ids, np.array([2]))[0]) == pytest.approx(
+      -1.0)
 
 
 def test_set_prob_diff(logits, last):
@@ -83,7 +86,8 @@ def test_set_prob_diff(logits, last):
   want = []
   for b in range(B):
     p = _np_softmax(logits[b, last[b]].astype(np.float64))
-    want.append(p[[i for i in correct[b] if i >= 0]].sum() - p[[i for i in incorrect[b] if i >= 0]].sum())
+    want.append(p[[i for i in correct[b] if i >= 0]].sum()
+                - p[[i for i in incorrect[b] if i >= 0]].sum())
   np.testing.assert_allclose(metrics.set_prob_diff(logits, last, correct, incorrect), want,
                              rtol=1e-5, atol=1e-7)
 
@@ -132,7 +136,7 @@ def test_jit_and_grad(logits, last):
   for fn in (lambda lg: metrics.prob_diff(lg, last, jnp.arange(5), jnp.array([1, 2, 3, 0])),
              lambda lg: metrics.kl_divergence(lg, jnp.asarray(logits) * 0.5, last),
              lambda lg: metrics.cross_entropy(lg, last, correct)):
-    gr = jax.jit(jax.grad(lambda lg: fn(lg).sum()))(jnp.asarray(logits))
+    gr = jax.jit(jax.grad(lambda lg, fn=fn: fn(lg).sum()))(jnp.asarray(logits))
     assert np.all(np.isfinite(np.asarray(gr)))
 
 

@@ -17,10 +17,11 @@ import pytest
 
 from jaxinterp import attribution as A
 from jaxinterp import circuits as C
-from jaxinterp.evaluation import faithfulness as V
 from jaxinterp import models, tasks
-from jaxinterp.groundtruth import toy
 from jaxinterp.circuits import Graph, convention
+from jaxinterp.evaluation import faithfulness as V
+from jaxinterp.evaluation import report
+from jaxinterp.groundtruth import toy
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "mib"
 TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "gpt2-tokenizer"
@@ -53,11 +54,11 @@ class EapGraph:
         self.node_scores[self.fwd(name)] = info["score"]
     # forward_to_backward: which receivers belong to each forward node
     self.f2b = np.zeros((self.n_fwd, self.n_bwd), bool)
-    for l in range(L):
+    for li in range(L):
       for h in range(H):
         for j in range(3):
-          self.f2b[1 + l * (H + 1) + h, l * (3 * H + 1) + j * H + h] = True
-      self.f2b[1 + l * (H + 1) + H, l * (3 * H + 1) + 3 * H] = True
+          self.f2b[1 + li * (H + 1) + h, li * (3 * H + 1) + j * H + h] = True
+      self.f2b[1 + li * (H + 1) + H, li * (3 * H + 1) + 3 * H] = True
 
   def fwd(self, node: str) -> int:
     if node == "input":
@@ -110,7 +111,7 @@ class EapGraph:
     return self.prune(in_graph, nodes)
 
   def edge_names(self, in_graph: np.ndarray) -> set:
-    return {self.names[f, b] for f, b in zip(*np.nonzero(in_graph & self.real))}
+    return {self.names[f, b] for f, b in zip(*np.nonzero(in_graph & self.real), strict=True)}
 
 
 def our_edge_names(g: Graph) -> set:
@@ -285,7 +286,7 @@ def test_write_submission_both_kinds(toy_scores, tmp_path):
   files = sorted(os.listdir(folder), key=lambda f: float(f[8:-5]))
   assert files == [f"circuit_{p:g}.json" for p in C.SUBMISSION_PERCENTAGES]  # importances gone
   eap = EapGraph(d)
-  for p, f in zip(C.SUBMISSION_PERCENTAGES, files):
+  for p, f in zip(C.SUBMISSION_PERCENTAGES, files, strict=True):
     c = json.loads(Path(folder, f).read_text())
     assert all(set(v) == {"in_graph"} for v in c["edges"].values())
     kept = {k for k, v in c["edges"].items() if v["in_graph"]}
@@ -363,7 +364,7 @@ def test_mib_mcqa_arc_and_arithmetic(gpt2_tok):
 
 
 @pytest.mark.slow
-def test_find_circuit_mib_out_and_evaluate_circuit_protocol_mib(gpt2_tok, tmp_path):
+def test_find_circuit_mib_out_and_evaluate_circuit_protocol_mib(gpt2_tok, tmp_path, capsys):
   import shutil
   import subprocess
   import sys
@@ -391,11 +392,15 @@ def test_find_circuit_mib_out_and_evaluate_circuit_protocol_mib(gpt2_tok, tmp_pa
   assert os.listdir(mib / "mcqa_gpt2") == ["importances.json"]
   doc = json.loads((out / "graph.json").read_text())
   assert doc["meta"]["score_convention"] == "loss"
-  # The paper's hypernymy-comma by its own name, evaluated with MIB's protocol.
-  r = run("evaluate_circuit", graph=out / "graph.json", task="hypernymy-comma",
-          data=FIXTURES.parent / "eap_ig" / "hypernymy-comma" / "gpt2.csv", n_examples=3,
-          batch_size=3, out=tmp_path / "eval", protocol="mib")
-  assert "MIB protocol (edges, signed ranking)" in r.stdout
-  ev = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+  # The paper's hypernymy-comma by its own name, evaluated with MIB's protocol (the
+  # evaluate_circuit binary's pipeline).
+  config = report.EvaluateConfig(
+      graph=str(out / "graph.json"), task="hypernymy-comma", n_examples=3, batch_size=3,
+      data=str(FIXTURES.parent / "eap_ig" / "hypernymy-comma" / "gpt2.csv"), protocol="mib")
+  capsys.readouterr()
+  ev = report.evaluate_circuit(config, str(tmp_path / "eval"))
+  assert "MIB protocol (edges, signed ranking)" in capsys.readouterr().out
+  written = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+  assert written["mib"]["area_under"] == ev["mib"]["area_under"]
   assert ev["task"] == "hypernymy-comma" and len(ev["mib"]["faithfulnesses"]) == 10
   assert ev["mib"]["weighted_edge_counts"][-1] <= Graph.from_json(out / "graph.json").n_edges

@@ -1,4 +1,5 @@
-"""Model core: HF parity for every family and file format, padding, converted checkpoints, errors."""
+"""Model core: HF parity for every family and file format, padding, converted checkpoints, errors.
+"""
 
 import json
 import os
@@ -147,7 +148,8 @@ def test_unexpected_tensor_is_named(tmp_path):
 def test_wrong_shape_is_named(tmp_path):
   d = _tiny_gpt2_dir(tmp_path)
   _rewrite(d, lambda t: t.__setitem__("transformer.wpe.weight", np.zeros((10, 32), np.float32)))
-  with pytest.raises(models.CheckpointError, match=r"wpe\.weight.*expected \(64, 32\).*got \(10, 32\)"):
+  with pytest.raises(models.CheckpointError, match=r"wpe\.weight.*expected \(64, 32\).*got \(10, "
+                                                   r"32\)"):
     models.from_pretrained(d)
 
 
@@ -181,7 +183,8 @@ def test_truncated_safetensors(tmp_path):
   f = os.path.join(d, "model.safetensors")
   data = open(f, "rb").read()
   open(f, "wb").write(data[: len(data) // 2])
-  with pytest.raises(models.CheckpointError, match="cannot read safetensors file .*model.safetensors"):
+  with pytest.raises(models.CheckpointError, match="cannot read safetensors file "
+                                                   ".*model.safetensors"):
     models.from_pretrained(d)
 
 
@@ -199,7 +202,8 @@ def test_missing_weights_and_config(tmp_path):
 
 
 def test_malicious_pickle_is_refused(tmp_path):
-  """A .bin whose pickle runs code is refused by torch.load(weights_only=True); the code never runs."""
+  """A .bin whose pickle runs code is refused by torch.load(weights_only=True); the code never runs.
+  """
   import pickle
   d = _tiny_gpt2_dir(tmp_path)
   os.remove(os.path.join(d, "model.safetensors"))

@@ -1,13 +1,15 @@
 """Issue 18, "a newcomer's first hour": the binaries as a user runs them.
 
-Each check runs the binary as a subprocess and looks at its exit status, its stderr (an error is one
-line, without a traceback) and the files it leaves behind. Runs that do not depend on each other are
-started together; every model is tiny, so the whole file costs about a minute of CPU. The library
-pieces behind them (run directories, CSV validation, plots) are checked in-process at the end.
+The checks of exit statuses and one-line errors run the binaries as subprocesses and look at their
+exit status, their stderr (an error is one line, without a traceback) and the files they leave
+behind; runs that do not depend on each other are started together. The rest call the pipelines
+behind the binaries in-process (`report.evaluate_circuit`, `patching.activation_patching`), as do
+the checks of the library pieces (run directories, CSV validation, plots) at the end.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -19,12 +21,14 @@ import jax
 import numpy as np
 import pytest
 
-from jaxinterp import models, tasks
-from jaxinterp.runtime import files
-from jaxinterp.viz import plots
+from jaxinterp import models, patching, tasks
+from jaxinterp.circuits import Graph
+from jaxinterp.evaluation import faithfulness as evaluation
+from jaxinterp.evaluation import report
+from jaxinterp.experiments import scripts
 from jaxinterp.groundtruth import toy
-from jaxinterp.experiments import common, scripts
-from jaxinterp.runtime import inputs
+from jaxinterp.runtime import files, inputs
+from jaxinterp.viz import plots
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINYSTORIES = os.path.join(os.path.dirname(ROOT), "shared", "models", "tinystories-656k")
@@ -55,7 +59,7 @@ def _run_all(cmds, cwd=ROOT, umask=None, at_once=4) -> list[subprocess.Completed
     finally:
       if old is not None:
         os.umask(old)
-    for c, p in zip(group, procs):
+    for c, p in zip(group, procs, strict=True):
       stdout, stderr = p.communicate(timeout=600)
       out.append(subprocess.CompletedProcess(c, p.returncode, stdout, stderr))
   return out
@@ -71,8 +75,9 @@ def _one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
   return lines[0]
 
 
-def _warnings(r: subprocess.CompletedProcess) -> list[str]:
-  return [l for l in r.stderr.replace("\r", "\n").splitlines() if l.startswith("warning: ")]
+def _warnings(stderr: str) -> list[str]:
+  return [line for line in stderr.replace("\r", "\n").splitlines()
+          if line.startswith("warning: ")]
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +86,8 @@ def tiny(tmp_path_factory):
   out = []
   for seed in (0, 1):
     path = str(tmp_path_factory.mktemp(f"tiny{seed}"))
-    models.save_converted(models.Model(CFG, models.init_params(CFG, jax.random.PRNGKey(seed))), path)
+    params = models.init_params(CFG, jax.random.PRNGKey(seed))
+    models.save_converted(models.Model(CFG, params), path)
     out.append(path)
   return out
 
@@ -100,7 +106,7 @@ def test_help_lists_each_binarys_flags_and_the_shared_ones_with_status_0(tmp_pat
          "activation_patching": ["--sweeps", "--direction"], "convert_checkpoint": ["--model"],
          "train_das": ["--das_steps"], "train_toy_model": ["--[no]overwrite_bundled"],
          "view": ["--graph"]}
-  for b, r in zip(binaries, runs):
+  for b, r in zip(binaries, runs[:len(binaries)], strict=True):
     assert r.returncode == 0 and r.stderr == "", (b, r.returncode, r.stderr[-2000:])
     mine = r.stdout.split("shared flags:")[0].split(f"flags of {b}:")[1]
     for flag in own.get(b, []) + ["--out"]:
@@ -131,7 +137,6 @@ def test_usage_errors_are_one_line_and_leave_no_output(tiny, tmp_path):
        "num_hidden_layers": 1, "vocab_size": 10, "intermediate_size": 8,
        "max_position_embeddings": 8}))
   graph = tmp_path / "graph.json"
-  from jaxinterp.circuits import Graph
   Graph.from_config(CFG).full().to_json(str(graph))
   nested = tmp_path / "new" / "nested"
   out = str(tmp_path / "out")
@@ -157,10 +162,12 @@ def test_usage_errors_are_one_line_and_leave_no_output(tiny, tmp_path):
       (_cmd("train_das", f"--out={a_file}"), ["not a directory"]),
       (_cmd("train_toy_model", "--out=jaxinterp/assets/toy"), ["bundled", "--overwrite_bundled"]),
       (_cmd("train_toy_model", "--steps=1", f"--out={a_file}"), ["not a directory"]),
+      (_cmd("ground_truth", "--methods=nope", f"--out={out}"), ["--methods=nope", "unknown nope"]),
+      (_cmd("view", f"--graph={tmp_path / 'absent.json'}"), ["--graph=", "no such file"]),
   ]
   with files.RunDir(held):  # another run holds --out
     runs = _run_all([c for c, _ in cases])
-  for (_, needles), r in zip(cases, runs):
+  for (_, needles), r in zip(cases, runs, strict=True):
     _one_line_error(r, *needles)
   assert not os.path.exists(out) and not os.path.exists(tmp_path / "new")  # nothing left behind
   assert a_file.read_text() == "not a directory" and os.listdir(held) == []
@@ -171,7 +178,7 @@ def test_usage_errors_are_one_line_and_leave_no_output(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluate_circuit_follows_how_the_circuit_was_found(tiny, tmp_path):
+def test_evaluate_circuit_follows_how_the_circuit_was_found(tiny, tmp_path, capsys):
   found = tmp_path / "found"
   r = _run_all([_cmd("find_circuit", f"--model={tiny[0]}", "--noprepend_bos", "--n_examples=8",
                      "--batch_size=8", "--top_n=10", f"--out={found}")], umask=0o027)[0]
@@ -189,24 +196,26 @@ def test_evaluate_circuit_follows_how_the_circuit_was_found(tiny, tmp_path):
 
   graph = str(found / "graph.json")
   same, other, forced = (str(tmp_path / x) for x in ("same", "other", "forced"))
-  r_same, r_other, r_forced = _run_all([
-      _cmd("evaluate_circuit", f"--graph={graph}", "--batch_size=8", f"--out={same}"),
-      _cmd("evaluate_circuit", f"--graph={graph}", f"--model={tiny[1]}", f"--out={other}"),
-      _cmd("evaluate_circuit", f"--graph={graph}", f"--model={tiny[1]}", "--force",
-           "--prepend_bos", "--n_examples=4", "--batch_size=4", f"--out={forced}")])
-  # No flags: model, BOS, examples, seed ... as the meta records them, so the same faithfulness.
-  assert r_same.returncode == 0 and not _warnings(r_same), r_same.stderr[-3000:]
-  rep = json.loads(open(os.path.join(same, "evaluation.json")).read())
+  capsys.readouterr()
+  # No settings given: model, BOS, examples, seed ... as the meta records them, so the same
+  # faithfulness.
+  rep = report.evaluate_circuit(report.EvaluateConfig(graph=graph, batch_size=8), same)
+  assert not _warnings(capsys.readouterr().err)
   assert rep["settings"]["prepend_bos"] is False and rep["settings"]["n_examples"] == 8
   assert os.path.samefile(rep["settings"]["model"], tiny[0])
   assert rep["faithfulness"] == pytest.approx(meta["faithfulness"], abs=1e-4)
   assert files.is_done(same)
   # Same shape, other weights: refused, naming --force.
-  _one_line_error(r_other, f"--model={tiny[1]}", "differ", "--force")
+  with pytest.raises(inputs.InputError) as refused:
+    report.evaluate_circuit(report.EvaluateConfig(graph=graph, model=tiny[1]), other)
+  for needle in (f"--model={tiny[1]}", "differ", "--force"):
+    assert needle in str(refused.value)
   assert not os.path.exists(other)
-  # Forced, with flags that override the meta: one warning line each.
-  assert r_forced.returncode == 0, r_forced.stderr[-3000:]
-  warnings = _warnings(r_forced)
+  # Forced, with settings that override the meta: one warning line each.
+  report.evaluate_circuit(report.EvaluateConfig(graph=graph, model=tiny[1], force=True,
+                                                prepend_bos=True, n_examples=4, batch_size=4),
+                          forced)
+  warnings = _warnings(capsys.readouterr().err)
   assert len(warnings) == 2
   assert "--prepend_bos=True (meta: False)" in warnings[0] and "--n_examples=4 (meta: 8)" in \
       warnings[0]
@@ -230,7 +239,7 @@ def test_induction_data_depend_on_the_weights_not_on_the_spelling(tmp_path):
   for spelling in ("toy", "jaxinterp/assets/toy", toy.TOY_MODEL_DIR + "/"):
     m = models.from_pretrained(os.path.join(ROOT, inputs.resolve_model_path(spelling)))
     assert inputs.is_toy_model(m)
-    assert inputs.dataset_hash(common.load_dataset(m, spelling, "induction", None, 8)) == expected
+    assert inputs.dataset_hash(inputs.load_dataset(m, spelling, "induction", None, 8)) == expected
   other = models.Model(toy.load_toy().cfg, jax.tree.map(lambda x: x * 1.01, toy.load_toy().params))
   assert not inputs.is_toy_model(other)
 
@@ -238,25 +247,27 @@ def test_induction_data_depend_on_the_weights_not_on_the_spelling(tmp_path):
 # ------------------------------------------ items 8, 9: a GQA model with a tokenizer, bad rows
 
 
-@pytest.mark.skipif(not os.path.isdir(TINYSTORIES), reason="needs ../shared/models/tinystories-656k")
-def test_bad_rows_rare_answers_kv_heads_and_token_labels(tmp_path):
+@pytest.mark.skipif(not os.path.isdir(TINYSTORIES),
+                    reason="needs ../shared/models/tinystories-656k")
+def test_bad_rows_rare_answers_kv_heads_and_token_labels(tmp_path, capsys):
   csv = tmp_path / "names.csv"
   ok = "Tom and Sue went to the park. {} gave the ball to"
   csv.write_text("clean,corrupted,correct_idx,incorrect_idx\n"
                  f"{ok.format('Tom')},{ok.format('Sue')},1066,380\n"
                  f"{ok.format('Sue')},{ok.format('Tom')},380,1066\n"
                  f"{ok.format('Tom')},Tom and Sue went to the park. Sue,1066,380\n")
-  common_args = [f"--model={TINYSTORIES}", "--task=logit-diff", f"--data={csv}", "--n_examples=4",
-                 "--batch_size=4"]
-  bad, skipped = _run_all([
-      _cmd("activation_patching", *common_args, f"--out={tmp_path / 'bad'}"),
-      _cmd("activation_patching", *common_args, "--skip_bad_rows", "--sweeps=resid_pre,head_k",
-           f"--out={tmp_path / 'ok'}")])
-  _one_line_error(bad, "names.csv", "1 of 3 rows", "line 4", "different token lengths",
-                  "--skip_bad_rows")
+  config = patching.PatchingConfig(model=TINYSTORIES, task="logit-diff", data=str(csv),
+                                   n_examples=4, batch_size=4)
+  with pytest.raises(inputs.InputError) as bad:
+    patching.activation_patching(config, str(tmp_path / "bad"))
+  for needle in ("names.csv", "1 of 3 rows", "line 4", "different token lengths",
+                 "--skip_bad_rows"):
+    assert needle in str(bad.value)
   assert not (tmp_path / "bad").exists()
-  assert skipped.returncode == 0, skipped.stderr[-3000:]
-  warnings = _warnings(skipped)
+  capsys.readouterr()
+  config = dataclasses.replace(config, skip_bad_rows=True, sweeps="resid_pre,head_k")
+  patching.activation_patching(config, str(tmp_path / "ok"))
+  warnings = _warnings(capsys.readouterr().err)
   assert len(warnings) == 2
   assert "left out" in warnings[0] and "line 4" in warnings[0]
   assert "2 of 2 answers are in no prompt's top-50" in warnings[1]
@@ -315,7 +326,8 @@ def test_outputs_get_the_umasks_mode(tmp_path):
 
 
 def test_csv_names_every_bad_row_and_skips_them_on_request(tmp_path):
-  from tokenizers import Tokenizer, models as tm, pre_tokenizers
+  from tokenizers import Tokenizer, pre_tokenizers
+  from tokenizers import models as tm
   tok = Tokenizer(tm.WordLevel({w: i for i, w in enumerate(
       ["<unk>", "<bos>", "a", "b", "c", "d"])}, unk_token="<unk>"))
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -341,18 +353,17 @@ def _capture(monkeypatch) -> list:
 
 def test_plots_read_as_a_reader_expects(monkeypatch):
   figs = _capture(monkeypatch)
-  from jaxinterp.evaluation.faithfulness import FaithfulnessCurve
   n = np.asarray([0, 1, 2, 5, 10, 20, 110])
-  plots.plot_faithfulness(FaithfulnessCurve(n_edges=n, n_edges_kept=n, percentages=n / 110.0,
-                                            metric=n * 0.1, faithfulness=n / 110.0, m_full=1.0,
-                                            m_empty=0.0), "unused.png", title="t")
+  curve = evaluation.FaithfulnessCurve(n_edges=n, n_edges_kept=n, percentages=n / 110.0,
+                                       metric=n * 0.1, faithfulness=n / 110.0, m_full=1.0,
+                                       m_empty=0.0)
+  plots.plot_faithfulness(curve, "unused.png", title="t")
   ax = figs[-1].axes[0]
   figs[-1].canvas.draw()
   assert ax.get_xlim()[0] > -0.5 and ax.get_xlim()[1] > 110
   ticks = [t.get_text() for t in ax.get_xticklabels() if ax.get_xlim()[0] <= t.get_position()[0]]
   assert ticks and not any(t.startswith(("-", "\u2212")) for t in ticks)
 
-  from jaxinterp import patching
   result = patching.PatchingResult(
       sweep=patching.SWEEPS["resid_pre"], direction="noising", metric=np.ones((2, 3)),
       normalized=np.asarray([[1.0, 1.0, 0.0], [1.0, 0.5, 1.0]]), m_clean=2.0, m_corrupted=1.0,
@@ -375,10 +386,11 @@ def test_plots_read_as_a_reader_expects(monkeypatch):
 
 def test_rarely_predicted_answers():
   """An answer set counts as predicted when any of its ids is in some prompt's top-k."""
-  import dataclasses
-  from jaxinterp.evaluation import faithfulness as evaluation
   m, d = toy.load_toy(), toy.induction_task_dataset(8)
-  check = lambda data: evaluation.rarely_predicted_answers(m.cfg, m.params, data, k=1)
+
+  def check(data):
+    return evaluation.rarely_predicted_answers(m.cfg, m.params, data, k=1)
+
   assert check(d) == []  # the toy predicts its induction targets
   never = toy.BOS_ID  # BOS is never the next token
   correct = np.asarray(d.labels["correct"])

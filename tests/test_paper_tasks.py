@@ -3,8 +3,9 @@ defines, checked per example against an independent torch reimplementation of th
 definitions (`eap-ig-faithfulness/metrics.py`, `dataset.py`) on a random GPT-2 with the real
 tokenizer.
 
-The CSVs under `tests/fixtures/eap_ig/{task}/gpt2.csv` are small files written for these tests in the
-paper's formats (its layout: `data/{task}/gpt2.csv`, the SVA verb list beside `data/sva/gpt2.csv`).
+The CSVs under `tests/fixtures/eap_ig/{task}/gpt2.csv` are small files written for these tests in
+the paper's formats (its layout: `data/{task}/gpt2.csv`, the SVA verb list beside
+`data/sva/gpt2.csv`).
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ transformers = pytest.importorskip("transformers")
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "eap_ig"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TOKENIZER = SHARED / "models" / "gpt2-tokenizer" / "tokenizer.json"
-pytestmark = [pytest.mark.skipif(not TOKENIZER.exists(), reason="../shared/models/gpt2-tokenizer is "
-                                 "absent"), pytest.mark.usefixtures("torch_one_thread")]
+pytestmark = [pytest.mark.skipif(not TOKENIZER.exists(),
+                                 reason="../shared/models/gpt2-tokenizer is absent"),
+              pytest.mark.usefixtures("torch_one_thread")]
 
 PAPER = {"ioi": "logit_diff", "greater-than": "prob_diff", "greater-than-price": "prob_diff",
          "greater-than-sequence": "prob_diff", "gender-bias": "logit_diff",
@@ -121,7 +123,8 @@ def paper_verbs(tok, verb_csv, vocab, strict=True):
     w = t[1:]
     if w in sing:
       s_ids.append(i)
-    elif len(tok.encode(" " + sing[plur.index(w)], add_special_tokens=False).ids) == 1 or not strict:
+    elif (len(tok.encode(" " + sing[plur.index(w)], add_special_tokens=False).ids) == 1
+          or not strict):
       p_ids.append(i)
   return torch.tensor(s_ids), torch.tensor(p_ids)
 
@@ -142,14 +145,14 @@ def paper_metric(task, metric, logits, clean_logits, lengths, rows, tok, vocab):
   if "greater-than" in task:
     years = torch.tensor([tok.encode(f"{y:02d}").ids[0] for y in range(100)])
     out = []
-    for v, r in zip(vals[:, years], rows):
+    for v, r in zip(vals[:, years], rows, strict=True):
       y = int(r["correct_idx"])
       out.append(v[y + 1:].sum() - v[:y + 1].sum() if prob else v[y + 1:].mean() - v[:y + 1].mean())
     return torch.stack(out)
   if "hypernymy" in task:
     return torch.stack([v[torch.tensor(ast.literal_eval(r["answers_idx"]))].sum()
                         - v[torch.tensor(ast.literal_eval(r["corrupted_answers_idx"]))].sum()
-                        for v, r in zip(vals, rows)])
+                        for v, r in zip(vals, rows, strict=True)])
   if task == "sva":
     s, p = paper_verbs(tok, FIXTURES / "sva" / "combined_verb_list.csv", vocab)
     agg = (lambda x: x.sum(-1)) if prob else (lambda x: x.mean(-1))

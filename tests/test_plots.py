@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from jaxinterp import patching
-from jaxinterp.viz import plots
-from jaxinterp.evaluation.faithfulness import FaithfulnessCurve
 from jaxinterp.circuits import Graph
+from jaxinterp.evaluation.faithfulness import FaithfulnessCurve
 from jaxinterp.models import ModelConfig
+from jaxinterp.viz import plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CFG = ModelConfig(family="gpt2", d_model=16, n_layers=2, n_heads=3, d_head=4, d_mlp=32, d_vocab=20,
@@ -74,7 +74,8 @@ def test_heatmap_png(tmp_path):
   plots.plot_heatmap(v, str(path), xlabel="position", ylabel="layer", title="t",
                      xticklabels=[f"p{i}" for i in range(7)], yticklabels=["a", "b", "c"])
   _check_png(str(path))
-  big = np.random.default_rng(2).normal(size=(4, 120))  # many columns: thinned ticks, no annotations
+  # many columns: thinned ticks, no annotations
+  big = np.random.default_rng(2).normal(size=(4, 120))
   plots.plot_heatmap(big, str(tmp_path / "big.png"), xlabel="x", ylabel="y", title="big")
   _check_png(str(tmp_path / "big.png"))
 

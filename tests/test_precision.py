@@ -3,12 +3,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from jaxinterp import models
-from jaxinterp import attribution as A
-from jaxinterp import tasks
-
 import pytest
+
+from jaxinterp import attribution as A
+from jaxinterp import models, tasks
 from jaxinterp.circuits.layout import valid_edges
 
 CFG = models.ModelConfig(family="gpt2", d_model=32, n_layers=2, n_heads=4, d_head=8, d_mlp=64,

@@ -3,12 +3,12 @@ empty graph 0, for any scores, data seed and ablation."""
 
 import jax
 import numpy as np
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from jaxinterp import models
-from jaxinterp.evaluation import faithfulness as V
-from jaxinterp import tasks
+from jaxinterp import models, tasks
 from jaxinterp.circuits import Graph
+from jaxinterp.evaluation import faithfulness as V
 
 CFG = models.ModelConfig(family="gpt2", d_model=16, n_layers=2, n_heads=2, d_head=8, d_mlp=32,
                          d_vocab=40, n_ctx=32)

@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinterp import models
 from jaxinterp import attribution as A
+from jaxinterp import models, tasks
 from jaxinterp.attribution import receiver_grads as RG
-from jaxinterp import tasks
 from jaxinterp.circuits.layout import valid_edges
+from jaxinterp.models.transformer import Norm, run_blocks, stack_blocks
 from jaxinterp.tasks import metrics as task_metrics
 
 _COMMON = dict(d_model=32, n_layers=2, n_heads=4, d_head=8, d_mlp=64, d_vocab=50, n_ctx=32)
@@ -36,7 +36,7 @@ CONFIGS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _scaled_params(cfg, scale):
   p = models.init_params(cfg, jax.random.PRNGKey(1))
   return jax.tree_util.tree_map_with_path(lambda path, x: x * scale if x.ndim >= 2 else x, p)
@@ -49,7 +49,8 @@ def _params(cfg, scale=8.0):
 
 
 @pytest.mark.parametrize("family,method", [("gpt2", "EAP-IG-inputs"), ("gpt2", "EAP"),
-                                           ("gpt_neox", "EAP-IG-inputs"), ("llama", "EAP-IG-inputs"),
+                                           ("gpt_neox", "EAP-IG-inputs"),
+                                           ("llama", "EAP-IG-inputs"),
                                            ("gemma2", "EAP-IG-inputs"),
                                            ("gpt2", "EAP-IG-inputs/mean"),
                                            ("llama", "EAP-IG-inputs/mean")])
@@ -89,14 +90,13 @@ def test_scanned_blocks_equal_forward():
   mask = jnp.arange(7)[None, :] < jnp.asarray([7, 5, 6])[:, None]
   names = ("attn.hook_q", "hook_resid_post")
   logits, cache = models.forward(cfg, params, tokens, attention_mask=mask,
-                                 collect=[f"blocks.{l}.{n}" for l in range(2) for n in names])
-  from jaxinterp.models.transformer import Norm, run_blocks, stack_blocks
+                                 collect=[f"blocks.{li}.{n}" for li in range(2) for n in names])
   emb = models.embed_inputs(cfg, params, tokens, mask)
   for stacked in (stack_blocks(cfg, params), None):
     resid, ys = run_blocks(cfg, params, emb, mask, collect=names, stacked=stacked)
-    for l in range(2):
+    for li in range(2):
       for n in names:
-        np.testing.assert_allclose(np.asarray(ys[n][l]), np.asarray(cache[f"blocks.{l}.{n}"]),
+        np.testing.assert_allclose(np.asarray(ys[n][li]), np.asarray(cache[f"blocks.{li}.{n}"]),
                                    rtol=1e-5, atol=1e-5)
     x = Norm(cfg).apply({"params": params["ln_final"]}, resid)
     np.testing.assert_allclose(np.asarray(x @ params["W_U"]), np.asarray(logits), rtol=1e-4,

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from jaxinterp import attribution as A
-from jaxinterp.attribution import receiver_grads as RG
 from jaxinterp import tasks
-from jaxinterp.runtime import shared_prefix
-from jaxinterp.models.transformer import run_blocks, embed_inputs
-from tests.test_receiver_grads import CONFIGS, _params
+from jaxinterp.attribution import receiver_grads as RG
 from jaxinterp.circuits.layout import valid_edges
+from jaxinterp.models.transformer import embed_inputs, run_blocks
+from jaxinterp.runtime import shared_prefix
+from tests.test_receiver_grads import CONFIGS, _params
 
 
 def late_corruption(cfg, n=10, width=16, seed=0, metric="task"):
@@ -123,7 +123,7 @@ def test_attribution_kernel_on_suffixes_equals_the_whole_run(family, method):
   s_ref, s_got = np.asarray(ref[0])[valid], np.asarray(got[0])[valid]
   assert np.abs(s_ref).max() > 1e-2
   np.testing.assert_allclose(s_got, s_ref, atol=1e-5 * np.abs(s_ref).max(), rtol=1e-4)
-  for r, g in zip(ref[1:], got[1:]):
+  for r, g in zip(ref[1:], got[1:], strict=True):
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
 
 
@@ -159,8 +159,11 @@ def test_exact_patching_on_suffixes_equals_the_whole_run(family, level, monkeypa
   batches = list(data.batches(4))
   assert [A.exact.suffix(cfg, b, A.Ablation("patching"))[1].clean.shape[1]
           for b in batches] == [16, 8]  # the first batch runs every position, the second a suffix
-  run = lambda: A.attribute(cfg, params, data, method="exact", batch_size=4, level=level,
-                            quiet=True)
+
+  def run():
+    return A.attribute(cfg, params, data, method="exact", batch_size=4, level=level,
+                       quiet=True)
+
   got = run()
   monkeypatch.setattr(shared_prefix, "plan", lambda *a: None)
   ref = run()

@@ -1,4 +1,5 @@
-"""Named sites and interventions as explicit arguments (identity, patching, vmap, grad, locality)."""
+"""Named sites and interventions as explicit arguments (identity, patching, vmap, grad, locality).
+"""
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +44,9 @@ def test_every_site_patched_with_itself_is_identity(cfg):
 
 
 def test_site_shapes_follow_transformerlens():
-  _, c = run(collect=["blocks.0.attn.hook_z", "blocks.0.attn.hook_pattern", "blocks.0.attn.hook_result",
-                      "blocks.1.hook_q_input", "blocks.0.mlp.hook_post", "hook_embed"])
+  _, c = run(collect=["blocks.0.attn.hook_z", "blocks.0.attn.hook_pattern",
+                      "blocks.0.attn.hook_result", "blocks.1.hook_q_input",
+                      "blocks.0.mlp.hook_post", "hook_embed"])
   assert c["blocks.0.attn.hook_z"].shape == (2, 7, 4, 8)
   assert c["blocks.0.attn.hook_pattern"].shape == (2, 4, 7, 7)
   assert c["blocks.0.attn.hook_result"].shape == (2, 7, 4, 32)
@@ -106,8 +108,8 @@ def test_zero_ablating_one_head_changes_only_downstream_sites():
   assert not np.allclose(c0["blocks.1.hook_attn_out"], c1["blocks.1.hook_attn_out"])
   assert not np.allclose(c0["blocks.2.hook_resid_pre"], c1["blocks.2.hook_resid_pre"])
   z1 = np.asarray(c1["blocks.1.attn.hook_z"])
-  assert np.all(z1[:, :, 2] == 0) and np.allclose(z1[:, :, [0, 1, 3]],
-                                                   np.asarray(c0["blocks.1.attn.hook_z"])[:, :, [0, 1, 3]])
+  assert np.all(z1[:, :, 2] == 0) and np.allclose(
+      z1[:, :, [0, 1, 3]], np.asarray(c0["blocks.1.attn.hook_z"])[:, :, [0, 1, 3]])
 
 
 def test_mean_ablation_and_batch_selection():
@@ -132,15 +134,17 @@ def test_unknown_site_and_bad_shape_errors():
 NEOX = models.ModelConfig(family="gpt_neox", d_model=32, n_layers=2, n_heads=4, d_head=8, d_mlp=64,
                           d_vocab=50, positional="rotary", rotary_dim=4, parallel_attn_mlp=True,
                           act_fn="gelu", tied_embeddings=False)
-GEMMA = models.ModelConfig(family="gemma2", d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_head=8,
-                           d_mlp=48, d_vocab=50, normalization="rmsnorm", rmsnorm_plus_one=True,
-                           post_norms=True, positional="rotary", rotary_dim=8, gated_mlp=True,
-                           act_fn="gelu_pytorch_tanh", attn_bias=False, attn_out_bias=False,
+GEMMA = models.ModelConfig(family="gemma2", d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                           d_head=8, d_mlp=48, d_vocab=50, normalization="rmsnorm",
+                           rmsnorm_plus_one=True, post_norms=True, positional="rotary",
+                           rotary_dim=8, gated_mlp=True, act_fn="gelu_pytorch_tanh",
+                           attn_bias=False, attn_out_bias=False,
                            mlp_bias=False, attn_logit_softcap=5.0, final_logit_softcap=3.0,
                            sliding_window=3, sliding_layers=(0,))
 
 
-@pytest.mark.parametrize("cfg", [CFG, NEOX, GEMMA], ids=["gpt2", "neox-parallel", "gemma2-postnorm"])
+@pytest.mark.parametrize("cfg", [CFG, NEOX, GEMMA],
+                         ids=["gpt2", "neox-parallel", "gemma2-postnorm"])
 def test_edge_form_identity_and_full_ablation(cfg):
   """w = 1 is the clean model; w = 0 with corrupted senders is the corrupted run."""
   from jaxinterp.models import edges as E
@@ -156,7 +160,8 @@ def test_edge_form_identity_and_full_ablation(cfg):
   ablated = senders(CORRUPT)
   assert ablated.shape == (2, 7, E.n_senders(cfg), cfg.d_model)
   ones = jnp.ones((E.n_senders(cfg), E.n_receivers(cfg)))
-  np.testing.assert_allclose(fwd(CLEAN, edges=models.EdgePatch(ones, ablated)), fwd(CLEAN), atol=1e-5)
+  np.testing.assert_allclose(fwd(CLEAN, edges=models.EdgePatch(ones, ablated)), fwd(CLEAN),
+                             atol=1e-5)
   np.testing.assert_allclose(fwd(CLEAN, edges=models.EdgePatch(0 * ones, ablated)), fwd(CORRUPT),
                              atol=1e-5)
   # A batch of weight matrices in one call.

@@ -18,10 +18,12 @@ from jaxinterp.tasks import TaskError
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 GPT2_TOK = SHARED / "models" / "gpt2-tokenizer" / "tokenizer.json"
 EAP = SHARED / "data" / "eap-ig"
-needs_shared = pytest.mark.skipif(not GPT2_TOK.exists(), reason="../shared (GPT-2 tokenizer, EAP-IG data) absent")
+needs_shared = pytest.mark.skipif(not GPT2_TOK.exists(),
+                                  reason="../shared (GPT-2 tokenizer, EAP-IG data) absent")
 
-WORDS = ["[UNK]", "<bos>", "the", "a", "cat", "cats", "dog", "dogs", "sat", "is", "are", "and", "big",
-         "red", "Paris", "France", "Rome", "Italy", "of", "capital", ",", "animals", "pets", "x"]
+WORDS = ["[UNK]", "<bos>", "the", "a", "cat", "cats", "dog", "dogs", "sat", "is", "are", "and",
+         "big", "red", "Paris", "France", "Rome", "Italy", "of", "capital", ",", "animals", "pets",
+         "x"]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,7 @@ def read_rows(path):
     return list(csv.DictReader(f))
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The shared EAP-IG CSVs
 
 
@@ -110,12 +112,13 @@ def test_shared_greater_than_labels(gpt2):
 @needs_shared
 def test_shared_gender_bias_labels(gpt2):
   ds = tasks.load_task("gender-bias", EAP / "gender-bias" / "gpt2.csv", gpt2)
-  answers = {gpt2.decode([int(t)]) for t in np.concatenate([ds.labels["correct"], ds.labels["incorrect"]])}
+  answers = {gpt2.decode([int(t)])
+             for t in np.concatenate([ds.labels["correct"], ds.labels["incorrect"]])}
   assert answers <= {" he", " she", " they"} and {" he", " she"} <= answers
   assert np.all(ds.labels["correct"] != ds.labels["incorrect"])
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Loading, batching, padding
 
 
@@ -126,8 +129,8 @@ def small_ds(tmp_path, wtok):
           ["a cat", "a dog", W("cat"), W("dog")],
           ["the cat and the dog sat", "the dog and the cat sat", W("sat"), W("is")],
           ["cat", "dog", W("a"), W("the")]]
-  return tasks.load_task("ioi", write(tmp_path, ["clean", "corrupted", "correct_idx", "incorrect_idx"],
-                                      rows), wtok)
+  return tasks.load_task(
+      "ioi", write(tmp_path, ["clean", "corrupted", "correct_idx", "incorrect_idx"], rows), wtok)
 
 
 def test_load_pads_and_prepends_bos(small_ds):
@@ -136,11 +139,13 @@ def test_load_pads_and_prepends_bos(small_ds):
   assert ds.bos_id == 1 and ds.pad_id == 1 and ds.clean.shape == (5, 7)
   np.testing.assert_array_equal(ds.clean[0], [1, W("the"), W("cat"), W("sat"), 1, 1, 1])
   np.testing.assert_array_equal(ds.corrupted[2], [1, W("a"), W("dog"), 1, 1, 1, 1])
-  np.testing.assert_array_equal(ds.labels["correct"], [W("is"), W("are"), W("cat"), W("sat"), W("a")])
+  np.testing.assert_array_equal(ds.labels["correct"],
+                                [W("is"), W("are"), W("cat"), W("sat"), W("a")])
 
 
 def test_no_bos_and_explicit_bos(tmp_path, wtok):
-  p = write(tmp_path, ["clean", "corrupted", "correct_idx", "incorrect_idx"], [["the cat", "a dog", 2, 3]])
+  p = write(tmp_path, ["clean", "corrupted", "correct_idx", "incorrect_idx"],
+            [["the cat", "a dog", 2, 3]])
   ds = tasks.load_task("ioi", p, wtok, prepend_bos=False)
   np.testing.assert_array_equal(ds.clean, [[W("the"), W("cat")]])
   assert ds.bos_id is None and ds.lengths[0] == 2
@@ -156,7 +161,7 @@ def test_batches_buckets_and_filler_rows(small_ds):
   np.testing.assert_array_equal(np.asarray(last.valid), [True, False])
   # the filler row copies the last real row (finite metrics), but is marked invalid
   np.testing.assert_array_equal(np.asarray(last.clean[1]), np.asarray(last.clean[0]))
-  for b, rows in zip(bs, ([0, 1], [2, 3], [4, 4])):
+  for b, rows in zip(bs, ([0, 1], [2, 3], [4, 4]), strict=True):
     np.testing.assert_array_equal(np.asarray(b.last), small_ds.lengths[rows] - 1)
     mask = np.asarray(b.mask)
     np.testing.assert_array_equal(mask.sum(1), small_ds.lengths[rows])
@@ -165,7 +170,8 @@ def test_batches_buckets_and_filler_rows(small_ds):
     np.testing.assert_array_equal(np.asarray(b.labels["correct"]), small_ds.labels["correct"][rows])
   # real rows reassemble the dataset
   got = np.concatenate([np.asarray(b.clean)[np.asarray(b.valid), :7] if b.clean.shape[1] >= 7 else
-                        np.pad(np.asarray(b.clean)[np.asarray(b.valid)], ((0, 0), (0, 7 - b.clean.shape[1])),
+                        np.pad(np.asarray(b.clean)[np.asarray(b.valid)],
+                               ((0, 0), (0, 7 - b.clean.shape[1])),
                                constant_values=small_ds.pad_id) for b in bs])
   np.testing.assert_array_equal(got, small_ds.clean)
 
@@ -191,7 +197,8 @@ def test_subset(small_ds):
 
 def test_task_metric_on_a_batch(small_ds):
   b = next(small_ds.batches(5))
-  logits = np.random.default_rng(0).normal(size=(5, b.clean.shape[1], len(WORDS))).astype(np.float32)
+  logits = np.random.default_rng(0).normal(size=(5, b.clean.shape[1], len(WORDS))).astype(
+      np.float32)
   task = tasks.get_task("ioi")
   got = jax.jit(lambda lg, batch: task.metric(lg, batch))(jnp.asarray(logits), b)
   last, c, w = small_ds.lengths - 1, small_ds.labels["correct"], small_ds.labels["incorrect"]
@@ -200,19 +207,21 @@ def test_task_metric_on_a_batch(small_ds):
 
 
 def test_registry():
-  for name in ("ioi", "greater-than", "gender-bias", "sva", "country-capital", "hypernymy", "logit-diff"):
+  for name in ("ioi", "greater-than", "gender-bias", "sva", "country-capital", "hypernymy",
+               "logit-diff"):
     assert tasks.get_task(name).name == name
   with pytest.raises(TaskError, match="unknown task 'nope'.*ioi"):
     tasks.get_task("nope")
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Generic loaders: sva, country-capital, hypernymy, logit-diff
 
 
 def _logits_for(ds, seed=0):
   b = next(ds.batches(len(ds), bucket=None))
-  lg = np.random.default_rng(seed).normal(size=(len(ds), b.clean.shape[1], len(WORDS))).astype(np.float32)
+  lg = np.random.default_rng(seed).normal(size=(len(ds), b.clean.shape[1], len(WORDS))).astype(
+      np.float32)
   return b, lg, lg[np.arange(len(ds)), ds.lengths - 1]
 
 
@@ -256,11 +265,11 @@ def test_country_capital_logit_diff_or_log_prob(tmp_path, wtok):
   b, lg, at = _logits_for(ds)
   got = np.asarray(ds.task.metric(jnp.asarray(lg), b))
   lp1 = at[1] - np.log(np.exp(at[1].astype(np.float64)).sum())
-  np.testing.assert_allclose(got, [at[0, W("France")] - at[0, W("Italy")], lp1[W("Italy")]], rtol=1e-5)
+  np.testing.assert_allclose(got, [at[0, W("France")] - at[0, W("Italy")], lp1[W("Italy")]],
+                             rtol=1e-5)
   # without the corrupted column, every row uses log p(country)
-  p2 = write(tmp_path, ["clean", "corrupted", "country_idx"], [["Paris , the capital of",
-                                                                 "Rome , the capital of", W("France")]],
-             name="c2.csv")
+  p2 = write(tmp_path, ["clean", "corrupted", "country_idx"],
+             [["Paris , the capital of", "Rome , the capital of", W("France")]], name="c2.csv")
   assert tasks.load_task("country-capital", p2, wtok).labels["incorrect"].tolist() == [-1]
 
 
@@ -275,7 +284,8 @@ def test_hypernymy_json_sets(tmp_path, wtok):
   b, lg, at = _logits_for(ds)
   pr = np.exp(at.astype(np.float64))
   pr /= pr.sum(-1, keepdims=True)
-  want = [pr[0, [W("animals"), W("pets")]].sum() - pr[0, W("x")], pr[1, W("pets")] - pr[1, [2, 3, 4]].sum()]
+  want = [pr[0, [W("animals"), W("pets")]].sum() - pr[0, W("x")],
+          pr[1, W("pets")] - pr[1, [2, 3, 4]].sum()]
   np.testing.assert_allclose(ds.task.metric(jnp.asarray(lg), b), want, rtol=1e-5, atol=1e-7)
 
 
@@ -289,13 +299,14 @@ def test_logit_diff_generic_ids_and_sets(tmp_path, wtok):
   np.testing.assert_allclose(ds.task.metric(jnp.asarray(lg), b), want, rtol=1e-5)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Errors
 
 
 def test_error_missing_columns(tmp_path, wtok):
   p = write(tmp_path, ["clean", "label"], [["the cat", 1]])
-  with pytest.raises(TaskError, match="column.s. correct_idx, incorrect_idx"):  # corrupted: optional
+  # corrupted: optional
+  with pytest.raises(TaskError, match="column.s. correct_idx, incorrect_idx"):
     tasks.load_task("ioi", p, wtok)
   with pytest.raises(TaskError, match="clean_answer_idx"):
     tasks.load_task("gender-bias", p, wtok)
@@ -303,7 +314,8 @@ def test_error_missing_columns(tmp_path, wtok):
 
 def test_error_unequal_lengths_names_the_row(tmp_path, wtok):
   p = write(tmp_path, ["clean", "corrupted", "correct_idx", "incorrect_idx"],
-            [["the cat", "the dog", 2, 3], ["the cat", "the dog", 2, 3], ["the big cat", "the dog", 2, 3]])
+            [["the cat", "the dog", 2, 3], ["the cat", "the dog", 2, 3],
+             ["the big cat", "the dog", 2, 3]])
   with pytest.raises(TaskError, match=r"row 2 \(line 4\).*different lengths \(3 vs 2"):
     tasks.load_task("ioi", p, wtok)
 
@@ -311,11 +323,13 @@ def test_error_unequal_lengths_names_the_row(tmp_path, wtok):
 def test_error_ids_outside_vocab(tmp_path, wtok):
   p = write(tmp_path, ["clean", "corrupted", "correct_idx", "incorrect_idx"],
             [["the cat", "the dog", 2, 3], ["a cat", "a dog", 2, 50256]])
-  with pytest.raises(TaskError, match=r"row 1.*'incorrect_idx'.*50256 is outside the vocabulary \(size 24\)"):
+  with pytest.raises(TaskError, match=r"row 1.*'incorrect_idx'.*50256 is outside the vocabulary "
+                                      r"\(size 24\)"):
     tasks.load_task("ioi", p, wtok)
-  ok = write(tmp_path, ["clean", "corrupted", "correct_idx", "incorrect_idx"], [["the dog", "the cat", 2, 3]],
-             name="ok.csv")
-  with pytest.raises(TaskError, match="column 'clean'.*token id 6 is outside the vocabulary \\(size 5\\)"):
+  ok = write(tmp_path, ["clean", "corrupted", "correct_idx", "incorrect_idx"],
+             [["the dog", "the cat", 2, 3]], name="ok.csv")
+  with pytest.raises(TaskError, match="column 'clean'.*token id 6 is outside the vocabulary "
+                                      "\\(size 5\\)"):
     tasks.load_task("ioi", ok, wtok, vocab_size=5)
   with pytest.raises(TaskError, match="bos_id 99"):
     tasks.load_task("ioi", ok, wtok, bos_id=99)
@@ -333,7 +347,8 @@ def test_error_empty_and_header_only(tmp_path, wtok):
 
 def test_error_non_utf8(tmp_path, wtok):
   p = tmp_path / "latin1.csv"
-  p.write_bytes("clean,corrupted,correct_idx,incorrect_idx\ncaf\xe9 cat,the dog,2,3\n".encode("latin-1"))
+  p.write_bytes("clean,corrupted,correct_idx,incorrect_idx\ncaf\xe9 cat,the dog,2,3\n".encode(
+      "latin-1"))
   with pytest.raises(TaskError, match="not valid UTF-8"):
     tasks.load_task("ioi", p, wtok)
 
@@ -370,13 +385,15 @@ def test_error_greater_than_needs_single_token_years(tmp_path, wtok):
 
 HEADERS = st.lists(st.sampled_from(["clean", "corrupted", "correct_idx", "incorrect_idx", "", "x"]),
                    min_size=0, max_size=5)
-CELL = st.one_of(st.sampled_from(["the cat", "a dog sat", "2", "-1", "99999", "[3, 4]", "[]", "nan", "1e3",
-                                  "", "\"", "[\"a\"]", "7.0"]), st.text(max_size=12))
+CELL = st.one_of(st.sampled_from(["the cat", "a dog sat", "2", "-1", "99999", "[3, 4]", "[]", "nan",
+                                  "1e3", "", "\"", "[\"a\"]", "7.0"]), st.text(max_size=12))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(header=HEADERS, rows=st.lists(st.lists(CELL, max_size=5), max_size=4),
-       name=st.sampled_from(["ioi", "logit-diff", "sva", "hypernymy", "country-capital", "greater-than"]))
+       name=st.sampled_from(["ioi", "logit-diff", "sva", "hypernymy", "country-capital",
+                             "greater-than"]))
 def test_fuzz_csv_loads_or_raises_task_error(tmp_path, wtok, header, rows, name):
   p = tmp_path / "fuzz.csv"
   with open(p, "w", newline="", encoding="utf-8") as f:
@@ -399,7 +416,8 @@ def test_csv_whose_every_row_is_bad_raises_task_error(tmp_path, wtok):
     tasks.load_task("logit-diff", p, wtok)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.binary(max_size=200))
 def test_fuzz_raw_bytes(tmp_path, wtok, data):
   p = tmp_path / "raw.csv"
@@ -410,7 +428,7 @@ def test_fuzz_raw_bytes(tmp_path, wtok, data):
     pass
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Generators
 
 
@@ -424,7 +442,8 @@ def test_make_ioi(gpt2):
     k = gpt2.encode(r["corrupted"], add_special_tokens=False).ids
     assert len(c) == len(k) == ds.lengths[i] - 1
     io, s = ds.labels["correct"][i], ds.labels["incorrect"][i]
-    assert gpt2.encode(gpt2.decode([int(io)]), add_special_tokens=False).ids == [io]  # single tokens
+    # single tokens
+    assert gpt2.encode(gpt2.decode([int(io)]), add_special_tokens=False).ids == [io]
     assert c.count(io) == 1 and c.count(s) == 2 and k.count(s) == 1 and k.count(io) == 1
   again = tasks.make_ioi(gpt2, 40, seed=3)
   np.testing.assert_array_equal(again.clean, ds.clean)
@@ -470,7 +489,8 @@ def test_make_induction():
   np.testing.assert_array_equal(ds.corrupted[:, 6:], ds.clean[:, 6:])  # same query tokens
   np.testing.assert_array_equal(ds.corrupted[:, 0], ds.clean[:, 0])
   np.testing.assert_array_equal(ds.labels["target"], ds.clean[:, 5])
-  for c, x in zip(ds.clean, ds.corrupted):  # the first occurrence is replaced by fresh tokens
+  # the first occurrence is replaced by fresh tokens
+  for c, x in zip(ds.clean, ds.corrupted, strict=True):
     assert not np.any(np.isin(x[1:6], c[1:6]))
   b = next(ds.batches(4))
   lg = jnp.zeros((4, b.clean.shape[1], 50))

@@ -1,4 +1,5 @@
-"""jaxinterp.runtime.timing: phases on the wall clock, with JAX's compile time moved into its own phase."""
+"""jaxinterp.runtime.timing: phases on the wall clock, with JAX's compile time moved into its own
+phase."""
 
 import jax
 import jax.numpy as jnp

@@ -16,8 +16,13 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from benchmarks.torch_baseline import BaselineInputError, torch_eap_ig_inputs  # noqa: E402
-from tests.torch_oracle import (GPT2GraphOracle, OracleInputError, TaskBatch,  # noqa: E402
-                                load_eap_csv_batch, random_task_batch)
+from tests.torch_oracle import (  # noqa: E402
+  GPT2GraphOracle,
+  OracleInputError,
+  TaskBatch,
+  load_eap_csv_batch,
+  random_task_batch,
+)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 IOI_CSV = SHARED / "data" / "eap-ig" / "ioi" / "gpt2.csv"
@@ -85,15 +90,15 @@ def hf_capture(model, tokens, mask):
   cap = {}
   hooks = []
   t = model.transformer
-  for l, blk in enumerate(t.h):
+  for layer, blk in enumerate(t.h):
     hooks.append(blk.attn.c_proj.register_forward_pre_hook(
-        lambda m, a, l=l: cap.__setitem__(("z", l), a[0].detach())))
+        lambda m, a, layer=layer: cap.__setitem__(("z", layer), a[0].detach())))
     hooks.append(blk.ln_2.register_forward_pre_hook(
-        lambda m, a, l=l: cap.__setitem__(("mid", l), a[0].detach())))
+        lambda m, a, layer=layer: cap.__setitem__(("mid", layer), a[0].detach())))
     hooks.append(blk.mlp.register_forward_hook(
-        lambda m, a, o, l=l: cap.__setitem__(("mlp", l), o.detach())))
+        lambda m, a, o, layer=layer: cap.__setitem__(("mlp", layer), o.detach())))
     hooks.append(blk.attn.c_attn.register_forward_hook(
-        lambda m, a, o, l=l: cap.__setitem__(("qkv", l), o.detach())))
+        lambda m, a, o, layer=layer: cap.__setitem__(("qkv", layer), o.detach())))
   hooks.append(t.ln_f.register_forward_pre_hook(
       lambda m, a: cap.__setitem__("final", a[0].detach())))
   try:
@@ -178,7 +183,8 @@ def test_index_layout(oracle):
   assert v[:, oracle.logits_receiver].all()
   # Edge count: layer-0 q/k/v, layer-1 q/k/v, MLP 0, MLP 1, logits.
   expect = sum(oracle.n_upstream(r) for r in range(oracle.n_receivers))
-  assert v.sum() == expect == 3 * H * (1 + (1 + H + 1)) + (1 + H) + (1 + H + 1 + H) + (1 + 2 * (H + 1))
+  assert v.sum() == expect == (3 * H * (1 + (1 + H + 1)) + (1 + H) + (1 + H + 1 + H)
+                               + (1 + 2 * (H + 1)))
 
 
 def test_bad_input_raises(oracle, data):
@@ -283,7 +289,8 @@ def test_exact_scores_zero_on_invalid_edges(oracle, data):
 
 
 def test_eap_into_logits_is_hf_directional_derivative(hf64, oracle, data):
-  """sum_s EAP[s, logits] = (final_corrupt - final_clean) . dm/dfinal at the clean run (HF modules)."""
+  """sum_s EAP[s, logits] = (final_corrupt - final_clean) . dm/dfinal at the clean run (HF modules).
+  """
   b = data
   c = hf_capture(hf64, b.clean, b.mask)
   k = hf_capture(hf64, b.corrupted, b.mask)
@@ -296,7 +303,8 @@ def test_eap_into_logits_is_hf_directional_derivative(hf64, oracle, data):
 
 
 def hf_input_grad(model, b: TaskBatch, tokens_emb):
-  """dm/d(token embeddings) from HF at the given token embeddings (position embeddings added by HF)."""
+  """dm/d(token embeddings) from HF at the given token embeddings (position embeddings added by HF).
+  """
   x = tokens_emb.clone().requires_grad_(True)
   m = hf_logit_diff(model(inputs_embeds=x, attention_mask=b.mask).logits, b)
   (g,) = torch.autograd.grad(m, x)
@@ -314,7 +322,8 @@ def test_eap_input_row_is_hf_input_gradient(hf64, oracle, data):
 
 
 def test_eap_ig_input_row_is_hf_riemann_sum(hf64, oracle, data):
-  """sum_r EAP-IG[input, r] = (corrupt - clean) . mean_k dm/dx at x = corrupt + k/m (clean - corrupt)."""
+  """sum_r EAP-IG[input, r] = (corrupt - clean) . mean_k dm/dx at x = corrupt + k/m (clean -
+  corrupt)."""
   b = data
   steps = 4
   wte = hf64.transformer.wte.weight.detach()

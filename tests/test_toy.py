@@ -2,9 +2,7 @@
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
+import re
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +10,8 @@ import numpy as np
 import pytest
 
 from jaxinterp import models
-from jaxinterp.groundtruth import toy
-
-ROOT = Path(__file__).resolve().parents[1]
+from jaxinterp.groundtruth import toy, toy_training
+from jaxinterp.runtime import inputs
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +39,15 @@ def test_checkpoint_loads(model, meta):
   assert model.cfg.d_vocab == meta["n_tokens"] + 1 and model.cfg.bos_token_id == meta["bos_id"]
   assert _dir_bytes(toy.TOY_MODEL_DIR) < 3 * 2**20
   same = models.from_pretrained(toy.TOY_MODEL_DIR)
-  for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(same.params)):
+  for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(same.params), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   for key in ("prev_token_head", "induction_head"):
     layer, head = meta[key]
     assert 0 <= head < model.cfg.n_heads
   assert meta["prev_token_head"][0] == 0 and meta["induction_head"][0] == 1
   if meta["flags"]["attn_only"]:  # frozen MLPs output exactly zero
-    for l in range(model.cfg.n_layers):
-      assert not np.any(np.asarray(model.params[f"blocks_{l}"]["mlp"]["W_out"]))
+    for layer in range(model.cfg.n_layers):
+      assert not np.any(np.asarray(model.params[f"blocks_{layer}"]["mlp"]["W_out"]))
 
 
 def test_predicts_repeated_half(model, meta):
@@ -119,7 +116,7 @@ def test_induction_dataset_structure(meta):
     assert (clean[:, 0] == meta["bos_id"]).all() and (cor[:, 0] == meta["bos_id"]).all()
     np.testing.assert_array_equal(clean[:, 8:], clean[:, 1:7])  # second half repeats r_1..r_6
     np.testing.assert_array_equal(d["correct"], clean[:, 7])
-    for row_c, row_x, c, w in zip(clean, cor, d["correct"], d["incorrect"]):
+    for row_c, row_x, c, w in zip(clean, cor, d["correct"], d["incorrect"], strict=True):
       assert len(set(row_c[1:8])) == 7  # r has distinct tokens
       assert w not in row_c and w not in row_x
       assert c not in row_x[1:] if corrupt == "first_half" else c not in row_x[8:]
@@ -130,7 +127,7 @@ def test_induction_dataset_structure(meta):
     else:
       np.testing.assert_array_equal(cor[:, :8], clean[:, :8])
       fresh = cor[:, 8:]
-    assert not any(np.isin(f, r).any() for f, r in zip(fresh, clean[:, 1:8]))
+    assert not any(np.isin(f, r).any() for f, r in zip(fresh, clean[:, 1:8], strict=True))
   a, b = toy.induction_dataset(5, seed=1), toy.induction_dataset(5, seed=1)
   for k in a:
     np.testing.assert_array_equal(a[k], b[k])
@@ -156,7 +153,7 @@ def test_repeated_batch_targets_are_induction():
   tokens, mask = toy.repeated_batch(rng, 50, 8, 2, 30, 30)
   assert tokens.shape == (50, 17) and mask.shape == (50, 16)
   offsets = set()
-  for row, m in zip(tokens, mask):
+  for row, m in zip(tokens, mask, strict=True):
     ps = np.nonzero(m)[0]
     assert len(ps) >= 1
     for p in ps:  # the target is the token after the earlier occurrence of the current token
@@ -184,27 +181,35 @@ def test_induction_task_dataset(model):
 
 
 @pytest.mark.slow
-def test_train_binary_end_to_end(tmp_path):
+def test_training_end_to_end(tmp_path, capsys):
+  """`toy_training.train_toy_model` (the train_toy_model binary's pipeline), a few steps."""
   out = tmp_path / "toy"
-  cmd = [sys.executable, "-m", "experiments.train_toy_model", f"--out={out}", "--steps=4",
-         "--seq_len=5", "--min_seq_len=3", "--n_ctx=16", "--batch_size=8", "--d_model=16",
-         "--n_heads=2", "--d_mlp=16", "--n_tokens=24", "--eval_block_len=4", "--log_every=2",
-         "--head_l1=0.01"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-  assert res.returncode == 0, res.stderr[-3000:]
+  config = toy_training.ToyTrainConfig(steps=4, seq_len=5, min_seq_len=3, n_ctx=16, batch_size=8,
+                                       d_model=16, n_heads=2, d_mlp=16, n_tokens=24,
+                                       eval_block_len=4, log_every=2, head_l1=0.01)
+  meta = toy_training.train_toy_model(config, str(out))
   m = toy.load_toy(str(out))
   assert m.cfg.d_model == 16 and m.cfg.n_ctx == 16 and m.cfg.d_vocab == 25
-  meta = json.loads((out / toy.METADATA_FILE).read_text())
+  assert json.loads((out / toy.METADATA_FILE).read_text()) == meta
   assert meta["flags"]["steps"] == 4 and np.isfinite(meta["final_loss"])
   assert [s for s, _, _ in meta["history"]] == [2, 4]
   assert meta["prev_token_head"][0] == 0 and meta["induction_head"][0] == 1
   d = toy.induction_dataset(3, seq_len=4, n_tokens=24, bos_id=24)
   assert np.isfinite(np.asarray(m(d["clean"]))).all()
+  assert "previous-token head L0H" in capsys.readouterr().out
 
 
-def test_train_binary_rejects_bad_flags(tmp_path):
-  cmd = [sys.executable, "-m", "experiments.train_toy_model", f"--out={tmp_path}", "--seq_len=40",
-         "--n_ctx=64"]
-  res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
-  assert res.returncode != 0 and "exceed --n_ctx" in res.stderr
+def test_training_rejects_bad_settings(tmp_path):
+  """Each bad setting is a TrainError (an `inputs.InputError`) naming its flag, before any
+  output."""
+  for kw, message in [(dict(seq_len=40, n_ctx=64), "exceed --n_ctx=64"),
+                      (dict(min_seq_len=1), "need 2 <= --min_seq_len (1)"),
+                      (dict(d_head=0, d_model=30, n_heads=4), "not a multiple of --n_heads=4")]:
+    with pytest.raises(toy_training.TrainError, match=re.escape(message)):
+      toy_training.train_toy_model(toy_training.ToyTrainConfig(**kw), str(tmp_path / "out"))
+  with pytest.raises(inputs.InputError, match="bundled model's directory"):
+    toy_training.train_toy_model(toy_training.ToyTrainConfig(), toy.TOY_MODEL_DIR)
+  cfg = toy_training.make_config(toy_training.ToyTrainConfig())
+  with pytest.raises(toy_training.TrainError, match="unknown pos_init 'nope'"):
+    toy_training.init(cfg, jax.random.PRNGKey(0), attn_only=True, pos_init="nope")
+  assert not (tmp_path / "out").exists()

@@ -21,6 +21,8 @@ import pytest
 from jaxinterp.viz import viewer
 from jaxinterp.circuits import Graph, GraphShape, MIB_PERCENTAGES, n_edges_at_percentage
 from jaxinterp.models import ModelConfig
+from jaxinterp.runtime import inputs
+from jaxinterp.viz import page
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPT2_SMALL = ModelConfig(family="gpt2", d_model=768, n_layers=12, n_heads=12, d_head=64, d_mlp=3072,
@@ -210,12 +212,11 @@ def _eap_ig_json(graph: Graph, old_nodes: bool) -> dict:
   return d
 
 
-def test_view_build_reads_eap_ig_formats(tmp_path, small_graph):
-  from jaxinterp.experiments import view
+def test_view_page_reads_eap_ig_formats(tmp_path, small_graph):
   for old in (False, True):
     src = tmp_path / f"g{old}.json"
     src.write_text(json.dumps(_eap_ig_json(small_graph.top_n(10), old)))
-    out = view.build(str(src), out=str(tmp_path / f"g{old}.html"))
+    out = page.write_page(page.ViewConfig(graph=str(src), out=str(tmp_path / f"g{old}.html")))
     d = page_json(open(out).read())
     assert d["n_total"] == small_graph.n_edges and d["title"] == src.name
     assert d["n"] == small_graph.top_n(10).count_edges()
@@ -223,32 +224,30 @@ def test_view_build_reads_eap_ig_formats(tmp_path, small_graph):
   ours = tmp_path / "run" / "graph.json"
   ours.parent.mkdir()
   small_graph.top_n(10).to_json(ours, meta={"method": "EAP", "task": "ioi", "top_n": 10})
-  out = view.build(str(ours))
+  out = page.write_page(page.ViewConfig(graph=str(ours)))
   assert out == str(tmp_path / "run" / "circuit.html")
   d = page_json(open(out).read())
   assert d["title"] == "EAP on ioi" and d["n"] == 10
 
 
-def test_view_build_errors_name_the_flag(tmp_path, small_graph):
-  from absl import app
-  from jaxinterp.experiments import view
+def test_view_page_errors_name_the_flag(tmp_path, small_graph):
   good = tmp_path / "graph.json"
   small_graph.to_json(good)
   (tmp_path / "bad.json").write_text('{"cfg": ')
   (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
-  cases = [(dict(graph_path=None), "--graph is required"),
-           (dict(graph_path=str(tmp_path / "absent.json")), "--graph=.*no such file"),
-           (dict(graph_path=str(tmp_path / "bad.json")), "--graph: .*bad.json is not valid JSON"),
-           (dict(graph_path=str(good), curve_path=str(tmp_path / "x.csv")), "--curve=.*no such"),
-           (dict(graph_path=str(good), curve_path=str(tmp_path / "bad.csv")), "--curve: .*bad.csv"),
-           (dict(graph_path=str(good), n=10 ** 6), "--n=1000000"),
-           (dict(graph_path=str(good), max_drawn=0), "--max_drawn=0"),
-           (dict(graph_path=str(good), out=str(tmp_path / "no" / "x.html")), "--out=.*directory"),
-           (dict(graph_path=str(good), out=str(tmp_path)), "--out=.*is a directory")]
+  cases = [(dict(graph=None), "--graph is required"),
+           (dict(graph=str(tmp_path / "absent.json")), "--graph=.*no such file"),
+           (dict(graph=str(tmp_path / "bad.json")), "--graph: .*bad.json is not valid JSON"),
+           (dict(graph=str(good), curve=str(tmp_path / "x.csv")), "--curve=.*no such"),
+           (dict(graph=str(good), curve=str(tmp_path / "bad.csv")), "--curve: .*bad.csv"),
+           (dict(graph=str(good), n=10 ** 6), "--n=1000000"),
+           (dict(graph=str(good), max_drawn=0), "--max_drawn=0"),
+           (dict(graph=str(good), out=str(tmp_path / "no" / "x.html")), "--out=.*directory"),
+           (dict(graph=str(good), out=str(tmp_path)), "--out=.*is a directory")]
   for kwargs, message in cases:
     kwargs.setdefault("out", str(tmp_path / "out.html"))
-    with pytest.raises(app.UsageError, match=message):
-      view.build(**kwargs)
+    with pytest.raises(inputs.InputError, match=message):
+      page.write_page(page.ViewConfig(**kwargs))
   assert not (tmp_path / "out.html").exists()
 
 

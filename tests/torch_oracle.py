@@ -7,10 +7,10 @@ logits input) reads
     x_r = sum_{s upstream of r} w[s, r] * live_s + (1 - w[s, r]) * ablated_s + (bias constants)
 
 where the senders are the input node (token + position embedding), every head's output
-`z_h @ W_O[h]` (without the attention output bias `b_O`, which stays in the residual as a constant) and
-every MLP output (with its bias). On top of that forward it computes EAP, EAP-IG-inputs and exact edge
-scores in the metric's units, for the logit-difference metric at each example's last real token,
-averaged over examples.
+`z_h @ W_O[h]` (without the attention output bias `b_O`, which stays in the residual as a constant)
+and every MLP output (with its bias). On top of that forward it computes EAP, EAP-IG-inputs and
+exact edge scores in the metric's units, for the logit-difference metric at each example's last real
+token, averaged over examples.
 
 It deliberately does not import jax or jaxinterp: jaxinterp's attribution is checked against it.
 Everything is written for clarity, not speed (exact scores loop over edges in Python).
@@ -24,9 +24,9 @@ Index layout (the EAP-IG `graph.py` layout, as in `models/edges.py`):
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -110,7 +110,8 @@ def random_task_batch(vocab: int, n: int = 12, pos: int = 10, seed: int = 0) -> 
   mask = (torch.arange(pos)[None, :] < lengths[:, None]).long()
   for i in range(n):
     j = int(torch.randint(1, int(lengths[i]) - 1, (1,), generator=g))  # not BOS, not the last
-    corrupted[i, j] = (clean[i, j] + 1 + int(torch.randint(0, vocab - 1, (1,), generator=g))) % vocab
+    corrupted[i, j] = (clean[i, j] + 1
+                       + int(torch.randint(0, vocab - 1, (1,), generator=g))) % vocab
   clean = torch.where(mask.bool(), clean, 0)
   corrupted = torch.where(mask.bool(), corrupted, 0)
   answers = torch.randint(0, vocab, (n, 2), generator=g)
@@ -141,10 +142,10 @@ class GPT2GraphOracle:
     self.eps = cfg.layer_norm_epsilon
     self.act: Callable[[Tensor], Tensor] = ACT2FN[cfg.activation_function]
     self.scales = []
-    for l in range(self.n_layers):
+    for layer in range(self.n_layers):
       s = self.d_head ** -0.5 if cfg.scale_attn_weights else 1.0
       if cfg.scale_attn_by_inverse_layer_idx:
-        s /= float(l + 1)
+        s /= float(layer + 1)
       self.scales.append(s)
 
     sd = {k: v.detach().to(dtype).clone() for k, v in hf_model.state_dict().items()}
@@ -157,8 +158,8 @@ class GPT2GraphOracle:
     self.b_U = sd.get("lm_head.bias")
     self.lnf = (sd[pre + "ln_f.weight"], sd[pre + "ln_f.bias"])
     self.layers = []
-    for l in range(len(t.h)):
-      p = f"{pre}h.{l}."
+    for layer in range(len(t.h)):
+      p = f"{pre}h.{layer}."
       w_attn, b_attn = sd[p + "attn.c_attn.weight"], sd[p + "attn.c_attn.bias"]  # [d, 3d], [3d]
 
       def heads_w(i, w=w_attn):
@@ -228,8 +229,8 @@ class GPT2GraphOracle:
     var = ((x - mu) ** 2).mean(-1, keepdim=True)
     return (x - mu) / torch.sqrt(var + self.eps) * wb[0] + wb[1]
 
-  def _check(self, tokens: Optional[Tensor], attention_mask: Tensor, edge_weights, ablated,
-             input_embeds: Optional[Tensor]):
+  def _check(self, tokens: Tensor | None, attention_mask: Tensor, edge_weights, ablated,
+             input_embeds: Tensor | None):
     ref = tokens if tokens is not None else input_embeds
     if ref is None:
       raise OracleInputError("pass tokens or input_embeds")
@@ -256,9 +257,9 @@ class GPT2GraphOracle:
     p = tokens.shape[1]
     return self.W_E[tokens] + self.W_pos[torch.arange(p)][None]
 
-  def run(self, tokens: Optional[Tensor], attention_mask: Tensor,
-          edge_weights: Optional[Tensor] = None, ablated: Optional[Tensor] = None,
-          input_embeds: Optional[Tensor] = None, retain_receiver_grads: bool = False):
+  def run(self, tokens: Tensor | None, attention_mask: Tensor,
+          edge_weights: Tensor | None = None, ablated: Tensor | None = None,
+          input_embeds: Tensor | None = None, retain_receiver_grads: bool = False):
     """Graph-form forward; returns (final residual, senders, receiver inputs).
 
     Args:
@@ -307,21 +308,21 @@ class GPT2GraphOracle:
     causal = torch.ones(p, p, dtype=torch.bool).tril()
     allowed = causal[None] & keep[:, None, :]  # [b, q, k]
     neg = torch.finfo(self.dtype).min
-    for l, W in enumerate(self.layers):
+    for layer, W in enumerate(self.layers):
       outs = []
-      ins = [[read(self.head_receiver(l, h, c)) for c in "qkv"] for h in range(self.n_heads)]
+      ins = [[read(self.head_receiver(layer, h, c)) for c in "qkv"] for h in range(self.n_heads)]
       for h in range(self.n_heads):
         xq, xk, xv = (self._ln(x, W["ln1"]) for x in ins[h])
         q = xq @ W["W_Q"][h] + W["b_Q"][h]
         k = xk @ W["W_K"][h] + W["b_K"][h]
         v = xv @ W["W_V"][h] + W["b_V"][h]
-        s = torch.einsum("bqe,bke->bqk", q, k) * self.scales[l]
+        s = torch.einsum("bqe,bke->bqk", q, k) * self.scales[layer]
         s = torch.where(allowed, s, neg)
         z = torch.einsum("bqk,bke->bqe", torch.softmax(s, -1), v)
         outs.append(z @ W["W_O"][h])
       senders.extend(outs)
       bias = bias + W["b_O"]
-      xm = self._ln(read(self.mlp_receiver(l)), W["ln2"])
+      xm = self._ln(read(self.mlp_receiver(layer)), W["ln2"])
       senders.append(self.act(xm @ W["W_in"] + W["b_in"]) @ W["W_out"] + W["b_out"])
     final = read(self.logits_receiver)
     return final, torch.stack(senders, dim=2), receivers
@@ -331,8 +332,8 @@ class GPT2GraphOracle:
     y = self._ln(final, self.lnf) @ self.W_U
     return y if self.b_U is None else y + self.b_U
 
-  def forward(self, tokens: Tensor, attention_mask: Tensor, edge_weights: Optional[Tensor] = None,
-              ablated: Optional[Tensor] = None) -> Tensor:
+  def forward(self, tokens: Tensor, attention_mask: Tensor, edge_weights: Tensor | None = None,
+              ablated: Tensor | None = None) -> Tensor:
     """Graph-form forward: Float[Tensor, "batch pos vocab"] logits (w=None is the plain model)."""
     with torch.no_grad():
       final, _, _ = self.run(tokens, attention_mask, edge_weights, ablated)
@@ -344,7 +345,8 @@ class GPT2GraphOracle:
       return self.run(tokens, attention_mask)[1]
 
   def logit_diff(self, final: Tensor, last: Tensor, correct: Tensor, incorrect: Tensor) -> Tensor:
-    """Per-example logit[correct] - logit[incorrect] at the last real token: Float[Tensor, "batch"]."""
+    """Per-example logit[correct] - logit[incorrect] at the last real token: Float[Tensor, "batch"].
+    """
     b = final.shape[0]
     for name, t in (("last", last), ("correct", correct), ("incorrect", incorrect)):
       if tuple(t.shape) != (b,):
@@ -355,9 +357,9 @@ class GPT2GraphOracle:
       d = d + self.b_U[correct] - self.b_U[incorrect]
     return d
 
-  def metric(self, tokens: Optional[Tensor], attention_mask: Tensor, last: Tensor, correct: Tensor,
-             incorrect: Tensor, edge_weights: Optional[Tensor] = None,
-             ablated: Optional[Tensor] = None, input_embeds: Optional[Tensor] = None) -> Tensor:
+  def metric(self, tokens: Tensor | None, attention_mask: Tensor, last: Tensor, correct: Tensor,
+             incorrect: Tensor, edge_weights: Tensor | None = None,
+             ablated: Tensor | None = None, input_embeds: Tensor | None = None) -> Tensor:
     """Per-example logit difference of a graph-form run: Float[Tensor, "batch"] (no grad)."""
     with torch.no_grad():
       final, _, _ = self.run(tokens, attention_mask, edge_weights, ablated, input_embeds)
@@ -409,7 +411,7 @@ class GPT2GraphOracle:
     for k in range(steps):
       x = e_corr + (k / steps) * (e_clean - e_corr)
       g = self._receiver_grads(None, mask, last, correct, incorrect, input_embeds=x)
-      total = g if total is None else [t + gi for t, gi in zip(total, g)]
+      total = g if total is None else [t + gi for t, gi in zip(total, g, strict=True)]
     return self._scores_from_grads(a_corr - a_clean, [t / steps for t in total])
 
   def exact_scores(self, clean: Tensor, corrupted: Tensor, mask: Tensor, last: Tensor,
@@ -426,7 +428,7 @@ class GPT2GraphOracle:
     ablated = self.senders(corrupted, mask)
     base = self.metric(clean, mask, last, correct, incorrect).mean()
     scores = np.zeros((self.n_senders, self.n_receivers))
-    edges = list(zip(*np.nonzero(self.valid_edges())))
+    edges = list(zip(*np.nonzero(self.valid_edges()), strict=True))
     for i in range(0, len(edges), edges_per_run):
       chunk = edges[i:i + edges_per_run]
       e = len(chunk)

@@ -52,14 +52,14 @@ def _node_forward(o: GPT2GraphOracle, x0: Tensor, mask: Tensor):
   allowed = torch.ones(p, p, dtype=torch.bool).tril()[None] & keep[:, None, :]
   neg = torch.finfo(o.dtype).min
   resid = x0
-  for l, W in enumerate(o.layers):
+  for layer, W in enumerate(o.layers):
     xn = o._ln(resid, W["ln1"])
     heads = []
     for h in range(o.n_heads):
       q = xn @ W["W_Q"][h] + W["b_Q"][h]
       k = xn @ W["W_K"][h] + W["b_K"][h]
       v = xn @ W["W_V"][h] + W["b_V"][h]
-      s = torch.where(allowed, torch.einsum("bqe,bke->bqk", q, k) * o.scales[l], neg)
+      s = torch.where(allowed, torch.einsum("bqe,bke->bqk", q, k) * o.scales[layer], neg)
       out = torch.einsum("bqk,bke->bqe", torch.softmax(s, -1), v) @ W["W_O"][h]
       if out.requires_grad:
         out.retain_grad()
@@ -95,7 +95,8 @@ def node_scores(o: GPT2GraphOracle, clean: Tensor, corrupted: Tensor, mask: Tens
 
 def exact_node_scores(o: GPT2GraphOracle, clean: Tensor, corrupted: Tensor, mask: Tensor,
                       last: Tensor, correct: Tensor, incorrect: Tensor) -> np.ndarray:
-  """`attribute_node`'s exact: mean m(every outgoing edge of s ablated) - mean m(clean), [sender]."""
+  """`attribute_node`'s exact: mean m(every outgoing edge of s ablated) - mean m(clean), [sender].
+  """
   ablated = o.senders(corrupted, mask)
   base = o.metric(clean, mask, last, correct, incorrect).mean()
   out = np.zeros(o.n_senders)
@@ -121,19 +122,19 @@ def neuron_circuit_metric(o: GPT2GraphOracle, clean: Tensor, corrupted: Tensor, 
     keep_mask = mask.bool()
     allowed = torch.ones(p, p, dtype=torch.bool).tril()[None] & keep_mask[:, None, :]
     neg = torch.finfo(o.dtype).min
-    for l, W in enumerate(o.layers):
+    for layer, W in enumerate(o.layers):
       xn = o._ln(resid, W["ln1"])
       heads = 0
       for h in range(o.n_heads):
         q = xn @ W["W_Q"][h] + W["b_Q"][h]
         k = xn @ W["W_K"][h] + W["b_K"][h]
         v = xn @ W["W_V"][h] + W["b_V"][h]
-        sc = torch.where(allowed, torch.einsum("bqe,bke->bqk", q, k) * o.scales[l], neg)
+        sc = torch.where(allowed, torch.einsum("bqe,bke->bqk", q, k) * o.scales[layer], neg)
         out = torch.einsum("bqk,bke->bqe", torch.softmax(sc, -1), v) @ W["W_O"][h]
-        s = o.head_sender(l, h)
+        s = o.head_sender(layer, h)
         heads = heads + keep_t[s] * out + (1 - keep_t[s]) * ablated[:, :, s]
       resid = resid + heads + W["b_O"]
       mlp = o.act(o._ln(resid, W["ln2"]) @ W["W_in"] + W["b_in"]) @ W["W_out"] + W["b_out"]
-      s = o.mlp_sender(l)
+      s = o.mlp_sender(layer)
       resid = resid + keep_t[s] * mlp + (1 - keep_t[s]) * ablated[:, :, s]
     return float(o.logit_diff(resid, last, correct, incorrect).mean())

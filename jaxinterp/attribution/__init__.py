@@ -1,6 +1,7 @@
 """Edge attribution: score every edge of the EAP-IG graph, with one driver for every method.
 
-Scores are in the metric's own units: `score(s->r) ~ mean over examples of m(edge ablated) - m(clean)`.
+Scores are in the metric's own units:
+`score(s->r) ~ mean over examples of m(edge ablated) - m(clean)`.
 
 The methods (one module each; `METHODS` is the registry, `get_method(name)` looks one up):
 
@@ -10,47 +11,76 @@ The methods (one module each; `METHODS` is the registry, `get_method(name)` look
 - `exact`: exact activation patching of every edge (or node);
 - `ifr`: information flow routes (no ablation, no corrupted prompts);
 - `nodes`: the node- and neuron-level kernel of EAP, EAP-IG-inputs and clean-corrupted
-  (`level="node"|"neuron"`, `base.LevelOptions`);
+  (`level="node"|"neuron"`, `base.Options.level`);
 - `ensemble`: `A+B` names, the mean of rank-normalised scores (`get_method` builds them);
 - `bootstrap`: stability of the scores over resampled batches (`attribute(..., bootstrap=B)`).
 - `ugs`, `edge_pruning` (on `masks`): learned edge masks, whole-dataset (`Method.fit`);
 - `acdc`: ACDC's greedy edge removal with threshold tau, on the exact machinery (`Method.fit`).
 - `optimal`: the learned constants of optimal ablation (`intervention="optimal"`, `ablation`).
+- `progress`: the driver's running sums (`Progress`: empty / merge / compute) and their orbax
+  checkpoints (`Checkpointer`).
 
 `ablation` says what an ablated edge carries (patching, zero, mean, mean-positional); `base` holds
 the `Method` record, options, per-batch result and the helpers below every method. `attribute`
 batches the dataset, resumes, shows progress, checks the numbers are finite and averages, once for
-every method. Adding a method is one module that ends with `METHOD = base.Method(...)` and one line
-in `METHODS` below.
+every method; a method's settings are its options (`Method.make_options`: an option it does not
+have is an error, never dropped). Adding a method is one module that ends with
+`METHOD = base.Method(...)` and one line in `METHODS` below (a test scans the modules for any
+`Method` left out).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxinterp.attribution import (ablation, base, bootstrap as bootstrap_, eap, ensemble, exact,
-                                   ifr, ig_activations, nodes, receiver_grads)
-from jaxinterp.attribution import acdc, edge_pruning, masks, optimal, ugs
+from jaxinterp.attribution import (
+  ablation,
+  acdc,
+  base,
+  eap,
+  edge_pruning,
+  ensemble,
+  exact,
+  ifr,
+  ig_activations,
+  masks,
+  nodes,
+  optimal,
+  progress,
+  receiver_grads,
+  ugs,
+)
+from jaxinterp.attribution import bootstrap as bootstrap_
 from jaxinterp.attribution.ablation import INTERVENTIONS, Ablation, compute_means, make_ablation
-from jaxinterp.attribution.base import (LEVELS, AttributionError, BatchScores, FitResult, IGOptions,
-                                        LevelOptions, Method, Options, Shift, ig_alphas)
+from jaxinterp.attribution.base import (
+  LEVELS,
+  AttributionError,
+  BatchScores,
+  FitResult,
+  IGOptions,
+  Method,
+  Options,
+  Shift,
+  ig_alphas,
+)
 from jaxinterp.attribution.exact import ExactOptions, exact_chunk_size
+from jaxinterp.attribution.progress import Checkpointer, Progress
 from jaxinterp.circuits.layout import valid_edges
-from jaxinterp.tasks import Batch, Dataset
 from jaxinterp.models.config import ModelConfig
+from jaxinterp.tasks import Batch, Dataset
 
 __all__ = [
-    "METHODS", "INTERVENTIONS", "Ablation", "Attribution", "AttributionError", "BatchScores",
-    "FitResult", "ExactOptions", "IGOptions", "Method", "Options", "Progress", "Shift", "attribute",
-    "compute_means", "exact_chunk_size", "get_method", "ig_alphas",
-    "make_ablation", "node_scores", "ablation", "base", "eap", "exact", "ig_activations", "receiver_grads",
-    "LEVELS", "LevelOptions", "bootstrap", "ifr", "nodes", "ensemble",
-    "acdc", "edge_pruning", "masks", "optimal", "ugs",
+    "METHODS", "INTERVENTIONS", "LEVELS", "SHARED_SETTINGS", "Ablation", "Attribution",
+    "AttributionError", "BatchScores", "Checkpointer", "ExactOptions", "FitResult", "IGOptions",
+    "Method", "Options", "Progress", "Shift", "attribute", "compute_means", "exact_chunk_size",
+    "check_level", "get_method", "ig_alphas", "make_ablation", "make_options", "node_scores",
+    "ablation", "acdc", "base", "bootstrap", "eap", "edge_pruning", "ensemble", "exact", "ifr",
+    "ig_activations", "masks", "nodes", "optimal", "progress", "receiver_grads", "ugs",
 ]
 
 # The registry: name -> Method. Adding a method is one line here.
@@ -65,6 +95,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     edge_pruning.EDGE_PRUNING,
     acdc.ACDC,
 )}
+
+# Settings of the run that also fill the options field of the same name, where a method has one and
+# it is not given: an ensemble batches its batch members by `batch_size`, mask training is seeded
+# by `seed`.
+SHARED_SETTINGS = ("batch_size", "seed")
 
 
 def get_method(name: str) -> Method:
@@ -83,6 +118,26 @@ def get_method(name: str) -> Method:
                          f"of them: 'A+B')")
 
 
+def make_options(method: Method, shared: dict | None = None, **given) -> Options:
+  """`method.make_options(**given)` (an unknown keyword is an AttributionError), with the
+  `SHARED_SETTINGS` in `shared` filling the fields of that name that `given` leaves out; refuses a
+  level the method does not score."""
+  fill = {k: v for k, v in (shared or {}).items()
+          if k in SHARED_SETTINGS and k in method.option_names and k not in given}
+  options = method.make_options(**given, **fill)
+  check_level(method, options)
+  return options
+
+
+def check_level(method: Method, options: Options) -> None:
+  """AttributionError unless `method` scores at `options.level` (`Method.levels`)."""
+  if options.level not in method.levels:
+    raise AttributionError(
+        f"{method.name} scores {' and '.join(lv + 's' for lv in method.levels)} only; "
+        f"level={options.level!r} works with "
+        f"{[n for n, x in METHODS.items() if options.level in x.levels]}")
+
+
 @dataclasses.dataclass
 class Attribution:
   """Edge scores and how they were computed.
@@ -90,7 +145,7 @@ class Attribution:
   Attributes:
     scores: float32 [n_senders, n_receivers] (or the method's level's shape), in the metric's
       units (0 on invalid edges).
-    method, intervention, ig_steps, n_examples: provenance.
+    method, intervention, options, n_examples: provenance (`options`: the method's, as used).
     clean_metric: mean metric of the clean model over the examples.
     extras: what a whole-dataset method returns besides scores (learned masks, loss curves), and
       with `bootstrap`: "bootstrap_std" and "bootstrap_sign_fraction" (arrays of the scores'
@@ -100,95 +155,57 @@ class Attribution:
   scores: np.ndarray
   method: str
   intervention: str
-  ig_steps: int
+  options: Options
   n_examples: int
   clean_metric: float
   extras: dict = dataclasses.field(default_factory=dict)
 
 
-@dataclasses.dataclass(frozen=True)
-class Progress:
-  """Running sums of an attribution, for checkpointing and resuming long runs.
-
-  Attributes:
-    next_batch: index of the next batch to process.
-    score_sum: float64 [n_senders, n_receivers], the sum over processed examples of the scores.
-    clean_sum: sum over processed examples of the clean metric.
-    seen: examples processed so far.
-    batch_sums, batch_counts: with a bootstrap, every processed batch's score sum (float64) and
-      number of real examples, in order (None otherwise).
-  """
-
-  next_batch: int = 0
-  score_sum: Optional[np.ndarray] = None
-  clean_sum: float = 0.0
-  seen: int = 0
-  batch_sums: Optional[tuple] = None
-  batch_counts: Optional[tuple] = None
-
-  @classmethod
-  def empty(cls, shape: tuple[int, int]) -> "Progress":
-    """No batch processed yet."""
-    return cls(0, np.zeros(shape, np.float64), 0.0, 0)
-
-  def merge(self, batch_index: int, scores: np.ndarray, clean_total: float,
-            n_real: int) -> "Progress":
-    """The sums after batch `batch_index` (with `n_real` real examples) is added."""
-    keep = self.batch_sums is not None
-    return Progress(batch_index + 1, self.score_sum + scores, self.clean_sum + clean_total,
-                    self.seen + n_real, self.batch_sums + (scores,) if keep else None,
-                    self.batch_counts + (n_real,) if keep else None)
-
-
-def attribute(cfg: ModelConfig, params, dataset: Dataset, *, method: str = "EAP-IG-inputs",
-              intervention: str = "patching", ig_steps: int = 5, batch_size: int = 16,
-              ig_convention: str = "eap", mean_dataset: Optional[Dataset] = None,
-              exact_chunk: Optional[int] = None, remat: bool = False, quiet: bool = False,
-              resume: Optional[Progress] = None,
-              on_batch: Optional[Callable[[Progress], None]] = None,
-              batch_fn: Optional[Callable[[Batch], Batch]] = None,
-              options: Optional[Options] = None,
-              ablation: Optional[Ablation] = None, level: str = "edge",
-              bootstrap: Optional[int] = None, seed: int = 0) -> Attribution:
+def attribute(cfg: ModelConfig, params, dataset: Dataset, method: str = "EAP-IG-inputs",
+              options: Options | None = None, *, intervention: str = "patching",
+              batch_size: int = 16, mean_dataset: Dataset | None = None, quiet: bool = False,
+              resume: Progress | None = None, on_batch: Callable[[Progress], None] | None = None,
+              batch_fn: Callable[[Batch], Batch] | None = None, ablation: Ablation | None = None,
+              bootstrap: int | None = None, seed: int = 0, **option_values) -> Attribution:
   """Score every edge of the model's graph on `dataset` (its task's metric).
 
   Args:
     cfg, params: the model.
     dataset: prompt pairs; the metric is `dataset.task`'s, read at each example's last real token.
-    method: a name in METHODS.
+    method: a name in METHODS, or an ensemble `A+B`.
+    options: the method's `Options` object (e.g. `IGOptions(ig_steps=3)`), or None to build them
+      from `option_values`.
     intervention: how ablated senders are valued: "patching" (the corrupted run), "zero", "mean" or
       "mean-positional" (means over `mean_dataset`, default `dataset`). EAP-IG-inputs interpolates
       the inputs from corrupted to clean, so it takes only "patching".
-    ig_steps: m, the number of integrated-gradient steps (IG methods).
     batch_size: examples per compiled call (the last batch is padded; padding rows do not count).
-    ig_convention: "eap" (k = 0..m-1 for inputs) or "paper" (k = 1..m) (IG methods).
-    exact_chunk: edges evaluated per compiled call by `vmap` in the exact method (default: as many
-      as fit in about 2 GB of activations, see `exact_chunk_size`).
-    remat: rematerialise blocks in the backward pass (less memory).
+    quiet: no progress bars.
     resume: a `Progress` from a checkpoint; batches before `resume.next_batch` are skipped and the
       sums continue from it (the result is bitwise what an uninterrupted run gives).
-    on_batch: called with the `Progress` after every batch (e.g. to checkpoint it).
+    on_batch: called with the `Progress` after every batch (e.g. `Checkpointer.save`).
     batch_fn: applied to every batch first, e.g. `functools.partial(sharding.shard_batch,
       mesh=mesh)` for data parallelism over a device mesh (with `sharding.shard_params`).
-    options: the method's `Options` object, instead of the keywords above.
     ablation: a prebuilt `Ablation` of the same `intervention` (e.g. learned optimal-ablation
       values, built once with `make_ablation`), instead of building it here.
-    level: "edge", "node" ([n_senders] scores) or "neuron" ([n_senders, d_model]), for methods
-      whose options have a `level` (`base.LevelOptions`).
     bootstrap: B >= 2 resamples of the batches (`bootstrap.resample`): the scores' standard
-      deviation and sign stability go to `extras`. Batch methods only; `seed` seeds the resampling.
+      deviation and sign stability go to `extras`. Batch methods only; `seed` seeds the resampling
+      (and mask training, whose options have a `seed`).
+    **option_values: the method's options by name, without `options` (`Method.make_options`:
+      e.g. `ig_steps=3`, `level="node"`, `exact_chunk=8`, `remat=True`); one the method does not
+      have is an AttributionError.
 
   Returns:
     An `Attribution` with scores `[n_senders, n_receivers]` (or the level's shape) in the metric's
     units (an ensemble's are rank-normalised, an IFR's are proportions).
   """
   m = get_method(method)
-  if level not in LEVELS:
-    raise AttributionError(f"level must be one of {LEVELS}, got {level!r}")
-  has_level = lambda x: "level" in {f.name for f in dataclasses.fields(x.options)}
-  if level != "edge" and options is None and not has_level(m):
-    raise AttributionError(f"{m.name} scores edges only; level={level!r} works with "
-                           f"{[n for n, x in METHODS.items() if has_level(x)]}")
+  if options is None:
+    options = make_options(m, {"batch_size": batch_size, "seed": seed}, **option_values)
+  elif option_values:
+    raise AttributionError(f"give either options or option keywords, not both "
+                           f"({', '.join(sorted(option_values))})")
+  else:
+    check_level(m, options)
   if bootstrap is not None:
     if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 2:
       raise AttributionError(f"bootstrap must be an integer >= 2 (the number of resamples), got "
@@ -205,10 +222,6 @@ def attribute(cfg: ModelConfig, params, dataset: Dataset, *, method: str = "EAP-
   if len(dataset) == 0:
     raise AttributionError("the dataset is empty")
   n_batches = math.ceil(len(dataset) / batch_size)
-  if options is None:
-    options = m.make_options(ig_steps=ig_steps, ig_convention=ig_convention,
-                             exact_chunk=exact_chunk, remat=remat, level=level,
-                             batch_size=batch_size)
   options = dataclasses.replace(options,
                                 progress=not quiet and (n_batches == 1 or m.fit is not None))
   if ablation is not None and ablation.kind != intervention:
@@ -216,31 +229,31 @@ def attribute(cfg: ModelConfig, params, dataset: Dataset, *, method: str = "EAP-
                            f"{intervention!r}")
   if not getattr(dataset, "has_corrupted", True) and (
       m.needs_corrupted or (m.ablates and intervention == "patching")):
-    why = "it interpolates from them" if m.needs_corrupted else "intervention='patching' ablates to them"
+    why = ("it interpolates from them" if m.needs_corrupted
+           else "intervention='patching' ablates to them")
     raise AttributionError(f"{m.name} needs corrupted prompts ({why}), but the dataset "
                            f"{dataset.source or ''} has none; use intervention='zero', 'mean' or "
                            f"'mean-positional' (EAP, exact), or a method that needs none "
                            f"(information-flow-routes)")
   if ablation is None and m.ablates:
     ablation = make_ablation(cfg, params, dataset, intervention, batch_size, mean_dataset)
-  abl = ablation
   task = dataset.task
   valid = m.valid_mask(cfg, options)
   out_valid = m.output_mask(cfg, options)
   if m.fit is not None:  # whole-dataset methods: one call, no batches to resume
-    result = m.fit(cfg, params, dataset, abl, options)
+    result = m.fit(cfg, params, dataset, ablation, options)
     scores = np.asarray(result.scores, np.float64)
     base.check_finite(scores[out_valid], 0, "a score")
     return Attribution(np.where(out_valid, scores, 0.0).astype(np.float32), method, intervention,
-                       getattr(options, "ig_steps", ig_steps), len(dataset),
-                       float(result.clean_metric), dict(result.extras))
-  state = resume if resume is not None else Progress()
+                       options, len(dataset), float(result.clean_metric), dict(result.extras))
+  keep = bootstrap is not None
+  state = resume if resume is not None else Progress.empty(valid.shape, keep)
   if state.score_sum is None:
     state = dataclasses.replace(state, score_sum=np.zeros(valid.shape, np.float64))
   if state.score_sum.shape != valid.shape:
     raise AttributionError(f"resumed scores have shape {state.score_sum.shape}, expected "
                            f"{valid.shape}")
-  if bootstrap is not None and state.batch_sums is None:
+  if keep and state.batch_sums is None:
     if state.next_batch:
       raise AttributionError("the run to resume kept no per-batch sums; bootstrap needs them")
     state = dataclasses.replace(state, batch_sums=(), batch_counts=())
@@ -251,30 +264,33 @@ def attribute(cfg: ModelConfig, params, dataset: Dataset, *, method: str = "EAP-
       continue
     if batch_fn is not None:
       batch = batch_fn(batch)
-    out = m.score_batch(cfg, task, params, batch, abl, options)
+    out = m.score_batch(cfg, task, params, batch, ablation, options)
     real = np.asarray(batch.valid)
     base.check_finite(np.asarray(out.clean)[real], i, "the clean metric")
     s = np.asarray(out.scores, np.float64)
     base.check_finite(np.asarray(out.metric)[real], i, "the metric")
     base.check_finite(s[valid], i, "a score")
-    state = state.merge(i, s, float(out.clean_total), int(np.sum(real)))
+    state = state.merge(Progress.of_batch(s, float(out.clean_total), int(np.sum(real)), keep))
     bar.update(1)
     if on_batch is not None:
       on_batch(state)
   bar.close()
-  finalize = lambda x: m.finalize(cfg, task, options, x) if m.finalize is not None else x
-  scores = np.where(out_valid, finalize(np.where(valid, state.score_sum / len(dataset), 0.0)), 0.0)
+
+  def finalize(x):
+    return m.finalize(cfg, task, options, x) if m.finalize is not None else x
+
+  mean, clean = state.compute()
+  scores = np.where(out_valid, finalize(np.where(valid, mean, 0.0)), 0.0)
   extras = {}
-  if bootstrap is not None:
+  if keep:
     std, sign = bootstrap_.resample(np.stack(state.batch_sums), np.asarray(state.batch_counts),
                                     bootstrap, seed, finalize)
     extras = {"bootstrap_std": np.where(out_valid, std, 0.0).astype(np.float32),
               "bootstrap_sign_fraction": np.where(out_valid, sign, 0.0).astype(np.float32),
               "bootstrap": {"resamples": bootstrap, "unit": "batch", "batch_size": batch_size,
                             "n_units": len(state.batch_sums), "seed": seed}}
-  return Attribution(scores.astype(np.float32), method, intervention,
-                     getattr(options, "ig_steps", ig_steps), len(dataset),
-                     state.clean_sum / max(state.seen, 1), extras)
+  return Attribution(scores.astype(np.float32), method, intervention, options, len(dataset),
+                     clean, extras)
 
 
 def node_scores(cfg: ModelConfig, scores: np.ndarray) -> np.ndarray:

@@ -9,18 +9,16 @@ graph-form forward (`models.EdgePatch`) and every method take them as an explici
 from __future__ import annotations
 
 import os
-from typing import Optional, Union
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
 from jaxinterp.attribution import base, optimal
-from jaxinterp.tasks import Batch, Dataset
 from jaxinterp.models import edges as E
 from jaxinterp.models.config import ModelConfig
-from jaxinterp.models.transformer import positions_of
-from jaxinterp.models.transformer import sender_outputs
+from jaxinterp.models.transformer import positions_of, sender_outputs
+from jaxinterp.tasks import Batch, Dataset
 
 Array = jax.Array
 
@@ -42,7 +40,7 @@ class Ablation:
   """
 
   kind: str = flax.struct.field(pytree_node=False, default="patching")
-  means: Optional[Array] = None
+  means: Array | None = None
 
   def values(self, cfg: ModelConfig, params, batch: Batch) -> Array:
     """The ablated sender outputs for a batch: Float[Array, "batch pos sender d_model"]."""
@@ -64,7 +62,8 @@ class Ablation:
       return jnp.broadcast_to(self.means.astype(dtype), shape)
     means = self.means[:P]
     if means.shape[0] < P:
-      means = jnp.concatenate([means, jnp.zeros((P - means.shape[0],) + means.shape[1:], means.dtype)])
+      pad = jnp.zeros((P - means.shape[0],) + means.shape[1:], means.dtype)
+      means = jnp.concatenate([means, pad])
     return jnp.broadcast_to(means.astype(dtype), shape)
 
 
@@ -91,8 +90,8 @@ def compute_means(cfg: ModelConfig, params, dataset: Dataset, batch_size: int,
 
 
 def make_ablation(cfg: ModelConfig, params, dataset: Dataset, intervention: str, batch_size: int,
-                  mean_dataset: Optional[Dataset] = None,
-                  optimal_values: Union[None, str, "optimal.OptimalOptions"] = None) -> Ablation:
+                  mean_dataset: Dataset | None = None,
+                  optimal_values: None | str | optimal.OptimalOptions = None) -> Ablation:
   """Build the `Ablation` for an intervention name (means from `mean_dataset`, default `dataset`).
 
   For "optimal", `optimal_values` is a directory written by `optimal.save_values` (loaded), or
@@ -104,9 +103,9 @@ def make_ablation(cfg: ModelConfig, params, dataset: Dataset, intervention: str,
     raise base.AttributionError(f"unknown intervention {intervention!r}; choose from "
                                 f"{INTERVENTIONS}")
   if intervention == "patching" and not getattr(dataset, "has_corrupted", True):
-    raise base.AttributionError(f"intervention='patching' ablates to the corrupted prompts, but the "
-                                f"dataset {dataset.source or ''} has none; use 'zero', 'mean' or "
-                                f"'mean-positional'")
+    raise base.AttributionError(f"intervention='patching' ablates to the corrupted prompts, but "
+                                f"the dataset {dataset.source or ''} has none; use 'zero', "
+                                f"'mean' or 'mean-positional'")
   if intervention == "optimal":
     if isinstance(optimal_values, (str, os.PathLike)):
       return Ablation("optimal", jnp.asarray(optimal.load_values(optimal_values, cfg)[0]))

@@ -33,21 +33,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxinterp.tasks import metrics
 from jaxinterp.attribution import base, exact, masks
 from jaxinterp.circuits import Graph
+from jaxinterp.circuits.layout import valid_edges
 from jaxinterp.models import edges as E
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.edges import EdgePatch
 from jaxinterp.models.transformer import LayerStart, forward, last_token_logits
-from jaxinterp.circuits.layout import valid_edges
+from jaxinterp.tasks import metrics
 
 METRICS = ("kl", "task")
 
@@ -65,10 +64,11 @@ class ACDCOptions(base.Options):
 
   tau: float = 0.01
   acdc_metric: str = "kl"
-  acdc_batch: Optional[int] = None
+  acdc_batch: int | None = None
   acdc_chunk: int = 32
 
   def __post_init__(self):
+    super().__post_init__()
     masks.positive_float("tau", self.tau)
     if self.acdc_metric not in METRICS:
       raise base.AttributionError(f"acdc_metric must be one of {METRICS}, got "

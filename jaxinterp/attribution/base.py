@@ -10,7 +10,8 @@ for every method. This module imports nothing else from `jaxinterp.attribution`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import flax.struct
 import jax
@@ -19,9 +20,13 @@ import numpy as np
 
 from jaxinterp.circuits import convention
 from jaxinterp.circuits.layout import valid_edges
-from jaxinterp.tasks import Batch, Task
 from jaxinterp.models import edges as E
 from jaxinterp.models.config import ModelConfig
+from jaxinterp.tasks import Batch, Task
+
+if TYPE_CHECKING:
+  from jaxinterp.attribution import ablation
+  from jaxinterp.tasks import Dataset
 
 Array = jax.Array
 
@@ -33,18 +38,33 @@ class AttributionError(ValueError):
 # ------------------------------------------------------------------------------ method interface
 
 
+LEVELS = ("edge", "node", "neuron")
+
+
 @dataclasses.dataclass(frozen=True)
 class Options:
-  """Options every method takes. Methods extend this with their own frozen dataclass; each field
-  is filled from the `attribute()` keyword of the same name, and `__post_init__` validates it.
+  """Options every method takes. Methods extend this with their own frozen dataclass, whose
+  `__post_init__` validates its fields; `Method.make_options` builds one from keywords.
 
   Attributes:
     remat: rematerialise blocks in the backward pass (less memory, same scores).
+    level: what is scored: "edge" (Float [n_senders, n_receivers]), "node" (Float [n_senders]: the
+      effect of ablating a node's output into every receiver, as the `eap` package's
+      `attribute_node`) or "neuron" (Float [n_senders, d_model]: the same per dimension of each
+      node's output); `Method.levels` says which a method supports.
     progress: show the method's own inner progress bar (the driver sets it for one-batch runs).
   """
 
   remat: bool = False
   progress: bool = False
+  level: str = dataclasses.field(default="edge", metadata={
+      "choices": LEVELS, "help": "Score and select edges, nodes (NAP, exact node patching) or "
+      "neurons (each dimension of a node's output), as the eap package's attribute_node; --top_n "
+      "then counts nodes or neurons."})
+
+  def __post_init__(self):
+    if self.level not in LEVELS:
+      raise AttributionError(f"level must be one of {LEVELS}, got {self.level!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +96,8 @@ class FitResult:
     scores: float [n_senders, n_receivers] (or the method's `valid` shape), higher |score| = more
       important; the method's description says their units.
     clean_metric: mean metric of the clean model over the examples.
-    extras: anything else worth keeping (learned masks, loss curves), saved by the caller as it likes.
+    extras: anything else worth keeping (learned masks, loss curves), saved by the caller as it
+      likes.
   """
 
   scores: np.ndarray
@@ -102,8 +123,8 @@ class Method:
     options: the method's `Options` subclass.
     interventions: the ablations it supports (None: all of `ablation.INTERVENTIONS`).
     fit: `(cfg, params, dataset, ablation, options) -> FitResult` for whole-dataset methods.
-    valid: `(cfg, options) -> bool array`, the shape and validity of its scores (default: the
-      edges, `valid_edges`); node- or neuron-level scoring returns its own.
+    valid: `(cfg, options) -> bool array`, the shape and validity of its scores (default
+      `level_valid`: the valid edges, every node or every neuron, as `options.level` says).
     needs_corrupted: it reads the corrupted prompts whatever the intervention (EAP-IG-inputs and
       clean-corrupted interpolate from them); with `intervention="patching"` every method that
       `ablates` needs them too. `attribute` refuses a dataset without corrupted prompts then.
@@ -116,32 +137,58 @@ class Method:
       metric's (`convention.for_task`: "metric" for higher-is-better metrics, whose important
       edges are negative); "loss" (higher = more important, whatever the task) for proportions
       such as IFR's and for ensembles.
+    levels: the `Options.level`s it scores (a subset of LEVELS).
+    checkpoints_always: a run is long whatever its number of batches (exact patching), so a
+      pipeline checkpoints it after every batch.
   """
 
   name: str
   description: str
-  score_batch: Optional[ScoreBatch]
+  score_batch: ScoreBatch | None
   options: type = Options
-  interventions: Optional[tuple[str, ...]] = None
-  fit: Optional[Fit] = None
-  valid: Optional[Callable[[ModelConfig, Options], np.ndarray]] = None
+  interventions: tuple[str, ...] | None = None
+  fit: Fit | None = None
+  valid: Callable[[ModelConfig, Options], np.ndarray] | None = None
   needs_corrupted: bool = False
   ablates: bool = True
-  finalize: Optional[Callable[[ModelConfig, Task, Options, np.ndarray], np.ndarray]] = None
-  convention: Optional[str] = None
+  finalize: Callable[[ModelConfig, Task, Options, np.ndarray], np.ndarray] | None = None
+  convention: str | None = None
+  levels: tuple[str, ...] = ("edge",)
+  checkpoints_always: bool = False
 
   def score_convention(self, task: Task) -> str:
     """The sign convention of this method's scores on `task` ("metric" or "loss")."""
     return self.convention or convention.for_task(task)
 
+  @property
+  def option_names(self) -> frozenset[str]:
+    """The keywords `make_options` takes: the fields of the method's options."""
+    return frozenset(f.name for f in dataclasses.fields(self.options))
+
+  def options_among(self, settings: Mapping[str, Any]) -> dict:
+    """The entries of `settings` that are options of this method, for a sweep that runs several
+    methods with one set of settings (e.g. `attribute(..., **m.options_among({"ig_steps": 5}))`):
+    the caller asks for the filtering, `make_options` never does it."""
+    return {k: v for k, v in settings.items() if k in self.option_names}
+
   def make_options(self, **kwargs) -> Options:
-    """The method's options from `attribute()`'s keywords (those it has no field for are ignored)."""
-    names = {f.name for f in dataclasses.fields(self.options)}
-    return self.options(**{k: v for k, v in kwargs.items() if k in names})
+    """The method's options from keywords; AttributionError naming its options for a keyword it
+    has no field for (nothing is dropped silently)."""
+    unknown = sorted(set(kwargs) - self.option_names)
+    if unknown:
+      raise AttributionError(f"{self.name} has no option {unknown[0]!r}; its options are "
+                             f"{', '.join(sorted(self.option_names))}")
+    return self.options(**kwargs)
+
+  def option_values(self, options: Options) -> dict:
+    """The values of `options` worth recording (every field but `progress`), by name."""
+    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)
+            if f.name != "progress"}
 
   def valid_mask(self, cfg: ModelConfig, options: Options) -> np.ndarray:
-    """Bool array: which entries of this method's scores are real (edges, unless `valid` says)."""
-    return valid_edges(cfg) if self.valid is None else self.valid(cfg, options)
+    """Bool array: which entries of this method's scores are real (`valid`, default
+    `level_valid`)."""
+    return (self.valid or level_valid)(cfg, options)
 
   def output_mask(self, cfg: ModelConfig, options: Options) -> np.ndarray:
     """Bool array of the final scores (after `finalize`); `valid_mask` unless a subclass (an
@@ -152,17 +199,20 @@ class Method:
 # ----------------------------------------------------------------------------------- helpers
 
 
-def ig_alphas(steps: int, convention: str = "eap", method: str = "EAP-IG-inputs") -> np.ndarray:
-  """Interpolation points alpha_k for integrated gradients.
+def ig_alphas(steps: int, convention: str = "eap", eap_start: int = 0) -> np.ndarray:
+  """Interpolation points alpha_k = k/m for integrated gradients.
 
-  "eap" follows the `eap` package: k/m for k = 0..m-1 for inputs, k = 1..m for activations.
-  "paper" uses k = 1..m (ending at the clean input) for both.
+  "eap" follows the `eap` package: k = eap_start .. eap_start + m - 1, where it starts at 0 for
+  EAP-IG-inputs' edges and at 1 for activations and nodes. "paper" uses k = 1..m (ending at the
+  clean input) for every method.
   """
   if not isinstance(steps, int) or steps < 1:
     raise AttributionError(f"ig_steps must be a positive integer, got {steps!r}")
   if convention not in ("eap", "paper"):
     raise AttributionError(f"ig_convention must be 'eap' or 'paper', got {convention!r}")
-  k = np.arange(steps) + (0 if convention == "eap" and method == "EAP-IG-inputs" else 1)
+  if eap_start not in (0, 1) or isinstance(eap_start, bool):
+    raise AttributionError(f"eap_start must be 0 or 1, got {eap_start!r}")
+  k = np.arange(steps) + (eap_start if convention == "eap" else 1)
   return (k / steps).astype(np.float32)
 
 
@@ -171,44 +221,29 @@ class IGOptions(Options):
   """Options of the integrated-gradient methods.
 
   Attributes:
-    ig_steps: m, the number of interpolation steps.
-    ig_convention: "eap" (inputs: alpha = k/m, k = 0..m-1) or "paper" (k = 1..m).
+    ig_steps: m, the number of integrated-gradient steps.
+    ig_convention: "eap" (as the `eap` package: alpha = k/m with k = 0..m-1 for EAP-IG-inputs'
+      edges, k = 1..m otherwise) or "paper" (k = 1..m).
   """
 
   ig_steps: int = 5
-  ig_convention: str = "eap"
+  ig_convention: str = dataclasses.field(default="eap", metadata={"choices": ("eap", "paper")})
 
   def __post_init__(self):
+    super().__post_init__()
     ig_alphas(self.ig_steps, self.ig_convention)  # validates
 
-
-LEVELS = ("edge", "node", "neuron")
-
-
-@dataclasses.dataclass(frozen=True)
-class LevelOptions(Options):
-  """Options of methods that score edges, nodes or neurons (EAP, EAP-IG-inputs, exact, ...).
-
-  Attributes:
-    level: "edge" (Float [n_senders, n_receivers]), "node" (Float [n_senders]: the effect of
-      ablating a node's output into every receiver, as the `eap` package's `attribute_node`) or
-      "neuron" (Float [n_senders, d_model]: the same per dimension of each node's output).
-  """
-
-  level: str = "edge"
-
-  def __post_init__(self):
-    if self.level not in LEVELS:
-      raise AttributionError(f"level must be one of {LEVELS}, got {self.level!r}")
+  def alphas(self, eap_start: int) -> np.ndarray:
+    """`ig_alphas` of these options (`eap_start`: where the "eap" convention starts k)."""
+    return ig_alphas(self.ig_steps, self.ig_convention, eap_start)
 
 
 def level_valid(cfg: ModelConfig, options: Options) -> np.ndarray:
   """Bool array of a level's score shape: the valid edges, every node [n_senders], or every
-  neuron [n_senders, d_model] (a `Method.valid` for methods with `LevelOptions`)."""
-  level = getattr(options, "level", "edge")
-  if level == "node":
+  neuron [n_senders, d_model] (`options.level`)."""
+  if options.level == "node":
     return np.ones(E.n_senders(cfg), bool)
-  if level == "neuron":
+  if options.level == "neuron":
     return np.ones((E.n_senders(cfg), cfg.d_model), bool)
   return valid_edges(cfg)
 

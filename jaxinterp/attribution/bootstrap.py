@@ -17,7 +17,7 @@ and the fraction of resamples whose score has the sign of the full-data score.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 
@@ -25,7 +25,7 @@ CHUNK = 32  # resamples finalised at a time (bounds the memory to CHUNK copies o
 
 
 def resample(batch_sums: np.ndarray, batch_counts: np.ndarray, resamples: int, seed: int = 0,
-             finalize: Optional[Callable[[np.ndarray], np.ndarray]] = None):
+             finalize: Callable[[np.ndarray], np.ndarray] | None = None):
   """Bootstrap the batch-level score sums.
 
   Args:
@@ -66,7 +66,7 @@ def resample(batch_sums: np.ndarray, batch_counts: np.ndarray, resamples: int, s
 
 
 def summary(scores: np.ndarray, std: np.ndarray, sign_fraction: np.ndarray, valid: np.ndarray,
-            selected: Optional[np.ndarray] = None) -> dict:
+            selected: np.ndarray | None = None) -> dict:
   """A JSON-ready summary of bootstrap figures over the `valid` entries (and the `selected` ones,
   e.g. a circuit's edges, if given): sign stability and the relative spread."""
   def stats(mask: np.ndarray) -> dict:

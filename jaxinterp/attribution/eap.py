@@ -16,7 +16,7 @@ input embeddings interpolated from corrupted to clean at points alpha:
 - clean-corrupted: alpha in {0, 1}, the mean of the corrupted- and clean-input gradients.
 
 All three run on the receiver-gradient kernel (`receiver_grads.ig_inputs_batch`). With
-`level="node"` or `"neuron"` (`base.LevelOptions`) they score nodes or their output dimensions
+`level="node"` or `"neuron"` (`base.Options.level`) they score nodes or their output dimensions
 instead (NAP, NAP-IG-inputs: `nodes.node_batch`, at `attribute_node`'s alphas k/m, k = 1..m).
 `weight_gradient_batch` is the definition above taken literally (gradients of the edge weights),
 kept as the reference the kernel is tested against.
@@ -24,31 +24,20 @@ kept as the reference the kernel is tested against.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
-from jaxinterp.runtime import shared_prefix
 from jaxinterp.attribution import base, nodes, receiver_grads
 from jaxinterp.models.edges import EdgePatch
-from jaxinterp.models.transformer import embed_inputs, forward
+from jaxinterp.models.transformer import embed_inputs, forward, sender_outputs
+from jaxinterp.runtime import shared_prefix
 from jaxinterp.tasks import metrics as task_metrics
-from jaxinterp.models.transformer import sender_outputs
-
-
-@dataclasses.dataclass(frozen=True)
-class IGLevelOptions(base.IGOptions, base.LevelOptions):
-  """Options of EAP-IG-inputs: `base.IGOptions` and a `level` (edge, node or neuron)."""
-
-  def __post_init__(self):
-    base.IGOptions.__post_init__(self)
-    base.LevelOptions.__post_init__(self)
 
 
 def _kernel_scores(alphas, cfg, task, params, batch, ablation, options) -> base.BatchScores:
-  if getattr(options, "level", "edge") != "edge":
+  if options.level != "edge":
     return nodes.score_batch(alphas, cfg, task, params, batch, ablation, options)
   suffix = None if options.remat else shared_prefix.plan(cfg, batch, ablation.kind)
   s, values, c_values = receiver_grads.ig_inputs_batch(cfg, task, params, batch, ablation, alphas,
@@ -64,10 +53,10 @@ def score_eap(cfg, task, params, batch, ablation, options: base.Options) -> base
 
 
 def score_eap_ig_inputs(cfg, task, params, batch, ablation,
-                        options: IGLevelOptions) -> base.BatchScores:
-  """EAP-IG-inputs: the receiver gradients averaged over interpolated input embeddings."""
-  at = "EAP-IG-inputs" if getattr(options, "level", "edge") == "edge" else "NAP-IG-inputs"  # k = 1..m at node level
-  alphas = jnp.asarray(base.ig_alphas(options.ig_steps, options.ig_convention, at))
+                        options: base.IGOptions) -> base.BatchScores:
+  """EAP-IG-inputs: the receiver gradients averaged over interpolated input embeddings (the "eap"
+  convention's k starts at 0 for edges, at 1 for nodes and neurons, as `attribute_node`)."""
+  alphas = jnp.asarray(options.alphas(eap_start=0 if options.level == "edge" else 1))
   return _kernel_scores(alphas, cfg, task, params, batch, ablation, options)
 
 
@@ -108,12 +97,11 @@ def weight_gradient_batch(cfg, task, params, batch, ablation, alphas, remat=Fals
 
 EAP = base.Method(
     "EAP", "attribution patching: (a_ablated - a_clean) . dm/dx_r at the clean input (--level="
-    "node|neuron: NAP, per node or output dimension)", score_eap, base.LevelOptions,
-    valid=base.level_valid)
+    "node|neuron: NAP, per node or output dimension)", score_eap, base.Options, levels=base.LEVELS)
 EAP_IG_INPUTS = base.Method(
     "EAP-IG-inputs", "EAP with dm/dx_r averaged over m input embeddings interpolated corrupted -> "
     "clean (integrated gradients; --level=node|neuron: NAP-IG-inputs)", score_eap_ig_inputs,
-    IGLevelOptions, ("patching",), valid=base.level_valid, needs_corrupted=True)
+    base.IGOptions, ("patching",), needs_corrupted=True, levels=base.LEVELS)
 CLEAN_CORRUPTED = base.Method(
     "clean-corrupted", "EAP with the mean of the gradients at the clean and at the corrupted input",
-    score_clean_corrupted, base.LevelOptions, valid=base.level_valid, needs_corrupted=True)
+    score_clean_corrupted, base.Options, needs_corrupted=True, levels=base.LEVELS)

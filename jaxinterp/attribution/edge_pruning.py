@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -42,8 +41,8 @@ import numpy as np
 import optax
 
 from jaxinterp.attribution import base, masks
-from jaxinterp.models.config import ModelConfig
 from jaxinterp.circuits.layout import valid_edges
+from jaxinterp.models.config import ModelConfig
 
 LEFT, RIGHT, BETA, EPS = -0.1, 1.1, 2 / 3, 1e-6
 WARMUP_FRACTION = 2500 / 3000  # target-sparsity warmup, of the steps
@@ -69,10 +68,10 @@ class EdgePruningOptions(masks.MaskOptions):
   mask_batch: int = 32
   sparsity: float = 0.95
   start_sparsity: float = 0.0
-  init_from: Optional[str] = None
+  init_from: str | None = None
   init_logit: float = 10.0
-  sparsity_warmup: Optional[int] = None
-  lambda_lr: Optional[float] = None
+  sparsity_warmup: int | None = None
+  lambda_lr: float | None = None
   ep_samples: int = 1
 
   def __post_init__(self):
@@ -110,7 +109,7 @@ def target_sparsity(step, options: EdgePruningOptions):
   return options.start_sparsity + (options.sparsity - options.start_sparsity) * frac
 
 
-def sample_z(key, log_alpha, n: Optional[int] = None):
+def sample_z(key, log_alpha, n: int | None = None):
   """One hard-concrete sample per edge, in [0, 1] (see the module doc); with `n`, n samples
   [n, S, R]."""
   shape = log_alpha.shape if n is None else (n,) + log_alpha.shape
@@ -165,7 +164,9 @@ def _loss(cfg, task, options: EdgePruningOptions, params, theta, batch, clean_la
     z = sample_z(key, theta["log_alpha"])
   else:  # a mask per row: the batch repeated n_s times, sample-major
     z = sample_z(key, theta["log_alpha"], n_s * batch.clean.shape[0])
-    rep = lambda x: jnp.concatenate([x] * n_s, 0)
+    def rep(x):
+      return jnp.concatenate([x] * n_s, 0)
+
     batch, clean_last, ablated = jax.tree.map(rep, batch), rep(clean_last), rep(ablated)
   w = jnp.where(valid, z, 1.0)
   kl = masks.mean_real(masks.circuit_loss(cfg, task, options.mask_objective, params, batch,

@@ -23,7 +23,7 @@ over `EnsembleOptions.batch_size` batches itself.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -38,18 +38,12 @@ class EnsembleOptions(base.Options):
 
   Attributes:
     members: each member's own options, in order.
-    level: the level every member scores at ("edge", "node" or "neuron").
     batch_size: examples per batch when a member fits the whole dataset (the ensemble then batches
       its other members itself).
   """
 
   members: tuple = ()
-  level: str = "edge"
   batch_size: int = 16
-
-  def __post_init__(self):
-    if self.level not in base.LEVELS:
-      raise base.AttributionError(f"level must be one of {base.LEVELS}, got {self.level!r}")
 
 
 def rank_normalise(scores: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -79,19 +73,41 @@ class Ensemble(base.Method):
 
   members: tuple = ()
 
+  @property
+  def option_names(self) -> frozenset[str]:
+    """Its own options (remat, level, batch_size) and every member's."""
+    names = {f.name for f in dataclasses.fields(EnsembleOptions)} - {"members"}
+    return frozenset(names.union(*(m.option_names for m in self.members)))
+
   def make_options(self, **kwargs) -> EnsembleOptions:
-    """Each member's options from the same keywords; `level` must be one every member has."""
+    """Each member's options from the keywords it has (every keyword must be some member's or the
+    ensemble's own); `level` must be one every member scores."""
+    unknown = sorted(set(kwargs) - self.option_names)
+    if unknown:
+      raise base.AttributionError(f"{self.name} has no option {unknown[0]!r}; its options are "
+                                  f"{', '.join(sorted(self.option_names))}")
     level = kwargs.get("level", "edge")
     for m in self.members:
-      if level != "edge" and "level" not in {f.name for f in dataclasses.fields(m.options)}:
+      if level not in m.levels:
         raise base.AttributionError(f"ensemble member {m.name} has no {level} level")
-    members = tuple(m.make_options(**kwargs) for m in self.members)
-    keep = {k: v for k, v in kwargs.items() if k in ("remat", "batch_size", "level")}
-    return EnsembleOptions(members=members, **keep)
+    members = tuple(m.make_options(**{k: v for k, v in kwargs.items() if k in m.option_names})
+                    for m in self.members)
+    own = {f.name for f in dataclasses.fields(EnsembleOptions)}
+    return EnsembleOptions(members=members, **{k: v for k, v in kwargs.items() if k in own})
+
+  def option_values(self, options: EnsembleOptions) -> dict:
+    """Its own values and its members' (each name once: members share remat and level)."""
+    out = {}
+    for m, o in zip(self.members, options.members, strict=True):
+      out.update(m.option_values(o))
+    own = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)
+           if f.name not in ("members", "progress")}
+    return dict(out, **own)
 
   def valid_mask(self, cfg, options: EnsembleOptions) -> np.ndarray:
     """Bool [members, ...]: the members' valid entries, stacked (what the driver sums)."""
-    return np.stack([m.valid_mask(cfg, o) for m, o in zip(self.members, options.members)])
+    return np.stack([m.valid_mask(cfg, o)
+                     for m, o in zip(self.members, options.members, strict=True)])
 
   def output_mask(self, cfg, options: EnsembleOptions) -> np.ndarray:
     """Bool array of the ensemble's scores: the entries valid for any member."""
@@ -105,9 +121,10 @@ def _member_options(options: EnsembleOptions, o: base.Options) -> base.Options:
 def _finalize(members: Sequence[base.Method]):
   def finalize(cfg, task, options: EnsembleOptions, mean_scores: np.ndarray) -> np.ndarray:
     """[members, ...] mean scores -> the ensemble's scores [...] (loss convention)."""
-    valid = [m.valid_mask(cfg, o) for m, o in zip(members, options.members)]
+    valid = [m.valid_mask(cfg, o) for m, o in zip(members, options.members, strict=True)]
     signs = [convention.importance_sign(m.score_convention(task)) for m in members]
-    return np.mean([rank_normalise(c * s, v) for c, s, v in zip(signs, mean_scores, valid)], 0)
+    return np.mean([rank_normalise(c * s, v)
+                    for c, s, v in zip(signs, mean_scores, valid, strict=True)], 0)
   return finalize
 
 
@@ -115,7 +132,7 @@ def _score_batch(members: Sequence[base.Method]):
   def score_batch(cfg, task, params, batch, ablation, options: EnsembleOptions) -> base.BatchScores:
     """Every member's sums on the batch, stacked [members, ...]."""
     outs = [m.score_batch(cfg, task, params, batch, ablation, _member_options(options, o))
-            for m, o in zip(members, options.members)]
+            for m, o in zip(members, options.members, strict=True)]
     scores = jnp.stack([jnp.asarray(o.scores, jnp.float32) for o in outs])
     return base.BatchScores(scores, outs[-1].metric, outs[0].clean, outs[0].clean_total)
   return score_batch
@@ -127,7 +144,7 @@ def _fit(members: Sequence[base.Method]):
   def fit(cfg, params, dataset, ablation, options: EnsembleOptions) -> base.FitResult:
     """Fit members fit; batch members are summed over `options.batch_size` batches here."""
     means, clean, extras = [], None, {}
-    for m, o in zip(members, options.members):
+    for m, o in zip(members, options.members, strict=True):
       o = _member_options(options, o)
       if m.fit is not None:
         r = m.fit(cfg, params, dataset, ablation, o)
@@ -143,8 +160,8 @@ def _fit(members: Sequence[base.Method]):
         total, c_total = total + s, c_total + float(out.clean_total)
       means.append(total / len(dataset))
       clean = c_total / len(dataset) if clean is None else clean
-    valid = [m.valid_mask(cfg, o) for m, o in zip(members, options.members)]
-    means = [np.where(v, s, 0.0) for s, v in zip(means, valid)]
+    valid = [m.valid_mask(cfg, o) for m, o in zip(members, options.members, strict=True)]
+    means = [np.where(v, s, 0.0) for s, v in zip(means, valid, strict=True)]
     return base.FitResult(finalize(cfg, dataset.task, options, np.stack(means)), clean, extras)
   return fit
 
@@ -174,4 +191,6 @@ def ensemble(*methods: base.Method) -> Ensemble:
       None if whole else _score_batch(methods), EnsembleOptions, allowed,
       fit=_fit(methods) if whole else None, needs_corrupted=any(m.needs_corrupted for m in methods),
       ablates=any(m.ablates for m in methods), finalize=None if whole else _finalize(methods),
-      convention=convention.LOSS, members=tuple(methods))
+      convention=convention.LOSS, members=tuple(methods),
+      levels=tuple(lv for lv in base.LEVELS if all(lv in m.levels for m in methods)),
+      checkpoints_always=any(m.checkpoints_always for m in methods))

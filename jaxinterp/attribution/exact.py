@@ -13,25 +13,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxinterp.runtime import shared_prefix
 from jaxinterp.attribution import base
+from jaxinterp.circuits.layout import valid_edges
 from jaxinterp.models import edges as E
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.edges import EdgePatch
 from jaxinterp.models.transformer import LayerStart, Norm, forward, ungroup_kv
-from jaxinterp.circuits.layout import valid_edges
+from jaxinterp.runtime import shared_prefix
 from jaxinterp.tasks import metrics as task_metrics
 
 
 @dataclasses.dataclass(frozen=True)
-class ExactOptions(base.LevelOptions):
+class ExactOptions(base.Options):
   """Options of exact patching.
 
   Attributes:
@@ -41,10 +40,10 @@ class ExactOptions(base.LevelOptions):
       once, as `eap`'s `attribute_node`); "neuron" is refused (d_model reruns per node).
   """
 
-  exact_chunk: Optional[int] = None
+  exact_chunk: int | None = None
 
   def __post_init__(self):
-    base.LevelOptions.__post_init__(self)
+    super().__post_init__()
     if self.level == "neuron":
       raise base.AttributionError("exact patching has no neuron level (it would rerun the model "
                                   "once per output dimension of every node); use level='node', or "
@@ -56,7 +55,7 @@ class ExactOptions(base.LevelOptions):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "suffix"))
-def upstream_cache(cfg, params, batch, ablation, suffix: Optional[int] = None):
+def upstream_cache(cfg, params, batch, ablation, suffix: int | None = None):
   """The clean run's inputs of every layer's receivers, and the sender (clean - ablated) deltas.
 
   Returns (resids Float[Array, "layer+1 batch pos d_model"]: the residual stream entering each block
@@ -71,12 +70,13 @@ def upstream_cache(cfg, params, batch, ablation, suffix: Optional[int] = None):
   """
   L = cfg.n_layers
   mid = "hook_resid_pre" if cfg.parallel_attn_mlp else "hook_resid_mid"
-  names = [f"blocks.{l}.hook_resid_pre" for l in range(L)] + [f"blocks.{L - 1}.hook_resid_post"]
-  mlp_names = [f"blocks.{l}.{mid}" for l in range(L)]
-  kv_names = ([f"blocks.{l}.{n}" for l in range(L) for n in shared_prefix.KV_SITES]
+  names = [f"blocks.{li}.hook_resid_pre" for li in range(L)] + [f"blocks.{L - 1}.hook_resid_post"]
+  mlp_names = [f"blocks.{li}.{mid}" for li in range(L)]
+  kv_names = ([f"blocks.{li}.{n}" for li in range(L) for n in shared_prefix.KV_SITES]
               if suffix is not None else [])
   ablated = ablation.values(cfg, params, batch)
-  _, cache = forward(cfg, params, batch.clean, attention_mask=batch.mask, edges=EdgePatch(None, None),
+  _, cache = forward(cfg, params, batch.clean, attention_mask=batch.mask,
+                     edges=EdgePatch(None, None),
                      collect=tuple(dict.fromkeys(names + mlp_names + kv_names)) + ("hook_senders",))
   resids = jnp.stack([cache[n] for n in names])
   mlp_inputs = jnp.stack([cache[n] for n in mlp_names])
@@ -84,7 +84,7 @@ def upstream_cache(cfg, params, batch, ablation, suffix: Optional[int] = None):
   if suffix is None:
     return resids, mlp_inputs, delta, None
   sfx = shared_prefix.Suffix.of(batch, suffix)
-  kv = [jnp.stack([cache[f"blocks.{l}.{n}"] for l in range(L)]) for n in shared_prefix.KV_SITES]
+  kv = [jnp.stack([cache[f"blocks.{li}.{n}"] for li in range(L)]) for n in shared_prefix.KV_SITES]
   return sfx.take(resids, 2), sfx.take(mlp_inputs, 2), sfx.take(delta), sfx.prefix(*kv)
 
 
@@ -120,7 +120,9 @@ def edge_chunk(cfg, task, layer, params, batch, resid, mlp_input, delta_prefix, 
     kv_prefix = kv_prefix.replace(k=jnp.repeat(kv_prefix.k, rep, -2),
                                   v=jnp.repeat(kv_prefix.v, rep, -2))
   L, H = cfg.n_layers, cfg.n_heads
-  norm = lambda p, x: Norm(cfg).apply({"params": p}, x)
+
+  def norm(p, x):
+    return Norm(cfg).apply({"params": p}, x)
 
   if layer == L:  # the logits receiver: only the final norm runs
     def one(s, r):
@@ -154,7 +156,7 @@ def edge_chunk(cfg, task, layer, params, batch, resid, mlp_input, delta_prefix, 
 
 
 def exact_chunk_size(cfg: ModelConfig, batch_size: int, n_pos: int,
-                     budget_bytes: Optional[float] = None) -> int:
+                     budget_bytes: float | None = None) -> int:
   """Edges per vmapped exact-patching call so that the copies' activations fit in `budget_bytes`.
 
   Each copy holds about one plain forward's activations of the blocks it reruns (residual stream,
@@ -172,7 +174,8 @@ def exact_chunk_size(cfg: ModelConfig, batch_size: int, n_pos: int,
 
 def _exact_batch(cfg, task, ablation, params, batch, valid, clean_total, clean_logits, chunk,
                  quiet):
-  """Sum over the batch of m(edge ablated) - m(clean), for every valid edge: [n_senders, n_receivers].
+  """Sum over the batch of m(edge ablated) - m(clean), for every valid edge (float64
+  [n_senders, n_receivers]).
 
   Edges are grouped by their receiver's layer; each group reruns only the blocks from that layer on,
   from the clean run's cached upstream activations, `chunk` edges per vmapped call.
@@ -186,19 +189,19 @@ def _exact_batch(cfg, task, ablation, params, batch, valid, clean_total, clean_l
   s_idx, r_idx = np.nonzero(valid)
   layer_of = np.minimum(r_idx // (3 * cfg.n_heads + 1), cfg.n_layers)
   out = np.zeros(valid.shape, np.float64)
-  work = [(l, np.flatnonzero(layer_of == l)) for l in range(cfg.n_layers + 1)]
+  work = [(li, np.flatnonzero(layer_of == li)) for li in range(cfg.n_layers + 1)]
   bar = tqdm(total=sum(-(-len(e) // chunk) for _, e in work), desc="exact: edge chunks",
              disable=quiet, leave=False)
-  for l, edges in work:
+  for li, edges in work:
     if not len(edges):
       continue
-    n_up = E.n_upstream_of_mlp(cfg, l) if l < cfg.n_layers else E.n_senders(cfg)
+    n_up = E.n_upstream_of_mlp(cfg, li) if li < cfg.n_layers else E.n_senders(cfg)
     pad = (-len(edges)) % chunk
     idx = np.concatenate([edges, np.repeat(edges[-1:], pad)])
     for start in range(0, idx.size, chunk):
       sel = idx[start:start + chunk]
-      vals = np.asarray(edge_chunk(cfg, task, l, params, run, resids[l],
-                                   mlp_inputs[min(l, cfg.n_layers - 1)], delta[:, :, :n_up],
+      vals = np.asarray(edge_chunk(cfg, task, li, params, run, resids[li],
+                                   mlp_inputs[min(li, cfg.n_layers - 1)], delta[:, :, :n_up],
                                    jnp.asarray(s_idx[sel], jnp.int32),
                                    jnp.asarray(r_idx[sel], jnp.int32), clean_logits, positions,
                                    kv_prefix), np.float64)
@@ -247,10 +250,10 @@ def _exact_nodes_batch(cfg, task, ablation, params, batch, clean_total, clean_lo
     chunk = exact_chunk_size(cfg, *run.clean.shape)
   H = cfg.n_heads
   out = np.zeros(E.n_senders(cfg), np.float64)
-  for l in tqdm(range(cfg.n_layers), desc="exact: node layers", disable=quiet, leave=False):
-    nodes = ([0] if l == 0 else []) + [E.head_sender(cfg, l, h) for h in range(H)]
-    nodes.append(E.mlp_sender(cfg, l))
-    slot = [0 if s == 0 else (2 if s == E.mlp_sender(cfg, l) else 1) for s in nodes]
+  for li in tqdm(range(cfg.n_layers), desc="exact: node layers", disable=quiet, leave=False):
+    nodes = ([0] if li == 0 else []) + [E.head_sender(cfg, li, h) for h in range(H)]
+    nodes.append(E.mlp_sender(cfg, li))
+    slot = [0 if s == 0 else (2 if s == E.mlp_sender(cfg, li) else 1) for s in nodes]
     size = -(-len(nodes) // -(-len(nodes) // chunk))  # balanced chunks of one shape per layer
     pad = (-len(nodes)) % size
     nodes, slot = nodes + nodes[-1:] * pad, slot + slot[-1:] * pad
@@ -258,7 +261,7 @@ def _exact_nodes_batch(cfg, task, ablation, params, batch, clean_total, clean_lo
       sel, where = np.asarray(nodes[i:i + size]), np.asarray(slot[i:i + size])
       onehot = jnp.asarray(where[:, None] == np.arange(3)[None, :], delta.dtype)  # [n, 3]
       shifts = -onehot[:, :, None, None, None] * jnp.moveaxis(delta[:, :, sel], 2, 0)[:, None]
-      vals = np.asarray(node_chunk(cfg, task, l, params, run, resids[l], shifts, clean_logits,
+      vals = np.asarray(node_chunk(cfg, task, li, params, run, resids[li], shifts, clean_logits,
                                    positions, kv_prefix), np.float64)
       out[sel] = vals - clean_total  # padding repeats the last node: the same value again
   return out
@@ -267,7 +270,7 @@ def _exact_nodes_batch(cfg, task, ablation, params, batch, clean_total, clean_lo
 def score_batch(cfg, task, params, batch, ablation, options: ExactOptions) -> base.BatchScores:
   """Exact scores of one batch (the metric checked is the clean one: each rerun is one edge's)."""
   c_total, c_values, clean_logits = task_metrics.clean_metric(cfg, task, params, batch)
-  if getattr(options, "level", "edge") == "node":
+  if options.level == "node":
     s = _exact_nodes_batch(cfg, task, ablation, params, batch, float(c_total), clean_logits,
                            options.exact_chunk, not options.progress)
     return base.BatchScores(s, c_values, c_values, c_total)
@@ -279,4 +282,4 @@ def score_batch(cfg, task, params, batch, ablation, options: ExactOptions) -> ba
 EXACT = base.Method(
     "exact", "activation patching of each edge in turn: the mean metric with that edge ablated "
     "minus the clean one (no approximation; --level=node: every outgoing edge of a node at once)",
-    score_batch, ExactOptions, valid=base.level_valid)
+    score_batch, ExactOptions, levels=("edge", "node"), checkpoints_always=True)

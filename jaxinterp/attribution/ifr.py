@@ -10,11 +10,11 @@ output o_s, the proximity of s to r is
 and the edge's importance is s's share of it, `prox[s] / sum_{s' upstream of r} prox[s']`. The score
 of s -> r is that share averaged over each example's real positions, then over the examples: a
 proportion in [0, 1], not a metric change (every receiver's scores sum to 1; higher = more of the
-receiver's input comes from the sender). A position where no sender is proximate (all prox = 0, where
-`eap` would divide by zero) contributes 0.
+receiver's input comes from the sender). A position where no sender is proximate (all prox = 0,
+where `eap` would divide by zero) contributes 0.
 
-As in `eap`, the q, k and v inputs of every head of a layer read the same residual stream and get the
-same scores, and the input node's output is `hook_embed`, the token embedding alone
+As in `eap`, the q, k and v inputs of every head of a layer read the same residual stream and get
+the same scores, and the input node's output is `hook_embed`, the token embedding alone
 (`ifr_input="token"`); `ifr_input="token+position"` uses the project's input node (token plus
 position embedding) instead (the same on models without learned positions). Head outputs exclude
 the attention output bias, which stays in x_r unattributed, as in `eap`.
@@ -51,6 +51,7 @@ class IFROptions(base.Options):
   ifr_input: str = "token"
 
   def __post_init__(self):
+    super().__post_init__()
     if self.ifr_input not in IFR_INPUTS:
       raise base.AttributionError(f"ifr_input must be one of {IFR_INPUTS}, got {self.ifr_input!r}")
 
@@ -86,8 +87,8 @@ def ifr_batch(cfg, task, params, batch, token_input: bool = True):
   """
   L, H = cfg.n_layers, cfg.n_heads
   mid = "hook_resid_pre" if cfg.parallel_attn_mlp else "hook_resid_mid"
-  names = tuple(dict.fromkeys([f"blocks.{l}.hook_resid_pre" for l in range(L)]
-                              + [f"blocks.{l}.{mid}" for l in range(L)]
+  names = tuple(dict.fromkeys([f"blocks.{li}.hook_resid_pre" for li in range(L)]
+                              + [f"blocks.{li}.{mid}" for li in range(L)]
                               + [f"blocks.{L - 1}.hook_resid_post", "hook_senders", "hook_embed"]))
   logits, cache = forward(cfg, params, batch.clean, attention_mask=batch.mask,
                           edges=EdgePatch(None, None), collect=names)
@@ -101,11 +102,11 @@ def ifr_batch(cfg, task, params, batch, token_input: bool = True):
     s = jnp.einsum("bs,b->s", _shares(x, senders[:, :, :n_up], batch.mask), rows)
     return scores.at[:n_up, r0:r0 + nr].set(jnp.broadcast_to(s[:, None], (n_up, nr)))
 
-  for l in range(L):
-    scores = put(scores, cache[f"blocks.{l}.hook_resid_pre"], E.n_upstream_of_attn(cfg, l),
-                 E.head_receiver(cfg, l, 0, "q"), 3 * H)
-    scores = put(scores, cache[f"blocks.{l}.{mid}"], E.n_upstream_of_mlp(cfg, l),
-                 E.mlp_receiver(cfg, l), 1)
+  for li in range(L):
+    scores = put(scores, cache[f"blocks.{li}.hook_resid_pre"], E.n_upstream_of_attn(cfg, li),
+                 E.head_receiver(cfg, li, 0, "q"), 3 * H)
+    scores = put(scores, cache[f"blocks.{li}.{mid}"], E.n_upstream_of_mlp(cfg, li),
+                 E.mlp_receiver(cfg, li), 1)
   scores = put(scores, cache[f"blocks.{L - 1}.hook_resid_post"], E.n_senders(cfg),
                E.logits_receiver(cfg), 1)
   values = task.metric(logits, batch, logits)

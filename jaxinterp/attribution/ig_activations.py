@@ -9,7 +9,6 @@ over all layer nodes and steps. Scores are `-dm/dw`, in the metric's units.
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import flax.struct
 import jax
@@ -18,18 +17,17 @@ import jax.numpy as jnp
 from jaxinterp.attribution import base
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.edges import EdgePatch
-from jaxinterp.models.transformer import embed_inputs, forward
+from jaxinterp.models.transformer import embed_inputs, forward, sender_outputs
 from jaxinterp.tasks import metrics as task_metrics
-from jaxinterp.models.transformer import sender_outputs
 
 Array = jax.Array
 
 
-def _layer_groups(cfg: ModelConfig) -> list[tuple[str, Optional[str]]]:
+def _layer_groups(cfg: ModelConfig) -> list[tuple[str, str | None]]:
   """The 'layer nodes' EAP-IG-activations interpolates one at a time: input, each attn, each MLP."""
   groups = [("input", None)]
-  for l in range(cfg.n_layers):
-    groups += [("attn", f"blocks.{l}.attn.hook_result"), ("mlp", f"blocks.{l}.hook_mlp_out")]
+  for li in range(cfg.n_layers):
+    groups += [("attn", f"blocks.{li}.attn.hook_result"), ("mlp", f"blocks.{li}.hook_mlp_out")]
   return groups
 
 
@@ -83,8 +81,7 @@ def _ig_activations_batch(cfg, task, params, batch, ablation, alphas, remat=Fals
 def score_batch(cfg, task, params, batch, ablation, options: base.IGOptions) -> base.BatchScores:
   """EAP-IG-activations scores of one batch."""
   c_total, c_values, _ = task_metrics.clean_metric(cfg, task, params, batch)
-  alphas = jnp.asarray(base.ig_alphas(options.ig_steps, options.ig_convention,
-                                      "EAP-IG-activations"))
+  alphas = jnp.asarray(options.alphas(eap_start=1))
   s, values = _ig_activations_batch(cfg, task, params, batch, ablation, alphas,
                                     remat=options.remat)
   return base.BatchScores(s, values, c_values, c_total)

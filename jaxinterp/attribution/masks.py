@@ -16,23 +16,21 @@ corrupted run for patching).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxinterp.tasks import metrics
 from jaxinterp.attribution import base
 from jaxinterp.circuits import Graph
-from jaxinterp.tasks import Batch, Dataset
+from jaxinterp.circuits.layout import valid_edges
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.edges import EdgePatch
 from jaxinterp.models.transformer import forward, last_token_logits
-from jaxinterp.circuits.layout import valid_edges
+from jaxinterp.tasks import Batch, Dataset, metrics
 from jaxinterp.tasks import metrics as task_metrics
-
 
 OBJECTIVES = ("kl", "task")
 
@@ -54,13 +52,14 @@ class MaskOptions(base.Options):
   """
 
   mask_steps: int = 1000
-  mask_lr: Optional[float] = None
+  mask_lr: float | None = None
   mask_batch: int = 16
   seed: int = 0
   mask_objective: str = "kl"
   trace_edges: tuple = ()
 
   def __post_init__(self):
+    super().__post_init__()
     if self.mask_objective not in OBJECTIVES:
       raise base.AttributionError(f"mask_objective must be one of {OBJECTIVES}, got "
                                   f"{self.mask_objective!r}")

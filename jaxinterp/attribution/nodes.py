@@ -2,22 +2,22 @@
 `attribute_node` defines them: the `level="node"` / `"neuron"` kernel of EAP, EAP-IG-inputs and
 clean-corrupted (`eap.py` dispatches here; `exact.py` has exact node patching).
 
-A node is a sender: the input embedding, a head's output (`hook_result`, no output bias) or an MLP's
-output. Ablating a node replaces its output in every receiver at once, which in the graph form is the
-residual stream shifted by (ablated - clean) where the node writes. Its first-order effect is
+A node is a sender: the input embedding, a head's output (`hook_result`, no output bias) or an
+MLP's output. Ablating a node replaces its output in every receiver at once, which in the graph form
+is the residual stream shifted by (ablated - clean) where the node writes. Its first-order effect is
 
     node score[s]      = sum_pos (a_s^ablated - a_s^clean) . dm/da_s
     neuron score[s, i] = sum_pos (a_s^ablated - a_s^clean)_i (dm/da_s)_i      (i < d_model)
 
 with dm/da_s the gradient at the node's output: `blocks.0.hook_resid_pre` for the input,
-`blocks.{l}.hook_attn_out` for every head of layer l (a head's output enters the residual only
-through the layer's sum) and `blocks.{l}.hook_mlp_out` for an MLP. Scores are in the metric's units,
-averaged over examples by `attribute`, with the same sign as edge scores (negative: the node helps
-the metric). A node score is the sum of its neuron scores, and, for EAP, the sum of its outgoing
-edge scores (every receiver reads the residual stream the node writes to).
+`blocks.{layer}.hook_attn_out` for every head of the layer (a head's output enters the residual
+only through the layer's sum) and `blocks.{layer}.hook_mlp_out` for an MLP. Scores are in the
+metric's units, averaged over examples by `attribute`, with the same sign as edge scores
+(negative: the node helps the metric). A node score is the sum of its neuron scores, and, for EAP,
+the sum of its outgoing edge scores (every receiver reads the residual stream the node writes to).
 
-"Neurons" follow `eap`: every dimension of a node's output in d_model (for a head, a dimension of its
-`hook_result`; for an MLP, of its output), `[n_senders, d_model]`, so that a neuron circuit is a
+"Neurons" follow `eap`: every dimension of a node's output in d_model (for a head, a dimension of
+its `hook_result`; for an MLP, of its output), `[n_senders, d_model]`, so that a neuron circuit is a
 per-dimension mask on the senders (`evaluation.evaluate_neuron_circuits`).
 
 IG averages dm/da_s over input embeddings interpolated corrupted -> clean at alpha_k = k/m,
@@ -38,8 +38,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxinterp.attribution import base, receiver_grads
-from jaxinterp.models.transformer import (Norm, embed_inputs, last_token_logits, run_blocks,
-                                          stack_blocks)
+from jaxinterp.models.transformer import (
+  Norm,
+  embed_inputs,
+  last_token_logits,
+  run_blocks,
+  stack_blocks,
+)
 from jaxinterp.tasks import metrics as task_metrics
 
 
@@ -80,14 +85,17 @@ def node_batch(cfg, task, params, batch, ablation, alphas, neuron: bool = False)
     clean, final = _senders(cfg, params, stacked, e_clean, batch.mask)
     ablated = ablation.values(cfg, params, batch)
   diff = (ablated - clean).astype(jnp.float32)  # [b, p, S, d]
-  norm = lambda x: Norm(cfg).apply({"params": params["ln_final"]}, x)
+
+  def norm(x):
+    return Norm(cfg).apply({"params": params["ln_final"]}, x)
+
   clean_logits = last_token_logits(cfg, params, norm(final), batch.last)
   clean_values = task.metric(clean_logits, batch.replace(last=jnp.zeros_like(batch.last)),
                              clean_logits)
   read_clean = clean_logits if task.needs_clean_logits else None
   dt = e_clean.dtype
-  eps0 = (jnp.zeros((b, p, d), dt),
-          {"hook_attn_out": jnp.zeros((L, b, p, d), dt), "hook_mlp_out": jnp.zeros((L, b, p, d), dt)})
+  eps0 = (jnp.zeros((b, p, d), dt), {"hook_attn_out": jnp.zeros((L, b, p, d), dt),
+                                     "hook_mlp_out": jnp.zeros((L, b, p, d), dt)})
 
   def f(eps, alpha):
     shift_in, shifts = eps

@@ -29,9 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -39,13 +38,13 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jaxinterp.runtime import files
 from jaxinterp.attribution import base
-from jaxinterp.tasks import Batch, Dataset
 from jaxinterp.models import edges as E
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.edges import EdgePatch
 from jaxinterp.models.transformer import forward
+from jaxinterp.runtime import files
+from jaxinterp.tasks import Batch, Dataset
 
 OBJECTIVES = ("lm", "kl")
 VALUES_DIR = "values"
@@ -73,9 +72,10 @@ class OptimalOptions(base.Options):
   oa_batch: int = 16
   oa_check_every: int = 10
   oa_patience: int = 3
-  oa_chunk: Optional[int] = None
+  oa_chunk: int | None = None
 
   def __post_init__(self):
+    super().__post_init__()
     for name in ("oa_steps", "oa_batch", "oa_check_every"):
       v = getattr(self, name)
       if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -137,7 +137,7 @@ def _cycle(dataset: Dataset, batch_size: int) -> Iterator[Batch]:
 
 
 def ablation_losses(cfg: ModelConfig, params, dataset: Dataset, values, *, objective: str = "lm",
-                    batch_size: int = 16, chunk: Optional[int] = None) -> np.ndarray:
+                    batch_size: int = 16, chunk: int | None = None) -> np.ndarray:
   """Mean over the dataset's batches of each sender's ablation loss with its constant in `values`
   (`[n_senders, d_model]`): float64 [n_senders], in nats per token. Mean ablation's loss is this
   with `values = compute_means(...)`."""
@@ -193,38 +193,23 @@ def learn_optimal_values(cfg: ModelConfig, params, dataset: Dataset, init,
 # ----------------------------------------------------------------------------------------- files
 
 
-def save_values(path: str, values: np.ndarray, meta: Optional[dict] = None) -> None:
+def save_values(path: str, values: np.ndarray, meta: dict | None = None) -> None:
   """Save learned constants: the array with orbax (`path/values`) and a JSON record
   (`path/optimal_ablation.json`: format, shape and `meta`, e.g. the model hash and options)."""
-  import orbax.checkpoint as ocp
-  path = os.path.abspath(path)
-  os.makedirs(path, exist_ok=True)
-  ocp.PyTreeCheckpointer().save(os.path.join(path, VALUES_DIR),
-                                {"values": np.asarray(values, np.float32)}, force=True)
   record = {"format": FORMAT, "shape": list(np.shape(values)), "meta": meta or {}}
-  files.atomic_write_json(os.path.join(path, META_FILE), record)
+  files.save_with_record(path, {"values": np.asarray(values, np.float32)}, record,
+                         arrays_dir=VALUES_DIR, record_file=META_FILE)
 
 
-def load_values(path: str, cfg: Optional[ModelConfig] = None) -> tuple[np.ndarray, dict]:
+def load_values(path: str, cfg: ModelConfig | None = None) -> tuple[np.ndarray, dict]:
   """Load what `save_values` wrote: (values float32 [n_senders, d_model], meta). With `cfg`, the
   shape is checked against the model's senders."""
-  import orbax.checkpoint as ocp
   path = os.path.abspath(path)
-  record_path = os.path.join(path, META_FILE)
-  try:
-    with open(record_path) as f:
-      record = json.load(f)
-  except FileNotFoundError:
-    raise base.AttributionError(
-        f"{record_path} not found: not a directory of optimal-ablation values (find_circuit "
-        f"writes one to --out/optimal_ablation)") from None
-  except ValueError as e:
-    raise base.AttributionError(f"cannot parse {record_path}: {e}") from None
-  if record.get("format") != FORMAT:
-    raise base.AttributionError(f"{record_path} has format {record.get('format')!r}, expected "
-                                f"{FORMAT!r}")
-  values = np.asarray(ocp.PyTreeCheckpointer().restore(os.path.join(path, VALUES_DIR))["values"],
-                      np.float32)
+  tree, record = files.load_with_record(
+      path, arrays_dir=VALUES_DIR, record_file=META_FILE, fmt=FORMAT, error=base.AttributionError,
+      missing="not a directory of optimal-ablation values (find_circuit writes one to "
+              "--out/optimal_ablation)")
+  values = np.asarray(tree["values"], np.float32)
   if cfg is not None and values.shape != (E.n_senders(cfg), cfg.d_model):
     raise base.AttributionError(f"{path} holds optimal-ablation values of shape {values.shape}; "
                                 f"this model needs {(E.n_senders(cfg), cfg.d_model)}")

@@ -1,29 +1,23 @@
 """Fast EAP / EAP-IG-inputs kernels: gradients w.r.t. receiver inputs, contracted once per batch.
 
-`eap.weight_gradient_batch` differentiates the graph-form forward w.r.t. the edge weights `w`.
-That runs the correction `einsum("bpsd,sr->bprd", delta, 1 - w)` in every forward (it is zero at
-`w = 1`) and its transpose in every backward, once per IG step; on XLA:CPU those cost more than the
-transformer itself (see benchmarks/RESULTS.md). Here the same scores come from the linearity of the
-score in the receiver gradients:
+`eap.weight_gradient_batch` differentiates the graph-form forward w.r.t. the edge weights `w`: the
+correction `einsum("bpsd,sr->bprd", delta, 1 - w)` (zero at `w = 1`) and its transpose run in every
+forward and backward, and on XLA:CPU cost more than the transformer (benchmarks/RESULTS.md). Here
+the same scores come from their linearity in the receiver gradients:
 
     score[s, r] = (1/m) sum_k sum_{b,pos} (ablated_s - clean_s) . dm/dx_r (alpha_k)
 
-`ig_inputs_batch` (the kernel `attribute` uses):
-  * each IG step is one plain forward and backward with fused heads (no per-head copies of the
-    residual stream); the per-head q/k/v receiver gradients are never formed per step: the
-    LayerNorm/RMSNorm Jacobian is folded into the contraction (see its docstring), so a step keeps
-    only `[batch, pos, 3H, d_head]` head gradients;
-  * the blocks run as one `lax.scan` (one compiled block instead of n_layers) when the model is
-    small enough to keep a stacked copy of its block weights;
-  * the clean and corrupted runs share one forward, and the heads' sender differences are projected
-    once from their `hook_z` differences;
-  * the contraction with the sender differences happens once per batch, in position chunks that
-    stay in cache.
+`ig_inputs_batch` (the kernel `attribute` uses): each IG step is one plain forward and backward with
+fused heads, the LayerNorm/RMSNorm Jacobian folded into the contraction (see its docstring) so a
+step keeps only `[batch, pos, 3H, d_head]` head gradients; the blocks run as one `lax.scan` when a
+stacked copy of their weights fits; the clean and corrupted runs share one forward, the heads'
+sender differences are projected once from their `hook_z` differences, and the contraction with the
+sender differences happens once per batch, in position chunks that stay in cache.
 
 `_split_ig_inputs_batch` is the direct form: zero perturbations at the per-head inputs
-`blocks.{l}.hook_{q,k,v}_input` and at residual sites, receiver gradients `[batch, pos, receivers,
-d_model]` summed over the steps, one contraction per layer. It runs under `remat` (where sites can't
-be collected). Every kernel equals `eap.weight_gradient_batch` up to float rounding
+`blocks.{layer}.hook_{q,k,v}_input` and at residual sites, receiver gradients `[batch, pos,
+receivers, d_model]` summed over the steps, one contraction per layer. It runs under `remat` (where
+sites can't be collected). Every kernel equals `eap.weight_gradient_batch` up to float rounding
 (tests/test_receiver_grads.py).
 """
 
@@ -31,24 +25,23 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinterp.runtime import shared_prefix
 from jaxinterp.attribution.base import Shift
-from jaxinterp.tasks.metrics import metric_at_last, metric_sum
-from jaxinterp.tasks import Batch
 from jaxinterp.models import edges as E
+from jaxinterp.models import transformer as T
 from jaxinterp.models.config import ModelConfig
-from jaxinterp.models.transformer import (KVPrefix, Norm, embed_inputs, forward, last_token_logits,
-                                          layers_uniform, run_blocks, stack_blocks, ungroup_kv)
+from jaxinterp.runtime import shared_prefix
+from jaxinterp.tasks import Batch
+from jaxinterp.tasks.metrics import metric_at_last, metric_sum
 
 # Blocks run as one lax.scan (fast compiles) when their weights take at most this fraction of the
 # device's memory: the scan needs a stacked copy of them, which an 8B model can't spare on one GPU.
 SCAN_MAX_FRACTION = 0.15
+Array = jax.Array
 
 
 def _device_memory_bytes() -> int:
@@ -65,11 +58,9 @@ def _device_memory_bytes() -> int:
 def scan_blocks_fits(cfg: ModelConfig, params) -> bool:
   """Whether `ig_inputs_batch` runs the blocks as one scan (uniform blocks, and a stacked copy of
   their weights within SCAN_MAX_FRACTION of the device memory) rather than layer by layer."""
-  block_bytes = sum(x.size * x.dtype.itemsize for l in range(cfg.n_layers)
-                    for x in jax.tree.leaves(params[f"blocks_{l}"]))
-  return layers_uniform(cfg) and block_bytes <= SCAN_MAX_FRACTION * _device_memory_bytes()
-
-Array = jax.Array
+  block_bytes = sum(x.size * x.dtype.itemsize for li in range(cfg.n_layers)
+                    for x in jax.tree.leaves(params[f"blocks_{li}"]))
+  return T.layers_uniform(cfg) and block_bytes <= SCAN_MAX_FRACTION * _device_memory_bytes()
 
 
 def _eps_sites(cfg: ModelConfig, batch_shape: tuple, dtype) -> dict[str, Array]:
@@ -77,12 +68,12 @@ def _eps_sites(cfg: ModelConfig, batch_shape: tuple, dtype) -> dict[str, Array]:
   b, p = batch_shape
   H, d = cfg.n_heads, cfg.d_model
   eps = {}
-  for l in range(cfg.n_layers):
+  for li in range(cfg.n_layers):
     for x in "qkv":
-      eps[f"blocks.{l}.hook_{x}_input"] = jnp.zeros((b, p, H, d), dtype)
+      eps[f"blocks.{li}.hook_{x}_input"] = jnp.zeros((b, p, H, d), dtype)
     mid = "hook_resid_pre" if cfg.parallel_attn_mlp else "hook_resid_mid"
-    eps[f"blocks.{l}.{mid}"] = jnp.zeros((b, p, d), dtype)
-    eps[f"blocks.{l}.hook_resid_post"] = jnp.zeros((b, p, d), dtype)
+    eps[f"blocks.{li}.{mid}"] = jnp.zeros((b, p, d), dtype)
+    eps[f"blocks.{li}.hook_resid_post"] = jnp.zeros((b, p, d), dtype)
   return eps
 
 
@@ -96,13 +87,13 @@ def _receiver_grads(cfg: ModelConfig, g: dict[str, Array]) -> list[Array]:
   block the pre-residual also feeds the per-head attention inputs, which are subtracted too.
   """
   out = []
-  for l in range(cfg.n_layers):
-    q, k, v = (g[f"blocks.{l}.hook_{x}_input"] for x in "qkv")
-    post = g[f"blocks.{l}.hook_resid_post"]
+  for li in range(cfg.n_layers):
+    q, k, v = (g[f"blocks.{li}.hook_{x}_input"] for x in "qkv")
+    post = g[f"blocks.{li}.hook_resid_post"]
     if cfg.parallel_attn_mlp:
-      mlp = g[f"blocks.{l}.hook_resid_pre"] - post - (q + k + v).sum(2)
+      mlp = g[f"blocks.{li}.hook_resid_pre"] - post - (q + k + v).sum(2)
     else:
-      mlp = g[f"blocks.{l}.hook_resid_mid"] - post
+      mlp = g[f"blocks.{li}.hook_resid_mid"] - post
     out.append(jnp.concatenate([q, k, v, mlp[:, :, None]], 2))
   out.append(g[f"blocks.{cfg.n_layers - 1}.hook_resid_post"])
   return out
@@ -122,11 +113,11 @@ def contract(cfg: ModelConfig, diff: Array, grads: list[Array]) -> Array:
   b, p, _, d = diff.shape
   dT = jnp.moveaxis(diff, 2, 0).reshape(S, b * p * d).astype(jnp.float32)  # one transpose per batch
   scores = jnp.zeros((S, R), jnp.float32)
-  for l in range(cfg.n_layers):
-    G = grads[l].astype(jnp.float32)
+  for li in range(cfg.n_layers):
+    G = grads[li].astype(jnp.float32)
     GT = jnp.moveaxis(G, 2, 0).reshape(3 * H + 1, b * p * d)
-    n_attn, n_mlp = E.n_upstream_of_attn(cfg, l), E.n_upstream_of_mlp(cfg, l)
-    r0 = E.head_receiver(cfg, l, 0, "q")
+    n_attn, n_mlp = E.n_upstream_of_attn(cfg, li), E.n_upstream_of_mlp(cfg, li)
+    r0 = E.head_receiver(cfg, li, 0, "q")
     scores = scores.at[:n_attn, r0:r0 + 3 * H].set(dT[:n_attn] @ GT[:3 * H].T)
     scores = scores.at[:n_mlp, r0 + 3 * H].set(dT[:n_mlp] @ GT[3 * H])
   g_log = grads[-1].astype(jnp.float32).reshape(b * p * d)
@@ -136,18 +127,18 @@ def contract(cfg: ModelConfig, diff: Array, grads: list[Array]) -> Array:
 def _norms(cfg: ModelConfig, stacked_norm, method: str, *args):
   """A `Norm` method applied layer by layer: stacked params and args with a leading layer axis."""
   def one(p, *a):
-    return Norm(cfg).apply({"params": p}, *a, method=getattr(Norm, method))
+    return T.Norm(cfg).apply({"params": p}, *a, method=getattr(T.Norm, method))
   return jax.vmap(one)(stacked_norm, *args)
 
 
 def _stack(cfg: ModelConfig, params, *path: str) -> Array:
   """One block parameter stacked over layers, e.g. `_stack(cfg, params, "ln1", "w")`: [L, ...]."""
-  def get(l):
-    x = params[f"blocks_{l}"]
+  def get(li):
+    x = params[f"blocks_{li}"]
     for k in path:
       x = x[k]
     return x
-  return jnp.stack([get(l) for l in range(cfg.n_layers)])
+  return jnp.stack([get(li) for li in range(cfg.n_layers)])
 
 
 def _norm_params(cfg: ModelConfig, params, name: str) -> dict:
@@ -156,8 +147,8 @@ def _norm_params(cfg: ModelConfig, params, name: str) -> dict:
 
 
 def _ig_steps(cfg: ModelConfig, task, params, stacked, batch: Batch, alphas: Array,
-              e_clean: Array, e_corrupt: Array, diff: Array, clean_logits: Optional[Array],
-              positions: Optional[Array] = None, prefix: Optional[KVPrefix] = None):
+              e_clean: Array, e_corrupt: Array, diff: Array, clean_logits: Array | None,
+              positions: Array | None = None, prefix: T.KVPrefix | None = None):
   """The per-step part of `ig_inputs_batch`: one plain forward + backward per IG step (over the
   suffix positions only, given their `positions` and the clean `prefix`: `shared_prefix`).
 
@@ -177,25 +168,25 @@ def _ig_steps(cfg: ModelConfig, task, params, stacked, batch: Batch, alphas: Arr
   eps0["final"] = jnp.zeros((b, p, d), dt)
   ln1, ln2 = _norm_params(cfg, params, "ln1"), _norm_params(cfg, params, "ln2")
   # The norm bias's and the projection bias's share of q/k/v: q - offset = (gamma x_hat) W_Q.
-  def offset(l: int, c: str) -> Array:  # [H, d_head]
-    attn = params[f"blocks_{l}"]["attn"]
+  def offset(li: int, c: str) -> Array:  # [H, d_head]
+    attn = params[f"blocks_{li}"]["attn"]
     o = jnp.zeros((H, dh), jnp.float32)
     if cfg.attn_bias:
       o = o + attn[f"b_{c}"].astype(jnp.float32)
     if "b" in ln1:
-      o = o + jnp.einsum("d,hde->he", ln1["b"][l], attn[f"W_{c}"],
+      o = o + jnp.einsum("d,hde->he", ln1["b"][li], attn[f"W_{c}"],
                          preferred_element_type=jnp.float32)
     return o
 
-  offsets = jnp.stack([jnp.concatenate([offset(l, c) for c in "QKV"]) for l in range(L)])
+  offsets = jnp.stack([jnp.concatenate([offset(li, c) for c in "QKV"]) for li in range(L)])
 
   def f(eps, alpha):
     emb = e_corrupt + alpha.astype(dt) * (e_clean - e_corrupt)
     iv = {n: Shift(e) for n, e in eps.items() if n != "final"}
-    resid, ys = run_blocks(cfg, params, emb, batch.mask, iv, collect, stacked=stacked,
+    resid, ys = T.run_blocks(cfg, params, emb, batch.mask, iv, collect, stacked=stacked,
                            positions=positions, prefix=prefix)
     resid = resid + eps["final"]
-    x = Norm(cfg).apply({"params": params.get("ln_final", {})}, resid)
+    x = T.Norm(cfg).apply({"params": params.get("ln_final", {})}, resid)
     total, values = metric_at_last(cfg, task, params, batch, x, clean_logits)
     return total, (values, ys)
 
@@ -213,7 +204,7 @@ def _ig_steps(cfg: ModelConfig, task, params, stacked, batch: Batch, alphas: Arr
       t3 = t3 + jnp.einsum("bpsl,lbpr->lsr", e, coef)
 
     def mlp_grad(p_ln2, x, gy):
-      _, vjp = jax.vjp(lambda x: Norm(cfg).apply({"params": p_ln2}, x), x)
+      _, vjp = jax.vjp(lambda x: T.Norm(cfg).apply({"params": p_ln2}, x), x)
       return vjp(gy)[0]
 
     g_mlp = jax.vmap(mlp_grad)(ln2, ys[x_mlp], g["ln2.hook_normalized"])
@@ -227,12 +218,12 @@ def _ig_steps(cfg: ModelConfig, task, params, stacked, batch: Batch, alphas: Arr
 
 
 def _senders(cfg: ModelConfig, params, stacked, emb: Array, mask: Array,
-             sfx: Optional[shared_prefix.Suffix] = None):
+             sfx: shared_prefix.Suffix | None = None):
   """Every sender's output ([batch, pos, sender, d_model], the input node first), the residual
   stream after the last block and, with a suffix `sfx`, the run's keys and values before it
-  (`KVPrefix`, else None), from one forward of the blocks."""
+  (`T.KVPrefix`, else None), from one T.forward of the blocks."""
   kv = shared_prefix.KV_SITES if sfx is not None else ()
-  final, ys = run_blocks(cfg, params, emb, mask, collect=kv, record_senders=True, stacked=stacked)
+  final, ys = T.run_blocks(cfg, params, emb, mask, collect=kv, record_senders=True, stacked=stacked)
   per_layer = jnp.moveaxis(ys["hook_senders"], 0, 2)  # [b, p, L, H + 1, d]
   b, p = mask.shape
   senders = jnp.concatenate([emb[:, :, None], per_layer.reshape(b, p, -1, cfg.d_model)], 2)
@@ -241,10 +232,10 @@ def _senders(cfg: ModelConfig, params, stacked, emb: Array, mask: Array,
 
 
 def _patching_diff(cfg: ModelConfig, params, stacked, e_clean: Array, e_corrupt: Array,
-                   mask: Array, sfx: Optional[shared_prefix.Suffix] = None):
+                   mask: Array, sfx: shared_prefix.Suffix | None = None):
   """Corrupted minus clean sender outputs, Float[Array, "batch pos sender d_model"] (float32),
   the clean residual stream after the last block, and (with a suffix `sfx`) the clean run's keys
-  and values before it (`KVPrefix`, else None).
+  and values before it (`T.KVPrefix`, else None).
 
   Clean and corrupted rows run as one scanned forward that keeps only `hook_z` and `hook_mlp_out`;
   a head's output is linear in its z (`z_h W_O[h]`), so the heads' differences are projected once,
@@ -256,7 +247,7 @@ def _patching_diff(cfg: ModelConfig, params, stacked, e_clean: Array, e_corrupt:
   names = ("attn.hook_z", "hook_mlp_out")
   if sfx is None:
     b = e_clean.shape[0]
-    final, ys = run_blocks(cfg, params, jnp.concatenate([e_clean, e_corrupt]),
+    final, ys = T.run_blocks(cfg, params, jnp.concatenate([e_clean, e_corrupt]),
                            jnp.concatenate([mask, mask]), collect=names, stacked=stacked)
     clean = {k: ys[k][:, :b] for k in names}
     corrupt = {k: ys[k][:, b:] for k in names}
@@ -267,13 +258,12 @@ def _patching_diff(cfg: ModelConfig, params, stacked, e_clean: Array, e_corrupt:
     clean = {k: sfx.take(ys[k], axis=2) for k in names}
     e_clean, e_corrupt = sfx.take(e_clean), sfx.take(e_corrupt)
   b, p, d = e_clean.shape
-  f32 = lambda y: {k: v.astype(jnp.float32) for k, v in y.items()}
-  clean, corrupt = f32(clean), f32(corrupt)
+  clean, corrupt = ({k: v.astype(jnp.float32) for k, v in y.items()} for y in (clean, corrupt))
   dz = corrupt["attn.hook_z"] - clean["attn.hook_z"]
   mlp_diff = corrupt["hook_mlp_out"] - clean["hook_mlp_out"]
-  heads = jnp.stack([jnp.einsum("bphe,hed->bphd", dz[l], params[f"blocks_{l}"]["attn"]["W_O"],
+  heads = jnp.stack([jnp.einsum("bphe,hed->bphd", dz[li], params[f"blocks_{li}"]["attn"]["W_O"],
                                 preferred_element_type=jnp.float32)
-                     for l in range(L)], 2)  # [b, p, L, H, d]
+                     for li in range(L)], 2)  # [b, p, L, H, d]
   per_layer = jnp.concatenate([heads, jnp.moveaxis(mlp_diff, 0, 2)[:, :, :, None]], 3)
   diff = jnp.concatenate([(e_corrupt - e_clean).astype(jnp.float32)[:, :, None],
                           per_layer.reshape(b, p, L * (H + 1), d)], 2)
@@ -313,18 +303,18 @@ def _contract(cfg: ModelConfig, params, diff: Array, P_sum: Array, mlp_sum: Arra
   Pc = jnp.moveaxis(P_sum, 0, 2).reshape(chunks, size, L, 3 * H, P_sum.shape[-1])
   Mc = jnp.concatenate([jnp.moveaxis(mlp_sum, 0, 2), log_sum[:, :, None]], 2)
   Mc = Mc.reshape(chunks, size, L + 1, d)
-  gammas = [Norm(cfg).apply({"params": params[f"blocks_{l}"].get("ln1", {})}, method=Norm.gain)
-            for l in range(L)]
+  gammas = [T.Norm(cfg).apply({"params": params[f"blocks_{li}"].get("ln1", {})},
+                             method=T.Norm.gain) for li in range(L)]
 
   def body(acc, xs):
     Dn, Pn, Mn = xs
     A = []
-    for l in range(L):
-      attn = params[f"blocks_{l}"]["attn"]
+    for li in range(L):
+      attn = params[f"blocks_{li}"]["attn"]
       for i, c in enumerate("QKV"):
         W = attn[f"W_{c}"]  # [H, d, d_head]
-        A.append(jnp.einsum("nhe,hde->nhd", Pn[:, l, i * H:(i + 1) * H].astype(W.dtype), W,
-                            preferred_element_type=jnp.float32) * gammas[l])
+        A.append(jnp.einsum("nhe,hde->nhd", Pn[:, li, i * H:(i + 1) * H].astype(W.dtype), W,
+                            preferred_element_type=jnp.float32) * gammas[li])
     A = jnp.concatenate(A, 1)  # [size, L*3H, d]
     if layernorm:
       A = A - A.mean(-1, keepdims=True)
@@ -337,7 +327,7 @@ def _contract(cfg: ModelConfig, params, diff: Array, P_sum: Array, mlp_sum: Arra
 
 @functools.partial(jax.jit, static_argnames=("cfg", "task", "remat", "suffix"))
 def ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alphas: Array,
-                    remat: bool = False, suffix: Optional[int] = None):
+                    remat: bool = False, suffix: int | None = None):
   """EAP / EAP-IG-inputs / clean-corrupted scores of one batch.
 
   Same contract as the weight-gradient reference `eap.weight_gradient_batch(cfg, task, params,
@@ -348,16 +338,18 @@ def ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alph
   ablated sender values.
 
   Each IG step is one plain (fused-head) forward and backward; the blocks run as one `lax.scan`
-  (compiled once) when `scan_blocks_fits`, else layer by layer. The receiver gradient of head h's q input is `J^T (W_Q[h] dq_h)`, with dq_h the
-  gradient at `attn.hook_q` and J the Jacobian of ln1 at the layer input x. For LayerNorm,
+  (compiled once) when `scan_blocks_fits`, else layer by layer. The receiver gradient of head h's q
+  input is `J^T (W_Q[h] dq_h)`, with dq_h the gradient at `attn.hook_q` and J the Jacobian of ln1
+  at the layer input x. For LayerNorm,
   `J^T u = (1/sigma) (gamma u - mean(gamma u) - x_hat mean(gamma u x_hat))` (RMSNorm: without the
   mean term), so with D_s the sender difference and P = dq_h / sigma,
 
-      D_s . J^T W dq = D_s . (gamma W P) - sum(D_s) mean(gamma W P) - (D_s . x_hat) (P . (gamma x_hat W)) / d
+      D_s . J^T W dq = D_s . (gamma W P) - sum(D_s) mean(gamma W P)
+                       - (D_s . x_hat) (P . (gamma x_hat W)) / d
 
   and `gamma x_hat W = q - b_Q - beta W`. The first two terms are linear in P with step-independent
-  factors, so P is summed over the steps ([batch, pos, 3H, d_head], d_model/d_head times smaller than
-  the receiver gradients) and expanded once per batch; the third is contracted per step through
+  factors, so P is summed over the steps ([batch, pos, 3H, d_head], d_model/d_head times smaller
+  than the receiver gradients) and expanded once per batch; the third is contracted per step through
   [batch, pos, sender] and [batch, pos, receiver] factors. No [batch, pos, receiver, d_model] array
   is formed per step. GQA models are ungrouped first (`models.transformer.ungroup_kv`).
 
@@ -370,12 +362,12 @@ def ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alph
   """
   if remat:
     return _split_ig_inputs_batch(cfg, task, params, batch, ablation, alphas, remat=remat)
-  cfg, params = ungroup_kv(cfg, params)
+  cfg, params = T.ungroup_kv(cfg, params)
   L, H = cfg.n_layers, cfg.n_heads
   S = E.n_senders(cfg)
-  stacked = stack_blocks(cfg, params) if scan_blocks_fits(cfg, params) else None
-  e_corrupt = embed_inputs(cfg, params, batch.corrupted, batch.mask)
-  e_clean = embed_inputs(cfg, params, batch.clean, batch.mask)
+  stacked = T.stack_blocks(cfg, params) if scan_blocks_fits(cfg, params) else None
+  e_corrupt = T.embed_inputs(cfg, params, batch.corrupted, batch.mask)
+  e_clean = T.embed_inputs(cfg, params, batch.clean, batch.mask)
   sfx = None if suffix is None else shared_prefix.Suffix.of(batch, suffix)
   if ablation.kind == "patching" and not cfg.post_norms:  # clean and corrupted in one forward
     diff, final, prefix = _patching_diff(cfg, params, stacked, e_clean, e_corrupt, batch.mask, sfx)
@@ -384,8 +376,8 @@ def ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alph
     ablated = ablation.values(cfg, params, batch)
     diff = (ablated - clean).astype(jnp.float32)  # [b, p, S, d]
     diff = diff if sfx is None else sfx.take(diff)
-  x = Norm(cfg).apply({"params": params.get("ln_final", {})}, final)
-  clean_logits = last_token_logits(cfg, params, x, batch.last)
+  x = T.Norm(cfg).apply({"params": params.get("ln_final", {})}, final)
+  clean_logits = T.last_token_logits(cfg, params, x, batch.last)
   clean_values = task.metric(clean_logits, batch.replace(last=jnp.zeros_like(batch.last)),
                              clean_logits)
   positions = None
@@ -399,8 +391,8 @@ def ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alph
   totals = _contract(cfg, params, diff, P_sum, mlp_sum, log_sum)
   attn = jnp.moveaxis(totals[:, :L * 3 * H].reshape(S, L, 3 * H), 1, 0) - t3  # [L, S, 3H]
   mlp = totals[:, L * 3 * H:L * 3 * H + L].T  # [L, S]
-  n_attn = np.array([E.n_upstream_of_attn(cfg, l) for l in range(L)])
-  n_mlp = np.array([E.n_upstream_of_mlp(cfg, l) for l in range(L)])
+  n_attn = np.array([E.n_upstream_of_attn(cfg, li) for li in range(L)])
+  n_mlp = np.array([E.n_upstream_of_mlp(cfg, li) for li in range(L)])
   senders = np.arange(S)
   attn = jnp.where((senders[None, :] < n_attn[:, None])[..., None], attn, 0.0)
   mlp = jnp.where(senders[None, :] < n_mlp[:, None], mlp, 0.0)
@@ -412,36 +404,37 @@ def ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alph
 
 def _split_ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alphas: Array,
                            remat: bool = False):
-  """The per-head-input form of `ig_inputs_batch` (used under remat, where sites can't be collected).
+  """The per-head-input form of `ig_inputs_batch` (under remat, where sites can't be collected).
 
   Same contract as `ig_inputs_batch`. Each step differentiates w.r.t. zero perturbations of the
-  per-head inputs `blocks.{l}.hook_{q,k,v}_input` (and residual sites for the MLP and logits
+  per-head inputs `blocks.{layer}.hook_{q,k,v}_input` (and residual sites for the MLP and logits
   inputs), sums those receiver gradients over the steps and contracts them with the sender
   differences once per batch.
   """
   ablated = ablation.values(cfg, params, batch)
-  _, c = forward(cfg, params, batch.clean, attention_mask=batch.mask, edges=E.EdgePatch(None, None),
-                 collect=("hook_senders", "ln_final.hook_normalized"))
+  _, c = T.forward(cfg, params, batch.clean, attention_mask=batch.mask,
+                   edges=E.EdgePatch(None, None),
+                   collect=("hook_senders", "ln_final.hook_normalized"))
   clean = c["hook_senders"]
-  last_logits = last_token_logits(cfg, params, c["ln_final.hook_normalized"], batch.last)
+  last_logits = T.last_token_logits(cfg, params, c["ln_final.hook_normalized"], batch.last)
   clean_values = task.metric(last_logits, batch.replace(last=jnp.zeros_like(batch.last)),
                              last_logits)
   clean_logits = last_logits if task.needs_clean_logits else None
   e_clean = clean[:, :, 0]
-  e_corrupt = embed_inputs(cfg, params, batch.corrupted, batch.mask)
+  e_corrupt = T.embed_inputs(cfg, params, batch.corrupted, batch.mask)
   eps0 = _eps_sites(cfg, batch.clean.shape, e_clean.dtype)
 
   def f(eps, alpha):
     emb = e_corrupt + alpha.astype(e_clean.dtype) * (e_clean - e_corrupt)
     iv = {n: Shift(e) for n, e in eps.items()}
-    if remat:  # forward() refuses collect under remat: use the full logits there
-      logits = forward(cfg, params, batch.clean, attention_mask=batch.mask, input_embeds=emb,
+    if remat:  # T.forward() refuses collect under remat: use the full logits there
+      logits = T.forward(cfg, params, batch.clean, attention_mask=batch.mask, input_embeds=emb,
                        interventions=iv, remat=True)
       if clean_logits is not None:
-        full_clean = forward(cfg, params, batch.clean, attention_mask=batch.mask)
+        full_clean = T.forward(cfg, params, batch.clean, attention_mask=batch.mask)
         return metric_sum(task, logits, batch, full_clean)
       return metric_sum(task, logits, batch, None)
-    _, cache = forward(cfg, params, batch.clean, attention_mask=batch.mask, input_embeds=emb,
+    _, cache = T.forward(cfg, params, batch.clean, attention_mask=batch.mask, input_embeds=emb,
                        interventions=iv, collect=("ln_final.hook_normalized",))
     # The full logits are dead code (XLA removes them): the metric reads the last position only.
     return metric_at_last(cfg, task, params, batch, cache["ln_final.hook_normalized"],

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -42,8 +41,8 @@ import optax
 
 from jaxinterp.attribution import base, masks
 from jaxinterp.circuits import Graph
-from jaxinterp.models.config import ModelConfig
 from jaxinterp.circuits.layout import valid_edges
+from jaxinterp.models.config import ModelConfig
 
 INIT_THETA = 1.0
 CLIP_NORM = 5.0
@@ -65,7 +64,7 @@ class UGSOptions(masks.MaskOptions):
   mask_batch: int = 5
   reg_lamb: float = 1e-3
   ugs_samples: int = 12
-  node_reg: Optional[float] = None
+  node_reg: float | None = None
   prune_dangling: bool = True
 
   def __post_init__(self):
@@ -120,7 +119,10 @@ def _loss(cfg, task, options: UGSOptions, params, theta, batch, clean_last, abla
   m = sample_masks(key, theta, n_s * batch.clean.shape[0])  # rows sample-major, as the reference
   if options.prune_dangling:
     m = m * jax.lax.stop_gradient(masks.prune_dangling(cfg, m > 0).astype(m.dtype))
-  rep = lambda x: jnp.concatenate([x] * n_s, 0)
+
+  def rep(x):
+    return jnp.concatenate([x] * n_s, 0)
+
   rows = jax.tree.map(rep, batch)
   kl = masks.mean_real(masks.circuit_loss(cfg, task, options.mask_objective, params, rows,
                                           rep(clean_last), rep(ablated), m), rows)

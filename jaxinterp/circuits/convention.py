@@ -10,8 +10,8 @@
 Signed selection (`absolute=False`) always ranks by importance (`importance_sign * score`, higher
 first), so it picks the same edges whatever the convention, and the same as EAP-IG's
 `apply_topn(absolute=False)` and MIB do. A graph's convention is its meta's `score_convention`;
-files are written in the `loss` convention (`circuits.io`), so EAP-IG and MIB read them as we do.
-A graph without the key is in the `loss` convention (EAP-IG's and MIB's files have no meta), except a
+files are written in the `loss` convention (`circuits.io`), so EAP-IG and MIB read them as we do. A
+graph without the key is in the `loss` convention (EAP-IG's and MIB's files have no meta), except a
 file written by jaxinterp before the key existed (its meta has `jaxinterp_version`): those hold
 `metric` scores (or `loss` ones if their `metric` was `kl` or `cross-entropy`).
 
@@ -22,7 +22,8 @@ A metric-convention score relates to the EAP-IG package's own number on the same
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 KEY = "score_convention"
 METRIC = "metric"

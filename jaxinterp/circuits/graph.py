@@ -14,12 +14,13 @@ All bad input raises `GraphError` (a `ValueError`) with a message that names wha
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Optional, Union
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from jaxinterp.circuits import convention, io, layout, selection
-from jaxinterp.circuits.layout import GraphError, GraphShape
+from jaxinterp.circuits.layout import GraphError
 
 # "Float[ndarray, 'sender receiver']" style shape comments below refer to numpy arrays.
 
@@ -46,12 +47,12 @@ class Graph:
       "neurons"): the output dimensions kept live (`levels.evaluate_neuron_circuits`).
   """
 
-  def __init__(self, cfg: Any, scores: Optional[np.ndarray] = None,
-               in_graph: Optional[np.ndarray] = None, nodes_in_graph: Optional[np.ndarray] = None,
-               node_attribution: Optional[np.ndarray] = None,
-               meta: Optional[Mapping[str, Any]] = None,
-               neuron_scores: Optional[np.ndarray] = None,
-               neurons_in_graph: Optional[np.ndarray] = None):
+  def __init__(self, cfg: Any, scores: np.ndarray | None = None,
+               in_graph: np.ndarray | None = None, nodes_in_graph: np.ndarray | None = None,
+               node_attribution: np.ndarray | None = None,
+               meta: Mapping[str, Any] | None = None,
+               neuron_scores: np.ndarray | None = None,
+               neurons_in_graph: np.ndarray | None = None):
     self.cfg = cfg
     self._layout = layout.layout_for(layout.shape_key(cfg))
     L = self._layout
@@ -68,7 +69,7 @@ class Graph:
         scores = np.where(L.valid, scores, 0).astype(np.float32)
       bad = ~np.isfinite(scores)
       if bad.any():
-        names = [self.edge_name(int(s), int(r)) for s, r in zip(*np.nonzero(bad))]
+        names = [self.edge_name(int(s), int(r)) for s, r in zip(*np.nonzero(bad), strict=True)]
         raise GraphError(f"{len(names)} edge score(s) are NaN or infinite: "
                          f"{layout.list_some(names)}")
       self.scores = scores
@@ -110,25 +111,26 @@ class Graph:
           raise GraphError(f"{name} contains infinite values")
         setattr(self, name, x)
 
-  # -- construction ---------------------------------------------------------------------------------
+  # -- construction --------------------------------------------------------------------------------
 
   @classmethod
-  def from_config(cls, cfg: Any, scores: Optional[np.ndarray] = None,
-                  score_convention: Optional[str] = None) -> "Graph":
+  def from_config(cls, cfg: Any, scores: np.ndarray | None = None,
+                  score_convention: str | None = None) -> Graph:
     """An empty circuit over `cfg`'s graph, optionally with edge scores `[n_senders, n_receivers]`.
 
     `score_convention` (recorded in `meta`) says what the scores' sign means: `metric` for
     `attribution.attribute` scores of a higher-is-better metric (`convention.for_task(task)`),
     `loss` (the default) for EAP-IG's and MIB's.
     """
-    meta = None if score_convention is None else {convention.KEY: convention.check(score_convention)}
+    meta = (None if score_convention is None
+            else {convention.KEY: convention.check(score_convention)})
     return cls(cfg, scores=scores, meta=meta)
 
-  def copy(self) -> "Graph":
+  def copy(self) -> Graph:
     return Graph(self.cfg, self.scores, self.in_graph, self.nodes_in_graph, self.node_attribution,
                  self.meta, self.neuron_scores, self.neurons_in_graph)
 
-  def replace(self, **changes: Any) -> "Graph":
+  def replace(self, **changes: Any) -> Graph:
     """A new graph with some constructor fields changed, the others as in this graph.
 
     Fields: `cfg`, `scores`, `in_graph`, `nodes_in_graph`, `node_attribution`, `meta`,
@@ -147,8 +149,9 @@ class Graph:
     fields.update(changes)
     return Graph(**fields)
 
-  def with_edges(self, mask: np.ndarray, prune: bool = False) -> "Graph":
-    """A graph with these scores whose circuit is the valid edges of `mask` (nodes derived from it)."""
+  def with_edges(self, mask: np.ndarray, prune: bool = False) -> Graph:
+    """A graph with these scores whose circuit is the valid edges of `mask` (nodes derived from
+    it)."""
     mask = np.asarray(mask, bool)
     if mask.shape != self.valid.shape:
       raise GraphError(f"edge mask has shape {mask.shape}, expected {self.valid.shape}")
@@ -156,15 +159,15 @@ class Graph:
               self.neuron_scores, self.neurons_in_graph)
     return g.prune() if prune else g
 
-  def full(self) -> "Graph":
+  def full(self) -> Graph:
     """The whole model: every valid edge and node in the graph."""
     return self.with_edges(self.valid)
 
-  def empty(self) -> "Graph":
+  def empty(self) -> Graph:
     """The empty circuit (every edge ablated)."""
     return self.with_edges(np.zeros_like(self.valid))
 
-  # -- layout -----------------------------------------------------------------------------------------
+  # -- layout --------------------------------------------------------------------------------------
 
   @property
   def layout(self) -> layout.Layout:
@@ -210,21 +213,17 @@ class Graph:
     """Int[ndarray, "receiver"]: node index owning each receiver (`n_senders` for logits)."""
     return self._layout.receiver_node
 
-  def shape_config(self) -> GraphShape:
-    L = self._layout
-    return GraphShape(L.n_layers, L.n_heads, L.parallel, getattr(self.cfg, "d_model", None))
-
   def edge_name(self, sender: int, receiver: int) -> str:
     """EAP-IG name of edge (sender, receiver), e.g. `a0.h1->a3.h2<q>`."""
     return self._layout.edge_name(sender, receiver)
 
-  def ranked_edges(self, k: Optional[int] = None, absolute: bool = True) -> list[tuple[str, float]]:
+  def ranked_edges(self, k: int | None = None, absolute: bool = True) -> list[tuple[str, float]]:
     """The valid edges as (name, score), best first by |score| (or signed score); the top `k`."""
-    s_idx, r_idx = np.nonzero(self.valid)
-    key = self._key(absolute)[s_idx, r_idx]
-    order = np.lexsort((np.arange(key.size), -key))[:k]
-    return [(self.edge_name(int(s_idx[i]), int(r_idx[i])), float(self.scores[s_idx[i], r_idx[i]]))
-            for i in order]
+    order = selection.ranked(np.where(self.valid, self.scores, np.nan), absolute=absolute,
+                             score_convention=self.score_convention)[:k]
+    s_idx, r_idx = np.divmod(order, self.n_receivers)
+    return [(self.edge_name(int(s), int(r)), float(self.scores[s, r]))
+            for s, r in zip(s_idx, r_idx, strict=True)]
 
   def edge_index(self, name: str) -> tuple[int, int]:
     """(sender, receiver) of an EAP-IG edge name; GraphError for names that are not edges here."""
@@ -241,7 +240,7 @@ class Graph:
     return (f"Graph({self._describe()}, edges {self.count_edges()}/{self.n_edges}, "
             f"nodes {self.count_nodes()}/{self.n_nodes})")
 
-  # -- circuit state ---------------------------------------------------------------------------------
+  # -- circuit state -------------------------------------------------------------------------------
 
   def count_edges(self) -> int:
     """Edges in the circuit."""
@@ -260,10 +259,11 @@ class Graph:
     return self.in_graph.astype(dtype)
 
   def _nodes_from_edges(self, mask: np.ndarray) -> np.ndarray:
-    """EAP-IG's node rule: an in-graph outgoing edge and an in-graph incoming edge (input exempt)."""
+    """EAP-IG's node rule: an in-graph outgoing edge and an in-graph incoming edge (input
+    exempt)."""
     return self._layout.nodes_from_edges(mask)
 
-  # -- node scores -----------------------------------------------------------------------------------
+  # -- node scores ---------------------------------------------------------------------------------
 
   @property
   def score_convention(self) -> str:
@@ -275,9 +275,6 @@ class Graph:
     important (scores negated in the `metric` convention); signed selection ranks by this."""
     return self.scores * np.float32(convention.importance_sign(self.score_convention))
 
-  def _key(self, absolute: bool) -> np.ndarray:
-    return selection.ranking_key(self, absolute)
-
   def node_scores(self, absolute: bool = True) -> np.ndarray:
     """Float[ndarray, "sender"]: each node's summed outgoing valid-edge scores.
 
@@ -285,58 +282,55 @@ class Graph:
     node matters through any path); with `absolute=False` the signed sum. `logits` has no outgoing
     edges and no entry. Node-level attribution scores, when available, are in `node_attribution`.
     """
-    key = self._key(absolute)
+    key = selection.ranking_key(self, absolute)
     return np.where(self.valid, key, 0).sum(axis=1, dtype=np.float64).astype(np.float32)
 
-  # -- selection (`circuits.selection`) --------------------------------------------------------------
+  # -- selection (`circuits.selection`) ------------------------------------------------------------
 
-  def top_n(self, n: int, absolute: bool = True, prune: bool = True) -> "Graph":
-    """`selection.top_n`: the `n` best-scoring valid edges, then optionally pruned."""
-    return selection.top_n(self, n, absolute=absolute, prune=prune)
+  def top_n(self, n: int, absolute: bool = True, prune: bool = True,
+            level: str = "edge") -> Graph:
+    """`selection.top_n`: the `n` best-scoring edges (or nodes, or neurons: `level`), then
+    optionally pruned."""
+    return selection.top_n(self, n, level=level, absolute=absolute, prune=prune)
 
-  def threshold(self, t: float, absolute: bool = True, prune: bool = True) -> "Graph":
+  def threshold(self, t: float, absolute: bool = True, prune: bool = True) -> Graph:
     """`selection.threshold`: every valid edge whose (absolute) score is `>= t`."""
     return selection.threshold(self, t, absolute=absolute, prune=prune)
 
-  def greedy(self, n: int, absolute: bool = True, prune: bool = True) -> "Graph":
+  def greedy(self, n: int, absolute: bool = True, prune: bool = True) -> Graph:
     """`selection.greedy`: EAP-IG's greedy growth from the logits, `n` edges."""
     return selection.greedy(self, n, absolute=absolute, prune=prune)
 
-  def prune(self) -> "Graph":
+  def prune(self) -> Graph:
     """`selection.prune`: only the edges on some input -> logits path of the circuit."""
     return selection.prune(self)
 
-  def top_n_nodes(self, n: int, absolute: bool = True, scores: Optional[np.ndarray] = None,
-                  prune: bool = True) -> "Graph":
-    """`selection.top_n_nodes`: the `n` best heads/MLPs and every valid edge between kept nodes."""
-    return selection.top_n_nodes(self, n, absolute=absolute, scores=scores, prune=prune)
+  # -- files (`circuits.io`) -----------------------------------------------------------------------
 
-  # -- files (`circuits.io`) -------------------------------------------------------------------------
-
-  def to_dict(self, meta: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+  def to_dict(self, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """`io.to_dict`: the EAP-IG JSON structure, every valid edge with its score, plus `meta`."""
     return io.to_dict(self, meta)
 
-  def to_json(self, path: Union[str, os.PathLike], meta: Optional[Mapping[str, Any]] = None) -> None:
+  def to_json(self, path: str | os.PathLike, meta: Mapping[str, Any] | None = None) -> None:
     """`io.to_json`: write EAP-IG `graph.json` atomically."""
     io.to_json(self, path, meta)
 
   @classmethod
-  def from_json(cls, path: Union[str, os.PathLike], cfg: Any = None,
-                require_all_edges: bool = False) -> "Graph":
+  def from_json(cls, path: str | os.PathLike, cfg: Any = None,
+                require_all_edges: bool = False) -> Graph:
     """`io.from_json`: read an EAP-IG graph JSON (ours or EAP-IG's, old or new format)."""
     return io.from_json(cls, path, cfg, require_all_edges)
 
   @classmethod
-  def from_dict(cls, d: Any, cfg: Any = None, require_all_edges: bool = False) -> "Graph":
+  def from_dict(cls, d: Any, cfg: Any = None, require_all_edges: bool = False) -> Graph:
     """`io.from_dict`: build a graph from a parsed EAP-IG JSON structure."""
     return io.from_dict(cls, d, cfg, require_all_edges)
 
-  def to_npz(self, path: Union[str, os.PathLike], meta: Optional[Mapping[str, Any]] = None) -> None:
+  def to_npz(self, path: str | os.PathLike, meta: Mapping[str, Any] | None = None) -> None:
     """`io.to_npz`: write the matrices as an `.npz`, atomically."""
     io.to_npz(self, path, meta)
 
   @classmethod
-  def from_npz(cls, path: Union[str, os.PathLike], cfg: Any = None) -> "Graph":
+  def from_npz(cls, path: str | os.PathLike, cfg: Any = None) -> Graph:
     """`io.from_npz`: read a graph written by `to_npz`."""
     return io.from_npz(cls, path, cfg)

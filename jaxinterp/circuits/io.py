@@ -24,8 +24,9 @@ import json
 import math
 import numbers
 import os
+from collections.abc import Mapping
 from io import BytesIO
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -50,7 +51,7 @@ _F32_MAX = float(np.finfo(np.float32).max)
 
 
 
-def _atomic_write(path: Union[str, os.PathLike], data: bytes) -> None:
+def _atomic_write(path: str | os.PathLike, data: bytes) -> None:
   """`files.atomic_write`, reporting failures as `GraphError`."""
   try:
     atomic_write(path, data)
@@ -59,7 +60,7 @@ def _atomic_write(path: Union[str, os.PathLike], data: bytes) -> None:
 
 
 
-def _as_score(x: Any) -> Optional[float]:
+def _as_score(x: Any) -> float | None:
   """A JSON score as a float; None if it is not a real number (bools are not numbers here)."""
   if isinstance(x, bool) or not isinstance(x, numbers.Real):
     return None
@@ -70,7 +71,7 @@ def _as_score(x: Any) -> Optional[float]:
 
 
 
-def _as_flag(x: Any) -> Optional[bool]:
+def _as_flag(x: Any) -> bool | None:
   if isinstance(x, bool):
     return x
   if isinstance(x, int) and x in (0, 1):
@@ -101,7 +102,8 @@ def _shape_from_json_cfg(jcfg: dict) -> GraphShape:
 def _check_file_shape(shape: GraphShape) -> None:
   L, H = shape.n_layers, shape.n_heads
   if (1 + L * (H + 1)) * (L * (3 * H + 1) + 1) > _MAX_ENTRIES_FROM_FILE:
-    raise GraphError(f"graph file claims n_layers={L}, n_heads={H}: too large; pass the model config")
+    raise GraphError(f"graph file claims n_layers={L}, n_heads={H}: too large; pass the model "
+                     f"config")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -110,7 +112,7 @@ def _check_file_shape(shape: GraphShape) -> None:
 
 
 
-def to_dict(graph: Graph, meta: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+def to_dict(graph: Graph, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """The EAP-IG JSON structure, every valid edge with its score, plus `meta` if any.
 
   `meta` is merged over `graph.meta`; the "meta" section is written only when non-empty. Scores
@@ -135,8 +137,8 @@ def to_dict(graph: Graph, meta: Optional[Mapping[str, Any]] = None) -> dict[str,
     if graph.neurons_in_graph is not None:
       entry["neurons"] = graph.neurons_in_graph[i].tolist()
     if graph.neuron_scores is not None:
-      entry["neurons_scores"] = [None if math.isnan(v) else v for v in
-                                 (graph.neuron_scores[i] * np.float32(sign) + np.float32(0)).tolist()]
+      signed = graph.neuron_scores[i] * np.float32(sign) + np.float32(0)
+      entry["neurons_scores"] = [None if math.isnan(v) else v for v in signed.tolist()]
     nodes[name] = entry
   nodes["logits"] = {"in_graph": True}
   ss, rs = L.eap_order
@@ -144,15 +146,15 @@ def to_dict(graph: Graph, meta: Optional[Mapping[str, Any]] = None) -> dict[str,
   scores = (graph.scores[ss, rs] * np.float32(sign) + np.float32(0)).tolist()  # + 0: no -0.0
   flags = graph.in_graph[ss, rs].tolist()
   edges = {f"{sn[s]}->{rn[r]}": {"score": sc, "in_graph": f}
-           for s, r, sc, f in zip(ss.tolist(), rs.tolist(), scores, flags)}
+           for s, r, sc, f in zip(ss.tolist(), rs.tolist(), scores, flags, strict=True)}
   d: dict[str, Any] = {"cfg": cfg, "nodes": nodes, "edges": edges}
   if merged:
     d["meta"] = merged
   return d
 
 
-def to_json(graph: Graph, path: Union[str, os.PathLike],
-            meta: Optional[Mapping[str, Any]] = None) -> None:
+def to_json(graph: Graph, path: str | os.PathLike,
+            meta: Mapping[str, Any] | None = None) -> None:
   """Write EAP-IG `graph.json` atomically (temp file + rename). `meta` must be JSON-serialisable."""
   if meta is not None and not isinstance(meta, Mapping):
     raise GraphError(f"meta must be a dict, got {type(meta).__name__}")
@@ -163,9 +165,10 @@ def to_json(graph: Graph, path: Union[str, os.PathLike],
   _atomic_write(path, text.encode("utf-8"))
 
 
-def from_json(cls: type[Graph], path: Union[str, os.PathLike], cfg: Any = None,
+def from_json(cls: type[Graph], path: str | os.PathLike, cfg: Any = None,
               require_all_edges: bool = False) -> Graph:
-  """Read an EAP-IG graph JSON (ours or EAP-IG's, old or new format) for the model `cfg`, as a `cls`.
+  """Read an EAP-IG graph JSON (ours or EAP-IG's, old or new format) for the model `cfg`, as a
+  `cls`.
 
   If `cfg` is None the graph's shape comes from the file's "cfg" section. Raises GraphError for
   unreadable or malformed files, files for a different model (the unknown edges are named), and NaN
@@ -257,7 +260,8 @@ def _from_dict(cls: type[Graph], d: Any, cfg: Any, require_all_edges: bool) -> G
     problems.append(f"{len(unknown)} edge name(s) are not edges of this model: "
                     f"{layout.list_some(unknown)}")
   if problems:
-    raise GraphError(f"graph JSON does not match the model ({L.describe()}): " + "; ".join(problems))
+    raise GraphError(f"graph JSON does not match the model ({L.describe()}): "
+                     + "; ".join(problems))
   if nonfinite:
     raise GraphError(f"{len(nonfinite)} edge score(s) are NaN or infinite: "
                      f"{layout.list_some(nonfinite)}")
@@ -265,7 +269,8 @@ def _from_dict(cls: type[Graph], d: Any, cfg: Any, require_all_edges: bool) -> G
     raise GraphError(f"{len(malformed)} edge(s) lack a numeric 'score' or a boolean 'in_graph': "
                      f"{layout.list_some(malformed)}")
   if require_all_edges and not seen[L.valid].all():
-    absent = [g.edge_name(int(s), int(r)) for s, r in zip(*np.nonzero(L.valid & ~seen))]
+    absent = [g.edge_name(int(s), int(r))
+              for s, r in zip(*np.nonzero(L.valid & ~seen), strict=True)]
     raise GraphError(f"{len(absent)} edge(s) of the model are missing: {layout.list_some(absent)}")
 
   nodes = np.zeros(L.n_senders, bool)
@@ -319,7 +324,7 @@ def _from_dict(cls: type[Graph], d: Any, cfg: Any, require_all_edges: bool) -> G
 _MAX_NEURONS = 1 << 16  # per node: a file cannot make us allocate more
 
 
-def _neuron_rows(info: dict) -> Optional[tuple]:
+def _neuron_rows(info: dict) -> tuple | None:
   """A node entry's (`neurons` flags, `neurons_scores`) as arrays (either None if absent), or None
   if they are malformed (not lists, wrong types, infinite scores, different lengths)."""
   flags, values = info.get("neurons"), info.get("neurons_scores")
@@ -339,7 +344,7 @@ def _neuron_rows(info: dict) -> Optional[tuple]:
   return tuple(out)
 
 
-def _neuron_arrays(rows: dict, n_senders: int, d_model: Optional[int]):
+def _neuron_arrays(rows: dict, n_senders: int, d_model: int | None):
   """[n_senders, d_model] neuron masks and scores from the nodes' rows (EAP-IG: nodes without a
   `neurons` list are out of a neuron circuit; unscored neurons are NaN), or None each if absent."""
   widths = {r.size for pair in rows.values() for r in pair if r is not None}
@@ -368,8 +373,8 @@ def _neuron_arrays(rows: dict, n_senders: int, d_model: Optional[int]):
 
 
 
-def to_npz(graph: Graph, path: Union[str, os.PathLike],
-           meta: Optional[Mapping[str, Any]] = None) -> None:
+def to_npz(graph: Graph, path: str | os.PathLike,
+           meta: Mapping[str, Any] | None = None) -> None:
   """Write the matrices (scores, in_graph, nodes_in_graph, valid, ...) as an `.npz`, atomically."""
   L = graph.layout
   merged = {**graph.meta, **(meta or {})}
@@ -395,7 +400,7 @@ def to_npz(graph: Graph, path: Union[str, os.PathLike],
   _atomic_write(path, buf.getvalue())
 
 
-def from_npz(cls: type[Graph], path: Union[str, os.PathLike], cfg: Any = None) -> Graph:
+def from_npz(cls: type[Graph], path: str | os.PathLike, cfg: Any = None) -> Graph:
   """Read a graph written by `to_npz` as a `cls`; `cfg` (optional) must match the stored shape."""
   path = os.fspath(path)
   try:

@@ -3,21 +3,22 @@
 A graph's matrices are dense `[n_senders, n_receivers]` over the index layout of `models/edges.py`
 (the layout of EAP-IG's `graph.py`):
 
-- senders (EAP-IG "forward" nodes): `input`, every head `a{l}.h{h}` (its `hook_result`) and every MLP
-  `m{l}`;
-- receivers (EAP-IG "backward" nodes): the q, k and v input of every head (`a{l}.h{h}<q>` ...), every
-  MLP input `m{l}` and the `logits` input.
+- senders (EAP-IG "forward" nodes): `input`, every head `a{l}.h{h}` (its `hook_result`) and every
+  MLP `m{l}`;
+- receivers (EAP-IG "backward" nodes): the q, k and v input of every head (`a{l}.h{h}<q>` ...),
+  every MLP input `m{l}` and the `logits` input.
 
 Nodes are the senders plus `logits`: `n_nodes = n_senders + 1` (158 for GPT-2 small); node
-`i < n_senders` is sender `i` and `logits` is node `n_senders`. Edge names are EAP-IG's: `a0.h1->a3.h2<q>`, `input->m0`,
-`m2->logits`. An edge is *valid* when its sender is upstream of its receiver: heads of layer l read the
-input and all earlier layers; the MLP of layer l also reads its own layer's heads in sequential blocks
-but not in parallel (GPT-NeoX) blocks; the logits read every sender. GQA models are ungrouped (one q, k
-and v receiver per query head). GPT-2 small has 32,491 valid edges.
+`i < n_senders` is sender `i` and `logits` is node `n_senders`. Edge names are EAP-IG's:
+`a0.h1->a3.h2<q>`, `input->m0`, `m2->logits`. An edge is *valid* when its sender is upstream of its
+receiver: heads of layer l read the input and all earlier layers; the MLP of layer l also reads its
+own layer's heads in sequential blocks but not in parallel (GPT-NeoX) blocks; the logits read every
+sender. GQA models are ungrouped (one q, k and v receiver per query head). GPT-2 small has 32,491
+valid edges.
 
 One `Layout` per shape is built once and cached (`layout_for`); it is immutable and shared by every
-graph of that shape. This module also holds `GraphError`, raised by the whole `circuits` package, and
-the small argument checks the other modules share.
+graph of that shape. This module also holds `GraphError`, raised by the whole `circuits` package,
+and the small argument checks the other modules share.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -42,7 +44,8 @@ class GraphError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class GraphShape:
-  """The part of a model config a graph needs; used when a graph file is read without a model config.
+  """The part of a model config a graph needs; used when a graph file is read without a model
+  config.
 
   Any object with `n_layers`, `n_heads` and `parallel_attn_mlp` attributes (a `models.ModelConfig`
   included) can stand in for a model config in this package.
@@ -51,7 +54,7 @@ class GraphShape:
   n_layers: int
   n_heads: int
   parallel_attn_mlp: bool = False
-  d_model: Optional[int] = None
+  d_model: int | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -89,18 +92,18 @@ class Layout:
     receiver_names = [""] * R
     receiver_node = np.zeros(R, np.int64)  # node index owning each receiver; logits is node S
     valid = np.zeros((S, R), bool)
-    for l in range(n_layers):
-      n_attn, n_mlp = E.n_upstream_of_attn(shape, l), E.n_upstream_of_mlp(shape, l)
+    for li in range(n_layers):
+      n_attn, n_mlp = E.n_upstream_of_attn(shape, li), E.n_upstream_of_mlp(shape, li)
       for h in range(n_heads):
-        s = E.head_sender(shape, l, h)
-        sender_names[s] = f"a{l}.h{h}"
+        s = E.head_sender(shape, li, h)
+        sender_names[s] = f"a{li}.h{h}"
         for qkv in "qkv":
-          r = E.head_receiver(shape, l, h, qkv)
-          receiver_names[r] = f"a{l}.h{h}<{qkv}>"
+          r = E.head_receiver(shape, li, h, qkv)
+          receiver_names[r] = f"a{li}.h{h}<{qkv}>"
           receiver_node[r] = s
           valid[:n_attn, r] = True
-      s, r = E.mlp_sender(shape, l), E.mlp_receiver(shape, l)
-      sender_names[s] = receiver_names[r] = f"m{l}"
+      s, r = E.mlp_sender(shape, li), E.mlp_receiver(shape, li)
+      sender_names[s] = receiver_names[r] = f"m{li}"
       receiver_node[r] = s
       valid[:n_mlp, r] = True
     receiver_names[self.logits_receiver] = "logits"
@@ -122,18 +125,20 @@ class Layout:
 
   @functools.cached_property
   def eap_order(self) -> tuple[np.ndarray, np.ndarray]:
-    """(senders, receivers) of every valid edge in the order EAP-IG's `Graph.from_model` adds them."""
+    """(senders, receivers) of every valid edge in the order EAP-IG's `Graph.from_model` adds
+    them."""
     shape = GraphShape(self.n_layers, self.n_heads, self.parallel)
     ss, rs = [], []
-    for l in range(self.n_layers):
-      n_attn = E.n_upstream_of_attn(shape, l)
-      heads = np.array([[E.head_receiver(shape, l, h, q) for q in "qkv"] for h in range(self.n_heads)])
+    for li in range(self.n_layers):
+      n_attn = E.n_upstream_of_attn(shape, li)
+      heads = np.array([[E.head_receiver(shape, li, h, q) for q in "qkv"]
+                        for h in range(self.n_heads)])
       s, r = np.meshgrid(np.arange(n_attn), heads.ravel(), indexing="ij")
       ss.append(s.ravel())
       rs.append(r.ravel())
-      n_mlp = E.n_upstream_of_mlp(shape, l)
+      n_mlp = E.n_upstream_of_mlp(shape, li)
       ss.append(np.arange(n_mlp))
-      rs.append(np.full(n_mlp, E.mlp_receiver(shape, l)))
+      rs.append(np.full(n_mlp, E.mlp_receiver(shape, li)))
     ss.append(np.arange(self.n_senders))
     rs.append(np.full(self.n_senders, self.logits_receiver))
     return np.concatenate(ss), np.concatenate(rs)
@@ -142,7 +147,7 @@ class Layout:
     """The shape, as error messages name it: `n_layers=2, n_heads=4, parallel_attn_mlp=False`."""
     return f"n_layers={self.n_layers}, n_heads={self.n_heads}, parallel_attn_mlp={self.parallel}"
 
-  # -- names from indices, and back -------------------------------------------------------------------
+  # -- names from indices, and back ----------------------------------------------------------------
 
   def edge_name(self, sender: int, receiver: int) -> str:
     """EAP-IG name of edge (sender, receiver), e.g. `a0.h1->a3.h2<q>`; GraphError if not an edge."""
@@ -153,7 +158,7 @@ class Layout:
                        f"{self.receiver_names[receiver]} is not an edge of this model")
     return f"{self.sender_names[sender]}->{self.receiver_names[receiver]}"
 
-  def parse_edge(self, name: Any) -> Optional[tuple[int, int]]:
+  def parse_edge(self, name: Any) -> tuple[int, int] | None:
     """(sender, receiver) of a valid edge name, or None."""
     if not isinstance(name, str):
       return None
@@ -181,7 +186,7 @@ class Layout:
       raise GraphError(f"{name!r} is not a node of this model ({self.describe()})")
     return i
 
-  # -- nodes from edges -------------------------------------------------------------------------------
+  # -- nodes from edges ----------------------------------------------------------------------------
 
   def nodes_from_edges(self, mask: np.ndarray) -> np.ndarray:
     """EAP-IG's node rule: an in-graph outgoing edge and an in-graph incoming edge (input exempt).

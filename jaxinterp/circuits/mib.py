@@ -1,8 +1,8 @@
 """Circuit evaluation arithmetic (MIB conventions), as pure numpy.
 
 Normalised faithfulness, CPR and CMD areas over `MIB_PERCENTAGES`, circuit sizes in percent of the
-model's edges, and node/edge IoU between circuits. No model code: `jaxinterp.evaluation.faithfulness` runs the
-model and uses these to summarise the results.
+model's edges, and node/edge IoU between circuits. No model code:
+`jaxinterp.evaluation.faithfulness` runs the model and uses these to summarise the results.
 
 All bad input raises `GraphError` (a `ValueError`) with a message that names what is wrong.
 """
@@ -13,12 +13,13 @@ import json
 import math
 import numbers
 import os
+from collections.abc import Sequence
 from fractions import Fraction
-from typing import TYPE_CHECKING, Sequence, Union
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from jaxinterp.circuits import convention, io, layout
+from jaxinterp.circuits import io, layout, selection
 from jaxinterp.circuits.layout import GraphError
 from jaxinterp.runtime.files import atomic_write
 
@@ -41,20 +42,22 @@ def normalized_faithfulness(m_circuit, m_full, m_empty):
       raise GraphError(f"normalized_faithfulness: {name} is not finite: {x}")
   denom = f - e
   if (denom == 0).any():
-    raise GraphError("normalized_faithfulness: the full and empty circuits have the same metric, so "
-                     "faithfulness is undefined")
+    raise GraphError("normalized_faithfulness: the full and empty circuits have the same metric, "
+                     "so faithfulness is undefined")
   out = (c - e) / denom
   return float(out) if out.ndim == 0 else out
 
 
-def _curve(percentages: Sequence[float], faithfulness: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+def _curve(percentages: Sequence[float],
+           faithfulness: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
   try:
     p = np.asarray(percentages, np.float64)
     f = np.asarray(faithfulness, np.float64)
   except (TypeError, ValueError) as e:
     raise GraphError(f"percentages and faithfulness must be sequences of numbers: {e}") from e
   if p.ndim != 1 or f.shape != p.shape or p.size < 2:
-    raise GraphError(f"need two 1-D sequences of equal length >= 2, got shapes {p.shape}, {f.shape}")
+    raise GraphError(f"need two 1-D sequences of equal length >= 2, got shapes {p.shape}, "
+                     f"{f.shape}")
   if not (np.isfinite(p).all() and np.isfinite(f).all()):
     raise GraphError("percentages and faithfulness must be finite")
   if (p <= 0).any() or (p > 100).any() or (np.diff(p) <= 0).any():
@@ -62,7 +65,8 @@ def _curve(percentages: Sequence[float], faithfulness: Sequence[float]) -> tuple
   return p / 100.0, f
 
 
-def cpr(percentages: Sequence[float], faithfulness: Sequence[float], log_scale: bool = False) -> float:
+def cpr(percentages: Sequence[float], faithfulness: Sequence[float],
+        log_scale: bool = False) -> float:
   """MIB's CPR: trapezoidal area under the faithfulness curve (higher is better).
 
   `percentages` are circuit sizes in percent of the model's edges (e.g. `MIB_PERCENTAGES`); the x
@@ -74,7 +78,8 @@ def cpr(percentages: Sequence[float], faithfulness: Sequence[float], log_scale: 
   return area_under(x, f, log_scale)
 
 
-def cmd(percentages: Sequence[float], faithfulness: Sequence[float], log_scale: bool = False) -> float:
+def cmd(percentages: Sequence[float], faithfulness: Sequence[float],
+        log_scale: bool = False) -> float:
   """MIB's CMD: trapezoidal area under |1 - faithfulness| (lower is better); x axis as in `cpr`.
 
   MIB computes CMD on circuits ranked by absolute scores.
@@ -95,6 +100,21 @@ def n_edges_at_percentage(percentage: float, n_total: int) -> int:
   n_total = layout.check_count(n_total, 1 << 62, "n_total")
   frac = Fraction(percentage).limit_denominator(10**9) / 100
   return math.floor(frac * n_total)
+
+
+def sizes_and_percentages(n_total: int, *, counts: Sequence[int] | None = None,
+                          percentages: Sequence[float] | None = None
+                          ) -> tuple[list[int], list[float]]:
+  """A curve's circuit sizes both ways, (counts, percentages of `n_total`), from either.
+
+  With `counts`, percentages are `100 * n / n_total`; otherwise `percentages` (default
+  `MIB_PERCENTAGES`) give the counts `n_edges_at_percentage(p, n_total)`.
+  """
+  if counts is not None:
+    counts = [int(n) for n in counts]
+    return counts, [100.0 * n / max(n_total, 1) for n in counts]
+  percentages = list(MIB_PERCENTAGES if percentages is None else percentages)
+  return [n_edges_at_percentage(p, n_total) for p in percentages], percentages
 
 
 def _same_layout(g1: Graph, g2: Graph) -> None:
@@ -170,14 +190,9 @@ def _eap_node_circuit(graph: Graph, n: int, absolute: bool) -> tuple[np.ndarray,
   edge count). As there, every edge out of a kept node starts in the graph (real or not: the count
   includes edges a receiver cannot read), and pruning looks at all of them."""
   L = graph.layout
-  scores = np.asarray(graph.node_attribution, np.float64)
-  scored = ~np.isnan(scores)
-  key = np.abs(scores) if absolute else scores * convention.importance_sign(graph.score_convention)
-  key = np.where(scored, key, -np.inf)
-  order = np.lexsort((np.arange(key.size), -key))
-  nodes = np.zeros(L.n_senders, bool)
-  nodes[order[:n]] = True
-  nodes |= ~scored
+  nodes = np.isnan(graph.node_attribution)
+  nodes[selection.ranked(graph.node_attribution, absolute=absolute,
+                         score_convention=graph.score_convention)[:n]] = True
   edges = np.repeat(nodes[:, None], L.n_receivers, axis=1)
   while True:
     incoming = np.zeros(L.n_senders + 1, bool)
@@ -242,7 +257,7 @@ def _binary(d: dict) -> dict:
           "edges": {k: {"in_graph": v["in_graph"]} for k, v in d["edges"].items()}}
 
 
-def write_submission(graph: Graph, out_dir: Union[str, os.PathLike], task: str, model: str, *,
+def write_submission(graph: Graph, out_dir: str | os.PathLike, task: str, model: str, *,
                      kind: str = "importances", absolute: bool = True) -> str:
   """Write one run in the layout of MIB's leaderboard: `out_dir/{task}_{model}/` holding either
   `importances.json` (every edge's score, MIB's `circuits/*.json` format, EAP-IG's sign) or, with

@@ -2,8 +2,22 @@
 
 Selection follows EAP-IG's `Graph.apply_topn` / `apply_threshold` / `apply_greedy` / `prune`: each
 function returns a new `Graph` (the scores are copied, never shared) and leaves its argument alone.
-`Graph.top_n`, `Graph.threshold`, `Graph.greedy`, `Graph.prune` and `Graph.top_n_nodes` delegate
-here.
+`Graph.top_n`, `Graph.threshold`, `Graph.greedy` and `Graph.prune` delegate here.
+
+Ranking (`ranked`): by |score| (`absolute=True`) or by signed importance (`circuits.convention`:
+higher = more important in either score convention), best first, ties broken by flat index, so
+every selection is deterministic and nested (`top_n(n)` is a subset of `top_n(n + 1)`).
+
+`top_n` selects at three levels (`level=`), as EAP-IG's `apply_topn(n, level=...)`:
+
+- `"edge"`: the n best valid edges (`graph.scores`);
+- `"node"`: the n best nodes by `graph.node_attribution`. **The input node is a node like the
+  others**: it is ranked, counts toward n and can be left out (EAP-IG's and MIB's rule; a node
+  circuit without the input is empty once pruned). NaN entries are unscored and always kept;
+  `logits` is always kept. Every valid edge between kept nodes (or into the logits) is in;
+- `"neuron"`: the n best output dimensions by `graph.neuron_scores` (NaN = always kept); a node
+  with a kept neuron is kept with all its valid outgoing edges, and the neurons of nodes that
+  pruning removes are dropped from `neurons_in_graph`.
 
 This module does not import `circuits.graph` (which imports it): it builds its results through the
 graph's own `with_edges`, `replace` and `prune`, and names `Graph` only in type hints.
@@ -14,7 +28,7 @@ from __future__ import annotations
 import heapq
 import math
 import numbers
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -34,19 +48,65 @@ def ranking_key(graph: Graph, absolute: bool) -> np.ndarray:
   return np.abs(graph.scores) if absolute else graph.importance()
 
 
-def top_n(graph: Graph, n: int, *, absolute: bool = True, prune: bool = True) -> Graph:
-  """The `n` best-scoring valid edges (by |score| or signed importance), then optionally pruned.
+def ranked(scores: np.ndarray, *, absolute: bool = True,
+           score_convention: str = convention.LOSS) -> np.ndarray:
+  """Int[ndarray, "k"]: the flat indices of the scored (non-NaN) entries of `scores`, best first.
 
-  Ties are broken by edge index (sender-major), so the selection is deterministic and nested:
-  `top_n(n)` is a subset of `top_n(n + 1)`. As in EAP-IG, `n` counts edges before pruning.
+  Ranked by |score| or, with `absolute=False`, by signed importance in `score_convention`; ties
+  are broken by flat index.
   """
+  flat = np.asarray(scores, np.float64).ravel()
+  idx = np.flatnonzero(~np.isnan(flat))
+  key = np.abs(flat[idx]) if absolute else flat[idx] * convention.importance_sign(score_convention)
+  return idx[np.lexsort((idx, -key))]
+
+
+def top_n(graph: Graph, n: int, *, level: str = "edge", absolute: bool = True,
+          prune: bool = True) -> Graph:
+  """The `n` best-scoring edges, nodes or neurons (`level`, see the module docstring), as a
+  circuit, then optionally pruned.
+
+  As in EAP-IG, `n` counts items before pruning. Signed scores are read in the graph's
+  `score_convention`.
+  """
+  if level == "node":
+    return _top_n_nodes(graph, n, absolute, prune)
+  if level == "neuron":
+    return _top_n_neurons(graph, n, absolute, prune)
+  if level != "edge":
+    raise GraphError(f"level must be 'edge', 'node' or 'neuron', got {level!r}")
   n = layout.check_count(n, graph.n_edges, "top_n: n")
-  idx = np.flatnonzero(graph.valid)
-  key = ranking_key(graph, absolute).ravel()[idx]
-  order = np.lexsort((idx, -key))  # primary: score descending; secondary: index ascending
+  order = ranked(np.where(graph.valid, graph.scores, np.nan), absolute=absolute,
+                 score_convention=graph.score_convention)
   mask = np.zeros(graph.valid.size, bool)
-  mask[idx[order[:n]]] = True
+  mask[order[:n]] = True
   return graph.with_edges(mask.reshape(graph.valid.shape), prune=prune)
+
+
+def _top_n_nodes(graph: Graph, n: int, absolute: bool, prune: bool) -> Graph:
+  scores = graph.node_attribution
+  if scores is None:
+    raise GraphError("node-level selection needs node scores (node_attribution)")
+  order = ranked(scores, absolute=absolute, score_convention=graph.score_convention)
+  n = layout.check_count(n, order.size, "top_n: n (scored nodes)")
+  nodes = np.isnan(scores)
+  nodes[order[:n]] = True
+  mask = graph.valid & nodes[:, None] & np.append(nodes, True)[graph.receiver_node][None, :]
+  return graph.with_edges(mask, prune=prune)
+
+
+def _top_n_neurons(graph: Graph, n: int, absolute: bool, prune: bool) -> Graph:
+  scores = graph.neuron_scores
+  if scores is None:
+    raise GraphError("neuron-level selection needs neuron scores (neuron_scores)")
+  order = ranked(scores, absolute=absolute, score_convention=graph.score_convention)
+  n = layout.check_count(n, order.size, "top_n: n (scored neurons)")
+  keep = np.isnan(scores).ravel()
+  keep[order[:n]] = True
+  keep = keep.reshape(scores.shape)
+  g = graph.replace(neurons_in_graph=keep).with_edges(graph.valid & keep.any(1)[:, None],
+                                                       prune=prune)
+  return g.replace(neurons_in_graph=keep & g.nodes_in_graph[:, None])
 
 
 def threshold(graph: Graph, t: float, *, absolute: bool = True, prune: bool = True) -> Graph:
@@ -75,7 +135,7 @@ def greedy(graph: Graph, n: int, *, absolute: bool = True, prune: bool = True) -
     sub = L.valid[:, receivers]
     s, j = np.nonzero(sub)
     r = receivers[j]
-    return list(zip((-key[s, r]).tolist(), (s * R + r).tolist()))
+    return list(zip((-key[s, r]).tolist(), (s * R + r).tolist(), strict=True))
 
   heap = candidates(np.array([L.logits_receiver]))
   heapq.heapify(heap)
@@ -109,38 +169,3 @@ def prune(graph: Graph) -> Graph:
       break
     mask = new
   return graph.replace(in_graph=mask, nodes_in_graph=nodes)
-
-
-def top_n_nodes(graph: Graph, n: int, *, absolute: bool = True,
-                scores: Optional[np.ndarray] = None, prune: bool = True) -> Graph:
-  """Keep the `n` best heads/MLPs and every valid edge between kept nodes.
-
-  Node scores are `scores` (Float[ndarray, "sender"]) if given, else `node_attribution` if set (NaN
-  entries are treated as unscored and always kept, as in EAP-IG), else `node_scores(absolute)`. The
-  input node is always kept and does not count toward `n`; `logits` is always kept. Ties are broken
-  by node index. Signed node scores are in the graph's score convention and ranked by importance.
-  """
-  L = graph.layout
-  n = layout.check_count(n, L.n_senders - 1, "top_n_nodes: n")
-  if scores is None:
-    scores = (graph.node_attribution if graph.node_attribution is not None
-              else graph.node_scores(absolute))
-  try:
-    scores = np.asarray(scores, np.float64)
-  except (TypeError, ValueError) as e:
-    raise GraphError(f"node scores must be numbers: {e}") from e
-  if scores.shape != (L.n_senders,):
-    raise GraphError(f"node scores must have shape ({L.n_senders},), got {scores.shape}")
-  if np.isinf(scores).any():
-    raise GraphError("node scores contain infinite values")
-  unscored = np.isnan(scores)
-  key = np.abs(scores) if absolute else scores * convention.importance_sign(graph.score_convention)
-  cand = np.flatnonzero(~unscored[1:]) + 1
-  if n > cand.size:
-    raise GraphError(f"top_n_nodes: n={n} exceeds the {cand.size} scored nodes")
-  order = np.lexsort((cand, -key[cand]))
-  nodes = unscored.copy()
-  nodes[0] = True
-  nodes[cand[order[:n]]] = True
-  mask = graph.valid & nodes[:, None] & np.append(nodes, True)[graph.receiver_node][None, :]
-  return graph.with_edges(mask, prune=prune)

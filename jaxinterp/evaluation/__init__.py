@@ -8,13 +8,23 @@ Modules:
 """
 
 from jaxinterp.evaluation import circuit_forward, faithfulness, levels
-from jaxinterp.evaluation.faithfulness import (FaithfulnessCurve, answer_sets, baselines,
-                                               compile_ahead, evaluate_circuits,
-                                               faithfulness_curve, mean_over_batches, mib_protocol,
-                                               mib_scores, rarely_predicted_answers)
+from jaxinterp.evaluation.faithfulness import (
+    FaithfulnessCurve,
+    answer_sets,
+    baselines,
+    compile_ahead,
+    curve_sizes,
+    evaluate_circuits,
+    faithfulness_curve,
+    mean_over_batches,
+    mib_protocol,
+    mib_scores,
+    normalize,
+    rarely_predicted_answers,
+)
 
 __all__ = [
-    "FaithfulnessCurve", "answer_sets", "baselines", "compile_ahead", "evaluate_circuits",
-    "faithfulness_curve", "mean_over_batches", "mib_protocol", "mib_scores",
-    "rarely_predicted_answers", "circuit_forward", "faithfulness", "levels",
+    "FaithfulnessCurve", "answer_sets", "baselines", "compile_ahead", "curve_sizes",
+    "evaluate_circuits", "faithfulness_curve", "mean_over_batches", "mib_protocol", "mib_scores",
+    "normalize", "rarely_predicted_answers", "circuit_forward", "faithfulness", "levels",
 ]

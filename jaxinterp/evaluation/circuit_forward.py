@@ -26,22 +26,31 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Iterable
+from collections.abc import Iterable
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinterp.runtime import shared_prefix
 from jaxinterp.attribution.ablation import Ablation
-from jaxinterp.tasks.metrics import metric_at_last
 from jaxinterp.models import edges as E
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.sites import Sites
-from jaxinterp.models.transformer import (MLP, Attention, KVPrefix, Norm, embed_inputs, forward,
-                                          last_token_logits, positions_of, ungroup_kv)
+from jaxinterp.models.transformer import (
+  MLP,
+  Attention,
+  KVPrefix,
+  Norm,
+  embed_inputs,
+  forward,
+  last_token_logits,
+  positions_of,
+  ungroup_kv,
+)
+from jaxinterp.runtime import shared_prefix
 from jaxinterp.tasks import Batch, Task
+from jaxinterp.tasks.metrics import metric_at_last
 
 Array = jax.Array
 
@@ -105,8 +114,8 @@ class Prepared:
 def _groups(cfg: ModelConfig) -> list[tuple[int, int]]:
   """(first sender, count) of each sender group: input, then per layer heads and MLP."""
   out = [(0, 1)]
-  for l in range(cfg.n_layers):
-    out += [(E.head_sender(cfg, l, 0), cfg.n_heads), (E.mlp_sender(cfg, l), 1)]
+  for li in range(cfg.n_layers):
+    out += [(E.head_sender(cfg, li, 0), cfg.n_heads), (E.mlp_sender(cfg, li), 1)]
   return out
 
 
@@ -120,13 +129,13 @@ def _patching_run(cfg: ModelConfig, params, batch: Batch,
   B, L = batch.clean.shape[0], cfg.n_layers
   e_corrupt = embed_inputs(cfg, params, batch.corrupted, batch.mask)
   if sfx is None:
-    names = (["ln_final.hook_normalized"] + [f"blocks.{l}.attn.hook_z" for l in range(L)] +
-             [f"blocks.{l}.hook_mlp_out" for l in range(L)])
+    names = (["ln_final.hook_normalized"] + [f"blocks.{li}.attn.hook_z" for li in range(L)] +
+             [f"blocks.{li}.hook_mlp_out" for li in range(L)])
     _, cache = forward(cfg, params, jnp.concatenate([batch.clean, batch.corrupted]),
                        attention_mask=jnp.concatenate([batch.mask, batch.mask]), collect=names)
     x, prefix = cache["ln_final.hook_normalized"][:B], None
-    zs = [cache[f"blocks.{l}.attn.hook_z"][B:] for l in range(L)]
-    mlps = [cache[f"blocks.{l}.hook_mlp_out"][B:] for l in range(L)]
+    zs = [cache[f"blocks.{li}.attn.hook_z"][B:] for li in range(L)]
+    mlps = [cache[f"blocks.{li}.hook_mlp_out"][B:] for li in range(L)]
   else:  # the clean batch, then the corrupted suffixes after its prefix
     final, _, ys, prefix = shared_prefix.run_pair(
         cfg, params, embed_inputs(cfg, params, batch.clean, batch.mask), e_corrupt, batch.mask,
@@ -135,14 +144,14 @@ def _patching_run(cfg: ModelConfig, params, batch: Batch,
     zs, mlps = ys["attn.hook_z"], ys["hook_mlp_out"]
   dtype = x.dtype
   groups = [e_corrupt[None].astype(dtype)]
-  for l in range(L):
-    blk = params[f"blocks_{l}"]
-    z = zs[l]  # [batch, pos, head, d_head]
+  for li in range(L):
+    blk = params[f"blocks_{li}"]
+    z = zs[li]  # [batch, pos, head, d_head]
     heads = jnp.einsum("bphe,hed->hbpd", z, blk["attn"]["W_O"])
     if cfg.post_norms:  # as the graph form: the layer's post-norm scale, shared by its heads
       b_O = blk["attn"]["b_O"] if cfg.attn_out_bias else 0.0
       heads = heads * _norm(cfg, blk["ln1_post"], heads.sum(0) + b_O, Norm.scale)[None]
-    groups += [heads.astype(dtype), mlps[l][None].astype(dtype)]
+    groups += [heads.astype(dtype), mlps[li][None].astype(dtype)]
   return tuple(groups), x, prefix
 
 
@@ -170,14 +179,14 @@ def prepare(cfg: ModelConfig, task: Task, params, batch: Batch, ablation: Ablati
   if sfx is not None:  # from here on, only each row's suffix
     live_input, batch = sfx.take(live_input), sfx.batch(batch)
   sums = [g.sum(0) for g in ablated]  # per group
-  b_O = [params[f"blocks_{l}"]["attn"]["b_O"] if cfg.attn_out_bias else 0.0
-         for l in range(cfg.n_layers)]
+  b_O = [params[f"blocks_{li}"]["attn"]["b_O"] if cfg.attn_out_bias else 0.0
+         for li in range(cfg.n_layers)]
   attn, mlp, acc = [], [], sums[0]
-  for l in range(cfg.n_layers):
+  for li in range(cfg.n_layers):
     attn.append(acc)
-    heads = sums[1 + 2 * l] + b_O[l]
+    heads = sums[1 + 2 * li] + b_O[li]
     mlp.append(acc if cfg.parallel_attn_mlp else acc + heads)
-    acc = acc + heads + sums[2 + 2 * l]
+    acc = acc + heads + sums[2 + 2 * li]
   empty, _ = metric_at_last(cfg, task, params, batch, _norm(cfg, params.get("ln_final"), acc),
                             clean_logits)
   positions = positions_of(batch.mask) if sfx is None else sfx.positions
@@ -199,22 +208,27 @@ def _read(delta: Array, w: Array, n_up: int, cols: Array) -> Array:
   When few senders are read (small circuits), only their rows of delta are gathered: the dense
   product would stream every upstream sender's [batch, pos, d_model] for a handful of nonzeros."""
   coef = w[:n_up][:, cols].astype(delta.dtype)  # [n_up, r]
-  dense = lambda: jnp.einsum("sbpd,sk->kbpd", delta[:n_up], coef)
+
+  def dense():
+    return jnp.einsum("sbpd,sk->kbpd", delta[:n_up], coef)
+
   if n_up <= 2 * SPARSE_ROWS:
     return dense()
   read = jnp.any(coef != 0, axis=1)
   rows = jnp.argsort(jnp.where(read, 0, 1), stable=True)[:SPARSE_ROWS]  # the read senders first
-  sparse = lambda: jnp.einsum("sbpd,sk->kbpd", delta[rows],
-                              jnp.where(read[rows][:, None], coef[rows], 0.0))
+
+  def sparse():
+    return jnp.einsum("sbpd,sk->kbpd", delta[rows], jnp.where(read[rows][:, None], coef[rows], 0.0))
+
   return jax.lax.cond(read.sum() <= SPARSE_ROWS, sparse, dense)
 
 
-def _heads(cfg: ModelConfig, l: int, K: int, params, prep: Prepared, batch: Batch, read: Array,
+def _heads(cfg: ModelConfig, li: int, K: int, params, prep: Prepared, batch: Batch, read: Array,
            needed: Array) -> Array:
   """Layer l's heads' live - ablated outputs, [n_heads, batch, pos, d_model], computing (up to) K
   of the needed heads (the others are left zero: nothing reads them). `read` is `_read` of the
   layer's q, k, v receivers (and its MLP's, unused here)."""
-  H, blk, ablated = cfg.n_heads, params[f"blocks_{l}"], prep.ablated[1 + 2 * l]
+  H, blk, ablated = cfg.n_heads, params[f"blocks_{li}"], prep.ablated[1 + 2 * li]
   if K == 0:
     return jnp.zeros_like(ablated)
   if K == H:  # every head, in place: no gathers
@@ -223,16 +237,16 @@ def _heads(cfg: ModelConfig, l: int, K: int, params, prep: Prepared, batch: Batc
     idx = jnp.argsort(jnp.where(needed, 0, 1), stable=True)[:K]  # the needed heads first
     x = read[jnp.concatenate([idx, H + idx, 2 * H + idx])]
     gathered = {k: (v[idx] if k != "b_O" else v) for k, v in blk["attn"].items()}
-  x = _norm(cfg, blk.get("ln1"), prep.resid_attn[l] + x)  # [3K, batch, pos, d_model]
+  x = _norm(cfg, blk.get("ln1"), prep.resid_attn[li] + x)  # [3K, batch, pos, d_model]
   # Head-major throughout: each head's input is projected where it lies (no transposes of the
   # [K, batch, pos, d_model] inputs), and each head's output comes out as its sender row.
   q, k, v = (jnp.einsum("hbpd,hde->bphe", x[i * K:(i + 1) * K], gathered[f"W_{n}"]) +
              gathered.get(f"b_{n}", 0.0) for i, n in enumerate("QKV"))
   prefix = None
   if prep.prefix is not None:  # this layer's clean keys and values before the suffix, K heads
-    pk, pv = prep.prefix.k[l][:, :, idx], prep.prefix.v[l][:, :, idx]
-    prefix = KVPrefix(pk, pv, prep.prefix.positions[l], prep.prefix.mask[l])
-  z = Attention(dataclasses.replace(cfg, n_heads=K, n_kv_heads=None), l).apply(
+    pk, pv = prep.prefix.k[li][:, :, idx], prep.prefix.v[li][:, :, idx]
+    prefix = KVPrefix(pk, pv, prep.prefix.positions[li], prep.prefix.mask[li])
+  z = Attention(dataclasses.replace(cfg, n_heads=K, n_kv_heads=None), li).apply(
       {"params": gathered}, q, k, v, positions=prep.positions, key_mask=prep.key_mask,
       sites=Sites(), prefix=prefix, method=Attention.attend)
   result = jnp.einsum("bphe,hed->hbpd", z, gathered["W_O"])  # [K, batch, pos, d_model]
@@ -243,25 +257,26 @@ def _heads(cfg: ModelConfig, l: int, K: int, params, prep: Prepared, batch: Batc
   return new if K == H else jnp.zeros_like(ablated).at[idx].set(new)
 
 
-def _mlp(cfg: ModelConfig, l: int, params, prep: Prepared, w: Array, delta: Array,
+def _mlp(cfg: ModelConfig, li: int, params, prep: Prepared, w: Array, delta: Array,
          read: Array) -> Array:
   """Layer l's MLP's live - ablated output, [1, batch, pos, d_model]. `read` covers the senders
   before the layer; the layer's own heads (upstream unless the blocks are parallel) are added."""
-  blk = params[f"blocks_{l}"]
-  x = prep.resid_mlp[l] + read[3 * cfg.n_heads]
+  blk = params[f"blocks_{li}"]
+  x = prep.resid_mlp[li] + read[3 * cfg.n_heads]
   if not cfg.parallel_attn_mlp:
-    s0, r = E.head_sender(cfg, l, 0), E.mlp_receiver(cfg, l)
+    s0, r = E.head_sender(cfg, li, 0), E.mlp_receiver(cfg, li)
     heads = delta[s0:s0 + cfg.n_heads]
     coef = w[s0:s0 + cfg.n_heads, r].astype(heads.dtype)
     x = x + jnp.sum(heads * coef[:, None, None, None], 0)
-  out = MLP(cfg, l).apply({"params": blk["mlp"]}, _norm(cfg, blk.get("ln2"), x), Sites())
+  out = MLP(cfg, li).apply({"params": blk["mlp"]}, _norm(cfg, blk.get("ln2"), x), Sites())
   if cfg.post_norms:
     out = _norm(cfg, blk["ln2_post"], out)
-  return out[None].astype(prep.ablated[0].dtype) - prep.ablated[2 + 2 * l]
+  return out[None].astype(prep.ablated[0].dtype) - prep.ablated[2 + 2 * li]
 
 
 def scratch_like(cfg: ModelConfig, prep: Prepared) -> Array:
-  """A buffer for `circuit_metric`'s sender differences: Float[Array, "sender batch pos d_model"]."""
+  """A buffer for `circuit_metric`'s sender differences:
+  Float[Array, "sender batch pos d_model"]."""
   return jnp.zeros((E.n_senders(cfg),) + prep.delta_input.shape[1:], prep.delta_input.dtype)
 
 
@@ -286,22 +301,23 @@ def circuit_metric(cfg: ModelConfig, task: Task, params, batch: Batch, prep: Pre
   # live - ablated of every sender, [sender, batch, pos, d_model]. Each layer writes all its rows
   # (zero for the senders nothing reads) before any later layer reads them.
   delta = scratch.at[0].set(prep.delta_input[0])
-  for l in range(cfg.n_layers):
-    s0, s_mlp = E.head_sender(cfg, l, 0), E.mlp_sender(cfg, l)
+  for li in range(cfg.n_layers):
+    s0, s_mlp = E.head_sender(cfg, li, 0), E.mlp_sender(cfg, li)
     needed = jnp.any(w[s0:s0 + H] != 0, axis=1)  # heads some in-circuit edge reads
     mlp_needed = jnp.any(w[s_mlp] != 0)
     # One pass over the upstream senders for the layer's q, k, v and MLP receivers (contiguous).
-    cols = jnp.arange(3 * H + 1) + E.head_receiver(cfg, l, 0, "q")
-    n_up = E.n_upstream_of_attn(cfg, l)
-    read = jax.lax.cond(needed.any() | mlp_needed, lambda d: _read(d, w, n_up, cols),
+    cols = jnp.arange(3 * H + 1) + E.head_receiver(cfg, li, 0, "q")
+    n_up = E.n_upstream_of_attn(cfg, li)
+    read = jax.lax.cond(needed.any() | mlp_needed,
+                        lambda d, n_up=n_up, cols=cols: _read(d, w, n_up, cols),
                         lambda d: jnp.zeros((3 * H + 1,) + shape, d.dtype), delta)
     branch = jnp.searchsorted(jnp.asarray(buckets), needed.sum())
     heads = jax.lax.switch(
-        branch, [functools.partial(_heads, cfg, l, K, params, prep, batch) for K in buckets],
+        branch, [functools.partial(_heads, cfg, li, K, params, prep, batch) for K in buckets],
         read, needed)
     delta = jax.lax.dynamic_update_slice_in_dim(delta, heads, s0, 0)
-    mlp = jax.lax.cond(mlp_needed, lambda d, r: _mlp(cfg, l, params, prep, w, d, r),
-                       lambda d, r: jnp.zeros_like(prep.ablated[2 + 2 * l]), delta, read)
+    mlp = jax.lax.cond(mlp_needed, lambda d, r, li=li: _mlp(cfg, li, params, prep, w, d, r),
+                       lambda d, r, li=li: jnp.zeros_like(prep.ablated[2 + 2 * li]), delta, read)
     delta = jax.lax.dynamic_update_slice_in_dim(delta, mlp, s_mlp, 0)
   col = jnp.asarray([E.logits_receiver(cfg)])
   x = prep.resid_final + _read(delta, w, E.n_senders(cfg), col)[0]
@@ -347,10 +363,10 @@ class CircuitForward:
       seen.add((batch.clean.shape, suffix))
       args = (self.cfg, self.task, self.params, batch, ablation)
       prepare.lower(*args, suffix).compile()
-      prep = jax.eval_shape(lambda p, b, a: prepare(self.cfg, self.task, p, b, a, suffix),
-                            *args[2:])
+      prep = jax.eval_shape(
+          lambda p, b, a, suffix=suffix: prepare(self.cfg, self.task, p, b, a, suffix), *args[2:])
       w = jax.ShapeDtypeStruct(self.valid.shape, jnp.float32)
-      scratch = jax.eval_shape(lambda: scratch_like(self.cfg, prep))
+      scratch = jax.eval_shape(lambda prep=prep: scratch_like(self.cfg, prep))
       circuit_metric.lower(self.cfg, self.task, self.params, batch, prep, w, scratch).compile()
 
   def metric(self, batch: Batch, prep: Prepared, w: np.ndarray) -> Array:

@@ -13,24 +13,24 @@ import functools
 import logging
 import math
 import threading
-from typing import Optional, Sequence
+from collections.abc import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxinterp.evaluation import circuit_forward as CF
 from jaxinterp import circuits as G
-from jaxinterp.runtime import timing
 from jaxinterp.attribution.ablation import Ablation, make_ablation
 from jaxinterp.attribution.base import AttributionError, check_finite
 from jaxinterp.circuits.layout import valid_edges
-from jaxinterp.tasks.metrics import metric_sum
-from jaxinterp.tasks import Dataset
+from jaxinterp.evaluation import circuit_forward as CF
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.edges import EdgePatch
 from jaxinterp.models.transformer import forward
+from jaxinterp.runtime import timing
+from jaxinterp.tasks import Dataset
+from jaxinterp.tasks.metrics import metric_sum
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "task"))
@@ -40,7 +40,8 @@ def _circuits_batch(cfg, task, params, batch, ablation, weights):
   clean_logits = forward(cfg, params, batch.clean, attention_mask=batch.mask)
 
   def one(w):
-    logits = forward(cfg, params, batch.clean, attention_mask=batch.mask, edges=EdgePatch(w, ablated))
+    logits = forward(cfg, params, batch.clean, attention_mask=batch.mask,
+                     edges=EdgePatch(w, ablated))
     return metric_sum(task, logits, batch, clean_logits)[0]
 
   return jax.vmap(one)(weights)
@@ -48,7 +49,7 @@ def _circuits_batch(cfg, task, params, batch, ablation, weights):
 
 def evaluate_circuits(cfg: ModelConfig, params, dataset: Dataset, weights: np.ndarray, *,
                       intervention: str = "patching", batch_size: int = 16, chunk: int = 8,
-                      ablation: Optional[Ablation] = None, quiet: bool = False,
+                      ablation: Ablation | None = None, quiet: bool = False,
                       reference: bool = False) -> np.ndarray:
   """Mean metric over `dataset` for each circuit.
 
@@ -92,7 +93,7 @@ def _circuit_forward_means(cfg: ModelConfig, params, dataset: Dataset, weights: 
 
 
 def compile_ahead(cfg: ModelConfig, params, dataset: Dataset, *, intervention: str = "patching",
-                  batch_size: int = 16) -> Optional[threading.Thread]:
+                  batch_size: int = 16) -> threading.Thread | None:
   """Start compiling what `evaluate_circuits` will run on `dataset`, in a daemon thread, and return
   it (join it before evaluating); None where there is nothing to do ahead: the reference path, or an
   ablation whose values need a pass over the data.
@@ -141,13 +142,50 @@ def mean_over_batches(dataset: Dataset, batch_size: int, masks: np.ndarray, chun
 
 
 def baselines(cfg: ModelConfig, params, dataset: Dataset, *, intervention: str = "patching",
-              batch_size: int = 16, ablation: Optional[Ablation] = None) -> tuple[float, float]:
+              batch_size: int = 16, ablation: Ablation | None = None) -> tuple[float, float]:
   """(m(full model), m(empty circuit)): the clean model, and every edge ablated."""
   g = G.Graph.from_config(cfg)
   full, empty = g.full().edge_weights(), g.empty().edge_weights()
   out = evaluate_circuits(cfg, params, dataset, np.stack([full, empty]), intervention=intervention,
                           batch_size=batch_size, ablation=ablation, quiet=True)
   return float(out[0]), float(out[1])
+
+
+CURVE_KINDS = ("counts", "mib")
+"""How a faithfulness curve's circuit sizes are chosen (`curve_sizes`)."""
+
+COUNT_SIZES: tuple[int, ...] = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000,
+                                20000, 50000, 100000)
+"""The sizes of a "counts" curve (plus the total), in items of the level (edges, nodes, neurons)."""
+
+
+def curve_sizes(kind: str, n_total: int, extra: Iterable[int] = ()) -> list[int]:
+  """The circuit sizes of a faithfulness curve over `n_total` ranked items, sorted and unique.
+
+  `kind="counts"`: `COUNT_SIZES` and `n_total` itself; `kind="mib"`: MIB's percentages of
+  `n_total` (`circuits.MIB_PERCENTAGES`, `circuits.n_edges_at_percentage`). `extra` sizes (e.g. the
+  selected circuit's) are added; sizes above `n_total` are dropped.
+  """
+  if kind == "mib":
+    sizes = G.mib.sizes_and_percentages(n_total)[0]
+  elif kind == "counts":
+    sizes = [*COUNT_SIZES, n_total]
+  else:
+    raise AttributionError(f"curve sizes must be one of {CURVE_KINDS}, got {kind!r}")
+  return sorted({int(n) for n in [*sizes, *extra] if n <= n_total})
+
+
+def normalize(metric, m_full: float, m_empty: float):
+  """Faithfulness `(m(C) - m(empty)) / (m(full) - m(empty))` of circuit metrics (a float, or an
+  array of the metric's shape), by `circuits.normalized_faithfulness`.
+
+  Raises AttributionError when the full model and the empty circuit give the same metric (the
+  faithfulness is then undefined).
+  """
+  if m_full == m_empty:
+    raise AttributionError("the full model and the empty circuit give the same metric; "
+                           "faithfulness is undefined for this data and intervention")
+  return G.normalized_faithfulness(metric, m_full, m_empty)
 
 
 @dataclasses.dataclass
@@ -173,26 +211,22 @@ class FaithfulnessCurve:
     return [dict(n_edges=int(n), n_edges_kept=int(k), percentage=float(p), metric=float(m),
                  faithfulness=float(f))
             for n, k, p, m, f in zip(self.n_edges, self.n_edges_kept, self.percentages, self.metric,
-                                     self.faithfulness)]
+                                     self.faithfulness, strict=True)]
 
 
 def _curve_circuits(cfg: ModelConfig, dataset: Dataset, scores: np.ndarray,
-                    n_edges: Optional[Sequence[int]], percentages: Optional[Sequence[float]],
-                    absolute: bool, score_convention: Optional[str]):
+                    n_edges: Sequence[int] | None, percentages: Sequence[float] | None,
+                    absolute: bool, score_convention: str | None):
   """(n_edges, percentages, pruned top-n circuits) of a faithfulness curve."""
   g = G.Graph.from_config(cfg, scores, score_convention=score_convention or
                           G.convention.for_task(dataset.task))
-  if n_edges is None:
-    percentages = list(G.MIB_PERCENTAGES if percentages is None else percentages)
-    n_edges = [G.n_edges_at_percentage(p, g.n_edges) for p in percentages]
-  else:
-    n_edges = [int(n) for n in n_edges]
-    percentages = [100.0 * n / g.n_edges for n in n_edges]
+  n_edges, percentages = G.mib.sizes_and_percentages(g.n_edges, counts=n_edges,
+                                                     percentages=percentages)
   return n_edges, percentages, [g.top_n(n, absolute=absolute) for n in n_edges]
 
 
 def _with_baselines(cfg: ModelConfig, params, dataset: Dataset, weights: np.ndarray, *,
-                    intervention: str, batch_size: int, chunk: int, ablation: Optional[Ablation],
+                    intervention: str, batch_size: int, chunk: int, ablation: Ablation | None,
                     quiet: bool) -> tuple[float, float, np.ndarray, np.ndarray]:
   """(m(full), m(empty), metric and faithfulness of each circuit), all from one `evaluate_circuits`
   call (so each batch's clean and ablated runs are shared by the baselines and the circuits)."""
@@ -202,20 +236,17 @@ def _with_baselines(cfg: ModelConfig, params, dataset: Dataset, weights: np.ndar
   metric = np.atleast_1d(evaluate_circuits(cfg, params, dataset, both, batch_size=batch_size,
                                            chunk=chunk, ablation=ablation, quiet=quiet))
   m_full, m_empty = float(metric[0]), float(metric[1])
-  if m_full == m_empty:
-    raise AttributionError("the full model and the empty circuit give the same metric; "
-                           "faithfulness is undefined for this data and intervention")
   metric = metric[2:]
-  return m_full, m_empty, metric, (metric - m_empty) / (m_full - m_empty)
+  return m_full, m_empty, metric, normalize(metric, m_full, m_empty)
 
 
 def faithfulness_curve(cfg: ModelConfig, params, dataset: Dataset, scores: np.ndarray, *,
-                       n_edges: Optional[Sequence[int]] = None,
-                       percentages: Optional[Sequence[float]] = None, absolute: bool = True,
+                       n_edges: Sequence[int] | None = None,
+                       percentages: Sequence[float] | None = None, absolute: bool = True,
                        intervention: str = "patching", batch_size: int = 16, chunk: int = 8,
                        quiet: bool = False,
-                       ablation: Optional[Ablation] = None,
-                       score_convention: Optional[str] = None) -> FaithfulnessCurve:
+                       ablation: Ablation | None = None,
+                       score_convention: str | None = None) -> FaithfulnessCurve:
   """Evaluate top-n circuits (pruned) for several n, and the two baselines, in one pass.
 
   Give circuit sizes either as edge counts (`n_edges`) or as percentages of all edges (default:
@@ -238,7 +269,7 @@ def faithfulness_curve(cfg: ModelConfig, params, dataset: Dataset, scores: np.nd
 
 def mib_scores(cfg: ModelConfig, params, dataset: Dataset, scores: np.ndarray, *,
                intervention: str = "patching", batch_size: int = 16,
-               score_convention: Optional[str] = None) -> dict[str, float]:
+               score_convention: str | None = None) -> dict[str, float]:
   """MIB's CPR (area under f, signed ranking) and CMD (area under |1 - f|, absolute ranking).
 
   `scores` are in `score_convention` (default: attribution scores of `dataset.task`'s metric; pass
@@ -271,8 +302,8 @@ def rarely_predicted_answers(cfg: ModelConfig, params, dataset: Dataset, *, k: i
   first `max_examples` prompts.
 
   A cheap check of the data against the model: an answer the model never ranks highly (e.g. `A`
-  where the model predicts `A` with a space) usually means the labels were tokenised differently from
-  the model's own predictions, and the metric then measures noise.
+  where the model predicts `A` with a space) usually means the labels were tokenised differently
+  from the model's own predictions, and the metric then measures noise.
   """
   answers = answer_sets(dataset)
   if not answers:
@@ -291,7 +322,7 @@ def rarely_predicted_answers(cfg: ModelConfig, params, dataset: Dataset, *, k: i
 def mib_protocol(cfg: ModelConfig, params, dataset: Dataset, graph: G.Graph, *,
                  level: str = "edge", absolute: bool = False, log_scale: bool = False,
                  intervention: str = "patching", batch_size: int = 16,
-                 ablation: Optional[Ablation] = None) -> dict:
+                 ablation: Ablation | None = None) -> dict:
   """MIB's `evaluate_area_under_curve` on a scored graph: circuits of `circuits.MIB_FRACTIONS` of
   the scored items (edges, or scored nodes with `level="node"`), each pruned; faithfulness
   `(m(C) - m(empty)) / (m(full) - m(empty))`; CPR (`area_under`) and CMD (`area_from_1`) by the

@@ -15,8 +15,9 @@ at those levels follow the `eap` package's `Graph.apply_topn(n, level=...)` and 
   `blocks.0.hook_resid_pre` (input), `blocks.{l}.attn.hook_result` (heads) and
   `blocks.{l}.hook_mlp_out` (MLPs): the models' own sites, no new hooks.
 
-Ranking is by |score| (`absolute=True`) or by signed importance (`circuits.convention`), ties
-broken by index. Graphs carry the scores in `node_attribution` or `neuron_scores`, and
+Selection is `circuits.top_n(graph, n, level=...)` (`circuits.selection` states the rule of each
+level); ranking is by |score| (`absolute=True`) or by signed importance (`circuits.convention`),
+ties broken by index. Graphs carry the scores in `node_attribution` or `neuron_scores`, and
 `circuits.io` writes them in `eap`'s JSON (nodes' `score`, or `neurons` and `neurons_scores`).
 """
 
@@ -24,85 +25,48 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import flax.struct
 import jax
 import numpy as np
 
 from jaxinterp import circuits as G
-from jaxinterp.evaluation import faithfulness as V
 from jaxinterp.attribution.ablation import Ablation, make_ablation
-from jaxinterp.attribution.base import AttributionError
-from jaxinterp.tasks.metrics import metric_sum
+from jaxinterp.attribution.base import LEVELS, AttributionError
 from jaxinterp.circuits import convention
+from jaxinterp.evaluation import faithfulness as V
 from jaxinterp.models import edges as E
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.transformer import forward
 from jaxinterp.tasks import Dataset
-
-LEVELS = ("edge", "node", "neuron")
-
-
-def _order(scores: np.ndarray, absolute: bool, score_convention: str) -> np.ndarray:
-  """Flat indices of the scored (non-NaN) entries, best first, ties by index."""
-  flat = np.asarray(scores, np.float64).ravel()
-  idx = np.flatnonzero(~np.isnan(flat))
-  key = np.abs(flat[idx]) if absolute else convention.importance_sign(score_convention) * flat[idx]
-  return idx[np.lexsort((idx, -key))]
-
-
-def _check_n(n: int, total: int, what: str) -> int:
-  if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= total:
-    raise AttributionError(f"top_n: n={n!r} must be an integer in [0, {total}] (scored {what})")
-  return int(n)
-
-
-def top_n_nodes(cfg, scores: np.ndarray, n: int, *, absolute: bool = True,
-                score_convention: str = convention.METRIC, prune: bool = True) -> G.Graph:
-  """The circuit of the n best nodes (Float [n_senders] scores; NaN = unscored, always kept)."""
-  scores = np.asarray(scores, np.float32)
-  g = G.Graph(cfg, meta={convention.KEY: score_convention})
-  if scores.shape != (g.n_senders,):
-    raise AttributionError(f"node scores must have shape ({g.n_senders},), got {scores.shape}")
-  order = _order(scores, absolute, score_convention)
-  n = _check_n(n, order.size, "nodes")
-  nodes = np.isnan(scores)
-  nodes[order[:n]] = True
-  g = g.replace(node_attribution=scores)
-  mask = g.valid & nodes[:, None] & np.append(nodes, True)[g.receiver_node][None, :]
-  return g.with_edges(mask, prune=prune)
-
-
-def top_n_neurons(cfg, scores: np.ndarray, n: int, *, absolute: bool = True,
-                  score_convention: str = convention.METRIC, prune: bool = True) -> G.Graph:
-  """The circuit of the n best neurons (Float [n_senders, d_model] scores; NaN = always kept)."""
-  scores = np.asarray(scores, np.float32)
-  g = G.Graph(cfg, meta={convention.KEY: score_convention})
-  if scores.ndim != 2 or scores.shape[0] != g.n_senders:
-    raise AttributionError(f"neuron scores must have shape ({g.n_senders}, d_model), got "
-                           f"{scores.shape}")
-  order = _order(scores, absolute, score_convention)
-  n = _check_n(n, order.size, "neurons")
-  keep = np.isnan(scores).ravel()
-  keep[order[:n]] = True
-  keep = keep.reshape(scores.shape)
-  nodes = keep.any(1)
-  mask = g.valid & nodes[:, None]
-  g = g.replace(neuron_scores=scores, neurons_in_graph=keep).with_edges(mask, prune=prune)
-  return g.replace(neurons_in_graph=keep & g.nodes_in_graph[:, None])
+from jaxinterp.tasks.metrics import metric_sum
 
 
 def top_n(cfg, scores: np.ndarray, n: int, level: str, *, absolute: bool = True,
           score_convention: str = convention.METRIC) -> G.Graph:
-  """The pruned top-n circuit of a level's scores (edges: `Graph.top_n`)."""
-  if level == "node":
-    return top_n_nodes(cfg, scores, n, absolute=absolute, score_convention=score_convention)
-  if level == "neuron":
-    return top_n_neurons(cfg, scores, n, absolute=absolute, score_convention=score_convention)
-  if level != "edge":
+  """The pruned top-n circuit of a level's attribution scores: `circuits.top_n(graph, n,
+  level=level)` on a graph holding them (edge scores Float [n_senders, n_receivers], node scores
+  Float [n_senders] as `node_attribution`, neuron scores Float [n_senders, d_model] as
+  `neuron_scores`; NaN = unscored, always kept). See `circuits.selection` for the rule of each
+  level (the input node is ranked like any other node).
+  """
+  if level == "edge":
+    return G.Graph.from_config(cfg, scores, score_convention).top_n(n, absolute=absolute)
+  if level not in LEVELS:
     raise AttributionError(f"level must be one of {LEVELS}, got {level!r}")
-  return G.Graph.from_config(cfg, scores, score_convention).top_n(n, absolute=absolute)
+  scores = np.asarray(scores, np.float32)
+  g = G.Graph(cfg, meta={convention.KEY: score_convention})
+  if level == "node" and scores.shape != (g.n_senders,):
+    raise AttributionError(f"node scores must have shape ({g.n_senders},), got {scores.shape}")
+  if level == "neuron" and (scores.ndim != 2 or scores.shape[0] != g.n_senders):
+    raise AttributionError(f"neuron scores must have shape ({g.n_senders}, d_model), got "
+                           f"{scores.shape}")
+  total = int(np.sum(~np.isnan(scores)))
+  if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= total:
+    raise AttributionError(f"top_n: n={n!r} must be an integer in [0, {total}] (scored {level}s)")
+  g = g.replace(**{"node_attribution" if level == "node" else "neuron_scores": scores})
+  return g.top_n(n, absolute=absolute, level=level)
 
 
 def n_scored(scores: np.ndarray, level: str, cfg) -> int:
@@ -131,10 +95,10 @@ def neuron_interventions(cfg: ModelConfig, keep: jax.Array, ablated: jax.Array) 
   """Site -> `Mix` for a neuron mask keep [n_senders, d_model] and ablated sender values
   [batch, pos, n_senders, d_model]."""
   iv = {"blocks.0.hook_resid_pre": Mix(keep[0], ablated[:, :, 0])}
-  for l in range(cfg.n_layers):
-    h0, m = E.head_sender(cfg, l, 0), E.mlp_sender(cfg, l)
-    iv[f"blocks.{l}.attn.hook_result"] = Mix(keep[h0:m], ablated[:, :, h0:m])
-    iv[f"blocks.{l}.hook_mlp_out"] = Mix(keep[m], ablated[:, :, m])
+  for li in range(cfg.n_layers):
+    h0, m = E.head_sender(cfg, li, 0), E.mlp_sender(cfg, li)
+    iv[f"blocks.{li}.attn.hook_result"] = Mix(keep[h0:m], ablated[:, :, h0:m])
+    iv[f"blocks.{li}.hook_mlp_out"] = Mix(keep[m], ablated[:, :, m])
   return iv
 
 
@@ -154,7 +118,7 @@ def _neuron_circuits_batch(cfg, task, params, batch, ablation, keeps):
 
 def evaluate_neuron_circuits(cfg: ModelConfig, params, dataset: Dataset, keeps: np.ndarray, *,
                              intervention: str = "patching", batch_size: int = 16, chunk: int = 8,
-                             ablation: Optional[Ablation] = None, quiet: bool = False):
+                             ablation: Ablation | None = None, quiet: bool = False):
   """Mean metric over `dataset` for each neuron circuit.
 
   Args:
@@ -185,23 +149,23 @@ class LevelCurve(V.FaithfulnessCurve):
   each pruned circuit; `level` and `n_items` (nodes or neurons requested) say what was ranked."""
 
   level: str = "edge"
-  n_items: Optional[np.ndarray] = None
+  n_items: np.ndarray | None = None
 
   def rows(self) -> list[dict]:
     """One dict per circuit, with an `n_nodes` / `n_neurons` column beside the edge counts."""
     rows = super().rows()
     if self.n_items is not None:
-      for r, k in zip(rows, self.n_items):
+      for r, k in zip(rows, self.n_items, strict=True):
         r[f"n_{self.level}s"] = int(k)
     return rows
 
 
 def faithfulness_curve(cfg: ModelConfig, params, dataset: Dataset, scores: np.ndarray,
-                       level: str, *, counts: Optional[Sequence[int]] = None,
-                       percentages: Optional[Sequence[float]] = None, absolute: bool = True,
+                       level: str, *, counts: Sequence[int] | None = None,
+                       percentages: Sequence[float] | None = None, absolute: bool = True,
                        score_convention: str = convention.METRIC,
                        intervention: str = "patching", batch_size: int = 16, chunk: int = 8,
-                       ablation: Optional[Ablation] = None, quiet: bool = False):
+                       ablation: Ablation | None = None, quiet: bool = False):
   """Faithfulness of the level's top-n circuits, for n in `counts` (items of the level) or
   `percentages` of the scored items (default MIB's, as its `evaluate_area_under_curve`).
 
@@ -214,12 +178,7 @@ def faithfulness_curve(cfg: ModelConfig, params, dataset: Dataset, scores: np.nd
                                 intervention=intervention, batch_size=batch_size, chunk=chunk,
                                 quiet=quiet, ablation=ablation)
   total = n_scored(scores, level, cfg)
-  if counts is None:
-    percentages = list(G.MIB_PERCENTAGES if percentages is None else percentages)
-    counts = [G.n_edges_at_percentage(p, total) for p in percentages]
-  else:
-    counts = [int(n) for n in counts]
-    percentages = [100.0 * n / max(total, 1) for n in counts]
+  counts, percentages = G.mib.sizes_and_percentages(total, counts=counts, percentages=percentages)
   graphs = [top_n(cfg, scores, n, level, absolute=absolute, score_convention=score_convention)
             for n in counts]
   ablation = ablation or make_ablation(cfg, params, dataset, intervention, batch_size)
@@ -234,10 +193,7 @@ def faithfulness_curve(cfg: ModelConfig, params, dataset: Dataset, scores: np.nd
                                       batch_size=batch_size, chunk=chunk, ablation=ablation,
                                       quiet=quiet)
   metric = np.atleast_1d(metric)
-  if m_full == m_empty:
-    raise AttributionError("the full model and the empty circuit give the same metric; "
-                           "faithfulness is undefined for this data and intervention")
   kept = np.asarray([g.count_edges() for g in graphs])
   return LevelCurve(kept, kept, np.asarray(percentages, np.float64), metric,
-                    (metric - m_empty) / (m_full - m_empty), m_full, m_empty, level,
+                    V.normalize(metric, m_full, m_empty), m_full, m_empty, level,
                     np.asarray(counts))

@@ -18,15 +18,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from jaxinterp import attribution
-from jaxinterp.groundtruth import truth as ground_truth
-from jaxinterp.groundtruth import toy
-from jaxinterp.groundtruth import tracr_tasks
 from jaxinterp.circuits import Graph
+from jaxinterp.groundtruth import toy, tracr_tasks
+from jaxinterp.groundtruth import truth as ground_truth
 from jaxinterp.models import tracr as T
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.tasks import Dataset
@@ -57,7 +57,7 @@ class Case:
 
 
 def tracr_case(name: str, assembled, program=None, n_examples: int = 16, seed: int = 0,
-               position: Optional[int] = None, info: Optional[dict] = None) -> Case:
+               position: int | None = None, info: dict | None = None) -> Case:
   """The case of a compiled tracr model (`program`, the RASP SOp, to check the model against it)."""
   model = T.from_tracr(assembled)
   truth = ground_truth.tracr_circuit(model)
@@ -73,7 +73,7 @@ def tracr_case(name: str, assembled, program=None, n_examples: int = 16, seed: i
 
 
 def library_case(name: str, n_examples: int = 16, seed: int = 0,
-                 position: Optional[int] = None) -> Case:
+                 position: int | None = None) -> Case:
   """`tracr_case` for a program of `tracr_tasks.LIBRARY`."""
   spec = tracr_tasks.LIBRARY.get(name)
   if spec is None:
@@ -130,7 +130,7 @@ def supports(method: str, intervention: str) -> bool:
 def benchmark(case: Case, methods: Sequence[str],
               interventions: Sequence[str] = ("patching", "zero-all"), ig_steps: int = 5,
               batch_size: int = 64,
-              on_result: Optional[Callable[[MethodResult], None]] = None) -> list[MethodResult]:
+              on_result: Callable[[MethodResult], None] | None = None) -> list[MethodResult]:
   """Every method under every ablation it supports, scored against the case's true circuit.
 
   Args:
@@ -157,8 +157,9 @@ def benchmark(case: Case, methods: Sequence[str],
         continue
       t0 = time.perf_counter()
       a = attribution.attribute(case.cfg, case.params, case.dataset, method=name,
-                                intervention=intervention, ig_steps=ig_steps,
-                                batch_size=batch_size, quiet=True)
+                                intervention=intervention, batch_size=batch_size, quiet=True,
+                                **attribution.get_method(name).options_among(
+                                    {"ig_steps": ig_steps}))
       seconds = time.perf_counter() - t0
       result = ground_truth.evaluate(case.truth, a.scores, vis, a.clean_metric)
       g = Graph.from_config(case.cfg, a.scores).top_n(max(1, result["n_true_edges"]), prune=False)
@@ -187,8 +188,9 @@ def graph_file(method: str, intervention: str) -> str:
 
 
 def write_case(case: Case, results: Sequence[MethodResult], out: str,
-               meta: Optional[dict] = None) -> list[str]:
-  """Write `truth.json` and each result's graph under `out`; returns the paths written (relative)."""
+               meta: dict | None = None) -> list[str]:
+  """Write `truth.json` and each result's graph under `out`; returns the paths written
+  (relative)."""
   os.makedirs(out, exist_ok=True)
   written = ["truth.json"]
   case.truth.to_json(os.path.join(out, "truth.json"), dict(meta or {}, case=case.name, **case.info))
@@ -200,7 +202,7 @@ def write_case(case: Case, results: Sequence[MethodResult], out: str,
   return written
 
 
-def fmt_auroc(x: Optional[float]) -> str:
+def fmt_auroc(x: float | None) -> str:
   """An AUROC to 3 decimals, "n/a" where undefined."""
   return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.3f}"
 

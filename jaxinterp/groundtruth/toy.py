@@ -1,22 +1,26 @@
 """The bundled toy model: a 2-layer GPT-2-style transformer with a known induction circuit.
 
-The model in `jaxinterp/assets/toy/` was trained by `experiments/train_toy_model.py` on rows of random
-tokens in which a block `r_1..r_n` repeats (`repeated_batch`). It is attention-only (its MLPs are
-frozen at zero) and contains a previous-token head in layer 0 that K-composes into an induction head
-in layer 1 (their indices are in `toy_metadata()`): a circuit with known ground truth for testing
-attribution methods. Use `induction_dataset` / `induction_task_dataset` for clean/corrupted pairs.
+The model in `jaxinterp/assets/toy/` was trained by `experiments/train_toy_model.py` on rows of
+random tokens in which a block `r_1..r_n` repeats (`repeated_batch`). It is attention-only (its MLPs
+are frozen at zero) and contains a previous-token head in layer 0 that K-composes into an induction
+head in layer 1 (their indices are in `toy_metadata()`): a circuit with known ground truth for
+testing attribution methods. Use `induction_dataset` / `induction_task_dataset` for clean/corrupted
+pairs.
 
-Token ids `0..n_tokens-1` are the random "content" tokens and `n_tokens` is BOS; the model has no text
-tokenizer.
+Token ids `0..n_tokens-1` are the random "content" tokens and `n_tokens` is BOS; the model has no
+text tokenizer.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
+
+from jaxinterp import tasks
+from jaxinterp.models import from_pretrained
 
 TOY_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
                              "toy")
@@ -32,17 +36,16 @@ class ToyDataError(ValueError):
   """Bad arguments to a toy-model data generator."""
 
 
-def load_toy(path: Optional[str] = None):
+def load_toy(path: str | None = None):
   """Load the bundled induction model (or a model trained by `train_toy_model` at `path`).
 
   Returns:
     a `models.Model` (no tokenizer).
   """
-  from jaxinterp.models import from_pretrained
   return from_pretrained(path or TOY_MODEL_DIR)
 
 
-def toy_metadata(path: Optional[str] = None) -> dict[str, Any]:
+def toy_metadata(path: str | None = None) -> dict[str, Any]:
   """The training record stored next to the checkpoint: flags, final loss/accuracy, head indices.
 
   Keys include `prev_token_head` and `induction_head` (each `[layer, head]`), `n_tokens`, `bos_id`,
@@ -56,7 +59,7 @@ def toy_metadata(path: Optional[str] = None) -> dict[str, Any]:
     return json.load(f)
 
 
-def _check(name: str, value: int, lo: int, hi: Optional[int] = None) -> None:
+def _check(name: str, value: int, lo: int, hi: int | None = None) -> None:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
     raise ToyDataError(f"{name} must be an int, got {value!r}")
   if value < lo or (hi is not None and value > hi):
@@ -114,20 +117,21 @@ def repeated_batch(rng: np.random.Generator, batch: int, max_block: int, min_blo
 CORRUPTIONS = ("first_half", "second_half")
 
 
-def induction_dataset(n: int, seq_len: Optional[int] = None, seed: int = 0,
-                      corrupt: str = "first_half", n_tokens: Optional[int] = None,
-                      bos_id: Optional[int] = None) -> dict[str, np.ndarray]:
+def induction_dataset(n: int, seq_len: int | None = None, seed: int = 0,
+                      corrupt: str = "first_half", n_tokens: int | None = None,
+                      bos_id: int | None = None) -> dict[str, np.ndarray]:
   """Clean/corrupted prompt pairs for the induction task on the toy model.
 
   With a block `r_1..r_L` of distinct random tokens (L = `seq_len`), the clean prompt is
-  `BOS r_1..r_L r_1..r_{L-1}`: at the last position an induction head attends to r_L (the token after
-  the earlier r_{L-1}) and the model predicts it. The corrupted prompt replaces one half by fresh
-  tokens `s` (disjoint from r), so that no induction is possible; both have `2*L` positions:
+  `BOS r_1..r_L r_1..r_{L-1}`: at the last position an induction head attends to r_L (the token
+  after the earlier r_{L-1}) and the model predicts it. The corrupted prompt replaces one half by
+  fresh tokens `s` (disjoint from r), so that no induction is possible; both have `2*L` positions:
 
     "first_half":  BOS s_1..s_L r_1..r_{L-1}   (the earlier occurrence is gone; the query token is
                    kept, so the clean/corrupted difference flows through the previous-token head
                    into the induction head's *key* and *value*: the textbook K-composition circuit)
-    "second_half": BOS r_1..r_L s_1..s_{L-1}   (the query token changes; the difference flows through
+    "second_half": BOS r_1..r_L s_1..s_{L-1}   (the query token changes; the difference flows
+    through
                    the induction head's *query*, and the previous-token head's outputs at the
                    attended positions are identical in both prompts)
 
@@ -182,7 +186,7 @@ def _defaults() -> dict[str, int]:
     return {"block_len": DEFAULT_BLOCK_LEN, "n_tokens": N_TOKENS, "bos_id": BOS_ID, "n_ctx": 0}
 
 
-def induction_task_dataset(n: int, seed: int = 0, seq_len: Optional[int] = None,
+def induction_task_dataset(n: int, seed: int = 0, seq_len: int | None = None,
                            corrupt: str = "first_half"):
   """`induction_dataset` wrapped as a `jaxinterp.tasks.Dataset` with the logit-difference metric.
 
@@ -190,7 +194,6 @@ def induction_task_dataset(n: int, seed: int = 0, seq_len: Optional[int] = None,
   (logit[correct] - logit[incorrect] at the last position). All prompts have length `2*seq_len`, so
   there is no padding.
   """
-  from jaxinterp import tasks
   d = induction_dataset(n, seq_len, seed, corrupt)
   bos = _defaults()["bos_id"]
   N, P = d["clean"].shape

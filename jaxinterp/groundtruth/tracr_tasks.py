@@ -19,15 +19,15 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinterp.tasks import metrics
 from jaxinterp.models import tracr as T
-from jaxinterp.tasks import Dataset, Task
+from jaxinterp.tasks import Dataset, Task, metrics
 
 COMPILER_BOS = "BOS"
 INSTALL_HINT = 'tracr is not installed: pip install "jaxinterp[tracr]" (tracr-pypi and dm-haiku)'
@@ -215,16 +215,6 @@ LIBRARY: dict[str, LibraryProgram] = {p.name: p for p in (
 # moves the metric; they need an input distribution of their own.
 
 
-def compile_library(name: str, causal: bool = False):
-  """Compile the library program `name` at its benchmark vocabulary and length."""
-  if name not in LIBRARY:
-    raise ProgramError(f"unknown library program {name!r}; known: {', '.join(LIBRARY)}")
-  p = LIBRARY[name]
-  require_tracr()
-  return compile_program(build_program(lambda: p.make(p.max_seq_len), name), p.vocab,
-                         p.max_seq_len, causal)
-
-
 # ---------------------------------------------------------------------------------- task and data
 
 
@@ -239,7 +229,7 @@ OUTPUT_VALUE = Task("output-value", _output_value,
 
 
 def make_dataset(model: T.TracrModel, n: int, seed: int = 0,
-                 position: Optional[int] = None) -> Dataset:
+                 position: int | None = None) -> Dataset:
   """Clean/corrupted pairs for a ported tracr model, with the `OUTPUT_VALUE` metric.
 
   Args:

@@ -3,7 +3,8 @@
 **tracr models.** tracr compiles a RASP program into a transformer whose residual stream is a direct
 sum of one subspace per SOp, each spanned by named basis directions (`tokens:a`, `indices:2`, `one`,
 `frac_prevs`, ...). The port (`models.from_tracr`) keeps that basis. For every node of the EAP-IG
-graph the weights say exactly which residual directions it writes and which each of its inputs reads:
+graph the weights say exactly which residual directions it writes and which each of its
+inputs reads:
 
 - writes: `input` the directions its token or position embedding is nonzero on (`tokens:*`,
   `indices:*`, `one`); head `a{l}.h{h}` the nonzero columns of `W_O[h]`; MLP `m{l}` the nonzero
@@ -12,14 +13,14 @@ graph the weights say exactly which residual directions it writes and which each
   MLP the nonzero rows of `W_in`; `logits` the output SOp's directions (the rows of `W_U`).
 
 (Nonzero: |w| > `WEIGHT_TOL`. tracr writes exact zeros everywhere else.) **An edge s -> r is true
-iff it is a valid edge of the graph and some residual direction is both written by s and read by r**:
-the written and read subspaces overlap. tracr writes every SOp once, and a component reads exactly
-the SOps its RASP operation depends on (plus the `one` direction as a bias, and `tokens:BOS`
-through the keys of every categorical head, which always attends to BOS a little and falls back
-to it), so the true edges are the dependencies the program actually uses. Padded heads and empty
-MLP layers read and write nothing: they have no true edge. `tracr_circuit` returns this as a
-`Graph` whose `in_graph` edges are the true ones; its `meta["sops"]` names the SOps each true edge
-carries. A node is true iff it has a true outgoing edge.
+iff it is a valid edge of the graph and some residual direction is both written by s and read by
+r**: the written and read subspaces overlap. tracr writes every SOp once, and a component reads
+exactly the SOps its RASP operation depends on (plus the `one` direction as a bias, and `tokens:BOS`
+through the keys of every categorical head, which always attends to BOS a little and falls back to
+it), so the true edges are the dependencies the program actually uses. Padded heads and empty MLP
+layers read and write nothing: they have no true edge. `tracr_circuit` returns this as a `Graph`
+whose `in_graph` edges are the true ones; its `meta["sops"]` names the SOps each true edge carries.
+A node is true iff it has a true outgoing edge.
 
 **Edges that patching cannot see.** Some true edges carry only information that is identical in the
 clean and the corrupted run as their receiver reads it: positions (`indices`), the `one` direction,
@@ -28,8 +29,8 @@ aligned patching pairs do), or tokens read by a selector that selects every key 
 such an edge changes nothing, so every patching method must give it score 0. `visible_edges` finds
 them from the data, for the ablation used: **a true edge s -> r is visible iff ablating it alone
 changes the output of r's node** (the head's result, the MLP's output, the logits) **by more than
-`VISIBLE_TOL` at some input position of some example** (BOS's position is not one: tracr computes
-no SOp there, and documents its outputs at BOS as meaningless). The benchmark (`evaluate`) then counts:
+`VISIBLE_TOL` at some input position of some example** (BOS's position is not one: tracr computes no
+SOp there, and documents its outputs at BOS as meaningless). The benchmark (`evaluate`) then counts:
 
 - true and visible edges as positives; every valid edge that is not true as a negative;
 - invisible true edges not at all (neither positive nor negative); the same for nodes (a true node
@@ -57,15 +58,15 @@ documented induction circuit (README, `toy.toy_metadata()`), not a weight overla
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxinterp import attribution
-from jaxinterp.groundtruth import toy
 from jaxinterp.circuits import Graph
+from jaxinterp.groundtruth import toy
 from jaxinterp.models import edges as E
 from jaxinterp.models import tracr as T
 from jaxinterp.models.config import ModelConfig
@@ -105,23 +106,23 @@ def reads_writes(cfg: ModelConfig, params) -> tuple[np.ndarray, np.ndarray]:
   writes[0] = _nonzero_rows(np.asarray(params["W_E"]).T)
   if "W_pos" in params:
     writes[0] |= _nonzero_rows(np.asarray(params["W_pos"]).T)
-  for l in range(cfg.n_layers):
-    attn, mlp = params[f"blocks_{l}"]["attn"], params[f"blocks_{l}"]["mlp"]
+  for layer in range(cfg.n_layers):
+    attn, mlp = params[f"blocks_{layer}"]["attn"], params[f"blocks_{layer}"]["mlp"]
     for h in range(H):
-      writes[E.head_sender(cfg, l, h)] = _nonzero_rows(np.asarray(attn["W_O"][h]).T)
+      writes[E.head_sender(cfg, layer, h)] = _nonzero_rows(np.asarray(attn["W_O"][h]).T)
       for c in "qkv":
         kv = h // (H // cfg.kv_heads) if c != "q" else h
-        reads[E.head_receiver(cfg, l, h, c)] = _nonzero_rows(attn[f"W_{c.upper()}"][kv])
+        reads[E.head_receiver(cfg, layer, h, c)] = _nonzero_rows(attn[f"W_{c.upper()}"][kv])
     out = _nonzero_rows(np.asarray(mlp["W_out"]).T)
     if "b_out" in mlp:
       out |= np.abs(np.asarray(mlp["b_out"])) > WEIGHT_TOL
-    writes[E.mlp_sender(cfg, l)] = out
-    reads[E.mlp_receiver(cfg, l)] = _nonzero_rows(mlp["W_in"])
+    writes[E.mlp_sender(cfg, layer)] = out
+    reads[E.mlp_receiver(cfg, layer)] = _nonzero_rows(mlp["W_in"])
   reads[E.logits_receiver(cfg)] = _nonzero_rows(params["W_U"])
   return writes, reads
 
 
-def subspace_circuit(cfg: ModelConfig, params, labels: Optional[tuple[str, ...]] = None) -> Graph:
+def subspace_circuit(cfg: ModelConfig, params, labels: tuple[str, ...] | None = None) -> Graph:
   """The true circuit of an axis-aligned model: valid edges whose written and read directions
   overlap (see the module docstring). With `labels` (a name per residual direction, `sop:value`),
   `meta["sops"]` maps each true edge to the SOps it carries."""
@@ -133,7 +134,7 @@ def subspace_circuit(cfg: ModelConfig, params, labels: Optional[tuple[str, ...]]
                           "receiver reads (jaxinterp.groundtruth.truth)")
   if labels is not None:
     sops = {}
-    for s, r in zip(*np.nonzero(g.in_graph)):
+    for s, r in zip(*np.nonzero(g.in_graph), strict=True):
       shared = sorted({labels[i].split(":")[0] for i in np.flatnonzero(writes[s] & reads[r])})
       sops[g.edge_name(int(s), int(r))] = shared
     g.meta["sops"] = sops
@@ -151,13 +152,15 @@ def tracr_circuit(assembled_model) -> Graph:
     A `Graph` over the port's config whose `in_graph` edges are the true ones and whose nodes are
     those with a true outgoing edge (`logits` always); `meta["sops"]` names the SOps each carries.
   """
-  m = assembled_model if isinstance(assembled_model, T.TracrModel) else T.from_tracr(assembled_model)
+  m = (assembled_model if isinstance(assembled_model, T.TracrModel)
+       else T.from_tracr(assembled_model))
   g = subspace_circuit(m.cfg, m.params, m.encoding.residual_labels)
   return g.replace(nodes_in_graph=true_nodes(g))
 
 
 def true_nodes(truth: Graph) -> np.ndarray:
-  """Bool[ndarray, "sender"]: nodes with a true outgoing edge (the input node included if it has)."""
+  """Bool[ndarray, "sender"]: nodes with a true outgoing edge (the input node included if it
+  has)."""
   return truth.in_graph.any(1)
 
 
@@ -195,7 +198,7 @@ def toy_invisible(truth: Graph) -> np.ndarray:
   cannot see: the previous-token head's positional q and k, and the induction head's query, whose
   token at the read position is the same in both prompts. Bool[ndarray, "sender receiver"]."""
   out = np.zeros_like(truth.valid)
-  for s, r in zip(*np.nonzero(truth.in_graph)):
+  for s, r in zip(*np.nonzero(truth.in_graph), strict=True):
     name = truth.edge_name(int(s), int(r))
     if name.startswith("input->") and (name.endswith("<q>") or name.endswith("<k>")):
       out[s, r] = True
@@ -210,11 +213,11 @@ def receiver_nodes(cfg: ModelConfig) -> np.ndarray:
   `L*H + l`, then logits `L*H + L` (the order of `_node_outputs`)."""
   L, H = cfg.n_layers, cfg.n_heads
   out = np.full(E.n_receivers(cfg), L * H + L)
-  for l in range(L):
+  for layer in range(L):
     for h in range(H):
       for c in "qkv":
-        out[E.head_receiver(cfg, l, h, c)] = l * H + h
-    out[E.mlp_receiver(cfg, l)] = L * H + l
+        out[E.head_receiver(cfg, layer, h, c)] = layer * H + h
+    out[E.mlp_receiver(cfg, layer)] = L * H + layer
   return out
 
 
@@ -223,8 +226,8 @@ def _node_outputs(cfg: ModelConfig, params, batch, weights, ablated, first: int 
   position `first`: per layer the heads' results `[b, p, H, d]`, then per layer the MLP output,
   then the logits (`[b, p, 1, .]`)."""
   L = cfg.n_layers
-  sites = [f"blocks.{l}.attn.hook_result" for l in range(L)]
-  sites += [f"blocks.{l}.hook_mlp_out" for l in range(L)]
+  sites = [f"blocks.{layer}.attn.hook_result" for layer in range(L)]
+  sites += [f"blocks.{layer}.hook_mlp_out" for layer in range(L)]
   logits, cache = forward(cfg, params, batch.clean, attention_mask=batch.mask,
                           edges=E.EdgePatch(weights, ablated), collect=tuple(sites))
   parts = [cache[n] for n in sites[:L]] + [cache[n][:, :, None] for n in sites[L:]]
@@ -256,7 +259,7 @@ def visible_edges(cfg: ModelConfig, params, truth: Graph, dataset: Dataset,
 
     def one(si, ri):
       outs = _node_outputs(cfg, params, batch, ones.at[si, ri].set(0.0), ablated, first)
-      return jnp.concatenate([abs(a - b).max((0, 1, 3)) for a, b in zip(outs, base)])
+      return jnp.concatenate([abs(a - b).max((0, 1, 3)) for a, b in zip(outs, base, strict=True)])
 
     return jax.vmap(one)(s, r)
 
@@ -304,7 +307,7 @@ def ranking_key(scores: np.ndarray, scale: float = 0.0) -> np.ndarray:
   return np.where(a > ZERO_FLOOR * top, a, 0.0)
 
 
-def evaluate(truth: Graph, scores: np.ndarray, visible: Optional[np.ndarray] = None,
+def evaluate(truth: Graph, scores: np.ndarray, visible: np.ndarray | None = None,
              scale: float = 0.0) -> dict:
   """Edge- and node-level AUROC of edge `scores` against `truth`.
 
@@ -332,12 +335,13 @@ def evaluate(truth: Graph, scores: np.ndarray, visible: Optional[np.ndarray] = N
   return {
       "edge_auroc": _or_none(auroc(key, vis, counted)),
       "node_auroc": _or_none(auroc(node_key, node_vis, node_counted)),
-      "n_true_edges": int(pos.sum()), "n_visible_edges": int(vis.sum()), "n_edges": int(valid.sum()),
+      "n_true_edges": int(pos.sum()), "n_visible_edges": int(vis.sum()),
+      "n_edges": int(valid.sum()),
       "n_found_edges": int((vis & (key > 0)).sum()),
       "n_true_nodes": int(node_true.sum()), "n_visible_nodes": int(node_vis.sum()),
       "n_nodes": int(node_true.size),
   }
 
 
-def _or_none(x: float) -> Optional[float]:
+def _or_none(x: float) -> float | None:
   return None if np.isnan(x) else x

@@ -1,15 +1,21 @@
-"""Autoencoders and SAEs at a site: encode, edit features, decode (optionally keeping the reconstruction
-error)."""
+"""Autoencoders and SAEs at a site: encode, edit features, decode (optionally keeping the
+reconstruction error)."""
 
 from __future__ import annotations
-
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxinterp.interventions.basic import (ALL, Array, InterventionError, Where, check_last,
-                                           dims_index, source_or_self)
+from jaxinterp.interventions.basic import (
+  ALL,
+  Array,
+  InterventionError,
+  Where,
+  check_last,
+  dims_index,
+  source_or_self,
+)
 
 
 @flax.struct.dataclass
@@ -47,7 +53,7 @@ class Autoencoder:
   trainable = ("W_enc", "b_enc", "W_dec", "b_dec")
 
   @staticmethod
-  def jumprelu(W_enc, b_enc, W_dec, b_dec, threshold, **kw) -> "Autoencoder":
+  def jumprelu(W_enc, b_enc, W_dec, b_dec, threshold, **kw) -> Autoencoder:
     """A JumpReLU SAE (Gemma Scope convention: no decoder-bias centring)."""
     return Autoencoder(W_enc, b_enc, W_dec, b_dec, threshold=threshold, activation="jumprelu",
                        center=False, **kw)
@@ -55,8 +61,8 @@ class Autoencoder:
   def _check(self, x: Array) -> int:
     d = x.shape[-1]
     if jnp.ndim(self.W_enc) != 2 or jnp.shape(self.W_enc)[0] != d:
-      raise InterventionError(f"Autoencoder: W_enc has shape {jnp.shape(self.W_enc)}, expected ({d}, n) "
-                              f"for a site of shape {x.shape}")
+      raise InterventionError(f"Autoencoder: W_enc has shape {jnp.shape(self.W_enc)}, expected "
+                              f"({d}, n) for a site of shape {x.shape}")
     n = jnp.shape(self.W_enc)[1]
     for arr, shape, what in ((self.b_enc, (n,), "b_enc"), (self.W_dec, (n, d), "W_dec"),
                              (self.b_dec, (d,), "b_dec")):
@@ -73,8 +79,8 @@ class Autoencoder:
         try:
           jnp.broadcast_shapes(jnp.shape(arr), (n,))
         except ValueError:
-          raise InterventionError(f"Autoencoder: {what} of shape {jnp.shape(arr)} does not broadcast "
-                                  f"to the {n} latents") from None
+          raise InterventionError(f"Autoencoder: {what} of shape {jnp.shape(arr)} does not "
+                                  f"broadcast to the {n} latents") from None
     return n
 
   def encode(self, x: Array) -> Array:
@@ -102,7 +108,8 @@ class Autoencoder:
         idx = dims_index(self.latents, n, "Autoencoder latents")
         g = g.at[..., idx].set(fs[..., idx])
     elif self.latents is not None and self.latent_scale is None and self.latent_add is None:
-      raise InterventionError("Autoencoder: `latents` given without a source, latent_scale or latent_add")
+      raise InterventionError("Autoencoder: `latents` given without a source, latent_scale or "
+                              "latent_add")
     if self.latent_scale is not None:
       g = g * self.latent_scale
     if self.latent_add is not None:

@@ -1,14 +1,14 @@
-"""Selection (`Where`, `WhereEach`), the simple interventions (`Patch`, `Zero`, `MeanAblate`, `Add`) and the
-helpers every intervention module shares.
+"""Selection (`Where`, `WhereEach`), the simple interventions (`Patch`, `Zero`, `MeanAblate`, `Add`)
+and the helpers every intervention module shares.
 
-Selection (`Where`): every intervention applies only where its selection holds: a subset of positions,
-of heads (for per-head sites such as `attn.hook_z`, `[batch, pos, head, ...]`) and of examples in the
-batch. Unselected entries keep their value.
+Selection (`Where`): every intervention applies only where its selection holds: a subset of
+positions, of heads (for per-head sites such as `attn.hook_z`, `[batch, pos, head, ...]`) and of
+examples in the batch. Unselected entries keep their value.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import flax.struct
 import jax
@@ -16,14 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
-IndexLike = Union[None, int, Sequence[int], np.ndarray, Array]
+IndexLike = None | int | Sequence[int] | np.ndarray | Array
 
 
 class InterventionError(ValueError):
   """An intervention that does not fit the site it is applied to."""
 
 
-def as_mask(index: IndexLike, size: int, what: str) -> Optional[np.ndarray]:
+def as_mask(index: IndexLike, size: int, what: str) -> np.ndarray | None:
   if index is None:
     return None
   idx = np.atleast_1d(np.asarray(index))
@@ -55,11 +55,13 @@ class Where:
   batch: tuple = flax.struct.field(pytree_node=False, default=None)
 
   @staticmethod
-  def of(positions: IndexLike = None, heads: IndexLike = None, batch: IndexLike = None) -> "Where":
-    t = lambda v: None if v is None else tuple(np.atleast_1d(np.asarray(v)).tolist())
+  def of(positions: IndexLike = None, heads: IndexLike = None, batch: IndexLike = None) -> Where:
+    def t(v):
+      return None if v is None else tuple(np.atleast_1d(np.asarray(v)).tolist())
+
     return Where(t(positions), t(heads), t(batch))
 
-  def mask(self, x: Array) -> Optional[Array]:
+  def mask(self, x: Array) -> Array | None:
     """A boolean mask broadcastable to `x`, or None if everything is selected."""
     if self.positions is None and self.heads is None and self.batch is None:
       return None
@@ -142,7 +144,7 @@ class Add:
     return self.where.apply(x, x + self.scale * self.vector)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Per-example selection
 
 
@@ -162,22 +164,24 @@ class WhereEach:
   def mask(self, x: Array) -> Array:
     """A boolean mask broadcastable to `x` (`[batch, pos, 1 or head, 1, ...]`)."""
     if x.ndim < 2:
-      raise InterventionError(f"WhereEach needs an activation [batch, pos, ...]; got shape {x.shape}")
+      raise InterventionError("WhereEach needs an activation [batch, pos, ...]; got shape "
+                              f"{x.shape}")
     pos = jnp.asarray(self.positions)
     if not jnp.issubdtype(pos.dtype, jnp.integer):
       raise InterventionError(f"WhereEach positions must be integers, got {pos.dtype}")
     if pos.ndim == 1:
       pos = pos[:, None]
     if pos.ndim != 2 or pos.shape[0] not in (1, x.shape[0]):
-      raise InterventionError(f"WhereEach positions of shape {tuple(self.positions.shape)} do not match "
-                              f"batch size {x.shape[0]}; expected [batch] or [batch, n]")
+      raise InterventionError(f"WhereEach positions of shape {tuple(self.positions.shape)} do not "
+                              f"match batch size {x.shape[0]}; expected [batch] or [batch, n]")
     P = x.shape[1]
     pos = jnp.where(pos < 0, pos + P, pos)
     m = (jnp.arange(P)[None, :, None] == pos[:, None, :]).any(-1)  # [batch, pos]
     m = m.reshape(m.shape + (1,) * (x.ndim - 2))
     if self.heads is not None:
       if x.ndim < 3:
-        raise InterventionError(f"head selection needs an activation with axis 2; got shape {x.shape}")
+        raise InterventionError("head selection needs an activation with axis 2; got shape "
+                                f"{x.shape}")
       h = as_mask(self.heads, x.shape[2], "head")
       m = m & jnp.asarray(h).reshape((1, 1, x.shape[2]) + (1,) * (x.ndim - 3))
     return m
@@ -187,18 +191,20 @@ class WhereEach:
     return jnp.where(self.mask(x), new, x)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Helpers
 
 
-def source_or_self(source: Optional[Array], x: Array, name: str) -> Array:
-  """The source activation broadcast to the site's shape, with a clear error if absent or mismatched."""
+def source_or_self(source: Array | None, x: Array, name: str) -> Array:
+  """The source activation broadcast to the site's shape, with a clear error if absent or
+  mismatched."""
   if source is None:
     raise InterventionError(
-        f"{name} is an interchange intervention and needs a source activation: run the model on the "
-        f"source input with collect=(site,) and pass it as `source=` (or use with_sources)")
+        f"{name} is an interchange intervention and needs a source activation: run the model on "
+        "the source input with collect=(site,) and pass it as `source=` (or use with_sources)")
   check_broadcast(source, x, name)
-  return jnp.broadcast_to(jnp.asarray(source), x.shape).astype(jnp.result_type(x.dtype, jnp.float32))
+  return jnp.broadcast_to(jnp.asarray(source), x.shape).astype(
+      jnp.result_type(x.dtype, jnp.float32))
 
 
 def dims_index(dims: tuple, size: int, name: str) -> np.ndarray:
@@ -208,7 +214,8 @@ def dims_index(dims: tuple, size: int, name: str) -> np.ndarray:
   if idx.dtype == bool or not np.issubdtype(idx.dtype, np.integer):
     raise InterventionError(f"{name}: dims must be integer indices, got {idx.dtype}")
   if idx.min() < -size or idx.max() >= size:
-    raise InterventionError(f"{name}: dims {idx.tolist()} out of range for a last axis of size {size}")
+    raise InterventionError(f"{name}: dims {idx.tolist()} out of range for a last axis of size "
+                            f"{size}")
   return idx
 
 
@@ -248,4 +255,5 @@ def orthogonalize(raw: Array, method: str) -> Array:
     q, r = jnp.linalg.qr(raw.astype(jnp.float32))
     s = jnp.sign(jnp.diagonal(r))
     return q * jnp.where(s == 0, 1.0, s)[None, :]
-  raise InterventionError(f"unknown orthogonal parametrisation {method!r}; use 'none', 'cayley' or 'qr'")
+  raise InterventionError(f"unknown orthogonal parametrisation {method!r}; use 'none', 'cayley' or "
+                          "'qr'")

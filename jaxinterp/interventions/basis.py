@@ -1,16 +1,23 @@
-"""Basis-aligned interventions: interchange, subtraction, noise, collection and learned sigmoid masks
-over a site's dimensions."""
+"""Basis-aligned interventions: interchange, subtraction, noise, collection and learned sigmoid
+masks over a site's dimensions."""
 
 from __future__ import annotations
-
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinterp.interventions.basic import (ALL, Array, Where, check_broadcast,
-                                           dims_index, as_mask, check_last, source_or_self)
+from jaxinterp.interventions.basic import (
+  ALL,
+  Array,
+  Where,
+  as_mask,
+  check_broadcast,
+  check_last,
+  dims_index,
+  source_or_self,
+)
 
 
 @flax.struct.dataclass
@@ -83,7 +90,8 @@ class Collect:
     w = self.where
     if not isinstance(w, Where):
       return jnp.where(w.mask(x), x, 0)
-    for axis, idx, what in ((0, w.batch, "batch"), (1, w.positions, "position"), (2, w.heads, "head")):
+    for axis, idx, what in ((0, w.batch, "batch"), (1, w.positions, "position"),
+                            (2, w.heads, "head")):
       if idx is not None:
         m = as_mask(idx, x.shape[axis], what)
         x = jnp.take(x, np.nonzero(m)[0], axis=axis)
@@ -94,7 +102,8 @@ class Collect:
 class SigmoidMask:
   """Soft interchange over dims or neurons: (1 - s) * x + s * source with s = sigmoid(mask / T).
 
-  Trainable: `mask` (Float[Array, "d"]); `temperature` is a traced scalar (anneal it during training).
+  Trainable: `mask` (Float[Array, "d"]); `temperature` is a traced scalar (anneal it during
+  training).
   """
 
   mask: Array

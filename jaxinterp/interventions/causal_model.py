@@ -1,9 +1,10 @@
-"""High-level causal models for interchange interventions: variables, mechanisms, counterfactuals and
-(base, source, counterfactual label) datasets."""
+"""High-level causal models for interchange interventions: variables, mechanisms, counterfactuals
+and (base, source, counterfactual label) datasets."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -20,8 +21,8 @@ class CausalModel:
     cm.counterfactual({"a": 1, "b": 2}, {"a": 3, "b": 3}, ["S"])  # -> (3 + 3) % p
   """
 
-  def __init__(self, inputs: Sequence[str], mechanisms: Mapping[str, tuple[Callable, Sequence[str]]],
-               output: str):
+  def __init__(self, inputs: Sequence[str],
+               mechanisms: Mapping[str, tuple[Callable, Sequence[str]]], output: str):
     self.inputs = list(inputs)
     self.mechanisms = dict(mechanisms)
     self.output = output
@@ -31,7 +32,8 @@ class CausalModel:
     while pending:  # topological order; a cycle or unknown parent leaves some unresolved
       ready = [v for v, (_, ps) in pending.items() if all(p in known for p in ps)]
       if not ready:
-        raise InterventionError(f"causal model has unknown parents or a cycle among {sorted(pending)}")
+        raise InterventionError("causal model has unknown parents or a cycle among "
+                                f"{sorted(pending)}")
       for v in ready:
         self.order.append(v)
         known.add(v)
@@ -48,7 +50,8 @@ class CausalModel:
     iv = dict(interventions)
     unknown = set(iv) - set(self.variables)
     if unknown:
-      raise InterventionError(f"unknown causal variable(s) {sorted(unknown)}; have {self.variables}")
+      raise InterventionError(f"unknown causal variable(s) {sorted(unknown)}; "
+                              f"have {self.variables}")
     vals = {k: iv.get(k, inputs[k]) for k in self.inputs}
     for v in self.order:
       fn, ps = self.mechanisms[v]
@@ -63,11 +66,13 @@ class CausalModel:
 
   def interchange_dataset(self, sample: Callable[[np.random.Generator], dict], n: int,
                           variables: Sequence[str], encode: Callable[[dict], Sequence[int]],
-                          label: Callable[[Any], int] = int, seed: int = 0) -> dict[str, np.ndarray]:
+                          label: Callable[[Any], int] = int,
+                          seed: int = 0) -> dict[str, np.ndarray]:
     """(base, source, counterfactual label) triples as token arrays.
 
     Args:
-      sample: rng -> input values; encode: input values -> token ids; label: output value -> token id.
+      sample: rng -> input values; encode: input values -> token ids; label: output value -> token
+      id.
     """
     rng = np.random.default_rng(seed)
     base, src, lab = [], [], []

@@ -1,15 +1,22 @@
-"""Distributed (rotated-space) interventions: DAS and its boundless, sigmoid-mask and low-rank variants
-(Geiger et al. 2024; pyvene's `RotatedSpaceIntervention` family)."""
+"""Distributed (rotated-space) interventions: DAS and its boundless, sigmoid-mask and low-rank
+variants (Geiger et al. 2024; pyvene's `RotatedSpaceIntervention` family)."""
 
 from __future__ import annotations
-
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxinterp.interventions.basic import (ALL, Array, InterventionError, Where, check_last,
-                                           dims_index, orthogonalize, source_or_self)
+from jaxinterp.interventions.basic import (
+  ALL,
+  Array,
+  InterventionError,
+  Where,
+  check_last,
+  dims_index,
+  orthogonalize,
+  source_or_self,
+)
 
 
 @flax.struct.dataclass
@@ -57,7 +64,8 @@ class RotatedSpace:
 
 def sigmoid_boundary(population: Array, lo: Array, hi: Array, temperature: Array) -> Array:
   """sigmoid((i - lo) / T) * sigmoid((hi - i) / T): a soft indicator of lo < i < hi."""
-  return jax.nn.sigmoid((population - lo) / temperature) * jax.nn.sigmoid((hi - population) / temperature)
+  return (jax.nn.sigmoid((population - lo) / temperature)
+          * jax.nn.sigmoid((hi - population) / temperature))
 
 
 @flax.struct.dataclass
@@ -158,8 +166,8 @@ class LowRankRotatedSpace:
   def __call__(self, x: Array) -> Array:
     d = x.shape[-1]
     if jnp.ndim(self.basis) != 2 or jnp.shape(self.basis)[0] != d or jnp.shape(self.basis)[1] > d:
-      raise InterventionError(f"LowRankRotatedSpace: basis has shape {jnp.shape(self.basis)}, expected "
-                              f"({d}, k) with k <= {d} for a site of shape {x.shape}")
+      raise InterventionError(f"LowRankRotatedSpace: basis has shape {jnp.shape(self.basis)}, "
+                              f"expected ({d}, k) with k <= {d} for a site of shape {x.shape}")
     if self.param == "cayley":
       raise InterventionError("LowRankRotatedSpace: the Cayley map needs a square matrix; use 'qr'")
     src = source_or_self(self.source, x, "LowRankRotatedSpace")

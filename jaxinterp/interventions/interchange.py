@@ -29,7 +29,8 @@ applied to the base run.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,13 +38,14 @@ import numpy as np
 
 from jaxinterp.interventions.autoencoder import Autoencoder
 from jaxinterp.interventions.basic import InterventionError, Where, WhereEach
-from jaxinterp.interventions.run import Chain
+from jaxinterp.interventions.runner import Chain
+from jaxinterp.models import forward
 
 Array = jax.Array
 MODES = ("parallel", "serial")
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Interventions per site
 
 
@@ -93,7 +95,7 @@ def per_item(spec, site: str, n: int, what: str) -> list:
   return [spec] * n
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Positions
 
 
@@ -104,27 +106,28 @@ def apply_positions(interventions: Mapping[str, Any], positions) -> dict:
   if isinstance(positions, Mapping):
     unknown = sorted(set(positions) - set(interventions))
     if unknown:
-      raise InterventionError(f"batch['positions'] names site(s) {unknown} that have no intervention")
+      raise InterventionError(f"batch['positions'] names site(s) {unknown} that have no "
+                              "intervention")
   out = {}
   for site, iv in interventions.items():
     its = items_of(iv)
     new = []
-    for it, p in zip(its, per_item(positions, site, len(its), "positions")):
+    for it, p in zip(its, per_item(positions, site, len(its), "positions"), strict=True):
       if p is not None:
         old = getattr(it, "where", None)
         if old is None:
           raise InterventionError(f"{type(it).__name__} at {site!r} has no `where`: it cannot take "
                                   f"batch['positions']")
         if isinstance(old, Where) and old.batch is not None:
-          raise InterventionError(f"{site!r}: batch['positions'] cannot replace a `where` that also "
-                                  f"selects examples (Where.batch)")
+          raise InterventionError(f"{site!r}: batch['positions'] cannot replace a `where` that "
+                                  "also selects examples (Where.batch)")
         it = it.replace(where=WhereEach(jnp.asarray(p), heads=old.heads))
       new.append(it)
     out[site] = with_items(iv, new)
   return out
 
 
-def base_positions(where, batch: int) -> Optional[Array]:
+def base_positions(where, batch: int) -> Array | None:
   """The selected positions of each example, Int[Array, "batch n"], or None (all positions)."""
   if isinstance(where, WhereEach):
     p = jnp.asarray(where.positions)
@@ -146,8 +149,8 @@ def align_source(src: Array, base_pos: Array, src_pos: Array, base_len: int) -> 
     base_len: the base sequence length.
 
   Returns:
-    Float[Array, "batch base_len ..."] with out[b, base_pos[b, j]] = src[b, src_pos[b, j]]; the other
-    positions hold some source position (the intervention's `where` leaves them untouched).
+    Float[Array, "batch base_len ..."] with out[b, base_pos[b, j]] = src[b, src_pos[b, j]]; the
+    other positions hold some source position (the intervention's `where` leaves them untouched).
   """
   B, Ps = src.shape[:2]
   src_pos = jnp.asarray(src_pos)
@@ -160,7 +163,7 @@ def align_source(src: Array, base_pos: Array, src_pos: Array, base_len: int) -> 
   return jnp.take_along_axis(src, idx.reshape((B, base_len) + (1,) * (src.ndim - 2)), 1)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Sources and logits
 
 
@@ -170,7 +173,7 @@ def _fill(site: str, iv, acts: list, batch: Mapping[str, Any]):
   B, P = np.shape(batch["base"])
   sps = per_item(batch.get("source_positions"), site, len(its), "source_positions")
   new = []
-  for it, act, sp in zip(its, acts, sps):
+  for it, act, sp in zip(its, acts, sps, strict=True):
     if act is not None and needs_source(it):
       if sp is not None:
         bp = base_positions(it.where, B)
@@ -201,13 +204,12 @@ def source_activations(cfg, model_params, interventions: Mapping[str, Any],
 
   Items with the same source tokens (the same array) share one forward pass.
   """
-  from jaxinterp.models import forward
   groups: list[list] = []  # [tokens, mask, {site}]
   want = {}
   for site, iv in interventions.items():
     toks, masks = _sources(batch, site, iv)
     want[site] = []
-    for it, t, m in zip(items_of(iv), toks, masks):
+    for it, t, m in zip(items_of(iv), toks, masks, strict=True):
       if not needs_source(it):
         want[site].append(None)
         continue
@@ -235,7 +237,6 @@ def label_logits(logits: Array, batch: Mapping[str, Any]) -> Array:
 
 def _serial(cfg, model_params, ivs: dict, batch: Mapping[str, Any]) -> dict:
   """The last site's intervention, its source from the chain of intervened source runs."""
-  from jaxinterp.models import forward
   prev = {}
   for site, iv in ivs.items():
     toks, masks = _sources(batch, site, iv)
@@ -262,7 +263,6 @@ def intervened_logits(cfg, model_params, interventions: Mapping[str, Any],
   Returns:
     Float[Array, "batch vocab"].
   """
-  from jaxinterp.models import forward
   if mode not in MODES:
     raise InterventionError(f"unknown mode {mode!r}; use one of {MODES}")
   ivs = apply_positions(normalize(interventions), batch.get("positions"))
@@ -276,7 +276,7 @@ def intervened_logits(cfg, model_params, interventions: Mapping[str, Any],
   return label_logits(logits, batch)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Checking and slicing data
 
 
@@ -292,7 +292,8 @@ def check_batch(batch: Mapping[str, Any], interventions: Mapping[str, Any]) -> N
   """Raise an `InterventionError` naming what is missing or mis-shaped in an interchange batch."""
   for key in ("base", "source", "label"):
     if key not in batch:
-      raise InterventionError(f"an interchange batch needs 'base', 'source' and 'label'; missing {key!r}")
+      raise InterventionError("an interchange batch needs 'base', 'source' and 'label'; missing "
+                              f"{key!r}")
   base = np.shape(batch["base"])
   if len(base) != 2:
     raise InterventionError(f"batch['base'] must be tokens [batch, pos], got shape {base}")
@@ -306,7 +307,8 @@ def check_batch(batch: Mapping[str, Any], interventions: Mapping[str, Any]) -> N
       raise InterventionError(f"batch[{key!r}] has a leading (batch) axis of {bad[0]}; base has "
                               f"{base[0]} examples")
   if np.shape(batch["label"]) != (base[0],):
-    raise InterventionError(f"batch['label'] must be [batch]={base[0]}, got {np.shape(batch['label'])}")
+    raise InterventionError(f"batch['label'] must be [batch]={base[0]}, got "
+                            f"{np.shape(batch['label'])}")
 
 
 def take(data, idx):
@@ -340,8 +342,8 @@ def lift_positions(template: Mapping[str, Any], data: Mapping[str, Any]) -> tupl
       w = getattr(it, "where", None)
       rows = np.shape(w.positions)[0] if isinstance(w, WhereEach) else 1
       if rows not in (1, n):
-        raise InterventionError(f"WhereEach at {site!r} has positions for {rows} examples; the data "
-                                f"have {n} (give one row per example, or one row for all)")
+        raise InterventionError(f"WhereEach at {site!r} has positions for {rows} examples; the "
+                                f"data have {n} (give one row per example, or one row for all)")
       row.append(np.asarray(w.positions) if rows == n and rows != 1 else None)
     if any(r is not None for r in row):
       lifted[site] = row

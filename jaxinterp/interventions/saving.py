@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinterp.runtime import files
 from jaxinterp.interventions.basic import InterventionError, Where, WhereEach
-from jaxinterp.interventions.run import Chain, INTERVENTION_TYPES
+from jaxinterp.interventions.runner import INTERVENTION_TYPES, Chain
+from jaxinterp.runtime import files
 
 SPEC_FILE = "interventions.json"
 ARRAYS_DIR = "arrays"
@@ -73,14 +72,11 @@ def _rebuild(spec: dict, prefix: str, arrays: Mapping[str, np.ndarray]):
   return types[t](**kw)
 
 
-def save_interventions(path: str, interventions: Mapping[str, Any], metadata: Optional[dict] = None,
+def save_interventions(path: str, interventions: Mapping[str, Any], metadata: dict | None = None,
                        include_sources: bool = False) -> None:
   """Save interventions: arrays with orbax (`path/arrays`) and a JSON description of sites and types
   (`path/interventions.json`). Source activations are data, not parameters: dropped unless asked.
   """
-  import orbax.checkpoint as ocp
-  path = os.path.abspath(path)
-  os.makedirs(path, exist_ok=True)
   arrays: dict[str, np.ndarray] = {}
   sites = {}
   for i, (site, iv) in enumerate(interventions.items()):
@@ -89,25 +85,14 @@ def save_interventions(path: str, interventions: Mapping[str, Any], metadata: Op
   spec = {"format": SPEC_FORMAT, "sites": sites, "metadata": metadata or {}}
   # orbax keys must be simple: flatten "iv0.rotation" -> "iv0__rotation"
   flat = {k.replace(".", "__"): v for k, v in arrays.items()}
-  ocp.PyTreeCheckpointer().save(os.path.join(path, ARRAYS_DIR), flat, force=True)
-  files.atomic_write_json(os.path.join(path, SPEC_FILE), spec)
+  files.save_with_record(path, flat, spec, arrays_dir=ARRAYS_DIR, record_file=SPEC_FILE)
 
 
 def load_interventions(path: str) -> tuple[dict, dict]:
   """Load what `save_interventions` wrote: ({site: intervention}, metadata)."""
-  import orbax.checkpoint as ocp
-  path = os.path.abspath(path)
-  sp = os.path.join(path, SPEC_FILE)
-  try:
-    with open(sp) as f:
-      spec = json.load(f)
-  except FileNotFoundError:
-    raise InterventionError(f"{sp} not found: not a saved-interventions directory") from None
-  except ValueError as e:
-    raise InterventionError(f"cannot parse {sp}: {e}") from None
-  if spec.get("format") != SPEC_FORMAT:
-    raise InterventionError(f"{sp} has format {spec.get('format')!r}, expected {SPEC_FORMAT!r}")
-  flat = ocp.PyTreeCheckpointer().restore(os.path.join(path, ARRAYS_DIR))
+  flat, spec = files.load_with_record(path, arrays_dir=ARRAYS_DIR, record_file=SPEC_FILE,
+                                      fmt=SPEC_FORMAT, error=InterventionError,
+                                      missing="not a saved-interventions directory")
   arrays = {k.replace("__", "."): np.asarray(v) for k, v in flat.items()}
   out = {site: _rebuild(s, s["key"], arrays) for site, s in spec["sites"].items()}
   return out, spec.get("metadata", {})

@@ -1,21 +1,23 @@
 """Steering vectors from contrast pairs, and cross-model activation patching.
 
 * `mean_difference`: mean activation on "positive" prompts minus mean on "negative" prompts at a
-  site (at each example's chosen position), the classic contrastive steering vector; `steer` wraps it
-  in an `Add` intervention.
+  site (at each example's chosen position), the classic contrastive steering vector; `steer` wraps
+  it in an `Add` intervention.
 * `cross_model_patch`: collect activations from model A and patch them into model B of the same
   architecture (e.g. a base model and its fine-tune) at chosen sites.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxinterp.interventions.basic import ALL, Add, InterventionError, Patch, Where
+from jaxinterp.models import forward
 
 Array = jax.Array
 
@@ -29,9 +31,9 @@ def _at_positions(act: Array, positions) -> Array:
 
 
 def mean_difference(cfg, params: Mapping[str, Any], positive: Array, negative: Array, site: str, *,
-                    positive_pos: Union[int, Array] = -1, negative_pos: Union[int, Array] = -1,
-                    positive_mask: Optional[Array] = None,
-                    negative_mask: Optional[Array] = None) -> Array:
+                    positive_pos: int | Array = -1, negative_pos: int | Array = -1,
+                    positive_mask: Array | None = None,
+                    negative_mask: Array | None = None) -> Array:
   """Mean-difference steering vector at `site` from contrast prompts.
 
   Args:
@@ -43,7 +45,6 @@ def mean_difference(cfg, params: Mapping[str, Any], positive: Array, negative: A
     Float[Array, "..."]: the site's trailing shape (`[d_model]` for residual sites,
     `[head, d_head]` for per-head sites).
   """
-  from jaxinterp.models import forward
   _, cp = forward(cfg, params, positive, attention_mask=positive_mask, collect=(site,))
   _, cn = forward(cfg, params, negative, attention_mask=negative_mask, collect=(site,))
   return (_at_positions(cp[site], positive_pos).mean(0)
@@ -62,15 +63,16 @@ def same_architecture(params_a: Mapping[str, Any], params_b: Mapping[str, Any]) 
   if ta != tb:
     raise InterventionError("cross-model patching needs models of the same architecture: the param "
                             "trees differ in structure")
-  for (pa, a), (_, b) in zip(fa, fb):
+  for (pa, a), (_, b) in zip(fa, fb, strict=True):
     if np.shape(a) != np.shape(b):
-      raise InterventionError(f"cross-model patching needs the same architecture: "
-                              f"{jax.tree_util.keystr(pa)} has shape {np.shape(a)} vs {np.shape(b)}")
+      raise InterventionError("cross-model patching needs the same architecture: "
+                              f"{jax.tree_util.keystr(pa)} has shape {np.shape(a)} "
+                              f"vs {np.shape(b)}")
 
 
 def cross_model_patch(cfg, params_from: Mapping[str, Any], params_into: Mapping[str, Any],
-                      tokens_from: Array, tokens_into: Array, sites: Union[str, Sequence[str]], *,
-                      where=ALL, mask_from: Optional[Array] = None, mask_into: Optional[Array] = None,
+                      tokens_from: Array, tokens_into: Array, sites: str | Sequence[str], *,
+                      where=ALL, mask_from: Array | None = None, mask_into: Array | None = None,
                       collect: Sequence[str] = ()):
   """Run model A (`params_from`) on `tokens_from`, patch its activations at `sites` into model B
   (`params_into`, same architecture) running on `tokens_into`.
@@ -78,7 +80,6 @@ def cross_model_patch(cfg, params_from: Mapping[str, Any], params_into: Mapping[
   Returns:
     B's logits Float[Array, "batch pos vocab"] (and a cache if `collect` is given).
   """
-  from jaxinterp.models import forward
   same_architecture(params_from, params_into)
   sites = [sites] if isinstance(sites, str) else list(sites)
   _, acts = forward(cfg, params_from, tokens_from, attention_mask=mask_from, collect=tuple(sites))

@@ -5,14 +5,16 @@ Only the *trainable fields* of each intervention (`type(iv).trainable`, e.g. the
 `RotatedSpace`) are optimised. Orthogonality is kept by parametrisation (`param="qr"` by default,
 `"cayley"` for square rotations): the raw parameter is unconstrained and `orthogonalize` maps it to
 an orthogonal matrix inside every forward, so plain optax optimisers apply. Sources, positions,
-several interventions per site and the serial mode are described in `jaxinterp.interventions.interchange`.
+several interventions per site and the serial mode are described in
+`jaxinterp.interventions.interchange`.
 
 Interchange training data are (base, source, counterfactual label) triples: the source input is run
 through the frozen model inside the step to get the source activation at each trained site, the
-intervention swaps it into the base run, and the loss is the cross-entropy of the counterfactual label
-at the label position (default: the last position; per example with `pos`).
+intervention swaps it into the base run, and the loss is the cross-entropy of the counterfactual
+label at the label position (default: the last position; per example with `pos`).
 
-  template = {"blocks.1.hook_resid_pre": init_rotated_space(key, d, k=4, where=Where.of(positions=2))}
+  template = {"blocks.1.hook_resid_pre": init_rotated_space(key, d, k=4,
+                                                           where=Where.of(positions=2))}
   trained, hist = train_interventions(cfg, params, template, data, steps=300)
   iia(cfg, params, trained, held_out)
 """
@@ -20,7 +22,8 @@ at the label position (default: the last position; per example with `pos`).
 from __future__ import annotations
 
 import collections
-from typing import Any, Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,14 +32,13 @@ import optax
 
 from jaxinterp.interventions import interchange
 from jaxinterp.interventions.basic import ALL, InterventionError
-from jaxinterp.interventions.basis import SigmoidMask
 from jaxinterp.interventions.das import BoundlessRotatedSpace, LowRankRotatedSpace, RotatedSpace
-from jaxinterp.interventions.run import Chain
+from jaxinterp.interventions.runner import Chain
 
 Array = jax.Array
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Initialisation and parameter plumbing
 
 
@@ -65,7 +67,8 @@ def init_rotated_space(key: Array, d: int, k: int, *, param: str = "qr", where=A
                       subspace=sub)
 
 
-def init_low_rank(key: Array, d: int, k: int, *, where=ALL, scale: float = 1.0) -> LowRankRotatedSpace:
+def init_low_rank(key: Array, d: int, k: int, *, where=ALL,
+                  scale: float = 1.0) -> LowRankRotatedSpace:
   """A trainable orthonormal d x k basis (QR parametrisation, random start with N(0, scale^2 / d)
   entries: the orthonormal start is the same at any scale, but Adam's steps are then the same
   angle at every width)."""
@@ -80,11 +83,6 @@ def init_boundless(key: Array, d: int, *, boundary: float = 0.5, temperature: fl
                                boundary=jnp.asarray(boundary, jnp.float32),
                                temperature=jnp.asarray(temperature, jnp.float32), param=param,
                                where=where)
-
-
-def init_sigmoid_mask(d: int, *, temperature: float = 0.01, where=ALL) -> SigmoidMask:
-  """A trainable sigmoid mask over d dims or neurons (starts at s = 0.5 everywhere)."""
-  return SigmoidMask(jnp.zeros((d,)), temperature=jnp.asarray(temperature, jnp.float32), where=where)
 
 
 def _fields(iv) -> tuple[str, ...]:
@@ -135,7 +133,8 @@ def tie_groups(interventions: Mapping[str, Any], tie) -> tuple:
         raise InterventionError(f"{p} is in two tie groups")
       seen.add(p)
     if len({shapes[p] for p in g}) > 1:
-      raise InterventionError(f"tied parameters have different shapes: {[(p, shapes[p]) for p in g]}")
+      raise InterventionError(f"tied parameters have different shapes: "
+                              f"{[(p, shapes[p]) for p in g]}")
   return groups
 
 
@@ -155,7 +154,8 @@ def trainable_params(interventions: Mapping[str, Any], tie=()) -> dict[str, dict
 
 def merge_params(interventions: Mapping[str, Any], params: Mapping[str, Mapping[str, Array]],
                  tie=()) -> dict:
-  """Interventions with their trainable fields replaced by `params` (inverse of trainable_params)."""
+  """Interventions with their trainable fields replaced by `params` (inverse of
+  trainable_params)."""
   full = {s: dict(p) for s, p in params.items()}
   for g in tie:
     for s, k in g[1:]:
@@ -175,26 +175,12 @@ def merge_params(interventions: Mapping[str, Any], params: Mapping[str, Mapping[
   return out
 
 
-def _materialize_one(iv):
-  if isinstance(iv, Chain):
-    return Chain(tuple(_materialize_one(it) for it in iv.items))
-  if isinstance(iv, RotatedSpace | BoundlessRotatedSpace) and iv.param != "none":
-    return iv.replace(rotation=iv.matrix(), param="none")
-  if isinstance(iv, LowRankRotatedSpace) and iv.param != "none":
-    return iv.replace(basis=iv.matrix(), param="none")
-  return iv
-
-
-def materialize(interventions: Mapping[str, Any]) -> dict:
-  """Replace raw orthogonal parametrisations by the matrices themselves (param="none")."""
-  return {s: _materialize_one(iv) for s, iv in interchange.normalize(interventions).items()}
-
-
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Loss, train step, IIA
 
 intervened_logits = interchange.intervened_logits
-# How often each cached jitted function was traced (= compiled for a new shape): "train_step", "iia".
+# How often each cached jitted function was traced (= compiled for a new shape): "train_step",
+# "iia".
 TRACES: collections.Counter = collections.Counter()
 _CACHE: collections.OrderedDict = collections.OrderedDict()
 _CACHE_SIZE = 32
@@ -220,7 +206,8 @@ def interchange_loss(tparams, template, cfg, model_params, batch, *, regularizer
   """Mean cross-entropy of the counterfactual labels (plus `regularizer(interventions)`), and the
   accuracy (IIA) on the batch."""
   ivs = merge_params(template, tparams, tie)
-  lg = interchange.intervened_logits(cfg, jax.lax.stop_gradient(model_params), ivs, batch, mode=mode)
+  lg = interchange.intervened_logits(cfg, jax.lax.stop_gradient(model_params), ivs, batch,
+                                     mode=mode)
   labels = jnp.asarray(batch["label"])
   loss = optax.softmax_cross_entropy_with_integer_labels(lg, labels).mean()
   if regularizer is not None:
@@ -331,10 +318,10 @@ def _with_temperature(template: dict, t: float) -> dict:
 
 def train_interventions(cfg, model_params, template: Mapping[str, Any], data: Mapping[str, Any], *,
                         steps: int = 300, batch_size: int = 128, learning_rate=1e-2,
-                        seed: int = 0, eval_data: Optional[Mapping[str, Any]] = None,
-                        temperature: Optional[Callable[[int], float]] = None,
-                        optimizer: Optional[optax.GradientTransformation] = None,
-                        log_every: int = 0, regularizer: Optional[Callable[[dict], Array]] = None,
+                        seed: int = 0, eval_data: Mapping[str, Any] | None = None,
+                        temperature: Callable[[int], float] | None = None,
+                        optimizer: optax.GradientTransformation | None = None,
+                        log_every: int = 0, regularizer: Callable[[dict], Array] | None = None,
                         tie=(), mode: str = "parallel") -> tuple[dict, dict]:
   """Train the interventions in `template` on interchange data; the model stays frozen.
 
@@ -343,8 +330,8 @@ def train_interventions(cfg, model_params, template: Mapping[str, Any], data: Ma
     template: {site: intervention, or a Chain / list of them} with trainable fields (e.g. from
       `init_rotated_space`). A `WhereEach` with one row of positions per example of `data` is
       sliced with the examples of each batch.
-    data: interchange pairs (see `jaxinterp.interventions.interchange`): "base", "source", "label", optional
-      "pos", "base_mask", "source_mask", "positions", "source_positions".
+    data: interchange pairs (see `jaxinterp.interventions.interchange`): "base", "source", "label",
+      optional "pos", "base_mask", "source_mask", "positions", "source_positions".
     steps, batch_size, seed: optimisation (Adam unless `optimizer` is given).
     learning_rate: a float, or per parameter (see `learning_rates`), e.g. {"rotation": 1e-3,
       "boundary": 1e-2}; 0 keeps a parameter fixed. With `optimizer`, it must be a float (unused).

@@ -2,6 +2,6 @@
 compile timing (`timing`), JAX's persistent compilation cache (`compilation_cache`), device meshes
 (`sharding`) and the clean/corrupted shared prompt prefix (`shared_prefix`).
 
-Import the module you need (`from jaxinterp.runtime import files`); this package imports none of them,
-so that each stays importable from below the packages that use it.
+Import the module you need (`from jaxinterp.runtime import files`); this package imports none of
+them, so that each stays importable from below the packages that use it.
 """

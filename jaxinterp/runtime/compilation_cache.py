@@ -6,7 +6,8 @@ the same model and batch shapes reads the compiled executable back instead. The 
 (`--compilation_cache`); a script or notebook calls `enable()` once, before its first jitted call:
 
     import jaxinterp.runtime.compilation_cache
-    jaxinterp.runtime.compilation_cache.enable()          # ~/.cache/jaxinterp/xla, or $JAXINTERP_COMPILATION_CACHE
+    jaxinterp.runtime.compilation_cache.enable()          # ~/.cache/jaxinterp/xla, or
+    $JAXINTERP_COMPILATION_CACHE
 
 It is not turned on by importing jaxinterp: it is process-wide JAX state, and processes that write
 one cache directory at the same moment should not share it (the test suite sets
@@ -16,7 +17,6 @@ $JAXINTERP_COMPILATION_CACHE empty for that reason).
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import jax
 
@@ -29,7 +29,7 @@ def default_dir() -> str:
   return os.environ.get(ENV, os.path.join(os.path.expanduser("~"), ".cache", "jaxinterp", "xla"))
 
 
-def enable(path: Optional[str] = None) -> Optional[str]:
+def enable(path: str | None = None) -> str | None:
   """Turn on the persistent compilation cache at `path` (default `default_dir()`); an empty path
   leaves it off. Returns the directory used, or None. Raises OSError if it cannot be created."""
   path = default_dir() if path is None else path

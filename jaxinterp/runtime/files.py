@@ -3,10 +3,12 @@
 * Atomic files: written to a temp name beside the target, fsynced, then renamed, so a crash never
   leaves a truncated `graph.json`, `scores.npz`, CSV or PNG behind. They get the mode `open()` would
   give them (0666 less the umask), not `mkstemp`'s 0600, so collaborators can read them.
-* `RunDir`: an output directory held by one run. An exclusive lock (`.lock`, naming the holder's PID)
-  refuses a second concurrent run; a `DONE` file listing the outputs is written last, so a run killed
-  while writing them shows as unfinished; a failed run removes the directories it created while they
-  are still empty.
+* `RunDir`: an output directory held by one run. An exclusive lock (`.lock`, naming the holder's
+  PID) refuses a second concurrent run; a `DONE` file listing the outputs is written last, so a run
+  killed while writing them shows as unfinished; a failed run removes the directories it created
+  while they are still empty.
+* Arrays with a JSON record (`save_with_record` / `load_with_record`): a flat dict of arrays saved
+  with orbax in a subdirectory, described by a JSON file beside it (format, shapes, metadata).
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ import io
 import json
 import os
 import tempfile
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 def atomic_write(path: PathLike, data: bytes) -> None:
@@ -113,17 +116,17 @@ class RunDir:
   removed; if the body raised, the directories this run created are removed again while they are
   empty (a failed run leaves no empty output directory behind).
 
-  Outputs are written inside `writing(names)`, which removes a previous `DONE` first and writes `DONE`
-  (listing `names`) last: a directory without `DONE` holds an unfinished run, and rerunning completes
-  it.
+  Outputs are written inside `writing(names)`, which removes a previous `DONE` first and writes
+  `DONE` (listing `names`) last: a directory without `DONE` holds an unfinished run, and rerunning
+  completes it.
   """
 
   def __init__(self, path: PathLike):
     self.path = os.fspath(path)
-    self._fd: Optional[int] = None
+    self._fd: int | None = None
     self._created: list[str] = []
 
-  def __enter__(self) -> "RunDir":
+  def __enter__(self) -> RunDir:
     self.acquire()
     return self
 
@@ -204,3 +207,63 @@ class RunDir:
       except OSError:
         break
     self._created = []
+
+
+# ------------------------------------------------- arrays with orbax, described by a JSON record
+#
+# orbax (and the jax it imports) loads on first use, not at import: `circuits/` and the viewer write
+# plain files through this module and stay numpy-only.
+
+
+def save_arrays(path: PathLike, tree: dict[str, Any]) -> None:
+  """Save a flat dict of arrays with orbax's `PyTreeCheckpointer` at `path` (replacing what is
+  there; orbax finalises the directory atomically). Keys must be plain names (no dots)."""
+  import orbax.checkpoint as ocp
+  ocp.PyTreeCheckpointer().save(os.path.abspath(os.fspath(path)), tree, force=True)
+
+
+def load_arrays(path: PathLike) -> dict[str, Any]:
+  """The dict of arrays `save_arrays` wrote at `path`."""
+  import orbax.checkpoint as ocp
+  return ocp.PyTreeCheckpointer().restore(os.path.abspath(os.fspath(path)))
+
+
+def read_record(path: PathLike, *, fmt: str | None, error: type[Exception],
+                missing: str) -> dict:
+  """A JSON record written by `save_with_record`, as a dict.
+
+  Raises `error` with "{path} not found: {missing}" if the file is absent, "cannot parse {path}:
+  ..." if it is not JSON, and "{path} has format ..., expected {fmt!r}" if its `format` key is not
+  `fmt` (no check with `fmt=None`).
+  """
+  path = os.fspath(path)
+  try:
+    with open(path) as f:
+      record = json.load(f)
+  except FileNotFoundError:
+    raise error(f"{path} not found: {missing}") from None
+  except ValueError as e:
+    raise error(f"cannot parse {path}: {e}") from None
+  if fmt is not None and record.get("format") != fmt:
+    raise error(f"{path} has format {record.get('format')!r}, expected {fmt!r}")
+  return record
+
+
+def save_with_record(path: PathLike, tree: dict[str, Any], record: dict, *, arrays_dir: str,
+                     record_file: str) -> None:
+  """A directory of arrays plus their description: `tree` with orbax at `path/arrays_dir`, then
+  `record` as JSON (`atomic_write_json`) at `path/record_file`, written last so that a directory
+  with a record holds complete arrays. Creates `path` (and its parents)."""
+  path = os.path.abspath(os.fspath(path))
+  os.makedirs(path, exist_ok=True)
+  save_arrays(os.path.join(path, arrays_dir), tree)
+  atomic_write_json(os.path.join(path, record_file), record)
+
+
+def load_with_record(path: PathLike, *, arrays_dir: str, record_file: str, fmt: str | None,
+                     error: type[Exception], missing: str) -> tuple[dict[str, Any], dict]:
+  """What `save_with_record` wrote: (arrays, record). The record is read first and checked as
+  `read_record` does (`fmt`, `error`, `missing`)."""
+  path = os.path.abspath(os.fspath(path))
+  record = read_record(os.path.join(path, record_file), fmt=fmt, error=error, missing=missing)
+  return load_arrays(os.path.join(path, arrays_dir)), record

@@ -1,19 +1,23 @@
-"""Loading a run's inputs: `--model` (an HF directory, an orbax conversion or the bundled `toy`), the
-task's prompt pairs, and a saved circuit's provenance (`meta`), with the hashes that identify the
-exact weights and examples.
+"""A run's inputs and its output directory: `--model` (an HF directory, an orbax conversion or the
+bundled `toy`), the task's prompt pairs, a saved circuit's provenance (`meta`, and the settings it
+records), with the hashes that identify the exact weights and examples; checked numbers and files
+(`positive`, `input_file`); and `run_dir`, which holds `--out` for one run.
 
 Every failure a user can cause is an `InputError` whose message is one line naming the flag, file or
-row (the binaries print it as `prog: error: ...`); `warn` prints a one-line warning on stderr.
+row (the binaries print it as `prog: error: ...`); `warn` prints a one-line warning on stderr. Names
+in messages are the binaries' flags, which are also the fields of the pipelines' configs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import sys
-from typing import Any, Mapping, Optional
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -21,6 +25,7 @@ import numpy as np
 from jaxinterp import models, tasks
 from jaxinterp.evaluation import faithfulness as evaluation
 from jaxinterp.groundtruth import toy
+from jaxinterp.runtime import files
 
 TOY = "toy"
 ANSWER_TOP_K = 50  # an answer in no prompt's top-k next tokens is worth a warning
@@ -35,6 +40,44 @@ def warn(message: str) -> None:
   print(f"warning: {' '.join(message.split())}", file=sys.stderr, flush=True)
 
 
+def positive(name: str, value: int, minimum: int = 1) -> int:
+  """`value`, or an `InputError` naming `--name` if it is below `minimum`."""
+  if value is None or value < minimum:
+    raise InputError(f"--{name}={value}: must be at least {minimum}")
+  return value
+
+
+def input_file(flag: str, path: str | None, required: str | None = None) -> str | None:
+  """`path` if it names a file, else an `InputError` naming `--flag`. An empty path is an error when
+  `required` is given (the text after "--flag is required"), and is returned otherwise."""
+  if not path:
+    if required is not None:
+      raise InputError(f"--{flag} is required{required}")
+    return path
+  if not os.path.isfile(path):
+    raise InputError(f"--{flag}={path}: no such file")
+  return path
+
+
+@contextlib.contextmanager
+def run_dir(out: str, flag: str = "out") -> Iterator[files.RunDir]:
+  """Hold `--out` for this run (`files.RunDir`): refused if it is a file or another run holds it;
+  removed again if the run fails before writing anything into it."""
+  if not out:
+    raise InputError(f"--{flag} is required (an output directory)")
+  held = files.RunDir(out)
+  try:
+    held.acquire()
+  except files.OutputDirError as e:
+    raise InputError(f"--{flag}: {e}") from None
+  try:
+    yield held
+  except BaseException:
+    held.release(failed=True)
+    raise
+  held.release()
+
+
 # ----------------------------------------------------------------------------------------- models
 
 
@@ -44,9 +87,8 @@ def resolve_model_path(name: str) -> str:
 
 
 def load_model(name: str, dtype=None) -> models.Model:
-  """Load `--model` (HF dir, orbax conversion, or `toy`), turning checkpoint errors into usage errors.
-
-  """
+  """Load `--model` (HF dir, orbax conversion, or `toy`), turning checkpoint errors into
+  `InputError`s."""
   path = resolve_model_path(name)
   try:
     kw = {} if dtype is None else {"dtype": dtype}
@@ -94,8 +136,6 @@ def bos_id(model: models.Model) -> int:
   return 0
 
 
-
-
 # ------------------------------------------------------------------------------------------- data
 
 
@@ -126,12 +166,12 @@ def warn_rare_answers(model: models.Model, dataset: tasks.Dataset, data: str) ->
                       for a in rare[:5])
     more = f" and {len(rare) - 5} more" if len(rare) > 5 else ""
     warn(f"--data={data}: {len(rare)} of {n} answers are in no prompt's top-{ANSWER_TOP_K} "
-             f"next tokens: {shown}{more}; the model may predict them tokenised differently (e.g. "
-             f"with a leading space), so the metric may measure noise")
+         f"next tokens: {shown}{more}; the model may predict them tokenised differently (e.g. "
+         f"with a leading space), so the metric may measure noise")
   return rare
 
 
-def load_dataset(model: models.Model, model_name: str, task: str, data: Optional[str],
+def load_dataset(model: models.Model, model_name: str, task: str, data: str | None,
                  n_examples: int, prepend_bos: bool = True, seed: int = 0,
                  skip_bad_rows: bool = False, mib_split: str = "train") -> tasks.Dataset:
   """The task's prompt pairs: generated for `induction` (no CSV needed), else read from `--data` (a
@@ -170,13 +210,11 @@ def load_dataset(model: models.Model, model_name: str, task: str, data: Optional
                                 vocab_size=model.cfg.d_vocab, skip_bad_rows=skip_bad_rows)
   except tasks.TaskError as e:
     raise InputError(str(e).replace("skip_bad_rows=True (--skip_bad_rows)",
-                                        "--skip_bad_rows")) from None
+                                    "--skip_bad_rows")) from None
   if dataset.skipped:
     warn(f"--skip_bad_rows: left out {dataset.skipped_summary}")
   warn_rare_answers(model, dataset, data)
   return dataset
-
-
 
 
 # ------------------------------------------------------------------------- a circuit's provenance
@@ -208,3 +246,44 @@ def check_model_hash(model: models.Model, model_name: str, meta: Mapping[str, An
     raise InputError(f"{message}; pass --force to evaluate it anyway")
   warn(f"{message}; evaluating anyway (--force)")
 
+
+
+def _usable(meta: Mapping[str, Any]) -> dict:
+  """meta with `model` and `data` replaced by the absolute paths recorded beside them, if
+  present."""
+  view = dict(meta)
+  if isinstance(meta.get("model_path"), str) and os.path.isdir(meta["model_path"]):
+    view["model"] = meta["model_path"]
+  if isinstance(meta.get("data_path"), str) and os.path.isfile(meta["data_path"]):
+    view["data"] = meta["data_path"]
+  return view
+
+
+def _same(name: str, a: Any, b: Any) -> bool:
+  if name in ("model", "data") and isinstance(a, str) and isinstance(b, str):
+    if name == "model":
+      a, b = resolve_model_path(a), resolve_model_path(b)
+    return os.path.realpath(a) == os.path.realpath(b)
+  return a == b
+
+
+def settings_from_meta(meta: Mapping[str, Any], given: Mapping[str, Any],
+                       defaults: Mapping[str, Any], source: str,
+                       unwarned: Sequence[str] = ()) -> dict:
+  """The value of each setting in `defaults`: `given[name]` when that is not None (a flag given on
+  the command line), else as recorded in `meta` (how the circuit was found), else the default.
+  Settings given with a value other than meta's are listed in one warning line, except those in
+  `unwarned` (checked otherwise, as the model is by its hash)."""
+  view = _usable(meta)
+  out, overrides = {}, []
+  for name, default in defaults.items():
+    if given.get(name) is not None:
+      out[name] = given[name]
+      if name in view and name not in unwarned and not _same(name, out[name], view[name]):
+        overrides.append(f"--{name}={out[name]} (meta: {view[name]})")
+    else:
+      out[name] = view.get(name, default)
+  if overrides:
+    warn(f"{', '.join(overrides)} override{'s' if len(overrides) == 1 else ''} how {source} "
+         f"was found, as its meta records it")
+  return out

@@ -16,9 +16,9 @@ model parallelism) is replicated instead; the batch size must be a multiple of t
 
 Multi-host (several machines, e.g. a TPU pod slice or GPU nodes): call
 `jax.distributed.initialize()` first on every process (coordinator address, process count and id
-come from the environment on TPU/SLURM, or pass them explicitly), run the same program on every host,
-and build the mesh over `jax.devices()` (all hosts' devices; `make_mesh` does that). Each process
-then feeds only its own slice of the global batch: build the global array with
+come from the environment on TPU/SLURM, or pass them explicitly), run the same program on every
+host, and build the mesh over `jax.devices()` (all hosts' devices; `make_mesh` does that). Each
+process then feeds only its own slice of the global batch: build the global array with
 `jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), local_rows)` instead of
 `shard_batch` (which places a host-local array), and read scores back with
 `jax.experimental.multihost_utils.process_allgather` (or only on process 0). Put "model" within a
@@ -28,11 +28,13 @@ devices (same host) share a "data" row.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxinterp.tasks import Batch
 
@@ -49,8 +51,9 @@ class ShardingError(ValueError):
   """A mesh that does not fit the devices, or a batch that does not split over it."""
 
 
-def make_mesh(n_data: int, n_model: int, devices: Optional[Sequence[Any]] = None) -> Mesh:
-  """A ("data", "model") mesh of n_data x n_model devices (default: the first of `jax.devices()`)."""
+def make_mesh(n_data: int, n_model: int, devices: Sequence[Any] | None = None) -> Mesh:
+  """A ("data", "model") mesh of n_data x n_model devices (default: the first of
+  `jax.devices()`)."""
   devices = list(jax.devices() if devices is None else devices)
   if n_data < 1 or n_model < 1:
     raise ShardingError(f"mesh sizes must be positive, got n_data={n_data}, n_model={n_model}")
@@ -82,13 +85,6 @@ def shard_params(params, mesh: Mesh):
   n_model = mesh.shape[MODEL]
   return jax.tree_util.tree_map_with_path(
       lambda path, x: jax.device_put(x, NamedSharding(mesh, param_spec(path, x, n_model))), params)
-
-
-def param_shardings(params, mesh: Mesh):
-  """The NamedSharding of every leaf, as `shard_params` would place it (e.g. for jit in_shardings)."""
-  n_model = mesh.shape[MODEL]
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: NamedSharding(mesh, param_spec(path, x, n_model)), params)
 
 
 def shard_batch(batch: Batch, mesh: Mesh) -> Batch:

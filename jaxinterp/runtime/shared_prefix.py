@@ -28,7 +28,7 @@ builds the prefix's keys and values, and `run_pair` runs the clean batch and the
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping, Optional
+from collections.abc import Iterable, Mapping
 
 import flax.struct
 import jax
@@ -51,7 +51,7 @@ def _starts(clean, corrupted, last, xp):
   return xp.minimum(first, last)
 
 
-def plan(cfg: ModelConfig, batch: Batch, kind: str) -> Optional[int]:
+def plan(cfg: ModelConfig, batch: Batch, kind: str) -> int | None:
   """The suffix width for a batch (static: computed on the host), or None to run every position.
 
   Args:
@@ -87,7 +87,7 @@ class Suffix:
   mask: Array
 
   @classmethod
-  def of(cls, batch: Batch, width: int) -> "Suffix":
+  def of(cls, batch: Batch, width: int) -> Suffix:
     """The suffix of every row of `batch` (traceable), `width` from `plan`."""
     start = _starts(batch.clean, batch.corrupted, batch.last, jnp).astype(jnp.int32)
     positions = start[:, None] + jnp.arange(width, dtype=jnp.int32)[None]
@@ -117,7 +117,10 @@ class Suffix:
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None], (b, p))
     mask = positions < self.start[:, None]
     lead = k.shape[:-4]
-    bcast = lambda a: jnp.broadcast_to(a, lead + a.shape)
+
+    def bcast(a):
+      return jnp.broadcast_to(a, lead + a.shape)
+
     return KVPrefix(k, v, bcast(positions), bcast(mask))
 
 
@@ -126,7 +129,7 @@ KV_SITES = ("attn.hook_k", "attn.hook_v")  # the block sites `Suffix.prefix` is 
 
 def run_pair(cfg: ModelConfig, params, e_clean: Array, e_corrupt: Array, mask: Array, sfx: Suffix,
              clean_collect: Iterable[str] = (), corrupt_collect: Iterable[str] = (),
-             stacked: Optional[Mapping] = None):
+             stacked: Mapping | None = None):
   """The clean run of every position, then the corrupted run of each row's suffix only, after the
   clean run's keys and values (`run_blocks`, scanned with `stacked`).
 

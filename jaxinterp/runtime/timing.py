@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 
@@ -77,7 +77,7 @@ class CompileTimer:
       with self._lock:
         self.by_kind[kind] += float(duration_secs)
 
-  def __enter__(self) -> "CompileTimer":
+  def __enter__(self) -> CompileTimer:
     self._open = True
     jax.monitoring.register_event_duration_secs_listener(self._listen)
     return self
@@ -111,9 +111,9 @@ class Phases:
     names = list(names) + ([COMPILE] if COMPILE not in names else [])
     self._wall = dict.fromkeys(names, 0.0)  # per phase: wall time less its compiles
     self._compiles = CompileTimer()
-    self._running: Optional[tuple[str, float, float]] = None  # (name, start, compile seconds then)
+    self._running: tuple[str, float, float] | None = None  # (name, start, compile seconds then)
 
-  def __enter__(self) -> "Phases":
+  def __enter__(self) -> Phases:
     self._compiles.__enter__()
     return self
 
@@ -135,7 +135,7 @@ class Phases:
       self._add(self._running, self._clock())
       self._running = None
 
-  def _add(self, running, now: float, into: Optional[dict] = None) -> None:
+  def _add(self, running, now: float, into: dict | None = None) -> None:
     name, start, compiled = running
     wall = max(now - start, 0.0)
     compile_s = min(max(self._compiles.seconds - compiled, 0.0), wall)

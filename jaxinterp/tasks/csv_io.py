@@ -1,5 +1,5 @@
-"""Task CSVs: reading and writing the EAP-IG format, and building a tokenised `Dataset` from the rows
-(`load_task` from a file, `from_rows` from memory); `labels` parses each task's label columns.
+"""Task CSVs: reading and writing the EAP-IG format, and building a tokenised `Dataset` from the
+rows (`load_task` from a file, `from_rows` from memory); `labels` parses each task's label columns.
 
 Every bad input raises `TaskError` with the file, row and column at fault; bad rows are all named
 in one message (the first 20 of each kind, and a count), or left out with `skip_bad_rows=True`.
@@ -11,23 +11,28 @@ import csv
 import io
 import json
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from jaxinterp.tasks.data import Dataset, TaskError
 from jaxinterp.tasks.labels import LISTED, OUT_OF_VOCAB
 from jaxinterp.tasks.labels import SPECS as _SPECS
-from jaxinterp.tasks.labels import Ctx as _Ctx, Row as _Row, RowError as _RowError
-from jaxinterp.tasks.labels import cell as _cell, col as _col, fit_hint as _fit_hint
+from jaxinterp.tasks.labels import Ctx as _Ctx
+from jaxinterp.tasks.labels import Row as _Row
+from jaxinterp.tasks.labels import RowError as _RowError
+from jaxinterp.tasks.labels import cell as _cell
+from jaxinterp.tasks.labels import col as _col
+from jaxinterp.tasks.labels import fit_hint as _fit_hint
 from jaxinterp.tasks.registry import get_task, task_spec
 from jaxinterp.tasks.tokenization import as_tokenizer, encode, find_bos_id, vocab_size_of
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Building datasets
 
 
-def _check_prompts(ctx: _Ctx, r: _Row, c: List[int], k: List[int]) -> None:
+def _check_prompts(ctx: _Ctx, r: _Row, c: list[int], k: list[int]) -> None:
   """Raise `_RowError` if the row's tokenised prompts cannot be patched."""
   if not c or not k:
     col = "clean" if not c else "corrupted"
@@ -46,10 +51,10 @@ def _check_prompts(ctx: _Ctx, r: _Row, c: List[int], k: List[int]) -> None:
                         f"token id {bad} is outside the vocabulary (size {ctx.vocab_size})")
 
 
-def _summary(source: str, bad: List[Tuple[_Row, _RowError]], n_rows: int) -> str:
+def _summary(source: str, bad: list[tuple[_Row, _RowError]], n_rows: int) -> str:
   """One line: how many rows are bad, by kind of problem with their lines (the first `LISTED` of
   each kind, then a count), and the first problem in full."""
-  kinds: Dict[str, List[_Row]] = {}
+  kinds: dict[str, list[_Row]] = {}
   for r, e in bad:
     kinds.setdefault(e.kind, []).append(r)
   parts = []
@@ -63,9 +68,9 @@ def _summary(source: str, bad: List[Tuple[_Row, _RowError]], n_rows: int) -> str
   return f"{source}: {len(bad)} of {n_rows} rows cannot be used: {'; '.join(parts)}. First, {first}"
 
 
-def _build(name: str, rows: List[_Row], header: Sequence[str], tokenizer, *, source: str,
-           prepend_bos: bool, bos_id: Optional[int], vocab_size: Optional[int],
-           n_examples: Optional[int] = None, skip_bad_rows: bool = False,
+def _build(name: str, rows: list[_Row], header: Sequence[str], tokenizer, *, source: str,
+           prepend_bos: bool, bos_id: int | None, vocab_size: int | None,
+           n_examples: int | None = None, skip_bad_rows: bool = False,
            sva_verbs=None) -> Dataset:
   task = get_task(name)
   name = task_spec(name).name
@@ -75,8 +80,8 @@ def _build(name: str, rows: List[_Row], header: Sequence[str], tokenizer, *, sou
   missing = [c for c in ("clean",) if c not in header]
   missing += ["|".join(alts) for alts in required if _col(alts, header) is None]
   if missing:
-    raise TaskError(f"{source}: task {name!r} needs column(s) {', '.join(missing)} which are missing; "
-                    f"the file has columns {list(header)}{hint}")
+    raise TaskError(f"{source}: task {name!r} needs column(s) {', '.join(missing)} which are "
+                    f"missing; the file has columns {list(header)}{hint}")
   if not skip_bad_rows and n_examples is not None:
     rows = rows[:n_examples]  # rows after the first n_examples are never read
   if not rows:
@@ -95,7 +100,7 @@ def _build(name: str, rows: List[_Row], header: Sequence[str], tokenizer, *, sou
   else:
     bos_id = None
 
-  bad: List[Tuple[_Row, _RowError]] = []
+  bad: list[tuple[_Row, _RowError]] = []
   usable = []
   for r in rows:
     try:
@@ -103,9 +108,10 @@ def _build(name: str, rows: List[_Row], header: Sequence[str], tokenizer, *, sou
       usable.append((r, text, _cell(ctx, r, "corrupted") if has_corrupted else text))
     except _RowError as e:
       bad.append((r, e))
-  enc = {col: encode(tokenizer, [u[i] for u in usable]) for i, col in ((1, "clean"), (2, "corrupted"))}
+  enc = {col: encode(tokenizer, [u[i] for u in usable])
+         for i, col in ((1, "clean"), (2, "corrupted"))}
   good = []
-  for (r, _, _), c, k in zip(usable, enc["clean"], enc["corrupted"]):
+  for (r, _, _), c, k in zip(usable, enc["clean"], enc["corrupted"], strict=True):
     try:
       _check_prompts(ctx, r, c, k)
       good.append((r, c, k))
@@ -150,7 +156,7 @@ def _build(name: str, rows: List[_Row], header: Sequence[str], tokenizer, *, sou
                  has_corrupted=has_corrupted)
 
 
-def _read_csv(csv_path) -> Tuple[List[str], List[_Row]]:
+def _read_csv(csv_path) -> tuple[list[str], list[_Row]]:
   path = os.fspath(csv_path)
   try:
     with open(path, "rb") as f:
@@ -171,19 +177,19 @@ def _read_csv(csv_path) -> Tuple[List[str], List[_Row]]:
     header = next(reader)
     header = [h.strip() for h in header]
     rows = []
-    for i, rec in enumerate(reader):
+    for rec in reader:
       if not rec or all(not x.strip() for x in rec):
         continue  # blank line
-      values = {h: v for h, v in zip(header, rec) if h}
+      values = {h: v for h, v in zip(header, rec, strict=False) if h}
       rows.append(_Row(len(rows), reader.line_num, values))
   except csv.Error as e:
     raise TaskError(f"{path}: malformed CSV near line {reader.line_num}: {e}") from None
   return header, rows
 
 
-def load_task(name: str, csv_path, tokenizer, *, n_examples: Optional[int] = None,
-              prepend_bos: bool = True, bos_id: Optional[int] = None,
-              vocab_size: Optional[int] = None, skip_bad_rows: bool = False,
+def load_task(name: str, csv_path, tokenizer, *, n_examples: int | None = None,
+              prepend_bos: bool = True, bos_id: int | None = None,
+              vocab_size: int | None = None, skip_bad_rows: bool = False,
               sva_verbs=None) -> Dataset:
   """Load a task CSV (EAP-IG format) and tokenise it.
 
@@ -197,7 +203,8 @@ def load_task(name: str, csv_path, tokenizer, *, n_examples: Optional[int] = Non
       well-known BOS token in its vocabulary (`<|endoftext|>` = 50256 for GPT-2).
     vocab_size: the model's vocabulary size; every prompt and label id must be below it. Defaults to
       the tokenizer's vocabulary size.
-    skip_bad_rows: leave out rows that cannot be used (unequal token lengths, bad labels, ...) instead
+    skip_bad_rows: leave out rows that cannot be used (unequal token lengths, bad labels, ...)
+    instead
       of raising; they are listed in the dataset's `skipped` and `skipped_summary`, and
       `n_examples` counts usable rows.
     sva_verbs: for `sva` without `singular_idx`/`plural_idx` columns, the paper's verb list
@@ -219,10 +226,11 @@ def load_task(name: str, csv_path, tokenizer, *, n_examples: Optional[int] = Non
                 skip_bad_rows=skip_bad_rows, sva_verbs=sva_verbs)
 
 
-def from_rows(name: str, rows: Sequence[Dict[str, Any]], tokenizer, *, prepend_bos: bool = True,
-              bos_id: Optional[int] = None, vocab_size: Optional[int] = None,
+def from_rows(name: str, rows: Sequence[dict[str, Any]], tokenizer, *, prepend_bos: bool = True,
+              bos_id: int | None = None, vocab_size: int | None = None,
               source: str = "<rows>", skip_bad_rows: bool = False, sva_verbs=None) -> Dataset:
-  """Like `load_task`, from in-memory rows (dicts with the CSV's columns; ids may be ints or lists)."""
+  """Like `load_task`, from in-memory rows (dicts with the CSV's columns; ids may be ints or lists).
+  """
   get_task(name)
   rows = list(rows)
   header = list(rows[0].keys()) if rows else ["clean", "corrupted"]
@@ -232,7 +240,7 @@ def from_rows(name: str, rows: Sequence[Dict[str, Any]], tokenizer, *, prepend_b
                 sva_verbs=sva_verbs)
 
 
-def write_csv(rows: Sequence[Dict[str, Any]], path) -> None:
+def write_csv(rows: Sequence[dict[str, Any]], path) -> None:
   """Write rows (e.g. from `ioi_rows`) as a task CSV, atomically (temp file, then rename)."""
   rows = list(rows)
   if not rows:
@@ -244,6 +252,7 @@ def write_csv(rows: Sequence[Dict[str, Any]], path) -> None:
     w = csv.DictWriter(f, fieldnames=fields)
     w.writeheader()
     for r in rows:
-      w.writerow({k: json.dumps(list(map(int, v))) if isinstance(v, (list, tuple, np.ndarray)) else v
+      w.writerow({k: (json.dumps(list(map(int, v))) if isinstance(v, (list, tuple, np.ndarray))
+                      else v)
                   for k, v in r.items()})
   os.replace(tmp, path)

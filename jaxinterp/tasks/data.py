@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from collections.abc import Callable, Iterator
 
 import flax.struct
 import jax
@@ -65,7 +65,7 @@ class Task:
   description: str = ""
   higher_is_better: bool = True
 
-  def metric(self, logits: Array, batch: Batch, clean_logits: Optional[Array] = None) -> Array:
+  def metric(self, logits: Array, batch: Batch, clean_logits: Array | None = None) -> Array:
     """Per-example metric `Float[Array, "batch"]` of `logits` (`[batch, pos, vocab]`) on `batch`."""
     if self.needs_clean_logits and clean_logits is None:
       raise TaskError(f"task {self.name!r}'s metric needs clean_logits")
@@ -80,8 +80,8 @@ class Dataset:
     task: the `Task` whose metric these labels feed.
     clean, corrupted: int32 [N, P] token ids, right padded with `pad_id`, P = the longest example.
     lengths: int32 [N] real lengths, BOS included.
-    labels: str -> np.ndarray with leading axis N (see the `jaxinterp.tasks` table for each task's keys).
-    pad_id: the id used for padding (only ever seen at masked positions).
+    labels: str -> np.ndarray with leading axis N (see the `jaxinterp.tasks` table for each task's
+    keys). pad_id: the id used for padding (only ever seen at masked positions).
     bos_id: the BOS id prepended to every prompt, or None if none was.
     source: where the data came from (a CSV path or a generator name), for messages and metadata.
     skipped: one line per source row left out as unusable (`load_task(..., skip_bad_rows=True)`).
@@ -98,13 +98,13 @@ class Dataset:
   clean: np.ndarray
   corrupted: np.ndarray
   lengths: np.ndarray
-  labels: Dict[str, np.ndarray]
+  labels: dict[str, np.ndarray]
   pad_id: int = 0
-  bos_id: Optional[int] = None
+  bos_id: int | None = None
   source: str = ""
-  skipped: Tuple[str, ...] = ()
+  skipped: tuple[str, ...] = ()
   skipped_summary: str = ""
-  read_at: Optional[np.ndarray] = None
+  read_at: np.ndarray | None = None
   has_corrupted: bool = True
 
   def __len__(self) -> int:
@@ -115,7 +115,7 @@ class Dataset:
     """The longest example's length (BOS included)."""
     return int(self.lengths.max()) if len(self) else 0
 
-  def batches(self, batch_size: int, bucket: Optional[int] = 8) -> Iterator[Batch]:
+  def batches(self, batch_size: int, bucket: int | None = 8) -> Iterator[Batch]:
     """Yield `Batch`es of exactly `batch_size` rows, in dataset order.
 
     Args:
@@ -159,12 +159,14 @@ class Dataset:
                  labels={k: jnp.asarray(v[idx]) for k, v in self.labels.items()},
                  valid=jnp.asarray(valid))
 
-  def subset(self, n: int) -> "Dataset":
-    """The first `n` examples (all of them if `n >= len(self)`), trimmed to their own longest length."""
+  def subset(self, n: int) -> Dataset:
+    """The first `n` examples (all of them if `n >= len(self)`), trimmed to their own longest
+    length."""
     if not isinstance(n, (int, np.integer)) or n <= 0:
       raise TaskError(f"subset size must be a positive integer, got {n!r}")
     n = min(int(n), len(self))
     width = int(self.lengths[:n].max())
-    return dataclasses.replace(self, clean=self.clean[:n, :width], corrupted=self.corrupted[:n, :width],
-                               lengths=self.lengths[:n], labels={k: v[:n] for k, v in self.labels.items()},
+    return dataclasses.replace(self, clean=self.clean[:n, :width],
+                               corrupted=self.corrupted[:n, :width], lengths=self.lengths[:n],
+                               labels={k: v[:n] for k, v in self.labels.items()},
                                read_at=None if self.read_at is None else self.read_at[:n])

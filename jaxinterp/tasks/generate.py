@@ -4,7 +4,8 @@ words only, equal clean/corrupted lengths), and random-token induction examples.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -14,14 +15,15 @@ from jaxinterp.tasks.registry import get_task
 from jaxinterp.tasks.tokenization import as_tokenizer, encode, single_token_words, year_token_ids
 
 _NAMES = (
-    "Mary", "John", "Tom", "James", "Dan", "Sid", "Martin", "Amy", "Kate", "Paul", "Laura", "Michael",
-    "David", "Sarah", "Anna", "Jessica", "Andrew", "Thomas", "Daniel", "Robert", "Richard", "Mark",
-    "Steven", "Brian", "Kevin", "Jason", "Jeff", "Ryan", "Eric", "Adam", "Peter", "Henry", "Lisa",
-    "Emily", "Rachel", "Alice", "Bob", "Jack", "Ben", "Sam", "Joe", "Mike", "Alex", "Nick", "Chris",
-    "Rose", "Grace", "Emma", "Lucy", "Helen", "Victoria", "Jennifer", "Elizabeth", "William", "George",
+    "Mary", "John", "Tom", "James", "Dan", "Sid", "Martin", "Amy", "Kate", "Paul", "Laura",
+    "Michael", "David", "Sarah", "Anna", "Jessica", "Andrew", "Thomas", "Daniel", "Robert",
+    "Richard", "Mark", "Steven", "Brian", "Kevin", "Jason", "Jeff", "Ryan", "Eric", "Adam", "Peter",
+    "Henry", "Lisa", "Emily", "Rachel", "Alice", "Bob", "Jack", "Ben", "Sam", "Joe", "Mike", "Alex",
+    "Nick", "Chris", "Rose", "Grace", "Emma", "Lucy", "Helen", "Victoria", "Jennifer", "Elizabeth",
+    "William", "George",
 )
-_PLACES = ("store", "garden", "restaurant", "school", "hospital", "office", "house", "station", "park",
-           "beach", "library", "market", "church", "museum", "hotel", "bank")
+_PLACES = ("store", "garden", "restaurant", "school", "hospital", "office", "house", "station",
+           "park", "beach", "library", "market", "church", "museum", "hotel", "bank")
 _OBJECTS = ("ring", "kiss", "bone", "basketball", "computer", "necklace", "drink", "snack", "book",
             "letter", "ball", "flower", "gift", "key", "bottle", "bag", "hat", "phone")
 # {A} = indirect object (the answer), {B} = subject (repeated), {P} place, {O} object.
@@ -47,7 +49,8 @@ _GT_TEMPLATES = (
 )
 
 
-def _generate(n: int, seed: int, what: str, candidate: Callable, check: Callable) -> List[Dict[str, Any]]:
+def _generate(n: int, seed: int, what: str, candidate: Callable,
+              check: Callable) -> list[dict[str, Any]]:
   if not isinstance(n, (int, np.integer)) or n <= 0:
     raise TaskError(f"{what}: n must be a positive integer, got {n!r}")
   rng = np.random.default_rng(seed)
@@ -62,7 +65,8 @@ def _generate(n: int, seed: int, what: str, candidate: Callable, check: Callable
     rows.append(row)
   rows = check(rows)
   if len(rows) < n:
-    raise TaskError(f"{what}: could only build {len(rows)} of {n} valid examples with this tokenizer")
+    raise TaskError(f"{what}: could only build {len(rows)} of {n} valid examples with this "
+                    "tokenizer")
   return rows[:n]
 
 
@@ -70,22 +74,23 @@ def _equal_length_filter(tokenizer):
   def check(rows):
     cl = encode(tokenizer, [r["clean"] for r in rows])
     co = encode(tokenizer, [r["corrupted"] for r in rows])
-    return [r for r, a, b in zip(rows, cl, co) if len(a) == len(b) and a]
+    return [r for r, a, b in zip(rows, cl, co, strict=True) if len(a) == len(b) and a]
   return check
 
 
-def ioi_rows(tokenizer, n: int, seed: int = 0) -> List[Dict[str, Any]]:
+def ioi_rows(tokenizer, n: int, seed: int = 0) -> list[dict[str, Any]]:
   """`n` IOI rows (`clean`, `corrupted`, `correct_idx`, `incorrect_idx`) from templates.
 
   The clean prompt names A (the indirect object, the answer) and B (the subject) and repeats B; the
   corrupted prompt replaces the repeated B with a third name C, as in the EAP-IG data. Names, places
-  and objects are kept only if ` word` is one token, and rows only if clean and corrupted tokenise to
-  equal lengths.
+  and objects are kept only if ` word` is one token, and rows only if clean and corrupted tokenise
+  to equal lengths.
   """
   tokenizer = as_tokenizer(tokenizer)
   names = single_token_words(tokenizer, _NAMES)
   if len(names) < 3:
-    raise TaskError("make_ioi: fewer than 3 of the built-in names are single tokens for this tokenizer")
+    raise TaskError("make_ioi: fewer than 3 of the built-in names are single tokens for this "
+                    "tokenizer")
   name_list = sorted(names)
 
   def candidate(rng):
@@ -96,32 +101,34 @@ def ioi_rows(tokenizer, n: int, seed: int = 0) -> List[Dict[str, Any]]:
     clean = t.format(A=a, B=b, P=p, O=o)
     head, tail = clean.rsplit(" " + b + " ", 1)
     corrupted = f"{head} {c} {tail}"
-    return {"clean": clean, "corrupted": corrupted, "correct_idx": names[a], "incorrect_idx": names[b]}
+    return {"clean": clean, "corrupted": corrupted, "correct_idx": names[a],
+            "incorrect_idx": names[b]}
 
   return _generate(n, seed, "make_ioi", candidate, _equal_length_filter(tokenizer))
 
 
 def make_ioi(tokenizer, n: int, seed: int = 0, *, prepend_bos: bool = True,
-             bos_id: Optional[int] = None, vocab_size: Optional[int] = None) -> Dataset:
+             bos_id: int | None = None, vocab_size: int | None = None) -> Dataset:
   """An IOI `Dataset` of `n` template examples (see `ioi_rows`), deterministic in `seed`."""
   tokenizer = as_tokenizer(tokenizer)
   return from_rows("ioi", ioi_rows(tokenizer, n, seed), tokenizer, prepend_bos=prepend_bos,
                    bos_id=bos_id, vocab_size=vocab_size, source=f"make_ioi(n={n}, seed={seed})")
 
 
-def greater_than_rows(tokenizer, n: int, seed: int = 0) -> List[Dict[str, Any]]:
+def greater_than_rows(tokenizer, n: int, seed: int = 0) -> list[dict[str, Any]]:
   """`n` greater-than rows (`clean`, `corrupted`, `correct_idx` = YY) from templates.
 
   Clean: "The war lasted from the year 1352 to the year 13"; corrupted: the start year's last two
   digits replaced by 01 ("... 1301 to the year 13"). Kept only if every two-digit year is one token,
-  the years split as [" XX", "YY"] (so the model sees YY as a token), the noun is one token, and clean
-  and corrupted tokenise to equal lengths. YY is drawn from 02..98 and XX from 11..17.
+  the years split as [" XX", "YY"] (so the model sees YY as a token), the noun is one token, and
+  clean and corrupted tokenise to equal lengths. YY is drawn from 02..98 and XX from 11..17.
   """
   tokenizer = as_tokenizer(tokenizer)
   year_ids = year_token_ids(tokenizer)
   nouns = sorted(single_token_words(tokenizer, _GT_NOUNS))
   if not nouns:
-    raise TaskError("make_greater_than: none of the built-in nouns is a single token for this tokenizer")
+    raise TaskError("make_greater_than: none of the built-in nouns is a single token for this "
+                    "tokenizer")
   splits_ok = {}
 
   def year_splits(xx: int, yy: int) -> bool:
@@ -145,7 +152,7 @@ def greater_than_rows(tokenizer, n: int, seed: int = 0) -> List[Dict[str, Any]]:
 
 
 def make_greater_than(tokenizer, n: int, seed: int = 0, *, prepend_bos: bool = True,
-                      bos_id: Optional[int] = None, vocab_size: Optional[int] = None) -> Dataset:
+                      bos_id: int | None = None, vocab_size: int | None = None) -> Dataset:
   """A greater-than `Dataset` of `n` template examples (see `greater_than_rows`)."""
   tokenizer = as_tokenizer(tokenizer)
   return from_rows("greater-than", greater_than_rows(tokenizer, n, seed), tokenizer,
@@ -154,14 +161,14 @@ def make_greater_than(tokenizer, n: int, seed: int = 0, *, prepend_bos: bool = T
 
 
 def make_induction(n: int, half_len: int, vocab_size: int, seed: int = 0, *,
-                   bos_id: Optional[int] = 0, low: int = 1) -> Dataset:
+                   bos_id: int | None = 0, low: int = 1) -> Dataset:
   """Induction examples of random tokens, no tokenizer needed.
 
   Clean: `[BOS] r_1..r_L r_1..r_{L-1}`, so an induction head predicts `r_L` at the last position.
-  Corrupted: `[BOS] s_1..s_L r_1..r_{L-1}` with fresh random `s`: the first occurrence is replaced, so
-  nothing can be copied while the query token at the last position stays the same. (Replacing the
-  second half instead would leave the induction head's keys, which sit in the first half, identical in
-  both runs, hiding the previous-token -> induction-head K-composition from any patching method.)
+  Corrupted: `[BOS] s_1..s_L r_1..r_{L-1}` with fresh random `s`: the first occurrence is replaced,
+  so nothing can be copied while the query token at the last position stays the same. (Replacing the
+  second half instead would leave the induction head's keys, which sit in the first half, identical
+  in both runs, hiding the previous-token -> induction-head K-composition from any patching method.)
   Tokens are drawn from `[low, vocab_size)` without repeats. The metric is log p(r_L).
 
   Args:
@@ -171,9 +178,11 @@ def make_induction(n: int, half_len: int, vocab_size: int, seed: int = 0, *,
     low: smallest token id drawn (keep special ids out).
   """
   if n <= 0 or half_len < 2:
-    raise TaskError(f"make_induction: need n >= 1 and half_len >= 2, got n={n}, half_len={half_len}")
+    raise TaskError(f"make_induction: need n >= 1 and half_len >= 2, got n={n}, "
+                    f"half_len={half_len}")
   if vocab_size - low < 2 * half_len:
-    raise TaskError(f"make_induction: vocabulary [{low}, {vocab_size}) too small for half_len={half_len}")
+    raise TaskError(f"make_induction: vocabulary [{low}, {vocab_size}) too small for "
+                    f"half_len={half_len}")
   rng = np.random.default_rng(seed)
   off = 0 if bos_id is None else 1
   width = off + 2 * half_len - 1

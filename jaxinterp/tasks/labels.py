@@ -11,7 +11,8 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +26,7 @@ class Row:
 
   index: int   # 0-based data row
   line: int    # line of the file where the row ends (1-based), 0 for generated rows
-  values: Dict[str, Any]
+  values: dict[str, Any]
 
 
 class RowError(TaskError):
@@ -47,10 +48,10 @@ class Ctx:
 
   source: str
   tokenizer: Any
-  vocab_size: Optional[int]
-  sva_verbs: Optional[str] = None  # the paper's SVA verb list, if given
+  vocab_size: int | None
+  sva_verbs: str | None = None  # the paper's SVA verb list, if given
 
-  def where(self, row: Row, column: Optional[str] = None) -> str:
+  def where(self, row: Row, column: str | None = None) -> str:
     """"file: row i (line n), column 'c'" for messages."""
     s = f"{self.source}: row {row.index}"
     if row.line:
@@ -59,7 +60,7 @@ class Ctx:
       s += f", column {column!r}"
     return s
 
-  def error(self, row: Row, column: Optional[str], kind: str, detail: str) -> RowError:
+  def error(self, row: Row, column: str | None, kind: str, detail: str) -> RowError:
     """A `RowError` of `kind` at the row and column."""
     return RowError(f"{self.where(row, column)}: {detail}", kind)
 
@@ -102,7 +103,7 @@ def _parse_id(ctx: Ctx, row: Row, col: str) -> int:
   return _check_id(ctx, row, col, _parse_int(ctx, row, col))
 
 
-def _parse_id_set(ctx: Ctx, row: Row, col: str) -> List[int]:
+def _parse_id_set(ctx: Ctx, row: Row, col: str) -> list[int]:
   """A JSON list of token ids (or one bare id) -> non-empty list of in-vocabulary ids."""
   v = row.values.get(col)
   if isinstance(v, (list, tuple, np.ndarray)):
@@ -126,7 +127,7 @@ def _parse_id_set(ctx: Ctx, row: Row, col: str) -> List[int]:
   return out
 
 
-def _pad_sets(sets: List[List[int]]) -> np.ndarray:
+def _pad_sets(sets: list[list[int]]) -> np.ndarray:
   k = max(len(s) for s in sets)
   out = np.full((len(sets), k), -1, np.int32)
   for i, s in enumerate(sets):
@@ -134,22 +135,22 @@ def _pad_sets(sets: List[List[int]]) -> np.ndarray:
   return out
 
 
-def _ids(values: List[int]) -> np.ndarray:
+def _ids(values: list[int]) -> np.ndarray:
   return np.asarray(values, np.int64).astype(np.int32)
 
 
 # Per task: required columns (each a tuple of accepted names, first found wins), optional columns,
 # and a builder of the labels dict from the rows.
-Spec = Tuple[Tuple[Tuple[str, ...], ...], Tuple[str, ...], Callable]
+Spec = tuple[tuple[tuple[str, ...], ...], tuple[str, ...], Callable]
 
 
-def col(names: Tuple[str, ...], header: Sequence[str]) -> Optional[str]:
+def col(names: tuple[str, ...], header: Sequence[str]) -> str | None:
   """The first of the accepted column `names` the header has, or None."""
   return next((c for c in names if c in header), None)
 
 
-def _labels_pair(correct: Tuple[str, ...], incorrect: Tuple[str, ...], sets: bool = False):
-  def build(ctx: Ctx, rows: List[Row], header: Sequence[str]) -> Dict[str, np.ndarray]:
+def _labels_pair(correct: tuple[str, ...], incorrect: tuple[str, ...], sets: bool = False):
+  def build(ctx: Ctx, rows: list[Row], header: Sequence[str]) -> dict[str, np.ndarray]:
     c, i = col(correct, header), col(incorrect, header)
     if sets:
       return {"correct": _pad_sets([_parse_id_set(ctx, r, c) for r in rows]),
@@ -163,7 +164,8 @@ def _labels_logit_diff(ctx, rows, header):
   """Ids or JSON sets; plain ids stay [N] vectors when every row holds exactly one."""
   c = _pad_sets([_parse_id_set(ctx, r, "correct_idx") for r in rows])
   i = _pad_sets([_parse_id_set(ctx, r, "incorrect_idx") for r in rows])
-  return {"correct": c[:, 0] if c.shape[1] == 1 else c, "incorrect": i[:, 0] if i.shape[1] == 1 else i}
+  return {"correct": c[:, 0] if c.shape[1] == 1 else c,
+          "incorrect": i[:, 0] if i.shape[1] == 1 else i}
 
 
 def _labels_greater_than(ctx, rows, header):
@@ -189,7 +191,8 @@ def _labels_sva(ctx, rows, header):
       raise ctx.error(r, "plural", BAD_LABEL, f"expected 0 (singular) or 1 (plural), got {p}")
     plural.append(p)
   if ("singular_idx" in header) != ("plural_idx" in header):
-    raise TaskError(f"{ctx.source}: sva needs both 'singular_idx' and 'plural_idx' columns, or neither")
+    raise TaskError(f"{ctx.source}: sva needs both 'singular_idx' and 'plural_idx' columns, or "
+                    "neither")
   if "singular_idx" in header:
     sing = [_parse_id_set(ctx, r, "singular_idx") for r in rows]
     plur = [_parse_id_set(ctx, r, "plural_idx") for r in rows]
@@ -204,13 +207,14 @@ def _labels_sva(ctx, rows, header):
                         f"vocabulary (size {ctx.vocab_size})")
     sing = [list(s)] * len(rows)
     plur = [list(p)] * len(rows)
-  correct = [pl if f else sg for f, sg, pl in zip(plural, sing, plur)]
-  wrong = [sg if f else pl for f, sg, pl in zip(plural, sing, plur)]
+  correct = [pl if f else sg for f, sg, pl in zip(plural, sing, plur, strict=True)]
+  wrong = [sg if f else pl for f, sg, pl in zip(plural, sing, plur, strict=True)]
   return {"correct": _pad_sets(correct), "incorrect": _pad_sets(wrong), "plural": _ids(plural)}
 
 
-def _verb_list(ctx: Ctx) -> Optional[str]:
-  """The SVA verb list: `sva_verbs` if given, else the paper's `combined_verb_list.csv` beside the CSV."""
+def _verb_list(ctx: Ctx) -> str | None:
+  """The SVA verb list: `sva_verbs` if given, else the paper's `combined_verb_list.csv` beside the
+  CSV."""
   if ctx.sva_verbs:
     return ctx.sva_verbs
   beside = os.path.join(os.path.dirname(os.path.abspath(ctx.source)), VERB_LIST)
@@ -236,14 +240,15 @@ def _labels_induction(ctx, rows, header):
   return {"target": _ids([_parse_id(ctx, r, "target") for r in rows])}
 
 
-SPECS: Dict[str, Spec] = {
+SPECS: dict[str, Spec] = {
     "ioi": ((("correct_idx",), ("incorrect_idx",)), (),
             _labels_pair(("correct_idx",), ("incorrect_idx",))),
     "greater-than": ((("correct_idx",),), (), _labels_greater_than),
     "gender-bias": ((("clean_answer_idx",), ("corrupted_answer_idx",)), (),
                     _labels_pair(("clean_answer_idx",), ("corrupted_answer_idx",))),
     "sva": ((("plural",),), ("singular_idx", "plural_idx"), _labels_sva),
-    "country-capital": ((("country_idx", "answer_idx"),), ("corrupted_country_idx",), _labels_country),
+    "country-capital": ((("country_idx", "answer_idx"),), ("corrupted_country_idx",),
+                        _labels_country),
     "hypernymy": ((("answers_idx",), ("corrupted_answers_idx",)), (),
                   _labels_pair(("answers_idx",), ("corrupted_answers_idx",), sets=True)),
     "logit-diff": ((("correct_idx",), ("incorrect_idx",)), (), _labels_logit_diff),

@@ -1,10 +1,10 @@
 """Per-example task metrics, read at each example's last real token.
 
-Every metric takes the model's logits `Float[Array, "batch pos vocab"]` and `last: Int[Array, "batch"]`
-(the index of each example's last real token; prompts are right padded, so it varies per example) and
-returns one value per example, `Float[Array, "batch"]`. They are pure `jax.numpy`, so `jax.jit`,
-`jax.grad` and `jax.vmap` apply directly. Reduce over a batch with `masked_mean(values, batch.valid)`
-so that filler rows of the final batch do not count.
+Every metric takes the model's logits `Float[Array, "batch pos vocab"]` and `last: Int[Array,
+"batch"]` (the index of each example's last real token; prompts are right padded, so it varies per
+example) and returns one value per example, `Float[Array, "batch"]`. They are pure `jax.numpy`, so
+`jax.jit`, `jax.grad` and `jax.vmap` apply directly. Reduce over a batch with `masked_mean(values,
+batch.valid)` so that filler rows of the final batch do not count.
 
 Conventions follow the EAP-IG reference (`hannamw/EAP-IG`, `eap-ig-faithfulness/metrics.py`), with
 the reference's `mean=False, loss=False` (per-example, in the metric's own units, larger = more of
@@ -14,10 +14,12 @@ the behaviour):
   averaged: mean logit over the correct set minus mean logit over the incorrect set (the reference's
   SVA logit convention).
 * `prob_diff`: greater-than. With `p = softmax(logits)` over the full vocabulary and `year_ids` the
-  100 token ids of "00".."99": `sum(p[year_ids[YY+1:]]) - sum(p[year_ids[:YY+1]])`, YY = `threshold`.
+  100 token ids of "00".."99": `sum(p[year_ids[YY+1:]]) - sum(p[year_ids[:YY+1]])`, YY =
+  `threshold`.
 * `set_prob_diff`: `sum(p[correct set]) - sum(p[incorrect set])` (the reference's hypernymy metric).
-* `kl_divergence`: `KL(clean || patched) = sum_v p_clean (log p_clean - log p)`. The reference divides
-  this sum by the vocabulary size (it uses `kl_div(...).mean(-1)`); `vocab_mean=True` does the same.
+* `kl_divergence`: `KL(clean || patched) = sum_v p_clean (log p_clean - log p)`. The reference
+  divides this sum by the vocabulary size (it uses `kl_div(...).mean(-1)`); `vocab_mean=True` does
+  the same.
 * `js_divergence`: `JS = (KL(p || m) + KL(p_clean || m)) / 2` with `m = (p + p_clean) / 2`;
   `vocab_mean=True` averages each KL over the vocabulary, as the reference's `js_div` does.
 * `year_logit_diff`: greater-than with logits: mean logit of the years > YY minus the mean logit of
@@ -30,7 +32,6 @@ the behaviour):
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +64,8 @@ def _as_set(ids: Array) -> Array:
 
 
 def _gather_set(values: Array, ids: Array):
-  """values [batch, vocab], ids [batch, k] (-1 = padding) -> (gathered [batch, k], valid [batch, k])."""
+  """values [batch, vocab], ids [batch, k] (-1 = padding) -> (gathered [batch, k], valid [batch,
+  k])."""
   ids = _as_set(ids)
   valid = ids >= 0
   got = jnp.take_along_axis(values, jnp.where(valid, ids, 0).astype(jnp.int32), axis=-1)
@@ -136,7 +138,8 @@ def set_prob_diff(logits: Array, last: Array, correct: Array, incorrect: Array) 
 
 
 def log_prob(logits: Array, last: Array, target: Array) -> Array:
-  """Log-probability of `target` (Int[Array, "batch"]) at the last real token -> Float[Array, "batch"]."""
+  """Log-probability of `target` (Int[Array, "batch"]) at the last real token -> Float[Array,
+  "batch"]."""
   lp = jax.nn.log_softmax(last_logits(logits, last), axis=-1)
   return jnp.take_along_axis(lp, jnp.asarray(target, jnp.int32)[:, None], axis=-1)[:, 0]
 
@@ -146,14 +149,16 @@ def cross_entropy(logits: Array, last: Array, target: Array) -> Array:
   return -log_prob(logits, last, target)
 
 
-def kl_divergence(logits: Array, clean_logits: Array, last: Array, vocab_mean: bool = False) -> Array:
+def kl_divergence(logits: Array, clean_logits: Array, last: Array,
+                  vocab_mean: bool = False) -> Array:
   """KL(clean || patched) at the last real token, in nats.
 
   Args:
     logits: Float[Array, "batch pos vocab"], the patched (or circuit) run.
-    clean_logits: Float[Array, "batch pos vocab"], the clean run (treated as the target distribution).
-    last: Int[Array, "batch"].
-    vocab_mean: divide by the vocabulary size, as the EAP-IG reference (`kl_div(...).mean(-1)`) does.
+    clean_logits: Float[Array, "batch pos vocab"], the clean run (treated as the target
+    distribution). last: Int[Array, "batch"].
+    vocab_mean: divide by the vocabulary size, as the EAP-IG reference (`kl_div(...).mean(-1)`)
+    does.
 
   Returns:
     Float[Array, "batch"], `sum_v p_clean (log p_clean - log p)` >= 0 (over |V| with `vocab_mean`).
@@ -164,7 +169,8 @@ def kl_divergence(logits: Array, clean_logits: Array, last: Array, vocab_mean: b
   return jnp.mean(terms, axis=-1) if vocab_mean else jnp.sum(terms, axis=-1)
 
 
-def js_divergence(logits: Array, clean_logits: Array, last: Array, vocab_mean: bool = False) -> Array:
+def js_divergence(logits: Array, clean_logits: Array, last: Array,
+                  vocab_mean: bool = False) -> Array:
   """Jensen-Shannon divergence between the patched and the clean next-token distributions.
 
   Args:
@@ -222,7 +228,7 @@ def set_logit_sum_diff(logits: Array, last: Array, correct: Array, incorrect: Ar
   return _set_sum(lg, correct) - _set_sum(lg, incorrect)
 
 
-def masked_mean(values: Array, valid: Optional[Array] = None) -> Array:
+def masked_mean(values: Array, valid: Array | None = None) -> Array:
   """Mean of per-example `values` over rows where `valid` is True (all rows if None)."""
   if valid is None:
     return jnp.mean(values)
@@ -234,14 +240,15 @@ def masked_mean(values: Array, valid: Optional[Array] = None) -> Array:
 # The task's metric on a batch
 
 
-def metric_sum(task: Task, logits: Array, batch: Batch, clean_logits: Optional[Array]) -> Array:
-  """Sum of the per-example metric over the batch's real (valid) rows, and the per-example values."""
+def metric_sum(task: Task, logits: Array, batch: Batch, clean_logits: Array | None) -> Array:
+  """Sum of the per-example metric over the batch's real (valid) rows, and the per-example values.
+  """
   values = task.metric(logits, batch, clean_logits)
   return jnp.sum(jnp.where(batch.valid, values, 0.0)), values
 
 
 def metric_at_last(cfg: ModelConfig, task: Task, params, batch: Batch, x: Array,
-                   clean_logits: Optional[Array]):
+                   clean_logits: Array | None):
   """`metric_sum` from the final-norm output x, unembedding only each example's last real position
   (`clean_logits`, if the task reads them, are last-position logits too: [batch, 1, vocab])."""
   logits = last_token_logits(cfg, params, x, batch.last)

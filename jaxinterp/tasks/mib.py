@@ -1,17 +1,22 @@
-"""MIB's circuit-track tasks, read from a local copy of their datasets as MIB's `dataset.py` reads them.
+"""MIB's circuit-track tasks, read from a local copy of their datasets as MIB's `dataset.py` reads
+them.
 
 MIB (`hannamw/MIB-circuit-track`, `MIB_circuit_track/dataset.py`, `HFEAPDataset`) keeps its tasks on
 the HF hub (`mib-bench/ioi`, `copycolors_mcqa`, `arithmetic_addition`, `arithmetic_subtraction`,
 `arc_easy`, `arc_challenge`). A local copy is a `.jsonl`, `.json` or `.parquet` file of the split's
 rows, or a directory holding `{split}.jsonl` / `{split}*.parquet` (at any depth, as the hub's
-`data/train-00000-of-00001.parquet`). Each row becomes a clean/corrupted pair with one correct and one
-incorrect answer token, scored by `logit_diff`, after MIB's filter:
+`data/train-00000-of-00001.parquet`). Each row becomes a clean/corrupted pair with one correct and
+one incorrect answer token, scored by `logit_diff`, after MIB's filter:
 
-| task | clean | corrupted | correct / incorrect | rows kept when |
-|---|---|---|---|---|
-| `ioi` | `prompt` | `s2_io_flip_counterfactual.prompt` | ` {metadata.indirect_object}` / ` {metadata.subject}` | IO, S and `random_c` (with a space) have equal token counts |
-| `mcqa`, `arc-easy`, `arc-challenge` | `prompt` | `symbol_counterfactual.prompt` | `choices.label[answerKey]` of each (no space) | both labels have equal token counts |
-| `arithmetic-addition` / `-subtraction` | `prompt` | `random_counterfactual.prompt` | `str(label)` of each | both labels are one token, the counterfactual exists, `operator` is `+` / `-` |
+- `ioi`: clean `prompt`, corrupted `s2_io_flip_counterfactual.prompt`; correct / incorrect
+  ` {metadata.indirect_object}` / ` {metadata.subject}`; rows kept when IO, S and `random_c` (with
+  a space) have equal token counts;
+- `mcqa`, `arc-easy`, `arc-challenge`: clean `prompt`, corrupted `symbol_counterfactual.prompt`;
+  correct / incorrect `choices.label[answerKey]` of each (no space); rows kept when both labels
+  have equal token counts;
+- `arithmetic-addition` / `-subtraction`: clean `prompt`, corrupted
+  `random_counterfactual.prompt`; correct / incorrect `str(label)` of each; rows kept when both
+  labels are one token, the counterfactual exists, `operator` is `+` / `-`.
 
 Answers are the first token of each text, without special tokens, as MIB's `tokenizer(...)[0]`.
 """
@@ -21,7 +26,8 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Any, Dict, Iterable, List, Optional
+from collections.abc import Iterable
+from typing import Any
 
 from jaxinterp.tasks.csv_io import from_rows
 from jaxinterp.tasks.data import Dataset, TaskError
@@ -48,7 +54,7 @@ def is_mib_source(path) -> bool:
   return os.path.isdir(path) or path.lower().endswith(_SUFFIXES)
 
 
-def _read_file(path: str) -> List[Dict[str, Any]]:
+def _read_file(path: str) -> list[dict[str, Any]]:
   try:
     if path.lower().endswith(".parquet"):
       import pyarrow.parquet as pq
@@ -68,7 +74,7 @@ def _read_file(path: str) -> List[Dict[str, Any]]:
   return data
 
 
-def read_rows(source, split: str = "train") -> List[Dict[str, Any]]:
+def read_rows(source, split: str = "train") -> list[dict[str, Any]]:
   """The raw rows of a local copy of an MIB dataset split (see the module docstring)."""
   source = os.fspath(source)
   if os.path.isfile(source):
@@ -76,7 +82,8 @@ def read_rows(source, split: str = "train") -> List[Dict[str, Any]]:
   if not os.path.isdir(source):
     raise TaskError(f"{source}: no such MIB data file or directory")
   found = sorted(p for suffix in _SUFFIXES
-                 for p in glob.glob(os.path.join(source, "**", f"{split}*{suffix}"), recursive=True))
+                 for p in glob.glob(os.path.join(source, "**", f"{split}*{suffix}"),
+                                    recursive=True))
   if not found:
     raise TaskError(f"{source}: no file of the split {split!r} ({split}.jsonl, {split}*.parquet, "
                     f"... at any depth)")
@@ -86,7 +93,7 @@ def read_rows(source, split: str = "train") -> List[Dict[str, Any]]:
   return rows
 
 
-def _get(row: Dict[str, Any], *keys):
+def _get(row: dict[str, Any], *keys):
   v: Any = row
   for k in keys:
     if not isinstance(v, dict) or k not in v:
@@ -95,7 +102,7 @@ def _get(row: Dict[str, Any], *keys):
   return v
 
 
-def _choice(block) -> Optional[str]:
+def _choice(block) -> str | None:
   """`block["choices"]["label"][block["answerKey"]]` as a string, or None."""
   labels, key = _get(block, "choices", "label"), _get(block, "answerKey")
   if not isinstance(labels, list) or isinstance(key, bool) or not isinstance(key, int) or \
@@ -104,7 +111,7 @@ def _choice(block) -> Optional[str]:
   return str(labels[key])
 
 
-def _answers(task: str, row: Dict[str, Any], cf: str) -> Optional[tuple]:
+def _answers(task: str, row: dict[str, Any], cf: str) -> tuple | None:
   """(clean prompt, corrupted prompt, correct text, incorrect text, texts that must match in token
   count) of a row, or None when the row lacks a field."""
   clean, corrupted = _get(row, "prompt"), _get(row, cf, "prompt")
@@ -126,8 +133,8 @@ def _answers(task: str, row: Dict[str, Any], cf: str) -> Optional[tuple]:
   return clean, corrupted, texts[0], texts[1], texts
 
 
-def mib_rows(task: str, rows: Iterable[Dict[str, Any]], tokenizer,
-             counterfactual: Optional[str] = None) -> List[Dict[str, Any]]:
+def mib_rows(task: str, rows: Iterable[dict[str, Any]], tokenizer,
+             counterfactual: str | None = None) -> list[dict[str, Any]]:
   """MIB's rows as task-CSV rows (`clean`, `corrupted`, `correct_idx`, `incorrect_idx`), after
   MIB's filter (see the module docstring), in their order."""
   task = ALIASES.get(task, task)
@@ -144,7 +151,7 @@ def mib_rows(task: str, rows: Iterable[Dict[str, Any]], tokenizer,
     if got is not None:
       picked.append(got)
   out = []
-  for clean, corrupted, right, wrong, texts in picked:
+  for clean, corrupted, _right, _wrong, texts in picked:
     ids = encode(tokenizer, list(texts))
     lengths = {len(i) for i in ids}
     if len(lengths) != 1 or 0 in lengths or (operator is not None and lengths != {1}):
@@ -155,9 +162,9 @@ def mib_rows(task: str, rows: Iterable[Dict[str, Any]], tokenizer,
 
 
 def load_mib_task(task: str, source, tokenizer, *, split: str = "train",
-                  n_examples: Optional[int] = None, counterfactual: Optional[str] = None,
-                  prepend_bos: bool = True, bos_id: Optional[int] = None,
-                  vocab_size: Optional[int] = None, skip_bad_rows: bool = False) -> Dataset:
+                  n_examples: int | None = None, counterfactual: str | None = None,
+                  prepend_bos: bool = True, bos_id: int | None = None,
+                  vocab_size: int | None = None, skip_bad_rows: bool = False) -> Dataset:
   """Load an MIB task from a local copy of its dataset, as MIB's `HFEAPDataset` reads it.
 
   Args:

@@ -22,14 +22,14 @@ default) and `cross-entropy` (-log p of the single answer).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, List, Tuple
+from collections.abc import Callable
 
 import jax.numpy as jnp
 
 from jaxinterp.tasks import metrics
 from jaxinterp.tasks.data import Task, TaskError
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Per-example metrics by label layout: (logits, batch, clean_logits) -> Float[Array, "batch"].
 
 
@@ -38,7 +38,8 @@ def _pair_logit(logits, batch, clean_logits):
 
 
 def _pair_prob(logits, batch, clean_logits):
-  return metrics.set_prob_diff(logits, batch.last, batch.labels["correct"], batch.labels["incorrect"])
+  return metrics.set_prob_diff(logits, batch.last, batch.labels["correct"],
+                               batch.labels["incorrect"])
 
 
 def _years_prob(logits, batch, clean_logits):
@@ -78,9 +79,11 @@ _YEARS = {"logit_diff": (_years_logit, "mean logit(years > YY) - mean logit(year
           "prob_diff": (_years_prob, "p(years > YY) - p(years <= YY)")}
 _SETS = {"logit_diff": (_sets_logit_sum, "sum logit(answers) - sum logit(corrupted answers)"),
          "prob_diff": (_pair_prob, "sum p(answers) - sum p(corrupted answers)")}
-_SVA = {"logit_diff": (_pair_logit, "mean logit(right-number verbs) - mean logit(wrong-number verbs)"),
+_SVA = {"logit_diff": (_pair_logit, "mean logit(right-number verbs) - mean logit(wrong-number "
+                                    "verbs)"),
         "prob_diff": (_pair_prob, "sum p(right-number verbs) - sum p(wrong-number verbs)")}
-_COUNTRY = {"logit_diff": (_country, "logit(country) - logit(corrupted country), else log p(country)"),
+_COUNTRY = {"logit_diff": (_country, "logit(country) - logit(corrupted country), else log "
+                                     "p(country)"),
             "prob_diff": (_country_prob, "p(country) - p(corrupted country)")}
 
 
@@ -97,7 +100,7 @@ class TaskSpec:
   """
 
   name: str
-  metrics: Dict[str, Tuple[Callable, str]]
+  metrics: dict[str, tuple[Callable, str]]
   default: str
   origin: str
   summary: str
@@ -109,7 +112,7 @@ class TaskSpec:
     return Task(name, fn, description=f"{self.summary}: {formula}")
 
 
-_SPECS: Dict[str, TaskSpec] = {s.name: s for s in (
+_SPECS: dict[str, TaskSpec] = {s.name: s for s in (
     TaskSpec("ioi", _PAIR, "logit_diff", "paper", "indirect object identification (IO vs S)"),
     TaskSpec("greater-than", _YEARS, "prob_diff", "paper", "greater-than on years"),
     TaskSpec("greater-than-price", _YEARS, "prob_diff", "paper", "greater-than on prices"),
@@ -137,7 +140,7 @@ ALIASES = {"arithmetic_addition": "arithmetic-addition", "arithmetic_subtraction
            "arithmetic-subtraction", "arc_easy": "arc-easy", "arc_challenge": "arc-challenge"}
 
 
-def task_names() -> List[str]:
+def task_names() -> list[str]:
   """Names of the registered tasks (the paper's, MIB's and the project's)."""
   return sorted(_SPECS)
 
@@ -159,7 +162,7 @@ def get_task(name: str) -> Task:
   return spec.task(spec.default)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Metrics
 
 METRICS = ("task", "logit_diff", "prob_diff", "kl", "js", "cross-entropy")
@@ -182,7 +185,7 @@ def _ce(logits, batch, clean_logits):
   return metrics.cross_entropy(logits, batch.last, target)
 
 
-def metric_names(task: str) -> Tuple[str, ...]:
+def metric_names(task: str) -> tuple[str, ...]:
   """The metrics a registered task offers, its default first (`task`, `kl`, `js` and
   `cross-entropy` work for every task too)."""
   spec = task_spec(task)

@@ -5,7 +5,7 @@ tokenizer from a path, and the answer token ids of greater-than (two-digit years
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -14,7 +14,7 @@ from jaxinterp.tasks.data import TaskError
 _BOS_CANDIDATES = ("<|begin_of_text|>", "<bos>", "<s>", "<|startoftext|>", "<|endoftext|>")
 
 
-def vocab_size_of(tokenizer) -> Optional[int]:
+def vocab_size_of(tokenizer) -> int | None:
   """The tokenizer's vocabulary size (added tokens included), or None if it does not say."""
   try:
     return int(tokenizer.get_vocab_size(with_added_tokens=True))
@@ -23,16 +23,17 @@ def vocab_size_of(tokenizer) -> Optional[int]:
     return int(n) if isinstance(n, (int, np.integer)) else None
 
 
-def encode(tokenizer, texts: Sequence[str]) -> List[List[int]]:
+def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
   """Token ids of each text, without special tokens."""
   if hasattr(tokenizer, "encode_batch"):
     return [list(e.ids) for e in tokenizer.encode_batch(list(texts), add_special_tokens=False)]
   if callable(tokenizer):  # a transformers tokenizer
     return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
-  raise TaskError(f"unsupported tokenizer type {type(tokenizer).__name__}; pass a tokenizers.Tokenizer")
+  raise TaskError(f"unsupported tokenizer type {type(tokenizer).__name__}; pass a "
+                  "tokenizers.Tokenizer")
 
 
-def find_bos_id(tokenizer) -> Optional[int]:
+def find_bos_id(tokenizer) -> int | None:
   """The tokenizer's BOS id: the token its post-processor prepends, else a well-known BOS token."""
   if hasattr(tokenizer, "encode"):
     try:
@@ -56,7 +57,8 @@ def find_bos_id(tokenizer) -> Optional[int]:
 
 
 def as_tokenizer(tokenizer):
-  """`tokenizer` itself, or the `tokenizers.Tokenizer` of a `tokenizer.json` path (or its directory)."""
+  """`tokenizer` itself, or the `tokenizers.Tokenizer` of a `tokenizer.json` path (or its
+  directory)."""
   if isinstance(tokenizer, (str, os.PathLike)):
     from tokenizers import Tokenizer
     path = os.fspath(tokenizer)
@@ -69,11 +71,12 @@ def as_tokenizer(tokenizer):
   return tokenizer
 
 
-def single_token_words(tokenizer, words: Sequence[str]) -> Dict[str, int]:
-  """word -> id of the words whose ` word` is exactly one known token (decoding gives the word back)."""
+def single_token_words(tokenizer, words: Sequence[str]) -> dict[str, int]:
+  """word -> id of the words whose ` word` is exactly one known token (decoding gives the word
+  back)."""
   enc = encode(tokenizer, [" " + w for w in words])
   out = {}
-  for w, ids in zip(words, enc):
+  for w, ids in zip(words, enc, strict=True):
     if len(ids) != 1:
       continue
     try:
@@ -90,7 +93,7 @@ def year_token_ids(tokenizer) -> np.ndarray:
   tokenizer = as_tokenizer(tokenizer)
   texts = [f"{y:02d}" for y in range(100)]
   out = []
-  for text, ids in zip(texts, encode(tokenizer, texts)):
+  for text, ids in zip(texts, encode(tokenizer, texts), strict=True):
     if len(ids) != 1:
       raise TaskError(f"greater-than needs every two-digit year to be one token, but {text!r} "
                       f"tokenises to {len(ids)} tokens {ids}")
@@ -117,8 +120,9 @@ _SVA_VERBS = (
 )
 
 
-def sva_verb_ids(tokenizer) -> Tuple[np.ndarray, np.ndarray]:
-  """(singular ids, plural ids) of the built-in verb pairs whose both forms are one token (` verb`)."""
+def sva_verb_ids(tokenizer) -> tuple[np.ndarray, np.ndarray]:
+  """(singular ids, plural ids) of the built-in verb pairs whose both forms are one token (` verb`).
+  """
   tokenizer = as_tokenizer(tokenizer)
   ids = single_token_words(tokenizer, sorted({w for pair in _SVA_VERBS for w in pair}))
   keep = [(ids[s], ids[p]) for s, p in _SVA_VERBS if s in ids and p in ids]
@@ -132,13 +136,13 @@ VERB_LIST = "combined_verb_list.csv"
 """The EAP-IG paper's SVA verb list (`data/sva/combined_verb_list.csv`: columns `sing`, `plur`)."""
 
 
-def _id_to_token(tokenizer, i: int) -> Optional[str]:
+def _id_to_token(tokenizer, i: int) -> str | None:
   if hasattr(tokenizer, "id_to_token"):
     return tokenizer.id_to_token(i)
   return tokenizer.convert_ids_to_tokens(i)  # a transformers tokenizer
 
 
-def _unk_id(tokenizer) -> Optional[int]:
+def _unk_id(tokenizer) -> int | None:
   unk = getattr(tokenizer, "unk_token_id", None)
   if isinstance(unk, (int, np.integer)):
     return int(unk)
@@ -146,8 +150,8 @@ def _unk_id(tokenizer) -> Optional[int]:
   return tokenizer.token_to_id(token) if isinstance(token, str) else None
 
 
-def sva_verb_sets(path, tokenizer, vocab_size: Optional[int] = None,
-                  strict: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+def sva_verb_sets(path, tokenizer, vocab_size: int | None = None,
+                  strict: bool = True) -> tuple[np.ndarray, np.ndarray]:
   """The EAP-IG paper's SVA answer sets from its verb list: (singular ids, plural ids).
 
   As the paper's `get_singular_and_plural` computes them: every vocabulary token `Ġw` (a word with
@@ -166,7 +170,8 @@ def sva_verb_sets(path, tokenizer, vocab_size: Optional[int] = None,
     int32 arrays of singular and plural verb ids, in id order (about 938 and 935 for GPT-2).
 
   Raises:
-    TaskError: unreadable file, missing columns, a verb in both columns, or no verb in the vocabulary.
+    TaskError: unreadable file, missing columns, a verb in both columns, or no verb in the
+    vocabulary.
   """
   import csv
   tokenizer = as_tokenizer(tokenizer)
@@ -187,11 +192,12 @@ def sva_verb_sets(path, tokenizer, vocab_size: Optional[int] = None,
                     f"{sorted(both)[:5]}")
   sing_set, plur_set = set(singular), set(plural)
   first_singular = {}
-  for s, p in zip(singular, plural):
+  for s, p in zip(singular, plural, strict=False):
     first_singular.setdefault(p, s)
   n = vocab_size if vocab_size is not None else vocab_size_of(tokenizer)
   if n is None:
-    raise TaskError("sva_verb_sets: the tokenizer does not say its vocabulary size; pass vocab_size")
+    raise TaskError("sva_verb_sets: the tokenizer does not say its vocabulary size; "
+                    "pass vocab_size")
   sing_ids, plur_ids, candidates = [], [], []
   for i in range(int(n)):
     token = _id_to_token(tokenizer, i)
@@ -204,7 +210,7 @@ def sva_verb_sets(path, tokenizer, vocab_size: Optional[int] = None,
       candidates.append((i, first_singular[word]))
   unk = _unk_id(tokenizer)
   forms = encode(tokenizer, [" " + s for _, s in candidates]) if candidates else []
-  for (i, _), ids in zip(candidates, forms):
+  for (i, _), ids in zip(candidates, forms, strict=True):
     if (len(ids) == 1 and ids[0] != unk) or not strict:
       plur_ids.append(i)
   if not sing_ids or not plur_ids:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 import os
 import textwrap
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import matplotlib
 
@@ -22,8 +23,8 @@ from matplotlib import ticker as mticker  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import FancyArrowPatch  # noqa: E402
 
-from jaxinterp.runtime import files  # noqa: E402
 from jaxinterp.circuits import Graph  # noqa: E402
+from jaxinterp.runtime import files  # noqa: E402
 
 POSITIVE_COLOR = "#1f5fb4"
 NEGATIVE_COLOR = "#c4302b"
@@ -57,15 +58,15 @@ def _node_positions(graph: Graph) -> dict[str, tuple[float, float]]:
   L, H = graph.cfg.n_layers, graph.cfg.n_heads
   pos = {"input": (0.5, 0.0)}
   xs = [0.5] if H == 1 else list(np.linspace(0.0, 1.0, H))
-  for l in range(L):
+  for li in range(L):
     for h in range(H):
-      pos[f"a{l}.h{h}"] = (float(xs[h]), 2.0 * l + 1.0)
-    pos[f"m{l}"] = (1.2, 2.0 * l + 2.0)
+      pos[f"a{li}.h{h}"] = (float(xs[h]), 2.0 * li + 1.0)
+    pos[f"m{li}"] = (1.2, 2.0 * li + 2.0)
   pos["logits"] = (0.5, 2.0 * L + 1.0)
   return pos
 
 
-def _receiver_parts(name: str) -> tuple[str, Optional[str]]:
+def _receiver_parts(name: str) -> tuple[str, str | None]:
   """'a1.h2<k>' -> ('a1.h2', 'k'); 'm0' -> ('m0', None)."""
   if name.endswith(">") and "<" in name:
     node, qkv = name[:-1].split("<")
@@ -78,8 +79,9 @@ def plot_circuit(graph: Graph, path: str, title: str = "", max_edges: int = 200)
 
   Input at the bottom, one row of heads and one MLP per layer, logits at the top. Edge width grows
   with |score| and colour gives the sign (blue positive, red negative); edges into a head's query,
-  key and value inputs are dashed, dotted and dash-dotted (and end left of, at, and right of the head),
-  edges into MLPs and logits are solid. Nodes of the circuit are drawn solid, the others faintly.
+  key and value inputs are dashed, dotted and dash-dotted (and end left of, at, and right of the
+  head), edges into MLPs and logits are solid. Nodes of the circuit are drawn solid, the others
+  faintly.
 
   Args:
     graph: a `Graph` with scores and an in-graph mask.
@@ -108,7 +110,7 @@ def plot_circuit(graph: Graph, path: str, title: str = "", max_edges: int = 200)
   offsets = {"q": -dx, "k": 0.0, "v": dx, None: 0.0}
   shrink = 15 if H <= 8 else (11 if H <= 16 else 7)
   # Draw weak edges first so strong ones end up on top.
-  for s, r, sc in list(zip(senders, receivers, scores))[::-1]:
+  for s, r, sc in list(zip(senders, receivers, scores, strict=True))[::-1]:
     src = pos[sender_names[s]]
     node, qkv = _receiver_parts(receiver_names[r])
     dst = pos[node]
@@ -135,8 +137,8 @@ def plot_circuit(graph: Graph, path: str, title: str = "", max_edges: int = 200)
 
   ax.set_xlim(-0.12, 1.32)
   ax.set_ylim(-0.7, 2.0 * L + 1.7)
-  ax.set_yticks([2.0 * l + 1.0 for l in range(L)])
-  ax.set_yticklabels([f"layer {l}" for l in range(L)])
+  ax.set_yticks([2.0 * li + 1.0 for li in range(L)])
+  ax.set_yticklabels([f"layer {li}" for li in range(L)])
   ax.set_xticks([])
   for side in ("top", "right", "bottom"):
     ax.spines[side].set_visible(False)
@@ -156,7 +158,8 @@ def plot_circuit(graph: Graph, path: str, title: str = "", max_edges: int = 200)
 
 
 def plot_faithfulness(curve: Any, path: str, title: str = "") -> None:
-  """Faithfulness vs circuit size (edges, log x) with the full-model (1) and empty-circuit (0) lines.
+  """Faithfulness vs circuit size (edges, log x) with the full-model (1) and empty-circuit (0)
+  lines.
 
   Args:
     curve: an `evaluation.FaithfulnessCurve` (or anything with `n_edges`, `faithfulness`, `m_full`
@@ -204,7 +207,7 @@ def _wrap(text: str, width_in: float, fontsize: float) -> str:
   return "\n".join(textwrap.fill(part, chars) for part in text.split("\n"))
 
 
-def _ticks(labels: Optional[Sequence[Any]], n: int, what: str) -> tuple[list[int], list[str]]:
+def _ticks(labels: Sequence[Any] | None, n: int, what: str) -> tuple[list[int], list[str]]:
   if labels is None:
     labels = [str(i) for i in range(n)]
   labels = [str(x) for x in labels]
@@ -216,8 +219,8 @@ def _ticks(labels: Optional[Sequence[Any]], n: int, what: str) -> tuple[list[int
 
 
 def plot_heatmap(values: np.ndarray, path: str, *, xlabel: str, ylabel: str, title: str,
-                 xticklabels: Optional[Sequence[Any]] = None,
-                 yticklabels: Optional[Sequence[Any]] = None, colorbar_label: str = "") -> None:
+                 xticklabels: Sequence[Any] | None = None,
+                 yticklabels: Sequence[Any] | None = None, colorbar_label: str = "") -> None:
   """A 2-D heatmap with a diverging colormap centred at 0, rows bottom-up (row 0 at the top).
 
   Args:
@@ -269,7 +272,7 @@ AXIS_NAMES = {"position": "position", "head": "head", "kv_head": "key/value head
 
 
 def plot_patching(result: Any, path: str, title: str = "",
-                  position_labels: Optional[Sequence[Any]] = None) -> None:
+                  position_labels: Sequence[Any] | None = None) -> None:
   """Heatmap of a `patching.PatchingResult`: the change each patch makes, centred on zero.
 
   Denoising shows the normalised metric (m - m_corrupted) / (m_clean - m_corrupted), which is 0 when
@@ -304,7 +307,7 @@ def plot_patching(result: Any, path: str, title: str = "",
     rows = np.transpose(v, (0, 2, 1)).reshape(Lr * Hh, P)
     plot_heatmap(rows, path, xlabel="position", ylabel="layer.head", title=full,
                  xticklabels=position_labels,
-                 yticklabels=[f"a{l}.h{h}" for l in range(Lr) for h in range(Hh)],
+                 yticklabels=[f"a{li}.h{h}" for li in range(Lr) for h in range(Hh)],
                  colorbar_label=cbar)
   else:
     raise PlotError(f"cannot plot a sweep with axes {labels} and shape {v.shape}")

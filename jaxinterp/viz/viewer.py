@@ -2,12 +2,12 @@
 
     viewer.write_html(graph, "runs/x/circuit.html", curve="runs/x/faithfulness.csv")
 
-The page lays the EAP-IG graph out as `plots.plot_circuit` does (input at the bottom, per layer a row
-of heads and then the MLP to their right, logits at the top) and draws the top-n circuit in SVG:
-colour by sign, width by |score|, q/k/v inputs told apart by dash pattern and by where they end on the
-head. A slider, a number input and MIB's percentages set the size n; hovering an edge shows its name,
-score and rank; clicking a node lists its edges in the circuit; the faithfulness curve, when given,
-sits beside the graph with the full and empty baselines and the value at the current size.
+The page lays the EAP-IG graph out as `plots.plot_circuit` does (input at the bottom, per layer a
+row of heads and then the MLP to their right, logits at the top) and draws the top-n circuit in SVG:
+colour by sign, width by |score|, q/k/v inputs told apart by dash pattern and by where they end on
+the head. A slider, a number input and MIB's percentages set the size n; hovering an edge shows its
+name, score and rank; clicking a node lists its edges in the circuit; the faithfulness curve, when
+given, sits beside the graph with the full and empty baselines and the value at the current size.
 
 What is drawn for size n is exactly `graph.top_n(n)` (absolute ranking, pruned): the top-n edge sets
 are nested and pruning is monotone, so each edge has a smallest n from which it is in the pruned
@@ -26,21 +26,23 @@ import math
 import numbers
 import os
 import re
-from typing import Any, Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
+from jaxinterp.circuits import MIB_PERCENTAGES, Graph, GraphError, n_edges_at_percentage
 from jaxinterp.runtime import files
-from jaxinterp.circuits import Graph, GraphError, MIB_PERCENTAGES, n_edges_at_percentage
 
 ASSET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 MAX_DRAWN = 3000
 """Default cap on drawn edges: larger circuits draw their strongest edges and say so."""
 
 CURVE_COLUMNS = ("n_edges", "faithfulness")
-"""Columns a faithfulness CSV must have (`find_circuit` also writes n_edges_kept, percentage, metric)."""
+"""Columns a faithfulness CSV must have (`find_circuit` also writes n_edges_kept, percentage,
+metric)."""
 
-CurveLike = Union[str, os.PathLike, Sequence[Mapping[str, Any]], Any]
+CurveLike = str | os.PathLike | Sequence[Mapping[str, Any]] | Any
 
 
 class ViewerError(GraphError):
@@ -94,7 +96,7 @@ def mib_sizes(n_total: int) -> list[tuple[float, int]]:
 # ------------------------------------------------------------------------------------------ curve
 
 
-def read_curve(path: Union[str, os.PathLike]) -> list[dict[str, float]]:
+def read_curve(path: str | os.PathLike) -> list[dict[str, float]]:
   """The rows of a faithfulness CSV (`find_circuit`/`evaluate_circuit`'s `faithfulness.csv`).
 
   Needs the columns `n_edges` and `faithfulness`; `n_edges_kept`, `percentage` and `metric` are
@@ -122,7 +124,7 @@ def read_curve(path: Union[str, os.PathLike]) -> list[dict[str, float]]:
   return rows
 
 
-def _curve_data(curve: CurveLike, n_total: int) -> Optional[dict[str, Any]]:
+def _curve_data(curve: CurveLike, n_total: int) -> dict[str, Any] | None:
   """The curve as parallel lists sorted by size, checked against the graph's edge count."""
   if curve is None:
     return None
@@ -158,13 +160,13 @@ def _curve_data(curve: CurveLike, n_total: int) -> Optional[dict[str, Any]]:
   return {k: [v[i] for i in order] for k, v in out.items()}
 
 
-def _finite(x: Any) -> Optional[float]:
+def _finite(x: Any) -> float | None:
   """`x` as a float if it is a finite real number (not a bool), else None."""
   ok = isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
   return float(x) if ok else None
 
 
-def _baselines(graph: Graph, curve: CurveLike) -> dict[str, Optional[float]]:
+def _baselines(graph: Graph, curve: CurveLike) -> dict[str, float | None]:
   """The full-model and empty-circuit metrics, from the curve object or the graph's meta."""
   found = {}
   for name, keys in (("full", ("m_full", "metric_full")), ("empty", ("m_empty", "metric_empty"))):
@@ -188,17 +190,20 @@ def node_positions(graph: Graph) -> list[tuple[float, float]]:
   dy = 30.0 if n_layers > 4 else 44.0
   top = 30.0
   width = (n_heads - 1) * dx
-  y = lambda u: top + (2 * n_layers + 1 - u) * dy  # u: 0 = input ... 2L+1 = logits
+
+  def y(u):  # u: 0 = input ... 2L+1 = logits
+    return top + (2 * n_layers + 1 - u) * dy
+
   pos = {"input": (width / 2, y(0)), "logits": (width / 2, y(2 * n_layers + 1))}
-  for l in range(n_layers):
+  for li in range(n_layers):
     for h in range(n_heads):
-      pos[f"a{l}.h{h}"] = (h * dx, y(2 * l + 1))
-    pos[f"m{l}"] = (width + max(0.9 * dx, 70.0), y(2 * l + 2))
+      pos[f"a{li}.h{h}"] = (h * dx, y(2 * li + 1))
+    pos[f"m{li}"] = (width + max(0.9 * dx, 70.0), y(2 * li + 2))
   return [(round(pos[name][0] + 40.0, 1), round(pos[name][1], 1)) for name in L.node_names]
 
 
-def page_data(graph: Graph, *, curve: CurveLike = None, title: Optional[str] = None,
-              n: Optional[int] = None, max_drawn: int = MAX_DRAWN) -> dict[str, Any]:
+def page_data(graph: Graph, *, curve: CurveLike = None, title: str | None = None,
+              n: int | None = None, max_drawn: int = MAX_DRAWN) -> dict[str, Any]:
   """Everything the page shows, as JSON-ready values (edge scores as a float32 array).
 
   Edges are listed in the order the page draws its prefixes: by entry size, then by rank. `n` is the
@@ -255,8 +260,8 @@ def _asset(name: str) -> str:
     raise ViewerError(f"the viewer's asset {name} is missing from {ASSET_DIR}: {e}") from None
 
 
-def render_html(graph: Graph, *, curve: CurveLike = None, title: Optional[str] = None,
-                n: Optional[int] = None, max_drawn: int = MAX_DRAWN) -> str:
+def render_html(graph: Graph, *, curve: CurveLike = None, title: str | None = None,
+                n: int | None = None, max_drawn: int = MAX_DRAWN) -> str:
   """The page as one HTML string: the template with its CSS, JavaScript and data inlined.
 
   Args:
@@ -281,8 +286,8 @@ def _escape(text: str) -> str:
           .replace('"', "&quot;"))
 
 
-def write_html(graph: Graph, path: Union[str, os.PathLike], *, curve: CurveLike = None,
-               title: Optional[str] = None, n: Optional[int] = None,
+def write_html(graph: Graph, path: str | os.PathLike, *, curve: CurveLike = None,
+               title: str | None = None, n: int | None = None,
                max_drawn: int = MAX_DRAWN) -> None:
   """Write `render_html(...)` to `path` atomically (a temp file renamed over it).
 

@@ -3,14 +3,18 @@ interchange, and the forward with interventions at named sites."""
 
 from __future__ import annotations
 
-
 import flax.struct
 
 from jaxinterp.interventions.autoencoder import Autoencoder
-from jaxinterp.interventions.basic import (Add, Array, InterventionError, MeanAblate, Patch, Zero)
+from jaxinterp.interventions.basic import Add, Array, InterventionError, MeanAblate, Patch, Zero
 from jaxinterp.interventions.basis import Collect, GaussianNoise, Interchange, SigmoidMask, Subtract
-from jaxinterp.interventions.das import (BoundlessRotatedSpace, LowRankRotatedSpace, RotatedSpace,
-                                         SigmoidMaskRotatedSpace)
+from jaxinterp.interventions.das import (
+  BoundlessRotatedSpace,
+  LowRankRotatedSpace,
+  RotatedSpace,
+  SigmoidMaskRotatedSpace,
+)
+from jaxinterp.models import forward
 
 
 @flax.struct.dataclass
@@ -34,8 +38,8 @@ INTERVENTION_TYPES = {c.__name__: c for c in (
 
 def _check_callable(site: str, iv) -> None:
   if not callable(iv):
-    raise InterventionError(f"the intervention at {site!r} is a {type(iv).__name__}, not a callable "
-                            f"x -> x' (see jaxinterp.interventions)")
+    raise InterventionError(f"the intervention at {site!r} is a {type(iv).__name__}, not a "
+                            "callable x -> x' (see jaxinterp.interventions)")
 
 
 def collect_sources(cfg, params, sources, sites, *, attention_mask=None) -> dict[str, Array]:
@@ -51,7 +55,6 @@ def collect_sources(cfg, params, sources, sites, *, attention_mask=None) -> dict
   Returns:
     {site: activation} with each site's own source activation.
   """
-  from jaxinterp.models import forward
   sites = list(sites)
   if not isinstance(sources, dict):
     sources = {s: sources for s in sites}
@@ -104,7 +107,6 @@ def run(cfg, params, tokens, interventions: dict, *, sources=None, source_mask=N
   Returns:
     (logits Float[Array, "batch pos vocab"], {site: collected values}).
   """
-  from jaxinterp.models import forward
   for site, iv in interventions.items():
     _check_callable(site, iv)
   collects = {s: iv for s, iv in interventions.items() if isinstance(iv, Collect)}
@@ -113,8 +115,8 @@ def run(cfg, params, tokens, interventions: dict, *, sources=None, source_mask=N
           if any(_waits(it) for it in (iv.items if isinstance(iv, Chain) else (iv,)))]
   if need:
     if sources is None:
-      raise InterventionError(f"interchange intervention(s) at {need} have no source activation; pass "
-                              f"`sources=` (tokens, or {{site: tokens}})")
+      raise InterventionError(f"interchange intervention(s) at {need} have no source activation; "
+                              "pass `sources=` (tokens, or {site: tokens})")
     active = with_sources(active, collect_sources(cfg, params, sources, need,
                                                   attention_mask=source_mask))
   names = tuple(set(collect) | set(collects))
