@@ -63,8 +63,6 @@ def config(cls, **fixed):
   return cls(**kw, **fixed)
 
 
-input_file = inputs.input_file  # `--flag=path: no such file`
-warn = inputs.warn  # one line on stderr: `warning: message`
 
 
 def prog_name() -> str:

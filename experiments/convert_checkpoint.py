@@ -11,25 +11,26 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags, logging
+from absl import app, logging
 
 from jaxinterp import models
-from jaxinterp.experiments import cli, common
+from jaxinterp.experiments import cli, common  # noqa: F401  (common defines the shared flags)
+from jaxinterp.runtime import inputs
 
-_MODEL = flags.DEFINE_string("model", None, "HF checkpoint directory (config.json + weights).")
-_OUT = flags.DEFINE_string("out", None, "Output directory for the orbax conversion.")
+cli.define("string", "model", None, "HF checkpoint directory (config.json + weights).")
+cli.define("string", "out", None, "Output directory for the orbax conversion.")
 OUTPUTS = (models.pretrained.CONVERTED_CONFIG, models.pretrained.CONVERTED_PARAMS)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  model_dir, out = _MODEL.value, _OUT.value
+  model_dir, out = cli.value("model", None), cli.value("out", None)
   if not model_dir or not out:
     raise app.UsageError("--model and --out are required")
   if os.path.realpath(model_dir) == os.path.realpath(out):
     raise app.UsageError(f"--out={out} is --model's own directory; choose another")
-  with common.run_dir(out) as held:
+  with inputs.run_dir(out) as held:
     try:
       m = models.from_pretrained(model_dir)
     except (models.CheckpointError, models.ConfigError) as e:
