@@ -5,8 +5,8 @@ Modules:
   ablated), faithfulness curves, MIB's CPR/CMD scores and protocol;
 - `circuit_forward`: the fast forward that evaluates many edge circuits per compiled call;
 - `levels`: node and neuron circuits (selection counts, the neuron-circuit forward, their curves);
-- `report`: `evaluate_circuit(config, out)`, the pipeline of `experiments/evaluate_circuit.py` (a saved
-  circuit's faithfulness, curve, MIB's CPR/CMD, IoU against another circuit, and its files).
+- `report`: `evaluate_circuit(config, out)`, the pipeline of `experiments/evaluate_circuit.py`
+  (a saved circuit's faithfulness, curve, MIB's CPR/CMD, IoU against another circuit, its files).
 """
 
 from jaxinterp.evaluation import circuit_forward, faithfulness, levels
