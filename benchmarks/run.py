@@ -30,6 +30,9 @@ Suites (comma separated, or "all"):
   pipeline       find_circuit (EAP-IG, a 10-point MIB curve, outputs written) against `attribute`
                  alone and the `eap` package when installed, each a fresh process, no compile cache
                  (`benchmarks/pipeline.py`): wall times, find_circuit's phases, the ratio.
+  compile        every kernel's optimised HLO size and cold compile time (AOT, no persistent
+                 cache) on the bundled toy model and each shape, and the quickstart's compile share
+                 (`benchmarks/compile.py`).
   das            DAS training on a toy model trained on the spot (`benchmarks/das.py`; once, not per
                  shape): per-step time and IIA at 500 steps at site widths 64 and 256, against
                  pyvene when `import pyvene` works (its rows are left out otherwise).
@@ -61,6 +64,7 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks import common, das, evaluation, methods, pipeline
+from benchmarks import compile as compile_suite
 from jaxinterp import attribution as A
 from jaxinterp.attribution import receiver_grads as RG
 from jaxinterp.circuits.layout import valid_edges
@@ -71,7 +75,7 @@ from jaxinterp.tasks import Batch
 from jaxinterp.tasks import metrics as task_metrics
 
 SUITES = ("attribution", "exact", "evaluation", "precision", "scaling", "whole_process", "memory",
-          "methods", "das", "pipeline")
+          "methods", "das", "pipeline", "compile")
 
 _SUITE = flags.DEFINE_string("suite", "attribution",
                              f"comma-separated suites from {SUITES}, or all")
@@ -445,6 +449,8 @@ def main(argv):
         rows = methods.suite_methods(ctx, shape, n, batch, steps, repeats)
       elif suite == "pipeline":
         rows = pipeline.suite_pipeline(ctx, shape, n, batch, steps, repeats)
+      elif suite == "compile":
+        rows = compile_suite.suite_compile(ctx, shape, n, steps, first=shape == shapes[0])
       elif suite == "das":
         rows = das.suite_das(workdir, quick, log=log) if shape == shapes[0] else []
       else:

@@ -13,8 +13,8 @@ from absl import app
 from jaxinterp.experiments import cli
 from jaxinterp.runtime import compilation_cache
 
-# $JAXINTERP_COMPILATION_CACHE overrides the default (the test suite sets it empty: processes that
-# write one cache concurrently must not share it).
+# $JAXINTERP_COMPILATION_CACHE overrides the default. Processes may share one cache directory: its
+# entries are written atomically (`jaxinterp.runtime.compilation_cache.AtomicFileCache`).
 COMPILATION_CACHE = compilation_cache.default_dir()
 cli.define("string", "compilation_cache", COMPILATION_CACHE,
            "Directory of JAX's persistent compilation cache: a later run with the same model "
@@ -22,10 +22,14 @@ cli.define("string", "compilation_cache", COMPILATION_CACHE,
            "disables it. The default comes from $JAXINTERP_COMPILATION_CACHE when set.")
 cli.define("string", "mib_split", "train",
            "The split read when --data is a directory holding a local copy of an MIB dataset.")
+OVERWRITE_HELP = ("Replace what --out holds: a finished run with other settings, or another "
+                  "binary's outputs (refused without it). Without it a finished run with the same "
+                  "settings is reported complete and left untouched.")
+FILTER_HELP = ("none, or correct: keep only the rows the model gets right (clean metric above the "
+               "corrupted one, by the task's own metric), as the EAP-IG and MIB papers do; the "
+               "task check before it is printed and recorded in meta either way.")
 SKIP_BAD_ROWS_HELP = ("Leave out --data rows that cannot be used (prompts of unequal token "
                       "lengths, bad labels) and report them, instead of stopping at them.")
-
-
 
 def mib_split() -> str:
   """`--mib_split`: the split read from a local copy of an MIB dataset."""

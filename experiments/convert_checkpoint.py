@@ -3,7 +3,9 @@
     python -m experiments.convert_checkpoint --model=/path/to/hf_dir --out=/path/to/converted
 
 Later `models.from_pretrained(out)` (and every experiment's `--model=out`) restores the params with
-orbax directly, skipping the name mapping. `--out` gets `DONE` once the conversion is complete.
+orbax directly, skipping the name mapping. `--out` gets `DONE` once the conversion is complete;
+converting the same model into it again is reported complete, anything else held there is refused
+unless `--overwrite`.
 The library calls are `models.from_pretrained` and `models.save_converted`.
 """
 
@@ -14,11 +16,12 @@ import os
 from absl import app, logging
 
 from jaxinterp import models
-from jaxinterp.experiments import cli, common  # noqa: F401  (common defines the shared flags)
-from jaxinterp.runtime import inputs
+from jaxinterp.experiments import cli, common
+from jaxinterp.runtime import files, inputs
 
 cli.define("string", "model", None, "HF checkpoint directory (config.json + weights).")
 cli.define("string", "out", None, "Output directory for the orbax conversion.")
+cli.define("bool", "overwrite", False, common.OVERWRITE_HELP)
 OUTPUTS = (models.pretrained.CONVERTED_CONFIG, models.pretrained.CONVERTED_PARAMS)
 
 
@@ -30,7 +33,12 @@ def main(argv):
     raise app.UsageError("--model and --out are required")
   if os.path.realpath(model_dir) == os.path.realpath(out):
     raise app.UsageError(f"--out={out} is --model's own directory; choose another")
-  with inputs.run_dir(out) as held:
+  record = files.RunRecord("convert_checkpoint", {"model": os.path.realpath(model_dir)},
+                           ("model",))
+  with inputs.run_dir(out, record=record, overwrite=cli.value("overwrite", False)) as held:
+    if held.complete:
+      inputs.already_complete(out, record)
+      return
     try:
       m = models.from_pretrained(model_dir)
     except (models.CheckpointError, models.ConfigError) as e:

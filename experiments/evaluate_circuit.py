@@ -21,9 +21,12 @@ weights than the recorded hash is refused unless `--force`. Reports:
 * with `--compare`, the edge and node IoU with a second circuit (the same `--top_n` re-selection is
   applied to it).
 
-Writes `evaluation.json`, `faithfulness.csv`, `faithfulness.png`, `circuit.png` and `circuit.html`
-under `--out`, all after every number has been computed, each through a temp file and a rename, and
-`DONE` last. The pipeline is `jaxinterp.evaluation.report.evaluate_circuit`.
+A task check (clean and corrupted metric, rows the model gets right, top-1 accuracy) runs first,
+with the graph's --filter. Writes `evaluation.json`, `faithfulness.csv`, `faithfulness.png`,
+`circuit.png` and `circuit.html` under `--out` (default: `evaluation/` beside --graph, never the
+graph's own run directory), all after every number has been computed, each through a temp file
+and a rename, and `DONE` last; an --out holding other outputs is refused unless --overwrite. The
+pipeline is `jaxinterp.evaluation.report.evaluate_circuit`.
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ from jaxinterp.evaluation import report
 from jaxinterp.experiments import cli, common
 
 D, M = cli.defaults(report.EvaluateConfig), report.META_DEFAULTS
-OUT = "runs/evaluate_circuit"
 META = " Default: as --graph's meta records it (else the default shown)."
 cli.define("string", "model", M["model"],
            "Model: 'toy' (the bundled induction model), an HF checkpoint dir or an orbax "
@@ -51,7 +53,10 @@ cli.define("string", "intervention", M["intervention"],
 cli.define("integer", "top_n", None, "Re-select the top-n edges by |score| instead of in_graph.")
 cli.define("string", "compare", None,
            "A second graph.json to compare circuits with (edge/node IoU).")
-cli.define("string", "out", OUT, "Output directory.")
+cli.define("string", "out", None, "Output directory (default: evaluation/ beside --graph).")
+cli.define("bool", "overwrite", False, common.OVERWRITE_HELP)
+cli.define("enum", "filter", M["filter"], common.FILTER_HELP + META,
+           enum_values=["none", "correct"])
 cli.define("integer", "seed", M["seed"], "Seed for generated data." + META)
 cli.define("enum", "metric", M["metric"], "Per-example metric: 'task' (the task's default, the "
            "EAP-IG paper's choice), logit_diff, prob_diff, kl, js or cross-entropy." + META,
@@ -78,7 +83,7 @@ def main(argv):
   config = cli.config(report.EvaluateConfig, mib_split=common.mib_split(),
                       **{k: cli.FLAGS[k].value if cli.given(k) else None for k in M})
   common.enable_compilation_cache()
-  report.evaluate_circuit(config, cli.value("out", OUT))
+  report.evaluate_circuit(config, cli.value("out", None), overwrite=cli.value("overwrite", False))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,11 @@ Writes to --out: graph.json (EAP-IG format, every valid edge with its score in E
 `meta` section records the provenance), scores.npz, faithfulness.csv, circuit.png and
 faithfulness.png; with --mib_out, an MIB leaderboard folder too. Long runs (the exact
 method, or more than --checkpoint_batches batches) checkpoint their partial scores to
---out/.resume with orbax and resume from there when rerun with the same flags.
+--out/.resume with orbax and resume from there when rerun with the same flags. Before attributing,
+a task check prints the clean and corrupted metric, the rows the model gets right and its top-1
+accuracy (one warning line if it does not do the task; --filter=correct keeps the right rows). A
+--out holding a finished run with other settings, or another binary's outputs, is refused unless
+--overwrite; the same finished run is reported complete and left as it is.
 
 Ends with the phase times, `phases: load 1.2 s, compile 8.0 s, attribute 10.1 s, curve 3.0 s,
 write 0.1 s (total 22.4 s)`, also in graph.json's `meta["phase_seconds"]`
@@ -71,6 +75,8 @@ _define("bool", "prepend_bos", "Prepend BOS as TransformerLens does.")
 _define("integer", "seed", "Seed for generated data, the bootstrap and mask training (recorded in "
         "graph.json meta).")
 cli.define("string", "out", "runs/find_circuit", "Output directory.")
+cli.define("bool", "overwrite", False, common.OVERWRITE_HELP)
+_define("enum", "filter", common.FILTER_HELP, enum_values=["none", "correct"])
 _define("integer", "checkpoint_batches", "Checkpoint after every batch when a run has more "
         "batches than this (the exact method always checkpoints).")
 _define("string", "mesh", "Device mesh DATAxMODEL, e.g. 2x4: batches split over DATA devices, "
@@ -104,7 +110,8 @@ def config() -> FindCircuitConfig:
 def run(argv=None) -> dict:
   """Run with the current flags; returns the summary dict (`discovery.find_circuit`'s)."""
   common.enable_compilation_cache()
-  return find_circuit(config(), cli.value("out", "runs/find_circuit"))
+  return find_circuit(config(), cli.value("out", "runs/find_circuit"),
+                      overwrite=cli.value("overwrite", False))
 
 
 def main(argv):

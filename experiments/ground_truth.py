@@ -60,6 +60,7 @@ cli.define("integer", "seed", D["seed"], "Seed of the sampled inputs.")
 cli.define("string", "builtin", D["builtin"],
            f"Without --program: the built-in programs to run, of: {', '.join(runner.BUILTIN)}.")
 cli.define("string", "out", OUT, "Output directory.")
+cli.define("bool", "overwrite", False, common.OVERWRITE_HELP)
 
 
 def main(argv):
@@ -67,7 +68,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = cli.config(runner.GroundTruthConfig)
   common.enable_compilation_cache()
-  runner.ground_truth(config, cli.value("out", OUT))
+  runner.ground_truth(config, cli.value("out", OUT), overwrite=cli.value("overwrite", False))
 
 
 if __name__ == "__main__":

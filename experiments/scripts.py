@@ -56,8 +56,13 @@ def view() -> None:
   _run("view")
 
 
+def compare_circuits() -> None:
+  """`jaxinterp-compare-circuits`: experiments/compare_circuits.py."""
+  _run("compare_circuits")
+
+
 SCRIPTS = {"jaxinterp-find-circuit": find_circuit, "jaxinterp-evaluate-circuit": evaluate_circuit,
            "jaxinterp-activation-patching": activation_patching,
            "jaxinterp-convert-checkpoint": convert_checkpoint, "jaxinterp-train-das": train_das,
            "jaxinterp-train-toy-model": train_toy_model, "jaxinterp-ground-truth": ground_truth,
-           "jaxinterp-view": view}
+           "jaxinterp-view": view, "jaxinterp-compare-circuits": compare_circuits}

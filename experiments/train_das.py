@@ -36,6 +36,7 @@ cli.define("string", "model_dir", D["model_dir"],
 cli.define("bool", "retrain_model", D["retrain_model"],
            "Retrain the toy model even if --model_dir has one.")
 cli.define("string", "out", OUT, "Output directory for IIA results and trained interventions.")
+cli.define("bool", "overwrite", False, common.OVERWRITE_HELP)
 cli.define("string", "png", D["png"], "Heatmap PNG path (default: --out/das_iia.png).")
 cli.define("integer", "p", D["p"], "Modulus of the toy task.")
 cli.define("integer", "model_steps", D["model_steps"], "Optimiser steps for the toy model.")
@@ -52,7 +53,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = cli.config(toy_task.DASConfig)
   common.enable_compilation_cache()
-  toy_task.train_das(config, cli.value("out", OUT))
+  toy_task.train_das(config, cli.value("out", OUT), overwrite=cli.value("overwrite", False))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ D = cli.defaults(toy_training.ToyTrainConfig)
 OUT = "runs/toy_model"
 cli.define("string", "out", OUT, "Output directory for the checkpoint and metadata "
            "(not the bundled model's directory, unless --overwrite_bundled).")
+cli.define("bool", "overwrite", False, common.OVERWRITE_HELP)
 cli.define("bool", "overwrite_bundled", D["overwrite_bundled"], "Allow --out to be the bundled "
            "model's directory (jaxinterp/assets/toy), replacing the model the README's numbers "
            "come from.")
@@ -72,7 +73,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = cli.config(toy_training.ToyTrainConfig)
   common.enable_compilation_cache()
-  toy_training.train_toy_model(config, cli.value("out", OUT))
+  toy_training.train_toy_model(config, cli.value("out", OUT),
+                               overwrite=cli.value("overwrite", False))
 
 
 if __name__ == "__main__":

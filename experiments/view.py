@@ -24,7 +24,10 @@ cli.define("string", "graph", D["graph"],
 cli.define("string", "curve", D["curve"], "Optional faithfulness CSV (columns n_edges, "
            "faithfulness; find_circuit and evaluate_circuit write faithfulness.csv) shown beside "
            "the graph.")
-cli.define("string", "out", D["out"], "HTML file to write (default: circuit.html beside --graph).")
+cli.define("string", "out", D["out"], "HTML file to write (default: circuit.html beside --graph, "
+           "or view.html where circuit.html is an output of a finished run).")
+cli.define("bool", "overwrite", D["overwrite"], "Replace --out even when it is an output of a "
+           "finished run (listed in its directory's DONE).")
 cli.define("string", "title", D["title"],
            "Page title (default: the graph's method and task, or its file name).")
 cli.define("integer", "n", D["n"], "Initial circuit size in edges (default: the graph's top_n, "

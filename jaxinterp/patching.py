@@ -396,26 +396,46 @@ def position_labels(dataset: Dataset, tokenizer=None) -> list[str]:
   return out
 
 
+def neutral(direction: str) -> float:
+  """The normalised value of a cell that has no effect: 1 when noising (the clean run unchanged),
+  0 when denoising (the corrupted run unchanged)."""
+  return 1.0 if direction == "noising" else 0.0
+
+
+def strongest(result: PatchingResult) -> dict | None:
+  """The cell furthest from `neutral` (first on ties): {"cell": {axis: index}, "normalized": its
+  value}, or None when no cell moves the normalised metric by 1e-3. The console and patching.json
+  report this, the .npz and the PNG hold the same `normalized` value."""
+  v = result.normalized
+  idx = np.unravel_index(int(np.argmax(np.abs(v - neutral(result.direction)))), v.shape)
+  if abs(v[idx] - neutral(result.direction)) < 1e-3:
+    return None
+  return {"cell": {lab: int(i) for lab, i in zip(result.axis_labels, idx, strict=True)},
+          "normalized": float(v[idx])}
+
+
 def _print(dataset: Dataset, direction: str, results: dict[str, PatchingResult], out: str) -> None:
   first = next(iter(results.values()))
   print(f"{dataset.task.name} on {len(dataset)} examples ({direction}): clean metric "
         f"{first.m_clean:.4f}, corrupted {first.m_corrupted:.4f}")
-  neutral = 1.0 if direction == "noising" else 0.0  # the value of a cell that does not matter
+  print(f"cells: normalised metric {plots.NORMALIZED} (1 = clean behaviour, 0 = corrupted; no "
+        f"effect = {neutral(direction):g} when {direction}), as in the PNGs and .npz files")
   for name, r in results.items():
-    v = r.normalized
-    idx = np.unravel_index(int(np.argmax(np.abs(v - neutral))), v.shape)
-    cell = ", ".join(f"{lab} {int(i)}" for lab, i in zip(r.axis_labels, idx, strict=True))
-    if abs(v[idx] - neutral) < 1e-3:
-      print(f"  {name:16s} {str(v.shape):14s} no cell has an effect")
+    top, shape = strongest(r), str(r.normalized.shape)
+    if top is None:
+      print(f"  {name:16s} {shape:14s} no cell has an effect")
     else:
-      print(f"  {name:16s} {str(v.shape):14s} strongest cell: {cell} -> {v[idx]:+.3f}")
+      cell = ", ".join(f"{lab} {i}" for lab, i in top["cell"].items())
+      print(f"  {name:16s} {shape:14s} strongest cell: {cell} -> {top['normalized']:+.3f}")
   print(f"wrote {len(results)} heatmaps and .npz files to {out}")
 
 
 def activation_patching(config: PatchingConfig, out: str) -> dict[str, PatchingResult]:
   """Run `config.sweeps` and write `{sweep}.png`, `{sweep}.npz` and `patching.json` (baselines,
-  position labels, each sweep's site, axes and shape) under `out`, then `DONE`; prints a summary
-  (each sweep's strongest cell). Bad input raises `inputs.InputError`."""
+  position labels, the normalisation, each sweep's site, axes, shape and strongest cell) under
+  `out`, then `DONE`; prints a summary (each sweep's strongest cell). The console, the PNGs, the
+  .npz files (`normalized`) and patching.json show one number per cell: `plots.NORMALIZED`. Bad
+  input raises `inputs.InputError`."""
   sweeps = [s.strip() for s in config.sweeps.split(",") if s.strip()]
   if not sweeps:
     raise inputs.InputError("--sweeps is empty")
@@ -447,14 +467,17 @@ def activation_patching(config: PatchingConfig, out: str) -> dict[str, PatchingR
     with held.writing(outputs):
       for name, r in results.items():
         files.atomic_savez(os.path.join(out, f"{name}.npz"), **r.to_npz_dict())
-        plots.plot_patching(r, os.path.join(out, f"{name}.png"), title=dataset.task.name,
+        plots.plot_patching(r, os.path.join(out, f"{name}.png"),
+                            title=f"activation patching, {dataset.task.name}",
                             position_labels=labels)
       first = next(iter(results.values()))
       files.atomic_write_json(os.path.join(out, "patching.json"), {
           "model": model.path, "task": dataset.task.name, "data": dataset.source,
           "n_examples": len(dataset), "direction": direction, "m_clean": first.m_clean,
           "m_corrupted": first.m_corrupted, "positions": labels,
+          "normalized": plots.NORMALIZED, "no_effect": neutral(direction),
           "sweeps": {n: {"site": r.sweep.site, "axes": list(r.axis_labels),
-                         "shape": list(r.normalized.shape)} for n, r in results.items()}})
+                         "shape": list(r.normalized.shape), "strongest": strongest(r)}
+                     for n, r in results.items()}})
   _print(dataset, direction, results, out)
   return results

@@ -1,4 +1,6 @@
-"""The MLP: plain (GPT-2, NeoX) or gated (Llama family), with TransformerLens sites."""
+"""The MLP: plain (GPT-2, NeoX) or gated (Llama family), with TransformerLens sites
+(`blocks.{l}.mlp.`): `hook_pre`, `hook_pre_linear` (gated), `hook_post`, and `hook_out`, the MLP's
+output before any post-MLP norm (circuit-tracer's `mlp.hook_out`)."""
 
 from __future__ import annotations
 
@@ -49,4 +51,4 @@ class MLP(nn.Module):
     else:
       post = activation(c.act_fn, sites(p + "hook_pre", x @ self.W_in + b_in))
     post = sites(p + "hook_post", post)
-    return post @ self.W_out + b_out
+    return sites(p + "hook_out", post @ self.W_out + b_out)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import ModelConfig
+from .sites import Sites
 
 Array = jax.Array
 
@@ -68,15 +69,23 @@ class Norm(nn.Module):
     """Multiplier m such that norm(x) = (x - mean) * m (+ bias)."""
     return self.gain() * self.standardize(x)[1]
 
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, sites: Sites | None = None, name: str | None = None) -> Array:
+    """The norm of x. With `sites` and the site `name` (e.g. `blocks.0.ln1.hook_scale`) requested,
+    the inverse scale 1/sigma (1/rms), Float[Array, "... 1"], passes through that site before it
+    multiplies (TransformerLens's `hook_scale` holds sigma itself); `stop_gradient` there freezes
+    the norm into a linear map. The site is not visited otherwise, nor by the identity."""
     if self._is_identity():
       return x
     dtype = x.dtype
     xf = _wide(x)
-    if self.cfg.normalization == "rmsnorm":
-      y = xf * self.scale(xf)
+    if sites is not None and sites.wants(name):
+      scale = self.gain() * sites(name, self.standardize(xf)[1])
     else:
-      y = (xf - jnp.mean(xf, -1, keepdims=True)) * self.scale(xf) + self.b.astype(xf.dtype)
+      scale = self.scale(xf)
+    if self.cfg.normalization == "rmsnorm":
+      y = xf * scale
+    else:
+      y = (xf - jnp.mean(xf, -1, keepdims=True)) * scale + self.b.astype(xf.dtype)
     return y.astype(dtype)
 
 

@@ -30,7 +30,7 @@ from .sites import Sites
 __all__ = ["MLP", "Attention", "Block", "KVPrefix", "LayerStart", "Norm", "Transformer",
            "activation", "embed_inputs", "forward", "init_params", "last_token_logits",
            "layers_uniform", "positions_of", "run_blocks", "sender_outputs", "site_names",
-           "stack_blocks", "ungroup_kv"]
+           "stack_blocks", "unembedding", "ungroup_kv"]
 
 Array = jax.Array
 _init = nn.initializers.normal(0.02)
@@ -74,7 +74,8 @@ class Block(nn.Module):
       ins = [sites(p + f"hook_{x}_input", a) for x, a in zip("qkv", ins, strict=True)]
       q_in, k_in, v_in = [self.ln1(a) for a in ins]
     else:
-      q_in = k_in = v_in = sites(p + "ln1.hook_normalized", self.ln1(resid_pre))
+      q_in = k_in = v_in = sites(p + "ln1.hook_normalized",
+                                 self.ln1(resid_pre, sites, p + "ln1.hook_scale"))
 
     want_result = graph is not None
     attn_out, result = self.attn(q_in, k_in, v_in, positions=positions, key_mask=key_mask,
@@ -83,7 +84,7 @@ class Block(nn.Module):
     if c.post_norms:
       if result is not None:  # post-norm is linear given its scale: split it over the heads
         result = result * self.ln1_post.scale(attn_out)[:, :, None, :].astype(result.dtype)
-      attn_out = self.ln1_post(attn_out)
+      attn_out = self.ln1_post(attn_out, sites, p + "ln1_post.hook_scale")
     attn_out = sites(p + "hook_attn_out", attn_out)
     if graph is not None:
       graph.add_senders(result)
@@ -97,10 +98,10 @@ class Block(nn.Module):
       mlp_in = mlp_resid - corr[:, :, 0]
     else:
       mlp_in = mlp_resid
-    mlp_in = sites(p + "ln2.hook_normalized", self.ln2(mlp_in))
+    mlp_in = sites(p + "ln2.hook_normalized", self.ln2(mlp_in, sites, p + "ln2.hook_scale"))
     mlp_out = self.mlp(mlp_in, sites)
     if c.post_norms:
-      mlp_out = self.ln2_post(mlp_out)
+      mlp_out = self.ln2_post(mlp_out, sites, p + "ln2_post.hook_scale")
     mlp_out = sites(p + "hook_mlp_out", mlp_out)
     if graph is not None:
       graph.add_senders(mlp_out[:, :, None, :])
@@ -184,7 +185,7 @@ class Transformer(nn.Module):
         resid = resid - graph.correction(E.n_senders(c), E.logits_receiver(c), 1)[:, :, 0]
       if sites.wants("hook_senders"):  # every sender's output in this run: [batch, pos, sender, d]
         sites("hook_senders", jnp.concatenate(graph.outputs, 2))
-    x = sites("ln_final.hook_normalized", self.ln_final(resid))
+    x = sites("ln_final.hook_normalized", self.ln_final(resid, sites, "ln_final.hook_scale"))
     W_U = self.W_E.T if c.tied_embeddings else self.W_U
     logits = _wide(x @ W_U)
     if c.unembed_bias:
@@ -275,6 +276,13 @@ def last_token_logits(cfg: ModelConfig, params: Mapping[str, Any], x: Array, las
   return logits
 
 
+def unembedding(cfg: ModelConfig, params: Mapping[str, Any]) -> Array:
+  """The unembedding W_U, Float[Array, "d_model vocab_out"] (W_E transposed when tied): the logits
+  are `ln_final.hook_normalized @ W_U` (+ `b_U`), before any `final_logit_softcap`. A model without
+  the softcap is `dataclasses.replace(cfg, final_logit_softcap=None)` with the same params."""
+  return params["W_E"].T if cfg.tied_embeddings else params["W_U"]
+
+
 def embed_inputs(cfg: ModelConfig, params: Mapping[str, Any], tokens: Array,
                  attention_mask: Array | None = None) -> Array:
   """Output of the `input` node: Float[Array, "batch pos d_model"]."""
@@ -293,13 +301,17 @@ def site_names(cfg: ModelConfig) -> list[str]:
   """Every site name the forward can expose, in execution order (optional ones included).
 
   Requesting a per-head `hook_{q,k,v}_input` switches that layer to split inputs, in which case its
-  `ln1.hook_normalized` is not visited.
+  `ln1.hook_scale` and `ln1.hook_normalized` are not visited. The norms' `hook_scale` sites (each
+  norm's inverse scale, `Norm.__call__`) exist where the norm is not the identity.
   """
+  normed = cfg.normalization != "none"
+  pre = [".hook_scale"] if normed and cfg.pre_norms else []
+  post = [".hook_scale"] if normed and cfg.post_norms else []
   names = ["hook_embed"] + (["hook_pos_embed"] if cfg.positional == "learned" else [])
   for layer in range(cfg.n_layers):
     p = f"blocks.{layer}."
     names += [p + "hook_resid_pre"] + [p + f"hook_{x}_input" for x in "qkv"]
-    names += [p + "ln1.hook_normalized"]
+    names += [p + "ln1" + s for s in pre] + [p + "ln1.hook_normalized"]
     names += [p + "attn." + s for s in ("hook_q", "hook_k", "hook_v")]
     if cfg.qk_norm != "none":
       names += [p + "attn.hook_q_normed", p + "attn.hook_k_normed"]
@@ -307,14 +319,16 @@ def site_names(cfg: ModelConfig) -> list[str]:
       names += [p + "attn.hook_rot_q", p + "attn.hook_rot_k"]
     names += [p + "attn." + s
               for s in ("hook_attn_scores", "hook_pattern", "hook_z", "hook_result")]
-    names += [p + "hook_attn_out"]
+    names += [p + "ln1_post" + s for s in post] + [p + "hook_attn_out"]
     if not cfg.parallel_attn_mlp:
       names += [p + "hook_resid_mid"]
-    names += [p + "ln2.hook_normalized", p + "mlp.hook_pre"]
+    names += [p + "ln2" + s for s in pre] + [p + "ln2.hook_normalized", p + "mlp.hook_pre"]
     if cfg.gated_mlp:
       names += [p + "mlp.hook_pre_linear"]
-    names += [p + "mlp.hook_post", p + "hook_mlp_out", p + "hook_resid_post"]
-  return names + ["ln_final.hook_normalized"]
+    names += [p + "mlp.hook_post", p + "mlp.hook_out"] + [p + "ln2_post" + s for s in post]
+    names += [p + "hook_mlp_out", p + "hook_resid_post"]
+  final = ["ln_final.hook_scale"] if normed else []
+  return names + final + ["ln_final.hook_normalized"]
 
 
 def ungroup_kv(cfg: ModelConfig, params: Mapping[str, Any]) -> tuple[ModelConfig, dict[str, Any]]:

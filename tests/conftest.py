@@ -7,15 +7,21 @@ import pathlib
 import numpy as np
 import pytest
 
+from jaxinterp.runtime import compilation_cache
+
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
 requires_shared = pytest.mark.skipif(not SHARED.exists(), reason="../shared is absent")
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# No persistent compilation cache in the tests (binaries run in-process and as subprocesses, some at
-# once: a cache shared between concurrent writers can hand a reader a half-written executable). The
-# test of --compilation_cache passes its own directory.
-os.environ["JAXINTERP_COMPILATION_CACHE"] = ""
+# One persistent compilation cache for the whole suite: the library tests in this process
+# (`pytest_configure` enables it) and every binary they start, in-process or as a subprocess, at
+# once (its entries are written atomically: `jaxinterp.runtime.compilation_cache`), and the next
+# run of the suite reads back what this one compiled. $JAXINTERP_TEST_COMPILATION_CACHE picks
+# another directory (empty: no cache). The test of --compilation_cache passes its own directory.
+TEST_CACHE = os.environ.get("JAXINTERP_TEST_COMPILATION_CACHE", os.path.join(
+    os.path.expanduser("~"), ".cache", "jaxinterp", "xla-tests"))
+os.environ["JAXINTERP_COMPILATION_CACHE"] = TEST_CACHE
 
 
 def pytest_configure(config):
@@ -25,12 +31,13 @@ def pytest_configure(config):
   what the fast tests check: they compare runs made under the same flag, or
   other implementations within tolerances. The slow suite keeps the optimised code: its
   mask-training tests follow optimisation paths whose rounding decides near-ties in the learned
-  masks. Subprocesses inherit the flag."""
-  if config.getoption("markexpr") != "not slow":
-    return
-  if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  masks. Subprocesses inherit the flag. Then the suite's persistent compilation cache is
+  enabled."""
+  if (config.getoption("markexpr") == "not slow"
+      and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", "")):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_backend_optimization_level=0").strip()
+  compilation_cache.enable(TEST_CACHE)  # the flags are part of every entry's key
 
 
 @pytest.fixture(scope="module")

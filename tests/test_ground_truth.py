@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks import check_ground_truth as C  # the repository's, not an installed package
 from jaxinterp import attribution
 from jaxinterp.circuits import Graph
 from jaxinterp.groundtruth import recovery, runner
@@ -339,3 +340,46 @@ def test_bad_settings_name_their_flag(tmp_path):
     with pytest.raises(inputs.InputError, match=re.escape(expected)):
       runner.ground_truth(config, str(out))
   assert not out.exists()
+
+
+# ------------------------------------------------------------------- the documented tables rerun
+
+
+def test_check_script_reads_the_documented_tables():
+  with open(C.DOC, encoding="utf-8") as f:
+    cells = C.parse(f.read())
+  auroc = [c for c in cells if c.level != "visible"]
+  cases = list(dict.fromkeys(c.case for c in auroc))
+  assert cases == ["reverse", "frac_prevs", "sort", "hist", "sort_freq", "pair_balance", "toy"]
+  assert {(c.level, c.intervention) for c in auroc} == {
+      (lv, iv) for lv in ("edge", "node") for iv in ("patching", "zero-all")}
+  hist_nodes = [c for c in auroc if c.case == "hist" and c.level == "node"]
+  assert hist_nodes and all(c.value is None for c in hist_nodes)  # "n/a"
+  assert len([c for c in cells if c.level == "visible"]) == 2 * len(cases)
+  doc = C.Cell("sort", "EAP", "patching", "edge", 0.714)
+  measured = {"sort": {"results": [dict(method="EAP", intervention="patching",
+                                        edge_auroc=0.7142857, n_visible_edges=7)]}}
+  assert C.compare([doc], measured, 0.001) == [(doc, 0.7142857, False)]
+  measured["sort"]["results"][0]["edge_auroc"] = 0.7166
+  assert C.compare([doc], measured, 0.001)[0][2]  # drift beyond the tolerance
+  measured["sort"]["results"][0]["edge_auroc"] = None
+  assert C.compare([doc], measured, 0.001)[0][2]  # "n/a" against a number
+
+
+@needs_tracr
+def test_check_script_reproduces_a_reduced_table():
+  """CI's share of benchmarks/check_ground_truth.py: hist's EAP and exact rows, both ablations."""
+  results, _ = C.check(C.DOC, ["hist"], ["EAP", "exact"])
+  assert len(results) == 10 and not [r for r in results if r[2]], results
+
+
+@needs_tracr
+def test_a_model_that_disagrees_with_its_program_says_so(monkeypatch, capsys):
+  TT.warn_disagreement("prog", 1.0)
+  assert capsys.readouterr().err == ""
+  monkeypatch.setattr(TT, "rasp_agreement", lambda *a, **k: 0.9375)
+  case = recovery.library_case("hist", 4)
+  err = capsys.readouterr().err
+  assert case.info["rasp_agreement"] == 0.9375
+  assert err.count("\n") == 1 and err.startswith("warning: hist: ")
+  assert "93.8% of the checked outputs" in err and "rasp_agreement 0.938 < 1" in err

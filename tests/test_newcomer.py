@@ -185,7 +185,7 @@ def test_evaluate_circuit_follows_how_the_circuit_was_found(tiny, tmp_path, caps
   assert r.returncode == 0, r.stderr[-3000:]
   assert not LOG_LINE.search(r.stderr), r.stderr[-3000:]  # orbax and absl stay quiet
   done = (found / "DONE").read_text().split()
-  assert set(done) == {"graph.json", "scores.npz", "faithfulness.csv", "circuit.png",
+  assert set(done) == {"run.json", "graph.json", "scores.npz", "faithfulness.csv", "circuit.png",
                        "faithfulness.png", "circuit.html"}
   assert set(os.listdir(found)) == set(done) | {"DONE"}  # no lock, temp file or checkpoint left
   for name in done + ["DONE"]:
@@ -215,7 +215,8 @@ def test_evaluate_circuit_follows_how_the_circuit_was_found(tiny, tmp_path, caps
   report.evaluate_circuit(report.EvaluateConfig(graph=graph, model=tiny[1], force=True,
                                                 prepend_bos=True, n_examples=4, batch_size=4),
                           forced)
-  warnings = _warnings(capsys.readouterr().err)
+  # (Other weights may not do the task: the task check's own warning is not counted here.)
+  warnings = [w for w in _warnings(capsys.readouterr().err) if "does not exceed" not in w]
   assert len(warnings) == 2
   assert "--prepend_bos=True (meta: False)" in warnings[0] and "--n_examples=4 (meta: 8)" in \
       warnings[0]

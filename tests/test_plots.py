@@ -105,3 +105,61 @@ def test_bad_inputs(tmp_path, scored_graph):
   with pytest.raises(plots.PlotError, match="cannot write"):
     plots.plot_circuit(scored_graph, str(tmp_path / "missing_dir" / "x.png"))
   assert not os.path.exists(tmp_path / "x.png")
+
+
+@pytest.fixture
+def figures(monkeypatch):
+  """The figures the plot functions would save (they are not written or closed)."""
+  saved = []
+  monkeypatch.setattr(plots, "_save", lambda fig, path: saved.append(fig))
+  yield saved
+  for fig in saved:
+    plt.close(fig)
+
+
+def test_circuit_draws_the_files_sign_with_a_legend(figures):
+  valid = Graph.from_config(CFG).valid
+  scores = np.where(valid, np.random.default_rng(4).normal(size=valid.shape), 0).astype(np.float32)
+  metric = Graph.from_config(CFG, scores, "metric").top_n(12, prune=False)
+  loss = Graph.from_config(CFG, -scores, "loss").top_n(12, prune=False)
+  for a, b in zip(plots.drawn_edges(metric), plots.drawn_edges(loss), strict=True):
+    assert np.array_equal(a, b)  # the same edges, the same signs, whatever the convention
+  s, r, v = plots.drawn_edges(metric)
+  assert np.array_equal(v, -scores[s, r]) and len(v) == 12
+  plots.plot_circuit(metric, "unused.png", title="EAP on ioi")
+  legend = figures[0].axes[0].get_legend()
+  assert legend.get_title().get_text().replace("\n", " ") == "score: " + \
+      plots.convention.DISPLAYED
+  texts = [t.get_text() for t in legend.get_texts()]
+  assert plots.POSITIVE_LABEL in texts and plots.NEGATIVE_LABEL in texts
+  colors = {p.get_edgecolor()[:3] for p in figures[0].axes[0].patches}
+  rgb = {name: plt.matplotlib.colors.to_rgb(c) for name, c in
+         (("pos", plots.POSITIVE_COLOR), ("neg", plots.NEGATIVE_COLOR))}
+  assert colors <= set(rgb.values()) and len(colors) == 2
+  assert figures[0].axes[0].get_title().startswith("EAP on ioi")
+
+
+def test_faithfulness_axis_says_what_it_counts(figures):
+  curve = FaithfulnessCurve(np.array([1, 5, 50]), np.array([1, 4, 30]), np.array([1., 5, 50]),
+                            np.array([.1, .5, .9]), np.array([.1, .5, .9]), 1.0, 0.0)
+  plots.plot_faithfulness(curve, "unused.png", title="EAP on ioi")
+  ax = figures[0].axes[0]
+  assert ax.get_xlabel() == plots.FAITHFULNESS_XLABEL and "before pruning" in ax.get_xlabel()
+  assert np.array_equal(ax.lines[0].get_xdata(), [1, 5, 50])  # requested n, not n_edges_kept
+
+
+@pytest.mark.parametrize("direction,neutral", [("noising", 1.0), ("denoising", 0.0)])
+def test_patching_heatmap_shows_the_normalised_number(figures, direction, neutral):
+  sw = patching.get_sweep("head_out")
+  v = np.array([[0.98, 0.04], [0.63, 1.7]])
+  r = patching.PatchingResult(sw, direction, v * 3, v, 3.0, 0.0, ("layer", "head"), 4)
+  grid = plots.patching_grid(r)
+  assert grid.neutral == neutral and np.array_equal(grid.values, v)
+  plots.plot_patching(r, "unused.png", title="activation patching, ioi")
+  ax = figures[0].axes[0]
+  im = ax.get_images()[0]
+  assert np.array_equal(np.asarray(im.get_array()), v)  # drawn as computed, not shifted
+  assert im.norm.vcenter == neutral and im.norm.vmin + im.norm.vmax == 2 * neutral
+  assert sorted(t.get_text() for t in ax.texts) == sorted(f"{x:.2f}" for x in v.ravel())
+  assert plots.NORMALIZED in figures[0].axes[1].get_ylabel().replace("\n", " ")
+  assert ax.get_title().startswith("activation patching, ioi: head_out")

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -316,15 +317,15 @@ def test_error_unequal_lengths_names_the_row(tmp_path, wtok):
   p = write(tmp_path, ["clean", "corrupted", "correct_idx", "incorrect_idx"],
             [["the cat", "the dog", 2, 3], ["the cat", "the dog", 2, 3],
              ["the big cat", "the dog", 2, 3]])
-  with pytest.raises(TaskError, match=r"row 2 \(line 4\).*different lengths \(3 vs 2"):
+  with pytest.raises(TaskError, match=r"First, line 4: .*different lengths \(3 vs 2"):
     tasks.load_task("ioi", p, wtok)
 
 
 def test_error_ids_outside_vocab(tmp_path, wtok):
   p = write(tmp_path, ["clean", "corrupted", "correct_idx", "incorrect_idx"],
             [["the cat", "the dog", 2, 3], ["a cat", "a dog", 2, 50256]])
-  with pytest.raises(TaskError, match=r"row 1.*'incorrect_idx'.*50256 is outside the vocabulary "
-                                      r"\(size 24\)"):
+  with pytest.raises(TaskError, match=r"line 3, column 'incorrect_idx'.*50256 is outside the "
+                                      r"vocabulary \(size 24\)"):
     tasks.load_task("ioi", p, wtok)
   ok = write(tmp_path, ["clean", "corrupted", "correct_idx", "incorrect_idx"],
              [["the dog", "the cat", 2, 3]], name="ok.csv")
@@ -333,6 +334,58 @@ def test_error_ids_outside_vocab(tmp_path, wtok):
     tasks.load_task("ioi", ok, wtok, vocab_size=5)
   with pytest.raises(TaskError, match="bos_id 99"):
     tasks.load_task("ioi", ok, wtok, bos_id=99)
+
+
+def test_error_unquoted_comma_is_a_field_count_mismatch(tmp_path, wtok):
+  p = tmp_path / "comma.csv"
+  p.write_text("clean,corrupted,correct_idx,incorrect_idx\nthe cat,the dog,2,3\n"
+               "the cat, and dog,the dog,2,3\nthe cat,the dog,2\n", encoding="utf-8")
+  with pytest.raises(TaskError) as e:
+    tasks.load_task("ioi", p, wtok)
+  msg = str(e.value)
+  assert "2 with a field count that does not match the header (lines 3, 4)" in msg
+  assert "First, line 3: the row has 5 fields but the header has 4 (too many fields)" in msg
+  assert "unquoted" in msg and "token lengths" not in msg and "\n" not in msg
+  quoted = write(tmp_path, ["clean", "corrupted", "correct_idx", "incorrect_idx"],
+                 [["the cat , and dog", "the dog , and cat", 2, 3]], name="quoted.csv")
+  assert len(tasks.load_task("ioi", quoted, wtok)) == 1  # csv.writer quotes the commas
+  ragged = tmp_path / "ragged.csv"  # trailing empty fields are no mismatch
+  ragged.write_text("clean,corrupted,correct_idx,incorrect_idx\nthe cat,the dog,2,3,,\n")
+  assert len(tasks.load_task("ioi", ragged, wtok)) == 1
+
+
+def test_rows_are_numbered_one_way_and_counts_agree(tmp_path, wtok):
+  good, bad = ["the cat", "the dog", 2, 3], ["the big cat", "the dog", 2, 3]
+  p = write(tmp_path, ["clean", "corrupted", "correct_idx", "incorrect_idx"],
+            [good, bad, good, bad, good, good, good, bad])  # lines 2..9: bad at 3, 5, 9
+  with pytest.raises(TaskError) as e:
+    tasks.load_task("ioi", p, wtok, n_examples=4)
+  err = str(e.value)
+  assert "2 of the first 4 (of 8) rows cannot be used" in err and "(lines 3, 5)" in err
+  ds = tasks.load_task("ioi", p, wtok, n_examples=4, skip_bad_rows=True)
+  assert len(ds) == 4  # lines 2, 4, 6, 7: the skipped rows are the two the error names
+  assert "2 of the first 6 (of 8) rows cannot be used" in ds.skipped_summary
+  assert "(lines 3, 5)" in ds.skipped_summary and len(ds.skipped) == 2
+  assert all(re.search(r": line \d+: ", m) for m in ds.skipped)  # the summary's numbering
+  every = tasks.load_task("ioi", p, wtok, skip_bad_rows=True)
+  assert "3 of 8 rows cannot be used" in every.skipped_summary and "lines 3, 5, 9" in \
+      every.skipped_summary
+  rows = [dict(zip(["clean", "corrupted", "correct_idx", "incorrect_idx"], r, strict=True))
+          for r in (good, bad)]
+  with pytest.raises(TaskError, match=r"1 of 2 rows cannot be used: .*\(row 1\)\. First, row 1: "):
+    tasks.from_rows("ioi", rows, wtok)
+
+
+def test_unknown_task_suggests_the_registered_spelling():
+  with pytest.raises(TaskError, match=r"unknown task 'logit_diff' \(did you mean 'logit-diff'\?\)"):
+    tasks.get_task("logit_diff")
+  with pytest.raises(TaskError, match=r"did you mean 'greater-than'"):
+    tasks.get_task("Greater_Than")
+  with pytest.raises(TaskError) as e:
+    tasks.get_task("zzz")
+  assert "did you mean" not in str(e.value) and "known tasks" in str(e.value)
+  with pytest.raises(TaskError, match=r"did you mean 'logit_diff'"):
+    tasks.with_metric(tasks.get_task("ioi"), "logitdiff")
 
 
 def test_error_empty_and_header_only(tmp_path, wtok):
@@ -355,7 +408,7 @@ def test_error_non_utf8(tmp_path, wtok):
 
 def test_error_bad_values(tmp_path, wtok):
   hdr = ["clean", "corrupted", "correct_idx", "incorrect_idx"]
-  with pytest.raises(TaskError, match=r"row 0.*'correct_idx'.*expected an integer"):
+  with pytest.raises(TaskError, match=r"line 2, column 'correct_idx'.*expected an integer"):
     tasks.load_task("ioi", write(tmp_path, hdr, [["the cat", "the dog", "cat", 3]]), wtok)
   with pytest.raises(TaskError, match="negative"):
     tasks.load_task("ioi", write(tmp_path, hdr, [["the cat", "the dog", -2, 3]]), wtok)

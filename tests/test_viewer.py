@@ -18,11 +18,10 @@ import time
 import numpy as np
 import pytest
 
-from jaxinterp.viz import viewer
-from jaxinterp.circuits import Graph, GraphShape, MIB_PERCENTAGES, n_edges_at_percentage
+from jaxinterp.circuits import MIB_PERCENTAGES, Graph, GraphShape, n_edges_at_percentage
 from jaxinterp.models import ModelConfig
 from jaxinterp.runtime import inputs
-from jaxinterp.viz import page
+from jaxinterp.viz import page, viewer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPT2_SMALL = ModelConfig(family="gpt2", d_model=768, n_layers=12, n_heads=12, d_head=64, d_mlp=3072,
@@ -109,9 +108,11 @@ def test_page_data_lists_edges_as_prefixes(small_graph):
   assert list(e["entry"]) == sorted(e["entry"])
   for n in (0, 3, 12, 40, g.n_edges):
     k = int(np.searchsorted(e["entry"], n, side="right"))
-    names = {f"{d['nodes'][s]}->{d['receiver_names'][r]}" for s, r in zip(e["s"][:k], e["r"][:k])}
+    names = {f"{d['nodes'][s]}->{d['receiver_names'][r]}" for s, r in
+             zip(e["s"][:k], e["r"][:k], strict=True)}
     c = g.top_n(n)
-    assert names == {c.edge_name(int(s), int(r)) for s, r in zip(*np.nonzero(c.in_graph))}
+    assert names == {c.edge_name(int(s), int(r)) for s, r in
+                     zip(*np.nonzero(c.in_graph), strict=True)}
   ranked = [name for name, _ in g.ranked_edges()]
   for i in range(0, g.n_edges, 7):
     name = f"{d['nodes'][e['s'][i]]}->{d['receiver_names'][e['r'][i]]}"
@@ -318,7 +319,8 @@ def _open(driver, path):
 
 def _drawn(driver):
   return driver.execute_script(
-      "const g = document.getElementById('edges'); return [+document.getElementById('size-n').value,"
+      "const g = document.getElementById('edges');"
+      " return [+document.getElementById('size-n').value,"
       " g.querySelectorAll('path').length, +g.dataset.count, +g.dataset.n];")
 
 
@@ -442,7 +444,10 @@ def test_screenshot_is_not_blank(browser, small_page, tmp_path):
   not_white = (img < 0.9).any(axis=-1).mean()
   assert not_white > 0.03, not_white
   blue, red = np.array([0x1f, 0x5f, 0xb4]) / 255, np.array([0xc4, 0x30, 0x2b]) / 255
-  near = lambda c: (np.abs(img - c).max(axis=-1) < 0.12).sum()
+
+  def near(c):
+    return (np.abs(img - c).max(axis=-1) < 0.12).sum()
+
   assert near(blue) + near(red) > 50  # edges are drawn, in their sign colours
 
 

@@ -18,6 +18,10 @@ file written by jaxinterp before the key existed (its meta has `jaxinterp_versio
 A metric-convention score relates to the EAP-IG package's own number on the same examples as
 `eap = -score / batch_size` for its gradient methods (it sums the per-batch means of its loss) and
 `eap = -score` for exact patching; files hold `-score` (our units, EAP-IG's sign).
+
+What a user sees (plots, the HTML viewer, the console) is always in the files' sign, whatever the
+in-memory convention: `displayed(scores, convention)` turns scores into it, and `DISPLAYED` is the
+one line that says so in a legend.
 """
 
 from __future__ import annotations
@@ -25,11 +29,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 KEY = "score_convention"
 METRIC = "metric"
 LOSS = "loss"
 CONVENTIONS = (METRIC, LOSS)
 _LOSS_METRICS = ("kl", "js", "cross-entropy")
+DISPLAYED = "higher = more important (graph.json's sign, as EAP-IG and MIB)"
+"""What displayed scores mean, for legends and console headers (`displayed`)."""
 
 
 def check(convention: str) -> str:
@@ -58,3 +66,17 @@ def for_task(task: Any) -> str:
 def importance_sign(convention: str) -> float:
   """+1 or -1: `importance = sign * score` is higher for more important edges."""
   return -1.0 if check(convention) == METRIC else 1.0
+
+
+def displayed(scores, score_convention: str):
+  """Scores in the sign that plots, the viewer, the console and graph.json show: higher = more
+  important (`DISPLAYED`). Negated in the `metric` convention, unchanged in the `loss` one, and
+  computed as `circuits.io` writes graph.json (`score * sign + 0`, so no `-0.0`): a displayed score
+  equals the file's bit for bit.
+
+  scores: a number or an array (Float[ndarray, "..."]); the same type and dtype come back.
+  """
+  sign = importance_sign(score_convention)
+  if isinstance(scores, np.ndarray):
+    return scores * scores.dtype.type(sign) + scores.dtype.type(0)
+  return scores * sign + 0.0

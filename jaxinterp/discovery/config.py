@@ -32,6 +32,8 @@ class FindCircuitConfig:
     prepend_bos: prepend BOS as TransformerLens does.
     seed: seed of generated data, of the bootstrap's resampling and of mask training.
     skip_bad_rows: leave out unusable rows of `data` instead of stopping at them.
+    filter: "none", or "correct": keep only the rows the model gets right (clean metric above the
+      corrupted one, by the task's own metric: `evaluation.task_check`).
     metric: "task" (the task's default) or a name in `tasks.METRICS`.
     method: a name in `attribution.METHODS`, or an ensemble "A+B".
     options: the method's options given, by name (`Method.make_options`: "level", "remat",
@@ -64,6 +66,7 @@ class FindCircuitConfig:
   prepend_bos: bool = True
   seed: int = 0
   skip_bad_rows: bool = False
+  filter: str = "none"
   metric: str = "task"
   method: str = "EAP-IG-inputs"
   options: Mapping[str, Any] = dataclasses.field(default_factory=dict)

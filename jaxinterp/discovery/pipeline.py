@@ -2,11 +2,16 @@
 
 The library form of `experiments/find_circuit.py` (which builds a `FindCircuitConfig` from its
 flags and calls this): load the model and the task's data, optionally shard over a device mesh,
+check that the model does the task (`evaluation.task_check`: the clean and corrupted metric, the
+fraction of rows it gets right, top-1 accuracy; `filter="correct"` keeps the right rows only),
 learn optimal-ablation constants if asked, attribute with resumable checkpoints
 (`attribution.Checkpointer` under `out/.resume`), select the circuit, compute its faithfulness
 curve and write the outputs (and an MIB submission), printing a short report.
 
 Bad input is an `inputs.InputError` with one line naming the flag (the config field) at fault.
+`out` is a run directory (`files.RunDir` with this run's `RunRecord`): a directory holding another
+binary's outputs, or a finished run with other settings, is refused unless `overwrite`; a finished
+run with the same settings is reported "already complete" and left untouched.
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ from jaxinterp.attribution import bootstrap, optimal
 from jaxinterp.circuits import convention
 from jaxinterp.discovery.config import FindCircuitConfig, record
 from jaxinterp.evaluation import faithfulness as V
-from jaxinterp.evaluation import levels
-from jaxinterp.runtime import files, inputs, sharding, timing
+from jaxinterp.evaluation import levels, task_check
+from jaxinterp.runtime import compilation_cache, files, inputs, sharding, timing
 from jaxinterp.viz import plots, viewer
 
+BINARY = "find_circuit"  # the run record's binary
+HEADLINE = ("method", "task", "model", "n_examples")  # the settings naming a run in messages
 RESUME_DIR = ".resume"
 OUTPUTS = ("graph.json", "scores.npz", "faithfulness.csv", "circuit.png", "faithfulness.png",
            "circuit.html")
@@ -76,33 +83,51 @@ def check(config: FindCircuitConfig) -> A.Options:
     raise inputs.InputError("--mib_out writes edge scores: it needs --level=edge")
   if config.selection != "top_n" and options.level != "edge":
     raise inputs.InputError(f"--selection={config.selection} selects edges; use --level=edge")
+  if config.filter not in task_check.FILTERS:
+    raise inputs.InputError(f"--filter={config.filter}: choose from "
+                            f"{', '.join(task_check.FILTERS)}")
   return options
 
 
-def find_circuit(config: FindCircuitConfig, out: str) -> dict:
+def run_record(config: FindCircuitConfig) -> files.RunRecord:
+  """The run's record in `out/run.json`: `record(config)` and the digest of the data file."""
+  return files.RunRecord(BINARY, dict(record(config), data_sha256=inputs.file_digest(config.data)),
+                         HEADLINE)
+
+
+def find_circuit(config: FindCircuitConfig, out: str, *, overwrite: bool = False) -> dict:
   """Run `config`, writing to the directory `out` (held for the run: a second run on it is refused,
-  and `DONE` is written after every output).
+  and `DONE` is written after every output). A directory holding another binary's outputs or a
+  finished run with other settings is refused unless `overwrite` (which also drops a checkpoint);
+  one holding this finished run is left untouched.
 
   Returns the summary: top_edges [(name, score)], faithfulness, n_edges (selected), level,
-  n_edges_kept, n_nodes, m_full, m_empty, seconds, attribution_seconds, out, phase_seconds.
+  n_edges_kept, n_nodes, m_full, m_empty, seconds, attribution_seconds, out, phase_seconds,
+  task_check; for a run already complete, {"out", "complete": True} and graph.json's meta.
   """
   options = check(config)
-  with _hold(out) as held, timing.Phases(PHASES) as phases:
-    return _run(config, options, held, phases)
+  run = run_record(config)
+  with _hold(out, run, overwrite) as held:
+    if held.complete:
+      inputs.already_complete(out, run)
+      return dict(inputs.read_meta(os.path.join(out, "graph.json")), out=out, complete=True)
+    with timing.Phases(PHASES) as phases:
+      return _run(config, options, held, phases, overwrite)
 
 
 @contextlib.contextmanager
-def _hold(out: str) -> Iterator[files.RunDir]:
+def _hold(out: str, run: files.RunRecord, overwrite: bool) -> Iterator[files.RunDir]:
   try:
-    with inputs.run_dir(out) as held:
+    with inputs.run_dir(out, record=run, overwrite=overwrite) as held:
       yield held
   except A.AttributionError as e:  # what the library below says of bad input, as one line
     raise inputs.InputError(str(e)) from None
 
 
 def _run(config: FindCircuitConfig, options: A.Options, held: files.RunDir,
-         phases: timing.Phases) -> dict:
+         phases: timing.Phases, overwrite: bool) -> dict:
   t0 = time.time()
+  cache0 = compilation_cache.stats()
   phases.start("load")
   out = held.path
   method = A.get_method(config.method)
@@ -110,6 +135,8 @@ def _run(config: FindCircuitConfig, options: A.Options, held: files.RunDir,
   dataset = inputs.load_dataset(model, config.model, config.task, config.data, config.n_examples,
                                 config.prepend_bos, config.seed, skip_bad_rows=config.skip_bad_rows,
                                 mib_split=config.mib_split)
+  dataset, checked = task_check.check_and_filter(model.cfg, model.params, dataset, config.filter,
+                                                 batch_size=config.batch_size)
   dataset = dataclasses.replace(dataset, task=tasks.with_metric(dataset.task, config.metric))
   mhash, dhash = inputs.model_hash(model), inputs.dataset_hash(dataset)
   n_batches = -(-len(dataset) // config.batch_size)
@@ -117,6 +144,8 @@ def _run(config: FindCircuitConfig, options: A.Options, held: files.RunDir,
   if method.checkpoints_always or n_batches > config.checkpoint_batches:
     ckpt = A.Checkpointer(os.path.join(out, RESUME_DIR),
                           dict(record(config), model_hash=mhash, data_hash=dhash))
+  if ckpt and overwrite:
+    ckpt.clear()  # --overwrite starts over
   resume = ckpt.load() if ckpt else None
   if resume is not None:
     print(f"resuming from checkpoint: batch {resume.next_batch} of {n_batches}")
@@ -162,6 +191,7 @@ def _run(config: FindCircuitConfig, options: A.Options, held: files.RunDir,
                                       score_convention=conv, intervention=config.intervention,
                                       batch_size=config.batch_size, ablation=ablation)
   faith = float(curve.faithfulness[sizes.index(n_sel)])
+  task_check.warn_empty(checked, curve.m_full, curve.m_empty, dataset.task.higher_is_better)
   if own is not None:  # the method's circuit itself, not the top-n by score
     m_own = V.evaluate_circuits(model.cfg, model.params, dataset, circuit.edge_weights(),
                                 batch_size=config.batch_size, quiet=True,
@@ -187,7 +217,7 @@ def _run(config: FindCircuitConfig, options: A.Options, held: files.RunDir,
           "data_path": os.path.abspath(config.data) if config.data else None, "data_hash": dhash,
           "n_examples": len(dataset), "top_n": n_sel, "clean_metric": result.clean_metric,
           "faithfulness": faith, "m_full": curve.m_full, "m_empty": curve.m_empty,
-          convention.KEY: conv}
+          "task_check": checked, convention.KEY: conv, **_optimal_settings(config, ablation)}
   if boot is not None:
     meta["bootstrap"] = boot
   if level != "edge":  # drawings rank edges: by their sender's node score at node/neuron level
@@ -212,7 +242,8 @@ def _run(config: FindCircuitConfig, options: A.Options, held: files.RunDir,
     viewer.write_html(shown.replace(meta=meta), os.path.join(out, "circuit.html"),
                       curve=curve if level == "edge" else None, title=title,
                       n=n_sel if level == "edge" else circuit.count_edges())
-    meta.update(phase_seconds=phases.snapshot(), compile_seconds=phases.compile_by_kind)
+    meta.update(phase_seconds=phases.snapshot(), compile_seconds=phases.compile_by_kind,
+                compilation_cache=compilation_cache.since(cache0))
     circuit.to_json(os.path.join(out, "graph.json"), meta=meta)  # last: its meta holds the times
   if ckpt:
     ckpt.clear()
@@ -224,7 +255,8 @@ def _run(config: FindCircuitConfig, options: A.Options, held: files.RunDir,
   summary = {"top_edges": top, "faithfulness": faith, "n_edges": n_sel, "level": level,
              "n_edges_kept": circuit.count_edges(), "n_nodes": circuit.count_nodes(),
              "m_full": curve.m_full, "m_empty": curve.m_empty, "seconds": time.time() - t0,
-             "attribution_seconds": t_attr, "out": out, "phase_seconds": phases.snapshot()}
+             "attribution_seconds": t_attr, "out": out, "phase_seconds": phases.snapshot(),
+             "task_check": checked}
   print(f"\n{config.method} ({config.intervention}) on {config.task}, {len(dataset)} examples, "
         f"model {config.model}: {n_total} {level}s")
   print(f"clean metric {curve.m_full:.4f}, empty circuit {curve.m_empty:.4f}")
@@ -242,6 +274,15 @@ def _run(config: FindCircuitConfig, options: A.Options, held: files.RunDir,
   print(f"wrote {out}/{', '.join(outputs)} ({summary['seconds']:.1f} s)")
   print(f"phases: {phases.line()}")
   return summary
+
+
+def _optimal_settings(config: FindCircuitConfig, ablation: A.Ablation | None) -> dict:
+  """Optimal ablation's options, whole, when this run trained its constants (else {})."""
+  if ablation is None or config.optimal_values:
+    return {}
+  opts = optimal.OptimalOptions(oa_batch=config.batch_size, **config.optimal)
+  return {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("progress", "level",
+                                                                          "remat")}
 
 
 def _mesh(config: FindCircuitConfig, model: models.Model):

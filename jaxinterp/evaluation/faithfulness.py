@@ -208,8 +208,9 @@ class FaithfulnessCurve:
   m_empty: float
 
   def rows(self) -> list[dict]:
-    return [dict(n_edges=int(n), n_edges_kept=int(k), percentage=float(p), metric=float(m),
-                 faithfulness=float(f))
+    """One dict per circuit size (`faithfulness.csv`'s rows); floats `+ 0.0`, so never `-0.0`."""
+    return [dict(n_edges=int(n), n_edges_kept=int(k), percentage=float(p) + 0.0,
+                 metric=float(m) + 0.0, faithfulness=float(f) + 0.0)
             for n, k, p, m, f in zip(self.n_edges, self.n_edges_kept, self.percentages, self.metric,
                                      self.faithfulness, strict=True)]
 

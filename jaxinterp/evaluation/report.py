@@ -2,9 +2,13 @@
 
 `evaluate_circuit(config, out)` loads the model and a graph.json (ours or the PyTorch EAP-IG's),
 takes the settings its `meta` records for those `config` leaves unset, refuses a model whose weights
-differ from the recorded hash (unless `force`), and writes under `out`: `evaluation.json` (the
-numbers of `evaluate`, and MIB's protocol with `protocol="mib"`), `faithfulness.csv` and `.png`
-(the |score| curve at MIB's percentages), `circuit.png` and `circuit.html`, then `DONE`.
+differ from the recorded hash (unless `force`), checks that the model does the task
+(`task_check`, applying the `filter` the circuit was found with) and writes under `out`
+(default: `evaluation/` beside the graph): `evaluation.json` (the numbers of `evaluate`, the task
+check, and MIB's protocol with `protocol="mib"`), `faithfulness.csv` and `.png` (the |score| curve
+at MIB's percentages), `circuit.png` and `circuit.html`, then `DONE`. `out` is a run directory of
+its own: one holding another binary's outputs (the graph's own run) or an evaluation with other
+settings is refused unless `overwrite`; the same evaluation, finished, is left untouched.
 
 `evaluate` holds the numbers: the circuit's faithfulness `(m(C) - m(empty)) / (m(full) - m(empty))`
 (`circuits.normalized_faithfulness`), the |score| curve (`faithfulness.faithfulness_curve`), MIB's
@@ -14,6 +18,7 @@ CPR and CMD (`faithfulness.mib_scores`), and the edge and node IoU with a second
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import numpy as np
@@ -21,7 +26,7 @@ import numpy as np
 from jaxinterp import circuits as G
 from jaxinterp import tasks
 from jaxinterp.attribution import INTERVENTIONS, AttributionError, make_ablation
-from jaxinterp.evaluation import faithfulness
+from jaxinterp.evaluation import faithfulness, task_check
 from jaxinterp.models import Model
 from jaxinterp.runtime import files, inputs
 from jaxinterp.viz import plots, viewer
@@ -29,8 +34,11 @@ from jaxinterp.viz import plots, viewer
 # The settings read from graph.json's meta (how the circuit was found) when a config leaves them
 # None, and their defaults when the meta records none.
 META_DEFAULTS = dict(model="toy", task="induction", data=None, metric="task", prepend_bos=True,
-                     intervention="patching", seed=0, n_examples=64, skip_bad_rows=False)
-DATA_SETTINGS = ("task", "data", "prepend_bos", "seed", "n_examples", "skip_bad_rows")
+                     intervention="patching", seed=0, n_examples=64, skip_bad_rows=False,
+                     filter="none")
+DATA_SETTINGS = ("task", "data", "prepend_bos", "seed", "n_examples", "skip_bad_rows", "filter")
+BINARY = "evaluate_circuit"
+OUT_DIR = "evaluation"  # the default output directory, beside the graph
 OUTPUTS = ("evaluation.json", "faithfulness.csv", "faithfulness.png", "circuit.png", "circuit.html")
 
 
@@ -60,6 +68,7 @@ class EvaluateConfig:
   seed: int | None = None  # seed of generated data
   n_examples: int | None = None
   skip_bad_rows: bool | None = None
+  filter: str | None = None  # "correct": only the rows the model gets right (`task_check`)
 
 
 def _load_graph(path: str, cfg, what: str) -> G.Graph:
@@ -131,8 +140,31 @@ def _settings(config: EvaluateConfig, meta: dict, name: str) -> dict:
                             f"{', '.join(INTERVENTIONS)}")
   if run["metric"] not in tasks.METRICS:
     raise inputs.InputError(f"--metric={run['metric']}: choose from {', '.join(tasks.METRICS)}")
+  if run["filter"] not in task_check.FILTERS:
+    raise inputs.InputError(f"--filter={run['filter']}: choose from "
+                            f"{', '.join(task_check.FILTERS)}")
+  checked = meta.get("task_check")
+  if config.n_examples is None and run["filter"] != "none" and isinstance(checked, dict) and \
+      isinstance(checked.get("n_rows"), int):  # the rows loaded before the filter kept meta's
+    run["n_examples"] = checked["n_rows"]
   inputs.positive("n_examples", run["n_examples"])
   return run
+
+
+def default_out(graph: str) -> str:
+  """Where an evaluation of `graph` goes by default: `evaluation/` beside it."""
+  return os.path.join(os.path.dirname(os.path.abspath(graph)), OUT_DIR)
+
+
+def run_record(config: EvaluateConfig) -> files.RunRecord:
+  """The evaluation's record in `out/run.json`: the config and its input files' digests."""
+  paths = {k: os.path.abspath(getattr(config, k)) for k in ("graph", "compare", "data")
+           if getattr(config, k)}  # however they are spelled
+  return files.RunRecord(BINARY, dict(dataclasses.asdict(config), **paths,
+                                      graph_sha256=inputs.file_digest(config.graph),
+                                      compare_sha256=inputs.file_digest(config.compare),
+                                      data_sha256=inputs.file_digest(config.data)),
+                         ("graph", "top_n", "protocol"))
 
 
 def _print(summary: dict, name: str, compare: str | None, out: str) -> None:
@@ -154,9 +186,11 @@ def _print(summary: dict, name: str, compare: str | None, out: str) -> None:
   print(f"wrote {os.path.join(out, 'evaluation.json')}")
 
 
-def evaluate_circuit(config: EvaluateConfig, out: str) -> dict:
-  """Evaluate `config.graph` and write the report under `out` (see the module docstring); prints
-  a summary and returns `evaluation.json`'s contents. Bad input raises `inputs.InputError`."""
+def evaluate_circuit(config: EvaluateConfig, out: str | None = None, *,
+                     overwrite: bool = False) -> dict:
+  """Evaluate `config.graph` and write the report under `out` (default `default_out(graph)`; see
+  the module docstring); prints a summary and returns `evaluation.json`'s contents (for an
+  evaluation already complete there, those read back). Bad input raises `inputs.InputError`."""
   batch_size, top_n = inputs.positive("batch_size", config.batch_size), config.top_n
   if top_n is not None:
     inputs.positive("top_n", top_n, 0)
@@ -166,7 +200,13 @@ def evaluate_circuit(config: EvaluateConfig, out: str) -> dict:
   name = os.path.basename(config.graph)
   meta = inputs.read_meta(config.graph)
   run = _settings(config, meta, name)
-  with inputs.run_dir(out) as held:
+  out = out or default_out(config.graph)
+  record = run_record(config)
+  with inputs.run_dir(out, record=record, overwrite=overwrite) as held:
+    if held.complete:
+      inputs.already_complete(out, record)
+      with open(os.path.join(out, "evaluation.json")) as f:
+        return json.load(f)
     model = inputs.load_model(run["model"])
     graph = _load_graph(config.graph, model.cfg, "--graph")
     compare = _load_graph(config.compare, model.cfg, "--compare") if config.compare else None
@@ -174,6 +214,8 @@ def evaluate_circuit(config: EvaluateConfig, out: str) -> dict:
     dataset = inputs.load_dataset(model, run["model"], run["task"], run["data"], run["n_examples"],
                                   run["prepend_bos"], run["seed"], run["skip_bad_rows"],
                                   mib_split=config.mib_split)
+    dataset, checked = task_check.check_and_filter(model.cfg, model.params, dataset,
+                                                   run["filter"], batch_size=batch_size)
     if meta.get("data_hash") and all(getattr(config, k) is None for k in DATA_SETTINGS) and \
         inputs.dataset_hash(dataset) != meta["data_hash"]:
       inputs.warn(f"the examples differ from those {name} was found with (its meta's data_hash); "
@@ -190,6 +232,9 @@ def evaluate_circuit(config: EvaluateConfig, out: str) -> dict:
             batch_size=batch_size)
     except (AttributionError, G.GraphError, tasks.TaskError) as e:
       raise inputs.InputError(str(e)) from None
+    task_check.warn_empty(checked, summary["metric_full"], summary["metric_empty"],
+                          dataset.task.higher_is_better)
+    summary["task_check"] = checked
     summary["graph"] = os.path.abspath(config.graph)
     summary["settings"] = {k: run[k] for k in META_DEFAULTS}
     if config.compare:

@@ -69,6 +69,7 @@ def tracr_case(name: str, assembled, program=None, n_examples: int = 16, seed: i
               output="categorical" if model.encoding.categorical else "numerical")
   if program is not None:
     info["rasp_agreement"] = tracr_tasks.rasp_agreement(program, model, data)
+    tracr_tasks.warn_disagreement(name, info["rasp_agreement"])
   return Case(name, model.cfg, model.params, truth, data, {}, info)
 
 

@@ -13,6 +13,7 @@ model.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Callable, Sequence
 
@@ -107,9 +108,19 @@ def _report(r: recovery.MethodResult) -> None:
         f"node AUROC {fmt(r.scores['node_auroc'])}  ({r.seconds:.1f} s)", flush=True)
 
 
-def ground_truth(config: GroundTruthConfig, out: str) -> dict:
+def run_record(config: GroundTruthConfig) -> files.RunRecord:
+  """The run's record in `out/run.json`: the config, whole, and the program file's digest."""
+  program = (config.program or "").rpartition(":")[0] or None
+  return files.RunRecord("ground_truth", dict(dataclasses.asdict(config),
+                                              program_sha256=inputs.file_digest(program)),
+                         ("program", "builtin", "methods"))
+
+
+def ground_truth(config: GroundTruthConfig, out: str, *, overwrite: bool = False) -> dict:
   """Run the cases (see the module docstring), print each result and the table, and return
-  `auroc.json`'s contents. Bad input raises `inputs.InputError` before anything is written."""
+  `auroc.json`'s contents (with the config, whole, as every graph's meta has it). Bad input raises
+  `inputs.InputError` before anything is written; an `out` holding other outputs is refused unless
+  `overwrite`, and this run, finished, is left as it is."""
   methods = _names("methods", config.methods, tuple(attribution.METHODS))
   ivs = _names("interventions", config.interventions, INTERVENTIONS)
   n = inputs.positive("n_examples", config.n_examples)
@@ -118,25 +129,40 @@ def ground_truth(config: GroundTruthConfig, out: str) -> dict:
   cases = _cases(config, _position(config.position), n)
   first = cases[0][1]() if cases[0][0] is None else None  # a program: fail before writing
   entries, written = {}, []
-  with inputs.run_dir(out) as held, held.writing(written):  # DONE checks `written` at the end
-    for name, make in cases:
-      try:
-        case = first if name is None else make()
-      except tracr_tasks.ProgramError as e:  # e.g. --position past a built-in program's length
-        raise inputs.InputError(f"{name}: {e}") from None
-      sub = out if name is None else os.path.join(out, name)
-      print(f"{case.name}: {case.info.get('n_layers')} layers, {case.info.get('n_heads')} heads, "
-            f"{int(case.truth.in_graph.sum())} true edges of {int(case.truth.valid.sum())}",
-            flush=True)
-      results = recovery.benchmark(case, methods, ivs, ig_steps, batch, on_result=_report)
-      meta = {"methods": methods, "interventions": ivs, "seed": config.seed,
-              "ig_steps": ig_steps}
-      rel = recovery.write_case(case, results, sub, meta)
-      written += rel if name is None else [os.path.join(name, p) for p in rel]
-      entries[case.name] = recovery.summary(case, results)
-    doc = {"programs": entries}
-    files.atomic_write_json(os.path.join(out, "auroc.json"), doc)
-    written.append("auroc.json")
+  record = run_record(config)
+  with inputs.run_dir(out, record=record, overwrite=overwrite) as held:
+    if held.complete:
+      inputs.already_complete(out, record)
+      with open(os.path.join(out, "auroc.json")) as f:
+        return json.load(f)
+    with held.writing(written):  # DONE checks `written` at the end
+      _run_cases(config, cases, first, methods, ivs, (ig_steps, batch), out, entries, written)
+  doc = {"programs": entries, "config": dataclasses.asdict(config)}
   print(recovery.table(entries))
   print(f"wrote {out}/auroc.json")
   return doc
+
+
+def _run_cases(config: GroundTruthConfig, cases: list, first: recovery.Case | None,
+               methods: list[str], ivs: list[str], sizes: tuple[int, int], out: str,
+               entries: dict, written: list[str]) -> None:
+  """Run and write each case, then `auroc.json` (filling `entries` and `written`)."""
+  ig_steps, batch = sizes
+  for name, make in cases:
+    try:
+      case = first if name is None else make()
+    except tracr_tasks.ProgramError as e:  # e.g. --position past a built-in program's length
+      raise inputs.InputError(f"{name}: {e}") from None
+    sub = out if name is None else os.path.join(out, name)
+    print(f"{case.name}: {case.info.get('n_layers')} layers, {case.info.get('n_heads')} heads, "
+          f"{int(case.truth.in_graph.sum())} true edges of {int(case.truth.valid.sum())}",
+          flush=True)
+    results = recovery.benchmark(case, methods, ivs, ig_steps, batch, on_result=_report)
+    meta = {"methods": methods, "interventions": ivs, "seed": config.seed,
+            "ig_steps": ig_steps, "config": dataclasses.asdict(config)}
+    rel = recovery.write_case(case, results, sub, meta)
+    written.extend(rel if name is None else [os.path.join(name, p) for p in rel])
+    entries[case.name] = recovery.summary(case, results)
+  doc = {"programs": entries, "config": dataclasses.asdict(config)}
+  files.atomic_write_json(os.path.join(out, "auroc.json"), doc)
+  written.append("auroc.json")

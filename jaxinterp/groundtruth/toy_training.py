@@ -253,15 +253,26 @@ def evaluate(cfg, params, max_block: int, min_block: int, seed: int, n_batches: 
   return float(np.mean([o[0] for o in out])), float(np.mean([o[1] for o in out]))
 
 
-def train_toy_model(c: ToyTrainConfig, out: str) -> dict:
-  """Train, find the two heads and write the model and `toy_metadata.json` under `out` (see the
-  module docstring); prints a summary and returns the metadata. Bad settings raise `TrainError`, a
-  bad `out` an `inputs.InputError`."""
+def run_record(c: ToyTrainConfig) -> files.RunRecord:
+  """The run's record in `out/run.json`: the config, whole."""
+  return files.RunRecord("train_toy_model", dataclasses.asdict(c), ("steps", "seed"))
+
+
+def train_toy_model(c: ToyTrainConfig, out: str, *, overwrite: bool = False) -> dict:
+  """Train, find the two heads and write the model and `toy_metadata.json` (with the config,
+  whole) under `out` (see the module docstring); prints a summary and returns the metadata. Bad
+  settings raise `TrainError`, a bad `out` an `inputs.InputError`; an `out` holding other outputs
+  is refused unless `overwrite`, and this run, finished, is left as it is."""
   cfg = make_config(c)
   if os.path.realpath(out) == os.path.realpath(toy.TOY_MODEL_DIR) and not c.overwrite_bundled:
     raise inputs.InputError(f"--out={out} is the bundled model's directory; choose another "
                             f"(e.g. runs/toy_model), or pass --overwrite_bundled to replace it")
-  with inputs.run_dir(out) as out_dir:
+  record = run_record(c)
+  # --overwrite_bundled says to replace the bundled model, whatever its directory holds.
+  with inputs.run_dir(out, record=record, overwrite=overwrite or c.overwrite_bundled) as out_dir:
+    if out_dir.complete:
+      inputs.already_complete(out, record)
+      return toy.toy_metadata(out)
     logging.info("config: %s", cfg)
     t0 = time.time()
     params, history = train(cfg, c.steps, c.seed, c.batch_size, c.seq_len, c.min_seq_len, c.lr,
@@ -279,6 +290,7 @@ def train_toy_model(c: ToyTrainConfig, out: str) -> dict:
                        "(random prefix and gap); head scores are measured on BOS r_1..r_n "
                        "r_1..r_n rows",
         "flags": {name: getattr(c, name) for name in RECORDED},
+        "config": dataclasses.asdict(c),
         "n_tokens": c.n_tokens,
         "bos_id": c.n_tokens,
         "block_len": c.eval_block_len,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -289,3 +290,14 @@ def rasp_agreement(program, model: T.TracrModel, dataset: Dataset, limit: int = 
     else:
       ok += want is not None and abs(float(got) - float(want)) < 1e-3
   return ok / rows
+
+
+def warn_disagreement(name: str, agreement: float) -> None:
+  """One warning line on stderr when the compiled model disagrees with its RASP program on some of
+  the checked outputs (`rasp_agreement` < 1): its true circuit then computes something else than
+  the program on those inputs, so recovery is measured against the model, not the program."""
+  if agreement < 1:
+    print(f"warning: {name}: the compiled model's output equals the RASP program's on "
+          f"{agreement:.1%} of the checked outputs (rasp_agreement {agreement:.3f} < 1; tracr's "
+          f"MLPs approximate numerical and categorical maps); the truth and the AUROCs are the "
+          f"compiled model's", file=sys.stderr, flush=True)

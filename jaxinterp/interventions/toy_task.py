@@ -223,13 +223,24 @@ def _illusion(cfg, params, config: DASConfig, train: dict, held: dict) -> dict:
   return {"site": site, "position": 2, **rep}
 
 
-def train_das(config: DASConfig, out: str) -> dict:
-  """Run the experiment (see the module docstring) and write under `out`: `iia.json`, `iia.csv`,
-  the trained interventions `das_{site}_pos{position}` and the heatmap (`das_iia.png` unless
-  `config.png`), then `DONE`. Prints progress and returns `iia.json`'s contents. Bad input raises
-  `inputs.InputError`."""
+def run_record(config: DASConfig) -> files.RunRecord:
+  """The run's record in `out/run.json`: the config, whole."""
+  return files.RunRecord("train_das", dataclasses.asdict(config), ("p", "k", "seed"))
+
+
+def train_das(config: DASConfig, out: str, *, overwrite: bool = False) -> dict:
+  """Run the experiment (see the module docstring) and write under `out`: `iia.json` (with the
+  config, whole), `iia.csv`, the trained interventions `das_{site}_pos{position}` and the heatmap
+  (`das_iia.png` unless `config.png`), then `DONE`. Prints progress and returns `iia.json`'s
+  contents. Bad input raises `inputs.InputError`; an `out` holding other outputs is refused unless
+  `overwrite`, and this run, finished, is left as it is."""
   _check(config)
-  with inputs.run_dir(out) as out_dir:
+  record = run_record(config)
+  with inputs.run_dir(out, record=record, overwrite=overwrite) as out_dir:
+    if out_dir.complete:
+      inputs.already_complete(out, record)
+      with open(os.path.join(out, "iia.json")) as f:
+        return json.load(f)
     t0 = time.time()
     model, meta = _model(config, t0)
     cfg, params, p = model.cfg, model.params, config.p
@@ -263,7 +274,7 @@ def train_das(config: DASConfig, out: str) -> dict:
       result = {"p": p, "chance": chance, "k": config.k, "sites": sites, "positions": positions,
                 "iia": grid.tolist(), "model_accuracy": meta["accuracy"],
                 "illusion": _illusion(cfg, params, config, train, held),
-                "seconds": time.time() - t0}
+                "seconds": time.time() - t0, "config": dataclasses.asdict(config)}
       files.atomic_write_json(os.path.join(out, "iia.json"), result)
   print(json.dumps(result, indent=1))
   return result

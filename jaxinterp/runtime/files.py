@@ -6,7 +6,9 @@
 * `RunDir`: an output directory held by one run. An exclusive lock (`.lock`, naming the holder's
   PID) refuses a second concurrent run; a `DONE` file listing the outputs is written last, so a run
   killed while writing them shows as unfinished; a failed run removes the directories it created
-  while they are still empty.
+  while they are still empty. Given the run's `RunRecord` (binary and settings, kept in
+  `run.json`), it refuses a directory that holds another binary's outputs or a finished run with
+  other settings (unless `overwrite`), and says when the same run is already complete.
 * Arrays with a JSON record (`save_with_record` / `load_with_record`): a flat dict of arrays saved
   with orbax in a subdirectory, described by a JSON file beside it (format, shapes, metadata).
 """
@@ -15,11 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import errno
 import fcntl
 import io
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -96,15 +100,95 @@ def atomic_write_csv(path: PathLike, rows: Sequence[dict]) -> None:
 
 LOCK_FILE = ".lock"
 DONE_FILE = "DONE"
+RUN_FILE = "run.json"  # the `RunRecord` of the run that writes (or wrote) the directory
+SHOWN_DIFFERENCES = 3  # settings named in a refusal
 
 
 class OutputDirError(ValueError):
-  """An output directory that cannot be used: a file is in the way, or another run holds it."""
+  """An output directory that cannot be used: a file is in the way, another run holds it, or it
+  holds another run's outputs."""
 
 
 def is_done(path: PathLike) -> bool:
   """Whether the run that wrote `path` finished writing all its outputs (its `DONE` file exists)."""
   return os.path.isfile(os.path.join(os.fspath(path), DONE_FILE))
+
+
+def _normalized(settings: Any) -> Any:
+  """`settings` as JSON gives it back (tuples as lists, keys as strings), so that a record read
+  from `run.json` compares equal to the one that wrote it."""
+  return json.loads(json.dumps(settings, sort_keys=True, default=str))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+  """Which binary wrote a run directory, and with which settings (`run.json`).
+
+  Attributes:
+    binary: the binary's name (`find_circuit`, `train_das`, ...).
+    settings: every setting the outputs depend on, JSON-able (a config dataclass as a dict, plus
+      digests of the input files); two runs with equal settings write the same outputs.
+    headline: the settings named when the run is described (`find_circuit run (method=exact,
+      task=ioi)`).
+  """
+
+  binary: str
+  settings: dict
+  headline: tuple[str, ...] = ()
+
+  def to_dict(self) -> dict:
+    return {"binary": self.binary, "headline": list(self.headline),
+            "settings": _normalized(self.settings)}
+
+  @classmethod
+  def from_dict(cls, d: Any) -> RunRecord | None:
+    """The record in a parsed `run.json`, or None if it is not one."""
+    if not isinstance(d, dict) or not isinstance(d.get("binary"), str) or \
+        not isinstance(d.get("settings"), dict):
+      return None
+    return cls(d["binary"], d["settings"], tuple(d.get("headline") or ()))
+
+  def describe(self) -> str:
+    """`find_circuit run (method=exact, task=ioi, model=toy)`."""
+    shown = ", ".join(f"{k}={self.settings[k]}" for k in self.headline
+                      if self.settings.get(k) is not None)
+    return f"{self.binary} run ({shown})" if shown else f"{self.binary} run"
+
+  def differences(self, other: RunRecord) -> list[str]:
+    """`--name: 'old' there, 'new' now` for each setting that differs (self is the old run)."""
+    a, b = _normalized(self.settings), _normalized(other.settings)
+    return [f"--{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)]
+
+
+def read_run_record(path: PathLike) -> RunRecord | None:
+  """The `RunRecord` in directory `path`'s `run.json` (None if absent or unreadable)."""
+  try:
+    with open(os.path.join(os.fspath(path), RUN_FILE)) as f:
+      return RunRecord.from_dict(json.load(f))
+  except (OSError, ValueError):
+    return None
+
+
+def _listed(path: str) -> list[str]:
+  """The outputs a `DONE` file lists (relative paths inside the directory; others are ignored)."""
+  try:
+    with open(os.path.join(path, DONE_FILE)) as f:
+      names = [line.strip() for line in f if line.strip()]
+  except OSError:
+    return []
+  return [n for n in names if not os.path.isabs(n) and ".." not in n.split(os.sep)]
+
+
+def owning_run(path: PathLike) -> str | None:
+  """If `path` is an output of the finished run in its directory (listed in its `DONE`), that run
+  described (`find_circuit run (method=EAP, ...)`, or "finished run"), else None."""
+  path = os.path.abspath(os.fspath(path))
+  directory, name = os.path.split(path)
+  if name not in _listed(directory):
+    return None
+  record = read_run_record(directory)
+  return record.describe() if record is not None else "finished run"
 
 
 class RunDir:
@@ -119,12 +203,23 @@ class RunDir:
   Outputs are written inside `writing(names)`, which removes a previous `DONE` first and writes
   `DONE` (listing `names`) last: a directory without `DONE` holds an unfinished run, and rerunning
   completes it.
+
+  With a `record` (the run's binary and settings), entry also checks what the directory holds, by
+  the `run.json` an earlier run left (`writing` writes this run's first, and lists it in `DONE`):
+  another binary's outputs, finished or not, and a finished run with other settings (or with no
+  record) are refused in one line naming that run, unless `overwrite`; a finished run with the same
+  settings sets `complete` (the caller reports it and writes nothing). With `overwrite`, `writing`
+  removes the previous finished run's outputs that this run does not write again.
   """
 
-  def __init__(self, path: PathLike):
+  def __init__(self, path: PathLike, record: RunRecord | None = None, overwrite: bool = False):
     self.path = os.fspath(path)
+    self.record = record
+    self.overwrite = overwrite
+    self.complete = False  # a finished run with the same record is there already
     self._fd: int | None = None
     self._created: list[str] = []
+    self._previous: list[str] = []  # outputs of the finished run that `overwrite` replaces
 
   def __enter__(self) -> RunDir:
     self.acquire()
@@ -134,7 +229,8 @@ class RunDir:
     self.release(failed=exc_type is not None)
 
   def acquire(self) -> None:
-    """Create the directory if needed and lock it (see the class docstring)."""
+    """Create the directory if needed, lock it and check what it holds (see the class
+    docstring)."""
     path = self.path
     if os.path.exists(path) and not os.path.isdir(path):
       raise OutputDirError(f"{path} exists and is not a directory; choose another output directory")
@@ -173,19 +269,59 @@ class RunDir:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     self._fd = fd
+    try:
+      self._check()
+    except BaseException:
+      self.release(failed=True)
+      raise
+
+  def _check(self) -> None:
+    """Refuse another binary's outputs, or a finished run with other settings (see the class
+    docstring); set `complete` for a finished run with the same settings."""
+    if self.record is None:
+      return
+    done, previous = is_done(self.path), read_run_record(self.path)
+    if self.overwrite:
+      self._previous = _listed(self.path) if done else []
+      return
+    again = "choose another output directory, or pass --overwrite to replace it"
+    if previous is not None and previous.binary != self.record.binary:
+      raise OutputDirError(f"{self.path} holds the outputs of another binary, "
+                           f"{'a finished' if done else 'an unfinished'} {previous.describe()}; "
+                           f"{again}")
+    if not done:
+      return  # an unfinished run of this binary: rerunning completes (or resumes) it
+    if previous is None:
+      raise OutputDirError(f"{self.path} holds a finished run whose settings are not recorded "
+                           f"(DONE without {RUN_FILE}); {again}")
+    diff = previous.differences(self.record)
+    if diff:
+      more = f"; {len(diff) - SHOWN_DIFFERENCES} more" if len(diff) > SHOWN_DIFFERENCES else ""
+      raise OutputDirError(f"{self.path} holds a finished {previous.describe()} with other "
+                           f"settings ({'; '.join(diff[:SHOWN_DIFFERENCES])}{more}); {again}")
+    self.complete = True
 
   @contextlib.contextmanager
   def writing(self, names: Sequence[str]) -> Iterator[None]:
     """Bracket the writing of the outputs `names` (paths relative to the directory): the old `DONE`
-    goes first, and `DONE` listing `names` is written when the body completes."""
+    goes first (with `overwrite`, the previous run's outputs that are not in `names` too), then
+    this run's `run.json` if it has a record; `DONE`, listing `names` (and `run.json`), is written
+    when the body completes. `names` is read at the end (a list may grow in the body)."""
     done = os.path.join(self.path, DONE_FILE)
     if os.path.exists(done):
       os.unlink(done)
+    if self.record is not None:
+      for name in self._previous:
+        if name not in names and name != RUN_FILE:
+          _remove(os.path.join(self.path, name))
+      self._previous = []
+      atomic_write_json(os.path.join(self.path, RUN_FILE), self.record.to_dict())
     yield
     missing = [n for n in names if not os.path.exists(os.path.join(self.path, n))]
     if missing:
       raise OutputDirError(f"{self.path}: outputs {missing} were not written")
-    atomic_write_text(done, "".join(f"{n}\n" for n in names))
+    listed = ([RUN_FILE] if self.record is not None else []) + list(names)
+    atomic_write_text(done, "".join(f"{n}\n" for n in listed))
 
   def release(self, failed: bool = False) -> None:
     """Unlock (and remove the lock file); after a failure, remove the created, empty directories."""
@@ -207,6 +343,14 @@ class RunDir:
       except OSError:
         break
     self._created = []
+
+
+def _remove(path: str) -> None:
+  """Remove a file or a directory tree, if there."""
+  if os.path.isdir(path) and not os.path.islink(path):
+    shutil.rmtree(path, ignore_errors=True)
+  elif os.path.lexists(path):
+    os.unlink(path)
 
 
 # ------------------------------------------------- arrays with orbax, described by a JSON record

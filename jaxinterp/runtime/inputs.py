@@ -60,12 +60,15 @@ def input_file(flag: str, path: str | None, required: str | None = None) -> str 
 
 
 @contextlib.contextmanager
-def run_dir(out: str, flag: str = "out") -> Iterator[files.RunDir]:
-  """Hold `--out` for this run (`files.RunDir`): refused if it is a file or another run holds it;
-  removed again if the run fails before writing anything into it."""
+def run_dir(out: str, flag: str = "out", record: files.RunRecord | None = None,
+            overwrite: bool = False) -> Iterator[files.RunDir]:
+  """Hold `--out` for this run (`files.RunDir`): refused if it is a file or another run holds it
+  and, given the run's `record`, if it holds another binary's outputs or a finished run with other
+  settings (unless `overwrite`); `held.complete` says the same run finished there already. Removed
+  again if the run fails before writing anything into it."""
   if not out:
     raise InputError(f"--{flag} is required (an output directory)")
-  held = files.RunDir(out)
+  held = files.RunDir(out, record, overwrite)
   try:
     held.acquire()
   except files.OutputDirError as e:
@@ -76,6 +79,24 @@ def run_dir(out: str, flag: str = "out") -> Iterator[files.RunDir]:
     held.release(failed=True)
     raise
   held.release()
+
+
+def file_digest(path: str | None) -> str | None:
+  """sha256 of a file's bytes (None for None or a directory): a run's settings name its input files
+  by content, so that an edited CSV is not taken for the same run."""
+  if not path or not os.path.isfile(path):
+    return None
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def already_complete(out: str, record: files.RunRecord) -> None:
+  """Print that `out` holds this run, finished: nothing is written."""
+  print(f"{out} already holds this {record.describe()}, complete ({files.DONE_FILE}); nothing to "
+        f"do (--overwrite reruns it)")
 
 
 # ----------------------------------------------------------------------------------------- models

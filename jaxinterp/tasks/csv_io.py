@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from jaxinterp.tasks.data import Dataset, TaskError
-from jaxinterp.tasks.labels import LISTED, OUT_OF_VOCAB
+from jaxinterp.tasks.labels import FIELD_COUNT, LISTED, OUT_OF_VOCAB
 from jaxinterp.tasks.labels import SPECS as _SPECS
 from jaxinterp.tasks.labels import Ctx as _Ctx
 from jaxinterp.tasks.labels import Row as _Row
@@ -30,6 +30,8 @@ from jaxinterp.tasks.tokenization import as_tokenizer, encode, find_bos_id, voca
 
 # --------------------------------------------------------------------------------------------------
 # Building datasets
+
+_EXTRA = "\x00extra"  # a file row's fields beyond the header (a key no header can have: no NULs)
 
 
 def _check_prompts(ctx: _Ctx, r: _Row, c: list[int], k: list[int]) -> None:
@@ -51,9 +53,10 @@ def _check_prompts(ctx: _Ctx, r: _Row, c: list[int], k: list[int]) -> None:
                         f"token id {bad} is outside the vocabulary (size {ctx.vocab_size})")
 
 
-def _summary(source: str, bad: list[tuple[_Row, _RowError]], n_rows: int) -> str:
-  """One line: how many rows are bad, by kind of problem with their lines (the first `LISTED` of
-  each kind, then a count), and the first problem in full."""
+def _summary(source: str, bad: list[tuple[_Row, _RowError]], n_rows: int, n_all: int) -> str:
+  """One line: how many of the `n_rows` rows read (of `n_all` in the source) are bad, by kind of
+  problem with their lines (the first `LISTED` of each kind, then a count), and the first problem
+  in full. Rows are named as every row message names them (`Row.label`)."""
   kinds: dict[str, list[_Row]] = {}
   for r, e in bad:
     kinds.setdefault(e.kind, []).append(r)
@@ -65,7 +68,25 @@ def _summary(source: str, bad: list[tuple[_Row, _RowError]], n_rows: int) -> str
     parts.append(f"{len(rows)} with {kind} ({what} {', '.join(where)}{more})")
   first = str(bad[0][1])
   first = first[len(source) + 2:] if first.startswith(f"{source}: ") else first
-  return f"{source}: {len(bad)} of {n_rows} rows cannot be used: {'; '.join(parts)}. First, {first}"
+  of = f"{n_rows}" if n_rows == n_all else f"the first {n_rows} (of {n_all})"
+  return f"{source}: {len(bad)} of {of} rows cannot be used: {'; '.join(parts)}. First, {first}"
+
+
+def _check_fields(ctx: _Ctx, r: _Row, header: Sequence[str]) -> None:
+  """Raise `_RowError` if a file's record has more (non-empty) fields than the header, or fewer than
+  its named columns: a comma inside an unquoted prompt splits it, and every later column shifts."""
+  if r.n_fields is None:
+    return
+  named = max((i + 1 for i, h in enumerate(header) if h), default=0)
+  extra = r.n_fields > len(header) and any(str(v).strip() for v in r.values.get(_EXTRA, ()))
+  if extra:
+    raise ctx.error(r, None, FIELD_COUNT,
+                    f"the row has {r.n_fields} fields but the header has {len(header)} (too many "
+                    f"fields): a comma inside an unquoted prompt or label splits it, so every "
+                    f"later column shifts; quote such fields (\"a, b\")")
+  if r.n_fields < named:
+    raise ctx.error(r, None, FIELD_COUNT,
+                    f"the row has {r.n_fields} fields but the header has {named} (too few fields)")
 
 
 def _build(name: str, rows: list[_Row], header: Sequence[str], tokenizer, *, source: str,
@@ -82,6 +103,7 @@ def _build(name: str, rows: list[_Row], header: Sequence[str], tokenizer, *, sou
   if missing:
     raise TaskError(f"{source}: task {name!r} needs column(s) {', '.join(missing)} which are "
                     f"missing; the file has columns {list(header)}{hint}")
+  n_all = len(rows)
   if not skip_bad_rows and n_examples is not None:
     rows = rows[:n_examples]  # rows after the first n_examples are never read
   if not rows:
@@ -104,6 +126,7 @@ def _build(name: str, rows: list[_Row], header: Sequence[str], tokenizer, *, sou
   usable = []
   for r in rows:
     try:
+      _check_fields(ctx, r, header)
       text = _cell(ctx, r, "clean")
       usable.append((r, text, _cell(ctx, r, "corrupted") if has_corrupted else text))
     except _RowError as e:
@@ -130,7 +153,12 @@ def _build(name: str, rows: list[_Row], header: Sequence[str], tokenizer, *, sou
         bad.append((g[0], e))
     good = still
   bad.sort(key=lambda b: b[0].index)
-  summary = _summary(source, bad, len(rows)) if bad else ""
+  n_read = len(rows)
+  if n_examples is not None and len(good) > n_examples:  # skipping: only rows up to the last kept
+    good.sort(key=lambda g: g[0].index)
+    n_read = good[n_examples - 1][0].index + 1  # count, as an error without skipping would
+    bad = [b for b in bad if b[0].index < n_read]
+  summary = _summary(source, bad, n_read, n_all) if bad else ""
   if bad and not skip_bad_rows:
     raise TaskError(f"{summary}{hint}. Fix these rows, or leave them out with skip_bad_rows=True "
                     f"(--skip_bad_rows)")
@@ -181,7 +209,9 @@ def _read_csv(csv_path) -> tuple[list[str], list[_Row]]:
       if not rec or all(not x.strip() for x in rec):
         continue  # blank line
       values = {h: v for h, v in zip(header, rec, strict=False) if h}
-      rows.append(_Row(len(rows), reader.line_num, values))
+      if len(rec) > len(header):
+        values[_EXTRA] = rec[len(header):]
+      rows.append(_Row(len(rows), reader.line_num, values, len(rec)))
   except csv.Error as e:
     raise TaskError(f"{path}: malformed CSV near line {reader.line_num}: {e}") from None
   return header, rows

@@ -22,11 +22,21 @@ from jaxinterp.tasks.tokenization import VERB_LIST, sva_verb_ids, sva_verb_sets,
 
 @dataclasses.dataclass
 class Row:
-  """One data row: its index, the file line where it ends, and its values by column."""
+  """One data row: its index, the file line where it ends, and its values by column.
+
+  Messages name a file's row by its line (`label`: "line 4", what an editor shows) and an
+  in-memory row by its 0-based index ("row 2"), the same way in every message.
+  """
 
   index: int   # 0-based data row
   line: int    # line of the file where the row ends (1-based), 0 for generated rows
   values: dict[str, Any]
+  n_fields: int | None = None  # fields the file's record has (None: in-memory rows)
+
+  @property
+  def label(self) -> str:
+    """"line 4" for a file's row, "row 2" for an in-memory one."""
+    return f"line {self.line}" if self.line else f"row {self.index}"
 
 
 class RowError(TaskError):
@@ -38,6 +48,7 @@ class RowError(TaskError):
 
 
 BAD_LABEL = "a malformed label"
+FIELD_COUNT = "a field count that does not match the header"
 OUT_OF_VOCAB = "a token id outside the vocabulary"
 LISTED = 20  # rows named per kind of problem in a summary
 
@@ -52,10 +63,8 @@ class Ctx:
   sva_verbs: str | None = None  # the paper's SVA verb list, if given
 
   def where(self, row: Row, column: str | None = None) -> str:
-    """"file: row i (line n), column 'c'" for messages."""
-    s = f"{self.source}: row {row.index}"
-    if row.line:
-      s += f" (line {row.line})"
+    """"file: line n, column 'c'" (in-memory rows: "row i") for messages (`Row.label`)."""
+    s = f"{self.source}: {row.label}"
     if column:
       s += f", column {column!r}"
     return s

@@ -22,7 +22,8 @@ default) and `cross-entropy` (-log p of the single answer).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import difflib
+from collections.abc import Callable, Sequence
 
 import jax.numpy as jnp
 
@@ -151,9 +152,24 @@ def task_spec(name: str) -> TaskSpec:
   if spec is None:
     by = {o: [n for n, s in sorted(_SPECS.items()) if s.origin == o]
           for o in ("paper", "mib", "jaxinterp")}
-    raise TaskError(f"unknown task {name!r}; known tasks: {', '.join(task_names())} (the EAP-IG "
+    raise TaskError(f"unknown task {name!r}{did_you_mean(name, (*_SPECS, *ALIASES))}; known "
+                    f"tasks: {', '.join(task_names())} (the EAP-IG "
                     f"paper's: {', '.join(by['paper'])}; MIB's: {', '.join(by['mib'])}, ioi)")
   return spec
+
+
+def did_you_mean(name: str, choices: Sequence[str]) -> str:
+  """" (did you mean 'x'?)" for the choice closest to `name` (same up to case, '-' vs '_' and
+  spaces, else `difflib`'s closest above 0.75), or "" when none is close."""
+  def norm(x):
+    return str(x).lower().replace("_", "-").replace(" ", "")
+
+  same = [c for c in choices if norm(c) == norm(name)]
+  close = same or difflib.get_close_matches(norm(name), [norm(c) for c in choices], 1, 0.75)
+  if not close:
+    return ""
+  hit = same[0] if same else next(c for c in choices if norm(c) == close[0])
+  return f" (did you mean {hit!r}?)"
 
 
 def get_task(name: str) -> Task:
@@ -218,7 +234,8 @@ def with_metric(task: Task, metric: str) -> Task:
   if metric == "cross-entropy":
     return Task(f"{base}:cross-entropy", _ce, higher_is_better=False, description="-log p(answer)")
   if metric not in METRICS:
-    raise TaskError(f"unknown metric {metric!r}; choose from {METRICS}")
+    raise TaskError(f"unknown metric {metric!r}{did_you_mean(metric, METRICS)}; choose from "
+                    f"{METRICS}")
   spec = _SPECS.get(ALIASES.get(base, base))
   if spec is None or metric not in spec.metrics:
     have = metric_names(base) if spec is not None else ()

@@ -14,11 +14,15 @@ Modules:
 - `targets`: the logit targets a graph explains (`salient_logits`);
 - `graph`: `AttributionGraph`, the dense graph in circuit-tracer's node order, and `graph.npz`;
 - `pruning`: influence, `prune` and the replacement and completeness scores;
-- `frontend`: `graph.json` in circuit-tracer's frontend schema.
+- `frontend`: `graph.json` in circuit-tracer's frontend schema;
+- `replacement`: the local replacement model of a prompt (frozen attention, norms and error terms),
+  linearised;
+- `attribution`: `attribute_graph`, the dense graph of a prompt, as circuit-tracer's `attribute`.
 """
 
 from jaxinterp.transcoders import (
   activations,
+  attribution,
   clt,
   errors,
   frontend,
@@ -27,11 +31,13 @@ from jaxinterp.transcoders import (
   loading,
   plt,
   pruning,
+  replacement,
   safetensors_file,
   saving,
   targets,
   training,
 )
+from jaxinterp.transcoders.attribution import attribute_graph
 from jaxinterp.transcoders.clt import CrossLayerTranscoder
 from jaxinterp.transcoders.errors import TranscoderError
 from jaxinterp.transcoders.frontend import graph_json, write_graph_files
@@ -45,10 +51,11 @@ from jaxinterp.transcoders.targets import LogitTargets, salient_logits
 from jaxinterp.transcoders.training import TrainOptions, TrainResult, train_transcoders
 
 __all__ = [
-  "AttributionGraph", "CrossLayerTranscoder", "LogitTargets", "PerLayerTranscoders", "PruneResult",
-  "TrainOptions", "TrainResult", "TranscoderError", "TranscoderSites", "activations", "check_model",
-  "clt", "errors", "frontend", "graph", "graph_json", "graph_scores", "hooks", "load",
-  "load_clt_files", "load_gemma_scope", "load_npz", "loading", "plt", "prune", "pruning",
-  "safetensors_file", "salient_logits", "save_clt", "save_npz", "save_transcoder_set", "saving",
-  "sites_for", "targets", "train_transcoders", "training", "write_graph_files",
+  "AttributionGraph", "CrossLayerTranscoder", "LogitTargets", "PerLayerTranscoders",
+  "PruneResult", "TrainOptions", "TrainResult", "TranscoderError", "TranscoderSites",
+  "activations", "attribute_graph", "attribution", "check_model", "clt", "errors", "frontend",
+  "graph", "graph_json", "graph_scores", "hooks", "load", "load_clt_files", "load_gemma_scope",
+  "load_npz", "loading", "plt", "prune", "pruning", "replacement", "safetensors_file",
+  "salient_logits", "save_clt", "save_npz", "save_transcoder_set", "saving", "sites_for",
+  "targets", "train_transcoders", "training", "write_graph_files",
 ]

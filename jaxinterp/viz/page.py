@@ -2,9 +2,11 @@
 
 `write_page(ViewConfig(graph=...))` reads any EAP-IG-format graph JSON (ours, the PyTorch
 EAP-IG's, MIB's; the model shape comes from the file's `cfg`), renders the offline HTML page of
-`viewer.render_html` and writes it (default: `circuit.html` beside the graph). Everything is checked
-and rendered before the file is written; bad input raises `inputs.InputError` naming the flag or
-file.
+`viewer.render_html` and writes it (default: `circuit.html` beside the graph, or `view.html` where
+`circuit.html` is an output of the finished run in that directory). A file that is another run's
+output (listed in its directory's `DONE`) is never replaced unless `overwrite`. Everything is
+checked and rendered before the file is written; bad input raises `inputs.InputError` naming the
+flag or file.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import os
 from jaxinterp.circuits import Graph, GraphError
 from jaxinterp.runtime import files, inputs
 from jaxinterp.viz import viewer
+
+DEFAULT_NAME = "circuit.html"  # beside the graph
+OWN_NAME = "view.html"  # beside the graph, where circuit.html is a finished run's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +32,7 @@ class ViewConfig:
   title: str | None = None  # default: the graph's method and task, or its file name
   n: int | None = None  # initial circuit size in edges (default: the graph's top_n, ...)
   max_drawn: int = viewer.MAX_DRAWN  # draw at most this many edges (the strongest)
+  overwrite: bool = False  # replace `out` even when it is an output of a finished run
 
 
 def write_page(config: ViewConfig) -> str:
@@ -34,7 +40,15 @@ def write_page(config: ViewConfig) -> str:
   graph_path, out, n, max_drawn = config.graph, config.out, config.n, config.max_drawn
   inputs.input_file("graph", graph_path, required=": an EAP-IG-format graph JSON")
   inputs.input_file("curve", config.curve)
-  out = out or os.path.join(os.path.dirname(os.path.abspath(graph_path)), "circuit.html")
+  if not out:
+    beside = os.path.dirname(os.path.abspath(graph_path))
+    out = os.path.join(beside, DEFAULT_NAME)
+    if files.owning_run(out):  # the run's own page: write ours beside it
+      out = os.path.join(beside, OWN_NAME)
+  owner = files.owning_run(out)
+  if owner and not config.overwrite:
+    raise inputs.InputError(f"--out={out} is an output of the {owner} in its directory; give "
+                            f"another file, or pass --overwrite to replace it")
   if os.path.isdir(out):
     raise inputs.InputError(f"--out={out} is a directory; give the HTML file to write")
   if not os.path.isdir(os.path.dirname(os.path.abspath(out))):

@@ -6,6 +6,7 @@ renamed over it, so a crash never leaves a partial image. Bad input raises `Plot
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import textwrap
@@ -23,12 +24,16 @@ from matplotlib import ticker as mticker  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import FancyArrowPatch  # noqa: E402
 
-from jaxinterp.circuits import Graph  # noqa: E402
+from jaxinterp.circuits import Graph, convention  # noqa: E402
 from jaxinterp.runtime import files  # noqa: E402
 
 POSITIVE_COLOR = "#1f5fb4"
 NEGATIVE_COLOR = "#c4302b"
 QKV_STYLES = {"q": (0, (5, 2)), "k": (0, (1, 1.5)), "v": (0, (6, 2, 1, 2)), None: "solid"}
+SCORE_LEGEND = "score: " + textwrap.fill(convention.DISPLAYED, 34)
+POSITIVE_LABEL = "score > 0: carries the behaviour"
+NEGATIVE_LABEL = "score < 0: ablating it helps"
+FAITHFULNESS_XLABEL = "requested size n: top-n edges by |score| (before pruning dangling edges)"
 QKV_LABELS = {"q": "query input (dashed)", "k": "key input (dotted)", "v": "value input (dash-dot)",
               None: "MLP / logits input (solid)"}
 
@@ -74,11 +79,26 @@ def _receiver_parts(name: str) -> tuple[str, str | None]:
   return name, None
 
 
+def drawn_edges(graph: Graph, max_edges: int = 200) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """What `plot_circuit` draws: (senders, receivers, scores) of the circuit's edges, the largest
+  |score| first (at most `max_edges`), scores in graph.json's sign (`convention.displayed`).
+
+  Returns Int[ndarray, "e"], Int[ndarray, "e"] and Float[ndarray, "e"] (the graph's dtype).
+  """
+  senders, receivers = np.nonzero(graph.in_graph)
+  scores = convention.displayed(graph.scores, graph.score_convention)[senders, receivers]
+  order = np.argsort(-np.abs(scores.astype(np.float64)), kind="stable")[:max_edges]
+  return senders[order], receivers[order], scores[order]
+
+
 def plot_circuit(graph: Graph, path: str, title: str = "", max_edges: int = 200) -> None:
   """Draw the circuit (`graph.in_graph`) as a layered graph and write it as a PNG.
 
-  Input at the bottom, one row of heads and one MLP per layer, logits at the top. Edge width grows
-  with |score| and colour gives the sign (blue positive, red negative); edges into a head's query,
+  Input at the bottom, one row of heads and one MLP per layer, logits at the top. Scores are drawn
+  in graph.json's sign whatever the graph's in-memory convention (`convention.displayed`: higher =
+  more important), as the viewer and the console show them. Edge width grows with |score| and
+  colour gives the sign (blue positive: the edge carries the behaviour; red negative: ablating it
+  helps the behaviour), said in the legend; edges into a head's query,
   key and value inputs are dashed, dotted and dash-dotted (and end left of, at, and right of the
   head), edges into MLPs and logits are solid. Nodes of the circuit are drawn solid, the others
   faintly.
@@ -95,11 +115,9 @@ def plot_circuit(graph: Graph, path: str, title: str = "", max_edges: int = 200)
     raise PlotError(f"max_edges must be a positive integer, got {max_edges!r}")
   L, H = graph.cfg.n_layers, graph.cfg.n_heads
   pos = _node_positions(graph)
-  senders, receivers = np.nonzero(graph.in_graph)
-  scores = graph.scores[senders, receivers].astype(np.float64)
-  n_total = senders.size
-  order = np.argsort(-np.abs(scores), kind="stable")[:max_edges]
-  senders, receivers, scores = senders[order], receivers[order], scores[order]
+  n_total = int(graph.in_graph.sum())
+  senders, receivers, scores = drawn_edges(graph, max_edges)
+  scores = scores.astype(np.float64)
 
   width_in = min(24.0, max(6.0, 0.9 * H + 2.0))
   height_in = min(24.0, max(5.0, 1.3 * (2 * L + 2)))
@@ -144,9 +162,10 @@ def plot_circuit(graph: Graph, path: str, title: str = "", max_edges: int = 200)
     ax.spines[side].set_visible(False)
   handles = [Line2D([0], [0], color="black", linestyle=QKV_STYLES[k], lw=1.8, label=QKV_LABELS[k])
              for k in ("q", "k", "v", None)]
-  handles += [Line2D([0], [0], color=POSITIVE_COLOR, lw=3, label="positive score"),
-              Line2D([0], [0], color=NEGATIVE_COLOR, lw=3, label="negative score")]
-  ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
+  handles += [Line2D([0], [0], color=POSITIVE_COLOR, lw=3, label=POSITIVE_LABEL),
+              Line2D([0], [0], color=NEGATIVE_COLOR, lw=3, label=NEGATIVE_LABEL)]
+  ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False,
+            title=SCORE_LEGEND, title_fontsize=8, alignment="left")
   shown = f"{n_total} edges" if n_total <= max_edges else f"top {max_edges} of {n_total} edges"
   if n_total == 0:
     shown = "empty circuit"
@@ -159,7 +178,9 @@ def plot_circuit(graph: Graph, path: str, title: str = "", max_edges: int = 200)
 
 def plot_faithfulness(curve: Any, path: str, title: str = "") -> None:
   """Faithfulness vs circuit size (edges, log x) with the full-model (1) and empty-circuit (0)
-  lines.
+  lines. The x axis is the requested size n (`curve.n_edges`: the top n edges by |score|, before
+  dangling edges are pruned; faithfulness.csv's `n_edges`), as its label says; the circuit
+  evaluated at n keeps `n_edges_kept` <= n of them.
 
   Args:
     curve: an `evaluation.FaithfulnessCurve` (or anything with `n_edges`, `faithfulness`, `m_full`
@@ -178,7 +199,7 @@ def plot_faithfulness(curve: Any, path: str, title: str = "") -> None:
   n, f = n[order], f[order]
   ok = np.isfinite(f)
   fig, ax = plt.subplots(figsize=(6.4, 4.2))
-  ax.plot(n[ok], f[ok], marker="o", color=POSITIVE_COLOR, label="circuit (top-n edges)")
+  ax.plot(n[ok], f[ok], marker="o", color=POSITIVE_COLOR, label="circuit (top-n edges, pruned)")
   ax.axhline(1.0, color="black", linestyle="--", lw=1, label=f"full model (m={curve.m_full:.3g})")
   ax.axhline(0.0, color="grey", linestyle=":", lw=1, label=f"empty circuit (m={curve.m_empty:.3g})")
   if np.all(n > 0):
@@ -189,7 +210,7 @@ def plot_faithfulness(curve: Any, path: str, title: str = "") -> None:
     ax.set_xlim(-0.15, max(n.max(), 1.0) * 1.4)
   ax.xaxis.set_major_formatter(mticker.FuncFormatter(
       lambda x, _: f"{x:,.0f}" if x >= 0 and abs(x - round(x)) < 1e-6 else ""))
-  ax.set_xlabel("edges in circuit")
+  ax.set_xlabel(FAITHFULNESS_XLABEL)
   ax.set_ylabel("normalised faithfulness")
   ax.grid(True, which="major", alpha=0.3)
   ax.legend(fontsize=8, loc="best")
@@ -220,8 +241,9 @@ def _ticks(labels: Sequence[Any] | None, n: int, what: str) -> tuple[list[int], 
 
 def plot_heatmap(values: np.ndarray, path: str, *, xlabel: str, ylabel: str, title: str,
                  xticklabels: Sequence[Any] | None = None,
-                 yticklabels: Sequence[Any] | None = None, colorbar_label: str = "") -> None:
-  """A 2-D heatmap with a diverging colormap centred at 0, rows bottom-up (row 0 at the top).
+                 yticklabels: Sequence[Any] | None = None, colorbar_label: str = "",
+                 center: float = 0.0) -> None:
+  """A 2-D heatmap with a diverging colormap centred at `center`, row 0 at the top.
 
   Args:
     values: Float[ndarray, "rows cols"]; NaNs are drawn blank.
@@ -229,6 +251,7 @@ def plot_heatmap(values: np.ndarray, path: str, *, xlabel: str, ylabel: str, tit
     xlabel, ylabel, title: axis labels and title.
     xticklabels, yticklabels: one label per column/row (default: indices).
     colorbar_label: label of the colour bar.
+    center: the value drawn white (the colours span center +- the largest distance from it).
   """
   try:
     v = np.asarray(values, np.float64)
@@ -240,19 +263,20 @@ def plot_heatmap(values: np.ndarray, path: str, *, xlabel: str, ylabel: str, tit
   xi, xl = _ticks(xticklabels, cols, "xticklabels")
   yi, yl = _ticks(yticklabels, rows, "yticklabels")
   finite = v[np.isfinite(v)]
-  vmax = float(np.max(np.abs(finite))) if finite.size else 1.0
-  vmax = vmax if vmax > 0 else 1.0
+  span = float(np.max(np.abs(finite - center))) if finite.size else 1.0
+  span = span if span > 0 else 1.0
   fig, ax = plt.subplots(figsize=(min(20.0, max(5.0, 0.35 * cols + 2.5)),
                                   min(16.0, max(3.4, 0.4 * rows + 1.8))))
   im = ax.imshow(np.ma.masked_invalid(v), cmap="RdBu", aspect="auto",
-                 norm=mcolors.TwoSlopeNorm(vcenter=0.0, vmin=-vmax, vmax=vmax),
+                 norm=mcolors.TwoSlopeNorm(vcenter=center, vmin=center - span,
+                                           vmax=center + span),
                  interpolation="nearest")
   if rows * cols <= 144 and cols <= 16:
     for i in range(rows):
       for j in range(cols):
         if np.isfinite(v[i, j]):
           ax.text(j, i, f"{v[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                  color="white" if abs(v[i, j]) > 0.6 * vmax else "black")
+                  color="white" if abs(v[i, j] - center) > 0.6 * span else "black")
   ax.set_xticks(xi)
   ax.set_xticklabels(xl, rotation=90 if max((len(s) for s in xl), default=0) > 3 else 0, fontsize=8)
   ax.set_yticks(yi)
@@ -269,18 +293,60 @@ def plot_heatmap(values: np.ndarray, path: str, *, xlabel: str, ylabel: str, tit
 
 AXIS_NAMES = {"position": "position", "head": "head", "kv_head": "key/value head",
               "layer": "layer"}
+NORMALIZED = "(m - m_corrupted) / (m_clean - m_corrupted)"
+"""The one normalised patching number the console, the PNG and the .npz (`normalized`) show."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchingGrid:
+  """What `plot_patching` draws: the sweep's `normalized` values laid out as a 2-D grid.
+
+  Attributes:
+    values: Float[ndarray, "rows cols"], `result.normalized` itself (2-D sweeps) or its
+      [layer, position, head] cube with one row per (layer, head); never rescaled.
+    neutral: the value of a cell that has no effect (1 when noising, 0 when denoising), where the
+      colour map is white.
+    row_labels, col_labels: one label per row / column (None: indices).
+    xlabel, ylabel: the axes' names.
+  """
+
+  values: np.ndarray
+  neutral: float
+  row_labels: list[str] | None
+  col_labels: list[str] | None
+  xlabel: str
+  ylabel: str
+
+
+def patching_grid(result: Any, position_labels: Sequence[Any] | None = None) -> PatchingGrid:
+  """The grid `plot_patching` draws for a `patching.PatchingResult` (see `PatchingGrid`)."""
+  v = np.asarray(result.normalized, np.float64)
+  labels = tuple(result.axis_labels)
+  neutral = 1.0 if result.direction == "noising" else 0.0
+  if v.ndim == 2:
+    xt = list(position_labels) if labels[1] == "position" and position_labels is not None else None
+    return PatchingGrid(v, neutral, None, xt, AXIS_NAMES.get(labels[1], labels[1]), "layer")
+  if v.ndim == 3 and labels[1:] == ("position", "head"):
+    Lr, P, Hh = v.shape
+    rows = np.transpose(v, (0, 2, 1)).reshape(Lr * Hh, P)
+    return PatchingGrid(rows, neutral, [f"a{li}.h{h}" for li in range(Lr) for h in range(Hh)],
+                        None if position_labels is None else list(position_labels), "position",
+                        "layer.head")
+  raise PlotError(f"cannot plot a sweep with axes {labels} and shape {v.shape}")
 
 
 def plot_patching(result: Any, path: str, title: str = "",
                   position_labels: Sequence[Any] | None = None) -> None:
-  """Heatmap of a `patching.PatchingResult`: the change each patch makes, centred on zero.
+  """Heatmap of a `patching.PatchingResult`: each cell's normalised metric, as the console prints
+  it and the .npz stores it (`normalized`).
 
-  Denoising shows the normalised metric (m - m_corrupted) / (m_clean - m_corrupted), which is 0 when
-  the patch restores nothing; noising shows (m - m_clean) / (m_clean - m_corrupted), which is 0 when
-  the patch changes nothing and -1 when it destroys the clean behaviour. Either way white is "no
-  effect" and strong colours are the cells that matter. 2-D sweeps are drawn as layer x
-  position/head (key/value heads for a GQA model's k/v sweeps); `head_out_by_pos` ([layer, pos,
-  head]) with one row per (layer, head) and positions as columns.
+  One number under one definition: `NORMALIZED`, 1 for the clean run's behaviour and 0 for the
+  corrupted run's. The colour map is centred on the value of "no effect" (`PatchingGrid.neutral`:
+  1 when noising, where a cell near 0 carries the clean behaviour; 0 when denoising, where a cell
+  near 1 restores it), so white is "no effect" and strong colours are the cells that matter; the
+  colour bar says which. 2-D sweeps are drawn as layer x position/head (key/value heads for a GQA
+  model's k/v sweeps); `head_out_by_pos` ([layer, pos, head]) with one row per (layer, head) and
+  positions as columns (`patching_grid`).
 
   Args:
     result: a `PatchingResult`.
@@ -288,26 +354,12 @@ def plot_patching(result: Any, path: str, title: str = "",
     title: title prefix (the sweep, direction and baselines are appended).
     position_labels: labels of the positions (e.g. the first prompt's decoded tokens).
   """
-  v = np.asarray(result.normalized, np.float64)
-  labels = tuple(result.axis_labels)
+  grid = patching_grid(result, position_labels)
   name = result.sweep.name
   full = (f"{title + ': ' if title else ''}{name} ({result.direction})\n"
           f"clean={result.m_clean:.3g}, corrupted={result.m_corrupted:.3g}")
-  if result.direction == "noising":
-    v = v - 1.0
-    cbar = "effect of the patch (0: none)\n(m - m_clean) / (m_clean - m_corr)"
-  else:
-    cbar = "effect of the patch (0: none)\n(m - m_corr) / (m_clean - m_corr)"
-  if v.ndim == 2:
-    xt = position_labels if labels[1] == "position" else None
-    plot_heatmap(v, path, xlabel=AXIS_NAMES.get(labels[1], labels[1]), ylabel="layer", title=full,
-                 xticklabels=xt, colorbar_label=cbar)
-  elif v.ndim == 3 and labels[1:] == ("position", "head"):
-    Lr, P, Hh = v.shape
-    rows = np.transpose(v, (0, 2, 1)).reshape(Lr * Hh, P)
-    plot_heatmap(rows, path, xlabel="position", ylabel="layer.head", title=full,
-                 xticklabels=position_labels,
-                 yticklabels=[f"a{li}.h{h}" for li in range(Lr) for h in range(Hh)],
-                 colorbar_label=cbar)
-  else:
-    raise PlotError(f"cannot plot a sweep with axes {labels} and shape {v.shape}")
+  cbar = (f"normalised metric {NORMALIZED}\n1: clean behaviour, 0: corrupted; "
+          f"white = no effect ({grid.neutral:g}, {result.direction})")
+  plot_heatmap(grid.values, path, xlabel=grid.xlabel, ylabel=grid.ylabel, title=full,
+               xticklabels=grid.col_labels, yticklabels=grid.row_labels, colorbar_label=cbar,
+               center=grid.neutral)

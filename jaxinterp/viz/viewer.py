@@ -13,6 +13,8 @@ What is drawn for size n is exactly `graph.top_n(n)` (absolute ranking, pruned):
 are nested and pruning is monotone, so each edge has a smallest n from which it is in the pruned
 circuit (`entry_sizes`), and the circuit at n is the edges whose entry size is <= n. The page ships
 the edges sorted by that size and draws a prefix, so any n is exact with no pruning in JavaScript.
+Scores are shown as graph.json holds them (higher = more important, `convention.displayed`), blue
+positive and red negative, as `plots.plot_circuit` draws them.
 
 The page is plain JavaScript and SVG (`jaxinterp/viz/assets/`), inlined with the data into one
 file: no library, no CDN, no network request. Bad input raises `ViewerError` (a `GraphError`).
@@ -31,7 +33,13 @@ from typing import Any
 
 import numpy as np
 
-from jaxinterp.circuits import MIB_PERCENTAGES, Graph, GraphError, n_edges_at_percentage
+from jaxinterp.circuits import (
+    MIB_PERCENTAGES,
+    Graph,
+    GraphError,
+    convention,
+    n_edges_at_percentage,
+)
 from jaxinterp.runtime import files
 
 ASSET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
@@ -206,7 +214,10 @@ def page_data(graph: Graph, *, curve: CurveLike = None, title: str | None = None
               n: int | None = None, max_drawn: int = MAX_DRAWN) -> dict[str, Any]:
   """Everything the page shows, as JSON-ready values (edge scores as a float32 array).
 
-  Edges are listed in the order the page draws its prefixes: by entry size, then by rank. `n` is the
+  Scores are shown in graph.json's sign whatever the graph's in-memory convention
+  (`convention.displayed`: higher = more important), as the plots and the console show them; the
+  legend says so (`score_legend`). Edges are listed in the order the page draws its prefixes: by
+  entry size, then by rank. `n` is the
   initial circuit size (default: the graph's meta `top_n`, else its circuit's edge count, else 1% of
   the edges).
   """
@@ -217,7 +228,8 @@ def page_data(graph: Graph, *, curve: CurveLike = None, title: str | None = None
   L = graph.layout
   N = graph.n_edges
   s_idx, r_idx = np.nonzero(L.valid)
-  scores, rank = graph.scores[s_idx, r_idx], ranks(graph)[s_idx, r_idx]
+  shown = convention.displayed(graph.scores, graph.score_convention)  # graph.json's sign
+  scores, rank = shown[s_idx, r_idx], ranks(graph)[s_idx, r_idx]
   e = entry_sizes(graph)[s_idx, r_idx]
   order = np.lexsort((rank, e))
   if n is None:
@@ -240,6 +252,7 @@ def page_data(graph: Graph, *, curve: CurveLike = None, title: str | None = None
                 "score": scores[order], "rank": rank[order].tolist(), "entry": e[order].tolist()},
       "stored_in_graph": graph.count_edges(), "mib": mib_sizes(N), "meta": meta,
       "curve": _curve_data(curve, N), "baselines": _baselines(graph, curve),
+      "score_legend": convention.DISPLAYED,
   }
 
 

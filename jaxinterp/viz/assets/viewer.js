@@ -304,11 +304,15 @@
       el("path", {d: `M8 ${12 + j * 18}H58`, class: "neg " + k, "stroke-width": 2.4, fill: "none"}, g).style.stroke = "#333";
       el("text", {x: 66, y: 12 + j * 18}, g).textContent = label;
     });
-    el("path", {d: "M8 88H58", class: "pos", "stroke-width": 3, fill: "none"}, g);
-    el("text", {x: 66, y: 88}, g).textContent = "positive score";
-    el("path", {d: "M178 88H228", class: "neg", "stroke-width": 3, fill: "none"}, g);
-    el("text", {x: 236, y: 88}, g).textContent = "negative score";
-    el("text", {x: 8, y: 112}, g).textContent = "width grows with |score|; faded nodes: not in the circuit";
+    const cut = D.score_legend.indexOf(" (");  // "higher = ..." and "(graph.json's sign, ...)"
+    const sense = cut < 0 ? [D.score_legend, ""] : [D.score_legend.slice(0, cut), D.score_legend.slice(cut + 1)];
+    el("text", {class: "score-legend", x: 8, y: 86}, g).textContent = "score: " + sense[0];
+    el("text", {x: 8, y: 100}, g).textContent = sense[1];
+    el("path", {d: "M8 118H58", class: "pos", "stroke-width": 3, fill: "none"}, g);
+    el("text", {x: 66, y: 118}, g).textContent = "score > 0: carries the behaviour";
+    el("path", {d: "M8 136H58", class: "neg", "stroke-width": 3, fill: "none"}, g);
+    el("text", {x: 66, y: 136}, g).textContent = "score < 0: ablating it helps";
+    el("text", {x: 8, y: 156}, g).textContent = "width grows with |score|; faded nodes: not in the circuit";
   }
 
   // ---------------------------------------------------------------------------- start

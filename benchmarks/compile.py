@@ -1,0 +1,230 @@
+"""The `compile` suite: what XLA is given, kernel by kernel, and how long it takes to compile it.
+
+    python -m benchmarks.run --suite=compile --shapes=gpt2-small --out=results.json
+
+For the bundled toy model (the quickstart's, once per run) and for each --shapes shape (random-init,
+the first --n IOI examples or random pairs), every kernel a method runs is traced, lowered and
+compiled ahead of time on the data's first batch (`jax.jit(f).trace(...).lower().compile()`), in
+this process, with no persistent compilation cache (cold: nothing is read back). Per kernel a row
+holds the number of distinct programs it compiles for one batch shape (exact patching and ACDC
+compile one per receiver layer), `hlo_instructions` (instructions of the optimised HLO module,
+`Compiled.as_text()`, summed over its programs), `fusions` (the fused kernels XLA:CPU generates
+code for: its compile time is mostly LLVM on these) and trace / lower / compile seconds.
+
+Kernels: EAP and EAP-IG-inputs (`receiver_grads.ig_inputs_batch`, also at 4x the IG steps: the
+program must not grow with them), EAP-IG-activations, exact patching (`exact.upstream_cache` and
+`exact.edge_chunk` per layer), ACDC's trials (`acdc.circuit_sums` per layer), the UGS mask-training
+step, the circuit forward's `prepare` and `circuit_metric` (one program for every circuit size) and
+a DAS training step (`interventions.training.make_train_step`, one rotated-space site). On the toy,
+EAP-IG-inputs is also compiled on random-init models of its width with 1, 2 and 4 layers (how the
+program grows with depth). Then, on the toy, the quickstart runs as a fresh process with
+`--compilation_cache=` (`python -m experiments.find_circuit`), and its phases (graph.json's
+`meta`) give the share of the run spent compiling (the issue's target: at most 25%).
+
+The CPU is shared: compile seconds move with the load (recorded in the environment); HLO sizes do
+not. Compare seconds within one run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from benchmarks import common
+from jaxinterp import attribution as A
+from jaxinterp.attribution import acdc, exact, ig_activations, receiver_grads, ugs
+from jaxinterp.circuits.layout import valid_edges
+from jaxinterp.evaluation import circuit_forward as CF
+from jaxinterp.interventions import basic
+from jaxinterp.interventions import training as tr
+from jaxinterp.models import edges as E
+from jaxinterp.models import init_params
+from jaxinterp.runtime import inputs, shared_prefix
+
+QUICKSTART_TARGET = 0.25  # compile at most this share of the quickstart's phases (issue 30)
+_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?[\w.\-]+ = ")
+
+
+def log(*a):
+  print(*a, file=sys.stderr, flush=True)
+
+
+def hlo_size(compiled) -> tuple[int, int]:
+  """(instructions, fusions) of a compiled program's optimised HLO module."""
+  text = compiled.as_text()
+  lines = text.splitlines()
+  return (sum(1 for line in lines if _INSTRUCTION.match(line)),
+          sum(1 for line in lines if " fusion(" in line))
+
+
+def measure(jitted, *args, **kwargs) -> dict:
+  """Trace, lower and compile `jitted(*args, **kwargs)` (AOT, nothing run): seconds and size.
+  JAX's in-memory caches are cleared first, so an identical program compiles again."""
+  jax.clear_caches()
+  t0 = time.perf_counter()
+  traced = jitted.trace(*args, **kwargs)
+  t1 = time.perf_counter()
+  lowered = traced.lower()
+  t2 = time.perf_counter()
+  compiled = lowered.compile()
+  t3 = time.perf_counter()
+  n, fusions = hlo_size(compiled)
+  return dict(programs=1, hlo_instructions=n, fusions=fusions, trace_s=t1 - t0, lower_s=t2 - t1,
+              compile_s=t3 - t2)
+
+
+def _sum(rows: list[dict]) -> dict:
+  return {k: sum(r[k] for r in rows) for k in rows[0]}
+
+
+def kernels(cfg, params, dataset, steps: int) -> dict[str, dict]:
+  """{kernel: measure()} for every kernel on the dataset's first batch."""
+  task = dataset.task
+  batch = next(iter(dataset.batches(min(16, len(dataset)))))
+  abl = A.make_ablation(cfg, params, dataset, "patching", len(batch.clean))
+  sfx = shared_prefix.plan(cfg, batch, abl.kind)
+  out = {}
+
+  def ig(alphas):
+    return measure(receiver_grads.ig_inputs_batch, cfg, task, params, batch, abl,
+                   jnp.asarray(alphas, jnp.float32), suffix=sfx)
+
+  log("[compile] EAP, EAP-IG-inputs")
+  out["EAP"] = ig([1.0])
+  out["EAP-IG-inputs"] = ig(A.ig_alphas(steps))
+  out[f"EAP-IG-inputs x{4 * steps} steps"] = ig(A.ig_alphas(4 * steps))
+  log("[compile] EAP-IG-activations")
+  out["EAP-IG-activations"] = measure(ig_activations._ig_activations_batch, cfg, task, params,
+                                      batch, abl, jnp.asarray(A.ig_alphas(steps, eap_start=1)))
+  log("[compile] exact")
+  width, run, positions = exact.suffix(cfg, batch, abl)
+  resids, mlp_inputs, delta, kv = exact.upstream_cache(cfg, params, batch, abl, width)
+  rows = [measure(exact.upstream_cache, cfg, params, batch, abl, width)]
+  clean_last = jnp.zeros((batch.clean.shape[0], 1, cfg.d_vocab), jnp.float32)
+  chunk = 8
+  idx = jnp.zeros((chunk,), jnp.int32)
+  for li in range(cfg.n_layers + 1):
+    n_up = E.n_upstream_of_mlp(cfg, li) if li < cfg.n_layers else E.n_senders(cfg)
+    rows.append(measure(exact.edge_chunk, cfg, task, li, params, run, resids[li],
+                        mlp_inputs[min(li, cfg.n_layers - 1)], delta[:, :, :n_up], idx, idx,
+                        clean_last if task.needs_clean_logits else None, positions, kv))
+  out["exact"] = _sum(rows)
+  log("[compile] ACDC")
+  resids, delta, ablated, clean = acdc._prepare(cfg, params, batch, abl)
+  w = jnp.ones((chunk,) + valid_edges(cfg).shape, jnp.float32)
+  out["ACDC trials"] = _sum([measure(acdc.circuit_sums, cfg, task, li, "kl", params, batch,
+                                     resids[li], delta, ablated, clean, w)
+                             for li in range(cfg.n_layers + 1)])
+  log("[compile] UGS step")
+  opts = ugs.UGSOptions(ugs_samples=1, mask_batch=len(batch.clean), mask_steps=1)
+  lr = ugs.default_lr(opts.reg_lamb, "patching")
+  out["UGS step"] = measure(ugs.train_step, cfg, task, opts, lr, params, abl,
+                            ugs.init_state(cfg, lr), batch, jax.random.PRNGKey(0),
+                            jnp.asarray(0, jnp.int32))
+  log("[compile] circuit forward")
+  fwd = CF.CircuitForward(cfg, params, task, valid_edges(cfg))
+  csfx = shared_prefix.plan(fwd.cfg, batch, abl.kind)
+  out["circuit prepare"] = measure(CF.prepare, fwd.cfg, task, fwd.params, batch, abl, csfx)
+  prep = CF.prepare(fwd.cfg, task, fwd.params, batch, abl, csfx)
+  out["circuit metric"] = measure(CF.circuit_metric, fwd.cfg, task, fwd.params, batch, prep,
+                                  jnp.asarray(valid_edges(cfg), jnp.float32),
+                                  CF.scratch_like(fwd.cfg, prep))
+  log("[compile] DAS step")
+  out["DAS step"] = _das_step(cfg, params, batch)
+  return out
+
+
+def _das_step(cfg, params, batch) -> dict:
+  """One DAS training step: a 1-dim rotated space at the last block's output, interchange batches
+  of the data's clean (base) and corrupted (source) prompts at their last position."""
+  site = f"blocks.{cfg.n_layers - 1}.hook_resid_post"
+  tmpl = {site: tr.init_rotated_space(jax.random.PRNGKey(0), cfg.d_model, 1,
+                                      where=basic.Where.of(positions=-1))}
+  b = len(batch.clean)
+  data = {"base": batch.clean, "source": batch.corrupted, "base_mask": batch.mask,
+          "source_mask": batch.mask, "label": jnp.zeros((b,), jnp.int32)}
+  tparams = tr.trainable_params(tmpl)
+  opt = optax.adam(1e-2)
+  step = tr.make_train_step(cfg, opt)
+  return measure(step, tparams, opt.init(tparams), tmpl, params, data)
+
+
+def _toy_layers(n_layers: int):
+  """A random-init model of the bundled toy's shape with `n_layers` blocks."""
+  cfg = dataclasses.replace(inputs.load_model(inputs.TOY).cfg, n_layers=n_layers)
+  return cfg, init_params(cfg, jax.random.PRNGKey(0))
+
+
+def quickstart_row() -> dict:
+  """The quickstart as a fresh process with no persistent cache: its phases and compile share."""
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "run")
+    cmd = [sys.executable, "-m", "experiments.find_circuit", "--compilation_cache=", f"--out={out}"]
+    env = dict(os.environ, JAXINTERP_COMPILATION_CACHE="")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(common.REPO))
+    wall = time.perf_counter() - t0
+    if p.returncode:
+      raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
+    with open(os.path.join(out, "graph.json")) as f:
+      meta = json.load(f)["meta"]
+  phases = meta["phase_seconds"]
+  share = compile_share(phases)
+  return dict(suite="compile", shape="toy", case="quickstart phases",
+              command="python -m experiments.find_circuit --compilation_cache=",
+              subprocess_wall_s=wall, phase_seconds=phases,
+              compile_seconds=meta.get("compile_seconds"), compile_share=share,
+              compile_share_target=QUICKSTART_TARGET, meets_target=share <= QUICKSTART_TARGET)
+
+
+def compile_share(phases: dict) -> float:
+  """compile / the sum of the phases (not counting "total")."""
+  parts = {k: v for k, v in phases.items() if k != "total"}
+  return parts["compile"] / sum(parts.values())
+
+
+def suite_compile(ctx, shape: str, n: int, steps: int, first: bool) -> list[dict]:
+  """Rows of the compile suite for `shape` (and, when `first`, the bundled toy's)."""
+  rows = []
+  if first:
+    model = inputs.load_model(inputs.TOY)
+    ds = inputs.load_dataset(model, inputs.TOY, "induction", None, 16, True, 0)
+    base = dict(suite="compile", shape="toy", batch_size=len(ds), seq_len=ds.max_len,
+                ig_steps=steps, n_layers=model.cfg.n_layers, data="induction (the quickstart's)")
+    for kernel, r in kernels(model.cfg, model.params, ds, steps).items():
+      rows.append(dict(base, case=kernel, **r))
+    for n_layers in (1, 2, 4):
+      log(f"[compile] toy EAP-IG-inputs, {n_layers} layers")
+      cfg, params = _toy_layers(n_layers)
+      batch = next(iter(ds.batches(len(ds))))
+      abl = A.make_ablation(cfg, params, ds, "patching", len(ds))
+      r = measure(receiver_grads.ig_inputs_batch, cfg, ds.task, params, batch, abl,
+                  jnp.asarray(A.ig_alphas(steps), jnp.float32),
+                  suffix=shared_prefix.plan(cfg, batch, abl.kind))
+      rows.append(dict(base, case=f"EAP-IG-inputs, {n_layers} layers (random init)",
+                       **dict(r, n_layers=n_layers)))
+    log("[compile] quickstart")
+    rows.append(quickstart_row())
+  if shape != "tiny" or not first:
+    cfg, params, _ = ctx.model(shape)
+    ds, source = ctx.data(cfg, n)
+    base = dict(suite="compile", shape=shape, batch_size=min(16, len(ds)), seq_len=ds.max_len,
+                ig_steps=steps, n_layers=cfg.n_layers, data=source)
+    for kernel, r in kernels(cfg, params, ds, steps).items():
+      rows.append(dict(base, case=kernel, **r))
+  for r in rows:
+    if "compile_s" in r:
+      log(f"[compile] {r['shape']:10s} {r['case']:40s} programs {r['programs']:2d} HLO "
+          f"{r['hlo_instructions']:6d} fusions {r['fusions']:4d} compile {r['compile_s']:.2f} s")
+  return rows

@@ -1,0 +1,255 @@
+"""Attribution graphs: the direct effects between the nodes of a prompt's local replacement model
+(`replacement`), equal to circuit-tracer's `attribute` (decoderesearch/circuit-tracer 0.5.0).
+
+Nodes, in circuit-tracer's order (`graph.AttributionGraph`): the selected active features, the
+error nodes (layer-major), the token embeddings, the logit targets. A row (the target node) is one
+VJP of the linearised replacement run: the cotangent is the target's reading vector at its layer
+and position (a feature's encoder vector at its transcoder input; a logit's demeaned unembedding
+column at `ln_final`'s output, last position), and the row's entries are the resulting gradients at
+the sources dotted with each source's writing vector (a feature's activation times its decoder
+vector at each layer it writes, an error vector, a token embedding):
+
+  A[t, s] = <d target_t / d source_site(s), vector_s>
+
+Rows are computed `batch_size` at a time as `jax.vmap` of the VJP, in one compiled function (one
+compile per shape; the last batch is padded), and copied to a host array batch by batch, so the
+device never holds more than a batch of rows. With `max_feature_nodes`, features are visited as
+circuit-tracer's ranking loop does: the logit rows first, then repeatedly the unvisited features
+with the most influence on the logits through the rows computed so far
+(`pruning.partial_influences`), `update_interval * batch_size` at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinterp.models.config import ModelConfig
+from jaxinterp.models.transformer import unembedding
+from jaxinterp.transcoders import loading, pruning, replacement
+from jaxinterp.transcoders import targets as targets_lib
+from jaxinterp.transcoders.clt import CrossLayerTranscoder
+from jaxinterp.transcoders.errors import TranscoderError
+from jaxinterp.transcoders.graph import AttributionGraph
+
+Array = jax.Array
+Transcoders = replacement.Transcoders
+
+
+@flax.struct.dataclass
+class Writers:
+  """The sources' writing vectors (device arrays).
+
+  Attributes:
+    dec_node, dec_layer, dec_pos: Int[Array, "E"]; dec_vec: Float[Array, "E d_model"]: the
+      decoder entries, each an active feature's activation times its decoder vector at one layer it
+      writes (one per feature for per-layer transcoders, one per later layer for cross-layer ones),
+      `dec_node` indexing the active features.
+    errors: Float[Array, "L pos d_model"], the error vectors (zero at BOS).
+    embed: Float[Array, "pos d_model"], the token embeddings.
+    n_active: the number of active features (static).
+  """
+
+  dec_node: Array
+  dec_layer: Array
+  dec_pos: Array
+  dec_vec: Array
+  errors: Array
+  embed: Array
+  n_active: int = flax.struct.field(pytree_node=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sources:
+  """The active features and the sources' vectors of one prompt.
+
+  Attributes:
+    active: Int[ndarray, "n_active 3"], (layer, position, feature) of each active feature, sorted.
+    values: Float[ndarray, "n_active"], their activations.
+    encoders: Float[Array, "n_active d_model"], each feature's encoder vector (its reading vector).
+    writers: `Writers`.
+  """
+
+  active: np.ndarray
+  values: np.ndarray
+  encoders: Array
+  writers: Writers
+
+
+def sources(tc: Transcoders, run: replacement.Run) -> Sources:
+  """Active features (BOS zeroed), their vectors, the error vectors and the embeddings."""
+  feats = replacement.active_features(tc, run.inputs)
+  errors = replacement.error_vectors(tc, run, feats)
+  f = np.asarray(feats)
+  active = np.argwhere(f > 0).astype(np.int64)  # sorted by (layer, position, feature)
+  values = f[tuple(active.T)]
+  li, fi = jnp.asarray(active[:, 0]), jnp.asarray(active[:, 2])
+  encoders = tc.W_enc[li, :, fi]
+  vals = jnp.asarray(values, tc.dtype)[:, None]
+  if isinstance(tc, CrossLayerTranscoder):
+    nodes, layers, vecs = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], []
+    for s in range(tc.n_layers):
+      idx = np.flatnonzero(active[:, 0] == s)
+      w = tc.W_dec[s][jnp.asarray(active[idx, 2])] * vals[idx, None]  # [n, L - s, d]
+      nodes.append(np.repeat(idx, tc.n_layers - s))
+      layers.append(np.tile(np.arange(s, tc.n_layers), idx.size))
+      vecs.append(w.reshape(-1, tc.d_model))
+    node, layer = np.concatenate(nodes), np.concatenate(layers)
+    vec = jnp.concatenate(vecs)
+  else:
+    node, layer = np.arange(len(active)), active[:, 0]
+    vec = tc.W_dec[li, fi] * vals
+  writers = Writers(jnp.asarray(node), jnp.asarray(layer), jnp.asarray(active[node, 1]), vec,
+                    errors, run.embed, len(active))
+  return Sources(active, values, encoders, writers)
+
+
+@jax.jit
+def _rows(vjp, like: replacement.Targets, w: Writers, layers: Array, positions: Array,
+          vectors: Array) -> Array:
+  """Rows for a batch of targets: Float[Array, "B n_active + (L + 1) * pos"].
+
+  like: the run's targets (for their dtypes). layers: Int[Array, "B"] (L: the logits, read at
+  `ln_final`'s output); positions: Int[Array, "B"]; vectors: Float[Array, "B d_model"], each
+  target's reading vector.
+  """
+  L, P, d = w.errors.shape
+  B = layers.shape[0]
+  cot = jnp.zeros((B, L + 1, P, d), vectors.dtype).at[jnp.arange(B), layers, positions].set(vectors)
+  inputs = tuple(cot[:, i].astype(x.dtype) for i, x in enumerate(like.inputs))
+  final = cot[:, L].astype(like.final.dtype)
+  (src,) = jax.vmap(lambda i, f: vjp(replacement.Targets(i, f)))(inputs, final)
+  outs = jnp.stack(src.outputs, 1).astype(jnp.float32)  # [B, L, P, d]
+  g = outs[:, w.dec_layer, w.dec_pos]  # [B, E, d]
+  per_entry = jnp.einsum("bed,ed->be", g, w.dec_vec.astype(jnp.float32))
+  feats = jax.ops.segment_sum(per_entry.T, w.dec_node, w.n_active).T
+  errs = jnp.einsum("blpd,lpd->blp", outs, w.errors.astype(jnp.float32)).reshape(B, L * P)
+  toks = jnp.einsum("bpd,pd->bp", src.embed.astype(jnp.float32), w.embed.astype(jnp.float32))
+  return jnp.concatenate([feats, errs, toks], 1)
+
+
+def _check_tokens(cfg: ModelConfig, tokens) -> np.ndarray:
+  toks = np.asarray(tokens)
+  if toks.ndim != 1 or not np.issubdtype(toks.dtype, np.integer):
+    raise TranscoderError(f"tokens must be one prompt's token ids [pos], got shape {toks.shape} "
+                          f"of {toks.dtype}")
+  if toks.size < 2:
+    raise TranscoderError(f"the prompt has {toks.size} token(s) with BOS; it needs at least one "
+                          "token after BOS")
+  if toks.size > cfg.n_ctx:
+    raise TranscoderError(f"the prompt has {toks.size} tokens with BOS, more than the model's "
+                          f"context of {cfg.n_ctx}")
+  if toks.min() < 0 or toks.max() >= cfg.d_vocab:
+    raise TranscoderError(f"token ids outside the vocabulary [0, {cfg.d_vocab})")
+  return toks.astype(np.int32)
+
+
+def logit_targets(cfg: ModelConfig, params: Mapping[str, Any], logits: np.ndarray, targets,
+                  max_n_logits: int, desired_logit_prob: float) -> targets_lib.LogitTargets:
+  """The targets: `salient_logits` by default; given token ids; or a `LogitTargets` as is."""
+  if isinstance(targets, targets_lib.LogitTargets):
+    if targets.vectors.shape[1:] != (cfg.d_model,):
+      raise TranscoderError(f"custom targets have vectors of shape {targets.vectors.shape}, "
+                            f"expected [k, {cfg.d_model}]")
+    return targets
+  W_U = np.asarray(unembedding(cfg, params), np.float32)
+  if targets is None:
+    return targets_lib.salient_logits(logits, W_U, max_n_logits, desired_logit_prob)
+  return targets_lib.for_tokens(targets, logits, W_U)
+
+
+def attribute_graph(cfg: ModelConfig, params: Mapping[str, Any], transcoders: Transcoders,
+                    tokens, *, max_n_logits: int = 10, desired_logit_prob: float = 0.95,
+                    max_feature_nodes: int | None = None, batch_size: int = 64,
+                    targets: targets_lib.LogitTargets | Sequence[int] | None = None,
+                    update_interval: int = 4,
+                    progress: Callable[[int, int], None] | None = None) -> AttributionGraph:
+  """The dense attribution graph of one prompt (circuit-tracer's `attribute`).
+
+  Args:
+    cfg, params: the model. transcoders: `PerLayerTranscoders` or `CrossLayerTranscoder` for it.
+    tokens: Int[ndarray, "pos"], the prompt with BOS first (position 0 gets no feature or error
+      node contributions).
+    max_n_logits, desired_logit_prob: the default targets (`targets.salient_logits`).
+    max_feature_nodes: keep at most this many features, the most influential (None: all active).
+    batch_size: rows per VJP batch. targets: token ids, or `LogitTargets` (e.g. `targets.custom`),
+      instead of the salient logits. update_interval: batches between re-rankings.
+    progress: called as `progress(rows_done, rows_total)` after each batch.
+
+  Returns:
+    `AttributionGraph` (host float32 arrays). TranscoderError (one line) for bad input.
+  """
+  loading.check_model(transcoders, cfg)
+  toks = _check_tokens(cfg, tokens)
+  if batch_size < 1 or update_interval < 1:
+    raise TranscoderError("batch_size and update_interval must be at least 1")
+  if max_feature_nodes is not None and max_feature_nodes < 0:
+    raise TranscoderError(f"max_feature_nodes must be >= 0, got {max_feature_nodes}")
+  like, run, vjp = replacement.linearize(cfg, params, transcoders, jnp.asarray(toks))
+  nodes = sources(transcoders, run)
+  tg = logit_targets(cfg, params, np.asarray(run.logits[-1], np.float32), targets, max_n_logits,
+                     desired_logit_prob)
+  L, P = cfg.n_layers, len(toks)
+  n_active = len(nodes.active)
+  logit_offset = n_active + (L + 1) * P
+  n_logits = len(tg)
+  n_feat = n_active if max_feature_nodes is None else min(max_feature_nodes, n_active)
+  edge = np.zeros((n_feat + n_logits, logit_offset + n_logits), np.float32)
+  row_node = np.zeros(n_feat + n_logits, np.int64)
+  total = n_feat + n_logits
+  done = 0
+
+  def compute(layers, positions, vectors) -> np.ndarray:
+    nonlocal done
+    n = len(layers)
+    pad = batch_size - n
+    layers = np.concatenate([layers, np.zeros(pad, np.int64)])
+    positions = np.concatenate([positions, np.zeros(pad, np.int64)])
+    vectors = jnp.concatenate([jnp.asarray(vectors, jnp.float32),
+                               jnp.zeros((pad, cfg.d_model), jnp.float32)])
+    rows = _rows(vjp, like, nodes.writers, jnp.asarray(layers), jnp.asarray(positions), vectors)
+    done += n
+    if progress is not None:
+      progress(done, total)
+    return np.asarray(rows)[:n]
+
+  for i in range(0, n_logits, batch_size):  # the logit rows
+    k = min(batch_size, n_logits - i)
+    edge[i:i + k, :logit_offset] = compute(np.full(k, L), np.full(k, P - 1), tg.vectors[i:i + k])
+    row_node[i:i + k] = logit_offset + np.arange(i, i + k)
+  st, visited = n_logits, np.zeros(n_active, bool)
+  n_visited = 0
+  while n_visited < n_feat:
+    if n_feat == n_active:
+      pending = np.arange(n_active)
+    else:
+      infl = pruning.partial_influences(edge[:st], tg.probabilities, row_node[:st])
+      rank = np.argsort(-infl[:n_active], kind="stable")
+      pending = rank[~visited[rank]][:min(update_interval * batch_size, n_feat - n_visited)]
+    for j in range(0, len(pending), batch_size):
+      idx = pending[j:j + batch_size]
+      a = nodes.active[idx]
+      edge[st:st + len(idx), :logit_offset] = compute(a[:, 0], a[:, 1], nodes.encoders[idx])
+      row_node[st:st + len(idx)] = idx
+      visited[idx] = True
+      st += len(idx)
+      n_visited += len(idx)
+  selected = np.flatnonzero(visited)
+  if n_feat < n_active:
+    edge = edge[:, np.concatenate([selected, np.arange(n_active, logit_offset + n_logits)])]
+  edge = edge[np.argsort(row_node, kind="stable")]
+  n = edge.shape[1]
+  adjacency = np.zeros((n, n), np.float32)
+  adjacency[:n_feat] = edge[:n_feat]
+  adjacency[n - n_logits:] = edge[n_feat:]
+  return AttributionGraph(
+      adjacency=adjacency, active_features=nodes.active, selected_features=selected,
+      activation_values=np.asarray(nodes.values, np.float32), input_tokens=toks.astype(np.int64),
+      logit_tokens=np.asarray(tg.token_ids, np.int64),
+      logit_probabilities=np.asarray(tg.probabilities, np.float32)).validate()
