@@ -20,6 +20,7 @@ import pytest
 from jaxinterp import models, patching
 from jaxinterp.circuits import Graph, convention
 from jaxinterp.discovery import FindCircuitConfig, find_circuit
+from jaxinterp.evaluation.faithfulness import FaithfulnessCurve
 from jaxinterp.viz import plots, viewer
 
 CFG = models.ModelConfig(family="gpt2", d_model=16, n_layers=2, n_heads=2, d_head=8, d_mlp=32,
@@ -139,3 +140,12 @@ def test_viewer_shows_the_files_sign_for_metric_graphs():
   s, r = np.asarray(d["edges"]["s"]), np.asarray(d["edges"]["r"])
   assert np.array_equal(np.asarray(d["edges"]["score"], np.float32), -scores[s, r])
   assert d["edges"]["rank"] == viewer.page_data(g.replace(meta={}))["edges"]["rank"]  # |score|
+
+
+def test_faithfulness_rows_never_write_negative_zero():
+  curve = FaithfulnessCurve(np.array([0, 3]), np.array([0, 2]), np.array([-0.0, 2.5]),
+                            np.array([-0.0, 1.0]), np.array([-0.0, -0.5]), 1.0, -0.0)
+  rows = curve.rows()
+  assert [r["faithfulness"] for r in rows] == [0.0, -0.5]
+  assert not any(np.signbit(v) for r in rows for k, v in r.items() if v == 0)
+  assert "-0.0" not in repr(rows)

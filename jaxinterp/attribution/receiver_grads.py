@@ -18,7 +18,7 @@ sender differences happens once per batch, in position chunks that stay in cache
 `blocks.{layer}.hook_{q,k,v}_input` and at residual sites, receiver gradients `[batch, pos,
 receivers, d_model]` summed over the steps, one contraction per layer. It runs under `remat` (where
 sites can't be collected). Every kernel equals `eap.weight_gradient_batch` up to float rounding
-(tests/test_receiver_grads.py).
+(tests/attribution/test_receiver_grads.py).
 """
 
 from __future__ import annotations

@@ -5,10 +5,10 @@ Run as `$JAXINTERP_CIRCUIT_TRACER_PYTHON attribution_driver.py DIR` in the virtu
 circuit-tracer is installed. DIR holds `cases.json` (the models to build, and for each case its
 model, transcoder set written by us, prompt tokens and settings). The driver saves every model with
 `save_pretrained` to `DIR/models/NAME` (the test loads the same files), loads it into
-circuit-tracer's TransformerLens backend (`TransformerLensReplacementModel.from_config` with TransformerLens's weight
-conversion, `.mlp.` renamed `.mlp.old_mlp.` and `unembed.` `unembed.old_unembed.`), and writes each
-case's graph to `DIR/ct/graphs.npz`. It only calls circuit-tracer's and TransformerLens's public
-functions.
+circuit-tracer's TransformerLens backend (`TransformerLensReplacementModel.from_config` with
+TransformerLens's weight conversion, `.mlp.` renamed `.mlp.old_mlp.` and `unembed.`
+`unembed.old_unembed.`), and writes each case's graph to `DIR/ct/graphs.npz`. It only calls
+circuit-tracer's and TransformerLens's public functions.
 """
 
 import json

@@ -41,7 +41,7 @@ def torch_setup(tmp_path_factory):
   transformers = pytest.importorskip("transformers")
   if not (IOI_CSV.exists() and TOKENIZER.exists()):
     pytest.skip("../shared is absent")
-  from tests.torch_oracle import GPT2GraphOracle
+  from tests.attribution.torch_oracle import GPT2GraphOracle
   torch.manual_seed(0)
   hf_cfg = transformers.GPT2Config(vocab_size=50257, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                    initializer_range=0.1)
@@ -87,7 +87,7 @@ def test_matches_independent_torch_oracle_on_ioi(torch_setup, method):
 
 
 def _families():
-  from tests.test_receiver_grads import CONFIGS, _params
+  from tests.attribution.test_receiver_grads import CONFIGS, _params
   return {f: (CONFIGS[f], _params(CONFIGS[f], scale=3.0)) for f in ("gpt_neox", "llama", "gemma2")}
 
 

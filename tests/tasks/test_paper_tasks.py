@@ -26,8 +26,8 @@ from jaxinterp.tasks import TaskError
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "eap_ig"
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "eap_ig"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 TOKENIZER = SHARED / "models" / "gpt2-tokenizer" / "tokenizer.json"
 pytestmark = [pytest.mark.skipif(not TOKENIZER.exists(),
                                  reason="../shared/models/gpt2-tokenizer is absent"),

@@ -20,7 +20,7 @@ from jaxinterp.circuits import Graph
 from jaxinterp.discovery import FindCircuitConfig, find_circuit
 from jaxinterp.runtime import inputs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")

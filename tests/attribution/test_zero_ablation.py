@@ -23,7 +23,7 @@ if not hasattr(transformer_lens, "HookedTransformer"):
 from benchmarks.tl_baseline import hooked_from_hf  # noqa: E402
 from jaxinterp import attribution as A  # noqa: E402
 from jaxinterp import models, tasks  # noqa: E402
-from tests.torch_oracle import random_task_batch  # noqa: E402
+from tests.attribution.torch_oracle import random_task_batch  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

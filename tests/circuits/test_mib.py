@@ -23,8 +23,8 @@ from jaxinterp.evaluation import faithfulness as V
 from jaxinterp.evaluation import report
 from jaxinterp.groundtruth import toy
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "mib"
-TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "gpt2-tokenizer"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "mib"
+TOKENIZER = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "gpt2-tokenizer"
 FRACTIONS = (.001, .002, .005, .01, .02, .05, .1, .2, .5, 1)
 
 
@@ -210,7 +210,7 @@ def test_cpr_cmd_on_a_hand_made_curve():
 @pytest.fixture(scope="module")
 def oracle_setup(hf_gpt2_dir):
   pytest.importorskip("torch")
-  from tests.torch_oracle import GPT2GraphOracle, random_task_batch
+  from tests.attribution.torch_oracle import GPT2GraphOracle, random_task_batch
   path, hf = hf_gpt2_dir
   model = models.from_pretrained(path)
   b = random_task_batch(97, n=10, pos=9, seed=3)
@@ -376,7 +376,7 @@ def test_find_circuit_mib_out_and_evaluate_circuit_protocol_mib(gpt2_tok, tmp_pa
   model_dir = tmp_path / "gpt2"
   hf.save_pretrained(str(model_dir))
   shutil.copy(TOKENIZER / "tokenizer.json", model_dir / "tokenizer.json")
-  root = Path(__file__).resolve().parents[1]
+  root = Path(__file__).resolve().parents[2]
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(root))
 
   def run(module, **flags):

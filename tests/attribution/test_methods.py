@@ -19,15 +19,15 @@ from jaxinterp.circuits.layout import valid_edges
 from jaxinterp.evaluation import faithfulness as V
 from jaxinterp.evaluation import levels
 from jaxinterp.groundtruth import toy
-from tests import test_attribution
-from tests.test_attribution import CFG, DATA, PARAMS, _corr, _torch_inputs
+from tests.attribution import test_attribute
+from tests.attribution.test_attribute import CFG, DATA, PARAMS, _corr, _torch_inputs
 
 # CPU-heavy (the torch oracles and the toy-model checks of IFR, node and neuron attribution):
 # left out of the default run, run by CI (-m slow).
 pytestmark = pytest.mark.slow
-torch_setup = test_attribution.torch_setup  # the fixture, shared
+torch_setup = test_attribute.torch_setup  # the fixture, shared
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 S = models.edges.n_senders(CFG)
 
 
@@ -36,7 +36,7 @@ S = models.edges.n_senders(CFG)
 
 @pytest.mark.parametrize("ifr_input", ["token", "token+position"])
 def test_ifr_matches_torch_oracle(torch_setup, ifr_input):
-  from tests import torch_oracle_nodes as N
+  from tests.attribution import torch_oracle_nodes as N
   oracle, model, data = torch_setup
   clean, _, mask, *_ = _torch_inputs(data)
   ref = N.ifr_scores(oracle, clean, mask, token_input=ifr_input == "token")
@@ -52,7 +52,7 @@ def test_ifr_matches_torch_oracle(torch_setup, ifr_input):
 @pytest.mark.parametrize("method", ["EAP", "EAP-IG-inputs", "exact"])
 def test_node_and_neuron_scores_match_torch_oracle(torch_setup, method):
   """Neuron scores (EAP, EAP-IG-inputs) and node scores (their sums; exact node patching)."""
-  from tests import torch_oracle_nodes as N
+  from tests.attribution import torch_oracle_nodes as N
   oracle, model, data = torch_setup
   args = _torch_inputs(data)
   level = "node" if method == "exact" else "neuron"
@@ -74,7 +74,7 @@ def test_node_and_neuron_scores_match_torch_oracle(torch_setup, method):
 
 
 def test_neuron_circuit_evaluation_matches_torch_oracle(torch_setup):
-  from tests import torch_oracle_nodes as N
+  from tests.attribution import torch_oracle_nodes as N
   oracle, model, data = torch_setup
   keep = np.random.RandomState(0).rand(models.edges.n_senders(model.cfg), model.cfg.d_model) < 0.6
   ref = N.neuron_circuit_metric(oracle, *_torch_inputs(data), keep)

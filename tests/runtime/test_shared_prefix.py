@@ -13,7 +13,7 @@ from jaxinterp.attribution import receiver_grads as RG
 from jaxinterp.circuits.layout import valid_edges
 from jaxinterp.models.transformer import embed_inputs, run_blocks
 from jaxinterp.runtime import shared_prefix
-from tests.test_receiver_grads import CONFIGS, _params
+from tests.attribution.test_receiver_grads import CONFIGS, _params
 
 
 def late_corruption(cfg, n=10, width=16, seed=0, metric="task"):

@@ -27,7 +27,7 @@ from jaxinterp.interventions import toy_task
 from jaxinterp.runtime import files, inputs
 from jaxinterp.viz import page
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINYSTORIES = os.path.join(ROOT, "..", "shared", "models", "tinystories-656k")
 
 

@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from benchmarks.torch_baseline import BaselineInputError, torch_eap_ig_inputs  # noqa: E402
-from tests.torch_oracle import (  # noqa: E402
+from tests.attribution.torch_oracle import (  # noqa: E402
   GPT2GraphOracle,
   OracleInputError,
   TaskBatch,
@@ -24,7 +24,7 @@ from tests.torch_oracle import (  # noqa: E402
   random_task_batch,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 IOI_CSV = SHARED / "data" / "eap-ig" / "ioi" / "gpt2.csv"
 TOKENIZER = SHARED / "models" / "gpt2-tokenizer" / "tokenizer.json"
 HAVE_SHARED = IOI_CSV.exists() and TOKENIZER.exists()

@@ -1,6 +1,6 @@
 """Plain-PyTorch oracles for information flow routes and node/neuron attribution, written from the
 `eap` package's definitions (`attribute.py: get_scores_information_flow_routes`,
-`attribute_node.py`), on the weights of a `tests.torch_oracle.GPT2GraphOracle`.
+`attribute_node.py`), on the weights of a `tests.attribution.torch_oracle.GPT2GraphOracle`.
 
 Test-only code; it imports neither jax nor jaxinterp. Node gradients come from a separate plain
 (non graph-form) GPT-2 forward that keeps every node's output as a tensor with `retain_grad()`,
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tests.torch_oracle import GPT2GraphOracle
+from tests.attribution.torch_oracle import GPT2GraphOracle
 
 Tensor = torch.Tensor
 

@@ -28,7 +28,7 @@ from jaxinterp.models.transformer import forward
 # left out of the default run, run by CI (-m slow).
 pytestmark = pytest.mark.slow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KNOWN = ("a0.h3->a1.h0<k>", "a1.h0->logits")
 SIZES = [5, 10, 15, 20]
 

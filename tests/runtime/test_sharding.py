@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 _CHECK = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np

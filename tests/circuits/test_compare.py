@@ -15,7 +15,7 @@ import scipy.stats
 from jaxinterp import models
 from jaxinterp.circuits import Graph, GraphError, compare, mib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CFG = models.ModelConfig(family="gpt2", d_model=16, n_layers=2, n_heads=2, d_head=8, d_mlp=32,
                          d_vocab=40, n_ctx=32)
 

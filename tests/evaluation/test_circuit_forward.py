@@ -21,8 +21,8 @@ from jaxinterp.evaluation import circuit_forward as CF
 from jaxinterp.evaluation import faithfulness as V
 from jaxinterp.models import edges as E
 from jaxinterp.runtime import shared_prefix
-from tests.test_receiver_grads import CONFIGS, _params
-from tests.test_shared_prefix import late_corruption
+from tests.attribution.test_receiver_grads import CONFIGS, _params
+from tests.runtime.test_shared_prefix import late_corruption
 
 
 def _circuits(cfg, seed=0):

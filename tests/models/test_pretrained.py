@@ -75,7 +75,7 @@ def test_converted_orbax_round_trip(tmp_path):
   m = models.from_pretrained(save_hf(hf, tmp_path / "hf"))
   import subprocess
   import sys
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   r = subprocess.run([sys.executable, "-m", "experiments.convert_checkpoint",
                       f"--model={tmp_path / 'hf'}", f"--out={tmp_path / 'conv'}"], cwd=root,
                      capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))

@@ -411,7 +411,7 @@ def test_serial_mode_runs_sources_through_the_intervened_model(params):
 
 
 def test_docs_das_example_runs():
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   with open(os.path.join(root, "docs", "interventions.md")) as f:
     doc = f.read()
   section = doc[doc.index("## Training interventions"):]
@@ -432,7 +432,7 @@ def test_das_benchmark_suite_quick(tmp_path):
   import json
   import subprocess
   import sys
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   out = tmp_path / "das.json"
   env = dict(os.environ, JAX_PLATFORMS="cpu", TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
   p = subprocess.run([sys.executable, "-m", "benchmarks.run", "--suite=das", "--quick",

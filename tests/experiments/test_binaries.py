@@ -30,7 +30,7 @@ from jaxinterp.groundtruth import toy
 from jaxinterp.runtime import files, inputs
 from jaxinterp.viz import plots
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINYSTORIES = os.path.join(os.path.dirname(ROOT), "shared", "models", "tinystories-656k")
 # Every experiments/*.py with a main() is a binary (cli, common and scripts are their plumbing).
 BINARIES = tuple(sorted(

@@ -1,0 +1,106 @@
+"""`attribute_graph` without the reference: completeness of the rows on a model without biases,
+batch-size invariance, the feature budget, CLTs, and one-line refusals of bad input."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxinterp import models
+from jaxinterp import transcoders as T
+from jaxinterp.transcoders import replacement
+
+D, L, F = 16, 2, 24
+TOKENS = np.array([0, 5, 7, 9, 11, 3, 7])
+
+
+def _model(**kw):
+  cfg = models.ModelConfig(**{**dict(
+      family="llama", d_model=D, n_layers=L, n_heads=4, n_kv_heads=2, d_head=4, d_mlp=32,
+      d_vocab=40, n_ctx=16, normalization="rmsnorm", positional="rotary", rotary_dim=4,
+      gated_mlp=True, act_fn="silu", attn_bias=False, attn_out_bias=False, mlp_bias=False,
+      tied_embeddings=False), **kw})
+  params = models.init_params(cfg, jax.random.PRNGKey(0))
+  params = jax.tree.map(lambda a: a * 10 if a.ndim > 1 else a, params)
+  return cfg, params
+
+
+def _plt(seed=0, b_dec=True, **kw):
+  rng = np.random.default_rng(seed)
+
+  def a(*s, scale=0.5):
+    return jnp.asarray(rng.normal(size=s) * scale, jnp.float32)
+
+  return T.PerLayerTranscoders(a(L, D, F, scale=D ** -0.5), a(L, F, scale=0.3) - 0.3,
+                               a(L, F, D), a(L, D) * b_dec, W_skip=a(L, D, D, scale=0.2), **kw)
+
+
+def test_rows_are_complete_without_biases():
+  """Without biases, norms frozen and the position embedding absent, each feature's row sums to
+  its pre-activation less b_enc, and each logit's row to its direction at ln_final's output."""
+  cfg, params = _model()
+  tc = _plt(b_dec=False)
+  g = T.attribute_graph(cfg, params, tc, TOKENS, batch_size=7)
+  _, run, _ = replacement.linearize(cfg, params, tc, jnp.asarray(TOKENS))
+  la, pa, fa = g.active_features[g.selected_features].T
+  pre = np.einsum("nd,nd->n", np.asarray(run.inputs)[la, pa], np.asarray(tc.W_enc)[la, :, fa])
+  np.testing.assert_allclose(g.adjacency[:g.n_features].sum(1), pre, rtol=1e-4, atol=1e-4)
+  assert g.n_features > 10 and (g.adjacency[:g.n_features, g.error_start:g.token_start] != 0).any()
+  targets = T.targets.salient_logits(np.asarray(run.logits[-1]), np.asarray(params["W_U"]))
+  final = replacement.replacement_run(cfg, params, tc, jnp.asarray(TOKENS), replacement.Sources(
+      jnp.zeros((len(TOKENS), D)), tuple(jnp.zeros((len(TOKENS), D)) for _ in range(L))))[0].final
+  want = targets.vectors @ np.asarray(final)[-1]
+  np.testing.assert_allclose(g.adjacency[g.logit_start:].sum(1), want, rtol=1e-4, atol=1e-4)
+
+
+def test_batch_size_and_budget():
+  cfg, params = _model(family="gpt2", normalization="layernorm", positional="learned",
+                       rotary_dim=0, n_kv_heads=None, gated_mlp=False, act_fn="gelu_new",
+                       attn_bias=True, attn_out_bias=True, mlp_bias=True)
+  tc = _plt(threshold=jnp.full((L, F), 0.05))
+  g = T.attribute_graph(cfg, params, tc, TOKENS, batch_size=64)
+  g3 = T.attribute_graph(cfg, params, tc, TOKENS, batch_size=3)
+  np.testing.assert_allclose(g3.adjacency, g.adjacency, rtol=1e-5, atol=1e-6)
+  same = T.attribute_graph(cfg, params, tc, TOKENS, batch_size=5, max_feature_nodes=10 ** 6)
+  np.testing.assert_allclose(same.adjacency, g.adjacency, rtol=1e-5, atol=1e-6)
+  k = 7
+  small = T.attribute_graph(cfg, params, tc, TOKENS, batch_size=4, max_feature_nodes=k)
+  assert small.n_features == k and small.n_nodes == g.n_nodes - (g.n_features - k)
+  keep = np.concatenate([small.selected_features, np.arange(g.n_features, g.n_nodes)])
+  np.testing.assert_allclose(small.adjacency[:k], g.adjacency[small.selected_features][:, keep],
+                             rtol=1e-5, atol=1e-6)
+  T.prune(small)  # the budgeted graph is a valid graph
+
+
+def test_clt_rows_match_plt_when_decoders_only_write_their_layer():
+  cfg, params = _model()
+  tc = _plt(b_dec=False)
+  W_dec = tuple(jnp.concatenate([tc.W_dec[s][:, None], jnp.zeros((F, L - s - 1, D))], 1)
+                for s in range(L))
+  clt = T.CrossLayerTranscoder(tc.W_enc, tc.b_enc, W_dec, tc.b_dec, W_skip=tc.W_skip,
+                               input_hook="mlp.hook_in")
+  g = T.attribute_graph(cfg, params, tc, TOKENS)
+  gc = T.attribute_graph(cfg, params, clt, TOKENS)
+  np.testing.assert_allclose(gc.adjacency, g.adjacency, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tokens,match", [
+    (np.array([0]), "at least one token after BOS"),
+    (np.arange(17) % 40, "more than the model's context of 16"),
+    (np.array([0, 41]), "outside the vocabulary"),
+    (np.zeros((2, 3), int), "one prompt's token ids"),
+])
+def test_bad_prompts_are_one_line(tokens, match):
+  cfg, params = _model()
+  with pytest.raises(T.TranscoderError, match=match) as e:
+    T.attribute_graph(cfg, params, _plt(), tokens)
+  assert "\n" not in str(e.value)
+
+
+def test_transcoders_for_another_model_are_one_line():
+  cfg, params = _model(n_layers=3)
+  with pytest.raises(T.TranscoderError, match="layer 2 has none") as e:
+    T.attribute_graph(cfg, params, _plt(), TOKENS)
+  assert "\n" not in str(e.value)
