@@ -17,7 +17,7 @@ drifts when it differs at all. Times are not checked. Prints every compared cell
 figures (`recovery.summary` per case, as results_cpu_ground_truth.json holds them).
 
 Not run by CI: the full check takes about as long as the whole CI run. The tests of
-tests/test_ground_truth.py check the document's parser and a reduced table.
+tests/groundtruth/test_truth.py check the document's parser and a reduced table.
 """
 
 from __future__ import annotations

@@ -260,11 +260,9 @@ def _run(config: FindCircuitConfig, options: A.Options, held: files.RunDir,
   print(f"\n{config.method} ({config.intervention}) on {config.task}, {len(dataset)} examples, "
         f"model {config.model}: {n_total} {level}s")
   print(f"clean metric {curve.m_full:.4f}, empty circuit {curve.m_empty:.4f}")
-  what = (f"metric change when the {level} is ablated" if method.convention is None
-          else "higher = more important")
-  print(f"top {level}s (score = {what}):")
+  print(f"top {level}s (score: {convention.DISPLAYED}):")
   for name, s in top:
-    print(f"  {name:28s} {s:+.4f}")
+    print(f"  {name:28s} {convention.displayed(s, conv):+.4f}")
   if boot is not None:
     sel = boot.get("selected", {})
     print(f"bootstrap ({boot['resamples']} resamples of {boot['n_units']} batches): circuit's mean "

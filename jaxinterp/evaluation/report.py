@@ -240,10 +240,11 @@ def evaluate_circuit(config: EvaluateConfig, out: str | None = None, *,
     if config.compare:
       summary["compare"]["graph"] = os.path.abspath(config.compare)
 
-    title = f"{name} ({summary['selection']})"
+    method = meta.get("method", "unknown method")  # the method that found the circuit
+    title = f"{method}: {name} ({summary['selection']})"
     with held.writing(OUTPUTS):
       plots.plot_faithfulness(curve, os.path.join(out, "faithfulness.png"),
-                              title=f"{name}: {summary['task']}, {intervention}")
+                              title=f"{method}: {name}, {summary['task']}, {intervention}")
       plots.plot_circuit(circuit, os.path.join(out, "circuit.png"), title=title)
       viewer.write_html(graph, os.path.join(out, "circuit.html"), curve=curve, n=top_n, title=title)
       files.atomic_write_csv(os.path.join(out, "faithfulness.csv"), curve.rows())

@@ -156,7 +156,7 @@ def test_methods_that_need_corrupted_prompts_say_so(tmp_path):
   from tokenizers import Tokenizer, pre_tokenizers
   from tokenizers import models as tm
 
-  from tests.test_tasks import WORDS, W, write
+  from tests.tasks.test_tasks import WORDS, W, write
   tok = Tokenizer(tm.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
   p = write(tmp_path, ["clean", "correct_idx", "incorrect_idx"],

@@ -39,8 +39,11 @@ def _plt(seed=0, b_dec=True, **kw):
 
 def test_rows_are_complete_without_biases():
   """Without biases, norms frozen and the position embedding absent, each feature's row sums to
-  its pre-activation less b_enc, and each logit's row to its direction at ln_final's output."""
+  its pre-activation less b_enc, and each logit's row to its direction at ln_final's output. BOS's
+  embedding is zero, so that its MLP outputs (a constant of the replacement model, not a node) are
+  zero too."""
   cfg, params = _model()
+  params = {**params, "W_E": params["W_E"].at[0].set(0)}
   tc = _plt(b_dec=False)
   g = T.attribute_graph(cfg, params, tc, TOKENS, batch_size=7)
   _, run, _ = replacement.linearize(cfg, params, tc, jnp.asarray(TOKENS))

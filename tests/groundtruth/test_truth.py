@@ -36,7 +36,7 @@ pytestmark = pytest.mark.slow
 HAS_TRACR = all(importlib.util.find_spec(m) is not None for m in ("tracr", "haiku"))
 needs_tracr = pytest.mark.skipif(not HAS_TRACR, reason='tracr not installed: pip install '
                                  '"jaxinterp[tracr]"')
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
 
 

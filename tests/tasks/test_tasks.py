@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from jaxinterp import tasks
 from jaxinterp.tasks import TaskError
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 GPT2_TOK = SHARED / "models" / "gpt2-tokenizer" / "tokenizer.json"
 EAP = SHARED / "data" / "eap-ig"
 needs_shared = pytest.mark.skipif(not GPT2_TOK.exists(),

@@ -23,7 +23,7 @@ from jaxinterp.models import ModelConfig
 from jaxinterp.runtime import inputs
 from jaxinterp.viz import page, viewer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GPT2_SMALL = ModelConfig(family="gpt2", d_model=768, n_layers=12, n_heads=12, d_head=64, d_mlp=3072,
                          d_vocab=50257, n_ctx=1024)
 SMALL = ModelConfig(family="gpt2", d_model=16, n_layers=3, n_heads=4, d_head=4, d_mlp=32,
