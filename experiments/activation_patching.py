@@ -10,9 +10,11 @@ layer x head; head q/k/v/pattern by layer x head), every cell is patched in turn
 with one corrupted activation; `denoising` the reverse (TransformerLens' default).
 
 Writes `{sweep}.png` and `{sweep}.npz` (arrays `normalized`, `metric`, `m_clean`, `m_corrupted`,
-`axis_labels`, ...) under `--out`, `patching.json` with the baselines, and `DONE` last. Heatmaps
-show the change each patch makes, centred on zero (white: no effect); positions are labelled with
-the first prompt's tokens, decoded when the model has a tokenizer. The pipeline is
+`axis_labels`, ...) under `--out`, `patching.json` with the baselines, and `DONE` last. The console,
+the heatmaps and the files show the same normalised number; the heatmaps are white at no effect (1
+when noising, 0 when denoising). Positions are labelled with the first prompt's tokens, decoded when
+the model has a tokenizer. A finished run in `--out` is kept: the same settings report it complete,
+other settings are refused unless `--overwrite`. The pipeline is
 `jaxinterp.patching.activation_patching`.
 """
 
@@ -42,6 +44,7 @@ cli.define("string", "direction", D["direction"],
 cli.define("integer", "patch_chunk", D["patch_chunk"],
            "Patched forwards per compiled vmap call (lower it to save memory).")
 cli.define("bool", "skip_bad_rows", D["skip_bad_rows"], common.SKIP_BAD_ROWS_HELP)
+cli.define("bool", "overwrite", False, common.OVERWRITE_HELP)
 
 
 def main(argv):
@@ -49,7 +52,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = cli.config(patching.PatchingConfig, mib_split=common.mib_split())
   common.enable_compilation_cache()
-  patching.activation_patching(config, cli.value("out", OUT))
+  patching.activation_patching(config, cli.value("out", OUT),
+                               overwrite=cli.value("overwrite", False))
 
 
 if __name__ == "__main__":

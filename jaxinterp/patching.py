@@ -430,12 +430,24 @@ def _print(dataset: Dataset, direction: str, results: dict[str, PatchingResult],
   print(f"wrote {len(results)} heatmaps and .npz files to {out}")
 
 
-def activation_patching(config: PatchingConfig, out: str) -> dict[str, PatchingResult]:
+def run_record(config: PatchingConfig) -> files.RunRecord:
+  """The run's record in `out/run.json`: the config and its data file's digest."""
+  settings = dataclasses.asdict(config)
+  if config.data:
+    settings.update(data=os.path.abspath(config.data), data_sha256=inputs.file_digest(config.data))
+  return files.RunRecord("activation_patching", settings, ("task", "sweeps", "model"))
+
+
+def activation_patching(config: PatchingConfig, out: str, *,
+                        overwrite: bool = False) -> dict[str, PatchingResult]:
   """Run `config.sweeps` and write `{sweep}.png`, `{sweep}.npz` and `patching.json` (baselines,
   position labels, the normalisation, each sweep's site, axes, shape and strongest cell) under
   `out`, then `DONE`; prints a summary (each sweep's strongest cell). The console, the PNGs, the
   .npz files (`normalized`) and patching.json show one number per cell: `plots.NORMALIZED`. Bad
-  input raises `inputs.InputError`."""
+  input raises `inputs.InputError`.
+
+  `out` holding another run (other settings, or another binary's) is refused unless `overwrite`;
+  holding this same run, finished, it is left as it is and the result is empty."""
   sweeps = [s.strip() for s in config.sweeps.split(",") if s.strip()]
   if not sweeps:
     raise inputs.InputError("--sweeps is empty")
@@ -449,7 +461,11 @@ def activation_patching(config: PatchingConfig, out: str) -> dict[str, PatchingR
   chunk = inputs.positive("patch_chunk", config.patch_chunk)
   inputs.positive("n_examples", config.n_examples)
 
-  with inputs.run_dir(out) as held:
+  record = run_record(config)
+  with inputs.run_dir(out, record=record, overwrite=overwrite) as held:
+    if held.complete:
+      inputs.already_complete(out, record)
+      return {}
     model = inputs.load_model(config.model)
     dataset = inputs.load_dataset(model, config.model, config.task, config.data,
                                   config.n_examples, seed=config.seed,
@@ -472,6 +488,7 @@ def activation_patching(config: PatchingConfig, out: str) -> dict[str, PatchingR
                             position_labels=labels)
       first = next(iter(results.values()))
       files.atomic_write_json(os.path.join(out, "patching.json"), {
+          "config": dataclasses.asdict(config),
           "model": model.path, "task": dataset.task.name, "data": dataset.source,
           "n_examples": len(dataset), "direction": direction, "m_clean": first.m_clean,
           "m_corrupted": first.m_corrupted, "positions": labels,

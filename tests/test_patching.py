@@ -150,7 +150,19 @@ def test_activation_patching(model_dir, tmp_path, capsys):
     np.testing.assert_array_equal(z["normalized"], results[name].normalized)
   meta = json.loads((out / "patching.json").read_text())
   assert meta["n_examples"] == 4 and set(meta["sweeps"]) == {"resid_pre", "head_out"}
+  assert meta["config"] == dataclasses.asdict(config)
   assert "strongest cell" in capsys.readouterr().out
+
+  # A finished run is kept: the same settings report it complete, others are refused.
+  before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+  assert patching.activation_patching(config, str(out)) == {}
+  assert "already holds this activation_patching run" in capsys.readouterr().out
+  other = dataclasses.replace(config, sweeps="resid_pre")
+  with pytest.raises(inputs.InputError, match="with other settings .*--overwrite"):
+    patching.activation_patching(other, str(out))
+  assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+  assert set(patching.activation_patching(other, str(out), overwrite=True)) == {"resid_pre"}
+  assert not (out / "head_out.npz").exists()  # the old run's other outputs are gone
 
 
 def test_activation_patching_errors(model_dir, tmp_path):
