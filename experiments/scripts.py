@@ -61,8 +61,14 @@ def compare_circuits() -> None:
   _run("compare_circuits")
 
 
+def attribution_graph() -> None:
+  """`jaxinterp-attribution-graph`: experiments/attribution_graph.py."""
+  _run("attribution_graph")
+
+
 SCRIPTS = {"jaxinterp-find-circuit": find_circuit, "jaxinterp-evaluate-circuit": evaluate_circuit,
            "jaxinterp-activation-patching": activation_patching,
            "jaxinterp-convert-checkpoint": convert_checkpoint, "jaxinterp-train-das": train_das,
            "jaxinterp-train-toy-model": train_toy_model, "jaxinterp-ground-truth": ground_truth,
-           "jaxinterp-view": view, "jaxinterp-compare-circuits": compare_circuits}
+           "jaxinterp-view": view, "jaxinterp-compare-circuits": compare_circuits,
+           "jaxinterp-attribution-graph": attribution_graph}

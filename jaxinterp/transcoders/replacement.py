@@ -14,11 +14,12 @@ One forward of the model with interventions at its sites (no second forward):
 
 The run is then affine in what it adds at the sources (the token embeddings at `hook_embed`,
 each layer's MLP output site) and what it reads at the targets (each layer's transcoder input,
-`ln_final`'s output). `linearize` returns that map's VJP: a cotangent at a target (a feature's encoder vector at
-its layer and position, or a logit's direction at the last position) gives the gradient at every
-source, which dotted with a source's vector (a feature's activation times its decoder vector, an
-error vector, a token embedding) is the direct effect of circuit-tracer's adjacency. The features
-and the error at position 0 (BOS) are zeroed (`active_features`, `error_vectors`).
+`ln_final`'s output). `linearize` returns that map's VJP: a cotangent at a target (a feature's
+encoder vector at its layer and position, or a logit's direction at the last position) gives the
+gradient at every source, which dotted with a source's vector (a feature's activation times its
+decoder vector, an error vector, a token embedding) is the direct effect of circuit-tracer's
+adjacency. The features and the error at position 0 (BOS) are zeroed (`active_features`,
+`error_vectors`).
 """
 
 from __future__ import annotations
