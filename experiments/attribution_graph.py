@@ -1,17 +1,21 @@
 """Build the attribution graph of a prompt over transcoder features, as circuit-tracer does.
 
-    python -m experiments.attribution_graph       # the bundled toy model and its transcoders
+    python -m experiments.attribution_graph       # the bundled toy_mlp model and its transcoders
     python -m experiments.attribution_graph --model=/path/to/hf_dir \\
         --transcoders=/path/to/config.yaml --prompt="The capital of France is" --out=runs/graph
 
 The prompt gets BOS prepended (circuit-tracer's `ensure_tokenized`); a model without a tokenizer
-(the toy) takes token ids separated by spaces. Writes to --out: graph.npz (the dense, unpruned
-graph in circuit-tracer's node order: selected features, errors layer-major, tokens, logits),
-graph.json (the pruned graph in circuit-tracer's frontend schema, which its local server and
-Neuronpedia open, with graph-metadata.json beside it) and DONE; a progress bar while the rows are
-computed, then the graph scores and the phase times. Bad input (an empty prompt, a prompt longer
-than the context, transcoders for another model, a threshold outside (0, 1], ...) is one line and
-leaves no output directory behind.
+(the toy models) takes token ids separated by spaces. The default, the bundled induction model with
+MLPs (jaxinterp/assets/toy_mlp) and its 128-feature ReLU transcoders per layer
+(jaxinterp/assets/toy_transcoders; `jaxinterp.transcoders.toy` trains both), runs offline in
+seconds on the prompt "5 3 17 42 8 25 61 9 3 17 42", whose top logit is the induction answer 8.
+
+Writes to --out: graph.npz (the dense, unpruned graph in circuit-tracer's node order: selected
+features, errors layer-major, tokens, logits), graph.json (the pruned graph in circuit-tracer's
+frontend schema, which its local server and Neuronpedia open, with graph-metadata.json beside it)
+and DONE; a progress bar while the rows are computed, then the graph scores and the phase times.
+Bad input (an empty prompt, a prompt longer than the context, transcoders for another model, a
+threshold outside (0, 1], ...) is one line and leaves no output directory behind.
 
 The run is `jaxinterp.transcoders.pipeline.attribution_graph(config, out)`.
 """
@@ -30,9 +34,10 @@ def _define(kind: str, name: str, help_text: str, **kw) -> None:
   cli.define(kind, name, DEFAULTS[name], help_text, **kw)
 
 
-_define("string", "model", "HF checkpoint dir, orbax conversion dir, or 'toy'.")
+_define("string", "model", "HF checkpoint dir, orbax conversion dir, 'toy_mlp' (the bundled "
+        "model with MLPs) or 'toy'.")
 _define("string", "transcoders", "circuit-tracer's transcoder config.yaml (or its directory); "
-        "default: the bundled toy transcoders (with --model=toy).")
+        "default: the bundled toy_mlp's transcoders (with --model=toy_mlp).")
 _define("string", "prompt", "The prompt (BOS is prepended); for a model without a tokenizer, "
         "token ids separated by spaces.")
 _define("integer", "max_n_logits", "At most this many logit targets.")

@@ -19,12 +19,10 @@ import numpy as np
 
 from jaxinterp.models.pretrained import Model
 from jaxinterp.runtime import files, inputs, timing
-from jaxinterp.transcoders import frontend, graph, loading, pruning
+from jaxinterp.transcoders import frontend, graph, loading, pruning, toy
 from jaxinterp.transcoders.attribution import attribute_graph
 from jaxinterp.transcoders.errors import TranscoderError
 
-TOY_TRANSCODERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               "assets", "toy_transcoders")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 OUTPUTS = ("graph.npz", "graph.json", "graph-metadata.json")
 
@@ -34,9 +32,10 @@ class AttributionGraphConfig:
   """One attribution-graph run (each field is the binary's flag of the same name).
 
   Attributes:
-    model: HF checkpoint directory, orbax conversion, or "toy" (the bundled model).
-    transcoders: circuit-tracer's `config.yaml` (or its directory); "" is the bundled toy
-      transcoders (with --model=toy).
+    model: HF checkpoint directory, orbax conversion, "toy_mlp" (the bundled induction model with
+      MLPs, `transcoders.toy`) or "toy" (the attention-only bundled model).
+    transcoders: circuit-tracer's `config.yaml` (or its directory); "" is the bundled toy_mlp's
+      transcoders (with --model=toy_mlp).
     prompt: the text (a model without a tokenizer, as the toy: token ids separated by spaces).
     max_n_logits, desired_logit_prob: the logit targets (`targets.salient_logits`).
     max_feature_nodes: keep at most this many features (None: every active feature).
@@ -44,9 +43,9 @@ class AttributionGraphConfig:
     batch_size: rows per VJP batch. dtype: "float32" or "bfloat16" (model and transcoders).
   """
 
-  model: str = "toy"
+  model: str = toy.TOY_MLP
   transcoders: str = ""
-  prompt: str = "3 17 42 8 3 17"
+  prompt: str = "5 3 17 42 8 25 61 9 3 17 42"  # toy_mlp predicts 8, by induction
   max_n_logits: int = 10
   desired_logit_prob: float = 0.95
   max_feature_nodes: int | None = None
@@ -101,6 +100,10 @@ def tokenize(model: Model, prompt: str) -> tuple[np.ndarray, list[str]]:
   return toks, texts
 
 
+def _is_toy_mlp(model: Model) -> bool:
+  return bool(model.path) and os.path.realpath(model.path) == os.path.realpath(toy.TOY_MLP_DIR)
+
+
 def _label(model: Model, token: int) -> str:
   if model.tokenizer is None or token >= model.cfg.d_vocab:
     return str(token)
@@ -128,10 +131,12 @@ def attribution_graph(config: AttributionGraphConfig, out: str) -> dict:
     phases.start("load")
     _check(config)
     dtype = DTYPES[config.dtype]
-    model = inputs.load_model(config.model, dtype)
-    path = config.transcoders or TOY_TRANSCODERS
-    if not config.transcoders and not inputs.is_toy_model(model):
-      raise TranscoderError("--transcoders is needed with a --model other than the bundled toy")
+    model_dir = toy.TOY_MLP_DIR if config.model == toy.TOY_MLP else config.model
+    model = inputs.load_model(model_dir, dtype)
+    path = config.transcoders or toy.TOY_TRANSCODERS_DIR
+    if not config.transcoders and not _is_toy_mlp(model):
+      raise TranscoderError("--transcoders is needed with a --model other than the bundled "
+                            "toy_mlp")
     tc = loading.load(path, model.cfg, dtype)
     tokens, texts = tokenize(model, config.prompt)
     with files.RunDir(out) as run_dir:

@@ -76,3 +76,18 @@ def test_bad_input_is_one_line_and_leaves_no_directory(saved, tmp_path, kw, matc
   with pytest.raises((T.TranscoderError, inputs.InputError), match=match) as e:
     attribution_graph(_config(saved, **kw), str(out))
   assert "\n" not in str(e.value) and not out.exists()
+
+
+def test_default_run_is_the_bundled_toy_mlp_with_live_features(tmp_path):
+  """`python -m experiments.attribution_graph` with no flags: the bundled toy_mlp model and its
+  transcoders, whose graph has active features and the induction answer as its top logit."""
+  config = AttributionGraphConfig()
+  out = str(tmp_path / "run")
+  summary = attribution_graph(config, out)
+  assert {"DONE", "graph.json", "graph.npz"} <= set(os.listdir(out))
+  g = T.load_npz(os.path.join(out, "graph.npz"))
+  assert summary["active_features"] == len(g.active_features) > 0 and g.n_features > 0
+  prompt = [int(t) for t in config.prompt.split()]
+  answer = prompt[prompt.index(prompt[-1]) + 1]  # the token after the last token's first copy
+  assert int(g.logit_tokens[0]) == answer
+  assert np.all(g.activation_values > 0) and {int(li) for li in g.active_features[:, 0]} == {0, 1}
