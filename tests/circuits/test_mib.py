@@ -23,7 +23,7 @@ from jaxinterp.evaluation import faithfulness as V
 from jaxinterp.evaluation import report
 from jaxinterp.groundtruth import toy
 
-FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "mib"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "mib"
 TOKENIZER = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "gpt2-tokenizer"
 FRACTIONS = (.001, .002, .005, .01, .02, .05, .1, .2, .5, 1)
 

@@ -203,7 +203,7 @@ def test_mesh_flag_gives_the_same_scores(tiny_model, tmp_path):
   a, b = np.load(os.path.join(one, "scores.npz")), np.load(os.path.join(mesh, "scores.npz"))
   np.testing.assert_allclose(a["scores"], b["scores"], rtol=1e-4,
                              atol=1e-5 * np.abs(a["scores"]).max())
-  bad = _run(_flags(tiny_model, mesh) + ["--mesh=3x3"])
+  bad = _run(_flags(tiny_model, str(tmp_path / "bad")) + ["--mesh=3x3"])
   assert bad.returncode != 0 and "--mesh=3x3" in bad.stderr and "Traceback" not in bad.stderr
 
 

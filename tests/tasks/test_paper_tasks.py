@@ -26,7 +26,7 @@ from jaxinterp.tasks import TaskError
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "eap_ig"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "eap_ig"
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 TOKENIZER = SHARED / "models" / "gpt2-tokenizer" / "tokenizer.json"
 pytestmark = [pytest.mark.skipif(not TOKENIZER.exists(),
