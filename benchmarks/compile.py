@@ -19,7 +19,11 @@ a DAS training step (`interventions.training.make_train_step`, one rotated-space
 EAP-IG-inputs is also compiled on random-init models of its width with 1, 2 and 4 layers (how the
 program grows with depth). Then, on the toy, the quickstart runs as a fresh process with
 `--compilation_cache=` (`python -m experiments.find_circuit`), and its phases (graph.json's
-`meta`) give the share of the run spent compiling (the issue's target: at most 25%).
+`meta`) give the share of the run spent compiling (the issue's target: at most 25%), three times
+under each compile policy (`jaxinterp.runtime.compile_policy`: $JAXINTERP_COMPILE_POLICY=full,
+XLA's full optimisation as before the policy, and the default "auto", where the toy compiles with
+`FAST_COMPILE`), alternating. The kernel rows are compiled as the library compiles them: on the
+toy, with `FAST_COMPILE` (unless $JAXINTERP_COMPILE_POLICY=full or XLA_FLAGS say otherwise).
 
 The CPU is shared: compile seconds move with the load (recorded in the environment); HLO sizes do
 not. Compare seconds within one run.
@@ -49,9 +53,10 @@ from jaxinterp.interventions import basic
 from jaxinterp.interventions import training as tr
 from jaxinterp.models import edges as E
 from jaxinterp.models import init_params
-from jaxinterp.runtime import inputs, shared_prefix
+from jaxinterp.runtime import compile_policy, inputs, shared_prefix
 
 QUICKSTART_TARGET = 0.25  # compile at most this share of the quickstart's phases (issue 30)
+QUICKSTART_RUNS = 3  # fresh processes per compile policy
 _INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?[\w.\-]+ = ")
 
 
@@ -165,13 +170,16 @@ def _toy_layers(n_layers: int):
   return cfg, init_params(cfg, jax.random.PRNGKey(0))
 
 
-def quickstart_row() -> dict:
-  """The quickstart as a fresh process with no persistent cache: its phases and compile share."""
+def quickstart_row(policy: str = "auto", run: int = 1) -> dict:
+  """The quickstart as a fresh process with no persistent cache, under $JAXINTERP_COMPILE_POLICY
+  `policy` ("auto": the toy compiles with `compile_policy.FAST_COMPILE`; "full": XLA's full
+  optimisation, as before the policy): its phases and compile share."""
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "run")
     cmd = [sys.executable, "-m", "experiments.find_circuit", "--compilation_cache=", f"--out={out}"]
-    env = dict(os.environ, JAXINTERP_COMPILATION_CACHE="")
+    env = dict(os.environ, JAXINTERP_COMPILATION_CACHE="", **{compile_policy.ENV: policy})
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    env.pop("XLA_FLAGS", None)
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(common.REPO))
     wall = time.perf_counter() - t0
@@ -181,8 +189,9 @@ def quickstart_row() -> dict:
       meta = json.load(f)["meta"]
   phases = meta["phase_seconds"]
   share = compile_share(phases)
-  return dict(suite="compile", shape="toy", case="quickstart phases",
-              command="python -m experiments.find_circuit --compilation_cache=",
+  return dict(suite="compile", shape="toy", case=f"quickstart phases, compile policy {policy}",
+              command=f"{compile_policy.ENV}={policy} python -m experiments.find_circuit "
+                      "--compilation_cache=", run=run,
               subprocess_wall_s=wall, phase_seconds=phases,
               compile_seconds=meta.get("compile_seconds"), compile_share=share,
               compile_share_target=QUICKSTART_TARGET, meets_target=share <= QUICKSTART_TARGET)
@@ -214,8 +223,10 @@ def suite_compile(ctx, shape: str, n: int, steps: int, first: bool) -> list[dict
                   suffix=shared_prefix.plan(cfg, batch, abl.kind))
       rows.append(dict(base, case=f"EAP-IG-inputs, {n_layers} layers (random init)",
                        **dict(r, n_layers=n_layers)))
-    log("[compile] quickstart")
-    rows.append(quickstart_row())
+    for run in range(1, QUICKSTART_RUNS + 1):  # alternating, so both see the same load
+      for policy in ("full", "auto"):
+        log(f"[compile] quickstart, compile policy {policy}, run {run}")
+        rows.append(quickstart_row(policy, run))
   if shape != "tiny" or not first:
     cfg, params, _ = ctx.model(shape)
     ds, source = ctx.data(cfg, n)

@@ -46,6 +46,7 @@ from jaxinterp.models import edges as E
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.edges import EdgePatch
 from jaxinterp.models.transformer import LayerStart, forward, last_token_logits
+from jaxinterp.runtime import compile_policy
 from jaxinterp.tasks import metrics
 
 METRICS = ("kl", "task")
@@ -78,7 +79,7 @@ class ACDCOptions(base.Options):
     masks.positive_int("acdc_chunk", self.acdc_chunk)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
+@functools.partial(compile_policy.jit, static_argnames=("cfg",))
 def _prepare(cfg, params, batch, ablation):
   """Per batch: the clean residual stream entering each layer, (clean - ablated) senders, the
   ablated senders and the clean last-position logits."""
@@ -89,7 +90,7 @@ def _prepare(cfg, params, batch, ablation):
   return resids, delta, ablated, clean_last
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "task", "layer", "metric"))
+@functools.partial(compile_policy.jit, static_argnames=("cfg", "task", "layer", "metric"))
 def circuit_sums(cfg, task, layer, metric, params, batch, resid, delta, ablated, clean_last,
                  weights):
   """Sum over the batch's real rows of the metric ("kl": KL to clean; "task": the task metric) for

@@ -25,7 +25,7 @@ from jaxinterp.models import edges as E
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.edges import EdgePatch
 from jaxinterp.models.transformer import LayerStart, Norm, forward, ungroup_kv
-from jaxinterp.runtime import shared_prefix
+from jaxinterp.runtime import compile_policy, shared_prefix
 from jaxinterp.tasks import metrics as task_metrics
 
 
@@ -54,7 +54,7 @@ class ExactOptions(base.Options):
                                   f"{self.exact_chunk!r}")
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "suffix"))
+@functools.partial(compile_policy.jit, static_argnames=("cfg", "suffix"))
 def upstream_cache(cfg, params, batch, ablation, suffix: int | None = None):
   """The clean run's inputs of every layer's receivers, and the sender (clean - ablated) deltas.
 
@@ -98,7 +98,7 @@ def suffix(cfg, batch, ablation):
   return width, sfx.batch(batch), sfx.positions
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "task", "layer"))
+@functools.partial(compile_policy.jit, static_argnames=("cfg", "task", "layer"))
 def edge_chunk(cfg, task, layer, params, batch, resid, mlp_input, delta_prefix, senders,
                receivers, clean_logits, positions=None, kv_prefix=None):
   """Metric sums with one edge (senders[i] -> receivers[i], all into `layer`) ablated at a time.
@@ -212,7 +212,7 @@ def _exact_batch(cfg, task, ablation, params, batch, valid, clean_total, clean_l
   return out
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "task", "layer"))
+@functools.partial(compile_policy.jit, static_argnames=("cfg", "task", "layer"))
 def node_chunk(cfg, task, layer, params, batch, resid, shifts, clean_logits, positions=None,
                kv_prefix=None):
   """Metric sums with one node of `layer` ablated at a time (every outgoing edge at once).

@@ -28,13 +28,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import jax
 import jax.numpy as jnp
 
 from jaxinterp.attribution import base
 from jaxinterp.models import edges as E
 from jaxinterp.models.edges import EdgePatch
 from jaxinterp.models.transformer import forward
+from jaxinterp.runtime import compile_policy
 
 IFR_INPUTS = ("token", "token+position")
 
@@ -78,7 +78,7 @@ def _shares(x, senders, mask):
   return jnp.sum(share, 1) / n_real[:, None]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "task", "token_input"))
+@functools.partial(compile_policy.jit, static_argnames=("cfg", "task", "token_input"))
 def ifr_batch(cfg, task, params, batch, token_input: bool = True):
   """IFR scores of one batch.
 

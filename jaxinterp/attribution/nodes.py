@@ -45,6 +45,7 @@ from jaxinterp.models.transformer import (
   run_blocks,
   stack_blocks,
 )
+from jaxinterp.runtime import compile_policy
 from jaxinterp.tasks import metrics as task_metrics
 
 
@@ -57,7 +58,7 @@ def _senders(cfg, params, stacked, emb, mask):
   return jnp.concatenate([emb[:, :, None], per_layer.reshape(b, p, -1, cfg.d_model)], 2), final
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "task", "neuron"))
+@functools.partial(compile_policy.jit, static_argnames=("cfg", "task", "neuron"))
 def node_batch(cfg, task, params, batch, ablation, alphas, neuron: bool = False):
   """Node (or neuron) attribution-patching scores of one batch.
 

@@ -34,7 +34,7 @@ from jaxinterp.attribution.base import Shift
 from jaxinterp.models import edges as E
 from jaxinterp.models import transformer as T
 from jaxinterp.models.config import ModelConfig
-from jaxinterp.runtime import shared_prefix
+from jaxinterp.runtime import compile_policy, shared_prefix
 from jaxinterp.tasks import Batch
 from jaxinterp.tasks.metrics import metric_at_last, metric_sum
 
@@ -325,7 +325,7 @@ def _contract(cfg: ModelConfig, params, diff: Array, P_sum: Array, mlp_sum: Arra
   return jax.lax.scan(body, acc, (Dc, Pc, Mc))[0]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "task", "remat", "suffix"))
+@functools.partial(compile_policy.jit, static_argnames=("cfg", "task", "remat", "suffix"))
 def ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alphas: Array,
                     remat: bool = False, suffix: int | None = None):
   """EAP / EAP-IG-inputs / clean-corrupted scores of one batch.

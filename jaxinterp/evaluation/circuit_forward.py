@@ -48,7 +48,7 @@ from jaxinterp.models.transformer import (
   positions_of,
   ungroup_kv,
 )
-from jaxinterp.runtime import shared_prefix
+from jaxinterp.runtime import compile_policy, shared_prefix
 from jaxinterp.tasks import Batch, Task
 from jaxinterp.tasks.metrics import metric_at_last
 
@@ -155,7 +155,7 @@ def _patching_run(cfg: ModelConfig, params, batch: Batch,
   return tuple(groups), x, prefix
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "task", "suffix"))
+@functools.partial(compile_policy.jit, static_argnames=("cfg", "task", "suffix"))
 def prepare(cfg: ModelConfig, task: Task, params, batch: Batch, ablation: Ablation,
             suffix: int | None = None) -> Prepared:
   """The per-batch arrays every circuit reuses: ablated senders, A_r, the clean run's metric.
@@ -280,7 +280,8 @@ def scratch_like(cfg: ModelConfig, prep: Prepared) -> Array:
   return jnp.zeros((E.n_senders(cfg),) + prep.delta_input.shape[1:], prep.delta_input.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "task"), donate_argnames=("scratch",))
+@functools.partial(compile_policy.jit, static_argnames=("cfg", "task"),
+                   donate_argnames=("scratch",))
 def circuit_metric(cfg: ModelConfig, task: Task, params, batch: Batch, prep: Prepared,
                    w: Array, scratch: Array) -> tuple[Array, Array]:
   """The metric summed over the batch's real rows under one circuit.
