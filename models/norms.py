@@ -78,15 +78,18 @@ class Norm(nn.Module):
       return x
     dtype = x.dtype
     xf = _wide(x)
-    if sites is not None and sites.wants(name):
-      scale = self.gain() * sites(name, self.standardize(xf)[1])
-    else:
-      scale = self.scale(xf)
     if self.cfg.normalization == "rmsnorm":
-      y = xf * scale
-    else:
-      y = (xf - jnp.mean(xf, -1, keepdims=True)) * scale + self.b.astype(xf.dtype)
+      y = xf * self._scale_at(xf, sites, name)
+    else:  # centred before the scale is traced: the program (and its rounding) as without sites
+      centred = xf - jnp.mean(xf, -1, keepdims=True)
+      y = centred * self._scale_at(xf, sites, name) + self.b.astype(xf.dtype)
     return y.astype(dtype)
+
+  def _scale_at(self, xf: Array, sites: Sites | None, name: str | None) -> Array:
+    """`scale(xf)`, its inverse-sigma factor passed through the site `name` when that is asked."""
+    if sites is not None and sites.wants(name):
+      return self.gain() * sites(name, self.standardize(xf)[1])
+    return self.scale(xf)
 
 
 def qk_norm(cfg: ModelConfig, x: Array, w: Array) -> Array:
