@@ -24,12 +24,14 @@ from absl import app
 
 from jaxinterp import patching
 from jaxinterp.experiments import cli, common
+from jaxinterp.runtime import inputs
 
 D = cli.defaults(patching.PatchingConfig)
 OUT = "runs/activation_patching"
 cli.define("string", "model", D["model"],
            "Model: 'toy' (the bundled induction model), an HF checkpoint dir or an orbax "
            "conversion.")
+cli.define("string", "tokenizer", None, inputs.TOKENIZER_HELP)
 cli.define("string", "task", D["task"], "Task name (see jaxinterp.tasks.task_names()).")
 cli.define("string", "data", None, "Task CSV; optional for --task=induction (generated).")
 cli.define("integer", "n_examples", D["n_examples"], "Examples to average over.")

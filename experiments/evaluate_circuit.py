@@ -37,12 +37,14 @@ from jaxinterp import tasks
 from jaxinterp.attribution import INTERVENTIONS
 from jaxinterp.evaluation import report
 from jaxinterp.experiments import cli, common
+from jaxinterp.runtime import inputs
 
 D, M = cli.defaults(report.EvaluateConfig), report.META_DEFAULTS
 META = " Default: as --graph's meta records it (else the default shown)."
 cli.define("string", "model", M["model"],
            "Model: 'toy' (the bundled induction model), an HF checkpoint dir or an orbax "
            "conversion." + META)
+cli.define("string", "tokenizer", None, inputs.TOKENIZER_HELP)
 cli.define("string", "graph", None, "graph.json to evaluate (ours or from the PyTorch EAP-IG).")
 cli.define("string", "task", M["task"], "Task name (see jaxinterp.tasks.task_names())." + META)
 cli.define("string", "data", None, "Task CSV; optional for --task=induction (generated)." + META)

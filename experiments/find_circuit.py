@@ -34,6 +34,7 @@ from jaxinterp import tasks
 from jaxinterp.discovery import FindCircuitConfig, find_circuit
 from jaxinterp.discovery import flags as option_flags
 from jaxinterp.experiments import cli, common
+from jaxinterp.runtime import inputs
 
 DEFAULTS = cli.defaults(FindCircuitConfig)
 METHOD_FLAGS = option_flags.method_flags()
@@ -45,6 +46,9 @@ def _define(kind: str, name: str, help_text: str, **kw) -> None:
 
 
 _define("string", "model", "HF checkpoint dir, orbax conversion dir, or 'toy'.")
+_define("enum", "dtype", "Parameter dtype (default: the checkpoint's own; float32 upcasts a "
+        "bf16 checkpoint).", enum_values=["float32", "bfloat16"])
+_define("string", "tokenizer", inputs.TOKENIZER_HELP)
 _define("string", "task", f"Task: one of {tasks.task_names()}.")
 _define("string", "data", "CSV of clean/corrupted prompt pairs (not needed for induction), or a "
         "local copy of an MIB dataset (directory, .jsonl, .parquet).")

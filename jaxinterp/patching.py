@@ -365,6 +365,7 @@ class PatchingConfig:
   flags."""
 
   model: str = "toy"  # 'toy', an HF checkpoint dir or an orbax conversion
+  tokenizer: str | None = None  # a tokenizer.json (or its directory), for a model without one
   task: str = "induction"
   data: str | None = None  # task CSV (or MIB copy); optional for induction (generated)
   n_examples: int = 16  # examples to average over
@@ -466,7 +467,7 @@ def activation_patching(config: PatchingConfig, out: str, *,
     if held.complete:
       inputs.already_complete(out, record)
       return {}
-    model = inputs.load_model(config.model)
+    model = inputs.load_model(config.model, tokenizer=config.tokenizer)
     dataset = inputs.load_dataset(model, config.model, config.task, config.data,
                                   config.n_examples, seed=config.seed,
                                   skip_bad_rows=config.skip_bad_rows, mib_split=config.mib_split)

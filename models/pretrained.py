@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from .config import ModelConfig
@@ -39,14 +41,16 @@ def _strip(name: str) -> str:
 
 
 def convert_state_dict(cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
-                       dtype=jnp.float32) -> dict[str, Any]:
-  """Convert HF tensors (numpy, by HF name) into our params pytree, checking names and shapes."""
+                       dtype=None) -> dict[str, Any]:
+  """Convert HF tensors (by HF name) into our params pytree, checking names and shapes.
+
+  Each tensor is read (`tensors[name]`, once: a lazy mapping such as `read_hf_tensors`'s reads it
+  from disk then), mapped and turned into its jax array before the next is read, so the host holds
+  one tensor beside the params. `dtype`: the params' dtype; None keeps each tensor's own (a bf16
+  checkpoint loads as bf16).
+  """
   rules = tensor_rules(cfg)
-  stripped = {}
-  for name, t in tensors.items():
-    if name.endswith(_IGNORED_SUFFIXES):
-      continue
-    stripped[_strip(name)] = (name, t)
+  stripped = {_strip(name): name for name in tensors if not name.endswith(_IGNORED_SUFFIXES)}
   if cfg.tied_embeddings:  # a tied head may be saved beside the embedding, or instead of it
     embed_name = {"gpt2": "wte.weight", "gpt_neox": "embed_in.weight"}.get(cfg.family,
                                                                          "embed_tokens.weight")
@@ -61,17 +65,18 @@ def convert_state_dict(cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
     if missing:
       msg.append(f"missing tensors: {_fmt(missing)}")
     if unexpected:
-      msg.append(f"unexpected tensors: {_fmt([stripped[u][0] for u in unexpected])}")
+      msg.append(f"unexpected tensors: {_fmt([stripped[u] for u in unexpected])}")
     raise CheckpointError(f"checkpoint does not match a {cfg.family} model with this "
                           "config.json; " + "; ".join(msg))
   expected = _param_shapes(cfg)
-  flat: dict[tuple[str, ...], np.ndarray] = {}
+  flat: dict[tuple[str, ...], jax.Array] = {}
   for short, rule in rules.items():
-    name, t = stripped[short]
-    if not np.issubdtype(np.asarray(t).dtype, np.floating):
-      raise CheckpointError(f"tensor {name!r} has dtype {np.asarray(t).dtype}; expected a floating "
+    name = stripped[short]
+    t = np.asarray(tensors[name])
+    if not jnp.issubdtype(t.dtype, jnp.floating):
+      raise CheckpointError(f"tensor {name!r} has dtype {t.dtype}; expected a floating "
                             f"point type (float32, float16 or bfloat16)")
-    for path, arr in rule(np.asarray(t)).items():
+    for path, arr in rule(t).items():
       want = expected.get(path)
       if want is None:
         raise CheckpointError(f"tensor {name!r} maps to unknown parameter {'/'.join(path)}")
@@ -79,7 +84,8 @@ def convert_state_dict(cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
         raise CheckpointError(f"shape mismatch for {name!r} (parameter {'/'.join(path)}): expected "
                               f"{tuple(want)} from config.json, got {tuple(arr.shape)} (tensor "
                               f"shape {tuple(np.shape(t))})")
-      flat[path] = arr
+      flat[path] = jnp.array(arr, dtype or arr.dtype)  # a copy: the host tensor can go
+    del t
   left = sorted("/".join(p) for p in set(expected) - set(flat))
   if left:
     raise CheckpointError(f"no tensor provides parameters: {_fmt(left)}")
@@ -88,7 +94,7 @@ def convert_state_dict(cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
     node = params
     for k in path[:-1]:
       node = node.setdefault(k, {})
-    node[path[-1]] = jnp.asarray(arr, dtype)
+    node[path[-1]] = arr
   return params
 
 
@@ -109,16 +115,75 @@ def _param_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
 # Reading files
 
 
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  from safetensors import safe_open
-  out = {}
+# safetensors' dtype names -> numpy dtypes (bfloat16 and float8 from ml_dtypes)
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64,
+    "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+class LazyTensors(Mapping):
+  """{name: tensor} over safetensors files, read from disk one tensor per `[name]` (never cached):
+  only the headers are read up front, so a sharded checkpoint never sits in host memory whole."""
+
+  def __init__(self, paths: Iterable[str]):
+    self._where: dict[str, tuple[str, Any, tuple[int, ...], int, int]] = {}
+    for path in paths:
+      self._where.update(_safetensors_header(path))
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    path, dt, shape, start, end = self._where[name]
+    try:
+      with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    except OSError as e:
+      raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
+    if len(data) != end - start:
+      raise CheckpointError(f"cannot read safetensors file {path}: tensor {name!r} is truncated")
+    return np.frombuffer(data, dt).reshape(shape)
+
+  def __iter__(self):
+    return iter(self._where)
+
+  def __len__(self) -> int:
+    return len(self._where)
+
+
+def _safetensors_header(path: str) -> dict[str, tuple[str, Any, tuple[int, ...], int, int]]:
+  """{name: (path, dtype, shape, start, end)} from a safetensors file's header (byte offsets into
+  the file), checked against the file's size."""
+  def bad(why: str) -> CheckpointError:
+    return CheckpointError(f"cannot read safetensors file {path}: {why}")
+
   try:
-    with safe_open(path, framework="flax") as f:
-      for k in f.keys():
-        t = f.get_tensor(k)
-        out[k] = np.asarray(t.astype(jnp.float32)) if t.dtype == jnp.bfloat16 else np.asarray(t)
-  except Exception as e:  # safetensors raises its own error types for corrupt headers/truncation
-    raise CheckpointError(f"cannot read safetensors file {path}: {type(e).__name__}: {e}") from None
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+      n = int.from_bytes(f.read(8), "little")
+      if n <= 0 or 8 + n > size:
+        raise bad(f"header of {n} bytes in a file of {size}")
+      header = json.loads(f.read(n))
+  except OSError as e:
+    raise bad(str(e)) from None
+  except ValueError as e:
+    raise bad(f"corrupt header: {e}") from None
+  out, base, end_max = {}, 8 + n, 0
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    try:
+      dt, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+    except (TypeError, KeyError, ValueError):
+      raise bad(f"corrupt header entry for {name!r}") from None
+    if dt not in _SAFETENSORS_DTYPES:
+      raise bad(f"tensor {name!r} has unsupported dtype {dt}")
+    np_dt = np.dtype(_SAFETENSORS_DTYPES[dt])
+    if end - start != np_dt.itemsize * math.prod(shape) or base + end > size:
+      raise bad(f"tensor {name!r} lies outside the file (truncated?)")
+    out[name] = (path, np_dt, shape, base + start, base + end)
+    end_max = max(end_max, end)
+  if base + end_max != size:
+    raise bad(f"{size - base - end_max} bytes beyond the last tensor (truncated or corrupt)")
   return out
 
 
@@ -137,29 +202,31 @@ def _read_bin(path: str) -> dict[str, np.ndarray]:
                           f"{str(e).splitlines()[0] if str(e) else ''}") from None
   if not isinstance(sd, Mapping):
     raise CheckpointError(f"{path} does not hold a state dict (got {type(sd).__name__})")
-  return {k: v.detach().float().numpy() if v.dtype == torch.bfloat16 else v.detach().numpy()
-          for k, v in sd.items()}
+  return {k: (v.detach().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+              if v.dtype == torch.bfloat16 else v.detach().numpy()) for k, v in sd.items()}
 
 
-def read_hf_tensors(path: str) -> dict[str, np.ndarray]:
-  """All tensors of a HF checkpoint directory, by name."""
+def read_hf_tensors(path: str) -> Mapping[str, np.ndarray]:
+  """All tensors of a HF checkpoint directory, by name, in their stored dtypes. Safetensors files
+  (one, or the shards of `model.safetensors.index.json`) are read lazily, a tensor per lookup."""
   single = os.path.join(path, "model.safetensors")
   index = os.path.join(path, "model.safetensors.index.json")
   binf = os.path.join(path, "pytorch_model.bin")
   if os.path.exists(single):
-    return _read_safetensors(single)
+    return LazyTensors([single])
   if os.path.exists(index):
     try:
       with open(index) as f:
         weight_map = json.load(f)["weight_map"]
     except (OSError, ValueError, KeyError) as e:
       raise CheckpointError(f"cannot read shard index {index}: {e}") from None
-    out = {}
+    shards = []
     for shard in sorted(set(weight_map.values())):
       sp = os.path.join(path, shard)
       if not os.path.exists(sp):
         raise CheckpointError(f"shard {shard} listed in {index} does not exist")
-      out.update(_read_safetensors(sp))
+      shards.append(sp)
+    out = LazyTensors(shards)
     missing = sorted(set(weight_map) - set(out))
     if missing:
       raise CheckpointError(f"tensors listed in {index} are absent from their shards: "
@@ -182,8 +249,9 @@ def _read_json(path: str) -> dict[str, Any]:
 
 
 def load_tokenizer(path: str):
-  """The `tokenizers.Tokenizer` in `path/tokenizer.json`, or None if there is none."""
-  tp = os.path.join(path, "tokenizer.json")
+  """The `tokenizers.Tokenizer` in `path` (a tokenizer.json file, or a directory holding one), or
+  None if there is none."""
+  tp = path if os.path.isfile(path) else os.path.join(path, "tokenizer.json")
   if not os.path.exists(tp):
     return None
   from tokenizers import Tokenizer
@@ -264,7 +332,9 @@ def from_pretrained(path: str, dtype=jnp.float32) -> Model:
   Args:
     path: a directory with `config.json` and weights, or one written by
       `experiments/convert_checkpoint.py`.
-    dtype: parameter dtype (e.g. `jnp.float32`, `jnp.bfloat16`).
+    dtype: parameter dtype (`jnp.float32`, the default, upcasts a bf16 checkpoint exactly;
+      `jnp.bfloat16`); None keeps the checkpoint's own (a bf16 checkpoint loads as bf16, read
+      straight into bf16, a float32 one as float32). The binaries' default (`--dtype` unset).
   """
   path = os.fspath(path)
   if not os.path.isdir(path):
@@ -309,5 +379,5 @@ def _load_converted(path: str, dtype) -> Model:
     bad += sorted(f"{'/'.join(k)}: expected {expected[k]}, got {got[k]}"
                   for k in set(got) & set(expected) if got[k] != expected[k])
     raise CheckpointError(f"orbax params in {path} do not match {CONVERTED_CONFIG}: {_fmt(bad)}")
-  params = jax.tree.map(lambda x: jnp.asarray(x, dtype), raw)
+  params = jax.tree.map(lambda x: jnp.asarray(x, dtype or x.dtype), raw)
   return Model(cfg, params, load_tokenizer(path), path)

@@ -24,6 +24,9 @@ class FindCircuitConfig:
 
   Attributes:
     model: HF checkpoint dir, orbax conversion dir, or "toy" (the bundled induction model).
+    dtype: the params' dtype, "float32" or "bfloat16" (None: the checkpoint's own).
+    tokenizer: a tokenizer.json, or a directory holding one, for a model without its own (None:
+      the model directory's).
     task: a name in `tasks.task_names()`.
     data: CSV of clean/corrupted prompt pairs, or a local copy of an MIB dataset (None: generated,
       induction only).
@@ -59,6 +62,8 @@ class FindCircuitConfig:
   """
 
   model: str = inputs.TOY
+  dtype: str | None = None
+  tokenizer: str | None = None
   task: str = "induction"
   data: str | None = None
   mib_split: str = "train"

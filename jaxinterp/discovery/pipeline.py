@@ -131,7 +131,7 @@ def _run(config: FindCircuitConfig, options: A.Options, held: files.RunDir,
   phases.start("load")
   out = held.path
   method = A.get_method(config.method)
-  model = inputs.load_model(config.model)
+  model = inputs.load_model(config.model, config.dtype, config.tokenizer)
   dataset = inputs.load_dataset(model, config.model, config.task, config.data, config.n_examples,
                                 config.prepend_bos, config.seed, skip_bad_rows=config.skip_bad_rows,
                                 mib_split=config.mib_split)

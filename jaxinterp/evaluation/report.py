@@ -60,6 +60,7 @@ class EvaluateConfig:
   mib_absolute: bool = False  # protocol="mib": rank by |score| (else by signed importance)
   mib_split: str = "train"  # the split of a local copy of an MIB dataset (`data`)
   model: str | None = None  # 'toy', an HF checkpoint dir or an orbax conversion
+  tokenizer: str | None = None  # a tokenizer.json (or its directory), for a model without one
   task: str | None = None
   data: str | None = None  # task CSV (or MIB copy); optional for induction (generated)
   metric: str | None = None  # "task" or a name in `tasks.METRICS`
@@ -207,7 +208,7 @@ def evaluate_circuit(config: EvaluateConfig, out: str | None = None, *,
       inputs.already_complete(out, record)
       with open(os.path.join(out, "evaluation.json")) as f:
         return json.load(f)
-    model = inputs.load_model(run["model"])
+    model = inputs.load_model(run["model"], tokenizer=config.tokenizer)
     graph = _load_graph(config.graph, model.cfg, "--graph")
     compare = _load_graph(config.compare, model.cfg, "--compare") if config.compare else None
     inputs.check_model_hash(model, run["model"], meta, name, config.force)

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxinterp import models, tasks
@@ -29,6 +30,9 @@ from jaxinterp.runtime import files
 
 TOY = "toy"
 ANSWER_TOP_K = 50  # an answer in no prompt's top-k next tokens is worth a warning
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # --dtype's values
+TOKENIZER_HELP = ("A tokenizer.json, or a directory holding one (e.g. the base model's), for a "
+                  "--model directory without its own tokenizer.json (or in place of it).")
 
 
 class InputError(ValueError):
@@ -107,15 +111,37 @@ def resolve_model_path(name: str) -> str:
   return toy.TOY_MODEL_DIR if name == TOY else name
 
 
-def load_model(name: str, dtype=None) -> models.Model:
+def load_model(name: str, dtype=None, tokenizer: str | None = None) -> models.Model:
   """Load `--model` (HF dir, orbax conversion, or `toy`), turning checkpoint errors into
-  `InputError`s."""
+  `InputError`s.
+
+  Args:
+    name: the `--model` flag.
+    dtype: the params' dtype (`--dtype`): "float32", "bfloat16" or a jnp dtype; None keeps the
+      checkpoint's own (a bf16 checkpoint loads as bf16; float32 upcasts it).
+    tokenizer: `--tokenizer`, a tokenizer.json or a directory holding one: the model's tokenizer,
+      for a model directory without its own (or in place of it).
+  """
   path = resolve_model_path(name)
+  if isinstance(dtype, str):
+    if dtype not in DTYPES:
+      raise InputError(f"--dtype={dtype}: choose from {', '.join(DTYPES)}")
+    dtype = DTYPES[dtype]
   try:
-    kw = {} if dtype is None else {"dtype": dtype}
-    return models.from_pretrained(path, **kw)
+    model = models.from_pretrained(path, dtype=dtype)
   except (models.CheckpointError, models.ConfigError) as e:
     raise InputError(f"--model={name}: {e}") from None
+  if tokenizer:
+    if not os.path.exists(tokenizer):
+      raise InputError(f"--tokenizer={tokenizer}: no such file or directory")
+    try:
+      tok = models.pretrained.load_tokenizer(tokenizer)
+    except models.CheckpointError as e:
+      raise InputError(f"--tokenizer={tokenizer}: {e}") from None
+    if tok is None:
+      raise InputError(f"--tokenizer={tokenizer}: no tokenizer.json in this directory")
+    model = dataclasses.replace(model, tokenizer=tok)
+  return model
 
 
 def model_hash(model: models.Model) -> str:
@@ -188,7 +214,9 @@ def warn_rare_answers(model: models.Model, dataset: tasks.Dataset, data: str) ->
     more = f" and {len(rare) - 5} more" if len(rare) > 5 else ""
     warn(f"--data={data}: {len(rare)} of {n} answers are in no prompt's top-{ANSWER_TOP_K} "
          f"next tokens: {shown}{more}; the model may predict them tokenised differently (e.g. "
-         f"with a leading space), so the metric may measure noise")
+         f"with a leading space on the answer, or a trailing space on the prompt, which "
+         f"byte-level and SentencePiece tokenizers merge differently), so the metric may measure "
+         f"noise")
   return rare
 
 
@@ -200,7 +228,8 @@ def load_dataset(model: models.Model, model_name: str, task: str, data: str | No
 
   Generated induction data depend on the model's weights, not on how `--model` was spelled: the
   bundled toy (however reached) gets `toy.induction_task_dataset`, any other model `make_induction`.
-  A CSV's skipped rows (`skip_bad_rows`) and answers the model never predicts are warned about.
+  A CSV's skipped rows (`skip_bad_rows`), fewer usable rows than `n_examples` and answers the model
+  never predicts are warned about (one line each; the first two share one).
   """
   if n_examples is None or n_examples < 1:
     raise InputError(f"--n_examples={n_examples}: must be at least 1")
@@ -217,7 +246,9 @@ def load_dataset(model: models.Model, model_name: str, task: str, data: str | No
   if not data:
     raise InputError(f"--data (a CSV of prompt pairs) is required for --task={task}")
   if model.tokenizer is None:
-    raise InputError(f"--model={model_name} has no tokenizer.json; it cannot read text CSVs")
+    raise InputError(f"--model={model_name} has no tokenizer.json; it cannot read text CSVs "
+                     f"(give one with --tokenizer=PATH: a tokenizer.json, or a directory holding "
+                     f"one)")
   try:
     if tasks.is_mib_source(data):  # a local copy of MIB's data (a directory, JSON(L) or parquet)
       dataset = tasks.load_mib_task(task, data, model.tokenizer, n_examples=n_examples,
@@ -232,8 +263,13 @@ def load_dataset(model: models.Model, model_name: str, task: str, data: str | No
   except tasks.TaskError as e:
     raise InputError(str(e).replace("skip_bad_rows=True (--skip_bad_rows)",
                                     "--skip_bad_rows")) from None
+  n = len(dataset.clean)
+  short = (f"--n_examples={n_examples} is more than the {n} usable rows of --data={data}; using "
+           f"{n}") if n < n_examples else ""
   if dataset.skipped:
-    warn(f"--skip_bad_rows: left out {dataset.skipped_summary}")
+    warn(f"--skip_bad_rows: left out {dataset.skipped_summary}" + (f"; {short}" if short else ""))
+  elif short:
+    warn(short)
   warn_rare_answers(model, dataset, data)
   return dataset
 

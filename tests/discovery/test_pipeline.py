@@ -222,3 +222,18 @@ def test_compilation_cache_is_written_and_reused(tiny_model, tmp_path):
   assert set(os.listdir(cache)) == set(entries)  # every kernel came from the cache
   sa, sb = np.load(os.path.join(a, "scores.npz")), np.load(os.path.join(b, "scores.npz"))
   np.testing.assert_array_equal(sa["scores"], sb["scores"])
+
+
+def test_dtype_and_tokenizer_flags_are_config_fields():
+  """--dtype and --tokenizer build FindCircuitConfig's fields (default None: the checkpoint's own
+  dtype and tokenizer) and are recorded as settings (run.json, graph.json's meta)."""
+  from absl.testing import flagsaver
+
+  from experiments import find_circuit as binary
+  from jaxinterp.discovery.config import record
+  assert binary.config().dtype is None and binary.config().tokenizer is None
+  with flagsaver.flagsaver(dtype="bfloat16", tokenizer="../shared/models/gpt2-tokenizer"):
+    config = binary.config()
+  assert (config.dtype, config.tokenizer) == ("bfloat16", "../shared/models/gpt2-tokenizer")
+  assert record(config)["dtype"] == "bfloat16"
+  assert record(config)["tokenizer"] == "../shared/models/gpt2-tokenizer"

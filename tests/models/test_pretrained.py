@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from jaxinterp import models
+from jaxinterp.runtime import inputs
 from tests.conftest import FAMILIES, SHARED, build_hf_model, random_tokens, requires_shared, save_hf
 
 
@@ -218,3 +219,60 @@ def test_malicious_pickle_is_refused(tmp_path):
   with pytest.raises(models.CheckpointError, match="weights_only=True"):
     models.from_pretrained(d)
   assert not marker.exists()
+
+
+def test_bf16_checkpoint_loads_as_bf16_or_upcast(tmp_path):
+  """A bf16 checkpoint keeps bf16 params with dtype=None (the binaries' default, no f32 copy on
+  the way) and is upcast exactly with dtype=float32, which then matches HF's upcast model."""
+  import torch
+  import transformers as T
+  save_hf(build_hf_model("llama", seed=3), tmp_path / "f32")
+  hf = T.LlamaForCausalLM.from_pretrained(str(tmp_path / "f32"), dtype=torch.bfloat16).eval()
+  save_hf(hf, tmp_path / "bf16")
+  m = models.from_pretrained(tmp_path / "bf16", dtype=None)
+  assert {x.dtype for x in jax.tree.leaves(m.params)} == {jnp.dtype(jnp.bfloat16)}
+  binary = inputs.load_model(str(tmp_path / "bf16"))  # --dtype unset: the checkpoint's own
+  assert {x.dtype for x in jax.tree.leaves(binary.params)} == {jnp.dtype(jnp.bfloat16)}
+  up = models.from_pretrained(tmp_path / "bf16", dtype=jnp.float32)
+  assert inputs.model_hash(up) == inputs.model_hash(inputs.load_model(str(tmp_path / "bf16"),
+                                                                      "float32"))
+  assert {x.dtype for x in jax.tree.leaves(up.params)} == {jnp.dtype(jnp.float32)}
+  for a, b in zip(jax.tree.leaves(m.params), jax.tree.leaves(up.params), strict=True):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b))  # exact upcast
+  tokens = random_tokens((2, 9), seed=6)
+  ref = hf_logits(hf.float(), tokens)
+  assert np.abs(np.asarray(up(tokens)) - ref).max() < 1e-4
+  assert np.abs(np.asarray(m(tokens), np.float32) - ref).max() < 0.1 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sharded_load_equals_unsharded_bitwise(dtype, tmp_path):
+  """Shard by shard, tensor by tensor (`read_hf_tensors` is lazy), the params equal the single-file
+  load bit for bit, in the checkpoint's dtype."""
+  import torch
+  hf = build_hf_model("gpt2", seed=4).to(getattr(torch, dtype))
+  save_hf(hf, tmp_path / "one")
+  save_hf(hf, tmp_path / "sharded", max_shard_size="20KB")
+  index = json.load(open(tmp_path / "sharded" / "model.safetensors.index.json"))
+  assert len(set(index["weight_map"].values())) > 2
+  tensors = models.pretrained.read_hf_tensors(str(tmp_path / "sharded"))
+  assert not isinstance(tensors, dict)  # nothing read up front
+  a = models.from_pretrained(tmp_path / "one", dtype=None)
+  b = models.from_pretrained(tmp_path / "sharded", dtype=None)
+  la, lb = jax.tree_util.tree_flatten_with_path(a.params)[0], jax.tree.leaves(b.params)
+  assert len(la) == len(lb)
+  for (path, x), y in zip(la, lb, strict=True):
+    assert x.dtype == y.dtype == jnp.dtype(dtype), path
+    assert np.asarray(x).tobytes() == np.asarray(y).tobytes(), jax.tree_util.keystr(path)
+
+
+def test_tokenizer_from_a_file_or_directory(tmp_path):
+  """`load_tokenizer` takes a tokenizer.json file or a directory holding one (None without)."""
+  from tokenizers import Tokenizer
+  from tokenizers import models as tok_models
+  Tokenizer(tok_models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(
+      str(tmp_path / "tokenizer.json"))
+  for where in (tmp_path, tmp_path / "tokenizer.json"):
+    assert models.pretrained.load_tokenizer(str(where)).token_to_id("a") == 0
+  os.makedirs(tmp_path / "empty")
+  assert models.pretrained.load_tokenizer(str(tmp_path / "empty")) is None
