@@ -14,13 +14,13 @@ requires_shared = pytest.mark.skipif(not SHARED.exists(), reason="../shared is a
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# One persistent compilation cache for the whole suite: the library tests in this process
-# (`pytest_configure` enables it) and every binary they start, in-process or as a subprocess, at
-# once (its entries are written atomically: `jaxinterp.runtime.compilation_cache`), and the next
-# run of the suite reads back what this one compiled. $JAXINTERP_TEST_COMPILATION_CACHE picks
-# another directory (empty: no cache). The test of --compilation_cache passes its own directory.
-TEST_CACHE = os.environ.get("JAXINTERP_TEST_COMPILATION_CACHE", os.path.join(
-    os.path.expanduser("~"), ".cache", "jaxinterp", "xla-tests"))
+# No persistent compilation cache by default: writing one entry (XLA's `executable.serialize()`,
+# inside jax) segfaulted a slow-suite run of the mask-training tests, with no other process
+# involved. $JAXINTERP_TEST_COMPILATION_CACHE names a directory to share one cache across the
+# suite (the library tests in this process and every binary they start; entries are written
+# atomically: `jaxinterp.runtime.compilation_cache`). The test of --compilation_cache passes its
+# own directory.
+TEST_CACHE = os.environ.get("JAXINTERP_TEST_COMPILATION_CACHE", "")
 os.environ["JAXINTERP_COMPILATION_CACHE"] = TEST_CACHE
 
 
@@ -32,12 +32,13 @@ def pytest_configure(config):
   other implementations within tolerances. The slow suite keeps the optimised code: its
   mask-training tests follow optimisation paths whose rounding decides near-ties in the learned
   masks. Subprocesses inherit the flag. Then the suite's persistent compilation cache is
-  enabled."""
+  enabled, if $JAXINTERP_TEST_COMPILATION_CACHE names one."""
   if (config.getoption("markexpr") == "not slow"
       and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", "")):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_backend_optimization_level=0").strip()
-  compilation_cache.enable(TEST_CACHE)  # the flags are part of every entry's key
+  if TEST_CACHE:
+    compilation_cache.enable(TEST_CACHE)  # the flags are part of every entry's key
 
 
 @pytest.fixture(scope="module")
