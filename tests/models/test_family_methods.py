@@ -97,6 +97,7 @@ SMALL_OPTIONS = dict(ig_steps=2, mask_steps=4, mask_batch=4, ugs_samples=2, acdc
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("name", list(A.METHODS))
 @pytest.mark.slow
+@pytest.mark.families_matrix  # not in CI: see the marker's description in pyproject.toml
 def test_every_registered_method_runs_on_the_family(family, name):
   """The contract's core per family: shape, zeros on invalid edges, finite, non-trivial."""
   cfg, params = CONFIGS[family], _params(family)
