@@ -155,12 +155,17 @@ def _run(config: FindCircuitConfig, options: A.Options, held: files.RunDir,
   # The curve's circuit forward compiles in a thread meanwhile (off the critical path).
   ahead = (V.compile_ahead(model.cfg, model.params, dataset, intervention=config.intervention,
                            batch_size=config.batch_size) if level == "edge" else None)
-  ablation = _optimal_ablation(config, model, dataset, out) if config.intervention == "optimal" \
-      else None
-  result = A.attribute(model.cfg, params, dataset, config.method, options,
-                       intervention=config.intervention, batch_size=config.batch_size,
-                       resume=resume, on_batch=ckpt.save if ckpt else None, batch_fn=batch_fn,
-                       bootstrap=config.bootstrap, seed=config.seed, ablation=ablation)
+  try:
+    ablation = (_optimal_ablation(config, model, dataset, out) if config.intervention == "optimal"
+                else None)
+    result = A.attribute(model.cfg, params, dataset, config.method, options,
+                         intervention=config.intervention, batch_size=config.batch_size,
+                         resume=resume, on_batch=ckpt.save if ckpt else None, batch_fn=batch_fn,
+                         bootstrap=config.bootstrap, seed=config.seed, ablation=ablation)
+  except BaseException:
+    if ahead is not None:  # never exit while XLA compiles in that thread: it aborts the process
+      ahead.join()
+    raise
   t_attr = time.time() - t0
 
   phases.start("curve")

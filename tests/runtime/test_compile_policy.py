@@ -23,6 +23,8 @@ def test_small_models_compile_fast_large_ones_fully(monkeypatch):
   monkeypatch.delenv("XLA_FLAGS", raising=False)
   monkeypatch.delenv(P.ENV, raising=False)
   cfg = inputs.load_model(inputs.TOY).cfg
+  assert P.compiler_options(cfg) is None  # opt-in: fully optimised by default
+  monkeypatch.setenv(P.ENV, "fast")
   assert P.n_params(cfg) < P.SMALL_MODEL_PARAMS
   assert P.compiler_options(cfg) == P.FAST_COMPILE
   big = dataclasses.replace(cfg, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_layers=12)
@@ -31,7 +33,7 @@ def test_small_models_compile_fast_large_ones_fully(monkeypatch):
   assert P.compiler_options(None) is None
   monkeypatch.setenv(P.ENV, "full")
   assert P.compiler_options(cfg) is None
-  monkeypatch.setenv(P.ENV, "auto")
+  monkeypatch.setenv(P.ENV, "fast")
   monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")  # the user's flag wins
   assert P.compiler_options(cfg) is None
 
@@ -45,7 +47,7 @@ def test_jit_picks_the_program_by_config(monkeypatch):
     return x * cfg.d_model
 
   x = jnp.arange(3.0)
-  monkeypatch.setenv(P.ENV, "auto")
+  monkeypatch.setenv(P.ENV, "fast")
   assert f._pick((cfg, x), {}) is f._fast
   assert f._pick((), {"cfg": cfg, "x": x}) is f._fast
   monkeypatch.setenv(P.ENV, "full")
