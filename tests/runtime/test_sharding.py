@@ -17,7 +17,8 @@ _CHECK = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     assert jax.device_count() == 8, jax.devices()
     from jaxinterp import models
-    from jaxinterp import attribution as A, sharding as SH, tasks
+    from jaxinterp import attribution as A, tasks
+    from jaxinterp.runtime import sharding as SH
 
     cfg = models.ModelConfig(family="llama", d_model=32, n_layers=2, n_heads=4, d_head=8, d_mlp=64,
                              d_vocab=50, n_ctx=32, n_kv_heads=2, normalization="rmsnorm",
