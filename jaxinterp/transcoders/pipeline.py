@@ -1,7 +1,8 @@
 """The attribution-graph run behind `experiments/attribution_graph.py`: load the model and its
 transcoders, tokenise the prompt as circuit-tracer does (BOS prepended), `attribute_graph`, and
 write `graph.npz` (the dense graph), `graph.json` (the pruned graph in circuit-tracer's frontend
-schema, with `graph-metadata.json` beside it) and `DONE`.
+schema, with `graph-metadata.json` beside it), `graph.html` (its offline viewer,
+`viz.graph_viewer`) and `DONE`.
 
 Every check of the input runs before the output directory is created, so bad input (an empty
 prompt, a prompt longer than the context, transcoders for another model, a threshold outside
@@ -22,9 +23,10 @@ from jaxinterp.runtime import files, inputs, timing
 from jaxinterp.transcoders import frontend, graph, loading, pruning, toy
 from jaxinterp.transcoders.attribution import attribute_graph
 from jaxinterp.transcoders.errors import TranscoderError
+from jaxinterp.viz import graph_viewer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-OUTPUTS = ("graph.npz", "graph.json", "graph-metadata.json")
+OUTPUTS = ("graph.npz", "graph.json", "graph-metadata.json", "graph.html")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +158,8 @@ def attribution_graph(config: AttributionGraphConfig, out: str) -> dict:
             prompt=config.prompt, prompt_tokens=texts,
             logit_labels=[_label(model, int(t)) for t in g.logit_tokens],
             node_threshold=config.node_threshold, edge_threshold=config.edge_threshold)
+        graph_viewer.write_html(os.path.join(out, "graph.json"), os.path.join(out, "graph.html"),
+                                title=f"Attribution graph: {config.prompt}")
       phases.stop()
   replacement_score, completeness = pruning.graph_scores(g)
   summary = {"nodes": g.n_nodes, "features": g.n_features,

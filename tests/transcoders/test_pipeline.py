@@ -14,6 +14,7 @@ import pytest
 from jaxinterp import models
 from jaxinterp import transcoders as T
 from jaxinterp.runtime import inputs
+from jaxinterp.transcoders import toy
 from jaxinterp.transcoders.pipeline import AttributionGraphConfig, attribution_graph
 
 D, L, F = 16, 2, 24
@@ -48,7 +49,8 @@ def _config(base, **kw):
 def test_writes_graph_files(saved, tmp_path):
   out = str(tmp_path / "run")
   summary = attribution_graph(_config(saved, max_feature_nodes=12), out)
-  assert sorted(os.listdir(out)) == ["DONE", "graph-metadata.json", "graph.json", "graph.npz"]
+  assert sorted(os.listdir(out)) == ["DONE", "graph-metadata.json", "graph.html", "graph.json",
+                                    "graph.npz"]
   g = T.load_npz(os.path.join(out, "graph.npz"))
   assert g.n_features == summary["features"] == 12 and g.input_tokens[0] == 39
   assert g.n_pos == 7 and set(summary["phase_seconds"]) >= {"load", "attribute", "write"}
@@ -91,3 +93,29 @@ def test_default_run_is_the_bundled_toy_mlp_with_live_features(tmp_path):
   answer = prompt[prompt.index(prompt[-1]) + 1]  # the token after the last token's first copy
   assert int(g.logit_tokens[0]) == answer
   assert np.all(g.activation_values > 0) and {int(li) for li in g.active_features[:, 0]} == {0, 1}
+  # the pruned graph keeps features at the default thresholds, and the viewer is written beside it
+  with open(os.path.join(out, "graph.json")) as fh:
+    pruned = json.load(fh)
+  features = {n["node_id"] for n in pruned["nodes"]
+              if n["feature_type"] == "cross layer transcoder"}
+  assert features and all(any(e["source"] == f for e in pruned["links"]) for f in features)
+  with open(os.path.join(out, "graph.html"), encoding="utf-8") as fh:
+    page = fh.read()
+  assert all(f'"id":"{f}"' in page for f in features) and "http" not in page.replace(
+      "http://www.w3.org/2000/svg", "")
+
+
+def test_bundled_toy_mlp_does_its_two_tasks_and_its_chain_graph_runs_through_features():
+  """toy_mlp predicts a successor chain's next token (the MLPs' lookup) and an induction prompt's
+  answer; on a chain prompt most of the logit's influence runs through transcoder features."""
+  m = models.from_pretrained(toy.TOY_MLP_DIR)
+  f = toy.successor()
+  chain = [5]
+  for _ in range(10):
+    chain.append(int(f[chain[-1]]))
+  tc = T.load(toy.TOY_TRANSCODERS_DIR, m.cfg)
+  g = T.attribute_graph(m.cfg, m.params, tc, np.asarray([m.cfg.bos_token_id] + chain))
+  assert [int(t) for t in g.logit_tokens] == [int(f[chain[-1]])]
+  infl = T.pruning.node_influence(g.adjacency, g.logit_weights())
+  assert infl[:g.n_features].sum() > 0.5 * g.logit_probabilities.sum()  # the weighted logits
+  assert T.prune(g).node_mask[:g.n_features].sum() >= 3

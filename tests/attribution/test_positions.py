@@ -1,0 +1,178 @@
+"""Position-level edge scores: summed over positions they are the edge scores; an exact crossing
+edge is a rerun with one query's key/value patched; the bundled model's K-composition position."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxinterp import attribution as A
+from jaxinterp import models, tasks
+from jaxinterp.attribution import positions as P
+from jaxinterp.attribution import receiver_grads as RG
+from jaxinterp.circuits import positions as cpos
+from jaxinterp.circuits.layout import valid_edges
+from jaxinterp.groundtruth import toy
+from jaxinterp.models import edges as E
+from jaxinterp.models.transformer import sender_outputs
+from jaxinterp.tasks import metrics as task_metrics
+from tests.attribution.test_receiver_grads import CONFIGS, _params
+
+ALPHAS = {"EAP": [1.0], "EAP-IG-inputs": list(A.ig_alphas(3)), "clean-corrupted": [0.0, 1.0],
+          "EAP-IG-activations": list(A.ig_alphas(2, eap_start=1))}
+
+
+def _data(cfg, n=6):
+  ds = tasks.make_induction(n, 4, cfg.d_vocab, seed=0, bos_id=0)
+  return ds, next(ds.batches(8, bucket=None))  # 2 filler rows: they must not count
+
+
+def _check_sum(cfg, loc, cr, ref):
+  ps = cpos.PositionScores(cfg, np.asarray(loc), np.asarray(cr))
+  valid = valid_edges(cfg)
+  got, ref = ps.edge_scores(), np.asarray(ref, np.float64)
+  assert np.abs(ref[valid]).max() > 1e-2  # a real signal
+  assert np.all(got[~valid] == 0)
+  np.testing.assert_allclose(got[valid], ref[valid], atol=2e-5 * np.abs(ref).max(), rtol=1e-4)
+  # Crossing edges only where the key precedes (or is) the query, and only k/v receivers there.
+  kv = cpos.kv_receivers(cfg)
+  assert np.all(np.asarray(loc)[:, :, kv] == 0)
+  assert np.abs(np.asarray(cr)).max() > 0
+
+
+_CASES = [("gpt2", m) for m in ALPHAS] + [(f, m) for f in ("llama", "gpt_neox", "gemma2")
+                                         for m in ("EAP-IG-inputs", "EAP-IG-activations")]
+
+
+@pytest.mark.parametrize("family,method", [pytest.param(
+    f, m, marks=() if (f, m) == ("gpt2", "EAP-IG-inputs") else pytest.mark.slow)
+    for f, m in _CASES])
+def test_sum_over_positions_is_edge_score(family, method):
+  cfg = CONFIGS[family]
+  params = _params(cfg)
+  ds, batch = _data(cfg)
+  abl = A.Ablation("patching")
+  alphas = jnp.asarray(ALPHAS[method], jnp.float32)
+  loc, cr, _ = P.gradient_batch(cfg, ds.task, params, batch, abl, alphas, method=method, chunk=2)
+  if method == "EAP-IG-activations":
+    ref, _ = A.ig_activations._ig_activations_batch(cfg, ds.task, params, batch, abl, alphas)
+  else:
+    ref, _, _ = RG.ig_inputs_batch(cfg, ds.task, params, batch, abl, alphas)
+  _check_sum(cfg, loc, cr, ref)
+
+
+@pytest.mark.slow
+def test_attribute_positions_matches_attribute_mean_ablation():
+  cfg = CONFIGS["llama"]
+  params = _params(cfg)
+  ds, _ = _data(cfg, n=5)
+  got = P.attribute_positions(cfg, params, ds, "EAP", intervention="mean", batch_size=4,
+                              quiet=True)
+  ref = A.attribute(cfg, params, ds, "EAP", intervention="mean", batch_size=4, quiet=True)
+  valid = valid_edges(cfg)
+  np.testing.assert_allclose(got.scores.edge_scores()[valid], ref.scores[valid],
+                             atol=2e-5 * np.abs(ref.scores).max(), rtol=1e-4)
+  assert got.n_examples == 5 and got.clean_metric == pytest.approx(ref.clean_metric, rel=1e-5)
+
+
+def _independent_crossing(cfg, task, params, batch, layer, head, kind, sender, j, i):
+  """m(only query i reads sender's ablated value in head's k/v input at j) - m(clean), by two full
+  forwards with site interventions: one with the k/v input moved for every query, then the clean
+  run with query i's row of that head's pattern (k) or z (v) taken from it."""
+  clean = sender_outputs(cfg, params, batch.clean, batch.mask)
+  corrupt = sender_outputs(cfg, params, batch.corrupted, batch.mask)
+  d = (clean - corrupt)[:, j, sender]  # [b, d_model]
+  pre = f"blocks.{layer}."
+  site = pre + ("attn.hook_pattern" if kind == "k" else "attn.hook_z")
+
+  def move(x):
+    return x.at[:, j, head].add(-d.astype(x.dtype))
+
+  _, moved = models.forward(cfg, params, batch.clean, attention_mask=batch.mask,
+                            interventions={pre + f"hook_{kind}_input": move}, collect=(site,))
+  new = moved[site]
+
+  def put(x):
+    if kind == "k":  # [b, head, query, key]
+      return x.at[:, head, i].set(new[:, head, i])
+    return x.at[:, i, head].set(new[:, i, head])  # [b, query, head, d_head]
+
+  logits = models.forward(cfg, params, batch.clean, attention_mask=batch.mask)
+  patched = models.forward(cfg, params, batch.clean, attention_mask=batch.mask,
+                           interventions={site: put})
+  m0, _ = task_metrics.metric_sum(task, logits, batch, logits)
+  m1, _ = task_metrics.metric_sum(task, patched, batch, logits)
+  return float(m1 - m0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
+def test_exact_crossing_edge_is_a_one_query_rerun(family):
+  cfg = CONFIGS[family]
+  params = _params(cfg, 2.0)
+  ds, batch = _data(cfg)
+  abl = A.Ablation("patching")
+  resids, _, delta, _ = A.exact.upstream_cache(cfg, params, batch, abl)
+  c_total, _, _ = task_metrics.clean_metric(cfg, ds.task, params, batch)
+  s = E.head_sender(cfg, 0, 1)
+  # In the last layer only the last query (7) reaches the metric; in layer 0 every query may.
+  cases = {1: [(s, 3, 2, 0, 7), (s, 4, 2, 1, 7), (0, 2, 1, 0, 7)], 0: [(0, 2, 1, 0, 5),
+                                                                      (0, 3, 3, 1, 4)]}
+  got, want = [], []
+  for layer, edges in cases.items():
+    vals = P.crossing_chunk(cfg, ds.task, layer, params, batch, resids[layer], delta,
+                            jnp.asarray(edges, jnp.int32), None)
+    got += list(np.asarray(vals, np.float64) - float(c_total))
+    want += [_independent_crossing(cfg, ds.task, params, batch, layer, h, "kv"[k], s_, j, i)
+             for s_, j, h, k, i in edges]
+  assert np.abs(want).max() > 1e-3
+  np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max() + 1e-6, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_exact_positions_where_exact_is_additive():
+  """Exact scores are not additive over positions, but where one position carries the whole
+  difference they sum to the edge-level exact scores: `input` edges when clean and corrupted differ
+  in one token (except k/v inputs before the last layer, read by several queries), and the logits
+  edges (only the last position is read). The packed crossing entries are the one-query reruns."""
+  cfg = CONFIGS["gpt2"]
+  params = _params(cfg, 2.0)
+  ds, _ = _data(cfg, n=4)
+  corrupted = ds.clean.copy()
+  corrupted[:, 2] = (corrupted[:, 2] + 7) % cfg.d_vocab
+  ds = dataclasses.replace(ds, corrupted=corrupted)
+  pos = P.attribute_positions(cfg, params, ds, "exact", batch_size=4, quiet=True).scores
+  edge = A.attribute(cfg, params, ds, "exact", batch_size=4, quiet=True).scores
+  summed = pos.edge_scores()
+  L, H = cfg.n_layers, cfg.n_heads
+  early_kv = [E.head_receiver(cfg, li, h, x) for li in range(L - 1) for h in range(H)
+              for x in "kv"]
+  cols = np.setdiff1d(np.flatnonzero(valid_edges(cfg)[0]), early_kv)
+  scale = np.abs(edge).max()
+  np.testing.assert_allclose(summed[0, cols], edge[0, cols], atol=1e-4 * scale, rtol=1e-3)
+  lg = E.logits_receiver(cfg)
+  np.testing.assert_allclose(summed[:, lg], edge[:, lg], atol=1e-4 * scale, rtol=1e-3)
+  # one packed crossing entry against its independent rerun
+  batch = next(ds.batches(4, bucket=None))
+  s, j, i, h = E.head_sender(cfg, 0, 2), 2, 7, 1
+  want = _independent_crossing(cfg, ds.task, params, batch, 1, h, "k", s, j, i) / 4
+  c = list(cpos.kv_receivers(cfg)).index(E.head_receiver(cfg, 1, h, "k"))
+  assert pos.crossing[cpos.pair_index(i, j), s, c] == pytest.approx(want, rel=1e-3, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_bundled_model_k_composition_position():
+  """Position-level EAP-IG on the bundled induction model: the top edge into a1.h0<k> comes from
+  a0.h3 at the position right after the earlier occurrence of the final token."""
+  model = toy.load_toy()
+  ds = toy.induction_task_dataset(16, seed=0)
+  res = P.attribute_positions(model.cfg, model.params, ds, "EAP-IG-inputs", batch_size=16,
+                              quiet=True)
+  clean = ds.clean
+  last = clean.shape[1] - 1
+  earlier = [int(np.flatnonzero(row[:last] == row[last])[0]) for row in clean]
+  assert len(set(earlier)) == 1  # one layout for every row
+  top = res.scores.top(1, "a1.h0<k>")[0][0]
+  assert top == f"a0.h3@{earlier[0] + 1}->a1.h0<k>@{last}", top
