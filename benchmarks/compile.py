@@ -6,24 +6,26 @@ For the bundled toy model (the quickstart's, once per run) and for each --shapes
 the first --n IOI examples or random pairs), every kernel a method runs is traced, lowered and
 compiled ahead of time on the data's first batch (`jax.jit(f).trace(...).lower().compile()`), in
 this process, with no persistent compilation cache (cold: nothing is read back). Per kernel a row
-holds the number of distinct programs it compiles for one batch shape (exact patching and ACDC
-compile one per receiver layer), `hlo_instructions` (instructions of the optimised HLO module,
+holds the number of distinct programs it compiles for one batch shape (ACDC compiles one per
+receiver layer), `hlo_instructions` (instructions of the optimised HLO module,
 `Compiled.as_text()`, summed over its programs), `fusions` (the fused kernels XLA:CPU generates
 code for: its compile time is mostly LLVM on these) and trace / lower / compile seconds.
 
 Kernels: EAP and EAP-IG-inputs (`receiver_grads.ig_inputs_batch`, also at 4x the IG steps: the
-program must not grow with them), EAP-IG-activations, exact patching (`exact.upstream_cache` and
-`exact.edge_chunk` per layer), ACDC's trials (`acdc.circuit_sums` per layer), the UGS mask-training
-step, the circuit forward's `prepare` and `circuit_metric` (one program for every circuit size) and
-a DAS training step (`interventions.training.make_train_step`, one rotated-space site). On the toy,
-EAP-IG-inputs is also compiled on random-init models of its width with 1, 2 and 4 layers (how the
-program grows with depth). Then, on the toy, the quickstart runs as a fresh process with
-`--compilation_cache=` (`python -m experiments.find_circuit`), and its phases (graph.json's
-`meta`) give the share of the run spent compiling (the issue's target: at most 25%), three times
-under each compile policy (`jaxinterp.runtime.compile_policy`: $JAXINTERP_COMPILE_POLICY=full,
-XLA's full optimisation (the default), and the opt-in "fast", where the toy compiles with
-`FAST_COMPILE`), alternating. The kernel rows are compiled as the library compiles them: on the
-toy, with `FAST_COMPILE` (unless $JAXINTERP_COMPILE_POLICY=full or XLA_FLAGS say otherwise).
+program must not grow with them), EAP-IG-activations, exact patching as `attribute` compiles it
+(`exact.upstream_cache`, `exact.edge_chunk_scan`: one program for the edges into every block, and
+`exact.edge_chunk` for the logits receiver; `edge_chunk` per layer where blocks can't be scanned),
+ACDC's trials (`acdc.circuit_sums` per layer), the UGS mask-training step, the circuit forward's
+`prepare` and `circuit_metric` (one program for every circuit size) and a DAS training step
+(`interventions.training.make_train_step`, one rotated-space site). On the toy, EAP-IG-inputs is
+also compiled on random-init models of its width with 1, 2 and 4 layers (how the program grows with
+depth). Then, on the toy, the quickstart runs as a fresh process with `--compilation_cache=`
+(`python -m experiments.find_circuit`), and its phases (graph.json's `meta`) give the share of the
+run spent compiling (the issue's target: at most 25%), three times under each compile policy
+(`jaxinterp.runtime.compile_policy`: $JAXINTERP_COMPILE_POLICY=full, XLA's full optimisation (the
+default), and the opt-in "fast", where the toy compiles with `FAST_COMPILE`), alternating. The
+kernel rows are compiled as the library compiles them: with XLA's defaults, or on the toy with
+`FAST_COMPILE` when this process runs under $JAXINTERP_COMPILE_POLICY=fast.
 
 The CPU is shared: compile seconds move with the load (recorded in the environment); HLO sizes do
 not. Compare seconds within one run.
@@ -118,11 +120,20 @@ def kernels(cfg, params, dataset, steps: int) -> dict[str, dict]:
   clean_last = jnp.zeros((batch.clean.shape[0], 1, cfg.d_vocab), jnp.float32)
   chunk = 8
   idx = jnp.zeros((chunk,), jnp.int32)
+  logits_arg = clean_last if task.needs_clean_logits else None
+  scanned = exact.scan_layers(cfg, params)  # one program for every block layer, as `attribute`
+  if scanned:
+    stacked = exact.stacked_blocks(cfg, params)
+    rows.append(measure(exact.edge_chunk_scan, cfg, task, params, stacked, run,
+                        jnp.asarray(0, jnp.int32), resids, mlp_inputs, delta, idx, idx,
+                        logits_arg, positions, kv))
   for li in range(cfg.n_layers + 1):
+    if scanned and li < cfg.n_layers:
+      continue
     n_up = E.n_upstream_of_mlp(cfg, li) if li < cfg.n_layers else E.n_senders(cfg)
     rows.append(measure(exact.edge_chunk, cfg, task, li, params, run, resids[li],
                         mlp_inputs[min(li, cfg.n_layers - 1)], delta[:, :, :n_up], idx, idx,
-                        clean_last if task.needs_clean_logits else None, positions, kv))
+                        logits_arg, positions, kv))
   out["exact"] = _sum(rows)
   log("[compile] ACDC")
   resids, delta, ablated, clean = acdc._prepare(cfg, params, batch, abl)

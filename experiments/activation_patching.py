@@ -23,7 +23,7 @@ from __future__ import annotations
 from absl import app
 
 from jaxinterp import patching
-from jaxinterp.experiments import cli, common
+from jaxinterp.experiments import cli, common, dry_run
 from jaxinterp.runtime import inputs
 
 D = cli.defaults(patching.PatchingConfig)
@@ -47,12 +47,18 @@ cli.define("integer", "patch_chunk", D["patch_chunk"],
            "Patched forwards per compiled vmap call (lower it to save memory).")
 cli.define("bool", "skip_bad_rows", D["skip_bad_rows"], common.SKIP_BAD_ROWS_HELP)
 cli.define("bool", "overwrite", False, common.OVERWRITE_HELP)
+for _f in dry_run.FLAGS:  # --dry_run, --device_memory, --seq_len
+  cli.define(*_f)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = cli.config(patching.PatchingConfig, mib_split=common.mib_split())
+  if dry_run.requested():
+    dry_run.simple("patching", config.model, None, config.batch_size, sweeps=config.sweeps,
+                   chunk=config.patch_chunk)
+    return
   common.enable_compilation_cache()
   patching.activation_patching(config, cli.value("out", OUT),
                                overwrite=cli.value("overwrite", False))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from absl import app
 
-from jaxinterp.experiments import cli, common
+from jaxinterp.experiments import cli, common, dry_run
 from jaxinterp.transcoders.pipeline import AttributionGraphConfig, attribution_graph
 
 DEFAULTS = cli.defaults(AttributionGraphConfig)
@@ -52,6 +52,10 @@ _define("float", "edge_threshold", "graph.json's pruning: the share of influence
 _define("integer", "batch_size", "Rows per batch of VJPs.")
 _define("enum", "dtype", "Model and transcoder dtype.", enum_values=["float32", "bfloat16"])
 cli.define("string", "out", "runs/attribution_graph", "Output directory.")
+for _f in dry_run.FLAGS:  # --dry_run, --device_memory, --seq_len (the prompt's tokens)
+  cli.define(*_f)
+cli.define("integer", "transcoder_features", 16384, "--dry_run: features per layer of the "
+           "transcoders planned for.")
 
 
 def config() -> AttributionGraphConfig:
@@ -60,7 +64,13 @@ def config() -> AttributionGraphConfig:
 
 
 def run(argv=None) -> dict:
-  """Run with the current flags; returns `attribution_graph`'s summary."""
+  """Run with the current flags; returns `attribution_graph`'s summary (with --dry_run, prints
+  the memory plan and returns it)."""
+  if dry_run.requested():
+    c = config()
+    return dry_run.attribution_graph(c.model, c.dtype, c.batch_size,
+                                     cli.value("transcoder_features", 16384),
+                                     c.max_feature_nodes, c.max_n_logits)
   common.enable_compilation_cache()
   return attribution_graph(config(), cli.value("out", "runs/attribution_graph"))
 

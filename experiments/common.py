@@ -1,5 +1,6 @@
-"""What the experiment binaries share: the shared flags (`--compilation_cache`, `--mib_split`) and
-turning on the compilation cache.
+"""What the experiment binaries share: the shared flags (`--compilation_cache`, `--mib_split`, the
+multi-process flags) and the start of every run: `jax.distributed` when several processes run the
+binary, then the compilation cache.
 
 Every user-facing failure is an `app.UsageError` or an `inputs.InputError` with one clear line
 naming the flag, file or row, so a binary never ends in a stack trace from deep inside jit
@@ -11,7 +12,7 @@ from __future__ import annotations
 from absl import app
 
 from jaxinterp.experiments import cli
-from jaxinterp.runtime import compilation_cache
+from jaxinterp.runtime import compilation_cache, distributed
 
 # $JAXINTERP_COMPILATION_CACHE overrides the default. Processes may share one cache directory: its
 # entries are written atomically (`jaxinterp.runtime.compilation_cache.AtomicFileCache`).
@@ -28,6 +29,22 @@ OVERWRITE_HELP = ("Replace what --out holds: a finished run with other settings,
 FILTER_HELP = ("none, or correct: keep only the rows the model gets right (clean metric above the "
                "corrupted one, by the task's own metric), as the EAP-IG and MIB papers do; the "
                "task check before it is printed and recorded in meta either way.")
+cli.define("string", "coordinator_address", "",
+           "Multi-process runs (jax.distributed): HOST:PORT of process 0, which runs the "
+           "coordinator; give the same to every process. Left out with --num_processes or "
+           "--process_id, it comes from the environment as JAX detects it (SLURM, Open MPI, cloud "
+           "TPU, $JAX_COORDINATOR_ADDRESS). Process p scores every N-th batch; process 0 alone "
+           "writes the outputs.")
+cli.define("integer", "num_processes", None,
+           "Multi-process runs: the number of processes running this binary (see "
+           "--coordinator_address); default from the environment.")
+cli.define("integer", "process_id", None,
+           "Multi-process runs: this process's index, 0 to --num_processes - 1 (0 runs the "
+           "coordinator); default from the environment.")
+cli.define("integer", "distributed_timeout", distributed.DEFAULT_TIMEOUT,
+           "Multi-process runs: seconds a process waits for the coordinator or for the other "
+           "processes at a collective before it ends with one line (a process died or hangs). It "
+           "must exceed the time of one batch, compilation included.")
 SKIP_BAD_ROWS_HELP = ("Leave out --data rows that cannot be used (prompts of unequal token "
                       "lengths, bad labels) and report them, instead of stopping at them.")
 
@@ -36,8 +53,22 @@ def mib_split() -> str:
   return cli.value("mib_split", "train")
 
 
+def start_distributed() -> bool:
+  """Start `jax.distributed` from the multi-process flags or the environment, if a multi-process
+  run is asked for (`runtime.distributed.initialize`); True if it runs. Before any JAX backend."""
+  try:
+    return distributed.initialize(cli.value("coordinator_address", "") or None,
+                                  cli.value("num_processes", None),
+                                  cli.value("process_id", None),
+                                  cli.value("distributed_timeout", distributed.DEFAULT_TIMEOUT))
+  except distributed.DistributedError as e:
+    raise app.UsageError(str(e)) from None
+
+
 def enable_compilation_cache() -> str | None:
-  """Turn on JAX's persistent compilation cache at `--compilation_cache` (if not empty)."""
+  """Start the run: `start_distributed` (every binary's `main` calls this first, before JAX starts
+  a backend), then JAX's persistent compilation cache at `--compilation_cache` (if not empty)."""
+  start_distributed()
   path = cli.value("compilation_cache", COMPILATION_CACHE)
   try:
     return compilation_cache.enable(path)

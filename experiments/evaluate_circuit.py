@@ -36,7 +36,7 @@ from absl import app
 from jaxinterp import tasks
 from jaxinterp.attribution import INTERVENTIONS
 from jaxinterp.evaluation import report
-from jaxinterp.experiments import cli, common
+from jaxinterp.experiments import cli, common, dry_run
 from jaxinterp.runtime import inputs
 
 D, M = cli.defaults(report.EvaluateConfig), report.META_DEFAULTS
@@ -78,12 +78,19 @@ cli.define("bool", "mib_absolute", D["mib_absolute"], "--protocol=mib: rank by |
            "(MIB's --absolute); else by signed importance, MIB's default.")
 
 
+for _f in dry_run.FLAGS:  # --dry_run, --device_memory, --seq_len
+  cli.define(*_f)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   # The settings the meta records stay None unless given, so the meta's values apply.
   config = cli.config(report.EvaluateConfig, mib_split=common.mib_split(),
                       **{k: cli.FLAGS[k].value if cli.given(k) else None for k in M})
+  if dry_run.requested():  # --model as given or the default: --graph is not read
+    dry_run.simple("circuit", cli.value("model", M["model"]), None, config.batch_size)
+    return
   common.enable_compilation_cache()
   report.evaluate_circuit(config, cli.value("out", None), overwrite=cli.value("overwrite", False))
 

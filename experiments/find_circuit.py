@@ -33,7 +33,7 @@ from jaxinterp import attribution as A
 from jaxinterp import tasks
 from jaxinterp.discovery import FindCircuitConfig, find_circuit
 from jaxinterp.discovery import flags as option_flags
-from jaxinterp.experiments import cli, common
+from jaxinterp.experiments import cli, common, dry_run
 from jaxinterp.runtime import inputs
 
 DEFAULTS = cli.defaults(FindCircuitConfig)
@@ -94,6 +94,8 @@ _define("enum", "mib_format", "importances: one importances.json of every edge's
         "--absolute says).", enum_values=["importances", "circuits"])
 _define("string", "mib_model", "The model's name in the --mib_out folder (MIB's: gpt2, qwen2.5, "
         "gemma2, llama3); default the --model directory's name.")
+for _f in dry_run.FLAGS:  # --dry_run, --device_memory, --seq_len
+  cli.define(*_f)
 for _flag in METHOD_FLAGS + OPTIMAL_FLAGS:  # --level, --remat, --ig_steps, --tau, --oa_steps, ...
   cli.define(_flag.kind, _flag.name, None, _flag.help,
              **({"enum_values": list(_flag.choices)} if _flag.choices else {}))
@@ -112,7 +114,11 @@ def config() -> FindCircuitConfig:
 
 
 def run(argv=None) -> dict:
-  """Run with the current flags; returns the summary dict (`discovery.find_circuit`'s)."""
+  """Run with the current flags; returns the summary dict (`discovery.find_circuit`'s), or with
+  --dry_run prints the memory plan and returns it."""
+  if dry_run.requested():
+    c = config()
+    return dry_run.find_circuit(c.model, c.dtype, c.method, c.options, c.batch_size, c.mesh)
   common.enable_compilation_cache()
   return find_circuit(config(), cli.value("out", "runs/find_circuit"),
                       overwrite=cli.value("overwrite", False))

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from absl import app
 
-from jaxinterp.experiments import cli, common
+from jaxinterp.experiments import cli, common, dry_run
 from jaxinterp.interventions import toy_task
 
 D = cli.defaults(toy_task.DASConfig)
@@ -48,10 +48,17 @@ cli.define("integer", "n_eval", D["n_eval"], "Held-out pairs for IIA.")
 cli.define("integer", "seed", D["seed"], "Random seed.")
 
 
+for _f in dry_run.FLAGS:  # --dry_run, --device_memory, --seq_len
+  cli.define(*_f)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = cli.config(toy_task.DASConfig)
+  if dry_run.requested():  # the toy model's training step, on all p^2 inputs at once
+    dry_run.simple("train", config.model_dir, None, config.p ** 2)
+    return
   common.enable_compilation_cache()
   toy_task.train_das(config, cli.value("out", OUT), overwrite=cli.value("overwrite", False))
 

@@ -17,6 +17,8 @@ The methods (one module each; `METHODS` is the registry, `get_method(name)` look
 - `ugs`, `edge_pruning` (on `masks`): learned edge masks, whole-dataset (`Method.fit`);
 - `acdc`: ACDC's greedy edge removal with threshold tau, on the exact machinery (`Method.fit`).
 - `optimal`: the learned constants of optimal ablation (`intervention="optimal"`, `ablation`).
+- `qk`: attention explained, no method: one head's pre-softmax score split into a (query term x
+  key term) table over the EAP-IG senders and bias terms (`qk.explain_attention`).
 - `progress`: the driver's running sums (`Progress`: empty / merge / compute) and their orbax
   checkpoints (`Checkpointer`).
 
@@ -52,6 +54,7 @@ from jaxinterp.attribution import (
   nodes,
   optimal,
   progress,
+  qk,
   receiver_grads,
   ugs,
 )
@@ -72,6 +75,7 @@ from jaxinterp.attribution.exact import ExactOptions, exact_chunk_size
 from jaxinterp.attribution.progress import Checkpointer, Progress
 from jaxinterp.circuits.layout import valid_edges
 from jaxinterp.models.config import ModelConfig
+from jaxinterp.runtime import distributed
 from jaxinterp.tasks import Batch, Dataset
 
 __all__ = [
@@ -80,16 +84,24 @@ __all__ = [
     "Method", "Options", "Progress", "Shift", "attribute", "compute_means", "exact_chunk_size",
     "check_level", "get_method", "ig_alphas", "make_ablation", "make_options", "node_scores",
     "ablation", "acdc", "base", "bootstrap", "eap", "edge_pruning", "ensemble", "exact", "ifr",
-    "ig_activations", "masks", "nodes", "optimal", "progress", "receiver_grads", "ugs",
+    "ig_activations", "masks", "nodes", "optimal", "progress", "qk", "receiver_grads", "ugs",
 ]
+
+
+def _with_positions(m: Method) -> Method:
+  """`m`, also scoring position-level edges (`positions.attribute_positions`: EAP's and the
+  exact kernels keep their position axis; EAP, EAP-IG-inputs and clean-corrupted have every level
+  of `base.LEVELS` already)."""
+  return dataclasses.replace(m, levels=tuple(dict.fromkeys((*m.levels, "position"))))
+
 
 # The registry: name -> Method. Adding a method is one line here.
 METHODS: dict[str, Method] = {m.name: m for m in (
     eap.EAP,
     eap.EAP_IG_INPUTS,
-    ig_activations.EAP_IG_ACTIVATIONS,
+    _with_positions(ig_activations.EAP_IG_ACTIVATIONS),
     eap.CLEAN_CORRUPTED,
-    exact.EXACT,
+    _with_positions(exact.EXACT),
     ifr.IFR,
     ugs.UGS,
     edge_pruning.EDGE_PRUNING,
@@ -132,8 +144,9 @@ def make_options(method: Method, shared: dict | None = None, **given) -> Options
 def check_level(method: Method, options: Options) -> None:
   """AttributionError unless `method` scores at `options.level` (`Method.levels`)."""
   if options.level not in method.levels:
+    shown = [lv for lv in method.levels if lv != "position"]  # position edges are edges
     raise AttributionError(
-        f"{method.name} scores {' and '.join(lv + 's' for lv in method.levels)} only; "
+        f"{method.name} scores {' and '.join(lv + 's' for lv in shown)} only; "
         f"level={options.level!r} works with "
         f"{[n for n, x in METHODS.items() if options.level in x.levels]}")
 
@@ -182,7 +195,9 @@ def attribute(cfg: ModelConfig, params, dataset: Dataset, method: str = "EAP-IG-
     quiet: no progress bars.
     resume: a `Progress` from a checkpoint; batches before `resume.next_batch` are skipped and the
       sums continue from it (the result is bitwise what an uninterrupted run gives).
-    on_batch: called with the `Progress` after every batch (e.g. `Checkpointer.save`).
+    on_batch: called with the `Progress` after every batch (e.g. `Checkpointer.save`); in a
+      multi-process run (`runtime.distributed`) after every round of one batch per process, on
+      every process, with the merged state (process p scores the round's p-th batch).
     batch_fn: applied to every batch first, e.g. `functools.partial(sharding.shard_batch,
       mesh=mesh)` for data parallelism over a device mesh (with `sharding.shard_params`).
     ablation: a prebuilt `Ablation` of the same `intervention` (e.g. learned optimal-ablation
@@ -206,6 +221,9 @@ def attribute(cfg: ModelConfig, params, dataset: Dataset, method: str = "EAP-IG-
                            f"({', '.join(sorted(option_values))})")
   else:
     check_level(m, options)
+  if options.level == "position":
+    raise AttributionError("level='position' scores position-level edges: call "
+                           "attribution.positions.attribute_positions")
   if bootstrap is not None:
     if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 2:
       raise AttributionError(f"bootstrap must be an integer >= 2 (the number of resamples), got "
@@ -257,21 +275,32 @@ def attribute(cfg: ModelConfig, params, dataset: Dataset, method: str = "EAP-IG-
     if state.next_batch:
       raise AttributionError("the run to resume kept no per-batch sums; bootstrap needs them")
     state = dataclasses.replace(state, batch_sums=(), batch_counts=())
-  bar = tqdm(total=n_batches, desc=f"{method} ({intervention})", disable=quiet, unit="batch",
-             initial=state.next_batch)
+  bar = tqdm(total=n_batches, desc=f"{method} ({intervention})", unit="batch",
+             disable=quiet or not distributed.is_writer(), initial=state.next_batch)
+  # Several processes (jax.distributed): process p scores batches start + p, start + p + N, ...;
+  # their states merge in batch order after each round of N batches (progress.merge_processes).
+  rank, n_proc, start = distributed.process_index(), distributed.process_count(), state.next_batch
+  part = None
   for i, batch in enumerate(dataset.batches(batch_size)):
-    if i < state.next_batch:
+    if i < start:
       continue
-    if batch_fn is not None:
-      batch = batch_fn(batch)
-    out = m.score_batch(cfg, task, params, batch, ablation, options)
-    real = np.asarray(batch.valid)
-    base.check_finite(np.asarray(out.clean)[real], i, "the clean metric")
-    s = np.asarray(out.scores, np.float64)
-    base.check_finite(np.asarray(out.metric)[real], i, "the metric")
-    base.check_finite(s[valid], i, "a score")
-    state = state.merge(Progress.of_batch(s, float(out.clean_total), int(np.sum(real)), keep))
-    bar.update(1)
+    if (i - start) % n_proc == rank:
+      if batch_fn is not None:
+        batch = batch_fn(batch)
+      out = m.score_batch(cfg, task, params, batch, ablation, options)
+      real = np.asarray(batch.valid)
+      base.check_finite(np.asarray(out.clean)[real], i, "the clean metric")
+      s = np.asarray(out.scores, np.float64)
+      base.check_finite(np.asarray(out.metric)[real], i, "the metric")
+      base.check_finite(s[valid], i, "a score")
+      part = Progress.of_batch(s, float(out.clean_total), int(np.sum(real)), keep)
+    if n_proc == 1:
+      state, part = state.merge(part), None
+    elif (i - start) % n_proc == n_proc - 1 or i == n_batches - 1:
+      state, part = progress.merge_processes(state, part), None
+    else:
+      continue
+    bar.update(state.next_batch - bar.n)
     if on_batch is not None:
       on_batch(state)
   bar.close()

@@ -19,12 +19,21 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxinterp.attribution import base
+from jaxinterp.attribution import base, receiver_grads
 from jaxinterp.circuits.layout import valid_edges
 from jaxinterp.models import edges as E
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.edges import EdgePatch
-from jaxinterp.models.transformer import LayerStart, Norm, forward, ungroup_kv
+from jaxinterp.models.sites import Sites
+from jaxinterp.models.transformer import (
+  Block,
+  LayerStart,
+  Norm,
+  forward,
+  positions_of,
+  stack_blocks,
+  ungroup_kv,
+)
 from jaxinterp.runtime import compile_policy, shared_prefix
 from jaxinterp.tasks import metrics as task_metrics
 
@@ -155,6 +164,95 @@ def edge_chunk(cfg, task, layer, params, batch, resid, mlp_input, delta_prefix, 
   return jax.vmap(one)(senders, receivers)
 
 
+def scan_layers(cfg: ModelConfig, params) -> bool:
+  """Whether `_exact_batch` reruns the edges into every block with one program (`edge_chunk_scan`,
+  blocks as a `lax.scan`) rather than one program per receiver layer (`edge_chunk`): blocks of one
+  structure whose stacked weights fit (`receiver_grads.scan_blocks_fits`)."""
+  return cfg.n_layers > 1 and receiver_grads.scan_blocks_fits(cfg, params)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def stacked_blocks(cfg, params):
+  """The blocks' weights for `edge_chunk_scan`, GQA ungrouped (`ungroup_kv`), stacked on a leading
+  layer axis: made once per batch, not once per chunk of edges."""
+  return stack_blocks(*ungroup_kv(cfg, params))
+
+
+@functools.partial(compile_policy.jit, static_argnames=("cfg", "task"))
+def edge_chunk_scan(cfg, task, params, stacked, batch, layer, resids, mlp_inputs, delta, senders,
+                    receivers, clean_logits, positions=None, kv_prefix=None):
+  """`edge_chunk` for edges into the blocks, with the receiver's `layer` as data: one program for
+  every layer < n_layers (the logits receiver keeps `edge_chunk`), so a model compiles 1 program
+  here instead of n_layers.
+
+  The receiver's block (its weights picked by `layer`) starts from the clean residual
+  `resids[layer]` with the receiver's q/k/v or normalised-MLP-input change added; the blocks after
+  it run as one `lax.scan` over all layers in which the blocks up to `layer` are skipped
+  (`lax.cond`: the carry passes through). The arithmetic per rerun is `edge_chunk`'s; the blocks
+  are compiled once, so XLA may fuse them differently and the metric may differ from
+  `edge_chunk`'s by float rounding (measured: docs/performance.md, "Compile time").
+
+  Args:
+    stacked: `stacked_blocks(cfg, params)`.
+    layer: Int[Array, ""], the receivers' layer (every edge of the chunk goes into it).
+    resids, mlp_inputs, delta, kv_prefix: `upstream_cache`'s outputs, whole ([layer+1, ...],
+      [layer, ...], [batch, pos, sender, d_model]; the KVPrefix with its leading layer axis).
+    senders, receivers: Int[Array, "chunk"]; clean_logits, positions: as `edge_chunk`'s.
+
+  Returns Float[Array, "chunk"].
+  """
+  rep = cfg.n_heads // cfg.kv_heads
+  cfg, params = ungroup_kv(cfg, params)  # a query head's k/v input is its own
+  if kv_prefix is not None and rep > 1:  # and so are its clean keys and values
+    kv_prefix = kv_prefix.replace(k=jnp.repeat(kv_prefix.k, rep, -2),
+                                  v=jnp.repeat(kv_prefix.v, rep, -2))
+  L, H = cfg.n_layers, cfg.n_heads
+  blk = jax.tree.map(lambda a: a[layer], stacked)
+
+  def norm(p, x):
+    return Norm(cfg).apply({"params": p}, x)
+
+  ln1, ln2 = blk.get("ln1", {}), blk.get("ln2", {})  # {}: the param-free identity norm
+  W = jnp.concatenate([blk["attn"][f"W_{c}"] for c in "QKV"])  # [3H, d, d_head]
+  resid, mlp_input = resids[layer], mlp_inputs[layer]  # [batch, pos, d_model]
+  y_attn, y_mlp = norm(ln1, resid), norm(ln2, mlp_input)
+  key_mask = batch.mask.astype(bool)
+  pos = positions_of(key_mask) if positions is None else positions
+  local = (jnp.asarray([li in cfg.sliding_layers for li in range(L)])
+           if cfg.layer_types_as_data else None)
+  xs = (jnp.arange(L), stacked, kv_prefix, local)
+  kv_at, local_at = jax.tree.map(lambda a: a[layer], (kv_prefix, local))
+
+  def one(s, r):
+    local_r = r - layer * (3 * H + 1)  # 0..3H-1: q/k/v of a head; 3H: the MLP
+    d = delta[:, :, s]
+    is_head = local_r < 3 * H
+    d_attn = (norm(ln1, resid - d) - y_attn) @ W[jnp.minimum(local_r, 3 * H - 1)]
+    d_qkv = jnp.where((jnp.arange(3 * H) == local_r)[None, None, :, None], d_attn[:, :, None], 0.0)
+    d_mlp = jnp.where(is_head, 0.0, norm(ln2, mlp_input - d) - y_mlp)
+
+    iv = {f"blocks.0.attn.hook_{c}": base.Shift(d_qkv[:, :, i * H:(i + 1) * H])
+          for i, c in enumerate("qkv")}
+    iv["blocks.0.ln2.hook_normalized"] = base.Shift(d_mlp)
+    x = Block(cfg, 0).apply({"params": blk}, resid, pos, key_mask, Sites(iv), None, kv_at,
+                            local_at)  # the receiver's block
+
+    def body(x, xs_l):
+      li, p_l, kv_l, local_l = xs_l
+
+      def block(x):
+        return Block(cfg, 0).apply({"params": p_l}, x, pos, key_mask, Sites(), None, kv_l,
+                                   local_l)
+
+      return jax.lax.cond(li > layer, block, lambda x: x, x), None
+
+    x, _ = jax.lax.scan(body, x, xs)  # the blocks after it
+    x = norm(params.get("ln_final", {}), x)
+    return task_metrics.metric_at_last(cfg, task, params, batch, x, clean_logits)[0]
+
+  return jax.vmap(one)(senders, receivers)
+
+
 def exact_chunk_size(cfg: ModelConfig, batch_size: int, n_pos: int,
                      budget_bytes: float | None = None) -> int:
   """Edges per vmapped exact-patching call so that the copies' activations fit in `budget_bytes`.
@@ -165,7 +263,7 @@ def exact_chunk_size(cfg: ModelConfig, batch_size: int, n_pos: int,
   it (CPU).
   """
   if budget_bytes is None:
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     budget_bytes = stats.get("bytes_limit", 16e9) / 4
   per_layer = 10 * cfg.d_model + 3 * cfg.d_mlp + 2 * cfg.n_heads * n_pos
   per_copy = 4.0 * batch_size * (n_pos * per_layer * cfg.n_layers + cfg.d_vocab)
@@ -192,6 +290,8 @@ def _exact_batch(cfg, task, ablation, params, batch, valid, clean_total, clean_l
   work = [(li, np.flatnonzero(layer_of == li)) for li in range(cfg.n_layers + 1)]
   bar = tqdm(total=sum(-(-len(e) // chunk) for _, e in work), desc="exact: edge chunks",
              disable=quiet, leave=False)
+  # One program for the edges into every block, on weights stacked once.
+  stacked = stacked_blocks(cfg, params) if scan_layers(cfg, params) else None
   for li, edges in work:
     if not len(edges):
       continue
@@ -200,11 +300,16 @@ def _exact_batch(cfg, task, ablation, params, batch, valid, clean_total, clean_l
     idx = np.concatenate([edges, np.repeat(edges[-1:], pad)])
     for start in range(0, idx.size, chunk):
       sel = idx[start:start + chunk]
-      vals = np.asarray(edge_chunk(cfg, task, li, params, run, resids[li],
-                                   mlp_inputs[min(li, cfg.n_layers - 1)], delta[:, :, :n_up],
-                                   jnp.asarray(s_idx[sel], jnp.int32),
-                                   jnp.asarray(r_idx[sel], jnp.int32), clean_logits, positions,
-                                   kv_prefix), np.float64)
+      s_sel, r_sel = jnp.asarray(s_idx[sel], jnp.int32), jnp.asarray(r_idx[sel], jnp.int32)
+      if stacked is not None and li < cfg.n_layers:
+        vals = edge_chunk_scan(cfg, task, params, stacked, run, jnp.asarray(li, jnp.int32),
+                               resids, mlp_inputs, delta, s_sel, r_sel, clean_logits, positions,
+                               kv_prefix)
+      else:
+        vals = edge_chunk(cfg, task, li, params, run, resids[li],
+                          mlp_inputs[min(li, cfg.n_layers - 1)], delta[:, :, :n_up], s_sel, r_sel,
+                          clean_logits, positions, kv_prefix)
+      vals = np.asarray(vals, np.float64)
       keep = sel[:max(0, min(chunk, len(edges) - start))]
       out[s_idx[keep], r_idx[keep]] = vals[:len(keep)] - clean_total
       bar.update(1)

@@ -8,6 +8,11 @@ merging the rest of the batches into the saved state.
 
 `Checkpointer` saves a `Progress` under a run's `.resume` directory after every batch and restores
 it, refusing a checkpoint whose fingerprint (the settings of the run that wrote it) differs.
+
+In a multi-process run (`runtime.distributed`) each process scores its own batches and
+`merge_processes` merges the processes' partial states in process order after every round; process
+0 alone saves checkpoints and reads them back for every process, so a run resumes on any number
+of processes (a checkpoint counts batches, whoever scored them).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import shutil
 import numpy as np
 
 from jaxinterp.attribution import base
-from jaxinterp.runtime import files
+from jaxinterp.runtime import distributed, files
 
 FINGERPRINT = "fingerprint.json"
 
@@ -73,6 +78,42 @@ class Progress:
     """(mean scores over the examples seen, float64 of the scores' shape; mean clean metric)."""
     return self.score_sum / self.seen, self.clean_sum / max(self.seen, 1)
 
+  def to_arrays(self) -> dict[str, np.ndarray]:
+    """The state as a flat dict of numpy arrays (what checkpoints and collectives carry)."""
+    tree = {"next_batch": np.int64(self.next_batch), "clean_sum": np.float64(self.clean_sum),
+            "seen": np.int64(self.seen)}
+    if self.score_sum is not None:
+      tree["score_sum"] = np.asarray(self.score_sum)
+    if self.batch_sums is not None:
+      tree["batch_counts"] = np.asarray(self.batch_counts, np.int64)
+      if self.batch_sums:
+        tree["batch_sums"] = np.stack(self.batch_sums)
+    return tree
+
+  @classmethod
+  def from_arrays(cls, tree: dict) -> Progress:
+    """The state `to_arrays` (or a checkpoint) holds."""
+    sums, counts = None, None
+    if "batch_counts" in tree:
+      counts = tuple(int(c) for c in np.asarray(tree["batch_counts"]))
+      sums = tuple(np.asarray(tree["batch_sums"])) if counts else ()
+    score = tree.get("score_sum")
+    return cls(next_batch=int(tree["next_batch"]),
+               score_sum=None if score is None else np.asarray(score),
+               clean_sum=float(tree["clean_sum"]), seen=int(tree["seen"]), batch_sums=sums,
+               batch_counts=counts)
+
+
+def merge_processes(state: Progress, part: Progress | None) -> Progress:
+  """`state` merged with every process's `part` of one round, in process order (process p holds
+  the round's p-th batch, or None past the last batch); the same result on every process, and with
+  one process `state.merge(part)`. A collective: every process calls it."""
+  mine = b"" if part is None else distributed.arrays_to_bytes(part.to_arrays())
+  for data in distributed.allgather_bytes(mine):
+    if data:
+      state = state.merge(Progress.from_arrays(distributed.arrays_from_bytes(data)))
+  return state
+
 
 class Checkpointer:
   """A `Progress` saved with orbax under `directory` (e.g. a run's `--out/.resume`).
@@ -96,8 +137,28 @@ class Checkpointer:
   def load(self) -> Progress | None:
     """The saved state, or None if there is none (a stale fingerprint alone is removed).
 
+    In a multi-process run process 0 reads it and every process gets it (a collective).
     Raises AttributionError naming every setting that differs from the checkpoint's.
     """
+    if distributed.process_count() == 1:
+      return self._load()
+    error, state = "", None
+    if distributed.is_writer():
+      try:
+        state = self._load()
+      except base.AttributionError as e:
+        error = str(e)
+    tree = {"error": np.asarray(error)}
+    if state is not None:
+      tree.update(state.to_arrays())
+    got = distributed.arrays_from_bytes(
+        distributed.broadcast_bytes(distributed.arrays_to_bytes(tree)))
+    error = str(got.pop("error"))
+    if error:  # process 0's refusal, on every process
+      raise base.AttributionError(error)
+    return Progress.from_arrays(got) if got else None
+
+  def _load(self) -> Progress | None:
     steps = self._steps()
     if not steps:  # nothing complete to resume (possibly a stale fingerprint): start afresh
       self.clear()
@@ -120,7 +181,9 @@ class Checkpointer:
                     batch_sums=sums, batch_counts=counts)
 
   def save(self, state: Progress) -> None:
-    """Save `state` as the newest step, then remove the older ones."""
+    """Save `state` as the newest step, then remove the older ones (process 0 only)."""
+    if not distributed.is_writer():
+      return
     os.makedirs(self.dir, exist_ok=True)
     fp_path = os.path.join(self.dir, FINGERPRINT)
     if not os.path.exists(fp_path):
@@ -137,5 +200,7 @@ class Checkpointer:
         shutil.rmtree(os.path.join(self.dir, f"step_{s:06d}"), ignore_errors=True)
 
   def clear(self) -> None:
-    """Remove the checkpoint."""
+    """Remove the checkpoint (process 0 only)."""
+    if not distributed.is_writer():
+      return
     shutil.rmtree(self.dir, ignore_errors=True)

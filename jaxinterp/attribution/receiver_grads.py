@@ -41,12 +41,17 @@ from jaxinterp.tasks.metrics import metric_at_last, metric_sum
 # Blocks run as one lax.scan (fast compiles) when their weights take at most this fraction of the
 # device's memory: the scan needs a stacked copy of them, which an 8B model can't spare on one GPU.
 SCAN_MAX_FRACTION = 0.15
+# The device memory that decision is made for: None, the default device's; a memory plan
+# (`runtime.memory_plan`, --dry_run) sets the planned device's while it traces.
+PLANNED_DEVICE_BYTES: int | None = None
 Array = jax.Array
 
 
 def _device_memory_bytes() -> int:
-  """Memory of the default device (host RAM for the CPU backend)."""
-  stats = jax.devices()[0].memory_stats() or {}
+  """Memory of the default device (host RAM for the CPU backend), or PLANNED_DEVICE_BYTES."""
+  if PLANNED_DEVICE_BYTES is not None:
+    return PLANNED_DEVICE_BYTES
+  stats = jax.local_devices()[0].memory_stats() or {}
   if stats.get("bytes_limit"):
     return int(stats["bytes_limit"])
   try:

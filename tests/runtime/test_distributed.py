@@ -1,0 +1,159 @@
+"""Multi-process runs (jax.distributed, gloo on CPU): 2 processes x 2 simulated CPU devices give
+what one process gives, a killed peer ends the other with one line, and a checkpoint of a
+2-process run resumes on 1 process.
+
+The binaries run as subprocesses on localhost (XLA_FLAGS must be set before jax starts). They share
+one compilation cache in a temporary directory, so only the first run compiles.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jaxinterp.attribution.progress import Progress, merge_processes
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+# 6 batches: 3 rounds of one batch per process.
+RUN = ["--n_examples=24", "--batch_size=4", "--checkpoint_batches=0"]
+ERROR = "find_circuit: error: "
+
+
+def _env() -> dict:
+  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+  return dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
+
+
+def _port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _start(out, cache, *extra, **kw) -> subprocess.Popen:
+  cmd = [sys.executable, "-m", "experiments.find_circuit", f"--out={out}",
+         f"--compilation_cache={cache}", *RUN, *extra]
+  return subprocess.Popen(cmd, cwd=str(REPO), env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _processes(out, cache, timeout=60, *extra) -> list[subprocess.Popen]:
+  common = [f"--coordinator_address=localhost:{_port()}", "--num_processes=2",
+            f"--distributed_timeout={timeout}", *extra]
+  return [_start(out, cache, *common, f"--process_id={p}") for p in (0, 1)]
+
+
+def _finish(p: subprocess.Popen, timeout=240) -> tuple[int, str, str]:
+  out, err = p.communicate(timeout=timeout)
+  return p.returncode, out, err
+
+
+def _errors(err: str) -> list[str]:
+  """stderr's lines, without the progress bars (a bar left open precedes an error on its line)."""
+  lines = [ln[ln.index(ERROR):] if ERROR in ln else ln
+           for ln in err.replace("\r", "\n").splitlines()]
+  return [ln for ln in lines if ln.strip() and not ln.startswith(("EAP-IG", "evaluating"))]
+
+
+def _assert_same_run(a, b) -> None:
+  """Scores, circuit and curve of two find_circuit outputs equal to 1e-6."""
+  sa, sb = np.load(a / "scores.npz"), np.load(b / "scores.npz")
+  assert np.abs(sa["scores"]).max() > 1e-2
+  for k in ("scores", "node_scores"):
+    np.testing.assert_allclose(sb[k], sa[k], rtol=0, atol=1e-6)
+  for k in ("in_graph", "nodes_in_graph", "valid"):
+    np.testing.assert_array_equal(sb[k], sa[k])
+  ca, cb = ((x / "faithfulness.csv").read_text().splitlines() for x in (a, b))
+  assert ca[0] == cb[0] and len(ca) == len(cb) > 2
+  np.testing.assert_allclose(np.loadtxt(cb[1:], delimiter=","), np.loadtxt(ca[1:], delimiter=","),
+                             rtol=0, atol=1e-6)
+  ga, gb = (json.loads((x / "graph.json").read_text()) for x in (a, b))
+  assert {k: v for k, v in ga.items() if k != "meta"} == {k: v for k, v in gb.items()
+                                                          if k != "meta"}
+  for k in ("faithfulness", "m_full", "m_empty", "clean_metric"):
+    assert abs(ga["meta"][k] - gb["meta"][k]) <= 1e-6, k
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """One process's run (it fills the shared compilation cache)."""
+  root = tmp_path_factory.mktemp("distributed")
+  cache = root / "cache"
+  rc, out, err = _finish(_start(root / "one", cache))
+  assert rc == 0, out[-2000:] + err[-3000:]
+  return root, cache
+
+
+def test_two_processes_equal_one_and_a_killed_peer_ends_the_other(reference):
+  root, cache = reference
+  # Two runs at once: a whole one, and one whose process 1 is killed after the first round.
+  whole = _processes(root / "two", cache)
+  killed = _processes(root / "killed", cache, 40)
+  step = root / "killed" / ".resume" / "step_000002"  # process 0's checkpoint after round 1
+  deadline = time.monotonic() + 240
+  while not step.exists() and killed[0].poll() is None and time.monotonic() < deadline:
+    time.sleep(0.05)
+  os.kill(killed[1].pid, signal.SIGKILL)
+  t0 = time.monotonic()
+  rc, _, err = _finish(killed[0], timeout=120)
+  waited = time.monotonic() - t0
+  killed[1].communicate()
+  lines = _errors(err)
+  assert step.exists(), err[-3000:]
+  assert rc == 1 and len(lines) == 1 and lines[0].startswith(ERROR), err[-3000:]
+  assert "process 0" in lines[0] and waited < 100, (lines, waited)
+
+  for p in whole:
+    rc, out, err = _finish(p)
+    assert rc == 0, out[-2000:] + err[-3000:]
+  _assert_same_run(root / "one", root / "two")
+  assert not (root / "two" / ".resume").exists()  # process 0 cleared its checkpoints
+
+  # The 2-process checkpoint resumes on 1 process, to the same result.
+  rc, out, err = _finish(_start(root / "killed", cache))
+  assert rc == 0 and "resuming from checkpoint: batch 2 of 6" in out, out[-2000:] + err[-3000:]
+  _assert_same_run(root / "one", root / "killed")
+
+
+def test_unreachable_coordinator_is_one_line(tmp_path):
+  t0 = time.monotonic()
+  p = _start(tmp_path / "out", "", f"--coordinator_address=localhost:{_port()}",
+             "--num_processes=2", "--process_id=1", "--distributed_timeout=2")
+  rc, _, err = _finish(p, timeout=60)
+  assert rc == 2 and _errors(err) == [line for line in _errors(err) if line.startswith(ERROR)]
+  assert len(_errors(err)) == 1 and "cannot reach the coordinator" in err, err[-2000:]
+  assert time.monotonic() - t0 < 30
+  assert not (tmp_path / "out").exists()
+
+
+def test_bad_process_settings_are_refused_before_jax_starts():
+  from jaxinterp.runtime import distributed
+  assert not distributed.requested(None, None, None) or "SLURM_NTASKS" in os.environ
+  for kw, match in (({"num_processes": 2, "process_id": 2}, "--process_id=2"),
+                    ({"num_processes": 0}, "--num_processes"),
+                    ({"coordinator_address": "nohost", "num_processes": 2, "process_id": 0},
+                     "HOST:PORT"),
+                    ({"num_processes": 2, "process_id": 0, "timeout": 0}, "--distributed_timeout")):
+    with pytest.raises(distributed.DistributedError, match=match):
+      distributed.initialize(**kw)
+  assert not distributed.is_distributed() and distributed.process_count() == 1
+
+
+def test_one_process_merge_is_the_sequential_merge():
+  a = Progress.of_batch(np.arange(6.0).reshape(2, 3), 1.5, 4, keep_batches=True)
+  b = Progress.of_batch(np.full((2, 3), 0.25), -0.5, 3, keep_batches=True)
+  merged = merge_processes(a, b)
+  want = a.merge(b)
+  np.testing.assert_array_equal(merged.score_sum, want.score_sum)
+  assert (merged.next_batch, merged.clean_sum, merged.seen, merged.batch_counts) == \
+      (want.next_batch, want.clean_sum, want.seen, want.batch_counts)
+  back = Progress.from_arrays(want.to_arrays())
+  np.testing.assert_array_equal(np.stack(back.batch_sums), np.stack(want.batch_sums))
+  assert merge_processes(a, None) is a

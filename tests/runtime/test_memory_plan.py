@@ -1,0 +1,182 @@
+"""Memory plans (`--dry_run`): sizes, configs without weights, bad input, and the estimate checked
+against a measured peak.
+
+The measured peak: the planned program runs in a fresh process with glibc's mmap threshold fixed
+(every buffer over 64 kB is its own mapping, so freed heap from the compile is not reused); the
+process's resident-set high-water mark is reset (`/proc/self/clear_refs`, 5) just before the run,
+so VmHWM - VmRSS is what the run itself allocated and touched: its temporaries and outputs. The plan
+must be within 25% of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxinterp.runtime import memory_plan as MP
+from jaxinterp.runtime import memory_programs as PR
+
+_MEASURE = textwrap.dedent("""
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np
+    from jaxinterp.models.config import ModelConfig
+    from jaxinterp.models.transformer import init_params
+    from jaxinterp.runtime import memory_plan as MP, memory_programs as PR
+
+    def status(field):
+      for line in open("/proc/self/status"):
+        if line.startswith(field):
+          return int(line.split()[1]) * 1024
+
+    cfg = ModelConfig(**json.loads(sys.argv[1]))
+    b, p = 8, 128
+    fn, args = PR.eap(cfg, MP.abstract_params(cfg, jnp.float32), p, [0, .2, .4, .6, .8])(b)
+    compiled = jax.jit(fn).lower(*args).compile()
+    m = compiled.memory_analysis()
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    batch = jax.tree.map(lambda s: jnp.asarray(rng.integers(0, 100, s.shape), s.dtype), args[1])
+    batch = batch.replace(mask=jnp.ones((b, p), bool), last=jnp.full((b,), p - 1, jnp.int32),
+                          valid=jnp.ones((b,), bool))
+    jax.block_until_ready((params, batch))
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    before = status("VmRSS:")
+    jax.block_until_ready(compiled(params, batch))
+    print(json.dumps({"measured": status("VmHWM:") - before,
+                      "planned": m.temp_size_in_bytes + m.output_size_in_bytes}))
+""")
+
+
+def _measure(**cfg) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", MALLOC_MMAP_THRESHOLD_="65536")
+  env.pop("XLA_FLAGS", None)
+  out = subprocess.run([sys.executable, "-c", _MEASURE, json.dumps(cfg)], env=env,
+                       capture_output=True, text=True, timeout=600, check=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow  # about 15 s of CPU: one compile and run in a fresh process
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux procfs")
+def test_planned_peak_within_25_percent_of_measured_gpt2_shaped():
+  r = _measure(family="gpt2", d_model=128, n_layers=3, n_heads=4, d_head=32, d_mlp=512,
+               d_vocab=512, n_ctx=256)
+  assert r["measured"] > 50e6  # large enough that the process's own noise does not matter
+  assert abs(r["planned"] - r["measured"]) <= 0.25 * r["measured"], r
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux procfs")
+def test_planned_peak_within_25_percent_of_measured_llama_shaped():
+  r = _measure(family="llama", d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_head=32,
+               d_mlp=384, d_vocab=512, n_ctx=256, normalization="rmsnorm", positional="rotary",
+               rotary_dim=32, gated_mlp=True, act_fn="silu", attn_bias=False,
+               attn_out_bias=False, mlp_bias=False, tied_embeddings=False)
+  assert r["measured"] > 50e6
+  assert abs(r["planned"] - r["measured"]) <= 0.25 * r["measured"], r
+
+
+@pytest.mark.parametrize("text,n", [("80GB", 80_000_000_000), ("80GiB", 80 * 2 ** 30),
+                                    ("512 MB", 512_000_000), ("1.5g", 1_500_000_000),
+                                    ("8e10", 80_000_000_000)])
+def test_parse_bytes(text, n):
+  assert MP.parse_bytes(text) == n
+
+
+@pytest.mark.parametrize("text", ["80XB", "", "-1GB", "GB", "0"])
+def test_parse_bytes_refuses_in_one_line(text):
+  with pytest.raises(MP.PlanError, match=r"^--device_memory=.*expected a positive size") as e:
+    MP.parse_bytes(text)
+  assert "\n" not in str(e.value)
+
+
+def test_mesh_larger_than_the_devices_is_one_line():
+  n = len(jax.devices())
+  with pytest.raises(MP.PlanError, match=rf"--mesh={n + 1}x1: .*needs {n + 1} devices") as e:
+    MP.parse_mesh(f"{n + 1}x1")
+  assert "\n" not in str(e.value)
+  with pytest.raises(MP.PlanError, match="expected DATAxMODEL"):
+    MP.parse_mesh("two")
+
+
+_SLOW = pytest.mark.slow  # tracing the init of 42 and 62 layers takes 5-10 s
+
+
+@pytest.mark.parametrize("name,billions", [
+    ("llama-3.1-8b", 8.03), ("gemma-2-2b", 2.61), pytest.param("gemma-2-9b", 9.24, marks=_SLOW),
+    pytest.param("gemma-3-27b", 27.0, marks=_SLOW)])
+def test_presets_have_the_models_parameter_counts(name, billions):
+  cfg, dtype = MP.model_config(name)
+  params = MP.abstract_params(cfg, dtype)  # shapes only: eval_shape, nothing allocated
+  n = sum(x.size for x in jax.tree.leaves(params))
+  assert abs(n / 1e9 - billions) < 0.02 * billions
+
+
+def test_unknown_model_is_one_line(tmp_path):
+  with pytest.raises(MP.PlanError, match="not a preset"):
+    MP.model_config(str(tmp_path))
+
+
+@pytest.mark.slow  # two compiles of a Gemma-2 kernel
+def test_plan_of_a_config_dir_reads_only_config_json(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps(
+      dict(MP.PRESETS["gemma-2-2b"], num_hidden_layers=1, hidden_size=64, intermediate_size=128,
+           num_attention_heads=2, num_key_value_heads=1, head_dim=32, vocab_size=256)))
+  cfg, dtype = MP.model_config(str(tmp_path), "bfloat16")
+  assert (cfg.family, cfg.n_layers, dtype) == ("gemma2", 1, jnp.bfloat16)
+  params = MP.abstract_params(cfg, dtype)
+  plan = MP.make_plan("test", PR.eap(cfg, params, 16, [0.0, 0.5]), 2,
+                      MP.per_device_bytes(params), device_memory=MP.parse_bytes("1GB"))
+  assert plan.params == MP.per_device_bytes(params) > 0
+  assert plan.at.argument >= plan.params and plan.at.temp > 0
+  assert plan.at2.peak > plan.at.peak and plan.per_row > 0
+  assert plan.max_batch == int((1e9 - plan.fixed) // plan.per_row)
+  text = MP.report(plan)
+  assert "largest batch" in text and "fits" in text
+
+
+@pytest.mark.slow  # the binary in a subprocess: imports and two compiles of the toy kernel
+def test_find_circuit_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = tmp_path / "run"
+  cmd = [sys.executable, "-m", "experiments.find_circuit", "--dry_run", "--seq_len=8",
+         "--batch_size=2", "--device_memory=1GB", f"--out={out}"]
+  r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr
+  assert "memory plan" in r.stdout and "largest batch" in r.stdout
+  assert not out.exists()
+  bad = subprocess.run(cmd[:-2] + ["--device_memory=lots"], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert bad.returncode == 2 and bad.stdout == ""
+  assert bad.stderr.strip().splitlines() == [
+      "find_circuit: error: --device_memory=lots: expected a positive size such as 80GB, 80GiB "
+      "or 512MB"]
+
+
+@pytest.mark.slow  # four compiles of a small kernel
+def test_largest_batch_compiles_within_the_device_memory():
+  cfg, dtype = MP.model_config("gemma-2-2b")
+  cfg = dataclasses.replace(cfg, n_layers=2, d_model=64, d_mlp=128, n_heads=2, n_kv_heads=1,
+                            d_head=32, rotary_dim=32, d_vocab=256)
+  params = MP.abstract_params(cfg, jnp.float32)
+  build = PR.eap(cfg, params, 32, [0.0, 0.5])
+  plan = MP.make_plan("test", build, 2, MP.per_device_bytes(params), device_memory=int(50e6))
+  n = plan.max_batch
+  assert n > 4
+  at_n = MP.compile_memory(*_unpack(build(n)))
+  beyond = MP.compile_memory(*_unpack(build(n + 2)))
+  assert at_n.peak <= 50e6 * 1.05 and beyond.peak > 50e6 * 0.95, (n, at_n, beyond)
+
+
+def _unpack(built):
+  fn, args = built
+  return (fn, *args)
