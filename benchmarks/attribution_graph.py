@@ -14,7 +14,7 @@ attribution, pruning, writing the dense graph and graph.json), with its peak res
 high water, `wait4`'s `ru_maxrss`):
 
 - `jaxinterp cold`: `python -m experiments.attribution_graph` with an empty persistent compilation
-  cache (every kernel compiled, the cache written), `--batch_size` its default 64;
+  cache (every kernel compiled, the cache written), `--batch_size` its default 128;
 - `jaxinterp warm`: the same command again, reading that cache;
 - `circuit-tracer`: `benchmarks/attribution_graph_ct.py run` in circuit-tracer's virtual environment
   (`--ct_python`, default $JAXINTERP_CIRCUIT_TRACER_PYTHON or ../ct-venv/bin/python),
@@ -61,7 +61,7 @@ _LONG = flags.DEFINE_integer("long_pos", 4096, "--suite=long_prompt: prompt toke
 _MAX_FEAT = flags.DEFINE_integer("max_feature_nodes", 1024, "--suite=long_prompt: features kept.")
 
 CT_BATCH = 512  # circuit-tracer's `attribute` default
-JAX_BATCH = 64  # experiments.attribution_graph's default
+JAX_BATCH = 128  # experiments.attribution_graph's default
 ROOT = str(common.REPO)
 
 

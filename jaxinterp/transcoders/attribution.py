@@ -12,8 +12,11 @@ vector at each layer it writes, an error vector, a token embedding):
   A[t, s] = <d target_t / d source_site(s), vector_s>
 
 Rows are computed `batch_size` at a time as `jax.vmap` of the VJP, in one compiled function (one
-compile per shape; the last batch is padded), and copied to a host array batch by batch, so the
-device never holds more than a batch of rows. With `max_feature_nodes`, features are visited as
+compile per shape; the last batch is padded), and copied to a host array batch by batch (the next
+batch is dispatched before the previous one is copied), so the device never holds more than two
+batches of rows. The gradients at the sources are contracted with the decoder vectors as matmuls
+over (layer, position) cells (`CellChunks`), never as a `[batch, entries, d_model]` gather. With
+`max_feature_nodes`, features are visited as
 circuit-tracer's ranking loop does: the logit rows first, then repeatedly the unvisited features
 with the most influence on the logits through the rows computed so far
 (`pruning.partial_influences`), `update_interval * batch_size` at a time.
@@ -22,6 +25,7 @@ with the most influence on the logits through the rows computed so far
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -43,6 +47,50 @@ Transcoders = replacement.Transcoders
 
 
 @flax.struct.dataclass
+class CellChunks:
+  """The decoder entries in chunks of `G` entries of one (layer, position) cell, so that a batch
+  of rows contracts with them as `C` matmuls `[B, d] @ [d, G]` instead of a gather of `[B, E, d]`.
+
+  Attributes:
+    cell: Int[Array, "C"], each chunk's cell `layer * pos + position`.
+    vec: Float[Array, "C G d_model"], the chunks' decoder vectors (zero-padded).
+    slot: Int[Array, "E"], each entry's index in the flattened `[C * G]` chunk slots.
+    one_per_node: whether entry i is active feature i's only entry (per-layer transcoders; static).
+  """
+
+  cell: Array
+  vec: Array
+  slot: Array
+  one_per_node: bool = flax.struct.field(pytree_node=False)
+
+
+CHUNK_SIZES = (8, 16, 32, 64, 128, 256)
+
+
+def cell_chunks(node: np.ndarray, layer: np.ndarray, pos: np.ndarray, vec: Array, n_pos: int,
+                n_active: int) -> CellChunks:
+  """Group the decoder entries (host `node`, `layer`, `pos`; device `vec [E, d_model]`) by cell,
+  in chunks of the size `G` (of `CHUNK_SIZES`) that minimises the padded work `C * (G + 16)`."""
+  E = len(node)
+  cell = layer.astype(np.int64) * n_pos + pos
+  order = np.argsort(cell, kind="stable")
+  cells, starts, counts = np.unique(cell[order], return_index=True, return_counts=True)
+  if E == 0:
+    cells, starts, counts = np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64)
+  G = min(CHUNK_SIZES, key=lambda g: int(np.maximum(-(-counts // g), 1).sum()) * (g + 16))
+  n_chunks = np.maximum(-(-counts // G), 1)
+  first = np.concatenate([[0], np.cumsum(n_chunks)[:-1]])
+  chunk_cell = np.repeat(cells, n_chunks)
+  rank = np.arange(E) - np.repeat(starts, counts)  # each sorted entry's index in its cell
+  slot = np.empty(E, np.int64)
+  slot[order] = np.repeat(first, counts) * G + rank
+  C = int(n_chunks.sum())
+  padded = _padded(vec, jnp.asarray(slot, jnp.int32), C, G)
+  one = E == n_active and bool(np.array_equal(node, np.arange(E)))
+  return CellChunks(jnp.asarray(chunk_cell, jnp.int32), padded, jnp.asarray(slot, jnp.int32), one)
+
+
+@flax.struct.dataclass
 class Writers:
   """The sources' writing vectors (device arrays).
 
@@ -54,6 +102,9 @@ class Writers:
     errors: Float[Array, "L pos d_model"], the error vectors (zero at BOS).
     embed: Float[Array, "pos d_model"], the token embeddings.
     n_active: the number of active features (static).
+    cell_chunks: the decoder entries grouped by their (layer, position) cell (`CellChunks`), for
+      `_rows`' matmul contraction; None: `_rows` gathers each entry's gradient instead (more
+      memory traffic, same values).
   """
 
   dec_node: Array
@@ -63,6 +114,7 @@ class Writers:
   errors: Array
   embed: Array
   n_active: int = flax.struct.field(pytree_node=False)
+  cell_chunks: CellChunks | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,17 +134,38 @@ class Sources:
   writers: Writers
 
 
+@jax.jit
+def _features_and_errors(tc: Transcoders, run: replacement.Run) -> tuple[Array, Array]:
+  """Activations `[L, pos, F]` and error vectors `[L, pos, d_model]`, BOS zeroed (one program,
+  not one compiled kernel per operation)."""
+  feats = replacement.active_features(tc, run.inputs)
+  return feats, replacement.error_vectors(tc, run, feats)
+
+
+@jax.jit
+def _plt_vectors(tc: Transcoders, li: Array, fi: Array, vals: Array) -> tuple[Array, Array]:
+  """Per-layer transcoders' encoder vectors and activation-scaled decoder vectors of the active
+  features (layer `li`, feature `fi`): two Float[Array, "n_active d_model"]."""
+  return tc.W_enc[li, :, fi], tc.W_dec[li, fi] * vals
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _padded(vec: Array, slot: Array, n_chunks: int, chunk: int) -> Array:
+  """`vec [E, d]` scattered to the flat slots `slot` of zeros `[n_chunks, chunk, d]`."""
+  d = vec.shape[-1]
+  return jnp.zeros((n_chunks * chunk, d), vec.dtype).at[slot].set(vec).reshape(n_chunks, chunk, d)
+
+
 def sources(tc: Transcoders, run: replacement.Run) -> Sources:
   """Active features (BOS zeroed), their vectors, the error vectors and the embeddings."""
-  feats = replacement.active_features(tc, run.inputs)
-  errors = replacement.error_vectors(tc, run, feats)
+  feats, errors = _features_and_errors(tc, run)
   f = np.asarray(feats)
   active = np.argwhere(f > 0).astype(np.int64)  # sorted by (layer, position, feature)
   values = f[tuple(active.T)]
   li, fi = jnp.asarray(active[:, 0]), jnp.asarray(active[:, 2])
-  encoders = tc.W_enc[li, :, fi]
   vals = jnp.asarray(values, tc.dtype)[:, None]
   if isinstance(tc, CrossLayerTranscoder):
+    encoders = tc.W_enc[li, :, fi]
     nodes, layers, vecs = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], []
     for s in range(tc.n_layers):
       idx = np.flatnonzero(active[:, 0] == s)
@@ -104,9 +177,11 @@ def sources(tc: Transcoders, run: replacement.Run) -> Sources:
     vec = jnp.concatenate(vecs)
   else:
     node, layer = np.arange(len(active)), active[:, 0]
-    vec = tc.W_dec[li, fi] * vals
-  writers = Writers(jnp.asarray(node), jnp.asarray(layer), jnp.asarray(active[node, 1]), vec,
-                    errors, run.embed, len(active))
+    encoders, vec = _plt_vectors(tc, li, fi, vals)
+  pos = active[node, 1]
+  chunks = cell_chunks(node, layer, pos, vec, errors.shape[1], len(active))
+  writers = Writers(jnp.asarray(node), jnp.asarray(layer), jnp.asarray(pos), vec, errors,
+                    run.embed, len(active), chunks)
   return Sources(active, values, encoders, writers)
 
 
@@ -126,9 +201,18 @@ def _rows(vjp, like: replacement.Targets, w: Writers, layers: Array, positions: 
   final = cot[:, L].astype(like.final.dtype)
   (src,) = jax.vmap(lambda i, f: vjp(replacement.Targets(i, f)))(inputs, final)
   outs = jnp.stack(src.outputs, 1).astype(jnp.float32)  # [B, L, P, d]
-  g = outs[:, w.dec_layer, w.dec_pos]  # [B, E, d]
-  per_entry = jnp.einsum("bed,ed->be", g, w.dec_vec.astype(jnp.float32))
-  feats = jax.ops.segment_sum(per_entry.T, w.dec_node, w.n_active).T
+  ch = w.cell_chunks
+  if ch is None:
+    g = outs[:, w.dec_layer, w.dec_pos]  # [B, E, d]
+    per_entry = jnp.einsum("bed,ed->be", g, w.dec_vec.astype(jnp.float32))
+  else:
+    x = jnp.take(outs.reshape(B, L * P, d), ch.cell, axis=1)  # [B, C, d]
+    per_slot = jnp.einsum("bcd,cgd->bcg", x, ch.vec.astype(jnp.float32)).reshape(B, -1)
+    per_entry = jnp.take(per_slot, ch.slot, axis=1)  # [B, E]
+  if ch is not None and ch.one_per_node:
+    feats = per_entry
+  else:
+    feats = jax.ops.segment_sum(per_entry.T, w.dec_node, w.n_active).T
   errs = jnp.einsum("blpd,lpd->blp", outs, w.errors.astype(jnp.float32)).reshape(B, L * P)
   toks = jnp.einsum("bpd,pd->bp", src.embed.astype(jnp.float32), w.embed.astype(jnp.float32))
   return jnp.concatenate([feats, errs, toks], 1)
@@ -166,7 +250,7 @@ def logit_targets(cfg: ModelConfig, params: Mapping[str, Any], logits: np.ndarra
 
 def attribute_graph(cfg: ModelConfig, params: Mapping[str, Any], transcoders: Transcoders,
                     tokens, *, max_n_logits: int = 10, desired_logit_prob: float = 0.95,
-                    max_feature_nodes: int | None = None, batch_size: int = 64,
+                    max_feature_nodes: int | None = None, batch_size: int = 128,
                     targets: targets_lib.LogitTargets | Sequence[int] | None = None,
                     update_interval: int = 4,
                     progress: Callable[[int, int], None] | None = None) -> AttributionGraph:
@@ -204,42 +288,53 @@ def attribute_graph(cfg: ModelConfig, params: Mapping[str, Any], transcoders: Tr
   row_node = np.zeros(n_feat + n_logits, np.int64)
   total = n_feat + n_logits
   done = 0
+  encoders = np.asarray(nodes.encoders).astype(np.float32)  # [n_active, d_model], host
 
-  def compute(layers, positions, vectors) -> np.ndarray:
+  def compute(start: int, layers: np.ndarray, positions: np.ndarray, vectors: np.ndarray) -> None:
+    """Rows `edge[start:start + len(layers)]`, `batch_size` per call of `_rows` (the last batch
+    padded), the next batch dispatched before the previous one is copied to the host."""
+    pending = None
+    for i in range(0, len(layers), batch_size):
+      k = min(batch_size, len(layers) - i)
+      lay, pos = np.zeros(batch_size, np.int32), np.zeros(batch_size, np.int32)
+      vec = np.zeros((batch_size, cfg.d_model), np.float32)
+      lay[:k], pos[:k], vec[:k] = layers[i:i + k], positions[i:i + k], vectors[i:i + k]
+      rows = _rows(vjp, like, nodes.writers, lay, pos, vec)  # dispatched, not awaited
+      if pending is not None:
+        flush(*pending)
+      pending = (start + i, k, rows)
+    if pending is not None:
+      flush(*pending)
+
+  def flush(at: int, k: int, rows: Array) -> None:
     nonlocal done
-    n = len(layers)
-    pad = batch_size - n
-    layers = np.concatenate([layers, np.zeros(pad, np.int64)])
-    positions = np.concatenate([positions, np.zeros(pad, np.int64)])
-    vectors = jnp.concatenate([jnp.asarray(vectors, jnp.float32),
-                               jnp.zeros((pad, cfg.d_model), jnp.float32)])
-    rows = _rows(vjp, like, nodes.writers, jnp.asarray(layers), jnp.asarray(positions), vectors)
-    done += n
+    edge[at:at + k, :logit_offset] = np.asarray(rows)[:k]
+    done += k
     if progress is not None:
       progress(done, total)
-    return np.asarray(rows)[:n]
 
-  for i in range(0, n_logits, batch_size):  # the logit rows
-    k = min(batch_size, n_logits - i)
-    edge[i:i + k, :logit_offset] = compute(np.full(k, L), np.full(k, P - 1), tg.vectors[i:i + k])
-    row_node[i:i + k] = logit_offset + np.arange(i, i + k)
+  row_node[:n_logits] = logit_offset + np.arange(n_logits)
+  logit_rows = (np.full(n_logits, L), np.full(n_logits, P - 1), np.asarray(tg.vectors))
   st, visited = n_logits, np.zeros(n_active, bool)
-  n_visited = 0
-  while n_visited < n_feat:
-    if n_feat == n_active:
-      pending = np.arange(n_active)
-    else:
+  if n_feat == n_active:  # every feature: the logit and feature rows in one stream of batches
+    a = nodes.active
+    compute(0, *(np.concatenate([x, y]) for x, y in
+                 zip(logit_rows, (a[:, 0], a[:, 1], encoders), strict=True)))
+    row_node[st:] = np.arange(n_active)
+    visited[:] = True
+  else:  # circuit-tracer's ranking loop: the logit rows, then the most influential features
+    compute(0, *logit_rows)
+    n_visited = 0
+    while n_visited < n_feat:
       infl = pruning.partial_influences(edge[:st], tg.probabilities, row_node[:st])
       rank = np.argsort(-infl[:n_active], kind="stable")
       pending = rank[~visited[rank]][:min(update_interval * batch_size, n_feat - n_visited)]
-    for j in range(0, len(pending), batch_size):
-      idx = pending[j:j + batch_size]
-      a = nodes.active[idx]
-      edge[st:st + len(idx), :logit_offset] = compute(a[:, 0], a[:, 1], nodes.encoders[idx])
-      row_node[st:st + len(idx)] = idx
-      visited[idx] = True
-      st += len(idx)
-      n_visited += len(idx)
+      a = nodes.active[pending]
+      compute(st, a[:, 0], a[:, 1], encoders[pending])
+      row_node[st:st + len(pending)] = pending
+      visited[pending] = True
+      st += len(pending)
+      n_visited += len(pending)
   selected = np.flatnonzero(visited)
   if n_feat < n_active:
     edge = edge[:, np.concatenate([selected, np.arange(n_active, logit_offset + n_logits)])]

@@ -53,7 +53,7 @@ class AttributionGraphConfig:
   max_feature_nodes: int | None = None
   node_threshold: float = 0.8
   edge_threshold: float = 0.98
-  batch_size: int = 64
+  batch_size: int = 128
   dtype: str = "float32"
 
 

@@ -58,11 +58,25 @@ def edge_influence(pruned: np.ndarray, logit_weights: np.ndarray) -> np.ndarray:
 
 
 def find_threshold(scores: np.ndarray, threshold: float) -> np.float32:
-  """The score at which the descending cumulative sum first reaches `threshold` of the total."""
-  s = np.sort(np.asarray(scores, np.float32).ravel())[::-1]
-  cum = np.cumsum(s, dtype=np.float32) / s.sum(dtype=np.float32)
-  i = min(int(np.searchsorted(cum, np.float32(threshold), side="left")), len(cum) - 1)
-  return s[i]
+  """The score at which the descending cumulative sum first reaches `threshold` of the total.
+
+  Scores that are all >= 0 (influences) are sorted without their zeros, which end the descending
+  order and add nothing to the cumulative sum; the total is still summed over the whole sorted
+  array, so the result is the same bits as sorting everything.
+  """
+  flat = np.asarray(scores, np.float32).ravel()
+  positive = flat[flat > 0]
+  n_zero = int(np.count_nonzero(flat == 0))
+  if len(positive) + n_zero != len(flat) or n_zero == 0:  # negative or NaN scores, or no zeros
+    s = np.sort(flat)[::-1]
+    cum = np.cumsum(s, dtype=np.float32) / s.sum(dtype=np.float32)
+    i = min(int(np.searchsorted(cum, np.float32(threshold), side="left")), len(cum) - 1)
+    return s[i]
+  s = np.zeros(len(flat), np.float32)
+  s[:len(positive)] = np.sort(positive)[::-1]
+  cum = np.cumsum(s[:len(positive)], dtype=np.float32) / s.sum(dtype=np.float32)
+  i = int(np.searchsorted(cum, np.float32(threshold), side="left"))
+  return s[min(i, len(flat) - 1)]
 
 
 class PruneResult(NamedTuple):

@@ -10,6 +10,7 @@ import pytest
 
 from jaxinterp import models
 from jaxinterp import transcoders as T
+from jaxinterp.transcoders import attribution as TA
 from jaxinterp.transcoders import replacement
 
 D, L, F = 16, 2, 24
@@ -87,6 +88,47 @@ def test_clt_rows_match_plt_when_decoders_only_write_their_layer():
   g = T.attribute_graph(cfg, params, tc, TOKENS)
   gc = T.attribute_graph(cfg, params, clt, TOKENS)
   np.testing.assert_allclose(gc.adjacency, g.adjacency, rtol=1e-5, atol=1e-6)
+
+
+def test_cell_chunk_contraction_equals_the_gather(monkeypatch):
+  """`_rows` contracts with the decoder entries grouped by (layer, position) cell, in chunks
+  smaller and larger than the cells, as the plain gather of every entry's gradient does, for a
+  CLT (several entries per feature, summed)."""
+  cfg, params = _model()
+  tc = _plt()
+  W_dec = tuple(jnp.asarray(np.random.default_rng(s).normal(size=(F, L - s, D)), jnp.float32)
+                for s in range(L))
+  clt = T.CrossLayerTranscoder(tc.W_enc, tc.b_enc, W_dec, tc.b_dec, input_hook="mlp.hook_in")
+  for t in (tc, clt):
+    like, run, vjp = replacement.linearize(cfg, params, t, jnp.asarray(TOKENS))
+    nodes = TA.sources(t, run)
+    a = nodes.active[:5]
+    args = (jnp.asarray(a[:, 0]), jnp.asarray(a[:, 1]), nodes.encoders[:5])
+    gathered = TA._rows(vjp, like, nodes.writers.replace(cell_chunks=None), *args)
+    for sizes in ((1,), (2,), (256,)):
+      monkeypatch.setattr(TA, "CHUNK_SIZES", sizes)
+      w = nodes.writers
+      w = w.replace(cell_chunks=TA.cell_chunks(np.asarray(w.dec_node), np.asarray(w.dec_layer),
+                                               np.asarray(w.dec_pos), w.dec_vec, len(TOKENS),
+                                               w.n_active))
+      assert w.cell_chunks.one_per_node == (t is tc)
+      chunked = TA._rows(vjp, like, w, *args)
+      np.testing.assert_allclose(chunked, gathered, rtol=1e-5, atol=1e-5)
+
+
+def test_find_threshold_without_sorting_zeros_is_the_full_sort():
+  def full_sort(scores, threshold):
+    s = np.sort(np.asarray(scores, np.float32).ravel())[::-1]
+    cum = np.cumsum(s, dtype=np.float32) / s.sum(dtype=np.float32)
+    return s[min(int(np.searchsorted(cum, np.float32(threshold))), len(cum) - 1)]
+
+  rng = np.random.default_rng(0)
+  for density in (0.05, 0.5, 1.0):
+    x = (rng.lognormal(size=(40, 50)) * (rng.random((40, 50)) < density)).astype(np.float32)
+    for t in (0.3, 0.8, 0.98, 1.0):
+      want, got = full_sort(x, t), T.pruning.find_threshold(x, t)
+      assert got == want and type(got) is type(want), (density, t, got, want)
+      assert want == 0 or got.tobytes() == want.tobytes()
 
 
 @pytest.mark.parametrize("tokens,match", [

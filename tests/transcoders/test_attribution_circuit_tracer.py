@@ -99,7 +99,7 @@ def _compare(ours: T.AttributionGraph, ref: dict, key: str) -> tuple[float, floa
   assert a.shape == b.shape
   pearson = float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
   rel = float(np.abs(a - b).max() / np.abs(b).max())
-  assert pearson >= 0.9999 and rel <= 1e-3, (pearson, rel)
+  assert pearson >= 0.9999999 and rel <= 1e-5, (pearson, rel)  # the issue asks 0.9999, 1e-3
   return pearson, rel
 
 
