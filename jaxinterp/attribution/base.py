@@ -38,7 +38,7 @@ class AttributionError(ValueError):
 # ------------------------------------------------------------------------------ method interface
 
 
-LEVELS = ("edge", "node", "neuron")
+LEVELS = ("edge", "node", "neuron", "position")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +51,9 @@ class Options:
     level: what is scored: "edge" (Float [n_senders, n_receivers]), "node" (Float [n_senders]: the
       effect of ablating a node's output into every receiver, as the `eap` package's
       `attribute_node`) or "neuron" (Float [n_senders, d_model]: the same per dimension of each
-      node's output); `Method.levels` says which a method supports.
+      node's output) or "position" (every edge at each token position and PEAP's crossing edges:
+      `attribution.positions.attribute_positions`, not `attribute`); `Method.levels` says which a
+      method supports.
     progress: show the method's own inner progress bar (the driver sets it for one-batch runs).
   """
 
@@ -59,8 +61,10 @@ class Options:
   progress: bool = False
   level: str = dataclasses.field(default="edge", metadata={
       "choices": LEVELS, "help": "Score and select edges, nodes (NAP, exact node patching) or "
-      "neurons (each dimension of a node's output), as the eap package's attribute_node; --top_n "
-      "then counts nodes or neurons."})
+      "neurons (each dimension of a node's output), as the eap package's attribute_node, or "
+      "position-level edges (each edge at each token position, PEAP's crossing edges: "
+      "a0.h3@5->a1.h0<k>@9; no faithfulness curve); --top_n then counts nodes, neurons or "
+      "position edges."})
 
   def __post_init__(self):
     if self.level not in LEVELS:

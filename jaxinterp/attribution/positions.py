@@ -13,41 +13,42 @@ gradients are dm/dq at `attn.hook_q`, dm/dz at `attn.hook_z`, the MLP inputs at
 sum over positions. A k or v input at key j is read by every query i >= j; its gradient splits by
 query exactly, since z_i depends on the key at j only through row i of the attention:
 
-    dm/dk_j = sum_i dm/dk_j^(i),  dm/dk_j^(i) = VJP of (k, v) -> z at the cotangent dm/dz masked
-                                  to row i (the same for v)
+    dm/dv_j^(i) = P_ij dz_i,    dm/dk_j^(i) = J_j^T (dS_ij c'_ij scale q^_i)
 
-taken through the model's own `Attention.attend` (qk-norm, rotary, softcaps, sliding windows).
-The VJP is linear, so it runs vmapped over a chunk of query rows; a crossing score is then
-`sum_{b, e} Y[b, j, s, h, e] dm/dk^(i)[b, j, h, e]` with `Y = (J D) W_K` (d_head wide). Summed
-over i and j this is the edge-level score (up to float rounding): the identity the tests check.
+(`_crossing_rows`: P the pattern, dS the gradient at `attn.hook_attn_scores`, whose row i depends on
+dz_i alone, q^ and k^ the query and key after qk-norm and rotary with J_j the Jacobian of k_j ->
+k^_j, c' the soft-cap's derivative), all read from the model's own `Attention.attend` through its
+sites (masks, sliding windows, rotary, qk-norm, soft-caps are the model's). A crossing score is
+then `sum_{b, e} Y[b, j, s, h, e] dm/dk^(i)[b, j, h, e]` with `Y = (J D) W_K` (d_head wide), or,
+where the row's gradient is rank one (v always; k without rotary or qk-norm), `sum_b P_ij
+<J D_s[j], W_V dz_i>` contracted at d_model when that takes fewer multiply-adds (`route`), a chunk
+of query rows at a time. Summed over i and j this is the edge-level score (up to float rounding):
+the identity the tests check.
 
 Memory: the scores are `local` [pos, S, R] and `crossing` [pos (pos + 1) / 2, S, 2 L H] (float32;
-GPT-2 small at 24 positions: 15 MB and 54 MB). Per step and layer the work arrays are Y
-[batch, pos, S, H, d_head] (as large as the sender differences) and, per chunk of C query rows,
-C x batch x H x pos x (pos + 2 d_head) floats for the vmapped attention backward and its k/v
-gradients; C is the largest divisor of pos whose chunk fits `chunk_bytes` (default 64 MB). No
-[pos, pos, ...] gradient of the whole batch is formed.
+GPT-2 small at 24 positions: 15 MB and 54 MB). Per step and layer the work arrays are the pattern
+and dS [batch, H, pos, pos], Y [batch, pos, S, H, d_head] where it is used, and per chunk of C
+query rows C x batch x pos x S x H floats of products (and C x batch x pos x H x d_head k
+gradients under rotary or qk-norm); C is the largest divisor of pos whose chunk fits
+`chunk_bytes` (default 64 MB). No [pos, pos, ...] gradient of the whole batch is formed. Compute:
+the edge-level step plus, per layer, batch x pos^2 x S x 2H x d_model multiply-adds (direct
+route); benchmarks/positions.py measures it.
 
-**Exact patching** reruns the model per position edge from the receiver's layer (as `exact`): a
-non-crossing edge moves the receiver's input at its one position (`exact.edge_chunk` with the
-sender difference kept at that position only); a crossing edge (s@j -> h<k>@i) recomputes head h's
-attention with the key (or value) at j moved and adds the change of query i's row alone at
-`attn.hook_z` (other queries see the clean key). Exact scores are not additive: summed over
-positions they equal the edge-level ones only where one position carries the whole difference
-(e.g. an `input` edge when clean and corrupted differ in one token, and every logits edge).
+**Exact patching** reruns the model per position edge: `positions_exact`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxinterp.attribution import base, exact, ig_activations, receiver_grads
+from jaxinterp.attribution import base, exact, ig_activations, positions_exact, receiver_grads
 from jaxinterp.attribution import eap as eap_methods
 from jaxinterp.attribution.ablation import Ablation, make_ablation
 from jaxinterp.circuits import positions as cpos
@@ -63,35 +64,94 @@ Array = jax.Array
 METHODS = ("EAP", "EAP-IG-inputs", "EAP-IG-activations", "clean-corrupted", "exact")
 
 
-def _norm(cfg, p, x):
-  return T.Norm(cfg).apply({"params": p}, x)
-
-
 def _jvp_norm(cfg, p, x: Array, diff: Array) -> Array:
   """J D: the norm's Jacobian at x [b, pos, d] applied to every sender difference [b, pos, S, d]."""
   def one(t):
-    return jax.jvp(lambda y: _norm(cfg, p, y), (x,), (t,))[1]
+    return jax.jvp(lambda y: positions_exact.norm(cfg, p, y), (x,), (t,))[1]
   return jax.vmap(one, in_axes=2, out_axes=2)(diff.astype(x.dtype)).astype(jnp.float32)
 
 
-def _attend(cfg, params, layer, positions, mask):
-  """(q, k, v) -> hook_z of `layer`, the model's own attention (ungrouped heads)."""
-  def f(q, k, v):
-    return T.Attention(cfg, layer).apply(
-        {"params": params[f"blocks_{layer}"]["attn"]}, q, k, v, positions=positions,
-        key_mask=mask.astype(bool), sites=Sites(), method=T.Attention.attend)
-  return f
+def _crossing_rows(cfg, params, layer, positions, mask, q, k, v, dz, JD, W, route="auto"):
+  """Crossing scores by query row, without one attention backward per row.
+
+  Returns a function of query indices idx (Int [C]) giving Float[Array, "C key sender 2 head"],
+  the scores of the senders' `JD` (Float[Array, "batch pos sender d_model"]) into each head's k
+  (0) and v (1) input at every key as read by those queries, summed over the batch. With P the
+  pattern, dS the gradient at `attn.hook_attn_scores`
+  (its row i depends on dz_i alone), q^ and k^ the query and key after qk-norm and rotary (k^_j a
+  function of k_j alone, with Jacobian J_j) and c' the soft-cap's derivative (1 without one):
+
+      dm/dv_j^(i) = P_ij dz_i,    dm/dk_j^(i) = J_j^T (dS_ij c'_ij scale q^_i).
+
+  P, dS, q^ and J come from the model's own `Attention.attend` (its sites), so masks, sliding
+  windows, rotary and qk-norm are the model's. The v gradient (and the k gradient where k^ = k)
+  is rank one per row, so a score is `sum_b P_ij <JD_s[j], W_V dz_i>` (`dS'_ij <JD_s[j], W_K
+  q^_i>`): batch pos^2 S H d_model multiply-adds per kind, or through `Y = JD W` (batch pos S H
+  d_head (d_model + pos)) where that is fewer (long prompts) or k^ is not k (rotary, qk-norm).
+  """
+  pre = f"blocks.{layer}.attn."
+  hat = "hook_rot_{}" if cfg.positional == "rotary" else (
+      "hook_{}_normed" if cfg.qk_norm != "none" else None)
+  collect = [pre + "hook_pattern", pre + "hook_attn_scores"] + (
+      [pre + hat.format(c) for c in "qk"] if hat else [])
+  blk = {"params": params[f"blocks_{layer}"]["attn"]}
+
+  def run(k, eps):
+    sites = Sites({pre + "hook_attn_scores": base.Shift(eps)}, collect)
+    z = T.Attention(cfg, layer).apply(blk, q, k, v, positions=positions, key_mask=mask.astype(bool),
+                                      sites=sites, method=T.Attention.attend)
+    return z, sites.cache
+
+  b, p, H, _ = q.shape
+  eps0 = jnp.zeros((b, H, p, p), jnp.float32)
+  _, vjp_scores, cache = jax.vjp(lambda e: run(k, e), eps0, has_aux=True)
+  dS = vjp_scores(dz)[0].astype(jnp.float32)  # [b, H, query, key]
+  P = cache[pre + "hook_pattern"].astype(jnp.float32)
+  if cfg.attn_logit_softcap:
+    capped = cache[pre + "hook_attn_scores"].astype(jnp.float32) / cfg.attn_logit_softcap
+    dS = jnp.where(dS != 0, dS * (1 - jnp.square(jnp.where(dS != 0, capped, 0.0))), 0.0)
+  scale = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / math.sqrt(cfg.d_head)
+  q_hat = (cache[pre + hat.format("q")] if hat else q).astype(jnp.float32) * scale
+  dz32 = dz.astype(jnp.float32)
+  d_model, d_head = JD.shape[-1], q.shape[-1]
+  direct = route == "direct" or (route == "auto" and p * (d_model - d_head) < d_head * d_model)
+
+  def rank_one(idx, x, c, M):  # sum_b M[b, h, i, j] <JD[b, j, s], W_c[h] x[b, i, h]>
+    back = jnp.einsum("bihe,hde->bihd", x[:, idx], W[c])
+    if direct:
+      return jnp.einsum("bijsh,bhij->ijsh", jnp.einsum("bjsd,bihd->bijsh", JD, back),
+                        M[:, :, idx])
+    Y = jnp.einsum("bpsd,hde->bpshe", JD, W[c])
+    return jnp.einsum("bijsh,bhij->ijsh", jnp.einsum("bjshe,bihe->bijsh", Y, x[:, idx]),
+                      M[:, :, idx])
+
+  if hat:  # k^_j = f(k_j): pull each row's gradient back through f, then contract with Y
+    _, vjp_key = jax.vjp(lambda k: run(k, eps0)[1][pre + hat.format("k")], k)
+    back_key = jax.vmap(lambda u: vjp_key(u.astype(k.dtype))[0])
+    Yk = jnp.einsum("bpsd,hde->bpshe", JD, W["K"])
+
+    def k_rows(idx):
+      u = jnp.einsum("bhij,bihe->ibjhe", dS[:, :, idx], q_hat[:, idx])
+      return jnp.einsum("bjshe,ibjhe->ijsh", Yk, back_key(u).astype(jnp.float32))
+  else:
+    def k_rows(idx):
+      return rank_one(idx, q_hat, "K", dS)
+
+  def rows(idx):
+    return jnp.stack([k_rows(idx), rank_one(idx, dz32, "V", P)], 3)  # [C, p, S, 2, H]
+
+  return rows
 
 
 def _query_chunk(batch: int, n_pos: int, cfg: ModelConfig, chunk_bytes: float) -> int:
-  per_query = 4.0 * batch * cfg.n_heads * n_pos * (n_pos + 2 * cfg.d_head) * 3
+  per_query = 4.0 * batch * n_pos * cfg.n_heads * (n_pos + 2 * cfg.d_head + E.n_senders(cfg)) * 3
   size = max(1, min(n_pos, int(chunk_bytes // per_query)))
   while n_pos % size:
     size -= 1
   return size
 
 
-def _step(cfg, task, params, batch: Batch, diff, clean_logits, emb, iv, chunk):
+def _step(cfg, task, params, batch: Batch, diff, clean_logits, emb, iv, chunk, route):
   """One forward + backward: (local [pos, S, R], crossing [pairs, S, 2LH], metric values)."""
   L, H, dh = cfg.n_layers, cfg.n_heads, cfg.d_head
   b, p = batch.clean.shape
@@ -108,7 +168,7 @@ def _step(cfg, task, params, batch: Batch, diff, clean_logits, emb, iv, chunk):
   def f(eps):
     both = {n: base.Shift(e) for n, e in eps.items() if n != "final"} | dict(iv)
     resid, ys = T.run_blocks(cfg, params, emb, batch.mask, both, collect)
-    x = _norm(cfg, params.get("ln_final", {}), resid + eps["final"])
+    x = positions_exact.norm(cfg, params.get("ln_final", {}), resid + eps["final"])
     total, values = metric_at_last(cfg, task, params, batch, x, clean_logits)
     return total, (values, ys)
 
@@ -130,19 +190,9 @@ def _step(cfg, task, params, batch: Batch, diff, clean_logits, emb, iv, chunk):
     local = local.at[:, :n_mlp, E.mlp_receiver(cfg, li)].set(jnp.einsum("bpsd,bpd->ps", JD2,
                                                                         g_mlp))
     # Crossing: the k/v gradients of each query row alone, C rows at a time.
-    Y = jnp.stack([jnp.einsum("bpsd,hde->bpshe", JD, W[c]) for c in "KV"], 3)  # [b,p,S,2,H,dh]
     q, k, v = (ys[f"attn.hook_{c}"][li] for c in "qkv")
-    _, vjp = jax.vjp(lambda k, v, q=q, li=li: _attend(cfg, params, li, positions, batch.mask)(
-        q, k, v), k, v)
-    dz = g["attn.hook_z"][li]
-
-    def rows(idx, vjp=vjp, dz=dz, Y=Y):
-      cot = dz[None] * (jnp.arange(p)[None, :] == idx[:, None]).astype(dz.dtype)[:, None, :,
-                                                                                    None, None]
-      gk, gv = jax.vmap(vjp)(cot)  # [C, b, p, H, dh] each
-      gkv = jnp.stack([gk, gv], 3).astype(jnp.float32)  # [C, b, p, 2, H, dh]
-      return jnp.einsum("bjsche,ibjche->ijsch", Y, gkv)  # [C, p, S, 2, H]
-
+    rows = _crossing_rows(cfg, params, li, positions, batch.mask, q, k, v, g["attn.hook_z"][li],
+                          JD, W, route)
     idx = jnp.arange(p).reshape(-1, chunk)
     dense = jax.lax.map(rows, idx).reshape(p, p, n_attn, 2 * H)  # [query, key, S, 2H]
     cross = dense[qi, kj]  # [pairs, n_attn, 2H]: the packed j <= i half
@@ -152,9 +202,11 @@ def _step(cfg, task, params, batch: Batch, diff, clean_logits, emb, iv, chunk):
   return local, jnp.concatenate(crossing, 2), values
 
 
-@functools.partial(compile_policy.jit, static_argnames=("cfg", "task", "method", "chunk"))
+@functools.partial(compile_policy.jit, static_argnames=("cfg", "task", "method", "chunk",
+                                                        "route"))
 def gradient_batch(cfg: ModelConfig, task, params, batch: Batch, ablation: Ablation,
-                   alphas: Array, method: str = "EAP-IG-inputs", chunk: int | None = None):
+                   alphas: Array, method: str = "EAP-IG-inputs", chunk: int | None = None,
+                   route: str = "auto"):
   """Position-level scores of one batch for a gradient method, summed over its real rows.
 
   Args:
@@ -162,6 +214,9 @@ def gradient_batch(cfg: ModelConfig, task, params, batch: Batch, ablation: Ablat
       `alphas`), or "EAP-IG-activations" (each layer node in turn, at `alphas`).
     chunk: query rows per vmapped attention backward (a divisor of the batch's positions; None:
       `_query_chunk` with 64 MB).
+    route: how a rank-one crossing score is contracted (`_crossing_rows`): "direct" at d_model,
+      "y" through the senders projected to d_head, "auto" whichever takes fewer multiply-adds;
+      the scores agree up to float rounding.
 
   Returns:
     (local Float[Array, "pos sender receiver"], crossing Float[Array, "pair sender kv"], metric
@@ -177,10 +232,11 @@ def gradient_batch(cfg: ModelConfig, task, params, batch: Batch, ablation: Ablat
     diff, _, _ = receiver_grads._patching_diff(cfg, params, None, e_clean, e_corrupt, batch.mask)
   else:
     diff = (ablation.values(cfg, params, batch) - clean).astype(jnp.float32)
-  x = _norm(cfg, params.get("ln_final", {}), final)
+  x = positions_exact.norm(cfg, params.get("ln_final", {}), final)
   clean_logits = T.last_token_logits(cfg, params, x, batch.last) if task.needs_clean_logits \
       else None
-  step = functools.partial(_step, cfg, task, params, batch, diff, clean_logits, chunk=chunk)
+  step = functools.partial(_step, cfg, task, params, batch, diff, clean_logits, chunk=chunk,
+                           route=route)
   if method != "EAP-IG-activations":
     def body(acc, alpha):
       emb = e_corrupt + alpha.astype(e_clean.dtype) * (e_clean - e_corrupt)
@@ -212,117 +268,6 @@ def gradient_batch(cfg: ModelConfig, task, params, batch: Batch, ablation: Ablat
           jnp.zeros((p * (p + 1) // 2, S, 2 * cfg.n_layers * cfg.n_heads), jnp.float32))
   (local, crossing), values = jax.lax.scan(body, zero, xs)
   return local / n, crossing / n, values[-1]
-
-
-@functools.partial(compile_policy.jit, static_argnames=("cfg", "task", "layer"))
-def crossing_chunk(cfg: ModelConfig, task, layer: int, params, batch: Batch, resid: Array,
-                   delta: Array, edges: Array, clean_logits: Array | None):
-  """Metric sums with one crossing edge ablated at a time, exactly.
-
-  Args:
-    resid: Float[Array, "batch pos d_model"], the clean residual stream entering `layer`.
-    delta: Float[Array, "batch pos sender d_model"], clean minus ablated sender outputs.
-    edges: Int[Array, "chunk 5"], rows (sender, key position j, head, 0 for k / 1 for v, query
-      position i).
-
-  Each copy (`vmap`) recomputes head h's attention with its k (or v) input at j moved to
-  x_j - delta_s[j] for every query, keeps the change of query i's row of `hook_z` alone, and
-  reruns the model from `layer` with that change added at `attn.hook_z`. Returns Float[Array,
-  "chunk"].
-  """
-  cfg, params = T.ungroup_kv(cfg, params)
-  blk = params[f"blocks_{layer}"]
-  ln1 = blk.get("ln1", {})
-  y = _norm(cfg, ln1, resid)
-  W = jnp.stack([blk["attn"]["W_K"], blk["attn"]["W_V"]])  # [2, H, d, d_head]
-  kv_b = [blk["attn"][f"b_{c}"] if cfg.attn_bias else 0.0 for c in "QKV"]
-  q, k, v = (jnp.einsum("bpd,hde->bphe", y, blk["attn"][f"W_{c}"]) + kv_b[i]
-             for i, c in enumerate("QKV"))
-  attend = _attend(cfg, params, layer, T.positions_of(batch.mask.astype(bool)), batch.mask)
-  z0 = attend(q, k, v)
-  start = T.LayerStart(layer, resid)
-
-  def one(e):
-    s, j, h, kind, i = e[0], e[1], e[2], e[3], e[4]
-    x_j = resid[:, j]  # [b, d]
-    dn = _norm(cfg, ln1, x_j - delta[:, j, s].astype(x_j.dtype)) - y[:, j]
-    change = dn @ W[kind, h]  # [b, d_head]
-    k2 = k.at[:, j, h].add(jnp.where(kind == 0, change, 0.0).astype(k.dtype))
-    v2 = v.at[:, j, h].add(jnp.where(kind == 1, change, 0.0).astype(v.dtype))
-    dz = (attend(q, k2, v2) - z0)[:, i, h]  # query i's row of head h only
-    shift = jnp.zeros_like(z0).at[:, i, h].set(dz)
-    iv = {f"blocks.{layer}.attn.hook_z": base.Shift(shift)}
-    _, cache = T.forward(cfg, params, batch.clean, attention_mask=batch.mask, interventions=iv,
-                         start=start, collect=("ln_final.hook_normalized",))
-    return metric_at_last(cfg, task, params, batch, cache["ln_final.hook_normalized"],
-                          clean_logits)[0]
-
-  return jax.vmap(one)(edges)
-
-
-def _chunks(n: int, size: int):
-  return [np.arange(a, min(a + size, n)) for a in range(0, n, size)]
-
-
-def exact_batch(cfg: ModelConfig, task, params, batch: Batch, ablation: Ablation,
-                chunk: int | None = None, quiet: bool = True):
-  """Exact position-level scores of one batch, summed over its real rows: (local
-  Float64[pos, sender, receiver], crossing Float64[pair, sender, kv], clean metric values).
-
-  Reruns per position edge (`exact.edge_chunk`, `crossing_chunk`), `chunk` edges per compiled
-  call (None: `exact.exact_chunk_size`): n_pos times the non-k/v edges plus n_pos (n_pos + 1) / 2
-  times the k/v edges in all.
-  """
-  c_total, c_values, clean_logits = clean_metric(cfg, task, params, batch)
-  c_total = float(c_total)
-  if clean_logits is not None:
-    clean_logits = jnp.take_along_axis(clean_logits, batch.last[:, None, None], axis=1)
-  if not task.needs_clean_logits:
-    clean_logits = None
-  resids, mlp_inputs, delta, _ = exact.upstream_cache(cfg, params, batch, ablation)
-  b, p = batch.clean.shape
-  L, H, S = cfg.n_layers, cfg.n_heads, E.n_senders(cfg)
-  chunk = chunk or exact.exact_chunk_size(cfg, b, p)
-  valid = cpos.layout_for(cpos.shape_key(cfg)).valid
-  kv = cpos.kv_receivers(cfg)
-  local = np.zeros((p, S, E.n_receivers(cfg)), np.float64)
-  s_idx, r_idx = np.nonzero(valid & ~np.isin(np.arange(valid.shape[1]), kv)[None])
-  layer_of = np.minimum(r_idx // (3 * H + 1), L)
-  qi, kj = cpos.pairs(p)
-  work = []
-  for li in range(L + 1):
-    sel = np.flatnonzero(layer_of == li)
-    work += [("local", li, pos, sel[c]) for pos in range(p) for c in _chunks(sel.size, chunk)]
-  cross_edges = []  # (sender, j, head, kind, i, layer)
-  for li in range(L):
-    n_up = E.n_upstream_of_attn(cfg, li)
-    s, pair, h, kind = np.meshgrid(np.arange(n_up), np.arange(qi.size), np.arange(H),
-                                   np.arange(2), indexing="ij")
-    rows = np.stack([s, kj[pair], h, kind, qi[pair]], -1).reshape(-1, 5)
-    work += [("cross", li, None, rows[c]) for c in _chunks(len(rows), chunk)]
-    cross_edges.append(rows)
-  crossing = np.zeros((qi.size, S, 2 * L * H), np.float64)
-  pos_ids = jnp.arange(p)[None, :, None, None]
-  for kind_, li, pos, sel in tqdm(work, desc="exact positions: chunks", disable=quiet,
-                                  leave=False):
-    pad = (-len(sel)) % chunk
-    if kind_ == "local":
-      n_up = E.n_upstream_of_mlp(cfg, li) if li < L else S
-      idx = np.concatenate([sel, np.repeat(sel[-1:], pad)])
-      d_p = jnp.where(pos_ids == pos, delta[:, :, :n_up], 0.0)
-      vals = np.asarray(exact.edge_chunk(
-          cfg, task, li, params, batch, resids[li], mlp_inputs[min(li, L - 1)], d_p,
-          jnp.asarray(s_idx[idx], jnp.int32), jnp.asarray(r_idx[idx], jnp.int32), clean_logits),
-          np.float64)[:len(sel)]
-      local[pos, s_idx[sel], r_idx[sel]] = vals - c_total
-    else:
-      rows = np.concatenate([sel, np.repeat(sel[-1:], pad, 0)])
-      vals = np.asarray(crossing_chunk(cfg, task, li, params, batch, resids[li], delta,
-                                       jnp.asarray(rows, jnp.int32), clean_logits),
-                        np.float64)[:len(sel)]
-      s, j, h, kv_kind, i = sel.T
-      crossing[cpos.pair_index(i, j), s, li * 2 * H + kv_kind * H + h] = vals - c_total
-  return local, crossing, c_values
 
 
 @dataclasses.dataclass
@@ -391,7 +336,7 @@ def attribute_positions(cfg: ModelConfig, params, dataset, method: str = "EAP-IG
   batches = list(dataset.batches(batch_size, bucket=None))
   for batch in tqdm(batches, desc=f"{method} positions", disable=quiet, unit="batch"):
     if alphas is None:
-      loc, cr, c_values = exact_batch(cfg, task, params, batch, ablation,
+      loc, cr, c_values = positions_exact.exact_batch(cfg, task, params, batch, ablation,
                                       options.exact_chunk, quiet or len(batches) > 1)
     else:
       loc, cr, _ = gradient_batch(cfg, task, params, batch, ablation, jnp.asarray(alphas),

@@ -30,7 +30,9 @@ from jaxinterp import attribution as A
 from jaxinterp import circuits as G
 from jaxinterp import models, tasks
 from jaxinterp.attribution import bootstrap, optimal
+from jaxinterp.attribution import positions as attr_positions
 from jaxinterp.circuits import convention
+from jaxinterp.circuits import positions as circuit_positions
 from jaxinterp.discovery.config import FindCircuitConfig, record
 from jaxinterp.evaluation import faithfulness as V
 from jaxinterp.evaluation import levels, task_check
@@ -43,6 +45,7 @@ RESUME_DIR = ".resume"
 OUTPUTS = ("graph.json", "scores.npz", "faithfulness.csv", "circuit.png", "faithfulness.png",
            "circuit.html")
 OPTIMAL_DIR = "optimal_ablation"
+POSITION_OUTPUTS = ("graph.json", "positions.npz")  # --level=position: no curve, no drawings
 PHASES = ("load", "compile", "attribute", "curve", "write")  # the order they are reported in
 TOP_N = 20  # the circuit's size when `top_n` is None and the method has no circuit of its own
 # Checks of settings whose messages predate the generated flags: (name, minimum) of integers ...
@@ -81,6 +84,8 @@ def check(config: FindCircuitConfig) -> A.Options:
     raise inputs.InputError(str(e)) from None
   if config.mib_out and options.level != "edge":
     raise inputs.InputError("--mib_out writes edge scores: it needs --level=edge")
+  if options.level == "position":
+    _check_positions(config)
   if config.selection != "top_n" and options.level != "edge":
     raise inputs.InputError(f"--selection={config.selection} selects edges; use --level=edge")
   if config.filter not in task_check.FILTERS:
@@ -139,6 +144,8 @@ def _run(config: FindCircuitConfig, options: A.Options, held: files.RunDir,
                                                  batch_size=config.batch_size)
   dataset = dataclasses.replace(dataset, task=tasks.with_metric(dataset.task, config.metric))
   mhash, dhash = inputs.model_hash(model), inputs.dataset_hash(dataset)
+  if options.level == "position":
+    return _run_positions(config, options, held, phases, model, dataset, checked, t0)
   n_batches = -(-len(dataset) // config.batch_size)
   ckpt = None
   if method.checkpoints_always or n_batches > config.checkpoint_batches:
@@ -277,6 +284,73 @@ def _run(config: FindCircuitConfig, options: A.Options, held: files.RunDir,
   print(f"wrote {out}/{', '.join(outputs)} ({summary['seconds']:.1f} s)")
   print(f"phases: {phases.line()}")
   return summary
+
+
+def _check_positions(config: FindCircuitConfig) -> None:
+  """InputError (one line) for a setting --level=position cannot take."""
+  if config.method not in attr_positions.METHODS:
+    raise inputs.InputError(f"--level=position works with --method="
+                            f"{', '.join(attr_positions.METHODS)}, not {config.method}")
+  for name, why in (("mesh", "shards edge-level attribution"),
+                    ("bootstrap", "resamples edge, node or neuron scores")):
+    if getattr(config, name):
+      raise inputs.InputError(f"--{name} {why}; --level=position runs without it")
+  if config.intervention == "optimal":
+    raise inputs.InputError("--intervention=optimal works with --level=edge, node or neuron, "
+                            "not position")
+
+
+def _run_positions(config: FindCircuitConfig, options: A.Options, held: files.RunDir,
+                   phases: timing.Phases, model: models.Model, dataset: tasks.Dataset,
+                   checked: dict, t0: float) -> dict:
+  """--level=position: score every position-level edge (`attribute_positions`), keep the top_n
+  (`PositionScores.select`), write positions.npz (every score) and graph.json (the circuit's edges
+  by name, `a0.h3@5->a1.h0<k>@9`, graph.json's sign, with `meta`). No faithfulness curve: the
+  circuit forward masks edges, not edges at positions."""
+  out = held.path
+  method = A.get_method(config.method)
+  phases.start("attribute")
+  kernel_options = {k: v for k, v in method.option_values(options).items() if k != "level"}
+  result = attr_positions.attribute_positions(
+      model.cfg, model.params, dataset, config.method, intervention=config.intervention,
+      batch_size=config.batch_size, **kernel_options)
+  t_attr = time.time() - t0
+  scores = result.scores
+  n_total = scores.n_edges
+  n_sel = min(TOP_N if config.top_n is None else config.top_n, n_total)
+  chosen = scores.select(n_sel, absolute=config.absolute)
+  meta = {"jaxinterp_version": jaxinterp.__version__, **record(config),
+          **method.option_values(options),
+          "model_path": os.path.abspath(inputs.resolve_model_path(config.model)),
+          "model_hash": inputs.model_hash(model),
+          "data_path": os.path.abspath(config.data) if config.data else None,
+          "data_hash": inputs.dataset_hash(dataset), "n_examples": len(dataset),
+          "n_pos": scores.n_pos, "n_position_edges": n_total, "top_n": n_sel,
+          "clean_metric": result.clean_metric, "faithfulness": None, "task_check": checked,
+          convention.KEY: convention.LOSS}
+  phases.start("write")
+  with held.writing(POSITION_OUTPUTS):
+    circuit_positions.to_npz(scores, os.path.join(out, "positions.npz"))
+    meta.update(phase_seconds=phases.snapshot(), compile_seconds=phases.compile_by_kind)
+    circuit_positions.to_json(scores, os.path.join(out, "graph.json"), edges=chosen, meta=meta)
+  phases.stop()
+  top = scores.names(chosen[:10])
+  conv = scores.convention
+  print(f"\n{config.method} ({config.intervention}) on {config.task}, {len(dataset)} examples, "
+        f"model {config.model}: {n_total} position edges over {scores.n_pos} positions")
+  print(f"clean metric {result.clean_metric:.4f}")
+  print(f"top position edges (score: {convention.DISPLAYED}):")
+  for name, s in top:
+    print(f"  {name:36s} {convention.displayed(s, conv):+.4f}")
+  print(f"circuit: top {n_sel} position edges; faithfulness curve not computed at "
+        "--level=position (the circuit forward ablates whole edges, not edges at positions)")
+  print(f"wrote {out}/{', '.join(POSITION_OUTPUTS)} ({time.time() - t0:.1f} s)")
+  print(f"phases: {phases.line()}")
+  return {"top_edges": top, "faithfulness": None, "n_edges": n_sel, "level": "position",
+          "n_edges_kept": len(chosen), "n_position_edges": n_total, "n_pos": scores.n_pos,
+          "clean_metric": result.clean_metric, "seconds": time.time() - t0,
+          "attribution_seconds": t_attr, "out": out, "phase_seconds": phases.snapshot(),
+          "task_check": checked}
 
 
 def _optimal_settings(config: FindCircuitConfig, ablation: A.Ablation | None) -> dict:

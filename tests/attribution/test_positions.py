@@ -12,6 +12,7 @@ import pytest
 from jaxinterp import attribution as A
 from jaxinterp import models, tasks
 from jaxinterp.attribution import positions as P
+from jaxinterp.attribution import positions_exact as PX
 from jaxinterp.attribution import receiver_grads as RG
 from jaxinterp.circuits import positions as cpos
 from jaxinterp.circuits.layout import valid_edges
@@ -122,8 +123,8 @@ def test_exact_crossing_edge_is_a_one_query_rerun(family):
                                                                       (0, 3, 3, 1, 4)]}
   got, want = [], []
   for layer, edges in cases.items():
-    vals = P.crossing_chunk(cfg, ds.task, layer, params, batch, resids[layer], delta,
-                            jnp.asarray(edges, jnp.int32), None)
+    vals = PX.crossing_chunk(cfg, ds.task, layer, params, batch, resids[layer], delta,
+                             jnp.asarray(edges, jnp.int32), None)
     got += list(np.asarray(vals, np.float64) - float(c_total))
     want += [_independent_crossing(cfg, ds.task, params, batch, layer, h, "kv"[k], s_, j, i)
              for s_, j, h, k, i in edges]
@@ -176,3 +177,32 @@ def test_bundled_model_k_composition_position():
   assert len(set(earlier)) == 1  # one layout for every row
   top = res.scores.top(1, "a1.h0<k>")[0][0]
   assert top == f"a0.h3@{earlier[0] + 1}->a1.h0<k>@{last}", top
+
+
+@pytest.mark.parametrize("route", [pytest.param("direct", marks=pytest.mark.slow), "y"])
+def test_contraction_routes_agree(route):
+  """Both ways of contracting the rank-one crossing scores give the edge score (gpt2: k and v)."""
+  cfg = CONFIGS["gpt2"]
+  params = _params(cfg)
+  ds, batch = _data(cfg)
+  abl = A.Ablation("patching")
+  alphas = jnp.asarray(ALPHAS["EAP"], jnp.float32)
+  loc, cr, _ = P.gradient_batch(cfg, ds.task, params, batch, abl, alphas, method="EAP", chunk=4,
+                                route=route)
+  ref, _, _ = RG.ig_inputs_batch(cfg, ds.task, params, batch, abl, alphas)
+  _check_sum(cfg, loc, cr, ref)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qk_norm,rotary", [("head", True), ("all", False)])
+def test_sum_over_positions_with_qk_norm(qk_norm, rotary):
+  """The k gradients split by query go back through qk-norm (and rotary): Qwen3/Gemma-3 style."""
+  cfg = dataclasses.replace(CONFIGS["llama"], qk_norm=qk_norm,
+                            **({} if rotary else {"positional": "learned", "rotary_dim": None}))
+  params = _params(cfg)
+  ds, batch = _data(cfg)
+  abl = A.Ablation("patching")
+  alphas = jnp.asarray(ALPHAS["EAP-IG-inputs"], jnp.float32)
+  loc, cr, _ = P.gradient_batch(cfg, ds.task, params, batch, abl, alphas, chunk=4)
+  ref, _, _ = RG.ig_inputs_batch(cfg, ds.task, params, batch, abl, alphas)
+  _check_sum(cfg, loc, cr, ref)
