@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -355,3 +356,30 @@ def attribute_positions(cfg: ModelConfig, params, dataset, method: str = "EAP-IG
   scores = cpos.PositionScores(cfg, local, (crossing / n).astype(np.float32),
                                m.score_convention(task))
   return PositionAttribution(scores, method, intervention, options, n, clean_sum / n)
+
+
+def attribute_position_rows(cfg: ModelConfig, params, dataset, method: str = "EAP-IG-inputs", *,
+                            intervention: str = "patching", batch_size: int = 16,
+                            ablation: Ablation | None = None, quiet: bool = False,
+                            chunk: int | None = None, **option_values
+                            ) -> Iterator[cpos.PositionScores]:
+  """Position-level scores of each row alone, in dataset order (for per-row span aggregation,
+  `circuits.schemas.aggregate`): `attribute_positions` on one row at a time, padded to the
+  dataset's longest prompt (one compilation), with one ablation built on the whole dataset
+  (`batch_size` is only used for that). Their mean over rows is `attribute_positions(...)`'s
+  scores up to float rounding; the cost is one batch-of-one pass per row.
+
+  Yields:
+    One `circuits.positions.PositionScores` per row, in the metric's units.
+  """
+  if ablation is None:
+    ablation = make_ablation(cfg, params, dataset, intervention, batch_size)
+  for r in tqdm(range(len(dataset)), desc=f"{method} positions by row", disable=quiet,
+                unit="row"):
+    row = dataclasses.replace(
+        dataset, clean=dataset.clean[r:r + 1], corrupted=dataset.corrupted[r:r + 1],
+        lengths=dataset.lengths[r:r + 1], labels={k: v[r:r + 1] for k, v in dataset.labels.items()},
+        read_at=None if dataset.read_at is None else dataset.read_at[r:r + 1])
+    yield attribute_positions(cfg, params, row, method, intervention=intervention, batch_size=1,
+                              ablation=ablation, quiet=True, chunk=chunk,
+                              **option_values).scores
