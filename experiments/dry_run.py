@@ -79,14 +79,17 @@ def find_circuit(model: str, dtype: str | None, method: str, options: dict, batc
     return _print("exact", lambda p: PR.exact(cfg, p, seq, m, memory, options.get("exact_chunk")),
                   cfg, dt, m, seq, memory, batch, notes=(
                       "exact: clean run, upstream cache and one vmapped chunk of edges into layer "
-                      "0 (the largest), compiled as one program",))
+                      "0 (the largest), compiled as one program (the scanned blocks when they "
+                      "fit, as the run does)",))
   try:
     opts = A.make_options(A.get_method(method), None, **options)
   except A.AttributionError as e:
     raise MP.PlanError(f"--method={method}: {e}") from None
   alphas = EAP_FAMILY[method](opts)
   return _print(f"{method} (m={len(alphas)})",
-                lambda p: PR.eap(cfg, p, seq, alphas, m, memory), cfg, dt, m, seq, memory, batch)
+                lambda p: PR.eap(cfg, p, seq, alphas, m, memory,
+                                 getattr(opts, "memory_budget", None)),
+                cfg, dt, m, seq, memory, batch)
 
 
 def simple(kind: str, model: str, dtype: str | None, batch: int, mesh: str | None = None,

@@ -22,6 +22,7 @@ from jaxinterp.circuits import convention
 from jaxinterp.circuits.layout import valid_edges
 from jaxinterp.models import edges as E
 from jaxinterp.models.config import ModelConfig
+from jaxinterp.runtime import sizes
 from jaxinterp.tasks import Batch, Task
 
 if TYPE_CHECKING:
@@ -228,14 +229,28 @@ class IGOptions(Options):
     ig_steps: m, the number of integrated-gradient steps.
     ig_convention: "eap" (as the `eap` package: alpha = k/m with k = 0..m-1 for EAP-IG-inputs'
       edges, k = 1..m otherwise) or "paper" (k = 1..m).
+    memory_budget: a size such as "2GB" or "512MiB", or None (no limit).
   """
 
   ig_steps: int = 5
   ig_convention: str = dataclasses.field(default="eap", metadata={"choices": ("eap", "paper")})
+  memory_budget: str | None = dataclasses.field(default=None, metadata={
+      "help": "cap on the attribution kernel's temporary memory per batch, e.g. 2GB or 512MiB "
+      "(EAP-IG-inputs at --level=edge only): the batch's rows and positions are scored in as "
+      "many chunks as it takes (same scores to float rounding; a budget below one row is "
+      "refused, naming the least that works). Default: no cap, one chunk."})
 
   def __post_init__(self):
     super().__post_init__()
     ig_alphas(self.ig_steps, self.ig_convention)  # validates
+    if self.memory_budget is not None:
+      try:
+        sizes.parse_bytes(self.memory_budget, "memory_budget")
+      except sizes.SizeError as e:
+        raise AttributionError(str(e)) from None
+      if self.level != "edge":
+        raise AttributionError(f"--memory_budget is for --level=edge only, not "
+                               f"--level={self.level}")
 
   def alphas(self, eap_start: int) -> np.ndarray:
     """`ig_alphas` of these options (`eap_start`: where the "eap" convention starts k)."""

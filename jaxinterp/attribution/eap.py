@@ -29,7 +29,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxinterp.attribution import base, nodes, receiver_grads
+from jaxinterp.attribution import base, memory_budget, nodes, receiver_grads
 from jaxinterp.models.edges import EdgePatch
 from jaxinterp.models.transformer import embed_inputs, forward, sender_outputs
 from jaxinterp.runtime import shared_prefix
@@ -40,8 +40,13 @@ def _kernel_scores(alphas, cfg, task, params, batch, ablation, options) -> base.
   if options.level != "edge":
     return nodes.score_batch(alphas, cfg, task, params, batch, ablation, options)
   suffix = None if options.remat else shared_prefix.plan(cfg, batch, ablation.kind)
+  chunks, budget = {}, getattr(options, "memory_budget", None)  # IGOptions only
+  if budget is not None:  # rows and contraction chunks whose temporaries fit the budget
+    chunks["row_chunks"], chunks["chunk_bytes"] = memory_budget.row_chunks(
+        cfg, params, batch.clean.shape, alphas.shape[0], budget, options.remat)
   s, values, c_values = receiver_grads.ig_inputs_batch(cfg, task, params, batch, ablation, alphas,
-                                                       remat=options.remat, suffix=suffix)
+                                                       remat=options.remat, suffix=suffix,
+                                                       **chunks)
   c_total = jnp.sum(jnp.where(batch.valid, c_values, 0.0))
   return base.BatchScores(s, values, c_values, c_total)
 

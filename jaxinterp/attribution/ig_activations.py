@@ -80,6 +80,9 @@ def _ig_activations_batch(cfg, task, params, batch, ablation, alphas, remat=Fals
 
 def score_batch(cfg, task, params, batch, ablation, options: base.IGOptions) -> base.BatchScores:
   """EAP-IG-activations scores of one batch."""
+  if options.memory_budget is not None:  # the chunked kernel is EAP-IG-inputs'
+    raise base.AttributionError("--memory_budget is for EAP-IG-inputs only, not "
+                                "EAP-IG-activations")
   c_total, c_values, _ = task_metrics.clean_metric(cfg, task, params, batch)
   alphas = jnp.asarray(options.alphas(eap_start=1))
   s, values = _ig_activations_batch(cfg, task, params, batch, ablation, alphas,

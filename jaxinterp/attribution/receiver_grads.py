@@ -24,18 +24,17 @@ sites can't be collected). Every kernel equals `eap.weight_gradient_batch` up to
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinterp.attribution.base import AttributionError, Shift
+from jaxinterp.attribution.base import Shift
 from jaxinterp.models import edges as E
 from jaxinterp.models import transformer as T
 from jaxinterp.models.config import ModelConfig
-from jaxinterp.runtime import compile_policy, memory_plan, shared_prefix
+from jaxinterp.runtime import compile_policy, shared_prefix
 from jaxinterp.tasks import Batch
 from jaxinterp.tasks.metrics import metric_at_last, metric_sum
 
@@ -69,55 +68,6 @@ def scan_blocks_fits(cfg: ModelConfig, params) -> bool:
   block_bytes = sum(x.size * x.dtype.itemsize for li in range(cfg.n_layers)
                     for x in jax.tree.leaves(params[f"blocks_{li}"]))
   return T.layers_uniform(cfg) and block_bytes <= SCAN_MAX_FRACTION * _device_memory_bytes()
-
-
-class MemoryBudgetError(AttributionError):
-  """A `--memory_budget` below the smallest chunk the kernel can run (one row of the batch)."""
-
-
-def _temp_bytes(cfg: ModelConfig, params, rows: int, n_pos: int, n_steps: int, remat: bool,
-                chunk_bytes: float) -> float:
-  """Planned temporaries of `ig_inputs_batch` on `rows` rows of `n_pos` positions (one group).
-
-  Per position, in float32: the sender differences [S, d], the head gradients and q/k/v
-  ([L, 3H, d_head], three of them), the MLP and logits gradients and the norm's inputs ([L, d],
-  three), and one IG step's forward and backward activations (per layer the residual stream and
-  norms, MLP hidden units and the attention pattern: `10 d + 3 d_mlp + 2 H pos`, twice). Fixed: two
-  float32 copies of the blocks' weights (ungrouped GQA heads and the scan's stacked copy), the
-  contraction's position chunk (twice `chunk_bytes` at most) and the [S, R] accumulators. `n_steps`
-  does not enter (the steps run one after the other). With `remat`, the per-head-input receiver
-  gradients ([L, 3H + 2, d], a sum and a step's) instead of the fused kernel's. Checked against
-  `memory_analysis` in tests/attribution/test_memory_budget.py.
-  """
-  del n_steps
-  L, H, d, dh = cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_head
-  S, R = E.n_senders(cfg), E.n_receivers(cfg)
-  words = S * d + 3 * L * 3 * H * dh + 3 * L * d + 2 * L * (10 * d + 3 * cfg.d_mlp + 2 * H * n_pos)
-  if remat:
-    words += 2 * L * (3 * H + 2) * d
-  per_pos_contract = (L * (3 * H + 1) + 1) * d * 4
-  contract = 2 * min(chunk_bytes, rows * n_pos * per_pos_contract)
-  blocks = sum(x.size for li in range(L) for x in jax.tree.leaves(params[f"blocks_{li}"]))
-  return 4.0 * words * rows * n_pos + contract + 2 * 4.0 * blocks + 2 * 4.0 * S * R
-
-
-def budget_row_chunks(cfg: ModelConfig, params, batch_shape: tuple[int, int], n_steps: int,
-                      budget: int, remat: bool = False) -> tuple[int, float]:
-  """(row_chunks, chunk_bytes) of `ig_inputs_batch` whose planned temporaries (`_temp_bytes`) fit
-  `budget` bytes: the fewest groups of rows (a divisor of the batch) and contraction chunks of at
-  most budget / 16 (CHUNK_BYTES at most). MemoryBudgetError, naming the smallest budget that works,
-  when one row does not fit."""
-  b, p = batch_shape
-  chunk_bytes = min(CHUNK_BYTES, budget / 16)
-  for chunks in (c for c in range(1, b + 1) if b % c == 0):
-    if _temp_bytes(cfg, params, b // chunks, p, n_steps, remat, chunk_bytes) <= budget:
-      return chunks, chunk_bytes
-  one = _temp_bytes(cfg, params, 1, p, n_steps, remat, 0.0)  # without the contraction's chunk
-  least = one * 8 / 7 if one / 14 <= CHUNK_BYTES else one + 2 * CHUNK_BYTES
-  raise MemoryBudgetError(
-      f"--memory_budget={memory_plan.fmt_bytes(budget).replace(' ', '')} is below the smallest "
-      f"chunk: one row of {p} positions needs about {memory_plan.fmt_bytes(least)} of "
-      f"temporaries; give at least --memory_budget={math.ceil(least / 1e6)}MB")
 
 
 def _eps_sites(cfg: ModelConfig, batch_shape: tuple, dtype) -> dict[str, Array]:
@@ -419,9 +369,10 @@ def ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alph
 
   With `remat` the older per-head-input kernel runs instead (same scores).
 
-  `row_chunks` > 1 (`budget_row_chunks`, for `--memory_budget`) runs the kernel on that many groups
-  of rows in turn (one `lax.scan`, so their temporaries share buffers) and sums their scores, and
-  `chunk_bytes` sets the contraction's position chunks: the peak of temporaries is then one group's.
+  `row_chunks` > 1 (`memory_budget.row_chunks`, for `--memory_budget`) runs the kernel on that
+  many groups of rows in turn (one `lax.scan`, so their temporaries share buffers) and sums their
+  scores, and `chunk_bytes` sets the contraction's position chunks: the peak of temporaries is
+  then one group's.
   The defaults (1, CHUNK_BYTES) are the unchunked kernel.
   """
   if row_chunks == 1:

@@ -30,7 +30,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -43,7 +42,8 @@ from jaxinterp.models import transformer as T
 from jaxinterp.models.config import ConfigError, ModelConfig
 from jaxinterp.models.convert import CheckpointError, config_from_hf
 from jaxinterp.models.pretrained import CONVERTED_CONFIG
-from jaxinterp.runtime import inputs, sharding
+from jaxinterp.runtime import inputs, sharding, sizes
+from jaxinterp.runtime.sizes import fmt_bytes
 from jaxinterp.tasks import Batch
 
 
@@ -86,24 +86,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         torch_dtype="bfloat16"),
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
-          "t": 1e12, "tb": 1e12, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
 
 
 def parse_bytes(text: str, flag: str = "device_memory") -> int:
   """Bytes of a size such as `80GB` (10^9), `80GiB` (2^30), `512MB`, `8e10`; PlanError else."""
-  m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
-  if not m or m.group(2) not in _UNITS or float(m.group(1)) <= 0:
-    raise PlanError(f"--{flag}={text}: expected a positive size such as 80GB, 80GiB or 512MB")
-  return int(float(m.group(1)) * _UNITS[m.group(2)])
-
-
-def fmt_bytes(n: float) -> str:
-  """`12.3 GB` (decimal units, as device memory is quoted)."""
-  for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-    if abs(n) >= size:
-      return f"{n / size:.2f} {unit}"
-  return f"{int(n)} B"
+  try:
+    return sizes.parse_bytes(text, flag)
+  except sizes.SizeError as e:
+    raise PlanError(str(e)) from None
 
 
 def model_config(model: str, dtype: str | None = None,

@@ -3,9 +3,11 @@
 Each builder composes a run's per-batch kernels into one function, as the run calls them, and
 returns what the run keeps alive across them as outputs, so the compiled program's peak is the
 run's:
-- `eap`: EAP, EAP-IG-inputs (m steps), clean-corrupted: `receiver_grads.ig_inputs_batch`.
+- `eap`: EAP, EAP-IG-inputs (m steps), clean-corrupted: `receiver_grads.ig_inputs_batch` (in the
+  chunks of a `--memory_budget`, if given).
 - `exact`: the clean metric, the clean run's upstream cache, and one vmapped chunk of edges into
-  layer 0 (those rerun every block: the largest chunk), `exact_chunk_size` edges per call.
+  layer 0 (those rerun every block: the largest chunk), `exact_chunk_size` edges per call, through
+  `edge_chunk_scan` (with the stacked blocks) where the run uses it, else `edge_chunk`.
 - `circuit`: `evaluate_circuit`'s circuit forward (`prepare`, then one circuit's metric).
 - `patching`: `activation_patching`'s baselines, the source activations and one vmapped chunk
   of patched forwards, for each sweep (the plan is the largest).
@@ -20,6 +22,7 @@ the upper bound of what a dataset's prompts cost.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import jax
@@ -28,6 +31,7 @@ import optax
 
 from jaxinterp import patching as PT
 from jaxinterp.attribution import exact as X
+from jaxinterp.attribution import memory_budget as MB
 from jaxinterp.attribution import receiver_grads as RG
 from jaxinterp.attribution.ablation import Ablation
 from jaxinterp.evaluation import circuit_forward as CF
@@ -53,24 +57,40 @@ def _spec(shape, dtype):
 
 
 def eap(cfg: ModelConfig, params, seq_len: int, alphas, mesh=None,
-        device_memory: int | None = None) -> MP.Builder:
-  """EAP-family edge attribution (`alphas`: [1] EAP, k/m IG-inputs, [0, 1] clean-corrupted)."""
+        device_memory: int | None = None, memory_budget: str | None = None) -> MP.Builder:
+  """EAP-family edge attribution (`alphas`: [1] EAP, k/m IG-inputs, [0, 1] clean-corrupted),
+  in the row and position chunks a `memory_budget` ("2GB", `IGOptions.memory_budget`) sets."""
   alphas = jnp.asarray(alphas, jnp.float32)
 
   def build(b):
+    chunks = {}
+    if memory_budget is not None:
+      chunks["row_chunks"], chunks["chunk_bytes"] = MB.row_chunks(
+          cfg, params, (b, seq_len), alphas.shape[0], memory_budget)
+
     def fn(params, batch):
-      planned, RG.PLANNED_DEVICE_BYTES = RG.PLANNED_DEVICE_BYTES, device_memory
-      try:  # the blocks run as one scan if their stacked copy fits the planned device
-        return RG.ig_inputs_batch(cfg, TASK, params, batch, PATCHING, alphas)
-      finally:
-        RG.PLANNED_DEVICE_BYTES = planned
+      with _planned_device(device_memory):
+        return RG.ig_inputs_batch(cfg, TASK, params, batch, PATCHING, alphas, **chunks)
     return fn, (params, MP.abstract_batch(b, seq_len, mesh))
   return build
 
 
+@contextlib.contextmanager
+def _planned_device(device_memory: int | None):
+  """While tracing: the blocks run as one scan if their stacked copy fits the planned device
+  (`receiver_grads.scan_blocks_fits`, for EAP and exact alike)."""
+  planned, RG.PLANNED_DEVICE_BYTES = RG.PLANNED_DEVICE_BYTES, device_memory
+  try:
+    yield
+  finally:
+    RG.PLANNED_DEVICE_BYTES = planned
+
+
 def exact(cfg: ModelConfig, params, seq_len: int, mesh=None,
           device_memory: int | None = None, chunk: int | None = None) -> MP.Builder:
-  """Exact edge patching: clean metric, upstream cache, one chunk of edges into layer 0."""
+  """Exact edge patching: clean metric, upstream cache, one chunk of edges into layer 0, through
+  the kernel `exact._exact_batch` runs there: `edge_chunk_scan` on the stacked blocks when
+  `exact.scan_layers` (for the planned device), else `edge_chunk`."""
   n_up = E.n_upstream_of_mlp(cfg, 0)
 
   def build(b):
@@ -80,6 +100,13 @@ def exact(cfg: ModelConfig, params, seq_len: int, mesh=None,
     def fn(params, batch, senders, receivers):
       _, _, logits = task_metrics.clean_metric(cfg, TASK, params, batch)
       resids, mlp_inputs, delta, _ = X.upstream_cache(cfg, params, batch, PATCHING, None)
+      with _planned_device(device_memory):
+        scan = X.scan_layers(cfg, params)
+      if scan:  # the stacked copy lives for the whole batch
+        stacked = X.stacked_blocks(cfg, params)
+        vals = X.edge_chunk_scan(cfg, TASK, params, stacked, batch, jnp.asarray(0, jnp.int32),
+                                 resids, mlp_inputs, delta, senders, receivers, None)
+        return vals, logits, resids, mlp_inputs, delta, stacked
       vals = X.edge_chunk(cfg, TASK, 0, params, batch, resids[0], mlp_inputs[0],
                           delta[:, :, :n_up], senders, receivers, None)
       return vals, logits, resids, mlp_inputs, delta  # all live while the chunks run

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from jaxinterp.attribution import exact as X
+from jaxinterp.models.config import ModelConfig
 from jaxinterp.runtime import memory_plan as MP
 from jaxinterp.runtime import memory_programs as PR
 
@@ -180,3 +182,39 @@ def test_largest_batch_compiles_within_the_device_memory():
 def _unpack(built):
   fn, args = built
   return (fn, *args)
+
+
+_TINY = dict(family="gpt2", d_model=32, n_layers=2, n_heads=4, d_head=8, d_mlp=64, d_vocab=50,
+             n_ctx=32)
+
+
+@pytest.mark.parametrize("memory,scanned", [(int(80e9), True), (int(1e3), False)])
+def test_exact_plan_lowers_the_kernel_the_run_uses(memory, scanned, monkeypatch):
+  """`exact._exact_batch` reruns the edges with `edge_chunk_scan` when `scan_layers` (the stacked
+  blocks fit the device), else `edge_chunk`: the plan lowers the same one for its device."""
+  cfg = ModelConfig(**_TINY)
+  called = []
+
+  def spy(name, kernel):
+    def run(*a, **k):
+      called.append(name)
+      return kernel(*a, **k)
+    return run
+
+  for name in ("edge_chunk_scan", "edge_chunk"):
+    monkeypatch.setattr(X, name, spy(name, getattr(X, name)))
+  fn, args = PR.exact(cfg, MP.abstract_params(cfg, jnp.float32), 8, device_memory=memory,
+                      chunk=4)(2)
+  out = jax.eval_shape(fn, *args)
+  assert called == ["edge_chunk_scan" if scanned else "edge_chunk"]
+  assert out[0].shape == (4,) and len(out) == (6 if scanned else 5)  # the stacked copy is live
+
+
+def test_eap_plan_with_a_memory_budget_has_smaller_temporaries():
+  cfg = ModelConfig(**_TINY)
+  params = MP.abstract_params(cfg, jnp.float32)
+  alphas = [0.0, 0.5]
+  free = MP.compile_memory(*_unpack(PR.eap(cfg, params, 16, alphas)(4)))
+  capped = MP.compile_memory(*_unpack(PR.eap(cfg, params, 16, alphas, memory_budget="500kB")(4)))
+  assert capped.temp < 0.6 * free.temp <= 500e3 / 0.6, (capped, free)
+  assert capped.temp <= 500e3
