@@ -88,20 +88,13 @@ __all__ = [
 ]
 
 
-def _with_positions(m: Method) -> Method:
-  """`m`, also scoring position-level edges (`positions.attribute_positions`: EAP's and the
-  exact kernels keep their position axis; EAP, EAP-IG-inputs and clean-corrupted have every level
-  of `base.LEVELS` already)."""
-  return dataclasses.replace(m, levels=tuple(dict.fromkeys((*m.levels, "position"))))
-
-
 # The registry: name -> Method. Adding a method is one line here.
 METHODS: dict[str, Method] = {m.name: m for m in (
     eap.EAP,
     eap.EAP_IG_INPUTS,
-    _with_positions(ig_activations.EAP_IG_ACTIVATIONS),
+    ig_activations.EAP_IG_ACTIVATIONS,
     eap.CLEAN_CORRUPTED,
-    _with_positions(exact.EXACT),
+    exact.EXACT,
     ifr.IFR,
     ugs.UGS,
     edge_pruning.EDGE_PRUNING,

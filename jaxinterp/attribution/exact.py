@@ -387,4 +387,4 @@ def score_batch(cfg, task, params, batch, ablation, options: ExactOptions) -> ba
 EXACT = base.Method(
     "exact", "activation patching of each edge in turn: the mean metric with that edge ablated "
     "minus the clean one (no approximation; --level=node: every outgoing edge of a node at once)",
-    score_batch, ExactOptions, levels=("edge", "node"), checkpoints_always=True)
+    score_batch, ExactOptions, levels=("edge", "node", "position"), checkpoints_always=True)

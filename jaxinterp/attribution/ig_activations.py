@@ -92,4 +92,4 @@ def score_batch(cfg, task, params, batch, ablation, options: base.IGOptions) -> 
 
 EAP_IG_ACTIVATIONS = base.Method(
     "EAP-IG-activations", "EAP-IG interpolating each layer's outputs in turn instead of the inputs",
-    score_batch, base.IGOptions)
+    score_batch, base.IGOptions, levels=("edge", "position"))

@@ -64,7 +64,8 @@ def _torch_inputs(data):
   return clean, corrupted, mask, last, correct, incorrect
 
 
-@pytest.mark.parametrize("method", ["EAP", "EAP-IG-inputs", "exact"])
+@pytest.mark.parametrize("method", ["EAP", pytest.param("EAP-IG-inputs", marks=pytest.mark.slow),
+                                    pytest.param("exact", marks=pytest.mark.slow)])
 def test_matches_independent_torch_oracle_on_ioi(torch_setup, method):
   oracle, model, data = torch_setup
   args = _torch_inputs(data)
@@ -280,10 +281,10 @@ def test_kl_and_cross_entropy_metrics():
 SMALL_OPTIONS = dict(ig_steps=2, mask_steps=4, mask_batch=4, ugs_samples=2, acdc_metric="task")
 
 
-# EAP-IG-activations' contract run is the slowest; test_ig_activations_runs_and_tracks_exact keeps
-# the method in the fast suite.
+# EAP-IG-activations' and UGS's contract runs are the slowest; they run with -m slow.
+# test_ig_activations_runs_and_tracks_exact keeps EAP-IG-activations in the fast suite.
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow)
-                                  if n == "EAP-IG-activations" else n for n in A.METHODS])
+                                  if n in ("EAP-IG-activations", "UGS") else n for n in A.METHODS])
 def test_every_registered_method_keeps_the_contract(name):
   """Over the registry (a new method is checked without touching this test): shape and dtype,
   zeros on invalid edges, finite and non-trivial scores, batch-size invariance, a resumed run

@@ -109,7 +109,8 @@ def _independent_crossing(cfg, task, params, batch, layer, head, kind, sender, j
   return float(m1 - m0)
 
 
-@pytest.mark.parametrize("family", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_exact_crossing_edge_is_a_one_query_rerun(family):
   cfg = CONFIGS[family]
   params = _params(cfg, 2.0)
@@ -179,7 +180,8 @@ def test_bundled_model_k_composition_position():
   assert top == f"a0.h3@{earlier[0] + 1}->a1.h0<k>@{last}", top
 
 
-@pytest.mark.parametrize("route", [pytest.param("direct", marks=pytest.mark.slow), "y"])
+@pytest.mark.slow
+@pytest.mark.parametrize("route", ["direct", "y"])
 def test_contraction_routes_agree(route):
   """Both ways of contracting the rank-one crossing scores give the edge score (gpt2: k and v)."""
   cfg = CONFIGS["gpt2"]

@@ -72,6 +72,7 @@ def eap_zero_scores(tl, clean, mask, last, correct, incorrect) -> np.ndarray:
   return (scores / B).numpy()
 
 
+@pytest.mark.slow
 def test_zero_ablation_eap_matches_eap_ig(hf_gpt2_dir):
   path, hf = hf_gpt2_dir
   model = models.from_pretrained(path)

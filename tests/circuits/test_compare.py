@@ -77,6 +77,7 @@ def _run(*args):
                         env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_binary_writes_csv_and_png_and_refuses_bad_input(tmp_path):
   paths = []
   for i, method in enumerate(("EAP", "EAP-IG-inputs", "ACDC")):

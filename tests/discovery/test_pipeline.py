@@ -52,6 +52,7 @@ def _config(model, method="EAP-IG-inputs", **extra):
                                        top_n=10), **extra))
 
 
+@pytest.mark.slow
 def test_outputs_and_determinism(tiny_model, tmp_path, capsys):
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
   summary = find_circuit(_config(tiny_model), a)
@@ -93,6 +94,7 @@ def test_outputs_and_determinism(tiny_model, tmp_path, capsys):
   assert not os.path.exists(os.path.join(a, ".resume"))
 
 
+@pytest.mark.slow
 def test_the_binary_runs_the_library_pipeline(tiny_model, tmp_path):
   """The binary's flags become the config: the same scores as the library call, and --help lists
   the generated method flags."""

@@ -227,6 +227,7 @@ def _ioi_csv(path, trailing: str) -> int:
   return len(rows)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(TINYSTORIES),
                     reason="needs ../shared/models/tinystories-656k")
 def test_a_model_that_does_not_do_the_task_is_named_and_filtered(tmp_path, capsys):

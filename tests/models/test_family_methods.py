@@ -59,6 +59,7 @@ def _data(cfg):
   return tasks.make_induction(6, 4, cfg.d_vocab, seed=0, bos_id=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_exact_scores_equal_a_full_rerun_and_eap_runs(family):
   """Exact patching (fused-head reruns from the receiver's layer) equals evaluating the graph-form

@@ -38,6 +38,7 @@ def _plt(seed=0, b_dec=True, **kw):
                                a(L, F, D), a(L, D) * b_dec, W_skip=a(L, D, D, scale=0.2), **kw)
 
 
+@pytest.mark.slow
 def test_rows_are_complete_without_biases():
   """Without biases, norms frozen and the position embedding absent, each feature's row sums to
   its pre-activation less b_enc, and each logit's row to its direction at ln_final's output. BOS's
