@@ -120,7 +120,7 @@ def _doc_examples() -> list:
     for i, block in enumerate(_code_blocks(page.read_text(), "python")):
       if "..." in block:  # a template to fill in (contributing.md's method skeleton)
         continue
-      slow = "train_interventions" in block
+      slow = "train_interventions" in block or "attribute_positions" in block
       out.append(pytest.param(page.name, block, id=f"{page.stem}-{i}",
                               marks=[pytest.mark.slow] if slow else []))
   return out

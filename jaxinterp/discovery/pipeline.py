@@ -37,7 +37,7 @@ from jaxinterp.discovery.config import FindCircuitConfig, record
 from jaxinterp.evaluation import faithfulness as V
 from jaxinterp.evaluation import levels, task_check
 from jaxinterp.runtime import compilation_cache, files, inputs, sharding, timing
-from jaxinterp.viz import plots, viewer
+from jaxinterp.viz import plots, position_plot, viewer
 
 BINARY = "find_circuit"  # the run record's binary
 HEADLINE = ("method", "task", "model", "n_examples")  # the settings naming a run in messages
@@ -45,7 +45,8 @@ RESUME_DIR = ".resume"
 OUTPUTS = ("graph.json", "scores.npz", "faithfulness.csv", "circuit.png", "faithfulness.png",
            "circuit.html")
 OPTIMAL_DIR = "optimal_ablation"
-POSITION_OUTPUTS = ("graph.json", "positions.npz")  # --level=position: no curve, no drawings
+MAX_DRAWN_POSITION_EDGES = 40  # circuit.png at --level=position draws at most these
+POSITION_OUTPUTS = ("graph.json", "positions.npz", "circuit.png")  # --level=position: no curve
 PHASES = ("load", "compile", "attribute", "curve", "write")  # the order they are reported in
 TOP_N = 20  # the circuit's size when `top_n` is None and the method has no circuit of its own
 # Checks of settings whose messages predate the generated flags: (name, minimum) of integers ...
@@ -333,6 +334,11 @@ def _run_positions(config: FindCircuitConfig, options: A.Options, held: files.Ru
     circuit_positions.to_npz(scores, os.path.join(out, "positions.npz"))
     meta.update(phase_seconds=phases.snapshot(), compile_seconds=phases.compile_by_kind)
     circuit_positions.to_json(scores, os.path.join(out, "graph.json"), edges=chosen, meta=meta)
+    row = [str(int(t)) for t in np.asarray(next(dataset.batches(1)).clean)[0, :scores.n_pos]]
+    position_plot.plot_position_circuit(  # row 0's token ids label the columns
+        scores, chosen[:MAX_DRAWN_POSITION_EDGES], os.path.join(out, "circuit.png"),
+        tokens=row + [""] * (scores.n_pos - len(row)),
+        title=f"{config.method} on {config.task}, position level (columns: row 0's token ids)")
   phases.stop()
   top = scores.names(chosen[:10])
   conv = scores.convention

@@ -35,7 +35,8 @@ def test_level_position_outputs_and_k_composition(tmp_path, capsys):
   assert "top position edges" in stdout
   assert summary["level"] == "position" and summary["n_edges"] == 12
   assert summary["faithfulness"] is None
-  assert sorted(os.listdir(out)) == ["DONE", "graph.json", "positions.npz", "run.json"]
+  assert sorted(os.listdir(out)) == ["DONE", "circuit.png", "graph.json", "positions.npz",
+                                     "run.json"]
   with open(os.path.join(out, "graph.json")) as f:
     d = json.load(f)
   assert d["meta"]["level"] == "position" and d["meta"]["score_convention"] == "loss"
