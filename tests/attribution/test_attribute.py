@@ -197,6 +197,7 @@ def test_ig_completeness_on_the_input_node():
   np.testing.assert_allclose(total, m_empty - m_full, rtol=0.03)
 
 
+@pytest.mark.slow
 def test_ig_conventions_and_clean_corrupted():
   np.testing.assert_allclose(A.ig_alphas(4), [0, 0.25, 0.5, 0.75])
   np.testing.assert_allclose(A.ig_alphas(4, "paper"), [0.25, 0.5, 0.75, 1.0])

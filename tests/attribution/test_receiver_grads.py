@@ -82,6 +82,7 @@ def test_matches_weight_gradient_kernels(family, method):
   np.testing.assert_allclose(np.asarray(split_clean), np.asarray(ref_clean), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_scanned_blocks_equal_forward():
   """The scanned and the layer-by-layer blocks give the unrolled forward's activations."""
   cfg = CONFIGS["gpt_neox"]

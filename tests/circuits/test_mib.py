@@ -222,7 +222,7 @@ def oracle_setup(hf_gpt2_dir):
   return model, ds, GPT2GraphOracle(hf), b
 
 
-@pytest.mark.parametrize("level", ["edge", "node"])
+@pytest.mark.parametrize("level", [pytest.param("edge", marks=pytest.mark.slow), "node"])
 def test_mib_protocol_matches_mib_on_a_model(oracle_setup, level, tmp_path):
   import torch
   model, ds, oracle, b = oracle_setup
