@@ -119,6 +119,7 @@ def test_exact_one_program_for_every_block_layer(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.families_matrix  # by hand: see pyproject.toml
 @pytest.mark.parametrize("family", ["gpt_neox", "llama"])
 def test_exact_scan_other_families(family, monkeypatch):
   """Parallel blocks (NeoX) and GQA with a shared clean/corrupted prefix (Llama: the reruns run the

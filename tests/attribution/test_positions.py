@@ -48,9 +48,18 @@ _CASES = [("gpt2", m) for m in ALPHAS] + [(f, m) for f in ("llama", "gpt_neox", 
                                          for m in ("EAP-IG-inputs", "EAP-IG-activations")]
 
 
-@pytest.mark.parametrize("family,method", [pytest.param(
-    f, m, marks=() if (f, m) == ("gpt2", "EAP-IG-inputs") else pytest.mark.slow)
-    for f, m in _CASES])
+def _marks(family: str, method: str) -> tuple:
+  """GPT-2 EAP-IG-inputs in the fast suite; GPT-2's other methods and Llama's EAP-IG-inputs in
+  the slow one; the other family cases in the by-hand family matrix (pyproject.toml)."""
+  if (family, method) == ("gpt2", "EAP-IG-inputs"):
+    return ()
+  if family == "gpt2" or (family, method) == ("llama", "EAP-IG-inputs"):
+    return (pytest.mark.slow,)
+  return (pytest.mark.slow, pytest.mark.families_matrix)
+
+
+@pytest.mark.parametrize("family,method", [pytest.param(f, m, marks=_marks(f, m))
+                                           for f, m in _CASES])
 def test_sum_over_positions_is_edge_score(family, method):
   cfg = CONFIGS[family]
   params = _params(cfg)
@@ -196,6 +205,7 @@ def test_contraction_routes_agree(route):
 
 
 @pytest.mark.slow
+@pytest.mark.families_matrix  # by hand: see pyproject.toml
 @pytest.mark.parametrize("qk_norm,rotary", [("head", True), ("all", False)])
 def test_sum_over_positions_with_qk_norm(qk_norm, rotary):
   """The k gradients split by query go back through qk-norm (and rotary): Qwen3/Gemma-3 style."""
