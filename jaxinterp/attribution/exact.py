@@ -107,6 +107,17 @@ def suffix(cfg, batch, ablation):
   return width, sfx.batch(batch), sfx.positions
 
 
+def _own_kv(cfg, params, kv_prefix):
+  """(cfg, params, kv_prefix) with grouped k/v heads repeated per query head: a query head's k/v
+  input is its own (`ungroup_kv`), and so are its clean keys and values."""
+  rep = cfg.n_heads // cfg.kv_heads
+  cfg, params = ungroup_kv(cfg, params)
+  if kv_prefix is not None and rep > 1:
+    kv_prefix = kv_prefix.replace(k=jnp.repeat(kv_prefix.k, rep, -2),
+                                  v=jnp.repeat(kv_prefix.v, rep, -2))
+  return cfg, params, kv_prefix
+
+
 @functools.partial(compile_policy.jit, static_argnames=("cfg", "task", "layer"))
 def edge_chunk(cfg, task, layer, params, batch, resid, mlp_input, delta_prefix, senders,
                receivers, clean_logits, positions=None, kv_prefix=None):
@@ -123,11 +134,7 @@ def edge_chunk(cfg, task, layer, params, batch, resid, mlp_input, delta_prefix, 
   each row's suffix only, which attends to the clean run's keys and values before it.
   Returns Float[Array, "chunk"].
   """
-  rep = cfg.n_heads // cfg.kv_heads
-  cfg, params = ungroup_kv(cfg, params)  # a query head's k/v input is its own
-  if kv_prefix is not None and rep > 1:  # and so are its clean keys and values
-    kv_prefix = kv_prefix.replace(k=jnp.repeat(kv_prefix.k, rep, -2),
-                                  v=jnp.repeat(kv_prefix.v, rep, -2))
+  cfg, params, kv_prefix = _own_kv(cfg, params, kv_prefix)
   L, H = cfg.n_layers, cfg.n_heads
 
   def norm(p, x):
@@ -201,11 +208,7 @@ def edge_chunk_scan(cfg, task, params, stacked, batch, layer, resids, mlp_inputs
 
   Returns Float[Array, "chunk"].
   """
-  rep = cfg.n_heads // cfg.kv_heads
-  cfg, params = ungroup_kv(cfg, params)  # a query head's k/v input is its own
-  if kv_prefix is not None and rep > 1:  # and so are its clean keys and values
-    kv_prefix = kv_prefix.replace(k=jnp.repeat(kv_prefix.k, rep, -2),
-                                  v=jnp.repeat(kv_prefix.v, rep, -2))
+  cfg, params, kv_prefix = _own_kv(cfg, params, kv_prefix)
   L, H = cfg.n_layers, cfg.n_heads
   blk = jax.tree.map(lambda a: a[layer], stacked)
 

@@ -156,13 +156,22 @@ class PositionScores:
     """The n most important edges by name (importance = the convention's sign times the score),
     optionally only those into `receiver` (e.g. `a1.h0<k>`)."""
     lay = self.layout
-    r_only = None if receiver is None else lay.receiver_index.get(receiver)
-    if receiver is not None and r_only is None:
-      raise GraphError(f"{receiver!r} is not a receiver of this model ({lay.describe()})")
-    sign = conv.importance_sign(self.convention)
-    rows = [e for e in self.entries() if r_only is None or e[2] == r_only]
-    rows.sort(key=lambda e: -sign * e[4])
-    return [(edge_name(lay, s, ps, r, pr), v) for s, ps, r, pr, v in rows[:n]]
+    rows = most_important(lay, self.convention, self.entries(), n, receiver)
+    return [(edge_name(lay, s, ps, r, pr), v) for s, ps, r, pr, v in rows]
+
+
+def most_important(layout: Layout, convention: str, entries: list, n: int,
+                   receiver: str | None = None) -> list:
+  """The n most important of `entries` ((sender, sender place, receiver, receiver place, score)
+  rows; importance = the convention's sign times the score), optionally only those into
+  `receiver` (e.g. `a1.h0<k>`; GraphError if the model has no such receiver)."""
+  r_only = None if receiver is None else layout.receiver_index.get(receiver)
+  if receiver is not None and r_only is None:
+    raise GraphError(f"{receiver!r} is not a receiver of this model ({layout.describe()})")
+  sign = conv.importance_sign(convention)
+  rows = [e for e in entries if r_only is None or e[2] == r_only]
+  rows.sort(key=lambda e: -sign * e[4])
+  return rows[:n]
 
 
 def edge_name(layout: Layout, sender: int, sender_pos: int, receiver: int, receiver_pos: int

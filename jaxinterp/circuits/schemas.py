@@ -223,13 +223,8 @@ class SpanScores:
     """The n most important span edges by name (importance = the convention's sign times the
     score), optionally only those into `receiver` (e.g. `a1.h0<k>`)."""
     lay = self.layout
-    r_only = None if receiver is None else lay.receiver_index.get(receiver)
-    if receiver is not None and r_only is None:
-      raise GraphError(f"{receiver!r} is not a receiver of this model ({lay.describe()})")
-    sign = conv.importance_sign(self.convention)
-    rows = [e for e in self.entries() if r_only is None or e[2] == r_only]
-    rows.sort(key=lambda e: -sign * e[4])
-    return [(span_edge_name(lay, self.names, *e[:4]), e[4]) for e in rows[:n]]
+    rows = cpos.most_important(lay, self.convention, self.entries(), n, receiver)
+    return [(span_edge_name(lay, self.names, *e[:4]), e[4]) for e in rows]
 
 
 def span_edge_name(layout: Layout, names: Sequence[str], sender: int, sender_span: int,
