@@ -209,7 +209,7 @@ def edge_chunk_scan(cfg, task, params, stacked, batch, layer, resids, mlp_inputs
   Returns Float[Array, "chunk"].
   """
   cfg, params, kv_prefix = _own_kv(cfg, params, kv_prefix)
-  L, H = cfg.n_layers, cfg.n_heads
+  H = cfg.n_heads
   blk = jax.tree.map(lambda a: a[layer], stacked)
 
   def norm(p, x):
@@ -221,9 +221,7 @@ def edge_chunk_scan(cfg, task, params, stacked, batch, layer, resids, mlp_inputs
   y_attn, y_mlp = norm(ln1, resid), norm(ln2, mlp_input)
   key_mask = batch.mask.astype(bool)
   pos = positions_of(key_mask) if positions is None else positions
-  local = (jnp.asarray([li in cfg.sliding_layers for li in range(L)])
-           if cfg.layer_types_as_data else None)
-  xs = (jnp.arange(L), stacked, kv_prefix, local)
+  local = _layer_types(cfg)
   kv_at, local_at = jax.tree.map(lambda a: a[layer], (kv_prefix, local))
 
   def one(s, r):
@@ -240,20 +238,36 @@ def edge_chunk_scan(cfg, task, params, stacked, batch, layer, resids, mlp_inputs
     x = Block(cfg, 0).apply({"params": blk}, resid, pos, key_mask, Sites(iv), None, kv_at,
                             local_at)  # the receiver's block
 
-    def body(x, xs_l):
-      li, p_l, kv_l, local_l = xs_l
-
-      def block(x):
-        return Block(cfg, 0).apply({"params": p_l}, x, pos, key_mask, Sites(), None, kv_l,
-                                   local_l)
-
-      return jax.lax.cond(li > layer, block, lambda x: x, x), None
-
-    x, _ = jax.lax.scan(body, x, xs)  # the blocks after it
-    x = norm(params.get("ln_final", {}), x)
-    return task_metrics.metric_at_last(cfg, task, params, batch, x, clean_logits)[0]
+    return _after(cfg, task, params, stacked, batch, layer, x, pos, key_mask, kv_prefix, local,
+                  clean_logits)
 
   return jax.vmap(one)(senders, receivers)
+
+
+def _after(cfg, task, params, stacked, batch, layer, x, pos, key_mask, kv_prefix, local,
+           clean_logits):
+  """The metric of a rerun whose block `layer` (traced) output is `x`: the blocks after it as one
+  `lax.scan` over every layer, the blocks up to `layer` skipped (`lax.cond`: the carry passes
+  through), then the final norm and the metric at the last position."""
+
+  def body(x, xs_l):
+    li, p_l, kv_l, local_l = xs_l
+
+    def block(x):
+      return Block(cfg, 0).apply({"params": p_l}, x, pos, key_mask, Sites(), None, kv_l, local_l)
+
+    return jax.lax.cond(li > layer, block, lambda x: x, x), None
+
+  x, _ = jax.lax.scan(body, x, (jnp.arange(cfg.n_layers), stacked, kv_prefix, local))
+  x = Norm(cfg).apply({"params": params.get("ln_final", {})}, x)
+  return task_metrics.metric_at_last(cfg, task, params, batch, x, clean_logits)[0]
+
+
+def _layer_types(cfg):
+  """Each layer's type (sliding or not) as data for the scan, or None."""
+  if not cfg.layer_types_as_data:
+    return None
+  return jnp.asarray([li in cfg.sliding_layers for li in range(cfg.n_layers)])
 
 
 def exact_chunk_size(cfg: ModelConfig, batch_size: int, n_pos: int,
@@ -347,6 +361,36 @@ def node_chunk(cfg, task, layer, params, batch, resid, shifts, clean_logits, pos
   return jax.vmap(one)(shifts)
 
 
+@functools.partial(compile_policy.jit, static_argnames=("cfg", "task"))
+def node_chunk_scan(cfg, task, params, stacked, batch, layer, resids, shifts, clean_logits,
+                    positions=None, kv_prefix=None):
+  """`node_chunk` with the nodes' `layer` as data: one program for the nodes of every layer.
+
+  The node's block (its weights picked by `layer` from `stacked_blocks`) runs from the clean
+  residual `resids[layer]` with `shifts[i]` added at its `hook_resid_pre`, `hook_attn_out` and
+  `hook_mlp_out`; the blocks after it run as one `lax.scan` (`_after`), as in `edge_chunk_scan`.
+  The heads' k/v are ungrouped (`_own_kv`), which changes no value: each query head reads its own
+  copy of its group's keys and values. Returns Float[Array, "chunk"].
+  """
+  cfg, params, kv_prefix = _own_kv(cfg, params, kv_prefix)
+  blk = jax.tree.map(lambda a: a[layer], stacked)
+  key_mask = batch.mask.astype(bool)
+  pos = positions_of(key_mask) if positions is None else positions
+  local = _layer_types(cfg)
+  kv_at, local_at = jax.tree.map(lambda a: a[layer], (kv_prefix, local))
+  resid = resids[layer]  # [batch, pos, d_model]
+
+  def one(sh):
+    iv = {"blocks.0.hook_resid_pre": base.Shift(sh[0]), "blocks.0.hook_attn_out": base.Shift(sh[1]),
+          "blocks.0.hook_mlp_out": base.Shift(sh[2])}
+    x = Block(cfg, 0).apply({"params": blk}, resid, pos, key_mask, Sites(iv), None, kv_at,
+                            local_at)  # the node's block
+    return _after(cfg, task, params, stacked, batch, layer, x, pos, key_mask, kv_prefix, local,
+                  clean_logits)
+
+  return jax.vmap(one)(shifts)
+
+
 def _exact_nodes_batch(cfg, task, ablation, params, batch, clean_total, clean_logits, chunk,
                        quiet):
   """Sum over the batch of m(node ablated) - m(clean) for every node: Float64 [n_senders]."""
@@ -358,19 +402,27 @@ def _exact_nodes_batch(cfg, task, ablation, params, batch, clean_total, clean_lo
     chunk = exact_chunk_size(cfg, *run.clean.shape)
   H = cfg.n_heads
   out = np.zeros(E.n_senders(cfg), np.float64)
+  # One program for the nodes of every layer, on weights stacked once, in chunks of one shape.
+  stacked = stacked_blocks(cfg, params) if scan_layers(cfg, params) else None
   for li in tqdm(range(cfg.n_layers), desc="exact: node layers", disable=quiet, leave=False):
     nodes = ([0] if li == 0 else []) + [E.head_sender(cfg, li, h) for h in range(H)]
     nodes.append(E.mlp_sender(cfg, li))
     slot = [0 if s == 0 else (2 if s == E.mlp_sender(cfg, li) else 1) for s in nodes]
-    size = -(-len(nodes) // -(-len(nodes) // chunk))  # balanced chunks of one shape per layer
+    n_max = H + 2 if stacked is not None else len(nodes)  # layer 0 also has the input node
+    size = -(-n_max // -(-n_max // chunk))  # balanced chunks of one shape
     pad = (-len(nodes)) % size
     nodes, slot = nodes + nodes[-1:] * pad, slot + slot[-1:] * pad
     for i in range(0, len(nodes), size):
       sel, where = np.asarray(nodes[i:i + size]), np.asarray(slot[i:i + size])
       onehot = jnp.asarray(where[:, None] == np.arange(3)[None, :], delta.dtype)  # [n, 3]
       shifts = -onehot[:, :, None, None, None] * jnp.moveaxis(delta[:, :, sel], 2, 0)[:, None]
-      vals = np.asarray(node_chunk(cfg, task, li, params, run, resids[li], shifts, clean_logits,
-                                   positions, kv_prefix), np.float64)
+      if stacked is not None:
+        vals = node_chunk_scan(cfg, task, params, stacked, run, jnp.asarray(li, jnp.int32),
+                               resids, shifts, clean_logits, positions, kv_prefix)
+      else:
+        vals = node_chunk(cfg, task, li, params, run, resids[li], shifts, clean_logits, positions,
+                          kv_prefix)
+      vals = np.asarray(vals, np.float64)
       out[sel] = vals - clean_total  # padding repeats the last node: the same value again
   return out
 
