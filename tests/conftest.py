@@ -14,13 +14,16 @@ requires_shared = pytest.mark.skipif(not SHARED.exists(), reason="../shared is a
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# No persistent compilation cache by default: writing one entry (XLA's `executable.serialize()`,
-# inside jax) segfaulted a slow-suite run of the mask-training tests, with no other process
-# involved. $JAXINTERP_TEST_COMPILATION_CACHE names a directory to share one cache across the
-# suite (the library tests in this process and every binary they start; entries are written
-# atomically: `jaxinterp.runtime.compilation_cache`). The test of --compilation_cache passes its
-# own directory.
-TEST_CACHE = os.environ.get("JAXINTERP_TEST_COMPILATION_CACHE", "")
+# One persistent compilation cache for the whole suite: the library tests in this process and every
+# binary they start (through $JAXINTERP_COMPILATION_CACHE), so a kernel compiled once (the bundled
+# toy's, the tiny test models') is read back by every later process and by the next run. Entries
+# are written atomically (`jaxinterp.runtime.compilation_cache.AtomicFileCache`), so the parallel
+# streams of CI and several local runs share one directory safely. $JAXINTERP_TEST_COMPILATION_CACHE
+# names it (CI gives each run its own; empty: no cache); the default is a directory of its own
+# beside the binaries' default (~/.cache/jaxinterp/xla). The tests of --compilation_cache pass
+# their own directories.
+TEST_CACHE = os.environ.get("JAXINTERP_TEST_COMPILATION_CACHE", os.path.join(
+    os.path.expanduser("~"), ".cache", "jaxinterp", "test-xla"))
 os.environ["JAXINTERP_COMPILATION_CACHE"] = TEST_CACHE
 
 
@@ -32,7 +35,7 @@ def pytest_configure(config):
   other implementations within tolerances. The slow suite keeps the optimised code: its
   mask-training tests follow optimisation paths whose rounding decides near-ties in the learned
   masks. Subprocesses inherit the flag. Then the suite's persistent compilation cache is
-  enabled, if $JAXINTERP_TEST_COMPILATION_CACHE names one."""
+  enabled (`TEST_CACHE`; off where $JAXINTERP_TEST_COMPILATION_CACHE is empty)."""
   if (config.getoption("markexpr") == "not slow"
       and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", "")):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +

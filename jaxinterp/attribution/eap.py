@@ -36,6 +36,14 @@ from jaxinterp.runtime import shared_prefix
 from jaxinterp.tasks import metrics as task_metrics
 
 
+@jax.jit
+def _valid_total(valid, values):
+  """The sum of `values` [batch] over the real rows `valid` [batch]: one small program (as
+  `jnp.sum(jnp.where(...))` eagerly, whose two programs gave the same bits), so that only one
+  compile waits on the attribution's critical path while the curve compiles in the background."""
+  return jnp.sum(jnp.where(valid, values, 0.0))
+
+
 def _kernel_scores(alphas, cfg, task, params, batch, ablation, options) -> base.BatchScores:
   if options.level != "edge":
     return nodes.score_batch(alphas, cfg, task, params, batch, ablation, options)
@@ -47,8 +55,7 @@ def _kernel_scores(alphas, cfg, task, params, batch, ablation, options) -> base.
   s, values, c_values = receiver_grads.ig_inputs_batch(cfg, task, params, batch, ablation, alphas,
                                                        remat=options.remat, suffix=suffix,
                                                        **chunks)
-  c_total = jnp.sum(jnp.where(batch.valid, c_values, 0.0))
-  return base.BatchScores(s, values, c_values, c_total)
+  return base.BatchScores(s, values, c_values, _valid_total(batch.valid, c_values))
 
 
 def score_eap(cfg, task, params, batch, ablation, options: base.Options) -> base.BatchScores:
