@@ -66,9 +66,15 @@ def attribution_graph() -> None:
   _run("attribution_graph")
 
 
+def train_transcoders() -> None:
+  """`jaxinterp-train-transcoders`: experiments/train_transcoders.py."""
+  _run("train_transcoders")
+
+
 SCRIPTS = {"jaxinterp-find-circuit": find_circuit, "jaxinterp-evaluate-circuit": evaluate_circuit,
            "jaxinterp-activation-patching": activation_patching,
            "jaxinterp-convert-checkpoint": convert_checkpoint, "jaxinterp-train-das": train_das,
            "jaxinterp-train-toy-model": train_toy_model, "jaxinterp-ground-truth": ground_truth,
            "jaxinterp-view": view, "jaxinterp-compare-circuits": compare_circuits,
-           "jaxinterp-attribution-graph": attribution_graph}
+           "jaxinterp-attribution-graph": attribution_graph,
+           "jaxinterp-train-transcoders": train_transcoders}

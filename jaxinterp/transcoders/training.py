@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -107,7 +107,8 @@ def collect_activations(cfg: ModelConfig, params: Mapping[str, Any], tokens: Arr
     xs.append(x)
   x = jnp.stack(xs).astype(jnp.float32)
   y = jnp.stack([cache[sites.output_at(i)] for i in range(L)]).astype(jnp.float32)
-  keep = np.ones(tokens.shape, bool) if attention_mask is None else np.asarray(attention_mask, bool)
+  keep = (np.ones(tokens.shape, bool) if attention_mask is None
+          else np.array(attention_mask, bool))  # a writable copy
   if skip_bos:
     keep[:, 0] = False
   rows = np.flatnonzero(keep.reshape(-1))
@@ -155,12 +156,14 @@ def _loss(p: dict, x: Array, y: Array, opts: TrainOptions) -> Array:
 
 def train_transcoders(cfg: ModelConfig, params: Mapping[str, Any], tokens: Array,
                       options: TrainOptions = TrainOptions(),
-                      attention_mask: Array | None = None) -> TrainResult:
+                      attention_mask: Array | None = None,
+                      progress: Callable[[int, int], None] | None = None) -> TrainResult:
   """Train one transcoder per layer on the model's own activations on `tokens`.
 
   Args:
     cfg, params: the model. tokens: Int[Array, "batch pos"] (e.g. text the model sampled, or any
       tokenised text, BOS first). options: `TrainOptions`. attention_mask: Bool[Array, "batch pos"].
+    progress: called as `progress(done, steps)` after each step (e.g. a progress bar).
   Returns:
     `TrainResult`, with the transcoders in float32.
   """
@@ -188,9 +191,11 @@ def train_transcoders(cfg: ModelConfig, params: Mapping[str, Any], tokens: Array
     return optax.apply_updates(p, updates), state, loss
 
   losses = []
-  for key in jax.random.split(key_data, opts.steps):
+  for i, key in enumerate(jax.random.split(key_data, opts.steps)):
     p, state, loss = step(p, state, key)
     losses.append(loss)
+    if progress is not None:
+      progress(i + 1, opts.steps)
   tc = PerLayerTranscoders(
       W_enc=p["W_enc"] / sx[:, None, None], b_enc=p["b_enc"],
       W_dec=p["W_dec"] * sy[:, None, None], b_dec=p["b_dec"] * sy[:, None],
