@@ -43,6 +43,11 @@ def requested() -> bool:
   return bool(cli.value("dry_run", False))
 
 
+def _fsdp() -> bool:
+  """--fsdp, in the binaries that have it (find_circuit)."""
+  return "fsdp" in cli.FLAGS and bool(cli.value("fsdp", False))
+
+
 def _setup(model: str, dtype: str | None, mesh: str | None, batch: int | None):
   seq = cli.value("seq_len", 128)
   if seq < 2:
@@ -52,17 +57,20 @@ def _setup(model: str, dtype: str | None, mesh: str | None, batch: int | None):
   memory = MP.parse_bytes(cli.value("device_memory", "80GB"))
   cfg, dt = MP.model_config(model, dtype, _resolve)
   m = MP.parse_mesh(mesh)
+  if _fsdp() and m is None:
+    raise MP.PlanError("--fsdp shards the weights over a --mesh's DATA axis; give --mesh")
   return cfg, dt, m, seq, memory
 
 
 def _print(what: str, build_fn, cfg, dt, m, seq, memory, batch, unit="examples",
            notes=()) -> MP.Plan:
-  params = MP.abstract_params(cfg, dt, m)
+  params = MP.abstract_params(cfg, dt, m, fsdp=_fsdp())
   build = build_fn(params)
   shape = f"{batch} rows of a {seq}-token prompt" if unit == "rows" else \
       f"batch {batch} x {seq} tokens"
   head = (f"{what}, {cfg.family} ({cfg.n_layers} layers, d_model {cfg.d_model}, "
-          f"{jnp.dtype(dt).name}), {shape}, {MP.describe_mesh(m)}")
+          f"{jnp.dtype(dt).name}), {shape}, {MP.describe_mesh(m)}"
+          f"{', weights FSDP over data' if _fsdp() else ''}")
   plan = MP.make_plan(head, build, batch, MP.per_device_bytes(params), m, memory, unit, notes)
   print(MP.report(plan), flush=True)
   return plan

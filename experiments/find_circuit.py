@@ -86,6 +86,8 @@ _define("integer", "checkpoint_batches", "Checkpoint after every batch when a ru
 _define("string", "mesh", "Device mesh DATAxMODEL, e.g. 2x4: batches split over DATA devices, "
         "heads and MLP columns over MODEL devices (jax.sharding). Multi-host: call "
         "jax.distributed.initialize() first (see jaxinterp/runtime/sharding.py).")
+_define("bool", "fsdp", "With --mesh: also split each weight matrix over the DATA devices "
+        "(FSDP-style; each device holds 1/(DATA*MODEL) of it; same scores).")
 _define("bool", "skip_bad_rows", common.SKIP_BAD_ROWS_HELP)
 _define("string", "mib_out", "Also write the edge scores as an MIB leaderboard submission: "
         "DIR/{task}_{model}/ (see --mib_format).")

@@ -287,3 +287,61 @@ def from_json(path: str | os.PathLike) -> PositionScores:
     else:
       out.local[ps, s, r] = v
   return out
+
+
+def edge_masks(shape: Any, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
+  """(Bool[ndarray, "pos sender receiver"], Bool[ndarray, "pair sender kv"]): every position edge
+  of a graph of `shape` over `n_pos` positions (as `PositionScores.valid`, without scores)."""
+  lay, kv = layout_for(shape_key(shape)), kv_receivers(shape)
+  local = np.broadcast_to(lay.valid, (n_pos,) + lay.valid.shape).copy()
+  local[:, :, kv] = False
+  crossing = np.broadcast_to(lay.valid[:, kv], (n_pos * (n_pos + 1) // 2,) + (lay.n_senders,
+                                                                             kv.size)).copy()
+  return local, crossing
+
+
+def circuit_masks(shape: Any, n_pos: int, edges: list[tuple]) -> tuple[np.ndarray, np.ndarray]:
+  """A position circuit as masks (Float32 `local` [pos, sender, receiver], `crossing` [pair,
+  sender, kv]; 1 = in the circuit) from `PositionScores.select`'s rows (sender, sender position,
+  receiver, receiver position[, score]). GraphError for a row that is not a position edge or lies
+  outside the `n_pos` positions."""
+  lay = layout_for(shape_key(shape))
+  local, crossing = (np.zeros(m.shape, np.float32) for m in edge_masks(shape, n_pos))
+  kv = {int(r): c for c, r in enumerate(kv_receivers(shape))}
+  for row in edges:
+    s, ps, r, pr = (int(x) for x in row[:4])
+    edge_name(lay, s, ps, r, pr)  # checks that it is a position edge
+    if not lay.valid[s, r] or max(ps, pr) >= n_pos:
+      raise GraphError(f"{lay.edge_name(s, r)} at positions {ps} -> {pr} is not an edge of a "
+                       f"{n_pos}-position graph")
+    if r in kv:
+      crossing[pair_index(pr, ps), s, kv[r]] = 1.0
+    else:
+      local[ps, s, r] = 1.0
+  return local, crossing
+
+
+def every_position(shape: Any, n_pos: int, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The position circuit holding every position instance of an edge-level circuit `weights`
+  (Float [sender, receiver], 1 = in): each non-k/v edge at every position, each k/v edge at every
+  (query i, key j <= i) pair. Its metric is the edge-level circuit's."""
+  w = np.asarray(weights, np.float32)
+  local, crossing = edge_masks(shape, n_pos)
+  kv = kv_receivers(shape)
+  return (np.where(local, w[None], 0.0).astype(np.float32),
+          np.where(crossing, w[None][:, :, kv], 0.0).astype(np.float32))
+
+
+def selection_ranks(scores: PositionScores, absolute: bool = True
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """(Int32[ndarray, "pos sender receiver"], Int32[ndarray, "pair sender kv"]): each position
+  edge's rank in `scores.select`'s order (0 = best), `scores.n_edges` where there is no edge, so
+  `rank < n` is the mask of `select(n, absolute)`."""
+  v_local, v_cross = scores.valid()
+  flat = np.concatenate([np.where(v_local, scores.local, np.nan).ravel(),
+                         np.where(v_cross, scores.crossing, np.nan).ravel()])
+  order = selection.ranked(flat, absolute=absolute, score_convention=scores.convention)
+  rank = np.full(flat.size, scores.n_edges, np.int32)
+  rank[order] = np.arange(order.size, dtype=np.int32)
+  n = scores.local.size
+  return rank[:n].reshape(scores.local.shape), rank[n:].reshape(scores.crossing.shape)

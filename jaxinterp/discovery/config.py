@@ -51,6 +51,7 @@ class FindCircuitConfig:
     checkpoint_batches: checkpoint after every batch when a run has more batches than this (the
       methods that `checkpoints_always` always do).
     mesh: device mesh "DATAxMODEL" (None: one device).
+    fsdp: with `mesh`, also split each weight matrix over DATA (`sharding.shard_params`).
     top_n: items (edges, nodes or neurons) in the selected circuit; None: the method's own circuit
       if it has one, else 20.
     curve_sizes: "counts" or "mib" (`evaluation.faithfulness.curve_sizes`).
@@ -82,6 +83,7 @@ class FindCircuitConfig:
   bootstrap: int | None = None
   checkpoint_batches: int = 8
   mesh: str | None = None
+  fsdp: bool = False
   top_n: int | None = None
   curve_sizes: str = "counts"
   selection: str = "top_n"

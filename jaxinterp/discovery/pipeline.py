@@ -36,6 +36,7 @@ from jaxinterp.circuits import positions as circuit_positions
 from jaxinterp.discovery.config import FindCircuitConfig, record
 from jaxinterp.evaluation import faithfulness as V
 from jaxinterp.evaluation import levels, task_check
+from jaxinterp.evaluation import position_circuits as PC
 from jaxinterp.runtime import compilation_cache, files, inputs, sharding, timing
 from jaxinterp.viz import plots, position_plot, viewer
 
@@ -46,7 +47,8 @@ OUTPUTS = ("graph.json", "scores.npz", "faithfulness.csv", "circuit.png", "faith
            "circuit.html")
 OPTIMAL_DIR = "optimal_ablation"
 MAX_DRAWN_POSITION_EDGES = 40  # circuit.png at --level=position draws at most these
-POSITION_OUTPUTS = ("graph.json", "positions.npz", "circuit.png")  # --level=position: no curve
+POSITION_OUTPUTS = ("graph.json", "positions.npz", "circuit.png", "faithfulness.csv",
+                    "faithfulness.png")  # --level=position
 PHASES = ("load", "compile", "attribute", "curve", "write")  # the order they are reported in
 TOP_N = 20  # the circuit's size when `top_n` is None and the method has no circuit of its own
 # Checks of settings whose messages predate the generated flags: (name, minimum) of integers ...
@@ -85,6 +87,8 @@ def check(config: FindCircuitConfig) -> A.Options:
     raise inputs.InputError(str(e)) from None
   if config.mib_out and options.level != "edge":
     raise inputs.InputError("--mib_out writes edge scores: it needs --level=edge")
+  if config.fsdp and not config.mesh:
+    raise inputs.InputError("--fsdp shards the weights over a --mesh's DATA axis; give --mesh")
   if options.level == "position":
     _check_positions(config)
   if config.selection != "top_n" and options.level != "edge":
@@ -305,11 +309,16 @@ def _run_positions(config: FindCircuitConfig, options: A.Options, held: files.Ru
                    phases: timing.Phases, model: models.Model, dataset: tasks.Dataset,
                    checked: dict, t0: float) -> dict:
   """--level=position: score every position-level edge (`attribute_positions`), keep the top_n
-  (`PositionScores.select`), write positions.npz (every score) and graph.json (the circuit's edges
-  by name, `a0.h3@5->a1.h0<k>@9`, graph.json's sign, with `meta`). No faithfulness curve: the
-  circuit forward masks edges, not edges at positions."""
+  (`PositionScores.select`), evaluate the top-n position circuits of the curve's sizes
+  (`evaluation.position_circuits`: edges out of the circuit ablated at their positions, crossing
+  edges per query), write positions.npz (every score), graph.json (the circuit's edges by name,
+  `a0.h3@5->a1.h0<k>@9`, graph.json's sign, with `meta`), circuit.png and faithfulness.csv/png."""
   out = held.path
   method = A.get_method(config.method)
+  try:  # a model the position circuit forward cannot take, before any work
+    PC.check(model.cfg, config.intervention)
+  except A.AttributionError as e:
+    raise inputs.InputError(f"--level=position: {e}") from None
   phases.start("attribute")
   kernel_options = {k: v for k, v in method.option_values(options).items() if k != "level"}
   result = attr_positions.attribute_positions(
@@ -320,6 +329,13 @@ def _run_positions(config: FindCircuitConfig, options: A.Options, held: files.Ru
   n_total = scores.n_edges
   n_sel = min(TOP_N if config.top_n is None else config.top_n, n_total)
   chosen = scores.select(n_sel, absolute=config.absolute)
+  phases.start("curve")
+  sizes = V.curve_sizes(config.curve_sizes, n_total, [n_sel])
+  curve = PC.faithfulness_curve(model.cfg, model.params, dataset, scores, n_edges=sizes,
+                                absolute=config.absolute, intervention=config.intervention,
+                                batch_size=config.batch_size)
+  faith = float(curve.faithfulness[sizes.index(n_sel)])
+  task_check.warn_empty(checked, curve.m_full, curve.m_empty, dataset.task.higher_is_better)
   meta = {"jaxinterp_version": jaxinterp.__version__, **record(config),
           **method.option_values(options),
           "model_path": os.path.abspath(inputs.resolve_model_path(config.model)),
@@ -327,11 +343,17 @@ def _run_positions(config: FindCircuitConfig, options: A.Options, held: files.Ru
           "data_path": os.path.abspath(config.data) if config.data else None,
           "data_hash": inputs.dataset_hash(dataset), "n_examples": len(dataset),
           "n_pos": scores.n_pos, "n_position_edges": n_total, "top_n": n_sel,
-          "clean_metric": result.clean_metric, "faithfulness": None, "task_check": checked,
-          convention.KEY: convention.LOSS}
+          "clean_metric": result.clean_metric, "faithfulness": faith, "m_full": curve.m_full,
+          "m_empty": curve.m_empty, "task_check": checked, convention.KEY: convention.LOSS}
   phases.start("write")
   with held.writing(POSITION_OUTPUTS):
     circuit_positions.to_npz(scores, os.path.join(out, "positions.npz"))
+    files.atomic_write_csv(os.path.join(out, "faithfulness.csv"), curve.rows())
+    plots.plot_faithfulness(
+        curve, os.path.join(out, "faithfulness.png"),
+        title=f"{config.method} on {config.task}, position level",
+        label="circuit (top-n position edges)", xlabel="circuit size n: top-n position edges by "
+        f"{'|score|' if config.absolute else 'signed importance'} (no pruning)")
     meta.update(phase_seconds=phases.snapshot(), compile_seconds=phases.compile_by_kind)
     circuit_positions.to_json(scores, os.path.join(out, "graph.json"), edges=chosen, meta=meta)
     row = [str(int(t)) for t in np.asarray(next(dataset.batches(1)).clean)[0, :scores.n_pos]]
@@ -344,19 +366,18 @@ def _run_positions(config: FindCircuitConfig, options: A.Options, held: files.Ru
   conv = scores.convention
   print(f"\n{config.method} ({config.intervention}) on {config.task}, {len(dataset)} examples, "
         f"model {config.model}: {n_total} position edges over {scores.n_pos} positions")
-  print(f"clean metric {result.clean_metric:.4f}")
+  print(f"clean metric {curve.m_full:.4f}, empty circuit {curve.m_empty:.4f}")
   print(f"top position edges (score: {convention.DISPLAYED}):")
   for name, s in top:
     print(f"  {name:36s} {convention.displayed(s, conv):+.4f}")
-  print(f"circuit: top {n_sel} position edges; faithfulness curve not computed at "
-        "--level=position (the circuit forward ablates whole edges, not edges at positions)")
+  print(f"circuit: top {n_sel} position edges; faithfulness {faith:.3f}")
   print(f"wrote {out}/{', '.join(POSITION_OUTPUTS)} ({time.time() - t0:.1f} s)")
   print(f"phases: {phases.line()}")
-  return {"top_edges": top, "faithfulness": None, "n_edges": n_sel, "level": "position",
+  return {"top_edges": top, "faithfulness": faith, "n_edges": n_sel, "level": "position",
           "n_edges_kept": len(chosen), "n_position_edges": n_total, "n_pos": scores.n_pos,
-          "clean_metric": result.clean_metric, "seconds": time.time() - t0,
-          "attribution_seconds": t_attr, "out": out, "phase_seconds": phases.snapshot(),
-          "task_check": checked}
+          "clean_metric": result.clean_metric, "m_full": curve.m_full, "m_empty": curve.m_empty,
+          "seconds": time.time() - t0, "attribution_seconds": t_attr, "out": out,
+          "phase_seconds": phases.snapshot(), "task_check": checked}
 
 
 def _optimal_settings(config: FindCircuitConfig, ablation: A.Ablation | None) -> dict:
@@ -384,7 +405,7 @@ def _mesh(config: FindCircuitConfig, model: models.Model):
   def batch_fn(b):
     return sharding.shard_batch(b, mesh)
 
-  return sharding.shard_params(model.params, mesh), batch_fn
+  return sharding.shard_params(model.params, mesh, fsdp=config.fsdp), batch_fn
 
 
 def _optimal_ablation(config: FindCircuitConfig, model: models.Model, dataset: tasks.Dataset,

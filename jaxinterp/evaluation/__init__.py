@@ -5,6 +5,8 @@ Modules:
   ablated), faithfulness curves, MIB's CPR/CMD scores and protocol;
 - `circuit_forward`: the fast forward that evaluates many edge circuits per compiled call;
 - `levels`: node and neuron circuits (selection counts, the neuron-circuit forward, their curves);
+- `position_circuits`: circuits of position-level edges (local and crossing), their forward,
+  faithfulness curve and CPR/CMD (`find_circuit --level=position`);
 - `task_check`: whether the model does the task (clean against corrupted metric, top-1 accuracy)
   and `--filter=correct`;
 - `report`: `evaluate_circuit(config, out)`, the pipeline of `experiments/evaluate_circuit.py`

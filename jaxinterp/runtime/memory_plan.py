@@ -147,12 +147,14 @@ def _put(x, mesh, spec):
   return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
 
 
-def abstract_params(cfg: ModelConfig, dtype, mesh=None):
-  """The parameters as `ShapeDtypeStruct`s (sharded as `sharding.shard_params` places them)."""
+def abstract_params(cfg: ModelConfig, dtype, mesh=None, fsdp: bool = False):
+  """The parameters as `ShapeDtypeStruct`s (sharded as `sharding.shard_params(..., fsdp)` places
+  them)."""
   shapes = jax.eval_shape(lambda: T.init_params(cfg, jax.random.PRNGKey(0), dtype))
   n_model = 1 if mesh is None else mesh.shape[sharding.MODEL]
+  n_data = mesh.shape[sharding.DATA] if mesh is not None and fsdp else 1
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: _put(x, mesh, sharding.param_spec(path, x, n_model)), shapes)
+      lambda path, x: _put(x, mesh, sharding.param_spec(path, x, n_model, n_data)), shapes)
 
 
 def abstract_batch(batch_size: int, seq_len: int, mesh=None) -> Batch:

@@ -12,7 +12,16 @@ inserts the all-reduces after W_O and W_out and the reductions of the edge score
     scores = attribute(cfg, params, ds, batch_fn=lambda b: shard_batch(b, mesh)).scores
 
 A leaf whose sharded axis is not divisible by the mesh's "model" size (e.g. 8 KV heads on 16-way
-model parallelism) is replicated instead; the batch size must be a multiple of the "data" size.
+model parallelism, or a GQA model's 2 KV heads on 4-way) is replicated instead; the batch size must
+be a multiple of the "data" size. The rules go by parameter name, so they cover every family the
+decoder configures (GPT-2, NeoX, Llama, Gemma-2/3, Qwen3, Mistral, OLMo-2, Phi-3): the names
+above are the only ones with a heads or MLP axis, and the rest (norms, qk-norms, embeddings,
+output biases) are replicated.
+
+FSDP (`shard_params(..., fsdp=True)`, the binaries' `--fsdp`): every weight matrix is also split
+over "data", on its largest axis not already on "model" that the "data" size divides (W_E's
+vocabulary rows, W_Q's d_model rows, ...), so a device holds 1 / (data x model) of each matrix
+instead of 1 / model. `jit` gathers each weight where a layer uses it; the scores are the same.
 
 Multi-host (several processes, e.g. a TPU pod slice or GPU nodes; `runtime.distributed`): the
 binaries start `jax.distributed` from `--coordinator_address`, `--num_processes` and
@@ -64,26 +73,33 @@ def make_mesh(n_data: int, n_model: int, devices: Sequence[Any] | None = None) -
   return Mesh(grid, (DATA, MODEL))
 
 
-def param_spec(path: tuple, x, n_model: int) -> P:
-  """The PartitionSpec of one parameter leaf (by its last key), replicated if it does not divide."""
+def param_spec(path: tuple, x, n_model: int, n_data: int = 1) -> P:
+  """The PartitionSpec of one parameter leaf (by its last key): its heads or MLP axis on "model"
+  (replicated if the axis does not divide), and with `n_data` > 1 (FSDP) a matrix's largest other
+  axis that `n_data` divides on "data"."""
   name = str(getattr(path[-1], "key", path[-1])) if path else ""
   axis = None
   if name in _HEAD_AXIS0 or name in _MLP_VECTOR or name in _MLP_ROWS:
     axis = 0
   elif name in _MLP_COLUMNS:
     axis = 1
-  if axis is None or x.ndim <= axis or x.shape[axis] % n_model:
-    return P()
   spec = [None] * x.ndim
-  spec[axis] = MODEL
-  return P(*spec)
+  if axis is not None and x.ndim > axis and x.shape[axis] % n_model == 0:
+    spec[axis] = MODEL
+  if n_data > 1 and x.ndim >= 2:
+    free = [a for a in range(x.ndim) if spec[a] is None and x.shape[a] % n_data == 0]
+    if free:
+      spec[max(free, key=lambda a: (x.shape[a], -a))] = DATA
+  return P(*spec) if any(spec) else P()
 
 
-def shard_params(params, mesh: Mesh):
-  """Place params on the mesh: heads and MLP columns on "model", everything else replicated."""
-  n_model = mesh.shape[MODEL]
+def shard_params(params, mesh: Mesh, fsdp: bool = False):
+  """Place params on the mesh: heads and MLP columns on "model", everything else replicated; with
+  `fsdp`, each matrix also split over "data" (`param_spec`)."""
+  n_model, n_data = mesh.shape[MODEL], (mesh.shape[DATA] if fsdp else 1)
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: jax.device_put(x, NamedSharding(mesh, param_spec(path, x, n_model))), params)
+      lambda path, x: jax.device_put(x, NamedSharding(mesh, param_spec(path, x, n_model, n_data))),
+      params)
 
 
 def shard_batch(batch: Batch, mesh: Mesh) -> Batch:

@@ -176,7 +176,8 @@ def plot_circuit(graph: Graph, path: str, title: str = "", max_edges: int = 200)
 # ----------------------------------------------------------------------------------- faithfulness
 
 
-def plot_faithfulness(curve: Any, path: str, title: str = "") -> None:
+def plot_faithfulness(curve: Any, path: str, title: str = "", *, label: str | None = None,
+                      xlabel: str | None = None) -> None:
   """Faithfulness vs circuit size (edges, log x) with the full-model (1) and empty-circuit (0)
   lines. The x axis is the requested size n (`curve.n_edges`: the top n edges by |score|, before
   dangling edges are pruned; faithfulness.csv's `n_edges`), as its label says; the circuit
@@ -187,6 +188,8 @@ def plot_faithfulness(curve: Any, path: str, title: str = "") -> None:
       and `m_empty`).
     path: the PNG to write.
     title: figure title.
+    label, xlabel: the curve's legend entry and the x axis label (default: top-n edges, pruned,
+      `FAITHFULNESS_XLABEL`); position-level curves name their own.
   """
   try:
     n = np.asarray(curve.n_edges, np.float64).ravel()
@@ -199,7 +202,8 @@ def plot_faithfulness(curve: Any, path: str, title: str = "") -> None:
   n, f = n[order], f[order]
   ok = np.isfinite(f)
   fig, ax = plt.subplots(figsize=(6.4, 4.2))
-  ax.plot(n[ok], f[ok], marker="o", color=POSITIVE_COLOR, label="circuit (top-n edges, pruned)")
+  ax.plot(n[ok], f[ok], marker="o", color=POSITIVE_COLOR,
+          label=label or "circuit (top-n edges, pruned)")
   ax.axhline(1.0, color="black", linestyle="--", lw=1, label=f"full model (m={curve.m_full:.3g})")
   ax.axhline(0.0, color="grey", linestyle=":", lw=1, label=f"empty circuit (m={curve.m_empty:.3g})")
   if np.all(n > 0):
@@ -210,7 +214,7 @@ def plot_faithfulness(curve: Any, path: str, title: str = "") -> None:
     ax.set_xlim(-0.15, max(n.max(), 1.0) * 1.4)
   ax.xaxis.set_major_formatter(mticker.FuncFormatter(
       lambda x, _: f"{x:,.0f}" if x >= 0 and abs(x - round(x)) < 1e-6 else ""))
-  ax.set_xlabel(FAITHFULNESS_XLABEL)
+  ax.set_xlabel(xlabel or FAITHFULNESS_XLABEL)
   ax.set_ylabel("normalised faithfulness")
   ax.grid(True, which="major", alpha=0.3)
   ax.legend(fontsize=8, loc="best")

@@ -194,12 +194,13 @@ def test_sigkill_and_resume_is_bitwise_identical(tiny_model, tmp_path):
 
 @pytest.mark.slow
 def test_mesh_flag_gives_the_same_scores(tiny_model, tmp_path):
-  """--mesh=2x2 on 4 simulated CPU devices: data- and tensor-parallel scores equal one device's."""
+  """--mesh=2x2 --fsdp on 4 simulated CPU devices: data- and tensor-parallel scores, with the
+  weights also split over the data devices, equal one device's."""
   one, mesh = str(tmp_path / "one"), str(tmp_path / "mesh")
   assert _run(_flags(tiny_model, one)).returncode == 0
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
              XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  r = subprocess.run([sys.executable, "-m", "experiments.find_circuit", "--mesh=2x2"] +
+  r = subprocess.run([sys.executable, "-m", "experiments.find_circuit", "--mesh=2x2", "--fsdp"] +
                      _flags(tiny_model, mesh), cwd=ROOT, env=env, capture_output=True, text=True)
   assert r.returncode == 0, r.stderr[-3000:]
   a, b = np.load(os.path.join(one, "scores.npz")), np.load(os.path.join(mesh, "scores.npz"))
@@ -207,6 +208,9 @@ def test_mesh_flag_gives_the_same_scores(tiny_model, tmp_path):
                              atol=1e-5 * np.abs(a["scores"]).max())
   bad = _run(_flags(tiny_model, str(tmp_path / "bad")) + ["--mesh=3x3"])
   assert bad.returncode != 0 and "--mesh=3x3" in bad.stderr and "Traceback" not in bad.stderr
+  bad = _run(_flags(tiny_model, str(tmp_path / "bad")) + ["--fsdp"])
+  assert bad.returncode != 0 and "--fsdp" in bad.stderr and "Traceback" not in bad.stderr
+  assert not os.path.exists(str(tmp_path / "bad" / "graph.json"))
 
 
 @pytest.mark.slow

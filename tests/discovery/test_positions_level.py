@@ -31,12 +31,12 @@ def test_level_position_outputs_and_k_composition(tmp_path, capsys):
   out = str(tmp_path / "run")
   summary = find_circuit(_config(), out)
   stdout = capsys.readouterr().out
-  assert "faithfulness curve not computed at --level=position" in stdout
+  assert "circuit: top 12 position edges; faithfulness" in stdout
   assert "top position edges" in stdout
   assert summary["level"] == "position" and summary["n_edges"] == 12
-  assert summary["faithfulness"] is None
-  assert sorted(os.listdir(out)) == ["DONE", "circuit.png", "graph.json", "positions.npz",
-                                     "run.json"]
+  assert 0.0 < summary["faithfulness"] <= 1.2
+  assert sorted(os.listdir(out)) == ["DONE", "circuit.png", "faithfulness.csv", "faithfulness.png",
+                                     "graph.json", "positions.npz", "run.json"]
   with open(os.path.join(out, "graph.json")) as f:
     d = json.load(f)
   assert d["meta"]["level"] == "position" and d["meta"]["score_convention"] == "loss"
