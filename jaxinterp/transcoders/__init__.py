@@ -11,6 +11,9 @@ Modules:
 - `loading`: circuit-tracer's transcoder sets and CLTs, Gemma Scope's `params.npz`;
 - `saving`: writing circuit-tracer's formats;
 - `training`: training per-layer transcoders with optax (`train_transcoders`);
+- `corpus`, `training_run`: the token rows they train on and the `train_transcoders` binary's run;
+- `interventions`: `feature_intervention` and `feature_intervention_generate`, circuit-tracer's
+  feature interventions (set features, attention frozen or free) and generation with them;
 - `targets`: the logit targets a graph explains (`salient_logits`);
 - `graph`: `AttributionGraph`, the dense graph in circuit-tracer's node order, and `graph.npz`;
 - `pruning`: influence, `prune` and the replacement and completeness scores;
@@ -28,6 +31,7 @@ from jaxinterp.transcoders import (
   frontend,
   graph,
   hooks,
+  interventions,
   loading,
   plt,
   pruning,
@@ -51,11 +55,11 @@ from jaxinterp.transcoders.targets import LogitTargets, salient_logits
 from jaxinterp.transcoders.training import TrainOptions, TrainResult, train_transcoders
 
 __all__ = [
-  "AttributionGraph", "CrossLayerTranscoder", "LogitTargets", "PerLayerTranscoders",
-  "PruneResult", "TrainOptions", "TrainResult", "TranscoderError", "TranscoderSites",
-  "activations", "attribute_graph", "attribution", "check_model", "clt", "errors", "frontend",
-  "graph", "graph_json", "graph_scores", "hooks", "load", "load_clt_files", "load_gemma_scope",
-  "load_npz", "loading", "plt", "prune", "pruning", "replacement", "safetensors_file",
-  "salient_logits", "save_clt", "save_npz", "save_transcoder_set", "saving", "sites_for",
-  "targets", "train_transcoders", "training", "write_graph_files",
+  "AttributionGraph", "CrossLayerTranscoder", "LogitTargets", "PerLayerTranscoders", "PruneResult",
+  "TrainOptions", "TrainResult", "TranscoderError", "TranscoderSites", "activations",
+  "attribute_graph", "attribution", "check_model", "clt", "errors", "frontend", "graph",
+  "graph_json", "graph_scores", "hooks", "interventions", "load", "load_clt_files",
+  "load_gemma_scope", "load_npz", "loading", "plt", "prune", "pruning", "replacement",
+  "safetensors_file", "salient_logits", "save_clt", "save_npz", "save_transcoder_set", "saving",
+  "sites_for", "targets", "train_transcoders", "training", "write_graph_files",
 ]
