@@ -59,7 +59,7 @@ def main(argv):
     dry_run.simple("patching", config.model, None, config.batch_size, sweeps=config.sweeps,
                    chunk=config.patch_chunk)
     return
-  common.enable_compilation_cache()
+  common.start_run()
   patching.activation_patching(config, cli.value("out", OUT),
                                overwrite=cli.value("overwrite", False))
 

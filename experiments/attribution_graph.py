@@ -71,7 +71,7 @@ def run(argv=None) -> dict:
     return dry_run.attribution_graph(c.model, c.dtype, c.batch_size,
                                      cli.value("transcoder_features", 16384),
                                      c.max_feature_nodes, c.max_n_logits)
-  common.enable_compilation_cache()
+  common.start_run()
   return attribution_graph(config(), cli.value("out", "runs/attribution_graph"))
 
 

@@ -65,9 +65,10 @@ def start_distributed() -> bool:
     raise app.UsageError(str(e)) from None
 
 
-def enable_compilation_cache() -> str | None:
-  """Start the run: `start_distributed` (every binary's `main` calls this first, before JAX starts
-  a backend), then JAX's persistent compilation cache at `--compilation_cache` (if not empty)."""
+def start_run() -> str | None:
+  """Start the run, first thing in every binary's `main` (before JAX starts a backend):
+  `start_distributed` (multi-process runs), then JAX's persistent compilation cache at
+  `--compilation_cache` (if not empty). Returns the cache's directory, or None."""
   start_distributed()
   path = cli.value("compilation_cache", COMPILATION_CACHE)
   try:

@@ -91,7 +91,7 @@ def main(argv):
   if dry_run.requested():  # --model as given or the default: --graph is not read
     dry_run.simple("circuit", cli.value("model", M["model"]), None, config.batch_size)
     return
-  common.enable_compilation_cache()
+  common.start_run()
   report.evaluate_circuit(config, cli.value("out", None), overwrite=cli.value("overwrite", False))
 
 

@@ -121,7 +121,7 @@ def run(argv=None) -> dict:
   if dry_run.requested():
     c = config()
     return dry_run.find_circuit(c.model, c.dtype, c.method, c.options, c.batch_size, c.mesh)
-  common.enable_compilation_cache()
+  common.start_run()
   return find_circuit(config(), cli.value("out", "runs/find_circuit"),
                       overwrite=cli.value("overwrite", False))
 

@@ -67,7 +67,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = cli.config(runner.GroundTruthConfig)
-  common.enable_compilation_cache()
+  common.start_run()
   runner.ground_truth(config, cli.value("out", OUT), overwrite=cli.value("overwrite", False))
 
 

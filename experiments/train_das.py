@@ -59,7 +59,7 @@ def main(argv):
   if dry_run.requested():  # the toy model's training step, on all p^2 inputs at once
     dry_run.simple("train", config.model_dir, None, config.p ** 2)
     return
-  common.enable_compilation_cache()
+  common.start_run()
   toy_task.train_das(config, cli.value("out", OUT), overwrite=cli.value("overwrite", False))
 
 

@@ -72,7 +72,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = cli.config(toy_training.ToyTrainConfig)
-  common.enable_compilation_cache()
+  common.start_run()
   toy_training.train_toy_model(config, cli.value("out", OUT),
                                overwrite=cli.value("overwrite", False))
 

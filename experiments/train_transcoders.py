@@ -70,7 +70,7 @@ cli.define("bool", "overwrite", False, common.OVERWRITE_HELP)
 
 def run(argv=None) -> dict:
   """Run with the current flags; returns the report (training.json's contents)."""
-  common.enable_compilation_cache()
+  common.start_run()
   return train_transcoder_set(cli.config(TrainTranscodersConfig), cli.value("out", OUT),
                               overwrite=cli.value("overwrite", False))
 

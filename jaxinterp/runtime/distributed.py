@@ -5,7 +5,7 @@ A binary runs as N processes of one program (one per host, or several on one hos
 own devices. `initialize` starts `jax.distributed` from `--coordinator_address`,
 `--num_processes` and `--process_id`, or from the environment as JAX detects it (SLURM, Open MPI,
 cloud TPU pods, `$JAX_COORDINATOR_ADDRESS`); on CPU the collectives are gloo's. It must run before
-anything initialises a JAX backend (`experiments.common.enable_compilation_cache` calls it first
+anything initialises a JAX backend (`experiments.common.start_run` calls it first
 thing in every binary's `main`).
 
 Attribution splits the batches over the processes (`attribution.attribute`: process p scores
