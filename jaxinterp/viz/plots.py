@@ -42,7 +42,13 @@ class PlotError(ValueError):
   """Input that cannot be plotted."""
 
 
-def _save(fig, path: str) -> None:
+def figure(figsize: tuple[float, float]):
+  """A new (figure, axes) of `figsize` inches on this module's non-interactive backend; pass the
+  figure to `save_png`, which closes it."""
+  return plt.subplots(figsize=figsize)
+
+
+def save_png(fig, path: str) -> None:
   """Save `fig` as a PNG at `path` atomically (`files.atomic_with`); always closes the figure."""
   try:
     files.atomic_with(os.fspath(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120,
@@ -71,7 +77,7 @@ def _node_positions(graph: Graph) -> dict[str, tuple[float, float]]:
   return pos
 
 
-def _receiver_parts(name: str) -> tuple[str, str | None]:
+def receiver_parts(name: str) -> tuple[str, str | None]:
   """'a1.h2<k>' -> ('a1.h2', 'k'); 'm0' -> ('m0', None)."""
   if name.endswith(">") and "<" in name:
     node, qkv = name[:-1].split("<")
@@ -130,7 +136,7 @@ def plot_circuit(graph: Graph, path: str, title: str = "", max_edges: int = 200)
   # Draw weak edges first so strong ones end up on top.
   for s, r, sc in list(zip(senders, receivers, scores, strict=True))[::-1]:
     src = pos[sender_names[s]]
-    node, qkv = _receiver_parts(receiver_names[r])
+    node, qkv = receiver_parts(receiver_names[r])
     dst = pos[node]
     dst = (dst[0] + offsets[qkv], dst[1])
     lw = 0.6 + 4.4 * (abs(sc) / smax if smax > 0 else 0.0)
@@ -170,7 +176,7 @@ def plot_circuit(graph: Graph, path: str, title: str = "", max_edges: int = 200)
   if n_total == 0:
     shown = "empty circuit"
   ax.set_title(f"{title} ({shown})" if title else shown)
-  _save(fig, path)
+  save_png(fig, path)
 
 
 # ----------------------------------------------------------------------------------- faithfulness
@@ -220,7 +226,7 @@ def plot_faithfulness(curve: Any, path: str, title: str = "", *, label: str | No
   ax.legend(fontsize=8, loc="best")
   if title:
     ax.set_title(_wrap(title, 6.4, 12))
-  _save(fig, path)
+  save_png(fig, path)
 
 
 # ------------------------------------------------------------------------------------------ heatmap
@@ -292,7 +298,7 @@ def plot_heatmap(values: np.ndarray, path: str, *, xlabel: str, ylabel: str, tit
   cb = fig.colorbar(im, ax=ax)
   if colorbar_label:  # fits the bar's height, so it never reaches the title
     cb.set_label(_wrap(colorbar_label, 0.7 * fig_h, 8), fontsize=8)
-  _save(fig, path)
+  save_png(fig, path)
 
 
 AXIS_NAMES = {"position": "position", "head": "head", "kv_head": "key/value head",

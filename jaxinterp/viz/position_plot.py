@@ -68,7 +68,7 @@ def plot_position_circuit(scores: PositionScores, edges: Sequence[Edge], path: s
   used = sorted({p for e in edges for p in (e[1], e[3])})
   cols = used if used else list(range(n_pos))
   fig_w = min(26.0, max(7.0, 1.5 * len(cols) + 3.0))
-  fig, ax = plots.plt.subplots(figsize=(fig_w, min(16.0, max(4.5, 0.9 * (2 * L + 2)))))
+  fig, ax = plots.figure((fig_w, min(16.0, max(4.5, 0.9 * (2 * L + 2)))))
   # Only the columns that carry an edge are drawn, side by side, labelled with their positions.
   x_of = {p: i for i, p in enumerate(cols)}
   nodes = set()
@@ -76,7 +76,7 @@ def plot_position_circuit(scores: PositionScores, edges: Sequence[Edge], path: s
   for k in order.tolist():
     s, ps, r, pr, _ = edges[k]
     rname = lay.receiver_names[r]
-    node, qkv = plots._receiver_parts(rname)
+    node, qkv = plots.receiver_parts(rname)
     (sx, sy), (rx, ry) = where(lay.sender_names[s], ps), where(node, pr)
     sx, rx = x_of[ps] + sx - ps, x_of[pr] + rx - pr
     nodes.update({(lay.sender_names[s], ps), (node, pr)})
@@ -117,4 +117,4 @@ def plot_position_circuit(scores: PositionScores, edges: Sequence[Edge], path: s
             frameon=False, title=plots.SCORE_LEGEND, title_fontsize=8, alignment="left")
   n = len(edges)
   ax.set_title(f"{title} ({n} position edges)" if title else f"{n} position edges")
-  plots._save(fig, path)
+  plots.save_png(fig, path)

@@ -350,7 +350,7 @@ def test_csv_names_every_bad_row_and_skips_them_on_request(tmp_path):
 
 def _capture(monkeypatch) -> list:
   figs = []
-  monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig))
+  monkeypatch.setattr(plots, "save_png", lambda fig, path: figs.append(fig))
   return figs
 
 

@@ -111,7 +111,7 @@ def test_bad_inputs(tmp_path, scored_graph):
 def figures(monkeypatch):
   """The figures the plot functions would save (they are not written or closed)."""
   saved = []
-  monkeypatch.setattr(plots, "_save", lambda fig, path: saved.append(fig))
+  monkeypatch.setattr(plots, "save_png", lambda fig, path: saved.append(fig))
   yield saved
   for fig in saved:
     plt.close(fig)
