@@ -9,6 +9,10 @@ naming the flag, file or row, so a binary never ends in a stack trace from deep 
 
 from __future__ import annotations
 
+import os
+import sys
+
+import jax
 from absl import app
 
 from jaxinterp.experiments import cli
@@ -67,9 +71,12 @@ def start_distributed() -> bool:
 
 def start_run() -> str | None:
   """Start the run, first thing in every binary's `main` (before JAX starts a backend):
-  `start_distributed` (multi-process runs), then JAX's persistent compilation cache at
-  `--compilation_cache` (if not empty). Returns the cache's directory, or None."""
-  start_distributed()
+  `start_distributed` (multi-process runs: the other processes' standard output is discarded, so
+  the report is printed once, by process 0; errors and progress bars stay on standard error),
+  then JAX's persistent compilation cache at `--compilation_cache` (if not empty). Returns the
+  cache's directory, or None."""
+  if start_distributed() and jax.process_index() > 0:
+    sys.stdout = open(os.devnull, "w")  # process 0 prints the run's report alone
   path = cli.value("compilation_cache", COMPILATION_CACHE)
   try:
     return compilation_cache.enable(path)

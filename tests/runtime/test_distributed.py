@@ -110,9 +110,13 @@ def test_two_processes_equal_one_and_a_killed_peer_ends_the_other(reference):
   assert rc == 1 and len(lines) == 1 and lines[0].startswith(ERROR), err[-3000:]
   assert "process 0" in lines[0] and waited < 100, (lines, waited)
 
+  outs = []
   for p in whole:
     rc, out, err = _finish(p)
     assert rc == 0, out[-2000:] + err[-3000:]
+    outs.append(out)
+  # The report is printed once, by process 0 (gloo's own connection lines remain on both).
+  assert "phases:" in outs[0] and "phases:" not in outs[1] and "wrote " not in outs[1]
   _assert_same_run(root / "one", root / "two")
   assert not (root / "two" / ".resume").exists()  # process 0 cleared its checkpoints
 
