@@ -96,6 +96,10 @@ _define("enum", "mib_format", "importances: one importances.json of every edge's
         "--absolute says).", enum_values=["importances", "circuits"])
 _define("string", "mib_model", "The model's name in the --mib_out folder (MIB's: gpt2, qwen2.5, "
         "gemma2, llama3); default the --model directory's name.")
+_define("string", "schema", "--level=position: a circuit of span edges over this schema's spans "
+        "(induction or ioi; jaxinterp.discovery.spans): spans.npz, graph.json of span edges.")
+_define("string", "span_aggregation", "--schema: aggregate each row's position scores over a "
+        "span by sum, mean or max_abs (the value of largest |.|, sign kept; default sum).")
 for _f in dry_run.FLAGS:  # --dry_run, --device_memory, --seq_len
   cli.define(*_f)
 for _flag in METHOD_FLAGS + OPTIMAL_FLAGS:  # --level, --remat, --ig_steps, --tau, --oa_steps, ...

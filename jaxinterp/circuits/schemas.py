@@ -15,6 +15,7 @@ over those positions (`sum`, `mean`, or `max_abs`: the value of largest |.|, sig
 the span-edge score is the mean over rows, every row counted (a row where the span edge has no
 positions, an empty span or a key span after the query span, contributes 0). So with `sum` and
 spans covering every position, the span edges sum to the position-level total: the edge score.
+A circuit of span edges, its files and its per-row position masks: `circuits.span_circuits`.
 """
 
 from __future__ import annotations
@@ -188,6 +189,7 @@ class SpanScores:
     aggregation: how positions were aggregated in each row (AGGREGATIONS).
     n_rows: the rows averaged.
     convention: the scores' sign convention (that of the position scores).
+    schema: the schema's name ("induction", "ioi"), for files; None if unnamed.
   """
 
   shape: Any
@@ -197,6 +199,7 @@ class SpanScores:
   aggregation: str
   n_rows: int
   convention: str = conv.METRIC
+  schema: str | None = None
 
   @property
   def layout(self) -> Layout:
@@ -352,3 +355,14 @@ def ioi_schema(bos: bool = True, io_label: str = "correct", s_label: str = "inco
   """
   return Schema(("bos", "prefix", "io", "and", "s1", "s1+1", "middle", "s2", "action", "end"),
                 _locate_ioi(bos, io_label, s_label))
+
+
+SCHEMAS = {"induction": induction_schema, "ioi": ioi_schema}
+"""The bundled schemas by name (each a function of `bos`: whether prompts start with BOS)."""
+
+
+def get_schema(name: str, bos: bool = True) -> Schema:
+  """The bundled schema `name` (SCHEMAS); SchemaError naming the choices otherwise."""
+  if name not in SCHEMAS:
+    raise SchemaError(f"unknown schema {name!r}; choose from {tuple(SCHEMAS)}")
+  return SCHEMAS[name](bos)

@@ -18,6 +18,9 @@ from jaxinterp.runtime import inputs
 OPTION_FIELDS = ("options", "optimal")
 
 
+TOP_N = 20  # the circuit's size when `top_n` is None and the method has no circuit of its own
+
+
 @dataclasses.dataclass(frozen=True)
 class FindCircuitConfig:
   """The settings of a `find_circuit` run (the flags of `experiments/find_circuit.py`).
@@ -60,6 +63,10 @@ class FindCircuitConfig:
     mib_out: also write the edge scores as an MIB leaderboard submission under this directory.
     mib_format: "importances" or "circuits".
     mib_model: the model's name in `mib_out` (None: the model directory's name).
+    schema: with level "position", a bundled schema's name (`circuits.schemas.SCHEMAS`): the
+      circuit is made of span edges (`discovery.spans`); None: of position edges.
+    span_aggregation: with `schema`, how each row's position scores are aggregated over its spans:
+      "sum", "mean" or "max_abs" (None: "sum").
   """
 
   model: str = inputs.TOY
@@ -91,6 +98,8 @@ class FindCircuitConfig:
   mib_out: str | None = None
   mib_format: str = "importances"
   mib_model: str | None = None
+  schema: str | None = None
+  span_aggregation: str | None = None
 
 
 def record(config: FindCircuitConfig) -> dict:

@@ -33,7 +33,8 @@ from jaxinterp.attribution import bootstrap, optimal
 from jaxinterp.attribution import positions as attr_positions
 from jaxinterp.circuits import convention
 from jaxinterp.circuits import positions as circuit_positions
-from jaxinterp.discovery.config import FindCircuitConfig, record
+from jaxinterp.discovery import spans as span_level
+from jaxinterp.discovery.config import TOP_N, FindCircuitConfig, record
 from jaxinterp.evaluation import faithfulness as V
 from jaxinterp.evaluation import levels, task_check
 from jaxinterp.evaluation import position_circuits as PC
@@ -50,7 +51,6 @@ MAX_DRAWN_POSITION_EDGES = 40  # circuit.png at --level=position draws at most t
 POSITION_OUTPUTS = ("graph.json", "positions.npz", "circuit.png", "faithfulness.csv",
                     "faithfulness.png")  # --level=position
 PHASES = ("load", "compile", "attribute", "curve", "write")  # the order they are reported in
-TOP_N = 20  # the circuit's size when `top_n` is None and the method has no circuit of its own
 # Checks of settings whose messages predate the generated flags: (name, minimum) of integers ...
 AT_LEAST = (("n_examples", 1), ("batch_size", 1), ("ig_steps", 1), ("top_n", 0),
             ("checkpoint_batches", 0), ("mask_steps", 1), ("oa_steps", 1), ("bootstrap", 2))
@@ -89,8 +89,8 @@ def check(config: FindCircuitConfig) -> A.Options:
     raise inputs.InputError("--mib_out writes edge scores: it needs --level=edge")
   if config.fsdp and not config.mesh:
     raise inputs.InputError("--fsdp shards the weights over a --mesh's DATA axis; give --mesh")
-  if options.level == "position":
-    _check_positions(config)
+  if options.level == "position" or config.schema or config.span_aggregation:
+    _check_positions(config, options.level)
   if config.selection != "top_n" and options.level != "edge":
     raise inputs.InputError(f"--selection={config.selection} selects edges; use --level=edge")
   if config.filter not in task_check.FILTERS:
@@ -291,8 +291,9 @@ def _run(config: FindCircuitConfig, options: A.Options, held: files.RunDir,
   return summary
 
 
-def _check_positions(config: FindCircuitConfig) -> None:
-  """InputError (one line) for a setting --level=position cannot take."""
+def _check_positions(config: FindCircuitConfig, level: str) -> None:
+  """InputError (one line) for a setting --level=position (or --schema) cannot take."""
+  span_level.check(config, level)
   if config.method not in attr_positions.METHODS:
     raise inputs.InputError(f"--level=position works with --method="
                             f"{', '.join(attr_positions.METHODS)}, not {config.method}")
@@ -308,17 +309,16 @@ def _check_positions(config: FindCircuitConfig) -> None:
 def _run_positions(config: FindCircuitConfig, options: A.Options, held: files.RunDir,
                    phases: timing.Phases, model: models.Model, dataset: tasks.Dataset,
                    checked: dict, t0: float) -> dict:
-  """--level=position: score every position-level edge (`attribute_positions`), keep the top_n
-  (`PositionScores.select`), evaluate the top-n position circuits of the curve's sizes
-  (`evaluation.position_circuits`: edges out of the circuit ablated at their positions, crossing
-  edges per query), write positions.npz (every score), graph.json (the circuit's edges by name,
-  `a0.h3@5->a1.h0<k>@9`, graph.json's sign, with `meta`), circuit.png and faithfulness.csv/png."""
+  """--level=position: every position edge's score to positions.npz, the top_n (`select`) to
+  graph.json and circuit.png, the top-n position circuits' faithfulness.csv/png; `schema`: spans."""
   out = held.path
   method = A.get_method(config.method)
   try:  # a model the position circuit forward cannot take, before any work
     PC.check(model.cfg, config.intervention)
   except A.AttributionError as e:
     raise inputs.InputError(f"--level=position: {e}") from None
+  if config.schema:
+    return span_level.run(config, options, held, phases, model, dataset, checked, t0)
   phases.start("attribute")
   kernel_options = {k: v for k, v in method.option_values(options).items() if k != "level"}
   result = attr_positions.attribute_positions(
