@@ -24,9 +24,14 @@ The ratios are circuit-tracer's seconds over jaxinterp's, measured in the same r
 core (torch's default threads, XLA:CPU's). The two processes build the same graph: the benchmark
 checks that the logit targets and the number of active features agree.
 
-`--suite=long_prompt`: jaxinterp alone on a `--long_pos`-token prompt (default 4096) of a small
-model (2 layers, d_model 64, 512 features per layer), with `--max_feature_nodes` features kept, so
-that its whole process's peak RSS can be compared with the bound of docs/transcoders.md.
+`--suite=long_prompt`: jaxinterp alone on prompts of each of `--long_pos` tokens (default 4096;
+a comma-separated list runs each) of a small model (2 layers, d_model 64, 8 heads, 512 features per
+layer, about 8 active per token and layer), with `--max_feature_nodes` features kept. Each is one
+fresh process (`--compilation_cache=`, so every kernel compiles), first on a `FIXED_POS`-token
+prompt: its peak RSS is the fixed cost `R0` (interpreter, imports, XLA, the compiled kernels). Each
+row has the process's seconds and peak RSS, the graph's sizes, and `memory_bound`'s terms: the
+bound of docs/transcoders.md ("Long prompts: host memory"), `FIXED_ALLOWANCE * R0` plus the largest
+phase, which the peak must stay under.
 """
 
 from __future__ import annotations
@@ -57,11 +62,16 @@ _POS = flags.DEFINE_integer("n_pos", 32, "Prompt tokens, BOS included.")
 _VOCAB = flags.DEFINE_integer("vocab", 2048, "Vocabulary size.")
 _ACTIVE = flags.DEFINE_float("active_per_token", 24.0, "Expected active features per token and "
                              "layer (sets the encoder bias).")
-_LONG = flags.DEFINE_integer("long_pos", 4096, "--suite=long_prompt: prompt tokens.")
+_LONG = flags.DEFINE_list("long_pos", ["4096"], "--suite=long_prompt: prompt tokens, BOS included "
+                          "(a comma-separated list: one process each).")
 _MAX_FEAT = flags.DEFINE_integer("max_feature_nodes", 1024, "--suite=long_prompt: features kept.")
 
 CT_BATCH = 512  # circuit-tracer's `attribute` default
 JAX_BATCH = 128  # experiments.attribution_graph's default
+FIXED_POS = 64  # --suite=long_prompt: the prompt whose peak RSS is the fixed cost
+FIXED_ALLOWANCE = 1.2  # the fixed cost's variation between processes and prompt shapes (<= 20%)
+LONG_SHAPE = dict(n_layers=2, d_model=64, n_heads=8, d_mlp=256, vocab=512, d_transcoder=512,
+                  active_per_token=8.0)
 ROOT = str(common.REPO)
 
 
@@ -191,19 +201,99 @@ def suite_speed(work: str) -> dict:
                            for k in ("jaxinterp cold", "jaxinterp warm")}}
 
 
+def memory_bound(n_pos: int, n_layers: int, n_heads: int, d_model: int, d_mlp: int,
+                 n_features_per_layer: int, batch_size: int, graph: dict, chunks: int,
+                 chunk: int) -> dict:
+  """docs/transcoders.md's bound on a run's peak RSS beyond its fixed cost, per term (MiB), for
+  per-layer transcoders: the largest of the forward (the linearised run's attention and the dense
+  feature activations), the rows phase (the linearised run, the sources' vectors,
+  one batch's XLA temporaries, two batches' rows, the host's rows) and the pruning phase (the
+  adjacency's non-zero rows, the edge scores' positive entries and their sort, and pruning's N x N
+  arrays: two float32, three bool).
+
+  graph: `_npz_summary`'s sizes. chunks, chunk: the decoder entries' `C` chunks of `G` entries.
+  """
+  n, L, H, d, B, C, G = n_pos, n_layers, n_heads, d_model, batch_size, chunks, chunk
+  A, T = graph["n_active"], len(graph["logit_tokens"])
+  R, S, N = graph["n_features"] + T, A + (L + 1) * n + T, graph["nodes"]
+  rows = {"linearised run: attention patterns 4 L H n^2 + residuals 4 L n (d_mlp + 2 d)":
+          4 * L * n * (H * n + d_mlp + 2 * d),
+          "sources' vectors 4 (C G d + 2 A d + (L + 1) n d)":
+          4 * (C * G * d + 2 * A * d + (L + 1) * n * d),
+          "one batch's temporaries 4 B ((2 L + 1) n d + C (d + G))":
+          4 * B * ((2 * L + 1) * n * d + C * (d + G)),
+          "two batches' rows 8 B S": 8 * B * S,
+          "host rows and the ranking's normalised copy 8 R S": 8 * R * S}
+  forward = {"the forward: L layers' attention kept, one computed 4 (L + 1) H n^2":
+             4 * (L + 1) * H * n * n,
+             "feature activations 4 L n F": 4 * L * n * n_features_per_layer}
+  prune = {"adjacency's rows, the edge scores' positives, their sort 16 R N": 16 * R * N,
+           "pruning's N x N arrays 11 N^2": 11 * N * N}
+
+  def mib(terms: dict) -> dict:
+    return {k: round(v / 2 ** 20, 1) for k, v in terms.items()}
+
+  phases = (forward, rows, prune)
+  return {"forward_phase_mib": mib(forward), "rows_phase_mib": mib(rows),
+          "pruning_phase_mib": mib(prune),
+          "bound_mib": round(max(sum(p.values()) for p in phases) / 2 ** 20, 1)}
+
+
+def _chunks(out: str, n_pos: int) -> tuple[int, int]:
+  """The graph's decoder entries' chunk count `C` and size `G` (`attribution.cell_chunks`)."""
+  g = T.load_npz(os.path.join(out, "graph.npz"))
+  cells = g.active_features[:, 0] * n_pos + g.active_features[:, 1]
+  counts = np.unique(cells, return_counts=True)[1]
+  G = T.attribution.chunk_size(counts)
+  return int(np.maximum(-(-counts // G), 1).sum()), G
+
+
+def _phases(row: dict) -> str:
+  return next((x for x in row["stdout_tail"] if x.startswith("phases:")), "")
+
+
 def suite_long_prompt(work: str) -> dict:
-  L, d, F, P, V = 2, 64, 512, _LONG.value, 512
+  s = LONG_SHAPE
+  L, d, F, V = s["n_layers"], s["d_model"], s["d_transcoder"], s["vocab"]
+  try:
+    lengths = [int(x) for x in _LONG.value]
+  except ValueError:
+    raise app.UsageError(f"--long_pos must be integers, got {','.join(_LONG.value)}") from None
+  if not lengths or min(lengths) < 2:
+    raise app.UsageError("--long_pos: each prompt needs at least 2 tokens (BOS and one more)")
   model, tcs = os.path.join(work, "model"), os.path.join(work, "transcoders")
-  build_model(model, L, d, V, P)
-  build_transcoders(tcs, L, d, F, 8.0)
-  tokens = [0] + np.random.default_rng(1).integers(1, V, P - 1).tolist()
-  row = run_measured(jax_cmd(model, os.path.join(tcs, "config.yaml"), tokens,
-                             os.path.join(work, "out"), "", _MAX_FEAT.value), work)
-  row["graph"] = _npz_summary(os.path.join(work, "out"))
-  return {"shape": dict(n_layers=L, d_model=d, n_heads=8, vocab=V, d_transcoder=F, n_pos=P,
-                        active_per_token=8.0, max_feature_nodes=_MAX_FEAT.value,
-                        batch_size=JAX_BATCH),
-          "row": row}
+  build_model(model, L, d, V, max(max(lengths), FIXED_POS))
+  build_transcoders(tcs, L, d, F, s["active_per_token"])
+  config = os.path.join(tcs, "config.yaml")
+
+  def run(n_pos: int) -> dict:
+    tokens = [0] + np.random.default_rng(1).integers(1, V, n_pos - 1).tolist()
+    out = os.path.join(work, f"out{n_pos}")
+    row = run_measured(jax_cmd(model, config, tokens, out, "", _MAX_FEAT.value), work)
+    row["graph"] = _npz_summary(out)
+    row["phases"] = _phases(row)
+    row["chunks"] = _chunks(out, n_pos)
+    return row
+
+  fixed = run(FIXED_POS)
+  r0 = fixed["peak_rss_mib"]
+  rows = []
+  for n_pos in lengths:
+    row = run(n_pos)
+    g = row["graph"]
+    row["n_pos"] = n_pos
+    row["rows"] = g["n_features"] + len(g["logit_tokens"])
+    row["sources"] = g["n_active"] + (L + 1) * n_pos + len(g["logit_tokens"])
+    row["bound"] = memory_bound(n_pos, L, s["n_heads"], d, s["d_mlp"], F, JAX_BATCH, g,
+                                *row["chunks"])
+    row["bound_with_fixed_mib"] = round(FIXED_ALLOWANCE * r0 + row["bound"]["bound_mib"], 1)
+    row["within_bound"] = row["peak_rss_mib"] <= row["bound_with_fixed_mib"]
+    rows.append(row)
+    print(f"n_pos {n_pos}: {row['seconds']} s, peak RSS {row['peak_rss_mib']} MiB, bound "
+          f"{row['bound_with_fixed_mib']} MiB", file=sys.stderr, flush=True)
+  return {"shape": dict(**s, max_feature_nodes=_MAX_FEAT.value, batch_size=JAX_BATCH,
+                        fixed_pos=FIXED_POS),
+          "fixed": fixed, "rows": rows, "all_within_bound": all(r["within_bound"] for r in rows)}
 
 
 def main(argv):

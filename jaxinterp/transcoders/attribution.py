@@ -67,6 +67,12 @@ class CellChunks:
 CHUNK_SIZES = (8, 16, 32, 64, 128, 256)
 
 
+def chunk_size(counts: np.ndarray) -> int:
+  """The chunk size `G` of `CHUNK_SIZES` that minimises the padded work `C * (G + 16)` for cells
+  of `counts` decoder entries (`C`: the chunks, at least one per cell)."""
+  return min(CHUNK_SIZES, key=lambda g: int(np.maximum(-(-counts // g), 1).sum()) * (g + 16))
+
+
 def cell_chunks(node: np.ndarray, layer: np.ndarray, pos: np.ndarray, vec: Array, n_pos: int,
                 n_active: int) -> CellChunks:
   """Group the decoder entries (host `node`, `layer`, `pos`; device `vec [E, d_model]`) by cell,
@@ -77,7 +83,7 @@ def cell_chunks(node: np.ndarray, layer: np.ndarray, pos: np.ndarray, vec: Array
   cells, starts, counts = np.unique(cell[order], return_index=True, return_counts=True)
   if E == 0:
     cells, starts, counts = np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64)
-  G = min(CHUNK_SIZES, key=lambda g: int(np.maximum(-(-counts // g), 1).sum()) * (g + 16))
+  G = chunk_size(counts)
   n_chunks = np.maximum(-(-counts // G), 1)
   first = np.concatenate([[0], np.cumsum(n_chunks)[:-1]])
   chunk_cell = np.repeat(cells, n_chunks)
@@ -218,6 +224,29 @@ def _rows(vjp, like: replacement.Targets, w: Writers, layers: Array, positions: 
   return jnp.concatenate([feats, errs, toks], 1)
 
 
+def top_unvisited(scores: np.ndarray, visited: np.ndarray, k: int) -> np.ndarray:
+  """The `k` unvisited indices of highest score, highest first, ties in index order: the first `k`
+  unvisited of `np.argsort(-scores, kind="stable")`, selected by `np.partition` (linear in the
+  sources) and sorting only the `k` selected, not all of them.
+
+  Args:
+    scores: Float[ndarray, "n"]. visited: Bool[ndarray, "n"]. k: how many (at most the unvisited).
+  Returns Int[ndarray, "k"].
+  """
+  cand = np.flatnonzero(~visited)  # index order
+  key = -scores[cand]
+  k = max(min(k, len(cand)), 0)
+  if k == 0:
+    return cand[:0]
+  if k == len(cand) or np.isnan(key).any():  # all of them, or NaN (sorted last): the full sort
+    return cand[np.argsort(key, kind="stable")][:k]
+  kth = np.partition(key, k - 1)[k - 1]
+  chosen = key < kth
+  ties = np.flatnonzero(key == kth)  # index order, as the stable sort keeps them
+  chosen[ties[:k - int(chosen.sum())]] = True
+  return cand[chosen][np.argsort(key[chosen], kind="stable")]
+
+
 def _check_tokens(cfg: ModelConfig, tokens) -> np.ndarray:
   toks = np.asarray(tokens)
   if toks.ndim != 1 or not np.issubdtype(toks.dtype, np.integer):
@@ -327,8 +356,8 @@ def attribute_graph(cfg: ModelConfig, params: Mapping[str, Any], transcoders: Tr
     n_visited = 0
     while n_visited < n_feat:
       infl = pruning.partial_influences(edge[:st], tg.probabilities, row_node[:st])
-      rank = np.argsort(-infl[:n_active], kind="stable")
-      pending = rank[~visited[rank]][:min(update_interval * batch_size, n_feat - n_visited)]
+      pending = top_unvisited(infl[:n_active], visited,
+                              min(update_interval * batch_size, n_feat - n_visited))
       a = nodes.active[pending]
       compute(st, a[:, 0], a[:, 1], encoders[pending])
       row_node[st:st + len(pending)] = pending

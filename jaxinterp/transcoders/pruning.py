@@ -25,9 +25,10 @@ from jaxinterp.transcoders.graph import AttributionGraph
 
 
 def normalize_matrix(matrix: np.ndarray, eps: float = 1e-10) -> np.ndarray:
-  """|matrix| with each row divided by its sum (clamped below at `eps`)."""
+  """|matrix| with each row divided by its sum (clamped below at `eps`): one new array, divided in
+  place (a matrix's worth of host memory, not two)."""
   a = np.abs(np.asarray(matrix, np.float32))
-  return a / np.maximum(a.sum(axis=1, keepdims=True), np.float32(eps))
+  return np.divide(a, np.maximum(a.sum(axis=1, keepdims=True), np.float32(eps)), out=a)
 
 
 def compute_influence(A: np.ndarray, weights: np.ndarray, max_iter: int = 1000) -> np.ndarray:
@@ -54,7 +55,9 @@ def edge_influence(pruned: np.ndarray, logit_weights: np.ndarray) -> np.ndarray:
   """Each edge's share of the influence: An[t, s] * (influence of t + logit weight of t)."""
   an = normalize_matrix(pruned)
   infl = compute_influence(an, logit_weights) + logit_weights
-  return an * infl[:, None]
+  if infl.dtype != an.dtype:  # float64 weights: a float64 result, as the product promotes
+    return an * infl[:, None]
+  return np.multiply(an, infl[:, None], out=an)
 
 
 def find_threshold(scores: np.ndarray, threshold: float) -> np.float32:
@@ -111,6 +114,7 @@ def prune(graph: AttributionGraph, node_threshold: float = 0.8,
   pruned[~node_mask] = 0
   pruned[:, ~node_mask] = 0
   scores = edge_influence(pruned, w)
+  del pruned  # at most three N x N float32 arrays at once: the graph's, `scores`, find_threshold's
   edge_mask = scores >= find_threshold(scores, edge_threshold)
   while True:
     old = node_mask.copy()

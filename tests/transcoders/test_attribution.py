@@ -132,6 +132,29 @@ def test_find_threshold_without_sorting_zeros_is_the_full_sort():
       assert want == 0 or got.tobytes() == want.tobytes()
 
 
+def test_top_unvisited_is_the_stable_argsorts_selection():
+  """The ranking loop's partition-based selection equals the first `k` unvisited of a stable
+  descending argsort: ties (many, and +-0.0) in index order, NaN, every k, and the in-place
+  normalisation equals the two-array one."""
+  rng = np.random.default_rng(0)
+  for trial in range(30):
+    n = int(rng.integers(1, 60))
+    scores = rng.integers(0, 4, n).astype(np.float32) * (1 if trial % 2 else rng.random(n))
+    scores[rng.random(n) < 0.2] = -0.0
+    if trial % 5 == 4:
+      scores[rng.integers(0, n)] = np.nan
+    visited = rng.random(n) < 0.3
+    rank = np.argsort(-scores, kind="stable")
+    for k in range(0, n + 2):
+      want = rank[~visited[rank]][:k]
+      np.testing.assert_array_equal(TA.top_unvisited(scores, visited, k), want)
+  m = rng.normal(size=(7, 9)).astype(np.float32)
+  m[2] = 0
+  a = np.abs(m)
+  want = a / np.maximum(a.sum(axis=1, keepdims=True), np.float32(1e-10))
+  assert T.pruning.normalize_matrix(m).tobytes() == want.tobytes()
+
+
 @pytest.mark.parametrize("tokens,match", [
     (np.array([0]), "at least one token after BOS"),
     (np.arange(17) % 40, "more than the model's context of 16"),
