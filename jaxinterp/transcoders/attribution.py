@@ -265,7 +265,15 @@ def _check_tokens(cfg: ModelConfig, tokens) -> np.ndarray:
 
 def logit_targets(cfg: ModelConfig, params: Mapping[str, Any], logits: np.ndarray, targets,
                   max_n_logits: int, desired_logit_prob: float) -> targets_lib.LogitTargets:
-  """The targets: `salient_logits` by default; given token ids; or a `LogitTargets` as is."""
+  """The targets: `salient_logits` by default; given token ids; or a `LogitTargets` as is.
+
+  `logits` are the replacement model's, which has no final softcap; the targets' probabilities are
+  the model's own, soft-capped where the model has a cap (Gemma-2/3), as circuit-tracer 0.5.0's
+  `attribute` takes them (its forward keeps the cap). The target vectors are unembedding
+  directions either way."""
+  if cfg.final_logit_softcap:
+    cap = np.float32(cfg.final_logit_softcap)
+    logits = np.tanh(logits / cap) * cap
   if isinstance(targets, targets_lib.LogitTargets):
     if targets.vectors.shape[1:] != (cfg.d_model,):
       raise TranscoderError(f"custom targets have vectors of shape {targets.vectors.shape}, "

@@ -7,11 +7,10 @@ connection, ReLU without); three prompts each, every feature and a `max_feature_
 the pruned graph.json (`write_graph_files` against `create_graph_files`) of every graph of four
 cases.
 
-Gemma-2's final logit soft-cap: both sides attribute the logits before the soft-cap, but
-circuit-tracer 0.5.0's `attribute` takes the target probabilities from the soft-capped logits unless
-it runs inside `model.zero_softcap()`, while `attribute_graph` takes them from the soft-cap-free
-logits (its documented choice). The `zero_softcap` cases compare the defaults; `gemma2_softcap`
-compares plain `attribute` with `attribute_graph` given targets from the soft-capped logits.
+Gemma-2's final logit soft-cap: both sides attribute the logits before the soft-cap, and both take
+the targets' probabilities from the model's own soft-capped logits by default (`gemma2_softcap`
+compares the two defaults). Inside `model.zero_softcap()` circuit-tracer takes them from the
+cap-free logits; the `zero_softcap` cases give `attribute_graph` the salient logits of those.
 
 circuit-tracer runs once, in its own virtual environment (`attribution_driver.py`); the tests skip
 without it.
@@ -113,8 +112,8 @@ def ct(tmp_path_factory):
 
 def _salient(cfg: models.ModelConfig, params, tokens: np.ndarray,
              kw: dict) -> T.targets.LogitTargets:
-  """The salient logits of the model's last-position logits (soft-capped if `cfg` has the cap:
-  as circuit-tracer 0.5.0's `attribute` picks them outside `zero_softcap()`)."""
+  """The salient logits of the model's last-position logits (soft-capped if `cfg` has the cap,
+  cap-free for a `cfg` without it: as circuit-tracer inside `zero_softcap()`)."""
   logits = jax.jit(forward, static_argnums=0)(cfg, params, jnp.asarray(tokens)[None])[0, -1]
   return T.targets.salient_logits(np.asarray(logits, np.float32),
                                   np.asarray(unembedding(cfg, params), np.float32),
@@ -149,11 +148,14 @@ def test_attribute_graph_equals_circuit_tracer(ct, case, tmp_path):
   figures, sizes = [], []
   for i, prompt in enumerate(PROMPTS):
     toks = np.array(prompt)
-    targets = None
-    if m.cfg.final_logit_softcap and not opt.get("zero_softcap"):
-      targets = _salient(m.cfg, m.params, toks, kw)
+    targets = None  # attribute_graph's default: the soft-capped probabilities
+    if m.cfg.final_logit_softcap:
       free = _salient(dataclasses.replace(m.cfg, final_logit_softcap=None), m.params, toks, kw)
-      assert not np.allclose(free.probabilities[:1], targets.probabilities[:1], rtol=1e-3)
+      if opt.get("zero_softcap"):  # circuit-tracer inside zero_softcap(): the cap-free ones
+        targets = free
+      else:  # the cap moves the probabilities: the comparison of defaults is a real one
+        capped = _salient(m.cfg, m.params, toks, kw)
+        assert not np.allclose(free.probabilities[:1], capped.probabilities[:1], rtol=1e-3)
     g = T.attribute_graph(m.cfg, m.params, tc, toks, targets=targets, **kw)
     assert g.n_features > 0 and np.abs(g.adjacency[:g.n_features]).max() > 0
     figures.append(_compare(g, ref, f"{case}/{i}"))
