@@ -5,7 +5,9 @@
 
 Reads any EAP-IG-format graph JSON (ours, the PyTorch EAP-IG's, MIB's); the model shape comes from
 the file's `cfg`. The page draws the top-n circuit by |score| (pruned, as `Graph.top_n`) for any n
-set with its slider, number inputs or MIB's percentages; see `jaxinterp/viz/viewer.py`. Open the
+set with its slider, number inputs or MIB's percentages; see `jaxinterp/viz/viewer.py`. A
+position-level graph.json (find_circuit --level=position) is drawn between token-position columns
+instead (`jaxinterp/viz/position_viewer.py`; no --curve or --n there). Open the
 file in a browser: it makes no network request. Bad input ends with one line on stderr naming the
 flag or file, a non-zero exit status and no output file. The pipeline is
 `jaxinterp.viz.page.write_page`.
@@ -20,7 +22,8 @@ from jaxinterp.viz import page
 
 D = cli.defaults(page.ViewConfig)
 cli.define("string", "graph", D["graph"],
-           "EAP-IG-format graph JSON to show (ours, the PyTorch EAP-IG's or MIB's).")
+           "EAP-IG-format graph JSON to show (ours, the PyTorch EAP-IG's or MIB's), or "
+           "find_circuit --level=position's graph.json.")
 cli.define("string", "curve", D["curve"], "Optional faithfulness CSV (columns n_edges, "
            "faithfulness; find_circuit and evaluate_circuit write faithfulness.csv) shown beside "
            "the graph.")

@@ -39,7 +39,7 @@ from jaxinterp.evaluation import faithfulness as V
 from jaxinterp.evaluation import levels, task_check
 from jaxinterp.evaluation import position_circuits as PC
 from jaxinterp.runtime import compilation_cache, files, inputs, sharding, timing
-from jaxinterp.viz import plots, position_plot, viewer
+from jaxinterp.viz import plots, position_plot, position_viewer, viewer
 
 BINARY = "find_circuit"  # the run record's binary
 HEADLINE = ("method", "task", "model", "n_examples")  # the settings naming a run in messages
@@ -49,7 +49,7 @@ OUTPUTS = ("graph.json", "scores.npz", "faithfulness.csv", "circuit.png", "faith
 OPTIMAL_DIR = "optimal_ablation"
 MAX_DRAWN_POSITION_EDGES = 40  # circuit.png at --level=position draws at most these
 POSITION_OUTPUTS = ("graph.json", "positions.npz", "circuit.png", "faithfulness.csv",
-                    "faithfulness.png")  # --level=position
+                    "faithfulness.png", "circuit.html")  # --level=position
 PHASES = ("load", "compile", "attribute", "curve", "write")  # the order they are reported in
 # Checks of settings whose messages predate the generated flags: (name, minimum) of integers ...
 AT_LEAST = (("n_examples", 1), ("batch_size", 1), ("ig_steps", 1), ("top_n", 0),
@@ -309,8 +309,7 @@ def _check_positions(config: FindCircuitConfig, level: str) -> None:
 def _run_positions(config: FindCircuitConfig, options: A.Options, held: files.RunDir,
                    phases: timing.Phases, model: models.Model, dataset: tasks.Dataset,
                    checked: dict, t0: float) -> dict:
-  """--level=position: every position edge's score to positions.npz, the top_n (`select`) to
-  graph.json and circuit.png, the top-n position circuits' faithfulness.csv/png; `schema`: spans."""
+  """--level=position: positions.npz, graph.json, circuit.png/html, faithfulness; `schema`: spans"""
   out = held.path
   method = A.get_method(config.method)
   try:  # a model the position circuit forward cannot take, before any work
@@ -361,6 +360,8 @@ def _run_positions(config: FindCircuitConfig, options: A.Options, held: files.Ru
         scores, chosen[:MAX_DRAWN_POSITION_EDGES], os.path.join(out, "circuit.png"),
         tokens=row + [""] * (scores.n_pos - len(row)),
         title=f"{config.method} on {config.task}, position level (columns: row 0's token ids)")
+    position_viewer.write_html(os.path.join(out, "graph.json"), os.path.join(out, "circuit.html"),
+                               tokens=row)  # the interactive circuit.png
   phases.stop()
   top = scores.names(chosen[:10])
   conv = scores.convention

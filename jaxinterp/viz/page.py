@@ -1,7 +1,8 @@
 """The circuit viewer's page for a graph file (`experiments/view.py`'s pipeline).
 
 `write_page(ViewConfig(graph=...))` reads any EAP-IG-format graph JSON (ours, the PyTorch
-EAP-IG's, MIB's; the model shape comes from the file's `cfg`), renders the offline HTML page of
+EAP-IG's, MIB's; the model shape comes from the file's `cfg`; a position-level graph.json is drawn
+by `position_viewer`), renders the offline HTML page of
 `viewer.render_html` and writes it (default: `circuit.html` beside the graph, or `view.html` where
 `circuit.html` is an output of the finished run in that directory). A file that is another run's
 output (listed in its directory's `DONE`) is never replaced unless `overwrite`. Everything is
@@ -16,7 +17,7 @@ import os
 
 from jaxinterp.circuits import Graph, GraphError
 from jaxinterp.runtime import files, inputs
-from jaxinterp.viz import viewer
+from jaxinterp.viz import position_viewer, viewer
 
 DEFAULT_NAME = "circuit.html"  # beside the graph
 OWN_NAME = "view.html"  # beside the graph, where circuit.html is a finished run's
@@ -55,6 +56,9 @@ def write_page(config: ViewConfig) -> str:
     raise inputs.InputError(f"--out={out}: its directory does not exist")
   if max_drawn < 1:
     raise inputs.InputError(f"--max_drawn={max_drawn}: must be at least 1")
+  if position_viewer.is_position_graph(graph_path):  # find_circuit --level=position's graph.json
+    return position_viewer.write_view(graph_path, out, title=config.title, curve=config.curve,
+                                      n=n, max_drawn=max_drawn)
   try:
     graph = Graph.from_json(graph_path)
   except GraphError as e:

@@ -35,8 +35,8 @@ def test_level_position_outputs_and_k_composition(tmp_path, capsys):
   assert "top position edges" in stdout
   assert summary["level"] == "position" and summary["n_edges"] == 12
   assert 0.0 < summary["faithfulness"] <= 1.2
-  assert sorted(os.listdir(out)) == ["DONE", "circuit.png", "faithfulness.csv", "faithfulness.png",
-                                     "graph.json", "positions.npz", "run.json"]
+  assert sorted(os.listdir(out)) == ["DONE", "circuit.html", "circuit.png", "faithfulness.csv",
+                                     "faithfulness.png", "graph.json", "positions.npz", "run.json"]
   with open(os.path.join(out, "graph.json")) as f:
     d = json.load(f)
   assert d["meta"]["level"] == "position" and d["meta"]["score_convention"] == "loss"

@@ -2,6 +2,8 @@
 // Draws a pruned attribution graph (circuit-tracer's graph.json, shipped by graph_viewer.py):
 // token embeddings at the bottom, one row per layer (features, then the layer's error node, in
 // each position's column), logit targets at the top; links coloured by sign, width by |weight|.
+// Position mode (position_viewer.py: a position-level circuit) reads its row names, columns, edge
+// names and q/k/v styles from the data.
 (function () {
   "use strict";
   const D = JSON.parse(document.getElementById("graph-data").textContent);
@@ -19,16 +21,19 @@
     return e;
   };
   const N = D.nodes, S = D.links.s, T = D.links.t, W = D.links.w;
-  const nRows = D.n_layers + 2, nPos = D.prompt_tokens.length;
+  // Position mode (position_viewer.py): rows and columns named by the data, edges by name.
+  const nRows = D.n_rows || D.n_layers + 2, nPos = D.prompt_tokens.length;
+  const posOf = (p) => D.columns ? D.columns[p] : p;  // a column's token position
   const maxW = D.max_abs_weight > 0 ? D.max_abs_weight : 1;
   const width = (w) => 0.6 + 5.4 * Math.sqrt(Math.abs(w) / maxW);
 
   // ----------------------------------------------------------------------------------- header
-  $("prompt").innerHTML = D.prompt_tokens.map((t, i) =>
+  $("prompt").innerHTML = (D.row_tokens || D.prompt_tokens).map((t, i) =>
     `<span title="position ${i}">${esc(t)}</span>`).join(" ");
   const counts = { feature: 0, error: 0, embedding: 0, logit: 0 };
   for (const n of N) counts[n.type]++;
-  $("meta").textContent = `${counts.feature} features, ${counts.error} error nodes, ` +
+  $("meta").textContent = D.meta_line ||
+    `${counts.feature} features, ${counts.error} error nodes, ` +
     `${counts.embedding} tokens, ${counts.logit} logit targets; ${S.length} links` +
     (D.scan ? ` · transcoders ${D.scan}` : "") +
     (D.node_threshold !== null ? ` · pruned at node threshold ${D.node_threshold}` : "") +
@@ -39,16 +44,18 @@
   // ----------------------------------------------------------------------------------- layout
   // Each (row, position) cell holds its nodes side by side, features wrapped WRAP to a line; the
   // columns are as wide as their widest cell, the rows as tall as their tallest.
-  const TOP = 26, LEFT = 78, BOTTOM = 34, STEP = 17, LINE = 17, PAD = 16, WRAP = 10, CHAR = 6.6;
+  const TOP = 26, LEFT = 78, STEP = 17, LINE = 17, PAD = 16, WRAP = 10, CHAR = 6.6;
+  const BOTTOM = D.columns ? 48 : 34;  // position mode: a token line under the positions
   const labelW = (n) => Math.max(34, CHAR * n.label.length + 14);
-  const boxed = (n) => n.type === "embedding" || n.type === "logit";
+  const boxed = (n) => n.type !== "feature" && n.type !== "error";  // labelled boxes
   const cells = new Map();  // "row,pos" -> node indices, in drawing order
   N.forEach((n, i) => {
     const k = n.row + "," + n.pos;
     if (!cells.has(k)) cells.set(k, []);
     cells.get(k).push(i);
   });
-  const order = { feature: 0, error: 1, embedding: 2, logit: 3 };
+  const order = { feature: 0, error: 1, embedding: 2, logit: 3, input: 2, head: 2, mlp: 2,
+    logits: 2 };
   const cellW = new Map(), cellLines = new Map();
   for (const [k, list] of cells) {
     list.sort((a, b) => order[N[a].type] - order[N[b].type] ||
@@ -105,7 +112,8 @@
 
   // ------------------------------------------------------------------------------------- grid
   const grid = $("grid");
-  const rowName = (r) => r === 0 ? "tokens" : r === nRows - 1 ? "logits" : `layer ${r - 1}`;
+  const rowName = (r) => D.row_names ? D.row_names[r] :
+    r === 0 ? "tokens" : r === nRows - 1 ? "logits" : `layer ${r - 1}`;
   for (let r = 0; r < nRows; r++) {
     if (r % 2 === 1) el("rect", { class: "row-band", x: LEFT, y: rowTop[r],
       width: colX[nPos] - LEFT, height: rowH[r] }, grid);
@@ -116,7 +124,11 @@
   }
   for (let p = 0; p < nPos; p++) {
     el("text", { class: "col-pos", x: colX[p] + colW[p] / 2, y: gridBottom + 16 }, grid)
-      .textContent = `pos ${p}`;
+      .textContent = `pos ${posOf(p)}`;
+    if (D.columns) {
+      el("text", { class: "col-label", x: colX[p] + colW[p] / 2, y: gridBottom + 32 }, grid)
+        .textContent = D.prompt_tokens[p];
+    }
   }
 
   // ------------------------------------------------------------------------------------ links
@@ -128,10 +140,17 @@
     return `M${x1.toFixed(1)},${y1.toFixed(1)} C${x1.toFixed(1)},${ym.toFixed(1)} ` +
       `${x2.toFixed(1)},${ym.toFixed(1)} ${x2.toFixed(1)},${y2.toFixed(1)}`;
   };
+  // q, k, v inputs dashed, dotted, dash-dotted as matplotlib draws them (scaled by the width)
+  const DASH = { q: [5, 2], k: [1, 1.5], v: [6, 2, 1, 2] }, QKV = D.links.qkv;
   for (const i of byWeight) {
     const d = curve(i);
     linkEls[i] = el("path", { d, class: W[i] >= 0 ? "pos" : "neg", "stroke-width": width(W[i]),
       "data-i": i }, linksG);
+    if (QKV && QKV[i]) {
+      linkEls[i].classList.add(QKV[i]);
+      linkEls[i].setAttribute("stroke-dasharray",
+        DASH[QKV[i]].map((x) => (x * Math.max(1.5, width(W[i]))).toFixed(1)).join(" "));
+    }
     el("path", { d, "data-i": i }, hitsG);
   }
   linksG.dataset.count = S.length;
@@ -185,6 +204,20 @@
     "influence on the logits carried by the nodes at least as influential as it (lower is more " +
     "influential). Nodes are placed by layer (row) and token position (column); within a " +
     "cell, features are ordered by influence, most influential first.</p>";
+  if (D.legend) {  // position mode: the sign convention and the q/k/v line styles
+    lg.innerHTML = "";
+    lg.setAttribute("viewBox", "0 0 340 150");
+    sample(12, maxW, "pos", `+${fmt(maxW)} (largest): ${D.legend.positive}`);
+    sample(30, maxW / 10, "pos", `+${fmt(maxW / 10)}`);
+    sample(48, -maxW / 3, "neg", `−${fmt(maxW / 3)}: ${D.legend.negative}`);
+    D.legend.qkv.forEach(([k, text], j) => {
+      const y = 72 + 20 * j;
+      el("path", { d: `M10,${y} L70,${y}`, "stroke-width": 2, style: "stroke:#333;fill:none",
+        "stroke-dasharray": k ? DASH[k].map((x) => x * 2).join(" ") : "none" }, lg);
+      el("text", { x: 78, y: y + 4, "font-size": 11 }, lg).textContent = text;
+    });
+    $("legend-text").innerHTML = D.legend.html;
+  }
 
   // ------------------------------------------------------------------------ hover and click
   const tip = $("tooltip");
@@ -195,7 +228,7 @@
   };
   const nodeLines = (i) => {
     const n = N[i], rows = [[n.type, n.name]];
-    rows.push(["position", `${n.pos} (“${D.prompt_tokens[n.pos]}”)`]);
+    rows.push(["position", `${posOf(n.pos)} (“${D.prompt_tokens[n.pos]}”)`]);
     if (n.layer !== null) rows.push(["layer", n.layer]);
     if (n.feature !== null) rows.push([n.type === "logit" ? "token" : "feature", n.feature]);
     if (n.activation !== null) rows.push(["activation", fmt(n.activation)]);
@@ -227,8 +260,10 @@
   const onLink = (ev) => {
     const i = ev.target.dataset ? ev.target.dataset.i : undefined;
     if (i === undefined) return;
-    showTip(ev, `<b class="tip-name">${esc(N[S[i]].name)} → ${esc(N[T[i]].name)}</b><br>` +
-      `weight <span class="tip-weight">${fmt(W[i])}</span>`, linkEls[i]);
+    const name = D.links.name ? D.links.name[i] : `${N[S[i]].name} → ${N[T[i]].name}`;
+    showTip(ev, `<b class="tip-name">${esc(name)}</b><br>` +
+      `${esc(D.weight_label || "weight")} <span class="tip-weight">${fmt(W[i])}</span>`,
+      linkEls[i]);
   };
   for (const g of [nodesG, linksG, hitsG]) {
     g.addEventListener("mousemove", moveTip);
@@ -256,7 +291,8 @@
     }
     const table = (list, title, other) => {
       list.sort((a, b) => Math.abs(W[b]) - Math.abs(W[a]));
-      const rows = list.map((i) => `<tr data-node="${other(i)}"><td>${esc(N[other(i)].name)}` +
+      const rows = list.map((i) => `<tr data-node="${other(i)}"><td>` +
+        `${esc(D.links.name ? D.links.name[i] : N[other(i)].name)}` +
         `</td><td class="num">${fmt(W[i])}</td></tr>`).join("");
       return `<h3>${title} (${list.length})</h3>` +
         (list.length ? `<table class="${title.toLowerCase()}">${rows}</table>` :
