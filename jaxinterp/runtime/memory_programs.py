@@ -27,6 +27,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxinterp import patching as PT
@@ -191,8 +192,15 @@ def graph(cfg: ModelConfig, params, seq_len: int, n_features: int, dtype) -> MP.
       return TA._rows(vjp, like, writers, layers, positions, vectors)
 
     i32 = jnp.int32
+    # The decoder entries grouped by (layer, position) cell, as `attribute_graph` runs `_rows`:
+    # ACTIVE_PER_TOKEN_LAYER entries in each of the L * (P - 1) cells, in chunks of G.
+    counts = np.full(L * (P - 1), ACTIVE_PER_TOKEN_LAYER)
+    G = TA.chunk_size(counts)
+    C = int(np.maximum(-(-counts // G), 1).sum())
+    chunks = TA.CellChunks(_spec((C,), i32), _spec((C, G, d), dtype), _spec((A,), i32), True)
     writers = TA.Writers(_spec((A,), i32), _spec((A,), i32), _spec((A,), i32),
-                         _spec((A, d), dtype), _spec((L, P, d), dtype), _spec((P, d), dtype), A)
+                         _spec((A, d), dtype), _spec((L, P, d), dtype), _spec((P, d), dtype), A,
+                         chunks)
     return fn, (params, tc, _spec((P,), i32), writers, _spec((b,), i32), _spec((b,), i32),
                 _spec((b, d), jnp.float32))
   return build

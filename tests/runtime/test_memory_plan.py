@@ -218,3 +218,17 @@ def test_eap_plan_with_a_memory_budget_has_smaller_temporaries():
   capped = MP.compile_memory(*_unpack(PR.eap(cfg, params, 16, alphas, memory_budget="500kB")(4)))
   assert capped.temp < 0.6 * free.temp <= 500e3 / 0.6, (capped, free)
   assert capped.temp <= 500e3
+
+
+def test_graph_plan_contracts_by_cell_chunks_as_the_run_does():
+  """The attribution-graph plan runs `_rows` with the decoder entries grouped in (layer, position)
+  cell chunks, as `attribute_graph` does, not the per-entry gather: far smaller temporaries."""
+  cfg = ModelConfig(family="gpt2", d_model=32, n_layers=2, n_heads=4, d_head=8, d_mlp=64,
+                    d_vocab=50, n_ctx=64)
+  fn, args = PR.graph(cfg, MP.abstract_params(cfg, jnp.float32), 32, 64, jnp.float32)(8)
+  writers = args[3]
+  assert writers.cell_chunks is not None and writers.cell_chunks.one_per_node
+  chunked = jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+  gather = jax.jit(fn).lower(*args[:3], writers.replace(cell_chunks=None),
+                             *args[4:]).compile().memory_analysis().temp_size_in_bytes
+  assert chunked * 4 < gather, (chunked, gather)
