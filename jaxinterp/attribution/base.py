@@ -236,9 +236,10 @@ class IGOptions(Options):
   ig_convention: str = dataclasses.field(default="eap", metadata={"choices": ("eap", "paper")})
   memory_budget: str | None = dataclasses.field(default=None, metadata={
       "help": "cap on the attribution kernel's temporary memory per batch, e.g. 2GB or 512MiB "
-      "(EAP-IG-inputs at --level=edge only): the batch's rows and positions are scored in as "
-      "many chunks as it takes (same scores to float rounding; a budget below one row is "
-      "refused, naming the least that works). Default: no cap, one chunk."})
+      "(EAP-IG-inputs and EAP-IG-activations at --level=edge only): the batch's rows (and "
+      "EAP-IG-inputs' positions) are scored in as many chunks as it takes (same scores to float "
+      "rounding; a budget below one row is refused, naming the least that works). Default: no "
+      "cap, one chunk."})
 
   def __post_init__(self):
     super().__post_init__()

@@ -14,7 +14,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxinterp.attribution import base
+from jaxinterp.attribution import base, memory_budget
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.edges import EdgePatch
 from jaxinterp.models.transformer import embed_inputs, forward, sender_outputs
@@ -45,8 +45,33 @@ class _Blend:
     return x + self.s * (target.astype(x.dtype) - x)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "task", "remat"))
-def _ig_activations_batch(cfg, task, params, batch, ablation, alphas, remat=False):
+@functools.partial(jax.jit, static_argnames=("cfg", "task", "remat", "row_chunks"))
+def _ig_activations_batch(cfg, task, params, batch, ablation, alphas, remat=False, row_chunks=1):
+  """(Float[Array, "sender receiver"] scores summed over the batch's real rows, Float[Array,
+  "batch"] metric values at the last step).
+
+  `row_chunks` > 1 (`memory_budget.activations_row_chunks`, for `--memory_budget`) runs the
+  kernel on that many groups of rows in turn, in one `lax.scan` (their temporaries share buffers),
+  and sums the groups' gradients: the peak of temporaries is one group's. 1 is the unchunked kernel.
+  """
+  n = len(_layer_groups(cfg)) * alphas.shape[0]
+  if row_chunks == 1:
+    total, values = _ig_activations(cfg, task, params, batch, ablation, alphas, remat)
+    return -total / n, values
+  groups = jax.tree.map(lambda x: x.reshape(row_chunks, x.shape[0] // row_chunks, *x.shape[1:]),
+                        batch)
+
+  def body(total, group):
+    g, values = _ig_activations(cfg, task, params, group, ablation, alphas, remat)
+    return total + g, values
+
+  total, values = jax.lax.scan(body, jnp.zeros_like(base.ones(cfg)), groups)
+  return -total / n, values.reshape(-1)
+
+
+def _ig_activations(cfg, task, params, batch, ablation, alphas, remat):
+  """The edge-weight gradients summed over the layer nodes and steps ([sender, receiver]) and the
+  metric values at the last step ([batch]), on one group of rows."""
   ablated = ablation.values(cfg, params, batch)
   groups = _layer_groups(cfg)
   names = tuple(n for _, n in groups if n)
@@ -75,18 +100,20 @@ def _ig_activations_batch(cfg, task, params, batch, ablation, alphas, remat=Fals
 
   total, values = jax.lax.scan(step, jnp.zeros_like(base.ones(cfg)),
                                jnp.stack([gs.astype(alphas.dtype), als], 1))
-  return -total / (G * alphas.shape[0]), values[-1]
+  return total, values[-1]
 
 
 def score_batch(cfg, task, params, batch, ablation, options: base.IGOptions) -> base.BatchScores:
-  """EAP-IG-activations scores of one batch."""
-  if options.memory_budget is not None:  # the chunked kernel is EAP-IG-inputs'
-    raise base.AttributionError("--memory_budget is for EAP-IG-inputs only, not "
-                                "EAP-IG-activations")
+  """EAP-IG-activations scores of one batch (with `options.memory_budget`, in the groups of rows
+  `memory_budget.activations_row_chunks` plans)."""
   c_total, c_values, _ = task_metrics.clean_metric(cfg, task, params, batch)
   alphas = jnp.asarray(options.alphas(eap_start=1))
+  row_chunks = 1
+  if options.memory_budget is not None:
+    row_chunks = memory_budget.activations_row_chunks(
+        cfg, params, batch.clean.shape, alphas.shape[0], options.memory_budget, options.remat)
   s, values = _ig_activations_batch(cfg, task, params, batch, ablation, alphas,
-                                    remat=options.remat)
+                                    remat=options.remat, row_chunks=row_chunks)
   return base.BatchScores(s, values, c_values, c_total)
 
 

@@ -1,5 +1,6 @@
-"""`--memory_budget` (IGOptions.memory_budget): EAP-IG-inputs' kernel in row and position chunks
-whose planned temporaries fit the budget, with the unbudgeted scores."""
+"""`--memory_budget` (IGOptions.memory_budget): EAP-IG-inputs' kernel in row and position chunks,
+EAP-IG-activations' in row chunks, whose planned temporaries fit the budget, with the unbudgeted
+scores."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import pytest
 
 from jaxinterp import attribution as A
 from jaxinterp import tasks
+from jaxinterp.attribution import ig_activations as IA
 from jaxinterp.attribution import memory_budget as MB
 from jaxinterp.attribution import receiver_grads as RG
+from jaxinterp.runtime import sizes
 from tests.attribution.test_receiver_grads import CONFIGS, _params
 
 CFG = CONFIGS["gpt2"]
@@ -91,10 +94,6 @@ def test_budget_is_refused_where_no_kernel_chunks():
   with pytest.raises(A.AttributionError, match="^--memory_budget is for --level=edge only, not "
                      "--level=node$"):
     A.IGOptions(memory_budget="1GB", level="node")
-  params, ds, batch, abl = _setup()
-  opts = A.IGOptions(ig_steps=STEPS, memory_budget="1GB")
-  with pytest.raises(A.AttributionError, match="^--memory_budget is for EAP-IG-inputs only"):
-    A.ig_activations.score_batch(CFG, ds.task, params, batch, abl, opts)
 
 
 def test_default_is_the_unchunked_kernel():
@@ -105,3 +104,67 @@ def test_default_is_the_unchunked_kernel():
   b = jax.jit(lambda p: RG._ig_inputs(CFG, ds.task, p, batch, abl, alphas, False, None,
                                       RG.CHUNK_BYTES)).lower(params).as_text()
   assert "while" in a and a.count("stablehlo.while") == b.count("stablehlo.while")
+
+
+def _activations_compiled(cfg, params, ds, batch, abl, remat, row_chunks=1):
+  alphas = jnp.asarray(A.ig_alphas(STEPS, eap_start=1), jnp.float32)
+  compiled = IA._ig_activations_batch.lower(cfg, ds.task, params, batch, abl, alphas, remat=remat,
+                                            row_chunks=row_chunks).compile()
+  return compiled.memory_analysis().temp_size_in_bytes, compiled(params, batch, abl, alphas)
+
+
+def _check_activations_budget(family, remat, monkeypatch):
+  """EAP-IG-activations under the least budget the too-small error names: one row per group, the
+  compiled temporaries under that budget (and the unbudgeted ones over it), the planned ones an
+  upper bound within 2x, the scores those of the unchunked kernel to float rounding."""
+  cfg = CONFIGS[family]
+  params, ds, batch, abl = _setup()
+  if family != "gpt2":
+    params = _params(cfg)
+  b, p = batch.clean.shape
+  with pytest.raises(MB.MemoryBudgetError) as e:
+    MB.activations_row_chunks(cfg, params, (b, p), STEPS, "1kB", remat)
+  msg = str(e.value)
+  assert "\n" not in msg and msg.startswith("--memory_budget=1kB is below the smallest chunk: "
+                                            f"one row of {p} positions needs ")
+  least = re.search(r"give at least --memory_budget=(\S+)$", msg).group(1)
+  below = f"{float(least[:-2]) * 0.98:.3g}{least[-2:]}"
+  with pytest.raises(MB.MemoryBudgetError, match=rf"^--memory_budget={re.escape(below)} is below"):
+    MB.activations_row_chunks(cfg, params, (b, p), STEPS, below, remat)
+  chunks = MB.activations_row_chunks(cfg, params, (b, p), STEPS, least, remat)
+  assert chunks == b
+  assert MB.activations_row_chunks(cfg, params, (b, p), STEPS, "1GB", remat) == 1
+  full, ref = _activations_compiled(cfg, params, ds, batch, abl, remat)
+  small, got = _activations_compiled(cfg, params, ds, batch, abl, remat, row_chunks=chunks)
+  assert small <= sizes.parse_bytes(least, "memory_budget") < full, (small, least, full)
+  for rows, temp in ((b, full), (1, small)):
+    planned = MB._activations_temp_bytes(cfg, params, rows, p, remat)
+    assert temp <= planned <= 2 * temp, (rows, temp, planned)
+  ref_s, got_s = np.asarray(ref[0]), np.asarray(got[0])
+  assert np.abs(ref_s).max() > 1e-2  # a real signal
+  # Measured: 4e-7 of the largest score (GPT-2-shaped), 1.3e-6 (Llama-shaped): float32 sums
+  # regrouped (each group sums its steps, then the groups are summed).
+  np.testing.assert_allclose(got_s, ref_s, rtol=0, atol=2e-6 * np.abs(ref_s).max())
+  np.testing.assert_allclose(got[1], ref[1], rtol=1e-6)  # per-row metrics, at the last step
+
+  seen = {}  # EAP-IG-activations with the option runs its kernel in those groups
+
+  def kernel(*args, **kw):
+    seen.update(kw)
+    return got
+
+  monkeypatch.setattr(IA, "_ig_activations_batch", kernel)
+  opts = A.IGOptions(ig_steps=STEPS, memory_budget=least, remat=remat)
+  out = IA.score_batch(cfg, ds.task, params, batch, abl, opts)
+  assert seen == {"remat": remat, "row_chunks": chunks}
+  np.testing.assert_array_equal(out.scores, got_s)
+
+
+def test_activations_budget_chunks_rows_under_the_budget(monkeypatch):
+  _check_activations_budget("gpt2", False, monkeypatch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,remat", [("llama", False), ("gpt2", True)])
+def test_activations_budget_other_shapes(family, remat, monkeypatch):
+  _check_activations_budget(family, remat, monkeypatch)
