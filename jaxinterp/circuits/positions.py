@@ -224,26 +224,39 @@ def _empty(meta: dict[str, Any], where: str) -> PositionScores:
   return PositionScores(shape, local, crossing, conv.LOSS)
 
 
-def to_npz(scores: PositionScores, path: str | os.PathLike) -> None:
-  """Write `scores` (graph.json's sign) as .npz: `local`, `crossing` and a JSON `meta`."""
-  s = scores.with_convention(conv.LOSS)
+def write_npz(path: str | os.PathLike, local: np.ndarray, crossing: np.ndarray,
+              meta: dict) -> None:
+  """Write local and crossing scores as .npz: `local`, `crossing` and `meta` as JSON."""
   with open(path, "wb") as f:
-    np.savez(f, local=s.local, crossing=s.crossing, meta=np.array(json.dumps(_meta(scores))))
+    np.savez(f, local=local, crossing=crossing, meta=np.array(json.dumps(meta)))
 
 
-def from_npz(path: str | os.PathLike) -> PositionScores:
-  """Read `to_npz`'s file (scores in the `loss` convention); GraphError for another file."""
+def read_npz(path: str | os.PathLike, what: str, empty):
+  """`write_npz`'s file as `empty(meta, path)` (scores of zeros of the shapes the meta gives) with
+  its `local` and `crossing` arrays; GraphError (naming `what`) for another file or shapes that do
+  not match the meta."""
   try:
     with np.load(path) as z:
       meta = json.loads(str(z["meta"]))
       local, crossing = z["local"], z["crossing"]
   except (OSError, KeyError, ValueError) as e:
-    raise GraphError(f"{path}: not a position-scores .npz ({e})") from None
-  out = _empty(meta, str(path))
+    raise GraphError(f"{path}: not a {what} .npz ({e})") from None
+  out = empty(meta, str(path))
   if local.shape != out.local.shape or crossing.shape != out.crossing.shape:
     raise GraphError(f"{path}: arrays of shape {local.shape}, {crossing.shape} do not match its "
                      f"meta (expected {out.local.shape}, {out.crossing.shape})")
   return dataclasses.replace(out, local=local, crossing=crossing)
+
+
+def to_npz(scores: PositionScores, path: str | os.PathLike) -> None:
+  """Write `scores` (graph.json's sign) as .npz: `local`, `crossing` and a JSON `meta`."""
+  s = scores.with_convention(conv.LOSS)
+  write_npz(path, s.local, s.crossing, _meta(scores))
+
+
+def from_npz(path: str | os.PathLike) -> PositionScores:
+  """Read `to_npz`'s file (scores in the `loss` convention); GraphError for another file."""
+  return read_npz(path, "position-scores", _empty)
 
 
 def to_json(scores: PositionScores, path: str | os.PathLike, *,

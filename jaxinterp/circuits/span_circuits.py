@@ -223,20 +223,9 @@ def from_json(path: str | os.PathLike) -> SpanScores:
 def to_npz(scores: SpanScores, path: str | os.PathLike) -> None:
   """Write every span score (graph.json's sign) as .npz: `local`, `crossing` and a JSON `meta`."""
   s = with_convention(scores, conv.LOSS)
-  with open(path, "wb") as f:
-    np.savez(f, local=s.local, crossing=s.crossing, meta=np.array(json.dumps(_header(s))))
+  cpos.write_npz(path, s.local, s.crossing, _header(s))
 
 
 def from_npz(path: str | os.PathLike) -> SpanScores:
   """Read `to_npz`'s file (scores in the `loss` convention); GraphError for another file."""
-  try:
-    with np.load(path) as z:
-      d = json.loads(str(z["meta"]))
-      local, crossing = z["local"], z["crossing"]
-  except (OSError, KeyError, ValueError) as e:
-    raise GraphError(f"{path}: not a span-scores .npz ({e})") from None
-  out = _empty(d, str(path))
-  if local.shape != out.local.shape or crossing.shape != out.crossing.shape:
-    raise GraphError(f"{path}: arrays of shape {local.shape}, {crossing.shape} do not match its "
-                     f"meta (expected {out.local.shape}, {out.crossing.shape})")
-  return dataclasses.replace(out, local=local, crossing=crossing)
+  return cpos.read_npz(path, "span-scores", _empty)
