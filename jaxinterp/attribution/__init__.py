@@ -34,7 +34,9 @@ have is an error, never dropped). Adding a method is one module that ends with
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -75,7 +77,7 @@ from jaxinterp.attribution.exact import ExactOptions, exact_chunk_size
 from jaxinterp.attribution.progress import Checkpointer, Progress
 from jaxinterp.circuits.layout import valid_edges
 from jaxinterp.models.config import ModelConfig
-from jaxinterp.runtime import distributed
+from jaxinterp.runtime import distributed, shared_prefix, timing
 from jaxinterp.tasks import Batch, Dataset
 
 __all__ = [
@@ -313,6 +315,42 @@ def attribute(cfg: ModelConfig, params, dataset: Dataset, method: str = "EAP-IG-
                             "n_units": len(state.batch_sums), "seed": seed}}
   return Attribution(scores.astype(np.float32), method, intervention, options, len(dataset),
                      clean, extras)
+
+
+def compile_ahead(cfg: ModelConfig, params, dataset: Dataset, method: str, options: Options, *,
+                  intervention: str = "patching",
+                  batch_size: int = 16) -> threading.Thread | None:
+  """Start compiling what `attribute` will run on `dataset`, in a daemon thread, and return it;
+  None where the method has nothing to compile ahead (`Method.compile_batch`), or its ablation
+  needs a pass over the data first (mean, optimal).
+
+  `find_circuit` starts it as soon as the data are loaded, so the kernel compiles while the task
+  check runs; the caller joins it before `attribute` (`timing.Phases.wait_for_compile`, which counts
+  any wait as compile time). Every distinct program of the batches (shape, shared-prefix plan) is
+  compiled once; the thread's compiles are off the caller's critical path (`timing.in_background`).
+  A failure is logged, and `attribute` then compiles for itself. Give the options and intervention
+  `attribute` will get (a different one compiles programs the run will not use).
+  """
+  m = get_method(method)
+  if m.compile_batch is None or intervention not in ("patching", "zero", "zero-all"):
+    return None
+
+  def work():
+    with timing.in_background():
+      try:
+        ablation = make_ablation(cfg, params, dataset, intervention, batch_size)
+        seen = set()
+        for batch in dataset.batches(batch_size):
+          key = (batch.clean.shape, shared_prefix.plan(cfg, batch, ablation.kind))
+          if key not in seen:
+            seen.add(key)
+            m.compile_batch(cfg, dataset.task, params, batch, ablation, options)
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("compiling the %s kernel ahead failed: %s", m.name, e)
+
+  thread = threading.Thread(target=work, name="compile-attribution-ahead", daemon=True)
+  thread.start()
+  return thread
 
 
 def node_scores(cfg: ModelConfig, scores: np.ndarray) -> np.ndarray:

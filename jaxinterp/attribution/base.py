@@ -145,6 +145,9 @@ class Method:
     levels: the `Options.level`s it scores (a subset of LEVELS).
     checkpoints_always: a run is long whatever its number of batches (exact patching), so a
       pipeline checkpoints it after every batch.
+    compile_batch: `(cfg, task, params, batch, ablation, options) -> None`, optional: compile what
+      `score_batch` runs on a batch of this shape, running nothing (`attribution.compile_ahead`
+      calls it in a thread while the caller loads and checks the data).
   """
 
   name: str
@@ -160,6 +163,7 @@ class Method:
   convention: str | None = None
   levels: tuple[str, ...] = ("edge",)
   checkpoints_always: bool = False
+  compile_batch: Callable[..., None] | None = None
 
   def score_convention(self, task: Task) -> str:
     """The sign convention of this method's scores on `task` ("metric" or "loss")."""

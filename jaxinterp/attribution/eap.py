@@ -28,6 +28,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import Array
 
 from jaxinterp.attribution import base, memory_budget, nodes, receiver_grads
 from jaxinterp.models.edges import EdgePatch
@@ -44,38 +45,69 @@ def _valid_total(valid, values):
   return jnp.sum(jnp.where(valid, values, 0.0))
 
 
-def _kernel_scores(alphas, cfg, task, params, batch, ablation, options) -> base.BatchScores:
-  if options.level != "edge":
-    return nodes.score_batch(alphas, cfg, task, params, batch, ablation, options)
+def _kernel_call(alphas, cfg, task, params, batch, ablation, options):
+  """The edge-level kernel `ig_inputs_batch` and the arguments it is called with on `batch`."""
   suffix = None if options.remat else shared_prefix.plan(cfg, batch, ablation.kind)
   chunks, budget = {}, getattr(options, "memory_budget", None)  # IGOptions only
   if budget is not None:  # rows and contraction chunks whose temporaries fit the budget
     chunks["row_chunks"], chunks["chunk_bytes"] = memory_budget.row_chunks(
         cfg, params, batch.clean.shape, alphas.shape[0], budget, options.remat)
-  s, values, c_values = receiver_grads.ig_inputs_batch(cfg, task, params, batch, ablation, alphas,
-                                                       remat=options.remat, suffix=suffix,
-                                                       **chunks)
+  return ((cfg, task, params, batch, ablation, alphas),
+          dict(remat=options.remat, suffix=suffix, **chunks))
+
+
+def _kernel_scores(alphas, cfg, task, params, batch, ablation, options) -> base.BatchScores:
+  if options.level != "edge":
+    return nodes.score_batch(alphas, cfg, task, params, batch, ablation, options)
+  args, kwargs = _kernel_call(alphas, cfg, task, params, batch, ablation, options)
+  s, values, c_values = receiver_grads.ig_inputs_batch(*args, **kwargs)
   return base.BatchScores(s, values, c_values, _valid_total(batch.valid, c_values))
+
+
+def _compile_kernel(alphas_of):
+  """A `Method.compile_batch` for the kernel at `alphas_of(options)`: it compiles, running nothing,
+  the programs `_kernel_scores` runs on a batch of this shape (edge level; the node and neuron
+  kernels compile on first use)."""
+
+  def compile_batch(cfg, task, params, batch, ablation, options) -> None:
+    if options.level != "edge":
+      return
+    args, kwargs = _kernel_call(alphas_of(options), cfg, task, params, batch, ablation, options)
+    receiver_grads.ig_inputs_batch.lower(*args, **kwargs).compile()
+    c_values = jax.ShapeDtypeStruct(batch.valid.shape, jnp.float32)  # [batch]
+    _valid_total.lower(batch.valid, c_values).compile()
+
+  return compile_batch
+
+
+def _eap_alphas(options) -> Array:
+  return jnp.asarray([1.0], jnp.float32)
+
+
+def _ig_alphas(options) -> Array:
+  return jnp.asarray(options.alphas(eap_start=0 if options.level == "edge" else 1))
+
+
+def _clean_corrupted_alphas(options) -> Array:
+  return jnp.asarray([0.0, 1.0], jnp.float32)
 
 
 def score_eap(cfg, task, params, batch, ablation, options: base.Options) -> base.BatchScores:
   """EAP: the receiver gradients at the clean input."""
-  return _kernel_scores(jnp.asarray([1.0], jnp.float32), cfg, task, params, batch, ablation,
-                        options)
+  return _kernel_scores(_eap_alphas(options), cfg, task, params, batch, ablation, options)
 
 
 def score_eap_ig_inputs(cfg, task, params, batch, ablation,
                         options: base.IGOptions) -> base.BatchScores:
   """EAP-IG-inputs: the receiver gradients averaged over interpolated input embeddings (the "eap"
   convention's k starts at 0 for edges, at 1 for nodes and neurons, as `attribute_node`)."""
-  alphas = jnp.asarray(options.alphas(eap_start=0 if options.level == "edge" else 1))
-  return _kernel_scores(alphas, cfg, task, params, batch, ablation, options)
+  return _kernel_scores(_ig_alphas(options), cfg, task, params, batch, ablation, options)
 
 
 def score_clean_corrupted(cfg, task, params, batch, ablation,
                           options: base.Options) -> base.BatchScores:
   """clean-corrupted: the mean of the receiver gradients at the corrupted and the clean input."""
-  return _kernel_scores(jnp.asarray([0.0, 1.0], jnp.float32), cfg, task, params, batch, ablation,
+  return _kernel_scores(_clean_corrupted_alphas(options), cfg, task, params, batch, ablation,
                         options)
 
 
@@ -109,11 +141,14 @@ def weight_gradient_batch(cfg, task, params, batch, ablation, alphas, remat=Fals
 
 EAP = base.Method(
     "EAP", "attribution patching: (a_ablated - a_clean) . dm/dx_r at the clean input (--level="
-    "node|neuron: NAP, per node or output dimension)", score_eap, base.Options, levels=base.LEVELS)
+    "node|neuron: NAP, per node or output dimension)", score_eap, base.Options, levels=base.LEVELS,
+    compile_batch=_compile_kernel(_eap_alphas))
 EAP_IG_INPUTS = base.Method(
     "EAP-IG-inputs", "EAP with dm/dx_r averaged over m input embeddings interpolated corrupted -> "
     "clean (integrated gradients; --level=node|neuron: NAP-IG-inputs)", score_eap_ig_inputs,
-    base.IGOptions, ("patching",), needs_corrupted=True, levels=base.LEVELS)
+    base.IGOptions, ("patching",), needs_corrupted=True, levels=base.LEVELS,
+    compile_batch=_compile_kernel(_ig_alphas))
 CLEAN_CORRUPTED = base.Method(
     "clean-corrupted", "EAP with the mean of the gradients at the clean and at the corrupted input",
-    score_clean_corrupted, base.Options, needs_corrupted=True, levels=base.LEVELS)
+    score_clean_corrupted, base.Options, needs_corrupted=True, levels=base.LEVELS,
+    compile_batch=_compile_kernel(_clean_corrupted_alphas))

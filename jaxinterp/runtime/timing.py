@@ -17,7 +17,9 @@ inside a phase is taken out of that phase and added to "compile", so a phase's f
 time less its compiles, and the phases add up to at most the total. Compile events are summed over
 every thread of the process, except threads inside `in_background()` (compiles overlapped with the
 run's own work, off its critical path); a phase gives up at most its own wall time to "compile".
-Compiles while no phase runs are not counted.
+The time a phase then spends waiting for such a thread (`Phases.wait_for_compile`) is compile time
+on the critical path, and counts as "compile" too (kind "wait"). Compiles while no phase runs are
+not counted.
 
 `CompileTimer` alone sums the compile events while it is open (`with CompileTimer() as c: ...;
 c.seconds`), by kind in `c.by_kind`.
@@ -37,6 +39,7 @@ COMPILE_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace",
                   "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
                   "/jax/core/compile/backend_compile_duration": "backend"}
 COMPILE = "compile"
+WAIT = "wait"  # the critical path waiting for a compile in a background thread
 _background = threading.local()
 
 
@@ -45,7 +48,8 @@ def in_background():
   """On this thread, compiles inside the block are not counted (by `CompileTimer` or `Phases`).
 
   For work that overlaps the run's own, such as compiling ahead in a thread: it is off the critical
-  path, and the time a phase waits for it is that phase's wall time."""
+  path. Join such a thread with `Phases.wait_for_compile`, so that any time the run still waits for
+  it counts as compile."""
   _background.on = True
   try:
     yield
@@ -57,11 +61,12 @@ class CompileTimer:
   """Sums JAX's compile events (`COMPILE_EVENTS`) while open, as a context manager.
 
   Attributes:
-    by_kind: seconds per kind ("trace", "lower", "backend") since the timer was opened.
+    by_kind: seconds per kind ("trace", "lower", "backend", and "wait": waits for a compile in
+      another thread, `add_wait`) since the timer was opened.
   """
 
   def __init__(self):
-    self.by_kind = dict.fromkeys(COMPILE_EVENTS.values(), 0.0)
+    self.by_kind = dict.fromkeys((*COMPILE_EVENTS.values(), WAIT), 0.0)
     self._lock = threading.Lock()
     self._open = False
 
@@ -76,6 +81,12 @@ class CompileTimer:
     if kind is not None and self._open and not getattr(_background, "on", False):
       with self._lock:
         self.by_kind[kind] += float(duration_secs)
+
+  def add_wait(self, seconds: float) -> None:
+    """Count `seconds` spent waiting for a compile in another thread (kind "wait")."""
+    if self._open:
+      with self._lock:
+        self.by_kind[WAIT] += float(seconds)
 
   def __enter__(self) -> CompileTimer:
     self._open = True
@@ -142,6 +153,16 @@ class Phases:
     into = self._wall if into is None else into
     into[name] += wall - compile_s
     into[COMPILE] += compile_s
+
+  def wait_for_compile(self, thread: threading.Thread | None) -> None:
+    """Join `thread`, a compile started ahead in the background (`in_background`): the time spent
+    waiting for it is compile time on the critical path, so it counts as "compile" (kind "wait"),
+    not as the running phase's own."""
+    if thread is None:
+      return
+    t0 = self._clock()
+    thread.join()
+    self._compiles.add_wait(max(self._clock() - t0, 0.0))
 
   def snapshot(self) -> dict[str, float]:
     """{phase: seconds, ..., "total": seconds since construction}, the running phase counted up to

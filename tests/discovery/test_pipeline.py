@@ -76,7 +76,7 @@ def test_outputs_and_determinism(tiny_model, tmp_path, capsys):
   assert all(isinstance(v, float) and v >= 0 for v in phases.values())
   assert phases["compile"] > 0
   assert sum(v for k, v in phases.items() if k != "total") <= phases["total"]
-  assert set(meta["compile_seconds"]) == {"trace", "lower", "backend"}
+  assert set(meta["compile_seconds"]) == {"trace", "lower", "backend", "wait"}
   last = stdout.strip().splitlines()[-1]
   assert re.fullmatch(r"phases: load [\d.]+ s, compile [\d.]+ s, attribute [\d.]+ s, "
                       r"curve [\d.]+ s, write [\d.]+ s \(total [\d.]+ s\)", last), last

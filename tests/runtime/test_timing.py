@@ -1,6 +1,8 @@
 """jaxinterp.runtime.timing: phases on the wall clock, with JAX's compile time moved into its own
 phase."""
 
+import threading
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -90,3 +92,46 @@ def test_compiles_in_background_are_not_counted():
       jax.monitoring.record_event_duration_secs(BACKEND, 2.0)
     jax.monitoring.record_event_duration_secs(BACKEND, 0.5)
   assert timer.seconds == pytest.approx(0.5)
+
+
+
+
+class ArmedClock(FakeClock):
+  """A fake clock that, once armed, sets `read` at its next reading (after taking it)."""
+
+  def __init__(self):
+    super().__init__()
+    self.read = threading.Event()
+    self.armed = False
+
+  def __call__(self):
+    t = self.t
+    if self.armed:
+      self.read.set()
+    return t
+
+
+def test_waiting_for_a_background_compile_counts_as_compile():
+  clock = ArmedClock()
+  with timing.Phases(("attribute", "compile", "curve"), clock=clock) as phases:
+    phases.start("curve")
+    clock.t += 1.0
+
+    def compiling():  # the thread's own compile events are not counted, its wait is
+      with timing.in_background():
+        jax.monitoring.record_event_duration_secs(BACKEND, 9.0)
+      clock.read.wait()  # until the caller has started waiting
+      clock.t += 2.5  # the caller waits 2.5 s for it
+
+    thread = threading.Thread(target=compiling)
+    thread.start()
+    clock.armed = True
+    phases.wait_for_compile(thread)
+    clock.armed = False
+    assert not thread.is_alive()
+    phases.wait_for_compile(None)  # nothing started ahead: nothing to wait for
+    clock.t += 0.5
+  s = phases.snapshot()
+  assert s == pytest.approx({"attribute": 0.0, "compile": 2.5, "curve": 1.5, "total": 4.0})
+  assert phases.compile_by_kind == pytest.approx({"trace": 0.0, "lower": 0.0, "backend": 0.0,
+                                                  "wait": 2.5})
