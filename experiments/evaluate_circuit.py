@@ -21,6 +21,13 @@ weights than the recorded hash is refused unless `--force`. Reports:
 * with `--compare`, the edge and node IoU with a second circuit (the same `--top_n` re-selection is
   applied to it).
 
+A position- or span-level graph.json (`find_circuit --level=position [--schema=...]`) is evaluated
+at its level (`jaxinterp.evaluation.position_report`): the circuit as stored or re-selected with
+`--top_n` from the positions.npz / spans.npz beside it, the curve at the sizes and ranking its meta
+records (`curve_sizes`, `absolute`: with find_circuit's `--batch_size`, its faithfulness.csv rows),
+CPR/CMD over its position (span) edges, and circuit.png/html for position graphs; `--protocol=mib`
+and its options are refused there, and `--compare` takes a graph of the same level (edge IoU).
+
 A task check (clean and corrupted metric, rows the model gets right, top-1 accuracy) runs first,
 with the graph's --filter. Writes `evaluation.json`, `faithfulness.csv`, `faithfulness.png`,
 `circuit.png` and `circuit.html` under `--out` (default: `evaluation/` beside --graph, never the
@@ -52,7 +59,8 @@ cli.define("integer", "n_examples", M["n_examples"], "Examples to evaluate on." 
 cli.define("integer", "batch_size", D["batch_size"], "Examples per batch.")
 cli.define("string", "intervention", M["intervention"],
            f"How edges outside the circuit are ablated: one of {', '.join(INTERVENTIONS)}." + META)
-cli.define("integer", "top_n", None, "Re-select the top-n edges by |score| instead of in_graph.")
+cli.define("integer", "top_n", None, "Re-select the top-n edges by |score| instead of in_graph "
+           "(position and span graphs: ranked as their meta's `absolute`).")
 cli.define("string", "compare", None,
            "A second graph.json to compare circuits with (edge/node IoU).")
 cli.define("string", "out", None, "Output directory (default: evaluation/ beside --graph).")

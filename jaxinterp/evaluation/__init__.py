@@ -11,6 +11,8 @@ Modules:
   and `--filter=correct`;
 - `report`: `evaluate_circuit(config, out)`, the pipeline of `experiments/evaluate_circuit.py`
   (a saved circuit's faithfulness, curve, MIB's CPR/CMD, IoU against another circuit, its files).
+- `position_report`: the same for a saved position- or span-level circuit (`evaluate_circuit`
+  reads `find_circuit --level=position [--schema]`'s graph.json).
 """
 
 from jaxinterp.evaluation import circuit_forward, faithfulness, levels

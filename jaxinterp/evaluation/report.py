@@ -13,6 +13,8 @@ settings is refused unless `overwrite`; the same evaluation, finished, is left u
 `evaluate` holds the numbers: the circuit's faithfulness `(m(C) - m(empty)) / (m(full) - m(empty))`
 (`circuits.normalized_faithfulness`), the |score| curve (`faithfulness.faithfulness_curve`), MIB's
 CPR and CMD (`faithfulness.mib_scores`), and the edge and node IoU with a second circuit.
+A position- or span-level graph.json (find_circuit `--level=position`) is evaluated at its level by
+`position_report` (its numbers equal find_circuit's for the same circuit and batch size).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from jaxinterp import circuits as G
 from jaxinterp import tasks
 from jaxinterp.attribution import INTERVENTIONS, AttributionError, make_ablation
 from jaxinterp.evaluation import faithfulness, task_check
+from jaxinterp.evaluation import position_report as PR
 from jaxinterp.models import Model
 from jaxinterp.runtime import files, inputs
 from jaxinterp.viz import plots, viewer
@@ -200,6 +203,10 @@ def evaluate_circuit(config: EvaluateConfig, out: str | None = None, *,
   inputs.input_file("compare", config.compare)
   name = os.path.basename(config.graph)
   meta = inputs.read_meta(config.graph)
+  level = PR.graph_level(config.graph)  # a position- or span-level graph: `position_report`
+  PR.check_flags(level, protocol=config.protocol, mib_level=config.mib_level,
+                 log_scale=config.log_scale, mib_absolute=config.mib_absolute,
+                 compare_level=PR.graph_level(config.compare) if config.compare else None)
   run = _settings(config, meta, name)
   out = out or default_out(config.graph)
   record = run_record(config)
@@ -209,8 +216,9 @@ def evaluate_circuit(config: EvaluateConfig, out: str | None = None, *,
       with open(os.path.join(out, "evaluation.json")) as f:
         return json.load(f)
     model = inputs.load_model(run["model"], tokenizer=config.tokenizer)
-    graph = _load_graph(config.graph, model.cfg, "--graph")
-    compare = _load_graph(config.compare, model.cfg, "--compare") if config.compare else None
+    load = _load_graph if level == "edge" else PR.load
+    graph = load(config.graph, model.cfg, "--graph")
+    compare = load(config.compare, model.cfg, "--compare") if config.compare else None
     inputs.check_model_hash(model, run["model"], meta, name, config.force)
     dataset = inputs.load_dataset(model, run["model"], run["task"], run["data"], run["n_examples"],
                                   run["prepend_bos"], run["seed"], run["skip_bad_rows"],
@@ -223,6 +231,9 @@ def evaluate_circuit(config: EvaluateConfig, out: str | None = None, *,
                   f"has --data={run['data']} changed since?")
     dataset = dataclasses.replace(dataset, task=tasks.with_metric(dataset.task, run["metric"]))
     intervention = run["intervention"]
+    if level != "edge":
+      return _evaluate_positions(config, graph, compare, model, dataset, run, meta, checked,
+                                 held, out)
     try:
       summary, curve, circuit = evaluate(model, graph, dataset, intervention=intervention,
                                          batch_size=batch_size, top_n=top_n, compare=compare)
@@ -251,4 +262,32 @@ def evaluate_circuit(config: EvaluateConfig, out: str | None = None, *,
       files.atomic_write_csv(os.path.join(out, "faithfulness.csv"), curve.rows())
       files.atomic_write_json(os.path.join(out, "evaluation.json"), summary)
   _print(summary, name, config.compare, out)
+  return summary
+
+
+def _evaluate_positions(config: EvaluateConfig, saved: PR.SavedCircuit,
+                        compare: PR.SavedCircuit | None, model: Model, dataset: tasks.Dataset,
+                        run: dict, meta: dict, checked: dict, held: files.RunDir,
+                        out: str) -> dict:
+  """`evaluate_circuit` for a position- or span-level graph (`position_report`): the curve's
+  sizes and ranking are those the circuit was found with (its meta's `curve_sizes`, `absolute`)."""
+  name = os.path.basename(config.graph)
+  absolute = meta.get("absolute", True)
+  summary, curve, circuit = PR.evaluate(
+      model, saved, dataset, intervention=run["intervention"], batch_size=config.batch_size,
+      absolute=absolute if isinstance(absolute, bool) else True,
+      curve_sizes=str(meta.get("curve_sizes", "counts")), top_n=config.top_n,
+      prepend_bos=run["prepend_bos"], compare=compare)
+  task_check.warn_empty(checked, summary["metric_full"], summary["metric_empty"],
+                        dataset.task.higher_is_better)
+  summary["task_check"] = checked
+  summary["graph"] = os.path.abspath(config.graph)
+  summary["settings"] = {k: run[k] for k in META_DEFAULTS}
+  if config.compare:
+    summary["compare"]["graph"] = os.path.abspath(config.compare)
+  method = meta.get("method", "unknown method")
+  title = f"{method}: {name}, {summary['task']}, {saved.level} level ({summary['selection']})"
+  with held.writing(PR.OUTPUTS[saved.level]):
+    PR.write_outputs(out, saved, config.graph, summary, curve, circuit, dataset, title=title)
+  PR.print_summary(summary, name, config.compare, out)
   return summary
