@@ -71,10 +71,16 @@ def train_transcoders() -> None:
   _run("train_transcoders")
 
 
+def explain_attention() -> None:
+  """`jaxinterp-explain-attention`: experiments/explain_attention.py."""
+  _run("explain_attention")
+
+
 SCRIPTS = {"jaxinterp-find-circuit": find_circuit, "jaxinterp-evaluate-circuit": evaluate_circuit,
            "jaxinterp-activation-patching": activation_patching,
            "jaxinterp-convert-checkpoint": convert_checkpoint, "jaxinterp-train-das": train_das,
            "jaxinterp-train-toy-model": train_toy_model, "jaxinterp-ground-truth": ground_truth,
            "jaxinterp-view": view, "jaxinterp-compare-circuits": compare_circuits,
            "jaxinterp-attribution-graph": attribution_graph,
-           "jaxinterp-train-transcoders": train_transcoders}
+           "jaxinterp-train-transcoders": train_transcoders,
+           "jaxinterp-explain-attention": explain_attention}

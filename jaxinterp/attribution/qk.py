@@ -386,3 +386,41 @@ def rank_key_senders(tables: Sequence[QKTable], k: int = 10,
          if include_constant or n not in CONSTANT_KEY_TERMS]
   return sorted(out, key=lambda r: -r[2])[:k]
 
+
+
+def check_line(t: QKTable, what: str = "the table") -> str:
+  """One line stating whether the table sums to the score: both, and their difference."""
+  diff = float(t.table.sum()) - t.score
+  ok = "ok" if abs(diff) <= 1e-4 * max(1.0, abs(t.score)) else "MISMATCH"
+  return (f"check: {what} ({len(t.query_names)} x {len(t.key_names)} terms) sums to "
+          f"{t.table.sum():+.6f}, the score is {t.score:+.6f}: difference {diff:+.1e} ({ok})")
+
+
+def report(t: QKTable, k: int = 10) -> str:
+  """The top-k entries, each side's top-k totals (summed over the other side) and the bias terms
+  (`b_*`, `ln1.b`) of both sides, one per line or section."""
+  lines = [f"top {k} entries (query term x key term):"]
+  lines += [f"  {q:<16} x {kt:<16} {x:+.4f}" for q, kt, x in t.top(k)]
+  totals = {"query": t.query_totals(), "key": t.key_totals()}
+  for side, tot in totals.items():
+    lines.append(f"{side} terms (summed over the other side): " + ", ".join(
+        f"{n} {x:+.4f}" for n, x in sorted(tot.items(), key=lambda a: -abs(a[1]))[:k]))
+  bias = [f"{n} ({side}) {x:+.4f}" for side, tot in totals.items() for n, x in tot.items()
+          if n.startswith("b_") or n == "ln1.b"]
+  return "\n".join(lines + ["bias terms: " + (", ".join(bias) or "none")])
+
+
+def top_grid(t: QKTable, k: int = 10) -> tuple[np.ndarray, list[str], list[str]]:
+  """The table reduced to each side's k terms of most total |entry| (in the table's order), the
+  side's other nonzero terms summed in one last "other (n)" row or column; terms that are 0
+  throughout are left out, so the grid still sums to the score. (values [rows, cols], row names,
+  column names)."""
+  sides = []
+  for axis in (1, 0):
+    mass = np.abs(t.table).sum(axis)
+    order = [i for i in np.argsort(-mass, kind="stable").tolist() if mass[i] > 0]
+    sides.append([[i] for i in sorted(order[:k])] + ([order[k:]] if order[k:] else []))
+  values = np.array([[t.table[np.ix_(a, b)].sum() for b in sides[1]] for a in sides[0]])
+  names = [[ns[g[0]] if len(g) == 1 else f"other ({len(g)})" for g in groups]
+           for ns, groups in ((t.query_names, sides[0]), (t.key_names, sides[1]))]
+  return values.reshape(len(sides[0]), len(sides[1])), names[0], names[1]
