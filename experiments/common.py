@@ -49,8 +49,8 @@ cli.define("integer", "distributed_timeout", distributed.DEFAULT_TIMEOUT,
            "Multi-process runs: seconds a process waits for the coordinator or for the other "
            "processes at a collective before it ends with one line (a process died or hangs). It "
            "must exceed the time of one batch, compilation included.")
-SKIP_BAD_ROWS_HELP = ("Leave out --data rows that cannot be used (prompts of unequal token "
-                      "lengths, bad labels) and report them, instead of stopping at them.")
+SKIP_BAD_ROWS_HELP = ("Leave out --data rows that cannot be used (empty prompts, bad labels) and "
+                      "report them, instead of stopping at them.")
 
 def mib_split() -> str:
   """`--mib_split`: the split read from a local copy of an MIB dataset."""

@@ -36,11 +36,11 @@ Sweeps (`SWEEPS`), each a grid `[n_layers, ...]`:
 
 Positions: batches are built with `Dataset.batches(batch_size, bucket=None)`, so every batch has the
 dataset's full width P and a position sweep has P columns. Rows are aligned at their positions
-(position p is token p of every prompt, BOS included, as the clean and corrupted prompts of a row
-have equal lengths). For a row shorter than P, patching a position past its last real token cannot
-change its metric (attention is causal and the metric is read at the last real token), so such cells
-measure only the longer rows. Use prompts of one length (e.g. a template task) for clean
-per-position maps.
+(position p is token p of every prompt, BOS included; a corrupted prompt of another length was
+fitted to its clean one when the data loaded, as EAP-IG and MIB align them). For a row shorter
+than P, patching a position past its last real token cannot change its metric (attention is
+causal and the metric is read at the last real token), so such cells measure only the longer
+rows. Use prompts of one length (e.g. a template task) for clean per-position maps.
 
 `activation_patching(PatchingConfig(...), out)` is `experiments/activation_patching.py`'s pipeline:
 it loads the model and data, runs the sweeps and writes their heatmaps and arrays.

@@ -4,8 +4,9 @@ position-level scores aggregated into span-level edges.
 A `Schema` is an ordered tuple of span names; each row of a dataset gives every name a token range
 [start, end) of its prompt, explicitly or through the schema's `locate` function of the row's
 tokens (and labels). Rows may differ in structure (the IO name before or after the subject, a
-repeated block of another length); clean and corrupted share each row's spans, so they must have
-equal lengths (prompts of unequal clean/corrupted lengths are not handled here).
+repeated block of another length); clean and corrupted share each row's spans, located in the clean
+prompt: positions are aligned by index, so a corrupted prompt of another token length (fitted to the
+clean length, `tasks.Dataset.fitted`, as EAP-IG runs it) is patched position by position too.
 
 Span-level edges extend the position names: `a0.h3@after_first_A->a1.h0<k>@last`. A non-crossing
 edge joins a sender and a receiver at the same position of one span (`a0.h3@s2->m1@s2`); a crossing
@@ -351,7 +352,7 @@ def ioi_schema(bos: bool = True, io_label: str = "correct", s_label: str = "inco
   first name), `io`, `and` (between the two first names, less `s1+1`: empty when S1 comes
   first), `s1`, `s1+1`, `middle` (after the first clause's names, up to S2), `s2`, `action`
   (after S2, up to the end), `end` (the last token, where the answer is read). Spans come from
-  the clean prompt and hold for the corrupted one (equal lengths).
+  the clean prompt and hold for the corrupted one (aligned by index).
   """
   return Schema(("bos", "prefix", "io", "and", "s1", "s1+1", "middle", "s2", "action", "end"),
                 _locate_ioi(bos, io_label, s_label))

@@ -249,17 +249,21 @@ def load_dataset(model: models.Model, model_name: str, task: str, data: str | No
     raise InputError(f"--model={model_name} has no tokenizer.json; it cannot read text CSVs "
                      f"(give one with --tokenizer=PATH: a tokenizer.json, or a directory holding "
                      f"one)")
+  # the pad token filling corrupted prompts shorter than their clean ones (TransformerLens's)
+  pad = tasks.pad_token_id_of(model.tokenizer, bos_id(model), config_dir=model.path)
   try:
     if tasks.is_mib_source(data):  # a local copy of MIB's data (a directory, JSON(L) or parquet)
       dataset = tasks.load_mib_task(task, data, model.tokenizer, n_examples=n_examples,
                                     split=mib_split, prepend_bos=prepend_bos,
                                     bos_id=bos_id(model) if prepend_bos else None,
-                                    vocab_size=model.cfg.d_vocab, skip_bad_rows=skip_bad_rows)
+                                    vocab_size=model.cfg.d_vocab, skip_bad_rows=skip_bad_rows,
+                                    pad_token_id=pad)
     else:
       dataset = tasks.load_task(task, data, model.tokenizer, n_examples=n_examples,
                                 prepend_bos=prepend_bos,
                                 bos_id=bos_id(model) if prepend_bos else None,
-                                vocab_size=model.cfg.d_vocab, skip_bad_rows=skip_bad_rows)
+                                vocab_size=model.cfg.d_vocab, skip_bad_rows=skip_bad_rows,
+                                pad_token_id=pad)
   except tasks.TaskError as e:
     raise InputError(str(e).replace("skip_bad_rows=True (--skip_bad_rows)",
                                     "--skip_bad_rows")) from None
@@ -270,6 +274,8 @@ def load_dataset(model: models.Model, model_name: str, task: str, data: str | No
     warn(f"--skip_bad_rows: left out {dataset.skipped_summary}" + (f"; {short}" if short else ""))
   elif short:
     warn(short)
+  if dataset.fitted:  # unequal token lengths load with EAP-IG/MIB semantics: say so once
+    print(f"note: {' '.join(dataset.fitted_summary.split())}", file=sys.stderr, flush=True)
   warn_rare_answers(model, dataset, data)
   return dataset
 

@@ -39,8 +39,10 @@ example):
 
 Tokenisation follows TransformerLens as the EAP-IG reference uses it: each prompt is encoded without
 special tokens, BOS is prepended (GPT-2's `<|endoftext|>` = 50256), prompts are right padded, and
-every metric is read at each example's last real token. Clean and corrupted prompts of a row must
-tokenise to the same length (their positions are aligned for patching).
+every metric is read at each example's last real token. Clean and corrupted prompts are aligned by
+index and share the clean attention mask; a corrupted prompt of another token length is fitted to
+the clean length as EAP-IG and MIB run it (filled with the pad token, or cut after the clean
+prompt's last token: `Dataset.fitted`).
 
 Every bad input raises `TaskError` (a `ValueError`) with the file, row and column at fault; an
 unknown task lists the known ones, and a CSV whose columns fit another task says which.
@@ -52,7 +54,7 @@ Modules, each importing only those listed before it: `data` (`Batch`, `Task`, `D
 `make_greater_than`, `make_induction`).
 """
 
-from jaxinterp.tasks.csv_io import from_rows, load_task, write_csv
+from jaxinterp.tasks.csv_io import from_rows, load_task, pad_token_id_of, write_csv
 from jaxinterp.tasks.data import Batch, Dataset, Task, TaskError
 from jaxinterp.tasks.generate import (
   greater_than_rows,
@@ -76,6 +78,7 @@ from jaxinterp.tasks.tokenization import find_bos_id, sva_verb_ids, sva_verb_set
 __all__ = [
     "METRICS", "MIB_TASKS", "Batch", "Dataset", "Task", "TaskError", "TaskSpec", "find_bos_id",
     "from_rows", "get_task", "greater_than_rows", "ioi_rows", "is_mib_source", "load_mib_task",
-    "load_task", "make_greater_than", "make_induction", "make_ioi", "metric_names", "sva_verb_ids",
-    "sva_verb_sets", "task_names", "task_spec", "with_metric", "write_csv", "year_token_ids",
+    "load_task", "make_greater_than", "make_induction", "make_ioi", "metric_names",
+    "pad_token_id_of", "sva_verb_ids", "sva_verb_sets", "task_names", "task_spec", "with_metric",
+    "write_csv", "year_token_ids",
 ]

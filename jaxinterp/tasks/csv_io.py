@@ -35,22 +35,114 @@ _EXTRA = "\x00extra"  # a file row's fields beyond the header (a key no header c
 
 
 def _check_prompts(ctx: _Ctx, r: _Row, c: list[int], k: list[int]) -> None:
-  """Raise `_RowError` if the row's tokenised prompts cannot be patched."""
+  """Raise `_RowError` if the row's tokenised prompts cannot be patched (unequal lengths can: see
+  `_fit`)."""
   if not c or not k:
     col = "clean" if not c else "corrupted"
     raise ctx.error(r, col, "an empty prompt", "the prompt is empty (no tokens)")
-  if len(c) != len(k):
-    raise ctx.error(
-        r, None, "clean and corrupted prompts of different token lengths",
-        f"clean and corrupted prompts tokenise to different lengths ({len(c)} vs {len(k)} tokens); "
-        f"patching needs aligned positions. clean={_cell(ctx, r, 'clean')[:80]!r} "
-        f"corrupted={_cell(ctx, r, 'corrupted')[:80]!r}")
   if ctx.vocab_size is not None:
     for col, ids in (("clean", c), ("corrupted", k)):
       if max(ids) >= ctx.vocab_size or min(ids) < 0:
         bad = max(ids) if max(ids) >= ctx.vocab_size else min(ids)
         raise ctx.error(r, col, OUT_OF_VOCAB,
                         f"token id {bad} is outside the vocabulary (size {ctx.vocab_size})")
+
+
+_PAD_TOKENS = ("<pad>", "[PAD]", "<|pad|>")
+_EOS_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
+
+
+def _special_token(config_dir: str, key: str) -> str | None:
+  """The `key` token (`pad_token`, `eos_token`) that transformers' tokenizer files beside a
+  tokenizer.json name: tokenizer_config.json first, then special_tokens_map.json."""
+  for name in ("tokenizer_config.json", "special_tokens_map.json"):
+    try:
+      with open(os.path.join(config_dir, name), encoding="utf-8") as f:
+        v = json.load(f).get(key)
+    except (OSError, ValueError, AttributeError):
+      continue
+    v = v.get("content") if isinstance(v, dict) else v
+    if isinstance(v, str):
+      return v
+  return None
+
+
+def pad_token_id_of(tokenizer, bos_id: int | None = None, config_dir=None) -> int:
+  """The pad token TransformerLens right pads with, so the fill of a corrupted prompt shorter than
+  its clean one (`Dataset.fill_id`): the tokenizer's pad token, else its EOS (TransformerLens sets
+  pad = EOS when a tokenizer has none: 50256 for GPT-2, `<|end_of_text|>` for Llama 3), else BOS.
+
+  A transformers tokenizer says these ids itself. For a `tokenizers.Tokenizer`, the pad (else EOS)
+  token named by the `tokenizer_config.json` / `special_tokens_map.json` in `config_dir` (the
+  model's directory: what transformers' AutoTokenizer reads); else its padding setting; else a
+  well-known pad token (`<pad>`: Gemma); else a well-known EOS token (`<|endoftext|>`: GPT-2,
+  Pythia, Qwen; `<|end_of_text|>`; `</s>`: Llama 2, Mistral); else `bos_id` (or the tokenizer's
+  BOS); else 0.
+  """
+  for attr in ("pad_token_id", "eos_token_id"):  # a transformers tokenizer
+    v = getattr(tokenizer, attr, None)
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+      return int(v)
+  has_vocab = hasattr(tokenizer, "token_to_id")
+  if config_dir is not None and has_vocab and os.path.isdir(os.fspath(config_dir)):
+    for key in ("pad_token", "eos_token"):
+      token = _special_token(os.fspath(config_dir), key)
+      i = tokenizer.token_to_id(token) if token is not None else None
+      if i is not None:
+        return int(i)
+  padding = getattr(tokenizer, "padding", None)
+  if isinstance(padding, dict) and isinstance(padding.get("pad_id"), int):
+    return int(padding["pad_id"])
+  if has_vocab:
+    for token in _PAD_TOKENS + _EOS_TOKENS:
+      i = tokenizer.token_to_id(token)
+      if i is not None:
+        return int(i)
+  if bos_id is None:
+    bos_id = find_bos_id(tokenizer)
+  return int(bos_id) if bos_id is not None else 0
+
+
+def _fit(ctx: _Ctx, good: list, off: int, clean: np.ndarray, corrupted: np.ndarray,
+         pad_token_id: int | None, bos_id: int | None, config_dir: str | None
+         ) -> tuple[int, str, int | None]:
+  """Write each row's corrupted prompt into `corrupted` aligned with its clean one by index, as
+  EAP-IG runs a pair of unequal token lengths: a shorter one filled up to the clean length with
+  the pad token (attended: the clean attention mask says real), a longer one cut after the clean
+  prompt's last token (exact under causal attention). Returns (rows fitted, one line, fill id)."""
+  short = [j for j, (_, c, k) in enumerate(good) if len(k) < len(c)]
+  long = [j for j, (_, c, k) in enumerate(good) if len(k) > len(c)]
+  fill = None
+  if short:
+    fill = (pad_token_id if pad_token_id is not None
+            else pad_token_id_of(ctx.tokenizer, bos_id, config_dir))
+    if fill < 0 or (ctx.vocab_size is not None and fill >= ctx.vocab_size):
+      raise TaskError(f"{ctx.source}: the pad token id {fill} (which fills corrupted prompts "
+                      f"shorter than their clean ones) is outside the vocabulary (size "
+                      f"{ctx.vocab_size}); pass pad_token_id=")
+  for j, (_, c, k) in enumerate(good):
+    k = k[:len(c)]
+    corrupted[j, off:off + len(k)] = k
+    if len(k) < len(c):
+      corrupted[j, off + len(k):off + len(c)] = fill
+  n = len(short) + len(long)
+  if not n:
+    return 0, "", None
+
+  def where(js):  # rows named as `_summary` names them
+    what = ("line" if good[js[0]][0].line else "row") + ("s" if len(js) > 1 else "")
+    lines = [str(good[j][0].line or good[j][0].index) for j in js[:LISTED]]
+    more = f" and {len(js) - LISTED} more" if len(js) > LISTED else ""
+    return f"{what} {', '.join(lines)}{more}"
+
+  parts = []
+  if short:
+    parts.append(f"{len(short)} shorter filled with the pad token {fill} ({where(short)})")
+  if long:
+    parts.append(f"{len(long)} longer cut after the clean prompt's last token ({where(long)})")
+  return n, (f"{ctx.source}: {n} of {len(good)} rows: corrupted prompt fitted to the clean "
+             f"length (EAP-IG/MIB semantics: positions aligned by index, the clean attention "
+             f"mask): {'; '.join(parts)}"), fill
 
 
 def _summary(source: str, bad: list[tuple[_Row, _RowError]], n_rows: int, n_all: int) -> str:
@@ -92,7 +184,7 @@ def _check_fields(ctx: _Ctx, r: _Row, header: Sequence[str]) -> None:
 def _build(name: str, rows: list[_Row], header: Sequence[str], tokenizer, *, source: str,
            prepend_bos: bool, bos_id: int | None, vocab_size: int | None,
            n_examples: int | None = None, skip_bad_rows: bool = False,
-           sva_verbs=None) -> Dataset:
+           sva_verbs=None, pad_token_id: int | None = None) -> Dataset:
   task = get_task(name)
   name = task_spec(name).name
   required, _, build_labels = _SPECS[name]
@@ -108,6 +200,10 @@ def _build(name: str, rows: list[_Row], header: Sequence[str], tokenizer, *, sou
     rows = rows[:n_examples]  # rows after the first n_examples are never read
   if not rows:
     raise TaskError(f"{source}: no data rows")
+  config_dir = None  # a tokenizer given by path: its transformers files name the pad token
+  if isinstance(tokenizer, (str, os.PathLike)):
+    config_dir = os.fspath(tokenizer)
+    config_dir = config_dir if os.path.isdir(config_dir) else os.path.dirname(config_dir)
   tokenizer = as_tokenizer(tokenizer)
   if vocab_size is None:
     vocab_size = vocab_size_of(tokenizer)
@@ -173,15 +269,17 @@ def _build(name: str, rows: list[_Row], header: Sequence[str], tokenizer, *, sou
   clean = np.full((n, width), pad_id, np.int32)
   corrupted = np.full((n, width), pad_id, np.int32)
   off = 1 if bos_id is not None else 0
-  for j, (_, c, k) in enumerate(good):
+  for j, (_, c, _) in enumerate(good):
     if off:
       clean[j, 0] = corrupted[j, 0] = bos_id
     clean[j, off:off + len(c)] = c
-    corrupted[j, off:off + len(k)] = k
+  n_fitted, fitted, fill = _fit(ctx, good, off, clean, corrupted, pad_token_id, bos_id,
+                                config_dir)
   return Dataset(task=task, clean=clean, corrupted=corrupted, lengths=np.asarray(lengths, np.int32),
                  labels=labels, pad_id=int(pad_id), bos_id=bos_id, source=source,
                  skipped=tuple(str(e) for _, e in bad), skipped_summary=summary,
-                 has_corrupted=has_corrupted)
+                 has_corrupted=has_corrupted, fitted=n_fitted, fitted_summary=fitted,
+                 fill_id=fill)
 
 
 def _read_csv(csv_path) -> tuple[list[str], list[_Row]]:
@@ -220,8 +318,14 @@ def _read_csv(csv_path) -> tuple[list[str], list[_Row]]:
 def load_task(name: str, csv_path, tokenizer, *, n_examples: int | None = None,
               prepend_bos: bool = True, bos_id: int | None = None,
               vocab_size: int | None = None, skip_bad_rows: bool = False,
-              sva_verbs=None) -> Dataset:
+              sva_verbs=None, pad_token_id: int | None = None) -> Dataset:
   """Load a task CSV (EAP-IG format) and tokenise it.
+
+  Clean and corrupted prompts may tokenise to different lengths: as EAP-IG and MIB run such a pair
+  (positions aligned by index, the clean attention mask, the metric at the clean prompt's last
+  token), a shorter corrupted prompt is filled up to the clean length with the pad token, a longer
+  one cut after the clean prompt's last token; the dataset counts them (`fitted`,
+  `fitted_summary`).
 
   Args:
     name: a registered task (see the module docstring for each task's columns).
@@ -233,13 +337,15 @@ def load_task(name: str, csv_path, tokenizer, *, n_examples: int | None = None,
       well-known BOS token in its vocabulary (`<|endoftext|>` = 50256 for GPT-2).
     vocab_size: the model's vocabulary size; every prompt and label id must be below it. Defaults to
       the tokenizer's vocabulary size.
-    skip_bad_rows: leave out rows that cannot be used (unequal token lengths, bad labels, ...)
-    instead
-      of raising; they are listed in the dataset's `skipped` and `skipped_summary`, and
-      `n_examples` counts usable rows.
+    skip_bad_rows: leave out rows that cannot be used (empty prompts, bad labels, ...) instead of
+      raising; they are listed in the dataset's `skipped` and `skipped_summary`, and `n_examples`
+      counts usable rows.
     sva_verbs: for `sva` without `singular_idx`/`plural_idx` columns, the paper's verb list
       (`tokenization.sva_verb_sets`); by default `combined_verb_list.csv` beside the CSV (the
       paper's layout, `data/sva/`), else the built-in verb pairs (`sva_verb_ids`).
+    pad_token_id: the pad token filling corrupted prompts shorter than their clean ones; default
+      `pad_token_id_of(tokenizer)` (the tokenizer's pad token, else EOS, as TransformerLens; a
+      tokenizer given by path reads them from the transformers files beside it).
 
   Returns:
     A `Dataset` of int32 arrays, right padded, with `lengths` counting BOS.
@@ -253,12 +359,13 @@ def load_task(name: str, csv_path, tokenizer, *, n_examples: int | None = None,
   header, rows = _read_csv(csv_path)
   return _build(name, rows, header, tokenizer, source=os.fspath(csv_path), prepend_bos=prepend_bos,
                 bos_id=bos_id, vocab_size=vocab_size, n_examples=n_examples,
-                skip_bad_rows=skip_bad_rows, sva_verbs=sva_verbs)
+                skip_bad_rows=skip_bad_rows, sva_verbs=sva_verbs, pad_token_id=pad_token_id)
 
 
 def from_rows(name: str, rows: Sequence[dict[str, Any]], tokenizer, *, prepend_bos: bool = True,
               bos_id: int | None = None, vocab_size: int | None = None,
-              source: str = "<rows>", skip_bad_rows: bool = False, sva_verbs=None) -> Dataset:
+              source: str = "<rows>", skip_bad_rows: bool = False, sva_verbs=None,
+              pad_token_id: int | None = None) -> Dataset:
   """Like `load_task`, from in-memory rows (dicts with the CSV's columns; ids may be ints or lists).
   """
   get_task(name)
@@ -267,7 +374,7 @@ def from_rows(name: str, rows: Sequence[dict[str, Any]], tokenizer, *, prepend_b
   wrapped = [_Row(i, 0, {k: v for k, v in r.items()}) for i, r in enumerate(rows)]
   return _build(name, wrapped, header, tokenizer, source=source, prepend_bos=prepend_bos,
                 bos_id=bos_id, vocab_size=vocab_size, skip_bad_rows=skip_bad_rows,
-                sva_verbs=sva_verbs)
+                sva_verbs=sva_verbs, pad_token_id=pad_token_id)
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path) -> None:

@@ -27,8 +27,11 @@ class Batch:
 
   Attributes:
     clean: Int[Array, "batch pos"] clean prompt ids, right padded.
-    corrupted: Int[Array, "batch pos"] corrupted prompt ids (same lengths as clean).
-    mask: Bool[Array, "batch pos"] True at real tokens (clean and corrupted share it).
+    corrupted: Int[Array, "batch pos"] corrupted prompt ids, aligned with clean by index: a row
+      whose corrupted prompt tokenises to another length holds it fitted to the clean length
+      (`Dataset.fitted`).
+    mask: Bool[Array, "batch pos"] True at the clean prompt's real tokens (clean and corrupted
+      share it, as EAP-IG runs the corrupted tokens with the clean attention mask).
     last: Int[Array, "batch"] index of the token whose logits the metric reads: each example's last
       real token, unless the dataset sets `read_at`.
     labels: dict str -> Array, task-specific answer ids, leading axis batch.
@@ -76,10 +79,18 @@ class Task:
 class Dataset:
   """Tokenised prompt pairs of one task (host numpy arrays).
 
+  Clean and corrupted prompts are aligned by index and share `lengths` (the clean prompt's): as
+  EAP-IG and MIB run them (each side tokenised alone and right padded with the tokenizer's pad
+  token, the corrupted tokens run with the clean attention mask, the metric read at the clean
+  prompt's last token), a corrupted prompt shorter than its clean one is filled up to the clean
+  length with the pad token `fill_id` (those positions are attended), and one longer is cut after
+  the clean prompt's last token (causal attention: what comes later never reaches the metric).
+
   Attributes:
     task: the `Task` whose metric these labels feed.
     clean, corrupted: int32 [N, P] token ids, right padded with `pad_id`, P = the longest example.
-    lengths: int32 [N] real lengths, BOS included.
+    lengths: int32 [N] real lengths, BOS included (the clean prompt's; the corrupted prompt shares
+      them, fitted when it tokenises to another length).
     labels: str -> np.ndarray with leading axis N (see the `jaxinterp.tasks` table for each task's
     keys). pad_id: the id used for padding (only ever seen at masked positions).
     bos_id: the BOS id prepended to every prompt, or None if none was.
@@ -92,6 +103,11 @@ class Dataset:
     has_corrupted: False when the data has no corrupted prompts (a CSV without a `corrupted`
       column): `corrupted` then repeats `clean`, and methods that need a corrupted run (patching,
       EAP-IG-inputs) refuse the dataset (`attribution.attribute` says so).
+    fitted: how many of the loaded rows have a corrupted prompt of another token length than the
+      clean one, fitted to the clean length (see above); 0 for equal lengths.
+    fitted_summary: those rows in one line (for the loading summary), empty if none.
+    fill_id: the pad token filling the shorter corrupted prompts (the tokenizer's pad token, else
+      its EOS, as TransformerLens pads), None when no row needed it.
   """
 
   task: Task
@@ -106,6 +122,9 @@ class Dataset:
   skipped_summary: str = ""
   read_at: np.ndarray | None = None
   has_corrupted: bool = True
+  fitted: int = 0
+  fitted_summary: str = ""
+  fill_id: int | None = None
 
   def __len__(self) -> int:
     return int(self.clean.shape[0])

@@ -19,6 +19,9 @@ one incorrect answer token, scored by `logit_diff`, after MIB's filter:
   labels are one token, the counterfactual exists, `operator` is `+` / `-`.
 
 Answers are the first token of each text, without special tokens, as MIB's `tokenizer(...)[0]`.
+Clean and corrupted prompts of different token lengths load as MIB runs them (its filter keeps
+them; EAP-IG's attribution and evaluation align positions by index under the clean attention
+mask): the corrupted prompt is fitted to the clean length (`load_task`, `Dataset.fitted`).
 """
 
 from __future__ import annotations
@@ -164,7 +167,8 @@ def mib_rows(task: str, rows: Iterable[dict[str, Any]], tokenizer,
 def load_mib_task(task: str, source, tokenizer, *, split: str = "train",
                   n_examples: int | None = None, counterfactual: str | None = None,
                   prepend_bos: bool = True, bos_id: int | None = None,
-                  vocab_size: int | None = None, skip_bad_rows: bool = False) -> Dataset:
+                  vocab_size: int | None = None, skip_bad_rows: bool = False,
+                  pad_token_id: int | None = None) -> Dataset:
   """Load an MIB task from a local copy of its dataset, as MIB's `HFEAPDataset` reads it.
 
   Args:
@@ -174,7 +178,8 @@ def load_mib_task(task: str, source, tokenizer, *, split: str = "train",
     split: which split's files to read from a directory.
     n_examples: the first `n_examples` rows after MIB's filter (its `head(n)`).
     counterfactual: the counterfactual column (MIB's `counterfactual_type`); default as MIB's.
-    prepend_bos, bos_id, vocab_size, skip_bad_rows: as `load_task`.
+    prepend_bos, bos_id, vocab_size, skip_bad_rows, pad_token_id: as `load_task` (a corrupted
+      prompt of another token length than its clean one is fitted to the clean length).
 
   Returns:
     A `Dataset` of the task (`correct` / `incorrect` labels, `logit_diff` by default).
@@ -187,4 +192,4 @@ def load_mib_task(task: str, source, tokenizer, *, split: str = "train",
     raise TaskError(f"{os.fspath(source)}: no row of the MIB task {task!r} passes MIB's filter")
   return from_rows(task, rows, tokenizer, prepend_bos=prepend_bos, bos_id=bos_id,
                    vocab_size=vocab_size, source=f"{os.fspath(source)} ({split})",
-                   skip_bad_rows=skip_bad_rows)
+                   skip_bad_rows=skip_bad_rows, pad_token_id=pad_token_id)

@@ -256,12 +256,12 @@ def test_bad_rows_rare_answers_kv_heads_and_token_labels(tmp_path, capsys):
   csv.write_text("clean,corrupted,correct_idx,incorrect_idx\n"
                  f"{ok.format('Tom')},{ok.format('Sue')},1066,380\n"
                  f"{ok.format('Sue')},{ok.format('Tom')},380,1066\n"
-                 f"{ok.format('Tom')},Tom and Sue went to the park. Sue,1066,380\n")
+                 f"{ok.format('Tom')},,1066,380\n")
   config = patching.PatchingConfig(model=TINYSTORIES, task="logit-diff", data=str(csv),
                                    n_examples=4, batch_size=4)
   with pytest.raises(inputs.InputError) as bad:
     patching.activation_patching(config, str(tmp_path / "bad"))
-  for needle in ("names.csv", "1 of 3 rows", "line 4", "different token lengths",
+  for needle in ("names.csv", "1 of 3 rows", "line 4", "an empty prompt",
                  "--skip_bad_rows"):
     assert needle in str(bad.value)
   assert not (tmp_path / "bad").exists()
@@ -333,14 +333,14 @@ def test_csv_names_every_bad_row_and_skips_them_on_request(tmp_path):
       ["<unk>", "<bos>", "a", "b", "c", "d"])}, unk_token="<unk>"))
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
   rows = ["clean,corrupted,correct_idx,incorrect_idx"] + ["a b,c d,2,3"] * 3
-  rows += ["a b c,d,2,3"] * 25 + ["a b,c d,x,3"]
+  rows += ["a b c,,2,3"] * 25 + ["a b,c d,x,3"]
   path = tmp_path / "t.csv"
   path.write_text("\n".join(rows) + "\n")
   with pytest.raises(tasks.TaskError) as e:
     tasks.load_task("ioi", path, tok, bos_id=1)
   msg = str(e.value)
   assert "\n" not in msg and "26 of 29 rows cannot be used" in msg
-  assert "25 with clean and corrupted prompts of different token lengths (lines 5, 6," in msg
+  assert "25 with an empty prompt (lines 5, 6," in msg
   assert "and 5 more" in msg and "1 with a malformed label (line 30)" in msg
   d = tasks.load_task("ioi", path, tok, bos_id=1, skip_bad_rows=True, n_examples=2)
   assert len(d) == 2 and not d.skipped  # the first two rows are good: nothing read is skipped

@@ -313,12 +313,13 @@ def test_error_missing_columns(tmp_path, wtok):
     tasks.load_task("gender-bias", p, wtok)
 
 
-def test_error_unequal_lengths_names_the_row(tmp_path, wtok):
+def test_unequal_lengths_load_fitted_to_the_clean_length(tmp_path, wtok):
   p = write(tmp_path, ["clean", "corrupted", "correct_idx", "incorrect_idx"],
             [["the cat", "the dog", 2, 3], ["the cat", "the dog", 2, 3],
              ["the big cat", "the dog", 2, 3]])
-  with pytest.raises(TaskError, match=r"First, line 4: .*different lengths \(3 vs 2"):
-    tasks.load_task("ioi", p, wtok)
+  ds = tasks.load_task("ioi", p, wtok)  # (tests/tasks/test_unequal_lengths.py: the semantics)
+  assert ds.fitted == 1 and "1 of 3 rows: corrupted prompt fitted" in ds.fitted_summary
+  np.testing.assert_array_equal(ds.corrupted[2], [1, W("the"), W("dog"), 1])  # fill: no pad, BOS
 
 
 def test_error_ids_outside_vocab(tmp_path, wtok):
@@ -355,7 +356,7 @@ def test_error_unquoted_comma_is_a_field_count_mismatch(tmp_path, wtok):
 
 
 def test_rows_are_numbered_one_way_and_counts_agree(tmp_path, wtok):
-  good, bad = ["the cat", "the dog", 2, 3], ["the big cat", "the dog", 2, 3]
+  good, bad = ["the cat", "the dog", 2, 3], ["the big cat", "", 2, 3]
   p = write(tmp_path, ["clean", "corrupted", "correct_idx", "incorrect_idx"],
             [good, bad, good, bad, good, good, good, bad])  # lines 2..9: bad at 3, 5, 9
   with pytest.raises(TaskError) as e:
@@ -366,13 +367,13 @@ def test_rows_are_numbered_one_way_and_counts_agree(tmp_path, wtok):
   assert len(ds) == 4  # lines 2, 4, 6, 7: the skipped rows are the two the error names
   assert "2 of the first 6 (of 8) rows cannot be used" in ds.skipped_summary
   assert "(lines 3, 5)" in ds.skipped_summary and len(ds.skipped) == 2
-  assert all(re.search(r": line \d+: ", m) for m in ds.skipped)  # the summary's numbering
+  assert all(re.search(r": line \d+, ", m) for m in ds.skipped)  # the summary's numbering
   every = tasks.load_task("ioi", p, wtok, skip_bad_rows=True)
   assert "3 of 8 rows cannot be used" in every.skipped_summary and "lines 3, 5, 9" in \
       every.skipped_summary
   rows = [dict(zip(["clean", "corrupted", "correct_idx", "incorrect_idx"], r, strict=True))
           for r in (good, bad)]
-  with pytest.raises(TaskError, match=r"1 of 2 rows cannot be used: .*\(row 1\)\. First, row 1: "):
+  with pytest.raises(TaskError, match=r"1 of 2 rows cannot be used: .*\(row 1\)\. First, row 1, "):
     tasks.from_rows("ioi", rows, wtok)
 
 
