@@ -6,9 +6,12 @@
 - `flags`: the method options' command-line flags, generated from the registered methods' options
   dataclasses (`attribution.METHODS`) and optimal ablation's;
 - `pipeline`: `find_circuit(config, out) -> summary`: load, attribute (resumable), select,
-  evaluate, write.
+  evaluate, write (edge, node and neuron levels; it hands the others on);
+- `positions`: the --level=position run, and the faithfulness curve's files, `meta` and report
+  that the span level shares;
+- `spans`: the --schema run: span edges, their circuit and curve.
 
-Imports run one way: `config`, `flags` <- `pipeline`.
+Imports run one way: `config`, `flags` <- `positions` <- `spans` <- `pipeline`.
 """
 
 from jaxinterp.discovery import config, flags, pipeline

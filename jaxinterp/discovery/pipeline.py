@@ -6,7 +6,9 @@ check that the model does the task (`evaluation.task_check`: the clean and corru
 fraction of rows it gets right, top-1 accuracy; `filter="correct"` keeps the right rows only),
 learn optimal-ablation constants if asked, attribute with resumable checkpoints
 (`attribution.Checkpointer` under `out/.resume`), select the circuit, compute its faithfulness
-curve and write the outputs (and an MIB submission), printing a short report.
+curve and write the outputs (and an MIB submission), printing a short report. This module runs the
+edge, node and neuron levels; a --level=position run goes to `discovery.positions`, and with
+--schema to `discovery.spans`.
 
 Bad input is an `inputs.InputError` with one line naming the flag (the config field) at fault.
 `out` is a run directory (`files.RunDir` with this run's `RunRecord`): a directory holding another
@@ -20,6 +22,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 
@@ -30,16 +33,14 @@ from jaxinterp import attribution as A
 from jaxinterp import circuits as G
 from jaxinterp import models, tasks
 from jaxinterp.attribution import bootstrap, optimal
-from jaxinterp.attribution import positions as attr_positions
 from jaxinterp.circuits import convention
-from jaxinterp.circuits import positions as circuit_positions
+from jaxinterp.discovery import positions
 from jaxinterp.discovery import spans as span_level
 from jaxinterp.discovery.config import TOP_N, FindCircuitConfig, record
 from jaxinterp.evaluation import faithfulness as V
 from jaxinterp.evaluation import levels, task_check
-from jaxinterp.evaluation import position_circuits as PC
 from jaxinterp.runtime import compilation_cache, files, inputs, sharding, timing
-from jaxinterp.viz import plots, position_plot, position_viewer, viewer
+from jaxinterp.viz import plots, viewer
 
 BINARY = "find_circuit"  # the run record's binary
 HEADLINE = ("method", "task", "model", "n_examples")  # the settings naming a run in messages
@@ -47,9 +48,6 @@ RESUME_DIR = ".resume"
 OUTPUTS = ("graph.json", "scores.npz", "faithfulness.csv", "circuit.png", "faithfulness.png",
            "circuit.html")
 OPTIMAL_DIR = "optimal_ablation"
-MAX_DRAWN_POSITION_EDGES = 40  # circuit.png at --level=position draws at most these
-POSITION_OUTPUTS = ("graph.json", "positions.npz", "circuit.png", "faithfulness.csv",
-                    "faithfulness.png", "circuit.html")  # --level=position
 PHASES = ("load", "compile", "attribute", "curve", "write")  # the order they are reported in
 # Checks of settings whose messages predate the generated flags: (name, minimum) of integers ...
 AT_LEAST = (("n_examples", 1), ("batch_size", 1), ("ig_steps", 1), ("top_n", 0),
@@ -90,7 +88,8 @@ def check(config: FindCircuitConfig) -> A.Options:
   if config.fsdp and not config.mesh:
     raise inputs.InputError("--fsdp shards the weights over a --mesh's DATA axis; give --mesh")
   if options.level == "position" or config.schema or config.span_aggregation:
-    _check_positions(config, options.level)
+    span_level.check(config, options.level)
+    positions.check(config)
   if config.selection != "top_n" and options.level != "edge":
     raise inputs.InputError(f"--selection={config.selection} selects edges; use --level=edge")
   if config.filter not in task_check.FILTERS:
@@ -134,6 +133,18 @@ def _hold(out: str, run: files.RunRecord, overwrite: bool) -> Iterator[files.Run
     raise inputs.InputError(str(e)) from None
 
 
+def _kernel_ahead(config: FindCircuitConfig, options: A.Options, model: models.Model,
+                  dataset: tasks.Dataset) -> threading.Thread | None:
+  """Start compiling the attribution kernel (`attribution.compile_ahead`) so that it compiles while
+  the task check runs; None where it cannot know the batches yet (`--filter` drops rows), for
+  other levels, or on a mesh (whose batches are sharded)."""
+  if options.level != "edge" or config.mesh is not None or config.filter != "none":
+    return None
+  data = dataclasses.replace(dataset, task=tasks.with_metric(dataset.task, config.metric))
+  return A.compile_ahead(model.cfg, model.params, data, config.method, options,
+                         intervention=config.intervention, batch_size=config.batch_size)
+
+
 def _run(config: FindCircuitConfig, options: A.Options, held: files.RunDir,
          phases: timing.Phases, overwrite: bool) -> dict:
   t0 = time.time()
@@ -145,24 +156,32 @@ def _run(config: FindCircuitConfig, options: A.Options, held: files.RunDir,
   dataset = inputs.load_dataset(model, config.model, config.task, config.data, config.n_examples,
                                 config.prepend_bos, config.seed, skip_bad_rows=config.skip_bad_rows,
                                 mib_split=config.mib_split)
-  dataset, checked = task_check.check_and_filter(model.cfg, model.params, dataset, config.filter,
-                                                 batch_size=config.batch_size)
-  dataset = dataclasses.replace(dataset, task=tasks.with_metric(dataset.task, config.metric))
-  mhash, dhash = inputs.model_hash(model), inputs.dataset_hash(dataset)
-  if options.level == "position":
-    return _run_positions(config, options, held, phases, model, dataset, checked, t0)
-  n_batches = -(-len(dataset) // config.batch_size)
-  ckpt = None
-  if method.checkpoints_always or n_batches > config.checkpoint_batches:
-    ckpt = A.Checkpointer(os.path.join(out, RESUME_DIR),
-                          dict(record(config), model_hash=mhash, data_hash=dhash))
-  if ckpt and overwrite:
-    ckpt.clear()  # --overwrite starts over
-  resume = ckpt.load() if ckpt else None
-  if resume is not None:
-    print(f"resuming from checkpoint: batch {resume.next_batch} of {n_batches}")
-  params, batch_fn = _mesh(config, model)
+  kernel_ahead = _kernel_ahead(config, options, model, dataset)  # compiles during the task check
+  try:
+    dataset, checked = task_check.check_and_filter(model.cfg, model.params, dataset,
+                                                   config.filter, batch_size=config.batch_size)
+    dataset = dataclasses.replace(dataset, task=tasks.with_metric(dataset.task, config.metric))
+    mhash, dhash = inputs.model_hash(model), inputs.dataset_hash(dataset)
+    if options.level == "position":  # positions.npz and its circuit, or --schema's span circuit
+      run = span_level.run if config.schema else positions.run
+      return run(config, options, held, phases, model, dataset, checked, t0)
+    n_batches = -(-len(dataset) // config.batch_size)
+    ckpt = None
+    if method.checkpoints_always or n_batches > config.checkpoint_batches:
+      ckpt = A.Checkpointer(os.path.join(out, RESUME_DIR),
+                            dict(record(config), model_hash=mhash, data_hash=dhash))
+    if ckpt and overwrite:
+      ckpt.clear()  # --overwrite starts over
+    resume = ckpt.load() if ckpt else None
+    if resume is not None:
+      print(f"resuming from checkpoint: batch {resume.next_batch} of {n_batches}")
+    params, batch_fn = _mesh(config, model)
+  except BaseException:
+    if kernel_ahead is not None:  # never exit while XLA compiles in that thread: it aborts
+      kernel_ahead.join()
+    raise
   phases.start("attribute")
+  phases.wait_for_compile(kernel_ahead)  # any wait left is compile time
   level = options.level
   # The curve's circuit forward compiles in a thread meanwhile (off the critical path).
   ahead = (V.compile_ahead(model.cfg, model.params, dataset, intervention=config.intervention,
@@ -181,8 +200,7 @@ def _run(config: FindCircuitConfig, options: A.Options, held: files.RunDir,
   t_attr = time.time() - t0
 
   phases.start("curve")
-  if ahead is not None:
-    ahead.join()
+  phases.wait_for_compile(ahead)
   conv = method.score_convention(dataset.task)
   g = G.Graph.from_config(model.cfg, result.scores if level == "edge" else None, conv)
   n_total = levels.n_scored(result.scores, level, model.cfg)
@@ -289,96 +307,6 @@ def _run(config: FindCircuitConfig, options: A.Options, held: files.RunDir,
   print(f"wrote {out}/{', '.join(outputs)} ({summary['seconds']:.1f} s)")
   print(f"phases: {phases.line()}")
   return summary
-
-
-def _check_positions(config: FindCircuitConfig, level: str) -> None:
-  """InputError (one line) for a setting --level=position (or --schema) cannot take."""
-  span_level.check(config, level)
-  if config.method not in attr_positions.METHODS:
-    raise inputs.InputError(f"--level=position works with --method="
-                            f"{', '.join(attr_positions.METHODS)}, not {config.method}")
-  for name, why in (("mesh", "shards edge-level attribution"),
-                    ("bootstrap", "resamples edge, node or neuron scores")):
-    if getattr(config, name):
-      raise inputs.InputError(f"--{name} {why}; --level=position runs without it")
-  if config.intervention == "optimal":
-    raise inputs.InputError("--intervention=optimal works with --level=edge, node or neuron, "
-                            "not position")
-
-
-def _run_positions(config: FindCircuitConfig, options: A.Options, held: files.RunDir,
-                   phases: timing.Phases, model: models.Model, dataset: tasks.Dataset,
-                   checked: dict, t0: float) -> dict:
-  """--level=position: positions.npz, graph.json, circuit.png/html, faithfulness; `schema`: spans"""
-  out = held.path
-  method = A.get_method(config.method)
-  try:  # a model the position circuit forward cannot take, before any work
-    PC.check(model.cfg, config.intervention)
-  except A.AttributionError as e:
-    raise inputs.InputError(f"--level=position: {e}") from None
-  if config.schema:
-    return span_level.run(config, options, held, phases, model, dataset, checked, t0)
-  phases.start("attribute")
-  kernel_options = {k: v for k, v in method.option_values(options).items() if k != "level"}
-  result = attr_positions.attribute_positions(
-      model.cfg, model.params, dataset, config.method, intervention=config.intervention,
-      batch_size=config.batch_size, **kernel_options)
-  t_attr = time.time() - t0
-  scores = result.scores
-  n_total = scores.n_edges
-  n_sel = min(TOP_N if config.top_n is None else config.top_n, n_total)
-  chosen = scores.select(n_sel, absolute=config.absolute)
-  phases.start("curve")
-  sizes = V.curve_sizes(config.curve_sizes, n_total, [n_sel])
-  curve = PC.faithfulness_curve(model.cfg, model.params, dataset, scores, n_edges=sizes,
-                                absolute=config.absolute, intervention=config.intervention,
-                                batch_size=config.batch_size)
-  faith = float(curve.faithfulness[sizes.index(n_sel)])
-  task_check.warn_empty(checked, curve.m_full, curve.m_empty, dataset.task.higher_is_better)
-  meta = {"jaxinterp_version": jaxinterp.__version__, **record(config),
-          **method.option_values(options),
-          "model_path": os.path.abspath(inputs.resolve_model_path(config.model)),
-          "model_hash": inputs.model_hash(model),
-          "data_path": os.path.abspath(config.data) if config.data else None,
-          "data_hash": inputs.dataset_hash(dataset), "n_examples": len(dataset),
-          "n_pos": scores.n_pos, "n_position_edges": n_total, "top_n": n_sel,
-          "clean_metric": result.clean_metric, "faithfulness": faith, "m_full": curve.m_full,
-          "m_empty": curve.m_empty, "task_check": checked, convention.KEY: convention.LOSS}
-  phases.start("write")
-  with held.writing(POSITION_OUTPUTS):
-    circuit_positions.to_npz(scores, os.path.join(out, "positions.npz"))
-    files.atomic_write_csv(os.path.join(out, "faithfulness.csv"), curve.rows())
-    plots.plot_faithfulness(
-        curve, os.path.join(out, "faithfulness.png"),
-        title=f"{config.method} on {config.task}, position level",
-        label="circuit (top-n position edges)", xlabel="circuit size n: top-n position edges by "
-        f"{'|score|' if config.absolute else 'signed importance'} (no pruning)")
-    meta.update(phase_seconds=phases.snapshot(), compile_seconds=phases.compile_by_kind)
-    circuit_positions.to_json(scores, os.path.join(out, "graph.json"), edges=chosen, meta=meta)
-    row = [str(int(t)) for t in np.asarray(next(dataset.batches(1)).clean)[0, :scores.n_pos]]
-    position_plot.plot_position_circuit(  # row 0's token ids label the columns
-        scores, chosen[:MAX_DRAWN_POSITION_EDGES], os.path.join(out, "circuit.png"),
-        tokens=row + [""] * (scores.n_pos - len(row)),
-        title=f"{config.method} on {config.task}, position level (columns: row 0's token ids)")
-    position_viewer.write_html(os.path.join(out, "graph.json"), os.path.join(out, "circuit.html"),
-                               tokens=row)  # the interactive circuit.png
-  phases.stop()
-  top = scores.names(chosen[:10])
-  conv = scores.convention
-  print(f"\n{config.method} ({config.intervention}) on {config.task}, {len(dataset)} examples, "
-        f"model {config.model}: {n_total} position edges over {scores.n_pos} positions")
-  print(f"clean metric {curve.m_full:.4f}, empty circuit {curve.m_empty:.4f}")
-  print(f"top position edges (score: {convention.DISPLAYED}):")
-  for name, s in top:
-    print(f"  {name:36s} {convention.displayed(s, conv):+.4f}")
-  print(f"circuit: top {n_sel} position edges; faithfulness {faith:.3f}")
-  print(f"wrote {out}/{', '.join(POSITION_OUTPUTS)} ({time.time() - t0:.1f} s)")
-  print(f"phases: {phases.line()}")
-  return {"top_edges": top, "faithfulness": faith, "n_edges": n_sel, "level": "position",
-          "n_edges_kept": len(chosen), "n_position_edges": n_total, "n_pos": scores.n_pos,
-          "clean_metric": result.clean_metric, "m_full": curve.m_full, "m_empty": curve.m_empty,
-          "seconds": time.time() - t0, "attribution_seconds": t_attr, "out": out,
-          "phase_seconds": phases.snapshot(), "task_check": checked}
 
 
 def _optimal_settings(config: FindCircuitConfig, ablation: A.Ablation | None) -> dict:

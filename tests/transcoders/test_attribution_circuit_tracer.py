@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +18,7 @@ import pytest
 
 from jaxinterp import models
 from jaxinterp import transcoders as T
-from tests.transcoders.test_circuit_tracer import PYTHON, _have_circuit_tracer
+from tests.transcoders import ct_venv
 
 DRIVER = os.path.join(os.path.dirname(__file__), "attribution_driver.py")
 VOCAB = 64
@@ -46,8 +45,8 @@ CASES = {  # name: (transcoders, settings)
 }
 F = 48
 
-pytestmark = pytest.mark.skipif(not _have_circuit_tracer(),
-                                reason=f"circuit-tracer is not installed at {PYTHON}")
+pytestmark = pytest.mark.skipif(not ct_venv.have_circuit_tracer(),
+                                reason=f"circuit-tracer is not installed at {ct_venv.PYTHON}")
 
 
 def _transcoders(rng, d: int, L: int, jump: bool, skip: bool, hook: str) -> T.PerLayerTranscoders:
@@ -75,13 +74,7 @@ def ct(tmp_path_factory):
            for name, (tc, kw) in CASES.items()}
   with open(base / "cases.json", "w") as fh:
     json.dump({"models": MODELS, "cases": cases}, fh)
-  env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1",
-         "TRANSFORMERS_OFFLINE": "1"}
-  r = subprocess.run([PYTHON, DRIVER, str(base)], capture_output=True, text=True, env=env,
-                     timeout=900)
-  assert r.returncode == 0, r.stderr[-3000:]
-  with np.load(base / "ct" / "graphs.npz") as z:
-    ref = {k: z[k] for k in z.files}
+  ref = ct_venv.run_driver(DRIVER, base, "graphs.npz")
   return base, tcs, ref
 
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +29,7 @@ import pytest
 from jaxinterp import models
 from jaxinterp import transcoders as T
 from jaxinterp.models.transformer import forward, unembedding
+from tests.transcoders import ct_venv
 from tests.transcoders.test_attribution_circuit_tracer import (
   DRIVER,
   MODELS,
@@ -39,7 +38,6 @@ from tests.transcoders.test_attribution_circuit_tracer import (
   _compare,
   _transcoders,
 )
-from tests.transcoders.test_circuit_tracer import PYTHON, _have_circuit_tracer
 
 GEMMA = dict(kind="gemma2", d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_mlp=48,
              vocab=MODELS["gpt2"]["vocab"], n_ctx=32, seed=2, scale=0.15,
@@ -69,8 +67,8 @@ CASES = {  # name: (transcoders, settings, driver options)
 }
 
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not _have_circuit_tracer(),
-                                 reason=f"circuit-tracer is not installed at {PYTHON}")]
+              pytest.mark.skipif(not ct_venv.have_circuit_tracer(),
+                                 reason=f"circuit-tracer is not installed at {ct_venv.PYTHON}")]
 
 
 def _clt(rng, d: int, L: int, jump: bool, hook: str) -> T.CrossLayerTranscoder:
@@ -100,13 +98,7 @@ def ct(tmp_path_factory):
            for name, (tc, kw, opt) in CASES.items()}
   with open(base / "cases.json", "w") as fh:
     json.dump({"models": SPECS, "cases": cases}, fh)
-  env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1",
-         "TRANSFORMERS_OFFLINE": "1"}
-  r = subprocess.run([PYTHON, DRIVER, str(base)], capture_output=True, text=True, env=env,
-                     timeout=900)
-  assert r.returncode == 0, r.stderr[-3000:]
-  with np.load(base / "ct" / "graphs.npz") as z:
-    ref = {k: z[k] for k in z.files}
+  ref = ct_venv.run_driver(DRIVER, base, "graphs.npz")
   return base, ref
 
 

@@ -3,7 +3,8 @@ subprocess): pruning, graph scores, partial influences, graph.json, logit target
 written by either side and read by the other.
 
 The interpreter is $JAXINTERP_CIRCUIT_TRACER_PYTHON, by default ../ct-venv/bin/python next to the
-repository; the tests skip when it (or circuit-tracer in it) is absent.
+repository (tests/transcoders/ct_venv.py); the tests skip when it (or circuit-tracer in it) is
+absent.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import subprocess
 
 import jax.numpy as jnp
 import numpy as np
@@ -19,11 +19,9 @@ import pytest
 import yaml
 
 from jaxinterp import transcoders as T
+from tests.transcoders import ct_venv
 from tests.transcoders.graphs import random_graph
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-PYTHON = os.environ.get("JAXINTERP_CIRCUIT_TRACER_PYTHON",
-                        str(ROOT.parent / "ct-venv" / "bin" / "python"))
 DRIVER = pathlib.Path(__file__).with_name("circuit_tracer_driver.py")
 L, POS, D, F, VOCAB = 2, 5, 8, 16, 50
 GRAPHS = {  # name: (random_graph arguments, (node_threshold, edge_threshold))
@@ -35,15 +33,8 @@ GRAPHS = {  # name: (random_graph arguments, (node_threshold, edge_threshold))
 TARGET_SETTINGS = [(10, 0.95), (3, 0.95), (10, 0.5), (10, 1.0)]
 
 
-def _have_circuit_tracer() -> bool:
-  if not os.path.exists(PYTHON):
-    return False
-  r = subprocess.run([PYTHON, "-c", "import circuit_tracer"], capture_output=True)
-  return r.returncode == 0
-
-
-pytestmark = pytest.mark.skipif(not _have_circuit_tracer(),
-                                reason=f"circuit-tracer is not installed at {PYTHON}")
+pytestmark = pytest.mark.skipif(not ct_venv.have_circuit_tracer(),
+                                reason=f"circuit-tracer is not installed at {ct_venv.PYTHON}")
 
 
 def _plt(rng, jump: bool, skip: bool) -> T.PerLayerTranscoders:
@@ -100,12 +91,7 @@ def ct(tmp_path_factory):
   inputs["plt_names"] = json.dumps(list(ours["plt"]))
   inputs["clt_names"] = json.dumps(list(ours["clt"]))
   np.savez(base / "inputs.npz", **inputs)
-  env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
-  r = subprocess.run([PYTHON, str(DRIVER), str(base)], capture_output=True, text=True, env=env,
-                     timeout=600)
-  assert r.returncode == 0, r.stderr[-3000:]
-  with np.load(base / "ct" / "outputs.npz") as z:
-    ref = {k: z[k] for k in z.files}
+  ref = ct_venv.run_driver(DRIVER, base, "outputs.npz", timeout=600)
   return base, ours, ref, inputs
 
 

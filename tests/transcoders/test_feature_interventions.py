@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +17,8 @@ import pytest
 from jaxinterp import models
 from jaxinterp import transcoders as T
 from jaxinterp.transcoders import interventions as FI
+from tests.transcoders import ct_venv
 from tests.transcoders.test_attribution_circuit_tracer import MODELS, _transcoders
-from tests.transcoders.test_circuit_tracer import PYTHON, _have_circuit_tracer
 
 D, L, F = 16, 2, 24
 TOKENS = np.array([0, 5, 7, 9, 11, 3, 7])
@@ -287,8 +286,8 @@ def _ours_interventions(spec):
 @pytest.fixture(scope="module")
 def ct(tmp_path_factory):
   """Write the transcoders and cases, run the driver once; return (dir, transcoders, outputs)."""
-  if not _have_circuit_tracer():
-    pytest.skip(f"circuit-tracer is not installed at {PYTHON}")
+  if not ct_venv.have_circuit_tracer():
+    pytest.skip(f"circuit-tracer is not installed at {ct_venv.PYTHON}")
   base = tmp_path_factory.mktemp("interventions")
   rng = np.random.default_rng(0)
   tcs = {}
@@ -310,13 +309,7 @@ def ct(tmp_path_factory):
                    "apply_activation_function": apply_fn, "max_new_tokens": n_new}
   with open(base / "cases.json", "w") as fh:
     json.dump({"models": MODELS, "cases": cases}, fh)
-  env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1",
-         "TRANSFORMERS_OFFLINE": "1"}
-  r = subprocess.run([PYTHON, DRIVER, str(base)], capture_output=True, text=True, env=env,
-                     timeout=900)
-  assert r.returncode == 0, r.stderr[-3000:]
-  with np.load(base / "ct" / "out.npz") as z:
-    ref = {k: z[k] for k in z.files}
+  ref = ct_venv.run_driver(DRIVER, base, "out.npz")
   return base, tcs, ref
 
 

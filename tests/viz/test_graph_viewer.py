@@ -9,7 +9,6 @@ from __future__ import annotations
 import html.parser
 import io
 import json
-import os
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ import pytest
 from jaxinterp.transcoders import frontend
 from jaxinterp.viz import graph_viewer
 from tests.transcoders.graphs import random_graph
-from tests.viz.test_viewer import browser  # noqa: F401  (the shared headless-Chromium fixture)
+from tests.viz.browser import open_page
 
 
 @pytest.fixture(scope="module")
@@ -89,17 +88,9 @@ def page(tmp_path_factory, graph_obj):
   return path
 
 
-def _open(driver, path):
-  driver.get_log("browser")
-  driver.get("file://" + os.path.abspath(path))
-  assert driver.execute_script("return document.body.dataset.ready") == "1"
-  errors = [m for m in driver.get_log("browser") if m["level"] in ("SEVERE", "WARNING")]
-  assert not errors, errors
-
-
-def test_browser_draws_every_node_and_link(browser, page, graph_obj):  # noqa: F811
+def test_browser_draws_every_node_and_link(browser, page, graph_obj):
   d = browser
-  _open(d, page)
+  open_page(d, page)
   n_nodes, n_links, n_hits, inside = d.execute_script(
       "const s = document.getElementById('graph').viewBox.baseVal;"
       "const nodes = [...document.querySelectorAll('#nodes .node')];"
@@ -118,11 +109,11 @@ def test_browser_draws_every_node_and_link(browser, page, graph_obj):  # noqa: F
   assert dist.min() >= 12
 
 
-def test_browser_hover_and_click_show_the_node(browser, page, graph_obj):  # noqa: F811
+def test_browser_hover_and_click_show_the_node(browser, page, graph_obj):
   from selenium.webdriver.common.action_chains import ActionChains
   from selenium.webdriver.common.by import By
   d = browser
-  _open(d, page)
+  open_page(d, page)
   nodes = graph_obj["nodes"]
   i = next(k for k, n in enumerate(nodes) if n["feature_type"] == "cross layer transcoder")
   g = d.find_element(By.CSS_SELECTOR, f'#nodes .node[data-node="{i}"]')
@@ -145,10 +136,10 @@ def test_browser_hover_and_click_show_the_node(browser, page, graph_obj):  # noq
   assert len(d.find_elements(By.CSS_SELECTOR, "#links path.hl")) == len(want_in) + len(want_out)
 
 
-def test_browser_screenshot_shows_the_graph(browser, page):  # noqa: F811
+def test_browser_screenshot_shows_the_graph(browser, page):
   import matplotlib.pyplot as plt
   d = browser
-  _open(d, page)
+  open_page(d, page)
   img = plt.imread(io.BytesIO(d.get_screenshot_as_png()), format="png")[..., :3]
   blue, red = np.array([0x1f, 0x5f, 0xb4]) / 255, np.array([0xc4, 0x30, 0x2b]) / 255
   yellow = np.array([0xf2, 0xc1, 0x4e]) / 255  # feature nodes

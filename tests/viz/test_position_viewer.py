@@ -1,6 +1,6 @@
 """The position-level circuit viewer (`jaxinterp.viz.position_viewer`): the page is written, is
 self-contained and ships graph.json's edges exactly; `experiments.view` draws a position graph.json;
-in headless Chromium (the shared fixture of test_viewer.py; skipped without chromium) every edge is
+in headless Chromium (the shared fixture of tests/viz/conftest.py; skipped without it) every edge is
 drawn between the right position columns, hovering an edge shows its name and score and clicking a
 node lists its in- and out-edges."""
 
@@ -16,9 +16,9 @@ import pytest
 from jaxinterp.circuits import positions as cpos
 from jaxinterp.runtime import inputs
 from jaxinterp.viz import page, plots, position_viewer
+from tests.viz.browser import open_page
 from tests.viz.test_graph_viewer import _Parser
 from tests.viz.test_position_plot import _scores
-from tests.viz.test_viewer import browser  # noqa: F401  (the shared headless-Chromium fixture)
 
 N_EDGES = 24
 
@@ -116,17 +116,9 @@ def html_page(tmp_path_factory, graph_path):
   return path
 
 
-def _open(driver, path):
-  driver.get_log("browser")
-  driver.get("file://" + os.path.abspath(path))
-  assert driver.execute_script("return document.body.dataset.ready") == "1"
-  errors = [m for m in driver.get_log("browser") if m["level"] in ("SEVERE", "WARNING")]
-  assert not errors, errors
-
-
-def test_browser_draws_every_edge_between_columns(browser, html_page, graph_obj):  # noqa: F811
+def test_browser_draws_every_edge_between_columns(browser, html_page, graph_obj):
   d = browser
-  _open(d, html_page)
+  open_page(d, html_page)
   drawn = d.execute_script(
       "return [...document.querySelectorAll('#links path')].map(p => {"
       " const l = p.getTotalLength(), a = p.getPointAtLength(0), b = p.getPointAtLength(l);"
@@ -151,11 +143,11 @@ def test_browser_draws_every_edge_between_columns(browser, html_page, graph_obj)
     assert (column(x0), column(x1)) == (int(ps), int(pr)), names[i]  # key column -> query column
 
 
-def test_browser_hover_and_click(browser, html_page, graph_obj):  # noqa: F811
+def test_browser_hover_and_click(browser, html_page, graph_obj):
   from selenium.webdriver.common.actions.action_builder import ActionBuilder
   from selenium.webdriver.common.by import By
   d = browser
-  _open(d, html_page)
+  open_page(d, html_page)
   names, weights = list(graph_obj["edges"]), list(graph_obj["edges"].values())
   checked = set()
   for i in sorted(range(len(names)), key=lambda k: -abs(weights[k])):  # strongest first
@@ -200,10 +192,10 @@ def test_browser_hover_and_click(browser, html_page, graph_obj):  # noqa: F811
   assert len(d.find_elements(By.CSS_SELECTOR, "#links path.hl")) == len(into) + len(out_of)
 
 
-def test_browser_screenshot_shows_the_circuit(browser, html_page):  # noqa: F811
+def test_browser_screenshot_shows_the_circuit(browser, html_page):
   import matplotlib.pyplot as plt
   d = browser
-  _open(d, html_page)
+  open_page(d, html_page)
   png = d.get_screenshot_as_png()
   if os.environ.get("POSITION_VIEWER_SCREENSHOT"):  # a copy to look at
     with open(os.environ["POSITION_VIEWER_SCREENSHOT"], "wb") as f:
@@ -218,9 +210,9 @@ def test_browser_screenshot_shows_the_circuit(browser, html_page):  # noqa: F811
   assert near("#9ecae1") > 50 and near("#f2c14e") > 50  # head and MLP nodes
 
 
-def test_browser_empty_circuit_loads(browser, tmp_path, graph_obj):  # noqa: F811
+def test_browser_empty_circuit_loads(browser, tmp_path, graph_obj):
   empty = dict(graph_obj, edges={})
   path = position_viewer.write_html(empty, tmp_path / "empty.html")
-  _open(browser, path)  # no script error
+  open_page(browser, path)  # no script error
   assert browser.execute_script("return document.querySelectorAll('#links path').length") == 0
   assert "0 position edges over 0 of 7 positions" in browser.find_element("id", "meta").text

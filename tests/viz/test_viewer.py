@@ -10,7 +10,6 @@ import io
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from jaxinterp.circuits import MIB_PERCENTAGES, Graph, GraphShape, n_edges_at_pe
 from jaxinterp.models import ModelConfig
 from jaxinterp.runtime import inputs
 from jaxinterp.viz import page, viewer
+from tests.viz.browser import open_page
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GPT2_SMALL = ModelConfig(family="gpt2", d_model=768, n_layers=12, n_heads=12, d_head=64, d_mlp=3072,
@@ -280,43 +280,6 @@ def test_view_binary(tmp_path, small_graph):
 # --------------------------------------------------------------------------------- in a browser
 
 
-def _browser_paths():
-  chrome = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))
-                 if p), None)
-  return chrome, shutil.which("chromedriver")
-
-
-@pytest.fixture(scope="module")
-def browser():
-  webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
-  from selenium.webdriver.chrome.service import Service
-  chrome, driver_path = _browser_paths()
-  if not chrome or not driver_path:
-    pytest.skip("no headless browser: install Debian's chromium and chromium-driver")
-  opts = webdriver.ChromeOptions()
-  opts.binary_location = chrome
-  for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-              "--window-size=1400,1000", "--force-device-scale-factor=1", "--hide-scrollbars",
-              "--disable-extensions", "--no-first-run", "--disable-background-networking"):
-    opts.add_argument(arg)
-  opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-  try:
-    driver = webdriver.Chrome(options=opts, service=Service(driver_path))
-  except Exception as e:  # a browser that cannot start here (sandbox, display, version mismatch)
-    pytest.skip(f"chromium did not start: {type(e).__name__}: {str(e).splitlines()[0]}")
-  driver.set_script_timeout(30)
-  yield driver
-  driver.quit()
-
-
-def _open(driver, path):
-  driver.get_log("browser")  # drop earlier pages' messages
-  driver.get("file://" + os.path.abspath(path))
-  assert driver.execute_script("return document.body.dataset.ready") == "1"
-  errors = [m for m in driver.get_log("browser") if m["level"] in ("SEVERE", "WARNING")]
-  assert not errors, errors
-
-
 def _drawn(driver):
   return driver.execute_script(
       "const g = document.getElementById('edges');"
@@ -343,7 +306,7 @@ def test_page_sizes_match_selection(browser, small_page, small_graph):
   from selenium.webdriver.common.by import By
   from selenium.webdriver.common.keys import Keys
   d, g = browser, small_graph
-  _open(d, small_page)
+  open_page(d, small_page)
   n, drawn, count, _ = _drawn(d)
   assert n == 12 and drawn == count == g.top_n(12).count_edges()
   seen = set()
@@ -384,7 +347,7 @@ def test_hover_shows_the_edge_score(browser, small_page, small_graph):
   from selenium.webdriver.common.actions.action_builder import ActionBuilder
   from selenium.webdriver.common.by import By
   d, g = browser, small_graph
-  _open(d, small_page)
+  open_page(d, small_page)
   d.execute_script("circuitViewer.setSize(40)")
   n_paths = d.execute_script("return document.querySelectorAll('#edges path').length")
   checked = 0
@@ -417,7 +380,7 @@ def test_hover_shows_the_edge_score(browser, small_page, small_graph):
 def test_click_node_lists_its_edges(browser, small_page, small_graph):
   from selenium.webdriver.common.by import By
   d, g = browser, small_graph
-  _open(d, small_page)
+  open_page(d, small_page)
   d.execute_script("circuitViewer.setSize(40)")
   c = g.top_n(40)
   node = int(np.argmax(c.in_graph.sum(axis=1)[1:])) + 1  # the busiest sender after the input
@@ -436,7 +399,7 @@ def test_click_node_lists_its_edges(browser, small_page, small_graph):
 def test_screenshot_is_not_blank(browser, small_page, tmp_path):
   import matplotlib.pyplot as plt
   d = browser
-  _open(d, small_page)
+  open_page(d, small_page)
   png = d.get_screenshot_as_png()
   img = plt.imread(io.BytesIO(png), format="png")[..., :3]
   assert img.shape[0] > 500 and img.shape[1] > 1000
@@ -458,7 +421,7 @@ def test_gpt2_small_page_responds_quickly(browser, tmp_path, gpt2_graph):
   viewer.write_html(g, path, title="GPT-2 small, planted scores", n=100)
   t_write = time.perf_counter() - t0
   t0 = time.perf_counter()
-  _open(d, path)
+  open_page(d, path)
   t_load = time.perf_counter() - t0
   timings = {}
   for n in (100, 500, 3249, 10000, g.n_edges, 30):
@@ -494,7 +457,7 @@ def test_edge_case_pages_load(browser, tmp_path):
     rows = None if curve is None else [{"n_edges": 1, "faithfulness": f} for f in curve]
     path = tmp_path / f"case{k}.html"
     viewer.write_html(g, path, curve=rows, n=0)
-    _open(d, path)
+    open_page(d, path)
     for n in (0, 1, g.n_edges // 2, g.n_edges):
       d.execute_script("circuitViewer.setSize(arguments[0])", n)
       assert _drawn(d)[:3] == [n, g.top_n(n).count_edges(), g.top_n(n).count_edges()]
