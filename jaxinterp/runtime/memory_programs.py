@@ -30,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxinterp import patching as PT
 from jaxinterp.attribution import exact as X
 from jaxinterp.attribution import memory_budget as MB
 from jaxinterp.attribution import receiver_grads as RG
@@ -39,6 +38,7 @@ from jaxinterp.evaluation import circuit_forward as CF
 from jaxinterp.models import edges as E
 from jaxinterp.models import transformer as T
 from jaxinterp.models.config import ModelConfig
+from jaxinterp.patching import sweeps as PT
 from jaxinterp.runtime import memory_plan as MP
 from jaxinterp.tasks import get_task
 from jaxinterp.tasks import metrics as task_metrics

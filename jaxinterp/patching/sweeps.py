@@ -1,49 +1,12 @@
-"""Activation-patching sweeps (TransformerLens `patching` style), vectorised with `jax.vmap`.
+"""Activation-patching sweeps, one patched component per cell (see the package's docstring for
+the directions, the normalisation and the positions).
 
-A sweep patches one component at a time, e.g. the residual stream before layer l at position p, with
-its value from the other run, and records the task metric. Every (layer, index) cell of a sweep is
-one patched forward; the cells are evaluated by `jax.vmap` over a one-hot index inside one compiled
-call (in chunks of `chunk` cells to bound memory), never by a Python loop of forwards.
-
-Direction:
-
-* `"noising"` (default): run the *clean* prompt and patch in the *corrupted* run's activation. A
-  cell near 0 means the component carries the clean behaviour (knocking it out destroys it).
-* `"denoising"` (TransformerLens' `get_act_patch_*` default): run the *corrupted* prompt and patch
-  in the *clean* activation. A cell near 1 means the component alone restores the behaviour.
-
-Both are normalised like TransformerLens' patching demos:
-
-    normalized = (m_patched - m_corrupted) / (m_clean - m_corrupted)
-
-where each m is the mean of the task's per-example metric over the dataset (the task's labels are
-the clean answers in both directions). So 1 is the clean model's behaviour and 0 the corrupted
-run's. For example, noising `resid_pre` of layer 0 at every position gives exactly the corrupted run
-(0).
-
-Sweeps (`SWEEPS`), each a grid `[n_layers, ...]`:
-
-| name               | site                           | grid                           |
-|--------------------|--------------------------------|--------------------------------|
-| `resid_pre`        | `blocks.{l}.hook_resid_pre`    | layer x position               |
-| `attn_out`         | `blocks.{l}.hook_attn_out`     | layer x position               |
-| `mlp_out`          | `blocks.{l}.hook_mlp_out`      | layer x position               |
-| `head_out`         | `blocks.{l}.attn.hook_z`       | layer x head (all positions)   |
-| `head_out_by_pos`  | `blocks.{l}.attn.hook_z`       | layer x position x head        |
-| `head_q`           | `blocks.{l}.attn.hook_q`       | layer x head                   |
-| `head_k`, `head_v` | `blocks.{l}.attn.hook_k/v`     | layer x kv head (GQA: fewer)   |
-| `head_pattern`     | `blocks.{l}.attn.hook_pattern` | layer x head                   |
-
-Positions: batches are built with `Dataset.batches(batch_size, bucket=None)`, so every batch has the
-dataset's full width P and a position sweep has P columns. Rows are aligned at their positions
-(position p is token p of every prompt, BOS included; a corrupted prompt of another length was
-fitted to its clean one when the data loaded, as EAP-IG and MIB align them). For a row shorter
-than P, patching a position past its last real token cannot change its metric (attention is
-causal and the metric is read at the last real token), so such cells measure only the longer
-rows. Use prompts of one length (e.g. a template task) for clean per-position maps.
-
-`activation_patching(PatchingConfig(...), out)` is `experiments/activation_patching.py`'s pipeline:
-it loads the model and data, runs the sweeps and writes their heatmaps and arrays.
+`SWEEPS` registers each kind of sweep: a per-layer site and the activation axes that index its
+cells. `run_sweep` evaluates every (layer, index) cell of one sweep as one patched forward: a
+`OneHotPatch` whose mask is a traced one-hot index, swept by `jax.vmap` inside one compiled call
+(`_sweep_chunk`, `chunk` cells at a time), never a Python loop of forwards. `baselines` gives the
+unpatched clean and corrupted metrics that normalise it; `patched_metric` is the plain one-forward
+reference that checks it.
 """
 
 from __future__ import annotations
@@ -51,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 from collections.abc import Sequence
 
 import flax.struct
@@ -63,10 +25,8 @@ from tqdm.auto import tqdm
 from jaxinterp.interventions.basic import Patch, Where
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.transformer import forward
-from jaxinterp.runtime import files, inputs
 from jaxinterp.tasks import Batch, Dataset, Task
 from jaxinterp.tasks.metrics import metric_sum
-from jaxinterp.viz import plots
 
 Array = jax.Array
 
@@ -354,148 +314,3 @@ def patched_metric(cfg: ModelConfig, params, dataset: Dataset, sweep: str | Swee
                      interventions={site: Patch(value, where)})
     total += float(metric_sum(dataset.task, logits, batch, clean_logits)[0])
   return total / len(dataset)
-
-
-# ----------------------------------------------------------------------------------- the pipeline
-
-
-@dataclasses.dataclass(frozen=True)
-class PatchingConfig:
-  """What `activation_patching` sweeps, on which model and data. Fields named as the binary's
-  flags."""
-
-  model: str = "toy"  # 'toy', an HF checkpoint dir or an orbax conversion
-  tokenizer: str | None = None  # a tokenizer.json (or its directory), for a model without one
-  task: str = "induction"
-  data: str | None = None  # task CSV (or MIB copy); optional for induction (generated)
-  n_examples: int = 16  # examples to average over
-  batch_size: int = 16
-  seed: int = 0  # seed of generated data
-  sweeps: str = ",".join(DEFAULT_SWEEPS)  # comma-separated names in `SWEEPS`
-  direction: str = "noising"  # or "denoising"
-  patch_chunk: int = 32  # patched forwards per compiled vmap call
-  skip_bad_rows: bool = False  # leave out unusable --data rows (reported) instead of stopping
-  mib_split: str = "train"  # the split of a local copy of an MIB dataset (`data`)
-
-
-def position_labels(dataset: Dataset, tokenizer=None) -> list[str]:
-  """Position labels: index, plus the first example's token (decoded with `tokenizer` if there is
-  one, else its id) when all prompts share one length."""
-  labels = [str(i) for i in range(dataset.clean.shape[1])]
-  if len(set(dataset.lengths.tolist())) != 1:
-    return labels
-  out = []
-  for i, t in enumerate(dataset.clean[0]):
-    text = str(int(t))
-    if tokenizer is not None:
-      try:
-        decoded = tokenizer.decode([int(t)], skip_special_tokens=False)
-        text = (decoded if decoded.strip() else tokenizer.id_to_token(int(t))) or text
-      except Exception:  # noqa: BLE001 - an undecodable id keeps its number
-        pass
-    out.append(f"{i}:{text[:12]}")
-  return out
-
-
-def neutral(direction: str) -> float:
-  """The normalised value of a cell that has no effect: 1 when noising (the clean run unchanged),
-  0 when denoising (the corrupted run unchanged)."""
-  return 1.0 if direction == "noising" else 0.0
-
-
-def strongest(result: PatchingResult) -> dict | None:
-  """The cell furthest from `neutral` (first on ties): {"cell": {axis: index}, "normalized": its
-  value}, or None when no cell moves the normalised metric by 1e-3. The console and patching.json
-  report this, the .npz and the PNG hold the same `normalized` value."""
-  v = result.normalized
-  idx = np.unravel_index(int(np.argmax(np.abs(v - neutral(result.direction)))), v.shape)
-  if abs(v[idx] - neutral(result.direction)) < 1e-3:
-    return None
-  return {"cell": {lab: int(i) for lab, i in zip(result.axis_labels, idx, strict=True)},
-          "normalized": float(v[idx])}
-
-
-def _print(dataset: Dataset, direction: str, results: dict[str, PatchingResult], out: str) -> None:
-  first = next(iter(results.values()))
-  print(f"{dataset.task.name} on {len(dataset)} examples ({direction}): clean metric "
-        f"{first.m_clean:.4f}, corrupted {first.m_corrupted:.4f}")
-  print(f"cells: normalised metric {plots.NORMALIZED} (1 = clean behaviour, 0 = corrupted; no "
-        f"effect = {neutral(direction):g} when {direction}), as in the PNGs and .npz files")
-  for name, r in results.items():
-    top, shape = strongest(r), str(r.normalized.shape)
-    if top is None:
-      print(f"  {name:16s} {shape:14s} no cell has an effect")
-    else:
-      cell = ", ".join(f"{lab} {i}" for lab, i in top["cell"].items())
-      print(f"  {name:16s} {shape:14s} strongest cell: {cell} -> {top['normalized']:+.3f}")
-  print(f"wrote {len(results)} heatmaps and .npz files to {out}")
-
-
-def run_record(config: PatchingConfig) -> files.RunRecord:
-  """The run's record in `out/run.json`: the config and its data file's digest."""
-  settings = dataclasses.asdict(config)
-  if config.data:
-    settings.update(data=os.path.abspath(config.data), data_sha256=inputs.file_digest(config.data))
-  return files.RunRecord("activation_patching", settings, ("task", "sweeps", "model"))
-
-
-def activation_patching(config: PatchingConfig, out: str, *,
-                        overwrite: bool = False) -> dict[str, PatchingResult]:
-  """Run `config.sweeps` and write `{sweep}.png`, `{sweep}.npz` and `patching.json` (baselines,
-  position labels, the normalisation, each sweep's site, axes, shape and strongest cell) under
-  `out`, then `DONE`; prints a summary (each sweep's strongest cell). The console, the PNGs, the
-  .npz files (`normalized`) and patching.json show one number per cell: `plots.NORMALIZED`. Bad
-  input raises `inputs.InputError`.
-
-  `out` holding another run (other settings, or another binary's) is refused unless `overwrite`;
-  holding this same run, finished, it is left as it is and the result is empty."""
-  sweeps = [s.strip() for s in config.sweeps.split(",") if s.strip()]
-  if not sweeps:
-    raise inputs.InputError("--sweeps is empty")
-  unknown = [s for s in sweeps if s not in SWEEPS]
-  if unknown:
-    raise inputs.InputError(f"unknown sweep(s) {unknown}; choose from {', '.join(SWEEPS)}")
-  direction = config.direction
-  if direction not in DIRECTIONS:
-    raise inputs.InputError(f"--direction={direction}: choose from {', '.join(DIRECTIONS)}")
-  batch_size = inputs.positive("batch_size", config.batch_size)
-  chunk = inputs.positive("patch_chunk", config.patch_chunk)
-  inputs.positive("n_examples", config.n_examples)
-
-  record = run_record(config)
-  with inputs.run_dir(out, record=record, overwrite=overwrite) as held:
-    if held.complete:
-      inputs.already_complete(out, record)
-      return {}
-    model = inputs.load_model(config.model, tokenizer=config.tokenizer)
-    dataset = inputs.load_dataset(model, config.model, config.task, config.data,
-                                  config.n_examples, seed=config.seed,
-                                  skip_bad_rows=config.skip_bad_rows, mib_split=config.mib_split)
-    results = {}
-    try:
-      for name in tqdm(sweeps, desc="sweeps"):
-        results[name] = run_sweep(model.cfg, model.params, dataset, name, direction=direction,
-                                  batch_size=batch_size, chunk=chunk)
-    except PatchingError as e:
-      raise inputs.InputError(str(e)) from None
-
-    labels = position_labels(dataset, model.tokenizer)
-    outputs = [f"{n}.{ext}" for n in results for ext in ("npz", "png")] + ["patching.json"]
-    with held.writing(outputs):
-      for name, r in results.items():
-        files.atomic_savez(os.path.join(out, f"{name}.npz"), **r.to_npz_dict())
-        plots.plot_patching(r, os.path.join(out, f"{name}.png"),
-                            title=f"activation patching, {dataset.task.name}",
-                            position_labels=labels)
-      first = next(iter(results.values()))
-      files.atomic_write_json(os.path.join(out, "patching.json"), {
-          "config": dataclasses.asdict(config),
-          "model": model.path, "task": dataset.task.name, "data": dataset.source,
-          "n_examples": len(dataset), "direction": direction, "m_clean": first.m_clean,
-          "m_corrupted": first.m_corrupted, "positions": labels,
-          "normalized": plots.NORMALIZED, "no_effect": neutral(direction),
-          "sweeps": {n: {"site": r.sweep.site, "axes": list(r.axis_labels),
-                         "shape": list(r.normalized.shape), "strongest": strongest(r)}
-                     for n, r in results.items()}})
-  _print(dataset, direction, results, out)
-  return results
