@@ -28,7 +28,7 @@ from jaxinterp.evaluation import circuit_forward as CF
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.edges import EdgePatch
 from jaxinterp.models.transformer import forward
-from jaxinterp.runtime import timing
+from jaxinterp.runtime import distributed, timing
 from jaxinterp.tasks import Dataset
 from jaxinterp.tasks.metrics import metric_sum
 
@@ -123,20 +123,30 @@ def mean_over_batches(dataset: Dataset, batch_size: int, masks: np.ndarray, chun
                       quiet: bool, desc: str, batch_fn) -> np.ndarray:
   """Mean over `dataset` of `batch_fn(batch, masks[chunk])` (metric sums over a batch, one per
   mask; the masks a numpy slice), for every mask: `chunk` masks per call, the last chunk padded.
-  Returns float64 [len(masks)]; a NaN/inf metric names its batch."""
+  Returns float64 [len(masks)]; a NaN/inf metric names its batch.
+
+  In a multi-process run (`runtime.distributed`) process p runs batches p, p + N, ... and the
+  per-batch float64 sums are added in batch order on every process (`distributed.sum_split`): every
+  process returns what one process would, bitwise. A collective: every process calls it."""
   C = masks.shape[0]
   chunk = max(1, min(chunk, C))
   masks = np.concatenate([masks, np.repeat(masks[-1:], (-C) % chunk, 0)])
-  totals = np.zeros(masks.shape[0], np.float64)
   n_batches = math.ceil(len(dataset) / batch_size)
-  steps = n_batches * (masks.shape[0] // chunk)
-  bar = tqdm(total=steps, desc=desc, disable=quiet or steps < 4, leave=False)
-  for i, batch in enumerate(dataset.batches(batch_size)):
+  steps = distributed.n_owned(n_batches) * (masks.shape[0] // chunk)
+  bar = tqdm(total=steps, desc=desc, disable=quiet or steps < 4 or not distributed.is_writer(),
+             leave=False)
+
+  def one(i, batch):
+    sums = np.zeros(masks.shape[0], np.float64)
     for start in range(0, masks.shape[0], chunk):
       out = np.asarray(batch_fn(batch, masks[start:start + chunk]), np.float64)
       check_finite(out, i, "the circuit metric")
-      totals[start:start + chunk] += out
+      sums[start:start + chunk] = out
       bar.update(1)
+    return sums
+
+  totals = distributed.sum_split(dataset.batches(batch_size), one,
+                                 np.zeros(masks.shape[0], np.float64))
   bar.close()
   return totals[:C] / len(dataset)
 

@@ -61,7 +61,7 @@ from jaxinterp.models import edges as E
 from jaxinterp.models import transformer as T
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.sites import Sites
-from jaxinterp.runtime import compile_policy
+from jaxinterp.runtime import compile_policy, distributed
 from jaxinterp.tasks import Batch, Dataset, Task
 from jaxinterp.tasks.metrics import metric_at_last
 
@@ -299,10 +299,11 @@ def _means(cfg: ModelConfig, params, dataset: Dataset, n_circuits: int, masks_of
     ablation = make_ablation(cfg, params, dataset, intervention, batch_size)
   fwd = PositionCircuitForward(cfg, params, dataset.task, chunk)
   batches = list(dataset.batches(batch_size, bucket=None))
-  totals = np.zeros(n_circuits, np.float64)
-  bar = tqdm(total=len(batches) * n_circuits, desc="evaluating position circuits",
-             disable=quiet or len(batches) * n_circuits < 4, leave=False)
-  for i, batch in enumerate(batches):
+  steps = distributed.n_owned(len(batches)) * n_circuits
+  bar = tqdm(total=steps, desc="evaluating position circuits",
+             disable=quiet or steps < 4 or not distributed.is_writer(), leave=False)
+
+  def one(i, batch):  # process p of N runs batches p, p + N, ... (`distributed.sum_split`)
     prep = fwd.prepare(batch, ablation)
     rows = np.minimum(np.arange(i * batch_size, (i + 1) * batch_size), len(dataset) - 1)
     own = {} if owner is None else {"owner": jnp.asarray(owner[rows])}  # as `Dataset.batches`
@@ -312,7 +313,9 @@ def _means(cfg: ModelConfig, params, dataset: Dataset, n_circuits: int, masks_of
       bar.update(1)
     out = np.asarray(jnp.stack(sums), np.float64)
     check_finite(out, i, "the position circuit metric")
-    totals += out
+    return out
+
+  totals = distributed.sum_split(batches, one, np.zeros(n_circuits, np.float64))
   bar.close()
   return totals / len(dataset)
 

@@ -10,8 +10,9 @@ thing in every binary's `main`).
 
 Attribution splits the batches over the processes (`attribution.attribute`: process p scores
 batches p, p + N, ...) and merges their partial `Progress` states after every round through
-`allgather_bytes`, so every process ends with the sums one process would have, bitwise. Only
-process 0 writes files (`runtime.files`).
+`allgather_bytes`, so every process ends with the sums one process would have, bitwise. Circuit
+evaluation splits its batches the same way (`sum_split`: the per-batch float64 sums of each round
+are gathered and added in batch order). Only process 0 writes files (`runtime.files`).
 
 No collective may hang: every one runs under `watchdog`, which ends the process with one line
 (`prog: error: ...`, exit status 1) when the other processes do not join within
@@ -31,7 +32,8 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -271,3 +273,41 @@ def arrays_from_bytes(data: bytes) -> dict[str, np.ndarray]:
   """The dict `arrays_to_bytes` encoded."""
   with np.load(io.BytesIO(data), allow_pickle=False) as f:
     return {k: f[k] for k in f.files}
+
+
+def n_owned(n_items: int) -> int:
+  """How many of `n_items` items (batches) this process runs in `sum_split`: items p, p + N, ..."""
+  return len(range(process_index(), n_items, process_count()))
+
+
+def sum_split(items: Iterable[Any], fn: Callable[[int, Any], np.ndarray],
+              total: np.ndarray) -> np.ndarray:
+  """`total` plus `fn(i, item)` (a float64 array of `total`'s shape) summed over the `items`, the
+  items split over the processes: process p calls `fn` for items p, p + N, ...; after every round
+  of N items the round's sums are gathered (`allgather_bytes`) and added in item order on every
+  process. Every process gets the sum one process gets adding the items one after the other,
+  bitwise. A collective: every process iterates the same items. One process: a plain loop."""
+  n, me = process_count(), process_index()
+  total = np.array(total, np.float64)
+  if n == 1:
+    for i, item in enumerate(items):
+      total += fn(i, item)
+    return total
+  mine, i = None, -1
+  for i, item in enumerate(items):
+    if i % n == me:
+      mine = np.asarray(fn(i, item), np.float64)
+    if i % n == n - 1:
+      total, mine = _add_round(total, mine), None
+  if i >= 0 and i % n != n - 1:  # the last, partial round
+    total = _add_round(total, mine)
+  return total
+
+
+def _add_round(total: np.ndarray, mine: np.ndarray | None) -> np.ndarray:
+  """`total` plus every process's sum of one round, in process order (= item order; a process
+  past the last item sends nothing)."""
+  for data in allgather_bytes(b"" if mine is None else arrays_to_bytes({"sum": mine})):
+    if data:
+      total += arrays_from_bytes(data)["sum"]
+  return total

@@ -1,5 +1,6 @@
 """Multi-process runs (jax.distributed, gloo on CPU): 2 processes x 2 simulated CPU devices give
-what one process gives, a killed peer ends the other with one line, and a checkpoint of a
+what one process gives (find_circuit's scores and curve, evaluate_circuit's report: both split the
+batches over the processes), a killed peer ends the other with one line, and a checkpoint of a
 2-process run resumes on 1 process.
 
 The binaries run as subprocesses on localhost (XLA_FLAGS must be set before jax starts). They share
@@ -161,3 +162,77 @@ def test_one_process_merge_is_the_sequential_merge():
   back = Progress.from_arrays(want.to_arrays())
   np.testing.assert_array_equal(np.stack(back.batch_sums), np.stack(want.batch_sums))
   assert merge_processes(a, None) is a
+
+
+def _evaluate(graph, out, cache, *extra) -> subprocess.Popen:
+  cmd = [sys.executable, "-m", "experiments.evaluate_circuit", f"--graph={graph}", f"--out={out}",
+         f"--compilation_cache={cache}", "--batch_size=4", *extra]  # 6 batches: 3 rounds
+  return subprocess.Popen(cmd, cwd=str(REPO), env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def _assert_same_report(a, b) -> None:
+  """evaluate_circuit's numbers and curve in two output directories equal to 1e-6."""
+  ea, eb = (json.loads((x / "evaluation.json").read_text()) for x in (a, b))
+  assert abs(ea["faithfulness"]) > 1e-2 and ea["n_edges"] == eb["n_edges"] > 0
+  for k in ("faithfulness", "metric_circuit", "metric_full", "metric_empty", "CPR", "CMD"):
+    assert abs(ea[k] - eb[k]) <= 1e-6, (k, ea[k], eb[k])
+  ca, cb = ((x / "faithfulness.csv").read_text().splitlines() for x in (a, b))
+  assert ca[0] == cb[0] and len(ca) == len(cb) > 2
+  np.testing.assert_allclose(np.loadtxt(cb[1:], delimiter=","), np.loadtxt(ca[1:], delimiter=","),
+                             rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow  # 3 more processes (~35 s); the find_circuit test above covers the split curve
+def test_evaluate_circuit_on_two_processes_equals_one(reference):
+  root, cache = reference
+  graph = root / "one" / "graph.json"
+  before = sorted(p.name for p in root.iterdir())
+  common = [f"--coordinator_address=localhost:{_port()}", "--num_processes=2",
+            "--distributed_timeout=60"]
+  runs = [_evaluate(graph, root / "eval_one", cache)] + [
+      _evaluate(graph, root / "eval_two", cache, *common, f"--process_id={p}") for p in (0, 1)]
+  results = [_finish(p) for p in runs]
+  for rc, out, err in results:
+    assert rc == 0, out[-2000:] + err[-3000:]
+  one, two = root / "eval_one", root / "eval_two"
+  _assert_same_report(one, two)
+  # One report, written and printed by process 0; no other directory (e.g. one/evaluation).
+  assert sorted(os.listdir(two)) == sorted(os.listdir(one)) and (two / "DONE").exists()
+  assert sorted(p.name for p in root.iterdir()) == sorted([*before, "eval_one", "eval_two"])
+  assert not (root / "one" / "evaluation").exists()
+  assert "wrote " in results[1][1] and "faithfulness" in results[1][1]
+  assert "wrote " not in results[2][1] and "faithfulness" not in results[2][1]
+
+
+@pytest.mark.slow  # a position-level find_circuit, then two evaluations: about 2 minutes
+def test_position_circuit_evaluation_on_two_processes_equals_one(reference):
+  root, cache = reference
+  rc, out, err = _finish(_start(root / "pos", cache, "--level=position"))
+  assert rc == 0, out[-2000:] + err[-3000:]
+  common = [f"--coordinator_address=localhost:{_port()}", "--num_processes=2",
+            "--distributed_timeout=120"]
+  graph = root / "pos" / "graph.json"
+  runs = [_evaluate(graph, root / "pos_one", cache)] + [
+      _evaluate(graph, root / "pos_two", cache, *common, f"--process_id={p}") for p in (0, 1)]
+  for p in runs:
+    rc, out, err = _finish(p)
+    assert rc == 0, out[-2000:] + err[-3000:]
+  _assert_same_report(root / "pos_one", root / "pos_two")
+
+
+def test_one_process_split_sum_is_the_sequential_sum():
+  from jaxinterp.runtime import distributed
+  parts = np.random.default_rng(0).normal(size=(7, 3)) * 10.0 ** np.arange(-8, 13, 3)[:, None]
+  seen = []
+
+  def fn(i, item):
+    seen.append(i)
+    return parts[item]
+
+  got = distributed.sum_split(range(7), fn, np.zeros(3))
+  want = np.zeros(3)
+  for row in parts:
+    want += row
+  np.testing.assert_array_equal(got, want)
+  assert seen == list(range(7)) and distributed.n_owned(7) == 7
