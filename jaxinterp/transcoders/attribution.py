@@ -321,7 +321,13 @@ def attribute_graph(cfg: ModelConfig, params: Mapping[str, Any], transcoders: Tr
   logit_offset = n_active + (L + 1) * P
   n_logits = len(tg)
   n_feat = n_active if max_feature_nodes is None else min(max_feature_nodes, n_active)
-  edge = np.zeros((n_feat + n_logits, logit_offset + n_logits), np.float32)
+  n = logit_offset + n_logits
+  if n_feat == n_active:  # every feature: each row goes straight to its row of the adjacency
+    edge = np.zeros((n, n), np.float32)
+    dest = np.concatenate([n - n_logits + np.arange(n_logits), np.arange(n_active)])
+  else:  # the rows in the order computed; the adjacency is assembled from them at the end
+    edge = np.zeros((n_feat + n_logits, n), np.float32)
+    dest = None
   row_node = np.zeros(n_feat + n_logits, np.int64)
   total = n_feat + n_logits
   done = 0
@@ -345,7 +351,10 @@ def attribute_graph(cfg: ModelConfig, params: Mapping[str, Any], transcoders: Tr
 
   def flush(at: int, k: int, rows: Array) -> None:
     nonlocal done
-    edge[at:at + k, :logit_offset] = np.asarray(rows)[:k]
+    if dest is None:
+      edge[at:at + k, :logit_offset] = np.asarray(rows)[:k]
+    else:
+      edge[dest[at:at + k], :logit_offset] = np.asarray(rows)[:k]
     done += k
     if progress is not None:
       progress(done, total)
@@ -373,13 +382,15 @@ def attribute_graph(cfg: ModelConfig, params: Mapping[str, Any], transcoders: Tr
       st += len(pending)
       n_visited += len(pending)
   selected = np.flatnonzero(visited)
-  if n_feat < n_active:
-    edge = edge[:, np.concatenate([selected, np.arange(n_active, logit_offset + n_logits)])]
-  edge = edge[np.argsort(row_node, kind="stable")]
-  n = edge.shape[1]
-  adjacency = np.zeros((n, n), np.float32)
-  adjacency[:n_feat] = edge[:n_feat]
-  adjacency[n - n_logits:] = edge[n_feat:]
+  if dest is not None:
+    adjacency = edge
+  else:
+    edge = edge[:, np.concatenate([selected, np.arange(n_active, n)])]
+    edge = edge[np.argsort(row_node, kind="stable")]
+    n = edge.shape[1]
+    adjacency = np.zeros((n, n), np.float32)
+    adjacency[:n_feat] = edge[:n_feat]
+    adjacency[n - n_logits:] = edge[n_feat:]
   return AttributionGraph(
       adjacency=adjacency, active_features=nodes.active, selected_features=selected,
       activation_values=np.asarray(nodes.values, np.float32), input_tokens=toks.astype(np.int64),

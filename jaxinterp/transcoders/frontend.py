@@ -109,8 +109,9 @@ def write_graph_files(graph: AttributionGraph, out_dir: str | os.PathLike, *, sl
   os.makedirs(out_dir, exist_ok=True)
   obj = graph_json(graph, slug=slug, **kwargs)
   path = os.path.join(out_dir, f"{slug}.json")
+  text = json.dumps(obj, indent=2, ensure_ascii=False)  # one write, not one per JSON token
   with open(path, "w") as fh:
-    json.dump(obj, fh, indent=2, ensure_ascii=False)
+    fh.write(text)
   index_path = os.path.join(out_dir, "graph-metadata.json")
   index = {"graphs": []}
   if os.path.exists(index_path):
