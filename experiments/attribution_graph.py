@@ -17,6 +17,10 @@ and DONE; a progress bar while the rows are computed, then the graph scores and 
 Bad input (an empty prompt, a prompt longer than the context, transcoders for another model, a
 threshold outside (0, 1], ...) is one line and leaves no output directory behind.
 
+Several processes (--coordinator_address, --num_processes, --process_id) split the batches of rows
+and write the graph one process writes, bitwise; process 0 alone writes --out and prints the report
+(docs/transcoders.md, "Several processes").
+
 The run is `jaxinterp.transcoders.pipeline.attribution_graph(config, out)`.
 """
 

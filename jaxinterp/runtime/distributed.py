@@ -311,3 +311,57 @@ def _add_round(total: np.ndarray, mine: np.ndarray | None) -> np.ndarray:
     if data:
       total += arrays_from_bytes(data)["sum"]
   return total
+
+
+def map_split(items: Iterable[Any], fn: Callable[[int, Any], dict[str, np.ndarray]],
+              done: Callable[[int, dict[str, np.ndarray]], None] | None = None
+              ) -> list[dict[str, np.ndarray]]:
+  """Every item's `fn(i, item)` (a dict of numpy arrays), in item order on every process, the items
+  split over the processes: process p calls `fn` for items p, p + N, ...; after every round of N
+  items the round's results are gathered (`allgather_bytes`: exact) and `done(i, result)`, if
+  given, is called for each of them in item order (e.g. to report or save it). For independent,
+  deterministic items every process gets what one process computing them all gets, bitwise. A
+  collective: every process iterates the same items. One process: a plain loop (`done` right after
+  each `fn`, the results as `fn` returned them)."""
+  n, me = process_count(), process_index()
+  results: list[dict[str, np.ndarray]] = []
+
+  def add(result: dict[str, np.ndarray]) -> None:
+    results.append(result)
+    if done is not None:
+      done(len(results) - 1, result)
+
+  if n == 1:
+    for i, item in enumerate(items):
+      add(fn(i, item))
+    return results
+  mine, i = None, -1
+  for i, item in enumerate(items):
+    if i % n == me:
+      mine = fn(i, item)
+    if i % n == n - 1:
+      _gather_round(mine, add)
+      mine = None
+  if i >= 0 and i % n != n - 1:  # the last, partial round
+    _gather_round(mine, add)
+  return results
+
+
+def _gather_round(mine: dict[str, np.ndarray] | None,
+                  add: Callable[[dict[str, np.ndarray]], None]) -> None:
+  """Every process's result of one round, in process order (= item order; a process past the last
+  item sends nothing)."""
+  for data in allgather_bytes(b"" if mine is None else arrays_to_bytes(mine)):
+    if data:
+      add(arrays_from_bytes(data))
+
+
+def allgather_arrays(arrays: dict[str, np.ndarray] | None
+                     ) -> list[dict[str, np.ndarray] | None]:
+  """Every process's dict of numpy arrays, or None where a process has nothing to send, in
+  process order on every process (exact: `allgather_bytes`). A collective. One process:
+  `[arrays]` as given."""
+  if process_count() == 1:
+    return [arrays]
+  data = allgather_bytes(b"" if arrays is None else arrays_to_bytes(arrays))
+  return [arrays_from_bytes(d) if d else None for d in data]

@@ -20,6 +20,12 @@ over (layer, position) cells (`CellChunks`), never as a `[batch, entries, d_mode
 circuit-tracer's ranking loop does: the logit rows first, then repeatedly the unvisited features
 with the most influence on the logits through the rows computed so far
 (`pruning.partial_influences`), `update_interval * batch_size` at a time.
+
+Several processes (`runtime.distributed`, e.g. `--num_processes`) split the batches: process p
+computes batches p, p + N, ... of each stream, and after every round of N batches the round's rows
+are gathered on every process (`distributed.allgather_arrays`: exact), so that each holds the
+adjacency one process computes, bitwise (a row does not depend on the process that computes it).
+In the ranking loop process 0 ranks the features and sends its choice to the others.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import numpy as np
 
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.transformer import unembedding
+from jaxinterp.runtime import distributed
 from jaxinterp.transcoders import loading, pruning, replacement
 from jaxinterp.transcoders import targets as targets_lib
 from jaxinterp.transcoders.clt import CrossLayerTranscoder
@@ -301,7 +308,8 @@ def attribute_graph(cfg: ModelConfig, params: Mapping[str, Any], transcoders: Tr
     max_feature_nodes: keep at most this many features, the most influential (None: all active).
     batch_size: rows per VJP batch. targets: token ids, or `LogitTargets` (e.g. `targets.custom`),
       instead of the salient logits. update_interval: batches between re-rankings.
-    progress: called as `progress(rows_done, rows_total)` after each batch.
+    progress: called as `progress(rows_done, rows_total)` after each batch (several processes:
+      after each round's batches are gathered).
 
   Returns:
     `AttributionGraph` (host float32 arrays). TranscoderError (one line) for bad input.
@@ -335,21 +343,45 @@ def attribute_graph(cfg: ModelConfig, params: Mapping[str, Any], transcoders: Tr
 
   def compute(start: int, layers: np.ndarray, positions: np.ndarray, vectors: np.ndarray) -> None:
     """Rows `edge[start:start + len(layers)]`, `batch_size` per call of `_rows` (the last batch
-    padded), the next batch dispatched before the previous one is copied to the host."""
-    pending = None
-    for i in range(0, len(layers), batch_size):
+    padded), the next batch dispatched before the previous one is copied to the host. Several
+    processes: process p computes batches p, p + N, ... of them, and each round's N batches are
+    gathered (`distributed.allgather_arrays`) into every process's `edge`."""
+    n_proc, me = distributed.process_count(), distributed.process_index()
+    starts = range(0, len(layers), batch_size)
+
+    def dispatch(i: int) -> tuple[int, int, Array]:
       k = min(batch_size, len(layers) - i)
       lay, pos = np.zeros(batch_size, np.int32), np.zeros(batch_size, np.int32)
       vec = np.zeros((batch_size, cfg.d_model), np.float32)
       lay[:k], pos[:k], vec[:k] = layers[i:i + k], positions[i:i + k], vectors[i:i + k]
-      rows = _rows(vjp, like, nodes.writers, lay, pos, vec)  # dispatched, not awaited
+      return start + i, k, _rows(vjp, like, nodes.writers, lay, pos, vec)  # not awaited
+
+    def gather(r: int, mine: tuple[int, int, Array] | None) -> None:
+      """Every process's batch of round `r` (batches r, r + 1, ...), flushed in batch order."""
+      sent = None if mine is None else {"rows": np.asarray(mine[2])[:mine[1]]}
+      for q, got in enumerate(distributed.allgather_arrays(sent)):
+        if got is not None:
+          flush(start + starts[r + q], len(got["rows"]), got["rows"])
+
+    pending = None
+    if n_proc == 1:
+      for i in starts:
+        rows = dispatch(i)
+        if pending is not None:
+          flush(*pending)
+        pending = rows
       if pending is not None:
         flush(*pending)
-      pending = (start + i, k, rows)
+      return
+    for r in range(0, len(starts), n_proc):  # rounds: batches r .. r + N - 1
+      mine = dispatch(starts[r + me]) if r + me < len(starts) else None
+      if pending is not None:
+        gather(*pending)
+      pending = (r, mine)
     if pending is not None:
-      flush(*pending)
+      gather(*pending)
 
-  def flush(at: int, k: int, rows: Array) -> None:
+  def flush(at: int, k: int, rows: Array | np.ndarray) -> None:
     nonlocal done
     if dest is None:
       edge[at:at + k, :logit_offset] = np.asarray(rows)[:k]
@@ -372,9 +404,14 @@ def attribute_graph(cfg: ModelConfig, params: Mapping[str, Any], transcoders: Tr
     compute(0, *logit_rows)
     n_visited = 0
     while n_visited < n_feat:
-      infl = pruning.partial_influences(edge[:st], tg.probabilities, row_node[:st])
-      pending = top_unvisited(infl[:n_active], visited,
-                              min(update_interval * batch_size, n_feat - n_visited))
+      pending = None
+      if distributed.is_writer():  # process 0 ranks for all (the same rows everywhere)
+        infl = pruning.partial_influences(edge[:st], tg.probabilities, row_node[:st])
+        pending = top_unvisited(infl[:n_active], visited,
+                                min(update_interval * batch_size, n_feat - n_visited))
+      if distributed.process_count() > 1:
+        pending = distributed.allgather_arrays(
+            None if pending is None else {"pending": pending})[0]["pending"]
       a = nodes.active[pending]
       compute(st, a[:, 0], a[:, 1], encoders[pending])
       row_node[st:st + len(pending)] = pending

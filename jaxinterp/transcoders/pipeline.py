@@ -4,6 +4,10 @@ write `graph.npz` (the dense graph), `graph.json` (the pruned graph in circuit-t
 schema, with `graph-metadata.json` beside it), `graph.html` (its offline viewer,
 `viz.graph_viewer`) and `DONE`.
 
+Several processes (`--num_processes`, see `runtime.distributed`) split the rows' batches
+(`attribute_graph`) and all end with the same graph; process 0 alone creates, locks and writes the
+output directory and prints the report (the others only check the directory).
+
 Every check of the input runs before the output directory is created, so bad input (an empty
 prompt, a prompt longer than the context, transcoders for another model, a threshold outside
 (0, 1], ...) is one line and leaves no directory behind.
@@ -146,6 +150,21 @@ def reuse_freed_memory() -> bool:
                                             (M_TRIM_THRESHOLD, KEEP_FREED_BYTES)))
 
 
+def _write(config: AttributionGraphConfig, model: Model, tc: loading.Transcoders, path: str,
+           texts: list[str], g: graph.AttributionGraph, out: str) -> None:
+  """graph.npz, graph.json (with graph-metadata.json) and graph.html of `g` in `out`."""
+  files.atomic_with(os.path.join(out, "graph.npz"), lambda p: graph.save_npz(g, p),
+                    suffix=".npz")
+  frontend.write_graph_files(
+      g, out, slug="graph", scan=tc.scan or os.path.basename(os.path.dirname(
+          os.path.abspath(loading.read_config(path)["_path"]))),
+      prompt=config.prompt, prompt_tokens=texts,
+      logit_labels=[_label(model, int(t)) for t in g.logit_tokens],
+      node_threshold=config.node_threshold, edge_threshold=config.edge_threshold)
+  graph_viewer.write_html(os.path.join(out, "graph.json"), os.path.join(out, "graph.html"),
+                          title=f"Attribution graph: {config.prompt}")
+
+
 def attribution_graph(config: AttributionGraphConfig, out: str) -> dict:
   """Run `config` and write its outputs to `out`; returns a summary dict (nodes, features,
   scores, phase seconds)."""
@@ -168,19 +187,12 @@ def attribution_graph(config: AttributionGraphConfig, out: str) -> dict:
                           max_n_logits=config.max_n_logits,
                           desired_logit_prob=config.desired_logit_prob,
                           max_feature_nodes=config.max_feature_nodes,
-                          batch_size=config.batch_size, progress=_Bar("attribute"))
+                          batch_size=config.batch_size,
+                          progress=_Bar("attribute") if files.is_writer() else None)
       phases.start("write")
       with run_dir.writing(OUTPUTS):
-        files.atomic_with(os.path.join(out, "graph.npz"), lambda p: graph.save_npz(g, p),
-                          suffix=".npz")
-        frontend.write_graph_files(
-            g, out, slug="graph", scan=tc.scan or os.path.basename(os.path.dirname(
-                os.path.abspath(loading.read_config(path)["_path"]))),
-            prompt=config.prompt, prompt_tokens=texts,
-            logit_labels=[_label(model, int(t)) for t in g.logit_tokens],
-            node_threshold=config.node_threshold, edge_threshold=config.edge_threshold)
-        graph_viewer.write_html(os.path.join(out, "graph.json"), os.path.join(out, "graph.html"),
-                                title=f"Attribution graph: {config.prompt}")
+        if files.is_writer():  # several processes: process 0 writes
+          _write(config, model, tc, path, texts, g, out)
       phases.stop()
   replacement_score, completeness = pruning.graph_scores(g)
   summary = {"nodes": g.n_nodes, "features": g.n_features,
