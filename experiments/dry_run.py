@@ -29,6 +29,7 @@ FLAGS = (
 # The EAP family's alphas (as `attribution.eap` sets them for edges) from the method's options.
 EAP_FAMILY = {"EAP": lambda o: [1.0], "clean-corrupted": lambda o: [0.0, 1.0],
               "EAP-IG-inputs": lambda o: o.alphas(eap_start=0)}
+OWN_KERNELS = ("EAP-IG-activations", "exact")  # not ig_inputs_batch
 
 
 def _resolve(name: str) -> str:
@@ -71,6 +72,8 @@ def _print(what: str, build_fn, cfg, dt, m, seq, memory, batch, unit="examples",
   head = (f"{what}, {cfg.family} ({cfg.n_layers} layers, d_model {cfg.d_model}, "
           f"{jnp.dtype(dt).name}), {shape}, {MP.describe_mesh(m)}"
           f"{', weights FSDP over data' if _fsdp() else ''}")
+  if callable(notes):  # notes of the abstract parameters
+    notes = notes(params)
   plan = MP.make_plan(head, build, batch, MP.per_device_bytes(params), m, memory, unit, notes)
   print(MP.report(plan), flush=True)
   return plan
@@ -78,11 +81,12 @@ def _print(what: str, build_fn, cfg, dt, m, seq, memory, batch, unit="examples",
 
 def find_circuit(model: str, dtype: str | None, method: str, options: dict, batch: int,
                  mesh: str | None) -> MP.Plan:
-  """find_circuit's plan: the attribution kernel of --method (EAP family or exact, edge level)."""
+  """find_circuit's plan: the attribution kernel of --method (EAP family, EAP-IG-activations or
+  exact, edge level)."""
   cfg, dt, m, seq, memory = _setup(model, dtype, mesh, batch)
-  if (options.get("level") or "edge") != "edge" or method not in (*EAP_FAMILY, "exact"):
+  if (options.get("level") or "edge") != "edge" or method not in (*EAP_FAMILY, *OWN_KERNELS):
     raise MP.PlanError(f"--dry_run plans --method={method} at --level=edge for "
-                       f"{', '.join(EAP_FAMILY)} and exact only")
+                       f"{', '.join((*EAP_FAMILY, *OWN_KERNELS[:-1]))} and exact only")
   if method == "exact":
     return _print("exact", lambda p: PR.exact(cfg, p, seq, m, memory, options.get("exact_chunk")),
                   cfg, dt, m, seq, memory, batch, notes=(
@@ -93,11 +97,22 @@ def find_circuit(model: str, dtype: str | None, method: str, options: dict, batc
     opts = A.make_options(A.get_method(method), None, **options)
   except A.AttributionError as e:
     raise MP.PlanError(f"--method={method}: {e}") from None
+  if method == "EAP-IG-activations":
+    return _activations(cfg, dt, m, seq, memory, batch, opts)
   alphas = EAP_FAMILY[method](opts)
   return _print(f"{method} (m={len(alphas)})",
                 lambda p: PR.eap(cfg, p, seq, alphas, m, memory,
                                  getattr(opts, "memory_budget", None)),
                 cfg, dt, m, seq, memory, batch)
+
+
+def _activations(cfg, dt, m, seq, memory, batch, opts) -> MP.Plan:
+  """EAP-IG-activations' plan: its own kernel, with --remat and --memory_budget's row groups."""
+  alphas, budget = opts.alphas(eap_start=1), opts.memory_budget
+  return _print(f"EAP-IG-activations (m={len(alphas)})",
+                lambda p: PR.activations(cfg, p, seq, alphas, m, budget, opts.remat),
+                cfg, dt, m, seq, memory, batch, notes=lambda p: PR.activations_notes(
+                    cfg, p, seq, len(alphas), batch, budget, opts.remat))
 
 
 def simple(kind: str, model: str, dtype: str | None, batch: int, mesh: str | None = None,

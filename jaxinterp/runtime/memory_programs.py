@@ -5,6 +5,8 @@ returns what the run keeps alive across them as outputs, so the compiled program
 run's:
 - `eap`: EAP, EAP-IG-inputs (m steps), clean-corrupted: `receiver_grads.ig_inputs_batch` (in the
   chunks of a `--memory_budget`, if given).
+- `activations`: EAP-IG-activations, `ig_activations._ig_activations_batch` itself (its layer
+  nodes and steps in one scan; in the groups of rows of a `--memory_budget`, if given).
 - `exact`: the clean metric, the clean run's upstream cache, and one vmapped chunk of edges into
   layer 0 (those rerun every block: the largest chunk), `exact_chunk_size` edges per call, through
   `edge_chunk_scan` (with the stacked blocks) where the run uses it, else `edge_chunk`.
@@ -31,6 +33,7 @@ import numpy as np
 import optax
 
 from jaxinterp.attribution import exact as X
+from jaxinterp.attribution import ig_activations as IA
 from jaxinterp.attribution import memory_budget as MB
 from jaxinterp.attribution import receiver_grads as RG
 from jaxinterp.attribution.ablation import Ablation
@@ -74,6 +77,41 @@ def eap(cfg: ModelConfig, params, seq_len: int, alphas, mesh=None,
         return RG.ig_inputs_batch(cfg, TASK, params, batch, PATCHING, alphas, **chunks)
     return fn, (params, MP.abstract_batch(b, seq_len, mesh))
   return build
+
+
+def activations(cfg: ModelConfig, params, seq_len: int, alphas, mesh=None,
+                memory_budget: str | None = None, remat: bool = False) -> MP.Builder:
+  """EAP-IG-activations edge attribution: the kernel `ig_activations.score_batch` runs,
+  `_ig_activations_batch` (every layer node's `alphas` steps in one scan), with `remat` and in the
+  groups of rows `memory_budget.activations_row_chunks` picks for a `memory_budget` ("2GB"), as
+  the run does."""
+  alphas = jnp.asarray(alphas, jnp.float32)
+
+  def build(b):
+    chunks = 1
+    if memory_budget is not None:
+      chunks = MB.activations_row_chunks(cfg, params, (b, seq_len), alphas.shape[0],
+                                         memory_budget, remat)
+
+    def fn(params, batch, alphas):  # the run's arguments: alphas too
+      return IA._ig_activations_batch(cfg, TASK, params, batch, PATCHING, alphas, remat=remat,
+                                      row_chunks=chunks)
+    return fn, (params, MP.abstract_batch(b, seq_len, mesh), _spec(alphas.shape, alphas.dtype))
+  return build
+
+
+def activations_notes(cfg: ModelConfig, params, seq_len: int, n_steps: int, batch: int,
+                      memory_budget: str | None = None, remat: bool = False) -> tuple[str, ...]:
+  """The lines `--dry_run` prints under an EAP-IG-activations plan: the scan's length, and with a
+  `memory_budget` the groups of rows planned at `batch` and twice it."""
+  lines = [f"EAP-IG-activations: {1 + 2 * cfg.n_layers} layer nodes x {n_steps} steps, one "
+           f"forward and backward each, in one scan{' (remat)' if remat else ''}"]
+  if memory_budget is not None:
+    g = [MB.activations_row_chunks(cfg, params, (n, seq_len), n_steps, memory_budget, remat)
+         for n in (batch, 2 * batch)]
+    lines.append(f"--memory_budget={memory_budget}: the rows in {g[0]} group(s) at batch {batch}, "
+                 f"{g[1]} at {2 * batch}, one after another")
+  return tuple(lines)
 
 
 @contextlib.contextmanager
