@@ -29,11 +29,7 @@ from __future__ import annotations
 from absl import app
 
 from jaxinterp.experiments import cli, common, dry_run
-from jaxinterp.transcoders.pipeline import (
-  AttributionGraphConfig,
-  attribution_graph,
-  reuse_freed_memory,
-)
+from jaxinterp.transcoders.pipeline import AttributionGraphConfig, attribution_graph
 
 DEFAULTS = cli.defaults(AttributionGraphConfig)
 
@@ -79,7 +75,6 @@ def run(argv=None) -> dict:
     return dry_run.attribution_graph(c.model, c.dtype, c.batch_size,
                                      cli.value("transcoder_features", 16384),
                                      c.max_feature_nodes, c.max_n_logits)
-  reuse_freed_memory()  # before JAX starts its threads
   common.start_run()
   return attribution_graph(config(), cli.value("out", "runs/attribution_graph"))
 

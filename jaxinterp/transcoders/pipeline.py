@@ -15,7 +15,6 @@ prompt, a prompt longer than the context, transcoders for another model, a thres
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import os
 import sys
@@ -128,26 +127,6 @@ class _Bar:
     end = "\n" if done >= total else ""
     print(f"\r{self.label} [{'#' * n}{' ' * (self.width - n)}] {done}/{total} rows", end=end,
           file=sys.stderr, flush=True)
-
-
-# glibc's mallopt parameters (malloc.h)
-M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
-KEEP_FREED_BYTES = 512 * 2 ** 20
-
-
-def reuse_freed_memory() -> bool:
-  """Make glibc's malloc keep freed memory for reuse, for a one-shot process such as the binary
-  (call it before JAX starts its threads): one arena, no `mmap` for large blocks, and up to
-  `KEEP_FREED_BYTES` kept at the top of the heap. XLA:CPU allocates each batch's temporaries
-  (tens of MiB) afresh; by default glibc maps them with `mmap` and unmaps them when freed, so
-  every batch page-faults them in again, about a fifth of the rows' CPU time. Values unchanged.
-  Returns whether it applied (False where the C library is not glibc)."""
-  try:
-    mallopt = ctypes.CDLL("libc.so.6").mallopt
-  except (OSError, AttributeError):
-    return False
-  return all(mallopt(p, v) == 1 for p, v in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0),
-                                            (M_TRIM_THRESHOLD, KEEP_FREED_BYTES)))
 
 
 def _write(config: AttributionGraphConfig, model: Model, tc: loading.Transcoders, path: str,

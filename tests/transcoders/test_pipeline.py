@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -122,11 +119,3 @@ def test_bundled_toy_mlp_does_its_two_tasks_and_its_chain_graph_runs_through_fea
   infl = T.pruning.node_influence(g.adjacency, g.logit_weights())
   assert infl[:g.n_features].sum() > 0.5 * g.logit_probabilities.sum()  # the weighted logits
   assert T.prune(g).node_mask[:g.n_features].sum() >= 3
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
-def test_reuse_freed_memory_applies_in_a_fresh_process():
-  """The binary's malloc tuning applies under glibc (in a child: it is process-wide)."""
-  code = ("import sys; from jaxinterp.transcoders import pipeline as p; "
-          "sys.exit(0 if p.reuse_freed_memory() else 1)")
-  assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
