@@ -154,7 +154,7 @@ def kernels(cfg, params, dataset, steps: int) -> dict[str, dict]:
   prep = CF.prepare(fwd.cfg, task, fwd.params, batch, abl, csfx)
   out["circuit metric"] = measure(CF.circuit_metric, fwd.cfg, task, fwd.params, batch, prep,
                                   jnp.asarray(valid_edges(cfg), jnp.float32),
-                                  CF.scratch_like(fwd.cfg, prep))
+                                  CF.scratch_like(fwd.cfg, prep), fwd.stacked)
   log("[compile] DAS step")
   out["DAS step"] = _das_step(cfg, params, batch)
   return out

@@ -15,7 +15,8 @@ each example's last position is unembedded. The all-ones circuit (the full model
 forward, and the empty circuit's metric comes with `prepare`. With patching, the positions that
 clean and corrupted prompts share are not run again: every circuit runs only each row's suffix
 from its first differing token, attending to the clean run's keys and values before it
-(`shared_prefix`).
+(`shared_prefix`). The layers run as one `lax.scan` over the blocks' stacked weights (issue 30:
+the circuit metric's program no longer grows with the depth).
 
 It agrees with the graph-form reference (`evaluation.evaluate_circuits(..., reference=True)`) to
 float32 rounding for every supported config; `supported` names the one exception (post-norms whose
@@ -46,6 +47,7 @@ from jaxinterp.models.transformer import (
   forward,
   last_token_logits,
   positions_of,
+  stack_blocks,
   ungroup_kv,
 )
 from jaxinterp.runtime import compile_policy, shared_prefix
@@ -80,9 +82,8 @@ class Prepared:
   `prefix` is set, else the batch's.
 
   Attributes:
-    ablated: the senders' ablated outputs in sender order, one array per group: the input node
-      Float[Array, "1 batch pos d_model"], then per layer its heads [n_heads, batch, pos, d_model]
-      and its MLP [1, batch, pos, d_model].
+    ablated: Float[Array, "sender batch pos d_model"], the senders' ablated outputs in sender
+      order (`models.edges`: the input node, then per layer its heads and its MLP).
     delta_input: Float[Array, "1 batch pos d_model"], the input node's live - ablated output.
     resid_attn: Float[Array, "layer batch pos d_model"], A_r of each layer's q/k/v receivers.
     resid_mlp: Float[Array, "layer batch pos d_model"], A_r of each layer's MLP receiver.
@@ -190,9 +191,9 @@ def prepare(cfg: ModelConfig, task: Task, params, batch: Batch, ablation: Ablati
   empty, _ = metric_at_last(cfg, task, params, batch, _norm(cfg, params.get("ln_final"), acc),
                             clean_logits)
   positions = positions_of(batch.mask) if sfx is None else sfx.positions
-  return Prepared(ablated, live_input[None] - ablated[0], jnp.stack(attn), jnp.stack(mlp), acc,
-                  clean_logits, total, empty, positions, batch.mask.astype(bool), batch.last,
-                  prefix)
+  return Prepared(jnp.concatenate(ablated), live_input[None] - ablated[0], jnp.stack(attn),
+                  jnp.stack(mlp), acc, clean_logits, total, empty, positions,
+                  batch.mask.astype(bool), batch.last, prefix)
 
 
 def _norm(cfg: ModelConfig, p, x: Array, method=None) -> Array:
@@ -200,19 +201,41 @@ def _norm(cfg: ModelConfig, p, x: Array, method=None) -> Array:
 
 
 SPARSE_ROWS = 16  # a layer whose receivers read at most this many senders gathers just those
+READ_BUCKETS = 6  # the dense read of a layer's upstream senders is one of this many + 1 row counts
 
 
-def _read(delta: Array, w: Array, n_up: int, cols: Array) -> Array:
-  """sum_s w[s, r] delta_s over the first n_up senders, for receivers `cols`: [r, batch, pos, d].
+def read_buckets(cfg: ModelConfig) -> tuple[int, ...]:
+  """The sender-row counts a layer's dense read runs over (a compiled branch each, at most
+  READ_BUCKETS + 1 however deep the model): upstream senders of some layers, the last layer's
+  last. A layer reads the smallest that covers its own (from 8 layers on, up to (n_layers - 1) /
+  READ_BUCKETS layers' rows more, weighted 0; shallower models read exactly their own)."""
+  L, H = cfg.n_layers, cfg.n_heads
+  return tuple(sorted({1 + -(-j * (L - 1) // READ_BUCKETS) * (H + 1)
+                       for j in range(READ_BUCKETS + 1)}))
 
-  When few senders are read (small circuits), only their rows of delta are gathered: the dense
-  product would stream every upstream sender's [batch, pos, d_model] for a handful of nonzeros."""
-  coef = w[:n_up][:, cols].astype(delta.dtype)  # [n_up, r]
+
+def _read(delta: Array, coef: Array, n_up: int | Array, buckets: tuple[int, ...] = ()) -> Array:
+  """sum_s coef[s, r] delta_s over the first n_up senders: [r, batch, pos, d].
+
+  `coef`: Float[Array, "sender r"], the receivers' weights (rows from n_up on unread). `n_up` is
+  static, or traced (the scan over layers) with `buckets` (`read_buckets`): the dense product then
+  runs over the smallest bucket of rows covering n_up, the rows past it weighted 0. When few
+  senders are read (small circuits), only their rows of delta are gathered: the dense product
+  would stream every upstream sender's [batch, pos, d_model] for a handful of nonzeros."""
+  S = delta.shape[0]
+  if isinstance(n_up, int):
+    coef, buckets = coef[:n_up], (n_up,)
+  else:
+    coef = jnp.where((jnp.arange(S) < n_up)[:, None], coef, 0.0)
+  coef = coef.astype(delta.dtype)
 
   def dense():
-    return jnp.einsum("sbpd,sk->kbpd", delta[:n_up], coef)
+    branches = [lambda n=n: jnp.einsum("sbpd,sk->kbpd", delta[:n], coef[:n]) for n in buckets]
+    if len(branches) == 1:
+      return branches[0]()
+    return jax.lax.switch(jnp.searchsorted(jnp.asarray(buckets), n_up), branches)
 
-  if n_up <= 2 * SPARSE_ROWS:
+  if buckets[-1] <= 2 * SPARSE_ROWS:  # never more than 2 * SPARSE_ROWS rows: always dense
     return dense()
   read = jnp.any(coef != 0, axis=1)
   rows = jnp.argsort(jnp.where(read, 0, 1), stable=True)[:SPARSE_ROWS]  # the read senders first
@@ -220,58 +243,71 @@ def _read(delta: Array, w: Array, n_up: int, cols: Array) -> Array:
   def sparse():
     return jnp.einsum("sbpd,sk->kbpd", delta[rows], jnp.where(read[rows][:, None], coef[rows], 0.0))
 
-  return jax.lax.cond(read.sum() <= SPARSE_ROWS, sparse, dense)
+  return jax.lax.cond((n_up > 2 * SPARSE_ROWS) & (read.sum() <= SPARSE_ROWS), sparse, dense)
 
 
-def _heads(cfg: ModelConfig, li: int, K: int, params, prep: Prepared, batch: Batch, read: Array,
-           needed: Array) -> Array:
-  """Layer l's heads' live - ablated outputs, [n_heads, batch, pos, d_model], computing (up to) K
+@flax.struct.dataclass
+class _Layer:
+  """One layer's slice of the scan over layers (`circuit_metric`): its index, block weights (a slice
+  of `stack_blocks`), A_r of its q/k/v and MLP receivers, its clean key/value prefix (or None) and
+  whether it is a sliding-window layer (or None: no sliding layers)."""
+
+  li: Array
+  blk: dict
+  resid_attn: Array
+  resid_mlp: Array
+  prefix: KVPrefix | None
+  local: Array | None
+
+
+def _heads(cfg: ModelConfig, K: int, lay: _Layer, prep: Prepared, read: Array, needed: Array,
+           s0: Array) -> Array:
+  """A layer's heads' live - ablated outputs, [n_heads, batch, pos, d_model], computing (up to) K
   of the needed heads (the others are left zero: nothing reads them). `read` is `_read` of the
-  layer's q, k, v receivers (and its MLP's, unused here)."""
-  H, blk, ablated = cfg.n_heads, params[f"blocks_{li}"], prep.ablated[1 + 2 * li]
+  layer's q, k, v receivers (and its MLP's, unused here); `s0` the layer's first head sender."""
+  H, blk = cfg.n_heads, lay.blk
   if K == 0:
-    return jnp.zeros_like(ablated)
+    return jnp.zeros((H,) + prep.ablated.shape[1:], prep.ablated.dtype)
   if K == H:  # every head, in place: no gathers
     idx, x, gathered = slice(None), read[:3 * H], blk["attn"]
   else:
     idx = jnp.argsort(jnp.where(needed, 0, 1), stable=True)[:K]  # the needed heads first
     x = read[jnp.concatenate([idx, H + idx, 2 * H + idx])]
     gathered = {k: (v[idx] if k != "b_O" else v) for k, v in blk["attn"].items()}
-  x = _norm(cfg, blk.get("ln1"), prep.resid_attn[li] + x)  # [3K, batch, pos, d_model]
+  x = _norm(cfg, blk.get("ln1"), lay.resid_attn + x)  # [3K, batch, pos, d_model]
   # Head-major throughout: each head's input is projected where it lies (no transposes of the
   # [K, batch, pos, d_model] inputs), and each head's output comes out as its sender row.
   q, k, v = (jnp.einsum("hbpd,hde->bphe", x[i * K:(i + 1) * K], gathered[f"W_{n}"]) +
              gathered.get(f"b_{n}", 0.0) for i, n in enumerate("QKV"))
   prefix = None
-  if prep.prefix is not None:  # this layer's clean keys and values before the suffix, K heads
-    pk, pv = prep.prefix.k[li][:, :, idx], prep.prefix.v[li][:, :, idx]
-    prefix = KVPrefix(pk, pv, prep.prefix.positions[li], prep.prefix.mask[li])
-  z = Attention(dataclasses.replace(cfg, n_heads=K, n_kv_heads=None), li).apply(
+  if lay.prefix is not None:  # this layer's clean keys and values before the suffix, K heads
+    pk, pv = lay.prefix.k[:, :, idx], lay.prefix.v[:, :, idx]
+    prefix = KVPrefix(pk, pv, lay.prefix.positions, lay.prefix.mask)
+  z = Attention(dataclasses.replace(cfg, n_heads=K, n_kv_heads=None), 0).apply(
       {"params": gathered}, q, k, v, positions=prep.positions, key_mask=prep.key_mask,
-      sites=Sites(), prefix=prefix, method=Attention.attend)
+      sites=Sites(), prefix=prefix, local=lay.local, method=Attention.attend)
   result = jnp.einsum("bphe,hed->hbpd", z, gathered["W_O"])  # [K, batch, pos, d_model]
   if cfg.post_norms:  # K == H: the norm's scale is that of the whole layer's output
     result = result * _norm(cfg, blk["ln1_post"], result.sum(0), Norm.scale)[None]
+  ablated = jax.lax.dynamic_slice_in_dim(prep.ablated, s0, H)  # sliced where used: fused, no copy
   new = result.astype(ablated.dtype) - ablated[idx]
   new = jnp.where(needed[idx][:, None, None, None], new, 0.0)
   return new if K == H else jnp.zeros_like(ablated).at[idx].set(new)
 
 
-def _mlp(cfg: ModelConfig, li: int, params, prep: Prepared, w: Array, delta: Array,
-         read: Array) -> Array:
-  """Layer l's MLP's live - ablated output, [1, batch, pos, d_model]. `read` covers the senders
-  before the layer; the layer's own heads (upstream unless the blocks are parallel) are added."""
-  blk = params[f"blocks_{li}"]
-  x = prep.resid_mlp[li] + read[3 * cfg.n_heads]
+def _mlp(cfg: ModelConfig, lay: _Layer, coef_heads: Array, heads: Array, read: Array,
+         prep: Prepared, s: Array) -> Array:
+  """A layer's MLP's live - ablated output, [1, batch, pos, d_model]. `read` covers the senders
+  before the layer; the layer's own `heads` (upstream unless the blocks are parallel, read with
+  weights `coef_heads` [n_heads]) are added. `s`: the MLP's sender."""
+  blk = lay.blk
+  x = lay.resid_mlp + read[3 * cfg.n_heads]
   if not cfg.parallel_attn_mlp:
-    s0, r = E.head_sender(cfg, li, 0), E.mlp_receiver(cfg, li)
-    heads = delta[s0:s0 + cfg.n_heads]
-    coef = w[s0:s0 + cfg.n_heads, r].astype(heads.dtype)
-    x = x + jnp.sum(heads * coef[:, None, None, None], 0)
-  out = MLP(cfg, li).apply({"params": blk["mlp"]}, _norm(cfg, blk.get("ln2"), x), Sites())
+    x = x + jnp.sum(heads * coef_heads.astype(heads.dtype)[:, None, None, None], 0)
+  out = MLP(cfg, 0).apply({"params": blk["mlp"]}, _norm(cfg, blk.get("ln2"), x), Sites())
   if cfg.post_norms:
     out = _norm(cfg, blk["ln2_post"], out)
-  return out[None].astype(prep.ablated[0].dtype) - prep.ablated[2 + 2 * li]
+  return out[None].astype(prep.ablated.dtype) - jax.lax.dynamic_slice_in_dim(prep.ablated, s, 1)
 
 
 def scratch_like(cfg: ModelConfig, prep: Prepared) -> Array:
@@ -280,48 +316,66 @@ def scratch_like(cfg: ModelConfig, prep: Prepared) -> Array:
   return jnp.zeros((E.n_senders(cfg),) + prep.delta_input.shape[1:], prep.delta_input.dtype)
 
 
+_stack = jax.jit(stack_blocks, static_argnums=0)
+
+
 @functools.partial(compile_policy.jit, static_argnames=("cfg", "task"),
                    donate_argnames=("scratch",))
 def circuit_metric(cfg: ModelConfig, task: Task, params, batch: Batch, prep: Prepared,
-                   w: Array, scratch: Array) -> tuple[Array, Array]:
+                   w: Array, scratch: Array, stacked=None) -> tuple[Array, Array]:
   """The metric summed over the batch's real rows under one circuit.
+
+  The layers run as one `lax.scan` (weights, A_r, key/value prefix and sliding-window type are
+  scanned, sender and receiver indices are data): the program's size does not grow with depth.
 
   Args:
     cfg, params: the model with key/value heads ungrouped (`ungroup_kv`).
     w: Float[Array, "sender receiver"], the circuit's edge weights, zero on invalid edges.
     scratch: `scratch_like(cfg, prep)` or the previous call's returned buffer (donated; its
-      contents do not matter: every row is written before it is read). Reusing it spares each call
-      allocating, and the memory system faulting in, a [sender, batch, pos, d_model] buffer.
+      contents only need to be finite: a read may cover rows of later layers, weighted 0). Reusing
+      it spares each call allocating, and the memory system faulting in, a [sender, batch, pos,
+      d_model] buffer.
+    stacked: `stack_blocks(cfg, params)`, made once for many calls (`CircuitForward` does); None
+      stacks the blocks' weights in the call (a copy of them per call).
 
   Returns:
     (Float[Array, ""], the buffer to pass to the next call).
   """
   H = cfg.n_heads
-  buckets = head_buckets(cfg)
+  buckets, rows = head_buckets(cfg), read_buckets(cfg)
   shape = prep.delta_input.shape[1:]
-  # live - ablated of every sender, [sender, batch, pos, d_model]. Each layer writes all its rows
-  # (zero for the senders nothing reads) before any later layer reads them.
-  delta = scratch.at[0].set(prep.delta_input[0])
-  for li in range(cfg.n_layers):
-    s0, s_mlp = E.head_sender(cfg, li, 0), E.mlp_sender(cfg, li)
-    needed = jnp.any(w[s0:s0 + H] != 0, axis=1)  # heads some in-circuit edge reads
-    mlp_needed = jnp.any(w[s_mlp] != 0)
+  stacked = stack_blocks(cfg, params) if stacked is None else stacked
+
+  def layer(delta, lay: _Layer):
+    # live - ablated of every sender, [sender, batch, pos, d_model]. Each layer writes all its rows
+    # (zero for senders nothing reads); later layers' rows that a read covers are weighted 0.
+    s0 = 1 + lay.li * (H + 1)  # the layer's first head sender = its number of upstream senders
+    w_heads = jax.lax.dynamic_slice_in_dim(w, s0, H + 1)  # [H + 1, receiver]: heads, then MLP
+    needed = jnp.any(w_heads[:H] != 0, axis=1)  # heads some in-circuit edge reads
+    mlp_needed = jnp.any(w_heads[H] != 0)
     # One pass over the upstream senders for the layer's q, k, v and MLP receivers (contiguous).
-    cols = jnp.arange(3 * H + 1) + E.head_receiver(cfg, li, 0, "q")
-    n_up = E.n_upstream_of_attn(cfg, li)
+    coef = jax.lax.dynamic_slice_in_dim(w, lay.li * (3 * H + 1), 3 * H + 1, 1)  # [sender, 3H+1]
     read = jax.lax.cond(needed.any() | mlp_needed,
-                        lambda d, n_up=n_up, cols=cols: _read(d, w, n_up, cols),
+                        lambda d: _read(d, coef, s0, rows),
                         lambda d: jnp.zeros((3 * H + 1,) + shape, d.dtype), delta)
-    branch = jnp.searchsorted(jnp.asarray(buckets), needed.sum())
-    heads = jax.lax.switch(
-        branch, [functools.partial(_heads, cfg, li, K, params, prep, batch) for K in buckets],
-        read, needed)
+    heads = jax.lax.switch(jnp.searchsorted(jnp.asarray(buckets), needed.sum()),
+                           [functools.partial(_heads, cfg, K, lay, prep) for K in buckets],
+                           read, needed, s0)
     delta = jax.lax.dynamic_update_slice_in_dim(delta, heads, s0, 0)
-    mlp = jax.lax.cond(mlp_needed, lambda d, r, li=li: _mlp(cfg, li, params, prep, w, d, r),
-                       lambda d, r, li=li: jnp.zeros_like(prep.ablated[2 + 2 * li]), delta, read)
-    delta = jax.lax.dynamic_update_slice_in_dim(delta, mlp, s_mlp, 0)
+    mlp = jax.lax.cond(mlp_needed,
+                       lambda h, r: _mlp(cfg, lay, jax.lax.dynamic_slice_in_dim(
+                           coef[:, 3 * H], s0, H), h, r, prep, s0 + H),
+                       lambda h, r: jnp.zeros((1,) + shape, h.dtype), heads, read)
+    return jax.lax.dynamic_update_slice_in_dim(delta, mlp, s0 + H, 0), None
+
+  delta = scratch.at[0].set(prep.delta_input[0])
+  local = (jnp.asarray([li in cfg.sliding_layers for li in range(cfg.n_layers)])
+           if cfg.sliding_layers else None)  # each layer's type (sliding window or not) as data
+  xs = _Layer(jnp.arange(cfg.n_layers), stacked, prep.resid_attn, prep.resid_mlp, prep.prefix,
+              local)
+  delta, _ = jax.lax.scan(layer, delta, xs)
   col = jnp.asarray([E.logits_receiver(cfg)])
-  x = prep.resid_final + _read(delta, w, E.n_senders(cfg), col)[0]
+  x = prep.resid_final + _read(delta, w[:, col], E.n_senders(cfg))[0]
   total, _ = metric_at_last(cfg, task, params, batch.replace(last=prep.last),
                             _norm(cfg, params.get("ln_final"), x), prep.clean_logits)
   return total, delta
@@ -339,6 +393,15 @@ class CircuitForward:
     self.task = task
     self.valid = np.asarray(valid, bool)
     self._scratch: dict[tuple, Array] = {}  # circuit_metric's buffer per batch shape, reused
+    self._stacked = None
+
+  @property
+  def stacked(self):
+    """The blocks' weights stacked on a leading layer axis (`stack_blocks`) for the circuit
+    metric's scan over layers: made on first use, once for every batch and circuit."""
+    if self._stacked is None:
+      self._stacked = _stack(self.cfg, self.params)
+    return self._stacked
 
   def is_full(self, w: np.ndarray) -> bool:
     """Whether `w` keeps every valid edge live (the plain model)."""
@@ -368,7 +431,9 @@ class CircuitForward:
           lambda p, b, a, suffix=suffix: prepare(self.cfg, self.task, p, b, a, suffix), *args[2:])
       w = jax.ShapeDtypeStruct(self.valid.shape, jnp.float32)
       scratch = jax.eval_shape(lambda prep=prep: scratch_like(self.cfg, prep))
-      circuit_metric.lower(self.cfg, self.task, self.params, batch, prep, w, scratch).compile()
+      stacked = jax.eval_shape(lambda p: stack_blocks(self.cfg, p), self.params)
+      circuit_metric.lower(self.cfg, self.task, self.params, batch, prep, w, scratch,
+                           stacked).compile()
 
   def metric(self, batch: Batch, prep: Prepared, w: np.ndarray) -> Array:
     """Metric sum over the batch for circuit `w` (Float [sender, receiver]); a device scalar."""
@@ -382,5 +447,5 @@ class CircuitForward:
     if scratch is None:
       scratch = scratch_like(self.cfg, prep)
     total, self._scratch[shape] = circuit_metric(
-        self.cfg, self.task, self.params, batch, prep, jnp.asarray(w), scratch)
+        self.cfg, self.task, self.params, batch, prep, jnp.asarray(w), scratch, self.stacked)
     return total

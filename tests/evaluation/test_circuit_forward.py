@@ -7,6 +7,7 @@ weights.
 """
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ from jaxinterp.circuits.layout import valid_edges
 from jaxinterp.evaluation import circuit_forward as CF
 from jaxinterp.evaluation import faithfulness as V
 from jaxinterp.models import edges as E
+from jaxinterp.models.transformer import stack_blocks
 from jaxinterp.runtime import shared_prefix
 from tests.attribution.test_receiver_grads import CONFIGS, _params
 from tests.runtime.test_shared_prefix import late_corruption
@@ -166,3 +168,65 @@ def test_compile_ahead_leaves_nothing_to_compile():
     # Only eager odds and ends compile (the buffer's zeros): the circuit metric alone takes seconds.
     assert timer.seconds < 0.3, timer.by_kind
     assert first == again and len(set(first)) == 3  # three different circuits, each reproduced
+
+
+_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?[\w.\-]+ = ")  # as benchmarks/compile.py counts
+
+
+def _deep(n_layers):
+  return models.ModelConfig(family="gpt2", d_model=16, n_layers=n_layers, n_heads=4, d_head=4,
+                            d_mlp=32, d_vocab=50, n_ctx=32)
+
+
+def _metric_lowered(cfg):
+  """`circuit_metric` lowered as `CircuitForward` compiles it (abstract arguments: nothing runs)."""
+  params = jax.eval_shape(lambda: models.init_params(cfg, jax.random.PRNGKey(0)))
+  data = tasks.make_induction(4, 4, cfg.d_vocab, seed=0, bos_id=0)
+  batch = next(data.batches(4))
+  fwd = CF.CircuitForward(cfg, params, data.task, valid_edges(cfg))
+  prep = jax.eval_shape(lambda p, b, a: CF.prepare(fwd.cfg, fwd.task, p, b, a), fwd.params,
+                        batch, A.Ablation("patching"))
+  w = jax.ShapeDtypeStruct(valid_edges(cfg).shape, jnp.float32)
+  stacked = jax.eval_shape(lambda p: stack_blocks(fwd.cfg, p), fwd.params)
+  scratch = jax.eval_shape(lambda: CF.scratch_like(fwd.cfg, prep))
+  return CF.circuit_metric.lower(fwd.cfg, fwd.task, fwd.params, batch, prep, w, scratch, stacked)
+
+
+def test_circuit_metric_program_does_not_grow_with_layers():
+  """The layers are one `lax.scan` (issue 30): 8 and 16 layers lower to programs of the same size
+  (from 7 layers on the dense reads' `read_buckets` are all there; nothing else depends on the
+  depth). The optimised HLO's size: `test_deep_model_reads_past_upstream_senders_with_weight_zero`.
+  """
+  assert len(CF.read_buckets(_deep(8))) == len(CF.read_buckets(_deep(16))) == CF.READ_BUCKETS + 1
+  lines = [len(_metric_lowered(_deep(n)).as_text().splitlines()) for n in (8, 16)]
+  assert lines[0] == lines[1], lines
+
+
+@pytest.mark.slow
+def test_deep_model_reads_past_upstream_senders_with_weight_zero():
+  """The scanned circuit metric's optimised HLO has as many instructions on 8 layers as on 16. On 9
+  layers a layer's dense read covers up to a bucket of rows past its upstream senders
+  (`read_buckets`, weighted 0): the circuits equal the graph-form reference, and the all-edges
+  and no-edges circuits equal `prepare`'s clean and empty metrics."""
+  sizes = [sum(1 for line in _metric_lowered(_deep(n)).compile().as_text().splitlines()
+               if _INSTRUCTION.match(line)) for n in (8, 16)]
+  assert sizes[0] == sizes[1], sizes
+  cfg = dataclasses.replace(_deep(9), n_heads=8, d_head=2)  # > 2 * SPARSE_ROWS senders: both reads
+  ups = [E.n_upstream_of_attn(cfg, li) for li in range(cfg.n_layers)]
+  assert any(n not in CF.read_buckets(cfg) for n in ups) and ups[-1] > 2 * CF.SPARSE_ROWS
+  params = _params(cfg)
+  data = tasks.make_induction(8, 4, cfg.d_vocab, seed=0, bos_id=0)
+  weights = _circuits(cfg)
+  ref = V.evaluate_circuits(cfg, params, data, weights, batch_size=4, quiet=True, reference=True)
+  fast = V.evaluate_circuits(cfg, params, data, weights, batch_size=4, quiet=True)
+  assert np.std(ref[2:]) > 1e-3
+  np.testing.assert_allclose(fast, ref, atol=1e-5 * max(1.0, np.abs(ref).max()), rtol=0)
+  batch = next(data.batches(4))
+  fwd = CF.CircuitForward(cfg, params, data.task, valid_edges(cfg))
+  prep = fwd.prepare(batch, A.make_ablation(cfg, params, data, "patching", 4))
+  valid = valid_edges(cfg).astype(np.float32)
+  scratch = CF.scratch_like(fwd.cfg, prep)
+  for w, want in ((valid, prep.clean_total), (0 * valid, prep.empty_total)):
+    got, scratch = CF.circuit_metric(fwd.cfg, fwd.task, fwd.params, batch, prep, jnp.asarray(w),
+                                     scratch, fwd.stacked)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
