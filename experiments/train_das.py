@@ -20,6 +20,10 @@ subspace-illusion diagnostic for a 1-d direction learned at the layer-0 MLP neur
 
   python -m experiments.train_das                   # ~1 min on CPU
   python -m experiments.train_das --retrain_model   # retrain and overwrite the shipped model
+
+It runs as N processes of one program (`--coordinator_address`, `--num_processes`,
+`--process_id`; docs/performance.md, "Multi-host"): process p trains the DAS sites p, p + N, ...,
+every process gets all the results (one process's, bitwise) and process 0 writes them.
 """
 
 from __future__ import annotations

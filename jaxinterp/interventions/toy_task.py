@@ -16,7 +16,9 @@ The model ships in `jaxinterp/assets/das_toy` (`load_das_toy`). `train_das(DASCo
 `model_dir` has none (or `retrain_model`), saving it with `models.save_converted`; (2) trains a DAS
 rotation (`RotatedSpace`, QR parametrisation, k rotated dims) at each residual-stream layer x
 position, evaluates IIA on held-out pairs and writes a heatmap PNG plus JSON/CSV; (3) runs the
-subspace-illusion diagnostic for a 1-d direction learned at the layer-0 MLP neurons.
+subspace-illusion diagnostic for a 1-d direction learned at the layer-0 MLP neurons. In a
+multi-process run (`runtime.distributed`) process p trains the items p, p + N, ... of (2) and (3)
+and every process gets all their results, bitwise one process's (`distributed.map_split`).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from jaxinterp.interventions.training import (
   init_rotated_space,
   train_interventions,
 )
-from jaxinterp.runtime import files, inputs
+from jaxinterp.runtime import distributed, files, inputs
 from jaxinterp.viz import plots
 
 ASSET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
@@ -142,11 +144,17 @@ def das_sites(cfg) -> list[str]:
       [f"blocks.{cfg.n_layers - 1}.hook_resid_post"]
 
 
+def das_template(cfg, site: str, position: int, *, k: int, seed: int = 0) -> dict:
+  """The untrained DAS rotation (first k rotated dims) at one site and position that `das_at`
+  trains: {site: RotatedSpace}."""
+  key = jax.random.PRNGKey(seed)
+  return {site: init_rotated_space(key, cfg.d_model, k, where=Where.of(positions=position))}
+
+
 def das_at(cfg, params, site: str, position: int, train: dict, *, k: int, steps: int,
            seed: int = 0):
   """Train a DAS rotation (first k rotated dims) at one site and position; returns the template."""
-  key = jax.random.PRNGKey(seed)
-  tmpl = {site: init_rotated_space(key, cfg.d_model, k, where=Where.of(positions=position))}
+  tmpl = das_template(cfg, site, position, k=k, seed=seed)
   trained, _ = train_interventions(cfg, params, tmpl, train, steps=steps, batch_size=128,
                                    learning_rate=1e-2, seed=seed)
   return trained
@@ -185,21 +193,41 @@ def _check(config: DASConfig) -> None:
 
 
 def _model(config: DASConfig, t0: float):
-  """The toy model of `config.model_dir`, trained and saved there first if needed."""
+  """The toy model of `config.model_dir`, trained and saved there first if needed (by process 0 of
+  a multi-process run, which decides; the others wait for it, then load it too)."""
   md, p = config.model_dir, config.p
-  if config.retrain_model or not os.path.exists(os.path.join(md,
-                                                             models.pretrained.CONVERTED_CONFIG)):
+  several = distributed.process_count() > 1
+  fit = config.retrain_model or not os.path.exists(os.path.join(md,
+                                                                models.pretrained.CONVERTED_CONFIG))
+  if several:
+    fit = distributed.broadcast_bytes(b"1" if fit else b"0") == b"1"
+  if fit and files.is_writer():
     cfg, params, acc = train_toy_model(p, config.model_steps, config.seed, config.model_lr)
-    models.save_converted(models.Model(cfg, params), md)
+    _save_model(models.Model(cfg, params), md, several)
     files.atomic_write_json(os.path.join(md, METADATA_FILE), {
         "task": "(a + b) mod p at '='", "p": p, "accuracy": acc, "tokens": "a b =", "eq_token": p,
         "model_steps": config.model_steps, "model_lr": config.model_lr, "seed": config.seed,
         "layer1_attention": "cut (W_O held at zero)", "known_site": ["blocks.1.hook_resid_pre", 2]})
+  if fit and several:
+    distributed.allgather_bytes(b"")  # the others wait here until process 0 has saved the model
   model, meta = load_das_toy(md)
   if meta["p"] != p:
     raise inputs.InputError(f"--p={p} but the model in {md} was trained with p={meta['p']}")
   print(f"toy model accuracy {meta['accuracy']:.3f} ({time.time() - t0:.1f}s)", flush=True)
   return model, meta
+
+
+def _save_model(model: models.Model, md: str, several: bool) -> None:
+  """`models.save_converted`; in a multi-process run (process 0 alone) the same files through
+  `files.save_arrays`, whose orbax does not wait for the other processes at barriers."""
+  if not several:
+    models.save_converted(model, md)
+    return
+  os.makedirs(md, exist_ok=True)
+  files.save_arrays(os.path.join(md, models.pretrained.CONVERTED_PARAMS),
+                    jax.tree.map(np.asarray, model.params))
+  files.atomic_write_text(os.path.join(md, models.pretrained.CONVERTED_CONFIG),
+                          json.dumps(model.cfg.to_dict(), indent=1))
 
 
 def _illusion(cfg, params, config: DASConfig, train: dict, held: dict) -> dict:
@@ -219,8 +247,46 @@ def _illusion(cfg, params, config: DASConfig, train: dict, held: dict) -> dict:
   rep = illusion.illusion_report(cfg, params, site, v, held["base"], held["source"], metric,
                                  where=Where.of(positions=2))
   rep["iia_1d"] = iia(cfg, params, trained, held)
-  print(f"illusion diagnostic at {site}: {rep}", flush=True)
   return {"site": site, "position": 2, **rep}
+
+
+def _grid(cfg, params, config: DASConfig, train: dict, held: dict, out: str, t0: float):
+  """DAS at every residual-stream site x position, then the illusion diagnostic: (IIA grid
+  [site, position], CSV rows, illusion record). The trained rotations are saved under `out`. In a
+  multi-process run process p trains items p, p + N, ... and every process gets all the results
+  (`distributed.map_split`), bitwise one process's; process 0 saves and prints them."""
+  sites, positions = das_sites(cfg), [0, 1, 2]
+  items = [(site, pos) for site in sites for pos in positions]
+  grid = np.zeros((len(sites), len(positions)))
+  rows = []
+
+  def one(_, item) -> dict[str, np.ndarray]:
+    if item is None:
+      text = json.dumps(_illusion(cfg, params, config, train, held))
+      return {"json": np.frombuffer(text.encode(), np.uint8)}
+    trained = das_at(cfg, params, *item, train, k=config.k, steps=config.das_steps,
+                     seed=config.seed)
+    leaves = jax.tree.leaves(trained)
+    return {"iia": np.asarray(iia(cfg, params, trained, held), np.float64),
+            **{f"leaf{n}": np.asarray(x) for n, x in enumerate(leaves)}}
+
+  def done(n: int, result: dict[str, np.ndarray]) -> None:
+    if n == len(items):
+      rep = json.loads(result["json"].tobytes().decode())
+      shown = {k: v for k, v in rep.items() if k not in ("site", "position")}
+      print(f"illusion diagnostic at {rep['site']}: {shown}", flush=True)
+      return
+    (i, j), (site, pos) = divmod(n, len(positions)), items[n]
+    grid[i, j] = result["iia"]
+    rows.append({"site": site, "position": pos, "k": config.k, "iia": grid[i, j]})
+    print(f"{site} pos {pos}: IIA {grid[i, j]:.3f} ({time.time() - t0:.1f}s)", flush=True)
+    tree = jax.tree.structure(das_template(cfg, site, pos, k=config.k, seed=config.seed))
+    trained = jax.tree.unflatten(tree, [result[f"leaf{m}"] for m in range(tree.num_leaves)])
+    save_interventions(os.path.join(out, f"das_{site}_pos{pos}"), trained,
+                       metadata={"iia": grid[i, j], "variable": "S", "p": config.p})
+
+  results = distributed.map_split([*items, None], one, done)
+  return grid, rows, json.loads(results[-1]["json"].tobytes().decode())
 
 
 def run_record(config: DASConfig) -> files.RunRecord:
@@ -247,24 +313,15 @@ def train_das(config: DASConfig, out: str, *, overwrite: bool = False) -> dict:
     train = interchange_data(p, config.n_train, seed=config.seed + 1)
     held = interchange_data(p, config.n_eval, seed=config.seed + 2)
     sites, positions = das_sites(cfg), [0, 1, 2]
-    grid = np.zeros((len(sites), len(positions)))
-    rows = []
     png = config.png or os.path.join(out, "das_iia.png")
     outputs = ["iia.json", "iia.csv"] + [f"das_{s}_pos{q}" for s in sites for q in positions]
     if not config.png:
       outputs.append("das_iia.png")
     with out_dir.writing(outputs):  # DONE, listing them, last
-      for i, site in enumerate(sites):
-        for j, pos in enumerate(positions):
-          trained = das_at(cfg, params, site, pos, train, k=config.k, steps=config.das_steps,
-                           seed=config.seed)
-          grid[i, j] = iia(cfg, params, trained, held)
-          rows.append({"site": site, "position": pos, "k": config.k, "iia": grid[i, j]})
-          print(f"{site} pos {pos}: IIA {grid[i, j]:.3f} ({time.time() - t0:.1f}s)", flush=True)
-          save_interventions(os.path.join(out, f"das_{site}_pos{pos}"), trained,
-                             metadata={"iia": grid[i, j], "variable": "S", "p": p})
+      grid, rows, illusion_record = _grid(cfg, params, config, train, held, out, t0)
       chance = 1.0 / p
-      os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+      if files.is_writer():
+        os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
       plots.plot_heatmap(grid, png, xlabel="position", ylabel="site",
                          title=f"DAS IIA for S = (a+b) mod p (chance {chance:.2f})",
                          xticklabels=[f"{q} ({lab})" for q, lab in zip(positions, "ab=",
@@ -273,7 +330,7 @@ def train_das(config: DASConfig, out: str, *, overwrite: bool = False) -> dict:
       files.atomic_write_csv(os.path.join(out, "iia.csv"), rows)
       result = {"p": p, "chance": chance, "k": config.k, "sites": sites, "positions": positions,
                 "iia": grid.tolist(), "model_accuracy": meta["accuracy"],
-                "illusion": _illusion(cfg, params, config, train, held),
+                "illusion": illusion_record,
                 "seconds": time.time() - t0, "config": dataclasses.asdict(config)}
       files.atomic_write_json(os.path.join(out, "iia.json"), result)
   print(json.dumps(result, indent=1))

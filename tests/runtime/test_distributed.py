@@ -236,3 +236,96 @@ def test_one_process_split_sum_is_the_sequential_sum():
     want += row
   np.testing.assert_array_equal(got, want)
   assert seen == list(range(7)) and distributed.n_owned(7) == 7
+
+
+# train_das: 9 DAS sites + the illusion diagnostic, 5 items per process; a toy model trained first
+# (by process 0 alone in the 2-process run) in a directory of its own.
+DAS = ["--p=5", "--model_steps=150", "--das_steps=15", "--n_train=256", "--n_eval=128", "--k=4"]
+
+
+def _train_das(out, cache, *extra) -> subprocess.Popen:
+  cmd = [sys.executable, "-m", "experiments.train_das", f"--out={out}", f"--model_dir={out}_model",
+         f"--compilation_cache={cache}", *DAS, *extra]
+  return subprocess.Popen(cmd, cwd=str(REPO), env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow  # 3 processes, each training a toy model or DAS (~1-3 min on 2 cores)
+def test_train_das_on_two_processes_equals_one(tmp_path):
+  from jaxinterp.interventions.saving import load_interventions
+  cache = tmp_path / "cache"
+  rc, out, err = _finish(_train_das(tmp_path / "one", cache))  # fills the compilation cache
+  assert rc == 0, out[-2000:] + err[-3000:]
+  common = [f"--coordinator_address=localhost:{_port()}", "--num_processes=2",
+            "--distributed_timeout=120"]
+  procs = [_train_das(tmp_path / "two", cache, *common, f"--process_id={p}") for p in (0, 1)]
+  results = [_finish(p) for p in procs]
+  for rc, out, err in results:
+    assert rc == 0, out[-2000:] + err[-3000:]
+  one, two = tmp_path / "one", tmp_path / "two"
+  ja, jb = (json.loads((x / "iia.json").read_text()) for x in (one, two))
+  ja.pop("seconds"), jb.pop("seconds"), ja.pop("config"), jb.pop("config")
+  assert ja == jb and len({v for row in ja["iia"] for v in row}) > 1, (ja, jb)
+  assert abs(ja["illusion"]["effect_full"]) > 1e-2 and ja["model_accuracy"] > 1 / 5
+  assert (one / "iia.csv").read_text() == (two / "iia.csv").read_text()
+  assert sorted(os.listdir(one)) == sorted(os.listdir(two)) and (two / "DONE").exists()
+  assert sorted(os.listdir(tmp_path)) == ["cache", "one", "one_model", "two", "two_model"]
+  for name in (n for n in os.listdir(one) if n.startswith("das_") and (one / n).is_dir()):
+    (ia, ma), (ib, mb) = (load_interventions(str(x / name)) for x in (one, two))
+    assert ma == mb and list(ia) == list(ib)
+    for site in ia:
+      np.testing.assert_array_equal(np.asarray(ib[site].rotation), np.asarray(ia[site].rotation))
+  # One report, printed by process 0 (its stdout carries every site's line).
+  assert "illusion diagnostic" in results[0][1] and results[0][1].count(": IIA ") == 9
+  assert "IIA" not in results[1][1]
+
+
+# attribution_graph on the bundled toy_mlp and its transcoders: 14 batches of 16 rows (every
+# feature), and the ranking loop (--max_feature_nodes) in rounds of 4 batches of 8 rows.
+GRAPH_RUNS = {"all": ["--batch_size=16"], "ranked": ["--batch_size=8", "--max_feature_nodes=50"]}
+
+
+def _attribution_graph(out, cache, *extra) -> subprocess.Popen:
+  cmd = [sys.executable, "-m", "experiments.attribution_graph", f"--out={out}",
+         f"--compilation_cache={cache}", *extra]
+  return subprocess.Popen(cmd, cwd=str(REPO), env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow  # 6 processes of attribution_graph (~40 s)
+def test_attribution_graph_on_two_processes_equals_one(tmp_path):
+  cache = tmp_path / "cache"
+  for name, flags in GRAPH_RUNS.items():
+    one, two = tmp_path / f"{name}_one", tmp_path / f"{name}_two"
+    rc, out, err = _finish(_attribution_graph(one, cache, *flags))  # fills the cache
+    assert rc == 0, out[-2000:] + err[-3000:]
+    common = [f"--coordinator_address=localhost:{_port()}", "--num_processes=2",
+              "--distributed_timeout=120", *flags]
+    procs = [_attribution_graph(two, cache, *common, f"--process_id={p}") for p in (0, 1)]
+    results = [_finish(p) for p in procs]
+    for rc, out, err in results:
+      assert rc == 0, out[-2000:] + err[-3000:]
+    # The rows are split and gathered exactly: the same bytes as one process's.
+    ga, gb = np.load(one / "graph.npz"), np.load(two / "graph.npz")
+    assert sorted(ga.files) == sorted(gb.files) and np.abs(ga["adjacency"]).max() > 1e-2
+    for k in ga.files:
+      assert ga[k].dtype == gb[k].dtype and ga[k].tobytes() == gb[k].tobytes(), k
+    assert (one / "graph.json").read_bytes() == (two / "graph.json").read_bytes()
+    assert sorted(os.listdir(one)) == sorted(os.listdir(two)) and (two / "DONE").exists()
+    # Process 0 alone writes, prints the report and shows the bar.
+    assert "wrote " in results[0][1] and "attribute [" in results[0][2]
+    assert "wrote " not in results[1][1] and "attribute [" not in results[1][2]
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+      ["cache", *(f"{n}_{k}" for n in GRAPH_RUNS for k in ("one", "two"))])
+
+
+def test_one_process_map_split_is_the_plain_loop():
+  from jaxinterp.runtime import distributed
+  seen = []
+
+  def fn(i, item):
+    return {"x": np.full(2, item / 4), "i": np.asarray(i)}
+
+  got = distributed.map_split([3, 1, 4], fn, lambda i, r: seen.append((i, int(r["i"]))))
+  assert seen == [(0, 0), (1, 1), (2, 2)] and [float(r["x"][0]) for r in got] == [0.75, 0.25, 1.0]
+  assert distributed.map_split([], fn) == []
