@@ -9,9 +9,11 @@ GPT-2 tokenizer; random equal-length pairs when ../shared is absent) with `--ste
 `receiver_grads.ig_inputs_batch` (edge level, what `attribute` runs per batch) and
 `attribution.positions.gradient_batch` (position level: non-crossing and crossing edges).
 Timed: compile (`lower` + `compile`, no cache) and the warm call (best of `--repeats`, results
-blocked on), each kernel alone. Memory: XLA's buffer assignment of the compiled program
-(`memory_analysis`: temporaries, arguments, outputs), the device peak the program needs, and the
-process's peak RSS growth. The JSON (`--json_out`) holds the environment (device, load average).
+blocked on), each kernel alone, in wall-clock seconds and in the process's CPU seconds (all
+threads: steadier than wall time when other processes share the cores). Memory: XLA's buffer
+assignment of the compiled program (`memory_analysis`: temporaries, arguments, outputs), the
+device peak the program needs, and the process's peak RSS growth. The JSON (`--json_out`) holds
+the environment (device, load average).
 """
 
 from __future__ import annotations
@@ -57,19 +59,25 @@ def measure(name: str, fn, args: tuple, static: dict, repeats: int) -> dict:
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   jax.block_until_ready(fn(*args, **static))  # the jit's own first call (its compile, not timed)
-  timing = common.time_calls(lambda: jax.block_until_ready(fn(*args, **static)), repeats,
-                             warmup=False)
+  cpu = []
+
+  def call():
+    c0 = time.process_time()
+    jax.block_until_ready(fn(*args, **static))
+    cpu.append(time.process_time() - c0)
+
+  timing = common.time_calls(call, repeats, warmup=False)
   row = dict(kernel=name, compile_s=compile_s, warm_best_s=timing.best_s,
-             warm_median_s=timing.median_s, warm_s=timing.times_s,
-             rss_growth_mb=_rss_mb() - rss0)
+             warm_median_s=timing.median_s, warm_s=timing.times_s, warm_cpu_best_s=min(cpu),
+             warm_cpu_s=cpu, rss_growth_mb=_rss_mb() - rss0)
   if mem is not None:
     temp, arg, out = (getattr(mem, f"{k}_size_in_bytes", 0) for k in ("temp", "argument",
                                                                       "output"))
     row.update(temp_mb=temp / 2**20, argument_mb=arg / 2**20, output_mb=out / 2**20,
                peak_mb=(temp + arg + out) / 2**20)
   print(f"{name:>14s}: compile {compile_s:7.2f} s, warm {timing.best_s:7.3f} s (best of "
-        f"{repeats}), XLA peak {row.get('peak_mb', float('nan')):8.1f} MB (temp "
-        f"{row.get('temp_mb', float('nan')):.1f} MB)")
+        f"{repeats}; CPU {min(cpu):.3f} s), XLA peak {row.get('peak_mb', float('nan')):8.1f} MB "
+        f"(temp {row.get('temp_mb', float('nan')):.1f} MB)")
   return row
 
 
@@ -87,7 +95,8 @@ def main(argv):
   edge = measure("edge level", RG.ig_inputs_batch, args, {}, _REPEATS.value)
   pos = measure("position level", P.gradient_batch, args, {"method": "EAP-IG-inputs"},
                 _REPEATS.value)
-  ratio = {k: pos[k] / edge[k] for k in ("compile_s", "warm_best_s", "peak_mb", "temp_mb")
+  ratio = {k: pos[k] / edge[k] for k in ("compile_s", "warm_best_s", "warm_cpu_best_s",
+                                          "peak_mb", "temp_mb")
            if k in pos and k in edge and edge[k]}
   print("position / edge: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items()))
   if _JSON_OUT.value:

@@ -15,24 +15,26 @@ query exactly, since z_i depends on the key at j only through row i of the atten
 
     dm/dv_j^(i) = P_ij dz_i,    dm/dk_j^(i) = J_j^T (dS_ij c'_ij scale q^_i)
 
-(`_crossing_rows`: P the pattern, dS the gradient at `attn.hook_attn_scores`, whose row i depends on
+(`_kv_grads`: P the pattern, dS the gradient at `attn.hook_attn_scores`, whose row i depends on
 dz_i alone, q^ and k^ the query and key after qk-norm and rotary with J_j the Jacobian of k_j ->
 k^_j, c' the soft-cap's derivative), all read from the model's own `Attention.attend` through its
 sites (masks, sliding windows, rotary, qk-norm, soft-caps are the model's). A crossing score is
-then `sum_{b, e} Y[b, j, s, h, e] dm/dk^(i)[b, j, h, e]` with `Y = (J D) W_K` (d_head wide), or,
-where the row's gradient is rank one (v always; k without rotary or qk-norm), `sum_b P_ij
-<J D_s[j], W_V dz_i>` contracted at d_model when that takes fewer multiply-adds (`route`), a chunk
-of query rows at a time. Summed over i and j this is the edge-level score (up to float rounding):
-the identity the tests check.
+`sum_b <J_j D_s[b, j], W_c G_c[b, i, j]>` (G the d_head-wide k or v gradient above, J_j the block
+norm's Jacobian at key j). J_j changes with the step but D does not, and (as in
+`receiver_grads.ig_inputs_batch`) `J D = gamma (1/sigma) (D_c - x_hat (x_hat . D) / d)` (D_c: D
+centred for LayerNorm): the D_c part is linear in `A = G / sigma_j`, which is summed over the steps
+and contracted once per batch (`_contract_crossing`: through `Y = (gamma D_c) W_c`, or directly
+at d_model, whichever takes fewer multiply-adds, `route`); the x_hat part is one scalar per row,
+key and sender, contracted per step. Summed over i and j this is the edge-level score (up to
+float rounding): the identity the tests check.
 
 Memory: the scores are `local` [pos, S, R] and `crossing` [pos (pos + 1) / 2, S, 2 L H] (float32;
-GPT-2 small at 24 positions: 15 MB and 54 MB). Per step and layer the work arrays are the pattern
-and dS [batch, H, pos, pos], Y [batch, pos, S, H, d_head] where it is used, and per chunk of C
-query rows C x batch x pos x S x H floats of products (and C x batch x pos x H x d_head k
-gradients under rotary or qk-norm); C is the largest divisor of pos whose chunk fits
-`chunk_bytes` (default 64 MB). No [pos, pos, ...] gradient of the whole batch is formed. Compute:
-the edge-level step plus, per layer, batch x pos^2 x S x 2H x d_model multiply-adds (direct
-route); benchmarks/positions.py measures it.
+GPT-2 small at 24 positions: 15 MB and 54 MB). The step-summed A of every layer is carried
+through the steps: 2 L x batch x pos (pos + 1) / 2 x H x d_head floats (4 layers x 8 heads x
+d_model 256, 16 rows x 21 tokens: 30 MB). Per step and layer the work arrays are the pattern and
+dS [batch, H, pos, pos] and the k/v gradients [2, batch, pos, pos, H, d_head]; once per batch and
+layer Y [batch, pos, S, 2H, d_head]. Compute: the edge-level step plus, once per batch, batch x
+pos x S x 2H x d_head x d_model multiply-adds per layer (Y); benchmarks/positions.py measures it.
 
 **Exact patching** reruns the model per position edge: `positions_exact`.
 """
@@ -72,23 +74,19 @@ def _jvp_norm(cfg, p, x: Array, diff: Array) -> Array:
   return jax.vmap(one, in_axes=2, out_axes=2)(diff.astype(x.dtype)).astype(jnp.float32)
 
 
-def _crossing_rows(cfg, params, layer, positions, mask, q, k, v, dz, JD, W, route="auto"):
-  """Crossing scores by query row, without one attention backward per row.
+def _kv_grads(cfg, params, layer, positions, mask, q, k, v, dz, chunk):
+  """The gradients at each head's k and v input at every key, split by the query that reads them.
 
-  Returns a function of query indices idx (Int [C]) giving Float[Array, "C key sender 2 head"],
-  the scores of the senders' `JD` (Float[Array, "batch pos sender d_model"]) into each head's k
-  (0) and v (1) input at every key as read by those queries, summed over the batch. With P the
-  pattern, dS the gradient at `attn.hook_attn_scores`
-  (its row i depends on dz_i alone), q^ and k^ the query and key after qk-norm and rotary (k^_j a
-  function of k_j alone, with Jacobian J_j) and c' the soft-cap's derivative (1 without one):
+  Returns Float[Array, "2 batch query key head d_head"]: the k (0) and v (1) gradients. With P
+  the pattern, dS the gradient at `attn.hook_attn_scores` (its row i depends on dz_i alone), q^
+  and k^ the query and key after qk-norm and rotary (k^_j a function of k_j alone, with Jacobian
+  J_j) and c' the soft-cap's derivative (1 without one):
 
       dm/dv_j^(i) = P_ij dz_i,    dm/dk_j^(i) = J_j^T (dS_ij c'_ij scale q^_i).
 
   P, dS, q^ and J come from the model's own `Attention.attend` (its sites), so masks, sliding
-  windows, rotary and qk-norm are the model's. The v gradient (and the k gradient where k^ = k)
-  is rank one per row, so a score is `sum_b P_ij <JD_s[j], W_V dz_i>` (`dS'_ij <JD_s[j], W_K
-  q^_i>`): batch pos^2 S H d_model multiply-adds per kind, or through `Y = JD W` (batch pos S H
-  d_head (d_model + pos)) where that is fewer (long prompts) or k^ is not k (rotary, qk-norm).
+  windows, rotary and qk-norm are the model's. Where k^ is not k (rotary, qk-norm) the k rows are
+  pulled back through k -> k^ `chunk` query rows at a time.
   """
   pre = f"blocks.{layer}.attn."
   hat = "hook_rot_{}" if cfg.positional == "rotary" else (
@@ -113,35 +111,14 @@ def _crossing_rows(cfg, params, layer, positions, mask, q, k, v, dz, JD, W, rout
     dS = jnp.where(dS != 0, dS * (1 - jnp.square(jnp.where(dS != 0, capped, 0.0))), 0.0)
   scale = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / math.sqrt(cfg.d_head)
   q_hat = (cache[pre + hat.format("q")] if hat else q).astype(jnp.float32) * scale
-  dz32 = dz.astype(jnp.float32)
-  d_model, d_head = JD.shape[-1], q.shape[-1]
-  direct = route == "direct" or (route == "auto" and p * (d_model - d_head) < d_head * d_model)
-
-  def rank_one(idx, x, c, M):  # sum_b M[b, h, i, j] <JD[b, j, s], W_c[h] x[b, i, h]>
-    back = jnp.einsum("bihe,hde->bihd", x[:, idx], W[c])
-    if direct:
-      return jnp.einsum("bijsh,bhij->ijsh", jnp.einsum("bjsd,bihd->bijsh", JD, back),
-                        M[:, :, idx])
-    Y = jnp.einsum("bpsd,hde->bpshe", JD, W[c])
-    return jnp.einsum("bijsh,bhij->ijsh", jnp.einsum("bjshe,bihe->bijsh", Y, x[:, idx]),
-                      M[:, :, idx])
-
-  if hat:  # k^_j = f(k_j): pull each row's gradient back through f, then contract with Y
-    _, vjp_key = jax.vjp(lambda k: run(k, eps0)[1][pre + hat.format("k")], k)
-    back_key = jax.vmap(lambda u: vjp_key(u.astype(k.dtype))[0])
-    Yk = jnp.einsum("bpsd,hde->bpshe", JD, W["K"])
-
-    def k_rows(idx):
-      u = jnp.einsum("bhij,bihe->ibjhe", dS[:, :, idx], q_hat[:, idx])
-      return jnp.einsum("bjshe,ibjhe->ijsh", Yk, back_key(u).astype(jnp.float32))
-  else:
-    def k_rows(idx):
-      return rank_one(idx, q_hat, "K", dS)
-
-  def rows(idx):
-    return jnp.stack([k_rows(idx), rank_one(idx, dz32, "V", P)], 3)  # [C, p, S, 2, H]
-
-  return rows
+  G_v = jnp.einsum("bhij,bihe->bijhe", P, dz.astype(jnp.float32))
+  if not hat:
+    return jnp.stack([jnp.einsum("bhij,bihe->bijhe", dS, q_hat), G_v])
+  # k^_j = f(k_j): pull each query row's gradient back through f.
+  _, vjp_key = jax.vjp(lambda k: run(k, eps0)[1][pre + hat.format("k")], k)
+  u = jnp.einsum("bhij,bihe->ibjhe", dS, q_hat).reshape(p // chunk, chunk, b, p, H, -1)
+  back = jax.lax.map(jax.vmap(lambda r: vjp_key(r.astype(k.dtype))[0].astype(jnp.float32)), u)
+  return jnp.stack([jnp.moveaxis(back.reshape(p, b, p, H, -1), 0, 1), G_v])
 
 
 def _query_chunk(batch: int, n_pos: int, cfg: ModelConfig, chunk_bytes: float) -> int:
@@ -152,9 +129,30 @@ def _query_chunk(batch: int, n_pos: int, cfg: ModelConfig, chunk_bytes: float) -
   return size
 
 
-def _step(cfg, task, params, batch: Batch, diff, clean_logits, emb, iv, chunk, route):
-  """One forward + backward: (local [pos, S, R], crossing [pairs, S, 2LH], metric values)."""
-  L, H, dh = cfg.n_layers, cfg.n_heads, cfg.d_head
+def _standardize(cfg, p, x: Array) -> tuple[Array, Array, Array]:
+  """(gamma, x_hat, 1/sigma) of the block norm `p` at x [b, pos, d]: gamma x_hat + beta = norm."""
+  norm = T.Norm(cfg)
+  x_hat, inv = norm.apply({"params": p}, x, method=T.Norm.standardize)
+  return norm.apply({"params": p}, method=T.Norm.gain), x_hat.astype(jnp.float32), \
+      inv.astype(jnp.float32)
+
+
+def _has_xhat_term(cfg, p) -> bool:
+  """Whether the block norm's Jacobian has the x_hat term (not the identity)."""
+  return cfg.normalization != "none" and bool(p)
+
+
+def _step(cfg, task, params, batch: Batch, diff, clean_logits, emb, iv, chunk):
+  """One forward + backward.
+
+  Returns (local [pos, S, R], the crossing scores' x_hat term [pairs, S, 2LH], A: per layer the
+  k and v gradients at the pairs scaled by 1/sigma_j, Float[Array, "2 batch pair head d_head"],
+  metric values). The crossing score is `sum_b <J_j D_s[b, j], W_c dm/dc_j^(i)>` with J_j the norm's
+  Jacobian at key j, `J D = gamma 1/sigma (D_c - x_hat (x_hat . D) / d)` (D_c: D centred for
+  LayerNorm): its D_c part is linear in A (`_contract_crossing`, once per batch), its x_hat part
+  is contracted here (one scalar per row, key and sender).
+  """
+  L, H, dh, d = cfg.n_layers, cfg.n_heads, cfg.d_head, cfg.d_model
   b, p = batch.clean.shape
   S, R = diff.shape[2], E.n_receivers(cfg)
   dt = emb.dtype
@@ -177,11 +175,12 @@ def _step(cfg, task, params, batch: Batch, diff, clean_logits, emb, iv, chunk, r
   positions = T.positions_of(batch.mask.astype(bool))
   qi, kj = cpos.pairs(p)
   local = jnp.zeros((p, S, R), jnp.float32)
-  crossing = []
+  crossing, grads = [], []
   for li in range(L):
     blk = params[f"blocks_{li}"]
     n_attn, n_mlp = E.n_upstream_of_attn(cfg, li), E.n_upstream_of_mlp(cfg, li)
-    JD = _jvp_norm(cfg, blk.get("ln1", {}), ys["hook_resid_pre"][li], diff[:, :, :n_attn])
+    x_pre = ys["hook_resid_pre"][li]
+    JD = _jvp_norm(cfg, blk.get("ln1", {}), x_pre, diff[:, :, :n_attn])
     W = {c: blk["attn"][f"W_{c}"].astype(jnp.float32) for c in "QKV"}
     gq = jnp.einsum("bphe,hde->bphd", g["attn.hook_q"][li].astype(jnp.float32), W["Q"])
     r0 = E.head_receiver(cfg, li, 0, "q")
@@ -190,17 +189,64 @@ def _step(cfg, task, params, batch: Batch, diff, clean_logits, emb, iv, chunk, r
     g_mlp = g["ln2.hook_normalized"][li].astype(jnp.float32)
     local = local.at[:, :n_mlp, E.mlp_receiver(cfg, li)].set(jnp.einsum("bpsd,bpd->ps", JD2,
                                                                         g_mlp))
-    # Crossing: the k/v gradients of each query row alone, C rows at a time.
+    # Crossing: the k/v gradients of each query row alone.
     q, k, v = (ys[f"attn.hook_{c}"][li] for c in "qkv")
-    rows = _crossing_rows(cfg, params, li, positions, batch.mask, q, k, v, g["attn.hook_z"][li],
-                          JD, W, route)
-    idx = jnp.arange(p).reshape(-1, chunk)
-    dense = jax.lax.map(rows, idx).reshape(p, p, n_attn, 2 * H)  # [query, key, S, 2H]
-    cross = dense[qi, kj]  # [pairs, n_attn, 2H]: the packed j <= i half
+    G = _kv_grads(cfg, params, li, positions, batch.mask, q, k, v, g["attn.hook_z"][li],
+                  chunk)  # [2, b, query, key, H, dh]
+    gamma, x_hat, inv = _standardize(cfg, blk.get("ln1", {}), x_pre)
+    A = G * inv[None, :, None, :, :, None]
+    grads.append(A[:, :, qi, kj])  # [2, b, pairs, H, dh]
+    cross = jnp.zeros((len(qi), n_attn, 2 * H), jnp.float32)
+    if _has_xhat_term(cfg, blk.get("ln1", {})):
+      u = jnp.einsum("bjd,chde->cbjhe", gamma * x_hat, jnp.stack([W["K"], W["V"]]))
+      r = jnp.einsum("cbjhe,cbijhe->bijch", u, A) / d
+      e = jnp.einsum("bjsd,bjd->bjs", diff[:, :, :n_attn], x_hat)
+      cross = -jnp.einsum("bjs,bijch->ijsch", e, r).reshape(p, p, n_attn, 2 * H)[qi, kj]
     crossing.append(jnp.pad(cross, ((0, 0), (0, S - n_attn), (0, 0))))
   log = jnp.einsum("bpsd,bpd->ps", diff, g["final"].astype(jnp.float32))
   local = local.at[:, :, E.logits_receiver(cfg)].set(log)
-  return local, jnp.concatenate(crossing, 2), values
+  return local, jnp.concatenate(crossing, 2), tuple(grads), values
+
+
+def _contract_crossing(cfg, params, diff, grads, chunk, route):
+  """The D_c part of every crossing score, [pairs, S, 2LH]: `sum_b <gamma D_c[b, j], W_c A[b, i,
+  j]>` per layer, head and kind, with A the step-summed scaled gradients of `_step`; through `Y =
+  (gamma D_c) W_c` (batch pos S H d_head d_model + batch pos^2 S H d_head multiply-adds) or
+  directly at d_model (batch pos^2 H d_head d_model + batch pos^2 S H d_model, `chunk` query rows
+  at a time), whichever is fewer ("auto") or as `route` says."""
+  b, p, S, d = diff.shape
+  H, dh = cfg.n_heads, cfg.d_head
+  qi, kj = cpos.pairs(p)
+  slot = np.full((p, p), len(qi))  # [query, key] -> pair (a zero row where key > query)
+  slot[qi, kj] = np.arange(len(qi))
+  out = []
+  for li, packed in enumerate(grads):
+    A = jnp.pad(packed, ((0, 0), (0, 0), (0, 1), (0, 0), (0, 0)))[:, :, slot]  # [2, b, i, j, H, dh]
+    blk = params[f"blocks_{li}"]
+    n_attn = E.n_upstream_of_attn(cfg, li)
+    gamma = T.Norm(cfg).apply({"params": blk.get("ln1", {})}, method=T.Norm.gain)
+    D = diff[:, :, :n_attn]
+    if _has_xhat_term(cfg, blk.get("ln1", {})) and cfg.normalization == "layernorm":
+      D = D - jnp.mean(D, -1, keepdims=True)
+    D = D * gamma
+    W = jnp.stack([blk["attn"][f"W_{c}"].astype(jnp.float32) for c in "KV"])  # [2, H, d, dh]
+    y_cost = p * dh * d + p * p * dh
+    direct = route == "direct" or (route == "auto" and p * p * (dh * d + n_attn * d)
+                                   < n_attn * y_cost)
+    if direct:
+      def rows(idx, D=D, A=A, W=W):
+        back = jnp.einsum("cbijhe,chde->cbijhd", A[:, :, idx], W)
+        return jnp.einsum("bjsd,cbijhd->ijsch", D, back)
+      cross = jax.lax.map(rows, jnp.arange(p).reshape(-1, chunk)).reshape(p, p, n_attn, 2 * H)
+      cross = cross[qi, kj]
+    else:  # one matmul per (kind, head, key) over (batch, d_head), its operands laid out for it
+      Y = (D.reshape(-1, d) @ jnp.moveaxis(W, 2, 0).reshape(d, 2 * H * dh))
+      Y = jnp.transpose(Y.reshape(b, p, n_attn, 2, H, dh), (3, 4, 1, 2, 0, 5))
+      A = jnp.transpose(A, (0, 4, 3, 1, 5, 2)).reshape(2, H, p, b * dh, p)
+      by_key = jnp.einsum("chjsx,chjxi->chjsi", Y.reshape(2, H, p, n_attn, b * dh), A)
+      cross = jnp.transpose(by_key[:, :, kj, :, qi], (0, 3, 1, 2)).reshape(-1, n_attn, 2 * H)
+    out.append(jnp.pad(cross, ((0, 0), (0, S - n_attn), (0, 0))))  # [pairs, S, 2H]
+  return jnp.concatenate(out, 2)
 
 
 @functools.partial(compile_policy.jit, static_argnames=("cfg", "task", "method", "chunk",
@@ -213,11 +259,12 @@ def gradient_batch(cfg: ModelConfig, task, params, batch: Batch, ablation: Ablat
   Args:
     method: "EAP", "EAP-IG-inputs" or "clean-corrupted" (the input embeddings interpolated at
       `alphas`), or "EAP-IG-activations" (each layer node in turn, at `alphas`).
-    chunk: query rows per vmapped attention backward (a divisor of the batch's positions; None:
-      `_query_chunk` with 64 MB).
-    route: how a rank-one crossing score is contracted (`_crossing_rows`): "direct" at d_model,
-      "y" through the senders projected to d_head, "auto" whichever takes fewer multiply-adds;
-      the scores agree up to float rounding.
+    chunk: query rows at a time where k gradients are pulled back through rotary or qk-norm, and
+      in the "direct" contraction (a divisor of the batch's positions; None: `_query_chunk` with
+      64 MB).
+    route: how the step-summed crossing gradients are contracted (`_contract_crossing`):
+      "direct" at d_model, "y" through the senders projected to d_head, "auto" whichever takes
+      fewer multiply-adds; the scores agree up to float rounding.
 
   Returns:
     (local Float[Array, "pos sender receiver"], crossing Float[Array, "pair sender kv"], metric
@@ -236,13 +283,15 @@ def gradient_batch(cfg: ModelConfig, task, params, batch: Batch, ablation: Ablat
   x = positions_exact.norm(cfg, params.get("ln_final", {}), final)
   clean_logits = T.last_token_logits(cfg, params, x, batch.last) if task.needs_clean_logits \
       else None
-  step = functools.partial(_step, cfg, task, params, batch, diff, clean_logits, chunk=chunk,
-                           route=route)
+  step = functools.partial(_step, cfg, task, params, batch, diff, clean_logits, chunk=chunk)
+
+  def add(acc, out):
+    return jax.tree.map(jnp.add, acc, out[:3]), out[3]
+
   if method != "EAP-IG-activations":
     def body(acc, alpha):
       emb = e_corrupt + alpha.astype(e_clean.dtype) * (e_clean - e_corrupt)
-      loc, cr, values = step(emb, {})
-      return (acc[0] + loc, acc[1] + cr), values
+      return add(acc, step(emb, {}))
     n = alphas.shape[0]
     xs = alphas
   else:
@@ -259,15 +308,17 @@ def gradient_batch(cfg: ModelConfig, task, params, batch: Batch, ablation: Ablat
       al = jnp.full((L,), alpha)
       iv = {n: ig_activations._Blend(yc[n], yr[n], s[1 + k::2][:L], al)
             for k, n in enumerate(names)}
-      loc, cr, values = step(emb, iv)
-      return (acc[0] + loc, acc[1] + cr), values
+      return add(acc, step(emb, iv))
     n = G * alphas.shape[0]
     xs = jnp.stack([jnp.repeat(jnp.arange(G), alphas.shape[0]).astype(alphas.dtype),
                     jnp.tile(alphas, G)], 1)
   S = E.n_senders(cfg)
   zero = (jnp.zeros((p, S, E.n_receivers(cfg)), jnp.float32),
-          jnp.zeros((p * (p + 1) // 2, S, 2 * cfg.n_layers * cfg.n_heads), jnp.float32))
-  (local, crossing), values = jax.lax.scan(body, zero, xs)
+          jnp.zeros((p * (p + 1) // 2, S, 2 * cfg.n_layers * cfg.n_heads), jnp.float32),
+          tuple(jnp.zeros((2, b, p * (p + 1) // 2, cfg.n_heads, cfg.d_head), jnp.float32)
+                for _ in range(cfg.n_layers)))
+  (local, crossing, grads), values = jax.lax.scan(body, zero, xs)
+  crossing = crossing + _contract_crossing(cfg, params, diff, grads, chunk, route)
   return local / n, crossing / n, values[-1]
 
 
@@ -304,7 +355,7 @@ def attribute_positions(cfg: ModelConfig, params, dataset, method: str = "EAP-IG
     method: one of METHODS. `option_values` are its options (`ig_steps`, `ig_convention`,
       `exact_chunk`); `level` is not one of them.
     intervention, batch_size, ablation, quiet: as `attribution.attribute`.
-    chunk: query rows per vmapped attention backward (gradient methods; None: by memory).
+    chunk: query rows per chunk of the crossing computation (`gradient_batch`; None: by memory).
 
   Returns:
     A `PositionAttribution`; its scores summed over positions equal
