@@ -67,7 +67,7 @@ def _least_budget(cfg) -> str:
   return sizes.round_up(MB._activations_temp_bytes(cfg, params, 1, _P, False))
 
 
-@pytest.mark.parametrize("budgeted", [False, True])
+@pytest.mark.parametrize("budgeted", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_activations_plan_within_25_percent_of_the_run_program(budgeted, monkeypatch):
   cfg = ModelConfig(**_GPT2)
   budget = _least_budget(cfg) if budgeted else None

@@ -114,6 +114,7 @@ def test_eap_ig_inputs_scores_equal_those_of_prompts_fitted_by_hand(tmp_path, to
   assert np.abs(np.asarray(got.scores)).max() > 0
 
 
+@pytest.mark.slow  # builds and saves an HF GPT-2 (about 13 s)
 def test_corrupted_logits_match_hf_with_the_clean_mask(tmp_path, tok, hf_gpt2_dir):
   torch = pytest.importorskip("torch")
   path, hf = hf_gpt2_dir
