@@ -160,6 +160,7 @@ def _check_activations_budget(family, remat, monkeypatch):
   np.testing.assert_array_equal(out.scores, got_s)
 
 
+@pytest.mark.slow  # EAP-IG-activations under a budget (about 5 s); its plan is tested fast
 def test_activations_budget_chunks_rows_under_the_budget(monkeypatch):
   _check_activations_budget("gpt2", False, monkeypatch)
 

@@ -105,6 +105,7 @@ def _run(binary, *args):
                         capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # four binaries over one finished run (about 10 s)
 def test_out_is_never_overwritten_silently(tiny_model, tmp_path, capsys):
   """find_circuit over a finished run: the same settings complete, others refused (one line, exit
   2, files byte-identical) unless --overwrite; evaluate_circuit, view and train_das never replace

@@ -45,6 +45,7 @@ def test_kv_cache_sampling_matches_the_full_forward(toy_mlp):
   np.testing.assert_array_equal(mask, np.arange(10)[None] <= np.asarray(first)[:, None])
 
 
+@pytest.mark.slow  # the binary end to end (about 10 s); the library parts are tested fast above
 def test_toy_run_end_to_end(toy_mlp, tmp_path, capsys):
   out = str(tmp_path / "tc")
   report = train_transcoder_set(SMALL, out)

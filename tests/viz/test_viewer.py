@@ -258,6 +258,7 @@ def _run_view(*args, timeout=120):
                         capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # the binary in a subprocess (about 7 s)
 def test_view_binary(tmp_path, small_graph):
   graph, curve, out = tmp_path / "graph.json", tmp_path / "f.csv", tmp_path / "c.html"
   small_graph.to_json(graph)
