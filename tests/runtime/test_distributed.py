@@ -205,7 +205,8 @@ def test_evaluate_circuit_on_two_processes_equals_one(reference):
   assert "wrote " not in results[2][1] and "faithfulness" not in results[2][1]
 
 
-@pytest.mark.slow  # a position-level find_circuit, then two evaluations: about 2 minutes
+@pytest.mark.slow
+@pytest.mark.by_hand  # a position-level find_circuit, then two evaluations: about 2.5 minutes
 def test_position_circuit_evaluation_on_two_processes_equals_one(reference):
   root, cache = reference
   rc, out, err = _finish(_start(root / "pos", cache, "--level=position"))
@@ -250,7 +251,8 @@ def _train_das(out, cache, *extra) -> subprocess.Popen:
                           stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.slow  # 3 processes, each training a toy model or DAS (~1-3 min on 2 cores)
+@pytest.mark.slow
+@pytest.mark.by_hand  # 3 processes, each training a toy model or DAS (~3 min on 2 cores)
 def test_train_das_on_two_processes_equals_one(tmp_path):
   from jaxinterp.interventions.saving import load_interventions
   cache = tmp_path / "cache"
