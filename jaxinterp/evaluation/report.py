@@ -244,13 +244,7 @@ def evaluate_circuit(config: EvaluateConfig, out: str | None = None, *,
             batch_size=batch_size)
     except (AttributionError, G.GraphError, tasks.TaskError) as e:
       raise inputs.InputError(str(e)) from None
-    task_check.warn_empty(checked, summary["metric_full"], summary["metric_empty"],
-                          dataset.task.higher_is_better)
-    summary["task_check"] = checked
-    summary["graph"] = os.path.abspath(config.graph)
-    summary["settings"] = {k: run[k] for k in META_DEFAULTS}
-    if config.compare:
-      summary["compare"]["graph"] = os.path.abspath(config.compare)
+    _complete(summary, config, run, checked, dataset)
 
     method = meta.get("method", "unknown method")  # the method that found the circuit
     title = f"{method}: {name} ({summary['selection']})"
@@ -263,6 +257,19 @@ def evaluate_circuit(config: EvaluateConfig, out: str | None = None, *,
       files.atomic_write_json(os.path.join(out, "evaluation.json"), summary)
   _print(summary, name, config.compare, out)
   return summary
+
+
+def _complete(summary: dict, config: EvaluateConfig, run: dict, checked: dict,
+              dataset: tasks.Dataset) -> None:
+  """What every level's summary ends with: the empty-circuit warning, the task check, the graph
+  paths and the settings used."""
+  task_check.warn_empty(checked, summary["metric_full"], summary["metric_empty"],
+                        dataset.task.higher_is_better)
+  summary["task_check"] = checked
+  summary["graph"] = os.path.abspath(config.graph)
+  summary["settings"] = {k: run[k] for k in META_DEFAULTS}
+  if config.compare:
+    summary["compare"]["graph"] = os.path.abspath(config.compare)
 
 
 def _evaluate_positions(config: EvaluateConfig, saved: PR.SavedCircuit,
@@ -278,13 +285,7 @@ def _evaluate_positions(config: EvaluateConfig, saved: PR.SavedCircuit,
       absolute=absolute if isinstance(absolute, bool) else True,
       curve_sizes=str(meta.get("curve_sizes", "counts")), top_n=config.top_n,
       prepend_bos=run["prepend_bos"], compare=compare)
-  task_check.warn_empty(checked, summary["metric_full"], summary["metric_empty"],
-                        dataset.task.higher_is_better)
-  summary["task_check"] = checked
-  summary["graph"] = os.path.abspath(config.graph)
-  summary["settings"] = {k: run[k] for k in META_DEFAULTS}
-  if config.compare:
-    summary["compare"]["graph"] = os.path.abspath(config.compare)
+  _complete(summary, config, run, checked, dataset)
   method = meta.get("method", "unknown method")
   title = f"{method}: {name}, {summary['task']}, {saved.level} level ({summary['selection']})"
   with held.writing(PR.OUTPUTS[saved.level]):
