@@ -11,7 +11,9 @@ curve's sizes, each span edge ablated at exactly the position edges it covers in
 Outputs (instead of the position level's): graph.json (the circuit's span edges by name,
 `a0.h3@after_first_A->a1.h0<k>@last`, graph.json's sign; the span names, the schema and the
 aggregation in the header and in `meta`), spans.npz (every span edge's score), faithfulness.csv
-and faithfulness.png (sizes in span edges). No circuit.png: span circuits are not drawn yet.
+and faithfulness.png (sizes in span edges), circuit.png (the first
+`viz.span_plot.MAX_DRAWN_SPAN_EDGES` of the circuit, one column per span, labelled with row 0's
+token ids in it).
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ from jaxinterp.evaluation import faithfulness as V
 from jaxinterp.evaluation import position_circuits as PC
 from jaxinterp.evaluation import task_check
 from jaxinterp.runtime import files, inputs, timing
+from jaxinterp.viz import span_plot
 
-OUTPUTS = ("graph.json", "spans.npz", "faithfulness.csv", "faithfulness.png")
+OUTPUTS = ("graph.json", "spans.npz", "circuit.png", "faithfulness.csv", "faithfulness.png")
 
 
 def check(config: FindCircuitConfig, level: str) -> None:
@@ -97,6 +100,12 @@ def run(config: FindCircuitConfig, options: A.Options, held: files.RunDir, phase
         ctx, curve, meta, unit="span edges",
         title=f"{config.method} on {config.task}, {config.schema} spans ({how})")
     SC.to_json(scores, os.path.join(out, "graph.json"), edges=chosen, meta=meta)
+    row = [str(int(t)) for t in np.asarray(next(dataset.batches(1)).clean)[0, :n_pos]]
+    span_plot.plot_span_circuit(  # row 0's token ids under each span's name
+        scores, chosen, os.path.join(out, "circuit.png"),
+        tokens=span_plot.span_tokens(spans[0], row),
+        title=f"{config.method} on {config.task}, {config.schema} spans ({how}; under each span: "
+        f"row 0's token ids)")
   phases.stop()
   lay = scores.layout
   top = [(S.span_edge_name(lay, scores.names, *e[:4]), e[4]) for e in chosen[:10]]

@@ -38,13 +38,13 @@ from jaxinterp.evaluation import faithfulness as V
 from jaxinterp.evaluation import position_circuits as PC
 from jaxinterp.models import Model
 from jaxinterp.runtime import files, inputs
-from jaxinterp.viz import plots, position_plot, position_viewer
+from jaxinterp.viz import plots, position_plot, position_viewer, span_plot
 
 LEVELS = ("edge", "position", "span")
 SCORES_FILE = {"position": "positions.npz", "span": "spans.npz"}  # every score, beside graph.json
 OUTPUTS = {"position": ("evaluation.json", "faithfulness.csv", "faithfulness.png", "circuit.png",
                         "circuit.html"),
-           "span": ("evaluation.json", "faithfulness.csv", "faithfulness.png")}  # spans: no drawing
+           "span": ("evaluation.json", "faithfulness.csv", "faithfulness.png", "circuit.png")}
 MAX_DRAWN = 40  # circuit.png draws at most these position edges (as find_circuit's)
 # Row = (sender, sender position or span, receiver, receiver position or span, score).
 Row = tuple[int, int, int, int, float]
@@ -268,7 +268,9 @@ def write_outputs(out: str, saved: SavedCircuit, graph_path: str, summary: dict,
                   title: str) -> None:
   """Write `OUTPUTS[saved.level]` under `out` (inside the run directory's `writing`): the curve
   (faithfulness.csv, .png), for a position circuit circuit.png (its first `MAX_DRAWN` edges) and
-  circuit.html (`viz.position_viewer`), columns labelled with row 0's token ids, and
+  circuit.html (`viz.position_viewer`), columns labelled with row 0's token ids, for a span
+  circuit circuit.png (`viz.span_plot`, its first `span_plot.MAX_DRAWN_SPAN_EDGES` edges; under
+  each span row 0's token ids in it, the spans from `summary`'s settings' prepend_bos), and
   evaluation.json (`summary`) last."""
   unit = f"{saved.level} edges"
   ranking = "|score|" if summary["absolute"] else "signed importance"
@@ -287,6 +289,14 @@ def write_outputs(out: str, saved: SavedCircuit, graph_path: str, summary: dict,
     shown["edges"] = dict(zip(saved.names(circuit), (float(r[4]) for r in circuit), strict=True))
     shown["meta"] = dict(shown.get("meta") or {}, faithfulness=summary["faithfulness"])
     position_viewer.write_html(shown, os.path.join(out, "circuit.html"), tokens=row, title=title)
+  elif saved.level == "span":
+    bos = (summary.get("settings") or {}).get("prepend_bos", True)
+    spans = dataset_spans(saved, dataset, bos)  # [row, span, 2]
+    n_pos = int(np.shape(dataset.clean)[1])
+    row = [str(int(t)) for t in np.asarray(next(dataset.batches(1)).clean)[0, :n_pos]]
+    span_plot.plot_span_circuit(saved.scores, circuit, os.path.join(out, "circuit.png"),
+                                tokens=span_plot.span_tokens(spans[0], row),
+                                title=f"{title} (under each span: row 0's token ids)")
   files.atomic_write_json(os.path.join(out, "evaluation.json"), summary)
 
 

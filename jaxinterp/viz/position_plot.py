@@ -7,7 +7,8 @@ node kind and layer: `input` at the bottom, per layer a row for its heads and a 
 starts and ends. Crossing edges (a sender at key position j read by a head's k or v input at query
 position i) run between columns; the others stay in one. Colour, width and line styles follow
 `plots.plot_circuit`: blue positive, red negative in graph.json's sign (higher = more important),
-width by |score|, q/k/v dashed, dotted, dash-dotted.
+width by |score|, q/k/v dashed, dotted, dash-dotted. `draw_columns` draws any such columns (also
+`viz.span_plot`'s span columns).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import FancyArrowPatch
 
 from jaxinterp.circuits import convention
+from jaxinterp.circuits.layout import Layout
 from jaxinterp.circuits.positions import PositionScores
 from jaxinterp.viz import plots
 
@@ -53,9 +55,34 @@ def plot_position_circuit(scores: PositionScores, edges: Sequence[Edge], path: s
   if not isinstance(scores, PositionScores):
     raise plots.PlotError(f"plot_position_circuit needs PositionScores, got "
                           f"{type(scores).__name__}")
-  lay, n_pos = scores.layout, scores.n_pos
+  n_pos = scores.n_pos
   if tokens is not None and len(tokens) != n_pos:
     raise plots.PlotError(f"tokens: {len(tokens)} labels for {n_pos} positions")
+  used = sorted({p for e in edges for p in (e[1], e[3])})
+  cols = used if used else list(range(n_pos))
+  n = len(edges)
+  draw_columns(scores.layout, scores.convention, edges, cols, path,
+               labels=[f"{p}\n{tokens[p]!s}" if tokens is not None else str(p) for p in cols],
+               xlabel="token position (only positions an edge touches)",
+               title=f"{title} ({n} position edges)" if title else f"{n} position edges")
+
+
+def draw_columns(lay: Layout, score_convention: str, edges: Sequence[Edge], cols: Sequence[int],
+                 path: str, *, labels: Sequence[str], xlabel: str, title: str,
+                 width: float = 1.5, label_size: float = 8) -> None:
+  """Draw `edges` between columns and write the PNG (the module docstring's drawing).
+
+  Args:
+    lay: the graph layout naming the edges' senders and receivers.
+    score_convention: the convention of the edges' scores (drawn in graph.json's sign).
+    edges: (sender, sender column key, receiver, receiver column key, score) rows; every key in
+      `cols`.
+    cols: the column keys drawn, left to right (token positions, span indices).
+    path: the PNG to write.
+    labels: one x tick label per column.
+    xlabel, title: the x axis label and the figure title, as given.
+    width: inches per column; label_size: the x tick labels' font size.
+  """
   L, H = lay.n_layers, lay.n_heads
   top_y = 2.0 * L + 1.0
 
@@ -63,13 +90,11 @@ def plot_position_circuit(scores: PositionScores, edges: Sequence[Edge], path: s
     dx, y = _place(node, H)
     return p + dx, top_y if y is None else y
 
-  shown = np.array([convention.displayed(e[4], scores.convention) for e in edges], np.float64)
+  shown = np.array([convention.displayed(e[4], score_convention) for e in edges], np.float64)
   smax = float(np.abs(shown).max()) if len(edges) else 0.0
-  used = sorted({p for e in edges for p in (e[1], e[3])})
-  cols = used if used else list(range(n_pos))
-  fig_w = min(26.0, max(7.0, 1.5 * len(cols) + 3.0))
+  fig_w = min(26.0, max(7.0, width * len(cols) + 3.0))
   fig, ax = plots.figure((fig_w, min(16.0, max(4.5, 0.9 * (2 * L + 2)))))
-  # Only the columns that carry an edge are drawn, side by side, labelled with their positions.
+  # Only the columns in `cols` are drawn, side by side, labelled with `labels`.
   x_of = {p: i for i, p in enumerate(cols)}
   nodes = set()
   order = np.argsort(np.abs(shown))  # weak edges first, strong ones on top
@@ -98,9 +123,8 @@ def plot_position_circuit(scores: PositionScores, edges: Sequence[Edge], path: s
   ax.set_xlim(-0.7, len(cols) - 0.3)
   ax.set_ylim(-0.8, top_y + 0.8)
   ax.set_xticks(range(len(cols)))
-  ax.set_xticklabels([f"{p}\n{tokens[p]!s}" if tokens is not None else str(p) for p in cols],
-                     fontsize=8)
-  ax.set_xlabel("token position (only positions an edge touches)")
+  ax.set_xticklabels(labels, fontsize=label_size)
+  ax.set_xlabel(xlabel)
   ax.set_yticks([0.0] + [v for li in range(L) for v in (2.0 * li + 1.0, 2.0 * li + 2.0)]
                 + [top_y])
   ax.set_yticklabels(["input"] + [t for li in range(L) for t in (f"attn {li}", f"mlp {li}")]
@@ -115,6 +139,5 @@ def plot_position_circuit(scores: PositionScores, edges: Sequence[Edge], path: s
               Line2D([0], [0], color=plots.NEGATIVE_COLOR, lw=3, label=plots.NEGATIVE_LABEL)]
   ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8,
             frameon=False, title=plots.SCORE_LEGEND, title_fontsize=8, alignment="left")
-  n = len(edges)
-  ax.set_title(f"{title} ({n} position edges)" if title else f"{n} position edges")
+  ax.set_title(title)
   plots.save_png(fig, path)

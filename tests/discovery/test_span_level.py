@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
@@ -17,6 +18,7 @@ from jaxinterp.circuits import schemas as S
 from jaxinterp.circuits import span_circuits as SC
 from jaxinterp.discovery import FindCircuitConfig, find_circuit
 from jaxinterp.runtime import inputs
+from jaxinterp.viz import span_plot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -57,8 +59,8 @@ def test_binary_span_level_run(tmp_path):
   assert r.returncode == 0, r.stderr[-2000:]
   assert "circuit: top 12 span edges; faithfulness" in r.stdout
   assert "a0.h3@after_first_A->a1.h0<k>@last" in r.stdout  # the K-composition span edge
-  assert sorted(os.listdir(out)) == ["DONE", "faithfulness.csv", "faithfulness.png", "graph.json",
-                                     "run.json", "spans.npz"]
+  assert sorted(os.listdir(out)) == ["DONE", "circuit.png", "faithfulness.csv", "faithfulness.png",
+                                     "graph.json", "run.json", "spans.npz"]
   d = json.loads((out / "graph.json").read_text())
   assert d["format"] == "jaxinterp-span-scores" and d["score_convention"] == "loss"
   assert d["meta"]["schema"] == "induction" and d["meta"]["span_aggregation"] == "sum"
@@ -70,6 +72,12 @@ def test_binary_span_level_run(tmp_path):
                               for e in chosen]
   back = SC.from_json(out / "graph.json")
   assert [e[:4] for e in SC.select(back, 12)] == [e[:4] for e in chosen]
+  # circuit.png draws the circuit's edges (all 12: under the limit), one column per span.
+  assert (out / "circuit.png").stat().st_size > 20_000
+  assert mpimg.imread(out / "circuit.png").shape[1] > 800
+  drawn = span_plot.plot_span_circuit(every, chosen, str(tmp_path / "again.png"))
+  assert [S.span_edge_name(every.layout, every.names, *e[:4]) for e in drawn] == list(d["edges"])
+  assert len(drawn) == 12 < span_plot.MAX_DRAWN_SPAN_EDGES
   with open(out / "faithfulness.csv") as f:
     rows = list(csv.DictReader(f))
   n_total = SC.n_edges(every)

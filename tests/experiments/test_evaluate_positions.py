@@ -100,8 +100,9 @@ def test_span_graph_evaluates_as_found(tmp_path):
   assert PR.graph_level(graph) == "span"
   out = str(tmp_path / "ev")
   rep = report.evaluate_circuit(report.EvaluateConfig(graph=graph, batch_size=4), out)
-  assert sorted(os.listdir(out)) == ["DONE", "evaluation.json", "faithfulness.csv",
+  assert sorted(os.listdir(out)) == ["DONE", "circuit.png", "evaluation.json", "faithfulness.csv",
                                      "faithfulness.png", "run.json"]
+  assert os.path.getsize(os.path.join(out, "circuit.png")) > 10_000  # the span circuit drawn
   assert rep["level"] == "span" and rep["schema"] == "induction" and rep["n_edges"] == 12
   assert rep["n_edges_total"] == d["meta"]["n_span_edges"] == SC.n_edges(
       SC.from_npz(os.path.join(run, "spans.npz")))
