@@ -18,6 +18,7 @@ from jaxinterp.attribution import base, optimal
 from jaxinterp.models import edges as E
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.transformer import positions_of, sender_outputs
+from jaxinterp.runtime import distributed
 from jaxinterp.tasks import Batch, Dataset
 
 Array = jax.Array
@@ -72,18 +73,25 @@ def compute_means(cfg: ModelConfig, params, dataset: Dataset, batch_size: int,
   """Mean sender outputs over the real tokens of `dataset`'s clean prompts.
 
   Returns Float[Array, "sender d_model"], or Float[Array, "pos sender d_model"] if `positional`.
+  In a multi-process run the batches are split over the processes and their float32 sums added in
+  batch order on every process (`distributed.fold_split`): one process's means, bitwise. A
+  collective: every process calls it.
   """
   fn = jax.jit(lambda p, t, m: sender_outputs(cfg, p, t, m))
-  total, count = None, None
-  for batch in dataset.batches(batch_size, bucket=None):
+
+  def one(i, batch):  # process p of N runs batches p, p + N, ... (`distributed.fold_split`)
     acts = fn(params, batch.clean, batch.mask).astype(jnp.float32)
     w = (batch.mask & batch.valid[:, None]).astype(jnp.float32)  # [B, P]
     if positional:
-      s, c = jnp.einsum("bpsd,bp->psd", acts, w), w.sum(0)
-    else:
-      s, c = jnp.einsum("bpsd,bp->sd", acts, w), w.sum()
-    total = s if total is None else total + s
-    count = c if count is None else count + c
+      return {"s": jnp.einsum("bpsd,bp->psd", acts, w), "c": w.sum(0)}
+    return {"s": jnp.einsum("bpsd,bp->sd", acts, w), "c": w.sum()}
+
+  def add(acc, part):  # float32 sums in batch order on every process: one process's, bitwise
+    s, c = jnp.asarray(part["s"]), jnp.asarray(part["c"])
+    return (s, c) if acc is None else (acc[0] + s, acc[1] + c)
+
+  total, count = distributed.fold_split(dataset.batches(batch_size, bucket=None), one, add,
+                                        None) or (None, None)
   if positional:
     return total / jnp.maximum(count, 1.0)[:, None, None]
   return total / jnp.maximum(count, 1.0)

@@ -22,7 +22,8 @@ when the mean loss of `check_every` steps has not improved `patience` times in a
 stop, on a less noisy loss).
 
 `--intervention=optimal` then ablates a sender (or an edge) to c_s (`ablation.Ablation("optimal",
-values)`), in attribution and in circuit evaluation alike. This module imports only `base`.
+values)`), in attribution and in circuit evaluation alike. Of the attribution modules this one
+imports only `base`.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from jaxinterp.models import edges as E
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.edges import EdgePatch
 from jaxinterp.models.transformer import forward
-from jaxinterp.runtime import files
+from jaxinterp.runtime import distributed, files
 from jaxinterp.tasks import Batch, Dataset
 
 OBJECTIVES = ("lm", "kl")
@@ -131,6 +132,29 @@ def sender_losses(cfg: ModelConfig, objective: str, chunk: int, params, batch: B
   return jax.lax.map(one, jnp.arange(S), batch_size=chunk)
 
 
+def _sender_sums(cfg: ModelConfig, objective: str, chunk: int, params, batch: Batch, values):
+  """`sender_losses` before the division by the token count: (per-sender loss sums over the
+  batch's real next-token positions, Float[Array, "sender"]; their count, a scalar). Traced
+  inside `_split_step`'s jitted gradient."""
+  B, P = batch.clean.shape
+  S, R = E.n_senders(cfg), E.n_receivers(cfg)
+  dtype = jax.tree.leaves(params)[0].dtype
+  ablated = jnp.broadcast_to(values.astype(dtype)[None, None], (B, P, S, cfg.d_model))
+  clean_logits = None
+  if objective == "kl":
+    clean_logits = jax.lax.stop_gradient(
+        forward(cfg, params, batch.clean, attention_mask=batch.mask))
+
+  def one(s):
+    w = jnp.where((jnp.arange(S) == s)[:, None], 0.0, jnp.ones((S, R), jnp.float32))
+    logits = forward(cfg, params, batch.clean, attention_mask=batch.mask,
+                     edges=EdgePatch(w, ablated))
+    return _token_losses(objective, logits, clean_logits, batch)[0]
+
+  count = jnp.sum(batch.mask[:, 1:] & batch.mask[:, :-1] & batch.valid[:, None], dtype=jnp.float32)
+  return jax.lax.map(one, jnp.arange(S), batch_size=chunk), count
+
+
 def _cycle(dataset: Dataset, batch_size: int) -> Iterator[Batch]:
   while True:
     yield from dataset.batches(batch_size, bucket=None)
@@ -154,6 +178,12 @@ def learn_optimal_values(cfg: ModelConfig, params, dataset: Dataset, init,
   Returns:
     (values float32 [n_senders, d_model], info) with info = {"steps": steps run, "losses": the mean
     over senders of the ablation loss at each step, "objective": ...}.
+
+  In a multi-process run (`runtime.distributed`) each step's batch is split by rows over the
+  processes (`_split_step`): each process differentiates its rows' loss sums, and the gradient sums
+  and token counts are added over the processes before the one Adam update every process applies.
+  The values equal one process's to float32 rounding (not bitwise: the division by the token
+  count comes after the sum). A collective: every process calls it.
   """
   if len(dataset) == 0:
     raise base.AttributionError("the dataset is empty")
@@ -171,10 +201,12 @@ def learn_optimal_values(cfg: ModelConfig, params, dataset: Dataset, init,
     updates, state = opt.update(g, state, values)
     return optax.apply_updates(values, updates), state, jnp.mean(per)
 
+  if distributed.process_count() > 1:
+    step = _split_step(cfg, params, options, opt, chunk)
   losses, best, stale = [], np.inf, 0
   batches = _cycle(dataset, min(options.oa_batch, len(dataset)))
-  bar = tqdm(total=options.oa_steps, desc="optimal ablation", disable=not options.progress,
-             leave=False)
+  bar = tqdm(total=options.oa_steps, desc="optimal ablation",
+             disable=not options.progress or not distributed.is_writer(), leave=False)
   for i in range(options.oa_steps):
     values, state, loss = step(values, state, next(batches))
     losses.append(float(loss))
@@ -188,6 +220,48 @@ def learn_optimal_values(cfg: ModelConfig, params, dataset: Dataset, init,
   bar.close()
   return (np.asarray(values, np.float32),
           {"steps": len(losses), "losses": losses, "objective": options.oa_objective})
+
+
+def _rows_of(batch: Batch, index: np.ndarray, real: np.ndarray) -> Batch:
+  """Rows `index` of `batch` as a batch of their own; rows where `real` is False are marked
+  invalid (fillers, as `Dataset.batches` pads a final batch)."""
+  part = jax.tree.map(lambda a: a[index], batch)
+  return part.replace(valid=part.valid & jnp.asarray(real))
+
+
+def _split_step(cfg: ModelConfig, params, options: OptimalOptions, opt, chunk: int):
+  """`learn_optimal_values`'s step with the batch's rows split over the processes: process p of N
+  takes rows [p * k, (p + 1) * k) (k = ceil(batch / N); past the end, invalid filler rows), returns
+  the gradient of its rows' per-sender token-loss sums and their token count, and every process
+  divides the sums over all processes (`distributed.allreduce_sum`) by the total count: the
+  gradient of the mean per-token loss one process takes, to float32 rounding."""
+
+  @jax.jit
+  def partial_grad(values, batch):
+    def total(v):
+      sums, count = _sender_sums(cfg, options.oa_objective, chunk, params, batch, v)
+      return jnp.sum(sums), (sums, count)
+    (_, (sums, count)), grad = jax.value_and_grad(total, has_aux=True)(values)
+    return grad, sums, count
+
+  @jax.jit
+  def update(values, state, grad):
+    updates, state = opt.update(grad, state, values)
+    return optax.apply_updates(values, updates), state
+
+  def step(values, state, batch):
+    size = batch.clean.shape[0]
+    k = -(-size // distributed.process_count())
+    rows = distributed.process_index() * k + np.arange(k)
+    part = _rows_of(batch, np.minimum(rows, size - 1), rows < size)
+    grad, sums, count = partial_grad(values, part)
+    got = distributed.allreduce_sum({"grad": np.asarray(grad), "sums": np.asarray(sums),
+                                     "count": np.asarray(count)})
+    n = max(float(got["count"]), 1.0)
+    values, state = update(values, state, jnp.asarray(got["grad"] / n, jnp.float32))
+    return values, state, float(np.mean(got["sums"] / n))
+
+  return step
 
 
 # ----------------------------------------------------------------------------------------- files

@@ -27,7 +27,7 @@ import numpy as np
 from jaxinterp import tasks
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.transformer import forward
-from jaxinterp.runtime import inputs
+from jaxinterp.runtime import distributed, inputs
 from jaxinterp.tasks import metrics
 
 FILTERS = ("none", "correct")
@@ -168,14 +168,21 @@ def _metric_name(task: tasks.Task) -> str:
 def check(cfg: ModelConfig, params, dataset: tasks.Dataset, *, batch_size: int = 16
           ) -> TaskCheck:
   """Run every row's clean and corrupted prompt (see the module docstring). `dataset.task`
-  should be the task with its own metric (before `tasks.with_metric`)."""
+  should be the task with its own metric (before `tasks.with_metric`).
+
+  In a multi-process run process p runs batches p, p + N, ... and the rows are gathered in order
+  on every process (`distributed.map_split`): one process's result, bitwise. A collective."""
   task = dataset.task
-  parts = []
-  for batch in dataset.batches(batch_size):
+
+  def one(i, batch):  # process p of N runs batches p, p + N, ... (`distributed.map_split`)
     out = _rows(cfg, task, params, batch)
     valid = np.asarray(batch.valid)
-    parts.append([np.asarray(x)[valid] for x in out])
-  clean, corrupted, top = (np.concatenate(p) for p in zip(*parts, strict=True))
+    return dict(zip(("clean", "corrupted", "top"), (np.asarray(x)[valid] for x in out),
+                    strict=True))
+
+  parts = distributed.map_split(dataset.batches(batch_size), one)
+  clean, corrupted, top = (np.concatenate([p[k] for p in parts])
+                           for k in ("clean", "corrupted", "top"))
   return TaskCheck(task.name.split(":")[0], _metric_name(task), task.higher_is_better,
                    clean.astype(np.float64),
                    corrupted.astype(np.float64) if dataset.has_corrupted else None,

@@ -21,7 +21,7 @@ from jaxinterp.patching.sweeps import (
     PatchingResult,
     run_sweep,
 )
-from jaxinterp.runtime import files, inputs
+from jaxinterp.runtime import distributed, files, inputs
 from jaxinterp.tasks import Dataset
 from jaxinterp.viz import plots
 
@@ -140,7 +140,7 @@ def activation_patching(config: PatchingConfig, out: str, *,
                                   skip_bad_rows=config.skip_bad_rows, mib_split=config.mib_split)
     results = {}
     try:
-      for name in tqdm(sweeps, desc="sweeps"):
+      for name in tqdm(sweeps, desc="sweeps", disable=not distributed.is_writer()):
         results[name] = run_sweep(model.cfg, model.params, dataset, name, direction=direction,
                                   batch_size=batch_size, chunk=chunk)
     except PatchingError as e:

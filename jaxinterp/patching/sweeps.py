@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from jaxinterp.interventions.basic import Patch, Where
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.transformer import forward
+from jaxinterp.runtime import distributed
 from jaxinterp.tasks import Batch, Dataset, Task
 from jaxinterp.tasks.metrics import metric_sum
 
@@ -205,11 +206,14 @@ def baselines(cfg: ModelConfig, params, dataset: Dataset, *, batch_size: int = 1
               ) -> tuple[float, float]:
   """(m_clean, m_corrupted): mean task metric of the unpatched clean and corrupted runs."""
   _check_dataset(cfg, dataset)
-  clean = corrupt = 0.0
-  for batch in dataset.batches(batch_size, bucket=None):
+
+  def one(i, batch):  # process p of N runs batches p, p + N, ... (`distributed.sum_split`)
     c, k, _ = _baselines(cfg, dataset.task, params, batch)
-    clean, corrupt = clean + float(c), corrupt + float(k)
-  return clean / len(dataset), corrupt / len(dataset)
+    return np.asarray([float(c), float(k)], np.float64)
+
+  clean, corrupt = distributed.sum_split(dataset.batches(batch_size, bucket=None), one,
+                                         np.zeros(2, np.float64))
+  return float(clean) / len(dataset), float(corrupt) / len(dataset)
 
 
 def run_sweep(cfg: ModelConfig, params, dataset: Dataset, sweep: str | Sweep, *,
@@ -228,6 +232,10 @@ def run_sweep(cfg: ModelConfig, params, dataset: Dataset, sweep: str | Sweep, *,
 
   Returns:
     a `PatchingResult` with grids of shape [n_layers, *sizes] (sizes: positions and/or heads).
+
+  In a multi-process run (`runtime.distributed`) process p runs batches p, p + N, ... and the
+  per-batch float64 sums (cells and baselines) are added in batch order on every process
+  (`distributed.sum_split`): every process returns one process's result, bitwise. A collective.
 
   Raises:
     PatchingError: unknown sweep/direction, bad data, or clean and corrupted runs with the same
@@ -250,29 +258,33 @@ def run_sweep(cfg: ModelConfig, params, dataset: Dataset, sweep: str | Sweep, *,
   if abs(denom) <= 1e-9 * max(1.0, abs(m_clean)):
     raise PatchingError(f"the clean and corrupted runs give the same mean metric ({m_clean:.6g}); "
                         f"the normalised patching effect is undefined for this data")
-  n_batches = math.ceil(len(dataset) / batch_size)
-  totals: np.ndarray | None = None
-  bar = tqdm(total=n_batches, desc=f"patching {sw.name}", disable=quiet, leave=False)
-  for batch in dataset.batches(batch_size, bucket=None):
+  batches = dataset.batches(batch_size, bucket=None)
+  first = next(dataset.batches(batch_size, bucket=None))
+  shapes = jax.eval_shape(functools.partial(_collect, cfg, sites), params, first.clean, first.mask)
+  sizes = tuple(shapes[sites[0]].shape[a] for a, _ in sw.axes)
+  n_cells = cfg.n_layers * math.prod(sizes)
+  c = min(chunk, n_cells)
+  steps = distributed.n_owned(math.ceil(len(dataset) / batch_size)) * math.ceil(n_cells / c)
+  bar = tqdm(total=steps, desc=f"patching {sw.name}", disable=quiet or not distributed.is_writer(),
+             leave=False)
+
+  def one(i, batch):  # process p of N runs batches p, p + N, ... (`distributed.sum_split`)
+    sums = np.zeros(n_cells, np.float64)
     clean_logits = _baselines(cfg, task, params, batch)[2]
     src_tokens = batch.corrupted if direction == "noising" else batch.clean
     cache = _collect(cfg, sites, params, src_tokens, batch.mask)
     sources = tuple(cache[s] for s in sites)
-    sizes = tuple(sources[0].shape[a] for a, _ in sw.axes)
-    n_cells = cfg.n_layers * math.prod(sizes)
-    if totals is None:
-      totals = np.zeros(n_cells, np.float64)
-      bar.total = n_batches * math.ceil(n_cells / chunk)
-      bar.refresh()
-    c = min(chunk, n_cells)
     for start in range(0, n_cells, c):
       cells = np.arange(start, start + c)
       cells = np.minimum(cells, n_cells - 1)  # pad the last chunk (one compiled shape)
       out = np.asarray(_sweep_chunk(cfg, task, sw, direction, params, batch, sources, clean_logits,
                                     jnp.asarray(cells, jnp.int32)), np.float64)
       n_real = min(c, n_cells - start)
-      totals[start:start + n_real] += out[:n_real]
+      sums[start:start + n_real] = out[:n_real]
       bar.update(1)
+    return sums
+
+  totals = distributed.sum_split(batches, one, np.zeros(n_cells, np.float64))
   bar.close()
   n = len(dataset)
   metric = (totals / n).reshape((cfg.n_layers,) + sizes)

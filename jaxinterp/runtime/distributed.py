@@ -12,7 +12,11 @@ Attribution splits the batches over the processes (`attribution.attribute`: proc
 batches p, p + N, ...) and merges their partial `Progress` states after every round through
 `allgather_bytes`, so every process ends with the sums one process would have, bitwise. Circuit
 evaluation splits its batches the same way (`sum_split`: the per-batch float64 sums of each round
-are gathered and added in batch order). Only process 0 writes files (`runtime.files`).
+are gathered and added in batch order); so do the task check (`map_split`), mean ablation's means
+(`fold_split`: float32 sums added in batch order) and activation patching (`sum_split`), all
+bitwise one process's. Optimal ablation splits each training step's rows and adds the gradient
+sums (`allreduce_sum`), equal to one process's to float32 rounding. Only process 0 writes files
+(`runtime.files`).
 
 No collective may hang: every one runs under `watchdog`, which ends the process with one line
 (`prog: error: ...`, exit status 1) when the other processes do not join within
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import io
 import os
 import socket
@@ -354,6 +359,45 @@ def _gather_round(mine: dict[str, np.ndarray] | None,
   for data in allgather_bytes(b"" if mine is None else arrays_to_bytes(mine)):
     if data:
       add(arrays_from_bytes(data))
+
+
+def fold_split(items: Iterable[Any], fn: Callable[[int, Any], dict[str, np.ndarray]],
+               fold: Callable[[Any, dict[str, np.ndarray]], Any], acc: Any) -> Any:
+  """`acc` folded with every item's `fn(i, item)` (a dict of numpy arrays) in item order:
+  `acc = fold(acc, result)`, the items split over the processes like `map_split` (process p calls
+  `fn` for items p, p + N, ...; each round's results are gathered exactly), but only one round's
+  results are held at a time. With a deterministic `fold` (e.g. float32 sums added in the order
+  one process adds them) every process gets what one process gets, bitwise. A collective: every
+  process iterates the same items. One process: a plain loop."""
+  n, me = process_count(), process_index()
+  if n == 1:
+    for i, item in enumerate(items):
+      acc = fold(acc, fn(i, item))
+    return acc
+  box = [acc]
+
+  def add(result: dict[str, np.ndarray]) -> None:
+    box[0] = fold(box[0], result)
+
+  mine, i = None, -1
+  for i, item in enumerate(items):
+    if i % n == me:
+      mine = fn(i, item)
+    if i % n == n - 1:
+      _gather_round(mine, add)
+      mine = None
+  if i >= 0 and i % n != n - 1:  # the last, partial round
+    _gather_round(mine, add)
+  return box[0]
+
+
+def allreduce_sum(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Every process's `arrays` (the same keys and shapes on each) added up in process order, on
+  every process (float64 sums of the exact gathered values: the same bytes everywhere). A
+  collective. One process: `arrays` as float64."""
+  parts = allgather_arrays(arrays)
+  return {k: functools.reduce(np.add, (np.asarray(p[k], np.float64) for p in parts))
+          for k in arrays}
 
 
 def allgather_arrays(arrays: dict[str, np.ndarray] | None
