@@ -9,7 +9,9 @@ Modules:
 - `recovery`: every method under every ablation on a known circuit (`benchmark`, `write_case`);
 - `runner`: `ground_truth(config, out)`, experiments/ground_truth.py's pipeline over `recovery`;
 - `toy_training`: training the bundled toy model (`train_toy_model(config, out)`,
-  experiments/train_toy_model.py's pipeline).
+  experiments/train_toy_model.py's pipeline);
+- `ioi_model`: a small GPT-2-family model trained here to do IOI on EAP-IG's IOI templates (no
+  pretrained GPT-2 is reachable), for span-level IOI circuits on a model that does the task.
 
 tracr is optional (`pip install "jaxinterp[tracr]"`); importing these modules does not need it.
 """
