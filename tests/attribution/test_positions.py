@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -21,6 +22,8 @@ from jaxinterp.models import edges as E
 from jaxinterp.models.transformer import sender_outputs
 from jaxinterp.tasks import metrics as task_metrics
 from tests.attribution.test_receiver_grads import CONFIGS, _params
+from tests.models import test_family_methods
+from tests.models.test_families import NEW
 
 ALPHAS = {"EAP": [1.0], "EAP-IG-inputs": list(A.ig_alphas(3)), "clean-corrupted": [0.0, 1.0],
           "EAP-IG-activations": list(A.ig_alphas(2, eap_start=1))}
@@ -198,7 +201,8 @@ def test_contraction_routes_agree(route):
   ds, batch = _data(cfg)
   abl = A.Ablation("patching")
   alphas = jnp.asarray(ALPHAS["EAP"], jnp.float32)
-  loc, cr, _ = P.gradient_batch(cfg, ds.task, params, batch, abl, alphas, method="EAP", chunk=4,
+  # chunk 2 as the gpt2 EAP case above: its program ("auto" is "y" at this size) is compiled once
+  loc, cr, _ = P.gradient_batch(cfg, ds.task, params, batch, abl, alphas, method="EAP", chunk=2,
                                 route=route)
   ref, _, _ = RG.ig_inputs_batch(cfg, ds.task, params, batch, abl, alphas)
   _check_sum(cfg, loc, cr, ref)
@@ -218,3 +222,94 @@ def test_sum_over_positions_with_qk_norm(qk_norm, rotary):
   loc, cr, _ = P.gradient_batch(cfg, ds.task, params, batch, abl, alphas, chunk=4)
   ref, _, _ = RG.ig_inputs_batch(cfg, ds.task, params, batch, abl, alphas)
   _check_sum(cfg, loc, cr, ref)
+
+
+# ------------------------------------------ every family, tiny: the identities of the matrix above
+
+# The families beyond GPT-2 and Llama at the smallest size that keeps what makes each one itself
+# (GQA, post-norms, qk-norm, soft-caps, sliding windows, parallel blocks, RoPE types):
+# 2 layers, 2 heads (1 key/value head where the family groups them), d_model 16.
+_TINY_FAMILIES = ("gpt_neox", "gemma2") + NEW
+
+
+def _tiny(family: str) -> models.ModelConfig:
+  cfg = CONFIGS[family] if family in CONFIGS else test_family_methods.CONFIGS[family]
+  return dataclasses.replace(cfg, d_model=16, n_heads=2, d_mlp=32,
+                             n_kv_heads=1 if cfg.n_kv_heads else None)
+
+
+def _tiny_params(cfg):
+  """Random params, weights scaled up (scores far from rounding noise) and norms and biases
+  perturbed (non-trivial norms)."""
+  rng = np.random.RandomState(2)
+  return jax.tree.map(lambda x: x * 8.0 if x.ndim >= 2 else
+                      x + 0.1 * rng.standard_normal(x.shape).astype(np.float32),
+                      models.init_params(cfg, jax.random.PRNGKey(1)))
+
+
+# OLMo-2 (no norm on the block inputs, pre_norms=False): the k/v crossing scores of
+# `attribution.positions` are off by up to 15% of the largest score (q, MLP and logits edges agree)
+# while the same model with pre-norms agrees to 4e-7: its block-norm helpers (`_standardize`,
+# `_contract_crossing`) build `T.Norm(cfg)`, an RMSNorm, where the model's block has the identity,
+# so the crossing gradients are scaled by 1/sigma_j. A library bug, reported; strict, so that the
+# fix shows here.
+_OLMO2_BUG = pytest.mark.xfail(strict=True, reason="positions.py: k/v crossing scores ignore "
+                               "pre_norms=False (RMSNorm where the block has the identity)")
+
+
+def _tiny_case(family: str):
+  cfg = _tiny(family)
+  ds = tasks.make_induction(2, 3, cfg.d_vocab, seed=0, bos_id=0)
+  batch = next(ds.batches(3, bucket=None))  # a filler row: it must not count
+  return cfg, ds, batch, A.Ablation("patching"), _tiny_params(cfg)
+
+
+def _families(*marks):
+  return [pytest.param(f, marks=[*marks, _OLMO2_BUG]) if f == "olmo2" else
+          pytest.param(f, marks=list(marks)) for f in _TINY_FAMILIES]
+
+
+@pytest.mark.parametrize("family", _families(pytest.mark.slow, pytest.mark.families_matrix))
+def test_position_identities_of_every_family_activations(family):
+  """EAP-IG-activations' identity of the test below (its own two kernels compile for ~20 s per
+  family: by hand, CI's time budget)."""
+  cfg, ds, batch, abl, params = _tiny_case(family)
+  a = jnp.asarray(A.ig_alphas(2, eap_start=1), jnp.float32)
+  loc, cr, _ = P.gradient_batch(cfg, ds.task, params, batch, abl, a, method="EAP-IG-activations",
+                                chunk=3)
+  ref, _ = A.ig_activations._ig_activations_batch(cfg, ds.task, params, batch, abl, a)
+  _check_sum(cfg, loc, cr, ref)
+
+
+@pytest.mark.parametrize("family", _families(pytest.mark.slow))
+def test_position_identities_of_every_family(family):
+  """The by-hand matrix's identities on a tiny model of each family (2 rows of 6 tokens and a
+  filler row, 2 IG steps): summed over positions, the scores of EAP, EAP-IG-inputs and
+  clean-corrupted are their edge scores (EAP-IG-activations': the test above), and exact
+  crossing edges (k and v into the last layer, k into the first, inside every sliding window) are
+  one-query reruns."""
+  cfg, ds, batch, abl, params = _tiny_case(family)
+  # EAP as two equal steps at alpha = 1 (their mean is EAP's one step), so that the three methods
+  # that interpolate the inputs run one program.
+  alphas = {"EAP": [1.0, 1.0], "EAP-IG-inputs": list(A.ig_alphas(2)),
+            "clean-corrupted": [0.0, 1.0]}
+  for method, a in alphas.items():
+    a = jnp.asarray(a, jnp.float32)
+    loc, cr, _ = P.gradient_batch(cfg, ds.task, params, batch, abl, a, method=method, chunk=3)
+    ref, _, _ = RG.ig_inputs_batch(cfg, ds.task, params, batch, abl, a)
+    _check_sum(cfg, loc, cr, ref)
+  # Exact crossing edges (sender, key j, head, 0 k / 1 v, query i): k and v in the last layer,
+  # where only the last query (5) reaches the metric, and k in layer 0. Clean and corrupted differ
+  # at positions 1-3; every key here is inside the query's window (3 positions).
+  resids, _, delta, _ = A.exact.upstream_cache(cfg, params, batch, abl)
+  c_total, _, _ = task_metrics.clean_metric(cfg, ds.task, params, batch)
+  cases = {1: [(E.head_sender(cfg, 0, 1), 4, 0, 0, 5), (0, 3, 1, 1, 5)], 0: [(0, 2, 1, 0, 3)]}
+  got, want = [], []
+  for layer, edges in cases.items():
+    vals = PX.crossing_chunk(cfg, ds.task, layer, params, batch, resids[layer], delta,
+                             jnp.asarray(edges, jnp.int32), None)
+    got += list(np.asarray(vals, np.float64) - float(c_total))
+    want += [_independent_crossing(cfg, ds.task, params, batch, layer, h, "kv"[k], s_, j, i)
+             for s_, j, h, k, i in edges]
+  assert np.abs(want).max() > 1e-3  # a real signal
+  np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max() + 1e-6, rtol=1e-3)

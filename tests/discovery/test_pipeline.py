@@ -193,11 +193,10 @@ def test_sigkill_and_resume_is_bitwise_identical(tiny_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_mesh_flag_gives_the_same_scores(tiny_model, tmp_path):
+def test_mesh_flag_gives_the_same_scores(tiny_model, cached_run, tmp_path):
   """--mesh=2x2 --fsdp on 4 simulated CPU devices: data- and tensor-parallel scores, with the
   weights also split over the data devices, equal one device's."""
-  one, mesh = str(tmp_path / "one"), str(tmp_path / "mesh")
-  assert _run(_flags(tiny_model, one)).returncode == 0
+  one, mesh = cached_run["a"], str(tmp_path / "mesh")  # one device: the cached run's first
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
              XLA_FLAGS="--xla_force_host_platform_device_count=4")
   r = subprocess.run([sys.executable, "-m", "experiments.find_circuit", "--mesh=2x2", "--fsdp"] +
@@ -213,15 +212,23 @@ def test_mesh_flag_gives_the_same_scores(tiny_model, tmp_path):
   assert not os.path.exists(str(tmp_path / "bad" / "graph.json"))
 
 
-@pytest.mark.slow
-def test_compilation_cache_is_written_and_reused(tiny_model, tmp_path):
-  """--compilation_cache stores the compiled kernels; a second run reads them and gives the same
-  scores."""
-  cache = tmp_path / "xla"
-  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+@pytest.fixture(scope="module")
+def cached_run(tiny_model, tmp_path_factory):
+  """The binary's default small run with its own --compilation_cache (cold), made once: the
+  compilation-cache test's first run and the mesh test's one-device reference."""
+  root = tmp_path_factory.mktemp("cached_run")
+  a, cache = str(root / "a"), root / "xla"
   r = _run(_flags(tiny_model, a, compilation_cache=str(cache)))
   assert r.returncode == 0, r.stderr[-3000:]
-  entries = os.listdir(cache)
+  return {"a": a, "cache": cache, "entries": sorted(os.listdir(cache))}
+
+
+@pytest.mark.slow
+def test_compilation_cache_is_written_and_reused(tiny_model, cached_run, tmp_path):
+  """--compilation_cache stores the compiled kernels; a second run reads them and gives the same
+  scores."""
+  a, cache, entries = cached_run["a"], cached_run["cache"], cached_run["entries"]
+  b = str(tmp_path / "b")
   assert entries, "nothing was cached"
   r = _run(_flags(tiny_model, b, compilation_cache=str(cache)))
   assert r.returncode == 0, r.stderr[-3000:]
