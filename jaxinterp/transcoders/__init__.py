@@ -19,7 +19,9 @@ Modules:
 - `pruning`: influence, `prune` and the replacement and completeness scores;
 - `frontend`: `graph.json` in circuit-tracer's frontend schema;
 - `replacement`: the local replacement model of a prompt (frozen attention, norms and error terms),
-  linearised;
+  linearised, and its backward run layer by layer from a batch's top layer down;
+- `layer_chunks`: a batch of rows' dot products with one layer's decoder and error vectors;
+- `selection`: the prompt's checks, the logit targets and the ranking loop's next features;
 - `attribution`: `attribute_graph`, the dense graph of a prompt, as circuit-tracer's `attribute`.
 """
 

@@ -15,8 +15,11 @@ Rows are computed `batch_size` at a time as `jax.vmap` of the VJP, in one compil
 compile per shape; the last batch is padded), and copied to a host array batch by batch (the next
 batch is dispatched before the previous one is copied), so the device never holds more than two
 batches of rows. The gradients at the sources are contracted with the decoder vectors as matmuls
-over (layer, position) cells (`CellChunks`), never as a `[batch, entries, d_model]` gather. With
-`max_feature_nodes`, features are visited as
+over (layer, position) cells (`CellChunks`), never as a `[batch, entries, d_model]` gather.
+Where the blocks share one structure, a batch's backward runs block by block from its top layer
+down (`_rows_layered`, `replacement.layered_backward`: the layers above the batch's targets are
+skipped, each layer's gradients contracted with its `layer_chunks.LayerChunks` in the loop); the
+rows are computed in layer order for that. With `max_feature_nodes`, features are visited as
 circuit-tracer's ranking loop does: the logit rows first, then repeatedly the unvisited features
 with the most influence on the logits through the rows computed so far
 (`pruning.partial_influences`), `update_interval * batch_size` at a time.
@@ -41,13 +44,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinterp.models.config import ModelConfig
-from jaxinterp.models.transformer import unembedding
 from jaxinterp.runtime import distributed
 from jaxinterp.transcoders import loading, pruning, replacement
 from jaxinterp.transcoders import targets as targets_lib
 from jaxinterp.transcoders.clt import CrossLayerTranscoder
 from jaxinterp.transcoders.errors import TranscoderError
 from jaxinterp.transcoders.graph import AttributionGraph
+from jaxinterp.transcoders.layer_chunks import LayerChunks, layer_chunks
+from jaxinterp.transcoders.selection import check_tokens, logit_targets, top_unvisited
 
 Array = jax.Array
 Transcoders = replacement.Transcoders
@@ -118,6 +122,9 @@ class Writers:
     cell_chunks: the decoder entries grouped by their (layer, position) cell (`CellChunks`), for
       `_rows`' matmul contraction; None: `_rows` gathers each entry's gradient instead (more
       memory traffic, same values).
+    layer_chunks: the same entries grouped by layer (`layer_chunks.LayerChunks`), for
+      `_rows_layered`, which contracts each layer's gradients inside the layered backward; None:
+      it contracts them after it, as `_rows` does.
   """
 
   dec_node: Array
@@ -128,6 +135,7 @@ class Writers:
   embed: Array
   n_active: int = flax.struct.field(pytree_node=False)
   cell_chunks: CellChunks | None = None
+  layer_chunks: LayerChunks | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,9 +200,11 @@ def sources(tc: Transcoders, run: replacement.Run) -> Sources:
     node, layer = np.arange(len(active)), active[:, 0]
     encoders, vec = _plt_vectors(tc, li, fi, vals)
   pos = active[node, 1]
-  chunks = cell_chunks(node, layer, pos, vec, errors.shape[1], len(active))
+  L, P = errors.shape[:2]
+  chunks = cell_chunks(node, layer, pos, vec, P, len(active))
+  by_layer = layer_chunks(layer, pos, vec, L, P, chunks.vec.shape[1])
   writers = Writers(jnp.asarray(node), jnp.asarray(layer), jnp.asarray(pos), vec, errors,
-                    run.embed, len(active), chunks)
+                    run.embed, len(active), chunks, by_layer)
   return Sources(active, values, encoders, writers)
 
 
@@ -213,7 +223,40 @@ def _rows(vjp, like: replacement.Targets, w: Writers, layers: Array, positions: 
   inputs = tuple(cot[:, i].astype(x.dtype) for i, x in enumerate(like.inputs))
   final = cot[:, L].astype(like.final.dtype)
   (src,) = jax.vmap(lambda i, f: vjp(replacement.Targets(i, f)))(inputs, final)
-  outs = jnp.stack(src.outputs, 1).astype(jnp.float32)  # [B, L, P, d]
+  return _contract(w, jnp.stack(src.outputs, 1), src.embed)
+
+
+@jax.jit
+def _rows_layered(lv: replacement.LayeredVJP, like: replacement.Targets, w: Writers, top: Array,
+                  layers: Array, positions: Array, vectors: Array) -> Array:
+  """`_rows` through blocks `top`, ..., 0 only (`replacement.layered_backward`; every target at a
+  layer <= `top`, the logits needing `top` = L - 1): the same rows."""
+  lc = w.layer_chunks
+  if lc is None:
+    embed, outs = replacement.layered_backward(lv, top, like, layers, positions, vectors)
+    return _contract(w, outs, embed)
+  L, P, d = w.errors.shape
+  B = layers.shape[0]
+
+  def reduce(li, src):  # [B, pos, d_model] at layer li's MLP output -> its chunks', errors' dots
+    src = src.astype(jnp.float32)
+    x = jnp.take(src, lc.pos[li], axis=1)  # [B, C, d]
+    per_slot = jnp.einsum("bcd,cgd->bcg", x, lc.vec[li].astype(jnp.float32)).reshape(B, -1)
+    return per_slot, jnp.einsum("bpd,pd->bp", src, w.errors[li].astype(jnp.float32))
+
+  embed, (per_slot, errs) = replacement.layered_backward(lv, top, like, layers, positions,
+                                                         vectors, reduce)
+  per_entry = jnp.take(per_slot.reshape(B, -1), lc.slot, axis=1)  # [B, E]
+  return _finish(w, per_entry, errs.reshape(B, L * P), embed)
+
+
+def _contract(w: Writers, outs: Array, embed: Array) -> Array:
+  """A batch of rows from the gradients at the sources (`outs` Float[Array, "B L pos d_model"] at
+  the MLP outputs, `embed` Float[Array, "B pos d_model"] at the embeddings): each decoder entry's,
+  error vector's and token embedding's dot product with its gradient."""
+  L, P, d = w.errors.shape
+  B = outs.shape[0]
+  outs = outs.astype(jnp.float32)
   ch = w.cell_chunks
   if ch is None:
     g = outs[:, w.dec_layer, w.dec_pos]  # [B, E, d]
@@ -222,74 +265,20 @@ def _rows(vjp, like: replacement.Targets, w: Writers, layers: Array, positions: 
     x = jnp.take(outs.reshape(B, L * P, d), ch.cell, axis=1)  # [B, C, d]
     per_slot = jnp.einsum("bcd,cgd->bcg", x, ch.vec.astype(jnp.float32)).reshape(B, -1)
     per_entry = jnp.take(per_slot, ch.slot, axis=1)  # [B, E]
-  if ch is not None and ch.one_per_node:
+  errs = jnp.einsum("blpd,lpd->blp", outs, w.errors.astype(jnp.float32)).reshape(B, L * P)
+  return _finish(w, per_entry, errs, embed)
+
+
+def _finish(w: Writers, per_entry: Array, errs: Array, embed: Array) -> Array:
+  """The rows from each decoder entry's dot product (`per_entry` Float[Array, "B E"]), each error
+  node's (`errs` Float[Array, "B L*pos"]) and the gradients at the embeddings (Float[Array, "B pos
+  d_model"]): the entries summed per feature, the token embeddings' dot products appended."""
+  if w.cell_chunks is not None and w.cell_chunks.one_per_node:
     feats = per_entry
   else:
     feats = jax.ops.segment_sum(per_entry.T, w.dec_node, w.n_active).T
-  errs = jnp.einsum("blpd,lpd->blp", outs, w.errors.astype(jnp.float32)).reshape(B, L * P)
-  toks = jnp.einsum("bpd,pd->bp", src.embed.astype(jnp.float32), w.embed.astype(jnp.float32))
+  toks = jnp.einsum("bpd,pd->bp", embed.astype(jnp.float32), w.embed.astype(jnp.float32))
   return jnp.concatenate([feats, errs, toks], 1)
-
-
-def top_unvisited(scores: np.ndarray, visited: np.ndarray, k: int) -> np.ndarray:
-  """The `k` unvisited indices of highest score, highest first, ties in index order: the first `k`
-  unvisited of `np.argsort(-scores, kind="stable")`, selected by `np.partition` (linear in the
-  sources) and sorting only the `k` selected, not all of them.
-
-  Args:
-    scores: Float[ndarray, "n"]. visited: Bool[ndarray, "n"]. k: how many (at most the unvisited).
-  Returns Int[ndarray, "k"].
-  """
-  cand = np.flatnonzero(~visited)  # index order
-  key = -scores[cand]
-  k = max(min(k, len(cand)), 0)
-  if k == 0:
-    return cand[:0]
-  if k == len(cand) or np.isnan(key).any():  # all of them, or NaN (sorted last): the full sort
-    return cand[np.argsort(key, kind="stable")][:k]
-  kth = np.partition(key, k - 1)[k - 1]
-  chosen = key < kth
-  ties = np.flatnonzero(key == kth)  # index order, as the stable sort keeps them
-  chosen[ties[:k - int(chosen.sum())]] = True
-  return cand[chosen][np.argsort(key[chosen], kind="stable")]
-
-
-def _check_tokens(cfg: ModelConfig, tokens) -> np.ndarray:
-  toks = np.asarray(tokens)
-  if toks.ndim != 1 or not np.issubdtype(toks.dtype, np.integer):
-    raise TranscoderError(f"tokens must be one prompt's token ids [pos], got shape {toks.shape} "
-                          f"of {toks.dtype}")
-  if toks.size < 2:
-    raise TranscoderError(f"the prompt has {toks.size} token(s) with BOS; it needs at least one "
-                          "token after BOS")
-  if toks.size > cfg.n_ctx:
-    raise TranscoderError(f"the prompt has {toks.size} tokens with BOS, more than the model's "
-                          f"context of {cfg.n_ctx}")
-  if toks.min() < 0 or toks.max() >= cfg.d_vocab:
-    raise TranscoderError(f"token ids outside the vocabulary [0, {cfg.d_vocab})")
-  return toks.astype(np.int32)
-
-
-def logit_targets(cfg: ModelConfig, params: Mapping[str, Any], logits: np.ndarray, targets,
-                  max_n_logits: int, desired_logit_prob: float) -> targets_lib.LogitTargets:
-  """The targets: `salient_logits` by default; given token ids; or a `LogitTargets` as is.
-
-  `logits` are the replacement model's, which has no final softcap; the targets' probabilities are
-  the model's own, soft-capped where the model has a cap (Gemma-2/3), as circuit-tracer 0.5.0's
-  `attribute` takes them (its forward keeps the cap). The target vectors are unembedding
-  directions either way."""
-  if cfg.final_logit_softcap:
-    cap = np.float32(cfg.final_logit_softcap)
-    logits = np.tanh(logits / cap) * cap
-  if isinstance(targets, targets_lib.LogitTargets):
-    if targets.vectors.shape[1:] != (cfg.d_model,):
-      raise TranscoderError(f"custom targets have vectors of shape {targets.vectors.shape}, "
-                            f"expected [k, {cfg.d_model}]")
-    return targets
-  W_U = np.asarray(unembedding(cfg, params), np.float32)
-  if targets is None:
-    return targets_lib.salient_logits(logits, W_U, max_n_logits, desired_logit_prob)
-  return targets_lib.for_tokens(targets, logits, W_U)
 
 
 def attribute_graph(cfg: ModelConfig, params: Mapping[str, Any], transcoders: Transcoders,
@@ -315,12 +304,13 @@ def attribute_graph(cfg: ModelConfig, params: Mapping[str, Any], transcoders: Tr
     `AttributionGraph` (host float32 arrays). TranscoderError (one line) for bad input.
   """
   loading.check_model(transcoders, cfg)
-  toks = _check_tokens(cfg, tokens)
+  toks = check_tokens(cfg, tokens)
   if batch_size < 1 or update_interval < 1:
     raise TranscoderError("batch_size and update_interval must be at least 1")
   if max_feature_nodes is not None and max_feature_nodes < 0:
     raise TranscoderError(f"max_feature_nodes must be >= 0, got {max_feature_nodes}")
   like, run, vjp = replacement.linearize(cfg, params, transcoders, jnp.asarray(toks))
+  lv = replacement.layered_vjp(cfg, params, transcoders, run)  # None: the whole-run VJP only
   nodes = sources(transcoders, run)
   tg = logit_targets(cfg, params, np.asarray(run.logits[-1], np.float32), targets, max_n_logits,
                      desired_logit_prob)
@@ -341,27 +331,36 @@ def attribute_graph(cfg: ModelConfig, params: Mapping[str, Any], transcoders: Tr
   done = 0
   encoders = np.asarray(nodes.encoders).astype(np.float32)  # [n_active, d_model], host
 
-  def compute(start: int, layers: np.ndarray, positions: np.ndarray, vectors: np.ndarray) -> None:
-    """Rows `edge[start:start + len(layers)]`, `batch_size` per call of `_rows` (the last batch
-    padded), the next batch dispatched before the previous one is copied to the host. Several
-    processes: process p computes batches p, p + N, ... of them, and each round's N batches are
-    gathered (`distributed.allgather_arrays`) into every process's `edge`."""
+  def compute(at: np.ndarray, layers: np.ndarray, positions: np.ndarray,
+              vectors: np.ndarray) -> None:
+    """Rows `edge[at]` (`at[i]`: row i's row of `edge`), `batch_size` per call of `_rows` (the
+    last batch padded), the next batch dispatched before the previous one is copied to the host.
+    A batch whose targets sit at layers <= l runs the backward through blocks l, ..., 0 only
+    (`_rows_layered`, where the blocks share one structure): callers sort the rows by layer.
+    Several processes: process p computes batches p, p + N, ... of them, and each round's N
+    batches are gathered (`distributed.allgather_arrays`) into every process's `edge`."""
     n_proc, me = distributed.process_count(), distributed.process_index()
     starts = range(0, len(layers), batch_size)
 
-    def dispatch(i: int) -> tuple[int, int, Array]:
+    def dispatch(i: int) -> tuple[np.ndarray, int, Array]:
       k = min(batch_size, len(layers) - i)
       lay, pos = np.zeros(batch_size, np.int32), np.zeros(batch_size, np.int32)
       vec = np.zeros((batch_size, cfg.d_model), np.float32)
       lay[:k], pos[:k], vec[:k] = layers[i:i + k], positions[i:i + k], vectors[i:i + k]
-      return start + i, k, _rows(vjp, like, nodes.writers, lay, pos, vec)  # not awaited
+      if lv is None:
+        rows = _rows(vjp, like, nodes.writers, lay, pos, vec)  # not awaited
+      else:
+        top = np.int32(min(int(lay[:k].max()), L - 1))
+        rows = _rows_layered(lv, like, nodes.writers, top, lay, pos, vec)
+      return at[i:i + k], k, rows
 
     def gather(r: int, mine: tuple[int, int, Array] | None) -> None:
       """Every process's batch of round `r` (batches r, r + 1, ...), flushed in batch order."""
       sent = None if mine is None else {"rows": np.asarray(mine[2])[:mine[1]]}
       for q, got in enumerate(distributed.allgather_arrays(sent)):
         if got is not None:
-          flush(start + starts[r + q], len(got["rows"]), got["rows"])
+          i = starts[r + q]
+          flush(at[i:i + len(got["rows"])], len(got["rows"]), got["rows"])
 
     pending = None
     if n_proc == 1:
@@ -381,12 +380,9 @@ def attribute_graph(cfg: ModelConfig, params: Mapping[str, Any], transcoders: Tr
     if pending is not None:
       gather(*pending)
 
-  def flush(at: int, k: int, rows: Array | np.ndarray) -> None:
+  def flush(at: np.ndarray, k: int, rows: Array | np.ndarray) -> None:
     nonlocal done
-    if dest is None:
-      edge[at:at + k, :logit_offset] = np.asarray(rows)[:k]
-    else:
-      edge[dest[at:at + k], :logit_offset] = np.asarray(rows)[:k]
+    edge[at, :logit_offset] = np.asarray(rows)[:k]
     done += k
     if progress is not None:
       progress(done, total)
@@ -396,12 +392,12 @@ def attribute_graph(cfg: ModelConfig, params: Mapping[str, Any], transcoders: Tr
   st, visited = n_logits, np.zeros(n_active, bool)
   if n_feat == n_active:  # every feature: the logit and feature rows in one stream of batches
     a = nodes.active
-    compute(0, *(np.concatenate([x, y]) for x, y in
+    compute(dest, *(np.concatenate([x, y]) for x, y in
                  zip(logit_rows, (a[:, 0], a[:, 1], encoders), strict=True)))
     row_node[st:] = np.arange(n_active)
     visited[:] = True
   else:  # circuit-tracer's ranking loop: the logit rows, then the most influential features
-    compute(0, *logit_rows)
+    compute(np.arange(n_logits), *logit_rows)
     n_visited = 0
     while n_visited < n_feat:
       pending = None
@@ -413,7 +409,8 @@ def attribute_graph(cfg: ModelConfig, params: Mapping[str, Any], transcoders: Tr
         pending = distributed.allgather_arrays(
             None if pending is None else {"pending": pending})[0]["pending"]
       a = nodes.active[pending]
-      compute(st, a[:, 0], a[:, 1], encoders[pending])
+      by_layer = np.argsort(a[:, 0], kind="stable")  # computed by layer, stored in rank order
+      compute(st + by_layer, a[by_layer, 0], a[by_layer, 1], encoders[pending[by_layer]])
       row_node[st:st + len(pending)] = pending
       visited[pending] = True
       st += len(pending)

@@ -26,16 +26,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxinterp.models.config import ModelConfig
-from jaxinterp.models.norms import _wide
-from jaxinterp.models.transformer import forward, site_names
+from jaxinterp.models.norms import Norm, _wide
+from jaxinterp.models.sites import Sites
+from jaxinterp.models.transformer import (
+    Block,
+    forward,
+    layers_uniform,
+    positions_of,
+    site_names,
+)
 from jaxinterp.transcoders import hooks
 from jaxinterp.transcoders.clt import CrossLayerTranscoder
 from jaxinterp.transcoders.plt import PerLayerTranscoders
@@ -102,12 +110,15 @@ class Run:
     outputs: Float[Array, "L pos d_model"], each layer's MLP output (the site the transcoders
       replace).
     embed: Float[Array, "pos d_model"], the token embeddings at `hook_embed`.
+    resid: Float[Array, "L+1 pos d_model"], the residual stream entering each block and
+      `ln_final` (the points `LayeredVJP` linearises each block at).
   """
 
   logits: Array
   inputs: Array
   outputs: Array
   embed: Array
+  resid: Array | None = None
 
 
 def replacement_run(cfg: ModelConfig, params: Mapping[str, Any], tc: Transcoders, tokens: Array,
@@ -140,14 +151,17 @@ def replacement_run(cfg: ModelConfig, params: Mapping[str, Any], tc: Transcoders
     iv[sites.output_at(layer)] = functools.partial(replace, layer)
     if sites.standardize and f"blocks.{layer}.ln2.hook_scale" in iv:
       iv[f"blocks.{layer}.ln2.hook_scale"] = functools.partial(standardize, layer)
+  resid_names = tuple(f"blocks.{i}.hook_resid_pre" for i in range(L)) + (
+      f"blocks.{L - 1}.hook_resid_post",)
   names = ("hook_embed", "ln_final.hook_normalized") + tuple(
-      sites.output_at(i) for i in range(L))
+      sites.output_at(i) for i in range(L)) + resid_names
   logits, cache = forward(cfg, params, tokens[None], interventions=iv, collect=names)
   final = cache["ln_final.hook_normalized"][0]
   inputs = tuple(store[i] for i in range(L))
   run = Run(logits=logits[0], inputs=stop(jnp.stack(inputs)),
             outputs=stop(jnp.stack([cache[sites.output_at(i)][0] for i in range(L)])),
-            embed=stop(cache["hook_embed"][0]))
+            embed=stop(cache["hook_embed"][0]),
+            resid=stop(jnp.stack([cache[n][0] for n in resid_names])))
   return Targets(inputs, final), run
 
 
@@ -180,3 +194,132 @@ def error_vectors(tc: Transcoders, run: Run, features: Array, zero_positions: in
   "L pos d_model"]."""
   recon = tc.decode(features, run.inputs).astype(run.outputs.dtype)
   return (run.outputs - recon).at[:, :zero_positions].set(0)
+
+
+@flax.struct.dataclass
+class LayeredVJP:
+  """The replacement run's VJP block by block (`layered_vjp`), so that a batch of targets at
+  layers <= `top` runs the backward pass through blocks `top`, ..., 0 only: a `fori_loop` whose
+  start is data (one compiled program for every `top`), each step the VJP of one block,
+  re-linearised at that block's input from the forward (the primal is one prompt, the cotangents
+  a batch: the re-run costs 1/batch of the step).
+
+  Attributes:
+    cfg: the model (static). tc: the transcoders.
+    blocks: the blocks' params stacked on a leading layer axis (`stack_blocks`).
+    ln_final: `ln_final`'s params.
+    resid: Float[Array, "L+1 pos d_model"], the residual stream entering each block and ln_final.
+    local: None, or Bool[Array, "L"], each layer's type (`layer_types_as_data`).
+  """
+
+  cfg: ModelConfig = flax.struct.field(pytree_node=False)
+  tc: Transcoders
+  blocks: Any
+  ln_final: Any
+  resid: Array
+  local: Array | None = None
+
+
+def layered_vjp(cfg: ModelConfig, params: Mapping[str, Any], tc: Transcoders,
+                run: Run) -> LayeredVJP | None:
+  """The block-by-block VJP of `run`, or None where the blocks differ in structure
+  (`layers_uniform`: e.g. Gemma-2's alternating sliding-window layers), where only `linearize`'s
+  whole-run VJP applies."""
+  if not layers_uniform(cfg) or run.resid is None:
+    return None
+  local = (jnp.asarray([li in cfg.sliding_layers for li in range(cfg.n_layers)])
+           if cfg.layer_types_as_data else None)
+  cfg = dataclasses.replace(cfg, final_logit_softcap=None)
+  return LayeredVJP(cfg, tc, _stacked(cfg, params), params.get("ln_final", {}), run.resid, local)
+
+
+def _stacked(cfg: ModelConfig, params: Mapping[str, Any]) -> Any:
+  """`stack_blocks`' stacked block params, stacked on the host: no compiled program (eager
+  `jnp.stack` compiles one per weight shape, several seconds in all on a loaded CPU)."""
+  blocks = [params[f"blocks_{layer}"] for layer in range(cfg.n_layers)]
+  return jax.tree.map(lambda *xs: jnp.asarray(np.stack([np.asarray(x) for x in xs])), *blocks)
+
+
+def _block(lv: LayeredVJP, li: Array, x: Array, src: Array) -> tuple[Array, Array]:
+  """Block `li` (traced) of the replacement run on `x` [1, pos, d_model] with `src` [1, pos,
+  d_model] added at its MLP output site, with `replacement_run`'s interventions: (the residual
+  stream after the block [1, pos, d_model], the transcoder input read [pos, d_model])."""
+  cfg, tc = lv.cfg, lv.tc
+  sites = hooks.sites_for(cfg, tc.input_hook, tc.output_hook)
+  store: dict[str, Array] = {}
+  iv: dict[str, Any] = {n: stop for n in frozen_sites(cfg) if n.startswith("blocks.0.")}
+
+  def read(v):
+    store["in"] = v[0]
+    return v
+
+  def standardize(inv):
+    inv = stop(inv)
+    store["in"] = _standardized(cfg, store["in"], inv[0])
+    return inv
+
+  def replace(v):
+    skip = _skip(tc, li, store["in"])[None].astype(v.dtype)
+    return skip + stop(v - skip) + src.astype(v.dtype)
+
+  iv[sites.input_at(0)] = read
+  iv[sites.output_at(0)] = replace
+  if sites.standardize and "blocks.0.ln2.hook_scale" in iv:
+    iv["blocks.0.ln2.hook_scale"] = standardize
+  block_sites = Sites(iv)
+  p_l = jax.tree.map(lambda a: a[li], lv.blocks)
+  local = None if lv.local is None else lv.local[li]
+  key_mask = jnp.ones(x.shape[:2], bool)
+  y = Block(cfg, 0).apply({"params": p_l}, x, positions_of(key_mask), key_mask, block_sites, None,
+                          None, local)
+  block_sites.check_all_visited()
+  return y, store["in"]
+
+
+def layered_backward(lv: LayeredVJP, top: Array, like: Targets, layers: Array, positions: Array,
+                     vectors: Array, reduce: Callable[[Array, Array], Any] | None = None
+                     ) -> tuple[Array, Any]:
+  """The VJP of a batch of targets through blocks `top`, ..., 0 only (every target at a layer
+  <= `top`; the logits, layer L, need `top` = L - 1).
+
+  Args:
+    top: Int[Array, ""], traced. like: the run's `Targets` (their dtypes).
+    layers: Int[Array, "B"] (L: the logits, read at `ln_final`'s output); positions: Int[Array,
+      "B"]; vectors: Float[Array, "B d_model"], each target's reading vector.
+    reduce: `reduce(layer, gradient)` maps the gradient at a layer's MLP output (Float[Array, "B
+      pos d_model"]; the layer traced) to a pytree of `[B, ...]` arrays, kept instead of the
+      gradient (e.g. its contraction with that layer's decoder vectors); None: the gradient.
+  Returns:
+    (the gradients at the embeddings Float[Array, "B pos d_model"], the layers' `reduce` outputs
+    stacked on axis 1, e.g. Float[Array, "B L pos d_model"] without `reduce`; zero above `top`).
+  """
+  cfg = lv.cfg
+  L, (_, P, d), B = cfg.n_layers, lv.resid.shape, layers.shape[0]
+  at_pos = jnp.arange(P)[None, :] == positions[:, None]  # [B, pos]
+
+  def cotangent(layer, dtype):  # [B, pos, d_model]: each target's vector where it reads
+    hit = (at_pos & (layers == layer)[:, None])[..., None]
+    return jnp.where(hit, vectors[:, None, :], 0).astype(dtype)
+
+  x_final = lv.resid[L][None]
+  _, vjp_final = jax.vjp(
+      lambda x: Norm(cfg).apply({"params": lv.ln_final}, x, Sites({"ln_final.hook_scale": stop}),
+                                "ln_final.hook_scale"), x_final)
+  (g,) = jax.vmap(vjp_final)(cotangent(L, like.final.dtype)[:, None])  # [B, 1, pos, d_model]
+
+  def step(i, carry):
+    g, outs = carry
+    li = top - i
+    x = jax.lax.dynamic_index_in_dim(lv.resid, li, keepdims=True)
+    _, vjp = jax.vjp(functools.partial(_block, lv, li), x, jnp.zeros_like(x))
+    g, src = jax.vmap(vjp)((g, cotangent(li, like.inputs[0].dtype)))
+    return g, jax.tree.map(lambda o, y: jax.lax.dynamic_update_index_in_dim(o, y, li, 1), outs,
+                           reduce(li, src[:, 0]))
+
+  if reduce is None:
+    def reduce(li, src):
+      return src
+  shapes = jax.eval_shape(reduce, top, jax.ShapeDtypeStruct((B, P, d), lv.resid.dtype))
+  outs = jax.tree.map(lambda s: jnp.zeros((B, L) + s.shape[1:], s.dtype), shapes)
+  g, outs = jax.lax.fori_loop(0, top + 1, step, (g, outs))
+  return g[:, 0], outs

@@ -11,7 +11,7 @@ import pytest
 from jaxinterp import models
 from jaxinterp import transcoders as T
 from jaxinterp.transcoders import attribution as TA
-from jaxinterp.transcoders import replacement
+from jaxinterp.transcoders import replacement, selection
 
 D, L, F = 16, 2, 24
 TOKENS = np.array([0, 5, 7, 9, 11, 3, 7])
@@ -117,6 +117,54 @@ def test_cell_chunk_contraction_equals_the_gather(monkeypatch):
       np.testing.assert_allclose(chunked, gathered, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("model_kw, input_hook", [
+    ({}, "mlp.hook_in"),
+    pytest.param({"post_norms": True, "sliding_window": 4, "sliding_layers": (0, 1)},
+                 "ln2.hook_normalized", marks=pytest.mark.slow),
+    pytest.param({"parallel_attn_mlp": True}, "ln2.hook_normalized", marks=pytest.mark.slow),
+    pytest.param({"normalization": "layernorm"}, "hook_resid_mid", marks=pytest.mark.slow),
+])
+def test_layered_rows_equal_the_whole_run_vjp(model_kw, input_hook):
+  """`_rows_layered`, the backward through blocks top..0 only (each layer's gradients contracted
+  inside the loop, or after it), gives `_rows`' rows (the whole run's VJP) for batches whose
+  targets sit at layers <= top, logits included with top = L - 1; the gradients above top are
+  exactly zero. Post-norms, sliding windows, parallel blocks and each input hook (ln2's
+  standardisation among them) re-linearised block by block."""
+  cfg, params = _model(**model_kw)
+  tc = _plt(input_hook=input_hook)
+  like, run, vjp = replacement.linearize(cfg, params, tc, jnp.asarray(TOKENS))
+  lv = replacement.layered_vjp(cfg, params, tc, run)
+  nodes = TA.sources(tc, run)
+  a = nodes.active
+  assert (a[:, 0] == 0).sum() >= 8 and (a[:, 0] == 1).sum() >= 6
+  rng = np.random.default_rng(0)
+  logit = (np.array([L, L]), np.array([len(TOKENS) - 1] * 2), rng.normal(size=(2, D)))
+  for top, idx in ((0, np.flatnonzero(a[:, 0] == 0)[:8]), (L - 1, np.arange(len(a))[-6:])):
+    lay, pos, vec = a[idx, 0], a[idx, 1], np.asarray(nodes.encoders)[idx]
+    if top == L - 1:
+      lay, pos, vec = (np.concatenate([x, y]) for x, y in zip(logit, (lay, pos, vec),
+                                                             strict=True))
+    args = (jnp.asarray(lay, jnp.int32), jnp.asarray(pos, jnp.int32),
+            jnp.asarray(vec, jnp.float32))
+    want = TA._rows(vjp, like, nodes.writers, *args)
+    for w in (nodes.writers, nodes.writers.replace(layer_chunks=None)):  # contracted in / after
+      got = TA._rows_layered(lv, like, w, np.int32(top), *args)
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+    _, outs = replacement.layered_backward(lv, np.int32(top), like, *args)
+    assert not np.asarray(outs)[:, top + 1:].any()
+
+
+def test_layered_vjp_needs_one_block_structure():
+  """Alternating sliding-window layers (Gemma-2) differ in structure: no layered VJP, and
+  `attribute_graph` falls back to the whole run's VJP."""
+  cfg, params = _model(sliding_window=4, sliding_layers=(0,))
+  tc = _plt()
+  _, run, _ = replacement.linearize(cfg, params, tc, jnp.asarray(TOKENS))
+  assert replacement.layered_vjp(cfg, params, tc, run) is None
+  g = T.attribute_graph(cfg, params, tc, TOKENS, batch_size=16)
+  assert g.n_features > 0 and np.isfinite(g.adjacency).all()
+
+
 def test_find_threshold_without_sorting_zeros_is_the_full_sort():
   def full_sort(scores, threshold):
     s = np.sort(np.asarray(scores, np.float32).ravel())[::-1]
@@ -147,7 +195,7 @@ def test_top_unvisited_is_the_stable_argsorts_selection():
     rank = np.argsort(-scores, kind="stable")
     for k in range(0, n + 2):
       want = rank[~visited[rank]][:k]
-      np.testing.assert_array_equal(TA.top_unvisited(scores, visited, k), want)
+      np.testing.assert_array_equal(selection.top_unvisited(scores, visited, k), want)
   m = rng.normal(size=(7, 9)).astype(np.float32)
   m[2] = 0
   a = np.abs(m)
