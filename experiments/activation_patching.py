@@ -15,7 +15,7 @@ the heatmaps and the files show the same normalised number; the heatmaps are whi
 when noising, 0 when denoising). Positions are labelled with the first prompt's tokens, decoded when
 the model has a tokenizer. A finished run in `--out` is kept: the same settings report it complete,
 other settings are refused unless `--overwrite`. The pipeline is
-`jaxinterp.patching.activation_patching`.
+`jaxinterp.patching.pipeline.activation_patching`.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from absl import app
 
 from jaxinterp import patching
 from jaxinterp.experiments import cli, common, dry_run
+from jaxinterp.patching import pipeline
 from jaxinterp.runtime import inputs
 
-D = cli.defaults(patching.PatchingConfig)
+D = cli.defaults(pipeline.PatchingConfig)
 OUT = "runs/activation_patching"
 cli.define("string", "model", D["model"],
            "Model: 'toy' (the bundled induction model), an HF checkpoint dir or an orbax "
@@ -54,13 +55,13 @@ for _f in dry_run.FLAGS:  # --dry_run, --device_memory, --seq_len
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  config = cli.config(patching.PatchingConfig, mib_split=common.mib_split())
+  config = cli.config(pipeline.PatchingConfig, mib_split=common.mib_split())
   if dry_run.requested():
     dry_run.simple("patching", config.model, None, config.batch_size, sweeps=config.sweeps,
                    chunk=config.patch_chunk)
     return
   common.start_run()
-  patching.activation_patching(config, cli.value("out", OUT),
+  pipeline.activation_patching(config, cli.value("out", OUT),
                                overwrite=cli.value("overwrite", False))
 
 

@@ -1,5 +1,5 @@
 """Activation-patching sweeps (vmapped), and the pipelines of the evaluate_circuit and
-activation_patching binaries (`report.evaluate_circuit`, `patching.activation_patching`)."""
+activation_patching binaries (`report.evaluate_circuit`, `pipeline.activation_patching`)."""
 
 import dataclasses
 import json
@@ -15,6 +15,7 @@ from jaxinterp.circuits import Graph
 from jaxinterp.evaluation import faithfulness as evaluation
 from jaxinterp.evaluation import report
 from jaxinterp.experiments import cli
+from jaxinterp.patching import pipeline
 from jaxinterp.runtime import inputs
 
 FLAGS = flags.FLAGS
@@ -138,9 +139,9 @@ def test_sweep_errors(model, data):
 
 def test_activation_patching(model_dir, tmp_path, capsys):
   out = tmp_path / "patching"
-  config = patching.PatchingConfig(model=model_dir, n_examples=BATCH, batch_size=BATCH,
+  config = pipeline.PatchingConfig(model=model_dir, n_examples=BATCH, batch_size=BATCH,
                                    sweeps="resid_pre,head_out")
-  results = patching.activation_patching(config, str(out))
+  results = pipeline.activation_patching(config, str(out))
   for name in ("resid_pre", "head_out"):
     with open(out / f"{name}.png", "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -155,13 +156,13 @@ def test_activation_patching(model_dir, tmp_path, capsys):
 
   # A finished run is kept: the same settings report it complete, others are refused.
   before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-  assert patching.activation_patching(config, str(out)) == {}
+  assert pipeline.activation_patching(config, str(out)) == {}
   assert "already holds this activation_patching run" in capsys.readouterr().out
   other = dataclasses.replace(config, sweeps="resid_pre")
   with pytest.raises(inputs.InputError, match="with other settings .*--overwrite"):
-    patching.activation_patching(other, str(out))
+    pipeline.activation_patching(other, str(out))
   assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
-  assert set(patching.activation_patching(other, str(out), overwrite=True)) == {"resid_pre"}
+  assert set(pipeline.activation_patching(other, str(out), overwrite=True)) == {"resid_pre"}
   assert not (out / "head_out.npz").exists()  # the old run's other outputs are gone
 
 
@@ -175,7 +176,7 @@ def test_activation_patching_errors(model_dir, tmp_path):
            (dict(model=model_dir, task="ioi"), "--data")]
   for kw, message in cases:
     with pytest.raises(inputs.InputError, match=message):
-      patching.activation_patching(patching.PatchingConfig(**kw), str(out))
+      pipeline.activation_patching(pipeline.PatchingConfig(**kw), str(out))
   assert not out.exists()
 
 
@@ -268,9 +269,9 @@ def test_flag_helpers():
     FLAGS["model"].value, FLAGS["model"].using_default_value = "x", True
     assert cli.value("model", "toy") == "toy"  # unset: the binary's own default
     # A config takes each field from the flag of its name, else the field's default.
-    assert cli.config(patching.PatchingConfig) == patching.PatchingConfig()
+    assert cli.config(pipeline.PatchingConfig) == pipeline.PatchingConfig()
   with flagsaver.flagsaver(model="given", patch_chunk=8):
     assert cli.value("model", "toy") == "given"
-    assert cli.config(patching.PatchingConfig, seed=3) == patching.PatchingConfig(
+    assert cli.config(pipeline.PatchingConfig, seed=3) == pipeline.PatchingConfig(
         model="given", patch_chunk=8, seed=3)
-  assert cli.defaults(patching.PatchingConfig)["patch_chunk"] == 32
+  assert cli.defaults(pipeline.PatchingConfig)["patch_chunk"] == 32

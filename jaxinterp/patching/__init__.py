@@ -48,20 +48,14 @@ Modules:
   `PatchingResult`;
 - `pipeline`: `activation_patching(PatchingConfig(...), out)`, the pipeline of
   `experiments/activation_patching.py`: it loads the model and data, runs the sweeps and writes
-  their heatmaps and arrays.
+  their heatmaps and arrays. Imported on its own (`from jaxinterp.patching import pipeline`): it
+  draws with matplotlib, which the sweeps' users (e.g. `--dry_run`'s plans, which every binary
+  imports) need not load.
 """
 
 from __future__ import annotations
 
-from jaxinterp.patching import pipeline, sweeps
-from jaxinterp.patching.pipeline import (
-    PatchingConfig,
-    activation_patching,
-    neutral,
-    position_labels,
-    run_record,
-    strongest,
-)
+from jaxinterp.patching import sweeps
 from jaxinterp.patching.sweeps import (
     DEFAULT_SWEEPS,
     DIRECTIONS,
@@ -77,8 +71,6 @@ from jaxinterp.patching.sweeps import (
 )
 
 __all__ = [
-    "DEFAULT_SWEEPS", "DIRECTIONS", "SWEEPS", "OneHotPatch", "PatchingConfig", "PatchingError",
-    "PatchingResult", "Sweep", "activation_patching", "baselines", "get_sweep", "neutral",
-    "patched_metric", "pipeline", "position_labels", "run_record", "run_sweep", "strongest",
-    "sweeps",
+    "DEFAULT_SWEEPS", "DIRECTIONS", "SWEEPS", "OneHotPatch", "PatchingError", "PatchingResult",
+    "Sweep", "baselines", "get_sweep", "patched_metric", "run_sweep", "sweeps",
 ]

@@ -3,7 +3,7 @@
 The checks of exit statuses and one-line errors run the binaries as subprocesses and look at their
 exit status, their stderr (an error is one line, without a traceback) and the files they leave
 behind; runs that do not depend on each other are started together. The rest call the pipelines
-behind the binaries in-process (`report.evaluate_circuit`, `patching.activation_patching`), as do
+behind the binaries in-process (`report.evaluate_circuit`, `pipeline.activation_patching`), as do
 the checks of the library pieces (run directories, CSV validation, plots) at the end.
 """
 
@@ -27,6 +27,7 @@ from jaxinterp.evaluation import faithfulness as evaluation
 from jaxinterp.evaluation import report
 from jaxinterp.experiments import scripts
 from jaxinterp.groundtruth import toy
+from jaxinterp.patching import pipeline
 from jaxinterp.runtime import files, inputs
 from jaxinterp.viz import plots
 
@@ -257,17 +258,17 @@ def test_bad_rows_rare_answers_kv_heads_and_token_labels(tmp_path, capsys):
                  f"{ok.format('Tom')},{ok.format('Sue')},1066,380\n"
                  f"{ok.format('Sue')},{ok.format('Tom')},380,1066\n"
                  f"{ok.format('Tom')},,1066,380\n")
-  config = patching.PatchingConfig(model=TINYSTORIES, task="logit-diff", data=str(csv),
+  config = pipeline.PatchingConfig(model=TINYSTORIES, task="logit-diff", data=str(csv),
                                    n_examples=4, batch_size=4)
   with pytest.raises(inputs.InputError) as bad:
-    patching.activation_patching(config, str(tmp_path / "bad"))
+    pipeline.activation_patching(config, str(tmp_path / "bad"))
   for needle in ("names.csv", "1 of 3 rows", "line 4", "an empty prompt",
                  "--skip_bad_rows"):
     assert needle in str(bad.value)
   assert not (tmp_path / "bad").exists()
   capsys.readouterr()
   config = dataclasses.replace(config, skip_bad_rows=True, sweeps="resid_pre,head_k")
-  patching.activation_patching(config, str(tmp_path / "ok"))
+  pipeline.activation_patching(config, str(tmp_path / "ok"))
   warnings = _warnings(capsys.readouterr().err)
   assert len(warnings) == 2
   assert "left out" in warnings[0] and "line 4" in warnings[0]
