@@ -99,11 +99,11 @@ def find_circuit(model: str, dtype: str | None, method: str, options: dict, batc
     raise MP.PlanError(f"--method={method}: {e}") from None
   if method == "EAP-IG-activations":
     return _activations(cfg, dt, m, seq, memory, batch, opts)
-  alphas = EAP_FAMILY[method](opts)
+  alphas, budget = EAP_FAMILY[method](opts), getattr(opts, "memory_budget", None)
   return _print(f"{method} (m={len(alphas)})",
-                lambda p: PR.eap(cfg, p, seq, alphas, m, memory,
-                                 getattr(opts, "memory_budget", None)),
-                cfg, dt, m, seq, memory, batch)
+                lambda p: PR.eap(cfg, p, seq, alphas, m, memory, budget, opts.remat),
+                cfg, dt, m, seq, memory, batch, notes=lambda p: PR.eap_notes(
+                    cfg, p, seq, len(alphas), batch, budget, opts.remat, method))
 
 
 def _activations(cfg, dt, m, seq, memory, batch, opts) -> MP.Plan:

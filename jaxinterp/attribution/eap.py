@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-from jaxinterp.attribution import base, memory_budget, nodes, receiver_grads
+from jaxinterp.attribution import base, contraction, memory_budget, nodes, receiver_grads
 from jaxinterp.models.edges import EdgePatch
 from jaxinterp.models.transformer import embed_inputs, forward, sender_outputs
 from jaxinterp.runtime import shared_prefix
@@ -47,13 +47,19 @@ def _valid_total(valid, values):
 
 def _kernel_call(alphas, cfg, task, params, batch, ablation, options):
   """The edge-level kernel `ig_inputs_batch` and the arguments it is called with on `batch`."""
-  suffix = None if options.remat else shared_prefix.plan(cfg, batch, ablation.kind)
-  chunks, budget = {}, getattr(options, "memory_budget", None)  # IGOptions only
-  if budget is not None:  # rows and contraction chunks whose temporaries fit the budget
-    chunks["row_chunks"], chunks["chunk_bytes"] = memory_budget.row_chunks(
+  chunks, budget, remat = {}, getattr(options, "memory_budget", None), options.remat
+  if budget is not None:  # rows and contraction chunks whose temporaries fit the budget (remat
+    plan = memory_budget.inputs_plan(  # if only a remat'd row fits)
         cfg, params, batch.clean.shape, alphas.shape[0], budget, options.remat)
+    chunks["row_chunks"], chunks["chunk_bytes"] = plan.row_chunks, plan.chunk_bytes
+    remat = plan.remat
+    memory_budget.print_note(plan, "EAP-IG-inputs", budget)
+  suffix = None if remat else shared_prefix.plan(cfg, batch, ablation.kind)
+  shards = contraction.data_shards_of(batch.clean)  # rows over a mesh's "data" axis
+  if shards > 1:  # each device contracts its own rows (no all-gather of the batch)
+    chunks["data_shards"] = shards
   return ((cfg, task, params, batch, ablation, alphas),
-          dict(remat=options.remat, suffix=suffix, **chunks))
+          dict(remat=remat, suffix=suffix, **chunks))
 
 
 def _kernel_scores(alphas, cfg, task, params, batch, ablation, options) -> base.BatchScores:

@@ -105,15 +105,17 @@ def _ig_activations(cfg, task, params, batch, ablation, alphas, remat):
 
 def score_batch(cfg, task, params, batch, ablation, options: base.IGOptions) -> base.BatchScores:
   """EAP-IG-activations scores of one batch (with `options.memory_budget`, in the groups of rows
-  `memory_budget.activations_row_chunks` plans)."""
+  `memory_budget.activations_plan` plans, rematerialised where only that fits)."""
   c_total, c_values, _ = task_metrics.clean_metric(cfg, task, params, batch)
   alphas = jnp.asarray(options.alphas(eap_start=1))
-  row_chunks = 1
-  if options.memory_budget is not None:
-    row_chunks = memory_budget.activations_row_chunks(
-        cfg, params, batch.clean.shape, alphas.shape[0], options.memory_budget, options.remat)
-  s, values = _ig_activations_batch(cfg, task, params, batch, ablation, alphas,
-                                    remat=options.remat, row_chunks=row_chunks)
+  row_chunks, remat = 1, options.remat
+  if options.memory_budget is not None:  # rows in groups; remat if only a remat'd row fits
+    plan = memory_budget.activations_plan(cfg, params, batch.clean.shape, alphas.shape[0],
+                                          options.memory_budget, options.remat)
+    row_chunks, remat = plan.row_chunks, plan.remat
+    memory_budget.print_note(plan, "EAP-IG-activations", options.memory_budget)
+  s, values = _ig_activations_batch(cfg, task, params, batch, ablation, alphas, remat=remat,
+                                    row_chunks=row_chunks)
   return base.BatchScores(s, values, c_values, c_total)
 
 

@@ -7,13 +7,21 @@ another in a `lax.scan` (their temporaries share buffers) and sums their scores 
 `_ig_activations_batch(..., row_chunks)` likewise): the same sums regrouped, so the scores equal
 the unbudgeted ones to float rounding (docs/performance.md, "Memory plans"). A row is the smallest
 chunk: its forward needs all of its positions.
+
+When one row does not fit but does rematerialised (`jax.checkpoint` of each block: the backward
+recomputes a block's activations instead of keeping every layer's), `inputs_plan` and
+`activations_plan` turn `remat` on (`BudgetPlan.auto_remat`; the kernels print one `note:` line):
+same scores to float rounding, more compute. Only a budget below a remat'd row is refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+
 import jax
 
-from jaxinterp.attribution import receiver_grads as RG
+from jaxinterp.attribution import contraction as C
 from jaxinterp.attribution.base import AttributionError
 from jaxinterp.models import edges as E
 from jaxinterp.models.config import ModelConfig
@@ -21,12 +29,57 @@ from jaxinterp.runtime import sizes
 
 
 class MemoryBudgetError(AttributionError):
-  """A `--memory_budget` below the smallest chunk the kernel can run (one row of the batch)."""
+  """A `--memory_budget` below the smallest chunk the kernel can run (one row of the batch);
+  `least`: the bytes one row needs (planned)."""
+
+  least: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetPlan:
+  """How a kernel runs under a `--memory_budget`.
+
+  Attributes:
+    row_chunks: groups of rows, scored one after another (a divisor of the batch).
+    chunk_bytes: EAP-IG-inputs' contraction chunks (0 for EAP-IG-activations, which has none).
+    remat: whether the kernel runs rematerialised (asked for, or chosen by the budget).
+    auto_remat: remat was chosen by the budget (one row fits only rematerialised).
+  """
+
+  row_chunks: int
+  chunk_bytes: float
+  remat: bool
+  auto_remat: bool = False
+
+  def note(self, method: str, budget: str) -> str | None:
+    """The `note:` line of a remat the budget chose (None otherwise)."""
+    if not self.auto_remat:
+      return None
+    return (f"note: --memory_budget={budget}: one row of the batch fits only rematerialised, so "
+            f"{method} runs with --remat (same scores to float rounding, more compute)")
+
+
+_NOTED: set[str] = set()
+
+
+def remat_chosen() -> bool:
+  """Whether a budget turned remat on in this process (for a run's `meta`: the options record
+  `remat` as given)."""
+  return bool(_NOTED)
+
+
+def print_note(plan: BudgetPlan, method: str, budget: str) -> None:
+  """Print `plan.note` to stderr, once per process and message (the kernel runs per batch)."""
+  line = plan.note(method, budget)
+  if line is not None and line not in _NOTED:
+    _NOTED.add(line)
+    print(line, file=sys.stderr, flush=True)
 
 
 def _temp_bytes(cfg: ModelConfig, params, rows: int, n_pos: int, n_steps: int, remat: bool,
                 chunk_bytes: float) -> float:
-  """Planned temporaries of `RG.ig_inputs_batch` on `rows` rows of `n_pos` positions (one group).
+  """Planned temporaries of `receiver_grads.ig_inputs_batch` on `rows` rows of `n_pos` positions
+  (one group).
 
   Per position, in float32: the sender differences [S, d], the head gradients and q/k/v
   ([L, 3H, d_head], three of them), the MLP and logits gradients and the norm's inputs ([L, d],
@@ -34,20 +87,42 @@ def _temp_bytes(cfg: ModelConfig, params, rows: int, n_pos: int, n_steps: int, r
   norms, MLP hidden units and the attention pattern: `10 d + 3 d_mlp + 2 H pos`, twice). Fixed: two
   float32 copies of the blocks' weights (ungrouped GQA heads and the scan's stacked copy), the
   contraction's position chunk (twice `chunk_bytes` at most) and the [S, R] accumulators. `n_steps`
-  does not enter (the steps run one after the other). With `remat`, the per-head-input receiver
-  gradients ([L, 3H + 2, d], a sum and a step's) instead of the fused kernel's. Checked against
-  `memory_analysis` in tests/attribution/test_memory_budget.py.
+  does not enter (the steps run one after the other). With `remat`, `_remat_temp_bytes`. Checked
+  against `memory_analysis` in tests/attribution/test_memory_budget.py.
   """
   del n_steps
+  if remat:
+    return _remat_temp_bytes(cfg, params, rows, n_pos)
   L, H, d, dh = cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_head
   S, R = E.n_senders(cfg), E.n_receivers(cfg)
   words = S * d + 3 * L * 3 * H * dh + 3 * L * d + 2 * L * (10 * d + 3 * cfg.d_mlp + 2 * H * n_pos)
-  if remat:
-    words += 2 * L * (3 * H + 2) * d
   per_pos_contract = (L * (3 * H + 1) + 1) * d * 4
   contract = 2 * min(chunk_bytes, rows * n_pos * per_pos_contract)
-  blocks = sum(x.size for li in range(L) for x in jax.tree.leaves(params[f"blocks_{li}"]))
-  return 4.0 * words * rows * n_pos + contract + 2 * 4.0 * blocks + 2 * 4.0 * S * R
+  return 4.0 * words * rows * n_pos + contract + 2 * 4.0 * _block_size(cfg, params) + 8.0 * S * R
+
+
+def _remat_temp_bytes(cfg: ModelConfig, params, rows: int, n_pos: int) -> float:
+  """Planned temporaries of `receiver_grads.ig_inputs_batch(..., remat=True)` (its per-head-input
+  kernel) on `rows` rows of `n_pos` positions.
+
+  Per position, in float32: the clean and ablated senders and their difference ([S, d], three), the
+  per-head-input receiver gradients ([L, 3H + 2, d]: the steps' sum, a step's and their receiver
+  layout), the embeddings (three [d]) and the full logits with their gradient and the clean ones
+  ([V], three); then one IG step under remat keeps each block's input ([L, d], and its gradient)
+  and recomputes one block at a time: that block's activations and their gradients (the per-head
+  inputs `3 H d`, `10 d + 3 d_mlp + 2 H pos`, twice), not every layer's. Fixed: a float32 copy of
+  the blocks' weights and the [S, R] accumulators (no GQA ungrouping, no stacked copy).
+  """
+  L, H, d = cfg.n_layers, cfg.n_heads, cfg.d_model
+  S, R = E.n_senders(cfg), E.n_receivers(cfg)
+  words = 3 * S * d + 3 * L * (3 * H + 2) * d + 3 * d + 3 * cfg.d_vocab + 2 * L * d
+  words += 2 * (3 * H * d + 10 * d + 3 * cfg.d_mlp + 2 * H * n_pos)
+  return 4.0 * words * rows * n_pos + 4.0 * _block_size(cfg, params) + 8.0 * S * R
+
+
+def _block_size(cfg: ModelConfig, params) -> int:
+  """Elements of the blocks' weights."""
+  return sum(x.size for li in range(cfg.n_layers) for x in jax.tree.leaves(params[f"blocks_{li}"]))
 
 
 def _activations_temp_bytes(cfg: ModelConfig, params, rows: int, n_pos: int, remat: bool) -> float:
@@ -59,19 +134,20 @@ def _activations_temp_bytes(cfg: ModelConfig, params, rows: int, n_pos: int, rem
   embeddings and the logits (clean and a step's, [V] each), and one IG step's forward and backward
   through the graph-form model (per layer the per-head q/k/v inputs and their edge corrections
   `[3H, d]`, two, the residual stream and norms, MLP hidden units and the attention pattern:
-  `6 H d + 10 d + 3 d_mlp + 4 H pos`; with `remat` two more `[3H, d]`, as the recomputed blocks'
-  inputs). Fixed: a float32 copy of the blocks' weights and the [S, R] gradient and accumulator.
-  The steps (and the layer nodes) run one after the other, so their number does not enter. Checked
-  against `memory_analysis` in tests/attribution/test_memory_budget.py.
+  `6 H d + 10 d + 3 d_mlp + 4 H pos`). With `remat` the step keeps only each block's inputs (the
+  residual stream and the senders' buffer `[S, d]` the graph-form blocks carry, with their
+  gradients: `L (S d + 2 d)`) and recomputes one block's activations at a time (twice the per-layer
+  term, for the forward and the backward of that block). Fixed: a float32 copy of the blocks'
+  weights and the [S, R] gradient and accumulator. The steps (and the layer nodes) run one after
+  the other, so their number does not enter. Checked against `memory_analysis` in
+  tests/attribution/test_memory_budget.py.
   """
   L, H, d = cfg.n_layers, cfg.n_heads, cfg.d_model
   S, R = E.n_senders(cfg), E.n_receivers(cfg)
   words = 3 * S * d + 2 * L * (H + 1) * d + 2 * d + 2 * cfg.d_vocab
-  words += L * (6 * H * d + 10 * d + 3 * cfg.d_mlp + 4 * H * n_pos)
-  if remat:
-    words += L * 6 * H * d
-  blocks = sum(x.size for li in range(L) for x in jax.tree.leaves(params[f"blocks_{li}"]))
-  return 4.0 * words * rows * n_pos + 4.0 * blocks + 2 * 4.0 * S * R
+  layer = 6 * H * d + 10 * d + 3 * cfg.d_mlp + 4 * H * n_pos
+  words += L * (S * d + 2 * d) + 2 * layer if remat else L * layer
+  return 4.0 * words * rows * n_pos + 4.0 * _block_size(cfg, params) + 2 * 4.0 * S * R
 
 
 def _parse(budget: str) -> float:
@@ -81,7 +157,7 @@ def _parse(budget: str) -> float:
     raise MemoryBudgetError(str(e)) from None
 
 
-def _fewest_groups(b: int, p: int, budget: str, total: float, fits) -> int:
+def _fewest_groups(b: int, p: int, budget: str, total: float, fits, remat: bool = False) -> int:
   """The fewest groups of rows (a divisor of `b`) with `fits(rows, total)`; MemoryBudgetError,
   naming the least budget for one row, when none does (`fits` is monotone in the budget)."""
   for chunks in (c for c in range(1, b + 1) if b % c == 0):
@@ -94,25 +170,29 @@ def _fewest_groups(b: int, p: int, budget: str, total: float, fits) -> int:
     mid = (lo + hi) / 2
     lo, hi = (lo, mid) if fits(1, mid) else (mid, hi)
   least = sizes.round_up(hi)
-  raise MemoryBudgetError(
+  e = MemoryBudgetError(
       f"--memory_budget={budget} is below the smallest chunk: one row of {p} positions needs "
-      f"{least} of temporaries (planned); give at least --memory_budget={least}")
+      f"{least} of temporaries (planned{', rematerialised' if remat else ''}); give at least "
+      f"--memory_budget={least}")
+  e.least = hi
+  raise e
 
 
 def row_chunks(cfg: ModelConfig, params, batch_shape: tuple[int, int], n_steps: int, budget: str,
                remat: bool = False) -> tuple[int, float]:
-  """(row_chunks, chunk_bytes) of `RG.ig_inputs_batch` whose planned temporaries (`_temp_bytes`)
-  fit the `--memory_budget` size `budget` (e.g. "2GB"): the fewest groups of rows (a divisor of
-  the batch), and contraction chunks of at most budget / 16 (RG.CHUNK_BYTES at most).
+  """(row_chunks, chunk_bytes) of `receiver_grads.ig_inputs_batch` whose planned temporaries
+  (`_temp_bytes`) fit the `--memory_budget` size `budget` (e.g. "2GB"): the fewest groups of rows
+  (a divisor of the batch), and contraction chunks of at most budget / 16
+  (`contraction.CHUNK_BYTES` at most).
   MemoryBudgetError, naming the smallest budget that works, when one row does not fit."""
   b, p = batch_shape
   total = _parse(budget)
 
   def fits(rows: int, limit: float) -> bool:
-    chunk_bytes = min(RG.CHUNK_BYTES, limit / 16)
+    chunk_bytes = min(C.CHUNK_BYTES, limit / 16)
     return _temp_bytes(cfg, params, rows, p, n_steps, remat, chunk_bytes) <= limit
 
-  return _fewest_groups(b, p, budget, total, fits), min(RG.CHUNK_BYTES, total / 16)
+  return _fewest_groups(b, p, budget, total, fits, remat), min(C.CHUNK_BYTES, total / 16)
 
 
 def activations_row_chunks(cfg: ModelConfig, params, batch_shape: tuple[int, int], n_steps: int,
@@ -129,4 +209,34 @@ def activations_row_chunks(cfg: ModelConfig, params, batch_shape: tuple[int, int
   def fits(rows: int, limit: float) -> bool:
     return _activations_temp_bytes(cfg, params, rows, p, remat) <= limit
 
-  return _fewest_groups(b, p, budget, total, fits)
+  return _fewest_groups(b, p, budget, total, fits, remat)
+
+
+def inputs_plan(cfg: ModelConfig, params, batch_shape: tuple[int, int], n_steps: int, budget: str,
+                remat: bool = False) -> BudgetPlan:
+  """`row_chunks`, with remat chosen when one row fits only rematerialised (`remat` given: kept).
+  MemoryBudgetError, naming the least budget of a remat'd row, when even that does not fit."""
+  return _with_auto_remat(lambda r: row_chunks(cfg, params, batch_shape, n_steps, budget, r),
+                          remat)
+
+
+def activations_plan(cfg: ModelConfig, params, batch_shape: tuple[int, int], n_steps: int,
+                     budget: str, remat: bool = False) -> BudgetPlan:
+  """`activations_row_chunks`, with remat chosen as `inputs_plan` does."""
+  return _with_auto_remat(
+      lambda r: (activations_row_chunks(cfg, params, batch_shape, n_steps, budget, r), 0.0),
+      remat)
+
+
+def _with_auto_remat(plan, remat: bool) -> BudgetPlan:
+  """`plan(remat)` -> (row_chunks, chunk_bytes) as a BudgetPlan; without `remat`, on a
+  MemoryBudgetError, `plan(True)`; if that fails too, the error naming the smaller least budget."""
+  if remat:
+    return BudgetPlan(*plan(True), remat=True)
+  try:
+    return BudgetPlan(*plan(False), remat=False)
+  except MemoryBudgetError as plain:
+    try:
+      return BudgetPlan(*plan(True), remat=True, auto_remat=True)
+    except MemoryBudgetError as rematted:  # name the smaller least (remat's, as a rule)
+      raise (rematted if rematted.least <= plain.least else plain) from None

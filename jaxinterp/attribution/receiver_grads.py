@@ -12,7 +12,8 @@ fused heads, the LayerNorm/RMSNorm Jacobian folded into the contraction (see its
 step keeps only `[batch, pos, 3H, d_head]` head gradients; the blocks run as one `lax.scan` when a
 stacked copy of their weights fits; the clean and corrupted runs share one forward, the heads'
 sender differences are projected once from their `hook_z` differences, and the contraction with the
-sender differences happens once per batch, in position chunks that stay in cache.
+sender differences happens once per batch, in position chunks that stay in cache
+(`contraction.contract_positions`).
 
 `_split_ig_inputs_batch` is the direct form: zero perturbations at the per-head inputs
 `blocks.{layer}.hook_{q,k,v}_input` and at residual sites, receiver gradients `[batch, pos,
@@ -30,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinterp.attribution import contraction as C
 from jaxinterp.attribution.base import Shift
 from jaxinterp.models import edges as E
 from jaxinterp.models import transformer as T
@@ -44,8 +46,6 @@ SCAN_MAX_FRACTION = 0.15
 # The device memory that decision is made for: None, the default device's; a memory plan
 # (`runtime.memory_plan`, --dry_run) sets the planned device's while it traces.
 PLANNED_DEVICE_BYTES: int | None = None
-# Bytes of one position chunk of `_contract`'s expanded receiver gradients (they stay in cache).
-CHUNK_BYTES = 32e6
 Array = jax.Array
 
 
@@ -204,7 +204,9 @@ def _ig_steps(cfg: ModelConfig, task, params, stacked, batch: Batch, alphas: Arr
     P = jnp.concatenate([g[f"attn.hook_{c}"] for c in "qkv"], 3).astype(jnp.float32)
     P = P * inv[..., None]  # [L, b, p, 3H, dh]
     qkv = jnp.concatenate([ys[f"attn.hook_{c}"] for c in "qkv"], 3).astype(jnp.float32)
-    if cfg.normalization != "none":  # the identity norm's Jacobian has no x_hat term
+    # The identity norm's Jacobian has no x_hat term: normalization "none" (tracr), and the
+    # param-free block input norm of pre_norms=False (OLMo-2), whose `ln1` is {}.
+    if cfg.normalization != "none" and ln1:
       coef = jnp.sum((qkv - offsets[:, None, None]) * P, -1) / d  # [L, b, p, 3H]
       # (D_s . x_hat_l) for every sender and layer: one [S, d] x [d, L] matmul per position.
       e = jnp.einsum("bpsd,bpld->bpsl", diff, jnp.moveaxis(xhat, 0, 2))
@@ -277,66 +279,12 @@ def _patching_diff(cfg: ModelConfig, params, stacked, e_clean: Array, e_corrupt:
   return diff, final, prefix
 
 
-def _contract(cfg: ModelConfig, params, diff: Array, P_sum: Array, mlp_sum: Array,
-              log_sum: Array, chunk_bytes: float = CHUNK_BYTES) -> Array:
-  """Per-batch contraction of the sender differences with every receiver's summed gradient.
-
-  Args:
-    diff: Float[Array, "batch pos sender d_model"], ablated minus clean sender outputs.
-    P_sum: Float[Array, "layer batch pos 3H d_head"], head gradients / sigma summed over steps.
-    mlp_sum, log_sum: Float[Array, "layer batch pos d_model"] and Float[Array, "batch pos d_model"],
-      the MLP-input and logits-input gradients summed over steps.
-
-  Returns:
-    Float[Array, "sender layer*3H + layer + 1"]: `D . (A - mean A)` for every (sender, head input)
-    pair, with `A = gamma * (W P)` the expanded head gradient (the mean over d_model only for
-    LayerNorm: `D . (A - mean A) = D . A - sum(D) mean(A)`), then `D . grad` for every MLP input and
-    the logits (all senders; the caller masks those not upstream).
-
-  Positions are processed in chunks small enough that a chunk's expanded gradients
-  ([chunk, receivers, d_model]) stay in cache, in one `lax.scan`; the weights are read in place
-  (no stacked or rescaled copy), and no [batch, pos, receiver, d_model] array is formed.
-  """
-  b, p, S, d = diff.shape
-  L, H = cfg.n_layers, cfg.n_heads
-  layernorm = cfg.normalization == "layernorm"
-  n_pos = b * p
-  per_pos = (L * (3 * H + 1) + 1) * d * 4
-  size = max(1, min(n_pos, int(chunk_bytes // per_pos)))
-  while n_pos % size:
-    size -= 1
-  chunks = n_pos // size
-  Dc = diff.reshape(chunks, size, S, d)
-  Pc = jnp.moveaxis(P_sum, 0, 2).reshape(chunks, size, L, 3 * H, P_sum.shape[-1])
-  Mc = jnp.concatenate([jnp.moveaxis(mlp_sum, 0, 2), log_sum[:, :, None]], 2)
-  Mc = Mc.reshape(chunks, size, L + 1, d)
-  gammas = [T.Norm(cfg).apply({"params": params[f"blocks_{li}"].get("ln1", {})},
-                             method=T.Norm.gain) for li in range(L)]
-
-  def body(acc, xs):
-    Dn, Pn, Mn = xs
-    A = []
-    for li in range(L):
-      attn = params[f"blocks_{li}"]["attn"]
-      for i, c in enumerate("QKV"):
-        W = attn[f"W_{c}"]  # [H, d, d_head]
-        A.append(jnp.einsum("nhe,hde->nhd", Pn[:, li, i * H:(i + 1) * H].astype(W.dtype), W,
-                            preferred_element_type=jnp.float32) * gammas[li])
-    A = jnp.concatenate(A, 1)  # [size, L*3H, d]
-    if layernorm:
-      A = A - A.mean(-1, keepdims=True)
-    G = jnp.concatenate([A, Mn], 1)
-    return acc + jnp.einsum("nsd,nrd->sr", Dn, G), None
-
-  acc = jnp.zeros((S, L * (3 * H + 1) + 1), jnp.float32)
-  return jax.lax.scan(body, acc, (Dc, Pc, Mc))[0]
-
-
 @functools.partial(compile_policy.jit,
-                   static_argnames=("cfg", "task", "remat", "suffix", "row_chunks", "chunk_bytes"))
+                   static_argnames=("cfg", "task", "remat", "suffix", "row_chunks", "chunk_bytes",
+                                    "data_shards"))
 def ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alphas: Array,
                     remat: bool = False, suffix: int | None = None, row_chunks: int = 1,
-                    chunk_bytes: float = CHUNK_BYTES):
+                    chunk_bytes: float = C.CHUNK_BYTES, data_shards: int = 1):
   """EAP / EAP-IG-inputs / clean-corrupted scores of one batch.
 
   Same contract as the weight-gradient reference `eap.weight_gradient_batch(cfg, task, params,
@@ -374,15 +322,20 @@ def ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alph
   scores, and `chunk_bytes` sets the contraction's position chunks: the peak of temporaries is
   then one group's.
   The defaults (1, CHUNK_BYTES) are the unchunked kernel.
+
+  `data_shards`: the batch's rows are split over that many devices (a mesh's "data" axis,
+  `contraction.data_shards_of`); the contraction then chunks each device's rows on their own
+  (`contraction.contract_positions`).
   """
   if row_chunks == 1:
-    return _ig_inputs(cfg, task, params, batch, ablation, alphas, remat, suffix, chunk_bytes)
+    return _ig_inputs(cfg, task, params, batch, ablation, alphas, remat, suffix, chunk_bytes,
+                      data_shards)
   groups = jax.tree.map(lambda x: x.reshape(row_chunks, x.shape[0] // row_chunks, *x.shape[1:]),
                         batch)
 
   def body(total, group):
     s, values, clean_values = _ig_inputs(cfg, task, params, group, ablation, alphas, remat,
-                                         suffix, chunk_bytes)
+                                         suffix, chunk_bytes, data_shards)
     return total + s, (values, clean_values)
 
   zero = jnp.zeros((E.n_senders(cfg), E.n_receivers(cfg)), jnp.float32)
@@ -391,7 +344,7 @@ def ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alph
 
 
 def _ig_inputs(cfg: ModelConfig, task, params, batch: Batch, ablation, alphas: Array,
-               remat: bool, suffix: int | None, chunk_bytes: float):
+               remat: bool, suffix: int | None, chunk_bytes: float, data_shards: int = 1):
   """`ig_inputs_batch`'s kernel on one group of rows (its docstring)."""
   if remat:
     return _split_ig_inputs_batch(cfg, task, params, batch, ablation, alphas, remat=remat)
@@ -421,7 +374,8 @@ def _ig_inputs(cfg: ModelConfig, task, params, batch: Batch, ablation, alphas: A
       cfg, task, params, stacked, batch, alphas, e_clean, e_corrupt, diff,
       clean_logits if task.needs_clean_logits else None, positions, prefix)
 
-  totals = _contract(cfg, params, diff, P_sum, mlp_sum, log_sum, chunk_bytes)
+  totals = C.contract_positions(cfg, params, diff, P_sum, mlp_sum, log_sum, chunk_bytes,
+                                data_shards)
   attn = jnp.moveaxis(totals[:, :L * 3 * H].reshape(S, L, 3 * H), 1, 0) - t3  # [L, S, 3H]
   mlp = totals[:, L * 3 * H:L * 3 * H + L].T  # [L, S]
   n_attn = np.array([E.n_upstream_of_attn(cfg, li) for li in range(L)])

@@ -32,7 +32,7 @@ import jaxinterp
 from jaxinterp import attribution as A
 from jaxinterp import circuits as G
 from jaxinterp import models, tasks
-from jaxinterp.attribution import bootstrap, optimal
+from jaxinterp.attribution import bootstrap, memory_budget, optimal
 from jaxinterp.circuits import convention
 from jaxinterp.discovery import positions
 from jaxinterp.discovery import spans as span_level
@@ -255,6 +255,8 @@ def _run(config: FindCircuitConfig, options: A.Options, held: files.RunDir,
           "task_check": checked, convention.KEY: conv, **_optimal_settings(config, ablation)}
   if boot is not None:
     meta["bootstrap"] = boot
+  if memory_budget.remat_chosen():  # the options above record --remat as given
+    meta["remat_chosen_by_budget"] = True
   if level != "edge":  # drawings rank edges: by their sender's node score at node/neuron level
     shown = circuit.replace(scores=np.where(g.valid, node_scores[:, None], 0.0))
     if level == "neuron":

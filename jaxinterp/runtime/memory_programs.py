@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxinterp.attribution import contraction as C
 from jaxinterp.attribution import exact as X
 from jaxinterp.attribution import ig_activations as IA
 from jaxinterp.attribution import memory_budget as MB
@@ -61,40 +62,72 @@ def _spec(shape, dtype):
 
 
 def eap(cfg: ModelConfig, params, seq_len: int, alphas, mesh=None,
-        device_memory: int | None = None, memory_budget: str | None = None) -> MP.Builder:
+        device_memory: int | None = None, memory_budget: str | None = None,
+        remat: bool = False) -> MP.Builder:
   """EAP-family edge attribution (`alphas`: [1] EAP, k/m IG-inputs, [0, 1] clean-corrupted),
-  in the row and position chunks a `memory_budget` ("2GB", `IGOptions.memory_budget`) sets."""
+  with `remat` and in the row and position chunks a `memory_budget` ("2GB",
+  `IGOptions.memory_budget`) sets (`memory_budget.inputs_plan`: remat too where only a remat'd row
+  fits), as the run does."""
   alphas = jnp.asarray(alphas, jnp.float32)
 
   def build(b):
-    chunks = {}
+    chunks, rm = {}, remat
     if memory_budget is not None:
-      chunks["row_chunks"], chunks["chunk_bytes"] = MB.row_chunks(
-          cfg, params, (b, seq_len), alphas.shape[0], memory_budget)
+      plan = MB.inputs_plan(cfg, params, (b, seq_len), alphas.shape[0], memory_budget, remat)
+      chunks = dict(row_chunks=plan.row_chunks, chunk_bytes=plan.chunk_bytes)
+      rm = plan.remat
+
+    batch = MP.abstract_batch(b, seq_len, mesh)
+    shards = C.data_shards_of(batch.clean)
+    if shards > 1:  # as `eap._kernel_call`: each device contracts its own rows
+      chunks["data_shards"] = shards
 
     def fn(params, batch):
       with _planned_device(device_memory):
-        return RG.ig_inputs_batch(cfg, TASK, params, batch, PATCHING, alphas, **chunks)
-    return fn, (params, MP.abstract_batch(b, seq_len, mesh))
+        return RG.ig_inputs_batch(cfg, TASK, params, batch, PATCHING, alphas, remat=rm, **chunks)
+    return fn, (params, batch)
   return build
+
+
+def eap_notes(cfg: ModelConfig, params, seq_len: int, n_steps: int, batch: int,
+              memory_budget: str | None = None, remat: bool = False,
+              method: str = "EAP-IG-inputs") -> tuple[str, ...]:
+  """The lines `--dry_run` prints under an EAP-family plan: with a `memory_budget`, the groups of
+  rows and whether remat runs (asked for, or chosen by the budget) at `batch` and twice it."""
+  if memory_budget is None:
+    return ("remat: each block recomputed in the backward (the per-head-input kernel)",) if remat \
+        else ()
+  plans = [MB.inputs_plan(cfg, params, (n, seq_len), n_steps, memory_budget, remat)
+           for n in (batch, 2 * batch)]
+  return (f"--memory_budget={memory_budget}: the rows in {plans[0].row_chunks} group(s) at batch "
+          f"{batch}, {plans[1].row_chunks} at {2 * batch}, one after another"
+          f"{_remat_words(plans, method)}",)
+
+
+def _remat_words(plans, method: str) -> str:
+  """How the budget's plans run remat, in words."""
+  if any(p.auto_remat for p in plans):
+    return (f"; {method} runs with --remat: one row fits only rematerialised (chosen by the "
+            f"budget, as the run does)")
+  return "; with --remat" if plans[0].remat else ""
 
 
 def activations(cfg: ModelConfig, params, seq_len: int, alphas, mesh=None,
                 memory_budget: str | None = None, remat: bool = False) -> MP.Builder:
   """EAP-IG-activations edge attribution: the kernel `ig_activations.score_batch` runs,
   `_ig_activations_batch` (every layer node's `alphas` steps in one scan), with `remat` and in the
-  groups of rows `memory_budget.activations_row_chunks` picks for a `memory_budget` ("2GB"), as
-  the run does."""
+  groups of rows `memory_budget.activations_plan` picks for a `memory_budget` ("2GB"; remat too
+  where only a remat'd row fits), as the run does."""
   alphas = jnp.asarray(alphas, jnp.float32)
 
   def build(b):
-    chunks = 1
+    chunks, rm = 1, remat
     if memory_budget is not None:
-      chunks = MB.activations_row_chunks(cfg, params, (b, seq_len), alphas.shape[0],
-                                         memory_budget, remat)
+      plan = MB.activations_plan(cfg, params, (b, seq_len), alphas.shape[0], memory_budget, remat)
+      chunks, rm = plan.row_chunks, plan.remat
 
     def fn(params, batch, alphas):  # the run's arguments: alphas too
-      return IA._ig_activations_batch(cfg, TASK, params, batch, PATCHING, alphas, remat=remat,
+      return IA._ig_activations_batch(cfg, TASK, params, batch, PATCHING, alphas, remat=rm,
                                       row_chunks=chunks)
     return fn, (params, MP.abstract_batch(b, seq_len, mesh), _spec(alphas.shape, alphas.dtype))
   return build
@@ -103,14 +136,19 @@ def activations(cfg: ModelConfig, params, seq_len: int, alphas, mesh=None,
 def activations_notes(cfg: ModelConfig, params, seq_len: int, n_steps: int, batch: int,
                       memory_budget: str | None = None, remat: bool = False) -> tuple[str, ...]:
   """The lines `--dry_run` prints under an EAP-IG-activations plan: the scan's length, and with a
-  `memory_budget` the groups of rows planned at `batch` and twice it."""
-  lines = [f"EAP-IG-activations: {1 + 2 * cfg.n_layers} layer nodes x {n_steps} steps, one "
-           f"forward and backward each, in one scan{' (remat)' if remat else ''}"]
+  `memory_budget` the groups of rows (and remat, where the budget chooses it) planned at `batch`
+  and twice it."""
+  plans = []
   if memory_budget is not None:
-    g = [MB.activations_row_chunks(cfg, params, (n, seq_len), n_steps, memory_budget, remat)
-         for n in (batch, 2 * batch)]
-    lines.append(f"--memory_budget={memory_budget}: the rows in {g[0]} group(s) at batch {batch}, "
-                 f"{g[1]} at {2 * batch}, one after another")
+    plans = [MB.activations_plan(cfg, params, (n, seq_len), n_steps, memory_budget, remat)
+             for n in (batch, 2 * batch)]
+  rm = remat or any(p.remat for p in plans)
+  lines = [f"EAP-IG-activations: {1 + 2 * cfg.n_layers} layer nodes x {n_steps} steps, one "
+           f"forward and backward each, in one scan{' (remat)' if rm else ''}"]
+  if plans:
+    lines.append(f"--memory_budget={memory_budget}: the rows in {plans[0].row_chunks} group(s) at "
+                 f"batch {batch}, {plans[1].row_chunks} at {2 * batch}, one after another"
+                 f"{_remat_words(plans, 'EAP-IG-activations') if plans[0].auto_remat else ''}")
   return tuple(lines)
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from jaxinterp import attribution as A
 from jaxinterp import models, tasks
-from jaxinterp.attribution import exact
+from jaxinterp.attribution import contraction, exact
 from jaxinterp.attribution import receiver_grads as RG
 from jaxinterp.circuits.layout import valid_edges
 from jaxinterp.tasks import metrics as task_metrics
@@ -71,7 +71,8 @@ def test_contraction_does_not_grow_with_position_chunks():
   per_pos = (L * (3 * H + 1) + 1) * d * 4
   lines = {}
   for chunks in (1, 8):
-    f = jax.jit(functools.partial(RG._contract, cfg, chunk_bytes=per_pos * b * p / chunks))
+    f = jax.jit(functools.partial(contraction.contract_positions, cfg,
+                                  chunk_bytes=per_pos * b * p / chunks))
     text = f.lower(_params(cfg), diff, P, mlp, log).as_text()
     assert f"tensor<{chunks}x{b * p // chunks}x{S}x{d}xf32>" in text  # really that many chunks
     lines[chunks] = len(text.splitlines())

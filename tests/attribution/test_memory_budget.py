@@ -4,6 +4,7 @@ scores."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 
 from jaxinterp import attribution as A
-from jaxinterp import tasks
+from jaxinterp import models, tasks
+from jaxinterp.attribution import contraction as C
 from jaxinterp.attribution import ig_activations as IA
 from jaxinterp.attribution import memory_budget as MB
 from jaxinterp.attribution import receiver_grads as RG
@@ -50,13 +52,13 @@ def test_budget_chunks_rows_lowers_the_temporaries_and_keeps_the_scores(monkeypa
   b = batch.clean.shape[0]
   least = _least(params, batch)
   chunks, chunk_bytes = MB.row_chunks(CFG, params, batch.clean.shape, STEPS, least)
-  assert chunks == b and chunk_bytes < RG.CHUNK_BYTES  # one row per group: more chunks
-  assert MB.row_chunks(CFG, params, batch.clean.shape, STEPS, "1GB") == (1, RG.CHUNK_BYTES)
+  assert chunks == b and chunk_bytes < C.CHUNK_BYTES  # one row per group: more chunks
+  assert MB.row_chunks(CFG, params, batch.clean.shape, STEPS, "1GB") == (1, C.CHUNK_BYTES)
   full, ref = _compiled(params, ds, batch, abl)
   small, got = _compiled(params, ds, batch, abl, row_chunks=chunks, chunk_bytes=chunk_bytes)
   assert small < 0.6 * full, (small, full)
   # The planned temporaries bound the compiled ones (XLA:CPU), without and with the budget.
-  for rows, temp, cb in ((b, full, RG.CHUNK_BYTES), (1, small, chunk_bytes)):
+  for rows, temp, cb in ((b, full, C.CHUNK_BYTES), (1, small, chunk_bytes)):
     planned = MB._temp_bytes(CFG, params, rows, batch.clean.shape[1], STEPS, False, cb)
     assert temp <= planned <= 2.5 * temp, (rows, temp, planned)
   ref_s, got_s = np.asarray(ref[0]), np.asarray(got[0])
@@ -102,7 +104,7 @@ def test_default_is_the_unchunked_kernel():
   alphas = jnp.asarray(A.ig_alphas(STEPS), jnp.float32)
   a = RG.ig_inputs_batch.lower(CFG, ds.task, params, batch, abl, alphas).as_text()
   b = jax.jit(lambda p: RG._ig_inputs(CFG, ds.task, p, batch, abl, alphas, False, None,
-                                      RG.CHUNK_BYTES)).lower(params).as_text()
+                                      C.CHUNK_BYTES)).lower(params).as_text()
   assert "while" in a and a.count("stablehlo.while") == b.count("stablehlo.while")
 
 
@@ -169,3 +171,121 @@ def test_activations_budget_chunks_rows_under_the_budget(monkeypatch):
 @pytest.mark.parametrize("family,remat", [("llama", False), ("gpt2", True)])
 def test_activations_budget_other_shapes(family, remat, monkeypatch):
   _check_activations_budget(family, remat, monkeypatch)
+
+
+# Four layers: there a rematerialised row's planned temporaries are below an unrematerialised one's
+# (one block's activations kept in the backward, not every layer's).
+DEEP = dataclasses.replace(CFG, n_layers=4)
+
+
+def _shapes(cfg):
+  """The parameters' shapes (all a plan reads: the blocks' sizes), without initialising them."""
+  return jax.eval_shape(lambda: models.init_params(cfg, jax.random.PRNGKey(0)))
+
+
+def _leasts(plan, shape) -> tuple[float, float]:
+  """The least budgets of one row (bytes, planned) without and with remat."""
+  out = []
+  for remat in (False, True):
+    with pytest.raises(MB.MemoryBudgetError) as e:
+      plan(DEEP, _shapes(DEEP), shape, STEPS, "1kB", remat)
+    out.append(e.value.least)
+  return out[0], out[1]
+
+
+@pytest.mark.parametrize("kind", ["inputs", "activations"])
+def test_budget_turns_remat_on_where_only_a_rematted_row_fits(kind):
+  """Between the two least budgets the plan runs remat (and says so); below remat's least, one
+  line names it; --remat given is kept; a roomy budget leaves remat off."""
+  shape = (4, 16) if kind == "inputs" else (4, 32)
+  chunks_of = MB.row_chunks if kind == "inputs" else MB.activations_row_chunks
+  plan_of = MB.inputs_plan if kind == "inputs" else MB.activations_plan
+  params = _shapes(DEEP)
+  plain, rematted = _leasts(chunks_of, shape)
+  assert rematted < 0.97 * plain, (rematted, plain)
+  between = sizes.fmt_bytes((plain + rematted) / 2).replace(" ", "")
+  plan = plan_of(DEEP, params, shape, STEPS, between)
+  assert (plan.remat, plan.auto_remat, plan.row_chunks) == (True, True, 4)
+  assert plan.note("M", between) == (
+      f"note: --memory_budget={between}: one row of the batch fits only rematerialised, so M "
+      "runs with --remat (same scores to float rounding, more compute)")
+  explicit = plan_of(DEEP, params, shape, STEPS, between, remat=True)
+  assert (explicit.remat, explicit.auto_remat, explicit.note("M", between)) == (True, False, None)
+  roomy = plan_of(DEEP, params, shape, STEPS, "1GB")
+  assert (roomy.remat, roomy.auto_remat, roomy.row_chunks) == (False, False, 1)
+  below = sizes.fmt_bytes(0.98 * rematted).replace(" ", "")
+  with pytest.raises(MB.MemoryBudgetError) as e:
+    plan_of(DEEP, params, shape, STEPS, below)
+  msg = str(e.value)
+  least = sizes.round_up(rematted)
+  assert msg == (f"--memory_budget={below} is below the smallest chunk: one row of {shape[1]} "
+                 f"positions needs {least} of temporaries (planned, rematerialised); give at "
+                 f"least --memory_budget={least}")
+  assert sizes.parse_bytes(least, "m") < plain  # the remat'd least, not the plain one
+
+
+def test_eap_ig_inputs_runs_the_rematted_kernel_and_notes_it_once(monkeypatch, capsys):
+  """EAP-IG-inputs under such a budget calls the kernel with remat (no shared-prefix suffix, which
+  the remat kernel does not take) and prints one note line, once per process."""
+  params = _shapes(DEEP)
+  ds = tasks.make_induction(4, 6, DEEP.d_vocab, seed=0, bos_id=0)
+  batch, abl = next(ds.batches(4)), A.Ablation("patching")
+  plain, rematted = _leasts(MB.row_chunks, batch.clean.shape)
+  between = sizes.fmt_bytes((plain + rematted) / 2).replace(" ", "")
+  seen = []
+  zeros = jnp.zeros(batch.clean.shape[:1])
+
+  def kernel(*args, **kw):
+    seen.append(kw)
+    return jnp.zeros((8, 8)), zeros, zeros
+
+  monkeypatch.setattr(RG, "ig_inputs_batch", kernel)
+  monkeypatch.setattr(MB, "_NOTED", set())
+  assert not MB.remat_chosen()
+  opts = A.IGOptions(ig_steps=STEPS, memory_budget=between)
+  for _ in range(2):
+    A.eap.score_eap_ig_inputs(DEEP, ds.task, params, batch, abl, opts)
+  assert [(k["remat"], k["suffix"], k["row_chunks"]) for k in seen] == [(True, None, 4)] * 2
+  assert MB.remat_chosen()
+  err = capsys.readouterr().err.splitlines()
+  assert err == [f"note: --memory_budget={between}: one row of the batch fits only "
+                 "rematerialised, so EAP-IG-inputs runs with --remat (same scores to float "
+                 "rounding, more compute)"]
+
+
+@pytest.mark.slow  # three compiles of the 4-layer kernels (a few tens of seconds)
+def test_auto_remat_scores_equal_the_unbudgeted_ones():
+  """The auto-remat'd kernels (EAP-IG-inputs' per-head-input kernel, EAP-IG-activations' remat'd
+  blocks) give the unbudgeted scores to float rounding, their compiled temporaries in budget."""
+  params = _params(DEEP)
+  ds = tasks.make_induction(4, 6, DEEP.d_vocab, seed=0, bos_id=0)
+  batch, abl = next(ds.batches(4)), A.Ablation("patching")
+  b, p = batch.clean.shape
+  plain, rematted = _leasts(MB.row_chunks, (b, p))
+  between = sizes.fmt_bytes((plain + rematted) / 2).replace(" ", "")
+  plan = MB.inputs_plan(DEEP, params, (b, p), STEPS, between)
+  alphas = jnp.asarray(A.ig_alphas(STEPS), jnp.float32)
+  ref = RG.ig_inputs_batch(DEEP, ds.task, params, batch, abl, alphas)
+  low = RG.ig_inputs_batch.lower(DEEP, ds.task, params, batch, abl, alphas, remat=True,
+                                 row_chunks=plan.row_chunks, chunk_bytes=plan.chunk_bytes)
+  compiled = low.compile()
+  assert compiled.memory_analysis().temp_size_in_bytes <= sizes.parse_bytes(between, "m")
+  got = compiled(params, batch, abl, alphas)
+  ref_s, got_s = np.asarray(ref[0]), np.asarray(got[0])
+  assert np.abs(ref_s).max() > 1e-2
+  # A different kernel (per-head-input gradients contracted once, not the fused contraction) and
+  # regrouped sums: equal to float rounding, not bitwise.
+  np.testing.assert_allclose(got_s, ref_s, rtol=0, atol=2e-6 * np.abs(ref_s).max())
+
+  aplain, arem = _leasts(MB.activations_row_chunks, (b, p))
+  if arem < aplain:  # at 16 positions remat's planned row is below the plain one
+    abetween = sizes.fmt_bytes((aplain + arem) / 2).replace(" ", "")
+    aplan = MB.activations_plan(DEEP, params, (b, p), STEPS, abetween)
+    assert aplan.auto_remat
+    al = jnp.asarray(A.ig_alphas(STEPS, eap_start=1), jnp.float32)
+    aref = IA._ig_activations_batch(DEEP, ds.task, params, batch, abl, al)
+    agot = IA._ig_activations_batch(DEEP, ds.task, params, batch, abl, al, remat=True,
+                                    row_chunks=aplan.row_chunks)
+    # Same graph, blocks recomputed in the backward and rows regrouped: float rounding.
+    np.testing.assert_allclose(np.asarray(agot[0]), np.asarray(aref[0]), rtol=0,
+                               atol=2e-6 * np.abs(np.asarray(aref[0])).max())

@@ -119,3 +119,40 @@ def test_find_circuit_dry_run_plans_eap_ig_activations(tmp_path):
   assert bad.stderr.strip().splitlines() == [
       "find_circuit: error: --dry_run plans --method=EAP-IG-activations at --level=edge for EAP, "
       "clean-corrupted, EAP-IG-inputs, EAP-IG-activations and exact only"]
+
+
+@pytest.mark.parametrize("kind", ["EAP-IG-inputs", "EAP-IG-activations"])
+def test_dry_run_plans_the_remat_a_budget_chooses(kind, monkeypatch):
+  """A budget that fits one row only rematerialised: the plan builds the remat'd kernel (as the
+  run does) and its notes say so."""
+  cfg = ModelConfig(**dict(_GPT2, n_layers=4))
+  params = MP.abstract_params(cfg, jnp.float32)
+  p = 32
+  chunks_of = MB.row_chunks if kind == "EAP-IG-inputs" else MB.activations_row_chunks
+
+  def least(remat):  # the least budget of one row, as the too-small error names it
+    with pytest.raises(MB.MemoryBudgetError) as e:
+      chunks_of(cfg, params, (_B, p), _STEPS, "1kB", remat)
+    return e.value.least
+
+  assert least(True) < least(False)
+  budget = sizes.round_up(least(True) * 1.02)
+  seen = {}
+
+  def kernel(*args, **kw):
+    seen.update(kw)
+    return args[0]
+
+  if kind == "EAP-IG-inputs":
+    monkeypatch.setattr(PR.RG, "ig_inputs_batch", kernel)
+    build = PR.eap(cfg, params, p, [0.0, 0.5], memory_budget=budget)
+    notes = PR.eap_notes(cfg, params, p, 2, _B, budget)
+  else:
+    monkeypatch.setattr(PR.IA, "_ig_activations_batch", kernel)
+    build = PR.activations(cfg, params, p, [0.5, 1.0], memory_budget=budget)
+    notes = PR.activations_notes(cfg, params, p, 2, _B, budget)
+  fn, args = build(_B)
+  fn(*args)
+  assert seen["remat"] is True and seen["row_chunks"] == _B
+  assert notes[-1].endswith(f"; {kind} runs with --remat: one row fits only rematerialised "
+                            "(chosen by the budget, as the run does)"), notes

@@ -232,3 +232,67 @@ def test_graph_plan_contracts_by_cell_chunks_as_the_run_does():
   gather = jax.jit(fn).lower(*args[:3], writers.replace(cell_chunks=None),
                              *args[4:]).compile().memory_analysis().temp_size_in_bytes
   assert chunked * 4 < gather, (chunked, gather)
+
+
+_DATA_SHARDS = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from jaxinterp import attribution as A, tasks
+    from jaxinterp.attribution import contraction as C
+    from jaxinterp.attribution import receiver_grads as RG
+    from jaxinterp.models.config import ModelConfig
+    from jaxinterp.models.transformer import init_params
+    from jaxinterp.runtime import memory_plan as MP, memory_programs as PR, sharding
+
+    assert jax.device_count() == 8, jax.devices()
+    cfg = ModelConfig(family="llama", d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_head=16,
+                      d_mlp=128, d_vocab=50, n_ctx=32, normalization="rmsnorm",
+                      positional="rotary", rotary_dim=16, gated_mlp=True, mlp_bias=False,
+                      act_fn="silu", attn_bias=False, attn_out_bias=False,
+                      tied_embeddings=False)
+    mesh = MP.parse_mesh("8x1")
+    alphas = jnp.asarray(A.ig_alphas(3), jnp.float32)
+    per_pos = (2 * (3 * 4 + 1) + 1) * 64 * 4
+    cb = 2 * per_pos  # two positions per contraction chunk: many chunks, as at 8B scale
+    params = MP.abstract_params(cfg, jnp.float32, mesh)
+    temps = {}
+    for shards in (1, 8):
+      for b in (8, 16):
+        fn = lambda p, x: RG.ig_inputs_batch(cfg, PR.TASK, p, x, PR.PATCHING, alphas,
+                                             chunk_bytes=cb, data_shards=shards)
+        c = jax.jit(fn).lower(params, MP.abstract_batch(b, 16, mesh)).compile()
+        temps[shards, b] = c.memory_analysis().temp_size_in_bytes
+        if b == 8:
+          gathers = c.as_text().count("all-gather(")
+          assert (gathers > 0) == (shards == 1), (shards, gathers)  # the whole batch gathered
+    # per extra row of the global batch: 8 devices share it only with data_shards
+    rows = {s: (temps[s, 16] - temps[s, 8]) / 8 for s in (1, 8)}
+    assert rows[8] < 0.7 * rows[1], (rows, temps)
+    # the scores: a batch sharded over 8 devices, data_shards from its sharding, as a run
+    p = init_params(cfg, jax.random.PRNGKey(0))
+    ds = tasks.make_induction(8, 4, cfg.d_vocab, seed=0, bos_id=0)
+    batch = next(ds.batches(8))
+    abl = A.Ablation("patching")
+    ref = RG.ig_inputs_batch(cfg, ds.task, p, batch, abl, alphas, chunk_bytes=cb)[0]
+    sb = sharding.shard_batch(batch, mesh)
+    assert C.data_shards_of(sb.clean) == 8 and C.data_shards_of(batch.clean) == 1
+    got = RG.ig_inputs_batch(cfg, ds.task, sharding.shard_params(p, mesh), sb, abl, alphas,
+                             chunk_bytes=cb, data_shards=8)[0]
+    ref, got = np.asarray(ref), np.asarray(got)
+    assert np.abs(ref).max() > 1e-3
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+    print("ok", rows)
+""")
+
+
+@pytest.mark.slow  # a fresh process on 8 simulated devices: 4 compiles and 2 runs (about 30 s)
+def test_data_parallel_contraction_keeps_each_devices_rows():
+  """On an 8x1 mesh the contraction's position chunks of the whole flattened batch made XLA
+  all-gather every row's sender differences and gradients onto every device; with `data_shards`
+  each device contracts its own rows: no all-gather, the per-row cost split 8 ways, the scores the
+  single-device ones to float rounding."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  out = subprocess.run([sys.executable, "-c", _DATA_SHARDS], env=env, capture_output=True,
+                       text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.startswith("ok")
