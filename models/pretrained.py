@@ -84,7 +84,9 @@ def convert_state_dict(cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
         raise CheckpointError(f"shape mismatch for {name!r} (parameter {'/'.join(path)}): expected "
                               f"{tuple(want)} from config.json, got {tuple(arr.shape)} (tensor "
                               f"shape {tuple(np.shape(t))})")
-      flat[path] = jnp.array(arr, dtype or arr.dtype)  # a copy: the host tensor can go
+      # A host copy in the dtype, then onto the device: no compiled program per weight shape
+      # (jnp.array compiles one), and the host tensor can go.
+      flat[path] = jax.device_put(np.array(arr, dtype or arr.dtype))
     del t
   left = sorted("/".join(p) for p in set(expected) - set(flat))
   if left:

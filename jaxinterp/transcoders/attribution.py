@@ -102,9 +102,10 @@ def cell_chunks(node: np.ndarray, layer: np.ndarray, pos: np.ndarray, vec: Array
   slot = np.empty(E, np.int64)
   slot[order] = np.repeat(first, counts) * G + rank
   C = int(n_chunks.sum())
-  padded = _padded(vec, jnp.asarray(slot, jnp.int32), C, G)
+  padded = _padded(vec, jax.device_put(slot.astype(np.int32)), C, G)
   one = E == n_active and bool(np.array_equal(node, np.arange(E)))
-  return CellChunks(jnp.asarray(chunk_cell, jnp.int32), padded, jnp.asarray(slot, jnp.int32), one)
+  return CellChunks(jax.device_put(chunk_cell.astype(np.int32)), padded,
+                    jax.device_put(slot.astype(np.int32)), one)
 
 
 @flax.struct.dataclass
@@ -183,8 +184,8 @@ def sources(tc: Transcoders, run: replacement.Run) -> Sources:
   f = np.asarray(feats)
   active = np.argwhere(f > 0).astype(np.int64)  # sorted by (layer, position, feature)
   values = f[tuple(active.T)]
-  li, fi = jnp.asarray(active[:, 0]), jnp.asarray(active[:, 2])
-  vals = jnp.asarray(values, tc.dtype)[:, None]
+  li, fi = jax.device_put(active[:, 0].copy()), jax.device_put(active[:, 2].copy())
+  vals = jax.device_put(np.asarray(values, tc.dtype)[:, None])
   if isinstance(tc, CrossLayerTranscoder):
     encoders = tc.W_enc[li, :, fi]
     nodes, layers, vecs = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], []
@@ -203,7 +204,7 @@ def sources(tc: Transcoders, run: replacement.Run) -> Sources:
   L, P = errors.shape[:2]
   chunks = cell_chunks(node, layer, pos, vec, P, len(active))
   by_layer = layer_chunks(layer, pos, vec, L, P, chunks.vec.shape[1])
-  writers = Writers(jnp.asarray(node), jnp.asarray(layer), jnp.asarray(pos), vec, errors,
+  writers = Writers(*(jax.device_put(np.array(x)) for x in (node, layer, pos)), vec, errors,
                     run.embed, len(active), chunks, by_layer)
   return Sources(active, values, encoders, writers)
 
@@ -309,11 +310,12 @@ def attribute_graph(cfg: ModelConfig, params: Mapping[str, Any], transcoders: Tr
     raise TranscoderError("batch_size and update_interval must be at least 1")
   if max_feature_nodes is not None and max_feature_nodes < 0:
     raise TranscoderError(f"max_feature_nodes must be >= 0, got {max_feature_nodes}")
-  like, run, vjp = replacement.linearize(cfg, params, transcoders, jnp.asarray(toks))
+  like, run, vjp = replacement.linearize(cfg, params, transcoders,
+                                        jax.device_put(np.asarray(toks)))
   lv = replacement.layered_vjp(cfg, params, transcoders, run)  # None: the whole-run VJP only
   nodes = sources(transcoders, run)
-  tg = logit_targets(cfg, params, np.asarray(run.logits[-1], np.float32), targets, max_n_logits,
-                     desired_logit_prob)
+  tg = logit_targets(cfg, params, np.asarray(run.logits, np.float32)[-1], targets, max_n_logits,
+                     desired_logit_prob)  # the last row on the host: no compiled slice
   L, P = cfg.n_layers, len(toks)
   n_active = len(nodes.active)
   logit_offset = n_active + (L + 1) * P

@@ -54,12 +54,13 @@ def layer_chunks(layer: np.ndarray, pos: np.ndarray, vec: Array, n_layers: int, 
   rank = np.arange(E) - np.repeat(starts, counts)  # each sorted entry's index in its cell
   slot = np.empty(E, np.int64)
   slot[order] = (np.repeat(cell_layer * C + first, counts) * chunk) + rank
-  slots = jnp.asarray(slot, jnp.int32)
-  padded = _scatter(vec, slots, n_layers * C * chunk).reshape(n_layers, C, chunk, -1)
-  return LayerChunks(jnp.asarray(chunk_pos, jnp.int32), padded, slots)
+  slots = jax.device_put(slot.astype(np.int32))  # no compiled program, as jnp.asarray's
+  padded = _scatter(vec, slots, (n_layers, C, chunk))
+  return LayerChunks(jax.device_put(chunk_pos.astype(np.int32)), padded, slots)
 
 
 @functools.partial(jax.jit, static_argnums=2)
-def _scatter(vec: Array, slot: Array, n: int) -> Array:
-  """`vec [E, d]` scattered to the rows `slot` of zeros `[n, d]`."""
-  return jnp.zeros((n, vec.shape[-1]), vec.dtype).at[slot].set(vec)
+def _scatter(vec: Array, slot: Array, shape: tuple[int, ...]) -> Array:
+  """`vec [E, d]` scattered to the rows `slot` of zeros `[prod(shape), d]`, as `[*shape, d]`."""
+  n = int(np.prod(shape))
+  return jnp.zeros((n, vec.shape[-1]), vec.dtype).at[slot].set(vec).reshape(*shape, -1)

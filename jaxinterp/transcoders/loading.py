@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
@@ -113,7 +114,9 @@ def _stack(layers: list[dict], paths: list[str], dtype) -> dict[str, jnp.ndarray
       if tuple(a.shape) != shapes[k]:
         raise TranscoderError(f"{path}: {k} has shape {tuple(a.shape)}, expected {shapes[k]} (from"
                               f" layer 0's d_model {d} and {F} features)")
-  return {k: jnp.asarray(np.stack([lay[k] for lay in layers]), dtype) for k in layers[0]}
+  # stacked and cast on the host, then put on the device: no compiled program per shape
+  return {k: jax.device_put(np.asarray(np.stack([lay[k] for lay in layers]), dtype))
+          for k in layers[0]}
 
 
 def _resolve(conf: dict, p) -> str:
@@ -168,8 +171,9 @@ def load_clt_files(directory: str, dtype=jnp.float32, *, input_hook: str = "hook
     if tuple(W_dec[i].shape) != (F, n - i, d):
       raise TranscoderError(f"{os.path.join(directory, f'W_dec_{i}.safetensors')}: W_dec_{i} has "
                             f"shape {tuple(W_dec[i].shape)}, expected {(F, n - i, d)}")
-  arrays = {k: jnp.asarray(np.stack(v), dtype) for k, v in enc.items() if v}
-  return CrossLayerTranscoder(**arrays, W_dec=tuple(jnp.asarray(w, dtype) for w in W_dec),
+  arrays = {k: jax.device_put(np.asarray(np.stack(v), dtype)) for k, v in enc.items() if v}
+  return CrossLayerTranscoder(**arrays,
+                              W_dec=tuple(jax.device_put(np.asarray(w, dtype)) for w in W_dec),
                               input_hook=input_hook, output_hook=output_hook,
                               scan=scan).validate()
 

@@ -71,7 +71,8 @@ def logit_targets(cfg: ModelConfig, params: Mapping[str, Any], logits: np.ndarra
       raise TranscoderError(f"custom targets have vectors of shape {targets.vectors.shape}, "
                             f"expected [k, {cfg.d_model}]")
     return targets
-  W_U = np.asarray(unembedding(cfg, params), np.float32)
+  host = {k: np.asarray(params[k]) for k in ("W_E", "W_U") if k in params}  # no compiled .T
+  W_U = np.ascontiguousarray(unembedding(cfg, host), np.float32)  # as the device .T: C order
   if targets is None:
     return targets_lib.salient_logits(logits, W_U, max_n_logits, desired_logit_prob)
   return targets_lib.for_tokens(targets, logits, W_U)
