@@ -310,8 +310,11 @@ def attribute_graph(cfg: ModelConfig, params: Mapping[str, Any], transcoders: Tr
     raise TranscoderError("batch_size and update_interval must be at least 1")
   if max_feature_nodes is not None and max_feature_nodes < 0:
     raise TranscoderError(f"max_feature_nodes must be >= 0, got {max_feature_nodes}")
-  like, run, vjp = replacement.linearize(cfg, params, transcoders,
-                                        jax.device_put(np.asarray(toks)))
+  toks_d = jax.device_put(np.asarray(toks))
+  if replacement.has_layered_vjp(cfg):  # the forward alone: the rows run the layered backward
+    (like, run), vjp = replacement.replacement_forward(cfg, params, transcoders, toks_d), None
+  else:
+    like, run, vjp = replacement.linearize(cfg, params, transcoders, toks_d)
   lv = replacement.layered_vjp(cfg, params, transcoders, run)  # None: the whole-run VJP only
   nodes = sources(transcoders, run)
   tg = logit_targets(cfg, params, np.asarray(run.logits, np.float32)[-1], targets, max_n_logits,
