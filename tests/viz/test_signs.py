@@ -17,10 +17,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxinterp import models, patching
+from jaxinterp import models
 from jaxinterp.circuits import Graph, convention
 from jaxinterp.discovery import FindCircuitConfig, find_circuit
 from jaxinterp.evaluation.faithfulness import FaithfulnessCurve
+from jaxinterp.patching import pipeline
 from jaxinterp.viz import plots, viewer
 
 CFG = models.ModelConfig(family="gpt2", d_model=16, n_layers=2, n_heads=2, d_head=8, d_mlp=32,
@@ -92,7 +93,7 @@ def test_find_circuit_outputs_agree(model_dir, tmp_path, capsys):
 
 def test_activation_patching_outputs_agree(model_dir, tmp_path, capsys):
   out = tmp_path / "ap"
-  results = patching.activation_patching(patching.PatchingConfig(
+  results = pipeline.activation_patching(pipeline.PatchingConfig(
       model=model_dir, task="induction", n_examples=4, batch_size=4,
       sweeps="resid_pre,head_out,head_out_by_pos"), str(out))
   console = capsys.readouterr().out
