@@ -215,6 +215,7 @@ def test_ig_conventions_and_clean_corrupted():
   np.testing.assert_allclose(cc, (eap + ig0) / 2, atol=1e-6)
 
 
+@pytest.mark.slow  # the fast suite's CPU budget (10 min); CI runs it with the slow tests
 def test_ig_activations_runs_and_tracks_exact():
   ex = A.attribute(CFG, PARAMS, DATA, method="exact", batch_size=8, quiet=True).scores
   act = A.attribute(CFG, PARAMS, DATA, method="EAP-IG-activations", ig_steps=8, batch_size=8,
@@ -264,6 +265,7 @@ def test_errors_are_clear():
     A.attribute(CFG, nan_params, DATA, method="EAP", batch_size=4, quiet=True)
 
 
+@pytest.mark.slow  # the fast suite's CPU budget (10 min); CI runs it with the slow tests
 def test_kl_and_cross_entropy_metrics():
   kl_data = dataclasses.replace(DATA, task=tasks.with_metric(DATA.task, "kl"))
   res = A.attribute(CFG, PARAMS, kl_data, method="EAP-IG-inputs", batch_size=8, quiet=True)

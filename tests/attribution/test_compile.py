@@ -148,7 +148,8 @@ def _exact_node_scores(cfg, params, ds, scanned: bool, monkeypatch) -> np.ndarra
                                   4, True)
 
 
-@pytest.mark.parametrize("family", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
+@pytest.mark.slow  # the fast suite's CPU budget (10 min); CI runs it with the slow tests
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_exact_nodes_one_program_for_every_layer(family, monkeypatch):
   """Exact node patching runs the nodes of every layer through one scanned program (the layer is
   data; layer 0's extra input node is padded into the same chunk shape), with the per-layer

@@ -6,6 +6,7 @@ import logging
 
 import jax
 import numpy as np
+import pytest
 
 from jaxinterp import attribution as A
 from jaxinterp import models, tasks
@@ -24,6 +25,7 @@ def _kernel_compiles(caplog, run) -> list[str]:
           and "ig_inputs_batch" in r.getMessage()]
 
 
+@pytest.mark.slow  # the fast suite's CPU budget (10 min); CI runs it with the slow tests
 def test_attribute_compiles_nothing_after_compile_ahead(caplog):
   method, settings = "EAP-IG-inputs", {"ig_steps": 3}
   params = models.init_params(_CFG, jax.random.PRNGKey(0))

@@ -47,6 +47,7 @@ def _least(params, batch) -> str:
   return re.search(r"give at least --memory_budget=(\S+)$", msg).group(1)
 
 
+@pytest.mark.slow  # the fast suite's CPU budget (10 min); CI runs it with the slow tests
 def test_budget_chunks_rows_lowers_the_temporaries_and_keeps_the_scores(monkeypatch):
   params, ds, batch, abl = _setup()
   b = batch.clean.shape[0]

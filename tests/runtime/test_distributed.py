@@ -389,7 +389,8 @@ def _passes(out, cache, *extra) -> subprocess.Popen:
 
 
 @pytest.mark.parametrize("oa", [
-    pytest.param("no-oa", marks=pytest.mark.slow),  # 3 processes on the toy model (~25 s of CPU)
+    # 3 processes on the toy model (~33 s of CPU): by hand, CI's time budget
+    pytest.param("no-oa", marks=[pytest.mark.slow, pytest.mark.by_hand]),
     # Optimal ablation's training too: compiling its step in every process doubles the cost, so
     # CI's time budget leaves it to be run by hand (pyproject.toml's by_hand marker).
     pytest.param("oa", marks=[pytest.mark.slow, pytest.mark.by_hand])])

@@ -127,6 +127,7 @@ def test_attribution_kernel_on_suffixes_equals_the_whole_run(family, method):
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # the fast suite's CPU budget (10 min); CI runs it with the slow tests
 def test_attribute_uses_the_suffix_and_matches_the_reference():
   """`attribute` takes the suffix path where it gains, and its scores equal the weight-gradient
   reference kernel's, batch by batch, with a metric that reads the clean logits (KL)."""

@@ -79,6 +79,7 @@ def test_batch_size_and_budget():
   T.prune(small)  # the budgeted graph is a valid graph
 
 
+@pytest.mark.slow  # the fast suite's CPU budget (10 min); CI runs it with the slow tests
 def test_clt_rows_match_plt_when_decoders_only_write_their_layer():
   cfg, params = _model()
   tc = _plt(b_dec=False)
@@ -91,6 +92,7 @@ def test_clt_rows_match_plt_when_decoders_only_write_their_layer():
   np.testing.assert_allclose(gc.adjacency, g.adjacency, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # the fast suite's CPU budget (10 min); CI runs it with the slow tests
 def test_cell_chunk_contraction_equals_the_gather(monkeypatch):
   """`_rows` contracts with the decoder entries grouped by (layer, position) cell, in chunks
   smaller and larger than the cells, as the plain gather of every entry's gradient does, for a

@@ -175,6 +175,7 @@ def test_cross_layer_transcoder(setup):
                              atol=1e-5)
 
 
+@pytest.mark.slow  # the fast suite's CPU budget (10 min); CI runs it with the slow tests
 def test_generate(setup):
   """No interventions: greedy decoding of the model. An open-ended slice with free attention: the
   run of the whole generated sequence with the same intervention."""

@@ -33,6 +33,7 @@ def toy_mlp():
   return models.from_pretrained(toy.TOY_MLP_DIR)
 
 
+@pytest.mark.slow  # the fast suite's CPU budget (10 min); CI runs it with the slow tests
 def test_kv_cache_sampling_matches_the_full_forward(toy_mlp):
   m = toy_mlp
   toks, mask = corpus.sample(m.cfg, m.params, 3, 10, 128, temperature=0.0)
@@ -77,6 +78,7 @@ def test_toy_run_end_to_end(toy_mlp, tmp_path, capsys):
   assert redone["settings"]["steps"] == 5 and os.path.isfile(os.path.join(out, "DONE"))
 
 
+@pytest.mark.slow  # the fast suite's CPU budget (10 min); CI runs it with the slow tests
 def test_token_ids_and_jumprelu(toy_mlp, tmp_path):
   ids = tmp_path / "ids.txt"
   chain = toy.chain_batch(np.random.default_rng(0), 12, 14, toy.successor(), 128)[0]
