@@ -133,6 +133,7 @@ def test_das_on_shipped_toy_finds_the_known_site(toy):
   assert tr.iia(cfg, params, wrong, held) < 1.0 / p + 0.1
 
 
+@pytest.mark.slow  # the fast suite's CPU budget (10 min); CI runs it with the slow tests
 def test_save_load_round_trip(tmp_path):
   params = models.init_params(CFG, jax.random.PRNGKey(0))
   key = jax.random.PRNGKey(3)
@@ -183,6 +184,7 @@ def test_split_row_null():
   assert abs(float(vr @ vn)) < 1e-5
 
 
+@pytest.mark.slow  # the fast suite's CPU budget (10 min); CI runs it with the slow tests
 def test_illusion_report_null_direction_has_no_effect():
   params = models.init_params(CFG, jax.random.PRNGKey(0))
   site = "blocks.0.mlp.hook_post"

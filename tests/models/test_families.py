@@ -176,6 +176,7 @@ def test_bidirectional_gemma3_is_refused(tmp_path, loaded):
     models.from_pretrained(tmp_path)
 
 
+@pytest.mark.slow  # the fast suite's CPU budget (10 min); CI runs it with the slow tests
 def test_gemma3_alternating_layers_run_as_one_scan(loaded):
   """The layer type (window, RoPE base) is scanned data: run_blocks over the stacked blocks gives
   the unrolled forward's activations."""
@@ -238,6 +239,7 @@ def test_edge_graph_full_and_empty(kind, loaded):
                              atol=2e-5)
 
 
+@pytest.mark.slow  # the fast suite's CPU budget (10 min); CI runs it with the slow tests
 def test_bf16_loads_as_bf16_or_upcast(tmp_path, loaded):
   import torch
   hf, m32 = loaded("qwen3")

@@ -6,6 +6,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxinterp import attribution as A
 from jaxinterp.attribution import receiver_grads
@@ -56,6 +57,7 @@ def test_jit_picks_the_program_by_config(monkeypatch):
   assert f.__name__ == "f"
 
 
+@pytest.mark.slow  # the fast suite's CPU budget (10 min); CI runs it with the slow tests
 def test_fast_compile_gives_the_eap_ig_kernel_bitwise_equal_scores():
   """The toy's EAP-IG-inputs kernel compiled with FAST_COMPILE and with XLA's default optimisation
   (level 2, fusion emitters on), set explicitly so the suite's own XLA_FLAGS do not matter."""

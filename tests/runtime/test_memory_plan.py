@@ -210,6 +210,7 @@ def test_exact_plan_lowers_the_kernel_the_run_uses(memory, scanned, monkeypatch)
   assert out[0].shape == (4,) and len(out) == (6 if scanned else 5)  # the stacked copy is live
 
 
+@pytest.mark.slow  # the fast suite's CPU budget (10 min); CI runs it with the slow tests
 def test_eap_plan_with_a_memory_budget_has_smaller_temporaries():
   cfg = ModelConfig(**_TINY)
   params = MP.abstract_params(cfg, jnp.float32)

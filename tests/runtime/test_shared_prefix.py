@@ -147,7 +147,8 @@ def test_attribute_uses_the_suffix_and_matches_the_reference():
 
 
 @pytest.mark.parametrize("family,level", [
-    ("llama", "edge"), pytest.param("gpt2", "node", marks=pytest.mark.slow),
+    pytest.param("llama", "edge", marks=pytest.mark.slow),  # the fast suite's CPU budget
+    pytest.param("gpt2", "node", marks=pytest.mark.slow),
     pytest.param("gpt_neox", "edge", marks=pytest.mark.slow),
     pytest.param("gemma2", "edge", marks=pytest.mark.slow),
     pytest.param("gemma2", "node", marks=pytest.mark.slow)])

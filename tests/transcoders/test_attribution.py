@@ -60,6 +60,7 @@ def test_rows_are_complete_without_biases():
   np.testing.assert_allclose(g.adjacency[g.logit_start:].sum(1), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # the fast suite's CPU budget (10 min); CI runs it with the slow tests
 def test_batch_size_and_budget():
   cfg, params = _model(family="gpt2", normalization="layernorm", positional="learned",
                        rotary_dim=0, n_kv_heads=None, gated_mlp=False, act_fn="gelu_new",
@@ -120,7 +121,7 @@ def test_cell_chunk_contraction_equals_the_gather(monkeypatch):
 
 
 @pytest.mark.parametrize("model_kw, input_hook", [
-    ({}, "mlp.hook_in"),
+    pytest.param({}, "mlp.hook_in", marks=pytest.mark.slow),  # the fast suite's CPU budget
     pytest.param({"post_norms": True, "sliding_window": 4, "sliding_layers": (0, 1)},
                  "ln2.hook_normalized", marks=pytest.mark.slow),
     pytest.param({"parallel_attn_mlp": True}, "ln2.hook_normalized", marks=pytest.mark.slow),
