@@ -255,6 +255,7 @@ def test_eap_ig_inputs_runs_the_rematted_kernel_and_notes_it_once(monkeypatch, c
 
 
 @pytest.mark.slow  # three compiles of the 4-layer kernels (a few tens of seconds)
+@pytest.mark.by_hand  # CI's 30 minutes
 def test_auto_remat_scores_equal_the_unbudgeted_ones():
   """The auto-remat'd kernels (EAP-IG-inputs' per-head-input kernel, EAP-IG-activations' remat'd
   blocks) give the unbudgeted scores to float rounding, their compiled temporaries in budget."""

@@ -110,7 +110,7 @@ def test_every_registered_method_runs_on_the_family(family, name):
   assert np.all(np.isfinite(out.scores)) and np.abs(out.scores[valid]).max() > 0
 
 
-@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow)  # the CPU budget
+@pytest.mark.parametrize("family", [pytest.param(f, marks=[pytest.mark.slow, pytest.mark.by_hand])
                                     if f in ("gemma3", "qwen3") else f for f in FAMILIES])
 def test_das_interchange_trains(family):
   """A rotated-space interchange intervention on the residual stream trains (the loss falls) and

@@ -54,8 +54,11 @@ def test_parity_pytorch_bin(kind, tmp_path):
   assert np.abs(np.asarray(m(tokens)) - hf_logits(hf, tokens)).max() < 1e-4
 
 
-@pytest.mark.parametrize("kind", [k if k == "gpt2" else pytest.param(k, marks=pytest.mark.slow)
-                                  for k in FAMILIES])  # the others: the fast suite's CPU budget
+_BY_HAND = [pytest.mark.slow, pytest.mark.by_hand]  # the test budgets (pyproject.toml)
+
+
+@pytest.mark.parametrize("kind", [k if k == "gpt2" else pytest.param(k, marks=_BY_HAND)
+                                  for k in FAMILIES])
 def test_right_padding_keeps_real_positions(kind, tmp_path):
   hf = build_hf_model(kind)
   m = models.from_pretrained(save_hf(hf, tmp_path))

@@ -286,6 +286,7 @@ _DATA_SHARDS = textwrap.dedent("""
 
 
 @pytest.mark.slow  # a fresh process on 8 simulated devices: 4 compiles and 2 runs (about 30 s)
+@pytest.mark.by_hand  # CI's 30 minutes
 def test_data_parallel_contraction_keeps_each_devices_rows():
   """On an 8x1 mesh the contraction's position chunks of the whole flattened batch made XLA
   all-gather every row's sender differences and gradients onto every device; with `data_shards`

@@ -180,7 +180,7 @@ def gpt2(tmp_path_factory):
   return models.from_pretrained(str(path)), hf
 
 
-@pytest.mark.parametrize("task", [pytest.param(t, marks=pytest.mark.slow)  # the CPU budget
+@pytest.mark.parametrize("task", [pytest.param(t, marks=[pytest.mark.slow, pytest.mark.by_hand])
                                   if t in ("hypernymy-comma", "gender-bias",
                                            "greater-than-sequence") else t
                                   for t in PAPER])

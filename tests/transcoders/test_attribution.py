@@ -123,9 +123,11 @@ def test_cell_chunk_contraction_equals_the_gather(monkeypatch):
 @pytest.mark.parametrize("model_kw, input_hook", [
     pytest.param({}, "mlp.hook_in", marks=pytest.mark.slow),  # the fast suite's CPU budget
     pytest.param({"post_norms": True, "sliding_window": 4, "sliding_layers": (0, 1)},
-                 "ln2.hook_normalized", marks=pytest.mark.slow),
-    pytest.param({"parallel_attn_mlp": True}, "ln2.hook_normalized", marks=pytest.mark.slow),
-    pytest.param({"normalization": "layernorm"}, "hook_resid_mid", marks=pytest.mark.slow),
+                 "ln2.hook_normalized", marks=[pytest.mark.slow, pytest.mark.by_hand]),
+    pytest.param({"parallel_attn_mlp": True}, "ln2.hook_normalized",
+                 marks=[pytest.mark.slow, pytest.mark.by_hand]),  # by hand: CI's 30 minutes
+    pytest.param({"normalization": "layernorm"}, "hook_resid_mid",
+                 marks=[pytest.mark.slow, pytest.mark.by_hand]),
 ])
 def test_layered_rows_equal_the_whole_run_vjp(model_kw, input_hook):
   """`_rows_layered`, the backward through blocks top..0 only (each layer's gradients contracted
