@@ -185,6 +185,7 @@ def _assert_same_report(a, b) -> None:
 
 
 @pytest.mark.slow  # 3 more processes (~35 s); the find_circuit test above covers the split curve
+@pytest.mark.by_hand  # CI's 30 minutes
 def test_evaluate_circuit_on_two_processes_equals_one(reference):
   root, cache = reference
   graph = root / "one" / "graph.json"
@@ -296,6 +297,7 @@ def _attribution_graph(out, cache, *extra) -> subprocess.Popen:
 
 
 @pytest.mark.slow  # 6 processes of attribution_graph (~40 s)
+@pytest.mark.by_hand  # CI's 30 minutes
 def test_attribution_graph_on_two_processes_equals_one(tmp_path):
   cache = tmp_path / "cache"
   for name, flags in GRAPH_RUNS.items():
