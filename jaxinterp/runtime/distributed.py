@@ -328,7 +328,7 @@ def map_split(items: Iterable[Any], fn: Callable[[int, Any], dict[str, np.ndarra
   deterministic items every process gets what one process computing them all gets, bitwise. A
   collective: every process iterates the same items. One process: a plain loop (`done` right after
   each `fn`, the results as `fn` returned them)."""
-  n, me = process_count(), process_index()
+  n = process_count()
   results: list[dict[str, np.ndarray]] = []
 
   def add(result: dict[str, np.ndarray]) -> None:
@@ -340,6 +340,16 @@ def map_split(items: Iterable[Any], fn: Callable[[int, Any], dict[str, np.ndarra
     for i, item in enumerate(items):
       add(fn(i, item))
     return results
+  _split_rounds(items, fn, add)
+  return results
+
+
+def _split_rounds(items: Iterable[Any], fn: Callable[[int, Any], dict[str, np.ndarray]],
+                  add: Callable[[dict[str, np.ndarray]], None]) -> None:
+  """The rounds of `map_split` and `fold_split`: process p calls `fn` for items p, p + N, ...;
+  after each round of N items (and the last, partial one) every process's result is passed to
+  `add` in item order."""
+  n, me = process_count(), process_index()
   mine, i = None, -1
   for i, item in enumerate(items):
     if i % n == me:
@@ -349,7 +359,6 @@ def map_split(items: Iterable[Any], fn: Callable[[int, Any], dict[str, np.ndarra
       mine = None
   if i >= 0 and i % n != n - 1:  # the last, partial round
     _gather_round(mine, add)
-  return results
 
 
 def _gather_round(mine: dict[str, np.ndarray] | None,
@@ -369,7 +378,7 @@ def fold_split(items: Iterable[Any], fn: Callable[[int, Any], dict[str, np.ndarr
   results are held at a time. With a deterministic `fold` (e.g. float32 sums added in the order
   one process adds them) every process gets what one process gets, bitwise. A collective: every
   process iterates the same items. One process: a plain loop."""
-  n, me = process_count(), process_index()
+  n = process_count()
   if n == 1:
     for i, item in enumerate(items):
       acc = fold(acc, fn(i, item))
@@ -379,15 +388,7 @@ def fold_split(items: Iterable[Any], fn: Callable[[int, Any], dict[str, np.ndarr
   def add(result: dict[str, np.ndarray]) -> None:
     box[0] = fold(box[0], result)
 
-  mine, i = None, -1
-  for i, item in enumerate(items):
-    if i % n == me:
-      mine = fn(i, item)
-    if i % n == n - 1:
-      _gather_round(mine, add)
-      mine = None
-  if i >= 0 and i % n != n - 1:  # the last, partial round
-    _gather_round(mine, add)
+  _split_rounds(items, fn, add)
   return box[0]
 
 
