@@ -7,15 +7,20 @@
 * `run(main)` replaces `app.run(main)`: `--help` lists the binary's own and the shared flags (exit
   0; `--helpfull` adds every library's); a bad flag, an `app.UsageError`, an `inputs.InputError` or
   one of the project's own `ValueError`s is one line on stderr (`prog: error: ...`), exit status 2,
-  no traceback; library logging (orbax, absl) is quiet unless `--verbosity` is given.
+  no traceback; library logging (orbax, absl) is quiet unless `--verbosity` is given. A binary
+  run as a program (`python -m experiments.X`) ends, once its non-daemon threads and its `atexit`
+  handlers are done, with `os._exit`: the interpreter's teardown (freeing JAX's and XLA's objects
+  module by module) adds about 0.3 s to every run and does nothing a finished run needs.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 import sys
 import textwrap
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -145,4 +150,28 @@ def run(main: Callable[[list[str]], Any], module: str | None = None) -> None:
       print(f"{prog_name()}: interrupted", file=sys.stderr)
       sys.exit(130)
 
-  app.run(guarded, flags_parser=lambda argv: _parse(module, argv))
+  if module != "__main__":  # in another program (a test): exit as app.run does
+    app.run(guarded, flags_parser=lambda argv: _parse(module, argv))
+    return
+  try:
+    app.run(guarded, flags_parser=lambda argv: _parse(module, argv))
+    code = 0
+  except SystemExit as e:
+    code = e.code
+  _exit_now(code)
+
+
+def _exit_now(code: Any) -> None:
+  """Exit with `sys.exit(code)`'s status after what the interpreter's exit would wait for (the
+  non-daemon threads, then the `atexit` handlers: logging's, JAX's, orbax's), skipping its
+  teardown."""
+  if code is not None and not isinstance(code, int):  # sys.exit("message"): printed, status 1
+    print(code, file=sys.stderr)
+    code = 1
+  for t in threading.enumerate():
+    if t is not threading.main_thread() and not t.daemon:
+      t.join()
+  atexit._run_exitfuncs()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code or 0)

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jaxinterp import attribution as A
 from jaxinterp.experiments import cli
 from jaxinterp.runtime import inputs
 from jaxinterp.runtime import memory_plan as MP
-from jaxinterp.runtime import memory_programs as PR
 from jaxinterp.transcoders import toy as toy_transcoders
 
 FLAGS = (
@@ -83,6 +81,8 @@ def find_circuit(model: str, dtype: str | None, method: str, options: dict, batc
                  mesh: str | None) -> MP.Plan:
   """find_circuit's plan: the attribution kernel of --method (EAP family, EAP-IG-activations or
   exact, edge level)."""
+  from jaxinterp import attribution as A
+  from jaxinterp.runtime import memory_programs as PR  # imported on use: 0.2 s of every start
   cfg, dt, m, seq, memory = _setup(model, dtype, mesh, batch)
   if (options.get("level") or "edge") != "edge" or method not in (*EAP_FAMILY, *OWN_KERNELS):
     raise MP.PlanError(f"--dry_run plans --method={method} at --level=edge for "
@@ -108,6 +108,7 @@ def find_circuit(model: str, dtype: str | None, method: str, options: dict, batc
 
 def _activations(cfg, dt, m, seq, memory, batch, opts) -> MP.Plan:
   """EAP-IG-activations' plan: its own kernel, with --remat and --memory_budget's row groups."""
+  from jaxinterp.runtime import memory_programs as PR  # imported on use: 0.2 s of every start
   alphas, budget = opts.alphas(eap_start=1), opts.memory_budget
   return _print(f"EAP-IG-activations (m={len(alphas)})",
                 lambda p: PR.activations(cfg, p, seq, alphas, m, budget, opts.remat),
@@ -119,6 +120,7 @@ def simple(kind: str, model: str, dtype: str | None, batch: int, mesh: str | Non
            **kw) -> MP.Plan:
   """The plan of `evaluate_circuit` ("circuit"), `activation_patching` ("patching", with
   `sweeps` and `chunk`) or `train_das` ("train")."""
+  from jaxinterp.runtime import memory_programs as PR  # imported on use: 0.2 s of every start
   cfg, dt, m, seq, memory = _setup(model, dtype, mesh, batch)
   if kind == "circuit":
     return _print("circuit forward", lambda p: PR.circuit(cfg, p, seq, m), cfg, dt, m, seq,
@@ -136,6 +138,7 @@ def attribution_graph(model: str, dtype: str | None, batch: int, n_features: int
                       max_feature_nodes: int | None, n_logits: int) -> MP.Plan:
   """attribution_graph's plan: one batch of `batch` VJP rows over `n_features`-feature
   transcoders at every layer, for a --seq_len-token prompt, and the host arrays."""
+  from jaxinterp.runtime import memory_programs as PR  # imported on use: 0.2 s of every start
   cfg, dt, m, seq, memory = _setup(model, dtype, None, batch)
   act = PR.n_active(cfg, seq)
   host = PR.graph_host_bytes(cfg, seq, max_feature_nodes, n_logits)

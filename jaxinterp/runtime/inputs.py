@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinterp import models, tasks
-from jaxinterp.evaluation import faithfulness as evaluation
 from jaxinterp.groundtruth import toy
 from jaxinterp.runtime import files
 
@@ -206,6 +205,9 @@ def _token_text(model: models.Model, i: int) -> str:
 
 def warn_rare_answers(model: models.Model, dataset: tasks.Dataset, data: str) -> list:
   """Warn (one line) about answers the model ranks in no prompt's top-50 next tokens."""
+  # Imported here: binaries without a task (attribution_graph) skip the evaluation and attribution
+  # packages (0.3 s of their start).
+  from jaxinterp.evaluation import faithfulness as evaluation
   rare = evaluation.rarely_predicted_answers(model.cfg, model.params, dataset, k=ANSWER_TOP_K)
   if rare:
     n = len(evaluation.answer_sets(dataset))

@@ -130,8 +130,10 @@ class _Bar:
 
 
 def _write(config: AttributionGraphConfig, model: Model, tc: loading.Transcoders, path: str,
-           texts: list[str], g: graph.AttributionGraph, out: str) -> None:
-  """graph.npz, graph.json (with graph-metadata.json) and graph.html of `g` in `out`."""
+           texts: list[str], g: graph.AttributionGraph, pruned: pruning.PruneResult,
+           out: str) -> None:
+  """graph.npz, graph.json (with graph-metadata.json) and graph.html of `g` in `out`; `pruned` is
+  `g` pruned with the config's thresholds."""
   files.atomic_with(os.path.join(out, "graph.npz"), lambda p: graph.save_npz(g, p),
                     suffix=".npz")
   frontend.write_graph_files(
@@ -139,7 +141,7 @@ def _write(config: AttributionGraphConfig, model: Model, tc: loading.Transcoders
           os.path.abspath(loading.read_config(path)["_path"]))),
       prompt=config.prompt, prompt_tokens=texts,
       logit_labels=[_label(model, int(t)) for t in g.logit_tokens],
-      node_threshold=config.node_threshold, edge_threshold=config.edge_threshold)
+      node_threshold=config.node_threshold, edge_threshold=config.edge_threshold, pruned=pruned)
   graph_viewer.write_html(os.path.join(out, "graph.json"), os.path.join(out, "graph.html"),
                           title=f"Attribution graph: {config.prompt}")
 
@@ -169,11 +171,12 @@ def attribution_graph(config: AttributionGraphConfig, out: str) -> dict:
                           batch_size=config.batch_size,
                           progress=_Bar("attribute") if files.is_writer() else None)
       phases.start("write")
+      pruned = pruning.prune(g, config.node_threshold, config.edge_threshold)
       with run_dir.writing(OUTPUTS):
         if files.is_writer():  # several processes: process 0 writes
-          _write(config, model, tc, path, texts, g, out)
+          _write(config, model, tc, path, texts, g, pruned, out)
       phases.stop()
-  replacement_score, completeness = pruning.graph_scores(g)
+  replacement_score, completeness = pruned.replacement_score, pruned.completeness_score
   summary = {"nodes": g.n_nodes, "features": g.n_features,
              "active_features": len(g.active_features), "logits": g.n_logits,
              "replacement_score": replacement_score, "completeness_score": completeness,

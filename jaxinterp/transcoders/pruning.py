@@ -24,10 +24,12 @@ from jaxinterp.transcoders.errors import TranscoderError
 from jaxinterp.transcoders.graph import AttributionGraph
 
 
-def normalize_matrix(matrix: np.ndarray, eps: float = 1e-10) -> np.ndarray:
+def normalize_matrix(matrix: np.ndarray, eps: float = 1e-10,
+                     out: np.ndarray | None = None) -> np.ndarray:
   """|matrix| with each row divided by its sum (clamped below at `eps`): one new array, divided in
-  place (a matrix's worth of host memory, not two)."""
-  a = np.abs(np.asarray(matrix, np.float32))
+  place (a matrix's worth of host memory, not two), or written into `out` (float32, the matrix's
+  shape; it may be `matrix` itself)."""
+  a = np.abs(np.asarray(matrix, np.float32), out=out)
   return np.divide(a, np.maximum(a.sum(axis=1, keepdims=True), np.float32(eps)), out=a)
 
 
@@ -51,9 +53,11 @@ def node_influence(adjacency: np.ndarray, logit_weights: np.ndarray) -> np.ndarr
   return compute_influence(normalize_matrix(adjacency), logit_weights)
 
 
-def edge_influence(pruned: np.ndarray, logit_weights: np.ndarray) -> np.ndarray:
-  """Each edge's share of the influence: An[t, s] * (influence of t + logit weight of t)."""
-  an = normalize_matrix(pruned)
+def edge_influence(pruned: np.ndarray, logit_weights: np.ndarray,
+                   in_place: bool = False) -> np.ndarray:
+  """Each edge's share of the influence: An[t, s] * (influence of t + logit weight of t).
+  `in_place`: overwrite `pruned` (float32) with the result instead of allocating a new matrix."""
+  an = normalize_matrix(pruned, out=pruned if in_place else None)
   infl = compute_influence(an, logit_weights) + logit_weights
   if infl.dtype != an.dtype:  # float64 weights: a float64 result, as the product promotes
     return an * infl[:, None]
@@ -64,32 +68,51 @@ def find_threshold(scores: np.ndarray, threshold: float) -> np.float32:
   """The score at which the descending cumulative sum first reaches `threshold` of the total.
 
   Scores that are all >= 0 (influences) are sorted without their zeros, which end the descending
-  order and add nothing to the cumulative sum; the total is still summed over the whole sorted
-  array, so the result is the same bits as sorting everything.
+  order and add nothing to the cumulative sum. The total is still the sum of the whole sorted
+  array in numpy's pairwise order (`_padded_sum`), so the result is the same bits as sorting
+  everything, without a sorted copy of the matrix.
   """
   flat = np.asarray(scores, np.float32).ravel()
-  positive = flat[flat > 0]
-  n_zero = int(np.count_nonzero(flat == 0))
-  if len(positive) + n_zero != len(flat) or n_zero == 0:  # negative or NaN scores, or no zeros
+  n_nonzero = int(np.count_nonzero(flat))
+  if n_nonzero == len(flat) or not flat.min() >= 0:  # no zeros, or negative or NaN scores
     s = np.sort(flat)[::-1]
     cum = np.cumsum(s, dtype=np.float32) / s.sum(dtype=np.float32)
     i = min(int(np.searchsorted(cum, np.float32(threshold), side="left")), len(cum) - 1)
     return s[i]
-  s = np.zeros(len(flat), np.float32)
-  s[:len(positive)] = np.sort(positive)[::-1]
-  cum = np.cumsum(s[:len(positive)], dtype=np.float32) / s.sum(dtype=np.float32)
+  positive = np.sort(flat[np.flatnonzero(flat)])[::-1]  # -0.0 counts as zero, as in the sort
+  cum = np.cumsum(positive, dtype=np.float32) / _padded_sum(positive, len(flat))
   i = int(np.searchsorted(cum, np.float32(threshold), side="left"))
-  return s[min(i, len(flat) - 1)]
+  return positive[i] if i < len(positive) else np.float32(0)
+
+
+def _padded_sum(head: np.ndarray, n: int) -> np.float32:
+  """`concatenate([head, zeros(n - len(head))]).sum(dtype=float32)`, bit for bit, without the
+  array: numpy sums a contiguous float32 array pairwise, halving it (rounded down to a multiple of
+  8) until a block holds at most 128 elements, and a block of zeros sums to 0."""
+  if len(head) == n:
+    return head.sum(dtype=np.float32)
+  if len(head) == 0:
+    return np.float32(0)
+  if n <= 128:
+    block = np.zeros(n, np.float32)
+    block[:len(head)] = head
+    return block.sum(dtype=np.float32)
+  half = n // 2
+  half -= half % 8
+  return np.float32(_padded_sum(head[:half], half) + _padded_sum(head[half:], n - half))
 
 
 class PruneResult(NamedTuple):
   """node_mask: Bool[ndarray, "N"]; edge_mask: Bool[ndarray, "N N"]; cumulative_scores:
   Float[ndarray, "N"], each node's cumulative share of the influence in descending order (the
-  `influence` the frontend shows)."""
+  `influence` the frontend shows); replacement_score and completeness_score: `graph_scores`'s,
+  from the same normalised matrix."""
 
   node_mask: np.ndarray
   edge_mask: np.ndarray
   cumulative_scores: np.ndarray
+  replacement_score: float
+  completeness_score: float
 
 
 def check_threshold(name: str, value: float) -> float:
@@ -101,21 +124,29 @@ def check_threshold(name: str, value: float) -> float:
 
 def prune(graph: AttributionGraph, node_threshold: float = 0.8,
           edge_threshold: float = 0.98) -> PruneResult:
-  """circuit-tracer's `prune_graph`: keep the nodes and edges with the most influence."""
+  """circuit-tracer's `prune_graph`: keep the nodes and edges with the most influence; with
+  `graph_scores`' two scores, which share its first step.
+
+  Host memory: one N x N float32 array beside the graph's (the normalised adjacency, then, in the
+  same buffer, the pruned one and its edge scores) and the N x N boolean edge mask. Each fresh
+  matrix-sized array costs its page faults, which on some hosts take longer than the arithmetic.
+  """
   check_threshold("node_threshold", node_threshold)
   check_threshold("edge_threshold", edge_threshold)
   n_keep = graph.n_logits + graph.n_pos  # tokens and logits: always kept
   nf = graph.n_features
   w = graph.logit_weights()
-  infl = node_influence(graph.adjacency, w)
+  buf = normalize_matrix(graph.adjacency)
+  infl = compute_influence(buf, w)
+  replacement, completeness = _scores(graph, buf, infl, w)
   node_mask = infl >= find_threshold(infl, node_threshold)
   node_mask[-n_keep:] = True
-  pruned = np.array(graph.adjacency, np.float32)
-  pruned[~node_mask] = 0
-  pruned[:, ~node_mask] = 0
-  scores = edge_influence(pruned, w)
-  del pruned  # at most three N x N float32 arrays at once: the graph's, `scores`, find_threshold's
+  np.copyto(buf, graph.adjacency)  # the pruned adjacency, in the same buffer
+  buf[~node_mask] = 0
+  buf[:, ~node_mask] = 0
+  scores = edge_influence(buf, w, in_place=True)
   edge_mask = scores >= find_threshold(scores, edge_threshold)
+  del buf, scores
   while True:
     old = node_mask.copy()
     node_mask[:-n_keep] &= edge_mask[:, :-n_keep].any(0)  # features and errors need an output
@@ -128,14 +159,13 @@ def prune(graph: AttributionGraph, node_threshold: float = 0.8,
   cum = np.cumsum(infl[order], dtype=np.float32) / infl.sum(dtype=np.float32)
   final = np.zeros_like(infl)
   final[order] = cum
-  return PruneResult(node_mask, edge_mask, final)
+  return PruneResult(node_mask, edge_mask, final, replacement, completeness)
 
 
-def graph_scores(graph: AttributionGraph) -> tuple[float, float]:
-  """(replacement score, completeness score), as circuit-tracer's `compute_graph_scores`."""
-  w = graph.logit_weights()
-  an = normalize_matrix(graph.adjacency)
-  infl = compute_influence(an, w)
+def _scores(graph: AttributionGraph, an: np.ndarray, infl: np.ndarray,
+            w: np.ndarray) -> tuple[float, float]:
+  """The replacement and completeness scores from the normalised adjacency `an` and the node
+  influences `infl` (`compute_influence(an, w)`)."""
   e0, e1 = graph.error_start, graph.token_start
   token = infl[e1:graph.logit_start].sum(dtype=np.float32)
   error = infl[e0:e1].sum(dtype=np.float32)
@@ -144,6 +174,14 @@ def graph_scores(graph: AttributionGraph) -> tuple[float, float]:
   out = infl + w
   completeness = (non_error * out).sum(dtype=np.float32) / out.sum(dtype=np.float32)
   return float(replacement), float(completeness)
+
+
+def graph_scores(graph: AttributionGraph) -> tuple[float, float]:
+  """(replacement score, completeness score), as circuit-tracer's `compute_graph_scores` (`prune`
+  returns them too)."""
+  w = graph.logit_weights()
+  an = normalize_matrix(graph.adjacency)
+  return _scores(graph, an, compute_influence(an, w), w)
 
 
 def partial_influences(edge_matrix: np.ndarray, logit_probabilities: np.ndarray,
