@@ -223,3 +223,46 @@ def test_graph_npz_round_trip_and_pruning_keeps_tokens_and_logits(tmp_path):
   with pytest.raises(T.TranscoderError, match="not a graph.npz") as e:
     T.load_npz(tmp_path / "bad.npz")
   _one_line(e)
+
+
+def _threshold_by_full_sort(scores, threshold):
+  """find_threshold's definition: sort every score, descending cumulative share."""
+  s = np.sort(np.asarray(scores, np.float32).ravel())[::-1]
+  cum = np.cumsum(s, dtype=np.float32) / s.sum(dtype=np.float32)
+  return s[min(int(np.searchsorted(cum, np.float32(threshold), side="left")), len(cum) - 1)]
+
+
+def test_find_threshold_without_a_full_sort_is_the_same_bits():
+  """Non-negative scores with zeros skip the sorted copy of the whole matrix; the total keeps
+  numpy's pairwise order over the padded array (`_padded_sum`), so every threshold is the same
+  bits as sorting everything: small and large arrays, -0.0, all zeros, negatives."""
+  rng = np.random.default_rng(0)
+  for trial in range(60):
+    n = int(rng.integers(1, 200)) if trial % 2 else int(rng.integers(200, 300_000))
+    scores = (rng.random(n) ** 6).astype(np.float32)
+    scores[rng.random(n) < rng.random()] = 0
+    if trial % 7 == 3:
+      scores[rng.random(n) < 0.1] = -0.0
+    if trial % 11 == 5:
+      scores[:] = 0
+    if trial % 13 == 6:
+      scores[0] = -1.0
+    for thr in (0.5, 0.8, 0.98, 1.0):
+      want = _threshold_by_full_sort(scores, thr)
+      got = T.pruning.find_threshold(scores, thr)
+      if want == 0:  # a zero threshold: -0.0 or 0.0, which compare (and mask) alike
+        assert got == 0, (trial, n, thr)
+      else:
+        assert np.float32(got).tobytes() == np.float32(want).tobytes(), (trial, n, thr)
+  for k in range(0, 300):
+    head = np.sort(rng.random(k).astype(np.float32))[::-1]
+    n = k + int(rng.integers(0, 5000))
+    full = np.zeros(n, np.float32)
+    full[:k] = head
+    assert T.pruning._padded_sum(head, n).tobytes() == full.sum(dtype=np.float32).tobytes()
+
+
+def test_prune_scores_are_graph_scores():
+  g = random_graph(4, n_layers=3, n_pos=6, n_active=30, n_features=20, n_logits=3)
+  res = T.prune(g)
+  assert (res.replacement_score, res.completeness_score) == T.graph_scores(g)
