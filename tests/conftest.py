@@ -3,6 +3,7 @@ dir."""
 
 import os
 import pathlib
+import resource
 
 import numpy as np
 import pytest
@@ -42,6 +43,16 @@ def pytest_configure(config):
                                " --xla_backend_optimization_level=0").strip()
   if TEST_CACHE:
     compilation_cache.enable(TEST_CACHE)  # the flags are part of every entry's key
+
+
+def pytest_terminal_summary(terminalreporter):
+  """The run's CPU time (this process and the binaries it started and waited for): the fast
+  suite's budget is 10 minutes of it (docs/contributing.md)."""
+  own = resource.getrusage(resource.RUSAGE_SELF)
+  kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+  user, system = own.ru_utime + kids.ru_utime, own.ru_stime + kids.ru_stime
+  terminalreporter.write_line(f"CPU time: {user:.0f} s user + {system:.0f} s system = "
+                              f"{(user + system) / 60:.1f} min")
 
 
 @pytest.fixture(scope="module")
