@@ -59,17 +59,23 @@ class BudgetPlan:
             f"{method} runs with --remat (same scores to float rounding, more compute)")
 
 
-_NOTED: set[str] = set()
+_NOTED: set[str] = set()  # the notes printed since `start_run`
+
+
+def start_run() -> None:
+  """Forget the notes of earlier runs in this process: a pipeline calls it first, so that each
+  run prints its notes once and `remat_chosen` is about that run alone."""
+  _NOTED.clear()
 
 
 def remat_chosen() -> bool:
-  """Whether a budget turned remat on in this process (for a run's `meta`: the options record
-  `remat` as given)."""
+  """Whether a budget turned remat on in the run since `start_run` (for its `meta`: the options
+  record `remat` as given)."""
   return bool(_NOTED)
 
 
 def print_note(plan: BudgetPlan, method: str, budget: str) -> None:
-  """Print `plan.note` to stderr, once per process and message (the kernel runs per batch)."""
+  """Print `plan.note` to stderr, once per run and message (the kernel runs per batch)."""
   line = plan.note(method, budget)
   if line is not None and line not in _NOTED:
     _NOTED.add(line)

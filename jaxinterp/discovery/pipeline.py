@@ -120,6 +120,7 @@ def find_circuit(config: FindCircuitConfig, out: str, *, overwrite: bool = False
     if held.complete:
       inputs.already_complete(out, run)
       return dict(inputs.read_meta(os.path.join(out, "graph.json")), out=out, complete=True)
+    memory_budget.start_run()  # this run's --memory_budget notes (and meta) only
     with timing.Phases(PHASES) as phases:
       return _run(config, options, held, phases, overwrite)
 

@@ -227,7 +227,8 @@ def test_budget_turns_remat_on_where_only_a_rematted_row_fits(kind):
 
 def test_eap_ig_inputs_runs_the_rematted_kernel_and_notes_it_once(monkeypatch, capsys):
   """EAP-IG-inputs under such a budget calls the kernel with remat (no shared-prefix suffix, which
-  the remat kernel does not take) and prints one note line, once per process."""
+  the remat kernel does not take) and prints one note line, once per run; `start_run` begins the
+  next run's record."""
   params = _shapes(DEEP)
   ds = tasks.make_induction(4, 6, DEEP.d_vocab, seed=0, bos_id=0)
   batch, abl = next(ds.batches(4)), A.Ablation("patching")
@@ -252,6 +253,8 @@ def test_eap_ig_inputs_runs_the_rematted_kernel_and_notes_it_once(monkeypatch, c
   assert err == [f"note: --memory_budget={between}: one row of the batch fits only "
                  "rematerialised, so EAP-IG-inputs runs with --remat (same scores to float "
                  "rounding, more compute)"]
+  MB.start_run()
+  assert not MB.remat_chosen()
 
 
 @pytest.mark.slow  # three compiles of the 4-layer kernels (a few tens of seconds)
