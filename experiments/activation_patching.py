@@ -23,7 +23,7 @@ from __future__ import annotations
 from absl import app
 
 from jaxinterp import patching
-from jaxinterp.experiments import cli, common, dry_run
+from jaxinterp.experiments import cli, common, dry_run, dry_run_methods
 from jaxinterp.patching import pipeline
 from jaxinterp.runtime import inputs
 
@@ -57,7 +57,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = cli.config(pipeline.PatchingConfig, mib_split=common.mib_split())
   if dry_run.requested():
-    dry_run.simple("patching", config.model, None, config.batch_size, sweeps=config.sweeps,
+    dry_run_methods.simple("patching", config.model, None, config.batch_size, sweeps=config.sweeps,
                    chunk=config.patch_chunk)
     return
   common.start_run()

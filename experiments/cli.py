@@ -4,29 +4,25 @@
 * `define` defines a flag unless another module has (absl flags are process-global and binaries
   share `--model`, `--out`, ...); `value` reads it, else the calling binary's own default;
   `config(Config)` builds a pipeline's frozen config, each field from the flag of its name.
-* `run(main)` replaces `app.run(main)`: `--help` lists the binary's own and the shared flags (exit
-  0; `--helpfull` adds every library's); a bad flag, an `app.UsageError`, an `inputs.InputError` or
+* `run(main)` replaces `app.run(main)`: `--help` lists the binary's own and the shared flags
+  (`--helpfull`: every library's too); a bad flag, an `app.UsageError`, an `inputs.InputError` or
   one of the project's own `ValueError`s is one line on stderr (`prog: error: ...`), exit status 2,
-  no traceback; library logging (orbax, absl) is quiet unless `--verbosity` is given. A binary
-  run as a program (`python -m experiments.X`) ends, once its non-daemon threads and its `atexit`
-  handlers are done, with `os._exit`: the interpreter's teardown (freeing JAX's and XLA's objects
-  module by module) adds about 0.3 s to every run and does nothing a finished run needs.
+  no traceback; library logging is quiet unless `--verbosity` is given; a program's process ends
+  without the interpreter's teardown (`runtime.process.exit_now`).
 """
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import os
 import sys
 import textwrap
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from absl import app, flags, logging
 
-from jaxinterp.runtime import inputs
+from jaxinterp.runtime import inputs, process
 
 FLAGS = flags.FLAGS
 
@@ -66,8 +62,6 @@ def config(cls, **fixed):
   kw = {name: value(name, default) for name, default in defaults(cls).items()
         if name in FLAGS and name not in fixed}
   return cls(**kw, **fixed)
-
-
 
 
 def prog_name() -> str:
@@ -118,8 +112,7 @@ def help_text(module: str, full: bool = False) -> str:
 def _parse(module: str, argv: Sequence[str]) -> list[str]:
   """absl's flag parsing, with our `--help` and one-line parse errors; quiets library logging."""
   args = list(argv[1:])
-  if "--" in args:
-    args = args[:args.index("--")]
+  args = args[:args.index("--")] if "--" in args else args
   if "--helpfull" in args or any(a in HELP_ARGS for a in args):
     sys.stdout.write(help_text(module, full="--helpfull" in args))
     sys.exit(0)
@@ -150,28 +143,7 @@ def run(main: Callable[[list[str]], Any], module: str | None = None) -> None:
       print(f"{prog_name()}: interrupted", file=sys.stderr)
       sys.exit(130)
 
-  if module != "__main__":  # in another program (a test): exit as app.run does
-    app.run(guarded, flags_parser=lambda argv: _parse(module, argv))
-    return
   try:
     app.run(guarded, flags_parser=lambda argv: _parse(module, argv))
-    code = 0
   except SystemExit as e:
-    code = e.code
-  _exit_now(code)
-
-
-def _exit_now(code: Any) -> None:
-  """Exit with `sys.exit(code)`'s status after what the interpreter's exit would wait for (the
-  non-daemon threads, then the `atexit` handlers: logging's, JAX's, orbax's), skipping its
-  teardown."""
-  if code is not None and not isinstance(code, int):  # sys.exit("message"): printed, status 1
-    print(code, file=sys.stderr)
-    code = 1
-  for t in threading.enumerate():
-    if t is not threading.main_thread() and not t.daemon:
-      t.join()
-  atexit._run_exitfuncs()
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os._exit(code or 0)
+    process.end(e, program=module == "__main__")

@@ -43,7 +43,7 @@ from absl import app
 from jaxinterp import tasks
 from jaxinterp.attribution import INTERVENTIONS
 from jaxinterp.evaluation import report
-from jaxinterp.experiments import cli, common, dry_run
+from jaxinterp.experiments import cli, common, dry_run, dry_run_methods
 from jaxinterp.runtime import inputs
 
 D, M = cli.defaults(report.EvaluateConfig), report.META_DEFAULTS
@@ -97,7 +97,7 @@ def main(argv):
   config = cli.config(report.EvaluateConfig, mib_split=common.mib_split(),
                       **{k: cli.FLAGS[k].value if cli.given(k) else None for k in M})
   if dry_run.requested():  # --model as given or the default: --graph is not read
-    dry_run.simple("circuit", cli.value("model", M["model"]), None, config.batch_size)
+    dry_run_methods.simple("circuit", cli.value("model", M["model"]), None, config.batch_size)
     return
   common.start_run()
   report.evaluate_circuit(config, cli.value("out", None), overwrite=cli.value("overwrite", False))

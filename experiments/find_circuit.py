@@ -33,7 +33,7 @@ from jaxinterp import attribution as A
 from jaxinterp import tasks
 from jaxinterp.discovery import FindCircuitConfig, find_circuit
 from jaxinterp.discovery import flags as option_flags
-from jaxinterp.experiments import cli, common, dry_run
+from jaxinterp.experiments import cli, common, dry_run, dry_run_methods
 from jaxinterp.runtime import inputs
 
 DEFAULTS = cli.defaults(FindCircuitConfig)
@@ -124,7 +124,7 @@ def run(argv=None) -> dict:
   --dry_run prints the memory plan and returns it."""
   if dry_run.requested():
     c = config()
-    return dry_run.find_circuit(c.model, c.dtype, c.method, c.options, c.batch_size, c.mesh)
+    return dry_run_methods.find_circuit(c.model, c.dtype, c.method, c.options, c.batch_size, c.mesh)
   common.start_run()
   return find_circuit(config(), cli.value("out", "runs/find_circuit"),
                       overwrite=cli.value("overwrite", False))

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from absl import app
 
-from jaxinterp.experiments import cli, common, dry_run
+from jaxinterp.experiments import cli, common, dry_run, dry_run_methods
 from jaxinterp.interventions import toy_task
 
 D = cli.defaults(toy_task.DASConfig)
@@ -61,7 +61,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = cli.config(toy_task.DASConfig)
   if dry_run.requested():  # the toy model's training step, on all p^2 inputs at once
-    dry_run.simple("train", config.model_dir, None, config.p ** 2)
+    dry_run_methods.simple("train", config.model_dir, None, config.p ** 2)
     return
   common.start_run()
   toy_task.train_das(config, cli.value("out", OUT), overwrite=cli.value("overwrite", False))

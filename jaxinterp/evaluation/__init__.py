@@ -18,7 +18,6 @@ Modules:
 from jaxinterp.evaluation import circuit_forward, faithfulness, levels
 from jaxinterp.evaluation.faithfulness import (
     FaithfulnessCurve,
-    answer_sets,
     baselines,
     compile_ahead,
     curve_sizes,
@@ -28,11 +27,10 @@ from jaxinterp.evaluation.faithfulness import (
     mib_protocol,
     mib_scores,
     normalize,
-    rarely_predicted_answers,
 )
 
 __all__ = [
-    "FaithfulnessCurve", "answer_sets", "baselines", "compile_ahead", "curve_sizes",
+    "FaithfulnessCurve", "baselines", "compile_ahead", "curve_sizes",
     "evaluate_circuits", "faithfulness_curve", "mean_over_batches", "mib_protocol", "mib_scores",
-    "normalize", "rarely_predicted_answers", "circuit_forward", "faithfulness", "levels",
+    "normalize", "circuit_forward", "faithfulness", "levels",
 ]

@@ -26,6 +26,7 @@ import numpy as np
 from jaxinterp import models, tasks
 from jaxinterp.groundtruth import toy
 from jaxinterp.runtime import files
+from jaxinterp.tasks import answers
 
 TOY = "toy"
 ANSWER_TOP_K = 50  # an answer in no prompt's top-k next tokens is worth a warning
@@ -205,12 +206,9 @@ def _token_text(model: models.Model, i: int) -> str:
 
 def warn_rare_answers(model: models.Model, dataset: tasks.Dataset, data: str) -> list:
   """Warn (one line) about answers the model ranks in no prompt's top-50 next tokens."""
-  # Imported here: binaries without a task (attribution_graph) skip the evaluation and attribution
-  # packages (0.3 s of their start).
-  from jaxinterp.evaluation import faithfulness as evaluation
-  rare = evaluation.rarely_predicted_answers(model.cfg, model.params, dataset, k=ANSWER_TOP_K)
+  rare = answers.rarely_predicted_answers(model.cfg, model.params, dataset, k=ANSWER_TOP_K)
   if rare:
-    n = len(evaluation.answer_sets(dataset))
+    n = len(answers.answer_sets(dataset))
     shown = ", ".join(f"{_token_text(model, a[0])} (id {a[0]}{', ...' if len(a) > 1 else ''})"
                       for a in rare[:5])
     more = f" and {len(rare) - 5} more" if len(rare) > 5 else ""

@@ -51,7 +51,8 @@ Modules, each importing only those listed before it: `data` (`Batch`, `Task`, `D
 `TaskError`), `registry` (the tasks, their metrics, `get_task`, `with_metric`), `tokenization`
 (BOS, encoding, year and verb ids), `labels` (each task's label columns), `csv_io` (`load_task`,
 `from_rows`, `write_csv`), `mib` (`load_mib_task`) and `generate` (`make_ioi`,
-`make_greater_than`, `make_induction`).
+`make_greater_than`, `make_induction`); `answers` (the answers the model never ranks near the
+top: the binaries' check of the labels) is imported by name.
 """
 
 from jaxinterp.tasks.csv_io import from_rows, load_task, pad_token_id_of, write_csv

@@ -41,6 +41,7 @@ from jaxinterp.transcoders import (
   safetensors_file,
   saving,
   targets,
+  training,
 )
 from jaxinterp.transcoders.attribution import attribute_graph
 from jaxinterp.transcoders.clt import CrossLayerTranscoder
@@ -53,18 +54,7 @@ from jaxinterp.transcoders.plt import PerLayerTranscoders
 from jaxinterp.transcoders.pruning import PruneResult, graph_scores, prune
 from jaxinterp.transcoders.saving import save_clt, save_transcoder_set
 from jaxinterp.transcoders.targets import LogitTargets, salient_logits
-
-# `training` (and optax with it, 0.1 s) is imported on first use: attribution_graph never trains.
-_TRAINING = ("TrainOptions", "TrainResult", "train_transcoders")
-
-
-def __getattr__(name: str):
-  if name == "training" or name in _TRAINING:
-    import importlib
-    training = importlib.import_module("jaxinterp.transcoders.training")
-    return training if name == "training" else getattr(training, name)
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+from jaxinterp.transcoders.training import TrainOptions, TrainResult, train_transcoders
 
 __all__ = [
   "AttributionGraph", "CrossLayerTranscoder", "LogitTargets", "PerLayerTranscoders", "PruneResult",

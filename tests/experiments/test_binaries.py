@@ -29,6 +29,7 @@ from jaxinterp.experiments import scripts
 from jaxinterp.groundtruth import toy
 from jaxinterp.patching import pipeline
 from jaxinterp.runtime import files, inputs
+from jaxinterp.tasks import answers
 from jaxinterp.viz import plots
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -393,7 +394,7 @@ def test_rarely_predicted_answers():
   m, d = toy.load_toy(), toy.induction_task_dataset(8)
 
   def check(data):
-    return evaluation.rarely_predicted_answers(m.cfg, m.params, data, k=1)
+    return answers.rarely_predicted_answers(m.cfg, m.params, data, k=1)
 
   assert check(d) == []  # the toy predicts its induction targets
   never = toy.BOS_ID  # BOS is never the next token

@@ -25,6 +25,7 @@ from jaxinterp.attribution import exact as X
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.runtime import memory_plan as MP
 from jaxinterp.runtime import memory_programs as PR
+from jaxinterp.transcoders import memory_programs as GP
 
 _MEASURE = textwrap.dedent("""
     import json, sys
@@ -226,7 +227,7 @@ def test_graph_plan_contracts_by_cell_chunks_as_the_run_does():
   cell chunks, as `attribute_graph` does, not the per-entry gather: far smaller temporaries."""
   cfg = ModelConfig(family="gpt2", d_model=32, n_layers=2, n_heads=4, d_head=8, d_mlp=64,
                     d_vocab=50, n_ctx=64)
-  fn, args = PR.graph(cfg, MP.abstract_params(cfg, jnp.float32), 32, 64, jnp.float32)(8)
+  fn, args = GP.graph(cfg, MP.abstract_params(cfg, jnp.float32), 32, 64, jnp.float32)(8)
   writers = args[3]
   assert writers.cell_chunks is not None and writers.cell_chunks.one_per_node
   chunked = jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes

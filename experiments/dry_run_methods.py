@@ -1,0 +1,71 @@
+"""`--dry_run` of find_circuit, evaluate_circuit, activation_patching and train_das: their
+kernels' memory plans (`jaxinterp.runtime.memory_programs`), set up and printed by `dry_run`.
+"""
+
+from __future__ import annotations
+
+from jaxinterp import attribution as A
+from jaxinterp.experiments import dry_run
+from jaxinterp.runtime import memory_plan as MP
+from jaxinterp.runtime import memory_programs as PR
+
+# The EAP family's alphas (as `attribution.eap` sets them for edges) from the method's options.
+EAP_FAMILY = {"EAP": lambda o: [1.0], "clean-corrupted": lambda o: [0.0, 1.0],
+              "EAP-IG-inputs": lambda o: o.alphas(eap_start=0)}
+OWN_KERNELS = ("EAP-IG-activations", "exact")  # not ig_inputs_batch
+
+
+def find_circuit(model: str, dtype: str | None, method: str, options: dict, batch: int,
+                 mesh: str | None) -> MP.Plan:
+  """find_circuit's plan: the attribution kernel of --method (EAP family, EAP-IG-activations or
+  exact, edge level)."""
+  cfg, dt, m, seq, memory = dry_run.setup(model, dtype, mesh, batch)
+  if (options.get("level") or "edge") != "edge" or method not in (*EAP_FAMILY, *OWN_KERNELS):
+    raise MP.PlanError(f"--dry_run plans --method={method} at --level=edge for "
+                       f"{', '.join((*EAP_FAMILY, *OWN_KERNELS[:-1]))} and exact only")
+  if method == "exact":
+    chunk = options.get("exact_chunk")
+    return dry_run.show("exact", lambda p: PR.exact(cfg, p, seq, m, memory, chunk),
+                        cfg, dt, m, seq, memory, batch, notes=(
+                            "exact: clean run, upstream cache and one vmapped chunk of edges into "
+                            "layer 0 (the largest), compiled as one program (the scanned blocks "
+                            "when they fit, as the run does)",))
+  try:
+    opts = A.make_options(A.get_method(method), None, **options)
+  except A.AttributionError as e:
+    raise MP.PlanError(f"--method={method}: {e}") from None
+  if method == "EAP-IG-activations":
+    return _activations(cfg, dt, m, seq, memory, batch, opts)
+  alphas, budget = EAP_FAMILY[method](opts), getattr(opts, "memory_budget", None)
+  return dry_run.show(f"{method} (m={len(alphas)})",
+                      lambda p: PR.eap(cfg, p, seq, alphas, m, memory, budget, opts.remat),
+                      cfg, dt, m, seq, memory, batch, notes=lambda p: PR.eap_notes(
+                          cfg, p, seq, len(alphas), batch, budget, opts.remat, method))
+
+
+def _activations(cfg, dt, m, seq, memory, batch, opts) -> MP.Plan:
+  """EAP-IG-activations' plan: its own kernel, with --remat and --memory_budget's row groups."""
+  alphas, budget = opts.alphas(eap_start=1), opts.memory_budget
+  return dry_run.show(f"EAP-IG-activations (m={len(alphas)})",
+                      lambda p: PR.activations(cfg, p, seq, alphas, m, budget, opts.remat),
+                      cfg, dt, m, seq, memory, batch, notes=lambda p: PR.activations_notes(
+                          cfg, p, seq, len(alphas), batch, budget, opts.remat))
+
+
+def simple(kind: str, model: str, dtype: str | None, batch: int, mesh: str | None = None,
+           **kw) -> MP.Plan:
+  """The plan of `evaluate_circuit` ("circuit"), `activation_patching` ("patching", with
+  `sweeps` and `chunk`) or `train_das` ("train")."""
+  cfg, dt, m, seq, memory = dry_run.setup(model, dtype, mesh, batch)
+  if kind == "circuit":
+    return dry_run.show("circuit forward", lambda p: PR.circuit(cfg, p, seq, m), cfg, dt, m, seq,
+                        memory, batch)
+  if kind == "train":
+    return dry_run.show("training step (AdamW)", lambda p: PR.train(cfg, p, seq, m), cfg, dt, m,
+                        seq, memory, batch)
+  plans = [dry_run.show(f"activation patching, sweep {s}",
+                        lambda p, s=s: PR.patching(cfg, p, seq, s, kw["chunk"], m), cfg, dt, m, seq,
+                        memory, batch) for s in kw["sweeps"].split(",") if s]
+  return max(plans, key=lambda p: p.at.peak)
+
+
