@@ -233,6 +233,7 @@ def test_node_scores_are_row_sums_and_match_node_ablation_to_first_order():
   assert ns.shape == (models.edges.n_senders(CFG),)
 
 
+@pytest.mark.slow  # the fast suite's budget: the contract test checks batch-size invariance fast
 def test_batch_size_does_not_change_scores():
   # Two IG steps, as the contract test's run of EAP-IG-inputs: the same programs, compiled once.
   kw = dict(method="EAP-IG-inputs", ig_steps=2, quiet=True)
@@ -286,10 +287,12 @@ def test_kl_and_cross_entropy_metrics():
 SMALL_OPTIONS = dict(ig_steps=2, mask_steps=4, mask_batch=4, ugs_samples=2, acdc_metric="task")
 
 
-# EAP-IG-activations' and UGS's contract runs are the slowest; they run with -m slow.
-# test_ig_activations_runs_and_tracks_exact keeps EAP-IG-activations in the fast suite.
+# EAP-IG-activations', UGS's and exact's contract runs are the slowest; they run with -m slow.
+# test_ig_activations_runs_and_tracks_exact keeps EAP-IG-activations in the fast suite, and the
+# exact-patching tests of tests/attribution/test_torch_oracle.py keep exact there.
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow)
-                                  if n in ("EAP-IG-activations", "UGS") else n for n in A.METHODS])
+                                  if n in ("EAP-IG-activations", "UGS", "exact") else n
+                                  for n in A.METHODS])
 def test_every_registered_method_keeps_the_contract(name):
   """Over the registry (a new method is checked without touching this test): shape and dtype,
   zeros on invalid edges, finite and non-trivial scores, batch-size invariance, a resumed run
