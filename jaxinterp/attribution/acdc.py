@@ -46,7 +46,7 @@ from jaxinterp.models import edges as E
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.edges import EdgePatch
 from jaxinterp.models.transformer import LayerStart, forward, last_token_logits
-from jaxinterp.runtime import compile_policy
+from jaxinterp.runtime import compile_policy, distributed
 from jaxinterp.tasks import metrics
 
 METRICS = ("kl", "task")
@@ -116,13 +116,19 @@ def circuit_sums(cfg, task, layer, metric, params, batch, resid, delta, ablated,
 
 
 class _Evaluator:
-  """L(circuit) for stacks of circuits, over the whole dataset, from cached clean runs."""
+  """L(circuit) for stacks of circuits, over the whole dataset, from cached clean runs.
+
+  Several processes (`runtime.distributed`): process p prepares and runs batches p, p + N, ...
+  only, and each trial's sums are added in batch order on every process
+  (`distributed.sum_split`), so every process takes the same decisions, and they are one
+  process's, bitwise."""
 
   def __init__(self, cfg, params, dataset, ablation, options: ACDCOptions):
     self.cfg, self.params, self.task, self.options = cfg, params, dataset.task, options
     bs = min(options.acdc_batch or 64, len(dataset))
-    self.batches = [(b, _prepare(cfg, params, b, ablation))
-                    for b in dataset.batches(bs, bucket=None)]
+    n, me = distributed.process_count(), distributed.process_index()
+    self.batches = [(b, _prepare(cfg, params, b, ablation) if i % n == me else None)
+                    for i, b in enumerate(dataset.batches(bs, bucket=None))]
     self.n = len(dataset)
     self.calls = 0
     self.m_full = None
@@ -131,11 +137,15 @@ class _Evaluator:
       self.m_full = float(self._means(self.cfg.n_layers, full[None])[0])
 
   def _means(self, layer, weights):
-    total = 0.0
-    for batch, (resids, delta, ablated, clean_last) in self.batches:
-      total = total + np.asarray(circuit_sums(self.cfg, self.task, layer, self.options.acdc_metric,
-                                              self.params, batch, resids[layer], delta, ablated,
-                                              clean_last, jnp.asarray(weights)), np.float64)
+    w = jnp.asarray(weights)
+
+    def one(_, item):
+      batch, (resids, delta, ablated, clean_last) = item
+      return np.asarray(circuit_sums(self.cfg, self.task, layer, self.options.acdc_metric,
+                                     self.params, batch, resids[layer], delta, ablated,
+                                     clean_last, w), np.float64)
+
+    total = distributed.sum_split(self.batches, one, np.zeros(len(weights), np.float64))
     self.calls += 1
     return total / self.n
 

@@ -414,3 +414,47 @@ def test_whole_dataset_passes_on_two_processes_equal_one(tmp_path, oa):
     assert np.abs(one["values"] - one["means"]).max() > 1e-3 and one["losses"].size == 5
     np.testing.assert_allclose(two["values"], one["values"], rtol=0, atol=1e-6)
     np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-6)
+
+
+ACDC_RUN = """
+import sys
+import numpy as np
+from jaxinterp.runtime import compilation_cache, distributed
+out, cache, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if n > 1:
+  distributed.initialize(sys.argv[4], n, int(sys.argv[5]), timeout=60)
+compilation_cache.enable(cache)
+from jaxinterp import attribution as A
+from jaxinterp.groundtruth import toy
+model = toy.load_toy()
+ds = toy.induction_task_dataset(23, seed=1)
+res = A.attribute(model.cfg, model.params, ds, method="ACDC", acdc_batch=5, acdc_metric="task",
+                  quiet=True)
+if distributed.is_writer():
+  np.savez(out, scores=res.scores, circuit=res.extras["circuit"],
+           calls=res.extras["evaluation_calls"])
+"""
+
+
+@pytest.mark.slow  # three processes running ACDC on the toy model
+def test_acdc_on_two_processes_equals_one(tmp_path):
+  """ACDC's trials split their batches over the processes (23 rows in batches of 5: 5 batches, an
+  uneven split) and add the sums in batch order: one process's scores and circuit, bitwise."""
+  cache = tmp_path / "cache"
+
+  def run(out, *extra):
+    return subprocess.Popen([sys.executable, "-c", ACDC_RUN, str(out), str(cache), *extra],
+                            cwd=str(REPO), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+  rc, out, err = _finish(run(tmp_path / "one.npz", "1"))  # fills the cache
+  assert rc == 0, out[-2000:] + err[-3000:]
+  address = f"localhost:{_port()}"
+  for p in [run(tmp_path / "two.npz", "2", address, str(p)) for p in (0, 1)]:
+    rc, out, err = _finish(p)
+    assert rc == 0, out[-2000:] + err[-3000:]
+  assert sorted(os.listdir(tmp_path)) == ["cache", "one.npz", "two.npz"]  # only process 0 wrote
+  one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+  assert np.abs(one["scores"]).max() > 1e-2 and 0 < one["circuit"].sum() < one["circuit"].size
+  for k in ("scores", "circuit", "calls"):
+    assert one[k].tobytes() == two[k].tobytes(), k
