@@ -292,30 +292,8 @@ def sum_split(items: Iterable[Any], fn: Callable[[int, Any], np.ndarray],
   of N items the round's sums are gathered (`allgather_bytes`) and added in item order on every
   process. Every process gets the sum one process gets adding the items one after the other,
   bitwise. A collective: every process iterates the same items. One process: a plain loop."""
-  n, me = process_count(), process_index()
-  total = np.array(total, np.float64)
-  if n == 1:
-    for i, item in enumerate(items):
-      total += fn(i, item)
-    return total
-  mine, i = None, -1
-  for i, item in enumerate(items):
-    if i % n == me:
-      mine = np.asarray(fn(i, item), np.float64)
-    if i % n == n - 1:
-      total, mine = _add_round(total, mine), None
-  if i >= 0 and i % n != n - 1:  # the last, partial round
-    total = _add_round(total, mine)
-  return total
-
-
-def _add_round(total: np.ndarray, mine: np.ndarray | None) -> np.ndarray:
-  """`total` plus every process's sum of one round, in process order (= item order; a process
-  past the last item sends nothing)."""
-  for data in allgather_bytes(b"" if mine is None else arrays_to_bytes({"sum": mine})):
-    if data:
-      total += arrays_from_bytes(data)["sum"]
-  return total
+  return fold_split(items, lambda i, item: {"sum": np.asarray(fn(i, item), np.float64)},
+                    lambda acc, result: acc + result["sum"], np.array(total, np.float64))
 
 
 def map_split(items: Iterable[Any], fn: Callable[[int, Any], dict[str, np.ndarray]],
