@@ -79,7 +79,7 @@ def graph_json(graph: AttributionGraph, *, slug: str, scan: str | list[str], pro
     node_threshold, edge_threshold: `pruning.prune`'s.
     pruned: `pruning.prune(graph, node_threshold, edge_threshold)` if already computed.
   """
-  res = pruned or pruning.prune(graph, node_threshold, edge_threshold)
+  res = pruning.prune(graph, node_threshold, edge_threshold) if pruned is None else pruned
   by_index = nodes(graph, res.node_mask, res.cumulative_scores, logit_labels)
   dsts, srcs = np.nonzero(res.edge_mask)
   weights = graph.adjacency[dsts, srcs].tolist()
