@@ -156,25 +156,56 @@ def optimizer(options: EdgePruningOptions) -> optax.GradientTransformation:
                                {"log_alpha": "mask", "lambda_1": "lambda", "lambda_2": "lambda"})
 
 
-def _loss(cfg, task, options: EdgePruningOptions, params, theta, batch, clean_last, ablated, key,
-          target):
-  valid = jnp.asarray(valid_edges(cfg))
-  n_s = options.ep_samples
-  if n_s == 1:
-    z = sample_z(key, theta["log_alpha"])
-  else:  # a mask per row: the batch repeated n_s times, sample-major
-    z = sample_z(key, theta["log_alpha"], n_s * batch.clean.shape[0])
+def _sample(options: EdgePruningOptions, log_alpha, key, size: int):
+  """The step's mask samples for a batch of `size`: one [S, R] for the batch (ep_samples = 1), or
+  one per row [ep_samples * size, S, R], sample-major."""
+  if options.ep_samples == 1:
+    return sample_z(key, log_alpha)
+  return sample_z(key, log_alpha, options.ep_samples * size)
+
+
+def _row_losses(cfg, task, options: EdgePruningOptions, params, batch, clean_last, ablated, z):
+  """Per-row loss of the batch (repeated `ep_samples` times, sample-major, if z is per row) under
+  the samples z, and the (repeated) batch."""
+  if z.ndim == 3:
     def rep(x):
-      return jnp.concatenate([x] * n_s, 0)
+      return jnp.concatenate([x] * options.ep_samples, 0)
 
     batch, clean_last, ablated = jax.tree.map(rep, batch), rep(clean_last), rep(ablated)
-  w = jnp.where(valid, z, 1.0)
-  kl = masks.mean_real(masks.circuit_loss(cfg, task, options.mask_objective, params, batch,
-                                          clean_last, ablated, w), batch)
+  w = jnp.where(jnp.asarray(valid_edges(cfg)), z, 1.0)
+  return masks.circuit_loss(cfg, task, options.mask_objective, params, batch, clean_last, ablated,
+                            w), batch
+
+
+def _lagrangian(cfg, theta, z, target):
+  """The batch-independent terms: lambda_1 (S - t) and lambda_2 (S - t)^2, S = the samples' mean
+  sparsity; and S."""
+  valid = jnp.asarray(valid_edges(cfg))
   kept = jnp.mean(jnp.sum(jnp.where(valid, z, 0.0), (-2, -1)))
   sparsity = 1.0 - kept / float(np.sum(valid_edges(cfg)))
   gap = sparsity - target
-  return kl + theta["lambda_1"] * gap + theta["lambda_2"] * gap ** 2, (kl, sparsity)
+  return [theta["lambda_1"] * gap, theta["lambda_2"] * gap ** 2], sparsity
+
+
+def _loss(cfg, task, options: EdgePruningOptions, params, theta, batch, clean_last, ablated, key,
+          target):
+  z = _sample(options, theta["log_alpha"], key, batch.clean.shape[0])
+  kl = masks.mean_real(*_row_losses(cfg, task, options, params, batch, clean_last, ablated, z))
+  (first, second), sparsity = _lagrangian(cfg, theta, z, target)
+  return kl + first + second, (kl, sparsity)
+
+
+def _ascend(g):
+  """Descent on log_alpha, ascent on the multipliers."""
+  return {"log_alpha": g["log_alpha"], "lambda_1": -g["lambda_1"], "lambda_2": -g["lambda_2"]}
+
+
+def _apply(options: EdgePruningOptions, theta, opt_state, g, logs):
+  updates, opt_state = optimizer(options).update(_ascend(g), opt_state, theta)
+  theta = optax.apply_updates(theta, updates)
+  return (theta, opt_state), {**logs, "lambda_1": theta["lambda_1"],
+                              "lambda_2": theta["lambda_2"],
+                              **masks.traced(theta["log_alpha"], options)}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "task", "options"))
@@ -186,12 +217,43 @@ def train_step(cfg, task, options: EdgePruningOptions, params, ablation, state, 
   clean_last, ablated = masks.clean_and_ablated(cfg, params, batch, ablation)
   (loss, (kl, sparsity)), g = jax.value_and_grad(_loss, argnums=4, has_aux=True)(
       cfg, task, options, params, theta, batch, clean_last, ablated, key, target)
-  g = {"log_alpha": g["log_alpha"], "lambda_1": -g["lambda_1"], "lambda_2": -g["lambda_2"]}
-  updates, opt_state = optimizer(options).update(g, opt_state, theta)
-  theta = optax.apply_updates(theta, updates)
-  return (theta, opt_state), {"loss": loss, "kl": kl, "sparsity": sparsity, "target": target,
-                              "lambda_1": theta["lambda_1"], "lambda_2": theta["lambda_2"],
-                              **masks.traced(theta["log_alpha"], options)}
+  return _apply(options, theta, opt_state, g,
+                {"loss": loss, "kl": kl, "sparsity": sparsity, "target": target})
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "task", "options", "size"))
+def split_rows(cfg, task, options: EdgePruningOptions, params, ablation, state, part, key, own,
+               size):
+  """`masks.SplitStep.rows` of Edge Pruning: the gradient of this process's rows' summed KL (their
+  samples as the whole batch of `size` draws them) and {"kl": the sum, "count": real rows}."""
+  clean_last, ablated = masks.clean_and_ablated(cfg, params, part, ablation)
+
+  def total(theta):
+    z = _sample(options, theta["log_alpha"], key, size)
+    if z.ndim == 3:
+      z = masks.sample_rows(z, options.ep_samples, size, own)
+    return masks.real_sum(*_row_losses(cfg, task, options, params, part, clean_last, ablated, z))
+
+  (kl, count), g = jax.value_and_grad(total, has_aux=True)(state[0])
+  return g, {"kl": kl, "count": count}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "options", "size"))
+def split_update(cfg, options: EdgePruningOptions, state, grad, means, key, i, size: int):
+  """`masks.SplitStep.update` of Edge Pruning: the rows' mean gradient plus the Lagrangian's (its
+  sparsity from the whole batch's samples), one AdamW step."""
+  theta, opt_state = state
+  target = target_sparsity(i, options)
+
+  def lagrangian(t):
+    z = _sample(options, t["log_alpha"], key, size)
+    (first, second), sparsity = _lagrangian(cfg, t, z, target)
+    return first + second, sparsity
+
+  (pen, sparsity), g = jax.value_and_grad(lagrangian, has_aux=True)(theta)
+  return _apply(options, theta, opt_state, jax.tree.map(jnp.add, grad, g),
+                {"loss": means["kl"] + pen, "kl": means["kl"], "sparsity": sparsity,
+                 "target": target})
 
 
 def init_state(cfg: ModelConfig, options: EdgePruningOptions):
@@ -206,7 +268,10 @@ def fit(cfg: ModelConfig, params, dataset, ablation, options: EdgePruningOptions
   valid = valid_edges(cfg)
   static = dataclasses.replace(options, progress=False, seed=0, init_from=None)
   step = functools.partial(train_step, cfg, dataset.task, static, params, ablation)
-  (theta, _), history = masks.train(step, init_state(cfg, options), dataset, options,
+  split = masks.SplitStep(
+      functools.partial(split_rows, cfg, dataset.task, static, params, ablation),
+      functools.partial(split_update, cfg, static))
+  (theta, _), history = masks.train(step, split, init_state(cfg, options), dataset, options,
                                     "edge pruning")
   log_alpha = np.asarray(theta["log_alpha"], np.float32)
   scores = np.where(valid, np.asarray(keep_probability(log_alpha)), 0.0)

@@ -29,6 +29,7 @@ from jaxinterp.circuits.layout import valid_edges
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.edges import EdgePatch
 from jaxinterp.models.transformer import forward, last_token_logits
+from jaxinterp.runtime import distributed
 from jaxinterp.tasks import Batch, Dataset, metrics
 from jaxinterp.tasks import metrics as task_metrics
 
@@ -126,11 +127,27 @@ def circuit_loss(cfg: ModelConfig, task, objective: str, params, batch: Batch, c
 
 
 def clean_mean(cfg: ModelConfig, params, dataset: Dataset, batch_size: int = 16) -> float:
-  """Mean task metric of the clean model over the dataset (`FitResult.clean_metric`)."""
-  total = 0.0
-  for batch in dataset.batches(batch_size):
-    total += float(task_metrics.clean_metric(cfg, dataset.task, params, batch)[0])
-  return total / len(dataset)
+  """Mean task metric of the clean model over the dataset (`FitResult.clean_metric`); the batches
+  split over the processes of a multi-process run (`distributed.sum_split`: one process's sum)."""
+  def one(i, batch):
+    del i
+    return np.float64(task_metrics.clean_metric(cfg, dataset.task, params, batch)[0])
+
+  return float(distributed.sum_split(dataset.batches(batch_size), one, 0.0)) / len(dataset)
+
+
+def real_sum(values, batch: Batch):
+  """(sum of per-row values over the batch's real rows, the number of real rows)."""
+  w = batch.valid.astype(jnp.float32)
+  return jnp.sum(values * w), jnp.sum(w)
+
+
+def sample_rows(samples, n_samples: int, size: int, own):
+  """The rows of `own` (Int[Array, "k"], rows of a batch of `size`) in a step's per-row samples
+  [n_samples * size, ...] (sample-major: row j * size + b is example b's j-th), sample-major:
+  [n_samples * k, ...]."""
+  index = (jnp.arange(n_samples)[:, None] * size + own[None, :]).reshape(-1)
+  return samples[index]
 
 
 def traced(param, options: MaskOptions) -> dict:
@@ -199,18 +216,58 @@ def cycle(dataset: Dataset, batch_size: int) -> Iterator[Batch]:
     yield from dataset.batches(batch_size, bucket=None)
 
 
-def train(step: Callable, state, dataset: Dataset, options: MaskOptions, desc: str):
-  """Run `state, logs = step(state, batch, key, i)` for `options.mask_steps` steps.
+@dataclasses.dataclass(frozen=True)
+class SplitStep:
+  """A mask method's step in two halves, for a multi-process run, where each process takes its
+  rows of every step's batch (`distributed.own_rows`).
+
+  Attributes:
+    rows: `(state, part, key, own, size) -> (grad, sums)`: the gradient (a pytree like the trained
+      parameters) of the summed per-row loss of `part`, this process's rows `own` (Int[Array, "k"])
+      of the step's batch of `size` rows, with the per-row mask samples the whole batch draws from
+      `key` (`sample_rows`); `sums`: a dict of float sums over the part's real rows, "count" (their
+      number) among them.
+    update: `(state, grad, means, key, i, size) -> (state, logs)`: the optimiser step with the
+      rows' gradient and sums added over the processes and divided by the total count, plus the
+      batch-independent terms (penalties), as the one-process step takes it.
+  """
+
+  rows: Callable
+  update: Callable
+
+  def __call__(self, state, batch: Batch, key, i):
+    size = batch.clean.shape[0]
+    own, real = distributed.own_rows(size)
+    grad, sums = self.rows(state, batch.rows(own, real), key, jnp.asarray(own), size)
+    leaves, tree = jax.tree.flatten(grad)
+    got = distributed.allreduce_sum({**{f"grad{j}": np.asarray(g) for j, g in enumerate(leaves)},
+                                     **{k: np.asarray(v) for k, v in sums.items()}})
+    n = max(float(got.pop("count")), 1.0)
+    grad = jax.tree.unflatten(tree, [jnp.asarray(got.pop(f"grad{j}") / n, jnp.float32)
+                                     for j in range(len(leaves))])
+    return self.update(state, grad, {k: jnp.asarray(v / n, jnp.float32) for k, v in got.items()},
+                       key, i, size)
+
+
+def train(step: Callable, split: SplitStep, state, dataset: Dataset, options: MaskOptions,
+          desc: str):
+  """Run `state, logs = step(state, batch, key, i)` for `options.mask_steps` steps; in a
+  multi-process run `split` takes each step instead, the batch's rows split over the processes and
+  the gradient sums added (float64, in process order) before the one update every process applies:
+  the masks one process trains, to float32 rounding (a collective: every process calls it).
 
   Returns the final state and a dict of per-step histories (float64 arrays) of the logged scalars,
   which are checked to be finite.
   """
   if len(dataset) == 0:
     raise base.AttributionError("the dataset is empty")
+  if distributed.process_count() > 1:
+    step = split
   key = jax.random.PRNGKey(options.seed)
   batches = cycle(dataset, options.mask_batch)
   history: dict[str, list] = {}
-  bar = tqdm(total=options.mask_steps, desc=desc, disable=not options.progress, leave=False)
+  bar = tqdm(total=options.mask_steps, desc=desc, leave=False,
+             disable=not options.progress or not distributed.is_writer())
   for i in range(options.mask_steps):
     key, sub = jax.random.split(key)
     state, logs = step(state, next(batches), sub, jnp.asarray(i, jnp.int32))

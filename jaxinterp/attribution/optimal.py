@@ -222,16 +222,9 @@ def learn_optimal_values(cfg: ModelConfig, params, dataset: Dataset, init,
           {"steps": len(losses), "losses": losses, "objective": options.oa_objective})
 
 
-def _rows_of(batch: Batch, index: np.ndarray, real: np.ndarray) -> Batch:
-  """Rows `index` of `batch` as a batch of their own; rows where `real` is False are marked
-  invalid (fillers, as `Dataset.batches` pads a final batch)."""
-  part = jax.tree.map(lambda a: a[index], batch)
-  return part.replace(valid=part.valid & jnp.asarray(real))
-
-
 def _split_step(cfg: ModelConfig, params, options: OptimalOptions, opt, chunk: int):
-  """`learn_optimal_values`'s step with the batch's rows split over the processes: process p of N
-  takes rows [p * k, (p + 1) * k) (k = ceil(batch / N); past the end, invalid filler rows), returns
+  """`learn_optimal_values`'s step with the batch's rows split over the processes (process p of N
+  takes rows [p * k, (p + 1) * k), `distributed.own_rows`; past the end, invalid fillers), returns
   the gradient of its rows' per-sender token-loss sums and their token count, and every process
   divides the sums over all processes (`distributed.allreduce_sum`) by the total count: the
   gradient of the mean per-token loss one process takes, to float32 rounding."""
@@ -250,10 +243,7 @@ def _split_step(cfg: ModelConfig, params, options: OptimalOptions, opt, chunk: i
     return optax.apply_updates(values, updates), state
 
   def step(values, state, batch):
-    size = batch.clean.shape[0]
-    k = -(-size // distributed.process_count())
-    rows = distributed.process_index() * k + np.arange(k)
-    part = _rows_of(batch, np.minimum(rows, size - 1), rows < size)
+    part = batch.rows(*distributed.own_rows(batch.clean.shape[0]))
     grad, sums, count = partial_grad(values, part)
     got = distributed.allreduce_sum({"grad": np.asarray(grad), "sums": np.asarray(sums),
                                      "count": np.asarray(count)})

@@ -146,25 +146,47 @@ def optimizer(lr: float) -> optax.GradientTransformation:
                      optax.adamw(lr, b1=0.9, b2=BETA2, weight_decay=0.0))
 
 
-def _loss(cfg, task, options: UGSOptions, params, theta, batch, clean_last, ablated, key):
-  valid = jnp.asarray(valid_edges(cfg))
-  n_s = options.ugs_samples
-  m = sample_masks(key, theta, n_s * batch.clean.shape[0])  # rows sample-major, as the reference
+def _masks(cfg, options: UGSOptions, theta, key, n_rows: int, own=None, size: int = 0):
+  """Each row's mask sample [n_rows, S, R] (dangling edges zeroed); with `own`, the samples of
+  those rows of a batch of `size` (`masks.sample_rows`), drawn as the whole batch draws them."""
+  m = sample_masks(key, theta, n_rows)
+  if own is not None:
+    m = masks.sample_rows(m, options.ugs_samples, size, own)
   if options.prune_dangling:
     m = m * jax.lax.stop_gradient(masks.prune_dangling(cfg, m > 0).astype(m.dtype))
+  return m
 
-  def rep(x):
-    return jnp.concatenate([x] * n_s, 0)
 
-  rows = jax.tree.map(rep, batch)
-  kl = masks.mean_real(masks.circuit_loss(cfg, task, options.mask_objective, params, rows,
-                                          rep(clean_last), rep(ablated), m), rows)
+def _penalties(cfg, options: UGSOptions, theta):
+  """The batch-independent terms of the loss, in the order they are added, and sum_e alpha_e."""
+  valid = jnp.asarray(valid_edges(cfg))
   alpha = jax.nn.sigmoid(theta)
   complexity = jnp.sum(jnp.where(valid, alpha, 0.0))
   reg_lamb, node_reg = penalties(cfg, options)
-  loss = kl + reg_lamb * complexity
+  terms = [reg_lamb * complexity]
   if node_reg > 0:
-    loss = loss + node_reg * node_penalty(cfg, alpha, valid)
+    terms.append(node_reg * node_penalty(cfg, alpha, valid))
+  return terms, complexity
+
+
+def _row_losses(cfg, task, options: UGSOptions, params, batch, clean_last, ablated, m):
+  """Per-row loss of the rows (the batch repeated `ugs_samples` times, sample-major) and the
+  repeated batch."""
+  def rep(x):
+    return jnp.concatenate([x] * options.ugs_samples, 0)
+
+  rows = jax.tree.map(rep, batch)
+  return masks.circuit_loss(cfg, task, options.mask_objective, params, rows, rep(clean_last),
+                            rep(ablated), m), rows
+
+
+def _loss(cfg, task, options: UGSOptions, params, theta, batch, clean_last, ablated, key):
+  m = _masks(cfg, options, theta, key, options.ugs_samples * batch.clean.shape[0])
+  kl = masks.mean_real(*_row_losses(cfg, task, options, params, batch, clean_last, ablated, m))
+  terms, complexity = _penalties(cfg, options, theta)
+  loss = kl
+  for term in terms:
+    loss = loss + term
   return loss, (kl, complexity)
 
 
@@ -184,6 +206,40 @@ def train_step(cfg, task, options: UGSOptions, lr: float, params, ablation, stat
   return (theta, opt_state), logs
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "task", "options", "size"))
+def split_rows(cfg, task, options: UGSOptions, params, ablation, state, part, key, own, size):
+  """`masks.SplitStep.rows` of UGS: the gradient of this process's rows' summed KL (their masks as
+  the whole batch of `size` draws them) and {"kl": the sum, "count": real rows x samples}."""
+  clean_last, ablated = masks.clean_and_ablated(cfg, params, part, ablation)
+
+  def total(theta):
+    m = _masks(cfg, options, theta, key, options.ugs_samples * size, own, size)
+    return masks.real_sum(*_row_losses(cfg, task, options, params, part, clean_last, ablated, m))
+
+  (kl, count), g = jax.value_and_grad(total, has_aux=True)(state[0])
+  return g, {"kl": kl, "count": count}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "options", "lr"))
+def split_update(cfg, options: UGSOptions, lr: float, state, grad, means, key, i, size):
+  """`masks.SplitStep.update` of UGS: the rows' mean gradient plus the penalties'; one AdamW
+  step."""
+  del key, i, size
+  theta, opt_state = state
+
+  def penalty(t):
+    terms, complexity = _penalties(cfg, options, t)
+    return sum(terms[1:], terms[0]), complexity
+
+  (pen, complexity), g = jax.value_and_grad(penalty, has_aux=True)(theta)
+  g = jnp.nan_to_num(grad + g)
+  updates, opt_state = optimizer(lr).update(g, opt_state, theta)
+  theta = optax.apply_updates(theta, updates)
+  logs = {"loss": means["kl"] + pen, "kl": means["kl"], "complexity": complexity,
+          **masks.traced(theta, options)}
+  return (theta, opt_state), logs
+
+
 def init_state(cfg: ModelConfig, lr: float):
   """(theta, opt_state) at the start: theta = 1 on every edge."""
   theta = jnp.full(valid_edges(cfg).shape, INIT_THETA, jnp.float32)
@@ -196,7 +252,10 @@ def fit(cfg: ModelConfig, params, dataset, ablation, options: UGSOptions) -> bas
   lr = float(options.mask_lr or default_lr(options.reg_lamb, ablation.kind))
   static = dataclasses.replace(options, progress=False, mask_steps=1, seed=0, mask_lr=None)
   step = functools.partial(train_step, cfg, dataset.task, static, lr, params, ablation)
-  (theta, _), history = masks.train(step, init_state(cfg, lr), dataset, options, "UGS")
+  split = masks.SplitStep(
+      functools.partial(split_rows, cfg, dataset.task, static, params, ablation),
+      functools.partial(split_update, cfg, static, lr))
+  (theta, _), history = masks.train(step, split, init_state(cfg, lr), dataset, options, "UGS")
   alpha = np.asarray(jax.nn.sigmoid(theta), np.float32)
   return base.FitResult(np.where(valid, alpha, 0.0), masks.clean_mean(cfg, params, dataset),
                         {"theta": np.asarray(theta), "lr": lr, **history})

@@ -285,6 +285,16 @@ def n_owned(n_items: int) -> int:
   return len(range(process_index(), n_items, process_count()))
 
 
+def own_rows(size: int) -> tuple[np.ndarray, np.ndarray]:
+  """The rows of a batch of `size` rows this process takes when a step's rows are split over the
+  processes: process p of N takes rows [p * k, (p + 1) * k), k = ceil(size / N). Returns (index,
+  real): int [k] row indices clamped to the batch (past its end, copies of the last row) and bool
+  [k], False for those fillers. One process: every row."""
+  k = -(-size // process_count())
+  rows = process_index() * k + np.arange(k)
+  return np.minimum(rows, size - 1), rows < size
+
+
 def sum_split(items: Iterable[Any], fn: Callable[[int, Any], np.ndarray],
               total: np.ndarray) -> np.ndarray:
   """`total` plus `fn(i, item)` (a float64 array of `total`'s shape) summed over the `items`, the

@@ -45,6 +45,12 @@ class Batch:
   labels: dict
   valid: Array
 
+  def rows(self, index, real=None) -> Batch:
+    """Rows `index` (Int[Array, "k"]) as a batch of their own; rows where `real` (Bool[Array, "k"])
+    is False are marked invalid (fillers, as `Dataset.batches` pads a final batch)."""
+    part = jax.tree.map(lambda a: a[index], self)
+    return part if real is None else part.replace(valid=part.valid & jnp.asarray(real))
+
 
 @dataclasses.dataclass(frozen=True)
 class Task:
