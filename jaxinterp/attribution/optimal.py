@@ -113,23 +113,8 @@ def sender_losses(cfg: ModelConfig, objective: str, chunk: int, params, batch: B
   values: Float[Array, "sender d_model"]. One graph-form forward per sender (`vmap`, `chunk` at a
   time), each with row s of the edge weights at 0 and every ablated value the constant c.
   """
-  B, P = batch.clean.shape
-  S, R = E.n_senders(cfg), E.n_receivers(cfg)
-  dtype = jax.tree.leaves(params)[0].dtype
-  ablated = jnp.broadcast_to(values.astype(dtype)[None, None], (B, P, S, cfg.d_model))
-  clean_logits = None
-  if objective == "kl":
-    clean_logits = jax.lax.stop_gradient(
-        forward(cfg, params, batch.clean, attention_mask=batch.mask))
-
-  def one(s):
-    w = jnp.where((jnp.arange(S) == s)[:, None], 0.0, jnp.ones((S, R), jnp.float32))
-    logits = forward(cfg, params, batch.clean, attention_mask=batch.mask,
-                     edges=EdgePatch(w, ablated))
-    total, count = _token_losses(objective, logits, clean_logits, batch)
-    return total / jnp.maximum(count, 1.0)
-
-  return jax.lax.map(one, jnp.arange(S), batch_size=chunk)
+  sums, count = _sender_sums(cfg, objective, chunk, params, batch, values)
+  return sums / jnp.maximum(count, 1.0)
 
 
 def _sender_sums(cfg: ModelConfig, objective: str, chunk: int, params, batch: Batch, values):
