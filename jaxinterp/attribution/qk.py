@@ -1,4 +1,4 @@
-"""Attention explained: the QK attribution of one head's pre-softmax score (issue 28).
+"""Attention explained: the QK attribution of one head's pre-softmax score.
 
 Why does head `a{l}.h{h}` at query position i attend to key position j? Its score is bilinear in
 the query and key inputs. Both are the residual stream `resid_pre` of layer l, which is the sum of

@@ -15,8 +15,8 @@ each example's last position is unembedded. The all-ones circuit (the full model
 forward, and the empty circuit's metric comes with `prepare`. With patching, the positions that
 clean and corrupted prompts share are not run again: every circuit runs only each row's suffix
 from its first differing token, attending to the clean run's keys and values before it
-(`shared_prefix`). The layers run as one `lax.scan` over the blocks' stacked weights (issue 30:
-the circuit metric's program no longer grows with the depth).
+(`shared_prefix`). The layers run as one `lax.scan` over the blocks' stacked weights, so the
+program does not grow with the depth.
 
 It agrees with the graph-form reference (`evaluation.evaluate_circuits(..., reference=True)`) to
 float32 rounding for every supported config; `supported` names the one exception (post-norms whose
@@ -143,8 +143,7 @@ def _patching_run(cfg: ModelConfig, params, batch: Batch,
         sfx, corrupt_collect=("attn.hook_z", "hook_mlp_out"))
     x, e_corrupt = _norm(cfg, params.get("ln_final"), final), sfx.take(e_corrupt)
     zs, mlps = ys["attn.hook_z"], ys["hook_mlp_out"]
-  dtype = x.dtype
-  groups = [e_corrupt[None].astype(dtype)]
+  groups = [e_corrupt[None].astype(x.dtype)]
   for li in range(L):
     blk = params[f"blocks_{li}"]
     z = zs[li]  # [batch, pos, head, d_head]
@@ -152,7 +151,7 @@ def _patching_run(cfg: ModelConfig, params, batch: Batch,
     if cfg.post_norms:  # as the graph form: the layer's post-norm scale, shared by its heads
       b_O = blk["attn"]["b_O"] if cfg.attn_out_bias else 0.0
       heads = heads * _norm(cfg, blk["ln1_post"], heads.sum(0) + b_O, Norm.scale)[None]
-    groups += [heads.astype(dtype), mlps[li][None].astype(dtype)]
+    groups += [heads.astype(x.dtype), mlps[li][None].astype(x.dtype)]
   return tuple(groups), x, prefix
 
 
