@@ -40,7 +40,7 @@ def find_circuit(model: str, dtype: str | None, method: str, options: dict, batc
   return dry_run.show(f"{method} (m={len(alphas)})",
                       lambda p: PR.eap(cfg, p, seq, alphas, m, memory, budget, opts.remat),
                       cfg, dt, m, seq, memory, batch, notes=lambda p: PR.eap_notes(
-                          cfg, p, seq, len(alphas), batch, budget, opts.remat, method))
+                          cfg, p, seq, len(alphas), batch, budget, opts.remat, method, m))
 
 
 def _activations(cfg, dt, m, seq, memory, batch, opts) -> MP.Plan:
@@ -49,7 +49,7 @@ def _activations(cfg, dt, m, seq, memory, batch, opts) -> MP.Plan:
   return dry_run.show(f"EAP-IG-activations (m={len(alphas)})",
                       lambda p: PR.activations(cfg, p, seq, alphas, m, budget, opts.remat),
                       cfg, dt, m, seq, memory, batch, notes=lambda p: PR.activations_notes(
-                          cfg, p, seq, len(alphas), batch, budget, opts.remat))
+                          cfg, p, seq, len(alphas), batch, budget, opts.remat, m))
 
 
 def simple(kind: str, model: str, dtype: str | None, batch: int, mesh: str | None = None,

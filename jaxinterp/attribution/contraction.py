@@ -25,6 +25,27 @@ def data_shards_of(x) -> int:
   return max(1, x.shape[0] // sh.shard_shape(x.shape)[0])
 
 
+def group_rows(tree, row_chunks: int, data_shards: int = 1):
+  """Every array of `tree` (leading axis batch) as [row_chunks, batch / row_chunks, ...]: the
+  groups of rows `--memory_budget`'s kernels score one after another. With `data_shards` > 1 (the
+  rows split over a mesh's "data" axis in blocks of batch / data_shards) group g takes rows
+  [g k, (g + 1) k) of every shard's block (k = batch / (data_shards row_chunks)), so each device
+  scores its own rows in every group and nothing is gathered; `row_chunks` must divide the
+  block. With 1 shard, group g is rows [g b / row_chunks, (g + 1) b / row_chunks)."""
+  def one(x):
+    b = x.shape[0]
+    x = x.reshape(data_shards, row_chunks, b // (data_shards * row_chunks), *x.shape[1:])
+    return jnp.swapaxes(x, 0, 1).reshape(row_chunks, b // row_chunks, *x.shape[3:])
+  return jax.tree.map(one, tree)
+
+
+def ungroup_rows(values: Array, data_shards: int = 1) -> Array:
+  """Per-row values [row_chunks, batch / row_chunks] of `group_rows`' groups, in batch order
+  ([batch])."""
+  r, g = values.shape
+  return jnp.swapaxes(values.reshape(r, data_shards, g // data_shards), 0, 1).reshape(-1)
+
+
 def contract_positions(cfg: ModelConfig, params, diff: Array, P_sum: Array, mlp_sum: Array,
               log_sum: Array, chunk_bytes: float = CHUNK_BYTES, data_shards: int = 1) -> Array:
   """Per-batch contraction of the sender differences with every receiver's summed gradient.

@@ -48,15 +48,15 @@ def _valid_total(valid, values):
 def _kernel_call(alphas, cfg, task, params, batch, ablation, options):
   """The edge-level kernel `ig_inputs_batch` and the arguments it is called with on `batch`."""
   chunks, budget, remat = {}, getattr(options, "memory_budget", None), options.remat
+  shards = contraction.data_shards_of(batch.clean)  # rows over a mesh's "data" axis
   if budget is not None:  # rows and contraction chunks whose temporaries fit the budget (remat
-    plan = memory_budget.inputs_plan(  # if only a remat'd row fits)
-        cfg, params, batch.clean.shape, alphas.shape[0], budget, options.remat)
+    plan = memory_budget.inputs_plan(  # if only a remat'd row fits) on each device
+        cfg, params, batch.clean.shape, alphas.shape[0], budget, options.remat, shards)
     chunks["row_chunks"], chunks["chunk_bytes"] = plan.row_chunks, plan.chunk_bytes
     remat = plan.remat
     memory_budget.print_note(plan, "EAP-IG-inputs", budget)
   suffix = None if remat else shared_prefix.plan(cfg, batch, ablation.kind)
-  shards = contraction.data_shards_of(batch.clean)  # rows over a mesh's "data" axis
-  if shards > 1:  # each device contracts its own rows (no all-gather of the batch)
+  if shards > 1:  # each device contracts (and groups) its own rows: no all-gather of the batch
     chunks["data_shards"] = shards
   return ((cfg, task, params, batch, ablation, alphas),
           dict(remat=remat, suffix=suffix, **chunks))

@@ -14,7 +14,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxinterp.attribution import base, memory_budget
+from jaxinterp.attribution import base, contraction, memory_budget
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.edges import EdgePatch
 from jaxinterp.models.transformer import embed_inputs, forward, sender_outputs
@@ -45,28 +45,30 @@ class _Blend:
     return x + self.s * (target.astype(x.dtype) - x)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "task", "remat", "row_chunks"))
-def _ig_activations_batch(cfg, task, params, batch, ablation, alphas, remat=False, row_chunks=1):
+@functools.partial(jax.jit, static_argnames=("cfg", "task", "remat", "row_chunks", "data_shards"))
+def _ig_activations_batch(cfg, task, params, batch, ablation, alphas, remat=False, row_chunks=1,
+                          data_shards=1):
   """(Float[Array, "sender receiver"] scores summed over the batch's real rows, Float[Array,
   "batch"] metric values at the last step).
 
   `row_chunks` > 1 (`memory_budget.activations_row_chunks`, for `--memory_budget`) runs the
   kernel on that many groups of rows in turn, in one `lax.scan` (their temporaries share buffers),
   and sums the groups' gradients: the peak of temporaries is one group's. 1 is the unchunked kernel.
+  With the rows split over `data_shards` devices (a mesh's "data" axis), every group holds rows of
+  each device's own (`contraction.group_rows`).
   """
   n = len(_layer_groups(cfg)) * alphas.shape[0]
   if row_chunks == 1:
     total, values = _ig_activations(cfg, task, params, batch, ablation, alphas, remat)
     return -total / n, values
-  groups = jax.tree.map(lambda x: x.reshape(row_chunks, x.shape[0] // row_chunks, *x.shape[1:]),
-                        batch)
+  groups = contraction.group_rows(batch, row_chunks, data_shards)
 
   def body(total, group):
     g, values = _ig_activations(cfg, task, params, group, ablation, alphas, remat)
     return total + g, values
 
   total, values = jax.lax.scan(body, jnp.zeros_like(base.ones(cfg)), groups)
-  return -total / n, values.reshape(-1)
+  return -total / n, contraction.ungroup_rows(values, data_shards)
 
 
 def _ig_activations(cfg, task, params, batch, ablation, alphas, remat):
@@ -108,14 +110,16 @@ def score_batch(cfg, task, params, batch, ablation, options: base.IGOptions) -> 
   `memory_budget.activations_plan` plans, rematerialised where only that fits)."""
   c_total, c_values, _ = task_metrics.clean_metric(cfg, task, params, batch)
   alphas = jnp.asarray(options.alphas(eap_start=1))
-  row_chunks, remat = 1, options.remat
+  chunks, remat = {}, options.remat
   if options.memory_budget is not None:  # rows in groups; remat if only a remat'd row fits
+    shards = contraction.data_shards_of(batch.clean)  # each device's rows in every group
     plan = memory_budget.activations_plan(cfg, params, batch.clean.shape, alphas.shape[0],
-                                          options.memory_budget, options.remat)
-    row_chunks, remat = plan.row_chunks, plan.remat
+                                          options.memory_budget, options.remat, shards)
+    chunks = dict(row_chunks=plan.row_chunks, data_shards=shards)
+    remat = plan.remat
     memory_budget.print_note(plan, "EAP-IG-activations", options.memory_budget)
   s, values = _ig_activations_batch(cfg, task, params, batch, ablation, alphas, remat=remat,
-                                    row_chunks=row_chunks)
+                                    **chunks)
   return base.BatchScores(s, values, c_values, c_total)
 
 

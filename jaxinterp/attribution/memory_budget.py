@@ -163,11 +163,14 @@ def _parse(budget: str) -> float:
     raise MemoryBudgetError(str(e)) from None
 
 
-def _fewest_groups(b: int, p: int, budget: str, total: float, fits, remat: bool = False) -> int:
-  """The fewest groups of rows (a divisor of `b`) with `fits(rows, total)`; MemoryBudgetError,
+def _fewest_groups(b: int, p: int, budget: str, total: float, fits, remat: bool = False,
+                   data_shards: int = 1) -> int:
+  """The fewest groups of rows with `fits(rows a device holds in a group, total)`: a divisor of
+  the rows each of the `data_shards` devices holds (`contraction.group_rows`); MemoryBudgetError,
   naming the least budget for one row, when none does (`fits` is monotone in the budget)."""
-  for chunks in (c for c in range(1, b + 1) if b % c == 0):
-    if fits(b // chunks, total):
+  local = b // data_shards
+  for chunks in (c for c in range(1, local + 1) if local % c == 0):
+    if fits(local // chunks, total):
       return chunks
   lo, hi = total, 2 * total  # the least budget for one row
   while not fits(1, hi):
@@ -185,12 +188,12 @@ def _fewest_groups(b: int, p: int, budget: str, total: float, fits, remat: bool 
 
 
 def row_chunks(cfg: ModelConfig, params, batch_shape: tuple[int, int], n_steps: int, budget: str,
-               remat: bool = False) -> tuple[int, float]:
+               remat: bool = False, data_shards: int = 1) -> tuple[int, float]:
   """(row_chunks, chunk_bytes) of `receiver_grads.ig_inputs_batch` whose planned temporaries
-  (`_temp_bytes`) fit the `--memory_budget` size `budget` (e.g. "2GB"): the fewest groups of rows
-  (a divisor of the batch), and contraction chunks of at most budget / 16
-  (`contraction.CHUNK_BYTES` at most).
-  MemoryBudgetError, naming the smallest budget that works, when one row does not fit."""
+  (`_temp_bytes`) fit the `--memory_budget` size `budget` (e.g. "2GB") on each device: the fewest
+  groups of rows (a divisor of the batch, or with the rows split over `data_shards` devices, of the
+  rows a device holds), and contraction chunks of at most budget / 16 (`contraction.CHUNK_BYTES` at
+  most). MemoryBudgetError, naming the smallest budget that works, when one row does not fit."""
   b, p = batch_shape
   total = _parse(budget)
 
@@ -198,14 +201,16 @@ def row_chunks(cfg: ModelConfig, params, batch_shape: tuple[int, int], n_steps: 
     chunk_bytes = min(C.CHUNK_BYTES, limit / 16)
     return _temp_bytes(cfg, params, rows, p, n_steps, remat, chunk_bytes) <= limit
 
-  return _fewest_groups(b, p, budget, total, fits, remat), min(C.CHUNK_BYTES, total / 16)
+  return (_fewest_groups(b, p, budget, total, fits, remat, data_shards),
+          min(C.CHUNK_BYTES, total / 16))
 
 
 def activations_row_chunks(cfg: ModelConfig, params, batch_shape: tuple[int, int], n_steps: int,
-                           budget: str, remat: bool = False) -> int:
+                           budget: str, remat: bool = False, data_shards: int = 1) -> int:
   """The row_chunks of EAP-IG-activations' kernel (`ig_activations._ig_activations_batch`) whose
-  planned temporaries (`_activations_temp_bytes`) fit the `--memory_budget` size `budget`: the
-  fewest groups of rows (a divisor of the batch). Its graph-form forward needs a row's positions
+  planned temporaries (`_activations_temp_bytes`) fit the `--memory_budget` size `budget` on each
+  device: the fewest groups of rows (a divisor of the batch, or of the rows each of `data_shards`
+  devices holds). Its graph-form forward needs a row's positions
   and its IG steps already run one after the other, so a row is the smallest chunk;
   MemoryBudgetError, naming the smallest budget that works, when one row does not fit."""
   del n_steps  # the steps share one step's temporaries
@@ -215,23 +220,22 @@ def activations_row_chunks(cfg: ModelConfig, params, batch_shape: tuple[int, int
   def fits(rows: int, limit: float) -> bool:
     return _activations_temp_bytes(cfg, params, rows, p, remat) <= limit
 
-  return _fewest_groups(b, p, budget, total, fits, remat)
+  return _fewest_groups(b, p, budget, total, fits, remat, data_shards)
 
 
 def inputs_plan(cfg: ModelConfig, params, batch_shape: tuple[int, int], n_steps: int, budget: str,
-                remat: bool = False) -> BudgetPlan:
+                remat: bool = False, data_shards: int = 1) -> BudgetPlan:
   """`row_chunks`, with remat chosen when one row fits only rematerialised (`remat` given: kept).
   MemoryBudgetError, naming the least budget of a remat'd row, when even that does not fit."""
-  return _with_auto_remat(lambda r: row_chunks(cfg, params, batch_shape, n_steps, budget, r),
-                          remat)
+  return _with_auto_remat(
+      lambda r: row_chunks(cfg, params, batch_shape, n_steps, budget, r, data_shards), remat)
 
 
 def activations_plan(cfg: ModelConfig, params, batch_shape: tuple[int, int], n_steps: int,
-                     budget: str, remat: bool = False) -> BudgetPlan:
+                     budget: str, remat: bool = False, data_shards: int = 1) -> BudgetPlan:
   """`activations_row_chunks`, with remat chosen as `inputs_plan` does."""
-  return _with_auto_remat(
-      lambda r: (activations_row_chunks(cfg, params, batch_shape, n_steps, budget, r), 0.0),
-      remat)
+  return _with_auto_remat(lambda r: (activations_row_chunks(
+      cfg, params, batch_shape, n_steps, budget, r, data_shards), 0.0), remat)
 
 
 def _with_auto_remat(plan, remat: bool) -> BudgetPlan:

@@ -330,8 +330,7 @@ def ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alph
   if row_chunks == 1:
     return _ig_inputs(cfg, task, params, batch, ablation, alphas, remat, suffix, chunk_bytes,
                       data_shards)
-  groups = jax.tree.map(lambda x: x.reshape(row_chunks, x.shape[0] // row_chunks, *x.shape[1:]),
-                        batch)
+  groups = C.group_rows(batch, row_chunks, data_shards)  # each device's rows in every group
 
   def body(total, group):
     s, values, clean_values = _ig_inputs(cfg, task, params, group, ablation, alphas, remat,
@@ -340,7 +339,8 @@ def ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alph
 
   zero = jnp.zeros((E.n_senders(cfg), E.n_receivers(cfg)), jnp.float32)
   total, (values, clean_values) = jax.lax.scan(body, zero, groups)
-  return total, values.reshape(-1), clean_values.reshape(-1)
+  return (total, C.ungroup_rows(values, data_shards),
+          C.ungroup_rows(clean_values, data_shards))
 
 
 def _ig_inputs(cfg: ModelConfig, task, params, batch: Batch, ablation, alphas: Array,

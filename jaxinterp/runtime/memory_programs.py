@@ -64,14 +64,14 @@ def eap(cfg: ModelConfig, params, seq_len: int, alphas, mesh=None,
 
   def build(b):
     chunks, rm = {}, remat
-    if memory_budget is not None:
-      plan = MB.inputs_plan(cfg, params, (b, seq_len), alphas.shape[0], memory_budget, remat)
-      chunks = dict(row_chunks=plan.row_chunks, chunk_bytes=plan.chunk_bytes)
-      rm = plan.remat
-
     batch = MP.abstract_batch(b, seq_len, mesh)
     shards = C.data_shards_of(batch.clean)
-    if shards > 1:  # as `eap._kernel_call`: each device contracts its own rows
+    if memory_budget is not None:
+      plan = MB.inputs_plan(cfg, params, (b, seq_len), alphas.shape[0], memory_budget, remat,
+                            shards)
+      chunks = dict(row_chunks=plan.row_chunks, chunk_bytes=plan.chunk_bytes)
+      rm = plan.remat
+    if shards > 1:  # as `eap._kernel_call`: each device contracts (and groups) its own rows
       chunks["data_shards"] = shards
 
     def fn(params, batch):
@@ -81,16 +81,21 @@ def eap(cfg: ModelConfig, params, seq_len: int, alphas, mesh=None,
   return build
 
 
+def _shards(batch: int, seq_len: int, mesh) -> int:
+  """The devices a batch's rows are split over on `mesh` (its "data" axis), as the run splits."""
+  return C.data_shards_of(MP.abstract_batch(batch, seq_len, mesh).clean)
+
+
 def eap_notes(cfg: ModelConfig, params, seq_len: int, n_steps: int, batch: int,
               memory_budget: str | None = None, remat: bool = False,
-              method: str = "EAP-IG-inputs") -> tuple[str, ...]:
+              method: str = "EAP-IG-inputs", mesh=None) -> tuple[str, ...]:
   """The lines `--dry_run` prints under an EAP-family plan: with a `memory_budget`, the groups of
   rows and whether remat runs (asked for, or chosen by the budget) at `batch` and twice it."""
   if memory_budget is None:
     return ("remat: each block recomputed in the backward (the per-head-input kernel)",) if remat \
         else ()
-  plans = [MB.inputs_plan(cfg, params, (n, seq_len), n_steps, memory_budget, remat)
-           for n in (batch, 2 * batch)]
+  plans = [MB.inputs_plan(cfg, params, (n, seq_len), n_steps, memory_budget, remat,
+                          _shards(n, seq_len, mesh)) for n in (batch, 2 * batch)]
   return (f"--memory_budget={memory_budget}: the rows in {plans[0].row_chunks} group(s) at batch "
           f"{batch}, {plans[1].row_chunks} at {2 * batch}, one after another"
           f"{_remat_words(plans, method)}",)
@@ -113,27 +118,32 @@ def activations(cfg: ModelConfig, params, seq_len: int, alphas, mesh=None,
   alphas = jnp.asarray(alphas, jnp.float32)
 
   def build(b):
-    chunks, rm = 1, remat
-    if memory_budget is not None:
-      plan = MB.activations_plan(cfg, params, (b, seq_len), alphas.shape[0], memory_budget, remat)
-      chunks, rm = plan.row_chunks, plan.remat
+    chunks, rm = {}, remat
+    batch = MP.abstract_batch(b, seq_len, mesh)
+    if memory_budget is not None:  # as `ig_activations.score_batch`
+      shards = C.data_shards_of(batch.clean)
+      plan = MB.activations_plan(cfg, params, (b, seq_len), alphas.shape[0], memory_budget, remat,
+                                 shards)
+      chunks = dict(row_chunks=plan.row_chunks, data_shards=shards)
+      rm = plan.remat
 
     def fn(params, batch, alphas):  # the run's arguments: alphas too
       return IA._ig_activations_batch(cfg, TASK, params, batch, PATCHING, alphas, remat=rm,
-                                      row_chunks=chunks)
-    return fn, (params, MP.abstract_batch(b, seq_len, mesh), _spec(alphas.shape, alphas.dtype))
+                                      **chunks)
+    return fn, (params, batch, _spec(alphas.shape, alphas.dtype))
   return build
 
 
 def activations_notes(cfg: ModelConfig, params, seq_len: int, n_steps: int, batch: int,
-                      memory_budget: str | None = None, remat: bool = False) -> tuple[str, ...]:
+                      memory_budget: str | None = None, remat: bool = False,
+                      mesh=None) -> tuple[str, ...]:
   """The lines `--dry_run` prints under an EAP-IG-activations plan: the scan's length, and with a
   `memory_budget` the groups of rows (and remat, where the budget chooses it) planned at `batch`
   and twice it."""
   plans = []
   if memory_budget is not None:
-    plans = [MB.activations_plan(cfg, params, (n, seq_len), n_steps, memory_budget, remat)
-             for n in (batch, 2 * batch)]
+    plans = [MB.activations_plan(cfg, params, (n, seq_len), n_steps, memory_budget, remat,
+                                 _shards(n, seq_len, mesh)) for n in (batch, 2 * batch)]
   rm = remat or any(p.remat for p in plans)
   lines = [f"EAP-IG-activations: {1 + 2 * cfg.n_layers} layer nodes x {n_steps} steps, one "
            f"forward and backward each, in one scan{' (remat)' if rm else ''}"]

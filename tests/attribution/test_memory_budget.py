@@ -5,7 +5,10 @@ scores."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -159,7 +162,7 @@ def _check_activations_budget(family, remat, monkeypatch):
   monkeypatch.setattr(IA, "_ig_activations_batch", kernel)
   opts = A.IGOptions(ig_steps=STEPS, memory_budget=least, remat=remat)
   out = IA.score_batch(cfg, ds.task, params, batch, abl, opts)
-  assert seen == {"remat": remat, "row_chunks": chunks}
+  assert seen == {"remat": remat, "row_chunks": chunks, "data_shards": 1}
   np.testing.assert_array_equal(out.scores, got_s)
 
 
@@ -294,3 +297,84 @@ def test_auto_remat_scores_equal_the_unbudgeted_ones():
     # Same graph, blocks recomputed in the backward and rows regrouped: float rounding.
     np.testing.assert_allclose(np.asarray(agot[0]), np.asarray(aref[0]), rtol=0,
                                atol=2e-6 * np.abs(np.asarray(aref[0])).max())
+
+
+def test_row_groups_hold_each_devices_own_rows():
+  """`contraction.group_rows` on rows split over 2 devices in blocks of 6: each of the 3 groups
+  takes 2 rows of every block, and `ungroup_rows` puts per-row values back in batch order; with
+  one shard, the groups are consecutive rows."""
+  rows = np.arange(12)
+  groups = np.asarray(C.group_rows(jnp.asarray(rows), 3, 2))
+  np.testing.assert_array_equal(groups, [[0, 1, 6, 7], [2, 3, 8, 9], [4, 5, 10, 11]])
+  np.testing.assert_array_equal(C.ungroup_rows(jnp.asarray(groups), 2), rows)
+  np.testing.assert_array_equal(C.group_rows(jnp.asarray(rows), 3), rows.reshape(3, 4))
+  np.testing.assert_array_equal(C.ungroup_rows(jnp.asarray(rows.reshape(3, 4))), rows)
+  # the plan counts the rows a device holds: 8 rows on 4 devices hold 2 each, so 1 or 2 groups
+  fits = lambda rows, total: rows <= 1  # noqa: E731
+  assert MB._fewest_groups(8, 16, "1GB", 1e9, fits, data_shards=4) == 2
+  assert MB._fewest_groups(8, 16, "1GB", 1e9, fits) == 8
+
+
+_DATA_MESH = """
+import jax, jax.numpy as jnp, numpy as np
+from jaxinterp import attribution as A, tasks
+from jaxinterp.attribution import contraction as C, ig_activations as IA, receiver_grads as RG
+from jaxinterp.models.config import ModelConfig
+from jaxinterp.models.transformer import init_params
+from jaxinterp.runtime import memory_plan as MP, memory_programs as PR, sharding
+
+assert jax.device_count() == 4, jax.devices()
+cfg = ModelConfig(family="llama", d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_head=16,
+                  d_mlp=128, d_vocab=50, n_ctx=32, normalization="rmsnorm", positional="rotary",
+                  rotary_dim=16, gated_mlp=True, mlp_bias=False, act_fn="silu", attn_bias=False,
+                  attn_out_bias=False, tied_embeddings=False)
+mesh = MP.parse_mesh("4x1")
+alphas = jnp.asarray(A.ig_alphas(3), jnp.float32)
+kernels = {
+    "inputs": lambda p, x, a, **k: RG.ig_inputs_batch(cfg, x.task, p, x.batch, a, alphas, **k),
+    "activations": lambda p, x, a, **k: IA._ig_activations_batch(cfg, x.task, p, x.batch, a,
+                                                                 alphas, **k)}
+ds = tasks.make_induction(8, 6, cfg.d_vocab, seed=0, bos_id=0)
+batch, abl = next(ds.batches(8)), A.Ablation("patching")
+p = init_params(cfg, jax.random.PRNGKey(0))
+sb, sp = sharding.shard_batch(batch, mesh), sharding.shard_params(p, mesh)
+assert C.data_shards_of(sb.clean) == 4
+params = MP.abstract_params(cfg, jnp.float32, mesh)
+for name, kernel in kernels.items():
+  temps = {}
+  for label, chunks in [("whole", {}), ("grouped as one device", dict(row_chunks=2)),
+                        ("grouped per device", dict(row_chunks=2, data_shards=4))]:
+    fn = lambda p, b, kernel=kernel, chunks=chunks: kernel(
+        p, type("X", (), dict(task=PR.TASK, batch=b)), PR.PATCHING, **chunks)
+    c = jax.jit(fn).lower(params, MP.abstract_batch(8, 16, mesh)).compile()
+    temps[label] = c.memory_analysis().temp_size_in_bytes
+    gathers = c.as_text().count("all-gather(")
+    # the batch-order groups span the devices: XLA gathers the rows; the per-device ones do not
+    assert (gathers > 0) == (label == "grouped as one device"), (name, label, gathers)
+  assert temps["grouped per device"] < 0.8 * temps["whole"], (name, temps)
+  x = type("X", (), dict(task=ds.task, batch=batch))
+  ref = kernel(p, x, abl, row_chunks=2)
+  got = kernel(sp, type("X", (), dict(task=ds.task, batch=sb)), abl, row_chunks=2, data_shards=4)
+  ref0, got0 = np.asarray(ref[0]), np.asarray(got[0])
+  assert np.abs(ref0).max() > 1e-3
+  np.testing.assert_allclose(got0, ref0, rtol=0, atol=1e-6 * np.abs(ref0).max())
+  for r, g in zip(ref[1:], got[1:]):  # per-row values, in batch order
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-6, atol=1e-6)
+  print(name, temps)
+print("ok")
+"""
+
+
+@pytest.mark.slow  # a fresh process on 4 simulated devices: 6 compiles and 4 runs (~70 s of CPU)
+@pytest.mark.by_hand  # CI's 30 minutes; the grouping itself is tested fast above
+def test_budget_row_groups_on_a_data_mesh_stay_on_each_device():
+  """With the rows split over a mesh's "data" axis, `--memory_budget`'s groups take each device's
+  own rows (`contraction.group_rows`): no all-gather (groups of consecutive rows made XLA gather
+  them), the temporaries fall as on one device, and the scores and per-row values are the
+  single-device grouped ones to float rounding."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  out = subprocess.run([sys.executable, "-c", _DATA_MESH], env=env, capture_output=True,
+                       text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.rstrip().endswith("ok"), out.stdout
