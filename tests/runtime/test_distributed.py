@@ -421,28 +421,44 @@ import json
 import sys
 import numpy as np
 from jaxinterp.runtime import compilation_cache, distributed
-out, cache, method, options, n = sys.argv[1:6]
+out, cache, runs, n = sys.argv[1:5]
 if int(n) > 1:
-  distributed.initialize(sys.argv[6], int(n), int(sys.argv[7]), timeout=60)
+  distributed.initialize(sys.argv[5], int(n), int(sys.argv[6]), timeout=60)
 compilation_cache.enable(cache)
 from jaxinterp import attribution as A
 from jaxinterp.groundtruth import toy
 model = toy.load_toy()
 ds = toy.induction_task_dataset(23, seed=1)
-res = A.attribute(model.cfg, model.params, ds, method=method, quiet=True, **json.loads(options))
+arrays = {}
+for method, options in json.loads(runs):
+  res = A.attribute(model.cfg, model.params, ds, method=method, quiet=True, **options)
+  named = [("scores", res.scores), ("clean", res.clean_metric), *res.extras.items()]
+  arrays.update({f"{method}__{k}": v for k, v in named if isinstance(v, (np.ndarray, int, float))})
 if distributed.is_writer():
-  np.savez(out, scores=res.scores, clean=res.clean_metric,
-           **{k: v for k, v in res.extras.items() if isinstance(v, (np.ndarray, int))})
+  np.savez(out, **arrays)
 """
 
+# The fit methods, each splitting its own work over the processes, run one after another in the
+# same three processes (one process, then two): ACDC's trials split their batches (23 rows in
+# batches of 5: 5 batches, an uneven split); UGS's and Edge Pruning's steps split their 5 rows 3 + 2
+# (the second process with a filler row), with per-row mask samples.
+FIT_RUNS = [("ACDC", {"acdc_batch": 5, "acdc_metric": "task"}),
+            ("UGS", {"mask_steps": 8, "mask_batch": 5, "ugs_samples": 3}),
+            ("edge-pruning", {"mask_steps": 8, "mask_batch": 5, "ep_samples": 2, "sparsity": 0.5,
+                              "init_logit": 1.0})]
 
-def _method_runs(tmp_path, method: str, **options) -> tuple[dict, dict]:
-  """One process's and two processes' results of `method` on the toy model (23 rows)."""
+
+@pytest.mark.slow  # three processes running ACDC, UGS and Edge Pruning on the toy model
+def test_fit_methods_on_two_processes_equal_one(tmp_path):
+  """ACDC adds its trials' per-batch sums in batch order: one process's scores and circuit,
+  bitwise. UGS and Edge Pruning draw every row's mask sample as one process draws it and add the
+  gradient sums before the one update: one process's masks and training curves to float32
+  rounding (the division by the row count comes after the sum)."""
   cache = tmp_path / "cache"
 
   def run(out, *extra):
-    return subprocess.Popen([sys.executable, "-c", METHOD_RUN, str(out), str(cache), method,
-                             json.dumps(options), *extra],
+    return subprocess.Popen([sys.executable, "-c", METHOD_RUN, str(out), str(cache),
+                             json.dumps(FIT_RUNS), *extra],
                             cwd=str(REPO), env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -455,35 +471,17 @@ def _method_runs(tmp_path, method: str, **options) -> tuple[dict, dict]:
   assert sorted(os.listdir(tmp_path)) == ["cache", "one.npz", "two.npz"]  # only process 0 wrote
   one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
   assert sorted(one.files) == sorted(two.files)
-  return dict(one), dict(two)
-
-
-@pytest.mark.slow  # three processes running ACDC on the toy model
-def test_acdc_on_two_processes_equals_one(tmp_path):
-  """ACDC's trials split their batches over the processes (23 rows in batches of 5: 5 batches, an
-  uneven split) and add the sums in batch order: one process's scores and circuit, bitwise."""
-  one, two = _method_runs(tmp_path, "ACDC", acdc_batch=5, acdc_metric="task")
-  assert np.abs(one["scores"]).max() > 1e-2 and 0 < one["circuit"].sum() < one["circuit"].size
-  for k in ("scores", "circuit", "evaluation_calls", "clean"):
-    assert one[k].tobytes() == two[k].tobytes(), k
-
-
-@pytest.mark.slow  # three processes training masks on the toy model
-@pytest.mark.parametrize("method,options", [
-    # 5-row steps split 3 + 2 (the second process with a filler row); per-row samples
-    ("UGS", {"mask_steps": 8, "mask_batch": 5, "ugs_samples": 3}),
-    ("edge-pruning", {"mask_steps": 8, "mask_batch": 5, "ep_samples": 2, "sparsity": 0.5,
-                      "init_logit": 1.0})])
-def test_mask_training_on_two_processes_equals_one(tmp_path, method, options):
-  """UGS and Edge Pruning split each step's rows over the processes, every row's mask sample drawn
-  as one process draws it, and add the gradient sums before the one update: one process's masks
-  and training curves to float32 rounding (the division by the row count comes after the sum)."""
-  one, two = _method_runs(tmp_path, method, **options)
-  assert np.ptp(one["scores"][one["scores"] > 0]) > 1e-3  # the masks moved apart
-  assert one["clean"].tobytes() == two["clean"].tobytes()  # batches split, summed in order
-  for k in one:
+  acdc = {k.split("__")[1]: one[k] for k in one.files if k.startswith("ACDC__")}
+  assert np.abs(acdc["scores"]).max() > 1e-2 and 0 < acdc["circuit"].sum() < acdc["circuit"].size
+  for k in one.files:
+    method, name = k.split("__")
+    if method == "ACDC" or name == "clean":  # per-batch sums added in order: bitwise
+      assert one[k].tobytes() == two[k].tobytes(), k
+      continue
+    if name == "scores":
+      assert np.ptp(one[k][one[k] > 0]) > 1e-3  # the masks moved apart
     print(k, np.abs(two[k].astype(np.float64) - one[k]).max())  # the measured differences
     # The raw parameters (theta, log_alpha) move by Adam steps of lr / (1 + eps) even where the
     # gradient is at rounding level: a few 1e-6 after 8 steps at Edge Pruning's lr of 0.8.
-    atol = 2e-5 if k in ("theta", "log_alpha") else 1e-6
+    atol = 2e-5 if name in ("theta", "log_alpha") else 1e-6
     np.testing.assert_allclose(two[k], one[k], rtol=1e-5, atol=atol, err_msg=k)
