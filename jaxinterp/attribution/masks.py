@@ -157,8 +157,8 @@ def traced(param, options: MaskOptions) -> dict:
 
 def mean_real(values, batch: Batch):
   """Mean of per-row values over the batch's real rows."""
-  w = batch.valid.astype(jnp.float32)
-  return jnp.sum(values * w) / jnp.maximum(jnp.sum(w), 1.0)
+  total, count = real_sum(values, batch)
+  return total / jnp.maximum(count, 1.0)
 
 
 # ------------------------------------------------------------------------------- graph structure

@@ -199,11 +199,16 @@ def train_step(cfg, task, options: UGSOptions, lr: float, params, ablation, stat
   clean_last, ablated = masks.clean_and_ablated(cfg, params, batch, ablation)
   (loss, (kl, complexity)), g = jax.value_and_grad(_loss, argnums=4, has_aux=True)(
       cfg, task, options, params, theta, batch, clean_last, ablated, key)
-  g = jnp.nan_to_num(g)  # the reference zeroes NaN gradients too
-  updates, opt_state = optimizer(lr).update(g, opt_state, theta)
+  return _apply(options, lr, theta, opt_state, g,
+                {"loss": loss, "kl": kl, "complexity": complexity})
+
+
+def _apply(options: UGSOptions, lr: float, theta, opt_state, g, logs):
+  """One AdamW step on theta with the gradient g (NaNs zeroed, as the reference does); the logs
+  with the traced edges' new parameters."""
+  updates, opt_state = optimizer(lr).update(jnp.nan_to_num(g), opt_state, theta)
   theta = optax.apply_updates(theta, updates)
-  logs = {"loss": loss, "kl": kl, "complexity": complexity, **masks.traced(theta, options)}
-  return (theta, opt_state), logs
+  return (theta, opt_state), {**logs, **masks.traced(theta, options)}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "task", "options", "size"))
@@ -232,12 +237,8 @@ def split_update(cfg, options: UGSOptions, lr: float, state, grad, means, key, i
     return sum(terms[1:], terms[0]), complexity
 
   (pen, complexity), g = jax.value_and_grad(penalty, has_aux=True)(theta)
-  g = jnp.nan_to_num(grad + g)
-  updates, opt_state = optimizer(lr).update(g, opt_state, theta)
-  theta = optax.apply_updates(theta, updates)
-  logs = {"loss": means["kl"] + pen, "kl": means["kl"], "complexity": complexity,
-          **masks.traced(theta, options)}
-  return (theta, opt_state), logs
+  return _apply(options, lr, theta, opt_state, grad + g,
+                {"loss": means["kl"] + pen, "kl": means["kl"], "complexity": complexity})
 
 
 def init_state(cfg: ModelConfig, lr: float):
