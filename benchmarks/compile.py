@@ -15,17 +15,17 @@ Kernels: EAP and EAP-IG-inputs (`receiver_grads.ig_inputs_batch`, also at 4x the
 program must not grow with them), EAP-IG-activations, exact patching as `attribute` compiles it
 (`exact.upstream_cache`, `exact.edge_chunk_scan`: one program for the edges into every block, and
 `exact.edge_chunk` for the logits receiver; `edge_chunk` per layer where blocks can't be scanned),
-ACDC's trials (`acdc.circuit_sums` per layer), the UGS mask-training step, the circuit forward's
-`prepare` and `circuit_metric` (one program for every circuit size) and a DAS training step
-(`interventions.training.make_train_step`, one rotated-space site). On the toy, EAP-IG-inputs is
-also compiled on random-init models of its width with 1, 2 and 4 layers (how the program grows with
-depth). Then, on the toy, the quickstart runs as a fresh process with `--compilation_cache=`
-(`python -m experiments.find_circuit`), and its phases (graph.json's `meta`) give the share of the
-run spent compiling (the issue's target: at most 25%), three times under each compile policy
-(`jaxinterp.runtime.compile_policy`: $JAXINTERP_COMPILE_POLICY=full, XLA's full optimisation (the
-default), and the opt-in "fast", where the toy compiles with `FAST_COMPILE`), alternating. The
-kernel rows are compiled as the library compiles them: with XLA's defaults, or on the toy with
-`FAST_COMPILE` when this process runs under $JAXINTERP_COMPILE_POLICY=fast.
+ACDC's programs (`acdc_trials`: the circuit forward from the receivers' layer, as data), the UGS
+mask-training step, the circuit forward's `prepare` and `circuit_metric` (one program for every
+circuit size) and a DAS training step (`interventions.training.make_train_step`, one rotated-space
+site). On the toy, EAP-IG-inputs is also compiled on random-init models of its width with 1, 2 and 4
+layers (how the program grows with depth). Then, on the toy, the quickstart runs as a fresh process
+with `--compilation_cache=` (`python -m experiments.find_circuit`), and its phases (graph.json's
+`meta`) give the share of the run spent compiling (the issue's target: at most 25%), three times
+under each compile policy (`jaxinterp.runtime.compile_policy`: $JAXINTERP_COMPILE_POLICY=full, XLA's
+full optimisation (the default), and the opt-in "fast", where the toy compiles with `FAST_COMPILE`),
+alternating. The kernel rows are compiled as the library compiles them: with XLA's defaults, or on
+the toy with `FAST_COMPILE` when this process runs under $JAXINTERP_COMPILE_POLICY=fast.
 
 The CPU is shared: compile seconds move with the load (recorded in the environment); HLO sizes do
 not. Compare seconds within one run.
@@ -136,11 +136,7 @@ def kernels(cfg, params, dataset, steps: int) -> dict[str, dict]:
                         logits_arg, positions, kv))
   out["exact"] = _sum(rows)
   log("[compile] ACDC")
-  resids, delta, ablated, clean = acdc._prepare(cfg, params, batch, abl)
-  w = jnp.ones((chunk,) + valid_edges(cfg).shape, jnp.float32)
-  out["ACDC trials"] = _sum([measure(acdc.circuit_sums, cfg, task, li, "kl", params, batch,
-                                     resids[li], delta, ablated, clean, w)
-                             for li in range(cfg.n_layers + 1)])
+  out["ACDC trials"] = acdc_trials(cfg, params, batch, abl)
   log("[compile] UGS step")
   opts = ugs.UGSOptions(ugs_samples=1, mask_batch=len(batch.clean), mask_steps=1)
   lr = ugs.default_lr(opts.reg_lamb, "patching")
@@ -158,6 +154,19 @@ def kernels(cfg, params, dataset, steps: int) -> dict[str, dict]:
   log("[compile] DAS step")
   out["DAS step"] = _das_step(cfg, params, batch)
   return out
+
+
+def acdc_trials(cfg, params, batch, abl) -> dict:
+  """ACDC's programs: the circuit forward's `prepare` (KL task), the clean sender rows, and the
+  trial (`circuit_metric` from the receivers' layer, as data: one program for every layer)."""
+  fwd = CF.CircuitForward(cfg, params, acdc.KL, valid_edges(cfg))
+  prep = CF.prepare(fwd.cfg, acdc.KL, fwd.params, batch, abl)
+  rows = acdc.clean_deltas(fwd.cfg, fwd.params, batch, prep)
+  return _sum([measure(CF.prepare, fwd.cfg, acdc.KL, fwd.params, batch, abl),
+               measure(acdc.clean_deltas, fwd.cfg, fwd.params, batch, prep),
+               measure(CF.circuit_metric, fwd.cfg, acdc.KL, fwd.params, batch, prep,
+                       jnp.asarray(valid_edges(cfg), jnp.float32), rows, fwd.stacked,
+                       jnp.asarray(0, jnp.int32))])
 
 
 def _das_step(cfg, params, batch) -> dict:

@@ -15,12 +15,10 @@ each example's last position is unembedded. The all-ones circuit (the full model
 forward, and the empty circuit's metric comes with `prepare`. With patching, the positions that
 clean and corrupted prompts share are not run again: every circuit runs only each row's suffix
 from its first differing token, attending to the clean run's keys and values before it
-(`shared_prefix`). The layers run as one `lax.scan` over the blocks' stacked weights, so the
-program does not grow with the depth.
-
-It agrees with the graph-form reference (`evaluation.evaluate_circuits(..., reference=True)`) to
-float32 rounding for every supported config; `supported` names the one exception (post-norms whose
-bias depends on the run), which keeps the reference path.
+(`shared_prefix`). The layers run as one `lax.scan` over the blocks' stacked weights (from a given
+layer on, a loop: ACDC's trials), so the program does not grow with the depth. It agrees with the
+graph-form reference (`evaluate_circuits(..., reference=True)`) to float32 rounding for every
+supported config; `supported` names the exception (post-norms whose bias depends on the run).
 """
 
 from __future__ import annotations
@@ -310,8 +308,7 @@ def _mlp(cfg: ModelConfig, lay: _Layer, coef_heads: Array, heads: Array, read: A
 
 
 def scratch_like(cfg: ModelConfig, prep: Prepared) -> Array:
-  """A buffer for `circuit_metric`'s sender differences:
-  Float[Array, "sender batch pos d_model"]."""
+  """`circuit_metric`'s sender-difference buffer: Float[Array, "sender batch pos d_model"]."""
   return jnp.zeros((E.n_senders(cfg),) + prep.delta_input.shape[1:], prep.delta_input.dtype)
 
 
@@ -321,7 +318,7 @@ _stack = jax.jit(stack_blocks, static_argnums=0)
 @functools.partial(compile_policy.jit, static_argnames=("cfg", "task"),
                    donate_argnames=("scratch",))
 def circuit_metric(cfg: ModelConfig, task: Task, params, batch: Batch, prep: Prepared,
-                   w: Array, scratch: Array, stacked=None) -> tuple[Array, Array]:
+                   w: Array, scratch: Array, stacked=None, start=None) -> tuple[Array, Array]:
   """The metric summed over the batch's real rows under one circuit.
 
   The layers run as one `lax.scan` (weights, A_r, key/value prefix and sliding-window type are
@@ -336,6 +333,8 @@ def circuit_metric(cfg: ModelConfig, task: Task, params, batch: Batch, prep: Pre
       d_model] buffer.
     stacked: `stack_blocks(cfg, params)`, made once for many calls (`CircuitForward` does); None
       stacks the blocks' weights in the call (a copy of them per call).
+    start: None, or Int[Array, ""]: the layers before it are not run, and `scratch` must hold the
+      live - ablated rows of the senders before it (every edge into them in the circuit: ACDC).
 
   Returns:
     (Float[Array, ""], the buffer to pass to the next call).
@@ -372,7 +371,11 @@ def circuit_metric(cfg: ModelConfig, task: Task, params, batch: Batch, prep: Pre
            if cfg.sliding_layers else None)  # each layer's type (sliding window or not) as data
   xs = _Layer(jnp.arange(cfg.n_layers), stacked, prep.resid_attn, prep.resid_mlp, prep.prefix,
               local)
-  delta, _ = jax.lax.scan(layer, delta, xs)
+  if start is None:
+    delta, _ = jax.lax.scan(layer, delta, xs)
+  else:  # layers start.. only (a loop of traced length), the rows before them as given
+    delta = jax.lax.fori_loop(start, cfg.n_layers, lambda li, d: layer(
+        d, jax.tree.map(lambda a: a[li], xs))[0], delta)
   col = jnp.asarray([E.logits_receiver(cfg)])
   x = prep.resid_final + _read(delta, w[:, col], E.n_senders(cfg))[0]
   total, _ = metric_at_last(cfg, task, params, batch.replace(last=prep.last),
@@ -384,20 +387,17 @@ class CircuitForward:
   """Evaluate many circuits on one model: `prepare` once per batch, then `metric` per circuit.
 
   Circuits are run one after another (each skips different nodes, which `vmap` cannot); every call
-  is asynchronous, so the host queues the next circuit while the device runs the last.
-  """
+  is asynchronous, so the host queues the next circuit while the device runs the last."""
 
   def __init__(self, cfg: ModelConfig, params, task: Task, valid: np.ndarray):
-    self.cfg, self.params = ungroup_kv(cfg, params)  # the graph's heads: GQA ungrouped
-    self.task = task
+    self.cfg, self.params, self.task = *ungroup_kv(cfg, params), task  # GQA ungrouped
     self.valid = np.asarray(valid, bool)
     self._scratch: dict[tuple, Array] = {}  # circuit_metric's buffer per batch shape, reused
-    self._stacked = None
+    self._stacked = None  # stack_blocks(cfg, params), made on first use
 
   @property
   def stacked(self):
-    """The blocks' weights stacked on a leading layer axis (`stack_blocks`) for the circuit
-    metric's scan over layers: made on first use, once for every batch and circuit."""
+    """The blocks' weights on a leading layer axis for the scan over layers, made once."""
     if self._stacked is None:
       self._stacked = _stack(self.cfg, self.params)
     return self._stacked
@@ -428,8 +428,8 @@ class CircuitForward:
       prepare.lower(*args, suffix).compile()
       prep = jax.eval_shape(
           lambda p, b, a, suffix=suffix: prepare(self.cfg, self.task, p, b, a, suffix), *args[2:])
-      w = jax.ShapeDtypeStruct(self.valid.shape, jnp.float32)
-      scratch = jax.eval_shape(lambda prep=prep: scratch_like(self.cfg, prep))
+      w, scratch = (jax.ShapeDtypeStruct(self.valid.shape, jnp.float32),
+                    jax.eval_shape(lambda prep=prep: scratch_like(self.cfg, prep)))
       stacked = jax.eval_shape(lambda p: stack_blocks(self.cfg, p), self.params)
       circuit_metric.lower(self.cfg, self.task, self.params, batch, prep, w, scratch,
                            stacked).compile()
