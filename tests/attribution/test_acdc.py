@@ -5,6 +5,7 @@ ACDC's L is: KL(clean || circuit) at the last real token, or the task metric."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -84,3 +85,13 @@ def test_acdc_removes_exactly_the_edges_below_tau():
   assert np.all(res.scores[circuit] >= 1e-3) and np.all(res.scores[tried & ~circuit] < 1e-3)
   want = _reference(cfg, params, ds, ablation, circuit)[0]
   assert res.extras["final_loss"] == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+def test_configs_the_circuit_forward_cannot_run_are_refused():
+  """LayerNorm post-norms (a head's share of the normed output depends on the run): one clear
+  error, before any work."""
+  cfg, params, ds, ablation = _setup(1)
+  cfg = dataclasses.replace(cfg, post_norms=True)
+  assert not CF.supported(cfg)
+  with pytest.raises(A.AttributionError, match="circuit forward"):
+    acdc.fit(cfg, params, ds, ablation, acdc.ACDCOptions())
