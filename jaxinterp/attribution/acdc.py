@@ -103,10 +103,9 @@ class _Evaluator:
     task = KL if options.acdc_metric == "kl" else dataset.task
     self.fwd = fwd = CF.CircuitForward(cfg, params, task, valid_edges(cfg))
     bs = min(options.acdc_batch or 64, len(dataset))
-    n, me = distributed.process_count(), distributed.process_index()
     self.batches = []
-    for i, b in enumerate(dataset.batches(bs, bucket=None)):
-      prep = CF.prepare(fwd.cfg, task, fwd.params, b, ablation) if i % n == me else None
+    for i, b in enumerate(dataset.batches(bs, bucket=None)):  # only the batches it runs
+      prep = CF.prepare(fwd.cfg, task, fwd.params, b, ablation) if distributed.owns(i) else None
       state = [prep, clean_deltas(fwd.cfg, fwd.params, b, prep)] if prep is not None else None
       self.batches.append((b, state))
     self.n = len(dataset)

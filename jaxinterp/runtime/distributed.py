@@ -280,6 +280,12 @@ def arrays_from_bytes(data: bytes) -> dict[str, np.ndarray]:
     return {k: f[k] for k in f.files}
 
 
+def owns(i: int) -> bool:
+  """Whether this process runs item `i` of the split loops (`sum_split`, `map_split`,
+  `fold_split`): process p of N runs items p, p + N, ..."""
+  return i % process_count() == process_index()
+
+
 def n_owned(n_items: int) -> int:
   """How many of `n_items` items (batches) this process runs in `sum_split`: items p, p + N, ..."""
   return len(range(process_index(), n_items, process_count()))
@@ -337,10 +343,10 @@ def _split_rounds(items: Iterable[Any], fn: Callable[[int, Any], dict[str, np.nd
   """The rounds of `map_split` and `fold_split`: process p calls `fn` for items p, p + N, ...;
   after each round of N items (and the last, partial one) every process's result is passed to
   `add` in item order."""
-  n, me = process_count(), process_index()
+  n = process_count()
   mine, i = None, -1
   for i, item in enumerate(items):
-    if i % n == me:
+    if owns(i):
       mine = fn(i, item)
     if i % n == n - 1:
       _gather_round(mine, add)
