@@ -24,7 +24,9 @@ import numpy as np
 
 from jaxinterp import tasks
 from jaxinterp.circuits.layout import valid_edges
+from jaxinterp.models import init_params
 from jaxinterp.models.config import ModelConfig
+from jaxinterp.models.pretrained import from_pretrained
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -277,3 +279,29 @@ def write_json(obj, path: str) -> None:
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2, default=float)
   os.replace(tmp, path)
+
+
+class Ctx:
+  """Shapes, checkpoints and data shared by the suites of one run."""
+
+  def __init__(self, workdir: str, quick: bool):
+    self.workdir = workdir
+    self.quick = quick
+    self._models = {}
+
+  def model(self, shape: str, dtype=None):
+    """(cfg, params, hf_dir or None) of a shape; GPT-2 shapes go through a HF checkpoint."""
+    key = (shape, str(dtype))
+    if key not in self._models:
+      if SHAPES[shape]["family"] == "gpt2":
+        d = gpt2_checkpoint(os.path.join(self.workdir, shape), shape)
+        m = from_pretrained(d, dtype=dtype or jnp.float32)
+        self._models[key] = (m.cfg, m.params, d)
+      else:
+        cfg = model_config(shape)
+        params = init_params(cfg, jax.random.PRNGKey(0), dtype=dtype or jnp.float32)
+        self._models[key] = (cfg, params, None)
+    return self._models[key]
+
+  def data(self, cfg, n: int):
+    return ioi_or_random(n, cfg.d_vocab, seq=16)

@@ -15,17 +15,18 @@ Kernels: EAP and EAP-IG-inputs (`receiver_grads.ig_inputs_batch`, also at 4x the
 program must not grow with them), EAP-IG-activations, exact patching as `attribute` compiles it
 (`exact.upstream_cache`, `exact.edge_chunk_scan`: one program for the edges into every block, and
 `exact.edge_chunk` for the logits receiver; `edge_chunk` per layer where blocks can't be scanned),
-ACDC's programs (`acdc_trials`: the circuit forward from the receivers' layer, as data), the UGS
-mask-training step, the circuit forward's `prepare` and `circuit_metric` (one program for every
-circuit size) and a DAS training step (`interventions.training.make_train_step`, one rotated-space
-site). On the toy, EAP-IG-inputs is also compiled on random-init models of its width with 1, 2 and 4
-layers (how the program grows with depth). Then, on the toy, the quickstart runs as a fresh process
-with `--compilation_cache=` (`python -m experiments.find_circuit`), and its phases (graph.json's
-`meta`) give the share of the run spent compiling (the issue's target: at most 25%), three times
-under each compile policy (`jaxinterp.runtime.compile_policy`: $JAXINTERP_COMPILE_POLICY=full, XLA's
-full optimisation (the default), and the opt-in "fast", where the toy compiles with `FAST_COMPILE`),
-alternating. The kernel rows are compiled as the library compiles them: with XLA's defaults, or on
-the toy with `FAST_COMPILE` when this process runs under $JAXINTERP_COMPILE_POLICY=fast.
+ACDC's programs (`acdc_trials`: the circuit forward from the receivers' layer, as data), the UGS and
+Edge Pruning mask-training steps, the circuit forward's `prepare` and `circuit_metric` (one program
+for every circuit size) and a DAS training step (`interventions.training.make_train_step`, one
+rotated-space site). On the toy, EAP-IG-inputs is also compiled on random-init models of its width
+with 1, 2 and 4 layers (how the program grows with depth). Then, on the toy, the quickstart runs as
+a fresh process with `--compilation_cache=` (`python -m experiments.find_circuit`), and its phases
+(graph.json's `meta`) give the share of the run spent compiling (the issue's target: at most 25%),
+three times under each compile policy (`jaxinterp.runtime.compile_policy`:
+$JAXINTERP_COMPILE_POLICY=full, XLA's full optimisation (the default), and the opt-in "fast", where
+the toy compiles with `FAST_COMPILE`), alternating. The kernel rows are compiled as the library
+compiles them: with XLA's defaults, or on the toy with `FAST_COMPILE` when this process runs under
+$JAXINTERP_COMPILE_POLICY=fast.
 
 The CPU is shared: compile seconds move with the load (recorded in the environment); HLO sizes do
 not. Compare seconds within one run.
@@ -48,7 +49,7 @@ import optax
 
 from benchmarks import common
 from jaxinterp import attribution as A
-from jaxinterp.attribution import acdc, exact, ig_activations, receiver_grads, ugs
+from jaxinterp.attribution import acdc, edge_pruning, exact, ig_activations, receiver_grads, ugs
 from jaxinterp.circuits.layout import valid_edges
 from jaxinterp.evaluation import circuit_forward as CF
 from jaxinterp.interventions import basic
@@ -143,6 +144,11 @@ def kernels(cfg, params, dataset, steps: int) -> dict[str, dict]:
   out["UGS step"] = measure(ugs.train_step, cfg, task, opts, lr, params, abl,
                             ugs.init_state(cfg, lr), batch, jax.random.PRNGKey(0),
                             jnp.asarray(0, jnp.int32))
+  log("[compile] edge-pruning step")
+  e_opts = edge_pruning.EdgePruningOptions(mask_batch=len(batch.clean), mask_steps=1)
+  out["edge-pruning step"] = measure(edge_pruning.train_step, cfg, task, e_opts, params, abl,
+                                     edge_pruning.init_state(cfg, e_opts), batch,
+                                     jax.random.PRNGKey(0), jnp.asarray(0, jnp.int32))
   log("[compile] circuit forward")
   fwd = CF.CircuitForward(cfg, params, task, valid_edges(cfg))
   csfx = shared_prefix.plan(fwd.cfg, batch, abl.kind)

@@ -65,12 +65,12 @@ from absl import app, flags
 
 from benchmarks import common, das, evaluation, methods, pipeline
 from benchmarks import compile as compile_suite
+from benchmarks.common import Ctx
 from jaxinterp import attribution as A
 from jaxinterp.attribution import receiver_grads as RG
 from jaxinterp.circuits.layout import valid_edges
 from jaxinterp.models import edges as E
 from jaxinterp.models import init_params
-from jaxinterp.models.pretrained import from_pretrained
 from jaxinterp.tasks import Batch
 from jaxinterp.tasks import metrics as task_metrics
 
@@ -106,32 +106,6 @@ _SCALING_N = flags.DEFINE_string("scaling_n", "16,32,64", "example counts of the
 
 def log(*a):
   print(*a, file=sys.stderr, flush=True)
-
-
-class Ctx:
-  """Shapes, checkpoints and data shared by the suites of one run."""
-
-  def __init__(self, workdir: str, quick: bool):
-    self.workdir = workdir
-    self.quick = quick
-    self._models = {}
-
-  def model(self, shape: str, dtype=None):
-    """(cfg, params, hf_dir or None) of a shape; GPT-2 shapes go through a HF checkpoint."""
-    key = (shape, str(dtype))
-    if key not in self._models:
-      if common.SHAPES[shape]["family"] == "gpt2":
-        d = common.gpt2_checkpoint(os.path.join(self.workdir, shape), shape)
-        m = from_pretrained(d, dtype=dtype or jnp.float32)
-        self._models[key] = (m.cfg, m.params, d)
-      else:
-        cfg = common.model_config(shape)
-        params = init_params(cfg, jax.random.PRNGKey(0), dtype=dtype or jnp.float32)
-        self._models[key] = (cfg, params, None)
-    return self._models[key]
-
-  def data(self, cfg, n: int):
-    return common.ioi_or_random(n, cfg.d_vocab, seq=16)
 
 
 def _ready(x):

@@ -171,7 +171,8 @@ def _row_losses(cfg, task, options: EdgePruningOptions, params, batch, clean_las
     def rep(x):
       return jnp.concatenate([x] * options.ep_samples, 0)
 
-    batch, clean_last, ablated = jax.tree.map(rep, batch), rep(clean_last), rep(ablated)
+    batch, clean_last = jax.tree.map(rep, batch), rep(clean_last)
+    ablated = masks.repeat_rows(ablated, options.ep_samples)
   w = jnp.where(jnp.asarray(valid_edges(cfg)), z, 1.0)
   return masks.circuit_loss(cfg, task, options.mask_objective, params, batch, clean_last, ablated,
                             w), batch
@@ -214,7 +215,7 @@ def train_step(cfg, task, options: EdgePruningOptions, params, ablation, state, 
   log_alpha, ascends on the multipliers. Compiled once per model, task and options."""
   theta, opt_state = state
   target = target_sparsity(i, options)
-  clean_last, ablated = masks.clean_and_ablated(cfg, params, batch, ablation)
+  clean_last, ablated = masks.clean_and_ablated(cfg, task, params, batch, ablation)
   (loss, (kl, sparsity)), g = jax.value_and_grad(_loss, argnums=4, has_aux=True)(
       cfg, task, options, params, theta, batch, clean_last, ablated, key, target)
   return _apply(options, theta, opt_state, g,
@@ -226,7 +227,7 @@ def split_rows(cfg, task, options: EdgePruningOptions, params, ablation, state, 
                size):
   """`masks.SplitStep.rows` of Edge Pruning: the gradient of this process's rows' summed KL (their
   samples as the whole batch of `size` draws them) and {"kl": the sum, "count": real rows}."""
-  clean_last, ablated = masks.clean_and_ablated(cfg, params, part, ablation)
+  clean_last, ablated = masks.clean_and_ablated(cfg, task, params, part, ablation)
 
   def total(theta):
     z = _sample(options, theta["log_alpha"], key, size)

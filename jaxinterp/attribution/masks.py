@@ -23,9 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxinterp.attribution import base
+from jaxinterp.attribution import base, mask_forward
 from jaxinterp.circuits import Graph
 from jaxinterp.circuits.layout import valid_edges
+from jaxinterp.evaluation import circuit_forward as CF
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.edges import EdgePatch
 from jaxinterp.models.transformer import forward, last_token_logits
@@ -88,13 +89,25 @@ def positive_float(name: str, value) -> None:
 # ----------------------------------------------------------------------------------- the objective
 
 
-def clean_and_ablated(cfg: ModelConfig, params, batch: Batch, ablation):
-  """What every step needs besides the mask: the clean model's last-position logits
-  [batch, 1, vocab] and the ablated sender values [batch, pos, sender, d_model] (no gradient)."""
+def clean_and_ablated(cfg: ModelConfig, task, params, batch: Batch, ablation):
+  """What every step needs besides the mask, without gradient: the clean model's last-position
+  logits [batch, 1, vocab] and the ablated side, which `circuit_loss` reads: the circuit forward's
+  per-batch arrays (`mask_forward.prepare`), or, for a config it does not support, the ablated
+  sender values [batch, pos, sender, d_model] of the graph-form forward."""
+  if CF.supported(cfg):
+    prep = mask_forward.prepare(cfg, task, params, batch, ablation)
+    return prep.clean_logits, prep
   logits = forward(cfg, params, batch.clean, attention_mask=batch.mask)
   last = jnp.take_along_axis(logits, batch.last[:, None, None], axis=1)
   ablated = ablation.values(cfg, params, batch)
   return jax.lax.stop_gradient(last), jax.lax.stop_gradient(ablated)
+
+
+def repeat_rows(ablated, n: int):
+  """`clean_and_ablated`'s ablated side for the batch repeated n times (sample-major)."""
+  if isinstance(ablated, CF.Prepared):
+    return mask_forward.repeat(ablated, n)
+  return jnp.concatenate([ablated] * n, 0)
 
 
 def _last_logits(cfg, params, tokens, mask, last, edges):
@@ -109,9 +122,13 @@ def circuit_loss(cfg: ModelConfig, task, objective: str, params, batch: Batch, c
   last real token, in nats; "task": |m(circuit) - m(clean)| in the task metric's units.
 
   weights: Float[Array, "sender receiver"] (one mask for the batch) or Float[Array, "batch sender
-  receiver"] (a mask per row, `vmap` over rows). Only the last position is unembedded.
+  receiver"] (a mask per row). `clean_last` and `ablated` are `clean_and_ablated`'s: the circuit
+  forward's scan over layers (`mask_forward`) runs the circuit, or the graph-form forward (`vmap`
+  over rows for per-row masks) where that is unsupported. Only the last position is unembedded.
   """
-  if weights.ndim == 2:
+  if isinstance(ablated, CF.Prepared):
+    logits = mask_forward.last_logits(cfg, params, ablated, weights)
+  elif weights.ndim == 2:
     logits = _last_logits(cfg, params, batch.clean, batch.mask, batch.last,
                           EdgePatch(weights, ablated))
   else:
@@ -169,8 +186,8 @@ def prune_dangling(cfg: ModelConfig, on):
   input to the logits; the others are dangling. Same shape as `on`.
 
   Forward reachability from `input` and backward reachability to `logits` over the sender nodes,
-  iterated 2 * n_layers + 1 times (the longest path). An edge s -> r is kept if s is reached from
-  the input and r's node reaches the logits.
+  iterated 2 * n_layers + 1 times (the longest path; a loop: the program does not grow with it). An
+  edge s -> r is kept if s is reached from the input and r's node reaches the logits.
   """
   g = Graph.from_config(cfg)
   S = g.n_senders
@@ -180,12 +197,16 @@ def prune_dangling(cfg: ModelConfig, on):
   batch_shape = on.shape[:-2]
   reach_in = jnp.zeros(batch_shape + (S + 1,), bool).at[..., 0].set(True)
   reach_out = jnp.zeros(batch_shape + (S + 1,), bool).at[..., S].set(True)
-  for _ in range(2 * cfg.n_layers + 1):
+
+  def step(_, reach):
+    reach_in, reach_out = reach
     hit = jnp.einsum("...s,...sr->...r", reach_in[..., :S].astype(jnp.float32), on_f)
     reach_in = reach_in | (jnp.einsum("...r,rn->...n", hit, owner) > 0)
     ok = jnp.einsum("...n,rn->...r", reach_out.astype(jnp.float32), owner)
     out_s = jnp.einsum("...sr,...r->...s", on_f, ok) > 0
-    reach_out = reach_out.at[..., :S].set(reach_out[..., :S] | out_s)
+    return reach_in, reach_out.at[..., :S].set(reach_out[..., :S] | out_s)
+
+  reach_in, reach_out = jax.lax.fori_loop(0, 2 * cfg.n_layers + 1, step, (reach_in, reach_out))
   dest_ok = jnp.einsum("...n,rn->...r", reach_out.astype(jnp.float32), owner) > 0
   return on & reach_in[..., :S, None] & dest_ok[..., None, :]
 

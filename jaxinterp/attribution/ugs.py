@@ -133,8 +133,8 @@ def node_penalty(cfg: ModelConfig, alpha, valid):
   g = Graph.from_config(cfg)
   a = jnp.where(valid, alpha, 0.0)
   heads = np.asarray([s for s in range(g.n_senders) if g.sender_names[s].startswith("a")])
-  owner = np.asarray(g.receiver_node)
-  into = jnp.stack([jnp.sum(a[:, owner == s]) for s in heads])
+  into_head = np.asarray(g.receiver_node)[None, :] == heads[:, None]  # [head, receiver]
+  into = jnp.asarray(into_head, a.dtype) @ jnp.sum(a, 0)
   x = jnp.sum(a[heads], 1) + into
   LH = cfg.n_layers * cfg.n_heads
   return jnp.sum(jnp.tanh(2 * x / LH) * LH / 2)
@@ -177,7 +177,7 @@ def _row_losses(cfg, task, options: UGSOptions, params, batch, clean_last, ablat
 
   rows = jax.tree.map(rep, batch)
   return masks.circuit_loss(cfg, task, options.mask_objective, params, rows, rep(clean_last),
-                            rep(ablated), m), rows
+                            masks.repeat_rows(ablated, options.ugs_samples), m), rows
 
 
 def _loss(cfg, task, options: UGSOptions, params, theta, batch, clean_last, ablated, key):
@@ -196,7 +196,7 @@ def train_step(cfg, task, options: UGSOptions, lr: float, params, ablation, stat
   options, so repeated `fit` calls (and the benchmark) reuse it."""
   del i
   theta, opt_state = state
-  clean_last, ablated = masks.clean_and_ablated(cfg, params, batch, ablation)
+  clean_last, ablated = masks.clean_and_ablated(cfg, task, params, batch, ablation)
   (loss, (kl, complexity)), g = jax.value_and_grad(_loss, argnums=4, has_aux=True)(
       cfg, task, options, params, theta, batch, clean_last, ablated, key)
   return _apply(options, lr, theta, opt_state, g,
@@ -215,7 +215,7 @@ def _apply(options: UGSOptions, lr: float, theta, opt_state, g, logs):
 def split_rows(cfg, task, options: UGSOptions, params, ablation, state, part, key, own, size):
   """`masks.SplitStep.rows` of UGS: the gradient of this process's rows' summed KL (their masks as
   the whole batch of `size` draws them) and {"kl": the sum, "count": real rows x samples}."""
-  clean_last, ablated = masks.clean_and_ablated(cfg, params, part, ablation)
+  clean_last, ablated = masks.clean_and_ablated(cfg, task, params, part, ablation)
 
   def total(theta):
     m = _masks(cfg, options, theta, key, options.ugs_samples * size, own, size)

@@ -139,7 +139,7 @@ def _patching_run(cfg: ModelConfig, params, batch: Batch,
     final, _, ys, prefix = shared_prefix.run_pair(
         cfg, params, embed_inputs(cfg, params, batch.clean, batch.mask), e_corrupt, batch.mask,
         sfx, corrupt_collect=("attn.hook_z", "hook_mlp_out"))
-    x, e_corrupt = _norm(cfg, params.get("ln_final"), final), sfx.take(e_corrupt)
+    x, e_corrupt = norm(cfg, params.get("ln_final"), final), sfx.take(e_corrupt)
     zs, mlps = ys["attn.hook_z"], ys["hook_mlp_out"]
   groups = [e_corrupt[None].astype(x.dtype)]
   for li in range(L):
@@ -148,7 +148,7 @@ def _patching_run(cfg: ModelConfig, params, batch: Batch,
     heads = jnp.einsum("bphe,hed->hbpd", z, blk["attn"]["W_O"])
     if cfg.post_norms:  # as the graph form: the layer's post-norm scale, shared by its heads
       b_O = blk["attn"]["b_O"] if cfg.attn_out_bias else 0.0
-      heads = heads * _norm(cfg, blk["ln1_post"], heads.sum(0) + b_O, Norm.scale)[None]
+      heads = heads * norm(cfg, blk["ln1_post"], heads.sum(0) + b_O, Norm.scale)[None]
     groups += [heads.astype(x.dtype), mlps[li][None].astype(x.dtype)]
   return tuple(groups), x, prefix
 
@@ -185,7 +185,7 @@ def prepare(cfg: ModelConfig, task: Task, params, batch: Batch, ablation: Ablati
     heads = sums[1 + 2 * li] + b_O[li]
     mlp.append(acc if cfg.parallel_attn_mlp else acc + heads)
     acc = acc + heads + sums[2 + 2 * li]
-  empty, _ = metric_at_last(cfg, task, params, batch, _norm(cfg, params.get("ln_final"), acc),
+  empty, _ = metric_at_last(cfg, task, params, batch, norm(cfg, params.get("ln_final"), acc),
                             clean_logits)
   positions = positions_of(batch.mask) if sfx is None else sfx.positions
   return Prepared(jnp.concatenate(ablated), live_input[None] - ablated[0], jnp.stack(attn),
@@ -193,7 +193,8 @@ def prepare(cfg: ModelConfig, task: Task, params, batch: Batch, ablation: Ablati
                   batch.mask.astype(bool), batch.last, prefix)
 
 
-def _norm(cfg: ModelConfig, p, x: Array, method=None) -> Array:
+def norm(cfg: ModelConfig, p, x: Array, method=None) -> Array:
+  """The config's norm with weights `p` (None: an identity norm's empty weights) applied to x."""
   return Norm(cfg).apply({"params": p or {}}, x, method=method)
 
 
@@ -244,7 +245,7 @@ def _read(delta: Array, coef: Array, n_up: int | Array, buckets: tuple[int, ...]
 
 
 @flax.struct.dataclass
-class _Layer:
+class Layer:
   """One layer's slice of the scan over layers (`circuit_metric`): its index, block weights (a slice
   of `stack_blocks`), A_r of its q/k/v and MLP receivers, its clean key/value prefix (or None) and
   whether it is a sliding-window layer (or None: no sliding layers)."""
@@ -257,7 +258,14 @@ class _Layer:
   local: Array | None
 
 
-def _heads(cfg: ModelConfig, K: int, lay: _Layer, prep: Prepared, read: Array, needed: Array,
+def layers(cfg: ModelConfig, stacked, prep: Prepared) -> Layer:
+  """The scan's per-layer slices (`Layer`; the layers' types as data, None if none slides)."""
+  local = jnp.asarray([li in cfg.sliding_layers for li in range(cfg.n_layers)])
+  return Layer(jnp.arange(cfg.n_layers), stacked, prep.resid_attn, prep.resid_mlp, prep.prefix,
+               local if cfg.sliding_layers else None)
+
+
+def heads_delta(cfg: ModelConfig, K: int, lay: Layer, prep: Prepared, read: Array, needed: Array,
            s0: Array) -> Array:
   """A layer's heads' live - ablated outputs, [n_heads, batch, pos, d_model], computing (up to) K
   of the needed heads (the others are left zero: nothing reads them). `read` is `_read` of the
@@ -271,7 +279,7 @@ def _heads(cfg: ModelConfig, K: int, lay: _Layer, prep: Prepared, read: Array, n
     idx = jnp.argsort(jnp.where(needed, 0, 1), stable=True)[:K]  # the needed heads first
     x = read[jnp.concatenate([idx, H + idx, 2 * H + idx])]
     gathered = {k: (v[idx] if k != "b_O" else v) for k, v in blk["attn"].items()}
-  x = _norm(cfg, blk.get("ln1"), lay.resid_attn + x)  # [3K, batch, pos, d_model]
+  x = norm(cfg, blk.get("ln1"), lay.resid_attn + x)  # [3K, batch, pos, d_model]
   # Head-major throughout: each head's input is projected where it lies (no transposes of the
   # [K, batch, pos, d_model] inputs), and each head's output comes out as its sender row.
   q, k, v = (jnp.einsum("hbpd,hde->bphe", x[i * K:(i + 1) * K], gathered[f"W_{n}"]) +
@@ -285,25 +293,26 @@ def _heads(cfg: ModelConfig, K: int, lay: _Layer, prep: Prepared, read: Array, n
       sites=Sites(), prefix=prefix, local=lay.local, method=Attention.attend)
   result = jnp.einsum("bphe,hed->hbpd", z, gathered["W_O"])  # [K, batch, pos, d_model]
   if cfg.post_norms:  # K == H: the norm's scale is that of the whole layer's output
-    result = result * _norm(cfg, blk["ln1_post"], result.sum(0), Norm.scale)[None]
+    result = result * norm(cfg, blk["ln1_post"], result.sum(0), Norm.scale)[None]
   ablated = jax.lax.dynamic_slice_in_dim(prep.ablated, s0, H)  # sliced where used: fused, no copy
   new = result.astype(ablated.dtype) - ablated[idx]
   new = jnp.where(needed[idx][:, None, None, None], new, 0.0)
   return new if K == H else jnp.zeros_like(ablated).at[idx].set(new)
 
 
-def _mlp(cfg: ModelConfig, lay: _Layer, coef_heads: Array, heads: Array, read: Array,
+def mlp_delta(cfg: ModelConfig, lay: Layer, coef_heads: Array, heads: Array, read: Array,
          prep: Prepared, s: Array) -> Array:
   """A layer's MLP's live - ablated output, [1, batch, pos, d_model]. `read` covers the senders
   before the layer; the layer's own `heads` (upstream unless the blocks are parallel, read with
-  weights `coef_heads` [n_heads]) are added. `s`: the MLP's sender."""
+  weights `coef_heads`, [n_heads] or per row [n_heads, batch]) are added. `s`: the MLP's sender."""
   blk = lay.blk
   x = lay.resid_mlp + read[3 * cfg.n_heads]
   if not cfg.parallel_attn_mlp:
-    x = x + jnp.sum(heads * coef_heads.astype(heads.dtype)[:, None, None, None], 0)
-  out = MLP(cfg, 0).apply({"params": blk["mlp"]}, _norm(cfg, blk.get("ln2"), x), Sites())
+    c = coef_heads.astype(heads.dtype)
+    x = x + jnp.sum(heads * c.reshape(c.shape + (1,) * (heads.ndim - c.ndim)), 0)
+  out = MLP(cfg, 0).apply({"params": blk["mlp"]}, norm(cfg, blk.get("ln2"), x), Sites())
   if cfg.post_norms:
-    out = _norm(cfg, blk["ln2_post"], out)
+    out = norm(cfg, blk["ln2_post"], out)
   return out[None].astype(prep.ablated.dtype) - jax.lax.dynamic_slice_in_dim(prep.ablated, s, 1)
 
 
@@ -344,7 +353,7 @@ def circuit_metric(cfg: ModelConfig, task: Task, params, batch: Batch, prep: Pre
   shape = prep.delta_input.shape[1:]
   stacked = stack_blocks(cfg, params) if stacked is None else stacked
 
-  def layer(delta, lay: _Layer):
+  def layer(delta, lay: Layer):
     # live - ablated of every sender, [sender, batch, pos, d_model]. Each layer writes all its rows
     # (zero for senders nothing reads); later layers' rows that a read covers are weighted 0.
     s0 = 1 + lay.li * (H + 1)  # the layer's first head sender = its number of upstream senders
@@ -357,20 +366,17 @@ def circuit_metric(cfg: ModelConfig, task: Task, params, batch: Batch, prep: Pre
                         lambda d: _read(d, coef, s0, rows),
                         lambda d: jnp.zeros((3 * H + 1,) + shape, d.dtype), delta)
     heads = jax.lax.switch(jnp.searchsorted(jnp.asarray(buckets), needed.sum()),
-                           [functools.partial(_heads, cfg, K, lay, prep) for K in buckets],
+                           [functools.partial(heads_delta, cfg, K, lay, prep) for K in buckets],
                            read, needed, s0)
     delta = jax.lax.dynamic_update_slice_in_dim(delta, heads, s0, 0)
     mlp = jax.lax.cond(mlp_needed,
-                       lambda h, r: _mlp(cfg, lay, jax.lax.dynamic_slice_in_dim(
+                       lambda h, r: mlp_delta(cfg, lay, jax.lax.dynamic_slice_in_dim(
                            coef[:, 3 * H], s0, H), h, r, prep, s0 + H),
                        lambda h, r: jnp.zeros((1,) + shape, h.dtype), heads, read)
     return jax.lax.dynamic_update_slice_in_dim(delta, mlp, s0 + H, 0), None
 
   delta = scratch.at[0].set(prep.delta_input[0])
-  local = (jnp.asarray([li in cfg.sliding_layers for li in range(cfg.n_layers)])
-           if cfg.sliding_layers else None)  # each layer's type (sliding window or not) as data
-  xs = _Layer(jnp.arange(cfg.n_layers), stacked, prep.resid_attn, prep.resid_mlp, prep.prefix,
-              local)
+  xs = layers(cfg, stacked, prep)
   if start is None:
     delta, _ = jax.lax.scan(layer, delta, xs)
   else:  # layers start.. only (a loop of traced length), the rows before them as given
@@ -379,7 +385,7 @@ def circuit_metric(cfg: ModelConfig, task: Task, params, batch: Batch, prep: Pre
   col = jnp.asarray([E.logits_receiver(cfg)])
   x = prep.resid_final + _read(delta, w[:, col], E.n_senders(cfg))[0]
   total, _ = metric_at_last(cfg, task, params, batch.replace(last=prep.last),
-                            _norm(cfg, params.get("ln_final"), x), prep.clean_logits)
+                            norm(cfg, params.get("ln_final"), x), prep.clean_logits)
   return total, delta
 
 

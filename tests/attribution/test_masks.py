@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from jaxinterp import attribution as A
-from jaxinterp.attribution import acdc, edge_pruning, masks, optimal, ugs
+from jaxinterp.attribution import acdc, edge_pruning, mask_forward, masks, optimal, ugs
 from jaxinterp.circuits import Graph
 from jaxinterp.circuits.layout import valid_edges
 from jaxinterp.evaluation import faithfulness as V
@@ -97,15 +97,16 @@ def test_mask_at_one_is_the_clean_model_and_at_zero_the_ablated_one(setup):
   model, data, abl, _ = setup
   cfg, params = model.cfg, model.params
   batch = next(data.batches(8, bucket=None))
-  clean_last, ablated = masks.clean_and_ablated(cfg, params, batch, abl)
+  clean_last, ablated = masks.clean_and_ablated(cfg, data.task, params, batch, abl)
   shape = valid_edges(cfg).shape
   key = jax.random.PRNGKey(0)
   on = {"UGS": ugs.sample_masks(key, jnp.full(shape, 30.0), 8),
         "edge-pruning": edge_pruning.sample_z(key, jnp.full(shape, 30.0))}
   off = {"UGS": ugs.sample_masks(key, jnp.full(shape, -30.0), 8),
          "edge-pruning": edge_pruning.sample_z(key, jnp.full(shape, -30.0))}
+  values = abl.values(cfg, params, batch)  # the graph form's ablated senders
   run = jax.jit(lambda tokens, w: forward(cfg, params, tokens, attention_mask=batch.mask,
-                                           edges=None if w is None else EdgePatch(w, ablated)))
+                                           edges=None if w is None else EdgePatch(w, values)))
   loss = jax.jit(masks.circuit_loss, static_argnums=(0, 1, 2))
   corrupted_last = np.take_along_axis(run(batch.corrupted, None), batch.last[:, None, None], axis=1)
   for name in on:
@@ -117,6 +118,9 @@ def test_mask_at_one_is_the_clean_model_and_at_zero_the_ablated_one(setup):
     logits = run(batch.clean, w)
     np.testing.assert_allclose(np.take_along_axis(logits, batch.last[:, None, None], axis=1),
                                corrupted_last, atol=1e-4)
+    # ... and so in the mask methods' scanned forward.
+    np.testing.assert_allclose(mask_forward.last_logits(cfg, params, ablated, w), corrupted_last,
+                               atol=1e-4)
   assert float(edge_pruning.keep_probability(jnp.asarray(30.0))) == pytest.approx(1.0)
   assert float(edge_pruning.keep_probability(jnp.asarray(-30.0))) == pytest.approx(0.0)
 
@@ -159,8 +163,16 @@ def test_edge_pruning_finds_the_induction_circuit(setup):
   model, data, abl, _ = setup
   opts = edge_pruning.EdgePruningOptions(sparsity=0.82, mask_steps=1000, mask_batch=16, seed=1)
   res = edge_pruning.fit(model.cfg, model.params, data, abl, opts)
-  _check_finds_the_circuit(setup, res.scores)
+  # Its circuit (the 20 edges most likely kept) holds the known one and is at least as faithful as
+  # EAP-IG's best at <= 20 edges. Its scores are keep probabilities, several edges' near 1, so the
+  # known edges' ranks inside the circuit are near-ties (6th and 5th at this seed, 2nd and 1st at
+  # seed 0): no top-5 check here.
   assert res.extras["circuit"].sum() == 20
+  circuit = Graph.from_config(model.cfg).with_edges(res.extras["circuit"])
+  names = {circuit.edge_name(s, r) for s, r in zip(*np.nonzero(circuit.in_graph), strict=True)}
+  assert set(KNOWN) <= names, sorted(names)
+  ours, theirs = _faithfulness(model, data, res.scores), _faithfulness(model, data, setup[3])
+  assert ours.max() >= theirs.max(), (ours, theirs)
   # The Lagrangian holds the sampled masks' sparsity at the target once it stops rising.
   assert abs(np.mean(res.extras["sparsity"][-100:]) - 0.82) < 0.03
 
