@@ -1,8 +1,9 @@
 """What the mask-training methods (UGS, edge pruning) share: the circuit's KL to the clean model
 under continuous edge weights, the optax training loop, dangling-edge pruning and warm starts.
 
-A mask is the graph-form forward's edge weights `w[s, r]` in [0, 1] (`models.EdgePatch`): receiver r
-reads `w * clean_s + (1 - w) * ablated_s` of each upstream sender s. `w = 1` everywhere is the
+A mask is a weight `w[s, r]` in [0, 1] per edge: receiver r reads `w * clean_s + (1 - w) *
+ablated_s` of each upstream sender s (the graph form's edge weights, `models.EdgePatch`; the steps
+run it as the circuit forward's scan over layers, `mask_forward`). `w = 1` everywhere is the
 clean model, `w = 0` the fully ablated one. Both methods minimise
 
     E_x KL( p_clean(. | x) || p_w(. | x) )   at each example's last real token  +  a sparsity term,

@@ -27,7 +27,10 @@ def _graph_form(cfg, params, batch, ablation):
           ablation.values(cfg, params, batch))
 
 
-def _compare(cfg, params, data, kind, masks_per_row=((), (6,)), objectives=("kl", "task")):
+ALL = (((), "kl"), ((), "task"), ((6,), "kl"), ((6,), "task"))  # (mask rows, objective)
+
+
+def _compare(cfg, params, data, kind, cases=ALL):
   """Loss sums and their gradients in w agree to float32 rounding (the sums run in another order:
   A_r + sum_s w delta_s against resid_r - sum_s (1 - w) delta_s)."""
   batch = next(data.batches(6, bucket=None))
@@ -38,26 +41,26 @@ def _compare(cfg, params, data, kind, masks_per_row=((), (6,)), objectives=("kl"
   np.testing.assert_allclose(clean, clean_g, rtol=1e-5, atol=1e-5)
   valid = valid_edges(cfg)
   key = jax.random.PRNGKey(1)
-  for rows in masks_per_row:  # () one mask for the batch, (6,) one per row
+  for rows, objective in cases:  # rows (): one mask for the batch, (6,): one per row
     w = jax.random.uniform(key, rows + valid.shape)
-    for objective in objectives:
-      def total(w, clean, side, objective=objective):
-        return masks.circuit_loss(cfg, data.task, objective, params, batch, clean, side, w).sum()
 
-      ours, g = jax.jit(jax.value_and_grad(total))(w, clean, prep)
-      ref, g_ref = jax.jit(jax.value_and_grad(total))(w, clean_g, ablated)
-      where = f"{cfg.family} {kind} {objective} rows={rows}"
-      np.testing.assert_allclose(ours, ref, rtol=2e-5, atol=2e-6, err_msg=where)
-      g, g_ref = np.asarray(g)[..., valid], np.asarray(g_ref)[..., valid]
-      assert np.abs(g_ref).max() > 1e-5, where  # the gradient is not trivially zero
-      np.testing.assert_allclose(g, g_ref, rtol=0, atol=2e-5 * np.abs(g_ref).max(), err_msg=where)
+    def total(w, clean, side, objective=objective):
+      return masks.circuit_loss(cfg, data.task, objective, params, batch, clean, side, w).sum()
+
+    ours, g = jax.jit(jax.value_and_grad(total))(w, clean, prep)
+    ref, g_ref = jax.jit(jax.value_and_grad(total))(w, clean_g, ablated)
+    where = f"{cfg.family} {kind} {objective} rows={rows}"
+    np.testing.assert_allclose(ours, ref, rtol=2e-5, atol=2e-6, err_msg=where)
+    g, g_ref = np.asarray(g)[..., valid], np.asarray(g_ref)[..., valid]
+    assert np.abs(g_ref).max() > 1e-5, where  # the gradient is not trivially zero
+    np.testing.assert_allclose(g, g_ref, rtol=0, atol=2e-5 * np.abs(g_ref).max(), err_msg=where)
 
 
 def test_equals_the_graph_form_on_the_toy():
   """A mask per row (UGS's samples), the KL objective, patching."""
   model = toy.load_toy()
   _compare(model.cfg, model.params, toy.induction_task_dataset(12, seq_len=8), "patching",
-           masks_per_row=((6,),), objectives=("kl",))
+           cases=(((6,), "kl"),))
 
 
 @pytest.mark.slow
@@ -70,13 +73,15 @@ def test_equals_the_graph_form_for_every_ablation_and_objective(kind):
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(CONFIGS) + list(FM.CONFIGS))
 def test_equals_the_graph_form_on_every_family(family):
-  """GPT-2, NeoX (parallel blocks: no head feeds its own layer's MLP), Llama (GQA, ungrouped),
-  Gemma-2 (post-norms, softcaps, sliding windows), Gemma-3, Qwen3, Mistral, OLMo-2, Phi-3."""
+  """Per-row masks under KL, one mask under the task metric, on GPT-2, NeoX (parallel blocks: no
+  head feeds its own layer's MLP), Llama (GQA, ungrouped), Gemma-2 (post-norms, softcaps, sliding
+  windows), Gemma-3, Qwen3, Mistral, OLMo-2, Phi-3."""
   if family in CONFIGS:
     cfg, params = CONFIGS[family], _params(CONFIGS[family])
   else:
     cfg, params = FM.CONFIGS[family], FM._params(family)
-  _compare(cfg, params, tasks.make_induction(8, 4, cfg.d_vocab, seed=0, bos_id=0), "patching")
+  _compare(cfg, params, tasks.make_induction(8, 4, cfg.d_vocab, seed=0, bos_id=0), "patching",
+           cases=(((6,), "kl"), ((), "task")))  # (every case: the toy's test above)
 
 
 def _ugs_step_lines(n_layers: int) -> int:
