@@ -168,11 +168,7 @@ def _row_losses(cfg, task, options: EdgePruningOptions, params, batch, clean_las
   """Per-row loss of the batch (repeated `ep_samples` times, sample-major, if z is per row) under
   the samples z, and the (repeated) batch."""
   if z.ndim == 3:
-    def rep(x):
-      return jnp.concatenate([x] * options.ep_samples, 0)
-
-    batch, clean_last = jax.tree.map(rep, batch), rep(clean_last)
-    ablated = masks.repeat_rows(ablated, options.ep_samples)
+    batch, clean_last, ablated = masks.repeat_rows(options.ep_samples, batch, clean_last, ablated)
   w = jnp.where(jnp.asarray(valid_edges(cfg)), z, 1.0)
   return masks.circuit_loss(cfg, task, options.mask_objective, params, batch, clean_last, ablated,
                             w), batch

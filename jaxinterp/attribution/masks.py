@@ -104,11 +104,17 @@ def clean_and_ablated(cfg: ModelConfig, task, params, batch: Batch, ablation):
   return jax.lax.stop_gradient(last), jax.lax.stop_gradient(ablated)
 
 
-def repeat_rows(ablated, n: int):
-  """`clean_and_ablated`'s ablated side for the batch repeated n times (sample-major)."""
+def repeat_rows(n: int, batch: Batch, clean_last, ablated):
+  """The batch and `clean_and_ablated`'s two values repeated n times along the rows, for n mask
+  samples per example (sample-major: row j * batch + b is example b's j-th sample)."""
+  def rep(x):
+    return jnp.concatenate([x] * n, 0)
+
   if isinstance(ablated, CF.Prepared):
-    return mask_forward.repeat(ablated, n)
-  return jnp.concatenate([ablated] * n, 0)
+    ablated = mask_forward.repeat(ablated, n)
+  else:
+    ablated = rep(ablated)
+  return jax.tree.map(rep, batch), rep(clean_last), ablated
 
 
 def _last_logits(cfg, params, tokens, mask, last, edges):

@@ -172,12 +172,9 @@ def _penalties(cfg, options: UGSOptions, theta):
 def _row_losses(cfg, task, options: UGSOptions, params, batch, clean_last, ablated, m):
   """Per-row loss of the rows (the batch repeated `ugs_samples` times, sample-major) and the
   repeated batch."""
-  def rep(x):
-    return jnp.concatenate([x] * options.ugs_samples, 0)
-
-  rows = jax.tree.map(rep, batch)
-  return masks.circuit_loss(cfg, task, options.mask_objective, params, rows, rep(clean_last),
-                            masks.repeat_rows(ablated, options.ugs_samples), m), rows
+  rows, clean_last, ablated = masks.repeat_rows(options.ugs_samples, batch, clean_last, ablated)
+  return masks.circuit_loss(cfg, task, options.mask_objective, params, rows, clean_last, ablated,
+                            m), rows
 
 
 def _loss(cfg, task, options: UGSOptions, params, theta, batch, clean_last, ablated, key):

@@ -266,7 +266,7 @@ def layers(cfg: ModelConfig, stacked, prep: Prepared) -> Layer:
 
 
 def heads_delta(cfg: ModelConfig, K: int, lay: Layer, prep: Prepared, read: Array, needed: Array,
-           s0: Array) -> Array:
+                s0: Array) -> Array:
   """A layer's heads' live - ablated outputs, [n_heads, batch, pos, d_model], computing (up to) K
   of the needed heads (the others are left zero: nothing reads them). `read` is `_read` of the
   layer's q, k, v receivers (and its MLP's, unused here); `s0` the layer's first head sender."""
@@ -301,7 +301,7 @@ def heads_delta(cfg: ModelConfig, K: int, lay: Layer, prep: Prepared, read: Arra
 
 
 def mlp_delta(cfg: ModelConfig, lay: Layer, coef_heads: Array, heads: Array, read: Array,
-         prep: Prepared, s: Array) -> Array:
+              prep: Prepared, s: Array) -> Array:
   """A layer's MLP's live - ablated output, [1, batch, pos, d_model]. `read` covers the senders
   before the layer; the layer's own `heads` (upstream unless the blocks are parallel, read with
   weights `coef_heads`, [n_heads] or per row [n_heads, batch]) are added. `s`: the MLP's sender."""
