@@ -17,7 +17,8 @@ program must not grow with them), EAP-IG-activations, exact patching as `attribu
 `exact.edge_chunk` for the logits receiver; `edge_chunk` per layer where blocks can't be scanned),
 ACDC's programs (`acdc_trials`: the circuit forward from the receivers' layer, as data), the UGS and
 Edge Pruning mask-training steps, the circuit forward's `prepare` and `circuit_metric` (one program
-for every circuit size) and a DAS training step (`interventions.training.make_train_step`, one
+for every circuit size), an optimal-ablation training step (`optimal.make_step`) and a DAS training
+step (`interventions.training.make_train_step`, one
 rotated-space site). On the toy, EAP-IG-inputs is also compiled on random-init models of its width
 with 1, 2 and 4 layers (how the program grows with depth). Then, on the toy, the quickstart runs as
 a fresh process with `--compilation_cache=` (`python -m experiments.find_circuit`), and its phases
@@ -49,7 +50,15 @@ import optax
 
 from benchmarks import common
 from jaxinterp import attribution as A
-from jaxinterp.attribution import acdc, edge_pruning, exact, ig_activations, receiver_grads, ugs
+from jaxinterp.attribution import (
+    acdc,
+    edge_pruning,
+    exact,
+    ig_activations,
+    optimal,
+    receiver_grads,
+    ugs,
+)
 from jaxinterp.circuits.layout import valid_edges
 from jaxinterp.evaluation import circuit_forward as CF
 from jaxinterp.interventions import basic
@@ -157,9 +166,21 @@ def kernels(cfg, params, dataset, steps: int) -> dict[str, dict]:
   out["circuit metric"] = measure(CF.circuit_metric, fwd.cfg, task, fwd.params, batch, prep,
                                   jnp.asarray(valid_edges(cfg), jnp.float32),
                                   CF.scratch_like(fwd.cfg, prep), fwd.stacked)
+  log("[compile] optimal-ablation step")
+  out["optimal-ablation step"] = _optimal_step(cfg, params, batch)
   log("[compile] DAS step")
   out["DAS step"] = _das_step(cfg, params, batch)
   return out
+
+
+def _optimal_step(cfg, params, batch) -> dict:
+  """One optimal-ablation training step (`optimal.make_step`, the `lm` objective) on the batch,
+  every sender at once on the toy, 4 at a time otherwise (all 157 of GPT-2 small's at once need
+  tens of GB)."""
+  opts = optimal.OptimalOptions(oa_chunk=None if E.n_senders(cfg) <= 16 else 4)
+  opt = optax.adam(opts.oa_lr)
+  values = jnp.zeros((E.n_senders(cfg), cfg.d_model), jnp.float32)
+  return measure(optimal.make_step(cfg, params, opts, opt), values, opt.init(values), batch)
 
 
 def acdc_trials(cfg, params, batch, abl) -> dict:

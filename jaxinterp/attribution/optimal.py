@@ -33,6 +33,7 @@ import functools
 import os
 from collections.abc import Iterator
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,7 +44,14 @@ from jaxinterp.attribution import base
 from jaxinterp.models import edges as E
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.edges import EdgePatch
-from jaxinterp.models.transformer import forward
+from jaxinterp.models.transformer import (
+    LayerStart,
+    embed_inputs,
+    forward,
+    layers_uniform,
+    run_blocks,
+    stack_blocks,
+)
 from jaxinterp.runtime import distributed, files
 from jaxinterp.tasks import Batch, Dataset
 
@@ -110,30 +118,76 @@ def _token_losses(objective: str, logits, clean_logits, batch: Batch):
 def sender_losses(cfg: ModelConfig, objective: str, chunk: int, params, batch: Batch, values):
   """Mean per-token loss with each sender alone ablated to its constant: Float[Array, "sender"].
 
-  values: Float[Array, "sender d_model"]. One graph-form forward per sender (`vmap`, `chunk` at a
-  time), each with row s of the edge weights at 0 and every ablated value the constant c.
+  values: Float[Array, "sender d_model"]. One forward per sender (`vmap`, `chunk` at a time), with
+  that sender's output replaced by its constant (`ablated_logits`).
   """
   sums, count = _sender_sums(cfg, objective, chunk, params, batch, values)
   return sums / jnp.maximum(count, 1.0)
+
+
+@flax.struct.dataclass
+class _Replace:
+  """x -> value where `where` (broadcast against x), else x."""
+
+  value: jax.Array
+  where: jax.Array
+
+  def __call__(self, x):
+    return jnp.where(self.where, self.value.astype(x.dtype), x)
+
+
+def node_form(cfg: ModelConfig) -> bool:
+  """Whether a sender's ablation runs as the plain forward with that node's output replaced
+  (`ablated_logits`): every config without post-norms. With post-norms a head's sender value is
+  its share of the normed layer output, which no site of the plain forward holds: those keep the
+  graph form (`ablated_logits_graph`)."""
+  return not cfg.post_norms
+
+
+def ablated_logits(cfg: ModelConfig, params, stacked, batch: Batch, values, s, emb) -> jax.Array:
+  """The logits (Float[Array, "batch pos vocab"]) with sender `s` (traced) ablated to its constant
+  `values[s]` at every position: the plain forward, replacing the input node's output `emb`
+  (`embed_inputs`), head s's `attn.hook_result` or MLP s's `hook_mlp_out`. Every receiver
+  downstream of s reads the residual stream, so this is the graph form with row s of the edge
+  weights at 0 (`ablated_logits_graph`), without its per-receiver inputs. The blocks run as one
+  `lax.scan` over `stacked` (`stack_blocks`; None: one after the other)."""
+  L, H = cfg.n_layers, cfg.n_heads
+  heads = jnp.asarray([[E.head_sender(cfg, li, h) for h in range(H)] for li in range(L)])
+  mlps = jnp.asarray([E.mlp_sender(cfg, li) for li in range(L)])
+  iv = {"attn.hook_result": _Replace(values[heads], (heads == s)[..., None]),  # [L, H, ...]
+        "hook_mlp_out": _Replace(values[mlps], mlps == s)}  # [L, ...]
+  final, _ = run_blocks(cfg, params, _Replace(values[0], s == 0)(emb), batch.mask, iv,
+                        stacked=stacked)
+  return forward(cfg, params, batch.clean, attention_mask=batch.mask,
+                 start=LayerStart(cfg.n_layers, final))
+
+
+def ablated_logits_graph(cfg: ModelConfig, params, batch: Batch, values, s) -> jax.Array:
+  """`ablated_logits` in the graph form: row s of the edge weights at 0, every sender's ablated
+  value its constant (for configs with post-norms, and as the tests' reference)."""
+  B, P = batch.clean.shape
+  S, R = E.n_senders(cfg), E.n_receivers(cfg)
+  dtype = jax.tree.leaves(params)[0].dtype
+  ablated = jnp.broadcast_to(values.astype(dtype)[None, None], (B, P, S, cfg.d_model))
+  w = jnp.where((jnp.arange(S) == s)[:, None], 0.0, jnp.ones((S, R), jnp.float32))
+  return forward(cfg, params, batch.clean, attention_mask=batch.mask, edges=EdgePatch(w, ablated))
 
 
 def _sender_sums(cfg: ModelConfig, objective: str, chunk: int, params, batch: Batch, values):
   """`sender_losses` before the division by the token count: (per-sender loss sums over the
   batch's real next-token positions, Float[Array, "sender"]; their count, a scalar). Traced
   inside `_split_step`'s jitted gradient."""
-  B, P = batch.clean.shape
-  S, R = E.n_senders(cfg), E.n_receivers(cfg)
-  dtype = jax.tree.leaves(params)[0].dtype
-  ablated = jnp.broadcast_to(values.astype(dtype)[None, None], (B, P, S, cfg.d_model))
+  S = E.n_senders(cfg)
   clean_logits = None
   if objective == "kl":
     clean_logits = jax.lax.stop_gradient(
         forward(cfg, params, batch.clean, attention_mask=batch.mask))
+  emb = embed_inputs(cfg, params, batch.clean, batch.mask)
+  stacked = stack_blocks(cfg, params) if layers_uniform(cfg) else None
 
   def one(s):
-    w = jnp.where((jnp.arange(S) == s)[:, None], 0.0, jnp.ones((S, R), jnp.float32))
-    logits = forward(cfg, params, batch.clean, attention_mask=batch.mask,
-                     edges=EdgePatch(w, ablated))
+    logits = (ablated_logits(cfg, params, stacked, batch, values, s, emb) if node_form(cfg)
+              else ablated_logits_graph(cfg, params, batch, values, s))
     return _token_losses(objective, logits, clean_logits, batch)[0]
 
   count = jnp.sum(batch.mask[:, 1:] & batch.mask[:, :-1] & batch.valid[:, None], dtype=jnp.float32)
@@ -176,18 +230,8 @@ def learn_optimal_values(cfg: ModelConfig, params, dataset: Dataset, init,
   opt = optax.adam(options.oa_lr)
   values = jnp.asarray(init, jnp.float32)
   state = opt.init(values)
-
-  @jax.jit
-  def step(values, state, batch):
-    def total(v):
-      per = sender_losses(cfg, options.oa_objective, chunk, params, batch, v)
-      return jnp.sum(per), per
-    (_, per), g = jax.value_and_grad(total, has_aux=True)(values)
-    updates, state = opt.update(g, state, values)
-    return optax.apply_updates(values, updates), state, jnp.mean(per)
-
-  if distributed.process_count() > 1:
-    step = _split_step(cfg, params, options, opt, chunk)
+  step = (make_step(cfg, params, options, opt) if distributed.process_count() == 1
+          else _split_step(cfg, params, options, opt, chunk))
   losses, best, stale = [], np.inf, 0
   batches = _cycle(dataset, min(options.oa_batch, len(dataset)))
   bar = tqdm(total=options.oa_steps, desc="optimal ablation",
@@ -205,6 +249,24 @@ def learn_optimal_values(cfg: ModelConfig, params, dataset: Dataset, init,
   bar.close()
   return (np.asarray(values, np.float32),
           {"steps": len(losses), "losses": losses, "objective": options.oa_objective})
+
+
+def make_step(cfg: ModelConfig, params, options: OptimalOptions, opt):
+  """`learn_optimal_values`' jitted training step, `step(values, opt_state, batch) -> (values,
+  opt_state, mean ablation loss over the senders)`: one Adam update (`opt`) of the constants
+  (Float[Array, "sender d_model"]) on the batch's mean per-token ablation losses."""
+  chunk = options.oa_chunk or E.n_senders(cfg)
+
+  @jax.jit
+  def step(values, state, batch):
+    def total(v):
+      per = sender_losses(cfg, options.oa_objective, chunk, params, batch, v)
+      return jnp.sum(per), per
+    (_, per), g = jax.value_and_grad(total, has_aux=True)(values)
+    updates, state = opt.update(g, state, values)
+    return optax.apply_updates(values, updates), state, jnp.mean(per)
+
+  return step
 
 
 def _split_step(cfg: ModelConfig, params, options: OptimalOptions, opt, chunk: int):

@@ -1,0 +1,60 @@
+"""Optimal ablation's per-sender forward: the plain forward with one node's output replaced
+(`optimal.ablated_logits`, blocks scanned or not) equals the graph form with that sender's row of
+edge weights at 0 (`optimal.ablated_logits_graph`), in the losses and in their gradients w.r.t. the
+constants, for GPT-2, NeoX (parallel blocks) and Llama (GQA); post-norm configs keep the graph
+form."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxinterp import tasks
+from jaxinterp.attribution import optimal as O
+from jaxinterp.models import edges as E
+from jaxinterp.models.transformer import embed_inputs, forward, stack_blocks
+from tests.attribution.test_receiver_grads import CONFIGS, _params
+
+
+def _losses(cfg, params, batch, objective, form):
+  """(per-sender loss sums [S], their gradient w.r.t. the constants [S, d_model]) for random
+  constants, every sender ablated in turn by `form` ("graph", "scan" or "unrolled")."""
+  values = jax.random.normal(jax.random.PRNGKey(1), (E.n_senders(cfg), cfg.d_model))
+  clean = forward(cfg, params, batch.clean, attention_mask=batch.mask)
+  emb = embed_inputs(cfg, params, batch.clean, batch.mask)
+  stacked = stack_blocks(cfg, params) if form == "scan" else None
+
+  def total(v):
+    def one(s):
+      if form == "graph":
+        logits = O.ablated_logits_graph(cfg, params, batch, v, s)
+      else:
+        logits = O.ablated_logits(cfg, params, stacked, batch, v, s, emb)
+      return O._token_losses(objective, logits, clean, batch)[0]
+    per = jax.lax.map(one, jnp.arange(E.n_senders(cfg)))
+    return per.sum(), per
+
+  (_, per), grad = jax.jit(jax.value_and_grad(total, has_aux=True))(values)
+  return np.asarray(per), np.asarray(grad)
+
+
+@pytest.mark.parametrize("family,objective", [("gpt2", "lm")] + [
+    pytest.param(f, o, marks=pytest.mark.slow)
+    for f, o in [("gpt2", "kl"), ("gpt_neox", "lm"), ("gpt_neox", "kl"), ("llama", "lm"),
+                 ("llama", "kl")]])
+def test_node_form_equals_the_graph_form(family, objective):
+  cfg = CONFIGS[family]
+  assert O.node_form(cfg)
+  params = _params(cfg)
+  batch = next(iter(tasks.make_induction(6, 4, cfg.d_vocab, seed=0, bos_id=0).batches(6)))
+  ref, gref = _losses(cfg, params, batch, objective, "graph")
+  assert np.std(ref) > 1e-3  # the senders' ablations differ
+  for form in ("scan", "unrolled"):
+    per, grad = _losses(cfg, params, batch, objective, form)
+    # float32: the same terms summed in another order (measured: up to 2.4e-7 and 5.6e-7)
+    np.testing.assert_allclose(per, ref, rtol=2e-6, atol=0)
+    np.testing.assert_allclose(grad, gref, rtol=0, atol=2e-6 * np.abs(gref).max())
+
+
+def test_post_norms_keep_the_graph_form():
+  assert not O.node_form(CONFIGS["gemma2"])
