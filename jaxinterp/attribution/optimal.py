@@ -72,7 +72,8 @@ class OptimalOptions(base.Options):
     oa_batch: examples per step.
     oa_check_every, oa_patience: stop when the mean loss over `oa_check_every` steps has not
       improved for `oa_patience` checks in a row (0 disables early stopping).
-    oa_chunk: senders per vmapped forward (None: all of them at once).
+    oa_chunk: senders per vmapped forward (None: all of them at once). Fewer bound the memory:
+      each chunk's forward runs again in the backward pass, so one chunk's activations are kept.
   """
 
   oa_steps: int = 1000
@@ -191,7 +192,10 @@ def _sender_sums(cfg: ModelConfig, objective: str, chunk: int, params, batch: Ba
     return _token_losses(objective, logits, clean_logits, batch)[0]
 
   count = jnp.sum(batch.mask[:, 1:] & batch.mask[:, :-1] & batch.valid[:, None], dtype=jnp.float32)
-  return jax.lax.map(one, jnp.arange(S), batch_size=chunk), count
+  # In chunks, each chunk's forward runs again in the backward pass (`checkpoint`), so the
+  # gradient keeps one chunk's activations, not every chunk's: `oa_chunk` bounds the memory.
+  fn = one if chunk is None or chunk >= S else jax.checkpoint(one)
+  return jax.lax.map(fn, jnp.arange(S), batch_size=chunk), count
 
 
 def _cycle(dataset: Dataset, batch_size: int) -> Iterator[Batch]:
