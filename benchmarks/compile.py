@@ -18,10 +18,11 @@ program must not grow with them), EAP-IG-activations, exact patching as `attribu
 ACDC's programs (`acdc_trials`: the circuit forward from the receivers' layer, as data), the UGS and
 Edge Pruning mask-training steps, the circuit forward's `prepare` and `circuit_metric` (one program
 for every circuit size), an optimal-ablation training step (`optimal.make_step`) and a DAS training
-step (`interventions.training.make_train_step`, one
-rotated-space site). On the toy, EAP-IG-inputs is also compiled on random-init models of its width
-with 1, 2 and 4 layers (how the program grows with depth). Then, on the toy, the quickstart runs as
-a fresh process with `--compilation_cache=` (`python -m experiments.find_circuit`), and its phases
+step (`interventions.training.make_train_step`, one rotated-space site). The bundled attribution
+graph (toy_mlp and its transcoders) is timed as one whole call: its phases and the programs it
+compiles. On the toy, EAP-IG-inputs is also compiled on random-init models of its width with 1, 2
+and 4 layers (how the program grows with depth). Then, on the toy, the quickstart runs as a fresh
+process with `--compilation_cache=` (`python -m experiments.find_circuit`), and its phases
 (graph.json's `meta`) give the share of the run spent compiling (the issue's target: at most 25%),
 three times under each compile policy (`jaxinterp.runtime.compile_policy`:
 $JAXINTERP_COMPILE_POLICY=full, XLA's full optimisation (the default), and the opt-in "fast", where
@@ -66,6 +67,7 @@ from jaxinterp.interventions import training as tr
 from jaxinterp.models import edges as E
 from jaxinterp.models import init_params
 from jaxinterp.runtime import compile_policy, inputs, shared_prefix
+from jaxinterp.transcoders import pipeline as tc_pipeline
 
 QUICKSTART_TARGET = 0.25  # compile at most this share of the quickstart's phases (issue 30)
 QUICKSTART_RUNS = 3  # fresh processes per compile policy
@@ -244,6 +246,31 @@ def quickstart_row(policy: str = "fast", run: int = 1) -> dict:
               compile_share_target=QUICKSTART_TARGET, meets_target=share <= QUICKSTART_TARGET)
 
 
+def attribution_graph_row() -> dict:
+  """The bundled attribution graph (`transcoders.pipeline.attribution_graph` with its defaults:
+  toy_mlp, its transcoders, the induction prompt), one whole call in this process with JAX's
+  in-memory caches cleared and no persistent cache: its phases, compile share and the number of
+  programs XLA compiled (backend compile events)."""
+  programs = []
+
+  def count(event: str, duration_secs: float, **_) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+      programs.append(duration_secs)
+
+  jax.clear_caches()
+  jax.monitoring.register_event_duration_secs_listener(count)
+  try:
+    with tempfile.TemporaryDirectory() as tmp:
+      summary = tc_pipeline.attribution_graph(tc_pipeline.AttributionGraphConfig(),
+                                              os.path.join(tmp, "graph"))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(count)
+  phases = summary["phase_seconds"]
+  return dict(suite="compile", shape="toy_mlp", case="attribution graph, whole call (bundled)",
+              programs=len(programs), backend_compile_s=sum(programs), phase_seconds=phases,
+              compile_share=compile_share(phases), nodes=summary["nodes"])
+
+
 def compile_share(phases: dict) -> float:
   """compile / the sum of the phases (not counting "total")."""
   parts = {k: v for k, v in phases.items() if k != "total"}
@@ -270,6 +297,8 @@ def suite_compile(ctx, shape: str, n: int, steps: int, first: bool) -> list[dict
                   suffix=shared_prefix.plan(cfg, batch, abl.kind))
       rows.append(dict(base, case=f"EAP-IG-inputs, {n_layers} layers (random init)",
                        **dict(r, n_layers=n_layers)))
+    log("[compile] attribution graph (bundled)")
+    rows.append(attribution_graph_row())
     for run in range(1, QUICKSTART_RUNS + 1):  # alternating, so both see the same load
       for policy in ("full", "fast"):
         log(f"[compile] quickstart, compile policy {policy}, run {run}")
