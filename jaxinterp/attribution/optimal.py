@@ -192,10 +192,15 @@ def _sender_sums(cfg: ModelConfig, objective: str, chunk: int, params, batch: Ba
     return _token_losses(objective, logits, clean_logits, batch)[0]
 
   count = jnp.sum(batch.mask[:, 1:] & batch.mask[:, :-1] & batch.valid[:, None], dtype=jnp.float32)
+  if chunk is None or chunk >= S:
+    return jax.vmap(one)(jnp.arange(S)), count
   # In chunks, each chunk's forward runs again in the backward pass (`checkpoint`), so the
-  # gradient keeps one chunk's activations, not every chunk's: `oa_chunk` bounds the memory.
-  fn = one if chunk is None or chunk >= S else jax.checkpoint(one)
-  return jax.lax.map(fn, jnp.arange(S), batch_size=chunk), count
+  # gradient keeps one chunk's activations, not every chunk's: `oa_chunk` bounds the memory. The
+  # senders are padded to whole chunks (an index past the last ablates nothing; its loss is
+  # dropped), so that one chunk's program serves all of them.
+  n = -(-S // chunk) * chunk
+  per = jax.lax.map(jax.checkpoint(one), jnp.arange(n), batch_size=chunk)
+  return per[:S], count
 
 
 def _cycle(dataset: Dataset, batch_size: int) -> Iterator[Batch]:
