@@ -66,7 +66,7 @@ from jaxinterp.interventions import basic
 from jaxinterp.interventions import training as tr
 from jaxinterp.models import edges as E
 from jaxinterp.models import init_params
-from jaxinterp.runtime import compile_policy, inputs, shared_prefix
+from jaxinterp.runtime import compile_policy, inputs, shared_prefix, timing
 from jaxinterp.transcoders import pipeline as tc_pipeline
 
 QUICKSTART_TARGET = 0.25  # compile at most this share of the quickstart's phases (issue 30)
@@ -254,7 +254,7 @@ def attribution_graph_row() -> dict:
   programs = []
 
   def count(event: str, duration_secs: float, **_) -> None:
-    if event == "/jax/core/compile/backend_compile_duration":
+    if timing.COMPILE_EVENTS.get(event) == "backend":
       programs.append(duration_secs)
 
   jax.clear_caches()

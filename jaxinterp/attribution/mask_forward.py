@@ -33,9 +33,9 @@ from jaxinterp.tasks import Batch, Task
 
 Array = jax.Array
 
-# Prepared's fields with a batch axis, and where it is (the others are per-batch scalars or None).
 SMALL_DEPTH = 4  # models up to this deep run each layer with its own read (as the graph form)
 GROUPS = 2  # deeper models: this many scans over contiguous layers
+# Prepared's fields with a batch axis, and where it is (the others are per-batch scalars or None).
 _BATCH_AXIS = {"ablated": 1, "delta_input": 1, "resid_attn": 1, "resid_mlp": 1, "resid_final": 0,
                "clean_logits": 0, "positions": 0, "key_mask": 0, "last": 0}
 

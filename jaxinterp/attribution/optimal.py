@@ -116,11 +116,12 @@ def _token_losses(objective: str, logits, clean_logits, batch: Batch):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "objective", "chunk"))
-def sender_losses(cfg: ModelConfig, objective: str, chunk: int, params, batch: Batch, values):
+def sender_losses(cfg: ModelConfig, objective: str, chunk: int | None, params, batch: Batch,
+                  values):
   """Mean per-token loss with each sender alone ablated to its constant: Float[Array, "sender"].
 
-  values: Float[Array, "sender d_model"]. One forward per sender (`vmap`, `chunk` at a time), with
-  that sender's output replaced by its constant (`ablated_logits`).
+  values: Float[Array, "sender d_model"]. One forward per sender (`vmap`, `chunk` at a time; None:
+  all at once), with that sender's output replaced by its constant (`ablated_logits`).
   """
   sums, count = _sender_sums(cfg, objective, chunk, params, batch, values)
   return sums / jnp.maximum(count, 1.0)
@@ -174,7 +175,8 @@ def ablated_logits_graph(cfg: ModelConfig, params, batch: Batch, values, s) -> j
   return forward(cfg, params, batch.clean, attention_mask=batch.mask, edges=EdgePatch(w, ablated))
 
 
-def _sender_sums(cfg: ModelConfig, objective: str, chunk: int, params, batch: Batch, values):
+def _sender_sums(cfg: ModelConfig, objective: str, chunk: int | None, params, batch: Batch,
+                 values):
   """`sender_losses` before the division by the token count: (per-sender loss sums over the
   batch's real next-token positions, Float[Array, "sender"]; their count, a scalar). Traced
   inside `_split_step`'s jitted gradient."""
@@ -184,7 +186,7 @@ def _sender_sums(cfg: ModelConfig, objective: str, chunk: int, params, batch: Ba
     clean_logits = jax.lax.stop_gradient(
         forward(cfg, params, batch.clean, attention_mask=batch.mask))
   emb = embed_inputs(cfg, params, batch.clean, batch.mask)
-  stacked = stack_blocks(cfg, params) if layers_uniform(cfg) else None
+  stacked = stack_blocks(cfg, params) if node_form(cfg) and layers_uniform(cfg) else None
 
   def one(s):
     logits = (ablated_logits(cfg, params, stacked, batch, values, s, emb) if node_form(cfg)
@@ -213,7 +215,6 @@ def ablation_losses(cfg: ModelConfig, params, dataset: Dataset, values, *, objec
   """Mean over the dataset's batches of each sender's ablation loss with its constant in `values`
   (`[n_senders, d_model]`): float64 [n_senders], in nats per token. Mean ablation's loss is this
   with `values = compute_means(...)`."""
-  chunk = chunk or E.n_senders(cfg)
   out = [np.asarray(sender_losses(cfg, objective, chunk, params, b, jnp.asarray(values)),
                     np.float64) for b in dataset.batches(batch_size, bucket=None)]
   return np.mean(out, 0)
@@ -235,12 +236,11 @@ def learn_optimal_values(cfg: ModelConfig, params, dataset: Dataset, init,
   """
   if len(dataset) == 0:
     raise base.AttributionError("the dataset is empty")
-  chunk = options.oa_chunk or E.n_senders(cfg)
   opt = optax.adam(options.oa_lr)
   values = jnp.asarray(init, jnp.float32)
   state = opt.init(values)
   step = (make_step(cfg, params, options, opt) if distributed.process_count() == 1
-          else _split_step(cfg, params, options, opt, chunk))
+          else _split_step(cfg, params, options, opt))
   losses, best, stale = [], np.inf, 0
   batches = _cycle(dataset, min(options.oa_batch, len(dataset)))
   bar = tqdm(total=options.oa_steps, desc="optimal ablation",
@@ -264,12 +264,11 @@ def make_step(cfg: ModelConfig, params, options: OptimalOptions, opt):
   """`learn_optimal_values`' jitted training step, `step(values, opt_state, batch) -> (values,
   opt_state, mean ablation loss over the senders)`: one Adam update (`opt`) of the constants
   (Float[Array, "sender d_model"]) on the batch's mean per-token ablation losses."""
-  chunk = options.oa_chunk or E.n_senders(cfg)
 
   @jax.jit
   def step(values, state, batch):
     def total(v):
-      per = sender_losses(cfg, options.oa_objective, chunk, params, batch, v)
+      per = sender_losses(cfg, options.oa_objective, options.oa_chunk, params, batch, v)
       return jnp.sum(per), per
     (_, per), g = jax.value_and_grad(total, has_aux=True)(values)
     updates, state = opt.update(g, state, values)
@@ -278,7 +277,7 @@ def make_step(cfg: ModelConfig, params, options: OptimalOptions, opt):
   return step
 
 
-def _split_step(cfg: ModelConfig, params, options: OptimalOptions, opt, chunk: int):
+def _split_step(cfg: ModelConfig, params, options: OptimalOptions, opt):
   """`learn_optimal_values`'s step with the batch's rows split over the processes (process p of N
   takes rows [p * k, (p + 1) * k), `distributed.own_rows`; past the end, invalid fillers), returns
   the gradient of its rows' per-sender token-loss sums and their token count, and every process
@@ -288,7 +287,7 @@ def _split_step(cfg: ModelConfig, params, options: OptimalOptions, opt, chunk: i
   @jax.jit
   def partial_grad(values, batch):
     def total(v):
-      sums, count = _sender_sums(cfg, options.oa_objective, chunk, params, batch, v)
+      sums, count = _sender_sums(cfg, options.oa_objective, options.oa_chunk, params, batch, v)
       return jnp.sum(sums), (sums, count)
     (_, (sums, count)), grad = jax.value_and_grad(total, has_aux=True)(values)
     return grad, sums, count
