@@ -55,7 +55,6 @@ from jaxinterp.attribution import (
     acdc,
     edge_pruning,
     exact,
-    ig_activations,
     optimal,
     receiver_grads,
     ugs,
@@ -123,8 +122,9 @@ def kernels(cfg, params, dataset, steps: int) -> dict[str, dict]:
   out["EAP-IG-inputs"] = ig(A.ig_alphas(steps))
   out[f"EAP-IG-inputs x{4 * steps} steps"] = ig(A.ig_alphas(4 * steps))
   log("[compile] EAP-IG-activations")
-  out["EAP-IG-activations"] = measure(ig_activations._ig_activations_batch, cfg, task, params,
-                                      batch, abl, jnp.asarray(A.ig_alphas(steps, eap_start=1)))
+  out["EAP-IG-activations"] = measure(receiver_grads.ig_inputs_batch, cfg, task, params, batch,
+                                      abl, jnp.asarray(A.ig_alphas(steps, eap_start=1)),
+                                      interpolate="activations")
   log("[compile] exact")
   width, run, positions = exact.suffix(cfg, batch, abl)
   resids, mlp_inputs, delta, kv = exact.upstream_cache(cfg, params, batch, abl, width)

@@ -9,10 +9,11 @@ from jaxinterp.experiments import dry_run
 from jaxinterp.runtime import memory_plan as MP
 from jaxinterp.runtime import memory_programs as PR
 
-# The EAP family's alphas (as `attribution.eap` sets them for edges) from the method's options.
+# The EAP family's alphas (as `attribution.eap` and `ig_activations` set them for edges) from the
+# method's options; all of them run `receiver_grads.ig_inputs_batch`.
 EAP_FAMILY = {"EAP": lambda o: [1.0], "clean-corrupted": lambda o: [0.0, 1.0],
-              "EAP-IG-inputs": lambda o: o.alphas(eap_start=0)}
-OWN_KERNELS = ("EAP-IG-activations", "exact")  # not ig_inputs_batch
+              "EAP-IG-inputs": lambda o: o.alphas(eap_start=0),
+              "EAP-IG-activations": lambda o: o.alphas(eap_start=1)}
 
 
 def find_circuit(model: str, dtype: str | None, method: str, options: dict, batch: int,
@@ -20,9 +21,9 @@ def find_circuit(model: str, dtype: str | None, method: str, options: dict, batc
   """find_circuit's plan: the attribution kernel of --method (EAP family, EAP-IG-activations or
   exact, edge level)."""
   cfg, dt, m, seq, memory = dry_run.setup(model, dtype, mesh, batch)
-  if (options.get("level") or "edge") != "edge" or method not in (*EAP_FAMILY, *OWN_KERNELS):
+  if (options.get("level") or "edge") != "edge" or method not in (*EAP_FAMILY, "exact"):
     raise MP.PlanError(f"--dry_run plans --method={method} at --level=edge for "
-                       f"{', '.join((*EAP_FAMILY, *OWN_KERNELS[:-1]))} and exact only")
+                       f"{', '.join(EAP_FAMILY)} and exact only")
   if method == "exact":
     chunk = options.get("exact_chunk")
     return dry_run.show("exact", lambda p: PR.exact(cfg, p, seq, m, memory, chunk),
@@ -34,22 +35,13 @@ def find_circuit(model: str, dtype: str | None, method: str, options: dict, batc
     opts = A.make_options(A.get_method(method), None, **options)
   except A.AttributionError as e:
     raise MP.PlanError(f"--method={method}: {e}") from None
-  if method == "EAP-IG-activations":
-    return _activations(cfg, dt, m, seq, memory, batch, opts)
   alphas, budget = EAP_FAMILY[method](opts), getattr(opts, "memory_budget", None)
+  interpolate = "activations" if method == "EAP-IG-activations" else "inputs"
   return dry_run.show(f"{method} (m={len(alphas)})",
-                      lambda p: PR.eap(cfg, p, seq, alphas, m, memory, budget, opts.remat),
+                      lambda p: PR.eap(cfg, p, seq, alphas, m, memory, budget, opts.remat,
+                                       interpolate),
                       cfg, dt, m, seq, memory, batch, notes=lambda p: PR.eap_notes(
                           cfg, p, seq, len(alphas), batch, budget, opts.remat, method, m))
-
-
-def _activations(cfg, dt, m, seq, memory, batch, opts) -> MP.Plan:
-  """EAP-IG-activations' plan: its own kernel, with --remat and --memory_budget's row groups."""
-  alphas, budget = opts.alphas(eap_start=1), opts.memory_budget
-  return dry_run.show(f"EAP-IG-activations (m={len(alphas)})",
-                      lambda p: PR.activations(cfg, p, seq, alphas, m, budget, opts.remat),
-                      cfg, dt, m, seq, memory, batch, notes=lambda p: PR.activations_notes(
-                          cfg, p, seq, len(alphas), batch, budget, opts.remat, m))
 
 
 def simple(kind: str, model: str, dtype: str | None, batch: int, mesh: str | None = None,

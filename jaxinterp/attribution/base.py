@@ -283,6 +283,22 @@ class Shift:
     return x + self.delta.astype(x.dtype)
 
 
+@flax.struct.dataclass
+class Blend:
+  """x -> x + s * (alpha * clean + (1 - alpha) * corrupted - x): EAP-IG-activations' side input,
+  which sets a site to its clean and corrupted values interpolated at alpha where s = 1 and leaves
+  it as it is where s = 0 (one "layer node" at a time, with s one-hot over them)."""
+
+  clean: Array
+  corrupted: Array
+  s: Array
+  alpha: Array
+
+  def __call__(self, x):
+    target = self.alpha * self.clean + (1 - self.alpha) * self.corrupted
+    return x + self.s * (target.astype(x.dtype) - x)
+
+
 def ones(cfg: ModelConfig, dtype=jnp.float32) -> Array:
   """All-ones edge weights, Float[Array, "sender receiver"]: the clean model in graph form."""
   return jnp.ones((E.n_senders(cfg), E.n_receivers(cfg)), dtype)

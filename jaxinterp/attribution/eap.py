@@ -45,40 +45,48 @@ def _valid_total(valid, values):
   return jnp.sum(jnp.where(valid, values, 0.0))
 
 
-def _kernel_call(alphas, cfg, task, params, batch, ablation, options):
-  """The edge-level kernel `ig_inputs_batch` and the arguments it is called with on `batch`."""
+def kernel_call(alphas, cfg, task, params, batch, ablation, options, interpolate="inputs"):
+  """The edge-level kernel `ig_inputs_batch` and the arguments it is called with on `batch`
+  (`interpolate`: "inputs", or "activations" for EAP-IG-activations)."""
   chunks, budget, remat = {}, getattr(options, "memory_budget", None), options.remat
   shards = contraction.data_shards_of(batch.clean)  # rows over a mesh's "data" axis
   if budget is not None:  # rows and contraction chunks whose temporaries fit the budget (remat
     plan = memory_budget.inputs_plan(  # if only a remat'd row fits) on each device
-        cfg, params, batch.clean.shape, alphas.shape[0], budget, options.remat, shards)
+        cfg, params, batch.clean.shape, alphas.shape[0], budget, options.remat, shards,
+        interpolate)
     chunks["row_chunks"], chunks["chunk_bytes"] = plan.row_chunks, plan.chunk_bytes
     remat = plan.remat
-    memory_budget.print_note(plan, "EAP-IG-inputs", budget)
-  suffix = None if remat else shared_prefix.plan(cfg, batch, ablation.kind)
+    memory_budget.print_note(plan, f"EAP-IG-{interpolate}", budget)
+  suffix = None
+  if not remat and interpolate == "inputs":
+    suffix = shared_prefix.plan(cfg, batch, ablation.kind)
   if shards > 1:  # each device contracts (and groups) its own rows: no all-gather of the batch
     chunks["data_shards"] = shards
   return ((cfg, task, params, batch, ablation, alphas),
-          dict(remat=remat, suffix=suffix, **chunks))
+          dict(remat=remat, suffix=suffix, interpolate=interpolate, **chunks))
 
 
-def _kernel_scores(alphas, cfg, task, params, batch, ablation, options) -> base.BatchScores:
+def kernel_scores(alphas, cfg, task, params, batch, ablation, options,
+                  interpolate="inputs") -> base.BatchScores:
+  """A batch's scores from the edge-level kernel at `alphas` (`kernel_call`); at --level=node or
+  neuron, `nodes.score_batch`'s."""
   if options.level != "edge":
     return nodes.score_batch(alphas, cfg, task, params, batch, ablation, options)
-  args, kwargs = _kernel_call(alphas, cfg, task, params, batch, ablation, options)
+  args, kwargs = kernel_call(alphas, cfg, task, params, batch, ablation, options, interpolate)
   s, values, c_values = receiver_grads.ig_inputs_batch(*args, **kwargs)
   return base.BatchScores(s, values, c_values, _valid_total(batch.valid, c_values))
 
 
-def _compile_kernel(alphas_of):
+def compile_kernel(alphas_of, interpolate="inputs"):
   """A `Method.compile_batch` for the kernel at `alphas_of(options)`: it compiles, running nothing,
-  the programs `_kernel_scores` runs on a batch of this shape (edge level; the node and neuron
+  the programs `kernel_scores` runs on a batch of this shape (edge level; the node and neuron
   kernels compile on first use)."""
 
   def compile_batch(cfg, task, params, batch, ablation, options) -> None:
     if options.level != "edge":
       return
-    args, kwargs = _kernel_call(alphas_of(options), cfg, task, params, batch, ablation, options)
+    args, kwargs = kernel_call(alphas_of(options), cfg, task, params, batch, ablation, options,
+                               interpolate)
     receiver_grads.ig_inputs_batch.lower(*args, **kwargs).compile()
     c_values = jax.ShapeDtypeStruct(batch.valid.shape, jnp.float32)  # [batch]
     _valid_total.lower(batch.valid, c_values).compile()
@@ -100,20 +108,20 @@ def _clean_corrupted_alphas(options) -> Array:
 
 def score_eap(cfg, task, params, batch, ablation, options: base.Options) -> base.BatchScores:
   """EAP: the receiver gradients at the clean input."""
-  return _kernel_scores(_eap_alphas(options), cfg, task, params, batch, ablation, options)
+  return kernel_scores(_eap_alphas(options), cfg, task, params, batch, ablation, options)
 
 
 def score_eap_ig_inputs(cfg, task, params, batch, ablation,
                         options: base.IGOptions) -> base.BatchScores:
   """EAP-IG-inputs: the receiver gradients averaged over interpolated input embeddings (the "eap"
   convention's k starts at 0 for edges, at 1 for nodes and neurons, as `attribute_node`)."""
-  return _kernel_scores(_ig_alphas(options), cfg, task, params, batch, ablation, options)
+  return kernel_scores(_ig_alphas(options), cfg, task, params, batch, ablation, options)
 
 
 def score_clean_corrupted(cfg, task, params, batch, ablation,
                           options: base.Options) -> base.BatchScores:
   """clean-corrupted: the mean of the receiver gradients at the corrupted and the clean input."""
-  return _kernel_scores(_clean_corrupted_alphas(options), cfg, task, params, batch, ablation,
+  return kernel_scores(_clean_corrupted_alphas(options), cfg, task, params, batch, ablation,
                         options)
 
 
@@ -148,13 +156,13 @@ def weight_gradient_batch(cfg, task, params, batch, ablation, alphas, remat=Fals
 EAP = base.Method(
     "EAP", "attribution patching: (a_ablated - a_clean) . dm/dx_r at the clean input (--level="
     "node|neuron: NAP, per node or output dimension)", score_eap, base.Options, levels=base.LEVELS,
-    compile_batch=_compile_kernel(_eap_alphas))
+    compile_batch=compile_kernel(_eap_alphas))
 EAP_IG_INPUTS = base.Method(
     "EAP-IG-inputs", "EAP with dm/dx_r averaged over m input embeddings interpolated corrupted -> "
     "clean (integrated gradients; --level=node|neuron: NAP-IG-inputs)", score_eap_ig_inputs,
     base.IGOptions, ("patching",), needs_corrupted=True, levels=base.LEVELS,
-    compile_batch=_compile_kernel(_ig_alphas))
+    compile_batch=compile_kernel(_ig_alphas))
 CLEAN_CORRUPTED = base.Method(
     "clean-corrupted", "EAP with the mean of the gradients at the clean and at the corrupted input",
     score_clean_corrupted, base.Options, needs_corrupted=True, levels=base.LEVELS,
-    compile_batch=_compile_kernel(_clean_corrupted_alphas))
+    compile_batch=compile_kernel(_clean_corrupted_alphas))

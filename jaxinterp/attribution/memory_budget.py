@@ -1,17 +1,16 @@
-"""`--memory_budget` (`IGOptions.memory_budget`) for EAP-IG-inputs' kernel: how many groups of
-rows, and how large the contraction's position chunks, so that the kernel's planned temporaries fit;
-and for EAP-IG-activations' kernel: how many groups of rows (`activations_row_chunks`).
+"""`--memory_budget` (`IGOptions.memory_budget`) for the receiver-gradient kernel (EAP,
+EAP-IG-inputs, clean-corrupted and EAP-IG-activations): how many groups of rows, and how large the
+contraction's position chunks, so that the kernel's planned temporaries fit.
 
 `receiver_grads.ig_inputs_batch(..., row_chunks, chunk_bytes)` scores the groups of rows one after
-another in a `lax.scan` (their temporaries share buffers) and sums their scores (EAP-IG-activations'
-`_ig_activations_batch(..., row_chunks)` likewise): the same sums regrouped, so the scores equal
-the unbudgeted ones to float rounding (docs/performance.md, "Memory plans"). A row is the smallest
-chunk: its forward needs all of its positions.
+another in a `lax.scan` (their temporaries share buffers) and sums their scores: the same sums
+regrouped, so the scores equal the unbudgeted ones to float rounding (docs/performance.md, "Memory
+plans"). A row is the smallest chunk: its forward needs all of its positions.
 
 When one row does not fit but does rematerialised (`jax.checkpoint` of each block: the backward
-recomputes a block's activations instead of keeping every layer's), `inputs_plan` and
-`activations_plan` turn `remat` on (`BudgetPlan.auto_remat`; the kernels print one `note:` line):
-same scores to float rounding, more compute. Only a budget below a remat'd row is refused.
+recomputes a block's activations instead of keeping every layer's), `inputs_plan` turns `remat` on
+(`BudgetPlan.auto_remat`; the kernels print one `note:` line): same scores to float rounding, more
+compute. Only a budget below a remat'd row is refused.
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ class BudgetPlan:
 
   Attributes:
     row_chunks: groups of rows, scored one after another (a divisor of the batch).
-    chunk_bytes: EAP-IG-inputs' contraction chunks (0 for EAP-IG-activations, which has none).
+    chunk_bytes: the contraction's position chunks.
     remat: whether the kernel runs rematerialised (asked for, or chosen by the budget).
     auto_remat: remat was chosen by the budget (one row fits only rematerialised).
   """
@@ -83,9 +82,9 @@ def print_note(plan: BudgetPlan, method: str, budget: str) -> None:
 
 
 def _temp_bytes(cfg: ModelConfig, params, rows: int, n_pos: int, n_steps: int, remat: bool,
-                chunk_bytes: float) -> float:
+                chunk_bytes: float, interpolate: str = "inputs") -> float:
   """Planned temporaries of `receiver_grads.ig_inputs_batch` on `rows` rows of `n_pos` positions
-  (one group).
+  (one group), interpolating the "inputs" or the layers' "activations" (EAP-IG-activations).
 
   Per position, in float32: the sender differences [S, d], the head gradients and q/k/v
   ([L, 3H, d_head], three of them), the MLP and logits gradients and the norm's inputs ([L, d],
@@ -93,21 +92,33 @@ def _temp_bytes(cfg: ModelConfig, params, rows: int, n_pos: int, n_steps: int, r
   norms, MLP hidden units and the attention pattern: `10 d + 3 d_mlp + 2 H pos`, twice). Fixed: two
   float32 copies of the blocks' weights (ungrouped GQA heads and the scan's stacked copy), the
   contraction's position chunk (twice `chunk_bytes` at most) and the [S, R] accumulators. `n_steps`
-  does not enter (the steps run one after the other). With `remat`, `_remat_temp_bytes`. Checked
-  against `memory_analysis` in tests/attribution/test_memory_budget.py.
+  does not enter (the steps run one after the other). Interpolating the activations adds, per
+  position, the clean and corrupted layer outputs the steps blend (`_blend_words`). With `remat`,
+  `_remat_temp_bytes`. Checked against `memory_analysis` in tests/attribution/test_memory_budget.py.
   """
   del n_steps
   if remat:
-    return _remat_temp_bytes(cfg, params, rows, n_pos)
+    return _remat_temp_bytes(cfg, params, rows, n_pos, interpolate)
   L, H, d, dh = cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_head
   S, R = E.n_senders(cfg), E.n_receivers(cfg)
   words = S * d + 3 * L * 3 * H * dh + 3 * L * d + 2 * L * (10 * d + 3 * cfg.d_mlp + 2 * H * n_pos)
+  words += _blend_words(cfg, interpolate)
   per_pos_contract = (L * (3 * H + 1) + 1) * d * 4
   contract = 2 * min(chunk_bytes, rows * n_pos * per_pos_contract)
   return 4.0 * words * rows * n_pos + contract + 2 * 4.0 * _block_size(cfg, params) + 8.0 * S * R
 
 
-def _remat_temp_bytes(cfg: ModelConfig, params, rows: int, n_pos: int) -> float:
+def _blend_words(cfg: ModelConfig, interpolate: str) -> int:
+  """Per position: the clean and corrupted runs' layer outputs EAP-IG-activations' steps blend
+  (`receiver_grads.LAYER_OUTPUTS`: z [H, d_head] and the MLP's output [d] per layer, two runs); 0
+  for the inputs."""
+  if interpolate == "inputs":
+    return 0
+  return 2 * cfg.n_layers * (cfg.n_heads * cfg.d_head + cfg.d_model)
+
+
+def _remat_temp_bytes(cfg: ModelConfig, params, rows: int, n_pos: int,
+                      interpolate: str = "inputs") -> float:
   """Planned temporaries of `receiver_grads.ig_inputs_batch(..., remat=True)` (its per-head-input
   kernel) on `rows` rows of `n_pos` positions.
 
@@ -122,38 +133,13 @@ def _remat_temp_bytes(cfg: ModelConfig, params, rows: int, n_pos: int) -> float:
   L, H, d = cfg.n_layers, cfg.n_heads, cfg.d_model
   S, R = E.n_senders(cfg), E.n_receivers(cfg)
   words = 3 * S * d + 3 * L * (3 * H + 2) * d + 3 * d + 3 * cfg.d_vocab + 2 * L * d
-  words += 2 * (3 * H * d + 10 * d + 3 * cfg.d_mlp + 2 * H * n_pos)
+  words += 2 * (3 * H * d + 10 * d + 3 * cfg.d_mlp + 2 * H * n_pos) + _blend_words(cfg, interpolate)
   return 4.0 * words * rows * n_pos + 4.0 * _block_size(cfg, params) + 8.0 * S * R
 
 
 def _block_size(cfg: ModelConfig, params) -> int:
   """Elements of the blocks' weights."""
   return sum(x.size for li in range(cfg.n_layers) for x in jax.tree.leaves(params[f"blocks_{li}"]))
-
-
-def _activations_temp_bytes(cfg: ModelConfig, params, rows: int, n_pos: int, remat: bool) -> float:
-  """Planned temporaries of `ig_activations._ig_activations_batch` on `rows` rows of `n_pos`
-  positions (one group).
-
-  Per position, in float32: the fixed sender values (ablated, clean and their difference, [S, d]
-  each), the clean and corrupted layer outputs it interpolates (`[L, H + 1, d]`, two), the
-  embeddings and the logits (clean and a step's, [V] each), and one IG step's forward and backward
-  through the graph-form model (per layer the per-head q/k/v inputs and their edge corrections
-  `[3H, d]`, two, the residual stream and norms, MLP hidden units and the attention pattern:
-  `6 H d + 10 d + 3 d_mlp + 4 H pos`). With `remat` the step keeps only each block's inputs (the
-  residual stream and the senders' buffer `[S, d]` the graph-form blocks carry, with their
-  gradients: `L (S d + 2 d)`) and recomputes one block's activations at a time (twice the per-layer
-  term, for the forward and the backward of that block). Fixed: a float32 copy of the blocks'
-  weights and the [S, R] gradient and accumulator. The steps (and the layer nodes) run one after
-  the other, so their number does not enter. Checked against `memory_analysis` in
-  tests/attribution/test_memory_budget.py.
-  """
-  L, H, d = cfg.n_layers, cfg.n_heads, cfg.d_model
-  S, R = E.n_senders(cfg), E.n_receivers(cfg)
-  words = 3 * S * d + 2 * L * (H + 1) * d + 2 * d + 2 * cfg.d_vocab
-  layer = 6 * H * d + 10 * d + 3 * cfg.d_mlp + 4 * H * n_pos
-  words += L * (S * d + 2 * d) + 2 * layer if remat else L * layer
-  return 4.0 * words * rows * n_pos + 4.0 * _block_size(cfg, params) + 2 * 4.0 * S * R
 
 
 def _parse(budget: str) -> float:
@@ -188,7 +174,8 @@ def _fewest_groups(b: int, p: int, budget: str, total: float, fits, remat: bool 
 
 
 def row_chunks(cfg: ModelConfig, params, batch_shape: tuple[int, int], n_steps: int, budget: str,
-               remat: bool = False, data_shards: int = 1) -> tuple[int, float]:
+               remat: bool = False, data_shards: int = 1,
+               interpolate: str = "inputs") -> tuple[int, float]:
   """(row_chunks, chunk_bytes) of `receiver_grads.ig_inputs_batch` whose planned temporaries
   (`_temp_bytes`) fit the `--memory_budget` size `budget` (e.g. "2GB") on each device: the fewest
   groups of rows (a divisor of the batch, or with the rows split over `data_shards` devices, of the
@@ -199,43 +186,19 @@ def row_chunks(cfg: ModelConfig, params, batch_shape: tuple[int, int], n_steps: 
 
   def fits(rows: int, limit: float) -> bool:
     chunk_bytes = min(C.CHUNK_BYTES, limit / 16)
-    return _temp_bytes(cfg, params, rows, p, n_steps, remat, chunk_bytes) <= limit
+    return _temp_bytes(cfg, params, rows, p, n_steps, remat, chunk_bytes, interpolate) <= limit
 
   return (_fewest_groups(b, p, budget, total, fits, remat, data_shards),
           min(C.CHUNK_BYTES, total / 16))
 
 
-def activations_row_chunks(cfg: ModelConfig, params, batch_shape: tuple[int, int], n_steps: int,
-                           budget: str, remat: bool = False, data_shards: int = 1) -> int:
-  """The row_chunks of EAP-IG-activations' kernel (`ig_activations._ig_activations_batch`) whose
-  planned temporaries (`_activations_temp_bytes`) fit the `--memory_budget` size `budget` on each
-  device: the fewest groups of rows (a divisor of the batch, or of the rows each of `data_shards`
-  devices holds). Its graph-form forward needs a row's positions
-  and its IG steps already run one after the other, so a row is the smallest chunk;
-  MemoryBudgetError, naming the smallest budget that works, when one row does not fit."""
-  del n_steps  # the steps share one step's temporaries
-  b, p = batch_shape
-  total = _parse(budget)
-
-  def fits(rows: int, limit: float) -> bool:
-    return _activations_temp_bytes(cfg, params, rows, p, remat) <= limit
-
-  return _fewest_groups(b, p, budget, total, fits, remat, data_shards)
-
-
 def inputs_plan(cfg: ModelConfig, params, batch_shape: tuple[int, int], n_steps: int, budget: str,
-                remat: bool = False, data_shards: int = 1) -> BudgetPlan:
+                remat: bool = False, data_shards: int = 1,
+                interpolate: str = "inputs") -> BudgetPlan:
   """`row_chunks`, with remat chosen when one row fits only rematerialised (`remat` given: kept).
   MemoryBudgetError, naming the least budget of a remat'd row, when even that does not fit."""
-  return _with_auto_remat(
-      lambda r: row_chunks(cfg, params, batch_shape, n_steps, budget, r, data_shards), remat)
-
-
-def activations_plan(cfg: ModelConfig, params, batch_shape: tuple[int, int], n_steps: int,
-                     budget: str, remat: bool = False, data_shards: int = 1) -> BudgetPlan:
-  """`activations_row_chunks`, with remat chosen as `inputs_plan` does."""
-  return _with_auto_remat(lambda r: (activations_row_chunks(
-      cfg, params, batch_shape, n_steps, budget, r, data_shards), 0.0), remat)
+  return _with_auto_remat(lambda r: row_chunks(cfg, params, batch_shape, n_steps, budget, r,
+                                               data_shards, interpolate), remat)
 
 
 def _with_auto_remat(plan, remat: bool) -> BudgetPlan:

@@ -306,7 +306,7 @@ def gradient_batch(cfg: ModelConfig, task, params, batch: Batch, ablation: Ablat
       alpha = ga[1].astype(e_clean.dtype)
       emb = e_clean + s[0] * (alpha * e_clean + (1 - alpha) * e_corrupt - e_clean)
       al = jnp.full((L,), alpha)
-      iv = {n: ig_activations._Blend(yc[n], yr[n], s[1 + k::2][:L], al)
+      iv = {n: base.Blend(yc[n], yr[n], s[1 + k::2][:L], al)
             for k, n in enumerate(names)}
       return add(acc, step(emb, iv))
     n = G * alphas.shape[0]

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinterp.attribution import contraction as C
-from jaxinterp.attribution.base import Shift
+from jaxinterp.attribution.base import Blend, Shift
 from jaxinterp.models import edges as E
 from jaxinterp.models import transformer as T
 from jaxinterp.models.config import ModelConfig
@@ -46,6 +46,13 @@ SCAN_MAX_FRACTION = 0.15
 # The device memory that decision is made for: None, the default device's; a memory plan
 # (`runtime.memory_plan`, --dry_run) sets the planned device's while it traces.
 PLANNED_DEVICE_BYTES: int | None = None
+# Each layer's outputs that the clean and corrupted rows' one forward keeps (`_run_pair`): the
+# heads' mixed values z (a head's output is z_h W_O[h]) and the MLP's output. They give the patching
+# sender differences, and EAP-IG-activations interpolates its layer nodes there.
+LAYER_OUTPUTS = ("attn.hook_z", "hook_mlp_out")
+# What the IG steps interpolate (`ig_inputs_batch(..., interpolate=)`): the input embeddings
+# (EAP, EAP-IG-inputs, clean-corrupted) or each layer node's outputs in turn (EAP-IG-activations).
+INTERPOLATE = ("inputs", "activations")
 Array = jax.Array
 
 
@@ -153,11 +160,47 @@ def _norm_params(cfg: ModelConfig, params, name: str) -> dict:
   return {k: _stack(cfg, params, name, k) for k in params["blocks_0"].get(name, {})}
 
 
+def layer_node_steps(cfg: ModelConfig, alphas: Array) -> Array:
+  """EAP-IG-activations' steps, Float[Array, "(1 + 2 n_layers) m 2"]: (layer node, alpha) for the
+  input, then each layer's heads and its MLP (the `eap` package's order), each at every alpha."""
+  G, m = 1 + 2 * cfg.n_layers, alphas.shape[0]
+  return jnp.stack([jnp.repeat(jnp.arange(G), m).astype(alphas.dtype), jnp.tile(alphas, G)], 1)
+
+
+def _step_inputs(cfg: ModelConfig, alphas: Array, e_clean: Array, e_corrupt: Array,
+                 blends: tuple[dict, dict] | None):
+  """(xs, inputs): the values the IG steps scan over and `inputs(x) -> (input embeddings,
+  {site within a block: Blend with a leading [n_layers] axis})`.
+
+  Without `blends`, xs are the alphas and the embeddings are interpolated from corrupted to clean.
+  With `blends` (the clean and corrupted runs' `LAYER_OUTPUTS`, [n_layers, ...] each), xs are
+  `layer_node_steps`: the step's layer node (one-hot `s` over the input, then each layer's heads and
+  MLP) is set to its clean and corrupted values interpolated at alpha, the others run clean.
+  """
+  dt = e_clean.dtype
+  if blends is None:
+    return alphas, lambda alpha: (e_corrupt + alpha.astype(dt) * (e_clean - e_corrupt), {})
+  clean, corrupted = blends
+  L, G = cfg.n_layers, 1 + 2 * cfg.n_layers
+
+  def inputs(x):
+    s = jax.nn.one_hot(x[0].astype(jnp.int32), G, dtype=dt)
+    alpha = x[1].astype(dt)
+    emb = e_clean + s[0] * (alpha * e_clean + (1 - alpha) * e_corrupt - e_clean)
+    al = jnp.full((L,), alpha)
+    return emb, {n: Blend(clean[n], corrupted[n], s[1 + k::2], al)
+                 for k, n in enumerate(LAYER_OUTPUTS)}
+
+  return layer_node_steps(cfg, alphas), inputs
+
+
 def _ig_steps(cfg: ModelConfig, task, params, stacked, batch: Batch, alphas: Array,
               e_clean: Array, e_corrupt: Array, diff: Array, clean_logits: Array | None,
-              positions: Array | None = None, prefix: T.KVPrefix | None = None):
+              positions: Array | None = None, prefix: T.KVPrefix | None = None,
+              blends: tuple[dict, dict] | None = None):
   """The per-step part of `ig_inputs_batch`: one plain forward + backward per IG step (over the
-  suffix positions only, given their `positions` and the clean `prefix`: `shared_prefix`).
+  suffix positions only, given their `positions` and the clean `prefix`: `shared_prefix`); with
+  `blends`, one per layer node and alpha (`_step_inputs`).
 
   Returns ((P_sum [L, batch, pos, 3H, d_head]: the head gradients scaled by 1/sigma, summed over
   steps; mlp_sum [L, batch, pos, d_model]: the MLP-input gradients; log_sum [batch, pos, d_model]:
@@ -187,9 +230,11 @@ def _ig_steps(cfg: ModelConfig, task, params, stacked, batch: Batch, alphas: Arr
 
   offsets = jnp.stack([jnp.concatenate([offset(li, c) for c in "QKV"]) for li in range(L)])
 
-  def f(eps, alpha):
-    emb = e_corrupt + alpha.astype(dt) * (e_clean - e_corrupt)
-    iv = {n: Shift(e) for n, e in eps.items() if n != "final"}
+  xs, inputs = _step_inputs(cfg, alphas, e_clean, e_corrupt, blends)
+
+  def f(eps, x):
+    emb, iv = inputs(x)
+    iv.update({n: Shift(e) for n, e in eps.items() if n != "final"})
     resid, ys = T.run_blocks(cfg, params, emb, batch.mask, iv, collect, stacked=stacked,
                            positions=positions, prefix=prefix)
     resid = resid + eps["final"]
@@ -197,9 +242,9 @@ def _ig_steps(cfg: ModelConfig, task, params, stacked, batch: Batch, alphas: Arr
     total, values = metric_at_last(cfg, task, params, batch, x, clean_logits)
     return total, (values, ys)
 
-  def step(carry, alpha):
+  def step(carry, x):
     P_sum, mlp_sum, log_sum, t3 = carry
-    g, (values, ys) = jax.grad(f, has_aux=True)(eps0, alpha)
+    g, (values, ys) = jax.grad(f, has_aux=True)(eps0, x)
     xhat, inv = _norms(cfg, ln1, "standardize", ys["hook_resid_pre"])  # [L, b, p, d | 1]
     P = jnp.concatenate([g[f"attn.hook_{c}"] for c in "qkv"], 3).astype(jnp.float32)
     P = P * inv[..., None]  # [L, b, p, 3H, dh]
@@ -223,7 +268,7 @@ def _ig_steps(cfg: ModelConfig, task, params, stacked, batch: Batch, alphas: Arr
 
   zero = (jnp.zeros((L, b, p, 3 * H, dh), jnp.float32), jnp.zeros((L, b, p, d), jnp.float32),
           jnp.zeros((b, p, d), jnp.float32), jnp.zeros((L, diff.shape[2], 3 * H), jnp.float32))
-  return jax.lax.scan(step, zero, alphas)
+  return jax.lax.scan(step, zero, xs)
 
 
 def _senders(cfg: ModelConfig, params, stacked, emb: Array, mask: Array,
@@ -252,20 +297,35 @@ def _patching_diff(cfg: ModelConfig, params, stacked, e_clean: Array, e_corrupt:
   head outputs are rescaled per run.) With a suffix `sfx`, the corrupted rows run only their suffix,
   after the clean run's prefix, and the differences are the suffix's: [batch, width, sender, d].
   """
-  L, H = cfg.n_layers, cfg.n_heads
-  names = ("attn.hook_z", "hook_mlp_out")
+  names = LAYER_OUTPUTS
   if sfx is None:
-    b = e_clean.shape[0]
-    final, ys = T.run_blocks(cfg, params, jnp.concatenate([e_clean, e_corrupt]),
-                           jnp.concatenate([mask, mask]), collect=names, stacked=stacked)
-    clean = {k: ys[k][:, :b] for k in names}
-    corrupt = {k: ys[k][:, b:] for k in names}
-    final, prefix = final[:b], None
+    final, clean, corrupt = _run_pair(cfg, params, stacked, e_clean, e_corrupt, mask)
+    prefix = None
   else:  # the clean batch, then the corrupted suffixes after its prefix
     final, ys, corrupt, prefix = shared_prefix.run_pair(cfg, params, e_clean, e_corrupt, mask, sfx,
                                                         names, names, stacked)
     clean = {k: sfx.take(ys[k], axis=2) for k in names}
     e_clean, e_corrupt = sfx.take(e_clean), sfx.take(e_corrupt)
+  return _pair_diff(cfg, params, e_clean, e_corrupt, clean, corrupt), final, prefix
+
+
+def _run_pair(cfg: ModelConfig, params, stacked, e_clean: Array, e_corrupt: Array, mask: Array):
+  """Clean and corrupted rows as one forward of the blocks: the clean residual stream after the
+  last block, and the clean and the corrupted runs' `LAYER_OUTPUTS` ({site: [n_layers, batch, pos,
+  ...]}, two)."""
+  b = e_clean.shape[0]
+  final, ys = T.run_blocks(cfg, params, jnp.concatenate([e_clean, e_corrupt]),
+                           jnp.concatenate([mask, mask]), collect=LAYER_OUTPUTS, stacked=stacked)
+  return (final[:b], {k: ys[k][:, :b] for k in LAYER_OUTPUTS},
+          {k: ys[k][:, b:] for k in LAYER_OUTPUTS})
+
+
+def _pair_diff(cfg: ModelConfig, params, e_clean: Array, e_corrupt: Array, clean: dict,
+               corrupt: dict) -> Array:
+  """Corrupted minus clean sender outputs, Float[Array, "batch pos sender d_model"] (float32), from
+  the embeddings and the two runs' `LAYER_OUTPUTS` (the heads' projected from their z
+  differences)."""
+  L, H = cfg.n_layers, cfg.n_heads
   b, p, d = e_clean.shape
   clean, corrupt = ({k: v.astype(jnp.float32) for k, v in y.items()} for y in (clean, corrupt))
   dz = corrupt["attn.hook_z"] - clean["attn.hook_z"]
@@ -274,18 +334,18 @@ def _patching_diff(cfg: ModelConfig, params, stacked, e_clean: Array, e_corrupt:
                                 preferred_element_type=jnp.float32)
                      for li in range(L)], 2)  # [b, p, L, H, d]
   per_layer = jnp.concatenate([heads, jnp.moveaxis(mlp_diff, 0, 2)[:, :, :, None]], 3)
-  diff = jnp.concatenate([(e_corrupt - e_clean).astype(jnp.float32)[:, :, None],
-                          per_layer.reshape(b, p, L * (H + 1), d)], 2)
-  return diff, final, prefix
+  return jnp.concatenate([(e_corrupt - e_clean).astype(jnp.float32)[:, :, None],
+                         per_layer.reshape(b, p, L * (H + 1), d)], 2)
 
 
 @functools.partial(compile_policy.jit,
                    static_argnames=("cfg", "task", "remat", "suffix", "row_chunks", "chunk_bytes",
-                                    "data_shards"))
+                                    "data_shards", "interpolate"))
 def ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alphas: Array,
                     remat: bool = False, suffix: int | None = None, row_chunks: int = 1,
-                    chunk_bytes: float = C.CHUNK_BYTES, data_shards: int = 1):
-  """EAP / EAP-IG-inputs / clean-corrupted scores of one batch.
+                    chunk_bytes: float = C.CHUNK_BYTES, data_shards: int = 1,
+                    interpolate: str = "inputs"):
+  """EAP / EAP-IG-inputs / clean-corrupted (and EAP-IG-activations) scores of one batch.
 
   Same contract as the weight-gradient reference `eap.weight_gradient_batch(cfg, task, params,
   batch, ablation, alphas, remat)`: returns (Float[Array, "sender receiver"] sum over the batch's
@@ -326,15 +386,26 @@ def ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alph
   `data_shards`: the batch's rows are split over that many devices (a mesh's "data" axis,
   `contraction.data_shards_of`); the contraction then chunks each device's rows on their own
   (`contraction.contract_positions`).
+
+  `interpolate="activations"` is EAP-IG-activations (`ig_activations`, the definition its
+  `weight_gradient_batch` takes literally): instead of the input embeddings, each step interpolates
+  one layer node (the input, each layer's heads, each MLP: `layer_node_steps`) from its corrupted to
+  its clean value at alpha, with the rest of the model clean. The heads are interpolated at their
+  mixed values `hook_z` (a head's output is linear in its z), from the same clean and corrupted
+  forward that gives the patching differences. The scores are as linear in the receiver gradients,
+  so everything else is the same; the scores are averaged over the (1 + 2 n_layers) m steps and
+  the metric values are the last step's (the last MLP at the last alpha). No `suffix`.
   """
+  if interpolate not in INTERPOLATE or (interpolate == "activations" and suffix is not None):
+    raise ValueError(f"interpolate={interpolate!r} (one of {INTERPOLATE}; activations: no suffix)")
   if row_chunks == 1:
     return _ig_inputs(cfg, task, params, batch, ablation, alphas, remat, suffix, chunk_bytes,
-                      data_shards)
+                      data_shards, interpolate)
   groups = C.group_rows(batch, row_chunks, data_shards)  # each device's rows in every group
 
   def body(total, group):
     s, values, clean_values = _ig_inputs(cfg, task, params, group, ablation, alphas, remat,
-                                         suffix, chunk_bytes, data_shards)
+                                         suffix, chunk_bytes, data_shards, interpolate)
     return total + s, (values, clean_values)
 
   zero = jnp.zeros((E.n_senders(cfg), E.n_receivers(cfg)), jnp.float32)
@@ -344,10 +415,11 @@ def ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alph
 
 
 def _ig_inputs(cfg: ModelConfig, task, params, batch: Batch, ablation, alphas: Array,
-               remat: bool, suffix: int | None, chunk_bytes: float, data_shards: int = 1):
+               remat: bool, suffix: int | None, chunk_bytes: float, data_shards: int = 1,
+               interpolate: str = "inputs"):
   """`ig_inputs_batch`'s kernel on one group of rows (its docstring)."""
   if remat:
-    return _split_ig_inputs_batch(cfg, task, params, batch, ablation, alphas, remat=remat)
+    return _split_ig_inputs_batch(cfg, task, params, batch, ablation, alphas, remat, interpolate)
   cfg, params = T.ungroup_kv(cfg, params)
   L, H = cfg.n_layers, cfg.n_heads
   S = E.n_senders(cfg)
@@ -355,9 +427,16 @@ def _ig_inputs(cfg: ModelConfig, task, params, batch: Batch, ablation, alphas: A
   e_corrupt = T.embed_inputs(cfg, params, batch.corrupted, batch.mask)
   e_clean = T.embed_inputs(cfg, params, batch.clean, batch.mask)
   sfx = None if suffix is None else shared_prefix.Suffix.of(batch, suffix)
-  if ablation.kind == "patching" and not cfg.post_norms:  # clean and corrupted in one forward
+  patching = ablation.kind == "patching" and not cfg.post_norms  # its differences from _run_pair
+  blends = None
+  if interpolate == "activations":  # the layer nodes' clean and corrupted values
+    final, clean_y, corrupt_y = _run_pair(cfg, params, stacked, e_clean, e_corrupt, batch.mask)
+    blends, prefix = (clean_y, corrupt_y), None
+    if patching:
+      diff = _pair_diff(cfg, params, e_clean, e_corrupt, *blends)
+  if patching and blends is None:  # clean and corrupted in one forward
     diff, final, prefix = _patching_diff(cfg, params, stacked, e_clean, e_corrupt, batch.mask, sfx)
-  else:
+  elif not patching:
     clean, final, prefix = _senders(cfg, params, stacked, e_clean, batch.mask, sfx)
     ablated = ablation.values(cfg, params, batch)
     diff = (ablated - clean).astype(jnp.float32)  # [b, p, S, d]
@@ -372,7 +451,7 @@ def _ig_inputs(cfg: ModelConfig, task, params, batch: Batch, ablation, alphas: A
     e_clean, e_corrupt, batch = sfx.take(e_clean), sfx.take(e_corrupt), sfx.batch(batch)
   (P_sum, mlp_sum, log_sum, t3), values = _ig_steps(
       cfg, task, params, stacked, batch, alphas, e_clean, e_corrupt, diff,
-      clean_logits if task.needs_clean_logits else None, positions, prefix)
+      clean_logits if task.needs_clean_logits else None, positions, prefix, blends)
 
   totals = C.contract_positions(cfg, params, diff, P_sum, mlp_sum, log_sum, chunk_bytes,
                                 data_shards)
@@ -386,11 +465,11 @@ def _ig_inputs(cfg: ModelConfig, task, params, batch: Batch, ablation, alphas: A
   blocks = jnp.concatenate([attn, mlp[..., None]], 2)  # [L, S, 3H + 1]: the receiver layout
   scores = jnp.concatenate([jnp.moveaxis(blocks, 0, 1).reshape(S, L * (3 * H + 1)),
                             totals[:, -1:]], 1)
-  return scores / alphas.shape[0], values[-1], clean_values
+  return scores / values.shape[0], values[-1], clean_values
 
 
 def _split_ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablation, alphas: Array,
-                           remat: bool = False):
+                           remat: bool = False, interpolate: str = "inputs"):
   """The per-head-input form of `ig_inputs_batch` (under remat, where sites can't be collected).
 
   Same contract as `ig_inputs_batch`. Each step differentiates w.r.t. zero perturbations of the
@@ -399,9 +478,12 @@ def _split_ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablatio
   differences once per batch.
   """
   ablated = ablation.values(cfg, params, batch)
+  L = cfg.n_layers
+  outputs = [f"blocks.{li}.{n}" for n in LAYER_OUTPUTS for li in range(L)]
+  wanted = outputs if interpolate == "activations" else []
   _, c = T.forward(cfg, params, batch.clean, attention_mask=batch.mask,
                    edges=E.EdgePatch(None, None),
-                   collect=("hook_senders", "ln_final.hook_normalized"))
+                   collect=("hook_senders", "ln_final.hook_normalized", *wanted))
   clean = c["hook_senders"]
   last_logits = T.last_token_logits(cfg, params, c["ln_final.hook_normalized"], batch.last)
   clean_values = task.metric(last_logits, batch.replace(last=jnp.zeros_like(batch.last)),
@@ -410,10 +492,18 @@ def _split_ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablatio
   e_clean = clean[:, :, 0]
   e_corrupt = T.embed_inputs(cfg, params, batch.corrupted, batch.mask)
   eps0 = _eps_sites(cfg, batch.clean.shape, e_clean.dtype)
+  blends = None
+  if interpolate == "activations":  # {site within a block: [L, ...]}, clean and corrupted
+    _, r = T.forward(cfg, params, batch.corrupted, attention_mask=batch.mask, collect=wanted)
+    blends = tuple({n: jnp.stack([y[f"blocks.{li}.{n}"] for li in range(L)])
+                    for n in LAYER_OUTPUTS} for y in (c, r))
+  xs, inputs = _step_inputs(cfg, alphas, e_clean, e_corrupt, blends)
 
-  def f(eps, alpha):
-    emb = e_corrupt + alpha.astype(e_clean.dtype) * (e_clean - e_corrupt)
+  def f(eps, x):
+    emb, per_layer = inputs(x)
     iv = {n: Shift(e) for n, e in eps.items()}
+    iv.update({f"blocks.{li}.{n}": jax.tree.map(lambda a, li=li: a[li], b)
+               for n, b in per_layer.items() for li in range(L)})
     if remat:  # T.forward() refuses collect under remat: use the full logits there
       logits = T.forward(cfg, params, batch.clean, attention_mask=batch.mask, input_embeds=emb,
                        interventions=iv, remat=True)
@@ -427,11 +517,11 @@ def _split_ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablatio
     return metric_at_last(cfg, task, params, batch, cache["ln_final.hook_normalized"],
                            clean_logits)
 
-  def step(total, alpha):
-    g, values = jax.grad(f, has_aux=True)(eps0, alpha)
+  def step(total, x):
+    g, values = jax.grad(f, has_aux=True)(eps0, x)
     return jax.tree.map(jnp.add, total, g), values
 
-  total, values = jax.lax.scan(step, eps0, alphas)
+  total, values = jax.lax.scan(step, eps0, xs)
   grads = _receiver_grads(cfg, total)
   scores = contract(cfg, ablated - clean, grads)
-  return scores / alphas.shape[0], values[-1], clean_values
+  return scores / values.shape[0], values[-1], clean_values

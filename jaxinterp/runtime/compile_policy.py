@@ -10,8 +10,9 @@ performance.md, "Compile time"): the outputs of the kernels that use it (EAP/EAP
 and neuron attribution, IFR, exact, ACDC, the circuit forward) were bitwise equal to the fully
 optimised ones on the toy (the same fusions and order of floating-point operations; only LLVM's
 work on the generated loops is lighter), and the toy's attribute and curve phases ran as fast.
-A kernel joins only once that is checked: EAP-IG-activations' graph-form kernel, for one, moved
-by up to 1e-5 relative and keeps `jax.jit`.
+A kernel joins only once that is checked. EAP-IG-activations, which runs on the EAP-IG kernel
+(`interpolate="activations"`), is the exception that comes with it: under the policy 259 of its
+1,188 toy scores (4 batches) moved, by up to 7e-7 of the largest score.
 
     @functools.partial(compile_policy.jit, static_argnames=("cfg", "task"))
     def kernel(cfg, task, params, batch): ...

@@ -3,10 +3,9 @@
 Each builder composes a run's per-batch kernels into one function, as the run calls them, and
 returns what the run keeps alive across them as outputs, so the compiled program's peak is the
 run's:
-- `eap`: EAP, EAP-IG-inputs (m steps), clean-corrupted: `receiver_grads.ig_inputs_batch` (in the
-  chunks of a `--memory_budget`, if given).
-- `activations`: EAP-IG-activations, `ig_activations._ig_activations_batch` itself (its layer
-  nodes and steps in one scan; in the groups of rows of a `--memory_budget`, if given).
+- `eap`: EAP, EAP-IG-inputs (m steps), clean-corrupted and EAP-IG-activations (its layer nodes and
+  steps in one scan): `receiver_grads.ig_inputs_batch` (in the chunks of a `--memory_budget`, if
+  given).
 - `exact`: the clean metric, the clean run's upstream cache, and one vmapped chunk of edges into
   layer 0 (those rerun every block: the largest chunk), `exact_chunk_size` edges per call, through
   `edge_chunk_scan` (with the stacked blocks) where the run uses it, else `edge_chunk`.
@@ -32,7 +31,6 @@ import optax
 
 from jaxinterp.attribution import contraction as C
 from jaxinterp.attribution import exact as X
-from jaxinterp.attribution import ig_activations as IA
 from jaxinterp.attribution import memory_budget as MB
 from jaxinterp.attribution import receiver_grads as RG
 from jaxinterp.attribution.ablation import Ablation
@@ -55,11 +53,11 @@ def _spec(shape, dtype):
 
 def eap(cfg: ModelConfig, params, seq_len: int, alphas, mesh=None,
         device_memory: int | None = None, memory_budget: str | None = None,
-        remat: bool = False) -> MP.Builder:
-  """EAP-family edge attribution (`alphas`: [1] EAP, k/m IG-inputs, [0, 1] clean-corrupted),
-  with `remat` and in the row and position chunks a `memory_budget` ("2GB",
-  `IGOptions.memory_budget`) sets (`memory_budget.inputs_plan`: remat too where only a remat'd row
-  fits), as the run does."""
+        remat: bool = False, interpolate: str = "inputs") -> MP.Builder:
+  """EAP-family edge attribution (`alphas`: [1] EAP, k/m IG-inputs, [0, 1] clean-corrupted; with
+  `interpolate="activations"`, EAP-IG-activations' k/m), with `remat` and in the row and position
+  chunks a `memory_budget` ("2GB", `IGOptions.memory_budget`) sets (`memory_budget.inputs_plan`:
+  remat too where only a remat'd row fits), as the run does."""
   alphas = jnp.asarray(alphas, jnp.float32)
 
   def build(b):
@@ -68,15 +66,16 @@ def eap(cfg: ModelConfig, params, seq_len: int, alphas, mesh=None,
     shards = C.data_shards_of(batch.clean)
     if memory_budget is not None:
       plan = MB.inputs_plan(cfg, params, (b, seq_len), alphas.shape[0], memory_budget, remat,
-                            shards)
+                            shards, interpolate)
       chunks = dict(row_chunks=plan.row_chunks, chunk_bytes=plan.chunk_bytes)
       rm = plan.remat
-    if shards > 1:  # as `eap._kernel_call`: each device contracts (and groups) its own rows
+    if shards > 1:  # as `eap.kernel_call`: each device contracts (and groups) its own rows
       chunks["data_shards"] = shards
 
     def fn(params, batch):
       with _planned_device(device_memory):
-        return RG.ig_inputs_batch(cfg, TASK, params, batch, PATCHING, alphas, remat=rm, **chunks)
+        return RG.ig_inputs_batch(cfg, TASK, params, batch, PATCHING, alphas, remat=rm,
+                                  interpolate=interpolate, **chunks)
     return fn, (params, batch)
   return build
 
@@ -89,16 +88,25 @@ def _shards(batch: int, seq_len: int, mesh) -> int:
 def eap_notes(cfg: ModelConfig, params, seq_len: int, n_steps: int, batch: int,
               memory_budget: str | None = None, remat: bool = False,
               method: str = "EAP-IG-inputs", mesh=None) -> tuple[str, ...]:
-  """The lines `--dry_run` prints under an EAP-family plan: with a `memory_budget`, the groups of
-  rows and whether remat runs (asked for, or chosen by the budget) at `batch` and twice it."""
-  if memory_budget is None:
-    return ("remat: each block recomputed in the backward (the per-head-input kernel)",) if remat \
-        else ()
-  plans = [MB.inputs_plan(cfg, params, (n, seq_len), n_steps, memory_budget, remat,
-                          _shards(n, seq_len, mesh)) for n in (batch, 2 * batch)]
-  return (f"--memory_budget={memory_budget}: the rows in {plans[0].row_chunks} group(s) at batch "
-          f"{batch}, {plans[1].row_chunks} at {2 * batch}, one after another"
-          f"{_remat_words(plans, method)}",)
+  """The lines `--dry_run` prints under an EAP-family plan: EAP-IG-activations' number of steps,
+  and with a `memory_budget` the groups of rows and whether remat runs (asked for, or chosen by the
+  budget) at `batch` and twice it."""
+  interpolate = "activations" if method == "EAP-IG-activations" else "inputs"
+  plans = []
+  if memory_budget is not None:
+    plans = [MB.inputs_plan(cfg, params, (n, seq_len), n_steps, memory_budget, remat,
+                            _shards(n, seq_len, mesh), interpolate) for n in (batch, 2 * batch)]
+  lines = []
+  if interpolate == "activations":
+    lines.append(f"EAP-IG-activations: {1 + 2 * cfg.n_layers} layer nodes x {n_steps} steps, one "
+                 f"plain forward and backward each, in one scan")
+  if plans:
+    lines.append(f"--memory_budget={memory_budget}: the rows in {plans[0].row_chunks} group(s) at "
+                 f"batch {batch}, {plans[1].row_chunks} at {2 * batch}, one after another"
+                 f"{_remat_words(plans, method)}")
+  elif remat:
+    lines.append("remat: each block recomputed in the backward (the per-head-input kernel)")
+  return tuple(lines)
 
 
 def _remat_words(plans, method: str) -> str:
@@ -107,51 +115,6 @@ def _remat_words(plans, method: str) -> str:
     return (f"; {method} runs with --remat: one row fits only rematerialised (chosen by the "
             f"budget, as the run does)")
   return "; with --remat" if plans[0].remat else ""
-
-
-def activations(cfg: ModelConfig, params, seq_len: int, alphas, mesh=None,
-                memory_budget: str | None = None, remat: bool = False) -> MP.Builder:
-  """EAP-IG-activations edge attribution: the kernel `ig_activations.score_batch` runs,
-  `_ig_activations_batch` (every layer node's `alphas` steps in one scan), with `remat` and in the
-  groups of rows `memory_budget.activations_plan` picks for a `memory_budget` ("2GB"; remat too
-  where only a remat'd row fits), as the run does."""
-  alphas = jnp.asarray(alphas, jnp.float32)
-
-  def build(b):
-    chunks, rm = {}, remat
-    batch = MP.abstract_batch(b, seq_len, mesh)
-    if memory_budget is not None:  # as `ig_activations.score_batch`
-      shards = C.data_shards_of(batch.clean)
-      plan = MB.activations_plan(cfg, params, (b, seq_len), alphas.shape[0], memory_budget, remat,
-                                 shards)
-      chunks = dict(row_chunks=plan.row_chunks, data_shards=shards)
-      rm = plan.remat
-
-    def fn(params, batch, alphas):  # the run's arguments: alphas too
-      return IA._ig_activations_batch(cfg, TASK, params, batch, PATCHING, alphas, remat=rm,
-                                      **chunks)
-    return fn, (params, batch, _spec(alphas.shape, alphas.dtype))
-  return build
-
-
-def activations_notes(cfg: ModelConfig, params, seq_len: int, n_steps: int, batch: int,
-                      memory_budget: str | None = None, remat: bool = False,
-                      mesh=None) -> tuple[str, ...]:
-  """The lines `--dry_run` prints under an EAP-IG-activations plan: the scan's length, and with a
-  `memory_budget` the groups of rows (and remat, where the budget chooses it) planned at `batch`
-  and twice it."""
-  plans = []
-  if memory_budget is not None:
-    plans = [MB.activations_plan(cfg, params, (n, seq_len), n_steps, memory_budget, remat,
-                                 _shards(n, seq_len, mesh)) for n in (batch, 2 * batch)]
-  rm = remat or any(p.remat for p in plans)
-  lines = [f"EAP-IG-activations: {1 + 2 * cfg.n_layers} layer nodes x {n_steps} steps, one "
-           f"forward and backward each, in one scan{' (remat)' if rm else ''}"]
-  if plans:
-    lines.append(f"--memory_budget={memory_budget}: the rows in {plans[0].row_chunks} group(s) at "
-                 f"batch {batch}, {plans[1].row_chunks} at {2 * batch}, one after another"
-                 f"{_remat_words(plans, 'EAP-IG-activations') if plans[0].auto_remat else ''}")
-  return tuple(lines)
 
 
 @contextlib.contextmanager

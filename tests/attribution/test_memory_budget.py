@@ -1,6 +1,6 @@
-"""`--memory_budget` (IGOptions.memory_budget): EAP-IG-inputs' kernel in row and position chunks,
-EAP-IG-activations' in row chunks, whose planned temporaries fit the budget, with the unbudgeted
-scores."""
+"""`--memory_budget` (IGOptions.memory_budget): the receiver-gradient kernel (EAP-IG-inputs' and
+EAP-IG-activations') in row and position chunks whose planned temporaries fit the budget, with the
+unbudgeted scores."""
 
 from __future__ import annotations
 
@@ -112,11 +112,15 @@ def test_default_is_the_unchunked_kernel():
   assert "while" in a and a.count("stablehlo.while") == b.count("stablehlo.while")
 
 
-def _activations_compiled(cfg, params, ds, batch, abl, remat, row_chunks=1):
+def _activations_compiled(cfg, params, ds, batch, abl, remat, **chunks):
   alphas = jnp.asarray(A.ig_alphas(STEPS, eap_start=1), jnp.float32)
-  compiled = IA._ig_activations_batch.lower(cfg, ds.task, params, batch, abl, alphas, remat=remat,
-                                            row_chunks=row_chunks).compile()
+  compiled = RG.ig_inputs_batch.lower(cfg, ds.task, params, batch, abl, alphas, remat=remat,
+                                      interpolate="activations", **chunks).compile()
   return compiled.memory_analysis().temp_size_in_bytes, compiled(params, batch, abl, alphas)
+
+
+def _activations_chunks(cfg, params, shape, budget, remat=False):
+  return MB.row_chunks(cfg, params, shape, STEPS, budget, remat, interpolate="activations")
 
 
 def _check_activations_budget(family, remat, monkeypatch):
@@ -129,28 +133,29 @@ def _check_activations_budget(family, remat, monkeypatch):
     params = _params(cfg)
   b, p = batch.clean.shape
   with pytest.raises(MB.MemoryBudgetError) as e:
-    MB.activations_row_chunks(cfg, params, (b, p), STEPS, "1kB", remat)
+    _activations_chunks(cfg, params, (b, p), "1kB", remat)
   msg = str(e.value)
   assert "\n" not in msg and msg.startswith("--memory_budget=1kB is below the smallest chunk: "
                                             f"one row of {p} positions needs ")
   least = re.search(r"give at least --memory_budget=(\S+)$", msg).group(1)
   below = f"{float(least[:-2]) * 0.98:.3g}{least[-2:]}"
   with pytest.raises(MB.MemoryBudgetError, match=rf"^--memory_budget={re.escape(below)} is below"):
-    MB.activations_row_chunks(cfg, params, (b, p), STEPS, below, remat)
-  chunks = MB.activations_row_chunks(cfg, params, (b, p), STEPS, least, remat)
+    _activations_chunks(cfg, params, (b, p), below, remat)
+  chunks, chunk_bytes = _activations_chunks(cfg, params, (b, p), least, remat)
   assert chunks == b
-  assert MB.activations_row_chunks(cfg, params, (b, p), STEPS, "1GB", remat) == 1
+  assert _activations_chunks(cfg, params, (b, p), "1GB", remat) == (1, C.CHUNK_BYTES)
   full, ref = _activations_compiled(cfg, params, ds, batch, abl, remat)
-  small, got = _activations_compiled(cfg, params, ds, batch, abl, remat, row_chunks=chunks)
+  small, got = _activations_compiled(cfg, params, ds, batch, abl, remat, row_chunks=chunks,
+                                     chunk_bytes=chunk_bytes)
   assert small <= sizes.parse_bytes(least, "memory_budget") < full, (small, least, full)
-  for rows, temp in ((b, full), (1, small)):
-    planned = MB._activations_temp_bytes(cfg, params, rows, p, remat)
+  for rows, temp, cb in ((b, full, C.CHUNK_BYTES), (1, small, chunk_bytes)):
+    planned = MB._temp_bytes(cfg, params, rows, p, STEPS, remat, cb, "activations")
     assert temp <= planned <= 2 * temp, (rows, temp, planned)
   ref_s, got_s = np.asarray(ref[0]), np.asarray(got[0])
   assert np.abs(ref_s).max() > 1e-2  # a real signal
-  # Measured: 4e-7 of the largest score (GPT-2-shaped), 1.3e-6 (Llama-shaped): float32 sums
-  # regrouped (each group sums its steps, then the groups are summed).
-  np.testing.assert_allclose(got_s, ref_s, rtol=0, atol=2e-6 * np.abs(ref_s).max())
+  # Measured: 2.4e-6 of the largest score (Llama-shaped): float32 sums regrouped (each group of
+  # rows sums its steps and contracts in its own position chunks, then the groups are summed).
+  np.testing.assert_allclose(got_s, ref_s, rtol=0, atol=4e-6 * np.abs(ref_s).max())
   np.testing.assert_allclose(got[1], ref[1], rtol=1e-6)  # per-row metrics, at the last step
 
   seen = {}  # EAP-IG-activations with the option runs its kernel in those groups
@@ -159,10 +164,11 @@ def _check_activations_budget(family, remat, monkeypatch):
     seen.update(kw)
     return got
 
-  monkeypatch.setattr(IA, "_ig_activations_batch", kernel)
+  monkeypatch.setattr(RG, "ig_inputs_batch", kernel)
   opts = A.IGOptions(ig_steps=STEPS, memory_budget=least, remat=remat)
   out = IA.score_batch(cfg, ds.task, params, batch, abl, opts)
-  assert seen == {"remat": remat, "row_chunks": chunks, "data_shards": 1}
+  assert seen == {"remat": remat, "suffix": None, "interpolate": "activations",
+                  "row_chunks": chunks, "chunk_bytes": chunk_bytes}
   np.testing.assert_array_equal(out.scores, got_s)
 
 
@@ -201,9 +207,13 @@ def _leasts(plan, shape) -> tuple[float, float]:
 def test_budget_turns_remat_on_where_only_a_rematted_row_fits(kind):
   """Between the two least budgets the plan runs remat (and says so); below remat's least, one
   line names it; --remat given is kept; a roomy budget leaves remat off."""
-  shape = (4, 16) if kind == "inputs" else (4, 32)
-  chunks_of = MB.row_chunks if kind == "inputs" else MB.activations_row_chunks
-  plan_of = MB.inputs_plan if kind == "inputs" else MB.activations_plan
+  shape = (4, 16)
+
+  def chunks_of(*a):
+    return MB.row_chunks(*a, interpolate=kind)
+
+  def plan_of(*a, **k):
+    return MB.inputs_plan(*a, **k, interpolate=kind)
   params = _shapes(DEEP)
   plain, rematted = _leasts(chunks_of, shape)
   assert rematted < 0.97 * plain, (rematted, plain)
@@ -263,8 +273,9 @@ def test_eap_ig_inputs_runs_the_rematted_kernel_and_notes_it_once(monkeypatch, c
 @pytest.mark.slow  # three compiles of the 4-layer kernels (a few tens of seconds)
 @pytest.mark.by_hand  # CI's 30 minutes
 def test_auto_remat_scores_equal_the_unbudgeted_ones():
-  """The auto-remat'd kernels (EAP-IG-inputs' per-head-input kernel, EAP-IG-activations' remat'd
-  blocks) give the unbudgeted scores to float rounding, their compiled temporaries in budget."""
+  """The auto-remat'd kernel (the per-head-input kernel, interpolating the inputs or the layers'
+  activations) gives the unbudgeted scores to float rounding, its compiled temporaries in
+  budget."""
   params = _params(DEEP)
   ds = tasks.make_induction(4, 6, DEEP.d_vocab, seed=0, bos_id=0)
   batch, abl = next(ds.batches(4)), A.Ablation("patching")
@@ -285,18 +296,21 @@ def test_auto_remat_scores_equal_the_unbudgeted_ones():
   # regrouped sums: equal to float rounding, not bitwise.
   np.testing.assert_allclose(got_s, ref_s, rtol=0, atol=2e-6 * np.abs(ref_s).max())
 
-  aplain, arem = _leasts(MB.activations_row_chunks, (b, p))
-  if arem < aplain:  # at 16 positions remat's planned row is below the plain one
-    abetween = sizes.fmt_bytes((aplain + arem) / 2).replace(" ", "")
-    aplan = MB.activations_plan(DEEP, params, (b, p), STEPS, abetween)
-    assert aplan.auto_remat
-    al = jnp.asarray(A.ig_alphas(STEPS, eap_start=1), jnp.float32)
-    aref = IA._ig_activations_batch(DEEP, ds.task, params, batch, abl, al)
-    agot = IA._ig_activations_batch(DEEP, ds.task, params, batch, abl, al, remat=True,
-                                    row_chunks=aplan.row_chunks)
-    # Same graph, blocks recomputed in the backward and rows regrouped: float rounding.
-    np.testing.assert_allclose(np.asarray(agot[0]), np.asarray(aref[0]), rtol=0,
-                               atol=2e-6 * np.abs(np.asarray(aref[0])).max())
+  def activations(*a, **k):
+    return MB.row_chunks(*a, **k, interpolate="activations")
+
+  aplain, arem = _leasts(activations, (b, p))
+  assert arem < aplain
+  abetween = sizes.fmt_bytes((aplain + arem) / 2).replace(" ", "")
+  aplan = MB.inputs_plan(DEEP, params, (b, p), STEPS, abetween, interpolate="activations")
+  assert aplan.auto_remat
+  al = jnp.asarray(A.ig_alphas(STEPS, eap_start=1), jnp.float32)
+  aref = RG.ig_inputs_batch(DEEP, ds.task, params, batch, abl, al, interpolate="activations")
+  agot = RG.ig_inputs_batch(DEEP, ds.task, params, batch, abl, al, remat=True,
+                            row_chunks=aplan.row_chunks, chunk_bytes=aplan.chunk_bytes,
+                            interpolate="activations")
+  np.testing.assert_allclose(np.asarray(agot[0]), np.asarray(aref[0]), rtol=0,
+                             atol=2e-6 * np.abs(np.asarray(aref[0])).max())
 
 
 def test_row_groups_hold_each_devices_own_rows():
@@ -318,7 +332,7 @@ def test_row_groups_hold_each_devices_own_rows():
 _DATA_MESH = """
 import jax, jax.numpy as jnp, numpy as np
 from jaxinterp import attribution as A, tasks
-from jaxinterp.attribution import contraction as C, ig_activations as IA, receiver_grads as RG
+from jaxinterp.attribution import contraction as C, receiver_grads as RG
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.transformer import init_params
 from jaxinterp.runtime import memory_plan as MP, memory_programs as PR, sharding
@@ -332,8 +346,8 @@ mesh = MP.parse_mesh("4x1")
 alphas = jnp.asarray(A.ig_alphas(3), jnp.float32)
 kernels = {
     "inputs": lambda p, x, a, **k: RG.ig_inputs_batch(cfg, x.task, p, x.batch, a, alphas, **k),
-    "activations": lambda p, x, a, **k: IA._ig_activations_batch(cfg, x.task, p, x.batch, a,
-                                                                 alphas, **k)}
+    "activations": lambda p, x, a, **k: RG.ig_inputs_batch(cfg, x.task, p, x.batch, a, alphas,
+                                                           interpolate="activations", **k)}
 ds = tasks.make_induction(8, 6, cfg.d_vocab, seed=0, bos_id=0)
 batch, abl = next(ds.batches(8)), A.Ablation("patching")
 p = init_params(cfg, jax.random.PRNGKey(0))

@@ -71,7 +71,8 @@ def test_sum_over_positions_is_edge_score(family, method):
   alphas = jnp.asarray(ALPHAS[method], jnp.float32)
   loc, cr, _ = P.gradient_batch(cfg, ds.task, params, batch, abl, alphas, method=method, chunk=2)
   if method == "EAP-IG-activations":
-    ref, _ = A.ig_activations._ig_activations_batch(cfg, ds.task, params, batch, abl, alphas)
+    ref, _, _ = RG.ig_inputs_batch(cfg, ds.task, params, batch, abl, alphas,
+                                   interpolate="activations")
   else:
     ref, _, _ = RG.ig_inputs_batch(cfg, ds.task, params, batch, abl, alphas)
   _check_sum(cfg, loc, cr, ref)
@@ -273,7 +274,7 @@ def test_position_identities_of_every_family_activations(family):
   a = jnp.asarray(A.ig_alphas(2, eap_start=1), jnp.float32)
   loc, cr, _ = P.gradient_batch(cfg, ds.task, params, batch, abl, a, method="EAP-IG-activations",
                                 chunk=3)
-  ref, _ = A.ig_activations._ig_activations_batch(cfg, ds.task, params, batch, abl, a)
+  ref, _, _ = RG.ig_inputs_batch(cfg, ds.task, params, batch, abl, a, interpolate="activations")
   _check_sum(cfg, loc, cr, ref)
 
 

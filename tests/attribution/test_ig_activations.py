@@ -1,0 +1,76 @@
+"""EAP-IG-activations on the receiver-gradient kernel gives the scores of its definition (the
+graph-form weight gradients, `ig_activations.weight_gradient_batch`)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxinterp import attribution as A
+from jaxinterp import tasks
+from jaxinterp.attribution import ig_activations as IA
+from jaxinterp.attribution import receiver_grads as RG
+from jaxinterp.circuits.layout import valid_edges
+from jaxinterp.tasks import metrics as task_metrics
+from tests.attribution.test_receiver_grads import CONFIGS, _params
+
+CASES = [pytest.param("gpt2", "patching", False, id="gpt2"),
+         pytest.param("gpt2", "patching", True, id="gpt2-remat"),
+         pytest.param("gpt_neox", "patching", False, id="gpt_neox", marks=pytest.mark.slow),
+         pytest.param("llama", "patching", False, id="llama", marks=pytest.mark.slow),
+         pytest.param("llama", "patching", True, id="llama-remat", marks=pytest.mark.slow),
+         pytest.param("gemma2", "patching", False, id="gemma2", marks=pytest.mark.slow),
+         pytest.param("gemma2", "patching", True, id="gemma2-remat", marks=pytest.mark.slow),
+         pytest.param("gpt2", "mean", False, id="gpt2-mean", marks=pytest.mark.slow),
+         pytest.param("llama", "mean", True, id="llama-mean-remat", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("family,intervention,remat", CASES)
+def test_kernel_matches_the_weight_gradients(family, intervention, remat):
+  """Every family (parallel blocks, GQA, post-norms), patching and mean ablations, and the
+  rematerialised (per-head-input) form: scores to float rounding, the last step's metric values
+  and the clean ones."""
+  cfg = CONFIGS[family]
+  params = _params(cfg)
+  ds = tasks.make_induction(6, 4, cfg.d_vocab, seed=0, bos_id=0)
+  batch = next(ds.batches(8))  # 2 filler rows: they must not count
+  abl = A.Ablation("patching")
+  if intervention == "mean":
+    abl = A.Ablation("mean", A.compute_means(cfg, params, ds, 4))
+  alphas = jnp.asarray(A.ig_alphas(3, eap_start=1), jnp.float32)
+  ref, ref_vals = IA.weight_gradient_batch(cfg, ds.task, params, batch, abl, alphas)
+  got, vals, clean_vals = RG.ig_inputs_batch(cfg, ds.task, params, batch, abl, alphas,
+                                             remat=remat, interpolate="activations")
+  valid = valid_edges(cfg)
+  assert np.all(np.asarray(got)[~valid] == 0)
+  ref, got = np.asarray(ref)[valid], np.asarray(got)[valid]
+  assert np.abs(ref).max() > 1e-2  # a real signal
+  np.testing.assert_allclose(got, ref, atol=2e-4 * np.abs(ref).max(), rtol=1e-3)
+  np.testing.assert_allclose(np.asarray(vals), np.asarray(ref_vals), rtol=1e-5, atol=1e-5)
+  _, ref_clean, _ = task_metrics.clean_metric(cfg, ds.task, params, batch)
+  np.testing.assert_allclose(np.asarray(clean_vals), np.asarray(ref_clean), rtol=1e-5, atol=1e-5)
+
+
+def test_layer_nodes_are_not_the_inputs():
+  """Interpolating the layer nodes is not interpolating the inputs: the two kernels' scores differ
+  on the same batch (so the test above can't pass by running EAP-IG-inputs)."""
+  cfg = CONFIGS["gpt2"]
+  params = _params(cfg)
+  ds = tasks.make_induction(6, 4, cfg.d_vocab, seed=0, bos_id=0)
+  batch = next(ds.batches(8))
+  alphas = jnp.asarray(A.ig_alphas(3, eap_start=1), jnp.float32)
+  abl = A.Ablation("patching")
+  acts, _, _ = RG.ig_inputs_batch(cfg, ds.task, params, batch, abl, alphas,
+                                  interpolate="activations")
+  inputs, _, _ = RG.ig_inputs_batch(cfg, ds.task, params, batch, abl, alphas)
+  acts, inputs = np.asarray(acts), np.asarray(inputs)
+  assert np.abs(acts - inputs).max() > 0.05 * np.abs(acts).max()
+
+
+def test_no_suffix_and_known_interpolations():
+  cfg = CONFIGS["gpt2"]
+  ds = tasks.make_induction(2, 4, cfg.d_vocab, seed=0, bos_id=0)
+  batch = next(ds.batches(2))
+  alphas = jnp.asarray([1.0], jnp.float32)
+  for kw in (dict(interpolate="activations", suffix=3), dict(interpolate="outputs")):
+    with pytest.raises(ValueError, match="interpolate="):
+      RG.ig_inputs_batch(cfg, ds.task, _params(cfg), batch, A.Ablation("patching"), alphas, **kw)
