@@ -177,9 +177,9 @@ def kernels(cfg, params, dataset, steps: int) -> dict[str, dict]:
 
 def _optimal_step(cfg, params, batch) -> dict:
   """One optimal-ablation training step (`optimal.make_step`, the `lm` objective) on the batch,
-  every sender at once on the toy, 4 at a time otherwise (all 157 of GPT-2 small's at once need
-  tens of GB)."""
-  opts = optimal.OptimalOptions(oa_chunk=None if E.n_senders(cfg) <= 16 else 4)
+  with the default chunk (`optimal.oa_chunk_size`): every sender at once on the toy, 4 at a time
+  on GPT-2 small's batch of 16 (all 157 at once need tens of GB)."""
+  opts = optimal.OptimalOptions()
   opt = optax.adam(opts.oa_lr)
   values = jnp.zeros((E.n_senders(cfg), cfg.d_model), jnp.float32)
   return measure(optimal.make_step(cfg, params, opts, opt), values, opt.init(values), batch)

@@ -299,6 +299,14 @@ class Blend:
     return x + self.s * (target.astype(x.dtype) - x)
 
 
+def chunk_budget_bytes() -> float:
+  """The memory a kernel's vmapped copies may take by default (exact patching's edges, optimal
+  ablation's senders): a quarter of the accelerator's memory, or 4 GB where the device does not
+  report it (CPU)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats.get("bytes_limit", 16e9) / 4
+
+
 def ones(cfg: ModelConfig, dtype=jnp.float32) -> Array:
   """All-ones edge weights, Float[Array, "sender receiver"]: the clean model in graph form."""
   return jnp.ones((E.n_senders(cfg), E.n_receivers(cfg)), dtype)

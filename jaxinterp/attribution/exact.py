@@ -280,8 +280,7 @@ def exact_chunk_size(cfg: ModelConfig, batch_size: int, n_pos: int,
   it (CPU).
   """
   if budget_bytes is None:
-    stats = jax.local_devices()[0].memory_stats() or {}
-    budget_bytes = stats.get("bytes_limit", 16e9) / 4
+    budget_bytes = base.chunk_budget_bytes()
   per_layer = 10 * cfg.d_model + 3 * cfg.d_mlp + 2 * cfg.n_heads * n_pos
   per_copy = 4.0 * batch_size * (n_pos * per_layer * cfg.n_layers + cfg.d_vocab)
   return int(max(1, min(256, budget_bytes // per_copy)))

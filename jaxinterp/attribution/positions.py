@@ -295,11 +295,11 @@ def gradient_batch(cfg: ModelConfig, task, params, batch: Batch, ablation: Ablat
     n = alphas.shape[0]
     xs = alphas
   else:
-    names = ("attn.hook_result", "hook_mlp_out")
+    names = ("attn.hook_result", "hook_mlp_out")  # not hook_z: `_step` shifts it
     _, yc = T.run_blocks(cfg, params, e_clean, batch.mask, collect=names)
     _, yr = T.run_blocks(cfg, params, e_corrupt, batch.mask, collect=names)
     L = cfg.n_layers
-    G = 1 + 2 * L  # input, then each layer's heads and MLP (`ig_activations._layer_groups`)
+    G = 1 + 2 * L  # input, then each layer's heads and MLP (`receiver_grads.layer_node_steps`)
 
     def body(acc, ga):
       s = jax.nn.one_hot(ga[0].astype(jnp.int32), G, dtype=e_clean.dtype)
@@ -309,9 +309,8 @@ def gradient_batch(cfg: ModelConfig, task, params, batch: Batch, ablation: Ablat
       iv = {n: base.Blend(yc[n], yr[n], s[1 + k::2][:L], al)
             for k, n in enumerate(names)}
       return add(acc, step(emb, iv))
-    n = G * alphas.shape[0]
-    xs = jnp.stack([jnp.repeat(jnp.arange(G), alphas.shape[0]).astype(alphas.dtype),
-                    jnp.tile(alphas, G)], 1)
+    xs = receiver_grads.layer_node_steps(cfg, alphas)
+    n = xs.shape[0]
   S = E.n_senders(cfg)
   zero = (jnp.zeros((p, S, E.n_receivers(cfg)), jnp.float32),
           jnp.zeros((p * (p + 1) // 2, S, 2 * cfg.n_layers * cfg.n_heads), jnp.float32),

@@ -4,6 +4,8 @@ edge weights at 0 (`optimal.ablated_logits_graph`), in the losses and in their g
 constants, for GPT-2, NeoX (parallel blocks) and Llama (GQA); post-norm configs keep the graph
 form."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,3 +80,33 @@ def test_chunks_give_the_same_gradient_in_less_memory():
   temp = {c: grad_of(c).lower(values).compile().memory_analysis().temp_size_in_bytes
           for c in (None, 2)}
   assert temp[2] < 0.5 * temp[None], temp  # 1.25 MB against 3.75 MB (4.2 MB without recompute)
+
+
+def test_default_chunk_is_as_many_senders_as_fit(monkeypatch):
+  """`oa_chunk=None`: every sender at once where their activations fit the budget (the tests'
+  models, the toy), as many as fit where not (GPT-2 small at 16 rows of 21 tokens in 4 GB: a
+  few), at least one; the step then runs the program of that chunk."""
+  cfg = CONFIGS["gpt2"]
+  assert O.oa_chunk_size(cfg, 16, 32) == E.n_senders(cfg)
+  gpt2_small = dataclasses.replace(cfg, d_model=768, n_layers=12, n_heads=12, d_head=64,
+                                   d_mlp=3072, d_vocab=50257, n_ctx=1024)
+  few = O.oa_chunk_size(gpt2_small, 16, 21, 4e9)
+  assert 1 < few < 16 < E.n_senders(gpt2_small)
+  assert O.oa_chunk_size(gpt2_small, 4, 21, 4e9) > few  # fewer rows, more senders at once
+  assert O.oa_chunk_size(gpt2_small, 16, 21, 1.0) == 1
+  params = _params(cfg)
+  batch = next(iter(tasks.make_induction(6, 4, cfg.d_vocab, seed=0, bos_id=0).batches(6)))
+  values = jnp.zeros((E.n_senders(cfg), cfg.d_model))
+  seen = []
+
+  def two(c, b, p):
+    seen.append((c, b, p))
+    return 2
+
+  monkeypatch.setattr(O, "oa_chunk_size", two)
+
+  def text(chunk):
+    fn = jax.jit(lambda v: O.sender_losses.__wrapped__(cfg, "lm", chunk, params, batch, v))
+    return fn.lower(values).as_text()
+
+  assert text(None) == text(2) and seen == [(cfg, *batch.clean.shape)]
