@@ -1,4 +1,4 @@
-"""Fast EAP / EAP-IG-inputs kernels: gradients w.r.t. receiver inputs, contracted once per batch.
+"""Fast EAP / EAP-IG kernels: gradients w.r.t. receiver inputs, contracted once per batch.
 
 `eap.weight_gradient_batch` differentiates the graph-form forward w.r.t. the edge weights `w`: the
 correction `einsum("bpsd,sr->bprd", delta, 1 - w)` (zero at `w = 1`) and its transpose run in every
@@ -15,11 +15,15 @@ sender differences are projected once from their `hook_z` differences, and the c
 sender differences happens once per batch, in position chunks that stay in cache
 (`contraction.contract_positions`).
 
+EAP-IG-activations runs the same kernel (`interpolate="activations"`): its steps interpolate one
+layer node at a time instead of the input embeddings (`layer_node_steps`, `_step_inputs`).
+
 `_split_ig_inputs_batch` is the direct form: zero perturbations at the per-head inputs
 `blocks.{layer}.hook_{q,k,v}_input` and at residual sites, receiver gradients `[batch, pos,
 receivers, d_model]` summed over the steps, one contraction per layer. It runs under `remat` (where
 sites can't be collected). Every kernel equals `eap.weight_gradient_batch` up to float rounding
-(tests/attribution/test_receiver_grads.py).
+(tests/attribution/test_receiver_grads.py), and with the layer nodes
+`ig_activations.weight_gradient_batch` (tests/attribution/test_ig_activations.py).
 """
 
 from __future__ import annotations

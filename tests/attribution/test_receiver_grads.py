@@ -48,6 +48,22 @@ def _params(cfg, scale=8.0):
   return jax.tree.map(lambda x: x, _scaled_params(cfg, scale))
 
 
+def check_kernel(cfg, task, params, batch, reference, kernel):
+  """A receiver-gradient kernel's (scores, metric values, clean metric values) against a
+  weight-gradient reference's (scores, metric values): zero on invalid edges, a real signal,
+  equal to float rounding. Returns (the reference's valid scores, the clean metric values)."""
+  (ref, ref_vals), (got, vals, clean_vals) = reference, kernel
+  valid = valid_edges(cfg)
+  assert np.all(np.asarray(got)[~valid] == 0)
+  ref, got = np.asarray(ref)[valid], np.asarray(got)[valid]
+  assert np.abs(ref).max() > 1e-2  # a real signal
+  np.testing.assert_allclose(got, ref, atol=2e-4 * np.abs(ref).max(), rtol=1e-3)
+  np.testing.assert_allclose(np.asarray(vals), np.asarray(ref_vals), rtol=1e-5, atol=1e-5)
+  _, ref_clean, _ = task_metrics.clean_metric(cfg, task, params, batch)
+  np.testing.assert_allclose(np.asarray(clean_vals), np.asarray(ref_clean), rtol=1e-5, atol=1e-5)
+  return ref, ref_clean
+
+
 @pytest.mark.parametrize("family,method", [("gpt2", "EAP-IG-inputs"), ("gpt2", "EAP"),
                                            ("gpt_neox", "EAP-IG-inputs"),
                                            ("llama", "EAP-IG-inputs"),
@@ -64,16 +80,11 @@ def test_matches_weight_gradient_kernels(family, method):
   if method.endswith("/mean"):  # mean ablation: the clean senders come from their own forward
     abl = A.Ablation("mean", A.compute_means(cfg, params, ds, 4))
   alphas = jnp.asarray([1.0] if method == "EAP" else A.ig_alphas(3), jnp.float32)
-  ref, ref_vals = A.eap.weight_gradient_batch(cfg, ds.task, params, batch, abl, alphas)
-  got, vals, clean_vals = RG.ig_inputs_batch(cfg, ds.task, params, batch, abl, alphas)
+  ref, ref_clean = check_kernel(
+      cfg, ds.task, params, batch,
+      A.eap.weight_gradient_batch(cfg, ds.task, params, batch, abl, alphas),
+      RG.ig_inputs_batch(cfg, ds.task, params, batch, abl, alphas))
   valid = valid_edges(cfg)
-  assert np.all(np.asarray(got)[~valid] == 0)
-  ref, got = np.asarray(ref)[valid], np.asarray(got)[valid]
-  assert np.abs(ref).max() > 1e-2  # a real signal
-  np.testing.assert_allclose(got, ref, atol=2e-4 * np.abs(ref).max(), rtol=1e-3)
-  np.testing.assert_allclose(np.asarray(vals), np.asarray(ref_vals), rtol=1e-5, atol=1e-5)
-  _, ref_clean, _ = task_metrics.clean_metric(cfg, ds.task, params, batch)
-  np.testing.assert_allclose(np.asarray(clean_vals), np.asarray(ref_clean), rtol=1e-5, atol=1e-5)
   # The per-head-input kernel (used under remat and for non-uniform layers) agrees too.
   split, split_vals, split_clean = RG._split_ig_inputs_batch(cfg, ds.task, params, batch, abl,
                                                              alphas)
