@@ -182,7 +182,7 @@ def _optimal_step(cfg, params, batch) -> dict:
   opts = optimal.OptimalOptions()
   opt = optax.adam(opts.oa_lr)
   values = jnp.zeros((E.n_senders(cfg), cfg.d_model), jnp.float32)
-  return measure(optimal.make_step(cfg, params, opts, opt), values, opt.init(values), batch)
+  return measure(optimal.make_step(cfg, opts, opt), params, values, opt.init(values), batch)
 
 
 def acdc_trials(cfg, params, batch, abl) -> dict:
