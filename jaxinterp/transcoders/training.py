@@ -183,8 +183,10 @@ def train_transcoders(cfg: ModelConfig, params: Mapping[str, Any], tokens: Array
   tx = optax.adam(opts.learning_rate)
   state = tx.init(p)
 
+  # The activations are arguments, not constants of the program (closed over, XLA:CPU compiled a
+  # step of 2 layers x 32k tokens x 128 in 0.91 s instead of 0.31 s).
   @jax.jit
-  def step(p, state, key):
+  def step(p, state, key, xn, yn):
     idx = jax.random.randint(key, (min(opts.batch_size, n),), 0, n)
     loss, g = jax.value_and_grad(_loss)(p, xn[:, idx], yn[:, idx], opts)
     updates, state = tx.update(g, state, p)
@@ -192,7 +194,7 @@ def train_transcoders(cfg: ModelConfig, params: Mapping[str, Any], tokens: Array
 
   losses = []
   for i, key in enumerate(jax.random.split(key_data, opts.steps)):
-    p, state, loss = step(p, state, key)
+    p, state, loss = step(p, state, key, xn, yn)
     losses.append(loss)
     if progress is not None:
       progress(i + 1, opts.steps)
