@@ -438,9 +438,9 @@ def _ig_inputs(cfg: ModelConfig, task, params, batch: Batch, ablation, alphas: A
     blends, prefix = (clean_y, corrupt_y), None
     if patching:
       diff = _pair_diff(cfg, params, e_clean, e_corrupt, *blends)
-  if patching and blends is None:  # clean and corrupted in one forward
+  elif patching:  # clean and corrupted in one forward
     diff, final, prefix = _patching_diff(cfg, params, stacked, e_clean, e_corrupt, batch.mask, sfx)
-  elif not patching:
+  if not patching:
     clean, final, prefix = _senders(cfg, params, stacked, e_clean, batch.mask, sfx)
     ablated = ablation.values(cfg, params, batch)
     diff = (ablated - clean).astype(jnp.float32)  # [b, p, S, d]
