@@ -10,10 +10,12 @@ from jaxinterp.runtime import memory_plan as MP
 from jaxinterp.runtime import memory_programs as PR
 
 # The EAP family's alphas (as `attribution.eap` and `ig_activations` set them for edges) from the
-# method's options; all of them run `receiver_grads.ig_inputs_batch`.
-EAP_FAMILY = {"EAP": lambda o: [1.0], "clean-corrupted": lambda o: [0.0, 1.0],
-              "EAP-IG-inputs": lambda o: o.alphas(eap_start=0),
-              "EAP-IG-activations": lambda o: o.alphas(eap_start=1)}
+# method's options, and what their steps interpolate; all of them run
+# `receiver_grads.ig_inputs_batch(..., interpolate=)`.
+EAP_FAMILY = {"EAP": (lambda o: [1.0], "inputs"),
+              "clean-corrupted": (lambda o: [0.0, 1.0], "inputs"),
+              "EAP-IG-inputs": (lambda o: o.alphas(eap_start=0), "inputs"),
+              "EAP-IG-activations": (lambda o: o.alphas(eap_start=1), "activations")}
 
 
 def find_circuit(model: str, dtype: str | None, method: str, options: dict, batch: int,
@@ -35,13 +37,14 @@ def find_circuit(model: str, dtype: str | None, method: str, options: dict, batc
     opts = A.make_options(A.get_method(method), None, **options)
   except A.AttributionError as e:
     raise MP.PlanError(f"--method={method}: {e}") from None
-  alphas, budget = EAP_FAMILY[method](opts), getattr(opts, "memory_budget", None)
-  interpolate = "activations" if method == "EAP-IG-activations" else "inputs"
+  alphas_of, interpolate = EAP_FAMILY[method]
+  alphas, budget = alphas_of(opts), getattr(opts, "memory_budget", None)
   return dry_run.show(f"{method} (m={len(alphas)})",
                       lambda p: PR.eap(cfg, p, seq, alphas, m, memory, budget, opts.remat,
                                        interpolate),
                       cfg, dt, m, seq, memory, batch, notes=lambda p: PR.eap_notes(
-                          cfg, p, seq, len(alphas), batch, budget, opts.remat, method, m))
+                          cfg, p, seq, len(alphas), batch, budget, opts.remat, method, m,
+                          interpolate))
 
 
 def simple(kind: str, model: str, dtype: str | None, batch: int, mesh: str | None = None,

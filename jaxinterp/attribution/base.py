@@ -307,6 +307,13 @@ def chunk_budget_bytes() -> float:
   return stats.get("bytes_limit", 16e9) / 4
 
 
+def block_floats_per_position(cfg: ModelConfig, n_pos: int) -> int:
+  """Float32 values one plain forward keeps per position and block, as the chunk sizes and
+  `memory_budget`'s plans count them: the residual stream, norms, q/k/v and output (`10 d`), the
+  MLP's activations (`3 d_mlp`) and the attention pattern and scores (`2 H pos`)."""
+  return 10 * cfg.d_model + 3 * cfg.d_mlp + 2 * cfg.n_heads * n_pos
+
+
 def ones(cfg: ModelConfig, dtype=jnp.float32) -> Array:
   """All-ones edge weights, Float[Array, "sender receiver"]: the clean model in graph form."""
   return jnp.ones((E.n_senders(cfg), E.n_receivers(cfg)), dtype)

@@ -281,7 +281,7 @@ def exact_chunk_size(cfg: ModelConfig, batch_size: int, n_pos: int,
   """
   if budget_bytes is None:
     budget_bytes = base.chunk_budget_bytes()
-  per_layer = 10 * cfg.d_model + 3 * cfg.d_mlp + 2 * cfg.n_heads * n_pos
+  per_layer = base.block_floats_per_position(cfg, n_pos)
   per_copy = 4.0 * batch_size * (n_pos * per_layer * cfg.n_layers + cfg.d_vocab)
   return int(max(1, min(256, budget_bytes // per_copy)))
 

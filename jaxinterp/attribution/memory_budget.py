@@ -20,6 +20,7 @@ import sys
 
 import jax
 
+from jaxinterp.attribution import base
 from jaxinterp.attribution import contraction as C
 from jaxinterp.attribution.base import AttributionError
 from jaxinterp.models import edges as E
@@ -101,7 +102,8 @@ def _temp_bytes(cfg: ModelConfig, params, rows: int, n_pos: int, n_steps: int, r
     return _remat_temp_bytes(cfg, params, rows, n_pos, interpolate)
   L, H, d, dh = cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_head
   S, R = E.n_senders(cfg), E.n_receivers(cfg)
-  words = S * d + 3 * L * 3 * H * dh + 3 * L * d + 2 * L * (10 * d + 3 * cfg.d_mlp + 2 * H * n_pos)
+  block = base.block_floats_per_position(cfg, n_pos)
+  words = S * d + 3 * L * 3 * H * dh + 3 * L * d + 2 * L * block
   words += _blend_words(cfg, interpolate)
   per_pos_contract = (L * (3 * H + 1) + 1) * d * 4
   contract = 2 * min(chunk_bytes, rows * n_pos * per_pos_contract)
@@ -133,7 +135,8 @@ def _remat_temp_bytes(cfg: ModelConfig, params, rows: int, n_pos: int,
   L, H, d = cfg.n_layers, cfg.n_heads, cfg.d_model
   S, R = E.n_senders(cfg), E.n_receivers(cfg)
   words = 3 * S * d + 3 * L * (3 * H + 2) * d + 3 * d + 3 * cfg.d_vocab + 2 * L * d
-  words += 2 * (3 * H * d + 10 * d + 3 * cfg.d_mlp + 2 * H * n_pos) + _blend_words(cfg, interpolate)
+  block = base.block_floats_per_position(cfg, n_pos)
+  words += 2 * (3 * H * d + block) + _blend_words(cfg, interpolate)
   return 4.0 * words * rows * n_pos + 4.0 * _block_size(cfg, params) + 8.0 * S * R
 
 

@@ -130,8 +130,7 @@ def oa_chunk_size(cfg: ModelConfig, batch_size: int, n_pos: int,
   """
   if budget_bytes is None:
     budget_bytes = base.chunk_budget_bytes()
-  per_layer = (10 * cfg.d_model + 3 * cfg.d_mlp + 2 * cfg.n_heads * n_pos
-               + 2 * cfg.n_heads * cfg.d_model)
+  per_layer = base.block_floats_per_position(cfg, n_pos) + 2 * cfg.n_heads * cfg.d_model
   per_sender = 4.0 * batch_size * n_pos * (per_layer * cfg.n_layers + 4 * cfg.d_vocab)
   return int(max(1, min(E.n_senders(cfg), budget_bytes // per_sender)))
 

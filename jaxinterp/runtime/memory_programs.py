@@ -87,18 +87,19 @@ def _shards(batch: int, seq_len: int, mesh) -> int:
 
 def eap_notes(cfg: ModelConfig, params, seq_len: int, n_steps: int, batch: int,
               memory_budget: str | None = None, remat: bool = False,
-              method: str = "EAP-IG-inputs", mesh=None) -> tuple[str, ...]:
-  """The lines `--dry_run` prints under an EAP-family plan: EAP-IG-activations' number of steps,
-  and with a `memory_budget` the groups of rows and whether remat runs (asked for, or chosen by the
-  budget) at `batch` and twice it."""
-  interpolate = "activations" if method == "EAP-IG-activations" else "inputs"
+              method: str = "EAP-IG-inputs", mesh=None,
+              interpolate: str = "inputs") -> tuple[str, ...]:
+  """The lines `--dry_run` prints under an EAP-family plan of `method`, whose steps interpolate
+  `interpolate` (as `eap`'s): EAP-IG-activations' number of steps, and with a `memory_budget` the
+  groups of rows and whether remat runs (asked for, or chosen by the budget) at `batch` and twice
+  it."""
   plans = []
   if memory_budget is not None:
     plans = [MB.inputs_plan(cfg, params, (n, seq_len), n_steps, memory_budget, remat,
                             _shards(n, seq_len, mesh), interpolate) for n in (batch, 2 * batch)]
   lines = []
   if interpolate == "activations":
-    lines.append(f"EAP-IG-activations: {1 + 2 * cfg.n_layers} layer nodes x {n_steps} steps, one "
+    lines.append(f"{method}: {1 + 2 * cfg.n_layers} layer nodes x {n_steps} steps, one "
                  f"plain forward and backward each, in one scan")
   if plans:
     lines.append(f"--memory_budget={memory_budget}: the rows in {plans[0].row_chunks} group(s) at "

@@ -93,6 +93,7 @@ def reference(tmp_path_factory):
   return root, cache
 
 
+@pytest.mark.slow  # five find_circuit processes (~25 s wall, ~45 s CPU): the fast suite's budget
 def test_two_processes_equal_one_and_a_killed_peer_ends_the_other(reference):
   root, cache = reference
   # Two runs at once: a whole one, and one whose process 1 is killed after the first round.

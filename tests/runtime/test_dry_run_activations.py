@@ -92,7 +92,7 @@ def test_activations_plan_within_25_percent_of_the_run_program(budgeted, monkeyp
     got, want = getattr(planned, field), getattr(measured, field)
     assert abs(got - want) <= 0.25 * want, (field, planned, measured)
   notes = PR.eap_notes(cfg, params, _P, len(alphas), _B, budget, options.remat,
-                       "EAP-IG-activations")
+                       "EAP-IG-activations", interpolate="activations")
   assert notes[0].startswith(f"EAP-IG-activations: 5 layer nodes x {_STEPS} steps")
   if budgeted:
     assert f"{_B} group(s) at batch {_B}, {2 * _B} at {2 * _B}" in notes[1]
@@ -152,7 +152,7 @@ def test_dry_run_plans_the_remat_a_budget_chooses(kind, monkeypatch):
 
   monkeypatch.setattr(PR.RG, "ig_inputs_batch", kernel)
   build = PR.eap(cfg, params, p, [0.5, 1.0], memory_budget=budget, interpolate=interpolate)
-  notes = PR.eap_notes(cfg, params, p, 2, _B, budget, method=kind)
+  notes = PR.eap_notes(cfg, params, p, 2, _B, budget, method=kind, interpolate=interpolate)
   fn, args = build(_B)
   fn(*args)
   assert seen["remat"] is True and seen["row_chunks"] == _B
