@@ -149,17 +149,12 @@ def kernels(cfg, params, dataset, steps: int) -> dict[str, dict]:
   out["exact"] = _sum(rows)
   log("[compile] ACDC")
   out["ACDC trials"] = acdc_trials(cfg, params, batch, abl)
-  log("[compile] UGS step")
-  opts = ugs.UGSOptions(ugs_samples=1, mask_batch=len(batch.clean), mask_steps=1)
-  lr = ugs.default_lr(opts.reg_lamb, "patching")
-  out["UGS step"] = measure(ugs.train_step, cfg, task, opts, lr, params, abl,
-                            ugs.init_state(cfg, lr), batch, jax.random.PRNGKey(0),
-                            jnp.asarray(0, jnp.int32))
-  log("[compile] edge-pruning step")
-  e_opts = edge_pruning.EdgePruningOptions(mask_batch=len(batch.clean), mask_steps=1)
-  out["edge-pruning step"] = measure(edge_pruning.train_step, cfg, task, e_opts, params, abl,
-                                     edge_pruning.init_state(cfg, e_opts), batch,
-                                     jax.random.PRNGKey(0), jnp.asarray(0, jnp.int32))
+  calls = common.mask_step_calls(
+      cfg, task, params, ugs.UGSOptions(ugs_samples=1, mask_batch=len(batch.clean), mask_steps=1),
+      edge_pruning.EdgePruningOptions(mask_batch=len(batch.clean), mask_steps=1), batch, batch)
+  for name, (fn, args) in calls.items():
+    log(f"[compile] {name} step")
+    out[f"{name} step"] = measure(fn, *args)
   log("[compile] circuit forward")
   fwd = CF.CircuitForward(cfg, params, task, valid_edges(cfg))
   csfx = shared_prefix.plan(fwd.cfg, batch, abl.kind)

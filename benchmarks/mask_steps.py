@@ -16,13 +16,11 @@ import sys
 import tempfile
 
 import jax
-import jax.numpy as jnp
 from absl import app, flags
 
 from benchmarks import common
 from benchmarks.common import Ctx
 from benchmarks.compile import measure
-from jaxinterp import attribution as A
 from jaxinterp.attribution import edge_pruning, ugs
 from jaxinterp.runtime import inputs
 
@@ -33,15 +31,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "timed steps per shape (the toy: 2
 
 def steps(cfg, params, ds, u_opts, e_opts, repeats: int) -> dict:
   """{"UGS" / "edge-pruning": compile and step-time figures} on the dataset's first batches."""
-  abl, key, i = A.Ablation("patching"), jax.random.PRNGKey(0), jnp.asarray(0, jnp.int32)
-  lr = ugs.default_lr(u_opts.reg_lamb, "patching")
-  calls = {
-      "UGS": (ugs.train_step, (cfg, ds.task, u_opts, lr, params, abl, ugs.init_state(cfg, lr),
-                               next(ds.batches(u_opts.mask_batch, bucket=None)), key, i)),
-      "edge-pruning": (edge_pruning.train_step,
-                       (cfg, ds.task, e_opts, params, abl, edge_pruning.init_state(cfg, e_opts),
-                        next(ds.batches(e_opts.mask_batch, bucket=None)), key, i)),
-  }
+  calls = common.mask_step_calls(cfg, ds.task, params, u_opts, e_opts,
+                                 next(ds.batches(u_opts.mask_batch, bucket=None)),
+                                 next(ds.batches(e_opts.mask_batch, bucket=None)))
   out = {}
   for name, (fn, args) in calls.items():
     m = measure(fn, *args)

@@ -100,20 +100,15 @@ def step_rows(ctx, shape: str, n: int, repeats: int, only: list[str] | None = No
   batch = next(ds.batches(len(ds)))
   task = ds.task
   abl = A.Ablation("patching")
-  key = jax.random.PRNGKey(0)
-  i = jax.numpy.asarray(0, jax.numpy.int32)
   eap = A.get_method("EAP")
-  u_opts = ugs.UGSOptions(ugs_samples=1, mask_batch=len(ds), mask_steps=1)
-  u_lr = ugs.default_lr(u_opts.reg_lamb, "patching")
-  e_opts = edge_pruning.EdgePruningOptions(mask_batch=len(ds))
-  u_state, e_state = ugs.init_state(cfg, u_lr), edge_pruning.init_state(cfg, e_opts)
+  steps = common.mask_step_calls(
+      cfg, task, params, ugs.UGSOptions(ugs_samples=1, mask_batch=len(ds), mask_steps=1),
+      edge_pruning.EdgePruningOptions(mask_batch=len(ds)), batch, batch)
   calls = {
       "EAP step": lambda: jax.block_until_ready(
           eap.score_batch(cfg, task, params, batch, abl, eap.make_options()).scores),
-      "UGS step": lambda: jax.block_until_ready(
-          ugs.train_step(cfg, task, u_opts, u_lr, params, abl, u_state, batch, key, i)[0][0]),
-      "edge-pruning step": lambda: jax.block_until_ready(
-          edge_pruning.train_step(cfg, task, e_opts, params, abl, e_state, batch, key, i)[0][0]),
+      **{f"{name} step": lambda fn=fn, args=args: jax.block_until_ready(fn(*args)[0][0])
+         for name, (fn, args) in steps.items()},
   }
   base = dict(suite="methods", shape=shape, n_params=common.n_params(cfg), n_examples=len(ds),
               batch_size=len(ds), seq_len=ds.max_len, data=source, dtype="float32")
