@@ -18,13 +18,13 @@ import jax.numpy as jnp
 
 from jaxinterp.transcoders import activations
 from jaxinterp.transcoders.errors import TranscoderError
-from jaxinterp.transcoders.plt import check_shapes
+from jaxinterp.transcoders.plt import EncoderShapes, check_shapes
 
 Array = jax.Array
 
 
 @flax.struct.dataclass
-class CrossLayerTranscoder:
+class CrossLayerTranscoder(EncoderShapes):
   """A cross-layer transcoder over `L` layers with `F` features per layer.
 
   Attributes:
@@ -46,26 +46,6 @@ class CrossLayerTranscoder:
   input_hook: str = flax.struct.field(pytree_node=False, default="hook_resid_mid")
   output_hook: str = flax.struct.field(pytree_node=False, default="hook_mlp_out")
   scan: str | None = flax.struct.field(pytree_node=False, default=None)
-
-  @property
-  def n_layers(self) -> int:
-    return self.W_enc.shape[0]
-
-  @property
-  def d_model(self) -> int:
-    return self.W_enc.shape[1]
-
-  @property
-  def d_transcoder(self) -> int:
-    return self.W_enc.shape[2]
-
-  @property
-  def activation(self) -> str:
-    return "relu" if self.threshold is None else "jumprelu"
-
-  @property
-  def dtype(self):
-    return self.W_enc.dtype
 
   def validate(self) -> CrossLayerTranscoder:
     """Check that the arrays fit together; return self (TranscoderError otherwise)."""

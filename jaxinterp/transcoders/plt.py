@@ -32,8 +32,34 @@ def check_shapes(what: str, arrays: dict[str, Array | None],
       raise TranscoderError(f"{what}: {name} has shape {tuple(jnp.shape(a))}, expected {shape}")
 
 
+class EncoderShapes:
+  """The sizes a transcoder set's encoder `W_enc` [L, d_model, F] and `threshold` give, shared by
+  `PerLayerTranscoders` and `clt.CrossLayerTranscoder`."""
+
+  @property
+  def n_layers(self) -> int:
+    return self.W_enc.shape[0]
+
+  @property
+  def d_model(self) -> int:
+    return self.W_enc.shape[1]
+
+  @property
+  def d_transcoder(self) -> int:
+    return self.W_enc.shape[2]
+
+  @property
+  def activation(self) -> str:
+    """"jumprelu" or "relu"."""
+    return "relu" if self.threshold is None else "jumprelu"
+
+  @property
+  def dtype(self):
+    return self.W_enc.dtype
+
+
 @flax.struct.dataclass
-class PerLayerTranscoders:
+class PerLayerTranscoders(EncoderShapes):
   """A set of per-layer transcoders, one per layer, all with `F` features.
 
   Attributes:
@@ -57,27 +83,6 @@ class PerLayerTranscoders:
   input_hook: str = flax.struct.field(pytree_node=False, default="mlp.hook_in")
   output_hook: str = flax.struct.field(pytree_node=False, default="hook_mlp_out")
   scan: str | None = flax.struct.field(pytree_node=False, default=None)
-
-  @property
-  def n_layers(self) -> int:
-    return self.W_enc.shape[0]
-
-  @property
-  def d_model(self) -> int:
-    return self.W_enc.shape[1]
-
-  @property
-  def d_transcoder(self) -> int:
-    return self.W_enc.shape[2]
-
-  @property
-  def activation(self) -> str:
-    """"jumprelu" or "relu"."""
-    return "relu" if self.threshold is None else "jumprelu"
-
-  @property
-  def dtype(self):
-    return self.W_enc.dtype
 
   def validate(self) -> PerLayerTranscoders:
     """Check that the arrays fit together; return self (TranscoderError otherwise)."""
