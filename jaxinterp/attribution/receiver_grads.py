@@ -198,6 +198,15 @@ def _step_inputs(cfg: ModelConfig, alphas: Array, e_clean: Array, e_corrupt: Arr
   return layer_node_steps(cfg, alphas), inputs
 
 
+def _per_step(weights, x):
+  """`weights` as a value of the IG step whose input is `x` (tied to it by an optimization barrier):
+  XLA then converts or lays out the weights inside each step rather than hoisting that out of the
+  steps' loop. XLA:CPU has no bf16 matmul, and hoisted it kept float32 copies of every bf16 weight
+  for the whole loop (a GPU multiplies bf16 natively). Values and float32 programs' memory are
+  unchanged."""
+  return jax.lax.optimization_barrier((weights, x))[0]
+
+
 def _ig_steps(cfg: ModelConfig, task, params, stacked, batch: Batch, alphas: Array,
               e_clean: Array, e_corrupt: Array, diff: Array, clean_logits: Array | None,
               positions: Array | None = None, prefix: T.KVPrefix | None = None,
@@ -239,7 +248,8 @@ def _ig_steps(cfg: ModelConfig, task, params, stacked, batch: Batch, alphas: Arr
   def f(eps, x):
     emb, iv = inputs(x)
     iv.update({n: Shift(e) for n, e in eps.items() if n != "final"})
-    resid, ys = T.run_blocks(cfg, params, emb, batch.mask, iv, collect, stacked=stacked,
+    weights, stack = _per_step((params, stacked), x)  # the blocks' (the unembedding's: hoisted)
+    resid, ys = T.run_blocks(cfg, weights, emb, batch.mask, iv, collect, stacked=stack,
                            positions=positions, prefix=prefix)
     resid = resid + eps["final"]
     x = T.Norm(cfg).apply({"params": params.get("ln_final", {})}, resid)
@@ -505,17 +515,18 @@ def _split_ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablatio
 
   def f(eps, x):
     emb, per_layer = inputs(x)
+    params_x = _per_step(params, x)
     iv = {n: Shift(e) for n, e in eps.items()}
     iv.update({f"blocks.{li}.{n}": jax.tree.map(lambda a, li=li: a[li], b)
                for n, b in per_layer.items() for li in range(L)})
     if remat:  # T.forward() refuses collect under remat: use the full logits there
-      logits = T.forward(cfg, params, batch.clean, attention_mask=batch.mask, input_embeds=emb,
+      logits = T.forward(cfg, params_x, batch.clean, attention_mask=batch.mask, input_embeds=emb,
                        interventions=iv, remat=True)
       if clean_logits is not None:
-        full_clean = T.forward(cfg, params, batch.clean, attention_mask=batch.mask)
+        full_clean = T.forward(cfg, params, batch.clean, attention_mask=batch.mask)  # hoistable
         return metric_sum(task, logits, batch, full_clean)
       return metric_sum(task, logits, batch, None)
-    _, cache = T.forward(cfg, params, batch.clean, attention_mask=batch.mask, input_embeds=emb,
+    _, cache = T.forward(cfg, params_x, batch.clean, attention_mask=batch.mask, input_embeds=emb,
                        interventions=iv, collect=("ln_final.hook_normalized",))
     # The full logits are dead code (XLA removes them): the metric reads the last position only.
     return metric_at_last(cfg, task, params, batch, cache["ln_final.hook_normalized"],
