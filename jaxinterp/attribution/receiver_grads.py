@@ -199,11 +199,13 @@ def _step_inputs(cfg: ModelConfig, alphas: Array, e_clean: Array, e_corrupt: Arr
 
 
 def _per_step(weights, x):
-  """`weights` as a value of the IG step whose input is `x` (tied to it by an optimization barrier):
-  XLA then converts or lays out the weights inside each step rather than hoisting that out of the
-  steps' loop. XLA:CPU has no bf16 matmul, and hoisted it kept float32 copies of every bf16 weight
-  for the whole loop (a GPU multiplies bf16 natively). Values and float32 programs' memory are
-  unchanged."""
+  """Weights that are not all float32 as a value of the IG step whose input is `x` (tied to it by
+  an optimization barrier): XLA then converts them inside each step rather than hoisting that out
+  of the steps' loop. XLA:CPU has no bf16 matmul, and hoisted it kept float32 copies of every bf16
+  weight for the whole loop (a GPU multiplies bf16 natively). Values are unchanged; float32
+  weights are returned as they are (their program is unchanged)."""
+  if all(w.dtype == jnp.float32 for w in jax.tree.leaves(weights)):
+    return weights
   return jax.lax.optimization_barrier((weights, x))[0]
 
 
