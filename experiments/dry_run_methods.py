@@ -9,13 +9,12 @@ from jaxinterp.experiments import dry_run
 from jaxinterp.runtime import memory_plan as MP
 from jaxinterp.runtime import memory_programs as PR
 
-# The EAP family's alphas (as `attribution.eap` and `ig_activations` set them for edges) from the
-# method's options, and what their steps interpolate; all of them run
-# `receiver_grads.ig_inputs_batch(..., interpolate=)`.
-EAP_FAMILY = {"EAP": (lambda o: [1.0], "inputs"),
-              "clean-corrupted": (lambda o: [0.0, 1.0], "inputs"),
-              "EAP-IG-inputs": (lambda o: o.alphas(eap_start=0), "inputs"),
-              "EAP-IG-activations": (lambda o: o.alphas(eap_start=1), "activations")}
+
+def _edge_kernel(method: str) -> A.eap.EdgeKernel | None:
+  """The EAP-family kernel --method runs at --level=edge (its alphas and what its steps
+  interpolate: `eap.EdgeKernel`), or None for a method that runs another."""
+  kernel = A.METHODS[method].compile_batch if method in A.METHODS else None
+  return kernel if isinstance(kernel, A.eap.EdgeKernel) else None
 
 
 def find_circuit(model: str, dtype: str | None, method: str, options: dict, batch: int,
@@ -23,9 +22,11 @@ def find_circuit(model: str, dtype: str | None, method: str, options: dict, batc
   """find_circuit's plan: the attribution kernel of --method (EAP family, EAP-IG-activations or
   exact, edge level)."""
   cfg, dt, m, seq, memory = dry_run.setup(model, dtype, mesh, batch)
-  if (options.get("level") or "edge") != "edge" or method not in (*EAP_FAMILY, "exact"):
+  kernel = _edge_kernel(method)
+  if (options.get("level") or "edge") != "edge" or (kernel is None and method != "exact"):
+    family = [m for m in A.METHODS if _edge_kernel(m)]
     raise MP.PlanError(f"--dry_run plans --method={method} at --level=edge for "
-                       f"{', '.join(EAP_FAMILY)} and exact only")
+                       f"{', '.join(family)} and exact only")
   if method == "exact":
     chunk = options.get("exact_chunk")
     return dry_run.show("exact", lambda p: PR.exact(cfg, p, seq, m, memory, chunk),
@@ -37,8 +38,8 @@ def find_circuit(model: str, dtype: str | None, method: str, options: dict, batc
     opts = A.make_options(A.get_method(method), None, **options)
   except A.AttributionError as e:
     raise MP.PlanError(f"--method={method}: {e}") from None
-  alphas_of, interpolate = EAP_FAMILY[method]
-  alphas, budget = alphas_of(opts), getattr(opts, "memory_budget", None)
+  alphas, interpolate = kernel.alphas_of(opts), kernel.interpolate
+  budget = getattr(opts, "memory_budget", None)
   return dry_run.show(f"{method} (m={len(alphas)})",
                       lambda p: PR.eap(cfg, p, seq, alphas, m, memory, budget, opts.remat,
                                        interpolate),

@@ -24,7 +24,9 @@ kept as the reference the kernel is tested against.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -77,21 +79,25 @@ def kernel_scores(alphas, cfg, task, params, batch, ablation, options,
   return base.BatchScores(s, values, c_values, _valid_total(batch.valid, c_values))
 
 
-def compile_kernel(alphas_of, interpolate="inputs"):
-  """A `Method.compile_batch` for the kernel at `alphas_of(options)`: it compiles, running nothing,
-  the programs `kernel_scores` runs on a batch of this shape (edge level; the node and neuron
-  kernels compile on first use)."""
+@dataclasses.dataclass(frozen=True)
+class EdgeKernel:
+  """One EAP-family method's edge-level kernel: `ig_inputs_batch` at the alphas
+  `alphas_of(options)`, its steps interpolating `interpolate` ("inputs", or "activations" for
+  EAP-IG-activations). Called, it is the method's `Method.compile_batch`: it compiles, running
+  nothing, the programs `kernel_scores` runs on a batch of this shape (edge level; the node and
+  neuron kernels compile on first use). `--dry_run` plans the method from the same two fields."""
 
-  def compile_batch(cfg, task, params, batch, ablation, options) -> None:
+  alphas_of: Callable[[base.Options], Array]
+  interpolate: str = "inputs"
+
+  def __call__(self, cfg, task, params, batch, ablation, options) -> None:
     if options.level != "edge":
       return
-    args, kwargs = kernel_call(alphas_of(options), cfg, task, params, batch, ablation, options,
-                               interpolate)
+    args, kwargs = kernel_call(self.alphas_of(options), cfg, task, params, batch, ablation,
+                               options, self.interpolate)
     receiver_grads.ig_inputs_batch.lower(*args, **kwargs).compile()
     c_values = jax.ShapeDtypeStruct(batch.valid.shape, jnp.float32)  # [batch]
     _valid_total.lower(batch.valid, c_values).compile()
-
-  return compile_batch
 
 
 def _eap_alphas(options) -> Array:
@@ -156,13 +162,13 @@ def weight_gradient_batch(cfg, task, params, batch, ablation, alphas, remat=Fals
 EAP = base.Method(
     "EAP", "attribution patching: (a_ablated - a_clean) . dm/dx_r at the clean input (--level="
     "node|neuron: NAP, per node or output dimension)", score_eap, base.Options, levels=base.LEVELS,
-    compile_batch=compile_kernel(_eap_alphas))
+    compile_batch=EdgeKernel(_eap_alphas))
 EAP_IG_INPUTS = base.Method(
     "EAP-IG-inputs", "EAP with dm/dx_r averaged over m input embeddings interpolated corrupted -> "
     "clean (integrated gradients; --level=node|neuron: NAP-IG-inputs)", score_eap_ig_inputs,
     base.IGOptions, ("patching",), needs_corrupted=True, levels=base.LEVELS,
-    compile_batch=compile_kernel(_ig_alphas))
+    compile_batch=EdgeKernel(_ig_alphas))
 CLEAN_CORRUPTED = base.Method(
     "clean-corrupted", "EAP with the mean of the gradients at the clean and at the corrupted input",
     score_clean_corrupted, base.Options, needs_corrupted=True, levels=base.LEVELS,
-    compile_batch=compile_kernel(_clean_corrupted_alphas))
+    compile_batch=EdgeKernel(_clean_corrupted_alphas))

@@ -90,4 +90,4 @@ def score_batch(cfg, task, params, batch, ablation, options: base.IGOptions) -> 
 EAP_IG_ACTIVATIONS = base.Method(
     "EAP-IG-activations", "EAP-IG interpolating each layer's outputs in turn instead of the inputs",
     score_batch, base.IGOptions, needs_corrupted=True, levels=("edge", "position"),
-    compile_batch=eap.compile_kernel(_alphas, "activations"))
+    compile_batch=eap.EdgeKernel(_alphas, "activations"))

@@ -250,7 +250,9 @@ def _ig_steps(cfg: ModelConfig, task, params, stacked, batch: Batch, alphas: Arr
   def f(eps, x):
     emb, iv = inputs(x)
     iv.update({n: Shift(e) for n, e in eps.items() if n != "final"})
-    weights, stack = _per_step((params, stacked), x)  # the blocks' (the unembedding's: hoisted)
+    # The blocks' weights per step; the unembedding below reads `params` as it is, so XLA may
+    # hoist its conversion out of the loop (inside the barrier it cost 2 GB more at 8B, bf16).
+    weights, stack = _per_step((params, stacked), x)
     resid, ys = T.run_blocks(cfg, weights, emb, batch.mask, iv, collect, stacked=stack,
                            positions=positions, prefix=prefix)
     resid = resid + eps["final"]

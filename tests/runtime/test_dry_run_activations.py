@@ -125,7 +125,7 @@ def test_find_circuit_dry_run_plans_eap_ig_activations(tmp_path):
   assert bad.returncode == 2 and bad.stdout == ""
   assert bad.stderr.strip().splitlines() == [
       "find_circuit: error: --dry_run plans --method=EAP-IG-activations at --level=edge for EAP, "
-      "clean-corrupted, EAP-IG-inputs, EAP-IG-activations and exact only"]
+      "EAP-IG-inputs, EAP-IG-activations, clean-corrupted and exact only"]
 
 
 @pytest.mark.parametrize("kind", ["EAP-IG-inputs", "EAP-IG-activations"])
