@@ -136,9 +136,9 @@ def run(main: Callable[[list[str]], Any], module: str | None = None) -> None:
     except (app.UsageError, inputs.InputError) as e:
       fail(str(e))
     except ValueError as e:  # the project's own input errors (TaskError, GraphError, ...) read
-      if not type(e).__module__.startswith(("jaxinterp", "__main__")):  # as one line too
-        raise
-      fail(f"{type(e).__name__}: {e}")
+      if not type(e).__module__.startswith(("jaxinterp", "__main__")):  # as one line too: each
+        raise  # names its flag, file or value, so the class name would only be noise
+      fail(str(e))
     except KeyboardInterrupt:
       print(f"{prog_name()}: interrupted", file=sys.stderr)
       sys.exit(130)

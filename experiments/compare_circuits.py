@@ -51,8 +51,8 @@ def _load(paths: list[str]) -> list[Graph]:
       raise inputs.InputError(f"{p}: no such file")
     try:
       graphs.append(Graph.from_json(p))
-    except GraphError as e:
-      raise inputs.InputError(f"{p}: {e}") from None
+    except GraphError as e:  # it names the file
+      raise inputs.InputError(str(e)) from None
   return graphs
 
 

@@ -121,7 +121,8 @@ def activation_patching(config: PatchingConfig, out: str, *,
     raise inputs.InputError("--sweeps is empty")
   unknown = [s for s in sweeps if s not in SWEEPS]
   if unknown:
-    raise inputs.InputError(f"unknown sweep(s) {unknown}; choose from {', '.join(SWEEPS)}")
+    raise inputs.InputError(f"--sweeps={config.sweeps}: unknown sweep(s) {', '.join(unknown)}; "
+                            f"choose from {', '.join(SWEEPS)}")
   direction = config.direction
   if direction not in DIRECTIONS:
     raise inputs.InputError(f"--direction={direction}: choose from {', '.join(DIRECTIONS)}")

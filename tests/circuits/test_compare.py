@@ -96,10 +96,14 @@ def test_binary_writes_csv_and_png_and_refuses_bad_input(tmp_path):
   assert [float(r["edge_iou"]) for r in rows[:2]] == list(first.edge_iou)
   assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert (out / "DONE").read_text().split() == ["run.json", "comparison.csv", "comparison.png"]
+  malformed = tmp_path / "malformed.json"
+  malformed.write_text('{"nodes": 3}')
   for args, needle in [((paths[0],), "at least two"), ((paths[0], str(tmp_path / "no.json")),
                                                        "no.json: no such file"),
-                       ((*paths[:2], "--k=0"), "--k=0")]:
+                       ((*paths[:2], "--k=0"), "--k=0"),
+                       ((paths[0], str(malformed)), f"{malformed}: graph JSON lacks")]:
     bad = _run(*args, f"--out={tmp_path / 'bad'}")
     lines = bad.stderr.strip().splitlines()
     assert bad.returncode == 2 and len(lines) == 1 and needle in lines[0], bad.stderr
+    assert lines[0].count(needle.split(":")[0]) == 1, lines[0]  # the file named once
   assert not (tmp_path / "bad").exists()

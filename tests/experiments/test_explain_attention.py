@@ -94,7 +94,7 @@ def _run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
 
 
 @pytest.mark.parametrize("args, needle", [
-    (("--head=a2.h0",), "QKError: head a2.h0 is not in the model (2 layers of 4 heads)"),
+    (("--head=a2.h0",), "head a2.h0 is not in the model (2 layers of 4 heads)"),
     (("--head=L1H0",), "expected a name like 'a1.h0'"),
     (("--query_pos=5", "--key_pos=9"), "key position 9 is after query position 5"),
     (("--key_pos=32",), "key position 32 is outside the prompt (length 32)"),
