@@ -16,15 +16,14 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxinterp.transcoders import activations
 from jaxinterp.transcoders.errors import TranscoderError
-from jaxinterp.transcoders.plt import EncoderShapes, check_shapes
+from jaxinterp.transcoders.plt import Encoder, check_shapes
 
 Array = jax.Array
 
 
 @flax.struct.dataclass
-class CrossLayerTranscoder(EncoderShapes):
+class CrossLayerTranscoder(Encoder):
   """A cross-layer transcoder over `L` layers with `F` features per layer.
 
   Attributes:
@@ -61,21 +60,6 @@ class CrossLayerTranscoder(EncoderShapes):
     check_shapes("cross-layer transcoder", {f"W_dec[{s}]": w for s, w in enumerate(self.W_dec)},
                  {f"W_dec[{s}]": (F, L - s, d) for s in range(L)})
     return self
-
-  def astype(self, dtype) -> CrossLayerTranscoder:
-    """The same transcoder with every array in `dtype`."""
-    return jax.tree_util.tree_map(lambda a: a.astype(dtype), self)
-
-  def encode(self, x: Array, bandwidth: float = 1e-3) -> Array:
-    """Feature activations. x: Float[Array, "L ... d_model"] -> Float[Array, "L ... F"]."""
-    return activations.encode(self.W_enc, self.b_enc, self.threshold, x, bandwidth)
-
-  def skip(self, x: Array) -> Array:
-    """The skip connection's output (zeros without one). x: [L, ..., d_model] -> same shape."""
-    if self.W_skip is None:
-      return jnp.zeros(x.shape, self.dtype)
-    flat = x.astype(self.dtype).reshape(x.shape[0], -1, x.shape[-1])
-    return jnp.einsum("lnd,lde->lne", flat, self.W_skip).reshape(x.shape)
 
   def decode(self, f: Array, x: Array | None = None) -> Array:
     """Each layer's output from every earlier layer's features.

@@ -32,9 +32,10 @@ def check_shapes(what: str, arrays: dict[str, Array | None],
       raise TranscoderError(f"{what}: {name} has shape {tuple(jnp.shape(a))}, expected {shape}")
 
 
-class EncoderShapes:
-  """The sizes a transcoder set's encoder `W_enc` [L, d_model, F] and `threshold` give, shared by
-  `PerLayerTranscoders` and `clt.CrossLayerTranscoder`."""
+class Encoder:
+  """What a transcoder set's encoder (`W_enc` [L, d_model, F], `b_enc`, `threshold`) and skip
+  connection (`W_skip`) give, shared by `PerLayerTranscoders` and `clt.CrossLayerTranscoder`: their
+  sizes, the feature activations and the skip output. Only their decoders differ."""
 
   @property
   def n_layers(self) -> int:
@@ -57,9 +58,24 @@ class EncoderShapes:
   def dtype(self):
     return self.W_enc.dtype
 
+  def astype(self, dtype):
+    """The same set with every array in `dtype` (e.g. jnp.bfloat16)."""
+    return jax.tree_util.tree_map(lambda a: a.astype(dtype), self)
+
+  def encode(self, x: Array, bandwidth: float = 1e-3) -> Array:
+    """Feature activations. x: Float[Array, "L ... d_model"] -> Float[Array, "L ... F"]."""
+    return activations.encode(self.W_enc, self.b_enc, self.threshold, x, bandwidth)
+
+  def skip(self, x: Array) -> Array:
+    """The skip connection's output (zeros without one). x: [L, ..., d_model] -> same shape."""
+    if self.W_skip is None:
+      return jnp.zeros(x.shape, self.dtype)
+    flat = x.astype(self.dtype).reshape(x.shape[0], -1, x.shape[-1])
+    return jnp.einsum("lnd,lde->lne", flat, self.W_skip).reshape(x.shape)
+
 
 @flax.struct.dataclass
-class PerLayerTranscoders(EncoderShapes):
+class PerLayerTranscoders(Encoder):
   """A set of per-layer transcoders, one per layer, all with `F` features.
 
   Attributes:
@@ -94,21 +110,6 @@ class PerLayerTranscoders(EncoderShapes):
         "b_enc": (L, F), "W_dec": (L, F, d), "b_dec": (L, d), "threshold": (L, F),
         "W_skip": (L, d, d)})
     return self
-
-  def astype(self, dtype) -> PerLayerTranscoders:
-    """The same transcoders with every array in `dtype` (e.g. jnp.bfloat16)."""
-    return jax.tree_util.tree_map(lambda a: a.astype(dtype), self)
-
-  def encode(self, x: Array, bandwidth: float = 1e-3) -> Array:
-    """Feature activations. x: Float[Array, "L ... d_model"] -> Float[Array, "L ... F"]."""
-    return activations.encode(self.W_enc, self.b_enc, self.threshold, x, bandwidth)
-
-  def skip(self, x: Array) -> Array:
-    """The skip connection's output (zeros without one). x: [L, ..., d_model] -> same shape."""
-    if self.W_skip is None:
-      return jnp.zeros(x.shape, self.dtype)
-    flat = x.astype(self.dtype).reshape(x.shape[0], -1, x.shape[-1])
-    return jnp.einsum("lnd,lde->lne", flat, self.W_skip).reshape(x.shape)
 
   def decode(self, f: Array, x: Array | None = None) -> Array:
     """Each layer's output. f: Float[Array, "L ... F"]; x: the inputs (needed with W_skip).
