@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinterp import tasks
-from jaxinterp.attribution import Ablation, edge_pruning, ugs
+from jaxinterp.attribution import Patching, edge_pruning, ugs
 from jaxinterp.circuits.layout import valid_edges
 from jaxinterp.models import init_params
 from jaxinterp.models.config import ModelConfig
@@ -197,7 +197,7 @@ def mask_step_calls(cfg, task, params, u_opts, e_opts, u_batch, e_batch) -> dict
   """{"UGS": (ugs.train_step, args), "edge-pruning": (edge_pruning.train_step, args)}: the first
   step of each mask method (patching ablation, fresh state, key 0) on its batch, as the
   `methods`, `compile` and `mask_steps` suites time or compile it."""
-  abl, key, i = Ablation("patching"), jax.random.PRNGKey(0), jnp.asarray(0, jnp.int32)
+  abl, key, i = Patching(), jax.random.PRNGKey(0), jnp.asarray(0, jnp.int32)
   lr = ugs.default_lr(u_opts.reg_lamb, "patching")
   return {"UGS": (ugs.train_step, (cfg, task, u_opts, lr, params, abl, ugs.init_state(cfg, lr),
                                    u_batch, key, i)),

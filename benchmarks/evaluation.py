@@ -55,7 +55,7 @@ def _random_weights(cfg, n_circuits: int):
 def _memory_row(shape, cfg, params, ds, batch: int) -> dict:
   b = next(iter(ds.batches(batch)))
   fwd = CF.CircuitForward(cfg, params, ds.task, valid_edges(cfg))
-  prep = jax.eval_shape(lambda: fwd.prepare(b, A.Ablation("patching")))
+  prep = jax.eval_shape(lambda: fwd.prepare(b, A.Patching()))
   w = jax.ShapeDtypeStruct(valid_edges(cfg).shape, jnp.float32)
 
   def total(m):  # an output aliased to a (donated) argument is counted once

@@ -99,7 +99,7 @@ def step_rows(ctx, shape: str, n: int, repeats: int, only: list[str] | None = No
   ds, source = ctx.data(cfg, n)
   batch = next(ds.batches(len(ds)))
   task = ds.task
-  abl = A.Ablation("patching")
+  abl = A.Patching()
   eap = A.get_method("EAP")
   steps = common.mask_step_calls(
       cfg, task, params, ugs.UGSOptions(ugs_samples=1, mask_batch=len(ds), mask_steps=1),

@@ -88,7 +88,7 @@ def main(argv):
   ds, source = common.ioi_or_random(_N.value, cfg.d_vocab)
   batch = next(ds.batches(_N.value, bucket=None))
   alphas = jnp.asarray(A.ig_alphas(_STEPS.value), jnp.float32)
-  abl = A.Ablation("patching")
+  abl = A.Patching()
   args = (cfg, ds.task, params, batch, abl, alphas)
   print(f"{cfg.n_layers} layers x {cfg.n_heads} heads x d_model {cfg.d_model}; {source}; batch "
         f"{batch.clean.shape}; {_STEPS.value} IG steps; load {common.load_average()}")

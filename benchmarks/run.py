@@ -179,7 +179,7 @@ def suite_exact(ctx: Ctx, shape: str, n: int, batch: int, repeats: int) -> list:
   batch = _EXACT_BATCH.value
   ds, source = ctx.data(cfg, batch)
   b = next(ds.batches(batch))
-  abl = A.Ablation("patching")
+  abl = A.Patching()
   valid = valid_edges(cfg)
   s_idx, r_idx = np.nonzero(valid)
   L = cfg.n_layers
@@ -302,7 +302,7 @@ def suite_memory(ctx: Ctx, shape: str, batch: int, steps: int) -> list:
                                                             getattr(jnp, dtype)))
     log(f"[memory] {shape}: compiling the EAP-IG kernel for batch {batch} x {seq} ({dtype})")
     t0 = time.perf_counter()
-    compiled = RG.ig_inputs_batch.lower(cfg, task, params, b, A.Ablation("patching"),
+    compiled = RG.ig_inputs_batch.lower(cfg, task, params, b, A.Patching(),
                                         sd((steps,), jnp.float32)).compile()
     m = compiled.memory_analysis()
     total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes

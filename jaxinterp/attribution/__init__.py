@@ -61,7 +61,18 @@ from jaxinterp.attribution import (
   ugs,
 )
 from jaxinterp.attribution import bootstrap as bootstrap_
-from jaxinterp.attribution.ablation import INTERVENTIONS, Ablation, compute_means, make_ablation
+from jaxinterp.attribution.ablation import (
+  INTERVENTIONS,
+  Ablation,
+  Mean,
+  MeanPositional,
+  Optimal,
+  Patching,
+  Zero,
+  ZeroAll,
+  compute_means,
+  make_ablation,
+)
 from jaxinterp.attribution.base import (
   LEVELS,
   AttributionError,
@@ -81,7 +92,8 @@ from jaxinterp.runtime import distributed, shared_prefix, timing
 from jaxinterp.tasks import Batch, Dataset
 
 __all__ = [
-    "METHODS", "INTERVENTIONS", "LEVELS", "SHARED_SETTINGS", "Ablation", "Attribution",
+    "METHODS", "INTERVENTIONS", "LEVELS", "SHARED_SETTINGS", "Ablation", "Patching", "Zero",
+    "ZeroAll", "Mean", "MeanPositional", "Optimal", "Attribution",
     "AttributionError", "BatchScores", "Checkpointer", "ExactOptions", "FitResult", "IGOptions",
     "Method", "Options", "Progress", "Shift", "attribute", "compute_means", "exact_chunk_size",
     "check_level", "get_method", "ig_alphas", "make_ablation", "make_options", "node_scores",

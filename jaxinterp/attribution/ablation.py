@@ -2,7 +2,8 @@
 learned optimal-ablation constant (`optimal`, trained by `attribution.optimal`).
 
 An edge s -> r outside the circuit (or under attribution) makes its receiver read the sender's
-ablated value instead of its clean one. `Ablation.values` gives those values for a batch; the
+ablated value instead of its clean one. Each intervention is a small pytree (`Patching`, `Zero`,
+`ZeroAll`, `Mean`, `MeanPositional`, `Optimal`) whose `values` gives those values for a batch; the
 graph-form forward (`models.EdgePatch`) and every method take them as an explicit argument.
 """
 
@@ -26,46 +27,117 @@ Array = jax.Array
 INTERVENTIONS = ("patching", "zero", "mean", "mean-positional", "optimal", "zero-all")
 
 
-@flax.struct.dataclass
-class Ablation:
-  """Counterfactual sender values: `kind` in INTERVENTIONS, and `means` for the mean ablations.
+def _kind(name: str):
+  return flax.struct.field(pytree_node=False, default=name, kw_only=True, repr=False)
 
-  "zero" follows EAP-IG: every sender is zeroed except the input node's position embedding (EAP-IG's
-  input node is `hook_embed`, the token embedding alone), so only the token embedding is ablated.
-  "zero-all" zeroes the position embedding too (the whole input node, as jaxinterp's "zero" did).
-  The means are ours, not EAP-IG's `compute_mean_activations` (see README: mean ablations).
 
-  means: Float[Array, "sender d_model"] (mean) or Float[Array, "pos sender d_model"]
-  (mean-positional), averaged over real tokens of a reference dataset; for "optimal", the learned
-  constants c_s, Float[Array, "sender d_model"] (`optimal.learn_optimal_values`).
+class Ablation(flax.struct.PyTreeNode):
+  """Counterfactual sender values: one pytree type per intervention (`Patching`, `Zero`, `ZeroAll`,
+  `Mean`, `MeanPositional`, `Optimal`), each with its own `values`. `kind` is its name in
+  INTERVENTIONS (`--intervention`); `make_ablation(..., kind)` builds one from the data.
+
+  `kind` is set by each type (never given) and is static pytree metadata rather than only a class
+  attribute: JAX compares the pytree structures of two dataclass types with the same fields as
+  equal, and the name keeps, e.g., `Patching()` and `Zero()` apart wherever structures are
+  compared.
   """
 
-  kind: str = flax.struct.field(pytree_node=False, default="patching")
-  means: Array | None = None
+  kind: str = _kind("")
+
+  def __post_init__(self):
+    own = type(self).__dataclass_fields__["kind"].default
+    if self.kind != own:  # set by each type, never given
+      raise base.AttributionError(f"{type(self).__name__} is the {own!r} ablation, not "
+                                  f"{self.kind!r}")
 
   def values(self, cfg: ModelConfig, params, batch: Batch) -> Array:
     """The ablated sender outputs for a batch: Float[Array, "batch pos sender d_model"]."""
-    B, P = batch.clean.shape
-    if self.kind == "patching":
-      return sender_outputs(cfg, params, batch.corrupted, batch.mask)
-    dtype = jax.tree.leaves(params)[0].dtype
-    shape = (B, P, E.n_senders(cfg), cfg.d_model)
-    if self.kind == "zero-all":  # the position embedding too
-      return jnp.zeros(shape, dtype)
-    if self.kind == "zero":
-      # As EAP-IG: the input node is the token embedding only (TransformerLens' `hook_embed`), so a
-      # zero-ablated input edge still carries the position embedding, which is never ablated.
-      zeros = jnp.zeros(shape, dtype)
-      if cfg.positional != "learned":
-        return zeros
-      return zeros.at[:, :, 0].set(params["W_pos"][positions_of(batch.mask)].astype(dtype))
-    if self.kind in ("mean", "optimal"):
-      return jnp.broadcast_to(self.means.astype(dtype), shape)
+    raise NotImplementedError
+
+
+def _shape(cfg: ModelConfig, batch: Batch) -> tuple[int, int, int, int]:
+  return batch.clean.shape + (E.n_senders(cfg), cfg.d_model)
+
+
+def _dtype(params):
+  return jax.tree.leaves(params)[0].dtype
+
+
+class Patching(Ablation):
+  """Interchange ablation: each sender's output on the corrupted prompt."""
+
+  kind: str = _kind("patching")
+
+  def values(self, cfg: ModelConfig, params, batch: Batch) -> Array:
+    return sender_outputs(cfg, params, batch.corrupted, batch.mask)
+
+
+class Zero(Ablation):
+  """Zero, as EAP-IG: every sender is zeroed except the input node's position embedding. EAP-IG's
+  input node is `hook_embed` (TransformerLens' token embedding alone), so a zero-ablated input
+  edge still carries the position embedding, which is never ablated."""
+
+  kind: str = _kind("zero")
+
+  def values(self, cfg: ModelConfig, params, batch: Batch) -> Array:
+    zeros = jnp.zeros(_shape(cfg, batch), _dtype(params))
+    if cfg.positional != "learned":
+      return zeros
+    return zeros.at[:, :, 0].set(params["W_pos"][positions_of(batch.mask)].astype(zeros.dtype))
+
+
+class ZeroAll(Ablation):
+  """Zero for every sender, the position embedding too (the whole input node)."""
+
+  kind: str = _kind("zero-all")
+
+  def values(self, cfg: ModelConfig, params, batch: Batch) -> Array:
+    return jnp.zeros(_shape(cfg, batch), _dtype(params))
+
+
+class Mean(Ablation):
+  """Each sender's mean output over the real tokens of a reference dataset (`compute_means`; ours,
+  not EAP-IG's `compute_mean_activations`: see README, mean ablations).
+
+  means: Float[Array, "sender d_model"].
+  """
+
+  means: Array
+  kind: str = _kind("mean")
+
+  def values(self, cfg: ModelConfig, params, batch: Batch) -> Array:
+    return jnp.broadcast_to(self.means.astype(_dtype(params)), _shape(cfg, batch))
+
+
+class MeanPositional(Ablation):
+  """Each sender's mean output at each position (positions past the means' length: zero).
+
+  means: Float[Array, "pos sender d_model"] (`compute_means(..., positional=True)`).
+  """
+
+  means: Array
+  kind: str = _kind("mean-positional")
+
+  def values(self, cfg: ModelConfig, params, batch: Batch) -> Array:
+    P = batch.clean.shape[1]
     means = self.means[:P]
     if means.shape[0] < P:
       pad = jnp.zeros((P - means.shape[0],) + means.shape[1:], means.dtype)
       means = jnp.concatenate([means, pad])
-    return jnp.broadcast_to(means.astype(dtype), shape)
+    return jnp.broadcast_to(means.astype(_dtype(params)), _shape(cfg, batch))
+
+
+class Optimal(Ablation):
+  """Optimal ablation: each sender's learned constant c_s (`optimal.learn_optimal_values`).
+
+  constants: Float[Array, "sender d_model"].
+  """
+
+  constants: Array
+  kind: str = _kind("optimal")
+
+  def values(self, cfg: ModelConfig, params, batch: Batch) -> Array:
+    return jnp.broadcast_to(self.constants.astype(_dtype(params)), _shape(cfg, batch))
 
 
 def compute_means(cfg: ModelConfig, params, dataset: Dataset, batch_size: int,
@@ -116,14 +188,15 @@ def make_ablation(cfg: ModelConfig, params, dataset: Dataset, intervention: str,
                                 f"'mean' or 'mean-positional'")
   if intervention == "optimal":
     if isinstance(optimal_values, (str, os.PathLike)):
-      return Ablation("optimal", jnp.asarray(optimal.load_values(optimal_values, cfg)[0]))
+      return Optimal(jnp.asarray(optimal.load_values(optimal_values, cfg)[0]))
     data = mean_dataset or dataset
     means = compute_means(cfg, params, data, batch_size)
     values, _ = optimal.learn_optimal_values(cfg, params, data, means,
                                              optimal_values or optimal.OptimalOptions())
-    return Ablation("optimal", jnp.asarray(values))
-  if intervention.startswith("mean"):
-    means = compute_means(cfg, params, mean_dataset or dataset, batch_size,
-                          positional=intervention == "mean-positional")
-    return Ablation(intervention, means)
-  return Ablation(intervention)
+    return Optimal(jnp.asarray(values))
+  if intervention == "mean":
+    return Mean(compute_means(cfg, params, mean_dataset or dataset, batch_size))
+  if intervention == "mean-positional":
+    return MeanPositional(compute_means(cfg, params, mean_dataset or dataset, batch_size,
+                                        positional=True))
+  return {"patching": Patching, "zero": Zero, "zero-all": ZeroAll}[intervention]()

@@ -21,9 +21,9 @@ optimisations, as MIB runs them (one optimizer per component). Training stops af
 when the mean loss of `check_every` steps has not improved `patience` times in a row (MIB's early
 stop, on a less noisy loss).
 
-`--intervention=optimal` then ablates a sender (or an edge) to c_s (`ablation.Ablation("optimal",
-values)`), in attribution and in circuit evaluation alike. Of the attribution modules this one
-imports only `base`.
+`--intervention=optimal` then ablates a sender (or an edge) to c_s (`ablation.Optimal(c)`), in
+attribution and in circuit evaluation alike. Of the attribution modules this one imports only
+`base`.
 """
 
 from __future__ import annotations

@@ -353,7 +353,7 @@ def _optimal_ablation(config: FindCircuitConfig, model: models.Model, dataset: t
     raise inputs.InputError(str(e)) from None
   ablation = A.make_ablation(model.cfg, model.params, dataset, "optimal", config.batch_size,
                              optimal_values=opts)
-  optimal.save_values(os.path.join(out, OPTIMAL_DIR), np.asarray(ablation.means),
+  optimal.save_values(os.path.join(out, OPTIMAL_DIR), np.asarray(ablation.constants),
                       {"model_hash": inputs.model_hash(model), "task": config.task,
                        "n_examples": len(dataset), **dataclasses.asdict(opts)})
   print(f"optimal ablation: learned constants saved to {os.path.join(out, OPTIMAL_DIR)}")

@@ -33,7 +33,7 @@ from jaxinterp.attribution import contraction as C
 from jaxinterp.attribution import exact as X
 from jaxinterp.attribution import memory_budget as MB
 from jaxinterp.attribution import receiver_grads as RG
-from jaxinterp.attribution.ablation import Ablation
+from jaxinterp.attribution.ablation import Patching
 from jaxinterp.evaluation import circuit_forward as CF
 from jaxinterp.models import edges as E
 from jaxinterp.models import transformer as T
@@ -44,7 +44,7 @@ from jaxinterp.tasks import get_task
 from jaxinterp.tasks import metrics as task_metrics
 
 TASK = get_task("ioi")  # a logit difference of one correct and one incorrect id per row
-PATCHING = Ablation("patching")
+PATCHING = Patching()
 
 
 def _spec(shape, dtype):

@@ -339,7 +339,7 @@ def test_every_registered_method_keeps_the_contract(name):
         A.attribute(CFG, PARAMS, DATA, intervention=intervention, **kw)
 
   batch = next(DATA.batches(3))  # the shape `full` ran: its program, compiled once
-  out = method.score_batch(CFG, DATA.task, PARAMS, batch, A.Ablation("patching"),
+  out = method.score_batch(CFG, DATA.task, PARAMS, batch, A.Patching(),
                            method.make_options(**small))
   assert isinstance(out, A.BatchScores)
   assert out.scores.shape == valid.shape

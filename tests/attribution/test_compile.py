@@ -41,7 +41,7 @@ def _kernel_lines(n_layers: int, steps: int, n_rows: int = 4) -> int:
   ds = tasks.make_induction(n_rows, 4, cfg.d_vocab, seed=0, bos_id=0)
   batch = next(ds.batches(n_rows))
   alphas = jnp.asarray(A.ig_alphas(steps), jnp.float32)
-  lowered = RG.ig_inputs_batch.lower(cfg, ds.task, _params(cfg), batch, A.Ablation("patching"),
+  lowered = RG.ig_inputs_batch.lower(cfg, ds.task, _params(cfg), batch, A.Patching(),
                                      alphas)
   return len(lowered.as_text().splitlines())
 
@@ -82,7 +82,7 @@ def test_contraction_does_not_grow_with_position_chunks():
 def _exact_scores(cfg, params, ds, scanned: bool, monkeypatch) -> np.ndarray:
   monkeypatch.setattr(exact, "scan_layers", lambda c, p: scanned)
   batch = next(ds.batches(len(ds)))
-  abl = A.Ablation("patching")
+  abl = A.Patching()
   c_total, _, clean_logits = task_metrics.clean_metric(cfg, ds.task, params, batch)
   return exact._exact_batch(cfg, ds.task, abl, params, batch, valid_edges(cfg), float(c_total),
                             clean_logits, 64, True)
@@ -142,7 +142,7 @@ def test_exact_scan_other_families(family, monkeypatch):
 def _exact_node_scores(cfg, params, ds, scanned: bool, monkeypatch) -> np.ndarray:
   monkeypatch.setattr(exact, "scan_layers", lambda c, p: scanned)
   batch = next(ds.batches(len(ds)))
-  abl = A.Ablation("patching")
+  abl = A.Patching()
   c_total, _, clean_logits = task_metrics.clean_metric(cfg, ds.task, params, batch)
   return exact._exact_nodes_batch(cfg, ds.task, abl, params, batch, float(c_total), clean_logits,
                                   4, True)

@@ -31,9 +31,9 @@ def test_kernel_matches_the_weight_gradients(family, intervention, remat):
   params = _params(cfg)
   ds = tasks.make_induction(6, 4, cfg.d_vocab, seed=0, bos_id=0)
   batch = next(ds.batches(8))  # 2 filler rows: they must not count
-  abl = A.Ablation("patching")
+  abl = A.Patching()
   if intervention == "mean":
-    abl = A.Ablation("mean", A.compute_means(cfg, params, ds, 4))
+    abl = A.Mean(A.compute_means(cfg, params, ds, 4))
   alphas = jnp.asarray(A.ig_alphas(3, eap_start=1), jnp.float32)
   check_kernel(cfg, ds.task, params, batch,
                IA.weight_gradient_batch(cfg, ds.task, params, batch, abl, alphas),
@@ -49,7 +49,7 @@ def test_layer_nodes_are_not_the_inputs():
   ds = tasks.make_induction(6, 4, cfg.d_vocab, seed=0, bos_id=0)
   batch = next(ds.batches(8))
   alphas = jnp.asarray(A.ig_alphas(3, eap_start=1), jnp.float32)
-  abl = A.Ablation("patching")
+  abl = A.Patching()
   acts, _, _ = RG.ig_inputs_batch(cfg, ds.task, params, batch, abl, alphas,
                                   interpolate="activations")
   inputs, _, _ = RG.ig_inputs_batch(cfg, ds.task, params, batch, abl, alphas)
@@ -64,4 +64,4 @@ def test_no_suffix_and_known_interpolations():
   alphas = jnp.asarray([1.0], jnp.float32)
   for kw in (dict(interpolate="activations", suffix=3), dict(interpolate="outputs")):
     with pytest.raises(ValueError, match="interpolate="):
-      RG.ig_inputs_batch(cfg, ds.task, _params(cfg), batch, A.Ablation("patching"), alphas, **kw)
+      RG.ig_inputs_batch(cfg, ds.task, _params(cfg), batch, A.Patching(), alphas, **kw)

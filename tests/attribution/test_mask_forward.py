@@ -90,7 +90,7 @@ def _ugs_step_lines(n_layers: int) -> int:
   data = tasks.make_induction(4, 4, cfg.d_vocab, seed=0, bos_id=0)
   opts, lr = ugs.UGSOptions(ugs_samples=2, mask_batch=4), ugs.default_lr(None, "patching")
   return ugs.train_step.trace(
-      cfg, data.task, opts, lr, _params(cfg, 2.0), A.Ablation("patching"),
+      cfg, data.task, opts, lr, _params(cfg, 2.0), A.Patching(),
       ugs.init_state(cfg, lr), next(data.batches(4, bucket=None)), jax.random.PRNGKey(0),
       jnp.asarray(0, jnp.int32)).lower().as_text().count("\n")
 
@@ -122,7 +122,7 @@ def test_unsupported_configs_train_on_the_graph_form():
   params = _params(cfg, 2.0)
   data = tasks.make_induction(4, 4, cfg.d_vocab, seed=0, bos_id=0)
   batch = next(data.batches(4, bucket=None))
-  abl = A.Ablation("patching")
+  abl = A.Patching()
   clean, ablated = masks.clean_and_ablated(cfg, data.task, params, batch, abl)
   assert ablated.shape == (4, batch.clean.shape[1]) + valid_edges(cfg).shape[:1] + (cfg.d_model,)
   opts = ugs.UGSOptions(ugs_samples=2, mask_batch=4, mask_steps=1)

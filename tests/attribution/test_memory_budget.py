@@ -31,7 +31,7 @@ STEPS = 3
 def _setup():
   params = _params(CFG)
   ds = tasks.make_induction(4, 6, CFG.d_vocab, seed=0, bos_id=0)
-  return params, ds, next(ds.batches(4)), A.Ablation("patching")
+  return params, ds, next(ds.batches(4)), A.Patching()
 
 
 def _compiled(params, ds, batch, abl, **chunks):
@@ -244,7 +244,7 @@ def test_eap_ig_inputs_runs_the_rematted_kernel_and_notes_it_once(monkeypatch, c
   next run's record."""
   params = _shapes(DEEP)
   ds = tasks.make_induction(4, 6, DEEP.d_vocab, seed=0, bos_id=0)
-  batch, abl = next(ds.batches(4)), A.Ablation("patching")
+  batch, abl = next(ds.batches(4)), A.Patching()
   plain, rematted = _leasts(MB.row_chunks, batch.clean.shape)
   between = sizes.fmt_bytes((plain + rematted) / 2).replace(" ", "")
   seen = []
@@ -278,7 +278,7 @@ def test_auto_remat_scores_equal_the_unbudgeted_ones():
   budget."""
   params = _params(DEEP)
   ds = tasks.make_induction(4, 6, DEEP.d_vocab, seed=0, bos_id=0)
-  batch, abl = next(ds.batches(4)), A.Ablation("patching")
+  batch, abl = next(ds.batches(4)), A.Patching()
   b, p = batch.clean.shape
   plain, rematted = _leasts(MB.row_chunks, (b, p))
   between = sizes.fmt_bytes((plain + rematted) / 2).replace(" ", "")
@@ -349,7 +349,7 @@ kernels = {
     "activations": lambda p, x, a, **k: RG.ig_inputs_batch(cfg, x.task, p, x.batch, a, alphas,
                                                            interpolate="activations", **k)}
 ds = tasks.make_induction(8, 6, cfg.d_vocab, seed=0, bos_id=0)
-batch, abl = next(ds.batches(8)), A.Ablation("patching")
+batch, abl = next(ds.batches(8)), A.Patching()
 p = init_params(cfg, jax.random.PRNGKey(0))
 sb, sp = sharding.shard_batch(batch, mesh), sharding.shard_params(p, mesh)
 assert C.data_shards_of(sb.clean) == 4

@@ -67,7 +67,7 @@ def test_sum_over_positions_is_edge_score(family, method):
   cfg = CONFIGS[family]
   params = _params(cfg)
   ds, batch = _data(cfg)
-  abl = A.Ablation("patching")
+  abl = A.Patching()
   alphas = jnp.asarray(ALPHAS[method], jnp.float32)
   loc, cr, _ = P.gradient_batch(cfg, ds.task, params, batch, abl, alphas, method=method, chunk=2)
   if method == "EAP-IG-activations":
@@ -128,7 +128,7 @@ def test_exact_crossing_edge_is_a_one_query_rerun(family):
   cfg = CONFIGS[family]
   params = _params(cfg, 2.0)
   ds, batch = _data(cfg)
-  abl = A.Ablation("patching")
+  abl = A.Patching()
   resids, _, delta, _ = A.exact.upstream_cache(cfg, params, batch, abl)
   c_total, _, _ = task_metrics.clean_metric(cfg, ds.task, params, batch)
   s = E.head_sender(cfg, 0, 1)
@@ -200,7 +200,7 @@ def test_contraction_routes_agree(route):
   cfg = CONFIGS["gpt2"]
   params = _params(cfg)
   ds, batch = _data(cfg)
-  abl = A.Ablation("patching")
+  abl = A.Patching()
   alphas = jnp.asarray(ALPHAS["EAP"], jnp.float32)
   # chunk 2 as the gpt2 EAP case above: its program ("auto" is "y" at this size) is compiled once
   loc, cr, _ = P.gradient_batch(cfg, ds.task, params, batch, abl, alphas, method="EAP", chunk=2,
@@ -218,7 +218,7 @@ def test_sum_over_positions_with_qk_norm(qk_norm, rotary):
                             **({} if rotary else {"positional": "learned", "rotary_dim": None}))
   params = _params(cfg)
   ds, batch = _data(cfg)
-  abl = A.Ablation("patching")
+  abl = A.Patching()
   alphas = jnp.asarray(ALPHAS["EAP-IG-inputs"], jnp.float32)
   loc, cr, _ = P.gradient_batch(cfg, ds.task, params, batch, abl, alphas, chunk=4)
   ref, _, _ = RG.ig_inputs_batch(cfg, ds.task, params, batch, abl, alphas)
@@ -252,7 +252,7 @@ def _tiny_case(family: str):
   cfg = _tiny(family)
   ds = tasks.make_induction(2, 3, cfg.d_vocab, seed=0, bos_id=0)
   batch = next(ds.batches(3, bucket=None))  # a filler row: it must not count
-  return cfg, ds, batch, A.Ablation("patching"), _tiny_params(cfg)
+  return cfg, ds, batch, A.Patching(), _tiny_params(cfg)
 
 
 # In CI: OLMo-2 (no block input norms: the case that once found a kernel bug); the others by

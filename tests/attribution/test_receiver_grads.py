@@ -76,9 +76,9 @@ def test_matches_weight_gradient_kernels(family, method):
   params = _params(cfg)
   ds = tasks.make_induction(6, 4, cfg.d_vocab, seed=0, bos_id=0)
   batch = next(ds.batches(8))  # 2 filler rows: they must not count
-  abl = A.Ablation("patching")
+  abl = A.Patching()
   if method.endswith("/mean"):  # mean ablation: the clean senders come from their own forward
-    abl = A.Ablation("mean", A.compute_means(cfg, params, ds, 4))
+    abl = A.Mean(A.compute_means(cfg, params, ds, 4))
   alphas = jnp.asarray([1.0] if method == "EAP" else A.ig_alphas(3), jnp.float32)
   ref, ref_clean = check_kernel(
       cfg, ds.task, params, batch,
@@ -131,9 +131,9 @@ def test_unscanned_blocks(case, monkeypatch):
   ds = tasks.make_induction(4, 4, cfg.d_vocab, seed=0, bos_id=0)
   batch = next(ds.batches(4))
   alphas = jnp.asarray(A.ig_alphas(2), jnp.float32)
-  ref, _ = A.eap.weight_gradient_batch(cfg, ds.task, params, batch, A.Ablation("patching"), alphas)
+  ref, _ = A.eap.weight_gradient_batch(cfg, ds.task, params, batch, A.Patching(), alphas)
   fn = RG.ig_inputs_batch.__wrapped__  # unjitted: SCAN_MAX_FRACTION is read at trace time
-  got, _, _ = fn(cfg, ds.task, params, batch, A.Ablation("patching"), alphas)
+  got, _, _ = fn(cfg, ds.task, params, batch, A.Patching(), alphas)
   valid = valid_edges(cfg)
   ref = np.asarray(ref)[valid]
   np.testing.assert_allclose(np.asarray(got)[valid], ref, atol=2e-4 * np.abs(ref).max(), rtol=1e-3)

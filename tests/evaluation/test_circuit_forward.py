@@ -51,7 +51,7 @@ def _circuits(cfg, seed=0):
 def _ablation(cfg, params, data, kind):
   if kind == "optimal":  # learned constants: any [sender, d_model] values exercise the path
     key = jax.random.PRNGKey(3)
-    return A.Ablation("optimal", jax.random.normal(key, (E.n_senders(cfg), cfg.d_model)))
+    return A.Optimal(jax.random.normal(key, (E.n_senders(cfg), cfg.d_model)))
   return A.make_ablation(cfg, params, data, kind, 4)
 
 
@@ -189,7 +189,7 @@ def _metric_lowered(cfg):
   batch = next(data.batches(4))
   fwd = CF.CircuitForward(cfg, params, data.task, valid_edges(cfg))
   prep = jax.eval_shape(lambda p, b, a: CF.prepare(fwd.cfg, fwd.task, p, b, a), fwd.params,
-                        batch, A.Ablation("patching"))
+                        batch, A.Patching())
   w = jax.ShapeDtypeStruct(valid_edges(cfg).shape, jnp.float32)
   stacked = jax.eval_shape(lambda p: stack_blocks(fwd.cfg, p), fwd.params)
   scratch = jax.eval_shape(lambda: CF.scratch_like(fwd.cfg, prep))

@@ -64,7 +64,7 @@ def test_identities(family):
   params = _params(cfg)
   ds, batch = _data(cfg)
   p = batch.clean.shape[1]
-  abl = A.Ablation("patching")
+  abl = A.Patching()
   fwd = PC.PositionCircuitForward(cfg, params, ds.task)
   prep = fwd.prepare(batch, abl)
 

@@ -22,7 +22,7 @@ from jaxinterp import attribution as A
 from jaxinterp.attribution import ig_activations as IA
 from jaxinterp.attribution import memory_budget as MB
 from jaxinterp.attribution import receiver_grads as RG
-from jaxinterp.attribution.ablation import Ablation
+from jaxinterp.attribution.ablation import Patching
 from jaxinterp.models.config import ModelConfig
 from jaxinterp.models.transformer import init_params
 from jaxinterp.runtime import memory_plan as MP
@@ -54,7 +54,7 @@ def _run_program(cfg, options, monkeypatch) -> tuple[MP.Compiled, dict]:
 
   monkeypatch.setattr(RG, "ig_inputs_batch", spy)
   params = init_params(cfg, jax.random.PRNGKey(0))
-  out = IA.score_batch(cfg, PR.TASK, params, _real_batch(_B, _P), Ablation("patching"), options)
+  out = IA.score_batch(cfg, PR.TASK, params, _real_batch(_B, _P), Patching(), options)
   monkeypatch.undo()
   assert np.isfinite(np.asarray(out.scores)).all()
   (args, kw), = caught

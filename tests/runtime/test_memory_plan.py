@@ -273,7 +273,7 @@ _DATA_SHARDS = textwrap.dedent("""
     p = init_params(cfg, jax.random.PRNGKey(0))
     ds = tasks.make_induction(8, 4, cfg.d_vocab, seed=0, bos_id=0)
     batch = next(ds.batches(8))
-    abl = A.Ablation("patching")
+    abl = A.Patching()
     ref = RG.ig_inputs_batch(cfg, ds.task, p, batch, abl, alphas, chunk_bytes=cb)[0]
     sb = sharding.shard_batch(batch, mesh)
     assert C.data_shards_of(sb.clean) == 8 and C.data_shards_of(batch.clean) == 1

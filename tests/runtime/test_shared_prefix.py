@@ -116,7 +116,7 @@ def test_attribution_kernel_on_suffixes_equals_the_whole_run(family, method):
   width = shared_prefix.plan(cfg, batch, "patching")
   assert width == 8 < batch.clean.shape[1]
   alphas = jnp.asarray([1.0] if method == "EAP" else A.ig_alphas(3), jnp.float32)
-  abl = A.Ablation("patching")
+  abl = A.Patching()
   ref = RG.ig_inputs_batch(cfg, data.task, params, batch, abl, alphas)
   got = RG.ig_inputs_batch(cfg, data.task, params, batch, abl, alphas, suffix=width)
   valid = valid_edges(cfg)
@@ -138,7 +138,7 @@ def test_attribute_uses_the_suffix_and_matches_the_reference():
                     quiet=True).scores
   alphas = jnp.asarray(A.ig_alphas(3), jnp.float32)
   ref = sum(np.asarray(A.eap.weight_gradient_batch(cfg, data.task, params, b,
-                                                   A.Ablation("patching"), alphas)[0], np.float64)
+                                                   A.Patching(), alphas)[0], np.float64)
             for b in data.batches(4)) / len(data)
   valid = valid_edges(cfg)
   assert np.abs(ref[valid]).max() > 1e-3
@@ -159,7 +159,7 @@ def test_exact_patching_on_suffixes_equals_the_whole_run(family, level, monkeypa
   params = _params(cfg)
   data = late_corruption(cfg, n=8)
   batches = list(data.batches(4))
-  assert [A.exact.suffix(cfg, b, A.Ablation("patching"))[1].clean.shape[1]
+  assert [A.exact.suffix(cfg, b, A.Patching())[1].clean.shape[1]
           for b in batches] == [16, 8]  # the first batch runs every position, the second a suffix
 
   def run():
