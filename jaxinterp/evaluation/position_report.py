@@ -40,7 +40,6 @@ from jaxinterp.models import Model
 from jaxinterp.runtime import files, inputs
 from jaxinterp.viz import plots, position_plot, position_viewer, span_plot
 
-LEVELS = ("edge", "position", "span")
 SCORES_FILE = {"position": "positions.npz", "span": "spans.npz"}  # every score, beside graph.json
 OUTPUTS = {"position": ("evaluation.json", "faithfulness.csv", "faithfulness.png", "circuit.png",
                         "circuit.html"),
