@@ -185,6 +185,9 @@ def load_mib_task(task: str, source, tokenizer, *, split: str = "train",
     A `Dataset` of the task (`correct` / `incorrect` labels, `logit_diff` by default).
   """
   task = ALIASES.get(task, task)
+  if task in HF_NAMES and not os.path.exists(os.fspath(source)):
+    raise TaskError(f"{os.fspath(source)}: no such MIB data file or directory (a local copy of "
+                    f"the HF hub's mib-bench/{HF_NAMES[task]})")
   rows = mib_rows(task, read_rows(source, split), tokenizer, counterfactual)
   if n_examples is not None:
     rows = rows[:n_examples]

@@ -357,6 +357,8 @@ def test_mib_mcqa_arc_and_arithmetic(gpt2_tok):
     tasks.load_mib_task("arc-easy", FIXTURES / "arc-easy", gpt2_tok, split="test")
   with pytest.raises(tasks.TaskError, match="unknown MIB task"):
     tasks.load_mib_task("sva", FIXTURES / "mcqa.jsonl", gpt2_tok)
+  with pytest.raises(tasks.TaskError, match="no such MIB data .* mib-bench/copycolors_mcqa"):
+    tasks.load_mib_task("mcqa", FIXTURES / "absent", gpt2_tok)
 
 
 # ---------------------------------------------------------------------------------------------
