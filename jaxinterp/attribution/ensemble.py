@@ -60,7 +60,7 @@ def rank_normalise(scores: np.ndarray, valid: np.ndarray) -> np.ndarray:
   if s.size == 0:
     return out
   mag = np.abs(s)
-  uniq, inverse, counts = np.unique(mag, return_inverse=True, return_counts=True)
+  _, inverse, counts = np.unique(mag, return_inverse=True, return_counts=True)
   upper = np.cumsum(counts)  # the highest rank of each distinct value
   avg = upper - (counts - 1) / 2.0
   out[valid] = np.sign(s) * avg[inverse] / s.size
