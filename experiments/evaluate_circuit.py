@@ -8,7 +8,9 @@ The graph may be one of ours or one written by the PyTorch EAP-IG (`Graph.to_jso
 to `--model` (same layers and heads). A graph.json from find_circuit records how its circuit was
 found (`meta`: model and its hash, task, data, metric, BOS, ablation, seed, examples): those are the
 defaults here, a flag given with another value is reported in a warning, and a model with other
-weights than the recorded hash is refused unless `--force`. Reports:
+weights than the recorded hash is refused unless `--force`. Under optimal ablation the constants
+are the ones the circuit was found with (find_circuit's optimal_ablation/ beside the graph), unless
+`--optimal_values` names others. Reports:
 
 * the faithfulness of the circuit as stored (`in_graph`), or of the top `--top_n` edges by |score|
   (pruned) when `--top_n` is given: (m(C) - m(empty)) / (m(full) - m(empty));
@@ -59,6 +61,9 @@ cli.define("integer", "n_examples", M["n_examples"], "Examples to evaluate on." 
 cli.define("integer", "batch_size", D["batch_size"], "Examples per batch.")
 cli.define("string", "intervention", M["intervention"],
            f"How edges outside the circuit are ablated: one of {', '.join(INTERVENTIONS)}." + META)
+cli.define("string", "optimal_values", None, "--intervention=optimal: the learned constants' "
+           "directory. Default: those the graph was found with (its meta's optimal_values, or "
+           "the optimal_ablation/ find_circuit saved beside it); trained here only without them.")
 cli.define("integer", "top_n", None, "Re-select the top-n edges by |score| instead of in_graph "
            "(position and span graphs: ranked as their meta's `absolute`).")
 cli.define("string", "compare", None,

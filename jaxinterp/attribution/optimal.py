@@ -56,6 +56,7 @@ from jaxinterp.runtime import distributed, files
 from jaxinterp.tasks import Batch, Dataset
 
 OBJECTIVES = ("lm", "kl")
+RUN_DIR = "optimal_ablation"  # where find_circuit saves a run's learned constants, in --out
 VALUES_DIR = "values"
 META_FILE = "optimal_ablation.json"
 FORMAT = "jaxinterp-optimal-ablation-1"

@@ -47,7 +47,7 @@ HEADLINE = ("method", "task", "model", "n_examples")  # the settings naming a ru
 RESUME_DIR = ".resume"
 OUTPUTS = ("graph.json", "scores.npz", "faithfulness.csv", "circuit.png", "faithfulness.png",
            "circuit.html")
-OPTIMAL_DIR = "optimal_ablation"
+OPTIMAL_DIR = optimal.RUN_DIR
 PHASES = ("load", "compile", "attribute", "curve", "write")  # the order they are reported in
 # Checks of settings whose messages predate the generated flags: (name, minimum) of integers ...
 AT_LEAST = (("n_examples", 1), ("batch_size", 1), ("ig_steps", 1), ("top_n", 0),

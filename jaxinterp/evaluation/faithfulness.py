@@ -280,19 +280,21 @@ def faithfulness_curve(cfg: ModelConfig, params, dataset: Dataset, scores: np.nd
 
 def mib_scores(cfg: ModelConfig, params, dataset: Dataset, scores: np.ndarray, *,
                intervention: str = "patching", batch_size: int = 16,
-               score_convention: str | None = None) -> dict[str, float]:
+               score_convention: str | None = None,
+               ablation: Ablation | None = None) -> dict[str, float]:
   """MIB's CPR (area under f, signed ranking) and CMD (area under |1 - f|, absolute ranking).
 
   `scores` are in `score_convention` (default: attribution scores of `dataset.task`'s metric; pass
   "loss" for the scores of a graph file, `Graph.from_json(...).scores`). Both rankings' circuits
-  are evaluated in one pass.
+  are evaluated in one pass. `ablation` (built once by the caller, e.g. learned optimal-ablation
+  constants) replaces the one `intervention` would build.
   """
   pcts = list(G.MIB_PERCENTAGES)
   _, _, signed = _curve_circuits(cfg, dataset, scores, None, pcts, False, score_convention)
   _, _, absolute = _curve_circuits(cfg, dataset, scores, None, pcts, True, score_convention)
   weights = np.stack([c.edge_weights() for c in signed + absolute])
   _, _, _, faith = _with_baselines(cfg, params, dataset, weights, intervention=intervention,
-                                   batch_size=batch_size, chunk=8, ablation=None, quiet=True)
+                                   batch_size=batch_size, chunk=8, ablation=ablation, quiet=True)
   return {"CPR": G.cpr(pcts, faith[:len(pcts)]), "CMD": G.cmd(pcts, faith[len(pcts):])}
 
 

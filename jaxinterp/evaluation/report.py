@@ -27,7 +27,7 @@ import numpy as np
 
 from jaxinterp import circuits as G
 from jaxinterp import tasks
-from jaxinterp.attribution import INTERVENTIONS, AttributionError, make_ablation
+from jaxinterp.attribution import INTERVENTIONS, Ablation, AttributionError, make_ablation, optimal
 from jaxinterp.evaluation import faithfulness, task_check
 from jaxinterp.evaluation import position_report as PR
 from jaxinterp.models import Model
@@ -73,6 +73,9 @@ class EvaluateConfig:
   n_examples: int | None = None
   skip_bad_rows: bool | None = None
   filter: str | None = None  # "correct": only the rows the model gets right (`task_check`)
+  # intervention="optimal": the learned constants' directory (default: those the graph was found
+  # with, its meta's optimal_values or the optimal_ablation/ beside it)
+  optimal_values: str | None = None
 
 
 def _load_graph(path: str, cfg, what: str) -> G.Graph:
@@ -92,19 +95,18 @@ def _select(g: G.Graph, top_n: int | None) -> G.Graph:
     raise inputs.InputError(f"--top_n: {e}") from None
 
 
-def evaluate(model: Model, graph: G.Graph, dataset: tasks.Dataset, *, intervention: str,
+def evaluate(model: Model, graph: G.Graph, dataset: tasks.Dataset, *, ablation: Ablation,
              batch_size: int, top_n: int | None = None, compare: G.Graph | None = None
              ) -> tuple[dict, faithfulness.FaithfulnessCurve, G.Graph]:
   """All numbers of the report: (summary dict, the |score| faithfulness curve, the circuit).
 
   The circuit is the graph's `in_graph`, or its top `top_n` edges by |score| (pruned). The curve's
   and MIB's circuits are the graph's top-n by |score| (curve, CMD) and by signed importance (CPR)
-  at `circuits.MIB_PERCENTAGES`; all share one ablation. Raises AttributionError when the full
-  model and the empty circuit give the same metric.
+  at `circuits.MIB_PERCENTAGES`; all share `ablation` (`make_ablation`, built once). Raises
+  AttributionError when the full model and the empty circuit give the same metric.
   """
-  cfg, params = model.cfg, model.params
+  cfg, params, intervention = model.cfg, model.params, ablation.kind
   circuit = _select(graph, top_n)
-  ablation = make_ablation(cfg, params, dataset, intervention, batch_size)
   weights = np.stack([c.edge_weights() for c in (graph.full(), graph.empty(), circuit)])
   m_full, m_empty, m_circuit = (float(x) for x in faithfulness.evaluate_circuits(
       cfg, params, dataset, weights, batch_size=batch_size, ablation=ablation))
@@ -115,7 +117,8 @@ def evaluate(model: Model, graph: G.Graph, dataset: tasks.Dataset, *, interventi
   curve = faithfulness.faithfulness_curve(cfg, params, dataset, graph.scores, batch_size=batch_size,
                                           ablation=ablation, score_convention=convention)
   mib = faithfulness.mib_scores(cfg, params, dataset, graph.scores, intervention=intervention,
-                                batch_size=batch_size, score_convention=convention)
+                                batch_size=batch_size, score_convention=convention,
+                                ablation=ablation)
   summary = {
       "model": model.path, "task": dataset.task.name, "data": dataset.source,
       "n_examples": len(dataset), "intervention": intervention,
@@ -190,6 +193,29 @@ def _print(summary: dict, name: str, compare: str | None, out: str) -> None:
   print(f"wrote {os.path.join(out, 'evaluation.json')}")
 
 
+def _ablation(config: EvaluateConfig, meta: dict, model: Model, dataset: tasks.Dataset,
+              intervention: str, batch_size: int) -> tuple[Ablation, str | None]:
+  """The one ablation every number shares, and for "optimal" where its constants came from. Those
+  are the constants the graph was found with: `config.optimal_values`, else the directory its
+  find_circuit run loaded them from (meta's `optimal_values`) or saved them to (`optimal_ablation/`
+  beside the graph); only without any of these are they trained here ("trained here")."""
+  values = None
+  if config.optimal_values is not None and intervention != "optimal":
+    raise inputs.InputError(f"--optimal_values is for --intervention=optimal, not {intervention}")
+  if intervention == "optimal":
+    own = os.path.join(os.path.dirname(os.path.abspath(config.graph)), optimal.RUN_DIR)
+    values = config.optimal_values or meta.get("optimal_values") or (
+        own if os.path.isdir(own) else None)
+  try:
+    ablation = make_ablation(model.cfg, model.params, dataset, intervention, batch_size,
+                             optimal_values=values)
+  except AttributionError as e:
+    raise inputs.InputError(f"--optimal_values={values}: {e}" if values else str(e)) from None
+  if intervention != "optimal":
+    return ablation, None
+  return ablation, os.path.abspath(values) if values else "trained here"
+
+
 def evaluate_circuit(config: EvaluateConfig, out: str | None = None, *,
                      overwrite: bool = False) -> dict:
   """Evaluate `config.graph` and write the report under `out` (default `default_out(graph)`; see
@@ -234,17 +260,20 @@ def evaluate_circuit(config: EvaluateConfig, out: str | None = None, *,
     if level != "edge":
       return _evaluate_positions(config, graph, compare, model, dataset, run, meta, checked,
                                  held, out)
+    ablation, source = _ablation(config, meta, model, dataset, intervention, batch_size)
     try:
-      summary, curve, circuit = evaluate(model, graph, dataset, intervention=intervention,
+      summary, curve, circuit = evaluate(model, graph, dataset, ablation=ablation,
                                          batch_size=batch_size, top_n=top_n, compare=compare)
       if config.protocol == "mib":
         summary["mib"] = faithfulness.mib_protocol(
             model.cfg, model.params, dataset, graph, level=config.mib_level,
             absolute=config.mib_absolute, log_scale=config.log_scale, intervention=intervention,
-            batch_size=batch_size)
+            batch_size=batch_size, ablation=ablation)
     except (AttributionError, G.GraphError, tasks.TaskError) as e:
       raise inputs.InputError(str(e)) from None
     _complete(summary, config, run, checked, dataset)
+    if source is not None:
+      summary["optimal_values"] = source
 
     method = meta.get("method", "unknown method")  # the method that found the circuit
     title = f"{method}: {name} ({summary['selection']})"
