@@ -29,7 +29,7 @@ import numpy as np
 
 from jaxinterp import circuits as G
 from jaxinterp import tasks
-from jaxinterp.attribution import AttributionError, make_ablation
+from jaxinterp.attribution import Ablation, AttributionError, make_ablation
 from jaxinterp.circuits import positions as cpos
 from jaxinterp.circuits import schemas as S
 from jaxinterp.circuits import span_circuits as SC
@@ -193,13 +193,15 @@ def dataset_spans(saved: SavedCircuit, dataset: tasks.Dataset, prepend_bos: bool
 def evaluate(model: Model, saved: SavedCircuit, dataset: tasks.Dataset, *, intervention: str,
              batch_size: int, absolute: bool = True, curve_sizes: str = "counts",
              top_n: int | None = None, prepend_bos: bool = True,
-             compare: SavedCircuit | None = None
+             compare: SavedCircuit | None = None, ablation: Ablation | None = None
              ) -> tuple[dict, V.FaithfulnessCurve, list[Row]]:
   """All numbers of the report: (summary dict, the faithfulness curve, the circuit's rows).
 
   The circuit is graph.json's, or the top `top_n` edges (ranked as `absolute`). The curve's sizes
   are `faithfulness.curve_sizes(curve_sizes, n_total, [circuit size])`; all circuits share one
-  ablation. InputError (one line) for a circuit the data or the model cannot take.
+  ablation: `ablation` (built by the caller, e.g. loaded optimal-ablation constants), else the one
+  `make_ablation` builds for `intervention`. InputError (one line) for a circuit the data or the
+  model cannot take.
   """
   cfg, params = model.cfg, model.params
   try:
@@ -216,7 +218,8 @@ def evaluate(model: Model, saved: SavedCircuit, dataset: tasks.Dataset, *, inter
     raise inputs.InputError(f"--intervention={intervention}: {e}") from None
   try:
     sizes = V.curve_sizes(curve_sizes, saved.n_edges_total, [len(circuit)])
-    ablation = make_ablation(cfg, params, dataset, intervention, batch_size)
+    if ablation is None:
+      ablation = make_ablation(cfg, params, dataset, intervention, batch_size)
     kw = dict(intervention=intervention, batch_size=batch_size, ablation=ablation)
     if saved.level == "position":
       curve = PC.faithfulness_curve(cfg, params, dataset, saved.scores, n_edges=sizes,

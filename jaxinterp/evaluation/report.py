@@ -257,10 +257,10 @@ def evaluate_circuit(config: EvaluateConfig, out: str | None = None, *,
                   f"has --data={run['data']} changed since?")
     dataset = dataclasses.replace(dataset, task=tasks.with_metric(dataset.task, run["metric"]))
     intervention = run["intervention"]
+    ablation, source = _ablation(config, meta, model, dataset, intervention, batch_size)
     if level != "edge":
       return _evaluate_positions(config, graph, compare, model, dataset, run, meta, checked,
-                                 held, out)
-    ablation, source = _ablation(config, meta, model, dataset, intervention, batch_size)
+                                 held, out, ablation, source)
     try:
       summary, curve, circuit = evaluate(model, graph, dataset, ablation=ablation,
                                          batch_size=batch_size, top_n=top_n, compare=compare)
@@ -304,7 +304,7 @@ def _complete(summary: dict, config: EvaluateConfig, run: dict, checked: dict,
 def _evaluate_positions(config: EvaluateConfig, saved: PR.SavedCircuit,
                         compare: PR.SavedCircuit | None, model: Model, dataset: tasks.Dataset,
                         run: dict, meta: dict, checked: dict, held: files.RunDir,
-                        out: str) -> dict:
+                        out: str, ablation: Ablation, source: str | None) -> dict:
   """`evaluate_circuit` for a position- or span-level graph (`position_report`): the curve's
   sizes and ranking are those the circuit was found with (its meta's `curve_sizes`, `absolute`)."""
   name = os.path.basename(config.graph)
@@ -313,8 +313,10 @@ def _evaluate_positions(config: EvaluateConfig, saved: PR.SavedCircuit,
       model, saved, dataset, intervention=run["intervention"], batch_size=config.batch_size,
       absolute=absolute if isinstance(absolute, bool) else True,
       curve_sizes=str(meta.get("curve_sizes", "counts")), top_n=config.top_n,
-      prepend_bos=run["prepend_bos"], compare=compare)
+      prepend_bos=run["prepend_bos"], compare=compare, ablation=ablation)
   _complete(summary, config, run, checked, dataset)
+  if source is not None:
+    summary["optimal_values"] = source
   method = meta.get("method", "unknown method")
   title = f"{method}: {name}, {summary['task']}, {saved.level} level ({summary['selection']})"
   with held.writing(PR.OUTPUTS[saved.level]):
