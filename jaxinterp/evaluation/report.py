@@ -199,18 +199,19 @@ def _ablation(config: EvaluateConfig, meta: dict, model: Model, dataset: tasks.D
   are the constants the graph was found with: `config.optimal_values`, else the directory its
   find_circuit run loaded them from (meta's `optimal_values`) or saved them to (`optimal_ablation/`
   beside the graph); only without any of these are they trained here ("trained here")."""
-  values = None
   if config.optimal_values is not None and intervention != "optimal":
     raise inputs.InputError(f"--optimal_values is for --intervention=optimal, not {intervention}")
-  if intervention == "optimal":
-    own = os.path.join(os.path.dirname(os.path.abspath(config.graph)), optimal.RUN_DIR)
-    values = config.optimal_values or meta.get("optimal_values") or (
-        own if os.path.isdir(own) else None)
+  own = os.path.join(os.path.dirname(os.path.abspath(config.graph)), optimal.RUN_DIR)
+  sources = ((config.optimal_values, "--optimal_values"),
+             (meta.get("optimal_values"), "--graph's meta optimal_values"),
+             (own if os.path.isdir(own) else None, ""))  # the first given, for "optimal"
+  found = [(v, where) for v, where in sources if v and intervention == "optimal"]
+  values, where = found[0] if found else (None, "")
   try:
     ablation = make_ablation(model.cfg, model.params, dataset, intervention, batch_size,
                              optimal_values=values)
   except AttributionError as e:
-    raise inputs.InputError(f"--optimal_values={values}: {e}" if values else str(e)) from None
+    raise inputs.InputError(f"{where}={values}: {e}" if where else str(e)) from None
   if intervention != "optimal":
     return ablation, None
   return ablation, os.path.abspath(values) if values else "trained here"

@@ -29,7 +29,7 @@ def toy():
   return model, scores, values
 
 
-def _run(tmp_path, toy, **config):
+def _run(tmp_path, toy, meta_values=None, **config):
   """A find_circuit-like run directory (graph.json found under optimal ablation, and its learned
   constants in optimal_ablation/), evaluated by `evaluate_circuit` at the top 5 edges."""
   model, scores, values = toy
@@ -38,7 +38,7 @@ def _run(tmp_path, toy, **config):
   graph = G.Graph.from_config(model.cfg, scores)
   graph.to_json(run / "graph.json", meta={"model": "toy", "task": "induction",
                                           "intervention": "optimal", "n_examples": N,
-                                          "method": "EAP"})
+                                          "method": "EAP", "optimal_values": meta_values})
   optimal.save_values(str(run / optimal.RUN_DIR), values[0], {"note": "the run's"})
   cfg = R.EvaluateConfig(graph=str(run / "graph.json"), top_n=5, batch_size=N, **config)
   return R.evaluate_circuit(cfg, str(tmp_path / "evaluation"), overwrite=True)
@@ -79,4 +79,6 @@ def test_bad_optimal_values_are_one_clear_error(tmp_path, toy):
   with pytest.raises(inputs.InputError, match="--optimal_values is for --intervention=optimal"):
     _run(tmp_path, toy, optimal_values=str(tmp_path / "run" / optimal.RUN_DIR),
          intervention="patching")
+  with pytest.raises(inputs.InputError, match="--graph's meta optimal_values=gone: .*not found"):
+    _run(tmp_path, toy, meta_values="gone")  # the directory find_circuit loaded, since removed
   assert not os.path.exists(tmp_path / "evaluation" / "evaluation.json")
