@@ -47,7 +47,6 @@ HEADLINE = ("method", "task", "model", "n_examples")  # the settings naming a ru
 RESUME_DIR = ".resume"
 OUTPUTS = ("graph.json", "scores.npz", "faithfulness.csv", "circuit.png", "faithfulness.png",
            "circuit.html")
-OPTIMAL_DIR = optimal.RUN_DIR
 PHASES = ("load", "compile", "attribute", "curve", "write")  # the order they are reported in
 # Checks of settings whose messages predate the generated flags: (name, minimum) of integers ...
 AT_LEAST = (("n_examples", 1), ("batch_size", 1), ("ig_steps", 1), ("top_n", 0),
@@ -264,7 +263,7 @@ def _run(config: FindCircuitConfig, options: A.Options, held: files.RunDir,
       arrays["neurons_in_graph"] = circuit.neurons_in_graph
   else:
     shown = circuit
-  outputs = OUTPUTS + ((OPTIMAL_DIR,) if ablation is not None and not config.optimal_values
+  outputs = OUTPUTS + ((optimal.RUN_DIR,) if ablation is not None and not config.optimal_values
                        else ())
   phases.start("write")
   with held.writing(outputs):
@@ -353,10 +352,10 @@ def _optimal_ablation(config: FindCircuitConfig, model: models.Model, dataset: t
     raise inputs.InputError(str(e)) from None
   ablation = A.make_ablation(model.cfg, model.params, dataset, "optimal", config.batch_size,
                              optimal_values=opts)
-  optimal.save_values(os.path.join(out, OPTIMAL_DIR), np.asarray(ablation.constants),
+  optimal.save_values(os.path.join(out, optimal.RUN_DIR), np.asarray(ablation.constants),
                       {"model_hash": inputs.model_hash(model), "task": config.task,
                        "n_examples": len(dataset), **dataclasses.asdict(opts)})
-  print(f"optimal ablation: learned constants saved to {os.path.join(out, OPTIMAL_DIR)}")
+  print(f"optimal ablation: learned constants saved to {os.path.join(out, optimal.RUN_DIR)}")
   return ablation
 
 

@@ -201,12 +201,13 @@ def _ablation(config: EvaluateConfig, meta: dict, model: Model, dataset: tasks.D
   beside the graph); only without any of these are they trained here ("trained here")."""
   if config.optimal_values is not None and intervention != "optimal":
     raise inputs.InputError(f"--optimal_values is for --intervention=optimal, not {intervention}")
-  own = os.path.join(os.path.dirname(os.path.abspath(config.graph)), optimal.RUN_DIR)
-  sources = ((config.optimal_values, "--optimal_values"),
-             (meta.get("optimal_values"), "--graph's meta optimal_values"),
-             (own if os.path.isdir(own) else None, ""))  # the first given, for "optimal"
-  found = [(v, where) for v, where in sources if v and intervention == "optimal"]
-  values, where = found[0] if found else (None, "")
+  values, where = None, ""
+  if intervention == "optimal":  # the first of these given
+    own = os.path.join(os.path.dirname(os.path.abspath(config.graph)), optimal.RUN_DIR)
+    sources = ((config.optimal_values, "--optimal_values"),
+               (meta.get("optimal_values"), "--graph's meta optimal_values"),
+               (own if os.path.isdir(own) else None, ""))
+    values, where = next(((v, w) for v, w in sources if v), (None, ""))
   try:
     ablation = make_ablation(model.cfg, model.params, dataset, intervention, batch_size,
                              optimal_values=values)

@@ -77,13 +77,15 @@ def _read_file(path: str) -> list[dict[str, Any]]:
   return data
 
 
-def read_rows(source, split: str = "train") -> list[dict[str, Any]]:
-  """The raw rows of a local copy of an MIB dataset split (see the module docstring)."""
+def read_rows(source, split: str = "train", *, task: str | None = None) -> list[dict[str, Any]]:
+  """The raw rows of a local copy of an MIB dataset split (see the module docstring). `task` (one
+  of `MIB_TASKS`) only names, when `source` is missing, the hub dataset it should be a copy of."""
   source = os.fspath(source)
   if os.path.isfile(source):
     return _read_file(source)
   if not os.path.isdir(source):
-    raise TaskError(f"{source}: no such MIB data file or directory")
+    hub = f" (a local copy of the HF hub's mib-bench/{HF_NAMES[task]})" if task in HF_NAMES else ""
+    raise TaskError(f"{source}: no such MIB data file or directory{hub}")
   found = sorted(p for suffix in _SUFFIXES
                  for p in glob.glob(os.path.join(source, "**", f"{split}*{suffix}"),
                                     recursive=True))
@@ -185,10 +187,7 @@ def load_mib_task(task: str, source, tokenizer, *, split: str = "train",
     A `Dataset` of the task (`correct` / `incorrect` labels, `logit_diff` by default).
   """
   task = ALIASES.get(task, task)
-  if task in HF_NAMES and not os.path.exists(os.fspath(source)):
-    raise TaskError(f"{os.fspath(source)}: no such MIB data file or directory (a local copy of "
-                    f"the HF hub's mib-bench/{HF_NAMES[task]})")
-  rows = mib_rows(task, read_rows(source, split), tokenizer, counterfactual)
+  rows = mib_rows(task, read_rows(source, split, task=task), tokenizer, counterfactual)
   if n_examples is not None:
     rows = rows[:n_examples]
   if not rows:
