@@ -93,7 +93,7 @@ def main(argv):
   print(f"{cfg.n_layers} layers x {cfg.n_heads} heads x d_model {cfg.d_model}; {source}; batch "
         f"{batch.clean.shape}; {_STEPS.value} IG steps; load {common.load_average()}")
   edge = measure("edge level", RG.ig_inputs_batch, args, {}, _REPEATS.value)
-  pos = measure("position level", P.gradient_batch, args, {"method": "EAP-IG-inputs"},
+  pos = measure("position level", P.gradient_batch, args, {"interpolate": "inputs"},
                 _REPEATS.value)
   ratio = {k: pos[k] / edge[k] for k in ("compile_s", "warm_best_s", "warm_cpu_best_s",
                                           "peak_mb", "temp_mb")

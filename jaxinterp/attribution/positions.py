@@ -249,16 +249,18 @@ def _contract_crossing(cfg, params, diff, grads, chunk, route):
   return jnp.concatenate(out, 2)
 
 
-@functools.partial(compile_policy.jit, static_argnames=("cfg", "task", "method", "chunk",
-                                                        "route"))
+@functools.partial(compile_policy.jit, static_argnames=("cfg", "task", "interpolate",
+                                                        "chunk", "route"))
 def gradient_batch(cfg: ModelConfig, task, params, batch: Batch, ablation: Ablation,
-                   alphas: Array, method: str = "EAP-IG-inputs", chunk: int | None = None,
+                   alphas: Array, interpolate: str = "inputs", chunk: int | None = None,
                    route: str = "auto"):
   """Position-level scores of one batch for a gradient method, summed over its real rows.
 
   Args:
-    method: "EAP", "EAP-IG-inputs" or "clean-corrupted" (the input embeddings interpolated at
-      `alphas`), or "EAP-IG-activations" (each layer node in turn, at `alphas`).
+    alphas: the IG points (EAP: [1]; clean-corrupted: [0, 1]; a method's `EdgeKernel.alphas_of`).
+    interpolate: what the steps interpolate, as `receiver_grads.ig_inputs_batch`: "inputs" (the
+      input embeddings, corrupted -> clean: EAP, EAP-IG-inputs, clean-corrupted) or
+      "activations" (each layer node in turn: EAP-IG-activations).
     chunk: query rows at a time where k gradients are pulled back through rotary or qk-norm, and
       in the "direct" contraction (a divisor of the batch's positions; None: `_query_chunk` with
       64 MB).
@@ -288,7 +290,7 @@ def gradient_batch(cfg: ModelConfig, task, params, batch: Batch, ablation: Ablat
   def add(acc, out):
     return jax.tree.map(jnp.add, acc, out[:3]), out[3]
 
-  if method != "EAP-IG-activations":
+  if interpolate == "inputs":
     def body(acc, alpha):
       emb = e_corrupt + alpha.astype(e_clean.dtype) * (e_clean - e_corrupt)
       return add(acc, step(emb, {}))
@@ -374,14 +376,8 @@ def attribute_positions(cfg: ModelConfig, params, dataset, method: str = "EAP-IG
   if ablation is None:
     ablation = make_ablation(cfg, params, dataset, intervention, batch_size)
   task = dataset.task
-  if method == "exact":
-    alphas = None
-  elif method == "EAP":
-    alphas = np.asarray([1.0], np.float32)
-  elif method == "clean-corrupted":
-    alphas = np.asarray([0.0, 1.0], np.float32)
-  else:
-    alphas = options.alphas(eap_start=0 if method == "EAP-IG-inputs" else 1)
+  kernel = m.compile_batch  # the EAP family's `EdgeKernel`: its alphas and what they interpolate
+  alphas = kernel.alphas_of(options) if isinstance(kernel, eap_methods.EdgeKernel) else None
   local = crossing = None
   clean_sum, n = 0.0, 0
   batches = list(dataset.batches(batch_size, bucket=None))
@@ -390,8 +386,8 @@ def attribute_positions(cfg: ModelConfig, params, dataset, method: str = "EAP-IG
       loc, cr, c_values = positions_exact.exact_batch(cfg, task, params, batch, ablation,
                                       options.exact_chunk, quiet or len(batches) > 1)
     else:
-      loc, cr, _ = gradient_batch(cfg, task, params, batch, ablation, jnp.asarray(alphas),
-                                  method=method, chunk=chunk)
+      loc, cr, _ = gradient_batch(cfg, task, params, batch, ablation, alphas,
+                                  interpolate=kernel.interpolate, chunk=chunk)
       _, c_values, _ = clean_metric(cfg, task, params, batch)
     real = np.asarray(batch.valid)
     loc, cr = np.asarray(loc, np.float64), np.asarray(cr, np.float64)

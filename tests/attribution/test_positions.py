@@ -27,6 +27,7 @@ from tests.models.test_families import NEW
 
 ALPHAS = {"EAP": [1.0], "EAP-IG-inputs": list(A.ig_alphas(3)), "clean-corrupted": [0.0, 1.0],
           "EAP-IG-activations": list(A.ig_alphas(2, eap_start=1))}
+INTERPOLATE = {m: "activations" if m == "EAP-IG-activations" else "inputs" for m in ALPHAS}
 
 
 def _data(cfg, n=6):
@@ -69,7 +70,8 @@ def test_sum_over_positions_is_edge_score(family, method):
   ds, batch = _data(cfg)
   abl = A.Patching()
   alphas = jnp.asarray(ALPHAS[method], jnp.float32)
-  loc, cr, _ = P.gradient_batch(cfg, ds.task, params, batch, abl, alphas, method=method, chunk=2)
+  loc, cr, _ = P.gradient_batch(cfg, ds.task, params, batch, abl, alphas,
+                                interpolate=INTERPOLATE[method], chunk=2)
   if method == "EAP-IG-activations":
     ref, _, _ = RG.ig_inputs_batch(cfg, ds.task, params, batch, abl, alphas,
                                    interpolate="activations")
@@ -90,6 +92,24 @@ def test_attribute_positions_matches_attribute_mean_ablation():
   np.testing.assert_allclose(got.scores.edge_scores()[valid], ref.scores[valid],
                              atol=2e-5 * np.abs(ref.scores).max(), rtol=1e-4)
   assert got.n_examples == 5 and got.clean_metric == pytest.approx(ref.clean_metric, rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["EAP-IG-inputs", "EAP-IG-activations", "clean-corrupted"])
+def test_attribute_positions_matches_attribute(method):
+  """`attribute_positions` takes each method's alphas and interpolation from its registry entry
+  (`eap.EdgeKernel`): summed over positions, its scores are `attribute`'s for the same options
+  (EAP-IG-inputs' k starting at 0, EAP-IG-activations' at 1)."""
+  model = toy.load_toy()
+  ds = toy.induction_task_dataset(6, seed=0)
+  options = {} if method == "clean-corrupted" else {"ig_steps": 3}
+  got = P.attribute_positions(model.cfg, model.params, ds, method, batch_size=4, quiet=True,
+                              **options)
+  ref = A.attribute(model.cfg, model.params, ds, method, batch_size=4, quiet=True, **options)
+  valid = valid_edges(model.cfg)
+  np.testing.assert_allclose(got.scores.edge_scores()[valid], ref.scores[valid],
+                             atol=2e-5 * np.abs(ref.scores).max(), rtol=1e-4)
+  assert got.n_examples == 6 and got.clean_metric == pytest.approx(ref.clean_metric, rel=1e-5)
 
 
 def _independent_crossing(cfg, task, params, batch, layer, head, kind, sender, j, i):
@@ -203,7 +223,7 @@ def test_contraction_routes_agree(route):
   abl = A.Patching()
   alphas = jnp.asarray(ALPHAS["EAP"], jnp.float32)
   # chunk 2 as the gpt2 EAP case above: its program ("auto" is "y" at this size) is compiled once
-  loc, cr, _ = P.gradient_batch(cfg, ds.task, params, batch, abl, alphas, method="EAP", chunk=2,
+  loc, cr, _ = P.gradient_batch(cfg, ds.task, params, batch, abl, alphas, chunk=2,
                                 route=route)
   ref, _, _ = RG.ig_inputs_batch(cfg, ds.task, params, batch, abl, alphas)
   _check_sum(cfg, loc, cr, ref)
@@ -272,7 +292,7 @@ def test_position_identities_of_every_family_activations(family):
   family: by hand, CI's time budget)."""
   cfg, ds, batch, abl, params = _tiny_case(family)
   a = jnp.asarray(A.ig_alphas(2, eap_start=1), jnp.float32)
-  loc, cr, _ = P.gradient_batch(cfg, ds.task, params, batch, abl, a, method="EAP-IG-activations",
+  loc, cr, _ = P.gradient_batch(cfg, ds.task, params, batch, abl, a, interpolate="activations",
                                 chunk=3)
   ref, _, _ = RG.ig_inputs_batch(cfg, ds.task, params, batch, abl, a, interpolate="activations")
   _check_sum(cfg, loc, cr, ref)
@@ -290,9 +310,9 @@ def test_position_identities_of_every_family(family):
   # that interpolate the inputs run one program.
   alphas = {"EAP": [1.0, 1.0], "EAP-IG-inputs": list(A.ig_alphas(2)),
             "clean-corrupted": [0.0, 1.0]}
-  for method, a in alphas.items():
+  for a in alphas.values():
     a = jnp.asarray(a, jnp.float32)
-    loc, cr, _ = P.gradient_batch(cfg, ds.task, params, batch, abl, a, method=method, chunk=3)
+    loc, cr, _ = P.gradient_batch(cfg, ds.task, params, batch, abl, a, chunk=3)
     ref, _, _ = RG.ig_inputs_batch(cfg, ds.task, params, batch, abl, a)
     _check_sum(cfg, loc, cr, ref)
   # Exact crossing edges (sender, key j, head, 0 k / 1 v, query i): k and v in the last layer,
