@@ -445,3 +445,11 @@ def test_das_benchmark_suite_quick(tmp_path):
   assert all(r["step_s"] > 0 and 0 <= r["iia"] <= 1 for r in mine)
   summary = [r for r in rows if r.get("summary")]
   assert len(summary) == 2 and all("iia_jaxinterp" in r for r in summary)
+  try:  # the baseline is measured in the same run wherever pyvene imports
+    from pyvene.models import interventions  # noqa: F401
+  except Exception:
+    return
+  theirs = [r for r in rows if r.get("impl") == "pyvene"]
+  assert {r["width"] for r in theirs} == {64, 256}
+  assert all(r["step_s"] > 0 and 0 <= r["iia"] <= 1 for r in theirs)
+  assert all(r["step_speedup_vs_pyvene"] > 0 and "iia_pyvene" in r for r in summary)
