@@ -313,7 +313,7 @@ def attribute(cfg: ModelConfig, params, dataset: Dataset, method: str = "EAP-IG-
   bar.close()
 
   def finalize(x):
-    return m.finalize(cfg, task, options, x) if m.finalize is not None else x
+    return m.finalize(cfg, task, options, x)
 
   mean, clean = state.compute()
   scores = np.where(out_valid, finalize(np.where(valid, mean, 0.0)), 0.0)

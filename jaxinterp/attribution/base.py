@@ -128,16 +128,11 @@ class Method:
     options: the method's `Options` subclass.
     interventions: the ablations it supports (None: all of `ablation.INTERVENTIONS`).
     fit: `(cfg, params, dataset, ablation, options) -> FitResult` for whole-dataset methods.
-    valid: `(cfg, options) -> bool array`, the shape and validity of its scores (default
-      `level_valid`: the valid edges, every node or every neuron, as `options.level` says).
     needs_corrupted: it reads the corrupted prompts whatever the intervention (EAP-IG-inputs and
       clean-corrupted interpolate from them); with `intervention="patching"` every method that
       `ablates` needs them too. `attribute` refuses a dataset without corrupted prompts then.
     ablates: whether its scores use the ablation at all (information-flow routes does not: it
       ignores `intervention`, and `attribute` builds no ablation for it).
-    finalize: `(cfg, task, options, mean_scores) -> scores`, applied by `attribute` after
-      averaging the batches (and to every bootstrap resample): ensembles rank-normalise their
-      members' scores here. The result has the shape of `valid_edges` (or of the level's scores).
     convention: what the sign of its scores means (`circuits.convention`): None for the task
       metric's (`convention.for_task`: "metric" for higher-is-better metrics, whose important
       edges are negative); "loss" (higher = more important, whatever the task) for proportions
@@ -156,10 +151,8 @@ class Method:
   options: type = Options
   interventions: tuple[str, ...] | None = None
   fit: Fit | None = None
-  valid: Callable[[ModelConfig, Options], np.ndarray] | None = None
   needs_corrupted: bool = False
   ablates: bool = True
-  finalize: Callable[[ModelConfig, Task, Options, np.ndarray], np.ndarray] | None = None
   convention: str | None = None
   levels: tuple[str, ...] = ("edge",)
   checkpoints_always: bool = False
@@ -195,9 +188,17 @@ class Method:
             if f.name != "progress"}
 
   def valid_mask(self, cfg: ModelConfig, options: Options) -> np.ndarray:
-    """Bool array: which entries of this method's scores are real (`valid`, default
-    `level_valid`)."""
-    return (self.valid or level_valid)(cfg, options)
+    """Bool array: the shape of this method's summed scores and which entries are real
+    (`level_valid`: the valid edges, every node or every neuron, as `options.level` says)."""
+    return level_valid(cfg, options)
+
+  def finalize(self, cfg: ModelConfig, task: Task, options: Options,
+               mean_scores: np.ndarray) -> np.ndarray:
+    """The scores from the mean of the batches' sums (`valid_mask`'s shape), applied by
+    `attribute` after averaging and to every bootstrap resample: the identity, except for a
+    method whose scores combine others' (an ensemble rank-normalises its members' here). The
+    result has `output_mask`'s shape."""
+    return mean_scores
 
   def output_mask(self, cfg: ModelConfig, options: Options) -> np.ndarray:
     """Bool array of the final scores (after `finalize`); `valid_mask` unless a subclass (an

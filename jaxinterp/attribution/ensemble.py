@@ -109,6 +109,11 @@ class Ensemble(base.Method):
     return np.stack([m.valid_mask(cfg, o)
                      for m, o in zip(self.members, options.members, strict=True)])
 
+  def finalize(self, cfg, task, options: EnsembleOptions, mean_scores: np.ndarray) -> np.ndarray:
+    """[members, ...] mean scores -> the ensemble's scores [...]: each member's rank-normalised
+    in the loss convention, averaged (`fit` does the same for an ensemble with a fit member)."""
+    return _finalize(self.members)(cfg, task, options, mean_scores)
+
   def output_mask(self, cfg, options: EnsembleOptions) -> np.ndarray:
     """Bool array of the ensemble's scores: the entries valid for any member."""
     return self.valid_mask(cfg, options).any(0)
@@ -190,7 +195,7 @@ def ensemble(*methods: base.Method) -> Ensemble:
       "+".join(names), "mean of the rank-normalised scores of " + ", ".join(names),
       None if whole else _score_batch(methods), EnsembleOptions, allowed,
       fit=_fit(methods) if whole else None, needs_corrupted=any(m.needs_corrupted for m in methods),
-      ablates=any(m.ablates for m in methods), finalize=None if whole else _finalize(methods),
+      ablates=any(m.ablates for m in methods),
       convention=convention.LOSS, members=tuple(methods),
       levels=tuple(lv for lv in base.LEVELS if all(lv in m.levels for m in methods)),
       checkpoints_always=any(m.checkpoints_always for m in methods))
