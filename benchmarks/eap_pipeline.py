@@ -96,6 +96,7 @@ def run(ckpt: str, data: str, n: int, steps: int, batch_size: int, out: str) -> 
   phase("import")
   hf_model = transformers.GPT2LMHeadModel.from_pretrained(ckpt).eval()
   model = hooked_from_hf(hf_model)
+  model.requires_grad_(True)  # as from_pretrained gives it: the package's backward needs it
   del hf_model
   model.set_tokenizer(transformers.AutoTokenizer.from_pretrained(ckpt),
                       default_padding_side="right")

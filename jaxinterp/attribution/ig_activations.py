@@ -3,7 +3,10 @@
 As EAP-IG-inputs, but instead of the input embeddings it interpolates one "layer node" at a time
 (the input, each attention layer's head outputs, each MLP's output) from its corrupted to its clean
 value, alpha_k = k/m for k = 1..m, as the `eap` package does; the edge-weight gradients are averaged
-over all layer nodes and steps. Scores are `-dm/dw`, in the metric's units.
+over all layer nodes and steps. Scores are `-dm/dw`, in the metric's units. Under an ablation other
+than patching a node is interpolated from its ablated value instead (zero ablation: from zero, as
+the package does; mean and optimal ablation: from those values, where the package starts from zero
+too), so the corrupted prompts are read only under patching.
 
 The scores are linear in the receiver gradients, as EAP-IG-inputs' are, so `attribute` runs them
 on the receiver-gradient kernel (`receiver_grads.ig_inputs_batch(..., interpolate="activations")`:
@@ -38,7 +41,9 @@ def _layer_groups(cfg: ModelConfig) -> list[tuple[str, str | None]]:
 def weight_gradient_batch(cfg, task, params, batch, ablation, alphas, remat=False):
   """Reference EAP-IG-activations kernel: gradients of the graph-form model's edge weights `w` at
   w = 1, with each layer node (at `hook_result` and `hook_mlp_out`, as the `eap` package hooks
-  them) interpolated in turn.
+  them) interpolated in turn, from their corrupted values (patching) or, under another ablation,
+  from each head's and MLP's ablated sender value (the input node likewise: its ablated value).
+  The latter reads `hook_result` as the heads' senders: models without post-norms.
 
   Returns (Float[Array, "sender receiver"] score sums over the batch's real rows, Float[Array,
   "batch"] metric values at the last step), as the kernel `attribute` uses.
@@ -48,10 +53,18 @@ def weight_gradient_batch(cfg, task, params, batch, ablation, alphas, remat=Fals
   names = tuple(n for _, n in groups if n)
   clean_logits, clean_cache = forward(cfg, params, batch.clean, attention_mask=batch.mask,
                                       collect=names)
-  _, corrupt_cache = forward(cfg, params, batch.corrupted, attention_mask=batch.mask, collect=names)
   clean = sender_outputs(cfg, params, batch.clean, batch.mask)
   e_clean = clean[:, :, 0]
-  e_corrupt = embed_inputs(cfg, params, batch.corrupted, batch.mask)
+  if ablation.kind == "patching":
+    _, corrupt_cache = forward(cfg, params, batch.corrupted, attention_mask=batch.mask,
+                               collect=names)
+    e_corrupt = embed_inputs(cfg, params, batch.corrupted, batch.mask)
+  else:  # each layer node's senders at their ablated values
+    H = cfg.n_heads
+    corrupt_cache = {n: ablated[:, :, 1 + li * (H + 1):1 + li * (H + 1) + H] if "attn" in n
+                     else ablated[:, :, 1 + li * (H + 1) + H]
+                     for n, li in ((n, int(n.split(".")[1])) for n in names)}
+    e_corrupt = ablated[:, :, 0]
   G = len(groups)
 
   def f(w, g, alpha):
@@ -89,5 +102,5 @@ def score_batch(cfg, task, params, batch, ablation, options: base.IGOptions) -> 
 
 EAP_IG_ACTIVATIONS = base.Method(
     "EAP-IG-activations", "EAP-IG interpolating each layer's outputs in turn instead of the inputs",
-    score_batch, base.IGOptions, needs_corrupted=True, levels=("edge", "position"),
+    score_batch, base.IGOptions, levels=("edge", "position"),
     compile_batch=eap.EdgeKernel(_alphas, "activations"))

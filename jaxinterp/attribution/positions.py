@@ -297,9 +297,15 @@ def gradient_batch(cfg: ModelConfig, task, params, batch: Batch, ablation: Ablat
     n = alphas.shape[0]
     xs = alphas
   else:
-    names = ("attn.hook_result", "hook_mlp_out")  # not hook_z: `_step` shifts it
-    _, yc = T.run_blocks(cfg, params, e_clean, batch.mask, collect=names)
-    _, yr = T.run_blocks(cfg, params, e_corrupt, batch.mask, collect=names)
+    if ablation.kind == "patching":
+      names = ("attn.hook_result", "hook_mlp_out")  # not hook_z: `_step` shifts it
+      _, yc = T.run_blocks(cfg, params, e_clean, batch.mask, collect=names)
+      _, yr = T.run_blocks(cfg, params, e_corrupt, batch.mask, collect=names)
+    else:  # from each layer node's ablated value, as the edge-level kernel
+      names = receiver_grads.ABLATED_OUTPUTS
+      _, yc = T.run_blocks(cfg, params, e_clean, batch.mask, collect=names)
+      yc, yr = receiver_grads.ablated_blends(cfg, yc, diff)
+      e_corrupt = (e_clean + diff[:, :, 0]).astype(e_clean.dtype)
     L = cfg.n_layers
     G = 1 + 2 * L  # input, then each layer's heads and MLP (`receiver_grads.layer_node_steps`)
 

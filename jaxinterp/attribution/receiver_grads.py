@@ -54,6 +54,10 @@ PLANNED_DEVICE_BYTES: int | None = None
 # heads' mixed values z (a head's output is z_h W_O[h]) and the MLP's output. They give the patching
 # sender differences, and EAP-IG-activations interpolates its layer nodes there.
 LAYER_OUTPUTS = ("attn.hook_z", "hook_mlp_out")
+# Where EAP-IG-activations blends a layer node under an ablation other than patching: the layer's
+# summed head outputs and its MLP output, between the clean value and the one with each of the
+# node's senders replaced by its ablated value (`ablated_blends`).
+ABLATED_OUTPUTS = ("hook_attn_out", "hook_mlp_out")
 # What the IG steps interpolate (`ig_inputs_batch(..., interpolate=)`): the input embeddings
 # (EAP, EAP-IG-inputs, clean-corrupted) or each layer node's outputs in turn (EAP-IG-activations).
 INTERPOLATE = ("inputs", "activations")
@@ -177,9 +181,11 @@ def _step_inputs(cfg: ModelConfig, alphas: Array, e_clean: Array, e_corrupt: Arr
   {site within a block: Blend with a leading [n_layers] axis})`.
 
   Without `blends`, xs are the alphas and the embeddings are interpolated from corrupted to clean.
-  With `blends` (the clean and corrupted runs' `LAYER_OUTPUTS`, [n_layers, ...] each), xs are
-  `layer_node_steps`: the step's layer node (one-hot `s` over the input, then each layer's heads and
-  MLP) is set to its clean and corrupted values interpolated at alpha, the others run clean.
+  With `blends` ({site within a block: [n_layers, ...]}, clean and corrupted: the two runs'
+  `LAYER_OUTPUTS`, or `ablated_blends`), xs are `layer_node_steps`: the step's layer node (one-hot
+  `s` over the input, then each layer's heads and MLP, the sites in that order) is set to its clean
+  and corrupted (ablated) values interpolated at alpha, the others run clean; the input node's
+  corrupted value is `e_corrupt`.
   """
   dt = e_clean.dtype
   if blends is None:
@@ -192,8 +198,7 @@ def _step_inputs(cfg: ModelConfig, alphas: Array, e_clean: Array, e_corrupt: Arr
     alpha = x[1].astype(dt)
     emb = e_clean + s[0] * (alpha * e_clean + (1 - alpha) * e_corrupt - e_clean)
     al = jnp.full((L,), alpha)
-    return emb, {n: Blend(clean[n], corrupted[n], s[1 + k::2], al)
-                 for k, n in enumerate(LAYER_OUTPUTS)}
+    return emb, {n: Blend(clean[n], corrupted[n], s[1 + k::2], al) for k, n in enumerate(clean)}
 
   return layer_node_steps(cfg, alphas), inputs
 
@@ -290,17 +295,43 @@ def _ig_steps(cfg: ModelConfig, task, params, stacked, batch: Batch, alphas: Arr
 
 
 def _senders(cfg: ModelConfig, params, stacked, emb: Array, mask: Array,
-             sfx: shared_prefix.Suffix | None = None):
+             sfx: shared_prefix.Suffix | None = None, outputs: tuple[str, ...] = ()):
   """Every sender's output ([batch, pos, sender, d_model], the input node first), the residual
   stream after the last block and, with a suffix `sfx`, the run's keys and values before it
-  (`T.KVPrefix`, else None), from one T.forward of the blocks."""
+  (`T.KVPrefix`, else None), from one T.forward of the blocks; with `outputs` (sites within a
+  block), also {site: [n_layers, ...]} of them."""
   kv = shared_prefix.KV_SITES if sfx is not None else ()
-  final, ys = T.run_blocks(cfg, params, emb, mask, collect=kv, record_senders=True, stacked=stacked)
+  final, ys = T.run_blocks(cfg, params, emb, mask, collect=kv + outputs, record_senders=True,
+                           stacked=stacked)
   per_layer = jnp.moveaxis(ys["hook_senders"], 0, 2)  # [b, p, L, H + 1, d]
   b, p = mask.shape
   senders = jnp.concatenate([emb[:, :, None], per_layer.reshape(b, p, -1, cfg.d_model)], 2)
   prefix = None if sfx is None else sfx.prefix(*(ys[k] for k in kv))
+  if outputs:
+    return senders, final, prefix, {k: ys[k] for k in outputs}
   return senders, final, prefix
+
+
+def ablated_blends(cfg: ModelConfig, clean: dict[str, Array], diff: Array
+                   ) -> tuple[dict[str, Array], dict[str, Array]]:
+  """EAP-IG-activations' layer-node endpoints under an ablation other than patching.
+
+  Args:
+    clean: the clean run's `ABLATED_OUTPUTS`, {site: Float[Array, "layer batch pos d_model"]}.
+    diff: Float[Array, "batch pos sender d_model"], ablated minus clean sender outputs.
+
+  Returns:
+    (clean, ablated): the ablated value of a layer's attention output is the clean one plus its
+    heads' differences (every head ablated, the bias kept), of its MLP output the clean one plus
+    the MLP's difference. Zero ablation so sets each node to alpha times its clean output, as the
+    `eap` package interpolates a node towards zero; mean or optimal ablation towards their values.
+  """
+  L, H = cfg.n_layers, cfg.n_heads
+  b, p, _, d = diff.shape
+  per_layer = jnp.moveaxis(diff[:, :, 1:].reshape(b, p, L, H + 1, d), 2, 0)  # [L, b, p, H+1, d]
+  delta = {"hook_attn_out": per_layer[:, :, :, :H].sum(3), "hook_mlp_out": per_layer[:, :, :, H]}
+  clean = {k: clean[k] for k in ABLATED_OUTPUTS}
+  return clean, {k: clean[k].astype(jnp.float32) + delta[k] for k in ABLATED_OUTPUTS}
 
 
 def _patching_diff(cfg: ModelConfig, params, stacked, e_clean: Array, e_corrupt: Array,
@@ -447,7 +478,10 @@ def _ig_inputs(cfg: ModelConfig, task, params, batch: Batch, ablation, alphas: A
   sfx = None if suffix is None else shared_prefix.Suffix.of(batch, suffix)
   patching = ablation.kind == "patching" and not cfg.post_norms  # its differences from _run_pair
   blends = None
-  if interpolate == "activations":  # the layer nodes' clean and corrupted values
+  # EAP-IG-activations under patching: the layer nodes' clean and corrupted values; under another
+  # ablation, their clean and ablated values (`ablated_blends`, below)
+  to_ablated = interpolate == "activations" and ablation.kind != "patching"
+  if interpolate == "activations" and not to_ablated:
     final, clean_y, corrupt_y = _run_pair(cfg, params, stacked, e_clean, e_corrupt, batch.mask)
     blends, prefix = (clean_y, corrupt_y), None
     if patching:
@@ -455,10 +489,14 @@ def _ig_inputs(cfg: ModelConfig, task, params, batch: Batch, ablation, alphas: A
   elif patching:  # clean and corrupted in one forward
     diff, final, prefix = _patching_diff(cfg, params, stacked, e_clean, e_corrupt, batch.mask, sfx)
   if not patching:
-    clean, final, prefix = _senders(cfg, params, stacked, e_clean, batch.mask, sfx)
+    clean, final, prefix, *outs = _senders(cfg, params, stacked, e_clean, batch.mask, sfx,
+                                           ABLATED_OUTPUTS if to_ablated else ())
     ablated = ablation.values(cfg, params, batch)
     diff = (ablated - clean).astype(jnp.float32)  # [b, p, S, d]
     diff = diff if sfx is None else sfx.take(diff)
+    if to_ablated:
+      blends = ablated_blends(cfg, outs[0], diff)
+      e_corrupt = ablated[:, :, 0].astype(e_clean.dtype)  # the input node's ablated value
   x = T.Norm(cfg).apply({"params": params.get("ln_final", {})}, final)
   clean_logits = T.last_token_logits(cfg, params, x, batch.last)
   clean_values = task.metric(clean_logits, batch.replace(last=jnp.zeros_like(batch.last)),
@@ -497,7 +535,9 @@ def _split_ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablatio
   """
   ablated = ablation.values(cfg, params, batch)
   L = cfg.n_layers
-  outputs = [f"blocks.{li}.{n}" for n in LAYER_OUTPUTS for li in range(L)]
+  to_ablated = interpolate == "activations" and ablation.kind != "patching"
+  sites = ABLATED_OUTPUTS if to_ablated else LAYER_OUTPUTS
+  outputs = [f"blocks.{li}.{n}" for n in sites for li in range(L)]
   wanted = outputs if interpolate == "activations" else []
   _, c = T.forward(cfg, params, batch.clean, attention_mask=batch.mask,
                    edges=E.EdgePatch(None, None),
@@ -511,7 +551,11 @@ def _split_ig_inputs_batch(cfg: ModelConfig, task, params, batch: Batch, ablatio
   e_corrupt = T.embed_inputs(cfg, params, batch.corrupted, batch.mask)
   eps0 = _eps_sites(cfg, batch.clean.shape, e_clean.dtype)
   blends = None
-  if interpolate == "activations":  # {site within a block: [L, ...]}, clean and corrupted
+  if to_ablated:  # {site within a block: [L, ...]}, clean and ablated (`ablated_blends`)
+    blends = ablated_blends(cfg, {n: jnp.stack([c[f"blocks.{li}.{n}"] for li in range(L)])
+                                  for n in sites}, (ablated - clean).astype(jnp.float32))
+    e_corrupt = ablated[:, :, 0].astype(e_clean.dtype)
+  elif interpolate == "activations":  # {site within a block: [L, ...]}, clean and corrupted
     _, r = T.forward(cfg, params, batch.corrupted, attention_mask=batch.mask, collect=wanted)
     blends = tuple({n: jnp.stack([y[f"blocks.{li}.{n}"] for li in range(L)])
                     for n in LAYER_OUTPUTS} for y in (c, r))

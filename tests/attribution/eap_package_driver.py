@@ -1,0 +1,107 @@
+"""Runs the `eap` package (EAP-IG 2.0, github.com/hannamw/EAP-IG) for `test_eap_package.py`.
+
+    python tests/attribution/eap_package_driver.py SPEC.json
+
+SPEC names an HF GPT-2 directory (with its tokenizer), an EAP-IG task CSV, the number of rows,
+the batch size, IG steps, the (method, intervention) pairs to attribute, and circuit files written
+by jaxinterp. This process imports the `eap` package (its source on PYTHONPATH), TransformerLens
+and torch, not jax or jaxinterp, and writes `eap.npz` beside SPEC:
+
+- `scores/{method}/{intervention}`: `attribute(...)`'s `graph.scores` [n_forward, n_backward] with
+  the per-batch *sum* of the logit difference as the metric, so that the package's scores
+  (divided by the number of rows) are m(edge ablated) - m(clean) averaged over rows, jaxinterp's
+  units and sign;
+- `real_edge_mask`: the package's valid edges;
+- `clean`, `corrupted`: `evaluate_baseline` of the clean and the corrupted run, per row;
+- `circuit/{name}`: `evaluate_graph` of each circuit file (read with `Graph.from_json`) under
+  patching, per row, and `read/{name}` the scores the package read from it;
+- and `notebook.json`: EAP-IG-inputs' graph with the notebooks' metric (`loss=True, mean=True`)
+  over batches of `notebook_batch_size`, written by `Graph.to_json`, for jaxinterp to read.
+
+The package allocates with `device='cuda'`; without CUDA those allocations go to the CPU (this
+process only).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import transformers
+from eap.attribute import attribute
+from eap.evaluate import evaluate_baseline, evaluate_graph
+from eap.graph import Graph
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from benchmarks.tl_baseline import hooked_from_hf  # noqa: E402
+
+
+def _cpu_for_cuda() -> None:
+  if torch.cuda.is_available():
+    return
+  zeros = torch.zeros
+
+  def cpu_zeros(*args, device=None, **kw):
+    return zeros(*args, device="cpu" if str(device).startswith("cuda") else device, **kw)
+
+  torch.zeros = cpu_zeros
+
+
+def logit_diff(logits, clean_logits, input_lengths, labels, mean=False, loss=False, total=False):
+  """The IOI notebook's metric: correct minus incorrect logit at the last real token."""
+  del clean_logits
+  last = logits[torch.arange(logits.size(0)), input_lengths - 1]
+  good_bad = torch.gather(last, -1, labels.to(last.device))
+  diff = good_bad[:, 0] - good_bad[:, 1]
+  diff = -diff if loss else diff
+  return diff.mean() if mean else diff.sum() if total else diff
+
+
+def main(spec_path: str) -> None:
+  spec = json.load(open(spec_path))
+  out = os.path.dirname(os.path.abspath(spec_path))
+  _cpu_for_cuda()
+  torch.set_num_threads(1)
+  hf = transformers.GPT2LMHeadModel.from_pretrained(spec["checkpoint"]).eval()
+  model = hooked_from_hf(hf)
+  model.requires_grad_(True)  # as from_pretrained gives it: the package's backward needs it
+  model.set_tokenizer(transformers.AutoTokenizer.from_pretrained(spec["checkpoint"]),
+                      default_padding_side="right")
+  with open(spec["csv"], newline="") as f:
+    rows = [(r["clean"], r["corrupted"], [int(r["correct_idx"]), int(r["incorrect_idx"])])
+            for r in list(csv.DictReader(f))[:spec["n"]]]
+  loader = torch.utils.data.DataLoader(
+      rows, batch_size=spec["batch_size"], shuffle=False,
+      collate_fn=lambda b: ([x[0] for x in b], [x[1] for x in b], torch.tensor([x[2] for x in b])))
+  arrays = {}
+  for method, intervention in spec["pairs"]:
+    graph = Graph.from_model(model)
+    # a per-row metric for exact (evaluate_graph), a summed one for the gradient methods
+    metric = logit_diff if method == "exact" else (lambda *a: logit_diff(*a, total=True))
+    kwargs = {} if method == "information-flow-routes" else {"intervention": intervention}
+    attribute(model, graph, loader, metric, method=method, ig_steps=spec["steps"], quiet=True,
+              **kwargs)
+    arrays[f"scores/{method}/{intervention}"] = graph.scores.detach().numpy()
+    arrays["real_edge_mask"] = graph.real_edge_mask.numpy()
+  arrays["clean"] = evaluate_baseline(model, loader, logit_diff, quiet=True).numpy()
+  arrays["corrupted"] = evaluate_baseline(model, loader, logit_diff, run_corrupted=True,
+                                          quiet=True).numpy()
+  for name, path in spec["circuits"].items():
+    g = Graph.from_json(path)
+    arrays[f"read/{name}"] = g.scores.detach().numpy()
+    arrays[f"circuit/{name}"] = evaluate_graph(model, g, loader, logit_diff, quiet=True).numpy()
+  loader = torch.utils.data.DataLoader(rows, batch_size=spec["notebook_batch_size"], shuffle=False,
+                                       collate_fn=loader.collate_fn)
+  graph = Graph.from_model(model)
+  attribute(model, graph, loader, lambda *a: logit_diff(*a, mean=True, loss=True),
+            method="EAP-IG-inputs", ig_steps=spec["steps"], quiet=True)
+  graph.to_json(os.path.join(out, "notebook.json"))
+  np.savez(os.path.join(out, "eap.npz"), **arrays)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1])

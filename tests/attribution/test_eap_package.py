@@ -1,0 +1,157 @@
+"""Scores, circuits and graph files against the `eap` package itself (EAP-IG 2.0,
+github.com/hannamw/EAP-IG), run on the same random-init GPT-2 and the same IOI rows.
+
+The package runs in a subprocess (`eap_package_driver.py`: TransformerLens, torch, no jax) with its
+source on PYTHONPATH: $JAXINTERP_EAP_IG_SRC, by default ../EAP-IG/src beside the repository (a
+checkout of the repository; it is not on PyPI). The tests skip without it, without TransformerLens
+3.9 (the package's base) or without ../shared's GPT-2 tokenizer and EAP-IG IOI data.
+
+What is checked, with the rows tokenised by each side (BOS prepended, right padding) and a
+partial last batch:
+- every method the package has, under the interventions both define alike (patching; zero; the
+  package's mean ablations are not ours, docs/methods.md): our `attribute` scores equal its
+  `graph.scores` with the logit difference summed over each batch (its scores are then
+  m(edge ablated) - m(clean) averaged over rows, our units and sign);
+- the clean and corrupted baselines and a top-n circuit of ours, written as graph.json and read and
+  evaluated by the package (`Graph.from_json`, `evaluate_graph`), against our circuit metric;
+- the package's own graph.json, written with the notebooks' metric (the loss, batch means), read by
+  us: the same ranking, scores -1/(batch size) times ours.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxinterp import attribution as A
+from jaxinterp import models
+from jaxinterp.circuits import Graph
+from jaxinterp.circuits.layout import valid_edges
+from jaxinterp.evaluation import faithfulness
+from jaxinterp.tasks import csv_io
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+transformer_lens = pytest.importorskip("transformer_lens")
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+EAP_SRC = os.environ.get("JAXINTERP_EAP_IG_SRC", str(ROOT.parent / "EAP-IG" / "src"))
+SHARED = ROOT.parent / "shared"
+TOKENIZER = SHARED / "models" / "gpt2-tokenizer"
+IOI = SHARED / "data" / "eap-ig" / "ioi" / "gpt2.csv"
+DRIVER = pathlib.Path(__file__).with_name("eap_package_driver.py")
+N, BATCH, STEPS = 10, 4, 3  # 10 rows in batches of 4: a partial last batch of 2
+NOTEBOOK_BATCH = 5  # the notebook-metric run's batches: equal, so its scale is one factor
+PAIRS = [("EAP", "patching"), ("EAP", "zero"), ("EAP-IG-inputs", "patching"),
+         ("clean-corrupted", "patching"), ("EAP-IG-activations", "patching"),
+         ("EAP-IG-activations", "zero"), ("information-flow-routes", "patching"),
+         ("exact", "patching"), ("exact", "zero")]
+TOP_N = 20
+
+
+def _have_eap() -> bool:
+  if not (os.path.isdir(os.path.join(EAP_SRC, "eap")) and hasattr(transformer_lens,
+                                                                  "HookedTransformer")):
+    return False
+  r = subprocess.run([sys.executable, "-c", "import eap.attribute"], capture_output=True,
+                     env=dict(os.environ, PYTHONPATH=EAP_SRC))
+  return r.returncode == 0
+
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (TOKENIZER.is_dir() and IOI.exists()),
+                       reason="../shared's gpt2-tokenizer or EAP-IG IOI data is absent"),
+    pytest.mark.skipif(not _have_eap(), reason=f"the eap package is not at {EAP_SRC} (a checkout "
+                       "of github.com/hannamw/EAP-IG; set $JAXINTERP_EAP_IG_SRC to its src/)"),
+]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """A random GPT-2 with the real GPT-2 tokenizer; our scores and circuit; the package's outputs."""
+  base = tmp_path_factory.mktemp("eap")
+  ckpt = base / "gpt2"
+  torch.manual_seed(0)
+  conf = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64)
+  transformers.GPT2LMHeadModel(conf).eval().save_pretrained(ckpt)
+  for f in ("tokenizer.json", "vocab.json", "merges.txt"):
+    shutil.copy(TOKENIZER / f, ckpt / f)
+  transformers.GPT2TokenizerFast(tokenizer_file=str(ckpt / "tokenizer.json")).save_pretrained(ckpt)
+
+  model = models.from_pretrained(str(ckpt))
+  ds = csv_io.load_task("ioi", IOI, model.tokenizer, n_examples=N, vocab_size=model.cfg.d_vocab)
+  ours = {}
+  for method, intervention in PAIRS:
+    options = {"ig_steps": STEPS} if method.startswith("EAP-IG") else {}
+    ours[method, intervention] = A.attribute(model.cfg, model.params, ds, method,
+                                             intervention=intervention, batch_size=BATCH,
+                                             quiet=True, **options)
+  ig = ours["EAP-IG-inputs", "patching"]
+  g = Graph.from_config(model.cfg, ig.scores, A.get_method("EAP-IG-inputs").score_convention(
+      ds.task))
+  circuit = g.top_n(TOP_N)
+  circuit.to_json(base / "circuit.json")
+  spec = {"checkpoint": str(ckpt), "csv": str(IOI), "n": N, "batch_size": BATCH, "steps": STEPS,
+          "notebook_batch_size": NOTEBOOK_BATCH, "pairs": PAIRS,
+          "circuits": {"top": str(base / "circuit.json")}}
+  (base / "spec.json").write_text(json.dumps(spec))
+  env = dict(os.environ, PYTHONPATH=f"{EAP_SRC}{os.pathsep}{ROOT}", CUDA_VISIBLE_DEVICES="",
+             HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+  r = subprocess.run([sys.executable, str(DRIVER), str(base / "spec.json")], env=env,
+                     capture_output=True, text=True, timeout=1200)
+  assert r.returncode == 0, r.stderr[-3000:]
+  with np.load(base / "eap.npz") as z:
+    theirs = {k: z[k] for k in z.files}
+  return model, ds, ours, circuit, theirs, base
+
+
+@pytest.mark.parametrize("method,intervention", PAIRS)
+def test_scores_equal_the_eap_package(run, method, intervention):
+  model, _, ours, _, theirs, _ = run
+  got = ours[method, intervention].scores
+  want = theirs[f"scores/{method}/{intervention}"]
+  valid = theirs["real_edge_mask"]
+  assert got.shape == want.shape and np.array_equal(valid, valid_edges(model.cfg))
+  assert np.all(got[~valid] == 0)
+  scale = np.abs(want[valid]).max()
+  assert scale > 0
+  # exact's scores are differences of two forwards' metrics: float32 rounding of the metric itself
+  # (its values here are O(0.1)), not of the scores
+  atol = 1e-7 if method == "exact" else 2e-5 * scale
+  np.testing.assert_allclose(got[valid], want[valid], atol=atol, rtol=1e-4)
+
+
+def test_baselines_and_our_circuit_evaluated_by_the_eap_package(run):
+  model, ds, _, circuit, theirs, _ = run
+  full, empty = faithfulness.baselines(model.cfg, model.params, ds, batch_size=BATCH)
+  assert full == pytest.approx(theirs["clean"].mean(), rel=1e-5)
+  assert empty == pytest.approx(theirs["corrupted"].mean(), rel=1e-5)
+  # the package reads our file's edges and scores (EAP-IG's sign: higher = more important)
+  assert np.array_equal(theirs["read/top"] != 0, circuit.valid & (circuit.scores != 0))
+  np.testing.assert_allclose(theirs["read/top"][circuit.valid],
+                             circuit.importance()[circuit.valid], rtol=1e-6)
+  mine = faithfulness.evaluate_circuits(model.cfg, model.params, ds, circuit.edge_weights(),
+                                        batch_size=BATCH)
+  assert mine == pytest.approx(theirs["circuit/top"].mean(), rel=1e-5, abs=1e-6)
+  assert circuit.count_edges() <= TOP_N and full != pytest.approx(mine, rel=1e-3)
+
+
+def test_we_read_the_eap_package_graph_json(run):
+  model, ds, ours, _, _, base = run
+  g = Graph.from_json(base / "notebook.json", model.cfg)
+  ig = ours["EAP-IG-inputs", "patching"].scores
+  valid = g.valid
+  # its notebooks' metric is the loss averaged over each batch: -1/(batch size) times ours, in a
+  # file whose sign is EAP-IG's (higher = more important); read back as written
+  np.testing.assert_allclose(g.scores[valid], -ig[valid] / NOTEBOOK_BATCH,
+                             atol=2e-5 * np.abs(ig).max() / NOTEBOOK_BATCH, rtol=1e-4)
+  mine = Graph.from_config(model.cfg, ig, A.get_method("EAP-IG-inputs").score_convention(ds.task))
+  assert np.array_equal(g.top_n(TOP_N).in_graph, mine.top_n(TOP_N).in_graph)
