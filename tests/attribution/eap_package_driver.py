@@ -11,6 +11,8 @@ and torch, not jax or jaxinterp, and writes `eap.npz` beside SPEC:
   the per-batch *sum* of the logit difference as the metric, so that the package's scores
   (divided by the number of rows) are m(edge ablated) - m(clean) averaged over rows, jaxinterp's
   units and sign;
+- `nodes/{method}/{intervention}/{level}`: `attribute_node(...)`'s node scores [n_forward], or
+  with `neuron=True` its neuron scores [n_forward, d_model], with the same metrics;
 - `real_edge_mask`: the package's valid edges;
 - `clean`, `corrupted`: `evaluate_baseline` of the clean and the corrupted run, per row;
 - `circuit/{name}`: `evaluate_graph` of each circuit file (read with `Graph.from_json`) under
@@ -33,6 +35,7 @@ import numpy as np
 import torch
 import transformers
 from eap.attribute import attribute
+from eap.attribute_node import attribute_node
 from eap.evaluate import evaluate_baseline, evaluate_graph
 from eap.graph import Graph
 
@@ -87,6 +90,14 @@ def main(spec_path: str) -> None:
               **kwargs)
     arrays[f"scores/{method}/{intervention}"] = graph.scores.detach().numpy()
     arrays["real_edge_mask"] = graph.real_edge_mask.numpy()
+  for method, intervention, level in spec["node_pairs"]:
+    neuron = level == "neuron"
+    graph = Graph.from_model(model, neuron_level=neuron, node_scores=True)
+    metric = logit_diff if method == "exact" else (lambda *a: logit_diff(*a, total=True))
+    attribute_node(model, graph, loader, metric, method=method, intervention=intervention,
+                   ig_steps=spec["steps"], quiet=True, neuron=neuron)
+    scores = graph.neurons_scores if neuron else graph.nodes_scores
+    arrays[f"nodes/{method}/{intervention}/{level}"] = scores.detach().numpy()
   arrays["clean"] = evaluate_baseline(model, loader, logit_diff, quiet=True).numpy()
   arrays["corrupted"] = evaluate_baseline(model, loader, logit_diff, run_corrupted=True,
                                           quiet=True).numpy()

@@ -11,7 +11,9 @@ partial last batch:
 - every method the package has, under the interventions both define alike (patching; zero; the
   package's mean ablations are not ours, docs/methods.md): our `attribute` scores equal its
   `graph.scores` with the logit difference summed over each batch (its scores are then
-  m(edge ablated) - m(clean) averaged over rows, our units and sign);
+  m(edge ablated) - m(clean) averaged over rows, our units and sign); likewise the input node's
+  and the heads' node and neuron scores (`level=`) against its `attribute_node` (see NODE_PAIRS
+  for what is not compared, and why);
 - the clean and corrupted baselines and a top-n circuit of ours, written as graph.json and read and
   evaluated by the package (`Graph.from_json`, `evaluate_graph`), against our circuit metric;
 - the package's own graph.json, written with the notebooks' metric (the loss, batch means), read by
@@ -53,6 +55,14 @@ PAIRS = [("EAP", "patching"), ("EAP", "zero"), ("EAP-IG-inputs", "patching"),
          ("clean-corrupted", "patching"), ("EAP-IG-activations", "patching"),
          ("EAP-IG-activations", "zero"), ("information-flow-routes", "patching"),
          ("exact", "patching"), ("exact", "zero")]
+# Not exact: the package's `attribute_node(method="exact")` stops with an IndexError (it scores
+# the logits node too, which has no node score). Its MLP nodes are not compared either: it
+# multiplies an MLP's output difference by the gradient at the MLP's *input* hook
+# (`bwd_hooks.append((node.in_hook, ...))` in eap/attribute_node.py), where the input node's and
+# the heads' read the gradient at their outputs, as ours do for every node.
+NODE_PAIRS = [("EAP", "patching", "node"), ("EAP", "zero", "node"),
+              ("EAP-IG-inputs", "patching", "node"), ("EAP", "patching", "neuron"),
+              ("EAP-IG-inputs", "patching", "neuron")]
 TOP_N = 20
 
 
@@ -94,13 +104,18 @@ def run(tmp_path_factory):
     ours[method, intervention] = A.attribute(model.cfg, model.params, ds, method,
                                              intervention=intervention, batch_size=BATCH,
                                              quiet=True, **options)
+  for method, intervention, level in NODE_PAIRS:
+    options = {"ig_steps": STEPS} if method.startswith("EAP-IG") else {}
+    ours[method, intervention, level] = A.attribute(
+        model.cfg, model.params, ds, method, intervention=intervention, batch_size=BATCH,
+        quiet=True, level=level, **options)
   ig = ours["EAP-IG-inputs", "patching"]
   g = Graph.from_config(model.cfg, ig.scores, A.get_method("EAP-IG-inputs").score_convention(
       ds.task))
   circuit = g.top_n(TOP_N)
   circuit.to_json(base / "circuit.json")
   spec = {"checkpoint": str(ckpt), "csv": str(IOI), "n": N, "batch_size": BATCH, "steps": STEPS,
-          "notebook_batch_size": NOTEBOOK_BATCH, "pairs": PAIRS,
+          "notebook_batch_size": NOTEBOOK_BATCH, "pairs": PAIRS, "node_pairs": NODE_PAIRS,
           "circuits": {"top": str(base / "circuit.json")}}
   (base / "spec.json").write_text(json.dumps(spec))
   env = dict(os.environ, PYTHONPATH=f"{EAP_SRC}{os.pathsep}{ROOT}", CUDA_VISIBLE_DEVICES="",
@@ -127,6 +142,23 @@ def test_scores_equal_the_eap_package(run, method, intervention):
   # (its values here are O(0.1)), not of the scores
   atol = 1e-7 if method == "exact" else 2e-5 * scale
   np.testing.assert_allclose(got[valid], want[valid], atol=atol, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method,intervention,level", NODE_PAIRS)
+def test_node_scores_equal_the_eap_package(run, method, intervention, level):
+  _, _, ours, _, theirs, _ = run
+  model = run[0]
+  got = ours[method, intervention, level].scores
+  want = theirs[f"nodes/{method}/{intervention}/{level}"]
+  assert got.shape == want.shape
+  H = model.cfg.n_heads
+  mlp = [1 + li * (H + 1) + H for li in range(model.cfg.n_layers)]
+  keep = np.setdiff1d(np.arange(got.shape[0]), mlp)  # the input node and every head
+  got, want = got[keep], want[keep]
+  scale = np.abs(want).max()
+  assert scale > 0
+  atol = 1e-7 if method == "exact" else 2e-5 * scale  # as the edge scores
+  np.testing.assert_allclose(got, want, atol=atol, rtol=1e-4)
 
 
 def test_baselines_and_our_circuit_evaluated_by_the_eap_package(run):
