@@ -25,6 +25,10 @@ from jaxinterp.groundtruth import toy
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "mib"
 TOKENIZER = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "gpt2-tokenizer"
+# A checkout of github.com/hannamw/MIB-circuit-track (not on PyPI): its published GPT-2 small IOI
+# circuit, circuits/ioi-eap-ig.json, written by the `eap` package.
+MIB_REPO = Path(os.environ.get("JAXINTERP_MIB_REPO",
+                               Path(__file__).resolve().parents[2].parent / "MIB-circuit-track"))
 FRACTIONS = (.001, .002, .005, .01, .02, .05, .1, .2, .5, 1)
 
 
@@ -406,3 +410,23 @@ def test_find_circuit_mib_out_and_evaluate_circuit_protocol_mib(gpt2_tok, tmp_pa
   assert written["mib"]["area_under"] == ev["mib"]["area_under"]
   assert ev["task"] == "hypernymy-comma" and len(ev["mib"]["faithfulnesses"]) == 10
   assert ev["mib"]["weighted_edge_counts"][-1] <= Graph.from_json(out / "graph.json").n_edges
+
+
+def test_mib_published_circuit_round_trips(tmp_path):
+  """MIB's own GPT-2 small circuit file reads as GPT-2 small's 32,491 edges with its circuit, in
+  EAP-IG's sign ("loss": higher = more important), and writes back the same edges, scores and
+  nodes, value for value (skipped without a MIB checkout at ../MIB-circuit-track or
+  $JAXINTERP_MIB_REPO)."""
+  path = MIB_REPO / "circuits" / "ioi-eap-ig.json"
+  if not path.exists():
+    pytest.skip(f"no MIB circuit file at {path}")
+  original = json.loads(path.read_text())
+  g = Graph.from_json(path)
+  assert g.n_edges == 32491 and g.score_convention == "loss"
+  assert g.count_edges() == sum(e["in_graph"] for e in original["edges"].values()) > 0
+  g.to_json(tmp_path / "graph.json")
+  back = json.loads((tmp_path / "graph.json").read_text())
+  assert back["edges"] == {k: {"score": e["score"], "in_graph": e["in_graph"]}
+                           for k, e in original["edges"].items()}
+  assert {k: v["in_graph"] for k, v in back["nodes"].items()} == \
+      {k: v["in_graph"] for k, v in original["nodes"].items()}
