@@ -1,5 +1,6 @@
 """Scores, circuits and graph files against the `eap` package itself (EAP-IG 2.0,
-github.com/hannamw/EAP-IG), run on the same random-init GPT-2 and the same IOI rows.
+github.com/hannamw/EAP-IG), and the MIB protocol against MIB's own evaluation, run on the same
+random-init GPT-2 and the same IOI rows.
 
 The package runs in a subprocess (`eap_package_driver.py`: TransformerLens, torch, no jax) with its
 source on PYTHONPATH: $JAXINTERP_EAP_IG_SRC, by default ../EAP-IG/src beside the repository (a
@@ -17,7 +18,12 @@ partial last batch:
 - the clean and corrupted baselines and a top-n circuit of ours, written as graph.json and read and
   evaluated by the package (`Graph.from_json`, `evaluate_graph`), against our circuit metric;
 - the package's own graph.json, written with the notebooks' metric (the loss, batch means), read by
-  us: the same ranking, scores -1/(batch size) times ours.
+  us: the same ranking, scores -1/(batch size) times ours;
+- `faithfulness.mib_protocol` against MIB's `evaluate_area_under_curve` (MIB-circuit-track, with
+  the EAP-IG commit it pins as a submodule) on our EAP-IG-inputs graph.json, ranked by absolute and
+  by signed scores: the edge counts, the faithfulness at each percentage, CPR, CMD and the average
+  (skipped without a MIB checkout at ../MIB-circuit-track, or $JAXINTERP_MIB_REPO, holding the
+  submodule's EAP-IG/src).
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ SHARED = ROOT.parent / "shared"
 TOKENIZER = SHARED / "models" / "gpt2-tokenizer"
 IOI = SHARED / "data" / "eap-ig" / "ioi" / "gpt2.csv"
 DRIVER = pathlib.Path(__file__).with_name("eap_package_driver.py")
+MIB_DRIVER = pathlib.Path(__file__).with_name("mib_driver.py")
+MIB_REPO = pathlib.Path(os.environ.get("JAXINTERP_MIB_REPO", ROOT.parent / "MIB-circuit-track"))
 N, BATCH, STEPS = 10, 4, 3  # 10 rows in batches of 4: a partial last batch of 2
 NOTEBOOK_BATCH = 5  # the notebook-metric run's batches: equal, so its scale is one factor
 PAIRS = [("EAP", "patching"), ("EAP", "zero"), ("EAP-IG-inputs", "patching"),
@@ -112,6 +120,7 @@ def run(tmp_path_factory):
   ig = ours["EAP-IG-inputs", "patching"]
   g = Graph.from_config(model.cfg, ig.scores, A.get_method("EAP-IG-inputs").score_convention(
       ds.task))
+  g.to_json(base / "scores.json")
   circuit = g.top_n(TOP_N)
   circuit.to_json(base / "circuit.json")
   spec = {"checkpoint": str(ckpt), "csv": str(IOI), "n": N, "batch_size": BATCH, "steps": STEPS,
@@ -187,3 +196,35 @@ def test_we_read_the_eap_package_graph_json(run):
                              atol=2e-5 * np.abs(ig).max() / NOTEBOOK_BATCH, rtol=1e-4)
   mine = Graph.from_config(model.cfg, ig, A.get_method("EAP-IG-inputs").score_convention(ds.task))
   assert np.array_equal(g.top_n(TOP_N).in_graph, mine.top_n(TOP_N).in_graph)
+
+
+@pytest.mark.parametrize("absolute", [True, False])
+def test_mib_protocol_equals_mib_evaluation(run, absolute):
+  model, ds, ours, _, _, base = run
+  mib_src = MIB_REPO / "EAP-IG" / "src"
+  if not (MIB_REPO / "MIB_circuit_track" / "evaluation.py").exists() or not mib_src.is_dir():
+    pytest.skip(f"no MIB checkout with its EAP-IG submodule at {MIB_REPO}")
+  out = base / "mib.json"
+  if not out.exists():  # one run of MIB's evaluation for both parameters
+    spec = {"checkpoint": str(base / "gpt2"), "csv": str(IOI), "n": N, "batch_size": BATCH,
+            "graph": str(base / "scores.json")}
+    (base / "mib_spec.json").write_text(json.dumps(spec))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(mib_src), str(MIB_REPO), str(ROOT)]),
+               CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TRANSFORMERS_VERBOSITY="error")
+    r = subprocess.run([sys.executable, str(MIB_DRIVER), str(base / "mib_spec.json")], env=env,
+                       capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+  theirs = json.loads(out.read_text())[str(absolute)]
+  g = Graph.from_json(base / "scores.json", model.cfg)
+  mine = faithfulness.mib_protocol(model.cfg, model.params, ds, g, absolute=absolute,
+                                   batch_size=BATCH)
+  # MIB's pinned EAP-IG prunes once after apply_topn (its loop stops when the nodes equal those
+  # apply_topn set by the same rule), leaving dangling edges that we prune (docs/tasks.md, MIB);
+  # under patching they carry the ablated values, so only the counts differ
+  assert all(a <= b for a, b in zip(mine["weighted_edge_counts"], theirs["weighted_edge_counts"],
+                                    strict=True))
+  assert mine["weighted_edge_counts"][-1] == theirs["weighted_edge_counts"][-1] == 110
+  np.testing.assert_allclose(mine["faithfulnesses"], theirs["faithfulnesses"], atol=1e-4)
+  for key in ("area_under", "area_from_1", "average"):
+    assert mine[key] == pytest.approx(theirs[key], abs=1e-4), key
