@@ -46,7 +46,7 @@ _OUT = flags.DEFINE_string("out", None, "directory for graph.json")
 MIB_PERCENTAGES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 
 
-def _cpu_for_cuda_allocations(torch) -> None:
+def cpu_for_cuda_allocations(torch) -> None:
   """torch.zeros(..., device='cuda') allocates on the CPU when there is no CUDA (this process)."""
   if torch.cuda.is_available():
     return
@@ -92,7 +92,7 @@ def run(ckpt: str, data: str, n: int, steps: int, batch_size: int, out: str) -> 
   from eap.graph import Graph
 
   from benchmarks.tl_baseline import hooked_from_hf
-  _cpu_for_cuda_allocations(torch)
+  cpu_for_cuda_allocations(torch)
   phase("import")
   hf_model = transformers.GPT2LMHeadModel.from_pretrained(ckpt).eval()
   model = hooked_from_hf(hf_model)

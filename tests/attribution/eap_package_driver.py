@@ -40,18 +40,8 @@ from eap.evaluate import evaluate_baseline, evaluate_graph
 from eap.graph import Graph
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from benchmarks.eap_pipeline import cpu_for_cuda_allocations  # noqa: E402
 from benchmarks.tl_baseline import hooked_from_hf  # noqa: E402
-
-
-def _cpu_for_cuda() -> None:
-  if torch.cuda.is_available():
-    return
-  zeros = torch.zeros
-
-  def cpu_zeros(*args, device=None, **kw):
-    return zeros(*args, device="cpu" if str(device).startswith("cuda") else device, **kw)
-
-  torch.zeros = cpu_zeros
 
 
 def logit_diff(logits, clean_logits, input_lengths, labels, mean=False, loss=False, total=False):
@@ -64,13 +54,12 @@ def logit_diff(logits, clean_logits, input_lengths, labels, mean=False, loss=Fal
   return diff.mean() if mean else diff.sum() if total else diff
 
 
-def main(spec_path: str) -> None:
-  spec = json.load(open(spec_path))
-  out = os.path.dirname(os.path.abspath(spec_path))
-  _cpu_for_cuda()
+def setup(spec: dict):
+  """(the HookedTransformer of `spec["checkpoint"]` with its tokenizer, the CSV's first
+  `spec["n"]` rows, a DataLoader of them in batches of `spec["batch_size"]`), on the CPU."""
+  cpu_for_cuda_allocations(torch)
   torch.set_num_threads(1)
-  hf = transformers.GPT2LMHeadModel.from_pretrained(spec["checkpoint"]).eval()
-  model = hooked_from_hf(hf)
+  model = hooked_from_hf(transformers.GPT2LMHeadModel.from_pretrained(spec["checkpoint"]).eval())
   model.requires_grad_(True)  # as from_pretrained gives it: the package's backward needs it
   model.set_tokenizer(transformers.AutoTokenizer.from_pretrained(spec["checkpoint"]),
                       default_padding_side="right")
@@ -80,6 +69,13 @@ def main(spec_path: str) -> None:
   loader = torch.utils.data.DataLoader(
       rows, batch_size=spec["batch_size"], shuffle=False,
       collate_fn=lambda b: ([x[0] for x in b], [x[1] for x in b], torch.tensor([x[2] for x in b])))
+  return model, rows, loader
+
+
+def main(spec_path: str) -> None:
+  spec = json.load(open(spec_path))
+  out = os.path.dirname(os.path.abspath(spec_path))
+  model, rows, loader = setup(spec)
   arrays = {}
   for method, intervention in spec["pairs"]:
     graph = Graph.from_model(model)

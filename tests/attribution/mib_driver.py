@@ -15,35 +15,21 @@ percentages, and the area under the curve (CPR), the area from 1 (CMD) and the a
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import json
 import os
 import sys
 
-import torch
-import transformers
 from eap.graph import Graph
 from MIB_circuit_track.evaluation import evaluate_area_under_curve
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from benchmarks.tl_baseline import hooked_from_hf  # noqa: E402
-from tests.attribution.eap_package_driver import _cpu_for_cuda, logit_diff  # noqa: E402
+from tests.attribution.eap_package_driver import logit_diff, setup  # noqa: E402
 
 
 def main(spec_path: str) -> None:
   spec = json.load(open(spec_path))
-  _cpu_for_cuda()
-  torch.set_num_threads(1)
-  model = hooked_from_hf(transformers.GPT2LMHeadModel.from_pretrained(spec["checkpoint"]).eval())
-  model.set_tokenizer(transformers.AutoTokenizer.from_pretrained(spec["checkpoint"]),
-                      default_padding_side="right")
-  with open(spec["csv"], newline="") as f:
-    rows = [(r["clean"], r["corrupted"], [int(r["correct_idx"]), int(r["incorrect_idx"])])
-            for r in list(csv.DictReader(f))[:spec["n"]]]
-  loader = torch.utils.data.DataLoader(
-      rows, batch_size=spec["batch_size"], shuffle=False,
-      collate_fn=lambda b: ([x[0] for x in b], [x[1] for x in b], torch.tensor([x[2] for x in b])))
+  model, _, loader = setup(spec)
   out = {}
   for absolute in (True, False):
     graph = Graph.from_json(spec["graph"])
