@@ -15,8 +15,9 @@ and torch, not jax or jaxinterp, and writes `eap.npz` beside SPEC:
   with `neuron=True` its neuron scores [n_forward, d_model], with the same metrics;
 - `real_edge_mask`: the package's valid edges;
 - `clean`, `corrupted`: `evaluate_baseline` of the clean and the corrupted run, per row;
-- `circuit/{name}`: `evaluate_graph` of each circuit file (read with `Graph.from_json`) under
-  patching, per row, and `read/{name}` the scores the package read from it;
+- `circuit/{name}/{intervention}`: `evaluate_graph` of each circuit file (read with
+  `Graph.from_json`) under patching and zero ablation, per row, and `read/{name}` the scores the
+  package read from it;
 - and `notebook.json`: EAP-IG-inputs' graph with the notebooks' metric (`loss=True, mean=True`)
   over batches of `notebook_batch_size`, written by `Graph.to_json`, for jaxinterp to read.
 
@@ -100,7 +101,9 @@ def main(spec_path: str) -> None:
   for name, path in spec["circuits"].items():
     g = Graph.from_json(path)
     arrays[f"read/{name}"] = g.scores.detach().numpy()
-    arrays[f"circuit/{name}"] = evaluate_graph(model, g, loader, logit_diff, quiet=True).numpy()
+    for intervention in ("patching", "zero"):
+      arrays[f"circuit/{name}/{intervention}"] = evaluate_graph(
+          model, g, loader, logit_diff, quiet=True, intervention=intervention).numpy()
   loader = torch.utils.data.DataLoader(rows, batch_size=spec["notebook_batch_size"], shuffle=False,
                                        collate_fn=loader.collate_fn)
   graph = Graph.from_model(model)

@@ -16,7 +16,8 @@ partial last batch:
   and the heads' node and neuron scores (`level=`) against its `attribute_node` (see NODE_PAIRS
   for what is not compared, and why);
 - the clean and corrupted baselines and a top-n circuit of ours, written as graph.json and read and
-  evaluated by the package (`Graph.from_json`, `evaluate_graph`), against our circuit metric;
+  evaluated by the package (`Graph.from_json`, `evaluate_graph`, under patching and zero ablation),
+  against our circuit metric;
 - the package's own graph.json, written with the notebooks' metric (the loss, batch means), read by
   us: the same ranking, scores -1/(batch size) times ours;
 - `faithfulness.mib_protocol` against MIB's `evaluate_area_under_curve` (MIB-circuit-track, with
@@ -179,10 +180,12 @@ def test_baselines_and_our_circuit_evaluated_by_the_eap_package(run):
   assert np.array_equal(theirs["read/top"] != 0, circuit.valid & (circuit.scores != 0))
   np.testing.assert_allclose(theirs["read/top"][circuit.valid],
                              circuit.importance()[circuit.valid], rtol=1e-6)
-  mine = faithfulness.evaluate_circuits(model.cfg, model.params, ds, circuit.edge_weights(),
-                                        batch_size=BATCH)
-  assert mine == pytest.approx(theirs["circuit/top"].mean(), rel=1e-5, abs=1e-6)
-  assert circuit.count_edges() <= TOP_N and full != pytest.approx(mine, rel=1e-3)
+  for intervention in ("patching", "zero"):  # edges outside the circuit ablated either way
+    mine = faithfulness.evaluate_circuits(model.cfg, model.params, ds, circuit.edge_weights(),
+                                          batch_size=BATCH, intervention=intervention)
+    want = theirs[f"circuit/top/{intervention}"].mean()
+    assert mine == pytest.approx(want, rel=1e-5, abs=1e-6), intervention
+    assert circuit.count_edges() <= TOP_N and full != pytest.approx(mine, rel=1e-3)
 
 
 def test_we_read_the_eap_package_graph_json(run):
