@@ -277,7 +277,11 @@ def gradient_batch(cfg: ModelConfig, task, params, batch: Batch, ablation: Ablat
   chunk = chunk or _query_chunk(b, p, cfg, 64e6)
   e_clean = T.embed_inputs(cfg, params, batch.clean, batch.mask)
   e_corrupt = T.embed_inputs(cfg, params, batch.corrupted, batch.mask)
-  clean, final, _ = receiver_grads._senders(cfg, params, None, e_clean, batch.mask)
+  to_ablated = interpolate == "activations" and ablation.kind != "patching"
+  # the clean run's layer outputs a non-patching EAP-IG-activations blends from, in the same forward
+  clean, final, _, outs = receiver_grads._senders(
+      cfg, params, None, e_clean, batch.mask,
+      outputs=receiver_grads.ABLATED_OUTPUTS if to_ablated else ())
   if ablation.kind == "patching" and not cfg.post_norms:
     diff, _, _ = receiver_grads._patching_diff(cfg, params, None, e_clean, e_corrupt, batch.mask)
   else:
@@ -297,14 +301,13 @@ def gradient_batch(cfg: ModelConfig, task, params, batch: Batch, ablation: Ablat
     n = alphas.shape[0]
     xs = alphas
   else:
-    if ablation.kind == "patching":
+    if not to_ablated:
       names = ("attn.hook_result", "hook_mlp_out")  # not hook_z: `_step` shifts it
       _, yc = T.run_blocks(cfg, params, e_clean, batch.mask, collect=names)
       _, yr = T.run_blocks(cfg, params, e_corrupt, batch.mask, collect=names)
     else:  # from each layer node's ablated value, as the edge-level kernel
       names = receiver_grads.ABLATED_OUTPUTS
-      _, yc = T.run_blocks(cfg, params, e_clean, batch.mask, collect=names)
-      yc, yr = receiver_grads.ablated_blends(cfg, yc, diff)
+      yc, yr = receiver_grads.ablated_blends(cfg, outs, diff)
       e_corrupt = (e_clean + diff[:, :, 0]).astype(e_clean.dtype)
     L = cfg.n_layers
     G = 1 + 2 * L  # input, then each layer's heads and MLP (`receiver_grads.layer_node_steps`)

@@ -298,8 +298,8 @@ def _senders(cfg: ModelConfig, params, stacked, emb: Array, mask: Array,
              sfx: shared_prefix.Suffix | None = None, outputs: tuple[str, ...] = ()):
   """Every sender's output ([batch, pos, sender, d_model], the input node first), the residual
   stream after the last block and, with a suffix `sfx`, the run's keys and values before it
-  (`T.KVPrefix`, else None), from one T.forward of the blocks; with `outputs` (sites within a
-  block), also {site: [n_layers, ...]} of them."""
+  (`T.KVPrefix`, else None), and {site: [n_layers, ...]} of the `outputs` (sites within a block;
+  none by default), from one T.forward of the blocks."""
   kv = shared_prefix.KV_SITES if sfx is not None else ()
   final, ys = T.run_blocks(cfg, params, emb, mask, collect=kv + outputs, record_senders=True,
                            stacked=stacked)
@@ -307,9 +307,7 @@ def _senders(cfg: ModelConfig, params, stacked, emb: Array, mask: Array,
   b, p = mask.shape
   senders = jnp.concatenate([emb[:, :, None], per_layer.reshape(b, p, -1, cfg.d_model)], 2)
   prefix = None if sfx is None else sfx.prefix(*(ys[k] for k in kv))
-  if outputs:
-    return senders, final, prefix, {k: ys[k] for k in outputs}
-  return senders, final, prefix
+  return senders, final, prefix, {k: ys[k] for k in outputs}
 
 
 def ablated_blends(cfg: ModelConfig, clean: dict[str, Array], diff: Array
@@ -489,13 +487,13 @@ def _ig_inputs(cfg: ModelConfig, task, params, batch: Batch, ablation, alphas: A
   elif patching:  # clean and corrupted in one forward
     diff, final, prefix = _patching_diff(cfg, params, stacked, e_clean, e_corrupt, batch.mask, sfx)
   if not patching:
-    clean, final, prefix, *outs = _senders(cfg, params, stacked, e_clean, batch.mask, sfx,
-                                           ABLATED_OUTPUTS if to_ablated else ())
+    clean, final, prefix, outs = _senders(cfg, params, stacked, e_clean, batch.mask, sfx,
+                                          ABLATED_OUTPUTS if to_ablated else ())
     ablated = ablation.values(cfg, params, batch)
     diff = (ablated - clean).astype(jnp.float32)  # [b, p, S, d]
     diff = diff if sfx is None else sfx.take(diff)
     if to_ablated:
-      blends = ablated_blends(cfg, outs[0], diff)
+      blends = ablated_blends(cfg, outs, diff)
       e_corrupt = ablated[:, :, 0].astype(e_clean.dtype)  # the input node's ablated value
   x = T.Norm(cfg).apply({"params": params.get("ln_final", {})}, final)
   clean_logits = T.last_token_logits(cfg, params, x, batch.last)

@@ -273,9 +273,7 @@ def evaluate_circuit(config: EvaluateConfig, out: str | None = None, *,
             batch_size=batch_size, ablation=ablation)
     except (AttributionError, G.GraphError, tasks.TaskError) as e:
       raise inputs.InputError(str(e)) from None
-    _complete(summary, config, run, checked, dataset)
-    if source is not None:
-      summary["optimal_values"] = source
+    _complete(summary, config, run, checked, dataset, source)
 
     method = meta.get("method", "unknown method")  # the method that found the circuit
     title = f"{method}: {name} ({summary['selection']})"
@@ -291,9 +289,10 @@ def evaluate_circuit(config: EvaluateConfig, out: str | None = None, *,
 
 
 def _complete(summary: dict, config: EvaluateConfig, run: dict, checked: dict,
-              dataset: tasks.Dataset) -> None:
+              dataset: tasks.Dataset, source: str | None) -> None:
   """What every level's summary ends with: the empty-circuit warning, the task check, the graph
-  paths and the settings used."""
+  paths, the settings used and, under optimal ablation, where its constants came from
+  (`source`, from `_ablation`)."""
   task_check.warn_empty(checked, summary["metric_full"], summary["metric_empty"],
                         dataset.task.higher_is_better)
   summary["task_check"] = checked
@@ -301,6 +300,8 @@ def _complete(summary: dict, config: EvaluateConfig, run: dict, checked: dict,
   summary["settings"] = {k: run[k] for k in META_DEFAULTS}
   if config.compare:
     summary["compare"]["graph"] = os.path.abspath(config.compare)
+  if source is not None:
+    summary["optimal_values"] = source
 
 
 def _evaluate_positions(config: EvaluateConfig, saved: PR.SavedCircuit,
@@ -316,9 +317,7 @@ def _evaluate_positions(config: EvaluateConfig, saved: PR.SavedCircuit,
       absolute=absolute if isinstance(absolute, bool) else True,
       curve_sizes=str(meta.get("curve_sizes", "counts")), top_n=config.top_n,
       prepend_bos=run["prepend_bos"], compare=compare, ablation=ablation)
-  _complete(summary, config, run, checked, dataset)
-  if source is not None:
-    summary["optimal_values"] = source
+  _complete(summary, config, run, checked, dataset, source)
   method = meta.get("method", "unknown method")
   title = f"{method}: {name}, {summary['task']}, {saved.level} level ({summary['selection']})"
   with held.writing(PR.OUTPUTS[saved.level]):
