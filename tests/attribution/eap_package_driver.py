@@ -2,24 +2,26 @@
 
     python tests/attribution/eap_package_driver.py SPEC.json
 
-SPEC names an HF GPT-2 directory (with its tokenizer), an EAP-IG task CSV, the number of rows,
-the batch size, IG steps, the (method, intervention) pairs to attribute, and circuit files written
-by jaxinterp. This process imports the `eap` package (its source on PYTHONPATH), TransformerLens
-and torch, not jax or jaxinterp, and writes `eap.npz` beside SPEC:
+SPEC names an HF GPT-2 directory (with its tokenizer), an EAP-IG task CSV and its task (`ioi`, or
+`greater-than` with the greater-than notebook's metric), the number of rows, the batch size, IG
+steps, the (method, intervention) pairs to attribute, and circuit files written by jaxinterp.
+This process imports the `eap` package (its source on PYTHONPATH), TransformerLens and torch, not
+jax or jaxinterp, and writes `eap.npz` beside SPEC:
 
 - `scores/{method}/{intervention}`: `attribute(...)`'s `graph.scores` [n_forward, n_backward] with
-  the per-batch *sum* of the logit difference as the metric, so that the package's scores
-  (divided by the number of rows) are m(edge ablated) - m(clean) averaged over rows, jaxinterp's
-  units and sign;
+  the per-batch *sum* of the task's metric (the logit difference, or greater-than's probability
+  difference) as the metric, so that the package's scores (divided by the number of rows) are
+  m(edge ablated) - m(clean) averaged over rows, jaxinterp's units and sign;
 - `nodes/{method}/{intervention}/{level}`: `attribute_node(...)`'s node scores [n_forward], or
-  with `neuron=True` its neuron scores [n_forward, d_model], with the same metrics;
+  with `neuron=True` its neuron scores [n_forward, d_model], with the same metrics (IOI);
 - `real_edge_mask`: the package's valid edges;
 - `clean`, `corrupted`: `evaluate_baseline` of the clean and the corrupted run, per row;
 - `circuit/{name}/{intervention}`: `evaluate_graph` of each circuit file (read with
   `Graph.from_json`) under patching and zero ablation, per row, and `read/{name}` the scores the
   package read from it;
-- and `notebook.json`: EAP-IG-inputs' graph with the notebooks' metric (`loss=True, mean=True`)
-  over batches of `notebook_batch_size`, written by `Graph.to_json`, for jaxinterp to read.
+- and, given `notebook_batch_size`, `notebook.json`: EAP-IG-inputs' graph with the notebooks'
+  metric (`loss=True, mean=True`) over batches of that size, written by `Graph.to_json`, for
+  jaxinterp to read.
 
 The package allocates with `device='cuda'`; without CUDA those allocations go to the CPU (this
 process only).
@@ -55,61 +57,88 @@ def logit_diff(logits, clean_logits, input_lengths, labels, mean=False, loss=Fal
   return diff.mean() if mean else diff.sum() if total else diff
 
 
+def prob_diff(year_ids):
+  """The greater-than notebook's metric (its `get_prob_diff`): at the last real token, the
+  probability of the years after the start year YY minus that of the years up to YY, over the
+  100 two-digit year tokens `year_ids`."""
+  def metric(logits, clean_logits, input_lengths, labels, mean=False, loss=False, total=False):
+    del clean_logits
+    last = logits[torch.arange(logits.size(0)), input_lengths - 1]
+    probs = torch.softmax(last, dim=-1)[:, year_ids]
+    diff = torch.stack([p[y + 1:].sum() - p[:y + 1].sum()
+                        for p, y in zip(probs, labels, strict=True)])
+    diff = -diff if loss else diff
+    return diff.mean() if mean else diff.sum() if total else diff
+  return metric
+
+
 def setup(spec: dict):
   """(the HookedTransformer of `spec["checkpoint"]` with its tokenizer, the CSV's first
-  `spec["n"]` rows, a DataLoader of them in batches of `spec["batch_size"]`), on the CPU."""
+  `spec["n"]` rows, a DataLoader of them in batches of `spec["batch_size"]`, the task's per-row
+  metric), on the CPU."""
   cpu_for_cuda_allocations(torch)
   torch.set_num_threads(1)
   model = hooked_from_hf(transformers.GPT2LMHeadModel.from_pretrained(spec["checkpoint"]).eval())
   model.requires_grad_(True)  # as from_pretrained gives it: the package's backward needs it
   model.set_tokenizer(transformers.AutoTokenizer.from_pretrained(spec["checkpoint"]),
                       default_padding_side="right")
+  task = spec.get("task", "ioi")
   with open(spec["csv"], newline="") as f:
-    rows = [(r["clean"], r["corrupted"], [int(r["correct_idx"]), int(r["incorrect_idx"])])
+    rows = [(r["clean"], r["corrupted"], int(r["correct_idx"]) if task == "greater-than" else
+             [int(r["correct_idx"]), int(r["incorrect_idx"])])
             for r in list(csv.DictReader(f))[:spec["n"]]]
+  if task == "greater-than":
+    # The notebook's year tokens are `tokenizer(f"{year:02d}").input_ids[0]`; TransformerLens's
+    # tokenizer prepends BOS here (transformers 5, a saved GPT-2 tokenizer config), which would
+    # make every "year" the BOS token. The notebook means the years' own tokens:
+    metric = prob_diff(torch.tensor([
+        model.tokenizer(f"{y:02d}", add_special_tokens=False).input_ids[0] for y in range(100)]))
+  else:
+    metric = logit_diff
   loader = torch.utils.data.DataLoader(
       rows, batch_size=spec["batch_size"], shuffle=False,
       collate_fn=lambda b: ([x[0] for x in b], [x[1] for x in b], torch.tensor([x[2] for x in b])))
-  return model, rows, loader
+  return model, rows, loader, metric
 
 
 def main(spec_path: str) -> None:
   spec = json.load(open(spec_path))
   out = os.path.dirname(os.path.abspath(spec_path))
-  model, rows, loader = setup(spec)
+  model, rows, loader, task_metric = setup(spec)
   arrays = {}
   for method, intervention in spec["pairs"]:
     graph = Graph.from_model(model)
     # a per-row metric for exact (evaluate_graph), a summed one for the gradient methods
-    metric = logit_diff if method == "exact" else (lambda *a: logit_diff(*a, total=True))
+    metric = task_metric if method == "exact" else (lambda *a: task_metric(*a, total=True))
     kwargs = {} if method == "information-flow-routes" else {"intervention": intervention}
     attribute(model, graph, loader, metric, method=method, ig_steps=spec["steps"], quiet=True,
               **kwargs)
     arrays[f"scores/{method}/{intervention}"] = graph.scores.detach().numpy()
     arrays["real_edge_mask"] = graph.real_edge_mask.numpy()
-  for method, intervention, level in spec["node_pairs"]:
+  for method, intervention, level in spec.get("node_pairs", []):
     neuron = level == "neuron"
     graph = Graph.from_model(model, neuron_level=neuron, node_scores=True)
-    metric = logit_diff if method == "exact" else (lambda *a: logit_diff(*a, total=True))
+    metric = task_metric if method == "exact" else (lambda *a: task_metric(*a, total=True))
     attribute_node(model, graph, loader, metric, method=method, intervention=intervention,
                    ig_steps=spec["steps"], quiet=True, neuron=neuron)
     scores = graph.neurons_scores if neuron else graph.nodes_scores
     arrays[f"nodes/{method}/{intervention}/{level}"] = scores.detach().numpy()
-  arrays["clean"] = evaluate_baseline(model, loader, logit_diff, quiet=True).numpy()
-  arrays["corrupted"] = evaluate_baseline(model, loader, logit_diff, run_corrupted=True,
+  arrays["clean"] = evaluate_baseline(model, loader, task_metric, quiet=True).numpy()
+  arrays["corrupted"] = evaluate_baseline(model, loader, task_metric, run_corrupted=True,
                                           quiet=True).numpy()
-  for name, path in spec["circuits"].items():
+  for name, path in spec.get("circuits", {}).items():
     g = Graph.from_json(path)
     arrays[f"read/{name}"] = g.scores.detach().numpy()
     for intervention in ("patching", "zero"):
       arrays[f"circuit/{name}/{intervention}"] = evaluate_graph(
-          model, g, loader, logit_diff, quiet=True, intervention=intervention).numpy()
-  loader = torch.utils.data.DataLoader(rows, batch_size=spec["notebook_batch_size"], shuffle=False,
-                                       collate_fn=loader.collate_fn)
-  graph = Graph.from_model(model)
-  attribute(model, graph, loader, lambda *a: logit_diff(*a, mean=True, loss=True),
-            method="EAP-IG-inputs", ig_steps=spec["steps"], quiet=True)
-  graph.to_json(os.path.join(out, "notebook.json"))
+          model, g, loader, task_metric, quiet=True, intervention=intervention).numpy()
+  if "notebook_batch_size" in spec:
+    loader = torch.utils.data.DataLoader(rows, batch_size=spec["notebook_batch_size"],
+                                         shuffle=False, collate_fn=loader.collate_fn)
+    graph = Graph.from_model(model)
+    attribute(model, graph, loader, lambda *a: task_metric(*a, mean=True, loss=True),
+              method="EAP-IG-inputs", ig_steps=spec["steps"], quiet=True)
+    graph.to_json(os.path.join(out, "notebook.json"))
   np.savez(os.path.join(out, "eap.npz"), **arrays)
 
 

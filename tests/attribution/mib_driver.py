@@ -29,7 +29,7 @@ from tests.attribution.eap_package_driver import logit_diff, setup  # noqa: E402
 
 def main(spec_path: str) -> None:
   spec = json.load(open(spec_path))
-  model, _, loader = setup(spec)
+  model, _, loader, _ = setup(spec)
   out = {}
   for absolute in (True, False):
     graph = Graph.from_json(spec["graph"])

@@ -11,7 +11,9 @@ What is checked, with the rows tokenised by each side (BOS prepended, right padd
 partial last batch:
 - every method the package has, under the interventions both define alike (patching; zero; the
   package's mean ablations are not ours, docs/methods.md): our `attribute` scores equal its
-  `graph.scores` with the logit difference summed over each batch (its scores are then
+  `graph.scores` with the logit difference summed over each batch (and on greater-than rows, with
+  the greater-than notebook's probability difference over the year tokens: the task's labels,
+  year tokens and metric as well as the scores) (its scores are then
   m(edge ablated) - m(clean) averaged over rows, our units and sign); likewise the input node's
   and the heads' node and neuron scores (`level=`) against its `attribute_node` (see NODE_PAIRS
   for what is not compared, and why);
@@ -55,6 +57,7 @@ EAP_SRC = os.environ.get("JAXINTERP_EAP_IG_SRC", str(ROOT.parent / "EAP-IG" / "s
 SHARED = ROOT.parent / "shared"
 TOKENIZER = SHARED / "models" / "gpt2-tokenizer"
 IOI = SHARED / "data" / "eap-ig" / "ioi" / "gpt2.csv"
+GREATER_THAN = SHARED / "data" / "eap-ig" / "greater-than" / "gpt2.csv"
 DRIVER = pathlib.Path(__file__).with_name("eap_package_driver.py")
 MIB_DRIVER = pathlib.Path(__file__).with_name("mib_driver.py")
 MIB_REPO = pathlib.Path(os.environ.get("JAXINTERP_MIB_REPO", ROOT.parent / "MIB-circuit-track"))
@@ -73,6 +76,10 @@ NODE_PAIRS = [("EAP", "patching", "node"), ("EAP", "zero", "node"),
               ("EAP-IG-inputs", "patching", "node"), ("EAP", "patching", "neuron"),
               ("EAP-IG-inputs", "patching", "neuron")]
 TOP_N = 20
+# greater-than: every edge method once under patching, EAP under zero too
+GT_PAIRS = [("EAP", "patching"), ("EAP", "zero"), ("EAP-IG-inputs", "patching"),
+            ("clean-corrupted", "patching"), ("EAP-IG-activations", "patching"),
+            ("exact", "patching")]
 
 
 def _have_eap() -> bool:
@@ -86,33 +93,56 @@ def _have_eap() -> bool:
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (TOKENIZER.is_dir() and IOI.exists()),
-                       reason="../shared's gpt2-tokenizer or EAP-IG IOI data is absent"),
+    pytest.mark.skipif(not (TOKENIZER.is_dir() and IOI.exists() and GREATER_THAN.exists()),
+                       reason="../shared's gpt2-tokenizer or EAP-IG IOI/greater-than data is "
+                       "absent"),
     pytest.mark.skipif(not _have_eap(), reason=f"the eap package is not at {EAP_SRC} (a checkout "
                        "of github.com/hannamw/EAP-IG; set $JAXINTERP_EAP_IG_SRC to its src/)"),
 ]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  """A random GPT-2 with the real GPT-2 tokenizer; our scores and circuit; the package's outputs."""
-  base = tmp_path_factory.mktemp("eap")
-  ckpt = base / "gpt2"
+def checkpoint(tmp_path_factory):
+  """A random-init GPT-2 (2 layers, d_model 32) with the real GPT-2 tokenizer: an HF directory."""
+  ckpt = tmp_path_factory.mktemp("eap") / "gpt2"
   torch.manual_seed(0)
   conf = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64)
   transformers.GPT2LMHeadModel(conf).eval().save_pretrained(ckpt)
   for f in ("tokenizer.json", "vocab.json", "merges.txt"):
     shutil.copy(TOKENIZER / f, ckpt / f)
   transformers.GPT2TokenizerFast(tokenizer_file=str(ckpt / "tokenizer.json")).save_pretrained(ckpt)
+  return ckpt
 
-  model = models.from_pretrained(str(ckpt))
-  ds = csv_io.load_task("ioi", IOI, model.tokenizer, n_examples=N, vocab_size=model.cfg.d_vocab)
+
+def _attribute_pairs(model, ds, pairs) -> dict:
   ours = {}
-  for method, intervention in PAIRS:
+  for method, intervention in pairs:
     options = {"ig_steps": STEPS} if method.startswith("EAP-IG") else {}
     ours[method, intervention] = A.attribute(model.cfg, model.params, ds, method,
                                              intervention=intervention, batch_size=BATCH,
                                              quiet=True, **options)
+  return ours
+
+
+def _run_driver(spec: dict, base: pathlib.Path) -> dict:
+  """The package's outputs (`eap.npz`) for `spec`, run by `eap_package_driver.py` in `base`."""
+  (base / "spec.json").write_text(json.dumps(spec))
+  env = dict(os.environ, PYTHONPATH=f"{EAP_SRC}{os.pathsep}{ROOT}", CUDA_VISIBLE_DEVICES="",
+             HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+  r = subprocess.run([sys.executable, str(DRIVER), str(base / "spec.json")], env=env,
+                     capture_output=True, text=True, timeout=1200)
+  assert r.returncode == 0, r.stderr[-3000:]
+  with np.load(base / "eap.npz") as z:
+    return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="module")
+def run(checkpoint):
+  """IOI rows: our scores and circuit; the package's outputs."""
+  base, ckpt = checkpoint.parent, checkpoint
+  model = models.from_pretrained(str(ckpt))
+  ds = csv_io.load_task("ioi", IOI, model.tokenizer, n_examples=N, vocab_size=model.cfg.d_vocab)
+  ours = _attribute_pairs(model, ds, PAIRS)
   for method, intervention, level in NODE_PAIRS:
     options = {"ig_steps": STEPS} if method.startswith("EAP-IG") else {}
     ours[method, intervention, level] = A.attribute(
@@ -127,20 +157,30 @@ def run(tmp_path_factory):
   spec = {"checkpoint": str(ckpt), "csv": str(IOI), "n": N, "batch_size": BATCH, "steps": STEPS,
           "notebook_batch_size": NOTEBOOK_BATCH, "pairs": PAIRS, "node_pairs": NODE_PAIRS,
           "circuits": {"top": str(base / "circuit.json")}}
-  (base / "spec.json").write_text(json.dumps(spec))
-  env = dict(os.environ, PYTHONPATH=f"{EAP_SRC}{os.pathsep}{ROOT}", CUDA_VISIBLE_DEVICES="",
-             HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
-  r = subprocess.run([sys.executable, str(DRIVER), str(base / "spec.json")], env=env,
-                     capture_output=True, text=True, timeout=1200)
-  assert r.returncode == 0, r.stderr[-3000:]
-  with np.load(base / "eap.npz") as z:
-    theirs = {k: z[k] for k in z.files}
-  return model, ds, ours, circuit, theirs, base
+  return model, ds, ours, circuit, _run_driver(spec, base), base
 
 
-@pytest.mark.parametrize("method,intervention", PAIRS)
-def test_scores_equal_the_eap_package(run, method, intervention):
-  model, _, ours, _, theirs, _ = run
+@pytest.fixture(scope="module")
+def greater_than_run(checkpoint):
+  """Greater-than rows (EAP-IG's file): our scores and circuit; the package's, with the
+  greater-than notebook's metric."""
+  base = checkpoint.parent / "greater_than"
+  base.mkdir()
+  model = models.from_pretrained(str(checkpoint))
+  ds = csv_io.load_task("greater-than", GREATER_THAN, model.tokenizer, n_examples=N,
+                        vocab_size=model.cfg.d_vocab)
+  ours = _attribute_pairs(model, ds, GT_PAIRS)
+  ig = ours["EAP-IG-inputs", "patching"]
+  circuit = Graph.from_config(model.cfg, ig.scores, A.get_method("EAP-IG-inputs").score_convention(
+      ds.task)).top_n(TOP_N)
+  circuit.to_json(base / "circuit.json")
+  spec = {"checkpoint": str(checkpoint), "csv": str(GREATER_THAN), "task": "greater-than", "n": N,
+          "batch_size": BATCH, "steps": STEPS, "pairs": GT_PAIRS,
+          "circuits": {"top": str(base / "circuit.json")}}
+  return model, ds, ours, circuit, _run_driver(spec, base)
+
+
+def _assert_scores_equal(model, ours, theirs, method, intervention):
   got = ours[method, intervention].scores
   want = theirs[f"scores/{method}/{intervention}"]
   valid = theirs["real_edge_mask"]
@@ -152,6 +192,34 @@ def test_scores_equal_the_eap_package(run, method, intervention):
   # (its values here are O(0.1)), not of the scores
   atol = 1e-7 if method == "exact" else 2e-5 * scale
   np.testing.assert_allclose(got[valid], want[valid], atol=atol, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method,intervention", PAIRS)
+def test_scores_equal_the_eap_package(run, method, intervention):
+  model, _, ours, _, theirs, _ = run
+  _assert_scores_equal(model, ours, theirs, method, intervention)
+
+
+@pytest.mark.parametrize("method,intervention", GT_PAIRS)
+def test_greater_than_scores_equal_the_eap_package(greater_than_run, method, intervention):
+  model, _, ours, _, theirs = greater_than_run
+  _assert_scores_equal(model, ours, theirs, method, intervention)
+
+
+def test_greater_than_metric_and_circuit_as_the_eap_package(greater_than_run):
+  """The notebook's probability difference over the year tokens gives our baselines, and the
+  package evaluates our greater-than circuit to our metric."""
+  model, ds, _, circuit, theirs = greater_than_run
+  full, empty = faithfulness.baselines(model.cfg, model.params, ds, batch_size=BATCH)
+  assert full == pytest.approx(theirs["clean"].mean(), rel=1e-5)
+  assert empty == pytest.approx(theirs["corrupted"].mean(), rel=1e-5)
+  # a random model barely tells the start years apart (full - empty is 1e-7 here, 3e-4 of the
+  # metric), so the tolerances are well inside that: rel 1e-5 of 4e-4
+  for intervention in ("patching", "zero"):
+    mine = faithfulness.evaluate_circuits(model.cfg, model.params, ds, circuit.edge_weights(),
+                                          batch_size=BATCH, intervention=intervention)
+    assert mine == pytest.approx(theirs[f"circuit/top/{intervention}"].mean(), rel=1e-5,
+                                 abs=1e-9), intervention
 
 
 @pytest.mark.parametrize("method,intervention,level", NODE_PAIRS)
