@@ -25,6 +25,9 @@ from jaxinterp.tasks import Batch, Dataset
 Array = jax.Array
 
 INTERVENTIONS = ("patching", "zero", "mean", "mean-positional", "optimal", "zero-all")
+POSITION_INTERVENTIONS = ("patching", "zero", "zero-all", "mean", "mean-positional")
+"""The ablations of position-level scores and circuits (each sender's ablated value per position
+is direct: a corrupted run, zeros or means; not optimal ablation's learned constants)."""
 
 
 def _kind(name: str):

@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 
 from jaxinterp.attribution import base, exact, ig_activations, positions_exact, receiver_grads
 from jaxinterp.attribution import eap as eap_methods
-from jaxinterp.attribution.ablation import Ablation, make_ablation
+from jaxinterp.attribution.ablation import POSITION_INTERVENTIONS, Ablation, make_ablation
 from jaxinterp.circuits import positions as cpos
 from jaxinterp.models import edges as E
 from jaxinterp.models import transformer as T
@@ -378,7 +378,7 @@ def attribute_positions(cfg: ModelConfig, params, dataset, method: str = "EAP-IG
     raise base.AttributionError("attribute_positions scores position-level edges; it takes no "
                                 "level option")
   options = m.make_options(**option_values)
-  allowed = m.interventions or ("patching", "zero", "mean", "mean-positional")
+  allowed = m.interventions or POSITION_INTERVENTIONS
   if intervention not in allowed:
     raise base.AttributionError(f"{m.name} supports only intervention="
                                 f"{' or '.join(map(repr, allowed))}, not {intervention!r}")

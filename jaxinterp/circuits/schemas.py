@@ -12,7 +12,8 @@ Span-level edges extend the position names: `a0.h3@after_first_A->a1.h0<k>@last`
 edge joins a sender and a receiver at the same position of one span (`a0.h3@s2->m1@s2`); a crossing
 edge joins a sender at key position j in span A to a head's k or v input read by query position i
 in span B (j <= i, A == B allowed). A row's span-edge score aggregates the row's position scores
-over those positions (`sum`, `mean`, or `max_abs`: the value of largest |.|, sign kept, as PEAP);
+over those positions (`sum`, `mean`, or `max_abs`: the value of largest |.|, sign kept; PEAP's
+`max_abs` keeps |.| only);
 the span-edge score is the mean over rows, every row counted (a row where the span edge has no
 positions, an empty span or a key span after the query span, contributes 0). So with `sum` and
 spans covering every position, the span edges sum to the position-level total: the edge score.

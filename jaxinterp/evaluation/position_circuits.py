@@ -50,7 +50,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxinterp import circuits as G
-from jaxinterp.attribution.ablation import Ablation, make_ablation
+from jaxinterp.attribution.ablation import POSITION_INTERVENTIONS, Ablation, make_ablation
 from jaxinterp.attribution.base import AttributionError, check_finite
 from jaxinterp.circuits import positions as cpos
 from jaxinterp.circuits import span_circuits as SC
@@ -66,9 +66,8 @@ from jaxinterp.tasks import Batch, Dataset, Task
 from jaxinterp.tasks.metrics import metric_at_last
 
 Array = jax.Array
-INTERVENTIONS = ("patching", "zero", "zero-all", "mean", "mean-positional")
-"""The ablations a position circuit can be evaluated under (each sender's ablated value per
-position is direct: a corrupted run, zeros or means)."""
+INTERVENTIONS = POSITION_INTERVENTIONS
+"""The ablations a position circuit can be evaluated under (`ablation.POSITION_INTERVENTIONS`)."""
 CHUNK_BYTES = 64e6  # the per-chunk k/v inputs and attention of `_query_chunk`
 
 

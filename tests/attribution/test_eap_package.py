@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 
@@ -47,6 +46,7 @@ from jaxinterp.circuits import Graph
 from jaxinterp.circuits.layout import valid_edges
 from jaxinterp.evaluation import faithfulness
 from jaxinterp.tasks import csv_io
+from tests.attribution.reference_checkpoint import write_random_gpt2
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -104,14 +104,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
   """A random-init GPT-2 (2 layers, d_model 32) with the real GPT-2 tokenizer: an HF directory."""
-  ckpt = tmp_path_factory.mktemp("eap") / "gpt2"
-  torch.manual_seed(0)
-  conf = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64)
-  transformers.GPT2LMHeadModel(conf).eval().save_pretrained(ckpt)
-  for f in ("tokenizer.json", "vocab.json", "merges.txt"):
-    shutil.copy(TOKENIZER / f, ckpt / f)
-  transformers.GPT2TokenizerFast(tokenizer_file=str(ckpt / "tokenizer.json")).save_pretrained(ckpt)
-  return ckpt
+  return write_random_gpt2(tmp_path_factory.mktemp("eap") / "gpt2", TOKENIZER)
 
 
 def _attribute_pairs(model, ds, pairs) -> dict:

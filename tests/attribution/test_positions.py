@@ -97,15 +97,16 @@ def test_attribute_positions_matches_attribute_mean_ablation():
 @pytest.mark.slow
 @pytest.mark.parametrize("method,intervention", [
     ("EAP-IG-inputs", "patching"), ("EAP-IG-activations", "patching"),
-    ("EAP-IG-activations", "zero"), ("clean-corrupted", "patching")])
+    ("EAP-IG-activations", "zero"), ("clean-corrupted", "patching"), ("EAP", "zero-all"),
+    ("EAP-IG-activations", "zero-all")])
 def test_attribute_positions_matches_attribute(method, intervention):
   """`attribute_positions` takes each method's alphas and interpolation from its registry entry
   (`eap.EdgeKernel`): summed over positions, its scores are `attribute`'s for the same options
   (EAP-IG-inputs' k starting at 0, EAP-IG-activations' at 1; under zero ablation its layer nodes
-  start from zero in both)."""
+  start from zero in both; under zero-all the position embedding too)."""
   model = toy.load_toy()
   ds = toy.induction_task_dataset(6, seed=0)
-  options = {} if method == "clean-corrupted" else {"ig_steps": 3}
+  options = {"ig_steps": 3} if method.startswith("EAP-IG") else {}
   got = P.attribute_positions(model.cfg, model.params, ds, method, batch_size=4, quiet=True,
                               intervention=intervention, **options)
   ref = A.attribute(model.cfg, model.params, ds, method, batch_size=4, quiet=True,
