@@ -50,38 +50,74 @@ class TLBaselineError(ValueError):
   """Bad input to the TransformerLens baseline."""
 
 
+def _rope_theta(c) -> float:
+  params = getattr(c, "rope_parameters", None) or {}
+  return float(params.get("rope_theta", getattr(c, "rope_theta", 10000.0)))
+
+
+def _tl_config(c, dtype, device):
+  """TransformerLens's config for an HF GPT-2, Llama or GPT-NeoX config (TL's own
+  `convert_hf_model_config` branches, without its hub lookup), hooks for EAP on."""
+  from transformer_lens import HookedTransformerConfig
+
+  common = dict(device=device, dtype=dtype, init_weights=False,  # every weight is overwritten
+                use_split_qkv_input=True, use_attn_result=True, use_hook_mlp_in=True)
+  if c.model_type == "gpt2":
+    if getattr(c, "reorder_and_upcast_attn", False):
+      raise TLBaselineError("reorder_and_upcast_attn is not supported")
+    d, H = c.n_embd, c.n_head
+    return HookedTransformerConfig(
+        d_model=d, n_layers=c.n_layer, n_heads=H, d_head=d // H, d_mlp=c.n_inner or 4 * d,
+        d_vocab=c.vocab_size, d_vocab_out=c.vocab_size, n_ctx=c.n_positions,
+        act_fn={"gelu_new": "gelu_new", "gelu": "gelu", "relu": "relu"}[c.activation_function],
+        eps=c.layer_norm_epsilon, normalization_type="LN", positional_embedding_type="standard",
+        use_attn_scale=bool(c.scale_attn_weights),
+        scale_attn_by_inverse_layer_idx=bool(c.scale_attn_by_inverse_layer_idx),
+        original_architecture="GPT2LMHeadModel", model_name="gpt2-from-hf", **common)
+  d, H = c.hidden_size, c.num_attention_heads
+  shared = dict(d_model=d, n_layers=c.num_hidden_layers, n_heads=H, d_head=d // H,
+                d_mlp=c.intermediate_size, d_vocab=c.vocab_size, d_vocab_out=c.vocab_size,
+                n_ctx=c.max_position_embeddings, act_fn=c.hidden_act,
+                positional_embedding_type="rotary", rotary_adjacent_pairs=False,
+                rotary_base=_rope_theta(c), **common)
+  if c.model_type == "llama":
+    kv = c.num_key_value_heads
+    return HookedTransformerConfig(
+        eps=c.rms_norm_eps, normalization_type="RMS", rotary_dim=d // H, final_rms=True,
+        gated_mlp=True, n_key_value_heads=kv if kv != H else None,
+        ungroup_grouped_query_attention=True,  # EAP-IG's graph: one q/k/v input per query head
+        original_architecture="LlamaForCausalLM", model_name="llama-from-hf", **shared)
+  if c.model_type == "gpt_neox":
+    params = getattr(c, "rope_parameters", None) or {}
+    pct = params.get("partial_rotary_factor", getattr(c, "rotary_pct", 1.0))
+    return HookedTransformerConfig(
+        eps=c.layer_norm_eps, normalization_type="LN", rotary_dim=round(pct * (d // H)),
+        use_attn_scale=True, parallel_attn_mlp=bool(c.use_parallel_residual),
+        original_architecture="GPTNeoXForCausalLM", model_name="neox-from-hf", **shared)
+  raise TLBaselineError(f"hooked_from_hf needs a GPT-2, Llama or GPT-NeoX model, got "
+                        f"{c.model_type!r}")
+
+
 def hooked_from_hf(hf_model, device=None):
-  """A `HookedTransformer` with the weights of a `transformers.GPT2LMHeadModel`, hooks for EAP on.
+  """A `HookedTransformer` with the weights of a `transformers` GPT-2, Llama (GQA ungrouped per
+  query head) or GPT-NeoX model, hooks for EAP on.
 
   No LayerNorm folding, weight centering or value-bias folding: logits equal the HF model's. The
   TL parameters do not require gradients (only the receiver-input gradients are needed).
   """
-  from transformer_lens import HookedTransformer, HookedTransformerConfig
-  from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+  from transformer_lens import HookedTransformer
+  from transformer_lens.pretrained import weight_conversions
 
-  c = hf_model.config
-  if getattr(c, "model_type", None) != "gpt2":
-    raise TLBaselineError(f"hooked_from_hf needs a GPT-2 model, got {c.model_type!r}")
-  if getattr(c, "reorder_and_upcast_attn", False):
-    raise TLBaselineError("reorder_and_upcast_attn is not supported")
   p = next(hf_model.parameters())
-  d, H = c.n_embd, c.n_head
-  cfg = HookedTransformerConfig(
-      d_model=d, n_layers=c.n_layer, n_heads=H, d_head=d // H, d_mlp=c.n_inner or 4 * d,
-      d_vocab=c.vocab_size, d_vocab_out=c.vocab_size, n_ctx=c.n_positions,
-      act_fn={"gelu_new": "gelu_new", "gelu": "gelu", "relu": "relu"}[c.activation_function],
-      eps=c.layer_norm_epsilon, normalization_type="LN", positional_embedding_type="standard",
-      use_attn_scale=bool(c.scale_attn_weights),
-      scale_attn_by_inverse_layer_idx=bool(c.scale_attn_by_inverse_layer_idx),
-      original_architecture="GPT2LMHeadModel", model_name="gpt2-from-hf",
-      init_weights=False,  # every weight is overwritten by the HF checkpoint's
-      device=str(device or p.device), dtype=p.dtype,
-      use_split_qkv_input=True, use_attn_result=True, use_hook_mlp_in=True)
+  cfg = _tl_config(hf_model.config, p.dtype, str(device or p.device))
+  convert = {"gpt2": weight_conversions.convert_gpt2_weights,
+             "llama": weight_conversions.convert_llama_weights,
+             "gpt_neox": weight_conversions.convert_neox_weights}[hf_model.config.model_type]
   with warnings.catch_warnings():  # TL 3.x points to TransformerBridge; we want the hooked class
     warnings.filterwarnings("ignore", "HookedTransformer is deprecated", DeprecationWarning)
     model = HookedTransformer(cfg)
   with torch.no_grad():
-    state = convert_gpt2_weights(hf_model, cfg)
+    state = convert(hf_model, cfg)
   model.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False,
                                     center_unembed=False, fold_value_biases=False)
   model.eval()

@@ -2,9 +2,10 @@
 
     python tests/attribution/eap_package_driver.py SPEC.json
 
-SPEC names an HF GPT-2 directory (with its tokenizer), an EAP-IG task CSV and its task (`ioi`, or
-`greater-than` with the greater-than notebook's metric), the number of rows, the batch size, IG
-steps, the (method, intervention) pairs to attribute, and circuit files written by jaxinterp.
+SPEC names an HF GPT-2, Llama or GPT-NeoX directory (with its tokenizer), an EAP-IG task CSV and
+its task (`ioi`, or `greater-than` with the greater-than notebook's metric), the number of rows,
+the batch size, IG steps, the (method, intervention) pairs to attribute, and circuit files written
+by jaxinterp.
 This process imports the `eap` package (its source on PYTHONPATH), TransformerLens and torch, not
 jax or jaxinterp, and writes `eap.npz` beside SPEC:
 
@@ -15,6 +16,8 @@ jax or jaxinterp, and writes `eap.npz` beside SPEC:
 - `nodes/{method}/{intervention}/{level}`: `attribute_node(...)`'s node scores [n_forward], or
   with `neuron=True` its neuron scores [n_forward, d_model], with the same metrics (IOI);
 - `real_edge_mask`: the package's valid edges;
+- with `mended` in SPEC, `mended/EAP-IG-activations/...` and `mended/exact/...`: those methods
+  with two bugs of the package mended (`embeddings_as_leaf`, `exact_per_edge`);
 - `clean`, `corrupted`: `evaluate_baseline` of the clean and the corrupted run, per row;
 - `circuit/{name}/{intervention}`: `evaluate_graph` of each circuit file (read with
   `Graph.from_json`) under patching and zero ablation, per row, and `read/{name}` the scores the
@@ -29,6 +32,7 @@ process only).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -72,13 +76,56 @@ def prob_diff(year_ids):
   return metric
 
 
+@contextlib.contextmanager
+def embeddings_as_leaf(model):
+  """The package's EAP-IG-activations with one bug mended. Its input-node pass replaces
+  `hook_embed`'s output by the interpolated embeddings, a tensor that needs no gradient; without
+  a learned position embedding added after it (rotary models), nothing before layer 0 then needs
+  one, the backward hooks at layer 0's inputs never fire, and the edges from the input node into
+  them lose that pass. Here the interpolated embeddings become a leaf that needs a gradient
+  (values unchanged), so every hook fires."""
+  def leaf(x, hook):
+    return x if x.requires_grad else x.detach().requires_grad_(True)
+
+  hooks = model.hooks
+
+  @contextlib.contextmanager
+  def with_leaf(fwd_hooks=(), bwd_hooks=(), **kwargs):
+    with hooks(fwd_hooks=[*fwd_hooks, ("hook_embed", leaf)], bwd_hooks=bwd_hooks, **kwargs) as m:
+      yield m
+
+  model.hooks = with_leaf
+  try:
+    yield
+  finally:
+    del model.hooks
+
+
+def exact_per_edge(model, loader, metric, intervention):
+  """Exact scores through the package's `evaluate_graph`, each edge ablated alone in a fresh graph.
+  The package's own loop (`get_scores_exact`) reuses one graph, which `evaluate_graph` prunes in
+  place: once an edge whose removal leaves a node without outgoing edges (in a parallel block,
+  a last-layer head's edge to the logits) has been scored, that node's incoming edges stay
+  removed for every later edge."""
+  scores = Graph.from_model(model)
+  baseline = evaluate_baseline(model, loader, metric, quiet=True).mean().item()
+  for name, edge in scores.edges.items():
+    graph = Graph.from_model(model)
+    graph.in_graph |= graph.real_edge_mask
+    graph.edges[name].in_graph = False
+    edge.score = evaluate_graph(model, graph, loader, metric, quiet=True,
+                                intervention=intervention).mean().item() - baseline
+  return scores.scores.detach().numpy()
+
+
 def setup(spec: dict):
   """(the HookedTransformer of `spec["checkpoint"]` with its tokenizer, the CSV's first
   `spec["n"]` rows, a DataLoader of them in batches of `spec["batch_size"]`, the task's per-row
   metric), on the CPU."""
   cpu_for_cuda_allocations(torch)
   torch.set_num_threads(1)
-  model = hooked_from_hf(transformers.GPT2LMHeadModel.from_pretrained(spec["checkpoint"]).eval())
+  model = hooked_from_hf(
+      transformers.AutoModelForCausalLM.from_pretrained(spec["checkpoint"]).eval())
   model.requires_grad_(True)  # as from_pretrained gives it: the package's backward needs it
   model.set_tokenizer(transformers.AutoTokenizer.from_pretrained(spec["checkpoint"]),
                       default_padding_side="right")
@@ -115,6 +162,15 @@ def main(spec_path: str) -> None:
               **kwargs)
     arrays[f"scores/{method}/{intervention}"] = graph.scores.detach().numpy()
     arrays["real_edge_mask"] = graph.real_edge_mask.numpy()
+    if spec.get("mended") and method == "EAP-IG-activations":
+      graph = Graph.from_model(model)
+      with embeddings_as_leaf(model):
+        attribute(model, graph, loader, metric, method=method, ig_steps=spec["steps"],
+                  quiet=True, **kwargs)
+      arrays[f"mended/{method}/{intervention}"] = graph.scores.detach().numpy()
+    if spec.get("mended") and method == "exact":
+      arrays[f"mended/{method}/{intervention}"] = exact_per_edge(model, loader, metric,
+                                                                 intervention)
   for method, intervention, level in spec.get("node_pairs", []):
     neuron = level == "neuron"
     graph = Graph.from_model(model, neuron_level=neuron, node_scores=True)

@@ -1,5 +1,6 @@
-"""The checkpoint the reference-implementation tests share: a random-init GPT-2 with the real
-GPT-2 tokenizer, saved as an HF directory that jaxinterp and the PyTorch tools both load."""
+"""The checkpoints the reference-implementation tests share: random-init GPT-2, Llama (GQA) and
+GPT-NeoX (parallel blocks) models with the real GPT-2 tokenizer, saved as HF directories that
+jaxinterp and the PyTorch tools both load."""
 
 from __future__ import annotations
 
@@ -9,14 +10,31 @@ import shutil
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
 
 
-def write_random_gpt2(path: pathlib.Path, tokenizer: pathlib.Path) -> pathlib.Path:
-  """A GPT-2 (2 layers, d_model 32, 4 heads, 64 positions, torch seed 0) at `path`, with the
-  tokenizer files of the directory `tokenizer`; returns `path`."""
+def write_random_gpt2(path: pathlib.Path, tokenizer: pathlib.Path,
+                      family: str = "gpt2") -> pathlib.Path:
+  """A random model (2 layers, d_model 32, 4 heads, 64 positions, GPT-2's vocabulary, torch seed
+  0) at `path`, with the tokenizer files of the directory `tokenizer`; returns `path`. `family`:
+  `gpt2`, `llama` (2 key/value heads for the 4 query heads) or `neox` (parallel attention and MLP,
+  rotary on half of each head)."""
   import torch
   import transformers
   torch.manual_seed(0)
-  conf = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64)
-  transformers.GPT2LMHeadModel(conf).eval().save_pretrained(path)
+  ids = dict(bos_token_id=50256, eos_token_id=50256)
+  if family == "gpt2":
+    model = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64))
+  elif family == "llama":
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **ids))
+  elif family == "neox":
+    model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+        vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=64, rotary_pct=0.5,
+        use_parallel_residual=True, **ids))
+  else:
+    raise ValueError(f"unknown family {family!r}")
+  model.eval().save_pretrained(path)
   for f in TOKENIZER_FILES:
     shutil.copy(tokenizer / f, path / f)
   transformers.GPT2TokenizerFast(tokenizer_file=str(path / "tokenizer.json")).save_pretrained(path)
