@@ -128,6 +128,15 @@ def _attribute_pairs(model, ds, pairs) -> dict:
   return ours
 
 
+def _attribute_nodes(model, ds, ours: dict) -> None:
+  """Our node and neuron scores for NODE_PAIRS, into `ours`."""
+  for method, intervention, level in NODE_PAIRS:
+    options = {"ig_steps": STEPS} if method.startswith("EAP-IG") else {}
+    ours[method, intervention, level] = A.attribute(
+        model.cfg, model.params, ds, method, intervention=intervention, batch_size=BATCH,
+        quiet=True, level=level, **options)
+
+
 def _run_driver(spec: dict, base: pathlib.Path) -> dict:
   """The package's outputs (`eap.npz`) for `spec`, run by `eap_package_driver.py` in `base`."""
   (base / "spec.json").write_text(json.dumps(spec))
@@ -147,11 +156,7 @@ def run(checkpoint):
   model = models.from_pretrained(str(ckpt))
   ds = csv_io.load_task("ioi", IOI, model.tokenizer, n_examples=N, vocab_size=model.cfg.d_vocab)
   ours = _attribute_pairs(model, ds, PAIRS)
-  for method, intervention, level in NODE_PAIRS:
-    options = {"ig_steps": STEPS} if method.startswith("EAP-IG") else {}
-    ours[method, intervention, level] = A.attribute(
-        model.cfg, model.params, ds, method, intervention=intervention, batch_size=BATCH,
-        quiet=True, level=level, **options)
+  _attribute_nodes(model, ds, ours)
   ig = ours["EAP-IG-inputs", "patching"]
   g = Graph.from_config(model.cfg, ig.scores, A.get_method("EAP-IG-inputs").score_convention(
       ds.task))
@@ -172,12 +177,14 @@ def family_run(request, tmp_path_factory):
   model = models.from_pretrained(str(ckpt))
   ds = csv_io.load_task("ioi", IOI, model.tokenizer, n_examples=N, vocab_size=model.cfg.d_vocab)
   ours = _attribute_pairs(model, ds, FAMILY_PAIRS)
+  _attribute_nodes(model, ds, ours)
   ig = ours["EAP-IG-inputs", "patching"]
   circuit = Graph.from_config(model.cfg, ig.scores, A.get_method("EAP-IG-inputs").score_convention(
       ds.task)).top_n(TOP_N)
   circuit.to_json(base / "circuit.json")
   spec = {"checkpoint": str(ckpt), "csv": str(IOI), "n": N, "batch_size": BATCH, "steps": STEPS,
-          "pairs": FAMILY_PAIRS, "circuits": {"top": str(base / "circuit.json")}, "mended": True}
+          "pairs": FAMILY_PAIRS, "node_pairs": NODE_PAIRS,
+          "circuits": {"top": str(base / "circuit.json")}, "mended": True}
   return model, ds, ours, circuit, _run_driver(spec, base)
 
 
@@ -299,8 +306,17 @@ def test_greater_than_metric_and_circuit_as_the_eap_package(greater_than_run):
 
 @pytest.mark.parametrize("method,intervention,level", NODE_PAIRS)
 def test_node_scores_equal_the_eap_package(run, method, intervention, level):
-  _, _, ours, _, theirs, _ = run
-  model = run[0]
+  model, _, ours, _, theirs, _ = run
+  _assert_node_scores_equal(model, ours, theirs, method, intervention, level)
+
+
+@pytest.mark.parametrize("method,intervention,level", NODE_PAIRS)
+def test_family_node_scores_equal_the_eap_package(family_run, method, intervention, level):
+  model, _, ours, _, theirs = family_run
+  _assert_node_scores_equal(model, ours, theirs, method, intervention, level)
+
+
+def _assert_node_scores_equal(model, ours, theirs, method, intervention, level):
   got = ours[method, intervention, level].scores
   want = theirs[f"nodes/{method}/{intervention}/{level}"]
   assert got.shape == want.shape
