@@ -56,7 +56,7 @@ def _rope_theta(c) -> float:
 
 
 def _tl_config(c, dtype, device):
-  """TransformerLens's config for an HF GPT-2, Llama or GPT-NeoX config (TL's own
+  """TransformerLens's config for an HF GPT-2, Llama, GPT-NeoX or Gemma-2 config (TL's own
   `convert_hf_model_config` branches, without its hub lookup), hooks for EAP on."""
   from transformer_lens import HookedTransformerConfig
 
@@ -77,7 +77,8 @@ def _tl_config(c, dtype, device):
   d, H = c.hidden_size, c.num_attention_heads
   shared = dict(d_model=d, n_layers=c.num_hidden_layers, n_heads=H, d_head=d // H,
                 d_mlp=c.intermediate_size, d_vocab=c.vocab_size, d_vocab_out=c.vocab_size,
-                n_ctx=c.max_position_embeddings, act_fn=c.hidden_act,
+                n_ctx=c.max_position_embeddings,
+                act_fn=getattr(c, "hidden_act", None) or c.hidden_activation,
                 positional_embedding_type="rotary", rotary_adjacent_pairs=False,
                 rotary_base=_rope_theta(c), **common)
   if c.model_type == "llama":
@@ -94,13 +95,27 @@ def _tl_config(c, dtype, device):
         eps=c.layer_norm_eps, normalization_type="LN", rotary_dim=round(pct * (d // H)),
         use_attn_scale=True, parallel_attn_mlp=bool(c.use_parallel_residual),
         original_architecture="GPTNeoXForCausalLM", model_name="neox-from-hf", **shared)
-  raise TLBaselineError(f"hooked_from_hf needs a GPT-2, Llama or GPT-NeoX model, got "
+  if c.model_type == "gemma2":
+    kv = c.num_key_value_heads
+    kinds = {"sliding_attention": "local", "full_attention": "global"}
+    return HookedTransformerConfig(
+        **{**shared, "d_head": c.head_dim}, eps=c.rms_norm_eps, normalization_type="RMS",
+        rotary_dim=c.head_dim, use_attn_scale=True,
+        attn_scale=float(c.query_pre_attn_scalar) ** 0.5,
+        n_key_value_heads=kv if kv != H else None, ungroup_grouped_query_attention=True,
+        window_size=c.sliding_window, use_local_attn=True,
+        attn_types=[kinds[t] for t in c.layer_types],
+        attn_scores_soft_cap=c.attn_logit_softcapping or -1.0,
+        output_logits_soft_cap=c.final_logit_softcapping or -1.0, gated_mlp=True, final_rms=True,
+        use_normalization_before_and_after=True, original_architecture="Gemma2ForCausalLM",
+        model_name="gemma2-from-hf")
+  raise TLBaselineError(f"hooked_from_hf needs a GPT-2, Llama, GPT-NeoX or Gemma-2 model, got "
                         f"{c.model_type!r}")
 
 
 def hooked_from_hf(hf_model, device=None):
   """A `HookedTransformer` with the weights of a `transformers` GPT-2, Llama (GQA ungrouped per
-  query head) or GPT-NeoX model, hooks for EAP on.
+  query head), GPT-NeoX or Gemma-2 model, hooks for EAP on.
 
   No LayerNorm folding, weight centering or value-bias folding: logits equal the HF model's. The
   TL parameters do not require gradients (only the receiver-input gradients are needed).
@@ -112,7 +127,8 @@ def hooked_from_hf(hf_model, device=None):
   cfg = _tl_config(hf_model.config, p.dtype, str(device or p.device))
   convert = {"gpt2": weight_conversions.convert_gpt2_weights,
              "llama": weight_conversions.convert_llama_weights,
-             "gpt_neox": weight_conversions.convert_neox_weights}[hf_model.config.model_type]
+             "gpt_neox": weight_conversions.convert_neox_weights,
+             "gemma2": weight_conversions.convert_gemma_weights}[hf_model.config.model_type]
   with warnings.catch_warnings():  # TL 3.x points to TransformerBridge; we want the hooked class
     warnings.filterwarnings("ignore", "HookedTransformer is deprecated", DeprecationWarning)
     model = HookedTransformer(cfg)

@@ -1,6 +1,6 @@
-"""The checkpoints the reference-implementation tests share: random-init GPT-2, Llama (GQA) and
-GPT-NeoX (parallel blocks) models with the real GPT-2 tokenizer, saved as HF directories that
-jaxinterp and the PyTorch tools both load."""
+"""The checkpoints the reference-implementation tests share: random-init GPT-2, Llama (GQA),
+GPT-NeoX (parallel blocks) and Gemma-2 models with the real GPT-2 tokenizer, saved as HF
+directories that jaxinterp and the PyTorch tools both load."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ def write_random_gpt2(path: pathlib.Path, tokenizer: pathlib.Path,
                       family: str = "gpt2") -> pathlib.Path:
   """A random model (2 layers, d_model 32, 4 heads, 64 positions, GPT-2's vocabulary, torch seed
   0) at `path`, with the tokenizer files of the directory `tokenizer`; returns `path`. `family`:
-  `gpt2`, `llama` (2 key/value heads for the 4 query heads) or `neox` (parallel attention and MLP,
-  rotary on half of each head)."""
+  `gpt2`, `llama` (2 key/value heads for the 4 query heads), `neox` (parallel attention and MLP,
+  rotary on half of each head) or `gemma2` (GQA, post-norms, soft-caps, a sliding window of 8 on
+  layer 0)."""
   import torch
   import transformers
   torch.manual_seed(0)
@@ -32,6 +33,15 @@ def write_random_gpt2(path: pathlib.Path, tokenizer: pathlib.Path,
         vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=64, rotary_pct=0.5,
         use_parallel_residual=True, **ids))
+  elif family == "gemma2":
+    model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+        sliding_window=8, query_pre_attn_scalar=8, pad_token_id=0, **ids))
+    with torch.no_grad():  # Gemma's norms scale by 1 + w, w initialised to 0: make them matter
+      for name, p in model.named_parameters():
+        if "norm" in name:
+          p.add_(0.3 * torch.randn_like(p))
   else:
     raise ValueError(f"unknown family {family!r}")
   model.eval().save_pretrained(path)
