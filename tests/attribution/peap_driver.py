@@ -3,14 +3,14 @@
 
     python tests/attribution/peap_driver.py SPEC.json
 
-SPEC names an HF GPT-2 directory (with its tokenizer), PEAP-format clean and counterfactual CSVs
-(`prompt`, one column per span holding the span's first position, and `length`; the clean one also
-`correct_id`, `incorrect_id`), the span names (the last one `length`, as PEAP requires) and the
+SPEC names an HF GPT-2 or Llama directory (with its tokenizer), PEAP-format clean and counterfactual
+CSVs (`prompt`, one column per span holding the span's first position, and `length`; the clean one
+also `correct_id`, `incorrect_id`), the span names (the last one `length`, as PEAP requires) and the
 ablation type (`counterfactual` or `zero`). With PEAP's `src/` on PYTHONPATH, this process runs
 PEAP's own `position_aware_edge_attribution_patching` on every row (TransformerLens, torch, no jax)
 and writes `peap.json` beside SPEC: every non-crossing edge, named as EAP-IG names it (`input`,
-`a{l}.h{h}`, `m{l}`, `logits`, `<q|k|v>`), with PEAP's per-span `sum`, `avg` and `max_abs`
-scores averaged over rows (one value per span, then one for the whole prompt).
+`a{l}.h{h}`, `m{l}`, `logits`, `<q|k|v>`), with PEAP's per-span `sum`, `avg` and `max_abs` scores
+averaged over rows (one value per span, then one for the whole prompt).
 
 PEAP loads its model with `HookedTransformer.from_pretrained` and moves tensors to CUDA; here
 `from_pretrained` returns the checkpoint's model and CUDA moves stay on the CPU (this process
@@ -88,7 +88,8 @@ def main(spec_path: str) -> None:
   cpu_for_cuda_allocations(torch)
   _cpu_for_cuda_moves()
   torch.set_num_threads(1)
-  model = hooked_from_hf(transformers.GPT2LMHeadModel.from_pretrained(spec["checkpoint"]).eval())
+  model = hooked_from_hf(
+      transformers.AutoModelForCausalLM.from_pretrained(spec["checkpoint"]).eval())
   model.requires_grad_(True)
   model.set_tokenizer(transformers.AutoTokenizer.from_pretrained(spec["checkpoint"]),
                       default_padding_side="right")

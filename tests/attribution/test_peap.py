@@ -6,7 +6,8 @@ source on PYTHONPATH: $JAXINTERP_PEAP_SRC, by default ../PEAP/src beside the rep
 of the repository; it is not on PyPI). The tests skip without it, without TransformerLens 3.9 or
 pandas, or without ../shared's GPT-2 tokenizer and EAP-IG IOI data.
 
-The rows are EAP-IG IOI rows whose IO name comes first (so the IOI schema's spans are contiguous in
+The models are a random GPT-2 and a random Llama (grouped-query attention, rotary). The rows are
+EAP-IG IOI rows whose IO name comes first (so the IOI schema's spans are contiguous in
 the schema's order, as PEAP's span columns require) and whose corrupted prompt has the clean
 prompt's token length (PEAP patches position by position). Their spans are `circuits.schemas.
 ioi_schema`'s, handed to PEAP as its span columns.
@@ -79,11 +80,12 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def rows(tmp_path_factory):
-  """(the checkpoint's model, the chosen IOI rows as a dataset, their spans, the work folder)."""
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def rows(request, tmp_path_factory):
+  """(the checkpoint's model, the chosen IOI rows as a dataset, their spans, the work folder), for
+  a random GPT-2 and a random Llama (GQA, rotary)."""
   base = tmp_path_factory.mktemp("peap")
-  ckpt = write_random_gpt2(base / "gpt2", TOKENIZER)
+  ckpt = write_random_gpt2(base / "model", TOKENIZER, request.param)
   model = models.from_pretrained(str(ckpt))
   with open(IOI, newline="") as f:
     source = list(csv.DictReader(f))[:60]
@@ -120,7 +122,7 @@ def _peap(base: pathlib.Path, ablation: str) -> dict:
   """PEAP's non-crossing edges for `ablation`, run by `peap_driver.py`."""
   work = base / ablation
   work.mkdir()
-  spec = {"checkpoint": str(base / "gpt2"), "clean": str(base / "clean.csv"),
+  spec = {"checkpoint": str(base / "model"), "clean": str(base / "clean.csv"),
           "counter": str(base / "counter.csv"), "spans": [*SCHEMA.names, "length"],
           "ablation": ablation}
   (work / "spec.json").write_text(json.dumps(spec))
