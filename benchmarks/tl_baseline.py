@@ -28,7 +28,8 @@ of head (l, h) at l(3H+1) + {0, H, 2H} + h, MLP l at l(3H+1) + 3H, logits last).
 The model is built from a Hugging Face `GPT2LMHeadModel` without the hub: a
 `HookedTransformerConfig` written from its `GPT2Config`, TL's own GPT-2 weight converter, and
 `load_and_process_state_dict` with every folding/centering option off, so the numerics are the HF
-model's. Right-padded batches pass the attention mask to the model (as the `eap` package does);
+model's (`hooked_from_hf` builds Llama, GPT-NeoX and Gemma-2 models alike, for the reference
+tests). Right-padded batches pass the attention mask to the model (as the `eap` package does);
 each batch is trimmed to its longest example.
 
 Needs a TransformerLens that still has `HookedTransformer` and installs beside torch 2.13 and

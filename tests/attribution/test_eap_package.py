@@ -150,17 +150,25 @@ def _run_driver(spec: dict, base: pathlib.Path) -> dict:
     return {k: z[k] for k in z.files}
 
 
+def _ours(ckpt, task: str, path, pairs, nodes: bool):
+  """(model, the CSV's first N rows, our scores for `pairs` (and NODE_PAIRS if `nodes`), our
+  EAP-IG-inputs scores as a Graph in graph.json's sign)."""
+  model = models.from_pretrained(str(ckpt))
+  ds = csv_io.load_task(task, path, model.tokenizer, n_examples=N, vocab_size=model.cfg.d_vocab)
+  ours = _attribute_pairs(model, ds, pairs)
+  if nodes:
+    _attribute_nodes(model, ds, ours)
+  ig = ours["EAP-IG-inputs", "patching"]
+  g = Graph.from_config(model.cfg, ig.scores, A.get_method("EAP-IG-inputs").score_convention(
+      ds.task))
+  return model, ds, ours, g
+
+
 @pytest.fixture(scope="module")
 def run(checkpoint):
   """IOI rows: our scores and circuit; the package's outputs."""
   base, ckpt = checkpoint.parent, checkpoint
-  model = models.from_pretrained(str(ckpt))
-  ds = csv_io.load_task("ioi", IOI, model.tokenizer, n_examples=N, vocab_size=model.cfg.d_vocab)
-  ours = _attribute_pairs(model, ds, PAIRS)
-  _attribute_nodes(model, ds, ours)
-  ig = ours["EAP-IG-inputs", "patching"]
-  g = Graph.from_config(model.cfg, ig.scores, A.get_method("EAP-IG-inputs").score_convention(
-      ds.task))
+  model, ds, ours, g = _ours(ckpt, "ioi", IOI, PAIRS, nodes=True)
   g.to_json(base / "scores.json")
   circuit = g.top_n(TOP_N)
   circuit.to_json(base / "circuit.json")
@@ -175,13 +183,8 @@ def family_run(request, tmp_path_factory):
   """IOI rows on a random Llama or GPT-NeoX: our scores and circuit; the package's outputs."""
   base = tmp_path_factory.mktemp(request.param)
   ckpt = write_random_gpt2(base / request.param, TOKENIZER, request.param)
-  model = models.from_pretrained(str(ckpt))
-  ds = csv_io.load_task("ioi", IOI, model.tokenizer, n_examples=N, vocab_size=model.cfg.d_vocab)
-  ours = _attribute_pairs(model, ds, FAMILY_PAIRS)
-  _attribute_nodes(model, ds, ours)
-  ig = ours["EAP-IG-inputs", "patching"]
-  circuit = Graph.from_config(model.cfg, ig.scores, A.get_method("EAP-IG-inputs").score_convention(
-      ds.task)).top_n(TOP_N)
+  model, ds, ours, g = _ours(ckpt, "ioi", IOI, FAMILY_PAIRS, nodes=True)
+  circuit = g.top_n(TOP_N)
   if model.cfg.post_norms:
     # ablated head edges mean something else there (docs/methods.md): every edge but those from
     # the input and m0 into layer 1's heads, so that no head edge is ablated, pruned or not
@@ -206,13 +209,8 @@ def greater_than_run(checkpoint):
   greater-than notebook's metric."""
   base = checkpoint.parent / "greater_than"
   base.mkdir()
-  model = models.from_pretrained(str(checkpoint))
-  ds = csv_io.load_task("greater-than", GREATER_THAN, model.tokenizer, n_examples=N,
-                        vocab_size=model.cfg.d_vocab)
-  ours = _attribute_pairs(model, ds, GT_PAIRS)
-  ig = ours["EAP-IG-inputs", "patching"]
-  circuit = Graph.from_config(model.cfg, ig.scores, A.get_method("EAP-IG-inputs").score_convention(
-      ds.task)).top_n(TOP_N)
+  model, ds, ours, g = _ours(checkpoint, "greater-than", GREATER_THAN, GT_PAIRS, nodes=False)
+  circuit = g.top_n(TOP_N)
   circuit.to_json(base / "circuit.json")
   spec = {"checkpoint": str(checkpoint), "csv": str(GREATER_THAN), "task": "greater-than", "n": N,
           "batch_size": BATCH, "steps": STEPS, "pairs": GT_PAIRS,
