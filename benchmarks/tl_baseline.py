@@ -51,9 +51,10 @@ class TLBaselineError(ValueError):
   """Bad input to the TransformerLens baseline."""
 
 
-def _rope_theta(c) -> float:
+def _rope(c, key: str, legacy: str, default: float) -> float:
+  """A RoPE setting: from `rope_parameters` (transformers 5), else the config's legacy field."""
   params = getattr(c, "rope_parameters", None) or {}
-  return float(params.get("rope_theta", getattr(c, "rope_theta", 10000.0)))
+  return float(params.get(key, getattr(c, legacy, default)))
 
 
 def _tl_config(c, dtype, device):
@@ -81,7 +82,7 @@ def _tl_config(c, dtype, device):
                 n_ctx=c.max_position_embeddings,
                 act_fn=getattr(c, "hidden_act", None) or c.hidden_activation,
                 positional_embedding_type="rotary", rotary_adjacent_pairs=False,
-                rotary_base=_rope_theta(c), **common)
+                rotary_base=_rope(c, "rope_theta", "rope_theta", 10000.0), **common)
   if c.model_type == "llama":
     kv = c.num_key_value_heads
     return HookedTransformerConfig(
@@ -90,8 +91,7 @@ def _tl_config(c, dtype, device):
         ungroup_grouped_query_attention=True,  # EAP-IG's graph: one q/k/v input per query head
         original_architecture="LlamaForCausalLM", model_name="llama-from-hf", **shared)
   if c.model_type == "gpt_neox":
-    params = getattr(c, "rope_parameters", None) or {}
-    pct = params.get("partial_rotary_factor", getattr(c, "rotary_pct", 1.0))
+    pct = _rope(c, "partial_rotary_factor", "rotary_pct", 1.0)
     return HookedTransformerConfig(
         eps=c.layer_norm_eps, normalization_type="LN", rotary_dim=round(pct * (d // H)),
         use_attn_scale=True, parallel_attn_mlp=bool(c.use_parallel_residual),

@@ -40,15 +40,13 @@ import sys
 
 import numpy as np
 import torch
-import transformers
 from eap.attribute import attribute
 from eap.attribute_node import attribute_node
 from eap.evaluate import evaluate_baseline, evaluate_graph
 from eap.graph import Graph
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from benchmarks.eap_pipeline import cpu_for_cuda_allocations  # noqa: E402
-from benchmarks.tl_baseline import hooked_from_hf  # noqa: E402
+from tests.attribution.reference_checkpoint import hooked_on_cpu  # noqa: E402
 
 
 def logit_diff(logits, clean_logits, input_lengths, labels, mean=False, loss=False, total=False):
@@ -122,13 +120,7 @@ def setup(spec: dict):
   """(the HookedTransformer of `spec["checkpoint"]` with its tokenizer, the CSV's first
   `spec["n"]` rows, a DataLoader of them in batches of `spec["batch_size"]`, the task's per-row
   metric), on the CPU."""
-  cpu_for_cuda_allocations(torch)
-  torch.set_num_threads(1)
-  model = hooked_from_hf(
-      transformers.AutoModelForCausalLM.from_pretrained(spec["checkpoint"]).eval())
-  model.requires_grad_(True)  # as from_pretrained gives it: the package's backward needs it
-  model.set_tokenizer(transformers.AutoTokenizer.from_pretrained(spec["checkpoint"]),
-                      default_padding_side="right")
+  model = hooked_on_cpu(spec["checkpoint"])
   task = spec.get("task", "ioi")
   with open(spec["csv"], newline="") as f:
     rows = [(r["clean"], r["corrupted"], int(r["correct_idx"]) if task == "greater-than" else

@@ -24,18 +24,18 @@ from eap.graph import Graph
 from MIB_circuit_track.evaluation import evaluate_area_under_curve
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from tests.attribution.eap_package_driver import logit_diff, setup  # noqa: E402
+from tests.attribution.eap_package_driver import setup  # noqa: E402
 
 
 def main(spec_path: str) -> None:
   spec = json.load(open(spec_path))
-  model, _, loader, _ = setup(spec)
+  model, _, loader, metric = setup(spec)
   out = {}
   for absolute in (True, False):
     graph = Graph.from_json(spec["graph"])
     with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per percentage
       counts, area_under, area_from_1, average, faith = evaluate_area_under_curve(
-          model, graph, loader, logit_diff, quiet=True, absolute=absolute)
+          model, graph, loader, metric, quiet=True, absolute=absolute)
     out[str(absolute)] = dict(weighted_edge_counts=counts, area_under=area_under,
                               area_from_1=area_from_1, average=average, faithfulnesses=faith)
   with open(os.path.join(os.path.dirname(os.path.abspath(spec_path)), "mib.json"), "w") as f:

@@ -29,11 +29,9 @@ import exp as peap_exp
 import pandas as pd
 import pos_aware_edge_attribution_patching as peap
 import torch
-import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from benchmarks.eap_pipeline import cpu_for_cuda_allocations  # noqa: E402
-from benchmarks.tl_baseline import hooked_from_hf  # noqa: E402
+from tests.attribution.reference_checkpoint import hooked_on_cpu  # noqa: E402
 
 
 def _cpu_for_cuda_moves() -> None:
@@ -85,14 +83,8 @@ def _name(layer, head, kind, end) -> str:
 def main(spec_path: str) -> None:
   spec = json.load(open(spec_path))
   out = os.path.dirname(os.path.abspath(spec_path))
-  cpu_for_cuda_allocations(torch)
+  model = hooked_on_cpu(spec["checkpoint"])
   _cpu_for_cuda_moves()
-  torch.set_num_threads(1)
-  model = hooked_from_hf(
-      transformers.AutoModelForCausalLM.from_pretrained(spec["checkpoint"]).eval())
-  model.requires_grad_(True)
-  model.set_tokenizer(transformers.AutoTokenizer.from_pretrained(spec["checkpoint"]),
-                      default_padding_side="right")
   peap.HookedTransformer.from_pretrained = staticmethod(lambda *a, **k: model)
   n = len(pd.read_csv(spec["clean"]))
   experiment = Rows(exp_name="rows", model_name="gpt2", model_path=spec["checkpoint"],

@@ -49,3 +49,22 @@ def write_random_gpt2(path: pathlib.Path, tokenizer: pathlib.Path,
     shutil.copy(tokenizer / f, path / f)
   transformers.GPT2TokenizerFast(tokenizer_file=str(path / "tokenizer.json")).save_pretrained(path)
   return path
+
+
+def hooked_on_cpu(path):
+  """The `HookedTransformer` of the HF directory `path` (`benchmarks.tl_baseline.hooked_from_hf`)
+  with its tokenizer, right padding, for the reference drivers: its parameters require gradients,
+  as `from_pretrained` leaves them (the references' backward passes need it); the references'
+  `torch.zeros(..., device='cuda')` allocate on the CPU; one torch thread."""
+  import torch
+  import transformers
+
+  from benchmarks.eap_pipeline import cpu_for_cuda_allocations
+  from benchmarks.tl_baseline import hooked_from_hf
+  cpu_for_cuda_allocations(torch)
+  torch.set_num_threads(1)
+  model = hooked_from_hf(transformers.AutoModelForCausalLM.from_pretrained(path).eval())
+  model.requires_grad_(True)
+  model.set_tokenizer(transformers.AutoTokenizer.from_pretrained(path),
+                      default_padding_side="right")
+  return model
